@@ -1,0 +1,27 @@
+//! A PostgreSQL server the project starts itself, for tests, examples and development.
+//!
+//! [`LocalPostgres::start`] creates an *ephemeral* cluster in a temporary directory: fsync off,
+//! removed when the handle is dropped, or when the process that started it exits, whichever
+//! comes first. [`LocalPostgres::dev`] starts (or reuses) the *persistent* development cluster
+//! kept under `target/dal-dev`, which keeps running until [`LocalPostgres::stop_dev`].
+//!
+//! Both listen on a free loopback port with `scram-sha-256` authentication, a superuser with a
+//! generated password, and TLS on with a certificate for `localhost` and `127.0.0.1` signed by
+//! a CA generated at creation, so that clients can test `sslmode=verify-full`.
+//!
+//! When started by root, the server runs as the `postgres` OS user (`initdb` refuses root).
+//!
+//! ```no_run
+//! # async fn demo() -> dal::Result<()> {
+//! let pg = dal::local::LocalPostgres::start().await?;
+//! pg.create_database("app").await?;
+//! pg.create_role("app_user", "first-token", Some(chrono::Utc::now() + chrono::Duration::minutes(15)))
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+mod binaries;
+mod certs;
+mod server;
+
+pub use server::LocalPostgres;

@@ -1,0 +1,765 @@
+//! Creating, starting and stopping a local cluster.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::binaries::{ServerUser, find_bindir};
+use super::certs;
+use crate::{Error, Result};
+
+/// The superuser every local cluster is created with.
+const SUPERUSER: &str = "postgres";
+/// How long a server may take to accept connections after it is started.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many times a start is tried when another process took the chosen port meanwhile.
+const PORT_ATTEMPTS: usize = 3;
+/// The state file of the persistent development cluster.
+const DEV_STATE: &str = "dal-dev.json";
+
+/// Runs the server as a child of a small shell that stops it and removes the cluster's
+/// directory as soon as its standard input closes: when the handle is dropped, or when the
+/// process that started it exits, even if it is killed.
+///
+/// `$1` is the `postgres` binary, `$2` the directory to remove, the rest the server's arguments.
+const WATCHDOG: &str = r#"
+bin=$1; root=$2; shift 2
+exec 3<&0
+"$bin" "$@" </dev/null 3<&- &
+pid=$!
+{ read -r _ <&3; kill -INT "$pid" 2>/dev/null; } &
+reader=$!
+exec 3<&-
+wait "$pid"
+status=$?
+kill "$reader" 2>/dev/null
+rm -rf "$root"
+exit "$status"
+"#;
+
+/// A PostgreSQL server started by this project, listening on `localhost`.
+///
+/// See the [module documentation](super) for the two modes. The handle of an ephemeral cluster
+/// stops the server and removes its directory when dropped; the handle of the development
+/// cluster leaves it running.
+pub struct LocalPostgres {
+    port: u16,
+    password: SecretString,
+    root: PathBuf,
+    user: ServerUser,
+    watchdog: Option<Watchdog>,
+}
+
+/// The shell that owns an ephemeral server, and what the server printed.
+struct Watchdog {
+    shell: Mutex<Child>,
+    stdin: Option<ChildStdin>,
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// Where to find a persistent cluster again: written only once the cluster is complete.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DevState {
+    port: u16,
+    superuser_password: String,
+}
+
+impl std::fmt::Debug for LocalPostgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalPostgres")
+            .field("port", &self.port)
+            .field("superuser", &SUPERUSER)
+            .field("password", &"** redacted **")
+            .field("root", &self.root)
+            .field("ephemeral", &self.watchdog.is_some())
+            .finish()
+    }
+}
+
+impl LocalPostgres {
+    /// Creates and starts an ephemeral cluster in a new temporary directory.
+    ///
+    /// The cluster runs with fsync off and is removed when the handle is dropped or the
+    /// process exits. Fails with [`Error::ServerBinariesNotFound`] when PostgreSQL is not
+    /// installed.
+    pub async fn start() -> Result<Self> {
+        let bindir = find_bindir()?;
+        let user = ServerUser::detect()?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_ephemeral(&bindir, user).await {
+                Err(Started::PortTaken(_)) if attempt < PORT_ATTEMPTS => continue,
+                Err(Started::PortTaken(e) | Started::Failed(e)) => return Err(e),
+                Ok(pg) => return Ok(pg),
+            }
+        }
+    }
+
+    async fn start_ephemeral(bindir: &Path, user: ServerUser) -> Result<Self, Started> {
+        let dir = tempfile::Builder::new()
+            .prefix("dal-pg-")
+            .tempdir()
+            .map_err(|e| Error::io(std::env::temp_dir())(e))?;
+        let root = dir.path().to_owned();
+        let password = {
+            let (bindir, root) = (bindir.to_owned(), root.clone());
+            blocking(move || create_cluster(&bindir, &root, user)).await?
+        };
+        let port = free_port()?;
+        let mut args: Vec<OsString> = vec!["-c".into(), WATCHDOG.into(), "dal-postgres".into()];
+        args.push(bindir.join("postgres").into());
+        args.push(root.clone().into());
+        args.extend(server_args(&root, port, true));
+        let mut shell = user
+            .command("/bin/sh")
+            .args(args)
+            .current_dir(&root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Error::LocalServer {
+                what: "cannot run /bin/sh to start the server".into(),
+                source: Some(Box::new(e)),
+            })?;
+        // From here on the shell removes the directory.
+        let _ = dir.keep();
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        if let Some(stderr) = shell.stderr.take() {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || drain_log(stderr, &log));
+        }
+        let stdin = shell.stdin.take();
+        let pg = Self {
+            port,
+            password,
+            root,
+            user,
+            watchdog: Some(Watchdog {
+                shell: Mutex::new(shell),
+                stdin,
+                log,
+            }),
+        };
+        pg.wait_ready().await?;
+        Ok(pg)
+    }
+
+    /// Starts the persistent development cluster, creating it on first use, or returns the
+    /// one already running.
+    ///
+    /// It lives under `target/dal-dev` of the enclosing Cargo workspace (`DAL_DEV_DIR`
+    /// overrides the place) and keeps running after this process exits, until
+    /// [`stop_dev`](Self::stop_dev). A directory left incomplete by an interrupted creation
+    /// is removed and created anew.
+    pub async fn dev() -> Result<Self> {
+        Self::dev_in(dev_root(ServerUser::detect()?)?).await
+    }
+
+    /// Like [`dev`](Self::dev), with the cluster kept in `root`.
+    pub async fn dev_in(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        let bindir = find_bindir()?;
+        let user = ServerUser::detect()?;
+        let _lock = blocking({
+            let root = root.clone();
+            move || lock_dev(&root)
+        })
+        .await?;
+        let (port, password) = blocking({
+            let (bindir, root) = (bindir.clone(), root.clone());
+            move || open_or_create_dev(&bindir, &root, user)
+        })
+        .await?;
+        let mut pg = Self {
+            port,
+            password,
+            root,
+            user,
+            watchdog: None,
+        };
+        if pg.admin("postgres").await.is_ok() {
+            return Ok(pg);
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match pg.start_dev(&bindir).await {
+                Err(Started::PortTaken(_)) if attempt < PORT_ATTEMPTS => {
+                    pg.port = free_port()?;
+                    write_dev_state(&pg.root, pg.port, &pg.password)?;
+                }
+                Err(Started::PortTaken(e) | Started::Failed(e)) => return Err(e),
+                Ok(()) => return Ok(pg),
+            }
+        }
+    }
+
+    async fn start_dev(&self, bindir: &Path) -> Result<(), Started> {
+        let log_path = self.root.join("server.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(Error::io(&log_path))?;
+        let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let stderr = log.try_clone().map_err(Error::io(&log_path))?;
+        self.user
+            .command(bindir.join("postgres"))
+            .args(server_args(&self.root, self.port, false))
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Error::LocalServer {
+                what: format!("cannot run {}", bindir.join("postgres").display()),
+                source: Some(Box::new(e)),
+            })?;
+        self.wait_ready().await.map_err(|started| {
+            let tail = std::fs::read(&log_path)
+                .map(|all| String::from_utf8_lossy(&all[log_len as usize..]).into_owned())
+                .unwrap_or_default();
+            let what = format!(
+                "the development cluster in {} did not start: {}; if it cannot recover, \
+                 delete that directory and run again",
+                self.root.display(),
+                tail.trim()
+            );
+            match started {
+                Started::PortTaken(_) => Started::PortTaken(Error::local(what)),
+                Started::Failed(_) if is_port_conflict(&tail) => {
+                    Started::PortTaken(Error::local(what))
+                }
+                Started::Failed(_) => Started::Failed(Error::local(what)),
+            }
+        })
+    }
+
+    /// Stops the persistent development cluster. Returns `false` when it was not running.
+    pub fn stop_dev() -> Result<bool> {
+        Self::stop_dev_in(&dev_root(ServerUser::detect()?)?)
+    }
+
+    /// Whether the development cluster's server is running, without starting it.
+    pub fn dev_is_running() -> Result<bool> {
+        let root = dev_root(ServerUser::detect()?)?;
+        Ok(read_pid(&root.join("data").join("postmaster.pid")).is_some_and(is_alive))
+    }
+
+    /// Like [`stop_dev`](Self::stop_dev), for the cluster kept in `root`.
+    pub fn stop_dev_in(root: &Path) -> Result<bool> {
+        let pid_file = root.join("data").join("postmaster.pid");
+        let Some(pid) = read_pid(&pid_file) else {
+            return Ok(false);
+        };
+        if !is_alive(pid) {
+            return Ok(false);
+        }
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).map_err(|e| {
+            Error::LocalServer {
+                what: format!("cannot stop the development cluster (pid {pid})"),
+                source: Some(Box::new(e)),
+            }
+        })?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while is_alive(pid) {
+            if Instant::now() > deadline {
+                return Err(Error::local(format!(
+                    "the development cluster (pid {pid}) did not stop within {}s",
+                    READY_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(true)
+    }
+
+    /// The host name to connect to; the server certificate is valid for it.
+    pub fn host(&self) -> &str {
+        "localhost"
+    }
+
+    /// The TCP port the server listens on (on 127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The superuser's name.
+    pub fn superuser(&self) -> &str {
+        SUPERUSER
+    }
+
+    /// The superuser's password, generated when the cluster was created.
+    pub fn superuser_password(&self) -> &SecretString {
+        &self.password
+    }
+
+    /// The PEM file of the CA that signed the server certificate, for `sslrootcert`.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.root.join("ca.crt")
+    }
+
+    /// The cluster's directory (data, CA, logs).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether the cluster is removed when this handle is dropped.
+    pub fn is_ephemeral(&self) -> bool {
+        self.watchdog.is_some()
+    }
+
+    /// The last lines the server printed (ephemeral clusters; the development cluster writes
+    /// `server.log` in its directory).
+    pub fn log_tail(&self) -> String {
+        self.watchdog
+            .as_ref()
+            .map(|w| w.log_tail())
+            .unwrap_or_default()
+    }
+
+    /// A connection as superuser to `database`, without TLS (for administration over loopback).
+    pub async fn admin(&self, database: &str) -> Result<tokio_postgres::Client> {
+        let (client, connection) = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(SUPERUSER)
+            .password(self.password.expose_secret())
+            .dbname(database)
+            .connect_timeout(Duration::from_secs(5))
+            .application_name("dal-local-admin")
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// Connection options for sqlx (and so SeaORM) as superuser to `database`, over TLS
+    /// verified against the cluster's CA (`verify-full`).
+    pub fn sqlx_options(&self, database: &str) -> sea_orm::sqlx::postgres::PgConnectOptions {
+        use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
+        PgConnectOptions::new()
+            .host(self.host())
+            .port(self.port)
+            .username(SUPERUSER)
+            .password(self.password.expose_secret())
+            .database(database)
+            .ssl_mode(PgSslMode::VerifyFull)
+            .ssl_root_cert(self.ca_cert_path())
+    }
+
+    /// Creates `database` unless it exists, owned by `owner` (a role) or by the superuser.
+    pub async fn create_database(&self, database: &str, owner: Option<&str>) -> Result<()> {
+        let admin = self.admin("postgres").await?;
+        let exists = admin
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+            .await?
+            .is_some();
+        if exists {
+            return Ok(());
+        }
+        let sql: String = admin
+            .query_one(
+                "SELECT format('CREATE DATABASE %I OWNER %I', $1::text, $2::text)",
+                &[&database, &owner.unwrap_or(SUPERUSER)],
+            )
+            .await?
+            .get(0);
+        match admin.batch_execute(&sql).await {
+            // Created meanwhile by someone else: just as good.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+                Ok(())
+            }
+            other => other.map_err(Error::from),
+        }
+    }
+
+    /// Creates the login role `role`, or updates it when it exists, with `password` valid
+    /// until `valid_until` (forever when `None`).
+    pub async fn create_role(
+        &self,
+        role: &str,
+        password: &str,
+        valid_until: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        let admin = self.admin("postgres").await?;
+        let exists = admin
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+            .await?
+            .is_some();
+        if !exists {
+            let sql: String = admin
+                .query_one("SELECT format('CREATE ROLE %I LOGIN', $1::text)", &[&role])
+                .await?
+                .get(0);
+            match admin.batch_execute(&sql).await {
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
+                other => other?,
+            }
+        }
+        set_password(&admin, role, password, valid_until).await
+    }
+
+    /// Rotates `role`'s password: logins with the old one fail from now on, logins with the
+    /// new one fail after `valid_until` (SQLSTATE `28P01` either way), and sessions already
+    /// open keep working, just like a database token of Lakebase or Aurora DSQL.
+    pub async fn rotate_password(
+        &self,
+        role: &str,
+        password: &str,
+        valid_until: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        let admin = self.admin("postgres").await?;
+        set_password(&admin, role, password, valid_until).await
+    }
+
+    async fn wait_ready(&self) -> Result<(), Started> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(w) = &self.watchdog
+                && w.exited()
+            {
+                let tail = w.log_tail();
+                let e = Error::local(format!("the server exited at start: {}", tail.trim()));
+                return Err(if is_port_conflict(&tail) {
+                    Started::PortTaken(e)
+                } else {
+                    Started::Failed(e)
+                });
+            }
+            if self.admin("postgres").await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Started::Failed(Error::local(format!(
+                    "the server did not accept connections within {}s: {}",
+                    READY_TIMEOUT.as_secs(),
+                    self.log_tail().trim()
+                ))));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        if let Some(w) = &mut self.watchdog {
+            // Closing the shell's input stops the server; the shell then removes the directory.
+            drop(w.stdin.take());
+            let deadline = Instant::now() + READY_TIMEOUT;
+            while !w.exited() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Watchdog {
+    fn exited(&self) -> bool {
+        let mut shell = self.shell.lock().unwrap_or_else(|e| e.into_inner());
+        !matches!(shell.try_wait(), Ok(None))
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter().map(|l| format!("{l}\n")).collect()
+    }
+}
+
+/// Why a start failed: a port taken by another process is worth another try.
+enum Started {
+    PortTaken(Error),
+    Failed(Error),
+}
+
+impl From<Error> for Started {
+    fn from(e: Error) -> Self {
+        Started::Failed(e)
+    }
+}
+
+fn is_port_conflict(log: &str) -> bool {
+    log.contains("could not bind") || log.contains("Address already in use")
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::LocalServer {
+            what: "a setup task failed".into(),
+            source: Some(Box::new(e)),
+        })?
+}
+
+fn drain_log(stderr: impl std::io::Read, log: &Mutex<VecDeque<String>>) {
+    const KEEP: usize = 200;
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() == KEEP {
+            log.pop_front();
+        }
+        log.push_back(line);
+    }
+}
+
+/// Runs `initdb` in `root/data` and writes the TLS files; returns the superuser's password.
+fn create_cluster(bindir: &Path, root: &Path, user: ServerUser) -> Result<SecretString> {
+    std::fs::create_dir_all(root).map_err(Error::io(root))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(root))?;
+    user.own(root)?;
+
+    let password = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let pwfile = root.join("pwfile");
+    write_private(&pwfile, password.as_bytes(), user)?;
+    let data = root.join("data");
+    let out = user
+        .command(bindir.join("initdb"))
+        .arg("-D")
+        .arg(&data)
+        .arg("-U")
+        .arg(SUPERUSER)
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .args([
+            "--auth=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ])
+        .current_dir(root)
+        .env_remove("PGDATA")
+        .output();
+    let _ = std::fs::remove_file(&pwfile);
+    let out = out.map_err(|e| Error::LocalServer {
+        what: format!("cannot run {}", bindir.join("initdb").display()),
+        source: Some(Box::new(e)),
+    })?;
+    if !out.status.success() {
+        return Err(Error::local(format!(
+            "initdb failed in {}: {}",
+            data.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+
+    let certs = certs::generate()?;
+    write_private(&data.join("server.crt"), certs.cert_pem.as_bytes(), user)?;
+    write_private(&data.join("server.key"), certs.key_pem.as_bytes(), user)?;
+    let ca = root.join("ca.crt");
+    std::fs::write(&ca, certs.ca_pem).map_err(Error::io(&ca))?;
+    std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644))
+        .map_err(Error::io(&ca))?;
+    Ok(SecretString::from(password))
+}
+
+/// Writes a file only its owner (the server user) can read.
+fn write_private(path: &Path, contents: &[u8], user: ServerUser) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io(path))?;
+    file.write_all(contents).map_err(Error::io(path))?;
+    user.own(path)
+}
+
+fn server_args(root: &Path, port: u16, ephemeral: bool) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["-D".into(), root.join("data").into()];
+    args.extend(["-p".into(), port.to_string().into()]);
+    let mut settings = vec![
+        "listen_addresses=127.0.0.1",
+        "unix_socket_directories=",
+        "ssl=on",
+        "max_connections=300",
+    ];
+    if ephemeral {
+        settings.extend([
+            "fsync=off",
+            "synchronous_commit=off",
+            "full_page_writes=off",
+        ]);
+    }
+    for s in settings {
+        args.extend(["-c".into(), s.into()]);
+    }
+    args
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::LocalServer {
+        what: "cannot find a free port on 127.0.0.1".into(),
+        source: Some(Box::new(e)),
+    })?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::LocalServer {
+            what: "cannot find a free port on 127.0.0.1".into(),
+            source: Some(Box::new(e)),
+        })?
+        .port();
+    Ok(port)
+}
+
+async fn set_password(
+    admin: &tokio_postgres::Client,
+    role: &str,
+    password: &str,
+    valid_until: Option<DateTime<Utc>>,
+) -> Result<()> {
+    let until = valid_until.map_or_else(|| "infinity".to_owned(), |t| t.to_rfc3339());
+    // ALTER ROLE takes no bind parameters: let the server quote the values.
+    let sql: String = admin
+        .query_one(
+            "SELECT format('ALTER ROLE %I PASSWORD %L VALID UNTIL %L', $1::text, $2::text, $3::text)",
+            &[&role, &password, &until],
+        )
+        .await?
+        .get(0);
+    admin.batch_execute(&sql).await?;
+    Ok(())
+}
+
+/// Where the development cluster lives: `DAL_DEV_DIR`, else `target/dal-dev` of the enclosing
+/// workspace, else the temporary directory; somewhere the server user can reach.
+fn dev_root(user: ServerUser) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("DAL_DEV_DIR") {
+        let dir = PathBuf::from(dir);
+        if !dir.is_absolute() {
+            return Err(Error::config(
+                "DAL_DEV_DIR",
+                "must be an absolute path, such as /var/tmp/dal-dev",
+            ));
+        }
+        return Ok(dir);
+    }
+    let cwd = std::env::current_dir().map_err(Error::io("."))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|t| cwd.join(t))
+        .or_else(|| {
+            cwd.ancestors()
+                .filter(|d| d.join("Cargo.lock").is_file())
+                .last()
+                .map(|ws| ws.join("target"))
+        });
+    let fallback = || {
+        let tag: String = cwd
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        std::env::temp_dir().join(format!("dal-dev{tag}"))
+    };
+    Ok(match target.map(|t| t.join("dal-dev")) {
+        Some(dir) if user.can_reach(&dir) => dir,
+        _ => fallback(),
+    })
+}
+
+/// Serializes concurrent starts of the development cluster.
+fn lock_dev(root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let parent = root.parent().unwrap_or(root);
+    std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+    let path = root.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(Error::io(&path))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+        Error::LocalServer {
+            what: format!("cannot lock {}", path.display()),
+            source: Some(Box::new(e)),
+        }
+    })
+}
+
+fn open_or_create_dev(bindir: &Path, root: &Path, user: ServerUser) -> Result<(u16, SecretString)> {
+    let state_path = root.join(DEV_STATE);
+    let state = std::fs::read(&state_path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<DevState>(&bytes).ok())
+        .filter(|_| root.join("data").join("PG_VERSION").is_file());
+    if let Some(state) = state {
+        let pid_file = root.join("data").join("postmaster.pid");
+        if let Some(pid) = read_pid(&pid_file)
+            && is_alive(pid)
+            && !is_postgres(pid)
+        {
+            // The pid was reused by another program after a crash: the lock file is stale.
+            let _ = std::fs::remove_file(&pid_file);
+        }
+        return Ok((state.port, SecretString::from(state.superuser_password)));
+    }
+    // Missing or incomplete: start afresh.
+    if root.exists() {
+        std::fs::remove_dir_all(root).map_err(Error::io(root))?;
+    }
+    let password = create_cluster(bindir, root, user)?;
+    let port = free_port()?;
+    write_dev_state(root, port, &password)?;
+    Ok((port, password))
+}
+
+fn write_dev_state(root: &Path, port: u16, password: &SecretString) -> Result<()> {
+    let state = DevState {
+        port,
+        superuser_password: password.expose_secret().to_owned(),
+    };
+    let bytes = serde_json::to_vec_pretty(&state).map_err(|e| Error::LocalServer {
+        what: "cannot encode the development cluster's state".into(),
+        source: Some(Box::new(e)),
+    })?;
+    // Owned by the invoking user, readable by nobody else.
+    write_private(
+        &root.join(DEV_STATE),
+        &bytes,
+        ServerUser { switch_to: None },
+    )
+}
+
+fn read_pid(pid_file: &Path) -> Option<nix::unistd::Pid> {
+    let text = std::fs::read_to_string(pid_file).ok()?;
+    let pid = text.lines().next()?.trim().parse::<i32>().ok()?;
+    Some(nix::unistd::Pid::from_raw(pid))
+}
+
+fn is_alive(pid: nix::unistd::Pid) -> bool {
+    matches!(
+        nix::sys::signal::kill(pid, None),
+        Ok(()) | Err(nix::errno::Errno::EPERM)
+    )
+}
+
+fn is_postgres(pid: nix::unistd::Pid) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmd| String::from_utf8_lossy(&cmd).contains("postgres"))
+        .unwrap_or(true)
+}

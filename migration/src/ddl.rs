@@ -1,0 +1,95 @@
+//! The few schema changes whose SQL differs between PostgreSQL and Aurora DSQL.
+//!
+//! Migrations send every statement through [`Ddl`], one statement at a time, so that a DSQL
+//! target can run them outside a transaction and swap in what DSQL supports.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::ConnectionTrait;
+
+/// The kind of server the migrations are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// PostgreSQL or Lakebase: transactional DDL, foreign keys, plain `CREATE INDEX`.
+    Postgres,
+    /// Aurora DSQL: one DDL per transaction, no foreign keys, `CREATE INDEX ASYNC`.
+    Dsql,
+}
+
+impl Flavor {
+    /// What a migration returns from `MigrationTrait::use_transaction`.
+    pub(crate) fn use_transaction(self) -> Option<bool> {
+        match self {
+            Flavor::Postgres => None,
+            Flavor::Dsql => Some(false),
+        }
+    }
+}
+
+/// Runs schema statements one by one, in the dialect of `flavor`.
+pub(crate) struct Ddl<'a, 'm> {
+    manager: &'a SchemaManager<'m>,
+    flavor: Flavor,
+}
+
+impl<'a, 'm> Ddl<'a, 'm> {
+    pub(crate) fn new(manager: &'a SchemaManager<'m>, flavor: Flavor) -> Self {
+        Self { manager, flavor }
+    }
+
+    pub(crate) async fn create_table(&self, stmt: TableCreateStatement) -> Result<(), DbErr> {
+        self.manager.create_table(stmt).await
+    }
+
+    pub(crate) async fn drop_table(&self, stmt: TableDropStatement) -> Result<(), DbErr> {
+        self.manager.drop_table(stmt).await
+    }
+
+    /// Creates an index; on DSQL it is built in the background with `CREATE INDEX ASYNC`.
+    pub(crate) async fn create_index(&self, stmt: IndexCreateStatement) -> Result<(), DbErr> {
+        match self.flavor {
+            Flavor::Postgres => self.manager.create_index(stmt).await,
+            Flavor::Dsql => {
+                let sql = stmt.to_string(PostgresQueryBuilder);
+                let sql = sql.replacen("CREATE INDEX", "CREATE INDEX ASYNC", 1);
+                self.manager
+                    .get_connection()
+                    .execute_unprepared(&sql)
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
+    /// Adds a foreign key; DSQL has none, so there it is skipped.
+    pub(crate) async fn add_foreign_key(
+        &self,
+        stmt: ForeignKeyCreateStatement,
+    ) -> Result<(), DbErr> {
+        match self.flavor {
+            Flavor::Postgres => self.manager.create_foreign_key(stmt).await,
+            Flavor::Dsql => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dsql_index_statement_is_async() {
+        let stmt = Index::create()
+            .if_not_exists()
+            .name("idx_t_c")
+            .table("t")
+            .col("c")
+            .to_owned();
+        let sql =
+            stmt.to_string(PostgresQueryBuilder)
+                .replacen("CREATE INDEX", "CREATE INDEX ASYNC", 1);
+        assert_eq!(
+            sql,
+            r#"CREATE INDEX ASYNC IF NOT EXISTS "idx_t_c" ON "t" ("c")"#
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! Migrations of the sample schema, for plain PostgreSQL, Lakebase and Aurora DSQL.
+//!
+//! [`Migrator`] runs each migration in a transaction, as usual on PostgreSQL. [`DsqlMigrator`]
+//! runs the same migrations the way Aurora DSQL needs: outside a transaction, one DDL statement
+//! at a time, indexes built with `CREATE INDEX ASYNC`, and no foreign keys (DSQL has none).
+//!
+//! ```no_run
+//! use migration::{Migrator, MigratorTrait};
+//! # async fn run(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Result<(), sea_orm_migration::sea_orm::DbErr> {
+//! Migrator::up(db, None).await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+
+pub use sea_orm_migration::prelude::*;
+
+mod ddl;
+mod m20260101_000001_create_customers;
+mod m20260101_000002_create_orders;
+mod m20260101_000003_create_order_items;
+
+pub use ddl::Flavor;
+
+/// Every migration, oldest first, written for `flavor`.
+fn migrations_for(flavor: Flavor) -> Vec<Box<dyn MigrationTrait>> {
+    vec![
+        Box::new(m20260101_000001_create_customers::Migration { flavor }),
+        Box::new(m20260101_000002_create_orders::Migration { flavor }),
+        Box::new(m20260101_000003_create_order_items::Migration { flavor }),
+    ]
+}
+
+/// The migrator for PostgreSQL and Lakebase: each migration runs in its own transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        migrations_for(Flavor::Postgres)
+    }
+}
+
+/// The migrator for Aurora DSQL: no transaction around a migration, one DDL per statement,
+/// `CREATE INDEX ASYNC`, no foreign keys.
+#[derive(Debug, Clone, Copy)]
+pub struct DsqlMigrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for DsqlMigrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        migrations_for(Flavor::Dsql)
+    }
+}
