@@ -53,7 +53,7 @@ async fn connect() -> anyhow::Result<DatabaseConnection> {
     };
     let pool = PgPoolOptions::new()
         .max_connections(1)
-        .acquire_timeout(Duration::from_secs(15))
+        .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
         .context("cannot connect to the database")?;

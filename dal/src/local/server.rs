@@ -21,6 +21,8 @@ use crate::{Error, Result};
 const SUPERUSER: &str = "postgres";
 /// How long a server may take to accept connections after it is started.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an administrative login may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many times a start is tried when another process took the chosen port meanwhile.
 const PORT_ATTEMPTS: usize = 3;
 /// The state file of the persistent development cluster.
@@ -152,7 +154,9 @@ impl LocalPostgres {
                 log,
             }),
         };
-        pg.wait_ready().await?;
+        if let Some(w) = &pg.watchdog {
+            pg.wait_ready(|| w.exited(), || w.log_tail()).await?;
+        }
         Ok(pg)
     }
 
@@ -189,7 +193,13 @@ impl LocalPostgres {
             user,
             watchdog: None,
         };
-        if pg.admin("postgres").await.is_ok() {
+        let pid_file = pg.root.join("data").join("postmaster.pid");
+        if let Some(pid) = read_pid(&pid_file).filter(|pid| is_alive(*pid)) {
+            // Already running, perhaps still starting up.
+            let log_tail = || read_log_from(&pg.root.join("server.log"), 0);
+            pg.wait_ready(|| !is_alive(pid), log_tail)
+                .await
+                .map_err(Started::into_error)?;
             return Ok(pg);
         }
         let mut attempt = 0;
@@ -215,7 +225,8 @@ impl LocalPostgres {
             .map_err(Error::io(&log_path))?;
         let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
         let stderr = log.try_clone().map_err(Error::io(&log_path))?;
-        self.user
+        let mut server = self
+            .user
             .command(bindir.join("postgres"))
             .args(server_args(&self.root, self.port, false))
             .current_dir(&self.root)
@@ -228,10 +239,16 @@ impl LocalPostgres {
                 what: format!("cannot run {}", bindir.join("postgres").display()),
                 source: Some(Box::new(e)),
             })?;
-        self.wait_ready().await.map_err(|started| {
-            let tail = std::fs::read(&log_path)
-                .map(|all| String::from_utf8_lossy(&all[log_len as usize..]).into_owned())
-                .unwrap_or_default();
+        let ready = self
+            .wait_ready(
+                || !matches!(server.try_wait(), Ok(None)),
+                || read_log_from(&log_path, log_len),
+            )
+            .await;
+        // Reap the server when it stops while this process still runs; it outlives the thread.
+        std::thread::spawn(move || server.wait());
+        ready.map_err(|started| {
+            let tail = read_log_from(&log_path, log_len);
             let what = format!(
                 "the development cluster in {} did not start: {}; if it cannot recover, \
                  delete that directory and run again",
@@ -275,7 +292,8 @@ impl LocalPostgres {
             }
         })?;
         let deadline = Instant::now() + READY_TIMEOUT;
-        while is_alive(pid) {
+        // A clean shutdown removes the pid file last.
+        while pid_file.exists() && is_alive(pid) {
             if Instant::now() > deadline {
                 return Err(Error::local(format!(
                     "the development cluster (pid {pid}) did not stop within {}s",
@@ -333,16 +351,26 @@ impl LocalPostgres {
 
     /// A connection as superuser to `database`, without TLS (for administration over loopback).
     pub async fn admin(&self, database: &str) -> Result<tokio_postgres::Client> {
-        let (client, connection) = tokio_postgres::Config::new()
+        let mut config = tokio_postgres::Config::new();
+        config
             .host("127.0.0.1")
             .port(self.port)
             .user(SUPERUSER)
             .password(self.password.expose_secret())
             .dbname(database)
-            .connect_timeout(Duration::from_secs(5))
-            .application_name("dal-local-admin")
-            .connect(tokio_postgres::NoTls)
-            .await?;
+            .application_name("dal-local-admin");
+        let connect = config.connect(tokio_postgres::NoTls);
+        // The whole handshake is bounded, not only the TCP connect: a program squatting on
+        // the port could accept and never answer.
+        let (client, connection) = tokio::time::timeout(ADMIN_TIMEOUT, connect)
+            .await
+            .map_err(|_| {
+                Error::local(format!(
+                    "no answer from 127.0.0.1:{} within {}s",
+                    self.port,
+                    ADMIN_TIMEOUT.as_secs()
+                ))
+            })??;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -428,13 +456,16 @@ impl LocalPostgres {
         set_password(&admin, role, password, valid_until).await
     }
 
-    async fn wait_ready(&self) -> Result<(), Started> {
+    /// Waits until the server accepts connections, or `exited` says it stopped.
+    async fn wait_ready(
+        &self,
+        mut exited: impl FnMut() -> bool,
+        log_tail: impl Fn() -> String,
+    ) -> Result<(), Started> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(w) = &self.watchdog
-                && w.exited()
-            {
-                let tail = w.log_tail();
+            if exited() {
+                let tail = log_tail();
                 let e = Error::local(format!("the server exited at start: {}", tail.trim()));
                 return Err(if is_port_conflict(&tail) {
                     Started::PortTaken(e)
@@ -449,7 +480,7 @@ impl LocalPostgres {
                 return Err(Started::Failed(Error::local(format!(
                     "the server did not accept connections within {}s: {}",
                     READY_TIMEOUT.as_secs(),
-                    self.log_tail().trim()
+                    log_tail().trim()
                 ))));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -488,10 +519,27 @@ enum Started {
     Failed(Error),
 }
 
+impl Started {
+    fn into_error(self) -> Error {
+        match self {
+            Started::PortTaken(e) | Started::Failed(e) => e,
+        }
+    }
+}
+
 impl From<Error> for Started {
     fn from(e: Error) -> Self {
         Started::Failed(e)
     }
+}
+
+/// What the server wrote to `path` after its first `from` bytes.
+fn read_log_from(path: &Path, from: u64) -> String {
+    std::fs::read(path)
+        .map(|all| {
+            String::from_utf8_lossy(all.get(from as usize..).unwrap_or_default()).into_owned()
+        })
+        .unwrap_or_default()
 }
 
 fn is_port_conflict(log: &str) -> bool {

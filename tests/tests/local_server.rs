@@ -1,0 +1,139 @@
+//! The PostgreSQL server the project starts itself: cleanup, token-like password expiry, and
+//! the persistent development cluster.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use dal::local::LocalPostgres;
+use tokio_postgres::error::SqlState;
+
+async fn login(
+    pg: &LocalPostgres,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(pg.port())
+        .user(user)
+        .password(password)
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn assert_auth_failure(result: Result<tokio_postgres::Client, tokio_postgres::Error>) {
+    let err = result.expect_err("the login should have been refused");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_ephemeral_cluster_is_removed_on_drop() {
+    let pg = tests::server().await;
+    let root = pg.root().to_owned();
+    let port = pg.port();
+    assert!(root.join("data").is_dir());
+    assert!(pg.ca_cert_path().is_file());
+    pg.admin("postgres").await.expect("connect");
+    drop(pg);
+    assert!(!root.exists(), "{} left behind", root.display());
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "the server still listens on {port}"
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_password_behaves_like_a_short_lived_token() {
+    let pg = tests::server().await;
+    pg.create_role(
+        "app",
+        "token-1",
+        Some(Utc::now() + chrono::Duration::minutes(5)),
+    )
+    .await
+    .unwrap();
+    let session = login(&pg, "app", "token-1")
+        .await
+        .expect("login with token-1");
+
+    pg.rotate_password(
+        "app",
+        "token-2",
+        Some(Utc::now() + chrono::Duration::seconds(2)),
+    )
+    .await
+    .unwrap();
+    assert_auth_failure(login(&pg, "app", "token-1").await);
+    login(&pg, "app", "token-2")
+        .await
+        .expect("login with token-2");
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_auth_failure(login(&pg, "app", "token-2").await);
+    // Postgres checks the password only at login: the open session goes on.
+    let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test]
+async fn the_superuser_password_is_never_printed() {
+    let pg = tests::server().await;
+    let debug = format!("{pg:?}");
+    assert!(debug.contains("** redacted **"), "{debug}");
+    let password = secrecy::ExposeSecret::expose_secret(pg.superuser_password()).to_owned();
+    assert!(!debug.contains(&password), "{debug}");
+}
+
+#[tokio::test]
+async fn the_dev_cluster_persists_restarts_and_recovers() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    // As root the server runs as another user, who must be able to reach the directory.
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = parent.path().join("cluster");
+
+    let pg = LocalPostgres::dev_in(&root)
+        .await
+        .expect("create the dev cluster");
+    assert!(!pg.is_ephemeral());
+    pg.create_database("kept", None).await.unwrap();
+    let port = pg.port();
+    drop(pg);
+
+    // Still running after its handle is gone, and found again.
+    let pg = LocalPostgres::dev_in(&root)
+        .await
+        .expect("reuse the dev cluster");
+    assert_eq!(pg.port(), port);
+    pg.admin("kept").await.expect("the database survived");
+
+    // Stopped by a command, then started on demand with its data; a taken port is replaced.
+    assert!(LocalPostgres::stop_dev_in(&root).unwrap());
+    assert!(!LocalPostgres::stop_dev_in(&root).unwrap());
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let pg = LocalPostgres::dev_in(&root)
+        .await
+        .expect("restart the dev cluster");
+    assert_ne!(pg.port(), port);
+    pg.admin("kept")
+        .await
+        .expect("the database survived a restart");
+    drop(squatter);
+    assert!(LocalPostgres::stop_dev_in(&root).unwrap());
+
+    // A cluster whose creation never finished (no state file) is created afresh.
+    std::fs::remove_file(root.join("dal-dev.json")).unwrap();
+    let pg = LocalPostgres::dev_in(&root)
+        .await
+        .expect("recreate the dev cluster");
+    assert!(
+        pg.admin("kept").await.is_err(),
+        "the old data should be gone"
+    );
+    assert!(LocalPostgres::stop_dev_in(&root).unwrap());
+}
