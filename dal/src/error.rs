@@ -49,6 +49,42 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A credential source failed to produce a token.
+    #[error("the {source_kind} credential source failed")]
+    Credential {
+        /// Which kind of source: `static`, `lakebase`, `dsql` or `custom`.
+        source_kind: &'static str,
+        /// The underlying cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// An HTTP call of a credential source failed or was refused.
+    #[error("{endpoint} answered HTTP {status}: {code}: {message}")]
+    Http {
+        /// The URL path called (never a query string or secret), e.g. `/oidc/v1/token`.
+        endpoint: String,
+        /// The HTTP status code.
+        status: u16,
+        /// The vendor's error code, e.g. `invalid_client` or `PERMISSION_DENIED`.
+        code: String,
+        /// The vendor's message.
+        message: String,
+    },
+
+    /// An HTTP call of a credential source did not complete: connection refused, timeout,
+    /// malformed response.
+    #[error("{endpoint}: {what}")]
+    HttpTransport {
+        /// The URL path called (never a query string or secret).
+        endpoint: String,
+        /// What went wrong.
+        what: String,
+        /// The underlying cause, if any.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+
     /// The database answered with an error, or the connection to it failed.
     #[error("database error")]
     Database(#[source] tokio_postgres::Error),

@@ -11,6 +11,7 @@
     unreachable_pub
 )]
 
+pub mod credentials;
 mod error;
 #[cfg(feature = "local")]
 pub mod local;
