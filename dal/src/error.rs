@@ -85,6 +85,38 @@ pub enum Error {
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
+    /// The server refused the password at login (SQLSTATE `28P01`): for a token, it is
+    /// wrong or expired. The cache was invalidated and one fresh token tried already.
+    #[error(
+        "the server refused the credentials of user {user} (SQLSTATE 28P01): the token or \
+         password is wrong or has expired"
+    )]
+    AuthFailed {
+        /// The database user.
+        user: String,
+        /// The server's answer.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// A pool could not open a connection; the cause is the connection's own error.
+    #[error("the pool could not open a connection")]
+    Connect {
+        /// Why the connection failed.
+        #[source]
+        source: std::sync::Arc<Error>,
+    },
+
+    /// No connection became available within the pool's acquire timeout.
+    #[error(
+        "no connection became available within {0:?}; the pool is exhausted or the database is slow"
+    )]
+    PoolTimeout(std::time::Duration),
+
+    /// The pool itself failed.
+    #[error("pool error: {0}")]
+    Pool(String),
+
     /// The database answered with an error, or the connection to it failed.
     #[error("database error")]
     Database(#[source] tokio_postgres::Error),
@@ -95,7 +127,31 @@ impl Error {
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             Error::Database(e) => e.code().map(|c| c.code()),
+            Error::AuthFailed { .. } => Some("28P01"),
+            Error::Connect { source } => source.sqlstate(),
             _ => None,
+        }
+    }
+
+    /// Whether the server refused the credentials (SQLSTATE `28P01`), or the credential
+    /// service refused ours (HTTP 401 or 403).
+    pub fn is_auth_failure(&self) -> bool {
+        match self {
+            Error::Http { status, .. } => matches!(status, 401 | 403),
+            Error::Connect { source } => source.is_auth_failure(),
+            _ => self.sqlstate() == Some("28P01"),
+        }
+    }
+
+    /// Whether trying again may succeed: timeouts, connection failures, HTTP 408, 429 and
+    /// 5xx. Bad settings and refused credentials are not retryable.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            Error::HttpTransport { .. } | Error::Credential { .. } | Error::PoolTimeout(_) => true,
+            Error::Database(e) => e.code().is_none(),
+            Error::Connect { source } => source.is_retryable(),
+            _ => false,
         }
     }
 

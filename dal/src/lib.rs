@@ -11,15 +11,26 @@
     unreachable_pub
 )]
 
+mod cache;
+mod config;
+mod connector;
 pub mod credentials;
 mod error;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod models;
+mod pool;
 pub mod schema;
+mod tls;
 
+pub use cache::{CacheSettings, TokenCache, TokenStrategy};
+pub use config::{Config, Credentials, DEFAULT_APPLICATION_NAME, PoolSettings, Target};
+pub use connector::Connector;
 pub use error::{Error, Result};
+pub use pool::{ClientManager, DieselManager, DieselPool, PgClientPool, Pool};
+pub use tls::SslMode;
 
+pub use bb8;
 pub use diesel;
 pub use diesel_async;
 pub use sea_orm;

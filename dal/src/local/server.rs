@@ -391,6 +391,22 @@ impl LocalPostgres {
             .ssl_root_cert(self.ca_cert_path())
     }
 
+    /// A [`Config`](crate::Config) for `user` with `password` on `database` of this server,
+    /// over TLS verified against the cluster's CA (`verify-full`).
+    pub fn config(&self, database: &str, user: &str, password: &str) -> crate::Config {
+        crate::Config::new(self.host(), user)
+            .port(self.port)
+            .database(database)
+            .password(password)
+            .ssl_mode(crate::SslMode::VerifyFull)
+            .ssl_root_cert(self.ca_cert_path())
+    }
+
+    /// Like [`config`](Self::config), as the superuser.
+    pub fn superuser_config(&self, database: &str) -> crate::Config {
+        self.config(database, SUPERUSER, self.password.expose_secret())
+    }
+
     /// Creates `database` unless it exists, owned by `owner` (a role) or by the superuser.
     pub async fn create_database(&self, database: &str, owner: Option<&str>) -> Result<()> {
         let admin = self.admin("postgres").await?;

@@ -1,0 +1,538 @@
+//! The token cache: one fetch at a time, refreshed ahead of expiry, the last good token kept
+//! while it is still valid.
+//!
+//! Reading a cached token is one atomic load and a clock read (no lock); only a refresh takes
+//! the single-flight lock, so a thousand connections opening at once cause one fetch.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use tokio::task::JoinHandle;
+
+use crate::credentials::{Clock, CredentialSource, SystemClock, Token};
+use crate::{Error, Result};
+
+/// When the cache fetches tokens.
+///
+/// The names follow the Lakebase JavaScript examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenStrategy {
+    /// Fetch at start, then refresh in the background ahead of expiry: connections never
+    /// wait for a fetch. For servers. The default.
+    #[default]
+    Eager,
+    /// Fetch on first use, and again on use once the token is near expiry: nothing is
+    /// fetched while the program is idle. For background jobs.
+    Lazy,
+    /// Fetch a fresh token for every new connection (the JavaScript examples' `none`).
+    /// Cheap for Aurora DSQL, whose tokens are signed locally.
+    Uncached,
+}
+
+impl std::str::FromStr for TokenStrategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "eager" => Ok(Self::Eager),
+            "lazy" => Ok(Self::Lazy),
+            "uncached" | "none" => Ok(Self::Uncached),
+            _ => Err(format!("{s:?} is not one of eager, lazy, uncached")),
+        }
+    }
+}
+
+/// Timing of refreshes and retries.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CacheSettings {
+    /// Refresh this long before expiry. Defaults to `None`: five minutes or a fifth of the
+    /// token's life, whichever is shorter (a one-hour Lakebase credential is refreshed after
+    /// 55 minutes, a 15-minute DSQL token after 12).
+    pub refresh_margin: Option<Duration>,
+    /// Refresh up to this fraction of the token's life earlier still, at random, so that
+    /// replicas started together do not refresh together. Defaults to 0.05.
+    pub jitter: f64,
+    /// Attempts per refresh before it is reported as failed. Defaults to 3.
+    pub attempts: u32,
+    /// First pause between attempts, doubled after each failure. Defaults to 200 ms.
+    pub min_backoff: Duration,
+    /// Longest pause between attempts, and between background refreshes after a failure.
+    /// Defaults to 10 s.
+    pub max_backoff: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            refresh_margin: None,
+            jitter: 0.05,
+            attempts: 3,
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CacheSettings {
+    /// Sets [`refresh_margin`](Self::refresh_margin).
+    #[must_use]
+    pub fn refresh_margin(mut self, margin: Duration) -> Self {
+        self.refresh_margin = Some(margin);
+        self
+    }
+
+    /// Sets [`jitter`](Self::jitter).
+    #[must_use]
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction;
+        self
+    }
+
+    /// Sets [`attempts`](Self::attempts), [`min_backoff`](Self::min_backoff) and
+    /// [`max_backoff`](Self::max_backoff).
+    #[must_use]
+    pub fn retries(mut self, attempts: u32, min_backoff: Duration, max_backoff: Duration) -> Self {
+        self.attempts = attempts;
+        self.min_backoff = min_backoff;
+        self.max_backoff = max_backoff;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if !(0.0..=0.5).contains(&self.jitter) {
+            return Err(Error::config(
+                "cache jitter",
+                "must be a fraction between 0 and 0.5, such as 0.05",
+            ));
+        }
+        if self.attempts == 0 {
+            return Err(Error::config("cache attempts", "must be at least 1"));
+        }
+        if self.min_backoff > self.max_backoff {
+            return Err(Error::config(
+                "cache backoff",
+                "min_backoff must not exceed max_backoff",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A called-back function that receives every new token before the refresh returns.
+type Listener = Box<dyn Fn(&Token) + Send + Sync>;
+
+/// Caches the tokens of one [`CredentialSource`]. Cheap to clone: clones share the cache.
+///
+/// The background refresher of the eager strategy stops when [`shutdown`](Self::shutdown) is
+/// called or the last clone is dropped.
+#[derive(Clone)]
+pub struct TokenCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    source: Arc<dyn CredentialSource>,
+    strategy: TokenStrategy,
+    settings: CacheSettings,
+    clock: Arc<dyn Clock>,
+    current: ArcSwapOption<Entry>,
+    /// Milliseconds since the epoch before which a failed refresh is not tried again while
+    /// the current token is still valid.
+    retry_after_ms: AtomicU64,
+    flight: tokio::sync::Mutex<()>,
+    listeners: Mutex<Vec<Listener>>,
+    refresher: Mutex<Option<JoinHandle<()>>>,
+    fetches: AtomicU64,
+    failures: AtomicU64,
+}
+
+struct Entry {
+    token: Arc<Token>,
+    /// When to fetch the next one; `None` for tokens that never expire.
+    refresh_at: Option<SystemTime>,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("source", &self.inner.source.kind())
+            .field("strategy", &self.inner.strategy)
+            .field(
+                "expires_at",
+                &self.expires_at().map(chrono::DateTime::<chrono::Utc>::from),
+            )
+            .field("fetches", &self.fetches())
+            .finish()
+    }
+}
+
+impl TokenCache {
+    /// A cache in front of `source`. Nothing is fetched until [`start`](Self::start) or
+    /// [`token`](Self::token).
+    pub fn new(
+        source: Arc<dyn CredentialSource>,
+        strategy: TokenStrategy,
+        settings: CacheSettings,
+    ) -> Result<Self> {
+        Self::with_clock(source, strategy, settings, Arc::new(SystemClock))
+    }
+
+    /// Like [`new`](Self::new), with the clock replaced (for tests).
+    pub fn with_clock(
+        source: Arc<dyn CredentialSource>,
+        strategy: TokenStrategy,
+        settings: CacheSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        settings.validate()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                source,
+                strategy,
+                settings,
+                clock,
+                current: ArcSwapOption::empty(),
+                retry_after_ms: AtomicU64::new(0),
+                flight: tokio::sync::Mutex::new(()),
+                listeners: Mutex::new(Vec::new()),
+                refresher: Mutex::new(None),
+                fetches: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Starts the cache: the eager strategy fetches its first token now and starts the
+    /// background refresher; the others do nothing.
+    pub async fn start(&self) -> Result<()> {
+        if self.inner.strategy == TokenStrategy::Eager {
+            self.token().await?;
+            self.keep_fresh();
+        }
+        Ok(())
+    }
+
+    /// The strategy this cache follows.
+    pub fn strategy(&self) -> TokenStrategy {
+        self.inner.strategy
+    }
+
+    /// The kind of the credential source, such as `lakebase`.
+    pub fn source_kind(&self) -> &'static str {
+        self.inner.source.kind()
+    }
+
+    /// A token for a new connection: the cached one while it is fresh, else a new one.
+    ///
+    /// Concurrent callers share one fetch. When a refresh fails but the cached token is still
+    /// valid, the cached token is returned (and the refresh tried again later).
+    pub async fn token(&self) -> Result<Arc<Token>> {
+        if self.inner.strategy != TokenStrategy::Uncached
+            && let Some(token) = self.cached_fresh()
+        {
+            return Ok(token);
+        }
+        self.refresh(false).await
+    }
+
+    /// The cached token if it needs no refresh now: one atomic load, no lock.
+    fn cached_fresh(&self) -> Option<Arc<Token>> {
+        let guard = self.inner.current.load();
+        let entry = guard.as_ref()?;
+        let now = self.inner.clock.now();
+        match entry.refresh_at {
+            None => Some(Arc::clone(&entry.token)),
+            Some(at) if now < at => Some(Arc::clone(&entry.token)),
+            // Due for refresh, but the last attempt failed recently: keep serving it.
+            Some(_) if is_valid(&entry.token, now) && millis(now) < self.retry_after() => {
+                Some(Arc::clone(&entry.token))
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// The last token fetched, fresh or not, without fetching.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        self.inner
+            .current
+            .load()
+            .as_ref()
+            .map(|e| Arc::clone(&e.token))
+    }
+
+    /// When the current token expires, if there is one and it expires.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.current()?.expires_at()
+    }
+
+    /// How many tokens the source has produced so far.
+    pub fn fetches(&self) -> u64 {
+        self.inner.fetches.load(Ordering::Relaxed)
+    }
+
+    /// How many refreshes failed (after their retries).
+    pub fn failures(&self) -> u64 {
+        self.inner.failures.load(Ordering::Relaxed)
+    }
+
+    /// Forgets `token` (when the server refused it), so the next caller fetches a new one.
+    /// Does nothing if a newer token has replaced it already.
+    pub fn invalidate(&self, token: &Arc<Token>) {
+        let current = self.inner.current.load();
+        if let Some(entry) = current.as_ref()
+            && Arc::ptr_eq(&entry.token, token)
+        {
+            self.inner.current.compare_and_swap(&*current, None);
+            self.inner.retry_after_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Calls `listener` with every new token, before the refresh that fetched it returns.
+    /// This is how pools that cannot ask for a password (sqlx) are kept up to date.
+    pub fn on_refresh(&self, listener: impl Fn(&Token) + Send + Sync + 'static) {
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(listener));
+    }
+
+    /// Keeps the token fresh in the background from now on, whatever the strategy: for pools
+    /// that open connections with whatever token they were last given.
+    pub fn keep_fresh(&self) {
+        let mut slot = self
+            .inner
+            .refresher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        *slot = Some(tokio::spawn(refresh_loop(weak)));
+    }
+
+    /// Stops the background refresher. Tokens can still be fetched on demand.
+    pub fn shutdown(&self) {
+        if let Some(task) = self
+            .inner
+            .refresher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+    }
+
+    /// Fetches a new token unless another caller just did; `force` skips that check.
+    async fn refresh(&self, force: bool) -> Result<Arc<Token>> {
+        let inner = &self.inner;
+        let seen = inner.current.load_full();
+        let _flight = inner.flight.lock().await;
+        if !force && inner.strategy != TokenStrategy::Uncached {
+            let now_entry = inner.current.load_full();
+            let replaced = match (&seen, &now_entry) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                (None, Some(_)) => true,
+                _ => false,
+            };
+            if replaced && let Some(token) = self.cached_fresh() {
+                return Ok(token);
+            }
+        }
+        match self.fetch_with_retries().await {
+            Ok(token) => Ok(self.install(token)),
+            Err(e) => {
+                inner.failures.fetch_add(1, Ordering::Relaxed);
+                let now = inner.clock.now();
+                let backoff = inner.settings.max_backoff.min(Duration::from_secs(1));
+                inner
+                    .retry_after_ms
+                    .store(millis(now + backoff), Ordering::Relaxed);
+                match inner.current.load_full() {
+                    Some(entry) if is_valid(&entry.token, now) => {
+                        tracing::warn!(
+                            source = inner.source.kind(),
+                            error = %ErrorChain(&e),
+                            remaining_s = remaining(&entry.token, now).as_secs(),
+                            "token refresh failed; the current token is still valid and stays in use"
+                        );
+                        Ok(Arc::clone(&entry.token))
+                    }
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+
+    async fn fetch_with_retries(&self) -> Result<Token> {
+        let inner = &self.inner;
+        let mut backoff = inner.settings.min_backoff;
+        let mut attempt = 1;
+        loop {
+            let started = std::time::Instant::now();
+            let result = inner.source.fetch().await.and_then(|token| {
+                let now = inner.clock.now();
+                match token.expires_at() {
+                    Some(at) if at <= now => Err(Error::Credential {
+                        source_kind: inner.source.kind(),
+                        source: "the new token had already expired (is the clock right?)".into(),
+                    }),
+                    _ => Ok(token),
+                }
+            });
+            match result {
+                Ok(token) => {
+                    inner.fetches.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        source = inner.source.kind(),
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        remaining_s =
+                            token
+                                .expires_at()
+                                .map(|_| remaining(&token, inner.clock.now()).as_secs()),
+                        "token fetched"
+                    );
+                    return Ok(token);
+                }
+                Err(e) if attempt < inner.settings.attempts && e.is_retryable() => {
+                    tracing::debug!(
+                        source = inner.source.kind(),
+                        attempt,
+                        error = %ErrorChain(&e),
+                        "token fetch failed; retrying"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(inner.settings.max_backoff);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stores a new token and tells the listeners; returns it.
+    fn install(&self, token: Token) -> Arc<Token> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let refresh_at = token.expires_at().map(|expires| {
+            let life = expires.duration_since(now).unwrap_or_default();
+            let margin = inner
+                .settings
+                .refresh_margin
+                .unwrap_or_else(|| (life / 5).min(Duration::from_secs(300)));
+            let jitter = life.mul_f64(inner.settings.jitter * fastrand::f64());
+            expires
+                .checked_sub(margin + jitter)
+                .filter(|at| *at > now)
+                .unwrap_or(now)
+        });
+        let token = Arc::new(token);
+        inner.current.store(Some(Arc::new(Entry {
+            token: Arc::clone(&token),
+            refresh_at,
+        })));
+        inner.retry_after_ms.store(0, Ordering::Relaxed);
+        for listener in inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            listener(&token);
+        }
+        token
+    }
+
+    fn retry_after(&self) -> u64 {
+        self.inner.retry_after_ms.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .refresher
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// The background refresher: sleeps until the current token is due, refreshes it, and backs
+/// off after failures. Holds only a weak reference, so it never keeps the cache alive.
+async fn refresh_loop(weak: Weak<Inner>) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let wait = {
+            let Some(inner) = weak.upgrade() else { return };
+            let now = inner.clock.now();
+            match inner.current.load().as_ref().map(|e| e.refresh_at) {
+                Some(None) => return, // never expires
+                Some(Some(at)) => at.duration_since(now).unwrap_or_default().max(backoff),
+                None => backoff,
+            }
+        };
+        tokio::time::sleep(wait).await;
+        let Some(inner) = weak.upgrade() else { return };
+        let cache = TokenCache { inner };
+        let max_backoff = cache.inner.settings.max_backoff;
+        let min_backoff = cache.inner.settings.min_backoff;
+        match cache.refresh(true).await {
+            Ok(_) if cache.cached_fresh_by_schedule() => backoff = Duration::ZERO,
+            // Either the refresh failed outright, or it kept serving the old token.
+            _ => backoff = (backoff * 2).clamp(min_backoff, max_backoff),
+        }
+    }
+}
+
+impl TokenCache {
+    /// Whether the current token is not yet due for refresh (ignores retry back-off).
+    fn cached_fresh_by_schedule(&self) -> bool {
+        let now = self.inner.clock.now();
+        self.inner
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|e| e.refresh_at.is_none_or(|at| now < at))
+    }
+}
+
+fn is_valid(token: &Token, now: SystemTime) -> bool {
+    token.expires_at().is_none_or(|at| now < at)
+}
+
+fn remaining(token: &Token, now: SystemTime) -> Duration {
+    token
+        .expires_at()
+        .and_then(|at| at.duration_since(now).ok())
+        .unwrap_or_default()
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Displays an error with its causes, for log lines.
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,286 @@
+//! Connection settings: plain data with documented defaults, built in code or read from the
+//! environment, validated once by [`Connector::new`](crate::Connector::new).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::cache::{CacheSettings, TokenStrategy};
+use crate::credentials::CredentialSource;
+use crate::tls::SslMode;
+
+/// The default `application_name`: `dal/<version>`, in the `<product>/<version>` form the
+/// Lakebase partner guide asks for.
+pub const DEFAULT_APPLICATION_NAME: &str = concat!("dal/", env!("CARGO_PKG_VERSION"));
+
+/// What kind of server the connector talks to; it chooses defaults (TLS, pool lifetimes,
+/// `search_path`, migrations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// PostgreSQL, or anything else speaking its protocol.
+    Postgres,
+    /// Databricks Lakebase.
+    Lakebase,
+    /// Amazon Aurora DSQL.
+    Dsql,
+}
+
+/// Where the password of each new connection comes from.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum Credentials {
+    /// A fixed password (a PostgreSQL role's own, or Lakebase's native-role fallback).
+    Password(SecretString),
+    /// Any source, such as an async closure: `Credentials::source(|| async { ... })`.
+    Source(Arc<dyn CredentialSource>),
+}
+
+impl Credentials {
+    /// Credentials from any [`CredentialSource`], such as an async closure.
+    pub fn source(source: impl CredentialSource) -> Self {
+        Self::Source(Arc::new(source))
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Password(_) => f.write_str("Password(** redacted **)"),
+            Credentials::Source(s) => write!(f, "Source({})", s.kind()),
+        }
+    }
+}
+
+/// Pool sizes and lifetimes, shared by every pool a connector builds.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PoolSettings {
+    /// Most connections open at once. Defaults to 10.
+    pub max_size: u32,
+    /// Connections kept open while idle. Defaults to 0, so that Lakebase can scale to zero.
+    pub min_idle: u32,
+    /// How long to wait for a connection before failing. Defaults to 10 s.
+    pub acquire_timeout: Duration,
+    /// Close connections idle this long. Defaults to 270 s, below Lakebase's 300 s
+    /// scale-to-zero window (as its JavaScript examples do).
+    pub idle_timeout: Option<Duration>,
+    /// Close connections this old. Defaults to 25 min: the pools enforce it lazily (a
+    /// connection may live up to about twice as long), which keeps it under Aurora DSQL's
+    /// 60-minute cap.
+    pub max_lifetime: Option<Duration>,
+    /// Shorten `max_lifetime` by up to this fraction, at random per pool, so that pools
+    /// started together do not reconnect together. Defaults to 0.1.
+    pub lifetime_jitter: f64,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_size: 10,
+            min_idle: 0,
+            acquire_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(270)),
+            max_lifetime: Some(Duration::from_secs(25 * 60)),
+            lifetime_jitter: 0.1,
+        }
+    }
+}
+
+impl PoolSettings {
+    /// Sets [`max_size`](Self::max_size).
+    #[must_use]
+    pub fn max_size(mut self, n: u32) -> Self {
+        self.max_size = n;
+        self
+    }
+
+    /// Sets [`min_idle`](Self::min_idle).
+    #[must_use]
+    pub fn min_idle(mut self, n: u32) -> Self {
+        self.min_idle = n;
+        self
+    }
+
+    /// Sets [`acquire_timeout`](Self::acquire_timeout).
+    #[must_use]
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Sets [`max_lifetime`](Self::max_lifetime).
+    #[must_use]
+    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.max_lifetime = lifetime;
+        self
+    }
+
+    /// Sets [`idle_timeout`](Self::idle_timeout).
+    #[must_use]
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// The lifetime of one pool's connections, jitter applied.
+    pub(crate) fn jittered_lifetime(&self) -> Option<Duration> {
+        self.max_lifetime
+            .map(|l| l.mul_f64(1.0 - self.lifetime_jitter * fastrand::f64()))
+    }
+}
+
+/// Everything a [`Connector`](crate::Connector) needs. Plain data: set fields directly or
+/// with the `#[must_use]` setters; [`Config::from_env`] reads the usual environment
+/// variables. Nothing is checked until [`Connector::new`](crate::Connector::new).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// The server's host name. Required.
+    pub host: String,
+    /// The server's port. Defaults to 5432.
+    pub port: u16,
+    /// The database. Defaults to `postgres`.
+    pub database: String,
+    /// The user (role). Required.
+    pub user: String,
+    /// Where passwords come from. Required.
+    pub credentials: Option<Credentials>,
+    /// The kind of server. Defaults to [`Target::Postgres`].
+    pub target: Target,
+    /// TLS use. Defaults to `verify-full` for Lakebase and DSQL, `prefer` otherwise.
+    pub ssl_mode: Option<SslMode>,
+    /// CA certificates (PEM) to verify the server with. Defaults to the Mozilla roots.
+    pub ssl_root_cert: Option<PathBuf>,
+    /// Sent in the startup packet. Defaults to [`DEFAULT_APPLICATION_NAME`].
+    pub application_name: String,
+    /// The schema search path of every connection, sent in the startup packet. Defaults to
+    /// none (the server's), except for non-admin DSQL roles: their own schema.
+    pub search_path: Option<String>,
+    /// Statement timeout of every connection. Defaults to none (the server's).
+    pub statement_timeout: Option<Duration>,
+    /// Time allowed to open one connection, TLS and login included. Defaults to 10 s.
+    pub connect_timeout: Duration,
+    /// When tokens are fetched. Defaults to [`TokenStrategy::Eager`].
+    pub strategy: TokenStrategy,
+    /// Refresh and retry timing of the token cache.
+    pub cache: CacheSettings,
+    /// Pool sizes and lifetimes.
+    pub pool: PoolSettings,
+}
+
+impl Config {
+    /// A configuration for `user` at `host` with every other setting at its default.
+    pub fn new(host: impl Into<String>, user: impl Into<String>) -> Self {
+        Self {
+            host: host.into(),
+            port: 5432,
+            database: "postgres".into(),
+            user: user.into(),
+            credentials: None,
+            target: Target::Postgres,
+            ssl_mode: None,
+            ssl_root_cert: None,
+            application_name: DEFAULT_APPLICATION_NAME.into(),
+            search_path: None,
+            statement_timeout: None,
+            connect_timeout: Duration::from_secs(10),
+            strategy: TokenStrategy::default(),
+            cache: CacheSettings::default(),
+            pool: PoolSettings::default(),
+        }
+    }
+
+    /// Sets [`port`](Self::port).
+    #[must_use]
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Sets [`database`](Self::database).
+    #[must_use]
+    pub fn database(mut self, database: impl Into<String>) -> Self {
+        self.database = database.into();
+        self
+    }
+
+    /// Uses a fixed password.
+    #[must_use]
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.credentials = Some(Credentials::Password(SecretString::from(password.into())));
+        self
+    }
+
+    /// Sets [`credentials`](Self::credentials).
+    #[must_use]
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    /// Sets [`target`](Self::target).
+    #[must_use]
+    pub fn target(mut self, target: Target) -> Self {
+        self.target = target;
+        self
+    }
+
+    /// Sets [`ssl_mode`](Self::ssl_mode).
+    #[must_use]
+    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.ssl_mode = Some(mode);
+        self
+    }
+
+    /// Sets [`ssl_root_cert`](Self::ssl_root_cert).
+    #[must_use]
+    pub fn ssl_root_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ssl_root_cert = Some(path.into());
+        self
+    }
+
+    /// Sets [`application_name`](Self::application_name).
+    #[must_use]
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+
+    /// Sets [`search_path`](Self::search_path).
+    #[must_use]
+    pub fn search_path(mut self, path: impl Into<String>) -> Self {
+        self.search_path = Some(path.into());
+        self
+    }
+
+    /// Sets [`statement_timeout`](Self::statement_timeout).
+    #[must_use]
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets [`strategy`](Self::strategy).
+    #[must_use]
+    pub fn strategy(mut self, strategy: TokenStrategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// Sets [`cache`](Self::cache).
+    #[must_use]
+    pub fn cache(mut self, cache: CacheSettings) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// Sets [`pool`](Self::pool).
+    #[must_use]
+    pub fn pool(mut self, pool: PoolSettings) -> Self {
+        self.pool = pool;
+        self
+    }
+}

@@ -1,0 +1,347 @@
+//! The shared driver layer: one validated configuration, one token cache, TLS, and the
+//! per-connection settings, from which every pool is built.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+
+use crate::cache::TokenCache;
+use crate::config::{Config, Credentials, PoolSettings, Target};
+use crate::credentials::{CredentialSource, StaticPassword, Token};
+use crate::tls::{SslMode, Tls};
+use crate::{Error, Result};
+
+/// Opens database connections with a fresh token each, and builds the pools.
+///
+/// Cheap to clone: clones share the token cache. Build one per database and keep it for the
+/// life of the program; [`shutdown`](Self::shutdown) stops its background work.
+///
+/// ```no_run
+/// # async fn demo() -> dal::Result<()> {
+/// let connector = dal::Connector::new(dal::Config::from_env()?).await?;
+/// let db = connector.seaorm().await?;          // sea_orm::DatabaseConnection
+/// let diesel = connector.diesel_pool().await?; // bb8 pool of diesel-async connections
+/// let mut conn = diesel.get().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Connector {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    target: Target,
+    host: String,
+    port: u16,
+    database: String,
+    user: String,
+    tls: Tls,
+    application_name: String,
+    search_path: Option<String>,
+    statement_timeout: Option<Duration>,
+    connect_timeout: Duration,
+    pool: PoolSettings,
+    cache: TokenCache,
+    sqlx_pools: std::sync::Mutex<Vec<sea_orm::sqlx::PgPool>>,
+    opened: AtomicU64,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.shared;
+        f.debug_struct("Connector")
+            .field("target", &s.target)
+            .field("host", &s.host)
+            .field("port", &s.port)
+            .field("database", &s.database)
+            .field("user", &s.user)
+            .field("ssl_mode", &s.tls.mode)
+            .field("application_name", &s.application_name)
+            .field("search_path", &s.search_path)
+            .field("cache", &s.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// Validates `config`, builds the credential source and cache, and starts the cache (the
+    /// eager strategy fetches its first token now, so a bad credential fails here).
+    pub async fn new(config: Config) -> Result<Self> {
+        let connector = Self::build(config)?;
+        connector.shared.cache.start().await?;
+        Ok(connector)
+    }
+
+    fn build(config: Config) -> Result<Self> {
+        if config.host.trim().is_empty() {
+            return Err(Error::config("PGHOST", "the database host is required"));
+        }
+        if config.user.trim().is_empty() {
+            return Err(Error::config("PGUSER", "the database user is required"));
+        }
+        if config.database.trim().is_empty() {
+            return Err(Error::config("PGDATABASE", "the database name is required"));
+        }
+        if config.pool.max_size == 0 {
+            return Err(Error::config("pool max_size", "must be at least 1"));
+        }
+        if config.pool.min_idle > config.pool.max_size {
+            return Err(Error::config("pool min_idle", "must not exceed max_size"));
+        }
+        if !(0.0..1.0).contains(&config.pool.lifetime_jitter) {
+            return Err(Error::config("pool lifetime_jitter", "must be in 0..1"));
+        }
+        let source: Arc<dyn CredentialSource> = match config.credentials {
+            Some(Credentials::Password(p)) => Arc::new(StaticPassword::new(p.expose_secret())),
+            Some(Credentials::Source(s)) => s,
+            None => {
+                return Err(Error::config(
+                    "credentials",
+                    "no password or token source: set PGPASSWORD or DATABASE_URL, Lakebase \
+                     (DATABRICKS_HOST with LAKEBASE_ENDPOINT or LAKEBASE_INSTANCE) or DSQL \
+                     (DSQL_ENDPOINT) settings",
+                ));
+            }
+        };
+        let ssl_mode = config.ssl_mode.unwrap_or(match config.target {
+            Target::Postgres => SslMode::Prefer,
+            Target::Lakebase | Target::Dsql => SslMode::VerifyFull,
+        });
+        let tls = Tls::new(ssl_mode, config.ssl_root_cert.as_deref())?;
+        let search_path = config.search_path.or_else(|| {
+            (config.target == Target::Dsql && config.user != "admin").then(|| config.user.clone())
+        });
+        let cache = TokenCache::new(source, config.strategy, config.cache)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                target: config.target,
+                host: config.host,
+                port: config.port,
+                database: config.database,
+                user: config.user,
+                tls,
+                application_name: config.application_name,
+                search_path,
+                statement_timeout: config.statement_timeout,
+                connect_timeout: config.connect_timeout,
+                pool: config.pool,
+                cache,
+                sqlx_pools: std::sync::Mutex::new(Vec::new()),
+                opened: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The token cache in front of the credential source.
+    pub fn cache(&self) -> &TokenCache {
+        &self.shared.cache
+    }
+
+    /// The kind of server.
+    pub fn target(&self) -> Target {
+        self.shared.target
+    }
+
+    /// The database user.
+    pub fn user(&self) -> &str {
+        &self.shared.user
+    }
+
+    /// The pool settings every pool of this connector uses.
+    pub fn pool_settings(&self) -> &PoolSettings {
+        &self.shared.pool
+    }
+
+    /// How many connections this connector opened itself (Diesel, tokio-postgres); the sqlx
+    /// pool opens its own.
+    pub fn connections_opened(&self) -> u64 {
+        self.shared.opened.load(Ordering::Relaxed)
+    }
+
+    /// Options for one tokio-postgres connection logging in with `token`.
+    fn pg_config(&self, token: &Token) -> tokio_postgres::Config {
+        let s = &self.shared;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&s.host)
+            .port(s.port)
+            .user(&s.user)
+            .password(token.expose())
+            .dbname(&s.database)
+            .application_name(&s.application_name)
+            .ssl_mode(s.tls.mode.for_tokio_postgres())
+            .connect_timeout(s.connect_timeout);
+        let options = self.startup_options();
+        if !options.is_empty() {
+            let line: Vec<String> = options
+                .iter()
+                .map(|(k, v)| format!("-c {k}={}", escape_option(v)))
+                .collect();
+            config.options(line.join(" "));
+        }
+        config
+    }
+
+    /// Run-time parameters sent in the startup packet of every connection.
+    fn startup_options(&self) -> Vec<(&'static str, String)> {
+        let s = &self.shared;
+        let mut options = Vec::new();
+        if let Some(path) = &s.search_path {
+            options.push(("search_path", path.clone()));
+        }
+        if let Some(t) = s.statement_timeout {
+            options.push(("statement_timeout", t.as_millis().to_string()));
+        }
+        options
+    }
+
+    /// Options for sqlx logging in with `token`.
+    fn sqlx_options(&self, token: &Token) -> sea_orm::sqlx::postgres::PgConnectOptions {
+        let s = &self.shared;
+        let mut options = sea_orm::sqlx::postgres::PgConnectOptions::new_without_pgpass()
+            .host(&s.host)
+            .port(s.port)
+            .username(&s.user)
+            .password(token.expose())
+            .database(&s.database)
+            .application_name(&s.application_name)
+            .ssl_mode(s.tls.mode.for_sqlx());
+        if let Some(root) = &s.tls.root_cert {
+            options = options.ssl_root_cert(root);
+        }
+        let startup = self.startup_options();
+        if !startup.is_empty() {
+            options = options.options(startup);
+        }
+        options
+    }
+
+    /// Opens one connection with a cached token. When the server refuses the token, the
+    /// cache forgets it and one fresh token is tried before giving up with
+    /// [`Error::AuthFailed`].
+    pub async fn connect(
+        &self,
+    ) -> Result<(
+        tokio_postgres::Client,
+        tokio_postgres::Connection<
+            tokio_postgres::Socket,
+            impl tokio_postgres::tls::TlsStream + Unpin + Send + 'static + use<>,
+        >,
+    )> {
+        let cache = &self.shared.cache;
+        let token = cache.token().await?;
+        match self.connect_with(&token).await {
+            Err(e) if e.is_auth_failure() => {
+                tracing::warn!(
+                    source = cache.source_kind(),
+                    user = %self.shared.user,
+                    "the server refused the token; fetching a fresh one"
+                );
+                cache.invalidate(&token);
+                let token = cache.token().await?;
+                self.connect_with(&token).await
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_with(
+        &self,
+        token: &Token,
+    ) -> Result<(
+        tokio_postgres::Client,
+        tokio_postgres::Connection<
+            tokio_postgres::Socket,
+            impl tokio_postgres::tls::TlsStream + Unpin + Send + 'static + use<>,
+        >,
+    )> {
+        let config = self.pg_config(token);
+        let connect = config.connect(self.shared.tls.connector());
+        let timeout = self.shared.connect_timeout;
+        let result =
+            tokio::time::timeout(timeout, connect)
+                .await
+                .map_err(|_| Error::HttpTransport {
+                    endpoint: format!("{}:{}", self.shared.host, self.shared.port),
+                    what: format!("no connection within {timeout:?}"),
+                    source: None,
+                })?;
+        match result {
+            Ok(pair) => {
+                self.shared.opened.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(host = %self.shared.host, user = %self.shared.user, "connection opened");
+                Ok(pair)
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD) => {
+                Err(Error::AuthFailed {
+                    user: self.shared.user.clone(),
+                    source: e,
+                })
+            }
+            Err(e) => Err(Error::Database(e)),
+        }
+    }
+
+    /// A sqlx pool whose connections log in with the cached token. sqlx cannot ask for a
+    /// password when it opens a connection, so from now on the cache keeps the token fresh
+    /// ahead of expiry and pushes each new one into the pool before the refresh returns.
+    pub async fn sqlx_pool(&self) -> Result<sea_orm::sqlx::PgPool> {
+        let token = self.shared.cache.token().await?;
+        let pool_settings = &self.shared.pool;
+        let pool = sea_orm::sqlx::postgres::PgPoolOptions::new()
+            .max_connections(pool_settings.max_size)
+            .min_connections(pool_settings.min_idle)
+            .acquire_timeout(pool_settings.acquire_timeout)
+            .idle_timeout(pool_settings.idle_timeout)
+            .max_lifetime(pool_settings.jittered_lifetime())
+            .connect_lazy_with(self.sqlx_options(&token));
+        let weak = Arc::downgrade(&self.shared);
+        let pushed = pool.clone();
+        self.shared.cache.on_refresh(move |token| {
+            if let Some(shared) = weak.upgrade() {
+                let this = Connector { shared };
+                pushed.set_connect_options(this.sqlx_options(token));
+            }
+        });
+        // The token may have been replaced while the pool was built.
+        if let Some(current) = self.shared.cache.current() {
+            pool.set_connect_options(self.sqlx_options(&current));
+        }
+        self.shared.cache.keep_fresh();
+        self.shared
+            .sqlx_pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pool.clone());
+        Ok(pool)
+    }
+
+    /// A SeaORM connection (over a [`sqlx_pool`](Self::sqlx_pool)).
+    pub async fn seaorm(&self) -> Result<sea_orm::DatabaseConnection> {
+        Ok(sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(
+            self.sqlx_pool().await?,
+        ))
+    }
+
+    /// Stops the token refresher and closes the sqlx pools built by this connector.
+    pub async fn shutdown(&self) {
+        self.shared.cache.shutdown();
+        let pools: Vec<_> = self
+            .shared
+            .sqlx_pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for pool in pools {
+            pool.close().await;
+        }
+    }
+}
+
+/// Escapes a value for the `options` startup parameter, where spaces separate arguments.
+fn escape_option(value: &str) -> String {
+    value.replace('\\', "\\\\").replace(' ', "\\ ")
+}

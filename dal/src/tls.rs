@@ -1,0 +1,272 @@
+//! TLS for database connections: libpq's `sslmode` values on rustls with the ring provider.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::{Error, Result};
+
+/// How a connection uses TLS, with libpq's meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS when the server offers it, unverified; plain otherwise.
+    Prefer,
+    /// TLS always, certificate not verified.
+    Require,
+    /// TLS always, certificate chain verified, host name not checked.
+    VerifyCa,
+    /// TLS always, certificate chain and host name verified. The default for Lakebase and
+    /// Aurora DSQL.
+    VerifyFull,
+}
+
+impl std::str::FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "disable" => Self::Disable,
+            "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            _ => {
+                return Err(format!(
+                    "{s:?} is not one of disable, prefer, require, verify-ca, verify-full"
+                ));
+            }
+        })
+    }
+}
+
+impl SslMode {
+    pub(crate) fn for_tokio_postgres(self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as Pg;
+        match self {
+            Self::Disable => Pg::Disable,
+            Self::Prefer => Pg::Prefer,
+            Self::Require | Self::VerifyCa | Self::VerifyFull => Pg::Require,
+        }
+    }
+
+    pub(crate) fn for_sqlx(self) -> sea_orm::sqlx::postgres::PgSslMode {
+        use sea_orm::sqlx::postgres::PgSslMode as Sqlx;
+        match self {
+            Self::Disable => Sqlx::Disable,
+            Self::Prefer => Sqlx::Prefer,
+            Self::Require => Sqlx::Require,
+            Self::VerifyCa => Sqlx::VerifyCa,
+            Self::VerifyFull => Sqlx::VerifyFull,
+        }
+    }
+}
+
+/// The TLS settings of a connector, with the rustls configuration built once.
+#[derive(Clone)]
+pub(crate) struct Tls {
+    pub(crate) mode: SslMode,
+    pub(crate) root_cert: Option<PathBuf>,
+    pub(crate) config: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("mode", &self.mode)
+            .field("root_cert", &self.root_cert)
+            .finish()
+    }
+}
+
+impl Tls {
+    pub(crate) fn new(mode: SslMode, root_cert: Option<&Path>) -> Result<Self> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::config("sslmode", format!("no TLS version available: {e}")))?;
+        let config = match mode {
+            SslMode::Disable | SslMode::Prefer | SslMode::Require => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+                .with_no_client_auth(),
+            SslMode::VerifyCa => {
+                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots(root_cert)?),
+                    provider,
+                )
+                .build()
+                .map_err(|e| Error::config("sslrootcert", e.to_string()))?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AnyHostName(inner)))
+                    .with_no_client_auth()
+            }
+            SslMode::VerifyFull => builder
+                .with_root_certificates(roots(root_cert)?)
+                .with_no_client_auth(),
+        };
+        Ok(Self {
+            mode,
+            root_cert: root_cert.map(Path::to_owned),
+            config: Arc::new(config),
+        })
+    }
+
+    pub(crate) fn connector(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
+        tokio_postgres_rustls::MakeRustlsConnect::new((*self.config).clone())
+    }
+}
+
+/// The CA certificates of `path` (PEM), or the Mozilla roots when there is none.
+fn roots(path: Option<&Path>) -> Result<RootCertStore> {
+    use rustls::pki_types::pem::PemObject;
+    let mut store = RootCertStore::empty();
+    match path {
+        None => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    Error::config(
+                        "sslrootcert",
+                        format!("cannot read CA certificates from {}: {e}", path.display()),
+                    )
+                })?;
+            let (added, _) = store.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(Error::config(
+                    "sslrootcert",
+                    format!("{} holds no usable CA certificate", path.display()),
+                ));
+            }
+        }
+    }
+    Ok(store)
+}
+
+/// `verify-ca`: the chain must lead to a trusted root; the name in it is not checked.
+#[derive(Debug)]
+struct AnyHostName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyHostName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        use rustls::{CertificateError, Error as TlsError};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(TlsError::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `prefer` and `require`: encrypted, but any certificate is accepted (libpq's meaning).
+/// Handshake signatures are still checked, so the session key belongs to the certificate.
+#[derive(Debug)]
+struct Unverified(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_parses_libpq_names_and_names_the_choices_on_a_typo() {
+        assert_eq!("verify-full".parse::<SslMode>(), Ok(SslMode::VerifyFull));
+        assert_eq!("require".parse::<SslMode>(), Ok(SslMode::Require));
+        let err = "verify_full".parse::<SslMode>().unwrap_err();
+        assert!(err.contains("verify-full"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_a_config_error() {
+        let err =
+            Tls::new(SslMode::VerifyFull, Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid setting sslrootcert"),
+            "{err}"
+        );
+    }
+}

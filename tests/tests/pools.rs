@@ -1,0 +1,380 @@
+//! Pools built from one `Config`: both ORMs on the sample schema, token rotation under load,
+//! startup parameters, TLS modes, and fast, typed auth failures.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use dal::credentials::Token;
+use dal::diesel::{ExpressionMethods, QueryDsl, SelectableHelper};
+use dal::diesel_async::RunQueryDsl;
+use dal::local::LocalPostgres;
+use dal::models::{Customer, NewCustomer, NewOrder};
+use dal::schema::{customers, orders};
+use dal::{CacheSettings, Connector, Credentials, PoolSettings, SslMode, TokenStrategy};
+use entity::customer;
+use migration::MigratorTrait;
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, Set};
+use uuid::Uuid;
+
+/// A database `name` owned by the login role `name`, migrated; returns the role's password.
+async fn app_database(pg: &LocalPostgres, name: &str) -> String {
+    let password = format!("pw-{}", Uuid::new_v4());
+    pg.create_role(name, &password, None).await.unwrap();
+    pg.create_database(name, Some(name)).await.unwrap();
+    let connector = Connector::new(pg.config(name, name, &password))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    migration::Migrator::up(&db, None).await.expect("migrate");
+    connector.shutdown().await;
+    password
+}
+
+async fn seaorm_round_trip(db: &sea_orm::DatabaseConnection, tag: &str) {
+    let email = format!("{tag}-{}@example.com", Uuid::now_v7());
+    customer::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        email: Set(email.clone()),
+        name: Set(tag.to_owned()),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+    .expect("SeaORM insert");
+    let found = customer::Entity::find()
+        .filter(customer::Column::Email.eq(email))
+        .count(db)
+        .await
+        .expect("SeaORM select");
+    assert_eq!(found, 1);
+}
+
+async fn diesel_round_trip(pool: &dal::DieselPool, tag: &str) {
+    let mut conn = pool.get().await.expect("Diesel connection");
+    let id = Uuid::now_v7();
+    let email = format!("{tag}-{id}@example.com");
+    diesel::insert_into(customers::table)
+        .values(NewCustomer {
+            id,
+            email: &email,
+            name: tag,
+        })
+        .execute(&mut *conn)
+        .await
+        .expect("Diesel insert");
+    diesel::insert_into(orders::table)
+        .values(NewOrder {
+            id: Uuid::now_v7(),
+            customer_id: id,
+            status: "pending",
+            total_cents: 100,
+        })
+        .execute(&mut *conn)
+        .await
+        .expect("Diesel insert order");
+    let (customer, total): (Customer, i64) = customers::table
+        .inner_join(orders::table)
+        .filter(customers::id.eq(id))
+        .select((Customer::as_select(), orders::total_cents))
+        .first(&mut *conn)
+        .await
+        .expect("Diesel join");
+    assert_eq!((customer.email, total), (email, 100));
+}
+
+#[tokio::test]
+async fn both_orms_query_the_sample_schema_through_one_config() {
+    let pg = tests::server().await;
+    let password = app_database(&pg, "shop").await;
+    let connector = Connector::new(pg.config("shop", "shop", &password))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+
+    seaorm_round_trip(&db, "seaorm").await;
+    diesel_round_trip(&diesel, "diesel").await;
+    let client = raw.get().await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM customers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    assert_eq!(
+        connector.cache().fetches(),
+        1,
+        "a static password is fetched once"
+    );
+    connector.shutdown().await;
+}
+
+/// A source that mints a token the way Lakebase and DSQL do: each fetch sets a new password
+/// that the server stops accepting after `ttl`.
+fn rotating_source(
+    pg: Arc<LocalPostgres>,
+    role: &'static str,
+    ttl: Duration,
+    minted: Arc<AtomicU64>,
+) -> Credentials {
+    Credentials::source(move || {
+        let pg = Arc::clone(&pg);
+        let minted = Arc::clone(&minted);
+        async move {
+            let token = format!("tok-{}", Uuid::new_v4());
+            let expires = SystemTime::now() + ttl;
+            pg.rotate_password(role, &token, Some(expires.into()))
+                .await?;
+            minted.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, dal::Error>(Token::new(token, Some(expires)))
+        }
+    })
+}
+
+async fn rotation_under_load(strategy: TokenStrategy) {
+    let pg = Arc::new(tests::server().await);
+    app_database(&pg, "rot").await;
+    let ttl = Duration::from_secs(3);
+    let minted = Arc::new(AtomicU64::new(0));
+    let config = pg
+        .config("rot", "rot", "unused")
+        .credentials(rotating_source(
+            Arc::clone(&pg),
+            "rot",
+            ttl,
+            Arc::clone(&minted),
+        ))
+        .strategy(strategy)
+        .cache(CacheSettings::default().retries(
+            3,
+            Duration::from_millis(50),
+            Duration::from_millis(500),
+        ))
+        // Short lifetimes, so that new physical connections open all through the run.
+        .pool(
+            PoolSettings::default()
+                .max_size(4)
+                .max_lifetime(Some(Duration::from_millis(1500)))
+                .idle_timeout(Some(Duration::from_secs(1))),
+        );
+    let connector = Connector::new(config).await.unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+
+    // A connection opened with the first token keeps working after that token expired.
+    let mut old = diesel
+        .inner()
+        .dedicated_connection()
+        .await
+        .expect("first connection");
+
+    let deadline = Instant::now() + ttl * 3 + Duration::from_secs(1);
+    let mut rounds = 0;
+    while Instant::now() < deadline {
+        let jitter = Duration::from_millis(fastrand_ms());
+        tokio::join!(
+            seaorm_round_trip(&db, "rot-seaorm"),
+            diesel_round_trip(&diesel, "rot-diesel"),
+        );
+        rounds += 1;
+        tokio::time::sleep(jitter).await;
+    }
+    let n: i64 = customers::table
+        .count()
+        .get_result(&mut old)
+        .await
+        .expect("old connection");
+    assert_eq!(n as usize, rounds * 2);
+    assert!(
+        AtomicU64::load(&minted, Ordering::Relaxed) >= 3,
+        "expected a new token per TTL, minted {}",
+        AtomicU64::load(&minted, Ordering::Relaxed)
+    );
+    assert!(
+        connector.connections_opened() >= 3,
+        "new physical connections should have opened, got {}",
+        connector.connections_opened()
+    );
+    connector.shutdown().await;
+}
+
+fn fastrand_ms() -> u64 {
+    (SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        % 40) as u64
+}
+
+#[tokio::test]
+async fn tokens_rotate_under_load_with_the_eager_strategy() {
+    rotation_under_load(TokenStrategy::Eager).await;
+}
+
+#[tokio::test]
+async fn tokens_rotate_under_load_with_the_lazy_strategy() {
+    rotation_under_load(TokenStrategy::Lazy).await;
+}
+
+#[derive(diesel::QueryableByName)]
+struct Setting {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    value: String,
+}
+
+#[tokio::test]
+async fn every_pooled_connection_carries_application_name_and_search_path() {
+    let pg = tests::server().await;
+    let password = app_database(&pg, "tele").await;
+    let admin = pg.admin("tele").await.unwrap();
+    admin
+        .batch_execute("CREATE SCHEMA app AUTHORIZATION tele")
+        .await
+        .unwrap();
+    let config = pg
+        .config("tele", "tele", &password)
+        .application_name("dal-tests/1.0")
+        .search_path("app, public")
+        .statement_timeout(Duration::from_secs(7));
+    let connector = Connector::new(config).await.unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+
+    use sea_orm::{ConnectionTrait, Statement};
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT current_setting('search_path') AS sp, current_setting('statement_timeout') AS st",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.try_get::<String>("", "sp").unwrap(), "app, public");
+    assert_eq!(row.try_get::<String>("", "st").unwrap(), "7s");
+
+    let mut conn = diesel.get().await.unwrap();
+    let sp: Setting = diesel::sql_query("SELECT current_setting('search_path') AS value")
+        .get_result(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(sp.value, "app, public");
+    let client = raw.get().await.unwrap();
+    let sp: String = client
+        .query_one("SHOW search_path", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sp, "app, public");
+
+    // The vendor's own check: pg_stat_activity shows the name for the connections of both pools.
+    let names: Vec<String> = admin
+        .query(
+            "SELECT application_name FROM pg_stat_activity WHERE usename = 'tele' ORDER BY application_name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(names.len() >= 3, "{names:?}");
+    assert!(names.iter().all(|n| n == "dal-tests/1.0"), "{names:?}");
+    connector.shutdown().await;
+}
+
+async fn connect_with(pg: &LocalPostgres, mode: SslMode, ca: bool, host: &str) -> dal::Result<()> {
+    let mut config = pg.superuser_config("postgres").ssl_mode(mode);
+    config.host = host.to_owned();
+    if !ca {
+        config.ssl_root_cert = None;
+    }
+    let connector = Connector::new(config).await?;
+    let (client, connection) = connector.connect().await?;
+    tokio::spawn(connection);
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(ssl, mode != SslMode::Disable);
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_modes_verify_what_they_promise() {
+    let pg = tests::server().await;
+    connect_with(&pg, SslMode::VerifyFull, true, "localhost")
+        .await
+        .expect("verify-full against the test CA");
+    connect_with(&pg, SslMode::VerifyFull, true, "127.0.0.1")
+        .await
+        .expect("verify-full by address");
+    connect_with(&pg, SslMode::Require, false, "localhost")
+        .await
+        .expect("require without a CA");
+    connect_with(&pg, SslMode::Disable, false, "localhost")
+        .await
+        .expect("disable");
+    let unknown_ca = connect_with(&pg, SslMode::VerifyFull, false, "localhost")
+        .await
+        .unwrap_err();
+    assert!(!unknown_ca.is_auth_failure(), "{unknown_ca:?}");
+    let chain = format!("{:?}", anyhow_chain(&unknown_ca));
+    assert!(
+        chain.contains("UnknownIssuer") || chain.contains("unknown issuer"),
+        "{chain}"
+    );
+}
+
+fn anyhow_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s} / {s:?}"));
+        source = s.source();
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_wrong_password_fails_fast_with_sqlstate_28p01() {
+    let pg = tests::server().await;
+    pg.create_role("bad", "right", None).await.unwrap();
+    let config = pg
+        .config("postgres", "bad", "wrong")
+        .pool(PoolSettings::default().acquire_timeout(Duration::from_secs(30)));
+    let connector = Connector::new(config).await.unwrap();
+
+    let started = Instant::now();
+    let err = connector.connect().await.err().expect("refused");
+    assert!(matches!(err, dal::Error::AuthFailed { .. }), "{err:?}");
+    assert_eq!(err.sqlstate(), Some("28P01"));
+
+    let diesel = connector.diesel_pool().await.unwrap();
+    let err = diesel.get().await.err().expect("refused");
+    assert!(err.is_auth_failure(), "{err:?}");
+    assert_eq!(err.sqlstate(), Some("28P01"));
+    let raw = connector.postgres_pool().await.unwrap();
+    let err = raw.get().await.expect_err("refused");
+    assert_eq!(err.sqlstate(), Some("28P01"), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let db = connector.seaorm().await.unwrap();
+    let err = customer::Entity::find().all(&db).await.unwrap_err();
+    assert!(
+        err.to_string().contains("28P01")
+            || err.to_string().contains("password authentication failed"),
+        "{err}"
+    );
+    // Each refusal invalidated the token and tried one fresh one: more than one fetch.
+    assert!(connector.cache().fetches() >= 2);
+}
