@@ -536,3 +536,218 @@ impl std::fmt::Display for ErrorChain<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credentials::BoxFuture;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Wall-clock time that follows tokio's (paused) clock.
+    struct TokioClock {
+        base: SystemTime,
+        start: tokio::time::Instant,
+    }
+
+    impl Clock for TokioClock {
+        fn now(&self) -> SystemTime {
+            self.base + self.start.elapsed()
+        }
+    }
+
+    /// Issues numbered tokens living `ttl`; fails while `failing` is set.
+    struct Counter {
+        clock: Arc<TokioClock>,
+        ttl: Duration,
+        calls: AtomicUsize,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    impl CredentialSource for Counter {
+        fn fetch(&self) -> BoxFuture<'_, Result<Token>> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let n = self.calls.fetch_add(1, Ordering::SeqCst);
+                if self.failing.load(Ordering::SeqCst) {
+                    return Err(Error::HttpTransport {
+                        endpoint: "/test".into(),
+                        what: "down".into(),
+                        source: None,
+                    });
+                }
+                Ok(Token::new(
+                    format!("t{n}"),
+                    Some(self.clock.now() + self.ttl),
+                ))
+            })
+        }
+    }
+
+    fn setup(strategy: TokenStrategy, ttl: Duration) -> (TokenCache, Arc<Counter>) {
+        let clock = Arc::new(TokioClock {
+            base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            start: tokio::time::Instant::now(),
+        });
+        let source = Arc::new(Counter {
+            clock: Arc::clone(&clock),
+            ttl,
+            calls: AtomicUsize::new(0),
+            failing: false.into(),
+        });
+        let settings = CacheSettings::default().jitter(0.0).retries(
+            2,
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        );
+        let cache = TokenCache::with_clock(source.clone(), strategy, settings, clock).unwrap();
+        (cache, source)
+    }
+
+    fn calls(source: &Counter) -> usize {
+        source.calls.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_first_callers_share_one_fetch() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(60));
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.token().await.unwrap().expose().to_owned() })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), "t0");
+        }
+        assert_eq!(calls(&source), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lazy_refreshes_on_use_ahead_of_expiry_and_not_while_idle() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        assert_eq!(cache.token().await.unwrap().expose(), "t0");
+        // Margin is a fifth of the life: the token is served for 80 s.
+        tokio::time::sleep(Duration::from_secs(79)).await;
+        assert_eq!(cache.token().await.unwrap().expose(), "t0");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(cache.token().await.unwrap().expose(), "t1");
+        // Idle for several lives: nothing fetched meanwhile.
+        tokio::time::sleep(Duration::from_secs(1000)).await;
+        assert_eq!(calls(&source), 2);
+        assert_eq!(cache.token().await.unwrap().expose(), "t2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eager_refreshes_in_the_background_and_stops_on_shutdown() {
+        let (cache, source) = setup(TokenStrategy::Eager, Duration::from_secs(100));
+        cache.start().await.unwrap();
+        assert_eq!(calls(&source), 1);
+        tokio::time::sleep(Duration::from_secs(81)).await;
+        assert_eq!(calls(&source), 2, "refreshed at 80 s without any caller");
+        assert_eq!(cache.current().unwrap().expose(), "t1");
+        cache.shutdown();
+        tokio::time::sleep(Duration::from_secs(1000)).await;
+        assert_eq!(calls(&source), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_refresher_ends_when_the_cache_is_dropped() {
+        let (cache, source) = setup(TokenStrategy::Eager, Duration::from_secs(100));
+        cache.start().await.unwrap();
+        drop(cache);
+        tokio::time::sleep(Duration::from_secs(1000)).await;
+        assert_eq!(calls(&source), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_keeps_the_valid_token_then_recovers() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        cache.token().await.unwrap();
+        source.failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(85)).await;
+        // Due for refresh; the source fails; the old token is still valid and served.
+        assert_eq!(cache.token().await.unwrap().expose(), "t0");
+        assert_eq!(cache.failures(), 1);
+        // Soon after, callers are not held up by another attempt.
+        let before = calls(&source);
+        assert_eq!(cache.token().await.unwrap().expose(), "t0");
+        assert_eq!(calls(&source), before);
+        // Past expiry with the source still down: a clear error.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let err = cache.token().await.unwrap_err();
+        assert!(matches!(err, Error::HttpTransport { .. }), "{err:?}");
+        // The source recovers: the next call fetches again.
+        source.failing.store(false, Ordering::SeqCst);
+        assert!(cache.token().await.unwrap().expose().starts_with('t'));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidate_forces_a_new_fetch_once() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        let t0 = cache.token().await.unwrap();
+        cache.invalidate(&t0);
+        let t1 = cache.token().await.unwrap();
+        assert_eq!(t1.expose(), "t1");
+        // Invalidating a token already replaced does nothing.
+        cache.invalidate(&t0);
+        assert_eq!(cache.token().await.unwrap().expose(), "t1");
+        assert_eq!(calls(&source), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn uncached_fetches_for_every_connection() {
+        let (cache, source) = setup(TokenStrategy::Uncached, Duration::from_secs(100));
+        for _ in 0..3 {
+            cache.token().await.unwrap();
+        }
+        assert_eq!(calls(&source), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn listeners_see_each_new_token_before_the_refresh_returns() {
+        let (cache, _source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        cache.on_refresh(move |t| log.lock().unwrap().push(t.expose().to_owned()));
+        let t = cache.token().await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![t.expose().to_owned()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_already_expired_token_is_rejected() {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let source = || async {
+            Ok::<_, std::io::Error>(Token::new(
+                "old",
+                Some(SystemTime::now() - Duration::from_secs(1)),
+            ))
+        };
+        let cache = TokenCache::with_clock(
+            Arc::new(source),
+            TokenStrategy::Lazy,
+            CacheSettings::default().retries(1, Duration::ZERO, Duration::ZERO),
+            clock,
+        )
+        .unwrap();
+        let err = cache.token().await.unwrap_err();
+        assert!(
+            ErrorChain(&err).to_string().contains("already expired"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_rejected() {
+        let source: Arc<dyn CredentialSource> =
+            Arc::new(crate::credentials::StaticPassword::new("x"));
+        for settings in [
+            CacheSettings::default().jitter(0.9),
+            CacheSettings::default().retries(0, Duration::ZERO, Duration::ZERO),
+            CacheSettings::default().retries(3, Duration::from_secs(2), Duration::from_secs(1)),
+        ] {
+            let err =
+                TokenCache::new(Arc::clone(&source), TokenStrategy::Lazy, settings).unwrap_err();
+            assert!(matches!(err, Error::Config { .. }), "{err:?}");
+        }
+    }
+}
