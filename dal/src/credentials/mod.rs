@@ -14,6 +14,11 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::{Error, Result};
 
+#[cfg(feature = "dsql")]
+mod dsql;
+#[cfg(feature = "dsql")]
+pub use dsql::Dsql;
+
 /// A boxed future, as returned by [`CredentialSource::fetch`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
