@@ -14,6 +14,9 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::{Error, Result};
 
+mod lakebase;
+pub use lakebase::{Lakebase, LakebaseTarget, WorkspaceAuth};
+
 /// A boxed future, as returned by [`CredentialSource::fetch`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
