@@ -18,6 +18,8 @@ use crate::{Error, Result};
 mod dsql;
 #[cfg(feature = "dsql")]
 pub use dsql::Dsql;
+mod lakebase;
+pub use lakebase::{Lakebase, LakebaseTarget, WorkspaceAuth};
 
 /// A boxed future, as returned by [`CredentialSource::fetch`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
