@@ -34,6 +34,11 @@ pub enum Target {
 pub enum Credentials {
     /// A fixed password (a PostgreSQL role's own, or Lakebase's native-role fallback).
     Password(SecretString),
+    /// Databricks Lakebase database credentials; the target becomes [`Target::Lakebase`].
+    Lakebase(Arc<crate::credentials::Lakebase>),
+    /// Aurora DSQL IAM tokens; the target becomes [`Target::Dsql`].
+    #[cfg(feature = "dsql")]
+    Dsql(Arc<crate::credentials::Dsql>),
     /// Any source, such as an async closure: `Credentials::source(|| async { ... })`.
     Source(Arc<dyn CredentialSource>),
 }
@@ -49,6 +54,9 @@ impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Credentials::Password(_) => f.write_str("Password(** redacted **)"),
+            Credentials::Lakebase(l) => f.debug_tuple("Lakebase").field(l).finish(),
+            #[cfg(feature = "dsql")]
+            Credentials::Dsql(d) => f.debug_tuple("Dsql").field(d).finish(),
             Credentials::Source(s) => write!(f, "Source({})", s.kind()),
         }
     }

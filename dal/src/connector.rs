@@ -93,8 +93,18 @@ impl Connector {
         if !(0.0..1.0).contains(&config.pool.lifetime_jitter) {
             return Err(Error::config("pool lifetime_jitter", "must be in 0..1"));
         }
+        let mut target = config.target;
         let source: Arc<dyn CredentialSource> = match config.credentials {
             Some(Credentials::Password(p)) => Arc::new(StaticPassword::new(p.expose_secret())),
+            Some(Credentials::Lakebase(l)) => {
+                target = Target::Lakebase;
+                l
+            }
+            #[cfg(feature = "dsql")]
+            Some(Credentials::Dsql(d)) => {
+                target = Target::Dsql;
+                d
+            }
             Some(Credentials::Source(s)) => s,
             None => {
                 return Err(Error::config(
@@ -105,18 +115,18 @@ impl Connector {
                 ));
             }
         };
-        let ssl_mode = config.ssl_mode.unwrap_or(match config.target {
+        let ssl_mode = config.ssl_mode.unwrap_or(match target {
             Target::Postgres => SslMode::Prefer,
             Target::Lakebase | Target::Dsql => SslMode::VerifyFull,
         });
         let tls = Tls::new(ssl_mode, config.ssl_root_cert.as_deref())?;
         let search_path = config.search_path.or_else(|| {
-            (config.target == Target::Dsql && config.user != "admin").then(|| config.user.clone())
+            (target == Target::Dsql && config.user != "admin").then(|| config.user.clone())
         });
         let cache = TokenCache::new(source, config.strategy, config.cache)?;
         Ok(Self {
             shared: Arc::new(Shared {
-                target: config.target,
+                target,
                 host: config.host,
                 port: config.port,
                 database: config.database,

@@ -15,6 +15,7 @@ mod cache;
 mod config;
 mod connector;
 pub mod credentials;
+mod env;
 mod error;
 #[cfg(feature = "local")]
 pub mod local;

@@ -1,0 +1,434 @@
+//! Reading a [`Config`] from the environment variables users already have: libpq's `PG*`,
+//! `DATABASE_URL`, Databricks unified auth (`DATABRICKS_*`, `~/.databrickscfg`) and the
+//! Aurora DSQL endpoint. Every error names the variable at fault.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Url;
+use secrecy::SecretString;
+
+use crate::config::{Config, Credentials, Target};
+use crate::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
+use crate::{Error, Result};
+
+impl Config {
+    /// Reads the configuration from the process environment; see `.env.example` for every
+    /// variable. Which credentials are used:
+    ///
+    /// - `DATABASE_URL`, or `PGHOST` with `PGPASSWORD`: a static password;
+    /// - `DATABRICKS_HOST` (or a `~/.databrickscfg` profile) with `LAKEBASE_ENDPOINT` or
+    ///   `LAKEBASE_INSTANCE`: Lakebase credentials;
+    /// - `DSQL_ENDPOINT`: Aurora DSQL IAM tokens (needs the `dsql` feature).
+    ///
+    /// Conflicting settings (say a static password and Lakebase credentials) are an error.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Like [`from_env`](Self::from_env), reading variables through `get`.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let env = Env(&get);
+        let lakebase = env.get("DATABRICKS_HOST").is_some()
+            || env.get("LAKEBASE_ENDPOINT").is_some()
+            || env.get("LAKEBASE_INSTANCE").is_some();
+        let dsql = env.get("DSQL_ENDPOINT").is_some();
+        let url = env.get("DATABASE_URL");
+        let conflict = |a: &str, b: &str| {
+            Error::config(
+                a,
+                format!("conflicts with {b}: set the variables of one kind of credentials only"),
+            )
+        };
+        if lakebase && dsql {
+            return Err(conflict("DSQL_ENDPOINT", "DATABRICKS_HOST/LAKEBASE_*"));
+        }
+        if let Some(url) = url {
+            if lakebase {
+                return Err(conflict("DATABASE_URL", "DATABRICKS_HOST/LAKEBASE_*"));
+            }
+            if dsql {
+                return Err(conflict("DATABASE_URL", "DSQL_ENDPOINT"));
+            }
+            return env.common(from_url(&url)?);
+        }
+        if (lakebase || dsql) && env.get("PGPASSWORD").is_some() {
+            let other = if dsql { "DSQL_ENDPOINT" } else { "DATABRICKS_HOST/LAKEBASE_*" };
+            return Err(conflict("PGPASSWORD", other));
+        }
+        let config = if lakebase {
+            env.lakebase()?
+        } else if dsql {
+            env.dsql()?
+        } else {
+            let host = env.require("PGHOST", "the database host, or set DATABASE_URL")?;
+            let user = env.require("PGUSER", "the database user, or set DATABASE_URL")?;
+            let password = env.require(
+                "PGPASSWORD",
+                "the password; or set DATABASE_URL, Lakebase (DATABRICKS_HOST and \
+                 LAKEBASE_ENDPOINT) or DSQL (DSQL_ENDPOINT) settings",
+            )?;
+            let mut config = Config::new(host, user).password(password);
+            if let Some(db) = env.get("PGDATABASE") {
+                config.database = db;
+            }
+            config
+        };
+        env.common(config)
+    }
+}
+
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|v| !v.trim().is_empty())
+    }
+
+    fn require(&self, name: &str, what: &str) -> Result<String> {
+        self.get(name)
+            .ok_or_else(|| Error::config(name, format!("is not set: {what}")))
+    }
+
+    fn parse<T: FromStr>(&self, name: &str, expected: &str) -> Result<Option<T>> {
+        self.get(name)
+            .map(|v| {
+                v.trim().parse::<T>().map_err(|_| {
+                    Error::config(name, format!("{v:?} is not {expected}"))
+                })
+            })
+            .transpose()
+    }
+
+    /// The settings that apply whatever the credentials: libpq's connection variables and
+    /// dal's own.
+    fn common(&self, mut config: Config) -> Result<Config> {
+        if let Some(host) = self.get("PGHOST") {
+            config.host = host;
+        }
+        if let Some(port) = self.parse::<u16>("PGPORT", "a port number (1-65535)")? {
+            config.port = port;
+        }
+        if let Some(user) = self.get("PGUSER") {
+            config.user = user;
+        }
+        if let Some(mode) = self.get("PGSSLMODE") {
+            config.ssl_mode = Some(
+                mode.parse()
+                    .map_err(|reason: String| Error::config("PGSSLMODE", reason))?,
+            );
+        }
+        if let Some(path) = self.get("PGSSLROOTCERT") {
+            config.ssl_root_cert = Some(PathBuf::from(path));
+        }
+        if let Some(name) = self.get("PGAPPNAME") {
+            config.application_name = name;
+        }
+        if let Some(path) = self.get("DAL_SEARCH_PATH") {
+            config.search_path = Some(path);
+        }
+        if let Some(ms) = self.parse::<u64>("DAL_STATEMENT_TIMEOUT_MS", "a number of milliseconds")? {
+            config.statement_timeout = Some(Duration::from_millis(ms));
+        }
+        if let Some(s) = self.get("DAL_TOKEN_STRATEGY") {
+            config.strategy = s
+                .parse()
+                .map_err(|reason: String| Error::config("DAL_TOKEN_STRATEGY", reason))?;
+        }
+        if let Some(n) = self.parse::<u32>("DAL_POOL_MAX_SIZE", "a whole number")? {
+            config.pool.max_size = n;
+        }
+        if let Some(n) = self.parse::<u32>("DAL_POOL_MIN_IDLE", "a whole number")? {
+            config.pool.min_idle = n;
+        }
+        if config.pool.max_size == 0 {
+            return Err(Error::config("DAL_POOL_MAX_SIZE", "must be at least 1"));
+        }
+        Ok(config)
+    }
+
+    fn lakebase(&self) -> Result<Config> {
+        let profile = self.databricks_profile()?;
+        let pick = |var: &str, key: &str| self.get(var).or_else(|| profile.get(key));
+        let host = pick("DATABRICKS_HOST", "host").ok_or_else(|| {
+            Error::config(
+                "DATABRICKS_HOST",
+                "is not set: the workspace URL, such as https://my-workspace.cloud.databricks.com",
+            )
+        })?;
+        let target = match (self.get("LAKEBASE_ENDPOINT"), self.get("LAKEBASE_INSTANCE")) {
+            (Some(_), Some(_)) => {
+                return Err(Error::config(
+                    "LAKEBASE_ENDPOINT",
+                    "conflicts with LAKEBASE_INSTANCE: set the Autoscaling endpoint path or the \
+                     Provisioned instance name, not both",
+                ));
+            }
+            (Some(endpoint), None) => LakebaseTarget::Autoscaling { endpoint },
+            (None, Some(instance)) => LakebaseTarget::Provisioned { instance },
+            (None, None) => {
+                return Err(Error::config(
+                    "LAKEBASE_ENDPOINT",
+                    "is not set: the Autoscaling endpoint path \
+                     (projects/<project>/branches/<branch>/endpoints/<endpoint>), or set \
+                     LAKEBASE_INSTANCE to a Provisioned instance name",
+                ));
+            }
+        };
+        let client_id = pick("DATABRICKS_CLIENT_ID", "client_id");
+        let client_secret = pick("DATABRICKS_CLIENT_SECRET", "client_secret");
+        let token = pick("DATABRICKS_TOKEN", "token");
+        let (auth, default_user) = match (client_id, client_secret, token) {
+            (Some(id), Some(secret), _) => (
+                WorkspaceAuth::ClientCredentials {
+                    client_id: id.clone(),
+                    client_secret: SecretString::from(secret),
+                    token_url: self.get("DATABRICKS_TOKEN_URL"),
+                },
+                Some(id),
+            ),
+            (Some(_), None, _) => {
+                return Err(Error::config(
+                    "DATABRICKS_CLIENT_SECRET",
+                    "is not set, but DATABRICKS_CLIENT_ID is: set both for a service principal",
+                ));
+            }
+            (None, Some(_), _) => {
+                return Err(Error::config(
+                    "DATABRICKS_CLIENT_ID",
+                    "is not set, but DATABRICKS_CLIENT_SECRET is: set both for a service principal",
+                ));
+            }
+            (None, None, Some(pat)) => (WorkspaceAuth::Pat(SecretString::from(pat)), None),
+            (None, None, None) => {
+                return Err(Error::config(
+                    "DATABRICKS_CLIENT_ID",
+                    "is not set: set DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (service \
+                     principal) or DATABRICKS_TOKEN, or name a ~/.databrickscfg profile with \
+                     DATABRICKS_CONFIG_PROFILE",
+                ));
+            }
+        };
+        let mut source = Lakebase::new(&host, auth, target).map_err(rename_lakebase_setting)?;
+        if let Some(id) = self.get("DATABRICKS_WORKSPACE_ID") {
+            source = source.with_workspace_id(id);
+        }
+        let db_host = self.require(
+            "PGHOST",
+            "the Lakebase database host, such as ep-....database.<region>.cloud.databricks.com",
+        )?;
+        let user = self.get("PGUSER").or(default_user).ok_or_else(|| {
+            Error::config(
+                "PGUSER",
+                "is not set: with DATABRICKS_TOKEN, set it to your Databricks user name (e-mail)",
+            )
+        })?;
+        let mut config = Config::new(db_host, user)
+            .database(self.get("PGDATABASE").unwrap_or_else(|| "databricks_postgres".into()))
+            .credentials(Credentials::Lakebase(Arc::new(source)));
+        config.target = Target::Lakebase;
+        Ok(config)
+    }
+
+    /// The `~/.databrickscfg` profile named by `DATABRICKS_CONFIG_PROFILE` (or `DEFAULT`),
+    /// when the file exists.
+    fn databricks_profile(&self) -> Result<Profile> {
+        let named = self.get("DATABRICKS_CONFIG_PROFILE");
+        let path = self
+            .get("DATABRICKS_CONFIG_FILE")
+            .map(PathBuf::from)
+            .or_else(|| self.get("HOME").map(|h| PathBuf::from(h).join(".databrickscfg")));
+        let text = match path.as_ref().map(std::fs::read_to_string) {
+            Some(Ok(text)) => text,
+            _ if named.is_some() => {
+                return Err(Error::config(
+                    "DATABRICKS_CONFIG_PROFILE",
+                    format!(
+                        "names a profile, but the config file {} cannot be read; set \
+                         DATABRICKS_CONFIG_FILE",
+                        path.map(|p| p.display().to_string()).unwrap_or_default()
+                    ),
+                ));
+            }
+            _ => return Ok(Profile::default()),
+        };
+        let section = named.clone().unwrap_or_else(|| "DEFAULT".into());
+        let profile = Profile::parse(&text, &section);
+        if named.is_some() && profile.0.is_empty() {
+            return Err(Error::config(
+                "DATABRICKS_CONFIG_PROFILE",
+                format!("there is no profile [{section}] in the config file"),
+            ));
+        }
+        Ok(profile)
+    }
+
+    #[cfg(feature = "dsql")]
+    fn dsql(&self) -> Result<Config> {
+        let endpoint = self.require("DSQL_ENDPOINT", "the cluster endpoint")?;
+        let user = self.get("PGUSER").unwrap_or_else(|| "admin".into());
+        let region = self
+            .get("DSQL_REGION")
+            .or_else(|| self.get("AWS_REGION"))
+            .or_else(|| self.get("AWS_DEFAULT_REGION"));
+        if region.is_none() && !endpoint.contains(".dsql.") {
+            return Err(Error::config(
+                "DSQL_ENDPOINT",
+                "has no region in it: use the full endpoint (<id>.dsql.<region>.on.aws) or set \
+                 AWS_REGION",
+            ));
+        }
+        let mut source = crate::credentials::Dsql::new(&endpoint, &user, region.as_deref())
+            .map_err(|e| rename(e, "DSQL", "DSQL_ENDPOINT"))?;
+        if let Some(secs) = self.parse::<u64>("DSQL_TOKEN_EXPIRES_IN", "a number of seconds")? {
+            source = source
+                .with_expires_in(Duration::from_secs(secs))
+                .map_err(|e| rename(e, "Dsql", "DSQL_TOKEN_EXPIRES_IN"))?;
+        }
+        let mut config = Config::new(source.host(), user)
+            .database(self.get("PGDATABASE").unwrap_or_else(|| "postgres".into()))
+            .credentials(Credentials::Dsql(Arc::new(source)));
+        config.target = Target::Dsql;
+        Ok(config)
+    }
+
+    #[cfg(not(feature = "dsql"))]
+    fn dsql(&self) -> Result<Config> {
+        Err(Error::config(
+            "DSQL_ENDPOINT",
+            "is set, but dal was built without its `dsql` feature; enable it in Cargo.toml",
+        ))
+    }
+}
+
+/// Names the environment variable instead of the builder setting in a Lakebase error.
+fn rename_lakebase_setting(e: Error) -> Error {
+    match e {
+        Error::Config { setting, reason } => {
+            let var = if setting.starts_with("Lakebase host") {
+                "DATABRICKS_HOST"
+            } else if setting.contains("Autoscaling") {
+                "LAKEBASE_ENDPOINT"
+            } else if setting.contains("Provisioned") {
+                "LAKEBASE_INSTANCE"
+            } else if setting.contains("token_url") {
+                "DATABRICKS_TOKEN_URL"
+            } else if setting.contains("client_id") {
+                "DATABRICKS_CLIENT_ID"
+            } else if setting.contains("client_secret") {
+                "DATABRICKS_CLIENT_SECRET"
+            } else if setting.contains("Pat") {
+                "DATABRICKS_TOKEN"
+            } else {
+                return Error::Config { setting, reason };
+            };
+            Error::Config {
+                setting: var.into(),
+                reason,
+            }
+        }
+        other => other,
+    }
+}
+
+#[cfg_attr(not(feature = "dsql"), allow(dead_code))]
+fn rename(e: Error, prefix: &str, var: &str) -> Error {
+    match e {
+        Error::Config { setting, reason } if setting.starts_with(prefix) => Error::Config {
+            setting: var.into(),
+            reason: format!("{reason} ({setting})"),
+        },
+        other => other,
+    }
+}
+
+/// One section of a `~/.databrickscfg` INI file.
+#[derive(Default)]
+struct Profile(Vec<(String, String)>);
+
+impl Profile {
+    fn parse(text: &str, section: &str) -> Self {
+        let mut current = String::new();
+        let mut keys = Vec::new();
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+                continue;
+            }
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                current = name.trim().to_owned();
+            } else if current == section
+                && let Some((k, v)) = line.split_once('=')
+            {
+                keys.push((k.trim().to_owned(), v.trim().to_owned()));
+            }
+        }
+        Self(keys)
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(k, v)| k == key && !v.is_empty())
+            .map(|(_, v)| v.clone())
+    }
+}
+
+/// A static-password configuration from a `postgres://` URL.
+fn from_url(url: &str) -> Result<Config> {
+    let bad = |reason: &str| {
+        Error::config(
+            "DATABASE_URL",
+            format!("{reason}; expected postgres://user:password@host:port/database"),
+        )
+    };
+    // The URL holds a password: errors never repeat it.
+    let parsed = Url::parse(url).map_err(|_| bad("is not a valid URL"))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(bad("must start with postgres:// or postgresql://"));
+    }
+    let host = parsed.host_str().filter(|h| !h.is_empty()).ok_or_else(|| bad("has no host"))?;
+    let decode = |s: &str| {
+        percent_decode(s).ok_or_else(|| bad("has a user or password that is not valid percent-encoded UTF-8"))
+    };
+    let user = decode(parsed.username())?;
+    if user.is_empty() {
+        return Err(bad("has no user name"));
+    }
+    let mut config = Config::new(host.trim_matches(['[', ']']), user);
+    if let Some(password) = parsed.password() {
+        config = config.password(decode(password)?);
+    } else {
+        return Err(bad("has no password (for token sources, use their own settings)"));
+    }
+    if let Some(port) = parsed.port() {
+        config.port = port;
+    }
+    let db = parsed.path().trim_start_matches('/');
+    if !db.is_empty() {
+        config.database = decode(db)?;
+    }
+    for (key, value) in parsed.query_pairs() {
+        match &*key {
+            "sslmode" => {
+                config.ssl_mode = Some(
+                    value
+                        .parse()
+                        .map_err(|reason: String| Error::config("DATABASE_URL sslmode", reason))?,
+                );
+            }
+            "sslrootcert" => config.ssl_root_cert = Some(PathBuf::from(&*value)),
+            "application_name" => config.application_name = value.into_owned(),
+            _ => {}
+        }
+    }
+    Ok(config)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
