@@ -14,7 +14,7 @@
 //! ```no_run
 //! # async fn demo() -> dal::Result<()> {
 //! let pg = dal::local::LocalPostgres::start().await?;
-//! pg.create_database("app").await?;
+//! pg.create_database("app", None).await?;
 //! pg.create_role("app_user", "first-token", Some(chrono::Utc::now() + chrono::Duration::minutes(15)))
 //!     .await?;
 //! # Ok(()) }
