@@ -1,4 +1,5 @@
-//! A PostgreSQL server the project starts itself, for tests, examples and development.
+//! A PostgreSQL server the project starts itself, for tests, examples and development, and a
+//! Lakebase-compatible credential service in front of it ([`LocalLakebase`]).
 //!
 //! [`LocalPostgres::start`] creates an *ephemeral* cluster in a temporary directory: fsync off,
 //! removed when the handle is dropped, or when the process that started it exits, whichever
@@ -22,6 +23,8 @@
 
 mod binaries;
 mod certs;
+mod lakebase;
 mod server;
 
+pub use lakebase::{LocalLakebase, LocalLakebaseConfig};
 pub use server::LocalPostgres;

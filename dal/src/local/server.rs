@@ -351,30 +351,15 @@ impl LocalPostgres {
 
     /// A connection as superuser to `database`, without TLS (for administration over loopback).
     pub async fn admin(&self, database: &str) -> Result<tokio_postgres::Client> {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(self.port)
-            .user(SUPERUSER)
-            .password(self.password.expose_secret())
-            .dbname(database)
-            .application_name("dal-local-admin");
-        let connect = config.connect(tokio_postgres::NoTls);
-        // The whole handshake is bounded, not only the TCP connect: a program squatting on
-        // the port could accept and never answer.
-        let (client, connection) = tokio::time::timeout(ADMIN_TIMEOUT, connect)
-            .await
-            .map_err(|_| {
-                Error::local(format!(
-                    "no answer from 127.0.0.1:{} within {}s",
-                    self.port,
-                    ADMIN_TIMEOUT.as_secs()
-                ))
-            })??;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+        self.admin_access().connect(database).await
+    }
+
+    /// What administrative work needs, detached from this handle's lifetime.
+    pub(crate) fn admin_access(&self) -> AdminAccess {
+        AdminAccess {
+            port: self.port,
+            password: self.password.clone(),
+        }
     }
 
     /// Connection options for sqlx (and so SeaORM) as superuser to `database`, over TLS
@@ -468,8 +453,9 @@ impl LocalPostgres {
         password: &str,
         valid_until: Option<DateTime<Utc>>,
     ) -> Result<()> {
-        let admin = self.admin("postgres").await?;
-        set_password(&admin, role, password, valid_until).await
+        self.admin_access()
+            .rotate_password(role, password, valid_until)
+            .await
     }
 
     /// Waits until the server accepts connections, or `exited` says it stopped.
@@ -501,6 +487,64 @@ impl LocalPostgres {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Superuser access to a running server, cheap to clone and free of the handle's lifetime,
+/// for services (such as the local Lakebase) that rotate passwords long after they started.
+#[derive(Clone)]
+pub(crate) struct AdminAccess {
+    port: u16,
+    password: SecretString,
+}
+
+impl std::fmt::Debug for AdminAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminAccess")
+            .field("port", &self.port)
+            .field("password", &"** redacted **")
+            .finish()
+    }
+}
+
+impl AdminAccess {
+    /// A connection as superuser to `database`, without TLS.
+    pub(crate) async fn connect(&self, database: &str) -> Result<tokio_postgres::Client> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(SUPERUSER)
+            .password(self.password.expose_secret())
+            .dbname(database)
+            .application_name("dal-local-admin");
+        let connect = config.connect(tokio_postgres::NoTls);
+        // The whole handshake is bounded, not only the TCP connect: a program squatting on
+        // the port could accept and never answer.
+        let (client, connection) = tokio::time::timeout(ADMIN_TIMEOUT, connect)
+            .await
+            .map_err(|_| {
+                Error::local(format!(
+                    "no answer from 127.0.0.1:{} within {}s",
+                    self.port,
+                    ADMIN_TIMEOUT.as_secs()
+                ))
+            })??;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// See [`LocalPostgres::rotate_password`].
+    pub(crate) async fn rotate_password(
+        &self,
+        role: &str,
+        password: &str,
+        valid_until: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        let admin = self.connect("postgres").await?;
+        set_password(&admin, role, password, valid_until).await
     }
 }
 

@@ -1,0 +1,660 @@
+//! The local Lakebase-compatible credential service: discovery, the OAuth token call, both
+//! database credential APIs, credentials that really log into PostgreSQL and expire there,
+//! and the knobs that make the service misbehave.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_postgres::error::SqlState;
+
+const AUTOSCALING: &str = "/api/2.0/postgres/credentials";
+const PROVISIONED: &str = "/api/2.0/database/credentials";
+
+async fn start(pg: &LocalPostgres, config: LocalLakebaseConfig) -> LocalLakebase {
+    LocalLakebase::start(pg, config)
+        .await
+        .expect("start the local Lakebase")
+}
+
+/// A plain-HTTP client; its TLS configuration names its crypto provider, as every rustls
+/// configuration of the project does, though 127.0.0.1 is reached without TLS.
+fn http() -> reqwest::Client {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build the HTTP client")
+}
+
+/// The token call as the Databricks SDKs make it.
+async fn token_call(
+    lb: &LocalLakebase,
+    id: &str,
+    secret: &str,
+    form: &[(&str, &str)],
+) -> reqwest::Response {
+    http()
+        .post(lb.token_url())
+        .basic_auth(id, Some(secret))
+        .form(form)
+        .send()
+        .await
+        .expect("send the token call")
+}
+
+async fn workspace_token(lb: &LocalLakebase) -> String {
+    let config = lb.config();
+    let response = token_call(
+        lb,
+        &config.client_id,
+        &config.client_secret,
+        &[("grant_type", "client_credentials"), ("scope", "all-apis")],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn credential_call(
+    lb: &LocalLakebase,
+    path: &str,
+    bearer: Option<&str>,
+    body: Value,
+) -> reqwest::Response {
+    let mut request = http().post(format!("{}{path}", lb.url())).json(&body);
+    if let Some(bearer) = bearer {
+        request = request.bearer_auth(bearer);
+    }
+    request.send().await.expect("send the credential call")
+}
+
+/// An Autoscaling credential for the configured endpoint: the token and its expiry.
+async fn database_token(lb: &LocalLakebase, bearer: &str) -> (String, DateTime<Utc>) {
+    let body = json!({ "endpoint": lb.config().endpoint });
+    let response = credential_call(lb, AUTOSCALING, Some(bearer), body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    let expiry = DateTime::parse_from_rfc3339(body["expire_time"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&Utc);
+    (body["token"].as_str().unwrap().to_owned(), expiry)
+}
+
+async fn json_of(response: reqwest::Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status);
+    response.json().await.expect("a JSON body")
+}
+
+async fn login(
+    pg: &LocalPostgres,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(pg.port())
+        .user(user)
+        .password(password)
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn assert_auth_failure(result: Result<tokio_postgres::Client, tokio_postgres::Error>) {
+    let err = result.expect_err("the login should have been refused");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
+}
+
+async fn port_is_free(port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn discovery_leads_to_the_token_endpoint() {
+    let pg = tests::server().await;
+    let lb = start(
+        &pg,
+        LocalLakebaseConfig::default().with_workspace_id("1234"),
+    )
+    .await;
+    assert!(lb.url().starts_with("http://127.0.0.1:"), "{}", lb.url());
+
+    let config: Value = json_of(
+        http()
+            .get(format!("{}/.well-known/databricks-config", lb.url()))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(config["oidc_endpoint"], format!("{}/oidc", lb.url()));
+    assert_eq!(config["workspace_id"], "1234");
+    assert_eq!(config["account_id"], lb.account_id());
+    assert_eq!(config["cloud"], "local");
+
+    let discovery_url = format!(
+        "{}/.well-known/oauth-authorization-server",
+        config["oidc_endpoint"].as_str().unwrap()
+    );
+    assert_eq!(
+        discovery_url,
+        format!("{}/oidc/.well-known/oauth-authorization-server", lb.url())
+    );
+    let discovery: Value = json_of(
+        http().get(&discovery_url).send().await.unwrap(),
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(discovery["issuer"], format!("{}/oidc", lb.url()));
+    assert_eq!(discovery["token_endpoint"], lb.token_url());
+    assert_eq!(lb.token_url(), format!("{}/oidc/v1/token", lb.url()));
+}
+
+#[tokio::test]
+async fn the_token_call_checks_the_client_credentials() {
+    let pg = tests::server().await;
+    let lb = start(&pg, LocalLakebaseConfig::default()).await;
+    let (id, secret) = (
+        lb.config().client_id.clone(),
+        lb.config().client_secret.clone(),
+    );
+    let grant = [("grant_type", "client_credentials"), ("scope", "all-apis")];
+
+    let ok = json_of(token_call(&lb, &id, &secret, &grant).await, StatusCode::OK).await;
+    assert!(ok["access_token"].as_str().unwrap().len() >= 32, "{ok}");
+    assert_eq!(ok["token_type"], "Bearer");
+    assert_eq!(ok["expires_in"], 3600);
+    assert_eq!(ok["scope"], "all-apis");
+    // The scope may be left out.
+    let ok = token_call(&lb, &id, &secret, &[("grant_type", "client_credentials")]).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+
+    let wrong = json_of(
+        token_call(&lb, &id, "not-the-secret", &grant).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(wrong["error"], "invalid_client");
+    assert!(wrong["error_description"].is_string(), "{wrong}");
+    assert!(!wrong.to_string().contains("not-the-secret"), "{wrong}");
+    let wrong_id = token_call(&lb, "someone-else", &secret, &grant).await;
+    assert_eq!(wrong_id.status(), StatusCode::UNAUTHORIZED);
+
+    // The id and secret in the body instead of HTTP Basic are not client authentication.
+    let no_basic = http()
+        .post(lb.token_url())
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", id.as_str()),
+            ("client_secret", secret.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let no_basic = json_of(no_basic, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(no_basic["error"], "invalid_client");
+
+    let bad_grant = json_of(
+        token_call(&lb, &id, &secret, &[("grant_type", "password")]).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert_eq!(bad_grant["error"], "unsupported_grant_type");
+    assert!(bad_grant["error_description"].is_string());
+
+    let bad_scope = token_call(
+        &lb,
+        &id,
+        &secret,
+        &[("grant_type", "client_credentials"), ("scope", "sql")],
+    )
+    .await;
+    assert_eq!(
+        json_of(bad_scope, StatusCode::BAD_REQUEST).await["error"],
+        "invalid_scope"
+    );
+
+    assert_eq!(lb.oauth_requests(), 2, "only successful calls count");
+}
+
+#[tokio::test]
+async fn both_credential_apis_answer_with_their_own_field_names() {
+    let pg = tests::server().await;
+    let lb = start(&pg, LocalLakebaseConfig::default()).await;
+    let bearer = workspace_token(&lb).await;
+
+    let before = Utc::now();
+    let autoscaling = json_of(
+        credential_call(
+            &lb,
+            AUTOSCALING,
+            Some(&bearer),
+            json!({ "endpoint": lb.config().endpoint }),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert!(autoscaling["token"].is_string(), "{autoscaling}");
+    assert!(
+        autoscaling.get("expiration_time").is_none(),
+        "{autoscaling}"
+    );
+    let expire_time = autoscaling["expire_time"].as_str().unwrap();
+    assert!(expire_time.ends_with('Z'), "{expire_time}");
+    let expiry = DateTime::parse_from_rfc3339(expire_time).unwrap();
+    let lifetime = expiry.with_timezone(&Utc) - before;
+    assert!(
+        (59..=61).contains(&lifetime.num_seconds()),
+        "expires after {lifetime}, not the default 60 s"
+    );
+
+    let provisioned = json_of(
+        credential_call(
+            &lb,
+            PROVISIONED,
+            Some(&bearer),
+            json!({
+                "instance_names": [lb.config().instance],
+                "request_id": uuid::Uuid::new_v4().to_string(),
+            }),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert!(provisioned["token"].is_string(), "{provisioned}");
+    assert!(provisioned.get("expire_time").is_none(), "{provisioned}");
+    DateTime::parse_from_rfc3339(provisioned["expiration_time"].as_str().unwrap()).unwrap();
+    assert_ne!(provisioned["token"], autoscaling["token"]);
+
+    assert_eq!(lb.oauth_requests(), 1);
+    assert_eq!(lb.credential_requests(), 2);
+}
+
+#[tokio::test]
+async fn a_minted_token_logs_in_and_ends_the_previous_one() {
+    let pg = tests::server().await;
+    let lb = start(&pg, LocalLakebaseConfig::default()).await;
+    // The role did not exist: the service created it, named after the client id as Lakebase
+    // names a service principal's role.
+    let role = lb.config().role.clone();
+    assert_eq!(role, lb.config().client_id);
+    let bearer = workspace_token(&lb).await;
+
+    let (first, _) = database_token(&lb, &bearer).await;
+    let session = login(&pg, &role, &first)
+        .await
+        .expect("log in with the token");
+    let user: String = session
+        .query_one("SELECT current_user", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, role);
+
+    let (second, _) = database_token(&lb, &bearer).await;
+    assert_auth_failure(login(&pg, &role, &first).await);
+    login(&pg, &role, &second)
+        .await
+        .expect("log in with the new token");
+    assert_auth_failure(login(&pg, &role, "a-guess").await);
+}
+
+#[tokio::test]
+async fn a_credential_expires_but_open_sessions_go_on() {
+    let pg = tests::server().await;
+    let lb = start(&pg, LocalLakebaseConfig::default()).await;
+    lb.set_token_ttl(Duration::from_secs(2));
+    assert_eq!(lb.token_ttl(), Duration::from_secs(2));
+    let bearer = workspace_token(&lb).await;
+    let role = lb.config().role.clone();
+
+    let (token, expiry) = database_token(&lb, &bearer).await;
+    let lifetime = expiry - Utc::now();
+    assert!(lifetime <= chrono::Duration::seconds(2), "{lifetime}");
+    let session = login(&pg, &role, &token)
+        .await
+        .expect("log in before expiry");
+
+    let wait = (expiry - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(500);
+    tokio::time::sleep(wait).await;
+    assert_auth_failure(login(&pg, &role, &token).await);
+    // PostgreSQL checks the password only at login, as Lakebase does.
+    let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test]
+async fn credential_calls_need_a_valid_bearer_token() {
+    let pg = tests::server().await;
+    let config = LocalLakebaseConfig::default()
+        .with_oauth_ttl(Duration::from_secs(1))
+        .with_pat("dapi-local-pat");
+    let lb = start(&pg, config).await;
+    let body = || json!({ "endpoint": lb.config().endpoint });
+
+    let unauthenticated = |v: &Value| {
+        assert_eq!(v["error_code"], "UNAUTHENTICATED", "{v}");
+        assert!(v["message"].is_string(), "{v}");
+    };
+    let missing = credential_call(&lb, AUTOSCALING, None, body()).await;
+    unauthenticated(&json_of(missing, StatusCode::UNAUTHORIZED).await);
+    let invalid = credential_call(&lb, AUTOSCALING, Some("made-up"), body()).await;
+    let invalid = json_of(invalid, StatusCode::UNAUTHORIZED).await;
+    unauthenticated(&invalid);
+    assert!(!invalid.to_string().contains("made-up"), "{invalid}");
+    let basic = http()
+        .post(format!("{}{AUTOSCALING}", lb.url()))
+        .basic_auth(&lb.config().client_id, Some(&lb.config().client_secret))
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    unauthenticated(&json_of(basic, StatusCode::UNAUTHORIZED).await);
+    let provisioned = credential_call(
+        &lb,
+        PROVISIONED,
+        Some("made-up"),
+        json!({ "instance_names": [lb.config().instance] }),
+    )
+    .await;
+    unauthenticated(&json_of(provisioned, StatusCode::UNAUTHORIZED).await);
+
+    // The workspace token works until its expiry, one second here.
+    let bearer = workspace_token(&lb).await;
+    let ok = credential_call(&lb, AUTOSCALING, Some(&bearer), body()).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let expired = credential_call(&lb, AUTOSCALING, Some(&bearer), body()).await;
+    unauthenticated(&json_of(expired, StatusCode::UNAUTHORIZED).await);
+
+    // A personal access token calls the API directly.
+    let pat = credential_call(&lb, AUTOSCALING, Some("dapi-local-pat"), body()).await;
+    assert_eq!(pat.status(), StatusCode::OK);
+    assert_eq!(lb.credential_requests(), 2);
+}
+
+#[tokio::test]
+async fn unknown_endpoints_instances_and_paths_are_not_found() {
+    let pg = tests::server().await;
+    let lb = start(&pg, LocalLakebaseConfig::default()).await;
+    let bearer = workspace_token(&lb).await;
+
+    let other = "projects/other/branches/production/endpoints/primary";
+    let response = credential_call(
+        &lb,
+        AUTOSCALING,
+        Some(&bearer),
+        json!({ "endpoint": other }),
+    )
+    .await;
+    let body = json_of(response, StatusCode::NOT_FOUND).await;
+    assert_eq!(body["error_code"], "NOT_FOUND");
+    assert!(body["message"].as_str().unwrap().contains(other), "{body}");
+
+    let malformed = credential_call(
+        &lb,
+        AUTOSCALING,
+        Some(&bearer),
+        json!({ "endpoint": "primary" }),
+    )
+    .await;
+    let malformed = json_of(malformed, StatusCode::BAD_REQUEST).await;
+    assert_eq!(malformed["error_code"], "INVALID_PARAMETER_VALUE");
+
+    let response = credential_call(
+        &lb,
+        PROVISIONED,
+        Some(&bearer),
+        json!({ "instance_names": ["elsewhere"], "request_id": uuid::Uuid::new_v4().to_string() }),
+    )
+    .await;
+    assert_eq!(
+        json_of(response, StatusCode::NOT_FOUND).await["error_code"],
+        "NOT_FOUND"
+    );
+
+    let path = http()
+        .get(format!("{}/api/2.0/nothing-here", lb.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        json_of(path, StatusCode::NOT_FOUND).await["error_code"],
+        "ENDPOINT_NOT_FOUND"
+    );
+    assert_eq!(lb.credential_requests(), 0);
+}
+
+#[tokio::test]
+async fn fail_next_fails_exactly_that_many_requests() {
+    let pg = tests::server().await;
+    let lb = start(&pg, LocalLakebaseConfig::default()).await;
+    let bearer = workspace_token(&lb).await;
+    let body = || json!({ "endpoint": lb.config().endpoint });
+
+    lb.fail_next(2, 503);
+    // Each in the shape its path answers errors with.
+    let first = credential_call(&lb, AUTOSCALING, Some(&bearer), body()).await;
+    assert_eq!(first.headers()["retry-after"], "1");
+    let first = json_of(first, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(first["error_code"], "TEMPORARILY_UNAVAILABLE");
+    assert!(first["message"].is_string());
+    let config = lb.config();
+    let second = token_call(
+        &lb,
+        &config.client_id,
+        &config.client_secret,
+        &[("grant_type", "client_credentials")],
+    )
+    .await;
+    let second = json_of(second, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(second["error"], "temporarily_unavailable");
+    assert!(second["error_description"].is_string());
+
+    let third = credential_call(&lb, AUTOSCALING, Some(&bearer), body()).await;
+    assert_eq!(third.status(), StatusCode::OK);
+    assert_eq!(lb.oauth_requests(), 1);
+    assert_eq!(lb.credential_requests(), 1);
+
+    lb.fail_next(1, 429);
+    let limited = credential_call(&lb, AUTOSCALING, Some(&bearer), body()).await;
+    assert_eq!(
+        json_of(limited, StatusCode::TOO_MANY_REQUESTS).await["error_code"],
+        "REQUEST_LIMIT_EXCEEDED"
+    );
+    lb.fail_next(5, 500);
+    lb.fail_next(0, 500);
+    let ok = credential_call(&lb, AUTOSCALING, Some(&bearer), body()).await;
+    assert_eq!(ok.status(), StatusCode::OK, "fail_next(0, _) cancels");
+}
+
+#[tokio::test]
+async fn latency_delays_every_response() {
+    let pg = tests::server().await;
+    let lb = start(&pg, LocalLakebaseConfig::default()).await;
+    let url = format!("{}/.well-known/databricks-config", lb.url());
+    let client = http();
+
+    lb.set_latency(Duration::from_millis(400));
+    let started = Instant::now();
+    assert_eq!(
+        client.get(&url).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    // Failures too.
+    lb.fail_next(1, 500);
+    let started = Instant::now();
+    let failed = client.get(&url).send().await.unwrap();
+    assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+
+    lb.set_latency(Duration::ZERO);
+    let started = Instant::now();
+    assert_eq!(
+        client.get(&url).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_service_that_is_down_answers_503_until_it_is_back() {
+    let pg = tests::server().await;
+    let lb = start(&pg, LocalLakebaseConfig::default()).await;
+    let bearer = workspace_token(&lb).await;
+    let body = json!({ "endpoint": lb.config().endpoint });
+
+    lb.set_down(true);
+    for _ in 0..3 {
+        let response = credential_call(&lb, AUTOSCALING, Some(&bearer), body.clone()).await;
+        assert_eq!(
+            json_of(response, StatusCode::SERVICE_UNAVAILABLE).await["error_code"],
+            "TEMPORARILY_UNAVAILABLE"
+        );
+    }
+    let discovery = http()
+        .get(format!(
+            "{}/oidc/.well-known/oauth-authorization-server",
+            lb.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(discovery.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(lb.credential_requests(), 0);
+
+    lb.set_down(false);
+    let response = credential_call(&lb, AUTOSCALING, Some(&bearer), body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(lb.credential_requests(), 1);
+}
+
+#[tokio::test]
+async fn an_existing_role_keeps_its_password_until_the_first_credential() {
+    let pg = tests::server().await;
+    pg.create_role("app", "static-password", None)
+        .await
+        .unwrap();
+    let lb = start(&pg, LocalLakebaseConfig::default().with_role("app")).await;
+    login(&pg, "app", "static-password")
+        .await
+        .expect("the existing password still works");
+
+    let bearer = workspace_token(&lb).await;
+    let (token, _) = database_token(&lb, &bearer).await;
+    assert_auth_failure(login(&pg, "app", "static-password").await);
+    login(&pg, "app", &token)
+        .await
+        .expect("log in with the token");
+}
+
+#[tokio::test]
+async fn debug_output_holds_no_secret() {
+    let pg = tests::server().await;
+    let lb = start(
+        &pg,
+        LocalLakebaseConfig::default().with_pat("dapi-local-pat"),
+    )
+    .await;
+    let debug = format!("{lb:?}");
+    assert!(debug.contains(&lb.url()), "{debug}");
+    assert!(!debug.contains(&lb.config().client_secret), "{debug}");
+    assert!(!debug.contains("dapi-local-pat"), "{debug}");
+}
+
+#[tokio::test]
+async fn invalid_settings_are_refused_at_start() {
+    let pg = tests::server().await;
+    let err = LocalLakebase::start(
+        &pg,
+        LocalLakebaseConfig::default().with_endpoint("endpoints/primary"),
+    )
+    .await
+    .expect_err("a malformed endpoint path");
+    assert!(
+        err.to_string().contains("LocalLakebaseConfig::endpoint"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_and_drop_free_the_port() {
+    let pg = tests::server().await;
+    let lb = start(&pg, LocalLakebaseConfig::default()).await;
+    // A kept-alive connection must not hold the service open.
+    let client = http();
+    let url = format!("{}/.well-known/databricks-config", lb.url());
+    assert_eq!(
+        client.get(&url).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    let port = lb.addr().port();
+    tokio::time::timeout(Duration::from_secs(5), lb.shutdown())
+        .await
+        .expect("shutdown returns promptly");
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "still listening on {port} after shutdown"
+    );
+    assert!(client.get(&url).send().await.is_err());
+
+    // A request waiting out its latency does not hold a dropped service open.
+    let lb = start(&pg, LocalLakebaseConfig::default()).await;
+    lb.set_latency(Duration::from_secs(3600));
+    let port = lb.addr().port();
+    let url = format!("{}/.well-known/databricks-config", lb.url());
+    let pending = tokio::spawn(async move { http().get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(lb);
+    assert!(
+        port_is_free(port).await,
+        "still listening on {port} after drop"
+    );
+    let answered = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("the pending request ends")
+        .unwrap();
+    if let Ok(response) = answered {
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}
