@@ -55,7 +55,11 @@ impl Config {
             return env.common(from_url(&url)?);
         }
         if (lakebase || dsql) && env.get("PGPASSWORD").is_some() {
-            let other = if dsql { "DSQL_ENDPOINT" } else { "DATABRICKS_HOST/LAKEBASE_*" };
+            let other = if dsql {
+                "DSQL_ENDPOINT"
+            } else {
+                "DATABRICKS_HOST/LAKEBASE_*"
+            };
             return Err(conflict("PGPASSWORD", other));
         }
         let config = if lakebase {
@@ -95,9 +99,9 @@ impl Env<'_> {
     fn parse<T: FromStr>(&self, name: &str, expected: &str) -> Result<Option<T>> {
         self.get(name)
             .map(|v| {
-                v.trim().parse::<T>().map_err(|_| {
-                    Error::config(name, format!("{v:?} is not {expected}"))
-                })
+                v.trim()
+                    .parse::<T>()
+                    .map_err(|_| Error::config(name, format!("{v:?} is not {expected}")))
             })
             .transpose()
     }
@@ -129,7 +133,9 @@ impl Env<'_> {
         if let Some(path) = self.get("DAL_SEARCH_PATH") {
             config.search_path = Some(path);
         }
-        if let Some(ms) = self.parse::<u64>("DAL_STATEMENT_TIMEOUT_MS", "a number of milliseconds")? {
+        if let Some(ms) =
+            self.parse::<u64>("DAL_STATEMENT_TIMEOUT_MS", "a number of milliseconds")?
+        {
             config.statement_timeout = Some(Duration::from_millis(ms));
         }
         if let Some(s) = self.get("DAL_TOKEN_STRATEGY") {
@@ -226,7 +232,10 @@ impl Env<'_> {
             )
         })?;
         let mut config = Config::new(db_host, user)
-            .database(self.get("PGDATABASE").unwrap_or_else(|| "databricks_postgres".into()))
+            .database(
+                self.get("PGDATABASE")
+                    .unwrap_or_else(|| "databricks_postgres".into()),
+            )
             .credentials(Credentials::Lakebase(Arc::new(source)));
         config.target = Target::Lakebase;
         Ok(config)
@@ -239,7 +248,10 @@ impl Env<'_> {
         let path = self
             .get("DATABRICKS_CONFIG_FILE")
             .map(PathBuf::from)
-            .or_else(|| self.get("HOME").map(|h| PathBuf::from(h).join(".databrickscfg")));
+            .or_else(|| {
+                self.get("HOME")
+                    .map(|h| PathBuf::from(h).join(".databrickscfg"))
+            });
         let text = match path.as_ref().map(std::fs::read_to_string) {
             Some(Ok(text)) => text,
             _ if named.is_some() => {
@@ -388,9 +400,13 @@ fn from_url(url: &str) -> Result<Config> {
     if !matches!(parsed.scheme(), "postgres" | "postgresql") {
         return Err(bad("must start with postgres:// or postgresql://"));
     }
-    let host = parsed.host_str().filter(|h| !h.is_empty()).ok_or_else(|| bad("has no host"))?;
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| bad("has no host"))?;
     let decode = |s: &str| {
-        percent_decode(s).ok_or_else(|| bad("has a user or password that is not valid percent-encoded UTF-8"))
+        percent_decode(s)
+            .ok_or_else(|| bad("has a user or password that is not valid percent-encoded UTF-8"))
     };
     let user = decode(parsed.username())?;
     if user.is_empty() {
@@ -400,7 +416,9 @@ fn from_url(url: &str) -> Result<Config> {
     if let Some(password) = parsed.password() {
         config = config.password(decode(password)?);
     } else {
-        return Err(bad("has no password (for token sources, use their own settings)"));
+        return Err(bad(
+            "has no password (for token sources, use their own settings)",
+        ));
     }
     if let Some(port) = parsed.port() {
         config.port = port;

@@ -10,10 +10,20 @@
     unreachable_pub
 )]
 
+use std::time::{Duration, Instant};
+
+use dal::diesel::{ExpressionMethods, QueryDsl, SelectableHelper};
+use dal::diesel_async::RunQueryDsl;
 use dal::local::LocalPostgres;
+use dal::models::{Customer, NewCustomer, NewOrder};
+use dal::schema::{customers, orders};
+use dal::{CacheSettings, Config, Connector, PoolSettings};
 use diesel_async::AsyncPgConnection;
+use entity::customer;
 use migration::MigratorTrait;
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, Set};
 use sea_orm::{DatabaseConnection, SqlxPostgresConnector};
+use uuid::Uuid;
 
 /// Starts an ephemeral PostgreSQL server, or fails the test with the reason.
 pub async fn server() -> LocalPostgres {
@@ -61,4 +71,124 @@ pub async fn migrated(pg: &LocalPostgres, database: &str) -> DatabaseConnection 
         .await
         .expect("migrate up");
     db
+}
+
+/// A database `name` owned by the login role `name`, migrated; returns the role's password.
+pub async fn app_database(pg: &LocalPostgres, name: &str) -> String {
+    let password = format!("pw-{}", Uuid::new_v4());
+    pg.create_role(name, &password, None).await.unwrap();
+    pg.create_database(name, Some(name)).await.unwrap();
+    let connector = Connector::new(pg.config(name, name, &password))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    migration::Migrator::up(&db, None).await.expect("migrate");
+    connector.shutdown().await;
+    password
+}
+
+/// Inserts a customer with SeaORM and reads it back.
+pub async fn seaorm_round_trip(db: &sea_orm::DatabaseConnection, tag: &str) {
+    let email = format!("{tag}-{}@example.com", Uuid::now_v7());
+    customer::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        email: Set(email.clone()),
+        name: Set(tag.to_owned()),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+    .expect("SeaORM insert");
+    let found = customer::Entity::find()
+        .filter(customer::Column::Email.eq(email))
+        .count(db)
+        .await
+        .expect("SeaORM select");
+    assert_eq!(found, 1);
+}
+
+/// Inserts a customer and an order with Diesel and reads them back with a join.
+pub async fn diesel_round_trip(pool: &dal::DieselPool, tag: &str) {
+    let mut conn = pool.get().await.expect("Diesel connection");
+    let id = Uuid::now_v7();
+    let email = format!("{tag}-{id}@example.com");
+    diesel::insert_into(customers::table)
+        .values(NewCustomer {
+            id,
+            email: &email,
+            name: tag,
+        })
+        .execute(&mut *conn)
+        .await
+        .expect("Diesel insert");
+    diesel::insert_into(orders::table)
+        .values(NewOrder {
+            id: Uuid::now_v7(),
+            customer_id: id,
+            status: "pending",
+            total_cents: 100,
+        })
+        .execute(&mut *conn)
+        .await
+        .expect("Diesel insert order");
+    let (customer, total): (Customer, i64) = customers::table
+        .inner_join(orders::table)
+        .filter(customers::id.eq(id))
+        .select((Customer::as_select(), orders::total_cents))
+        .first(&mut *conn)
+        .await
+        .expect("Diesel join");
+    assert_eq!((customer.email, total), (email, 100));
+}
+
+/// Runs both ORMs against `config`'s database for three token lives and a second, with
+/// short connection lifetimes so that new physical connections open all through the run.
+/// Fails on any failed query; checks that a connection opened with the first token still
+/// works at the end, and that new connections were opened.
+pub async fn rotation_workload(config: Config, ttl: Duration) {
+    let config = config
+        .cache(CacheSettings::default().retries(
+            3,
+            Duration::from_millis(50),
+            Duration::from_millis(500),
+        ))
+        .pool(
+            PoolSettings::default()
+                .max_size(4)
+                .max_lifetime(Some(Duration::from_millis(1500)))
+                .idle_timeout(Some(Duration::from_secs(1))),
+        );
+    let connector = Connector::new(config).await.expect("connector");
+    let db = connector.seaorm().await.expect("SeaORM pool");
+    let diesel = connector.diesel_pool().await.expect("Diesel pool");
+
+    // A connection opened with the first token keeps working after that token expired.
+    let mut old = diesel
+        .inner()
+        .dedicated_connection()
+        .await
+        .expect("first connection");
+
+    let deadline = Instant::now() + ttl * 3 + Duration::from_secs(1);
+    let mut rounds = 0;
+    while Instant::now() < deadline {
+        tokio::join!(
+            seaorm_round_trip(&db, "rot-seaorm"),
+            diesel_round_trip(&diesel, "rot-diesel"),
+        );
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..40))).await;
+    }
+    let n: i64 = customers::table
+        .count()
+        .get_result(&mut old)
+        .await
+        .expect("the first connection still works");
+    assert_eq!(n as usize, rounds * 2);
+    assert!(
+        connector.connections_opened() >= 3,
+        "new physical connections should have opened, got {}",
+        connector.connections_opened()
+    );
+    connector.shutdown().await;
 }

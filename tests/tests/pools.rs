@@ -6,87 +6,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use dal::credentials::Token;
-use dal::diesel::{ExpressionMethods, QueryDsl, SelectableHelper};
 use dal::diesel_async::RunQueryDsl;
 use dal::local::LocalPostgres;
-use dal::models::{Customer, NewCustomer, NewOrder};
-use dal::schema::{customers, orders};
-use dal::{CacheSettings, Connector, Credentials, PoolSettings, SslMode, TokenStrategy};
+use dal::{Connector, Credentials, PoolSettings, SslMode, TokenStrategy};
 use entity::customer;
-use migration::MigratorTrait;
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, Set};
+use sea_orm::EntityTrait;
 use uuid::Uuid;
-
-/// A database `name` owned by the login role `name`, migrated; returns the role's password.
-async fn app_database(pg: &LocalPostgres, name: &str) -> String {
-    let password = format!("pw-{}", Uuid::new_v4());
-    pg.create_role(name, &password, None).await.unwrap();
-    pg.create_database(name, Some(name)).await.unwrap();
-    let connector = Connector::new(pg.config(name, name, &password))
-        .await
-        .unwrap();
-    let db = connector.seaorm().await.unwrap();
-    migration::Migrator::up(&db, None).await.expect("migrate");
-    connector.shutdown().await;
-    password
-}
-
-async fn seaorm_round_trip(db: &sea_orm::DatabaseConnection, tag: &str) {
-    let email = format!("{tag}-{}@example.com", Uuid::now_v7());
-    customer::ActiveModel {
-        id: Set(Uuid::now_v7()),
-        email: Set(email.clone()),
-        name: Set(tag.to_owned()),
-        ..Default::default()
-    }
-    .insert(db)
-    .await
-    .expect("SeaORM insert");
-    let found = customer::Entity::find()
-        .filter(customer::Column::Email.eq(email))
-        .count(db)
-        .await
-        .expect("SeaORM select");
-    assert_eq!(found, 1);
-}
-
-async fn diesel_round_trip(pool: &dal::DieselPool, tag: &str) {
-    let mut conn = pool.get().await.expect("Diesel connection");
-    let id = Uuid::now_v7();
-    let email = format!("{tag}-{id}@example.com");
-    diesel::insert_into(customers::table)
-        .values(NewCustomer {
-            id,
-            email: &email,
-            name: tag,
-        })
-        .execute(&mut *conn)
-        .await
-        .expect("Diesel insert");
-    diesel::insert_into(orders::table)
-        .values(NewOrder {
-            id: Uuid::now_v7(),
-            customer_id: id,
-            status: "pending",
-            total_cents: 100,
-        })
-        .execute(&mut *conn)
-        .await
-        .expect("Diesel insert order");
-    let (customer, total): (Customer, i64) = customers::table
-        .inner_join(orders::table)
-        .filter(customers::id.eq(id))
-        .select((Customer::as_select(), orders::total_cents))
-        .first(&mut *conn)
-        .await
-        .expect("Diesel join");
-    assert_eq!((customer.email, total), (email, 100));
-}
 
 #[tokio::test]
 async fn both_orms_query_the_sample_schema_through_one_config() {
     let pg = tests::server().await;
-    let password = app_database(&pg, "shop").await;
+    let password = tests::app_database(&pg, "shop").await;
     let connector = Connector::new(pg.config("shop", "shop", &password))
         .await
         .unwrap();
@@ -94,8 +24,8 @@ async fn both_orms_query_the_sample_schema_through_one_config() {
     let diesel = connector.diesel_pool().await.unwrap();
     let raw = connector.postgres_pool().await.unwrap();
 
-    seaorm_round_trip(&db, "seaorm").await;
-    diesel_round_trip(&diesel, "diesel").await;
+    tests::seaorm_round_trip(&db, "seaorm").await;
+    tests::diesel_round_trip(&diesel, "diesel").await;
     let client = raw.get().await.unwrap();
     let n: i64 = client
         .query_one("SELECT count(*) FROM customers", &[])
@@ -133,9 +63,9 @@ fn rotating_source(
     })
 }
 
-async fn rotation_under_load(strategy: TokenStrategy) {
+async fn rotation_with_a_custom_source(strategy: TokenStrategy) {
     let pg = Arc::new(tests::server().await);
-    app_database(&pg, "rot").await;
+    tests::app_database(&pg, "rot").await;
     let ttl = Duration::from_secs(3);
     let minted = Arc::new(AtomicU64::new(0));
     let config = pg
@@ -146,76 +76,23 @@ async fn rotation_under_load(strategy: TokenStrategy) {
             ttl,
             Arc::clone(&minted),
         ))
-        .strategy(strategy)
-        .cache(CacheSettings::default().retries(
-            3,
-            Duration::from_millis(50),
-            Duration::from_millis(500),
-        ))
-        // Short lifetimes, so that new physical connections open all through the run.
-        .pool(
-            PoolSettings::default()
-                .max_size(4)
-                .max_lifetime(Some(Duration::from_millis(1500)))
-                .idle_timeout(Some(Duration::from_secs(1))),
-        );
-    let connector = Connector::new(config).await.unwrap();
-    let db = connector.seaorm().await.unwrap();
-    let diesel = connector.diesel_pool().await.unwrap();
-
-    // A connection opened with the first token keeps working after that token expired.
-    let mut old = diesel
-        .inner()
-        .dedicated_connection()
-        .await
-        .expect("first connection");
-
-    let deadline = Instant::now() + ttl * 3 + Duration::from_secs(1);
-    let mut rounds = 0;
-    while Instant::now() < deadline {
-        let jitter = Duration::from_millis(fastrand_ms());
-        tokio::join!(
-            seaorm_round_trip(&db, "rot-seaorm"),
-            diesel_round_trip(&diesel, "rot-diesel"),
-        );
-        rounds += 1;
-        tokio::time::sleep(jitter).await;
-    }
-    let n: i64 = customers::table
-        .count()
-        .get_result(&mut old)
-        .await
-        .expect("old connection");
-    assert_eq!(n as usize, rounds * 2);
+        .strategy(strategy);
+    tests::rotation_workload(config, ttl).await;
     assert!(
         AtomicU64::load(&minted, Ordering::Relaxed) >= 3,
         "expected a new token per TTL, minted {}",
         AtomicU64::load(&minted, Ordering::Relaxed)
     );
-    assert!(
-        connector.connections_opened() >= 3,
-        "new physical connections should have opened, got {}",
-        connector.connections_opened()
-    );
-    connector.shutdown().await;
-}
-
-fn fastrand_ms() -> u64 {
-    (SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-        % 40) as u64
 }
 
 #[tokio::test]
 async fn tokens_rotate_under_load_with_the_eager_strategy() {
-    rotation_under_load(TokenStrategy::Eager).await;
+    rotation_with_a_custom_source(TokenStrategy::Eager).await;
 }
 
 #[tokio::test]
 async fn tokens_rotate_under_load_with_the_lazy_strategy() {
-    rotation_under_load(TokenStrategy::Lazy).await;
+    rotation_with_a_custom_source(TokenStrategy::Lazy).await;
 }
 
 #[derive(diesel::QueryableByName)]
@@ -227,7 +104,7 @@ struct Setting {
 #[tokio::test]
 async fn every_pooled_connection_carries_application_name_and_search_path() {
     let pg = tests::server().await;
-    let password = app_database(&pg, "tele").await;
+    let password = tests::app_database(&pg, "tele").await;
     let admin = pg.admin("tele").await.unwrap();
     admin
         .batch_execute("CREATE SCHEMA app AUTHORIZATION tele")

@@ -366,6 +366,31 @@ impl LocalLakebase {
         self.shared.base.clone()
     }
 
+    /// A [`Config`](crate::Config) that logs in to `database` of `pg` as the service's role,
+    /// with database credentials from this service (OAuth client credentials, Autoscaling
+    /// endpoint), over TLS verified against `pg`'s CA: what a Lakebase user configures, on
+    /// this machine.
+    pub fn client_config(&self, pg: &LocalPostgres, database: &str) -> Result<crate::Config> {
+        use crate::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
+        let config = &self.shared.config;
+        let source = Lakebase::new(
+            &self.url(),
+            WorkspaceAuth::ClientCredentials {
+                client_id: config.client_id.clone(),
+                client_secret: secrecy::SecretString::from(config.client_secret.clone()),
+                token_url: None,
+            },
+            LakebaseTarget::Autoscaling {
+                endpoint: config.endpoint.clone(),
+            },
+        )?;
+        Ok(crate::Config::new(pg.host(), &config.role)
+            .port(pg.port())
+            .database(database)
+            .ssl_root_cert(pg.ca_cert_path())
+            .credentials(crate::Credentials::Lakebase(std::sync::Arc::new(source))))
+    }
+
     /// The address the service listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr

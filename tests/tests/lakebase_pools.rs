@@ -1,0 +1,194 @@
+//! Pools logging in with Lakebase database credentials from the local Lakebase-compatible
+//! service, which rotates the role's password so that the real server enforces expiry.
+
+use std::time::{Duration, Instant};
+
+use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
+use dal::{Connector, TokenStrategy};
+use migration::MigratorTrait;
+
+/// The service, with the role it logs in as owning a migrated database `name`.
+async fn lakebase(pg: &LocalPostgres, name: &str, ttl: Duration) -> LocalLakebase {
+    let lb = LocalLakebase::start(pg, LocalLakebaseConfig::new().with_token_ttl(ttl))
+        .await
+        .expect("start the local Lakebase service");
+    pg.create_database(name, Some(&lb.config().role))
+        .await
+        .unwrap();
+    let connector = Connector::new(lb.client_config(pg, name).unwrap())
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    migration::Migrator::up(&db, None).await.expect("migrate");
+    connector.shutdown().await;
+    lb
+}
+
+#[tokio::test]
+async fn both_orms_run_on_lakebase_credentials_and_show_their_application_name() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "lb", Duration::from_secs(60)).await;
+    let connector = Connector::new(lb.client_config(&pg, "lb").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(connector.target(), dal::Target::Lakebase);
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    tests::seaorm_round_trip(&db, "lb-seaorm").await;
+    tests::diesel_round_trip(&diesel, "lb-diesel").await;
+    let _held = diesel.get().await.unwrap();
+
+    // The vendor's validation query.
+    let admin = pg.admin("postgres").await.unwrap();
+    let rows = admin
+        .query(
+            "SELECT pid, usename, client_addr, application_name, state, query \
+             FROM pg_stat_activity WHERE usename = $1 ORDER BY application_name",
+            &[&lb.config().role],
+        )
+        .await
+        .unwrap();
+    assert!(rows.len() >= 2, "both pools hold connections");
+    for row in rows {
+        assert_eq!(
+            row.get::<_, String>("application_name"),
+            dal::DEFAULT_APPLICATION_NAME
+        );
+    }
+    connector.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hundred_cold_connects_cause_one_oauth_and_one_credential_fetch() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "cold", Duration::from_secs(60)).await;
+    let (oauth, credentials) = (lb.oauth_requests(), lb.credential_requests());
+    let config = lb
+        .client_config(&pg, "cold")
+        .unwrap()
+        .strategy(TokenStrategy::Lazy);
+    let connector = Connector::new(config).await.unwrap();
+    let connects = (0..100).map(|_| {
+        let connector = connector.clone();
+        tokio::spawn(async move {
+            let (client, connection) = connector.connect().await.expect("connect");
+            tokio::spawn(connection);
+            client.simple_query("SELECT 1").await.expect("query");
+            client
+        })
+    });
+    let clients = futures_join_all(connects).await;
+    assert_eq!(clients.len(), 100);
+    assert_eq!(lb.oauth_requests() - oauth, 1, "OAuth token fetches");
+    assert_eq!(
+        lb.credential_requests() - credentials,
+        1,
+        "database credential fetches"
+    );
+}
+
+async fn futures_join_all<T: Send + 'static>(
+    tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for task in tasks.collect::<Vec<_>>() {
+        out.push(task.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn lakebase_credentials_rotate_under_load_eager() {
+    let pg = tests::server().await;
+    let ttl = Duration::from_secs(3);
+    let lb = lakebase(&pg, "rot", ttl).await;
+    let before = lb.credential_requests();
+    let config = lb
+        .client_config(&pg, "rot")
+        .unwrap()
+        .strategy(TokenStrategy::Eager);
+    tests::rotation_workload(config, ttl).await;
+    assert!(lb.credential_requests() - before >= 3);
+}
+
+#[tokio::test]
+async fn lakebase_credentials_rotate_under_load_lazy() {
+    let pg = tests::server().await;
+    let ttl = Duration::from_secs(3);
+    let lb = lakebase(&pg, "rot", ttl).await;
+    let before = lb.credential_requests();
+    let config = lb
+        .client_config(&pg, "rot")
+        .unwrap()
+        .strategy(TokenStrategy::Lazy);
+    tests::rotation_workload(config, ttl).await;
+    assert!(lb.credential_requests() - before >= 3);
+}
+
+#[tokio::test]
+async fn an_outage_shorter_than_the_token_life_fails_no_query() {
+    let pg = tests::server().await;
+    let ttl = Duration::from_secs(6);
+    let lb = lakebase(&pg, "outage", ttl).await;
+    let config = lb
+        .client_config(&pg, "outage")
+        .unwrap()
+        .strategy(TokenStrategy::Eager)
+        .pool(
+            dal::PoolSettings::default()
+                .max_size(3)
+                .max_lifetime(Some(Duration::from_millis(800)))
+                .idle_timeout(Some(Duration::from_millis(500))),
+        );
+    let started = Instant::now();
+    let connector = Connector::new(config).await.unwrap();
+    let expires = connector.cache().expires_at().unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+
+    // Down from 1 s, through the refresh margin (the last fifth of the life), until 7.5 s.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    lb.set_down(true);
+    while started.elapsed() < Duration::from_millis(5300) {
+        tokio::join!(
+            tests::seaorm_round_trip(&db, "outage-seaorm"),
+            tests::diesel_round_trip(&diesel, "outage-diesel"),
+        );
+        // Fresh physical connections too, with the still-valid token.
+        let (client, connection) = connector
+            .connect()
+            .await
+            .expect("connect during the outage");
+        tokio::spawn(connection);
+        client.simple_query("SELECT 1").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        connector.cache().failures() >= 1,
+        "the refresh should have failed meanwhile"
+    );
+
+    // Past expiry with the service still down: a clear credential error.
+    let wait = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(300)).await;
+    let err = connector
+        .connect()
+        .await
+        .err()
+        .expect("no valid token is left");
+    assert!(
+        matches!(err, dal::Error::Http { status: 503, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("503"), "{err}");
+
+    // The service comes back: the next connection fetches and succeeds.
+    lb.set_down(false);
+    let (client, connection) = connector.connect().await.expect("recovered");
+    tokio::spawn(connection);
+    client.simple_query("SELECT 1").await.unwrap();
+    tests::diesel_round_trip(&diesel, "after-outage").await;
+    connector.shutdown().await;
+}
