@@ -18,6 +18,7 @@ use aws_sdk_dsql::config::Region;
 use aws_smithy_async::time::StaticTimeSource;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use tokio::sync::OnceCell;
+use tracing::instrument::WithSubscriber;
 
 use super::{BoxFuture, Clock, CredentialSource, SystemClock, Token};
 use crate::{Error, Result};
@@ -206,10 +207,19 @@ impl Dsql {
             .time_source(StaticTimeSource::new(signed_at))
             .build();
         let generator = AuthTokenGenerator::new(generator);
+        // The signer traces its canonical request, session token included: nothing it
+        // emits may reach the application's subscriber.
+        let silent = tracing::subscriber::NoSubscriber::default();
         let signed = if self.admin {
-            generator.db_connect_admin_auth_token(&sdk_config).await
+            generator
+                .db_connect_admin_auth_token(&sdk_config)
+                .with_subscriber(silent)
+                .await
         } else {
-            generator.db_connect_auth_token(&sdk_config).await
+            generator
+                .db_connect_auth_token(&sdk_config)
+                .with_subscriber(silent)
+                .await
         }
         .map_err(|e| failure("cannot sign the auth token", Some(e)))?;
         Ok(Token::new(signed.as_str(), Some(expires_at)))

@@ -1,0 +1,205 @@
+//! No secret reaches a log line (TRACE, `log` records included), a `Debug`, a `Display` or an
+//! error, through a run with Lakebase credentials, rotation, DSQL tokens, static passwords
+//! and refused logins.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dal::credentials::{Clock, CredentialSource, Dsql};
+use dal::local::{LocalLakebase, LocalLakebaseConfig};
+use dal::{Config, Connector, TokenStrategy};
+use secrecy::ExposeSecret;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Now;
+impl Clock for Now {
+    fn now(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_appears_in_logs_debug_display_or_errors() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .expect("install the capturing subscriber");
+
+    let pg = tests::server().await;
+    let lb = LocalLakebase::start(
+        &pg,
+        LocalLakebaseConfig::new().with_token_ttl(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
+    pg.create_database("sec", Some(&lb.config().role))
+        .await
+        .unwrap();
+    let mut secrets: Vec<String> = vec![
+        lb.config().client_secret.clone(),
+        pg.superuser_password().expose_secret().to_owned(),
+    ];
+    let mut shown: Vec<String> = Vec::new();
+
+    // Lakebase credentials through both ORMs, across a rotation.
+    let connector = Connector::new(
+        lb.client_config(&pg, "sec")
+            .unwrap()
+            .strategy(TokenStrategy::Eager),
+    )
+    .await
+    .unwrap();
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&tokens);
+    connector
+        .cache()
+        .on_refresh(move |t| seen.lock().unwrap().push(t.expose().to_owned()));
+    secrets.push(connector.cache().current().unwrap().expose().to_owned());
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    <migration::Migrator as migration::MigratorTrait>::up(&db, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tests::diesel_round_trip(&diesel, "sec").await;
+    tests::seaorm_round_trip(&db, "sec").await;
+    shown.push(format!(
+        "{connector:?} {:?} {:?} {db:?} {diesel:?}",
+        connector.cache(),
+        connector.cache().current()
+    ));
+    shown.push(format!("{lb:?} {pg:?}"));
+
+    // A wrong client secret, a wrong static password, a refused token.
+    let mut bad = lb.client_config(&pg, "sec").unwrap();
+    let wrong_secret = "wrong-client-secret-0123456789";
+    bad.credentials = Some(dal::Credentials::Lakebase(Arc::new(
+        dal::credentials::Lakebase::new(
+            &lb.url(),
+            dal::credentials::WorkspaceAuth::ClientCredentials {
+                client_id: lb.config().client_id.clone(),
+                client_secret: wrong_secret.to_owned().into(),
+                token_url: None,
+            },
+            dal::credentials::LakebaseTarget::Autoscaling {
+                endpoint: lb.config().endpoint.clone(),
+            },
+        )
+        .unwrap(),
+    )));
+    secrets.push(wrong_secret.to_owned());
+    shown.push(format!("{bad:?}"));
+    let err = Connector::new(bad).await.unwrap_err();
+    shown.push(format!("{err} {err:?} {}", chain(&err)));
+
+    let wrong_password = "static-wrong-password-9876";
+    secrets.push(wrong_password.to_owned());
+    let config = pg.config("sec", &lb.config().role, wrong_password);
+    shown.push(format!("{config:?}"));
+    let static_connector = Connector::new(config).await.unwrap();
+    let err = static_connector.connect().await.err().unwrap();
+    shown.push(format!("{err} {err:?} {}", chain(&err)));
+    let err = static_connector
+        .diesel_pool()
+        .await
+        .unwrap()
+        .get()
+        .await
+        .err()
+        .unwrap();
+    shown.push(format!("{err} {err:?} {}", chain(&err)));
+
+    // A URL with a password in it, valid and malformed.
+    let url_password = "url-password-5555";
+    secrets.push(url_password.to_owned());
+    let from_url = Config::from_lookup(|k| {
+        (k == "DATABASE_URL").then(|| format!("postgres://u:{url_password}@localhost/db"))
+    })
+    .unwrap();
+    shown.push(format!("{from_url:?}"));
+    let err = Config::from_lookup(|k| {
+        (k == "DATABASE_URL").then(|| format!("postgres://u:{url_password}@[bad/db"))
+    })
+    .unwrap_err();
+    shown.push(format!("{err} {err:?}"));
+
+    // DSQL keys and tokens.
+    let dsql_secret = "dsqlSecretAccessKeyEXAMPLE0000000000000";
+    secrets.push(dsql_secret.to_owned());
+    let dsql = Dsql::new(
+        "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws",
+        "admin",
+        None,
+    )
+    .unwrap()
+    .with_clock(Arc::new(Now))
+    .with_static_credentials(
+        "AKIDEXAMPLE",
+        dsql_secret,
+        Some("session-token-secret-42".into()),
+    );
+    secrets.push("session-token-secret-42".to_owned());
+    let token = dsql.fetch().await.unwrap();
+    secrets.push(token.expose().to_owned());
+    shown.push(format!("{dsql:?} {token:?}"));
+
+    connector.shutdown().await;
+    static_connector.shutdown().await;
+    drop(lb);
+
+    secrets.extend(tokens.lock().unwrap().iter().cloned());
+    assert!(
+        !tokens.lock().unwrap().is_empty(),
+        "the token should have rotated"
+    );
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("token fetched"), "the capture works");
+    assert!(logs.lines().count() > 20, "TRACE output was captured");
+    for secret in &secrets {
+        assert!(!secret.is_empty());
+        for (i, text) in shown.iter().enumerate() {
+            assert!(
+                !text.contains(secret.as_str()),
+                "secret in shown text #{i}: {text}"
+            );
+        }
+        if let Some(line) = logs.lines().find(|l| l.contains(secret.as_str())) {
+            panic!("a secret reached the logs: {line}");
+        }
+    }
+    assert!(
+        !logs.contains("Bearer "),
+        "an Authorization header reached the logs"
+    );
+    assert!(
+        !logs.contains("Basic "),
+        "an Authorization header reached the logs"
+    );
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s} ({s:?})"));
+        source = s.source();
+    }
+    out
+}
