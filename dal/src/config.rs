@@ -201,6 +201,17 @@ impl Config {
         }
     }
 
+    /// The kind of server, as the credentials imply it: Lakebase credentials mean
+    /// [`Target::Lakebase`], DSQL tokens [`Target::Dsql`]; otherwise [`target`](Self::target).
+    pub fn resolved_target(&self) -> Target {
+        match &self.credentials {
+            Some(Credentials::Lakebase(_)) => Target::Lakebase,
+            #[cfg(feature = "dsql")]
+            Some(Credentials::Dsql(_)) => Target::Dsql,
+            _ => self.target,
+        }
+    }
+
     /// Sets [`port`](Self::port).
     #[must_use]
     pub fn port(mut self, port: u16) -> Self {

@@ -93,18 +93,12 @@ impl Connector {
         if !(0.0..1.0).contains(&config.pool.lifetime_jitter) {
             return Err(Error::config("pool lifetime_jitter", "must be in 0..1"));
         }
-        let mut target = config.target;
+        let target = config.resolved_target();
         let source: Arc<dyn CredentialSource> = match config.credentials {
             Some(Credentials::Password(p)) => Arc::new(StaticPassword::new(p.expose_secret())),
-            Some(Credentials::Lakebase(l)) => {
-                target = Target::Lakebase;
-                l
-            }
+            Some(Credentials::Lakebase(l)) => l,
             #[cfg(feature = "dsql")]
-            Some(Credentials::Dsql(d)) => {
-                target = Target::Dsql;
-                d
-            }
+            Some(Credentials::Dsql(d)) => d,
             Some(Credentials::Source(s)) => s,
             None => {
                 return Err(Error::config(

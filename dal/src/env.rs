@@ -450,3 +450,187 @@ fn percent_decode(s: &str) -> Option<String> {
         .ok()
         .map(|s| s.into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::SslMode;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(move |k| vars.get(k).cloned())
+    }
+
+    fn setting(vars: &[(&str, &str)]) -> String {
+        match config(vars) {
+            Err(Error::Config { setting, .. }) => setting,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    const LAKEBASE: [(&str, &str); 5] = [
+        ("DATABRICKS_HOST", "https://ws.cloud.databricks.com"),
+        ("DATABRICKS_CLIENT_ID", "sp-id"),
+        ("DATABRICKS_CLIENT_SECRET", "sp-secret"),
+        ("LAKEBASE_ENDPOINT", "projects/p/branches/b/endpoints/e"),
+        ("PGHOST", "ep-x.database.us-east-1.cloud.databricks.com"),
+    ];
+
+    #[test]
+    fn a_database_url_gives_a_static_password_config() {
+        let c = config(&[(
+            "DATABASE_URL",
+            "postgres://app:p%40ss@db.example.com:6543/shop?sslmode=verify-full&application_name=x",
+        )])
+        .unwrap();
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.port,
+                c.user.as_str(),
+                c.database.as_str()
+            ),
+            ("db.example.com", 6543, "app", "shop")
+        );
+        assert_eq!(c.ssl_mode, Some(SslMode::VerifyFull));
+        assert_eq!(c.application_name, "x");
+        assert_eq!(
+            format!("{:?}", c.credentials),
+            "Some(Password(** redacted **))"
+        );
+    }
+
+    #[test]
+    fn libpq_variables_give_a_static_password_config() {
+        let c = config(&[
+            ("PGHOST", "h"),
+            ("PGUSER", "u"),
+            ("PGPASSWORD", "p"),
+            ("PGPORT", "5433"),
+            ("PGAPPNAME", "svc/1"),
+            ("DAL_TOKEN_STRATEGY", "lazy"),
+        ])
+        .unwrap();
+        assert_eq!((c.port, c.application_name.as_str()), (5433, "svc/1"));
+        assert_eq!(c.strategy, crate::TokenStrategy::Lazy);
+        assert_eq!(c.resolved_target(), Target::Postgres);
+    }
+
+    #[test]
+    fn lakebase_settings_default_the_user_database_and_target() {
+        let c = config(&LAKEBASE).unwrap();
+        assert_eq!(c.user, "sp-id");
+        assert_eq!(c.database, "databricks_postgres");
+        assert_eq!(c.resolved_target(), Target::Lakebase);
+        assert!(!format!("{c:?}").contains("sp-secret"));
+    }
+
+    #[test]
+    fn malformed_values_name_their_variable() {
+        let base = [("PGHOST", "h"), ("PGUSER", "u"), ("PGPASSWORD", "p")];
+        let with = |extra: (&'static str, &'static str)| {
+            let mut v = base.to_vec();
+            v.push(extra);
+            setting(&v)
+        };
+        assert_eq!(with(("PGPORT", "54x32")), "PGPORT");
+        assert_eq!(with(("PGSSLMODE", "verify_full")), "PGSSLMODE");
+        assert_eq!(
+            with(("DAL_TOKEN_STRATEGY", "sometimes")),
+            "DAL_TOKEN_STRATEGY"
+        );
+        assert_eq!(with(("DAL_POOL_MAX_SIZE", "0")), "DAL_POOL_MAX_SIZE");
+        assert_eq!(setting(&[("PGHOST", "h"), ("PGUSER", "u")]), "PGPASSWORD");
+        assert_eq!(
+            setting(&[("DATABASE_URL", "mysql://u:p@h/db")]),
+            "DATABASE_URL"
+        );
+    }
+
+    #[test]
+    fn conflicting_credentials_are_refused() {
+        let mut v = LAKEBASE.to_vec();
+        v.push(("PGPASSWORD", "static"));
+        assert_eq!(setting(&v), "PGPASSWORD");
+        let mut v = LAKEBASE.to_vec();
+        v.push(("DATABASE_URL", "postgres://u:p@h/db"));
+        assert_eq!(setting(&v), "DATABASE_URL");
+        let mut v = LAKEBASE.to_vec();
+        v.push(("DSQL_ENDPOINT", "abc.dsql.us-east-1.on.aws"));
+        assert_eq!(setting(&v), "DSQL_ENDPOINT");
+        let mut v = LAKEBASE.to_vec();
+        v.push(("LAKEBASE_INSTANCE", "inst"));
+        assert_eq!(setting(&v), "LAKEBASE_ENDPOINT");
+    }
+
+    #[test]
+    fn lakebase_mistakes_name_their_variable() {
+        let mut v = LAKEBASE.to_vec();
+        v[3] = ("LAKEBASE_ENDPOINT", "projects/p/endpoints/e");
+        assert_eq!(setting(&v), "LAKEBASE_ENDPOINT");
+        let v: Vec<_> = LAKEBASE
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "DATABRICKS_CLIENT_SECRET")
+            .collect();
+        assert_eq!(setting(&v), "DATABRICKS_CLIENT_SECRET");
+        let mut v = LAKEBASE.to_vec();
+        v[0] = ("DATABRICKS_HOST", "ftp://ws");
+        assert_eq!(setting(&v), "DATABRICKS_HOST");
+    }
+
+    #[test]
+    fn a_databrickscfg_profile_supplies_workspace_credentials() {
+        let dir = tempfile_dir();
+        let path = dir.join("databrickscfg");
+        std::fs::write(
+            &path,
+            "[DEFAULT]\nhost = https://other\n\n[prod]\nhost = https://ws.cloud.databricks.com\nclient_id = from-file\nclient_secret = s\n",
+        )
+        .unwrap();
+        let c = config(&[
+            ("DATABRICKS_CONFIG_FILE", path.to_str().unwrap()),
+            ("DATABRICKS_CONFIG_PROFILE", "prod"),
+            ("LAKEBASE_INSTANCE", "inst"),
+            ("PGHOST", "instance-1.database.cloud.databricks.com"),
+        ])
+        .unwrap();
+        assert_eq!(c.user, "from-file");
+        let missing = setting(&[
+            ("DATABRICKS_CONFIG_FILE", path.to_str().unwrap()),
+            ("DATABRICKS_CONFIG_PROFILE", "staging"),
+            ("LAKEBASE_INSTANCE", "inst"),
+        ]);
+        assert_eq!(missing, "DATABRICKS_CONFIG_PROFILE");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("dal-env-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[cfg(feature = "dsql")]
+    #[test]
+    fn dsql_needs_a_region() {
+        assert_eq!(
+            setting(&[("DSQL_ENDPOINT", "abcdefghijklmnopqrstuvwxyz")]),
+            "DSQL_ENDPOINT"
+        );
+        let c = config(&[
+            ("DSQL_ENDPOINT", "abcdefghijklmnopqrstuvwxyz"),
+            ("AWS_REGION", "eu-west-1"),
+        ])
+        .unwrap();
+        assert_eq!(c.host, "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws");
+        assert_eq!(
+            (c.user.as_str(), c.resolved_target()),
+            ("admin", Target::Dsql)
+        );
+    }
+}

@@ -1,61 +1,79 @@
 //! The migration command line: `cargo run -p migration -- up | down | status | fresh | refresh | reset`.
 //!
-//! Connects to the database named by `DATABASE_URL` (also read from a `.env` file). When it is
-//! not set, starts the local development cluster (see `dal::local`) and migrates its `dal`
-//! database.
+//! Connects through dal with the same settings and token cache as the services: `DATABASE_URL`,
+//! libpq's `PG*` variables, Lakebase or DSQL settings (also read from a `.env` file; see
+//! `.env.example`). With none of them set, it uses the embedded default: the local
+//! development PostgreSQL with Lakebase-style tokens from the local credential service.
+//! On a DSQL target, each migration runs outside a transaction, one DDL statement at a time.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
-use sea_orm_migration::sea_orm::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sea_orm_migration::sea_orm::{DatabaseConnection, SqlxPostgresConnector};
+use dal::{Config, Connector, PoolSettings, Target};
+use sea_orm_migration::cli::run_cli_with_custom_connection;
+use sea_orm_migration::sea_orm::DatabaseConnection;
 
-/// The database the local development cluster keeps the sample schema in.
-const DEV_DATABASE: &str = "dal";
+/// The variables that name a database; without any of them, the embedded default is used.
+const SETTINGS: [&str; 6] = [
+    "DATABASE_URL",
+    "PGHOST",
+    "DATABRICKS_HOST",
+    "LAKEBASE_ENDPOINT",
+    "LAKEBASE_INSTANCE",
+    "DSQL_ENDPOINT",
+];
 
 #[tokio::main]
 async fn main() {
-    sea_orm_migration::cli::run_cli_with_custom_connection(migration::Migrator, async || {
-        match connect().await {
+    // sea-orm-migration reads `.env` too, but only once it parsed the command line.
+    let _ = dotenvy::dotenv();
+    let configured = SETTINGS.iter().any(|v| std::env::var_os(v).is_some());
+    let (config, stack) = match load(configured).await {
+        Ok(pair) => pair,
+        Err(e) => fail(&e),
+    };
+    let dsql = config.resolved_target() == Target::Dsql;
+    let connect = async move || -> Result<DatabaseConnection, sea_orm_migration::DbErr> {
+        match connect(config).await {
             Ok(db) => Ok(db),
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::exit(1);
-            }
+            Err(e) => fail(&e),
         }
-    })
-    .await;
+    };
+    if dsql {
+        run_cli_with_custom_connection(migration::DsqlMigrator, connect).await;
+    } else {
+        run_cli_with_custom_connection(migration::Migrator, connect).await;
+    }
+    drop(stack);
 }
 
-async fn connect() -> anyhow::Result<DatabaseConnection> {
-    let options = match std::env::var("DATABASE_URL") {
-        Ok(url) => url.parse::<PgConnectOptions>().map_err(|e| {
-            anyhow!(
-                "DATABASE_URL is not a valid PostgreSQL URL ({e}); \
-                 expected postgres://user:password@host:port/database"
-            )
-        })?,
-        Err(std::env::VarError::NotPresent) => {
-            let pg = dal::local::LocalPostgres::dev().await?;
-            pg.create_database(DEV_DATABASE, None).await?;
-            eprintln!(
-                "DATABASE_URL is not set: using the local development cluster on {}:{} \
-                 (database {DEV_DATABASE}, data in {})",
-                pg.host(),
-                pg.port(),
-                pg.root().display()
-            );
-            pg.sqlx_options(DEV_DATABASE)
-        }
-        Err(std::env::VarError::NotUnicode(_)) => bail!("DATABASE_URL is not valid UTF-8"),
-    };
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await
-        .context("cannot connect to the database")?;
-    Ok(SqlxPostgresConnector::from_sqlx_postgres_pool(pool))
+/// The configuration, and the embedded default's services when they are used.
+async fn load(configured: bool) -> dal::Result<(Config, Option<dal::local::DevStack>)> {
+    if configured {
+        return Ok((Config::from_env()?, None));
+    }
+    let stack = dal::local::DevStack::start(Duration::from_secs(30)).await?;
+    eprintln!("No database configured: using {}", stack.describe());
+    Ok((stack.config()?, Some(stack)))
+}
+
+async fn connect(config: Config) -> dal::Result<DatabaseConnection> {
+    // One connection: migrations run one statement at a time.
+    let config = config.pool(PoolSettings::default().max_size(1));
+    let connector = Connector::new(config).await?;
+    // Fail now, with the cause, rather than with a pool timeout inside the first migration.
+    drop(connector.connect().await?);
+    connector.seaorm().await
+}
+
+fn fail(e: &dal::Error) -> ! {
+    let mut message = format!("error: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{message}");
+    std::process::exit(1);
 }

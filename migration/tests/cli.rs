@@ -17,7 +17,7 @@ fn a_malformed_database_url_is_named() {
     let (code, stderr) = migrate_with_url("not a url");
     assert_eq!(code, 1, "{stderr}");
     assert!(
-        stderr.starts_with("error: DATABASE_URL is not a valid PostgreSQL URL"),
+        stderr.starts_with("error: invalid setting DATABASE_URL: is not a valid URL"),
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -29,10 +29,8 @@ fn an_unreachable_database_is_reported_without_the_password() {
     // Nothing listens on port 1 of the loopback interface.
     let (code, stderr) = migrate_with_url("postgres://app:s3cret-pw@127.0.0.1:1/app");
     assert_eq!(code, 1, "{stderr}");
-    assert!(
-        stderr.starts_with("error: cannot connect to the database"),
-        "{stderr}"
-    );
+    assert!(stderr.starts_with("error: database error"), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "{stderr}");
     assert!(!stderr.contains("s3cret-pw"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }

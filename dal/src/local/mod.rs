@@ -25,6 +25,8 @@ mod binaries;
 mod certs;
 mod lakebase;
 mod server;
+mod stack;
 
 pub use lakebase::{LocalLakebase, LocalLakebaseConfig};
 pub use server::LocalPostgres;
+pub use stack::{DEV_DATABASE, DEV_ROLE, DevStack};
