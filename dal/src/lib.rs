@@ -1,8 +1,37 @@
 //! dal: a data-access layer for Postgres-compatible databases whose password is a short-lived
 //! token (Databricks Lakebase, Aurora DSQL), and for plain PostgreSQL.
 //!
-//! This crate holds the sample schema for Diesel ([`schema`], [`models`]) and, behind the
-//! `local` feature, a PostgreSQL server the project starts itself ([`local`]).
+//! One [`Connector`] holds the validated [`Config`], a [`TokenCache`] in front of a
+//! [credential source](credentials), TLS and the per-connection settings; SeaORM, Diesel,
+//! sqlx and tokio-postgres pools are built from it, and each new physical connection logs in
+//! with a fresh cached token.
+//!
+//! ```no_run
+//! # async fn run() -> dal::Result<()> {
+//! use dal::diesel::QueryDsl;
+//! use dal::diesel_async::RunQueryDsl;
+//! use sea_orm::EntityTrait;
+//!
+//! // DATABASE_URL, PG*, DATABRICKS_* with LAKEBASE_*, or DSQL_ENDPOINT.
+//! let connector = dal::Connector::new(dal::Config::from_env()?).await?;
+//!
+//! let db = connector.seaorm().await?;
+//! let customers = entity::customer::Entity::find().all(&db).await;
+//!
+//! let diesel = connector.diesel_pool().await?;
+//! let mut conn = diesel.get().await?;
+//! let orders: i64 = dal::schema::orders::table
+//!     .count()
+//!     .get_result(&mut *conn)
+//!     .await
+//!     .expect("count");
+//! # let _ = (customers, orders);
+//! connector.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Behind the `local` feature, [`local`] starts a PostgreSQL server and a Lakebase-compatible
+//! credential service on this machine, for tests, examples and development.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
