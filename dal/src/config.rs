@@ -148,6 +148,10 @@ impl PoolSettings {
 pub struct Config {
     /// The server's host name. Required.
     pub host: String,
+    /// Connect to this address instead of resolving `host`, which still names the server for
+    /// TLS verification (libpq's `hostaddr`). Used by the Diesel and tokio-postgres
+    /// connections; sqlx resolves `host` itself. Defaults to none.
+    pub hostaddr: Option<std::net::IpAddr>,
     /// The server's port. Defaults to 5432.
     pub port: u16,
     /// The database. Defaults to `postgres`.
@@ -184,6 +188,7 @@ impl Config {
     pub fn new(host: impl Into<String>, user: impl Into<String>) -> Self {
         Self {
             host: host.into(),
+            hostaddr: None,
             port: 5432,
             database: "postgres".into(),
             user: user.into(),

@@ -34,6 +34,7 @@ pub struct Connector {
 struct Shared {
     target: Target,
     host: String,
+    hostaddr: Option<std::net::IpAddr>,
     port: u16,
     database: String,
     user: String,
@@ -122,6 +123,7 @@ impl Connector {
             shared: Arc::new(Shared {
                 target,
                 host: config.host,
+                hostaddr: config.hostaddr,
                 port: config.port,
                 database: config.database,
                 user: config.user,
@@ -153,7 +155,7 @@ impl Connector {
         &self.shared.user
     }
 
-    /// The pool settings every pool of this connector uses.
+    /// The pool settings of the pools built without their own.
     pub fn pool_settings(&self) -> &PoolSettings {
         &self.shared.pool
     }
@@ -177,6 +179,9 @@ impl Connector {
             .application_name(&s.application_name)
             .ssl_mode(s.tls.mode.for_tokio_postgres())
             .connect_timeout(s.connect_timeout);
+        if let Some(addr) = s.hostaddr {
+            config.hostaddr(addr);
+        }
         let options = self.startup_options();
         if !options.is_empty() {
             let line: Vec<String> = options
@@ -292,8 +297,20 @@ impl Connector {
     /// password when it opens a connection, so from now on the cache keeps the token fresh
     /// ahead of expiry and pushes each new one into the pool before the refresh returns.
     pub async fn sqlx_pool(&self) -> Result<sea_orm::sqlx::PgPool> {
+        self.sqlx_pool_with(&self.shared.pool).await
+    }
+
+    /// Like [`sqlx_pool`](Self::sqlx_pool), with its own sizes and lifetimes.
+    ///
+    /// sqlx cannot retry a refused login. With a source that revokes the previous token when
+    /// it mints a new one (the local Lakebase service does, as PostgreSQL holds one password
+    /// per role), a connection opened in the moment between the two can be refused; Lakebase
+    /// and DSQL keep earlier tokens valid until they expire.
+    pub async fn sqlx_pool_with(
+        &self,
+        pool_settings: &PoolSettings,
+    ) -> Result<sea_orm::sqlx::PgPool> {
         let token = self.shared.cache.token().await?;
-        let pool_settings = &self.shared.pool;
         let pool = sea_orm::sqlx::postgres::PgPoolOptions::new()
             .max_connections(pool_settings.max_size)
             .min_connections(pool_settings.min_idle)
@@ -324,8 +341,13 @@ impl Connector {
 
     /// A SeaORM connection (over a [`sqlx_pool`](Self::sqlx_pool)).
     pub async fn seaorm(&self) -> Result<sea_orm::DatabaseConnection> {
+        self.seaorm_with(&self.shared.pool).await
+    }
+
+    /// Like [`seaorm`](Self::seaorm), with its own pool sizes and lifetimes.
+    pub async fn seaorm_with(&self, pool: &PoolSettings) -> Result<sea_orm::DatabaseConnection> {
         Ok(sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(
-            self.sqlx_pool().await?,
+            self.sqlx_pool_with(pool).await?,
         ))
     }
 

@@ -112,6 +112,9 @@ impl Env<'_> {
         if let Some(host) = self.get("PGHOST") {
             config.host = host;
         }
+        if let Some(addr) = self.parse("PGHOSTADDR", "an IP address")? {
+            config.hostaddr = Some(addr);
+        }
         if let Some(port) = self.parse::<u16>("PGPORT", "a port number (1-65535)")? {
             config.port = port;
         }

@@ -11,6 +11,7 @@ use diesel_async::AsyncPgConnection;
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use tokio::sync::broadcast;
 
+use crate::config::PoolSettings;
 use crate::connector::Connector;
 use crate::{Error, Result};
 
@@ -83,8 +84,8 @@ impl Connector {
         &self,
         manager: M,
         failures: broadcast::Sender<Arc<Error>>,
+        settings: &PoolSettings,
     ) -> Pool<M> {
-        let settings = self.pool_settings();
         let pool = bb8::Pool::builder()
             .max_size(settings.max_size)
             .min_idle(Some(settings.min_idle).filter(|n| *n > 0))
@@ -106,6 +107,11 @@ impl Connector {
     /// A Diesel pool: `custom_setup` opens each new physical connection with a token from
     /// the cache, TLS and the startup parameters of this connector.
     pub async fn diesel_pool(&self) -> Result<DieselPool> {
+        self.diesel_pool_with(self.pool_settings()).await
+    }
+
+    /// Like [`diesel_pool`](Self::diesel_pool), with its own sizes and lifetimes.
+    pub async fn diesel_pool_with(&self, settings: &PoolSettings) -> Result<DieselPool> {
         let (failures, _) = broadcast::channel(16);
         let mut config = ManagerConfig::<AsyncPgConnection>::default();
         let connector = self.clone();
@@ -128,17 +134,22 @@ impl Connector {
         });
         // The URL is never used: custom_setup builds every connection from typed options.
         let manager = DieselManager::new_with_config("postgres://", config);
-        Ok(self.bb8_pool(manager, failures).await)
+        Ok(self.bb8_pool(manager, failures, settings).await)
     }
 
     /// A pool of tokio-postgres clients for raw SQL.
     pub async fn postgres_pool(&self) -> Result<PgClientPool> {
+        self.postgres_pool_with(self.pool_settings()).await
+    }
+
+    /// Like [`postgres_pool`](Self::postgres_pool), with its own sizes and lifetimes.
+    pub async fn postgres_pool_with(&self, settings: &PoolSettings) -> Result<PgClientPool> {
         let (failures, _) = broadcast::channel(16);
         let manager = ClientManager {
             connector: self.clone(),
             failures: failures.clone(),
         };
-        Ok(self.bb8_pool(manager, failures).await)
+        Ok(self.bb8_pool(manager, failures, settings).await)
     }
 }
 

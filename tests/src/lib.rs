@@ -141,10 +141,15 @@ pub async fn diesel_round_trip(pool: &dal::DieselPool, tag: &str) {
     assert_eq!((customer.email, total), (email, 100));
 }
 
-/// Runs both ORMs against `config`'s database for three token lives and a second, with
-/// short connection lifetimes so that new physical connections open all through the run.
-/// Fails on any failed query; checks that a connection opened with the first token still
-/// works at the end, and that new connections were opened.
+/// Runs both ORMs against `config`'s database for three token lives and a second. Diesel
+/// connections live 1.5 s, so that new physical connections open all through the run, each
+/// pulling the current token. Fails on any failed query; checks that a connection opened
+/// with the first token still works at the end, that new connections were opened, and that
+/// the SeaORM pool opens a new connection with a token pushed into it after a refresh.
+///
+/// The SeaORM pool keeps its connections during the run: the sources of these tests revoke
+/// the previous token when they mint one, which sqlx, unable to retry a refused login, would
+/// meet when it opened a connection at that very moment (see `Connector::sqlx_pool_with`).
 pub async fn rotation_workload(config: Config, ttl: Duration) {
     let config = config
         .cache(CacheSettings::default().retries(
@@ -159,8 +164,18 @@ pub async fn rotation_workload(config: Config, ttl: Duration) {
                 .idle_timeout(Some(Duration::from_secs(1))),
         );
     let connector = Connector::new(config).await.expect("connector");
-    let db = connector.seaorm().await.expect("SeaORM pool");
+    let sqlx_settings = PoolSettings::default()
+        .max_size(2)
+        .min_idle(1)
+        .max_lifetime(None)
+        .idle_timeout(None);
+    let sqlx = connector
+        .sqlx_pool_with(&sqlx_settings)
+        .await
+        .expect("sqlx pool");
+    let db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(sqlx.clone());
     let diesel = connector.diesel_pool().await.expect("Diesel pool");
+    let sqlx_first = sqlx.acquire().await.expect("first sqlx connection");
 
     // A connection opened with the first token keeps working after that token expired.
     let mut old = diesel
@@ -185,6 +200,16 @@ pub async fn rotation_workload(config: Config, ttl: Duration) {
         .await
         .expect("the first connection still works");
     assert_eq!(n as usize, rounds * 2);
+    // The first token is long gone; a second sqlx connection must log in with a pushed one.
+    let mut second = sqlx
+        .acquire()
+        .await
+        .expect("a new sqlx connection after rotation");
+    sea_orm::sqlx::query("SELECT 1")
+        .execute(&mut *second)
+        .await
+        .expect("query on the new sqlx connection");
+    drop((second, sqlx_first));
     assert!(
         connector.connections_opened() >= 3,
         "new physical connections should have opened, got {}",

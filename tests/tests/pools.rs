@@ -197,6 +197,23 @@ async fn tls_modes_verify_what_they_promise() {
     connect_with(&pg, SslMode::Disable, false, "localhost")
         .await
         .expect("disable");
+    // A server reached under a name its certificate does not hold: refused by verify-full,
+    // accepted by verify-ca, which checks the chain only.
+    let wrong_name = |mode| {
+        let mut config = pg.superuser_config("postgres").ssl_mode(mode);
+        config.host = "db.invalid".into();
+        config.hostaddr = Some([127, 0, 0, 1].into());
+        async move {
+            let connector = Connector::new(config).await?;
+            connector.connect().await.map(|_| ())
+        }
+    };
+    let err = wrong_name(SslMode::VerifyFull).await.unwrap_err();
+    let chain = anyhow_chain(&err);
+    assert!(chain.contains("NotValidForName"), "{chain}");
+    wrong_name(SslMode::VerifyCa)
+        .await
+        .expect("verify-ca ignores the name");
     let unknown_ca = connect_with(&pg, SslMode::VerifyFull, false, "localhost")
         .await
         .unwrap_err();
