@@ -217,3 +217,31 @@ pub async fn rotation_workload(config: Config, ttl: Duration) {
     );
     connector.shutdown().await;
 }
+
+/// Logs in to the `postgres` database of `pg` as `user` with `password`, without TLS.
+pub async fn login(
+    pg: &LocalPostgres,
+    user: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(pg.port())
+        .user(user)
+        .password(password)
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Fails unless the server refused the login with SQLSTATE `28P01`.
+pub fn assert_auth_failure(result: Result<tokio_postgres::Client, tokio_postgres::Error>) {
+    let err = result.expect_err("the login should have been refused");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{err:?}"
+    );
+}

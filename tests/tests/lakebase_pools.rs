@@ -97,32 +97,24 @@ async fn futures_join_all<T: Send + 'static>(
     out
 }
 
-#[tokio::test]
-async fn lakebase_credentials_rotate_under_load_eager() {
+async fn rotation(strategy: TokenStrategy) {
     let pg = tests::server().await;
     let ttl = Duration::from_secs(3);
     let lb = lakebase(&pg, "rot", ttl).await;
     let before = lb.credential_requests();
-    let config = lb
-        .client_config(&pg, "rot")
-        .unwrap()
-        .strategy(TokenStrategy::Eager);
+    let config = lb.client_config(&pg, "rot").unwrap().strategy(strategy);
     tests::rotation_workload(config, ttl).await;
     assert!(lb.credential_requests() - before >= 3);
 }
 
 #[tokio::test]
+async fn lakebase_credentials_rotate_under_load_eager() {
+    rotation(TokenStrategy::Eager).await;
+}
+
+#[tokio::test]
 async fn lakebase_credentials_rotate_under_load_lazy() {
-    let pg = tests::server().await;
-    let ttl = Duration::from_secs(3);
-    let lb = lakebase(&pg, "rot", ttl).await;
-    let before = lb.credential_requests();
-    let config = lb
-        .client_config(&pg, "rot")
-        .unwrap()
-        .strategy(TokenStrategy::Lazy);
-    tests::rotation_workload(config, ttl).await;
-    assert!(lb.credential_requests() - before >= 3);
+    rotation(TokenStrategy::Lazy).await;
 }
 
 #[tokio::test]

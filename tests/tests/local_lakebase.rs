@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_postgres::error::SqlState;
 
 const AUTOSCALING: &str = "/api/2.0/postgres/credentials";
 const PROVISIONED: &str = "/api/2.0/database/credentials";
@@ -93,28 +92,6 @@ async fn database_token(lb: &LocalLakebase, bearer: &str) -> (String, DateTime<U
 async fn json_of(response: reqwest::Response, status: StatusCode) -> Value {
     assert_eq!(response.status(), status);
     response.json().await.expect("a JSON body")
-}
-
-async fn login(
-    pg: &LocalPostgres,
-    user: &str,
-    password: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(pg.port())
-        .user(user)
-        .password(password)
-        .dbname("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
-fn assert_auth_failure(result: Result<tokio_postgres::Client, tokio_postgres::Error>) {
-    let err = result.expect_err("the login should have been refused");
-    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
 }
 
 async fn port_is_free(port: u16) -> bool {
@@ -306,7 +283,7 @@ async fn a_minted_token_logs_in_and_ends_the_previous_one() {
     let bearer = workspace_token(&lb).await;
 
     let (first, _) = database_token(&lb, &bearer).await;
-    let session = login(&pg, &role, &first)
+    let session = tests::login(&pg, &role, &first)
         .await
         .expect("log in with the token");
     let user: String = session
@@ -317,11 +294,11 @@ async fn a_minted_token_logs_in_and_ends_the_previous_one() {
     assert_eq!(user, role);
 
     let (second, _) = database_token(&lb, &bearer).await;
-    assert_auth_failure(login(&pg, &role, &first).await);
-    login(&pg, &role, &second)
+    tests::assert_auth_failure(tests::login(&pg, &role, &first).await);
+    tests::login(&pg, &role, &second)
         .await
         .expect("log in with the new token");
-    assert_auth_failure(login(&pg, &role, "a-guess").await);
+    tests::assert_auth_failure(tests::login(&pg, &role, "a-guess").await);
 }
 
 #[tokio::test]
@@ -336,13 +313,13 @@ async fn a_credential_expires_but_open_sessions_go_on() {
     let (token, expiry) = database_token(&lb, &bearer).await;
     let lifetime = expiry - Utc::now();
     assert!(lifetime <= chrono::Duration::seconds(2), "{lifetime}");
-    let session = login(&pg, &role, &token)
+    let session = tests::login(&pg, &role, &token)
         .await
         .expect("log in before expiry");
 
     let wait = (expiry - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(500);
     tokio::time::sleep(wait).await;
-    assert_auth_failure(login(&pg, &role, &token).await);
+    tests::assert_auth_failure(tests::login(&pg, &role, &token).await);
     // PostgreSQL checks the password only at login, as Lakebase does.
     let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
@@ -574,14 +551,14 @@ async fn an_existing_role_keeps_its_password_until_the_first_credential() {
         .await
         .unwrap();
     let lb = start(&pg, LocalLakebaseConfig::default().with_role("app")).await;
-    login(&pg, "app", "static-password")
+    tests::login(&pg, "app", "static-password")
         .await
         .expect("the existing password still works");
 
     let bearer = workspace_token(&lb).await;
     let (token, _) = database_token(&lb, &bearer).await;
-    assert_auth_failure(login(&pg, "app", "static-password").await);
-    login(&pg, "app", &token)
+    tests::assert_auth_failure(tests::login(&pg, "app", "static-password").await);
+    tests::login(&pg, "app", &token)
         .await
         .expect("log in with the token");
 }

@@ -5,29 +5,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use dal::local::LocalPostgres;
-use tokio_postgres::error::SqlState;
-
-async fn login(
-    pg: &LocalPostgres,
-    user: &str,
-    password: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(pg.port())
-        .user(user)
-        .password(password)
-        .dbname("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
-fn assert_auth_failure(result: Result<tokio_postgres::Client, tokio_postgres::Error>) {
-    let err = result.expect_err("the login should have been refused");
-    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
-}
 
 #[tokio::test]
 async fn an_ephemeral_cluster_is_removed_on_drop() {
@@ -57,7 +34,7 @@ async fn a_rotated_password_behaves_like_a_short_lived_token() {
     )
     .await
     .unwrap();
-    let session = login(&pg, "app", "token-1")
+    let session = tests::login(&pg, "app", "token-1")
         .await
         .expect("login with token-1");
 
@@ -68,13 +45,13 @@ async fn a_rotated_password_behaves_like_a_short_lived_token() {
     )
     .await
     .unwrap();
-    assert_auth_failure(login(&pg, "app", "token-1").await);
-    login(&pg, "app", "token-2")
+    tests::assert_auth_failure(tests::login(&pg, "app", "token-1").await);
+    tests::login(&pg, "app", "token-2")
         .await
         .expect("login with token-2");
 
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_auth_failure(login(&pg, "app", "token-2").await);
+    tests::assert_auth_failure(tests::login(&pg, "app", "token-2").await);
     // Postgres checks the password only at login: the open session goes on.
     let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
