@@ -238,6 +238,15 @@ impl TokenCache {
         self.refresh(false).await
     }
 
+    /// The cached token if it needs no refresh now, without waiting: one atomic load and a
+    /// clock read, no lock. `None` means [`token`](Self::token) would fetch.
+    pub fn try_token(&self) -> Option<Arc<Token>> {
+        if self.inner.strategy == TokenStrategy::Uncached {
+            return None;
+        }
+        self.cached_fresh()
+    }
+
     /// The cached token if it needs no refresh now: one atomic load, no lock.
     fn cached_fresh(&self) -> Option<Arc<Token>> {
         let guard = self.inner.current.load();
