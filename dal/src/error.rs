@@ -209,6 +209,11 @@ impl Error {
     /// diesel-async keeps the SQLSTATE of serialization failures only, so a Diesel deadlock is
     /// recognised by the server's (English) message.
     pub fn is_conflict(&self) -> bool {
+        match self {
+            Error::RetriesExhausted { last, .. } => return last.is_conflict(),
+            Error::Connect { source } => return source.is_conflict(),
+            _ => {}
+        }
         if matches!(self.sqlstate(), Some("40001" | "40P01")) {
             return true;
         }
