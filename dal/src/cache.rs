@@ -12,6 +12,7 @@ use arc_swap::ArcSwapOption;
 use tokio::task::JoinHandle;
 
 use crate::credentials::{Clock, CredentialSource, SystemClock, Token};
+use crate::telemetry;
 use crate::{Error, Result};
 
 /// When the cache fetches tokens.
@@ -357,6 +358,8 @@ impl TokenCache {
             Ok(token) => Ok(self.install(token)),
             Err(e) => {
                 inner.failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(telemetry::TOKEN_REFRESH_FAILURES, "source" => inner.source.kind())
+                    .increment(1);
                 let now = inner.clock.now();
                 let backoff = inner.settings.max_backoff.min(Duration::from_secs(1));
                 inner
@@ -397,6 +400,13 @@ impl TokenCache {
             match result {
                 Ok(token) => {
                     inner.fetches.fetch_add(1, Ordering::Relaxed);
+                    let source = inner.source.kind();
+                    metrics::counter!(telemetry::TOKEN_REFRESHES, "source" => source).increment(1);
+                    if token.expires_at().is_some() {
+                        let left = remaining(&token, inner.clock.now());
+                        metrics::gauge!(telemetry::TOKEN_REMAINING_SECONDS, "source" => source)
+                            .set(left.as_secs_f64());
+                    }
                     tracing::info!(
                         source = inner.source.kind(),
                         duration_ms = started.elapsed().as_millis() as u64,

@@ -1,8 +1,8 @@
 //! The shared driver layer: one validated configuration, one token cache, TLS, and the
 //! per-connection settings, from which every pool is built.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
@@ -10,6 +10,8 @@ use secrecy::ExposeSecret;
 use crate::cache::TokenCache;
 use crate::config::{Config, Credentials, PoolSettings, Target};
 use crate::credentials::{CredentialSource, StaticPassword, Token};
+use crate::pool::PoolHandle;
+use crate::telemetry::{self, PoolHealth};
 use crate::tls::{SslMode, Tls};
 use crate::{Error, Result};
 
@@ -46,7 +48,9 @@ struct Shared {
     pool: PoolSettings,
     cache: TokenCache,
     sqlx_pools: std::sync::Mutex<Vec<sea_orm::sqlx::PgPool>>,
+    bb8_pools: std::sync::Mutex<Vec<Weak<dyn PoolHandle>>>,
     opened: AtomicU64,
+    shut_down: AtomicBool,
 }
 
 impl std::fmt::Debug for Connector {
@@ -135,7 +139,9 @@ impl Connector {
                 pool: config.pool,
                 cache,
                 sqlx_pools: std::sync::Mutex::new(Vec::new()),
+                bb8_pools: std::sync::Mutex::new(Vec::new()),
                 opened: AtomicU64::new(0),
+                shut_down: AtomicBool::new(false),
             }),
         })
     }
@@ -280,10 +286,13 @@ impl Connector {
         match result {
             Ok(pair) => {
                 self.shared.opened.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(telemetry::CONNECTIONS_OPENED).increment(1);
                 tracing::debug!(host = %self.shared.host, user = %self.shared.user, "connection opened");
                 Ok(pair)
             }
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD) => {
+                metrics::counter!(telemetry::AUTH_FAILURES).increment(1);
+                tracing::debug!(user = %self.shared.user, "login refused (SQLSTATE 28P01)");
                 Err(Error::AuthFailed {
                     user: self.shared.user.clone(),
                     source: e,
@@ -345,15 +354,77 @@ impl Connector {
     }
 
     /// Like [`seaorm`](Self::seaorm), with its own pool sizes and lifetimes.
+    ///
+    /// Each query is timed for a `tracing` event and the
+    /// [`QUERY_SECONDS`](telemetry::QUERY_SECONDS) histogram, through SeaORM's metric callback.
     pub async fn seaorm_with(&self, pool: &PoolSettings) -> Result<sea_orm::DatabaseConnection> {
-        Ok(sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(
+        let mut db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(
             self.sqlx_pool_with(pool).await?,
-        ))
+        );
+        db.set_metric_callback(|info| telemetry::query_done("seaorm", info.elapsed, info.failed));
+        Ok(db)
     }
 
-    /// Stops the token refresher and closes the sqlx pools built by this connector.
+    pub(crate) fn register_pool(&self, pool: Weak<dyn PoolHandle>) {
+        let mut pools = self
+            .shared
+            .bb8_pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pools.retain(|p| p.strong_count() > 0);
+        pools.push(pool);
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.shared.shut_down.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn pool_health(&self) -> Vec<PoolHealth> {
+        let sqlx: Vec<_> = self
+            .shared
+            .sqlx_pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut health: Vec<PoolHealth> = sqlx
+            .iter()
+            .map(|p| {
+                let connections = p.size();
+                let idle = u32::try_from(p.num_idle()).unwrap_or(u32::MAX);
+                PoolHealth {
+                    kind: "seaorm",
+                    max_size: p.options().get_max_connections(),
+                    connections,
+                    idle,
+                    waiting: 0,
+                }
+            })
+            .collect();
+        health.extend(self.live_bb8_pools().iter().map(|p| p.health()));
+        health
+    }
+
+    fn live_bb8_pools(&self) -> Vec<Arc<dyn PoolHandle>> {
+        self.shared
+            .bb8_pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Stops the token refresher and closes every pool built by this connector: the sqlx
+    /// pools behind SeaORM at once (waiting for connections in use to come back), the Diesel
+    /// and tokio-postgres pools by closing their idle connections now and the others when
+    /// they are returned. Pools refuse new checkouts afterwards, and no new pool can be built.
     pub async fn shutdown(&self) {
+        self.shared.shut_down.store(true, Ordering::Relaxed);
         self.shared.cache.shutdown();
+        for pool in self.live_bb8_pools() {
+            pool.close().await;
+        }
         let pools: Vec<_> = self
             .shared
             .sqlx_pools

@@ -120,6 +120,58 @@ pub enum Error {
     /// The database answered with an error, or the connection to it failed.
     #[error("database error")]
     Database(#[source] tokio_postgres::Error),
+
+    /// A SeaORM operation failed.
+    #[error("SeaORM operation failed")]
+    SeaOrm(#[source] sea_orm::DbErr),
+
+    /// A Diesel operation failed.
+    #[error("Diesel operation failed")]
+    Diesel(#[source] diesel::result::Error),
+
+    /// A retried transaction failed on every attempt; the cause is the last attempt's error.
+    #[error("the transaction failed after {attempts} attempt(s)")]
+    RetriesExhausted {
+        /// How many times the transaction ran.
+        attempts: u32,
+        /// The error of the last attempt.
+        #[source]
+        last: Box<Error>,
+    },
+
+    /// The connection failed while COMMIT was in flight: the transaction may or may not have
+    /// committed, so it was not retried. Check the data before running it again.
+    #[error(
+        "the connection failed during COMMIT: the transaction may or may not have committed, \
+         so it was not retried"
+    )]
+    AmbiguousCommit {
+        /// The failure seen while committing.
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// A nested transaction was asked of an Aurora DSQL target. Nothing was sent.
+    #[error("Aurora DSQL has no SAVEPOINT, so nested transactions are not supported")]
+    SavepointUnsupported,
+
+    /// A query returned a number of rows its caller ruled out.
+    #[error("expected {expected}, but {actual} row(s) came back")]
+    RowCount {
+        /// What the caller expected.
+        expected: crate::expect::Rows,
+        /// How many rows came back.
+        actual: usize,
+    },
+
+    /// The work of a transaction gave up with its own error; the transaction was rolled back
+    /// and not retried.
+    #[error("the transaction's work gave up")]
+    Aborted(#[source] Box<dyn std::error::Error + Send + Sync>),
+
+    /// The pool was shut down with [`Connector::shutdown`](crate::Connector::shutdown).
+    #[error("the pool was shut down")]
+    PoolClosed,
 }
 
 impl Error {
@@ -129,8 +181,88 @@ impl Error {
             Error::Database(e) => e.code().map(|c| c.code()),
             Error::AuthFailed { .. } => Some("28P01"),
             Error::Connect { source } => source.sqlstate(),
+            Error::SeaOrm(e) => sqlx_error(e).and_then(pg_database_error).map(|e| e.code()),
+            Error::Diesel(e) => diesel_sqlstate(e),
+            Error::RetriesExhausted { last, .. } => last.sqlstate(),
             _ => None,
         }
+    }
+
+    /// The server's message of a database error, if there is one.
+    fn db_message(&self) -> Option<&str> {
+        match self {
+            Error::Database(e) => e.as_db_error().map(|e| e.message()),
+            Error::SeaOrm(e) => sqlx_error(e)
+                .and_then(pg_database_error)
+                .map(|e| e.message()),
+            Error::Diesel(diesel::result::Error::DatabaseError(_, info)) => Some(info.message()),
+            Error::Connect { source } => source.db_message(),
+            Error::RetriesExhausted { last, .. } => last.db_message(),
+            _ => None,
+        }
+    }
+
+    /// Whether the transaction lost a conflict and may succeed when run again: a
+    /// serialization failure (SQLSTATE `40001`, which is also how Aurora DSQL reports its
+    /// optimistic-concurrency conflicts `OC000` and `OC001`) or a deadlock (`40P01`).
+    ///
+    /// diesel-async keeps the SQLSTATE of serialization failures only, so a Diesel deadlock is
+    /// recognised by the server's (English) message.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            Error::RetriesExhausted { last, .. } => return last.is_conflict(),
+            Error::Connect { source } => return source.is_conflict(),
+            _ => {}
+        }
+        if matches!(self.sqlstate(), Some("40001" | "40P01")) {
+            return true;
+        }
+        self.db_message().is_some_and(|m| {
+            m.contains("OC000")
+                || m.contains("OC001")
+                || (matches!(self, Error::Diesel(_)) && m.starts_with("deadlock detected"))
+        })
+    }
+
+    /// Whether the connection failed or could not be opened (as opposed to the server
+    /// answering with an error). A refused login is not a connection failure.
+    pub fn is_connection_failure(&self) -> bool {
+        use sea_orm::sqlx::Error as Sqlx;
+        match self {
+            Error::Database(e) => e.code().is_none(),
+            Error::HttpTransport { .. } | Error::PoolTimeout(_) => true,
+            Error::Connect { source } => source.is_connection_failure(),
+            Error::SeaOrm(sea_orm::DbErr::ConnectionAcquire(_)) => true,
+            Error::SeaOrm(e) => matches!(
+                sqlx_error(e),
+                Some(
+                    Sqlx::Io(_)
+                        | Sqlx::Tls(_)
+                        | Sqlx::Protocol(_)
+                        | Sqlx::PoolTimedOut
+                        | Sqlx::PoolClosed
+                        | Sqlx::WorkerCrashed
+                )
+            ),
+            Error::Diesel(diesel::result::Error::DatabaseError(kind, _)) => {
+                matches!(kind, diesel::result::DatabaseErrorKind::UnableToSendCommand)
+            }
+            Error::Diesel(diesel::result::Error::BrokenTransactionManager) => true,
+            _ => false,
+        }
+    }
+
+    /// The rows-count of a [`RowCount`](Error::RowCount) error: how many rows came back.
+    pub fn row_count(&self) -> Option<usize> {
+        match self {
+            Error::RowCount { actual, .. } => Some(*actual),
+            _ => None,
+        }
+    }
+
+    /// A transaction body's own reason to give up, as an [`Error::Aborted`].
+    pub fn abort(reason: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Error::Aborted(reason.into())
     }
 
     /// Whether the server refused the credentials (SQLSTATE `28P01`), or the credential
@@ -144,13 +276,17 @@ impl Error {
     }
 
     /// Whether trying again may succeed: timeouts, connection failures, HTTP 408, 429 and
-    /// 5xx. Bad settings and refused credentials are not retryable.
+    /// 5xx, and ORM errors that are [conflicts](Self::is_conflict). Bad settings and refused
+    /// credentials are not retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
             Error::HttpTransport { .. } | Error::Credential { .. } | Error::PoolTimeout(_) => true,
             Error::Database(e) => e.code().is_none(),
             Error::Connect { source } => source.is_retryable(),
+            Error::SeaOrm(_) | Error::Diesel(_) => {
+                self.is_conflict() || (self.is_connection_failure() && !self.is_auth_failure())
+            }
             _ => false,
         }
     }
@@ -174,6 +310,53 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Error::Io { path, source }
+    }
+}
+
+impl From<sea_orm::DbErr> for Error {
+    fn from(e: sea_orm::DbErr) -> Self {
+        Error::SeaOrm(e)
+    }
+}
+
+impl From<diesel::result::Error> for Error {
+    fn from(e: diesel::result::Error) -> Self {
+        Error::Diesel(e)
+    }
+}
+
+fn sqlx_error(e: &sea_orm::DbErr) -> Option<&sea_orm::sqlx::Error> {
+    use sea_orm::{DbErr, RuntimeErr};
+    match e {
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => Some(e),
+        _ => None,
+    }
+}
+
+fn pg_database_error(
+    e: &sea_orm::sqlx::Error,
+) -> Option<&sea_orm::sqlx::postgres::PgDatabaseError> {
+    e.as_database_error()?.try_downcast_ref()
+}
+
+/// diesel-async maps the SQLSTATEs it knows to error kinds and drops the rest.
+fn diesel_sqlstate(e: &diesel::result::Error) -> Option<&'static str> {
+    use diesel::result::DatabaseErrorKind as Kind;
+    match e {
+        diesel::result::Error::DatabaseError(kind, _) => match kind {
+            Kind::SerializationFailure => Some("40001"),
+            Kind::UniqueViolation => Some("23505"),
+            Kind::ForeignKeyViolation => Some("23503"),
+            Kind::NotNullViolation => Some("23502"),
+            Kind::CheckViolation => Some("23514"),
+            Kind::RestrictViolation => Some("23001"),
+            Kind::ExclusionViolation => Some("23P01"),
+            Kind::ReadOnlyTransaction => Some("25006"),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

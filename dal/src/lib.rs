@@ -46,19 +46,24 @@ mod connector;
 pub mod credentials;
 mod env;
 mod error;
+pub mod expect;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod models;
 mod pool;
 pub mod schema;
+pub mod telemetry;
 mod tls;
+mod tx;
 
 pub use cache::{CacheSettings, TokenCache, TokenStrategy};
 pub use config::{Config, Credentials, DEFAULT_APPLICATION_NAME, PoolSettings, Target};
 pub use connector::Connector;
 pub use error::{Error, Result};
-pub use pool::{ClientManager, DieselManager, DieselPool, PgClientPool, Pool};
+pub use pool::{ClientManager, Closable, DieselManager, DieselPool, PgClientPool, Pool};
+pub use telemetry::{Health, PoolHealth};
 pub use tls::SslMode;
+pub use tx::{Isolation, RetryPolicy, RetryPolicyBuilder, Transactions, TxMode};
 
 pub use bb8;
 pub use diesel;

@@ -1,0 +1,121 @@
+//! What the layer tells operators: the names of the metrics it records through the
+//! [`metrics`] facade, and [`Connector::health`].
+//!
+//! Nothing is recorded until the program installs a recorder (such as a Prometheus
+//! exporter). No metric, label, span or event carries a token, password or SQL text.
+//! Labels: `source` (credential source kind: `static`, `lakebase`, `dsql`, `custom`),
+//! `pool` (`diesel`, `postgres`), `orm` (`seaorm`, `diesel`).
+
+use std::time::{Duration, SystemTime};
+
+use crate::config::Target;
+use crate::connector::Connector;
+
+/// Counter: tokens fetched from the credential source. Label `source`.
+pub const TOKEN_REFRESHES: &str = "dal_token_refreshes_total";
+/// Counter: token refreshes that failed after their retries. Label `source`.
+pub const TOKEN_REFRESH_FAILURES: &str = "dal_token_refresh_failures_total";
+/// Gauge: seconds until the newest token expires, set when it is fetched. Label `source`.
+pub const TOKEN_REMAINING_SECONDS: &str = "dal_token_remaining_seconds";
+/// Counter: physical connections opened by the connector (Diesel and tokio-postgres pools).
+pub const CONNECTIONS_OPENED: &str = "dal_connections_opened_total";
+/// Counter: logins the server refused (SQLSTATE `28P01`).
+pub const AUTH_FAILURES: &str = "dal_auth_failures_total";
+/// Gauge: connections of a pool, open and idle, after each checkout. Label `pool`.
+pub const POOL_CONNECTIONS: &str = "dal_pool_connections";
+/// Gauge: idle connections of a pool, after each checkout. Label `pool`.
+pub const POOL_IDLE: &str = "dal_pool_idle_connections";
+/// Gauge: callers waiting for a connection of a pool. Label `pool`.
+pub const POOL_WAITING: &str = "dal_pool_waiting";
+/// Histogram: seconds spent waiting for a connection of a pool. Label `pool`.
+pub const POOL_ACQUIRE_SECONDS: &str = "dal_pool_acquire_seconds";
+/// Counter: transactions run again after a conflict or connection failure. Label `orm`.
+pub const TX_RETRIES: &str = "dal_tx_retries_total";
+/// Counter: transactions committed. Label `orm`.
+pub const TX_COMMITS: &str = "dal_tx_commits_total";
+/// Counter: transactions rolled back. Label `orm`.
+pub const TX_ROLLBACKS: &str = "dal_tx_rollbacks_total";
+/// Histogram: seconds per query. Labels `orm`, `failed` (`true`, `false`).
+pub const QUERY_SECONDS: &str = "dal_query_seconds";
+
+/// A snapshot of a connector's state, for health checks and dashboards. Holds no secret.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Health {
+    /// The kind of server.
+    pub target: Target,
+    /// The kind of credential source, such as `lakebase`.
+    pub token_source: &'static str,
+    /// When the current token expires; `None` when there is none yet or it never expires.
+    pub token_expires_at: Option<SystemTime>,
+    /// How long the current token stays valid; `None` as for `token_expires_at`.
+    pub token_remaining: Option<Duration>,
+    /// Tokens fetched so far.
+    pub token_fetches: u64,
+    /// Token refreshes that failed so far.
+    pub token_failures: u64,
+    /// Connections the connector opened itself.
+    pub connections_opened: u64,
+    /// Every pool the connector built that is still in use.
+    pub pools: Vec<PoolHealth>,
+    /// Whether [`Connector::shutdown`] was called.
+    pub shut_down: bool,
+}
+
+/// The state of one pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolHealth {
+    /// `seaorm` (the sqlx pool), `diesel` or `postgres`.
+    pub kind: &'static str,
+    /// Most connections open at once.
+    pub max_size: u32,
+    /// Connections open now, idle or in use.
+    pub connections: u32,
+    /// Idle connections now.
+    pub idle: u32,
+    /// Callers waiting for a connection now (bb8 pools; 0 for sqlx, which does not tell).
+    pub waiting: u64,
+}
+
+impl Health {
+    /// Whether the connector is usable: not shut down, and its token (if it expires) still
+    /// valid.
+    pub fn is_healthy(&self) -> bool {
+        !self.shut_down
+            && self
+                .token_expires_at
+                .is_none_or(|_| self.token_remaining.is_some())
+    }
+}
+
+impl Connector {
+    /// Pool state and token expiry, never the token.
+    pub fn health(&self) -> Health {
+        let cache = self.cache();
+        let expires = cache.expires_at();
+        Health {
+            target: self.target(),
+            token_source: cache.source_kind(),
+            token_expires_at: expires,
+            token_remaining: expires.and_then(|at| at.duration_since(SystemTime::now()).ok()),
+            token_fetches: cache.fetches(),
+            token_failures: cache.failures(),
+            connections_opened: self.connections_opened(),
+            pools: self.pool_health(),
+            shut_down: self.is_shut_down(),
+        }
+    }
+}
+
+/// Records one finished query.
+pub(crate) fn query_done(orm: &'static str, elapsed: Duration, failed: bool) {
+    tracing::debug!(
+        orm,
+        elapsed_ms = elapsed.as_millis() as u64,
+        failed,
+        "query"
+    );
+    metrics::histogram!(QUERY_SECONDS, "orm" => orm, "failed" => if failed { "true" } else { "false" })
+        .record(elapsed.as_secs_f64());
+}

@@ -1,0 +1,695 @@
+//! Transactions for both ORMs: one [`TxMode`] (isolation, read-only, deferrable), retries of
+//! whole transactions after conflicts ([`RetryPolicy`]), and savepoints that refuse Aurora
+//! DSQL, which has none.
+//!
+//! Optimistic-concurrency databases (Aurora DSQL) report conflicts at COMMIT as SQLSTATE
+//! `40001`; PostgreSQL's SERIALIZABLE isolation does the same, and deadlocks end one
+//! transaction with `40P01`. In each case the whole transaction must run again, so
+//! [`Transactions`] takes the transaction's work as a closure it can call once per attempt.
+
+use std::time::Duration;
+
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
+use futures_util::future::BoxFuture;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use tracing::Instrument;
+
+use crate::config::Target;
+use crate::connector::Connector;
+use crate::pool::DieselPool;
+use crate::telemetry;
+use crate::{Error, Result};
+
+/// Isolation level of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// `READ COMMITTED`, PostgreSQL's default.
+    ReadCommitted,
+    /// `REPEATABLE READ`, Aurora DSQL's only level.
+    RepeatableRead,
+    /// `SERIALIZABLE`.
+    Serializable,
+}
+
+impl Isolation {
+    fn sql(self) -> &'static str {
+        match self {
+            Isolation::ReadCommitted => "READ COMMITTED",
+            Isolation::RepeatableRead => "REPEATABLE READ",
+            Isolation::Serializable => "SERIALIZABLE",
+        }
+    }
+}
+
+/// How a transaction runs: isolation level, read-only, deferrable. The same value serves
+/// SeaORM and Diesel.
+///
+/// Only what differs from the session's defaults is sent. Defaults to the session's isolation
+/// level, read-write, not deferrable.
+///
+/// ```
+/// use dal::{Isolation, TxMode};
+/// let report = TxMode::new().isolation(Isolation::Serializable).read_only(true).deferrable(true);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TxMode {
+    /// The isolation level; `None` keeps the session's (`default_transaction_isolation`).
+    pub isolation: Option<Isolation>,
+    /// `READ ONLY` when set.
+    pub read_only: bool,
+    /// `DEFERRABLE` when set: a serializable read-only transaction waits for a snapshot in
+    /// which it cannot fail with a serialization error.
+    pub deferrable: bool,
+}
+
+impl TxMode {
+    /// The session's defaults.
+    pub const fn new() -> Self {
+        Self {
+            isolation: None,
+            read_only: false,
+            deferrable: false,
+        }
+    }
+
+    /// Sets [`isolation`](Self::isolation).
+    #[must_use]
+    pub const fn isolation(mut self, level: Isolation) -> Self {
+        self.isolation = Some(level);
+        self
+    }
+
+    /// Sets [`read_only`](Self::read_only).
+    #[must_use]
+    pub const fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Sets [`deferrable`](Self::deferrable).
+    #[must_use]
+    pub const fn deferrable(mut self, deferrable: bool) -> Self {
+        self.deferrable = deferrable;
+        self
+    }
+
+    /// The transaction characteristics, as `SET TRANSACTION` and `BEGIN` take them; `None`
+    /// when everything is left at the session's default.
+    fn characteristics(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(level) = self.isolation {
+            parts.push(format!("ISOLATION LEVEL {}", level.sql()));
+        }
+        if self.read_only {
+            parts.push("READ ONLY".to_owned());
+        }
+        if self.deferrable {
+            parts.push("DEFERRABLE".to_owned());
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+}
+
+/// How often and how fast a transaction is run again after a conflict.
+///
+/// Defaults to the Aurora DSQL connectors' numbers: 3 attempts in all, exponential backoff
+/// from 1 ms to 100 ms, with 25 % jitter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    attempts: u32,
+    min_delay: Duration,
+    max_delay: Duration,
+    jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            min_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(100),
+            jitter: 0.25,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A policy to adjust; [`RetryPolicyBuilder::build`] checks it.
+    pub fn builder() -> RetryPolicyBuilder {
+        RetryPolicyBuilder(Self::default())
+    }
+
+    /// One attempt: a conflict is returned to the caller at once.
+    pub fn no_retries() -> Self {
+        Self {
+            attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Attempts in all, the first included.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The pause before attempt `attempt + 1` (`attempt` counts from 1): `min_delay` doubled
+    /// per attempt, capped at `max_delay`, then moved by up to `jitter` either way.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(31);
+        let base = self
+            .min_delay
+            .saturating_mul(1 << doublings)
+            .min(self.max_delay);
+        let factor = 1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0);
+        base.mul_f64(factor.max(0.0))
+    }
+}
+
+/// Builds a [`RetryPolicy`]; see there for the defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicyBuilder(RetryPolicy);
+
+impl RetryPolicyBuilder {
+    /// Attempts in all, the first included; at least 1. Defaults to 3.
+    #[must_use]
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.0.attempts = attempts;
+        self
+    }
+
+    /// The first pause and the longest one. Defaults to 1 ms and 100 ms.
+    #[must_use]
+    pub fn delays(mut self, min: Duration, max: Duration) -> Self {
+        self.0.min_delay = min;
+        self.0.max_delay = max;
+        self
+    }
+
+    /// The delays from seconds, which may come from user input: a negative or non-finite
+    /// value is rejected by [`build`](Self::build).
+    pub fn delays_secs(self, min: f64, max: f64) -> Result<Self> {
+        let parse = |v: f64, what: &str| {
+            Duration::try_from_secs_f64(v).map_err(|_| {
+                Error::config(
+                    format!("retry {what}"),
+                    format!("{v} is not a non-negative number of seconds"),
+                )
+            })
+        };
+        Ok(self.delays(parse(min, "min_delay")?, parse(max, "max_delay")?))
+    }
+
+    /// The fraction by which each pause moves at random, up or down; 0 to 1. Defaults to 0.25.
+    #[must_use]
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.0.jitter = fraction;
+        self
+    }
+
+    /// The policy, or [`Error::Config`] for zero attempts, a minimum delay above the maximum,
+    /// or a jitter outside 0..=1.
+    pub fn build(self) -> Result<RetryPolicy> {
+        let p = self.0;
+        if p.attempts == 0 {
+            return Err(Error::config("retry attempts", "must be at least 1"));
+        }
+        if p.min_delay > p.max_delay {
+            return Err(Error::config(
+                "retry delays",
+                "the minimum delay must not exceed the maximum",
+            ));
+        }
+        if !(0.0..=1.0).contains(&p.jitter) {
+            return Err(Error::config(
+                "retry jitter",
+                "must be a fraction between 0 and 1, such as 0.25",
+            ));
+        }
+        Ok(p)
+    }
+}
+
+/// Runs transactions with a [`TxMode`] and a [`RetryPolicy`], for SeaORM and Diesel.
+///
+/// Get one with [`Connector::transactions`].
+///
+/// # The work must be idempotent
+///
+/// The work closure runs once per attempt, and every attempt but the last was rolled back.
+/// Whatever it does outside the database (sending mail, charging a card, pushing to a
+/// channel, incrementing a counter in memory) happens once per attempt: keep such effects
+/// out of it, or make them idempotent. That is the caller's concern; this type cannot check.
+///
+/// # What is retried
+///
+/// - conflicts: SQLSTATE `40001` (serialization failures, Aurora DSQL's `OC000`/`OC001`) and
+///   `40P01` (deadlocks), raised by any statement or by COMMIT;
+/// - connection failures before the transaction's first statement (acquiring the
+///   connection, `BEGIN`).
+///
+/// A connection lost while COMMIT was in flight is never retried, since the transaction may
+/// have committed: it ends with [`Error::AmbiguousCommit`]. When the attempts run out, the
+/// last error comes back inside [`Error::RetriesExhausted`] with the attempt count.
+#[derive(Debug, Clone)]
+pub struct Transactions {
+    target: Target,
+    policy: RetryPolicy,
+}
+
+/// Where an attempt failed, which decides whether it may run again.
+enum Failure {
+    /// Before the first statement: acquiring the connection, BEGIN, SET TRANSACTION.
+    Begin(Error),
+    /// In the work.
+    Work(Error),
+    /// At COMMIT.
+    Commit(Error),
+}
+
+impl Failure {
+    /// The error to return as it is, or `Ok` with the error to retry.
+    fn classify(self) -> std::result::Result<Error, Error> {
+        match self {
+            Failure::Begin(e) if e.is_conflict() => Ok(e),
+            Failure::Begin(e) if e.is_connection_failure() && !e.is_auth_failure() => Ok(e),
+            Failure::Work(e) | Failure::Commit(e) if e.is_conflict() => Ok(e),
+            Failure::Commit(e) if e.is_connection_failure() => Err(Error::AmbiguousCommit {
+                source: Box::new(e),
+            }),
+            Failure::Begin(e) | Failure::Work(e) | Failure::Commit(e) => Err(e),
+        }
+    }
+}
+
+impl Transactions {
+    /// Transactions against a `target`, retried by `policy`.
+    pub fn new(target: Target, policy: RetryPolicy) -> Self {
+        Self { target, policy }
+    }
+
+    /// The same, retried by `policy` instead.
+    #[must_use]
+    pub fn with_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The retry policy.
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+
+    /// Decides after a failed attempt: sleeps and returns `Ok` to run again, or returns the
+    /// error to give up with.
+    async fn after(&self, orm: &'static str, attempt: u32, failure: Failure) -> Result<()> {
+        let retryable = match failure.classify() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!(orm, attempt, error = %crate::cache::ErrorChain(&e), "transaction failed");
+                return Err(e);
+            }
+        };
+        if attempt >= self.policy.attempts {
+            tracing::warn!(
+                orm,
+                attempts = attempt,
+                sqlstate = retryable.sqlstate(),
+                "transaction failed on its last attempt"
+            );
+            return Err(Error::RetriesExhausted {
+                attempts: attempt,
+                last: Box::new(retryable),
+            });
+        }
+        let delay = self.policy.delay(attempt);
+        tracing::info!(
+            orm,
+            attempt,
+            sqlstate = retryable.sqlstate(),
+            delay_ms = delay.as_millis() as u64,
+            error = %crate::cache::ErrorChain(&retryable),
+            "transaction conflict or connection failure; retrying"
+        );
+        metrics::counter!(telemetry::TX_RETRIES, "orm" => orm).increment(1);
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    /// Runs `work` in a SeaORM transaction of `mode` on `db`, retried as the
+    /// [type's docs](Self) say. `work` must be idempotent (see there).
+    ///
+    /// SeaORM cannot ask for `DEFERRABLE`, so the mode is set by `SET TRANSACTION` as the
+    /// transaction's first statement.
+    ///
+    /// ```no_run
+    /// # async fn demo(connector: &dal::Connector, db: &sea_orm::DatabaseConnection) -> dal::Result<()> {
+    /// use sea_orm::ConnectionTrait;
+    /// let mode = dal::TxMode::new().isolation(dal::Isolation::Serializable);
+    /// connector
+    ///     .transactions()
+    ///     .seaorm(db, mode, |txn| Box::pin(async move {
+    ///         txn.execute_unprepared("UPDATE accounts SET balance = balance - 1 WHERE id = 1").await?;
+    ///         txn.execute_unprepared("UPDATE accounts SET balance = balance + 1 WHERE id = 2").await?;
+    ///         Ok(())
+    ///     }))
+    ///     .await
+    /// # }
+    /// ```
+    pub async fn seaorm<T, F>(
+        &self,
+        db: &DatabaseConnection,
+        mode: TxMode,
+        mut work: F,
+    ) -> Result<T>
+    where
+        F: for<'c> FnMut(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>> + Send,
+        T: Send,
+    {
+        let mut attempt = 1;
+        loop {
+            let span = tracing::debug_span!("dal.transaction", orm = "seaorm", attempt);
+            let outcome = seaorm_once(db, mode, &mut work).instrument(span).await;
+            match outcome {
+                Ok(value) => return Ok(value),
+                Err(failure) => self.after("seaorm", attempt, failure).await?,
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Runs `work` in a Diesel transaction of `mode` on a connection of `pool`, retried as
+    /// the [type's docs](Self) say. `work` must be idempotent (see there).
+    ///
+    /// ```no_run
+    /// # async fn demo(connector: &dal::Connector, pool: &dal::DieselPool) -> dal::Result<()> {
+    /// use dal::diesel_async::RunQueryDsl;
+    /// let mode = dal::TxMode::new().isolation(dal::Isolation::Serializable);
+    /// let n = connector
+    ///     .transactions()
+    ///     .diesel(pool, mode, |conn| Box::pin(async move {
+    ///         Ok(dal::diesel::sql_query("UPDATE accounts SET balance = balance + 1").execute(conn).await?)
+    ///     }))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn diesel<T, F>(&self, pool: &DieselPool, mode: TxMode, mut work: F) -> Result<T>
+    where
+        F: for<'c> FnMut(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>> + Send,
+        T: Send,
+    {
+        let mut attempt = 1;
+        loop {
+            let span = tracing::debug_span!("dal.transaction", orm = "diesel", attempt);
+            let outcome = diesel_once(pool, mode, &mut work).instrument(span).await;
+            match outcome {
+                Ok(value) => return Ok(value),
+                Err(failure) => self.after("diesel", attempt, failure).await?,
+            }
+            attempt += 1;
+        }
+    }
+
+    fn refuse_savepoint(&self) -> Result<()> {
+        if self.target == Target::Dsql {
+            return Err(Error::SavepointUnsupported);
+        }
+        Ok(())
+    }
+
+    /// Runs `work` in a savepoint of the SeaORM transaction `txn`: when it fails, what it
+    /// did is rolled back and the outer transaction goes on. On an Aurora DSQL target it
+    /// fails with [`Error::SavepointUnsupported`] before anything is sent.
+    pub async fn seaorm_savepoint<T, F>(&self, txn: &DatabaseTransaction, work: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>>,
+    {
+        self.refuse_savepoint()?;
+        let nested = txn.begin().await?;
+        match work(&nested).await {
+            Ok(value) => {
+                nested.commit().await?;
+                Ok(value)
+            }
+            Err(e) => {
+                nested.rollback().await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `work` in a savepoint of the Diesel transaction open on `conn`: when it fails,
+    /// what it did is rolled back and the outer transaction goes on. Fails when no
+    /// transaction is open, and on an Aurora DSQL target with
+    /// [`Error::SavepointUnsupported`], before anything is sent.
+    pub async fn diesel_savepoint<T, F>(&self, conn: &mut AsyncPgConnection, work: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>>,
+    {
+        self.refuse_savepoint()?;
+        let depth = AnsiTransactionManager::transaction_manager_status_mut(conn)
+            .transaction_depth()
+            .map_err(Error::Diesel)?;
+        if depth.is_none() {
+            return Err(Error::Diesel(diesel::result::Error::NotInTransaction));
+        }
+        AnsiTransactionManager::begin_transaction(conn).await?;
+        match work(conn).await {
+            Ok(value) => {
+                AnsiTransactionManager::commit_transaction(conn).await?;
+                Ok(value)
+            }
+            Err(e) => {
+                AnsiTransactionManager::rollback_transaction(conn).await?;
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn seaorm_once<T, F>(
+    db: &DatabaseConnection,
+    mode: TxMode,
+    work: &mut F,
+) -> std::result::Result<T, Failure>
+where
+    F: for<'c> FnMut(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>> + Send,
+{
+    let begin = |e: sea_orm::DbErr| Failure::Begin(Error::SeaOrm(e));
+    let txn = db.begin().await.map_err(begin)?;
+    if let Some(characteristics) = mode.characteristics() {
+        txn.execute_unprepared(&format!("SET TRANSACTION {characteristics}"))
+            .await
+            .map_err(begin)?;
+    }
+    tracing::debug!("transaction begun");
+    match work(&txn).await {
+        Ok(value) => {
+            txn.commit()
+                .await
+                .map_err(|e| Failure::Commit(Error::SeaOrm(e)))?;
+            committed("seaorm");
+            Ok(value)
+        }
+        Err(e) => {
+            if let Err(rollback) = txn.rollback().await {
+                tracing::debug!(error = %rollback, "rollback failed; the connection is dropped");
+            }
+            rolled_back("seaorm");
+            Err(Failure::Work(e))
+        }
+    }
+}
+
+async fn diesel_once<T, F>(
+    pool: &DieselPool,
+    mode: TxMode,
+    work: &mut F,
+) -> std::result::Result<T, Failure>
+where
+    F: for<'c> FnMut(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>> + Send,
+{
+    let mut conn = pool.get().await.map_err(Failure::Begin)?;
+    let conn: &mut AsyncPgConnection = &mut conn;
+    let sql = match mode.characteristics() {
+        Some(characteristics) => format!("BEGIN TRANSACTION {characteristics}"),
+        None => "BEGIN TRANSACTION".to_owned(),
+    };
+    AnsiTransactionManager::begin_transaction_sql(conn, &sql)
+        .await
+        .map_err(|e| Failure::Begin(Error::Diesel(e)))?;
+    tracing::debug!("transaction begun");
+    match work(conn).await {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(conn)
+                .await
+                .map_err(|e| Failure::Commit(Error::Diesel(e)))?;
+            committed("diesel");
+            Ok(value)
+        }
+        Err(e) => {
+            if let Err(rollback) = AnsiTransactionManager::rollback_transaction(conn).await {
+                tracing::debug!(error = %rollback, "rollback failed; the connection is dropped");
+            }
+            rolled_back("diesel");
+            Err(Failure::Work(e))
+        }
+    }
+}
+
+fn committed(orm: &'static str) {
+    tracing::debug!(orm, "transaction committed");
+    metrics::counter!(telemetry::TX_COMMITS, "orm" => orm).increment(1);
+}
+
+fn rolled_back(orm: &'static str) {
+    tracing::debug!(orm, "transaction rolled back");
+    metrics::counter!(telemetry::TX_ROLLBACKS, "orm" => orm).increment(1);
+}
+
+impl Connector {
+    /// Transactions against this connector's target with the default [`RetryPolicy`].
+    pub fn transactions(&self) -> Transactions {
+        Transactions::new(self.target(), RetryPolicy::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_send_only_what_differs_from_the_defaults() {
+        assert_eq!(TxMode::new().characteristics(), None);
+        assert_eq!(
+            TxMode::new()
+                .isolation(Isolation::Serializable)
+                .read_only(true)
+                .deferrable(true)
+                .characteristics()
+                .as_deref(),
+            Some("ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE")
+        );
+        assert_eq!(
+            TxMode::new().deferrable(true).characteristics().as_deref(),
+            Some("DEFERRABLE")
+        );
+    }
+
+    #[test]
+    fn the_default_policy_is_the_dsql_connectors() {
+        let p = RetryPolicy::default();
+        assert_eq!(p, RetryPolicy::builder().build().unwrap());
+        assert_eq!(p.attempts(), 3);
+        for attempt in 1..=10 {
+            let d = p.delay(attempt);
+            let base = Duration::from_millis(1 << (attempt - 1)).min(Duration::from_millis(100));
+            assert!(
+                d >= base.mul_f64(0.75) && d <= base.mul_f64(1.25),
+                "{attempt}: {d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_jitter_delays_double_up_to_the_cap() {
+        let p = RetryPolicy::builder()
+            .delays(Duration::from_millis(10), Duration::from_millis(50))
+            .jitter(0.0)
+            .build()
+            .unwrap();
+        let delays: Vec<u128> = (1..=5).map(|a| p.delay(a).as_millis()).collect();
+        assert_eq!(delays, [10, 20, 40, 50, 50]);
+        assert_eq!(p.delay(u32::MAX), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn bad_policies_are_rejected_when_built() {
+        let builds = [
+            RetryPolicy::builder().attempts(0).build(),
+            RetryPolicy::builder()
+                .delays(Duration::from_millis(200), Duration::from_millis(100))
+                .build(),
+            RetryPolicy::builder().jitter(-0.1).build(),
+            RetryPolicy::builder().jitter(1.5).build(),
+        ];
+        for built in builds {
+            assert!(matches!(built, Err(Error::Config { .. })), "{built:?}");
+        }
+        for (min, max) in [(-0.001, 0.1), (0.001, -1.0), (f64::NAN, 0.1)] {
+            let err = RetryPolicy::builder().delays_secs(min, max).unwrap_err();
+            assert!(matches!(err, Error::Config { .. }), "{err:?}");
+        }
+        assert!(
+            RetryPolicy::builder()
+                .delays_secs(0.001, 0.1)
+                .unwrap()
+                .build()
+                .is_ok()
+        );
+    }
+
+    fn connection_lost() -> Error {
+        Error::Diesel(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UnableToSendCommand,
+            Box::new("connection closed".to_owned()),
+        ))
+    }
+
+    fn serialization_failure() -> Error {
+        Error::Diesel(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::SerializationFailure,
+            Box::new("could not serialize access".to_owned()),
+        ))
+    }
+
+    #[test]
+    fn failures_are_retried_only_where_it_is_safe() {
+        assert!(Failure::Begin(connection_lost()).classify().is_ok());
+        assert!(Failure::Begin(serialization_failure()).classify().is_ok());
+        assert!(Failure::Work(serialization_failure()).classify().is_ok());
+        assert!(Failure::Commit(serialization_failure()).classify().is_ok());
+        // Once a statement ran, a lost connection is the caller's to judge.
+        assert!(Failure::Work(connection_lost()).classify().is_err());
+        let ambiguous = Failure::Commit(connection_lost()).classify().unwrap_err();
+        assert!(
+            matches!(ambiguous, Error::AmbiguousCommit { .. }),
+            "{ambiguous:?}"
+        );
+        let own = Failure::Work(Error::abort("insufficient funds"))
+            .classify()
+            .unwrap_err();
+        assert!(matches!(own, Error::Aborted(_)), "{own:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exhausted_retries_report_the_attempts_and_the_last_error() {
+        let tx = Transactions::new(Target::Postgres, RetryPolicy::default());
+        for attempt in 1..3 {
+            tx.after("diesel", attempt, Failure::Work(serialization_failure()))
+                .await
+                .expect("retried");
+        }
+        let err = tx
+            .after("diesel", 3, Failure::Work(serialization_failure()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::RetriesExhausted { attempts: 3, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.sqlstate(), Some("40001"));
+        assert!(err.is_conflict());
+    }
+
+    #[tokio::test]
+    async fn dsql_refuses_savepoints_before_sending_anything() {
+        let tx = Transactions::new(Target::Dsql, RetryPolicy::default());
+        assert!(matches!(
+            tx.refuse_savepoint(),
+            Err(Error::SavepointUnsupported)
+        ));
+        let tx = Transactions::new(Target::Lakebase, RetryPolicy::default());
+        assert!(tx.refuse_savepoint().is_ok());
+    }
+}

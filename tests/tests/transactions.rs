@@ -1,0 +1,857 @@
+//! Transactions against a real server: serialization failures retried through each ORM,
+//! every transaction mode proven from inside the transaction, savepoints and the Aurora DSQL
+//! guard, result expectations, metrics, health and shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use dal::credentials::Token;
+use dal::diesel_async::{
+    AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager,
+};
+use dal::local::LocalPostgres;
+use dal::{Connector, Credentials, Isolation, PoolSettings, RetryPolicy, Target, TxMode};
+use diesel::sql_types::{BigInt, Text};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
+use tokio::sync::Barrier;
+
+const ACCOUNTS: i64 = 3;
+const OPENING: i64 = 1000;
+
+/// A connector for a fresh database `name` holding `accounts` (three hot rows) and
+/// `transfers` (one row per committed transfer, keyed by its number).
+async fn bank(pg: &LocalPostgres, name: &str, target: Target) -> Connector {
+    let password = tests::app_database(pg, name).await;
+    let config = pg
+        .config(name, name, &password)
+        .target(target)
+        .search_path("public")
+        .pool(PoolSettings::default().max_size(16));
+    let connector = Connector::new(config).await.expect("connector");
+    let raw = connector.postgres_pool().await.unwrap();
+    raw.get()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint NOT NULL);
+             INSERT INTO accounts SELECT g, {OPENING} FROM generate_series(1, {ACCOUNTS}) g;
+             CREATE TABLE transfers (id bigint PRIMARY KEY);"
+        ))
+        .await
+        .unwrap();
+    connector
+}
+
+/// The total balance and the numbers of the committed transfers.
+async fn books(connector: &Connector) -> (i64, Vec<i64>) {
+    let raw = connector.postgres_pool().await.unwrap();
+    let client = raw.get().await.unwrap();
+    let total: i64 = client
+        .query_one("SELECT sum(balance)::bigint FROM accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let ids = client
+        .query("SELECT id FROM transfers ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    (total, ids)
+}
+
+/// Transfer `n` moves 1 between two of the three accounts; any two transfers share one.
+fn route(n: i64) -> (i64, i64) {
+    let from = n % ACCOUNTS + 1;
+    (from, from % ACCOUNTS + 1)
+}
+
+fn serializable() -> TxMode {
+    TxMode::new().isolation(Isolation::Serializable)
+}
+
+/// The first attempt of every transfer waits at `barrier` after reading, so that all of them
+/// read before any writes: the conflicts are certain, not a matter of timing.
+#[derive(Clone)]
+struct Gate {
+    barrier: Arc<Barrier>,
+    first: Arc<AtomicBool>,
+}
+
+impl Gate {
+    fn new(barrier: &Arc<Barrier>) -> Self {
+        Self {
+            barrier: Arc::clone(barrier),
+            first: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    async fn pass(&self) {
+        if self.first.swap(false, Ordering::SeqCst) {
+            self.barrier.wait().await;
+        }
+    }
+}
+
+async fn seaorm_balance(txn: &DatabaseTransaction, id: i64) -> dal::Result<i64> {
+    let row = txn
+        .query_one_raw(Statement::from_string(
+            txn.get_database_backend(),
+            format!("SELECT balance FROM accounts WHERE id = {id}"),
+        ))
+        .await?
+        .expect("account row");
+    Ok(row.try_get::<i64>("", "balance")?)
+}
+
+async fn seaorm_transfer(txn: &DatabaseTransaction, n: i64, gate: Gate) -> dal::Result<()> {
+    let (from, to) = route(n);
+    let a = seaorm_balance(txn, from).await?;
+    let b = seaorm_balance(txn, to).await?;
+    gate.pass().await;
+    // Writing what was read makes a lost update visible in the total.
+    txn.execute_unprepared(&format!(
+        "UPDATE accounts SET balance = {} WHERE id = {from};
+         UPDATE accounts SET balance = {} WHERE id = {to};
+         INSERT INTO transfers VALUES ({n});",
+        a - 1,
+        b + 1
+    ))
+    .await?;
+    Ok(())
+}
+
+#[derive(diesel::QueryableByName)]
+struct Balance {
+    #[diesel(sql_type = BigInt)]
+    balance: i64,
+}
+
+async fn diesel_balance(conn: &mut AsyncPgConnection, id: i64) -> dal::Result<i64> {
+    let row: Balance = diesel::sql_query(format!("SELECT balance FROM accounts WHERE id = {id}"))
+        .get_result(conn)
+        .await?;
+    Ok(row.balance)
+}
+
+async fn diesel_transfer(conn: &mut AsyncPgConnection, n: i64, gate: Gate) -> dal::Result<()> {
+    let (from, to) = route(n);
+    let a = diesel_balance(conn, from).await?;
+    let b = diesel_balance(conn, to).await?;
+    gate.pass().await;
+    for sql in [
+        format!("UPDATE accounts SET balance = {} WHERE id = {from}", a - 1),
+        format!("UPDATE accounts SET balance = {} WHERE id = {to}", b + 1),
+        format!("INSERT INTO transfers VALUES ({n})"),
+    ] {
+        diesel::sql_query(sql).execute(conn).await?;
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Orm {
+    SeaOrm,
+    Diesel,
+}
+
+/// Runs `count` concurrent transfers under SERIALIZABLE; returns each one's outcome.
+async fn transfers(
+    connector: &Connector,
+    orm: Orm,
+    policy: RetryPolicy,
+    count: i64,
+) -> Vec<dal::Result<()>> {
+    let tx = connector.transactions().with_policy(policy);
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let barrier = Arc::new(Barrier::new(count as usize));
+    let tasks: Vec<_> = (1..=count)
+        .map(|n| {
+            let (tx, db, diesel, gate) =
+                (tx.clone(), db.clone(), diesel.clone(), Gate::new(&barrier));
+            tokio::spawn(async move {
+                match orm {
+                    Orm::SeaOrm => {
+                        tx.seaorm(&db, serializable(), |txn| {
+                            Box::pin(seaorm_transfer(txn, n, gate.clone()))
+                        })
+                        .await
+                    }
+                    Orm::Diesel => {
+                        tx.diesel(&diesel, serializable(), |conn| {
+                            Box::pin(diesel_transfer(conn, n, gate.clone()))
+                        })
+                        .await
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        let outcome = tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("transfers finish")
+            .expect("task");
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+async fn concurrent_transfers(orm: Orm) {
+    let pg = tests::server().await;
+    const N: i64 = 8;
+
+    // With retries: every transfer commits exactly once and the total is conserved.
+    let connector = bank(&pg, "bank_retry", Target::Postgres).await;
+    let patient = RetryPolicy::builder()
+        .attempts(100)
+        .delays(Duration::from_millis(1), Duration::from_millis(20))
+        .build()
+        .unwrap();
+    for outcome in transfers(&connector, orm, patient, N).await {
+        outcome.unwrap_or_else(|e| panic!("{orm:?}: {e:?}"));
+    }
+    let (total, ids) = books(&connector).await;
+    assert_eq!(total, ACCOUNTS * OPENING, "{orm:?}");
+    assert_eq!(ids, (1..=N).collect::<Vec<_>>(), "{orm:?}");
+    connector.shutdown().await;
+
+    // Without retries: the conflicts reach the caller as typed errors, and only the
+    // transfers reported as committed are in the books.
+    let connector = bank(&pg, "bank_once", Target::Postgres).await;
+    let outcomes = transfers(&connector, orm, RetryPolicy::no_retries(), N).await;
+    let mut committed = Vec::new();
+    for (n, outcome) in (1..=N).zip(&outcomes) {
+        match outcome {
+            Ok(()) => committed.push(n),
+            Err(e) => {
+                assert!(e.is_conflict(), "{orm:?}: {e:?}");
+                assert!(
+                    matches!(e, dal::Error::RetriesExhausted { attempts: 1, .. }),
+                    "{orm:?}: {e:?}"
+                );
+                assert!(
+                    matches!(e.sqlstate(), Some("40001" | "40P01") | None),
+                    "{e:?}"
+                );
+            }
+        }
+    }
+    assert!(committed.len() < N as usize, "{orm:?}: no transfer failed");
+    let (total, ids) = books(&connector).await;
+    assert_eq!(total, ACCOUNTS * OPENING, "{orm:?}");
+    assert_eq!(ids, committed, "{orm:?}");
+    connector.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seaorm_transfers_under_serializable_commit_once_with_retries() {
+    concurrent_transfers(Orm::SeaOrm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn diesel_transfers_under_serializable_commit_once_with_retries() {
+    concurrent_transfers(Orm::Diesel).await;
+}
+
+#[derive(Debug, PartialEq, Eq, diesel::QueryableByName)]
+struct Settings {
+    #[diesel(sql_type = Text)]
+    isolation: String,
+    #[diesel(sql_type = Text)]
+    read_only: String,
+    #[diesel(sql_type = Text)]
+    deferrable: String,
+}
+
+const SETTINGS: &str = "SELECT current_setting('transaction_isolation') AS isolation, \
+    current_setting('transaction_read_only') AS read_only, \
+    current_setting('transaction_deferrable') AS deferrable";
+
+#[tokio::test]
+async fn every_transaction_mode_holds_inside_the_transaction_for_both_orms() {
+    let pg = tests::server().await;
+    let connector = bank(&pg, "modes", Target::Postgres).await;
+    let tx = connector.transactions();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let levels = [
+        (None, "read committed"),
+        (Some(Isolation::ReadCommitted), "read committed"),
+        (Some(Isolation::RepeatableRead), "repeatable read"),
+        (Some(Isolation::Serializable), "serializable"),
+    ];
+    let mut checked = 0;
+    for (level, isolation) in levels {
+        for read_only in [false, true] {
+            for deferrable in [false, true] {
+                let mut mode = TxMode::new().read_only(read_only).deferrable(deferrable);
+                if let Some(level) = level {
+                    mode = mode.isolation(level);
+                }
+                let on_off = |b: bool| if b { "on" } else { "off" }.to_owned();
+                let expected = Settings {
+                    isolation: isolation.to_owned(),
+                    read_only: on_off(read_only),
+                    deferrable: on_off(deferrable),
+                };
+                let seen = tx
+                    .seaorm(&db, mode, |txn| {
+                        Box::pin(async move {
+                            let row = txn
+                                .query_one_raw(Statement::from_string(
+                                    txn.get_database_backend(),
+                                    SETTINGS,
+                                ))
+                                .await?
+                                .expect("a row");
+                            Ok(Settings {
+                                isolation: row.try_get("", "isolation")?,
+                                read_only: row.try_get("", "read_only")?,
+                                deferrable: row.try_get("", "deferrable")?,
+                            })
+                        })
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(seen, expected, "SeaORM {mode:?}");
+                let seen = tx
+                    .diesel(&diesel, mode, |conn| {
+                        Box::pin(async move {
+                            Ok(diesel::sql_query(SETTINGS)
+                                .get_result::<Settings>(conn)
+                                .await?)
+                        })
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(seen, expected, "Diesel {mode:?}");
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 16);
+
+    // Read-only is enforced, not only reported.
+    let err = tx
+        .diesel(&diesel, TxMode::new().read_only(true), |conn| {
+            Box::pin(async move {
+                Ok(diesel::sql_query("UPDATE accounts SET balance = 0")
+                    .execute(conn)
+                    .await?)
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate(), Some("25006"), "{err:?}");
+    connector.shutdown().await;
+}
+
+async fn names(connector: &Connector) -> Vec<String> {
+    let raw = connector.postgres_pool().await.unwrap();
+    raw.get()
+        .await
+        .unwrap()
+        .query("SELECT name FROM notes ORDER BY name", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn notes(connector: &Connector) {
+    let raw = connector.postgres_pool().await.unwrap();
+    raw.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE IF NOT EXISTS notes (name text PRIMARY KEY); TRUNCATE notes")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_rolled_back_savepoint_keeps_the_outer_work_in_both_orms() {
+    let pg = tests::server().await;
+    let connector = bank(&pg, "nested", Target::Postgres).await;
+    let tx = connector.transactions();
+
+    notes(&connector).await;
+    let db = connector.seaorm().await.unwrap();
+    let inner = tx.clone();
+    tx.seaorm(&db, TxMode::new(), move |txn| {
+        let tx = inner.clone();
+        Box::pin(async move {
+            txn.execute_unprepared("INSERT INTO notes VALUES ('outer')")
+                .await?;
+            let err = tx
+                .seaorm_savepoint(txn, |sp| {
+                    Box::pin(async move {
+                        sp.execute_unprepared("INSERT INTO notes VALUES ('dropped')")
+                            .await?;
+                        Err::<(), _>(dal::Error::abort("changed my mind"))
+                    })
+                })
+                .await
+                .unwrap_err();
+            assert!(matches!(err, dal::Error::Aborted(_)), "{err:?}");
+            // A failed statement aborts only the savepoint, not the outer transaction.
+            let err = tx
+                .seaorm_savepoint(txn, |sp| {
+                    Box::pin(async move {
+                        sp.execute_unprepared("INSERT INTO notes VALUES ('outer')")
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.sqlstate(), Some("23505"), "{err:?}");
+            tx.seaorm_savepoint(txn, |sp| {
+                Box::pin(async move {
+                    sp.execute_unprepared("INSERT INTO notes VALUES ('kept')")
+                        .await?;
+                    Ok(())
+                })
+            })
+            .await?;
+            txn.execute_unprepared("INSERT INTO notes VALUES ('after')")
+                .await?;
+            Ok(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(names(&connector).await, ["after", "kept", "outer"]);
+
+    notes(&connector).await;
+    let diesel = connector.diesel_pool().await.unwrap();
+    let inner = tx.clone();
+    tx.diesel(&diesel, TxMode::new(), move |conn| {
+        let tx = inner.clone();
+        Box::pin(async move {
+            diesel::sql_query("INSERT INTO notes VALUES ('outer')")
+                .execute(conn)
+                .await?;
+            let err = tx
+                .diesel_savepoint(conn, |sp| {
+                    Box::pin(async move {
+                        diesel::sql_query("INSERT INTO notes VALUES ('dropped')")
+                            .execute(sp)
+                            .await?;
+                        diesel::sql_query("INSERT INTO notes VALUES ('outer')")
+                            .execute(sp)
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.sqlstate(), Some("23505"), "{err:?}");
+            tx.diesel_savepoint(conn, |sp| {
+                Box::pin(async move {
+                    diesel::sql_query("INSERT INTO notes VALUES ('kept')")
+                        .execute(sp)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .await?;
+            diesel::sql_query("INSERT INTO notes VALUES ('after')")
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(names(&connector).await, ["after", "kept", "outer"]);
+
+    // Outside a transaction a savepoint is refused rather than turned into a transaction.
+    let mut conn = diesel.get().await.unwrap();
+    let err = tx
+        .diesel_savepoint(&mut conn, |_| Box::pin(async { Ok(()) }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            dal::Error::Diesel(diesel::result::Error::NotInTransaction)
+        ),
+        "{err:?}"
+    );
+    connector.shutdown().await;
+}
+
+#[tokio::test]
+async fn on_a_dsql_target_nested_transactions_fail_before_anything_is_sent() {
+    let pg = tests::server().await;
+    let connector = bank(&pg, "dsqlguard", Target::Dsql).await;
+    assert_eq!(connector.target(), Target::Dsql);
+    notes(&connector).await;
+    let tx = connector.transactions();
+    let ran = Arc::new(AtomicBool::new(false));
+
+    let db = connector.seaorm().await.unwrap();
+    let (inner, flag) = (tx.clone(), Arc::clone(&ran));
+    tx.seaorm(&db, TxMode::new(), move |txn| {
+        let (tx, flag) = (inner.clone(), Arc::clone(&flag));
+        Box::pin(async move {
+            txn.execute_unprepared("INSERT INTO notes VALUES ('seaorm')")
+                .await?;
+            let err = tx
+                .seaorm_savepoint(txn, |_| {
+                    flag.store(true, Ordering::SeqCst);
+                    Box::pin(async { Ok(()) })
+                })
+                .await
+                .unwrap_err();
+            assert!(matches!(err, dal::Error::SavepointUnsupported), "{err:?}");
+            assert!(err.to_string().contains("DSQL has no SAVEPOINT"), "{err}");
+            Ok(())
+        })
+    })
+    .await
+    .unwrap();
+
+    let diesel = connector.diesel_pool().await.unwrap();
+    let (inner, flag) = (tx.clone(), Arc::clone(&ran));
+    tx.diesel(&diesel, TxMode::new(), move |conn| {
+        let (tx, flag) = (inner.clone(), Arc::clone(&flag));
+        Box::pin(async move {
+            diesel::sql_query("INSERT INTO notes VALUES ('diesel')")
+                .execute(conn)
+                .await?;
+            let err = tx
+                .diesel_savepoint(conn, |_| {
+                    flag.store(true, Ordering::SeqCst);
+                    Box::pin(async { Ok(()) })
+                })
+                .await
+                .unwrap_err();
+            assert!(matches!(err, dal::Error::SavepointUnsupported), "{err:?}");
+            // Still at depth 1: no SAVEPOINT was issued.
+            let depth = AnsiTransactionManager::transaction_manager_status_mut(conn)
+                .transaction_depth()?
+                .map(|d| d.get());
+            assert_eq!(depth, Some(1));
+            Ok(())
+        })
+    })
+    .await
+    .unwrap();
+    assert!(
+        !AtomicBool::load(&ran, Ordering::SeqCst),
+        "the nested work never runs"
+    );
+    // The outer transactions went on and committed.
+    assert_eq!(names(&connector).await, ["diesel", "seaorm"]);
+    connector.shutdown().await;
+}
+
+#[tokio::test]
+async fn result_expectations_count_the_rows_of_both_orms() {
+    use dal::diesel::{ExpressionMethods, QueryDsl};
+    use dal::expect::{Rows, at_least_one, at_most_one, exactly_one, none};
+    use dal::schema::customers;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+
+    let pg = tests::server().await;
+    let connector = bank(&pg, "expect", Target::Postgres).await;
+    let db = connector.seaorm().await.unwrap();
+    let pool = connector.diesel_pool().await.unwrap();
+    tests::seaorm_round_trip(&db, "one").await;
+    tests::seaorm_round_trip(&db, "two").await;
+    tests::seaorm_round_trip(&db, "two").await;
+    let rows = |e: dal::Error| match e {
+        dal::Error::RowCount { expected, actual } => (expected, actual),
+        other => panic!("{other:?}"),
+    };
+    let find = |name: &'static str| {
+        entity::customer::Entity::find().filter(entity::customer::Column::Name.eq(name))
+    };
+    assert_eq!(
+        rows(exactly_one(find("none").all(&db)).await.unwrap_err()),
+        (Rows::ExactlyOne, 0)
+    );
+    assert_eq!(exactly_one(find("one").all(&db)).await.unwrap().name, "one");
+    assert_eq!(
+        rows(exactly_one(find("two").all(&db)).await.unwrap_err()),
+        (Rows::ExactlyOne, 2)
+    );
+    assert!(at_most_one(find("none").all(&db)).await.unwrap().is_none());
+    assert!(at_most_one(find("one").all(&db)).await.unwrap().is_some());
+    assert_eq!(
+        rows(at_most_one(find("two").all(&db)).await.unwrap_err()),
+        (Rows::AtMostOne, 2)
+    );
+    assert_eq!(
+        rows(at_least_one(find("none").all(&db)).await.unwrap_err()),
+        (Rows::AtLeastOne, 0)
+    );
+    assert_eq!(at_least_one(find("two").all(&db)).await.unwrap().len(), 2);
+    none(find("none").all(&db)).await.unwrap();
+    assert_eq!(
+        rows(none(find("one").all(&db)).await.unwrap_err()),
+        (Rows::None, 1)
+    );
+
+    let mut conn = pool.get().await.unwrap();
+    let q = |name: &'static str| {
+        customers::table
+            .filter(customers::name.eq(name))
+            .select(customers::email)
+    };
+    let err = exactly_one(q("none").load::<String>(&mut *conn))
+        .await
+        .unwrap_err();
+    assert_eq!(rows(err), (Rows::ExactlyOne, 0));
+    let email = exactly_one(q("one").load::<String>(&mut *conn))
+        .await
+        .unwrap();
+    assert!(email.starts_with("one-"), "{email}");
+    let err = exactly_one(q("two").load::<String>(&mut *conn))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "expected exactly one row, but 2 row(s) came back"
+    );
+    assert_eq!(rows(err), (Rows::ExactlyOne, 2));
+    assert_eq!(
+        at_most_one(q("none").load::<String>(&mut *conn))
+            .await
+            .unwrap(),
+        None
+    );
+    let err = at_most_one(q("two").load::<String>(&mut *conn))
+        .await
+        .unwrap_err();
+    assert_eq!(rows(err), (Rows::AtMostOne, 2));
+    let err = at_least_one(q("none").load::<String>(&mut *conn))
+        .await
+        .unwrap_err();
+    assert_eq!(rows(err), (Rows::AtLeastOne, 0));
+    let err = none(q("two").load::<String>(&mut *conn)).await.unwrap_err();
+    assert_eq!(rows(err), (Rows::None, 2));
+    drop(conn);
+    connector.shutdown().await;
+}
+
+fn counter(
+    snapshot: &[(
+        metrics_util::CompositeKey,
+        metrics_util::debugging::DebugValue,
+    )],
+    name: &str,
+) -> u64 {
+    snapshot
+        .iter()
+        .filter(|(key, _)| key.key().name() == name)
+        .map(|(_, value)| match value {
+            metrics_util::debugging::DebugValue::Counter(n) => *n,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn gauge(
+    snapshot: &[(
+        metrics_util::CompositeKey,
+        metrics_util::debugging::DebugValue,
+    )],
+    name: &str,
+) -> Option<f64> {
+    snapshot.iter().find_map(|(key, value)| match value {
+        metrics_util::debugging::DebugValue::Gauge(g) if key.key().name() == name => {
+            Some(g.into_inner())
+        }
+        _ => None,
+    })
+}
+
+// One thread, so that the recorder installed for this thread sees the background tasks too.
+#[tokio::test(flavor = "current_thread")]
+async fn metrics_move_on_refresh_auth_failure_and_retry() {
+    use dal::telemetry::*;
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    // Each snapshot takes the counts since the one before; all of them are kept, to look
+    // for secrets at the end.
+    let seen = std::cell::RefCell::new(String::new());
+    let snapshot = || {
+        let values = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| (key, value))
+            .collect::<Vec<_>>();
+        seen.borrow_mut().push_str(&format!("{values:?}"));
+        values
+    };
+
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "metered").await;
+    snapshot();
+
+    // Refresh: a source of expiring tokens, refreshed once more after an invalidation.
+    let fetched = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&fetched);
+    let pw = password.clone();
+    let config = pg
+        .config("metered", "metered", "unused")
+        .credentials(Credentials::source(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            let pw = pw.clone();
+            async move {
+                Ok::<_, dal::Error>(Token::new(
+                    pw,
+                    Some(SystemTime::now() + Duration::from_secs(600)),
+                ))
+            }
+        }));
+    let connector = Connector::new(config).await.unwrap();
+    let token = connector.cache().token().await.unwrap();
+    connector.cache().invalidate(&token);
+    connector.cache().token().await.unwrap();
+    let now = snapshot();
+    assert_eq!(counter(&now, TOKEN_REFRESHES), 2);
+    let left = gauge(&now, TOKEN_REMAINING_SECONDS).expect("remaining seconds");
+    assert!(left > 500.0 && left <= 600.0, "{left}");
+
+    // Connections opened, and a retried transaction: the first attempt meets a real 40001.
+    let pool = connector.diesel_pool().await.unwrap();
+    let first = Arc::new(AtomicBool::new(true));
+    connector
+        .transactions()
+        .diesel(&pool, serializable(), move |conn| {
+            let first = first.swap(false, Ordering::SeqCst);
+            Box::pin(async move {
+                if first {
+                    diesel::sql_query(
+                        "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
+                    )
+                    .execute(conn)
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+        .unwrap();
+    let now = snapshot();
+    assert_eq!(counter(&now, TX_RETRIES), 1);
+    assert_eq!(counter(&now, TX_COMMITS), 1);
+    assert_eq!(counter(&now, TX_ROLLBACKS), 1);
+    assert!(counter(&now, CONNECTIONS_OPENED) > 0);
+    assert!(gauge(&now, POOL_CONNECTIONS).is_some());
+    assert_eq!(AtomicU64::load(&fetched, Ordering::SeqCst), 2);
+    connector.shutdown().await;
+
+    // Auth failure: the first token is refused, and so is the fresh one tried next.
+    let config = pg.config("metered", "metered", "wrong");
+    let connector = Connector::new(config).await.unwrap();
+    let err = connector.connect().await.err().expect("refused");
+    assert!(err.is_auth_failure(), "{err:?}");
+    let now = snapshot();
+    assert_eq!(counter(&now, AUTH_FAILURES), 2);
+    connector.shutdown().await;
+
+    // No label or key carries a secret.
+    let everything = format!("{:?}", snapshot());
+    assert!(
+        !everything.contains(&password),
+        "a metric holds the password"
+    );
+}
+
+#[tokio::test]
+async fn health_reports_pools_and_token_expiry_and_shutdown_closes_every_pool() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "healthy").await;
+    let pw = password.clone();
+    let expires = SystemTime::now() + Duration::from_secs(900);
+    let config = pg
+        .config("healthy", "healthy", "unused")
+        .credentials(Credentials::source(move || {
+            let pw = pw.clone();
+            async move { Ok::<_, dal::Error>(Token::new(pw, Some(expires))) }
+        }));
+    let connector = Connector::new(config).await.unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    tests::seaorm_round_trip(&db, "h").await;
+    tests::diesel_round_trip(&diesel, "h").await;
+    raw.get()
+        .await
+        .unwrap()
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+
+    let health = connector.health();
+    assert!(health.is_healthy(), "{health:?}");
+    assert_eq!(health.token_source, "custom");
+    assert_eq!(health.token_expires_at, Some(expires));
+    let left = health.token_remaining.expect("remaining");
+    assert!(
+        left > Duration::from_secs(800) && left <= Duration::from_secs(900),
+        "{left:?}"
+    );
+    let mut kinds: Vec<_> = health.pools.iter().map(|p| p.kind).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["diesel", "postgres", "seaorm"]);
+    for pool in &health.pools {
+        assert!(pool.connections >= 1 && pool.idle >= 1, "{pool:?}");
+    }
+    assert!(!format!("{health:?}").contains(&password));
+
+    let admin = pg.admin("postgres").await.unwrap();
+    let sessions = || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'healthy'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    assert!(sessions().await >= 3);
+
+    connector.shutdown().await;
+    let health = connector.health();
+    assert!(health.shut_down && !health.is_healthy());
+    assert!(matches!(
+        diesel.get().await.err(),
+        Some(dal::Error::PoolClosed)
+    ));
+    assert!(matches!(
+        raw.get().await.err(),
+        Some(dal::Error::PoolClosed)
+    ));
+    assert!(matches!(
+        connector.diesel_pool().await.err(),
+        Some(dal::Error::PoolClosed)
+    ));
+    for pool in &health.pools {
+        assert_eq!(pool.connections, 0, "{pool:?}");
+    }
+    // The server sees the sessions end (a backend leaves pg_stat_activity as it exits).
+    let mut left = sessions().await;
+    for _ in 0..100 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = sessions().await;
+    }
+    assert_eq!(left, 0, "sessions still open after shutdown");
+}
