@@ -2,7 +2,7 @@
 //! needs (Aurora DSQL takes one DDL statement per transaction).
 
 use anyhow::Context as _;
-use dal::{Config, Connector, PoolSettings, Target, TokenStrategy};
+use dal::{Config, PoolSettings, Target, TokenStrategy};
 use migration::MigratorTrait;
 
 /// Applies the pending migrations of the sample schema to `config`'s database.
@@ -15,10 +15,10 @@ pub async fn up(config: &Config) -> anyhow::Result<()> {
         .strategy(TokenStrategy::Lazy)
         .pool(PoolSettings::default().max_size(1));
     let dsql = config.resolved_target() == Target::Dsql;
-    let connector = Connector::new(config).await?;
+    let connector = crate::target::connector(config.clone()).await?;
     let result = async {
         // Fail here with the cause, rather than with a pool timeout inside a migration.
-        drop(connector.connect().await?);
+        crate::target::check(&connector, &config).await?;
         let db = connector.seaorm().await?;
         if dsql {
             migration::DsqlMigrator::up(&db, None).await

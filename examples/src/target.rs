@@ -110,3 +110,44 @@ fn token_ttl() -> anyhow::Result<Duration> {
         },
     }
 }
+
+/// Puts a connection or token error in words a reader can act on: whether the credential
+/// service or the database failed, and where.
+pub fn explain(config: &Config, e: dal::Error) -> anyhow::Error {
+    let what = match &e {
+        dal::Error::Config { .. } => return e.into(),
+        dal::Error::Credential { .. } | dal::Error::Http { .. } => {
+            "cannot get a database credential".to_owned()
+        }
+        dal::Error::HttpTransport { endpoint, .. } if endpoint.starts_with('/') => {
+            "cannot reach the credential service".to_owned()
+        }
+        dal::Error::AuthFailed { .. } => format!(
+            "the database at {}:{} refused to log in user {}",
+            config.host, config.port, config.user
+        ),
+        _ => format!(
+            "cannot connect to the database at {}:{}",
+            config.host, config.port
+        ),
+    };
+    anyhow::Error::new(e).context(what)
+}
+
+/// A connector for `config`, with [`explain`]ed errors. The eager strategy fetches its first
+/// token here, so a refused credential is reported now.
+pub async fn connector(config: Config) -> anyhow::Result<dal::Connector> {
+    let copy = config.clone();
+    dal::Connector::new(config)
+        .await
+        .map_err(|e| explain(&copy, e))
+}
+
+/// Opens one connection now, so that an unreachable database or a refused token is
+/// reported with its cause before the program goes on.
+pub async fn check(connector: &dal::Connector, config: &Config) -> anyhow::Result<()> {
+    let (client, connection) = connector.connect().await.map_err(|e| explain(config, e))?;
+    drop(client);
+    let _ = connection.await;
+    Ok(())
+}

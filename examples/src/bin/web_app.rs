@@ -86,7 +86,7 @@ fn listen_addr() -> anyhow::Result<SocketAddr> {
 async fn serve(database: &examples::Database, addr: SocketAddr) -> anyhow::Result<()> {
     let config = database.config();
     examples::migrate::up(&config).await?;
-    let connector = Connector::new(config.strategy(TokenStrategy::Eager)).await?;
+    let connector = examples::target::connector(config.strategy(TokenStrategy::Eager)).await?;
     let app = App {
         db: connector.seaorm().await?,
         diesel: connector.diesel_pool().await?,

@@ -51,7 +51,7 @@ async fn run_on(database: &crate::Database, orms: &[Orm]) -> anyhow::Result<()> 
     println!("migrations: up to date");
     let config = config.strategy(TokenStrategy::Eager);
     let savepoints = config.resolved_target() != Target::Dsql;
-    let connector = Connector::new(config).await?;
+    let connector = crate::target::connector(config).await?;
     let result = async {
         let mut total = Stats::default();
         let mut seaorm_pool_size = 0;
