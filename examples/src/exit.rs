@@ -8,16 +8,22 @@ use std::fmt::Write as _;
 /// Some errors repeat their cause in their own message (tokio-postgres does); a cause whose
 /// text the line already holds is left out, and line breaks become spaces.
 pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
+    let flat = |e: &dyn std::error::Error| {
+        e.to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut line = flat(e);
     let mut source = e.source();
     while let Some(cause) = source {
-        let text = cause.to_string();
+        let text = flat(cause);
         if !text.is_empty() && !line.contains(&text) {
             let _ = write!(line, ": {text}");
         }
         source = cause.source();
     }
-    line.split_whitespace().collect::<Vec<_>>().join(" ")
+    line
 }
 
 /// Prints `error: <cause>` on stderr and exits with code 1 when `result` is an error.
