@@ -1,0 +1,176 @@
+//! A long-running job on the lazy strategy: a pool of one connection, queries at random
+//! intervals, and a token fetched only when a connection opens, never while the job idles.
+//!
+//! Each query prints how many tokens were fetched and connections opened so far: with
+//! tokens shorter-lived than the idle gaps, the counts move together, whatever the time
+//! spent idle. The pool closes its connection once it is older than the connection
+//! lifetime, so the job reconnects (and fetches) from time to time.
+//!
+//! ```text
+//! cargo run -p examples --bin background_task
+//! BACKGROUND_QUERIES=5 BACKGROUND_IDLE_MS=500..3000 cargo run -p examples --bin background_task
+//! ```
+//!
+//! - `BACKGROUND_QUERIES`: stop after this many queries. Defaults to running until SIGINT or
+//!   SIGTERM.
+//! - `BACKGROUND_IDLE_MS=<min>..<max>`: the random pause before each query. Defaults to
+//!   `2000..40000`, around the embedded default's 30-second tokens.
+//! - `BACKGROUND_CONNECTION_LIFETIME_SECS`: close a connection this old when it is handed
+//!   back. Defaults to 60.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use dal::diesel::prelude::QueryDsl;
+use dal::diesel_async::RunQueryDsl;
+use dal::schema::orders;
+use dal::{PoolSettings, TokenStrategy};
+
+#[tokio::main]
+async fn main() {
+    examples::logging::init();
+    examples::exit::on_error(run().await);
+}
+
+/// The job's settings, from its environment variables.
+struct Settings {
+    queries: Option<u64>,
+    idle: Range<u64>,
+    lifetime: Duration,
+}
+
+fn settings() -> anyhow::Result<Settings> {
+    let var = |name| {
+        std::env::var(name)
+            .ok()
+            .filter(|v: &String| !v.trim().is_empty())
+    };
+    let number = |name: &str, v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                anyhow::anyhow!("invalid setting {name}: {v:?} is not a positive number")
+            })
+    };
+    let queries = var("BACKGROUND_QUERIES")
+        .map(|v| number("BACKGROUND_QUERIES", &v))
+        .transpose()?;
+    let idle = match var("BACKGROUND_IDLE_MS") {
+        None => 2_000..40_000,
+        Some(v) => {
+            let bad = || {
+                anyhow::anyhow!(
+                    "invalid setting BACKGROUND_IDLE_MS: {v:?} is not <min>..<max> milliseconds \
+                     with min below max, such as 500..3000"
+                )
+            };
+            let (lo, hi) = v.split_once("..").ok_or_else(bad)?;
+            let (lo, hi) = (
+                lo.trim().parse().map_err(|_| bad())?,
+                hi.trim().parse().map_err(|_| bad())?,
+            );
+            if lo >= hi {
+                return Err(bad());
+            }
+            lo..hi
+        }
+    };
+    let lifetime = var("BACKGROUND_CONNECTION_LIFETIME_SECS")
+        .map(|v| number("BACKGROUND_CONNECTION_LIFETIME_SECS", &v))
+        .transpose()?
+        .unwrap_or(60);
+    Ok(Settings {
+        queries,
+        idle,
+        lifetime: Duration::from_secs(lifetime),
+    })
+}
+
+async fn run() -> anyhow::Result<()> {
+    let settings = settings()?;
+    let database = examples::Database::from_env().await?;
+    let result = work(&database, &settings).await;
+    database.close().await;
+    result
+}
+
+async fn work(database: &examples::Database, settings: &Settings) -> anyhow::Result<()> {
+    let config = database.config();
+    examples::migrate::up(&config).await?;
+    let pool_settings = PoolSettings::default()
+        .max_size(1)
+        .max_lifetime(Some(settings.lifetime))
+        .idle_timeout(None);
+    let config = config.strategy(TokenStrategy::Lazy);
+    let connector = examples::target::connector(config.clone()).await?;
+    let result = async {
+        let pool = connector.diesel_pool_with(&pool_settings).await?;
+        println!(
+            "background task: lazy tokens, one connection, pauses of {}..{} ms",
+            settings.idle.start, settings.idle.end
+        );
+        let started = Instant::now();
+        let mut idle_total = Duration::ZERO;
+        let mut n = 0;
+        let stop = stop_signal();
+        tokio::pin!(stop);
+        while settings.queries.is_none_or(|max| n < max) {
+            let pause = Duration::from_millis(fastrand::u64(settings.idle.clone()));
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = &mut stop => break,
+            }
+            idle_total += pause;
+            n += 1;
+            let (fetches, opened) = (connector.cache().fetches(), connector.connections_opened());
+            let count: i64 = {
+                let mut conn = pool
+                    .get()
+                    .await
+                    .map_err(|e| examples::target::explain(&config, e))?;
+                orders::table.count().get_result(&mut *conn).await?
+            };
+            let cache = connector.cache();
+            println!(
+                "query {n} after {:.2} s idle: {count} orders; tokens fetched {} (+{}), \
+                 connections opened {} (+{})",
+                pause.as_secs_f64(),
+                cache.fetches(),
+                cache.fetches() - fetches,
+                connector.connections_opened(),
+                connector.connections_opened() - opened,
+            );
+        }
+        println!(
+            "done: {n} queries in {:.1} s, {:.1} s of it idle; tokens fetched {}, connections opened {}",
+            started.elapsed().as_secs_f64(),
+            idle_total.as_secs_f64(),
+            connector.cache().fetches(),
+            connector.connections_opened()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    connector.shutdown().await;
+    result
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

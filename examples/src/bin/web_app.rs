@@ -1,0 +1,550 @@
+//! A web service on the eager token strategy: customers through SeaORM, orders with their
+//! items through Diesel (in a transaction), a sales report in raw SQL through a
+//! tokio-postgres pool, and `GET /healthz` with pool state and token expiry.
+//!
+//! ```text
+//! cargo run -p examples --bin web_app            # PORT=3000 BIND=127.0.0.1 by default
+//! curl -s localhost:3000/customers -H 'content-type: application/json' \
+//!      -d '{"email":"ada@example.com","name":"Ada"}'
+//! ```
+//!
+//! Errors are JSON, `{"error": {"code": ..., "message": ...}}`: 400 for bad input, 404 for a
+//! missing row, 409 for a duplicate, 503 when the database cannot be reached. Messages never
+//! carry a driver's text. SIGINT or SIGTERM drains the requests in flight, stops the token
+//! refresher and closes the pools.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dal::diesel::prelude::{BelongingToDsl, ExpressionMethods, QueryDsl, SelectableHelper};
+use dal::diesel_async::{AsyncConnection, RunQueryDsl};
+use dal::models::{NewOrder, Order, OrderItem};
+use dal::schema::{customers, order_items, orders};
+use dal::{Connector, DieselPool, PgClientPool, TokenStrategy};
+use entity::{customer, order};
+use sea_orm::{ActiveModelTrait, DatabaseConnection, DbErr, EntityTrait, ModelTrait, Set, SqlErr};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use uuid::Uuid;
+
+#[tokio::main]
+async fn main() {
+    examples::logging::init();
+    examples::exit::on_error(run().await);
+}
+
+async fn run() -> anyhow::Result<()> {
+    let addr = listen_addr()?;
+    let database = examples::Database::from_env().await?;
+    let result = serve(&database, addr).await;
+    database.close().await;
+    result
+}
+
+/// `BIND` (an address, or an address and port) and `PORT`; 127.0.0.1:3000 by default.
+fn listen_addr() -> anyhow::Result<SocketAddr> {
+    let var = |name| {
+        std::env::var(name)
+            .ok()
+            .filter(|v: &String| !v.trim().is_empty())
+    };
+    let mut addr = match var("BIND") {
+        None => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 3000),
+        Some(bind) => bind
+            .trim()
+            .parse::<SocketAddr>()
+            .or_else(|_| {
+                bind.trim()
+                    .parse::<IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, 3000))
+            })
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "invalid setting BIND: {bind:?} is not an IP address such as 127.0.0.1 \
+                     or 0.0.0.0:8080"
+                )
+            })?,
+    };
+    if let Some(port) = var("PORT") {
+        addr.set_port(port.trim().parse().map_err(|_| {
+            anyhow::anyhow!("invalid setting PORT: {port:?} is not a port number (0-65535)")
+        })?);
+    }
+    Ok(addr)
+}
+
+async fn serve(database: &examples::Database, addr: SocketAddr) -> anyhow::Result<()> {
+    let config = database.config();
+    examples::migrate::up(&config).await?;
+    let connector = examples::target::connector(config.strategy(TokenStrategy::Eager)).await?;
+    let app = App {
+        db: connector.seaorm().await?,
+        diesel: connector.diesel_pool().await?,
+        pg: connector.postgres_pool().await?,
+        connector: connector.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    println!("listening on http://{local}");
+    let result = axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP");
+    // Requests are drained and the router with its pools is dropped: stop the rest.
+    connector.shutdown().await;
+    println!("stopped");
+    result
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    println!("shutting down: draining requests");
+}
+
+#[derive(Clone)]
+struct App {
+    connector: Connector,
+    db: DatabaseConnection,
+    diesel: DieselPool,
+    pg: PgClientPool,
+}
+
+fn router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/customers", post(create_customer))
+        .route("/customers/{id}", get(get_customer))
+        .route("/orders", post(create_order))
+        .route("/orders/{id}", get(get_order))
+        .route("/reports/sales", get(sales_report))
+        .fallback(|| async { ApiError::NotFound("no such route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .with_state(app)
+}
+
+// ---- errors ---------------------------------------------------------------------------
+
+/// What a request can fail with; each maps to a status and a fixed, safe message.
+#[derive(Debug)]
+enum ApiError {
+    BadRequest(String),
+    NotFound(&'static str),
+    MethodNotAllowed,
+    Conflict(&'static str),
+    Unavailable,
+    Internal,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m.into()),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed".into(),
+            ),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m.into()),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the database cannot be reached; try again later".into(),
+            ),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error".into(),
+            ),
+        };
+        (
+            status,
+            Json(json!({"error": {"code": code, "message": message}})),
+        )
+            .into_response()
+    }
+}
+
+/// Logs the cause (the body gets a fixed message) and classifies it.
+fn unavailable_or_internal(
+    unavailable: bool,
+    cause: &(dyn std::error::Error + 'static),
+) -> ApiError {
+    let cause = examples::exit::one_line(cause);
+    if unavailable {
+        tracing::warn!(error = %cause, "database unavailable");
+        ApiError::Unavailable
+    } else {
+        tracing::error!(error = %cause, "request failed");
+        ApiError::Internal
+    }
+}
+
+impl From<dal::Error> for ApiError {
+    fn from(e: dal::Error) -> Self {
+        // Taking a connection fails only when none can be opened.
+        unavailable_or_internal(true, &e)
+    }
+}
+
+impl From<DbErr> for ApiError {
+    fn from(e: DbErr) -> Self {
+        if let Some(SqlErr::UniqueConstraintViolation(_)) = e.sql_err() {
+            return ApiError::Conflict("a row with the same key exists already");
+        }
+        let unavailable = match &e {
+            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+            DbErr::Query(sea_orm::RuntimeErr::SqlxError(s))
+            | DbErr::Exec(sea_orm::RuntimeErr::SqlxError(s)) => !matches!(
+                &**s,
+                sea_orm::sqlx::Error::Database(_)
+                    | sea_orm::sqlx::Error::RowNotFound
+                    | sea_orm::sqlx::Error::ColumnDecode { .. }
+                    | sea_orm::sqlx::Error::Decode(_)
+            ),
+            _ => false,
+        };
+        unavailable_or_internal(unavailable, &e)
+    }
+}
+
+impl From<dal::diesel::result::Error> for ApiError {
+    fn from(e: dal::diesel::result::Error) -> Self {
+        use dal::diesel::result::{DatabaseErrorKind as Kind, Error};
+        match &e {
+            Error::NotFound => ApiError::NotFound("not found"),
+            Error::DatabaseError(Kind::UniqueViolation, _) => {
+                ApiError::Conflict("a row with the same key exists already")
+            }
+            Error::DatabaseError(Kind::ForeignKeyViolation, _) => {
+                ApiError::NotFound("customer not found")
+            }
+            Error::DatabaseError(Kind::CheckViolation, _) => {
+                ApiError::BadRequest("a value is out of range".into())
+            }
+            Error::DatabaseError(Kind::ClosedConnection, _) | Error::BrokenTransactionManager => {
+                unavailable_or_internal(true, &e)
+            }
+            _ => unavailable_or_internal(false, &e),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // No SQLSTATE: the connection itself failed.
+        unavailable_or_internal(e.code().is_none(), &e)
+    }
+}
+
+/// A JSON body whose rejection (malformed JSON, wrong fields, no JSON content type) is a 400.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Body(value)),
+            Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
+        }
+    }
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::BadRequest(format!("{id:?} is not a UUID")))
+}
+
+fn rfc3339(t: impl Into<chrono::DateTime<chrono::Utc>>) -> String {
+    t.into()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+// ---- health ---------------------------------------------------------------------------
+
+async fn healthz(State(app): State<App>) -> Response {
+    let ping = async {
+        let client = app.pg.get().await.map_err(|_| ())?;
+        client.simple_query("SELECT 1").await.map_err(|_| ())?;
+        Ok::<(), ()>(())
+    };
+    let reachable = matches!(
+        tokio::time::timeout(Duration::from_secs(5), ping).await,
+        Ok(Ok(()))
+    );
+    let cache = app.connector.cache();
+    let expires_at = cache.expires_at();
+    let seconds_left = expires_at.map(|at| {
+        at.duration_since(SystemTime::now())
+            .map_or(0, |d| d.as_secs())
+    });
+    let sqlx = app.db.get_postgres_connection_pool();
+    let (diesel, pg) = (app.diesel.state(), app.pg.state());
+    let body = json!({
+        "status": if reachable { "ok" } else { "unavailable" },
+        "database": if reachable { "reachable" } else { "unreachable" },
+        "target": format!("{:?}", app.connector.target()),
+        "token": {
+            "source": cache.source_kind(),
+            "strategy": format!("{:?}", cache.strategy()),
+            "expires_at": expires_at.map(rfc3339),
+            "seconds_left": seconds_left,
+            "fetches": cache.fetches(),
+            "failed_refreshes": cache.failures(),
+        },
+        "pools": {
+            "seaorm": {"connections": sqlx.size(), "idle": sqlx.num_idle()},
+            "diesel": {"connections": diesel.connections, "idle": diesel.idle_connections},
+            "postgres": {"connections": pg.connections, "idle": pg.idle_connections},
+        },
+        "connections_opened": app.connector.connections_opened(),
+    });
+    let status = if reachable {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+// ---- customers: SeaORM ----------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct NewCustomerBody {
+    email: String,
+    name: String,
+}
+
+fn customer_json(c: &customer::Model) -> Value {
+    json!({"id": c.id.to_string(), "email": c.email, "name": c.name, "created_at": rfc3339(c.created_at)})
+}
+
+async fn create_customer(
+    State(app): State<App>,
+    Body(body): Body<NewCustomerBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let email = body.email.trim();
+    let name = body.name.trim();
+    if email.len() > 320 || !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
+        return Err(ApiError::BadRequest(
+            "email must be an e-mail address".into(),
+        ));
+    }
+    if name.is_empty() || name.len() > 200 {
+        return Err(ApiError::BadRequest(
+            "name must be 1 to 200 characters".into(),
+        ));
+    }
+    let created = customer::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        email: Set(email.to_owned()),
+        name: Set(name.to_owned()),
+        ..Default::default()
+    }
+    .insert(&app.db)
+    .await
+    .map_err(|e| match e.sql_err() {
+        Some(SqlErr::UniqueConstraintViolation(_)) => {
+            ApiError::Conflict("a customer with this email exists already")
+        }
+        _ => e.into(),
+    })?;
+    Ok((StatusCode::CREATED, Json(customer_json(&created))))
+}
+
+async fn get_customer(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let found = customer::Entity::find_by_id(id)
+        .one(&app.db)
+        .await?
+        .ok_or(ApiError::NotFound("customer not found"))?;
+    let placed = found.find_related(order::Entity).all(&app.db).await?;
+    let mut body = customer_json(&found);
+    body["orders"] = placed
+        .iter()
+        .map(|o| {
+            json!({
+                "id": o.id.to_string(),
+                "status": sea_orm::ActiveEnum::to_value(&o.status),
+                "total_cents": o.total_cents,
+            })
+        })
+        .collect();
+    Ok(Json(body))
+}
+
+// ---- orders: Diesel, in a transaction ---------------------------------------------------
+
+#[derive(Deserialize)]
+struct NewOrderBody {
+    customer_id: String,
+    items: Vec<NewItemBody>,
+}
+
+#[derive(Deserialize)]
+struct NewItemBody {
+    sku: String,
+    quantity: i32,
+    unit_price_cents: i64,
+}
+
+fn order_json(o: &Order, items: &[OrderItem]) -> Value {
+    json!({
+        "id": o.id.to_string(),
+        "customer_id": o.customer_id.to_string(),
+        "status": o.status,
+        "total_cents": o.total_cents,
+        "placed_at": rfc3339(o.placed_at),
+        "items": items.iter().map(|i| json!({
+            "line_no": i.line_no,
+            "sku": i.sku,
+            "quantity": i.quantity,
+            "unit_price_cents": i.unit_price_cents,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn create_order(
+    State(app): State<App>,
+    Body(body): Body<NewOrderBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let customer_id = parse_id(&body.customer_id)?;
+    if body.items.is_empty() || body.items.len() > 100 {
+        return Err(ApiError::BadRequest("an order holds 1 to 100 items".into()));
+    }
+    let mut total: i64 = 0;
+    let mut items = Vec::with_capacity(body.items.len());
+    let order_id = Uuid::now_v7();
+    for (n, item) in body.items.into_iter().enumerate() {
+        if item.sku.trim().is_empty() || item.quantity <= 0 || item.unit_price_cents < 0 {
+            return Err(ApiError::BadRequest(format!(
+                "item {}: sku must be set, quantity positive, unit_price_cents not negative",
+                n + 1
+            )));
+        }
+        total = i64::from(item.quantity)
+            .checked_mul(item.unit_price_cents)
+            .and_then(|line| total.checked_add(line))
+            .ok_or_else(|| ApiError::BadRequest("the order total is too large".into()))?;
+        items.push(OrderItem {
+            order_id,
+            line_no: n as i32 + 1,
+            sku: item.sku.trim().to_owned(),
+            quantity: item.quantity,
+            unit_price_cents: item.unit_price_cents,
+        });
+    }
+    let mut conn = app.diesel.get().await?;
+    let (order, items) = conn
+        .transaction::<_, ApiError, _>(async move |tx| {
+            let known: i64 = customers::table
+                .filter(customers::id.eq(customer_id))
+                .count()
+                .get_result(tx)
+                .await?;
+            if known == 0 {
+                return Err(ApiError::NotFound("customer not found"));
+            }
+            let order: Order = dal::diesel::insert_into(orders::table)
+                .values(NewOrder {
+                    id: order_id,
+                    customer_id,
+                    status: "pending",
+                    total_cents: total,
+                })
+                .returning(Order::as_returning())
+                .get_result(tx)
+                .await?;
+            let items: Vec<OrderItem> = dal::diesel::insert_into(order_items::table)
+                .values(&items)
+                .returning(OrderItem::as_returning())
+                .get_results(tx)
+                .await?;
+            Ok((order, items))
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(order_json(&order, &items))))
+}
+
+async fn get_order(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let mut conn = app.diesel.get().await?;
+    let order: Order = orders::table
+        .find(id)
+        .select(Order::as_select())
+        .first(&mut *conn)
+        .await
+        .map_err(|e| match e {
+            dal::diesel::result::Error::NotFound => ApiError::NotFound("order not found"),
+            e => e.into(),
+        })?;
+    let items: Vec<OrderItem> = OrderItem::belonging_to(&order)
+        .select(OrderItem::as_select())
+        .order(order_items::line_no)
+        .load(&mut *conn)
+        .await?;
+    Ok(Json(order_json(&order, &items)))
+}
+
+// ---- report: raw SQL through tokio-postgres -------------------------------------------
+
+async fn sales_report(State(app): State<App>) -> Result<Json<Value>, ApiError> {
+    let client = app.pg.get().await?;
+    let rows = client
+        .query(
+            "SELECT c.id::text, c.email, count(o.id), coalesce(sum(o.total_cents), 0)::bigint \
+             FROM customers c JOIN orders o ON o.customer_id = c.id \
+             GROUP BY c.id, c.email ORDER BY 4 DESC, 2 LIMIT 10",
+            &[],
+        )
+        .await?;
+    let top: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "customer_id": r.get::<_, String>(0),
+                "email": r.get::<_, String>(1),
+                "orders": r.get::<_, i64>(2),
+                "total_cents": r.get::<_, i64>(3),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"top_customers": top})))
+}

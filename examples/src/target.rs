@@ -1,0 +1,153 @@
+//! Choosing the database: the one the environment names, else the embedded default.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use dal::local::DevStack;
+use dal::{Config, Target};
+
+/// The variables that name a database; with none of them set, the embedded default is used.
+pub const SETTINGS: [&str; 6] = [
+    "DATABASE_URL",
+    "PGHOST",
+    "DATABRICKS_HOST",
+    "LAKEBASE_ENDPOINT",
+    "LAKEBASE_INSTANCE",
+    "DSQL_ENDPOINT",
+];
+
+/// Overrides the life of the embedded default's tokens, in seconds.
+pub const TOKEN_TTL_VAR: &str = "DAL_LOCAL_TOKEN_TTL_SECS";
+
+/// The embedded default's token life: short, so that refreshes show in the logs.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(30);
+
+/// The database a program runs against, and the embedded default's services when it is the
+/// one. Keep it alive while the program runs: the credential service stops when it drops.
+#[derive(Debug)]
+pub struct Database {
+    config: Config,
+    stack: Option<DevStack>,
+}
+
+impl Database {
+    /// Reads `.env` and the environment: the configured database when any of [`SETTINGS`] is
+    /// set, else starts the embedded default. Prints which one on stdout.
+    pub async fn from_env() -> anyhow::Result<Self> {
+        // A missing .env is normal; a malformed one is not.
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(e).context("reading .env"),
+        }
+        let configured = SETTINGS
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+        let database = if configured {
+            Self {
+                config: Config::from_env()?,
+                stack: None,
+            }
+        } else {
+            let ttl = token_ttl()?;
+            let stack = DevStack::start(ttl)
+                .await
+                .context("starting the embedded default")?;
+            Self {
+                config: stack.config()?,
+                stack: Some(stack),
+            }
+        };
+        println!("target: {}", database.describe());
+        Ok(database)
+    }
+
+    /// A copy of the configuration, to adjust for one program.
+    pub fn config(&self) -> Config {
+        self.config.clone()
+    }
+
+    /// Whether this is the embedded default.
+    pub fn is_embedded(&self) -> bool {
+        self.stack.is_some()
+    }
+
+    /// One line saying which database this is (never a secret).
+    pub fn describe(&self) -> String {
+        if let Some(stack) = &self.stack {
+            return stack.describe();
+        }
+        let c = &self.config;
+        let kind = match c.resolved_target() {
+            Target::Postgres => "PostgreSQL",
+            Target::Lakebase => "Databricks Lakebase",
+            Target::Dsql => "Aurora DSQL",
+        };
+        format!(
+            "{kind} at {}:{}, database {}, user {} (from the environment)",
+            c.host, c.port, c.database, c.user
+        )
+    }
+
+    /// Stops the embedded default's credential service, if it runs; its PostgreSQL keeps
+    /// running for the next program.
+    pub async fn close(self) {
+        if let Some(stack) = self.stack {
+            stack.lakebase.shutdown().await;
+        }
+    }
+}
+
+fn token_ttl() -> anyhow::Result<Duration> {
+    match std::env::var(TOKEN_TTL_VAR) {
+        Err(_) => Ok(DEFAULT_TOKEN_TTL),
+        Ok(v) if v.trim().is_empty() => Ok(DEFAULT_TOKEN_TTL),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+            _ => anyhow::bail!(
+                "invalid setting {TOKEN_TTL_VAR}: {v:?} is not a positive number of seconds"
+            ),
+        },
+    }
+}
+
+/// Puts a connection or token error in words a reader can act on: whether the credential
+/// service or the database failed, and where.
+pub fn explain(config: &Config, e: dal::Error) -> anyhow::Error {
+    let what = match &e {
+        dal::Error::Config { .. } => return e.into(),
+        dal::Error::Credential { .. } | dal::Error::Http { .. } => {
+            "cannot get a database credential".to_owned()
+        }
+        dal::Error::HttpTransport { endpoint, .. } if endpoint.starts_with('/') => {
+            "cannot reach the credential service".to_owned()
+        }
+        dal::Error::AuthFailed { .. } => format!(
+            "the database at {}:{} refused to log in user {}",
+            config.host, config.port, config.user
+        ),
+        _ => format!(
+            "cannot connect to the database at {}:{}",
+            config.host, config.port
+        ),
+    };
+    anyhow::Error::new(e).context(what)
+}
+
+/// A connector for `config`, with [`explain`]ed errors. The eager strategy fetches its first
+/// token here, so a refused credential is reported now.
+pub async fn connector(config: Config) -> anyhow::Result<dal::Connector> {
+    let copy = config.clone();
+    dal::Connector::new(config)
+        .await
+        .map_err(|e| explain(&copy, e))
+}
+
+/// Opens one connection now, so that an unreachable database or a refused token is
+/// reported with its cause before the program goes on.
+pub async fn check(connector: &dal::Connector, config: &Config) -> anyhow::Result<()> {
+    let (client, connection) = connector.connect().await.map_err(|e| explain(config, e))?;
+    drop(client);
+    let _ = connection.await;
+    Ok(())
+}

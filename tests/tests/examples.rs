@@ -1,0 +1,514 @@
+//! The example programs as processes, against a test server with the local Lakebase
+//! service in front of it, configured through the environment as a user would.
+//!
+//! The programs are built by `cargo test --workspace` (they are integration-tested in their
+//! own crate too); these tests find them next to the test executable.
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+
+/// The path of an example program, built into the same profile directory as this test.
+fn program(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the profile directory");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the example programs first with `cargo build -p examples --bins` \
+         (`cargo test --workspace` and `cargo nextest run --workspace` build them)",
+        path.display()
+    );
+    path
+}
+
+/// A running example program; killed when dropped, so that no test leaves one behind.
+struct Program {
+    name: &'static str,
+    child: tokio::process::Child,
+    stdout: mpsc::UnboundedReceiver<(Instant, String)>,
+    stderr: Arc<Mutex<String>>,
+    seen: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Program {
+    /// Starts `name` with only `vars` in its environment, in an empty directory (no `.env`).
+    fn start(name: &'static str, vars: &[(&str, String)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new(program(name))
+            .env_clear()
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
+        let (tx, stdout) = mpsc::unbounded_channel();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send((Instant::now(), line));
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Self {
+            name,
+            child,
+            stdout,
+            stderr,
+            seen: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "{} stdout:\n{}\nstderr:\n{}",
+            self.name,
+            self.seen.join("\n"),
+            self.stderr()
+        )
+    }
+
+    /// The next stdout line starting with `prefix`, and when it was read.
+    async fn line(&mut self, prefix: &str, within: Duration) -> (Instant, String) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stdout.recv()).await {
+                Ok(Some((at, line))) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return (at, line);
+                    }
+                }
+                Ok(None) => {
+                    // Let stderr catch up before reporting it.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    panic!("no line {prefix:?} before the end: {}", self.output());
+                }
+                Err(_) => panic!("no line {prefix:?} within {within:?}: {}", self.output()),
+            }
+        }
+    }
+
+    /// Every stdout line until the program closes it.
+    async fn rest(&mut self, within: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        while let Ok(Some((_, line))) = tokio::time::timeout_at(deadline, self.stdout.recv()).await
+        {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+
+    async fn wait(&mut self, within: Duration) -> ExitStatus {
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!("did not exit within {within:?}: {}", self.output()),
+        }
+    }
+}
+
+/// The local Lakebase service in front of `pg`, whose role owns a fresh database `name`.
+async fn lakebase(pg: &LocalPostgres, name: &str, ttl: Duration) -> LocalLakebase {
+    let lb = LocalLakebase::start(pg, LocalLakebaseConfig::new().with_token_ttl(ttl))
+        .await
+        .expect("start the local Lakebase service");
+    pg.create_database(name, Some(&lb.config().role))
+        .await
+        .expect("create the database");
+    lb
+}
+
+/// The variables a Lakebase user sets, pointing at the local service and the test server.
+fn lakebase_env(
+    pg: &LocalPostgres,
+    lb: &LocalLakebase,
+    database: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABRICKS_HOST", lb.url()),
+        ("DATABRICKS_CLIENT_ID", lb.config().client_id.clone()),
+        (
+            "DATABRICKS_CLIENT_SECRET",
+            lb.config().client_secret.clone(),
+        ),
+        ("LAKEBASE_ENDPOINT", lb.config().endpoint.clone()),
+        ("PGHOST", "localhost".into()),
+        ("PGPORT", pg.port().to_string()),
+        ("PGDATABASE", database.into()),
+        ("PGSSLROOTCERT", pg.ca_cert_path().display().to_string()),
+        ("RUST_LOG", "info".into()),
+    ]
+}
+
+/// A plain-HTTP client; its TLS configuration names its crypto provider, as every rustls
+/// configuration of the project does, though 127.0.0.1 is reached without TLS.
+fn http() -> reqwest::Client {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build the HTTP client")
+}
+
+/// Sends a request and returns the status and JSON body.
+async fn call(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let response = request.send().await.expect("the request reaches web_app");
+    let status = response.status();
+    let text = response.text().await.expect("a body");
+    let body =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, body)
+}
+
+fn assert_error(got: (StatusCode, Value), status: StatusCode, code: &str) -> Value {
+    assert_eq!(got.0, status, "{}", got.1);
+    assert_eq!(got.1["error"]["code"], code, "{}", got.1);
+    assert!(got.1["error"]["message"].is_string(), "{}", got.1);
+    got.1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
+    let pg = tests::server().await;
+    let ttl = Duration::from_secs(2);
+    let lb = lakebase(&pg, "web", ttl).await;
+    let mut env = lakebase_env(&pg, &lb, "web");
+    env.push(("PORT", "0".into()));
+    let secret = lb.config().client_secret.clone();
+    let mut app = Program::start("web_app", &env);
+    let (_, line) = app.line("listening on ", Duration::from_secs(60)).await;
+    let base = line["listening on ".len()..].trim().to_owned();
+    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    let http = http();
+    let url = |path: &str| format!("{base}{path}");
+
+    let health = call(http.get(url("/healthz"))).await;
+    assert_eq!(health.0, StatusCode::OK, "{}", health.1);
+    assert_eq!(health.1["status"], "ok");
+    assert_eq!(health.1["token"]["strategy"], "Eager");
+    let mut expiries = vec![health.1["token"]["expires_at"].clone()];
+    assert!(expiries[0].is_string(), "{}", health.1);
+
+    // Work through both ORMs for three token lives: the token rotates at least twice.
+    let started = Instant::now();
+    let mut customers = Vec::new();
+    let mut n = 0;
+    while started.elapsed() < ttl * 3 + Duration::from_millis(500) {
+        n += 1;
+        let email = format!("c{n}-{}@example.com", fastrand::u32(..));
+        let (status, created) = call(
+            http.post(url("/customers"))
+                .json(&json!({"email": email, "name": format!("Customer {n}")})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        assert_eq!(created["email"], email.as_str());
+        let id = created["id"].as_str().unwrap().to_owned();
+
+        let (status, order) = call(http.post(url("/orders")).json(&json!({
+            "customer_id": id,
+            "items": [
+                {"sku": "PEN", "quantity": 2, "unit_price_cents": 150},
+                {"sku": "INK", "quantity": 1, "unit_price_cents": 700},
+            ],
+        })))
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{order}");
+        assert_eq!(order["total_cents"], 1000);
+        assert_eq!(order["items"].as_array().unwrap().len(), 2);
+
+        let (status, read) =
+            call(http.get(url(&format!("/orders/{}", order["id"].as_str().unwrap())))).await;
+        assert_eq!(status, StatusCode::OK, "{read}");
+        assert_eq!(read, order);
+        let (status, read) = call(http.get(url(&format!("/customers/{id}")))).await;
+        assert_eq!(status, StatusCode::OK, "{read}");
+        assert_eq!(read["orders"][0]["id"], order["id"]);
+        assert_eq!(read["orders"][0]["total_cents"], 1000);
+        customers.push((id, email));
+
+        let (status, health) = call(http.get(url("/healthz"))).await;
+        assert_eq!(status, StatusCode::OK, "{health}");
+        let expiry = health["token"]["expires_at"].clone();
+        if expiries.last() != Some(&expiry) {
+            expiries.push(expiry);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        expiries.len() >= 3,
+        "the token should have rotated at least twice: {expiries:?}"
+    );
+
+    let (status, report) = call(http.get(url("/reports/sales"))).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let top = report["top_customers"].as_array().unwrap();
+    assert_eq!(top.len(), customers.len().min(10), "{report}");
+    assert_eq!(top[0]["total_cents"], 1000);
+
+    // Error paths.
+    let (id, email) = customers[0].clone();
+    let dup = call(
+        http.post(url("/customers"))
+            .json(&json!({"email": email, "name": "Again"})),
+    )
+    .await;
+    assert_error(dup, StatusCode::CONFLICT, "conflict");
+    let bad_json = call(
+        http.post(url("/customers"))
+            .header("content-type", "application/json")
+            .body("{\"email\": \"x@example.com\", \"name\": "),
+    )
+    .await;
+    assert_error(bad_json, StatusCode::BAD_REQUEST, "bad_request");
+    let missing_field = call(
+        http.post(url("/customers"))
+            .json(&json!({"email": "y@example.com"})),
+    )
+    .await;
+    assert_error(missing_field, StatusCode::BAD_REQUEST, "bad_request");
+    let not_email = call(
+        http.post(url("/customers"))
+            .json(&json!({"email": "nope", "name": "N"})),
+    )
+    .await;
+    assert_error(not_email, StatusCode::BAD_REQUEST, "bad_request");
+    let unknown = uuid::Uuid::now_v7();
+    let missing = call(http.get(url(&format!("/customers/{unknown}")))).await;
+    assert_error(missing, StatusCode::NOT_FOUND, "not_found");
+    let missing = call(http.get(url(&format!("/orders/{unknown}")))).await;
+    assert_error(missing, StatusCode::NOT_FOUND, "not_found");
+    let not_uuid = call(http.get(url("/orders/42"))).await;
+    assert_error(not_uuid, StatusCode::BAD_REQUEST, "bad_request");
+    let no_customer = call(http.post(url("/orders")).json(&json!({
+        "customer_id": unknown.to_string(),
+        "items": [{"sku": "PEN", "quantity": 1, "unit_price_cents": 1}],
+    })))
+    .await;
+    assert_error(no_customer, StatusCode::NOT_FOUND, "not_found");
+    let zero = call(http.post(url("/orders")).json(&json!({
+        "customer_id": id,
+        "items": [{"sku": "PEN", "quantity": 0, "unit_price_cents": 1}],
+    })))
+    .await;
+    assert_error(zero, StatusCode::BAD_REQUEST, "bad_request");
+    let route = call(http.get(url("/nowhere"))).await;
+    assert_error(route, StatusCode::NOT_FOUND, "not_found");
+
+    // The health report: pools, token expiry and counts, never a secret.
+    let (status, health) = call(http.get(url("/healthz"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        health["token"]["fetches"].as_u64().unwrap() >= 3,
+        "{health}"
+    );
+    assert_eq!(health["token"]["source"], "lakebase");
+    assert!(
+        health["pools"]["diesel"]["connections"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
+    assert!(
+        health["pools"]["seaorm"]["connections"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
+    assert!(!health.to_string().contains(&secret));
+
+    // Unreachable database: 503 with a fixed message, and the health check says so.
+    drop(pg);
+    let (status, body) = call(http.get(url("/healthz"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["status"], "unavailable");
+    let (status, body) = call(http.get(url("/reports/sales"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+
+    // SIGTERM drains and stops.
+    let pid = nix::unistd::Pid::from_raw(app.child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = app.wait(Duration::from_secs(15)).await;
+    let out = app.rest(Duration::from_secs(5)).await;
+    assert!(status.success(), "{status}: {}", app.output());
+    assert_eq!(
+        out.last().map(String::as_str),
+        Some("stopped"),
+        "{}",
+        app.output()
+    );
+    let logs = app.stderr();
+    assert!(logs.contains("token fetched"), "{logs}");
+    assert!(logs.contains("finished processing request"), "{logs}");
+    assert!(
+        !logs.contains(&secret),
+        "the client secret leaked into the logs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_shot_exits_at_once_after_its_result() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "once", Duration::from_secs(30)).await;
+    let mut script = Program::start("one_shot", &lakebase_env(&pg, &lb, "once"));
+    let (printed, line) = script.line("result: ", Duration::from_secs(60)).await;
+    assert!(
+        line.contains(&format!("user {}", lb.config().role)),
+        "{line}"
+    );
+    let status = script.wait(Duration::from_secs(10)).await;
+    let after = printed.elapsed();
+    assert!(status.success(), "{status}: {}", script.output());
+    assert!(
+        after < Duration::from_secs(2),
+        "exited {after:?} after its result"
+    );
+    assert_eq!(lb.credential_requests(), 1, "one connection, one token");
+}
+
+/// Parses `<what> N (+d)` out of `line`: the total and the change.
+fn count(line: &str, what: &str) -> (u64, u64) {
+    let number = |s: &str| -> u64 {
+        let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("a number after {what:?} in {line}"))
+    };
+    let at = line
+        .find(what)
+        .unwrap_or_else(|| panic!("{what:?} in {line}"))
+        + what.len();
+    let rest = &line[at..];
+    let total = number(rest);
+    let plus = rest
+        .find("(+")
+        .unwrap_or_else(|| panic!("a change after {what:?} in {line}"));
+    (total, number(&rest[plus + 2..]))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn background_task_fetches_tokens_only_when_it_connects() {
+    let pg = tests::server().await;
+    let ttl = Duration::from_secs(1);
+    let lb = lakebase(&pg, "job", ttl).await;
+    let mut env = lakebase_env(&pg, &lb, "job");
+    env.extend([
+        ("BACKGROUND_QUERIES", "6".to_owned()),
+        ("BACKGROUND_IDLE_MS", "1300..1800".to_owned()),
+        ("BACKGROUND_CONNECTION_LIFETIME_SECS", "1".to_owned()),
+    ]);
+    let mut job = Program::start("background_task", &env);
+    job.line("background task: ", Duration::from_secs(60)).await;
+    let mut reused = 0;
+    let mut last = (0, 0);
+    for n in 1..=6 {
+        let (_, line) = job
+            .line(&format!("query {n} "), Duration::from_secs(10))
+            .await;
+        let (fetched, fetched_now) = count(&line, "tokens fetched ");
+        let (opened, opened_now) = count(&line, "connections opened ");
+        // Every pause outlasts the token: a fetch is due whenever a connection opens, and
+        // only then.
+        assert_eq!(fetched_now, opened_now, "{line}");
+        assert_eq!(
+            (fetched, opened),
+            (last.0 + fetched_now, last.1 + opened_now),
+            "{line}"
+        );
+        if opened_now == 0 {
+            reused += 1;
+        }
+        last = (fetched, opened);
+    }
+    let status = job.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}: {}", job.output());
+    assert!(
+        last.1 >= 2,
+        "the job should have reconnected: {}",
+        job.output()
+    );
+    assert!(
+        reused >= 1,
+        "a query should have reused its connection: {}",
+        job.output()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_credentials_end_with_one_line() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "bad", Duration::from_secs(30)).await;
+    let mut env = lakebase_env(&pg, &lb, "bad");
+    for (k, v) in &mut env {
+        if *k == "DATABRICKS_CLIENT_SECRET" {
+            *v = "dose-wrong-secret".into();
+        }
+    }
+    for name in ["one_shot", "web_app", "background_task", "tour"] {
+        let mut p = Program::start(name, &env);
+        let status = p.wait(Duration::from_secs(30)).await;
+        p.rest(Duration::from_secs(5)).await;
+        assert_eq!(status.code(), Some(1), "{}", p.output());
+        let stderr = p.stderr();
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("error: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "{}", p.output());
+        assert!(
+            errors[0].contains("cannot get a database credential"),
+            "{}",
+            errors[0]
+        );
+        assert!(errors[0].contains("401"), "{}", errors[0]);
+        assert!(
+            !stderr.contains("dose-wrong-secret") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+
+    // The credential service down.
+    lb.set_down(true);
+    let mut p = Program::start("one_shot", &lakebase_env(&pg, &lb, "bad"));
+    let status = p.wait(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1), "{}", p.output());
+    let stderr = p.stderr();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", p.output());
+    assert!(errors[0].contains("503"), "{}", errors[0]);
+}
