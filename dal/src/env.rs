@@ -14,7 +14,26 @@ use crate::config::{Config, Credentials, Target};
 use crate::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
 use crate::{Error, Result};
 
+/// The variables that name a database. When none of them is set, programs may fall back to a
+/// local database (the examples and the migration command use the embedded default).
+pub const DATABASE_VARIABLES: [&str; 6] = [
+    "DATABASE_URL",
+    "PGHOST",
+    "DATABRICKS_HOST",
+    "LAKEBASE_ENDPOINT",
+    "LAKEBASE_INSTANCE",
+    "DSQL_ENDPOINT",
+];
+
 impl Config {
+    /// Whether the process environment names a database: any of [`DATABASE_VARIABLES`] is
+    /// set and not empty.
+    pub fn env_names_a_database() -> bool {
+        DATABASE_VARIABLES
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
+    }
+
     /// Reads the configuration from the process environment; see `.env.example` for every
     /// variable. Which credentials are used:
     ///

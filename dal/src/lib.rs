@@ -59,6 +59,7 @@ mod tx;
 pub use cache::{CacheSettings, TokenCache, TokenStrategy};
 pub use config::{Config, Credentials, DEFAULT_APPLICATION_NAME, PoolSettings, Target};
 pub use connector::Connector;
+pub use env::DATABASE_VARIABLES;
 pub use error::{Error, Result};
 pub use pool::{ClientManager, Closable, DieselManager, DieselPool, PgClientPool, Pool};
 pub use telemetry::{Health, PoolHealth};

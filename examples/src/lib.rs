@@ -16,6 +16,7 @@
 pub mod exit;
 pub mod logging;
 pub mod migrate;
+pub mod signal;
 pub mod target;
 pub mod tour;
 

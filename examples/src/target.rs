@@ -6,16 +6,6 @@ use anyhow::Context as _;
 use dal::local::DevStack;
 use dal::{Config, Target};
 
-/// The variables that name a database; with none of them set, the embedded default is used.
-pub const SETTINGS: [&str; 6] = [
-    "DATABASE_URL",
-    "PGHOST",
-    "DATABRICKS_HOST",
-    "LAKEBASE_ENDPOINT",
-    "LAKEBASE_INSTANCE",
-    "DSQL_ENDPOINT",
-];
-
 /// Overrides the life of the embedded default's tokens, in seconds.
 pub const TOKEN_TTL_VAR: &str = "DAL_LOCAL_TOKEN_TTL_SECS";
 
@@ -31,8 +21,8 @@ pub struct Database {
 }
 
 impl Database {
-    /// Reads `.env` and the environment: the configured database when any of [`SETTINGS`] is
-    /// set, else starts the embedded default. Prints which one on stdout.
+    /// Reads `.env` and the environment: the configured database when any of
+    /// [`dal::DATABASE_VARIABLES`] is set, else starts the embedded default. Prints which one on stdout.
     pub async fn from_env() -> anyhow::Result<Self> {
         // A missing .env is normal; a malformed one is not.
         match dotenvy::dotenv() {
@@ -40,10 +30,7 @@ impl Database {
             Err(e) if e.not_found() => {}
             Err(e) => return Err(e).context("reading .env"),
         }
-        let configured = SETTINGS
-            .iter()
-            .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
-        let database = if configured {
+        let database = if Config::env_names_a_database() {
             Self {
                 config: Config::from_env()?,
                 stack: None,

@@ -14,21 +14,11 @@ use dal::{Config, Connector, PoolSettings, Target};
 use sea_orm_migration::cli::run_cli_with_custom_connection;
 use sea_orm_migration::sea_orm::DatabaseConnection;
 
-/// The variables that name a database; without any of them, the embedded default is used.
-const SETTINGS: [&str; 6] = [
-    "DATABASE_URL",
-    "PGHOST",
-    "DATABRICKS_HOST",
-    "LAKEBASE_ENDPOINT",
-    "LAKEBASE_INSTANCE",
-    "DSQL_ENDPOINT",
-];
-
 #[tokio::main]
 async fn main() {
     // sea-orm-migration reads `.env` too, but only once it parsed the command line.
     let _ = dotenvy::dotenv();
-    let configured = SETTINGS.iter().any(|v| std::env::var_os(v).is_some());
+    let configured = Config::env_names_a_database();
     let (config, stack) = match load(configured).await {
         Ok(pair) => pair,
         Err(e) => fail(&e),

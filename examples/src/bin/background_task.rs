@@ -116,7 +116,7 @@ async fn work(database: &examples::Database, settings: &Settings) -> anyhow::Res
         let started = Instant::now();
         let mut idle_total = Duration::ZERO;
         let mut n = 0;
-        let stop = stop_signal();
+        let stop = examples::signal::stopped();
         tokio::pin!(stop);
         while settings.queries.is_none_or(|max| n < max) {
             let pause = Duration::from_millis(fastrand::u64(settings.idle.clone()));
@@ -157,20 +157,4 @@ async fn work(database: &examples::Database, settings: &Settings) -> anyhow::Res
     .await;
     connector.shutdown().await;
     result
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn stop_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }

@@ -112,18 +112,7 @@ async fn serve(database: &examples::Database, addr: SocketAddr) -> anyhow::Resul
 
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
+    examples::signal::stopped().await;
     println!("shutting down: draining requests");
 }
 
