@@ -245,3 +245,19 @@ pub fn assert_auth_failure(result: Result<tokio_postgres::Client, tokio_postgres
         "{err:?}"
     );
 }
+
+/// A plain-HTTP client for the services the tests start on 127.0.0.1. Its TLS configuration
+/// names its crypto provider, as every rustls configuration of the project does.
+pub fn http() -> reqwest::Client {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build the HTTP client")
+}

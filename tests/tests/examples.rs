@@ -169,22 +169,6 @@ fn lakebase_env(
     ]
 }
 
-/// A plain-HTTP client; its TLS configuration names its crypto provider, as every rustls
-/// configuration of the project does, though 127.0.0.1 is reached without TLS.
-fn http() -> reqwest::Client {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("build the HTTP client")
-}
-
 /// Sends a request and returns the status and JSON body.
 async fn call(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
     let response = request.send().await.expect("the request reaches web_app");
@@ -214,7 +198,7 @@ async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
     let (_, line) = app.line("listening on ", Duration::from_secs(60)).await;
     let base = line["listening on ".len()..].trim().to_owned();
     assert!(base.starts_with("http://127.0.0.1:"), "{line}");
-    let http = http();
+    let http = tests::http();
     let url = |path: &str| format!("{base}{path}");
 
     let health = call(http.get(url("/healthz"))).await;

@@ -18,22 +18,6 @@ async fn start(pg: &LocalPostgres, config: LocalLakebaseConfig) -> LocalLakebase
         .expect("start the local Lakebase")
 }
 
-/// A plain-HTTP client; its TLS configuration names its crypto provider, as every rustls
-/// configuration of the project does, though 127.0.0.1 is reached without TLS.
-fn http() -> reqwest::Client {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("build the HTTP client")
-}
-
 /// The token call as the Databricks SDKs make it.
 async fn token_call(
     lb: &LocalLakebase,
@@ -41,7 +25,7 @@ async fn token_call(
     secret: &str,
     form: &[(&str, &str)],
 ) -> reqwest::Response {
-    http()
+    tests::http()
         .post(lb.token_url())
         .basic_auth(id, Some(secret))
         .form(form)
@@ -70,7 +54,9 @@ async fn credential_call(
     bearer: Option<&str>,
     body: Value,
 ) -> reqwest::Response {
-    let mut request = http().post(format!("{}{path}", lb.url())).json(&body);
+    let mut request = tests::http()
+        .post(format!("{}{path}", lb.url()))
+        .json(&body);
     if let Some(bearer) = bearer {
         request = request.bearer_auth(bearer);
     }
@@ -119,7 +105,7 @@ async fn discovery_leads_to_the_token_endpoint() {
     assert!(lb.url().starts_with("http://127.0.0.1:"), "{}", lb.url());
 
     let config: Value = json_of(
-        http()
+        tests::http()
             .get(format!("{}/.well-known/databricks-config", lb.url()))
             .send()
             .await
@@ -141,7 +127,7 @@ async fn discovery_leads_to_the_token_endpoint() {
         format!("{}/oidc/.well-known/oauth-authorization-server", lb.url())
     );
     let discovery: Value = json_of(
-        http().get(&discovery_url).send().await.unwrap(),
+        tests::http().get(&discovery_url).send().await.unwrap(),
         StatusCode::OK,
     )
     .await;
@@ -181,7 +167,7 @@ async fn the_token_call_checks_the_client_credentials() {
     assert_eq!(wrong_id.status(), StatusCode::UNAUTHORIZED);
 
     // The id and secret in the body instead of HTTP Basic are not client authentication.
-    let no_basic = http()
+    let no_basic = tests::http()
         .post(lb.token_url())
         .form(&[
             ("grant_type", "client_credentials"),
@@ -344,7 +330,7 @@ async fn credential_calls_need_a_valid_bearer_token() {
     let invalid = json_of(invalid, StatusCode::UNAUTHORIZED).await;
     unauthenticated(&invalid);
     assert!(!invalid.to_string().contains("made-up"), "{invalid}");
-    let basic = http()
+    let basic = tests::http()
         .post(format!("{}{AUTOSCALING}", lb.url()))
         .basic_auth(&lb.config().client_id, Some(&lb.config().client_secret))
         .json(&body())
@@ -415,7 +401,7 @@ async fn unknown_endpoints_instances_and_paths_are_not_found() {
         "NOT_FOUND"
     );
 
-    let path = http()
+    let path = tests::http()
         .get(format!("{}/api/2.0/nothing-here", lb.url()))
         .send()
         .await
@@ -475,7 +461,7 @@ async fn latency_delays_every_response() {
     let pg = tests::server().await;
     let lb = start(&pg, LocalLakebaseConfig::default()).await;
     let url = format!("{}/.well-known/databricks-config", lb.url());
-    let client = http();
+    let client = tests::http();
 
     lb.set_latency(Duration::from_millis(400));
     let started = Instant::now();
@@ -527,7 +513,7 @@ async fn a_service_that_is_down_answers_503_until_it_is_back() {
             "TEMPORARILY_UNAVAILABLE"
         );
     }
-    let discovery = http()
+    let discovery = tests::http()
         .get(format!(
             "{}/oidc/.well-known/oauth-authorization-server",
             lb.url()
@@ -597,7 +583,7 @@ async fn shutdown_and_drop_free_the_port() {
     let pg = tests::server().await;
     let lb = start(&pg, LocalLakebaseConfig::default()).await;
     // A kept-alive connection must not hold the service open.
-    let client = http();
+    let client = tests::http();
     let url = format!("{}/.well-known/databricks-config", lb.url());
     assert_eq!(
         client.get(&url).send().await.unwrap().status(),
@@ -620,7 +606,7 @@ async fn shutdown_and_drop_free_the_port() {
     lb.set_latency(Duration::from_secs(3600));
     let port = lb.addr().port();
     let url = format!("{}/.well-known/databricks-config", lb.url());
-    let pending = tokio::spawn(async move { http().get(url).send().await });
+    let pending = tokio::spawn(async move { tests::http().get(url).send().await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(lb);
     assert!(
