@@ -39,6 +39,8 @@ struct Program {
     child: tokio::process::Child,
     stdout: mpsc::UnboundedReceiver<(Instant, String)>,
     stderr: Arc<Mutex<String>>,
+    /// Reads stderr until the program closes it; `wait` lets it finish.
+    stderr_reader: Option<tokio::task::JoinHandle<()>>,
     seen: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -67,7 +69,7 @@ impl Program {
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = Arc::clone(&stderr);
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        tokio::spawn(async move {
+        let stderr_reader = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 let mut s = sink.lock().unwrap();
                 s.push_str(&line);
@@ -79,6 +81,7 @@ impl Program {
             child,
             stdout,
             stderr,
+            stderr_reader: Some(stderr_reader),
             seen: Vec::new(),
             _dir: dir,
         }
@@ -129,10 +132,15 @@ impl Program {
     }
 
     async fn wait(&mut self, within: Duration) -> ExitStatus {
-        match tokio::time::timeout(within, self.child.wait()).await {
+        let status = match tokio::time::timeout(within, self.child.wait()).await {
             Ok(status) => status.unwrap(),
             Err(_) => panic!("did not exit within {within:?}: {}", self.output()),
+        };
+        // The program has exited: its stderr ends as soon as the reader has caught up.
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
         }
+        status
     }
 }
 
