@@ -91,6 +91,17 @@ impl Program {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The one `error: ` line the program printed on stderr; fails unless there is exactly one.
+    fn the_error_line(&self) -> String {
+        let stderr = self.stderr();
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("error: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "{}", self.output());
+        errors[0].to_owned()
+    }
+
     fn output(&self) -> String {
         format!(
             "{} stdout:\n{}\nstderr:\n{}",
@@ -473,18 +484,13 @@ async fn bad_credentials_end_with_one_line() {
         let status = p.wait(Duration::from_secs(30)).await;
         p.rest(Duration::from_secs(5)).await;
         assert_eq!(status.code(), Some(1), "{}", p.output());
-        let stderr = p.stderr();
-        let errors: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.starts_with("error: "))
-            .collect();
-        assert_eq!(errors.len(), 1, "{}", p.output());
+        let error = p.the_error_line();
         assert!(
-            errors[0].contains("cannot get a database credential"),
-            "{}",
-            errors[0]
+            error.contains("cannot get a database credential"),
+            "{error}"
         );
-        assert!(errors[0].contains("401"), "{}", errors[0]);
+        assert!(error.contains("401"), "{error}");
+        let stderr = p.stderr();
         assert!(
             !stderr.contains("dose-wrong-secret") && !stderr.contains("panicked"),
             "{stderr}"
@@ -496,11 +502,6 @@ async fn bad_credentials_end_with_one_line() {
     let mut p = Program::start("one_shot", &lakebase_env(&pg, &lb, "bad"));
     let status = p.wait(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1), "{}", p.output());
-    let stderr = p.stderr();
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("error: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "{}", p.output());
-    assert!(errors[0].contains("503"), "{}", errors[0]);
+    let error = p.the_error_line();
+    assert!(error.contains("503"), "{error}");
 }
