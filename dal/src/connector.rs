@@ -1,19 +1,23 @@
 //! The shared driver layer: one validated configuration, one token cache, TLS, and the
 //! per-connection settings, from which every pool is built.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
-use crate::cache::TokenCache;
-use crate::config::{Config, Credentials, PoolSettings, Target};
+use diesel_async::AsyncPgConnection;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool};
+
+use crate::config::{Config, Credentials, PoolSettings};
 use crate::credentials::{CredentialSource, StaticPassword, Token};
-use crate::pool::PoolHandle;
-use crate::telemetry::{self, PoolHealth};
+use crate::error::{Error, Result, Setting};
+use crate::pool::{self, DieselPool, Open, PgClientPool, Registry};
+use crate::target::Target;
+use crate::telemetry::{self, Health};
 use crate::tls::{SslMode, Tls};
-use crate::{Error, Result};
+use crate::token_cache::TokenCache;
 
 /// Opens database connections with a fresh token each, and builds the pools.
 ///
@@ -47,8 +51,7 @@ struct Shared {
     connect_timeout: Duration,
     pool: PoolSettings,
     cache: TokenCache,
-    sqlx_pools: std::sync::Mutex<Vec<sea_orm::sqlx::PgPool>>,
-    bb8_pools: std::sync::Mutex<Vec<Weak<dyn PoolHandle>>>,
+    pools: Registry,
     opened: AtomicU64,
     shut_down: AtomicBool,
 }
@@ -81,22 +84,37 @@ impl Connector {
 
     fn build(config: Config) -> Result<Self> {
         if config.host.trim().is_empty() {
-            return Err(Error::config("PGHOST", "the database host is required"));
+            return Err(Error::config(
+                Setting::Host,
+                "the database host is required",
+            ));
         }
         if config.user.trim().is_empty() {
-            return Err(Error::config("PGUSER", "the database user is required"));
+            return Err(Error::config(
+                Setting::User,
+                "the database user is required",
+            ));
         }
         if config.database.trim().is_empty() {
-            return Err(Error::config("PGDATABASE", "the database name is required"));
+            return Err(Error::config(
+                Setting::Database,
+                "the database name is required",
+            ));
         }
         if config.pool.max_size == 0 {
-            return Err(Error::config("pool max_size", "must be at least 1"));
+            return Err(Error::config(Setting::PoolMaxSize, "must be at least 1"));
         }
         if config.pool.min_idle > config.pool.max_size {
-            return Err(Error::config("pool min_idle", "must not exceed max_size"));
+            return Err(Error::config(
+                Setting::PoolMinIdle,
+                "must not exceed max_size",
+            ));
         }
         if !(0.0..1.0).contains(&config.pool.lifetime_jitter) {
-            return Err(Error::config("pool lifetime_jitter", "must be in 0..1"));
+            return Err(Error::config(
+                Setting::PoolLifetimeJitter,
+                "must be in 0..1",
+            ));
         }
         let target = config.resolved_target();
         let source: Arc<dyn CredentialSource> = match config.credentials {
@@ -107,7 +125,7 @@ impl Connector {
             Some(Credentials::Source(s)) => s,
             None => {
                 return Err(Error::config(
-                    "credentials",
+                    Setting::Credentials,
                     "no password or token source: set PGPASSWORD or DATABASE_URL, Lakebase \
                      (DATABRICKS_HOST with LAKEBASE_ENDPOINT or LAKEBASE_INSTANCE) or DSQL \
                      (DSQL_ENDPOINT) settings",
@@ -138,8 +156,7 @@ impl Connector {
                 connect_timeout: config.connect_timeout,
                 pool: config.pool,
                 cache,
-                sqlx_pools: std::sync::Mutex::new(Vec::new()),
-                bb8_pools: std::sync::Mutex::new(Vec::new()),
+                pools: Registry::default(),
                 opened: AtomicU64::new(0),
                 shut_down: AtomicBool::new(false),
             }),
@@ -212,14 +229,13 @@ impl Connector {
         options
     }
 
-    /// Options for sqlx logging in with `token`.
-    fn sqlx_options(&self, token: &Token) -> sea_orm::sqlx::postgres::PgConnectOptions {
+    /// Options for sqlx, without the password (the token cache supplies it).
+    fn sqlx_options(&self) -> PgConnectOptions {
         let s = &self.shared;
-        let mut options = sea_orm::sqlx::postgres::PgConnectOptions::new_without_pgpass()
+        let mut options = PgConnectOptions::new_without_pgpass()
             .host(&s.host)
             .port(s.port)
             .username(&s.user)
-            .password(token.expose())
             .database(&s.database)
             .application_name(&s.application_name)
             .ssl_mode(s.tls.mode.for_sqlx());
@@ -278,10 +294,9 @@ impl Connector {
         let result =
             tokio::time::timeout(timeout, connect)
                 .await
-                .map_err(|_| Error::HttpTransport {
+                .map_err(|_| Error::ConnectTimeout {
                     endpoint: format!("{}:{}", self.shared.host, self.shared.port),
-                    what: format!("no connection within {timeout:?}"),
-                    source: None,
+                    timeout,
                 })?;
         match result {
             Ok(pair) => {
@@ -305,7 +320,7 @@ impl Connector {
     /// A sqlx pool whose connections log in with the cached token. sqlx cannot ask for a
     /// password when it opens a connection, so from now on the cache keeps the token fresh
     /// ahead of expiry and pushes each new one into the pool before the refresh returns.
-    pub async fn sqlx_pool(&self) -> Result<sea_orm::sqlx::PgPool> {
+    pub async fn sqlx_pool(&self) -> Result<PgPool> {
         self.sqlx_pool_with(&self.shared.pool).await
     }
 
@@ -315,37 +330,10 @@ impl Connector {
     /// it mints a new one (the local Lakebase service does, as PostgreSQL holds one password
     /// per role), a connection opened in the moment between the two can be refused; Lakebase
     /// and DSQL keep earlier tokens valid until they expire.
-    pub async fn sqlx_pool_with(
-        &self,
-        pool_settings: &PoolSettings,
-    ) -> Result<sea_orm::sqlx::PgPool> {
-        let token = self.shared.cache.token().await?;
-        let pool = sea_orm::sqlx::postgres::PgPoolOptions::new()
-            .max_connections(pool_settings.max_size)
-            .min_connections(pool_settings.min_idle)
-            .acquire_timeout(pool_settings.acquire_timeout)
-            .idle_timeout(pool_settings.idle_timeout)
-            .max_lifetime(pool_settings.jittered_lifetime())
-            .connect_lazy_with(self.sqlx_options(&token));
-        let weak = Arc::downgrade(&self.shared);
-        let pushed = pool.clone();
-        self.shared.cache.on_refresh(move |token| {
-            if let Some(shared) = weak.upgrade() {
-                let this = Connector { shared };
-                pushed.set_connect_options(this.sqlx_options(token));
-            }
-        });
-        // The token may have been replaced while the pool was built.
-        if let Some(current) = self.shared.cache.current() {
-            pool.set_connect_options(self.sqlx_options(&current));
-        }
-        self.shared.cache.keep_fresh();
-        self.shared
-            .sqlx_pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(pool.clone());
-        Ok(pool)
+    pub async fn sqlx_pool_with(&self, settings: &PoolSettings) -> Result<PgPool> {
+        self.refuse_if_shut_down()?;
+        let s = &self.shared;
+        pool::sqlx::build(&s.cache, self.sqlx_options(), settings, &s.pools).await
     }
 
     /// A SeaORM connection (over a [`sqlx_pool`](Self::sqlx_pool)).
@@ -365,14 +353,60 @@ impl Connector {
         Ok(db)
     }
 
-    pub(crate) fn register_pool(&self, pool: Weak<dyn PoolHandle>) {
-        let mut pools = self
-            .shared
-            .bb8_pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        pools.retain(|p| p.strong_count() > 0);
-        pools.push(pool);
+    /// A Diesel pool: each new physical connection opens with a token from the cache, TLS and
+    /// the startup parameters of this connector.
+    pub async fn diesel_pool(&self) -> Result<DieselPool> {
+        self.diesel_pool_with(self.pool_settings()).await
+    }
+
+    /// Like [`diesel_pool`](Self::diesel_pool), with its own sizes and lifetimes.
+    pub async fn diesel_pool_with(&self, settings: &PoolSettings) -> Result<DieselPool> {
+        self.refuse_if_shut_down()?;
+        let connector = self.clone();
+        let open: Open<AsyncPgConnection> = Arc::new(move || {
+            let connector = connector.clone();
+            Box::pin(async move {
+                let (client, connection) = connector.connect().await?;
+                pool::diesel::from_parts(client, connection).await
+            })
+        });
+        Ok(pool::build(
+            pool::diesel::KIND,
+            open,
+            settings,
+            &self.shared.pools,
+        ))
+    }
+
+    /// A pool of tokio-postgres clients for raw SQL.
+    pub async fn postgres_pool(&self) -> Result<PgClientPool> {
+        self.postgres_pool_with(self.pool_settings()).await
+    }
+
+    /// Like [`postgres_pool`](Self::postgres_pool), with its own sizes and lifetimes.
+    pub async fn postgres_pool_with(&self, settings: &PoolSettings) -> Result<PgClientPool> {
+        self.refuse_if_shut_down()?;
+        let connector = self.clone();
+        let open: Open<tokio_postgres::Client> = Arc::new(move || {
+            let connector = connector.clone();
+            Box::pin(async move {
+                let (client, connection) = connector.connect().await?;
+                Ok(pool::postgres::from_parts(client, connection))
+            })
+        });
+        Ok(pool::build(
+            pool::postgres::KIND,
+            open,
+            settings,
+            &self.shared.pools,
+        ))
+    }
+
+    fn refuse_if_shut_down(&self) -> Result<()> {
+        if self.is_shut_down() {
+            return Err(Error::PoolClosed);
+        }
+        Ok(())
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called.
@@ -380,39 +414,22 @@ impl Connector {
         self.shared.shut_down.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn pool_health(&self) -> Vec<PoolHealth> {
-        let sqlx: Vec<_> = self
-            .shared
-            .sqlx_pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut health: Vec<PoolHealth> = sqlx
-            .iter()
-            .map(|p| {
-                let connections = p.size();
-                let idle = u32::try_from(p.num_idle()).unwrap_or(u32::MAX);
-                PoolHealth {
-                    kind: "seaorm",
-                    max_size: p.options().get_max_connections(),
-                    connections,
-                    idle,
-                    waiting: 0,
-                }
-            })
-            .collect();
-        health.extend(self.live_bb8_pools().iter().map(|p| p.health()));
-        health
-    }
-
-    fn live_bb8_pools(&self) -> Vec<Arc<dyn PoolHandle>> {
-        self.shared
-            .bb8_pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect()
+    /// Pool state and token expiry, never the token.
+    pub fn health(&self) -> Health {
+        let cache = self.cache();
+        let expires = cache.expires_at();
+        Health {
+            target: self.target(),
+            token_source: cache.source_kind(),
+            token_expires_at: expires,
+            token_remaining: expires
+                .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok()),
+            token_fetches: cache.fetches(),
+            token_failures: cache.failures(),
+            connections_opened: self.connections_opened(),
+            pools: self.shared.pools.health(),
+            shut_down: self.is_shut_down(),
+        }
     }
 
     /// Stops the token refresher and closes every pool built by this connector: the sqlx
@@ -422,19 +439,7 @@ impl Connector {
     pub async fn shutdown(&self) {
         self.shared.shut_down.store(true, Ordering::Relaxed);
         self.shared.cache.shutdown();
-        for pool in self.live_bb8_pools() {
-            pool.close().await;
-        }
-        let pools: Vec<_> = self
-            .shared
-            .sqlx_pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect();
-        for pool in pools {
-            pool.close().await;
-        }
+        self.shared.pools.close_all().await;
     }
 }
 

@@ -1,6 +1,157 @@
-//! The one error type of the crate.
+//! The one error type of the crate, the setting ids its configuration errors name, and a
+//! display of an error with its causes for log lines.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Which setting an [`Error::Config`] is about. It displays as the environment variable that
+/// sets it (`PGHOST`), or as the builder setting where no variable does (`cache jitter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Setting {
+    /// `DATABASE_URL`.
+    DatabaseUrl,
+    /// The server's host name, `PGHOST`.
+    Host,
+    /// The server's address, `PGHOSTADDR`.
+    HostAddr,
+    /// The server's port, `PGPORT`.
+    Port,
+    /// The database user, `PGUSER`.
+    User,
+    /// The database name, `PGDATABASE`.
+    Database,
+    /// A static password, `PGPASSWORD`.
+    Password,
+    /// `PGSSLMODE` (`sslmode`).
+    SslMode,
+    /// `PGSSLROOTCERT` (`sslrootcert`).
+    SslRootCert,
+    /// `PGAPPNAME` (`application_name`).
+    ApplicationName,
+    /// `DAL_SEARCH_PATH`.
+    SearchPath,
+    /// `DAL_STATEMENT_TIMEOUT_MS`.
+    StatementTimeout,
+    /// `DAL_TOKEN_STRATEGY`.
+    TokenStrategy,
+    /// `DAL_POOL_MAX_SIZE`.
+    PoolMaxSize,
+    /// `DAL_POOL_MIN_IDLE`.
+    PoolMinIdle,
+    /// The pool's `lifetime_jitter`.
+    PoolLifetimeJitter,
+    /// Where passwords come from: `Config::credentials`.
+    Credentials,
+    /// The token cache's `jitter`.
+    CacheJitter,
+    /// The token cache's `attempts`.
+    CacheAttempts,
+    /// The token cache's `min_backoff` and `max_backoff`.
+    CacheBackoff,
+    /// A retry policy's `attempts`.
+    RetryAttempts,
+    /// A retry policy's delays.
+    RetryDelays,
+    /// A retry policy's `jitter`.
+    RetryJitter,
+    /// The Databricks workspace URL, `DATABRICKS_HOST`.
+    DatabricksHost,
+    /// The workspace's OAuth token endpoint, `DATABRICKS_TOKEN_URL`.
+    DatabricksTokenUrl,
+    /// A service principal's id, `DATABRICKS_CLIENT_ID`.
+    DatabricksClientId,
+    /// A service principal's secret, `DATABRICKS_CLIENT_SECRET`.
+    DatabricksClientSecret,
+    /// A personal access token, `DATABRICKS_TOKEN`.
+    DatabricksToken,
+    /// A `~/.databrickscfg` profile, `DATABRICKS_CONFIG_PROFILE`.
+    DatabricksConfigProfile,
+    /// A Lakebase Autoscaling endpoint path, `LAKEBASE_ENDPOINT`.
+    LakebaseEndpoint,
+    /// A Lakebase Provisioned instance name, `LAKEBASE_INSTANCE`.
+    LakebaseInstance,
+    /// An Aurora DSQL cluster endpoint, `DSQL_ENDPOINT`.
+    DsqlEndpoint,
+    /// The AWS region of an Aurora DSQL cluster, `AWS_REGION`.
+    DsqlRegion,
+    /// The life of an Aurora DSQL token, `DSQL_TOKEN_EXPIRES_IN`.
+    DsqlTokenExpiresIn,
+}
+
+impl Setting {
+    /// The environment variable, or the builder setting, as the messages name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Setting::DatabaseUrl => "DATABASE_URL",
+            Setting::Host => "PGHOST",
+            Setting::HostAddr => "PGHOSTADDR",
+            Setting::Port => "PGPORT",
+            Setting::User => "PGUSER",
+            Setting::Database => "PGDATABASE",
+            Setting::Password => "PGPASSWORD",
+            Setting::SslMode => "PGSSLMODE",
+            Setting::SslRootCert => "PGSSLROOTCERT",
+            Setting::ApplicationName => "PGAPPNAME",
+            Setting::SearchPath => "DAL_SEARCH_PATH",
+            Setting::StatementTimeout => "DAL_STATEMENT_TIMEOUT_MS",
+            Setting::TokenStrategy => "DAL_TOKEN_STRATEGY",
+            Setting::PoolMaxSize => "DAL_POOL_MAX_SIZE",
+            Setting::PoolMinIdle => "DAL_POOL_MIN_IDLE",
+            Setting::PoolLifetimeJitter => "pool lifetime_jitter",
+            Setting::Credentials => "credentials",
+            Setting::CacheJitter => "cache jitter",
+            Setting::CacheAttempts => "cache attempts",
+            Setting::CacheBackoff => "cache backoff",
+            Setting::RetryAttempts => "retry attempts",
+            Setting::RetryDelays => "retry delays",
+            Setting::RetryJitter => "retry jitter",
+            Setting::DatabricksHost => "DATABRICKS_HOST",
+            Setting::DatabricksTokenUrl => "DATABRICKS_TOKEN_URL",
+            Setting::DatabricksClientId => "DATABRICKS_CLIENT_ID",
+            Setting::DatabricksClientSecret => "DATABRICKS_CLIENT_SECRET",
+            Setting::DatabricksToken => "DATABRICKS_TOKEN",
+            Setting::DatabricksConfigProfile => "DATABRICKS_CONFIG_PROFILE",
+            Setting::LakebaseEndpoint => "LAKEBASE_ENDPOINT",
+            Setting::LakebaseInstance => "LAKEBASE_INSTANCE",
+            Setting::DsqlEndpoint => "DSQL_ENDPOINT",
+            Setting::DsqlRegion => "AWS_REGION",
+            Setting::DsqlTokenExpiresIn => "DSQL_TOKEN_EXPIRES_IN",
+        }
+    }
+}
+
+impl fmt::Display for Setting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How many rows a query was expected to return (see [`expect`](crate::expect)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rows {
+    /// Exactly one row.
+    ExactlyOne,
+    /// No row or one.
+    AtMostOne,
+    /// One row or more.
+    AtLeastOne,
+    /// No row.
+    None,
+}
+
+impl fmt::Display for Rows {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Rows::ExactlyOne => "exactly one row",
+            Rows::AtMostOne => "at most one row",
+            Rows::AtLeastOne => "at least one row",
+            Rows::None => "no row",
+        })
+    }
+}
 
 /// What went wrong in dal.
 ///
@@ -12,41 +163,10 @@ pub enum Error {
     /// A setting is missing, malformed or conflicts with another one.
     #[error("invalid setting {setting}: {reason}")]
     Config {
-        /// The variable or builder method at fault, e.g. `PGPORT`.
-        setting: String,
+        /// The setting at fault.
+        setting: Setting,
         /// What is wrong and how to fix it.
         reason: String,
-    },
-
-    /// The PostgreSQL server binaries (`initdb`, `postgres`) were not found.
-    #[error(
-        "PostgreSQL server binaries (initdb, postgres) not found; searched {searched}. \
-         Install them (Debian/Ubuntu: `apt-get install postgresql`; Fedora: `dnf install postgresql-server`; \
-         macOS: `brew install postgresql`) or set PG_BINDIR to the directory holding them"
-    )]
-    ServerBinariesNotFound {
-        /// The places that were searched, for the message.
-        searched: String,
-    },
-
-    /// The local PostgreSQL server could not be prepared, started or stopped.
-    #[error("local PostgreSQL server: {what}")]
-    LocalServer {
-        /// What failed and what to do about it.
-        what: String,
-        /// The underlying cause, if any.
-        #[source]
-        source: Option<Box<dyn std::error::Error + Send + Sync>>,
-    },
-
-    /// A file or directory could not be read or written.
-    #[error("cannot access {}", path.display())]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying cause.
-        #[source]
-        source: std::io::Error,
     },
 
     /// A credential source failed to produce a token.
@@ -57,6 +177,23 @@ pub enum Error {
         /// The underlying cause.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A credential source produced a token that had expired already: the clocks of this
+    /// machine and of the source disagree. Not retried: fetching again cannot help.
+    #[error(
+        "the {source_kind} credential source returned a token that expired at {} (now is {}); \
+         check this machine's clock",
+        rfc3339(*expires_at),
+        rfc3339(*now)
+    )]
+    TokenExpired {
+        /// Which kind of source.
+        source_kind: &'static str,
+        /// When the token expired.
+        expires_at: SystemTime,
+        /// The time on this machine when it arrived.
+        now: SystemTime,
     },
 
     /// An HTTP call of a credential source failed or was refused.
@@ -85,6 +222,15 @@ pub enum Error {
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
+    /// A database connection was not open within the connect timeout (TCP, TLS and login).
+    #[error("no connection to {endpoint} within {timeout:?}")]
+    ConnectTimeout {
+        /// `host:port` of the server.
+        endpoint: String,
+        /// The connect timeout.
+        timeout: Duration,
+    },
+
     /// The server refused the password at login (SQLSTATE `28P01`): for a token, it is
     /// wrong or expired. The cache was invalidated and one fresh token tried already.
     #[error(
@@ -104,14 +250,14 @@ pub enum Error {
     Connect {
         /// Why the connection failed.
         #[source]
-        source: std::sync::Arc<Error>,
+        source: Arc<Error>,
     },
 
     /// No connection became available within the pool's acquire timeout.
     #[error(
         "no connection became available within {0:?}; the pool is exhausted or the database is slow"
     )]
-    PoolTimeout(std::time::Duration),
+    PoolTimeout(Duration),
 
     /// The pool itself failed.
     #[error("pool error: {0}")]
@@ -128,6 +274,10 @@ pub enum Error {
     /// A Diesel operation failed.
     #[error("Diesel operation failed")]
     Diesel(#[source] diesel::result::Error),
+
+    /// Diesel could not set up a connection the connector had opened.
+    #[error("Diesel could not set up the connection")]
+    DieselSetup(#[source] diesel::ConnectionError),
 
     /// A retried transaction failed on every attempt; the cause is the last attempt's error.
     #[error("the transaction failed after {attempts} attempt(s)")]
@@ -159,7 +309,7 @@ pub enum Error {
     #[error("expected {expected}, but {actual} row(s) came back")]
     RowCount {
         /// What the caller expected.
-        expected: crate::expect::Rows,
+        expected: Rows,
         /// How many rows came back.
         actual: usize,
     },
@@ -229,8 +379,10 @@ impl Error {
     pub fn is_connection_failure(&self) -> bool {
         use sea_orm::sqlx::Error as Sqlx;
         match self {
-            Error::Database(e) => e.code().is_none(),
-            Error::HttpTransport { .. } | Error::PoolTimeout(_) => true,
+            Error::Database(e) => is_connection_lost(e),
+            Error::HttpTransport { .. } | Error::PoolTimeout(_) | Error::ConnectTimeout { .. } => {
+                true
+            }
             Error::Connect { source } => source.is_connection_failure(),
             Error::SeaOrm(sea_orm::DbErr::ConnectionAcquire(_)) => true,
             Error::SeaOrm(e) => matches!(
@@ -248,6 +400,7 @@ impl Error {
                 matches!(kind, diesel::result::DatabaseErrorKind::UnableToSendCommand)
             }
             Error::Diesel(diesel::result::Error::BrokenTransactionManager) => true,
+            Error::DieselSetup(_) => true,
             _ => false,
         }
     }
@@ -281,9 +434,13 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
-            Error::HttpTransport { .. } | Error::Credential { .. } | Error::PoolTimeout(_) => true,
-            Error::Database(e) => e.code().is_none(),
+            Error::HttpTransport { .. }
+            | Error::Credential { .. }
+            | Error::PoolTimeout(_)
+            | Error::ConnectTimeout { .. } => true,
+            Error::Database(e) => is_connection_lost(e),
             Error::Connect { source } => source.is_retryable(),
+            Error::DieselSetup(_) => true,
             Error::SeaOrm(_) | Error::Diesel(_) => {
                 self.is_conflict() || (self.is_connection_failure() && !self.is_auth_failure())
             }
@@ -291,25 +448,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn config(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn config(setting: Setting, reason: impl Into<String>) -> Self {
         Error::Config {
-            setting: setting.into(),
+            setting,
             reason: reason.into(),
         }
-    }
-
-    #[cfg_attr(not(feature = "local"), allow(dead_code))]
-    pub(crate) fn local(what: impl Into<String>) -> Self {
-        Error::LocalServer {
-            what: what.into(),
-            source: None,
-        }
-    }
-
-    #[cfg_attr(not(feature = "local"), allow(dead_code))]
-    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
-        let path = path.into();
-        move |source| Error::Io { path, source }
     }
 }
 
@@ -360,6 +503,23 @@ fn diesel_sqlstate(e: &diesel::result::Error) -> Option<&'static str> {
     }
 }
 
+/// Whether tokio-postgres lost the connection: it says the connection is closed, or an I/O or
+/// TLS failure sits in the cause chain. A conversion error (`FromSql`) or a server error is not
+/// a lost connection, though it carries no SQLSTATE either.
+fn is_connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.is::<std::io::Error>() || c.is::<rustls::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
         Error::Database(e)
@@ -368,3 +528,23 @@ impl From<tokio_postgres::Error> for Error {
 
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A time as RFC 3339, to the second, in UTC.
+fn rfc3339(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Displays an error with its causes, for log lines.
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

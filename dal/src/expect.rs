@@ -10,8 +10,8 @@
 //! use sea_orm::EntityTrait;
 //!
 //! let customer = dal::expect::exactly_one(entity::customer::Entity::find().all(db)).await?;
-//! let order: Option<dal::models::Order> =
-//!     dal::expect::at_most_one(dal::schema::orders::table.limit(2).load(conn)).await?;
+//! let order: Option<entity::models::Order> =
+//!     dal::expect::at_most_one(entity::schema::orders::table.limit(2).load(conn)).await?;
 //! # let _ = (customer, order);
 //! # Ok(()) }
 //! ```
@@ -21,50 +21,24 @@
 
 use std::future::Future;
 
-use crate::{Error, Result};
+pub use crate::error::Rows;
+use crate::error::{Error, Result};
 
-/// How many rows a query was expected to return.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Rows {
-    /// Exactly one row.
-    ExactlyOne,
-    /// No row or one.
-    AtMostOne,
-    /// One row or more.
-    AtLeastOne,
-    /// No row.
-    None,
-}
-
-impl std::fmt::Display for Rows {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Rows::ExactlyOne => "exactly one row",
-            Rows::AtMostOne => "at most one row",
-            Rows::AtLeastOne => "at least one row",
-            Rows::None => "no row",
+/// Checks `rows` against `expected`.
+fn check<T>(expected: Rows, rows: &[T]) -> Result<()> {
+    let ok = match expected {
+        Rows::ExactlyOne => rows.len() == 1,
+        Rows::AtMostOne => rows.len() <= 1,
+        Rows::AtLeastOne => !rows.is_empty(),
+        Rows::None => rows.is_empty(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::RowCount {
+            expected,
+            actual: rows.len(),
         })
-    }
-}
-
-impl Rows {
-    /// Checks `rows` against this expectation.
-    fn check<T>(self, rows: &[T]) -> Result<()> {
-        let ok = match self {
-            Rows::ExactlyOne => rows.len() == 1,
-            Rows::AtMostOne => rows.len() <= 1,
-            Rows::AtLeastOne => !rows.is_empty(),
-            Rows::None => rows.is_empty(),
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(Error::RowCount {
-                expected: self,
-                actual: rows.len(),
-            })
-        }
     }
 }
 
@@ -73,7 +47,7 @@ async fn load<T, E: Into<Error>>(
     expected: Rows,
 ) -> Result<Vec<T>> {
     let rows = query.await.map_err(Into::into)?;
-    expected.check(&rows)?;
+    check(expected, &rows)?;
     Ok(rows)
 }
 

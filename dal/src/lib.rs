@@ -20,7 +20,7 @@
 //!
 //! let diesel = connector.diesel_pool().await?;
 //! let mut conn = diesel.get().await?;
-//! let orders: i64 = dal::schema::orders::table
+//! let orders: i64 = entity::schema::orders::table
 //!     .count()
 //!     .get_result(&mut *conn)
 //!     .await
@@ -40,31 +40,34 @@
     unreachable_pub
 )]
 
-mod cache;
 mod config;
 mod connector;
 pub mod credentials;
-mod env;
 mod error;
 pub mod expect;
 #[cfg(feature = "local")]
 pub mod local;
-pub mod models;
 mod pool;
-pub mod schema;
+mod retry;
+mod target;
 pub mod telemetry;
 mod tls;
+mod token_cache;
 mod tx;
 
-pub use cache::{CacheSettings, TokenCache, TokenStrategy};
-pub use config::{Config, Credentials, DEFAULT_APPLICATION_NAME, PoolSettings, Target};
+pub use config::{
+    CacheSettings, Config, Credentials, DATABASE_VARIABLES, DEFAULT_APPLICATION_NAME, PoolSettings,
+    TokenStrategy,
+};
 pub use connector::Connector;
-pub use env::DATABASE_VARIABLES;
-pub use error::{Error, Result};
-pub use pool::{ClientManager, Closable, DieselManager, DieselPool, PgClientPool, Pool};
+pub use error::{Error, Result, Setting};
+pub use pool::{DieselPool, Manager, PgClientPool, Pool};
+pub use retry::{RetryPolicy, RetryPolicyBuilder};
+pub use target::Target;
 pub use telemetry::{Health, PoolHealth};
 pub use tls::SslMode;
-pub use tx::{Isolation, RetryPolicy, RetryPolicyBuilder, Transactions, TxMode};
+pub use token_cache::TokenCache;
+pub use tx::{Isolation, Transactions, TxMode};
 
 pub use bb8;
 pub use diesel;

@@ -1,5 +1,6 @@
 //! What the layer tells operators: the names of the metrics it records through the
-//! [`metrics`] facade, and [`Connector::health`].
+//! [`metrics`] facade, and the [`Health`] that
+//! [`Connector::health`](crate::Connector::health) reports.
 //!
 //! Nothing is recorded until the program installs a recorder (such as a Prometheus
 //! exporter). No metric, label, span or event carries a token, password or SQL text.
@@ -8,8 +9,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::config::Target;
-use crate::connector::Connector;
+use crate::target::Target;
 
 /// Counter: tokens fetched from the credential source. Label `source`.
 pub const TOKEN_REFRESHES: &str = "dal_token_refreshes_total";
@@ -58,7 +58,7 @@ pub struct Health {
     pub connections_opened: u64,
     /// Every pool the connector built that is still in use.
     pub pools: Vec<PoolHealth>,
-    /// Whether [`Connector::shutdown`] was called.
+    /// Whether [`Connector::shutdown`](crate::Connector::shutdown) was called.
     pub shut_down: bool,
 }
 
@@ -86,25 +86,6 @@ impl Health {
             && self
                 .token_expires_at
                 .is_none_or(|_| self.token_remaining.is_some())
-    }
-}
-
-impl Connector {
-    /// Pool state and token expiry, never the token.
-    pub fn health(&self) -> Health {
-        let cache = self.cache();
-        let expires = cache.expires_at();
-        Health {
-            target: self.target(),
-            token_source: cache.source_kind(),
-            token_expires_at: expires,
-            token_remaining: expires.and_then(|at| at.duration_since(SystemTime::now()).ok()),
-            token_fetches: cache.fetches(),
-            token_failures: cache.failures(),
-            connections_opened: self.connections_opened(),
-            pools: self.pool_health(),
-            shut_down: self.is_shut_down(),
-        }
     }
 }
 

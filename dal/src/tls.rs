@@ -8,7 +8,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result, Setting};
 
 /// How a connection uses TLS, with libpq's meanings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +89,9 @@ impl Tls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
-            .map_err(|e| Error::config("sslmode", format!("no TLS version available: {e}")))?;
+            .map_err(|e| {
+                Error::config(Setting::SslMode, format!("no TLS version available: {e}"))
+            })?;
         let config = match mode {
             SslMode::Disable | SslMode::Prefer | SslMode::Require => builder
                 .dangerous()
@@ -101,7 +103,7 @@ impl Tls {
                     provider,
                 )
                 .build()
-                .map_err(|e| Error::config("sslrootcert", e.to_string()))?;
+                .map_err(|e| Error::config(Setting::SslRootCert, e.to_string()))?;
                 builder
                     .dangerous()
                     .with_custom_certificate_verifier(Arc::new(AnyHostName(inner)))
@@ -134,14 +136,14 @@ fn roots(path: Option<&Path>) -> Result<RootCertStore> {
                 .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
                 .map_err(|e| {
                     Error::config(
-                        "sslrootcert",
+                        Setting::SslRootCert,
                         format!("cannot read CA certificates from {}: {e}", path.display()),
                     )
                 })?;
             let (added, _) = store.add_parsable_certificates(certs);
             if added == 0 {
                 return Err(Error::config(
-                    "sslrootcert",
+                    Setting::SslRootCert,
                     format!("{} holds no usable CA certificate", path.display()),
                 ));
             }
@@ -265,7 +267,7 @@ mod tests {
         let err =
             Tls::new(SslMode::VerifyFull, Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
         assert!(
-            err.to_string().starts_with("invalid setting sslrootcert"),
+            err.to_string().starts_with("invalid setting PGSSLROOTCERT"),
             "{err}"
         );
     }

@@ -7,18 +7,17 @@
 //! transaction with `40P01`. In each case the whole transaction must run again, so
 //! [`Transactions`] takes the transaction's work as a closure it can call once per attempt.
 
-use std::time::Duration;
-
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
 use futures_util::future::BoxFuture;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tracing::Instrument;
 
-use crate::config::Target;
 use crate::connector::Connector;
+use crate::error::{Error, ErrorChain, Result};
 use crate::pool::DieselPool;
+use crate::retry::RetryPolicy;
+use crate::target::Target;
 use crate::telemetry;
-use crate::{Error, Result};
 
 /// Isolation level of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,125 +110,6 @@ impl TxMode {
     }
 }
 
-/// How often and how fast a transaction is run again after a conflict.
-///
-/// Defaults to the Aurora DSQL connectors' numbers: 3 attempts in all, exponential backoff
-/// from 1 ms to 100 ms, with 25 % jitter.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryPolicy {
-    attempts: u32,
-    min_delay: Duration,
-    max_delay: Duration,
-    jitter: f64,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            attempts: 3,
-            min_delay: Duration::from_millis(1),
-            max_delay: Duration::from_millis(100),
-            jitter: 0.25,
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// A policy to adjust; [`RetryPolicyBuilder::build`] checks it.
-    pub fn builder() -> RetryPolicyBuilder {
-        RetryPolicyBuilder(Self::default())
-    }
-
-    /// One attempt: a conflict is returned to the caller at once.
-    pub fn no_retries() -> Self {
-        Self {
-            attempts: 1,
-            ..Self::default()
-        }
-    }
-
-    /// Attempts in all, the first included.
-    pub fn attempts(&self) -> u32 {
-        self.attempts
-    }
-
-    /// The pause before attempt `attempt + 1` (`attempt` counts from 1): `min_delay` doubled
-    /// per attempt, capped at `max_delay`, then moved by up to `jitter` either way.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let doublings = attempt.saturating_sub(1).min(31);
-        let base = self
-            .min_delay
-            .saturating_mul(1 << doublings)
-            .min(self.max_delay);
-        let factor = 1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0);
-        base.mul_f64(factor.max(0.0))
-    }
-}
-
-/// Builds a [`RetryPolicy`]; see there for the defaults.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicyBuilder(RetryPolicy);
-
-impl RetryPolicyBuilder {
-    /// Attempts in all, the first included; at least 1. Defaults to 3.
-    #[must_use]
-    pub fn attempts(mut self, attempts: u32) -> Self {
-        self.0.attempts = attempts;
-        self
-    }
-
-    /// The first pause and the longest one. Defaults to 1 ms and 100 ms.
-    #[must_use]
-    pub fn delays(mut self, min: Duration, max: Duration) -> Self {
-        self.0.min_delay = min;
-        self.0.max_delay = max;
-        self
-    }
-
-    /// The delays from seconds, which may come from user input: a negative or non-finite
-    /// value is rejected by [`build`](Self::build).
-    pub fn delays_secs(self, min: f64, max: f64) -> Result<Self> {
-        let parse = |v: f64, what: &str| {
-            Duration::try_from_secs_f64(v).map_err(|_| {
-                Error::config(
-                    format!("retry {what}"),
-                    format!("{v} is not a non-negative number of seconds"),
-                )
-            })
-        };
-        Ok(self.delays(parse(min, "min_delay")?, parse(max, "max_delay")?))
-    }
-
-    /// The fraction by which each pause moves at random, up or down; 0 to 1. Defaults to 0.25.
-    #[must_use]
-    pub fn jitter(mut self, fraction: f64) -> Self {
-        self.0.jitter = fraction;
-        self
-    }
-
-    /// The policy, or [`Error::Config`] for zero attempts, a minimum delay above the maximum,
-    /// or a jitter outside 0..=1.
-    pub fn build(self) -> Result<RetryPolicy> {
-        let p = self.0;
-        if p.attempts == 0 {
-            return Err(Error::config("retry attempts", "must be at least 1"));
-        }
-        if p.min_delay > p.max_delay {
-            return Err(Error::config(
-                "retry delays",
-                "the minimum delay must not exceed the maximum",
-            ));
-        }
-        if !(0.0..=1.0).contains(&p.jitter) {
-            return Err(Error::config(
-                "retry jitter",
-                "must be a fraction between 0 and 1, such as 0.25",
-            ));
-        }
-        Ok(p)
-    }
-}
-
 /// Runs transactions with a [`TxMode`] and a [`RetryPolicy`], for SeaORM and Diesel.
 ///
 /// Get one with [`Connector::transactions`].
@@ -306,11 +186,11 @@ impl Transactions {
         let retryable = match failure.classify() {
             Ok(e) => e,
             Err(e) => {
-                tracing::debug!(orm, attempt, error = %crate::cache::ErrorChain(&e), "transaction failed");
+                tracing::debug!(orm, attempt, error = %ErrorChain(&e), "transaction failed");
                 return Err(e);
             }
         };
-        if attempt >= self.policy.attempts {
+        if attempt >= self.policy.attempts() {
             tracing::warn!(
                 orm,
                 attempts = attempt,
@@ -328,7 +208,7 @@ impl Transactions {
             attempt,
             sqlstate = retryable.sqlstate(),
             delay_ms = delay.as_millis() as u64,
-            error = %crate::cache::ErrorChain(&retryable),
+            error = %ErrorChain(&retryable),
             "transaction conflict or connection failure; retrying"
         );
         metrics::counter!(telemetry::TX_RETRIES, "orm" => orm).increment(1);
@@ -557,6 +437,7 @@ impl Connector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn modes_send_only_what_differs_from_the_defaults() {

@@ -1,7 +1,9 @@
-//! SeaORM entities of the sample schema: customers place orders, orders hold items.
+//! The sample schema, customers place orders and orders hold items, as both ORMs see it:
+//! SeaORM entities (`customer`, `order`, `order_item`; feature `seaorm`) and Diesel `table!`
+//! definitions with their row structs (`schema`, `models`; feature `diesel`).
 //!
-//! The same tables are described for Diesel in `dal::schema`; a test in the `tests` crate
-//! compares both descriptions with the columns of a freshly migrated database.
+//! A test in the `tests` crate compares both descriptions with the columns of a freshly
+//! migrated database, so the two cannot drift apart.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -10,11 +12,19 @@
     unreachable_pub
 )]
 
+#[cfg(feature = "seaorm")]
 pub mod customer;
+#[cfg(feature = "diesel")]
+pub mod models;
+#[cfg(feature = "seaorm")]
 pub mod order;
+#[cfg(feature = "seaorm")]
 pub mod order_item;
+#[cfg(feature = "diesel")]
+pub mod schema;
 
-/// The entities under short names, for `use entity::prelude::*`.
+/// The SeaORM entities under short names, for `use entity::prelude::*`.
+#[cfg(feature = "seaorm")]
 pub mod prelude {
     pub use super::customer::Entity as Customer;
     pub use super::order::{Entity as Order, OrderStatus};

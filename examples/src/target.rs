@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use dal::Config;
 use dal::local::DevStack;
-use dal::{Config, Target};
 
 /// Overrides the life of the embedded default's tokens, in seconds.
 pub const TOKEN_TTL_VAR: &str = "DAL_LOCAL_TOKEN_TTL_SECS";
@@ -65,11 +65,7 @@ impl Database {
             return stack.describe();
         }
         let c = &self.config;
-        let kind = match c.resolved_target() {
-            Target::Postgres => "PostgreSQL",
-            Target::Lakebase => "Databricks Lakebase",
-            Target::Dsql => "Aurora DSQL",
-        };
+        let kind = c.resolved_target();
         format!(
             "{kind} at {}:{}, database {}, user {} (from the environment)",
             c.host, c.port, c.database, c.user

@@ -21,7 +21,7 @@ async fn main() {
     let configured = Config::env_names_a_database();
     let (config, stack) = match load(configured).await {
         Ok(pair) => pair,
-        Err(e) => fail(&e),
+        Err(e) => fail(&*e),
     };
     let dsql = config.resolved_target() == Target::Dsql;
     let connect = async move || -> Result<DatabaseConnection, sea_orm_migration::DbErr> {
@@ -39,7 +39,7 @@ async fn main() {
 }
 
 /// The configuration, and the embedded default's services when they are used.
-async fn load(configured: bool) -> dal::Result<(Config, Option<dal::local::DevStack>)> {
+async fn load(configured: bool) -> Result<(Config, Option<dal::local::DevStack>), BoxError> {
     if configured {
         return Ok((Config::from_env()?, None));
     }
@@ -57,7 +57,10 @@ async fn connect(config: Config) -> dal::Result<DatabaseConnection> {
     connector.seaorm().await
 }
 
-fn fail(e: &dal::Error) -> ! {
+/// Any error of dal or of its local services.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn fail(e: &(dyn std::error::Error + 'static)) -> ! {
     let mut message = format!("error: {e}");
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {

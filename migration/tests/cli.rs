@@ -17,7 +17,7 @@ fn a_malformed_database_url_is_named() {
     let (code, stderr) = migrate_with_url("not a url");
     assert_eq!(code, 1, "{stderr}");
     assert!(
-        stderr.starts_with("error: invalid setting DATABASE_URL: is not a valid URL"),
+        stderr.starts_with("error: invalid setting DATABASE_URL: must start with postgres://"),
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");

@@ -21,7 +21,7 @@ use tokio::sync::OnceCell;
 use tracing::instrument::WithSubscriber;
 
 use super::{BoxFuture, Clock, CredentialSource, SystemClock, Token};
-use crate::{Error, Result};
+use crate::error::{Error, Result, Setting};
 
 /// The DSQL role that signs with `DbConnectAdmin`; every other role uses `DbConnect`.
 const ADMIN_USER: &str = "admin";
@@ -98,7 +98,7 @@ impl Dsql {
     ) -> Result<Self> {
         if user.is_empty() {
             return Err(Error::config(
-                "DSQL user",
+                Setting::User,
                 "the database role is empty; pass `admin` or the name of a custom role",
             ));
         }
@@ -123,7 +123,7 @@ impl Dsql {
         let secs = expires_in.as_secs();
         if !(1..=MAX_EXPIRES_IN_SECS).contains(&secs) {
             return Err(Error::config(
-                "Dsql::with_expires_in",
+                Setting::DsqlTokenExpiresIn,
                 format!(
                     "{secs} s is out of range; give between 1 and {MAX_EXPIRES_IN_SECS} seconds"
                 ),
@@ -330,21 +330,21 @@ fn resolve_endpoint(
     let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
     if host.is_empty() {
         return Err(Error::config(
-            "DSQL host",
+            Setting::DsqlEndpoint,
             "the host is empty; give the cluster endpoint `{cluster-id}.dsql.{region}.on.aws` \
              or the cluster id",
         ));
     }
     if host.contains(['/', '?', '#', '@', ':', ' ']) {
         return Err(Error::config(
-            "DSQL host",
+            Setting::DsqlEndpoint,
             "give the bare host name, without scheme, port, path or user",
         ));
     }
     let given = match region.map(str::trim) {
         Some("") => {
             return Err(Error::config(
-                "DSQL region",
+                Setting::DsqlRegion,
                 "the region is empty; give one such as `us-east-1`, or None to take it from the host",
             ));
         }
@@ -356,7 +356,7 @@ fn resolve_endpoint(
         && given != in_host
     {
         return Err(Error::config(
-            "DSQL region",
+            Setting::DsqlRegion,
             format!(
                 "region `{given}` contradicts `{in_host}` in the host; tokens would be refused, \
                  so drop the region or fix it"
@@ -374,14 +374,14 @@ fn resolve_endpoint(
         })
         .ok_or_else(|| {
             Error::config(
-                "DSQL region",
+                Setting::DsqlRegion,
                 "no region: use the endpoint `{cluster-id}.dsql.{region}.on.aws` as host, \
                  pass the region, or set AWS_REGION",
             )
         })?;
     if !is_region(&region) {
         return Err(Error::config(
-            "DSQL region",
+            Setting::DsqlRegion,
             format!("`{region}` is not an AWS region name such as `us-east-1`"),
         ));
     }
@@ -481,7 +481,7 @@ mod tests {
             .with_static_credentials("akid", "secret", None)
     }
 
-    fn config_setting(err: Error) -> String {
+    fn config_setting(err: Error) -> Setting {
         match err {
             Error::Config { setting, .. } => setting,
             other => panic!("expected a Config error, got {other:?}"),
@@ -679,25 +679,25 @@ mod tests {
         let err = Dsql::with_env("abcdefghijklmnopqrstuvwxyz", "app", None, &no_env).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "invalid setting DSQL region: no region: use the endpoint \
+            "invalid setting AWS_REGION: no region: use the endpoint \
              `{cluster-id}.dsql.{region}.on.aws` as host, pass the region, or set AWS_REGION"
         );
         let err = Dsql::with_env("proxy.internal", "app", None, &no_env).unwrap_err();
-        assert_eq!(config_setting(err), "DSQL region");
+        assert_eq!(config_setting(err), Setting::DsqlRegion);
     }
 
     #[test]
     fn bad_endpoints_are_config_errors() {
         let err = Dsql::with_env(CLUSTER, "app", Some("eu-west-1"), &no_env).unwrap_err();
-        assert_eq!(config_setting(err), "DSQL region");
+        assert_eq!(config_setting(err), Setting::DsqlRegion);
         let err = Dsql::with_env(CLUSTER, "app", Some(""), &no_env).unwrap_err();
-        assert_eq!(config_setting(err), "DSQL region");
+        assert_eq!(config_setting(err), Setting::DsqlRegion);
         let err = Dsql::with_env(&format!("https://{CLUSTER}"), "app", None, &no_env).unwrap_err();
-        assert_eq!(config_setting(err), "DSQL host");
+        assert_eq!(config_setting(err), Setting::DsqlEndpoint);
         let err = Dsql::with_env("", "app", Some("us-east-1"), &no_env).unwrap_err();
-        assert_eq!(config_setting(err), "DSQL host");
+        assert_eq!(config_setting(err), Setting::DsqlEndpoint);
         let err = Dsql::with_env(CLUSTER, "", None, &no_env).unwrap_err();
-        assert_eq!(config_setting(err), "DSQL user");
+        assert_eq!(config_setting(err), Setting::User);
     }
 
     #[test]
@@ -707,12 +707,12 @@ mod tests {
             let err = source()
                 .with_expires_in(Duration::from_secs(bad))
                 .unwrap_err();
-            assert_eq!(config_setting(err), "Dsql::with_expires_in");
+            assert_eq!(config_setting(err), Setting::DsqlTokenExpiresIn);
         }
         let err = source()
             .with_expires_in(Duration::from_millis(999))
             .unwrap_err();
-        assert_eq!(config_setting(err), "Dsql::with_expires_in");
+        assert_eq!(config_setting(err), Setting::DsqlTokenExpiresIn);
         for good in [1, 900, 604_800] {
             let source = source().with_expires_in(Duration::from_secs(good)).unwrap();
             assert_eq!(source.expires_in, Duration::from_secs(good));

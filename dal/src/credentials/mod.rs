@@ -12,14 +12,18 @@ use std::time::SystemTime;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::{Error, Result};
+use crate::error::Result;
 
+mod custom;
 #[cfg(feature = "dsql")]
 mod dsql;
+mod lakebase;
+mod static_password;
+
 #[cfg(feature = "dsql")]
 pub use dsql::Dsql;
-mod lakebase;
 pub use lakebase::{Lakebase, LakebaseTarget, WorkspaceAuth};
+pub use static_password::StaticPassword;
 
 /// A boxed future, as returned by [`CredentialSource::fetch`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -88,50 +92,6 @@ pub trait CredentialSource: Send + Sync + 'static {
     }
 }
 
-impl<F, Fut, E> CredentialSource for F
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = std::result::Result<Token, E>> + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn fetch(&self) -> BoxFuture<'_, Result<Token>> {
-        let fut = self();
-        Box::pin(async move {
-            fut.await.map_err(|e| Error::Credential {
-                source_kind: "custom",
-                source: e.into(),
-            })
-        })
-    }
-}
-
-/// A fixed password, for PostgreSQL roles with a password of their own.
-pub struct StaticPassword(SecretString);
-
-impl StaticPassword {
-    /// A source that always returns `password`.
-    pub fn new(password: impl Into<String>) -> Self {
-        Self(SecretString::from(password.into()))
-    }
-}
-
-impl fmt::Debug for StaticPassword {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("StaticPassword(** redacted **)")
-    }
-}
-
-impl CredentialSource for StaticPassword {
-    fn fetch(&self) -> BoxFuture<'_, Result<Token>> {
-        let token = Token::new(self.0.expose_secret(), None);
-        Box::pin(async move { Ok(token) })
-    }
-
-    fn kind(&self) -> &'static str {
-        "static"
-    }
-}
-
 /// The time source of the cache and the token generators; replace it in tests.
 pub trait Clock: Send + Sync + 'static {
     /// The current wall-clock time.
@@ -158,23 +118,6 @@ mod tests {
         assert_eq!(
             format!("{token:?}"),
             "Token { secret: \"** redacted **\", expires_at: Some(1970-01-01T00:00:00Z) }"
-        );
-        assert_eq!(
-            format!("{:?}", StaticPassword::new("hunter2")),
-            "StaticPassword(** redacted **)"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_closure_is_a_source() {
-        let source = || async { Ok::<_, std::io::Error>(Token::new("t", None)) };
-        assert_eq!(source.fetch().await.unwrap().expose(), "t");
-        let failing = || async { Err::<Token, _>(std::io::Error::other("vault down")) };
-        let err = failing.fetch().await.unwrap_err();
-        assert_eq!(err.to_string(), "the custom credential source failed");
-        assert_eq!(
-            std::error::Error::source(&err).unwrap().to_string(),
-            "vault down"
         );
     }
 }

@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{Error, Result};
+use super::error::{Error, Result};
 
 /// The directory holding `initdb` and `postgres`.
 ///

@@ -1,6 +1,6 @@
 //! A CA and a server certificate for `localhost`, generated when a local cluster is created.
 
-use crate::{Error, Result};
+use super::error::{Error, Result};
 
 /// PEM texts of a fresh CA and a server certificate it signed.
 pub(crate) struct ServerCerts {

@@ -23,8 +23,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::LocalPostgres;
+use super::error::{Error, Result};
 use super::server::AdminAccess;
-use crate::{Error, Result};
 
 /// The longest lifetime accepted for a token, so that expiry times stay within what
 /// PostgreSQL and RFC 3339 can express.
@@ -342,6 +342,8 @@ impl LocalLakebase {
                 Arc::clone(&shared),
                 misbehave,
             ))
+            // Each request as a span at DEBUG, as a real service's access log would show it.
+            .layer(tower_http::trace::TraceLayer::new_for_http())
             .with_state(Arc::clone(&shared));
         let mut signal = stopping;
         let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
@@ -754,7 +756,7 @@ impl Shared {
             .rotate_password(&self.config.role, &token, Some(until))
             .await
         {
-            tracing::warn!(sqlstate = ?e.sqlstate(), "the local Lakebase cannot set the role's password");
+            tracing::warn!(error = %crate::error::ErrorChain(&e), "the local Lakebase cannot set the role's password");
             return Err(api_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "INTERNAL_ERROR",

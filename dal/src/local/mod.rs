@@ -13,7 +13,7 @@
 //! When started by root, the server runs as the `postgres` OS user (`initdb` refuses root).
 //!
 //! ```no_run
-//! # async fn demo() -> dal::Result<()> {
+//! # async fn demo() -> dal::local::Result<()> {
 //! let pg = dal::local::LocalPostgres::start().await?;
 //! pg.create_database("app", None).await?;
 //! pg.create_role("app_user", "first-token", Some(chrono::Utc::now() + chrono::Duration::minutes(15)))
@@ -23,10 +23,12 @@
 
 mod binaries;
 mod certs;
+mod error;
 mod lakebase;
 mod server;
 mod stack;
 
+pub use error::{Error, Result};
 pub use lakebase::{LocalLakebase, LocalLakebaseConfig};
 pub use server::LocalPostgres;
 pub use stack::{DEV_DATABASE, DEV_ROLE, DevStack};

@@ -15,7 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::binaries::{ServerUser, find_bindir};
 use super::certs;
-use crate::{Error, Result};
+use super::error::{Error, Result};
 
 /// The superuser every local cluster is created with.
 const SUPERUSER: &str = "postgres";

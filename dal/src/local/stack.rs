@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use super::error::Result;
 use super::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
-use crate::{Config, Result};
+use crate::Config;
 
 /// The database of the embedded default.
 pub const DEV_DATABASE: &str = "shop";

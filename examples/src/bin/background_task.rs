@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use dal::diesel::prelude::QueryDsl;
 use dal::diesel_async::RunQueryDsl;
-use dal::schema::orders;
 use dal::{PoolSettings, TokenStrategy};
+use entity::schema::orders;
 
 #[tokio::main]
 async fn main() {

@@ -8,8 +8,8 @@ use dal::diesel::prelude::{
 };
 use dal::diesel::upsert::excluded;
 use dal::diesel_async::{AsyncConnection, RunQueryDsl};
-use dal::models::{Customer, NewCustomer, NewOrder, Order, OrderItem};
-use dal::schema::{customers, order_items, orders};
+use entity::models::{Customer, NewCustomer, NewOrder, Order, OrderItem};
+use entity::schema::{customers, order_items, orders};
 use uuid::Uuid;
 
 use super::Stats;

@@ -58,7 +58,7 @@ fn rotating_source(
             pg.rotate_password(role, &token, Some(expires.into()))
                 .await?;
             minted.fetch_add(1, Ordering::Relaxed);
-            Ok::<_, dal::Error>(Token::new(token, Some(expires)))
+            Ok::<_, dal::local::Error>(Token::new(token, Some(expires)))
         }
     })
 }

@@ -1,6 +1,6 @@
 //! The sample schema as Diesel `table!` definitions.
 //!
-//! These mirror the SeaORM entities of the `entity` crate; a test compares both with the
+//! These mirror the SeaORM entities of this crate; a test compares both with the
 //! columns of a freshly migrated database, so the two ORMs cannot drift apart.
 // `table!` generates public items (column structs, DSL modules) that carry no docs.
 #![allow(missing_docs)]

@@ -557,7 +557,7 @@ async fn on_a_dsql_target_nested_transactions_fail_before_anything_is_sent() {
 async fn result_expectations_count_the_rows_of_both_orms() {
     use dal::diesel::{ExpressionMethods, QueryDsl};
     use dal::expect::{Rows, at_least_one, at_most_one, exactly_one, none};
-    use dal::schema::customers;
+    use entity::schema::customers;
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 
     let pg = tests::server().await;

@@ -1,5 +1,11 @@
 //! Connection settings: plain data with documented defaults, built in code or read from the
-//! environment, validated once by [`Connector::new`](crate::Connector::new).
+//! environment ([`env`]: libpq's `PG*`, `DATABASE_URL` ([`url`]), Databricks and AWS variables),
+//! validated once by [`Connector::new`](crate::Connector::new).
+
+mod env;
+mod url;
+
+pub use env::DATABASE_VARIABLES;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -8,25 +14,14 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use crate::cache::{CacheSettings, TokenStrategy};
 use crate::credentials::CredentialSource;
+use crate::error::{Error, Result, Setting};
+use crate::target::Target;
 use crate::tls::SslMode;
 
 /// The default `application_name`: `dal/<version>`, in the `<product>/<version>` form the
 /// Lakebase partner guide asks for.
 pub const DEFAULT_APPLICATION_NAME: &str = concat!("dal/", env!("CARGO_PKG_VERSION"));
-
-/// What kind of server the connector talks to; it chooses defaults (TLS, pool lifetimes,
-/// `search_path`, migrations).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// PostgreSQL, or anything else speaking its protocol.
-    Postgres,
-    /// Databricks Lakebase.
-    Lakebase,
-    /// Amazon Aurora DSQL.
-    Dsql,
-}
 
 /// Where the password of each new connection comes from.
 #[derive(Clone)]
@@ -59,6 +54,114 @@ impl fmt::Debug for Credentials {
             Credentials::Dsql(d) => f.debug_tuple("Dsql").field(d).finish(),
             Credentials::Source(s) => write!(f, "Source({})", s.kind()),
         }
+    }
+}
+
+/// When the cache fetches tokens.
+///
+/// The names follow the Lakebase JavaScript examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum TokenStrategy {
+    /// Fetch at start, then refresh in the background ahead of expiry: connections never
+    /// wait for a fetch. For servers. The default.
+    #[default]
+    Eager,
+    /// Fetch on first use, and again on use once the token is near expiry: nothing is
+    /// fetched while the program is idle. For background jobs.
+    Lazy,
+    /// Fetch a fresh token for every new connection (the JavaScript examples' `none`).
+    /// Cheap for Aurora DSQL, whose tokens are signed locally.
+    Uncached,
+}
+
+impl std::str::FromStr for TokenStrategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "eager" => Ok(Self::Eager),
+            "lazy" => Ok(Self::Lazy),
+            "uncached" | "none" => Ok(Self::Uncached),
+            _ => Err(format!("{s:?} is not one of eager, lazy, uncached")),
+        }
+    }
+}
+
+/// Timing of refreshes and retries.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CacheSettings {
+    /// Refresh this long before expiry. Defaults to `None`: five minutes or a fifth of the
+    /// token's life, whichever is shorter (a one-hour Lakebase credential is refreshed after
+    /// 55 minutes, a 15-minute DSQL token after 12).
+    pub refresh_margin: Option<Duration>,
+    /// Refresh up to this fraction of the token's life earlier still, at random, so that
+    /// replicas started together do not refresh together. Defaults to 0.05.
+    pub jitter: f64,
+    /// Attempts per refresh before it is reported as failed. Defaults to 3.
+    pub attempts: u32,
+    /// First pause between attempts, doubled after each failure. Defaults to 200 ms.
+    pub min_backoff: Duration,
+    /// Longest pause between attempts, and between background refreshes after a failure.
+    /// Defaults to 10 s.
+    pub max_backoff: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            refresh_margin: None,
+            jitter: 0.05,
+            attempts: 3,
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CacheSettings {
+    /// Sets [`refresh_margin`](Self::refresh_margin).
+    #[must_use]
+    pub fn refresh_margin(mut self, margin: Duration) -> Self {
+        self.refresh_margin = Some(margin);
+        self
+    }
+
+    /// Sets [`jitter`](Self::jitter).
+    #[must_use]
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction;
+        self
+    }
+
+    /// Sets [`attempts`](Self::attempts), [`min_backoff`](Self::min_backoff) and
+    /// [`max_backoff`](Self::max_backoff).
+    #[must_use]
+    pub fn retries(mut self, attempts: u32, min_backoff: Duration, max_backoff: Duration) -> Self {
+        self.attempts = attempts;
+        self.min_backoff = min_backoff;
+        self.max_backoff = max_backoff;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if !(0.0..=0.5).contains(&self.jitter) {
+            return Err(Error::config(
+                Setting::CacheJitter,
+                "must be a fraction between 0 and 0.5, such as 0.05",
+            ));
+        }
+        if self.attempts == 0 {
+            return Err(Error::config(Setting::CacheAttempts, "must be at least 1"));
+        }
+        if self.min_backoff > self.max_backoff {
+            return Err(Error::config(
+                Setting::CacheBackoff,
+                "min_backoff must not exceed max_backoff",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -11,116 +11,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwapOption;
 use tokio::task::JoinHandle;
 
+use crate::config::{CacheSettings, TokenStrategy};
 use crate::credentials::{Clock, CredentialSource, SystemClock, Token};
+use crate::error::{Error, ErrorChain, Result};
+use crate::retry::Backoff;
 use crate::telemetry;
-use crate::{Error, Result};
-
-/// When the cache fetches tokens.
-///
-/// The names follow the Lakebase JavaScript examples.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TokenStrategy {
-    /// Fetch at start, then refresh in the background ahead of expiry: connections never
-    /// wait for a fetch. For servers. The default.
-    #[default]
-    Eager,
-    /// Fetch on first use, and again on use once the token is near expiry: nothing is
-    /// fetched while the program is idle. For background jobs.
-    Lazy,
-    /// Fetch a fresh token for every new connection (the JavaScript examples' `none`).
-    /// Cheap for Aurora DSQL, whose tokens are signed locally.
-    Uncached,
-}
-
-impl std::str::FromStr for TokenStrategy {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "eager" => Ok(Self::Eager),
-            "lazy" => Ok(Self::Lazy),
-            "uncached" | "none" => Ok(Self::Uncached),
-            _ => Err(format!("{s:?} is not one of eager, lazy, uncached")),
-        }
-    }
-}
-
-/// Timing of refreshes and retries.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct CacheSettings {
-    /// Refresh this long before expiry. Defaults to `None`: five minutes or a fifth of the
-    /// token's life, whichever is shorter (a one-hour Lakebase credential is refreshed after
-    /// 55 minutes, a 15-minute DSQL token after 12).
-    pub refresh_margin: Option<Duration>,
-    /// Refresh up to this fraction of the token's life earlier still, at random, so that
-    /// replicas started together do not refresh together. Defaults to 0.05.
-    pub jitter: f64,
-    /// Attempts per refresh before it is reported as failed. Defaults to 3.
-    pub attempts: u32,
-    /// First pause between attempts, doubled after each failure. Defaults to 200 ms.
-    pub min_backoff: Duration,
-    /// Longest pause between attempts, and between background refreshes after a failure.
-    /// Defaults to 10 s.
-    pub max_backoff: Duration,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        Self {
-            refresh_margin: None,
-            jitter: 0.05,
-            attempts: 3,
-            min_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(10),
-        }
-    }
-}
-
-impl CacheSettings {
-    /// Sets [`refresh_margin`](Self::refresh_margin).
-    #[must_use]
-    pub fn refresh_margin(mut self, margin: Duration) -> Self {
-        self.refresh_margin = Some(margin);
-        self
-    }
-
-    /// Sets [`jitter`](Self::jitter).
-    #[must_use]
-    pub fn jitter(mut self, fraction: f64) -> Self {
-        self.jitter = fraction;
-        self
-    }
-
-    /// Sets [`attempts`](Self::attempts), [`min_backoff`](Self::min_backoff) and
-    /// [`max_backoff`](Self::max_backoff).
-    #[must_use]
-    pub fn retries(mut self, attempts: u32, min_backoff: Duration, max_backoff: Duration) -> Self {
-        self.attempts = attempts;
-        self.min_backoff = min_backoff;
-        self.max_backoff = max_backoff;
-        self
-    }
-
-    pub(crate) fn validate(&self) -> Result<()> {
-        if !(0.0..=0.5).contains(&self.jitter) {
-            return Err(Error::config(
-                "cache jitter",
-                "must be a fraction between 0 and 0.5, such as 0.05",
-            ));
-        }
-        if self.attempts == 0 {
-            return Err(Error::config("cache attempts", "must be at least 1"));
-        }
-        if self.min_backoff > self.max_backoff {
-            return Err(Error::config(
-                "cache backoff",
-                "min_backoff must not exceed max_backoff",
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// A called-back function that receives every new token before the refresh returns.
 type Listener = Box<dyn Fn(&Token) + Send + Sync>;
@@ -383,16 +278,17 @@ impl TokenCache {
 
     async fn fetch_with_retries(&self) -> Result<Token> {
         let inner = &self.inner;
-        let mut backoff = inner.settings.min_backoff;
+        let backoff = Backoff::new(inner.settings.min_backoff, inner.settings.max_backoff, 0.0);
         let mut attempt = 1;
         loop {
             let started = std::time::Instant::now();
             let result = inner.source.fetch().await.and_then(|token| {
                 let now = inner.clock.now();
                 match token.expires_at() {
-                    Some(at) if at <= now => Err(Error::Credential {
+                    Some(at) if at <= now => Err(Error::TokenExpired {
                         source_kind: inner.source.kind(),
-                        source: "the new token had already expired (is the clock right?)".into(),
+                        expires_at: at,
+                        now,
                     }),
                     _ => Ok(token),
                 }
@@ -425,8 +321,7 @@ impl TokenCache {
                         error = %ErrorChain(&e),
                         "token fetch failed; retrying"
                     );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(inner.settings.max_backoff);
+                    tokio::time::sleep(backoff.delay(attempt)).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -488,11 +383,17 @@ impl Drop for Inner {
 /// The background refresher: sleeps until the current token is due, refreshes it, and backs
 /// off after failures. Holds only a weak reference, so it never keeps the cache alive.
 async fn refresh_loop(weak: Weak<Inner>) {
-    let mut backoff = Duration::ZERO;
+    // Consecutive rounds that did not produce a fresh token.
+    let mut failed_rounds = 0;
     loop {
         let wait = {
             let Some(inner) = weak.upgrade() else { return };
             let now = inner.clock.now();
+            let backoff = match failed_rounds {
+                0 => Duration::ZERO,
+                n => Backoff::new(inner.settings.min_backoff, inner.settings.max_backoff, 0.0)
+                    .delay(n),
+            };
             match inner.current.load().as_ref().map(|e| e.refresh_at) {
                 Some(None) => return, // never expires
                 Some(Some(at)) => at.duration_since(now).unwrap_or_default().max(backoff),
@@ -502,12 +403,10 @@ async fn refresh_loop(weak: Weak<Inner>) {
         tokio::time::sleep(wait).await;
         let Some(inner) = weak.upgrade() else { return };
         let cache = TokenCache { inner };
-        let max_backoff = cache.inner.settings.max_backoff;
-        let min_backoff = cache.inner.settings.min_backoff;
         match cache.refresh(true).await {
-            Ok(_) if cache.cached_fresh_by_schedule() => backoff = Duration::ZERO,
+            Ok(_) if cache.cached_fresh_by_schedule() => failed_rounds = 0,
             // Either the refresh failed outright, or it kept serving the old token.
-            _ => backoff = (backoff * 2).clamp(min_backoff, max_backoff),
+            _ => failed_rounds += 1,
         }
     }
 }
@@ -539,21 +438,6 @@ fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Displays an error with its causes, for log lines.
-pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -749,10 +633,8 @@ mod tests {
         )
         .unwrap();
         let err = cache.token().await.unwrap_err();
-        assert!(
-            ErrorChain(&err).to_string().contains("already expired"),
-            "{err:?}"
-        );
+        assert!(matches!(err, Error::TokenExpired { .. }), "{err:?}");
+        assert!(!err.is_retryable());
     }
 
     #[test]

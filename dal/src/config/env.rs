@@ -7,12 +7,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::Url;
 use secrecy::SecretString;
 
-use crate::config::{Config, Credentials, Target};
+use super::url::from_url;
+use super::{Config, Credentials};
 use crate::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
-use crate::{Error, Result};
+use crate::error::{Error, Result, Setting};
+use crate::target::Target;
 
 /// The variables that name a database. When none of them is set, programs may fall back to a
 /// local database (the examples and the migration command use the embedded default).
@@ -55,21 +56,24 @@ impl Config {
             || env.get("LAKEBASE_INSTANCE").is_some();
         let dsql = env.get("DSQL_ENDPOINT").is_some();
         let url = env.get("DATABASE_URL");
-        let conflict = |a: &str, b: &str| {
+        let conflict = |a: Setting, b: &str| {
             Error::config(
                 a,
                 format!("conflicts with {b}: set the variables of one kind of credentials only"),
             )
         };
         if lakebase && dsql {
-            return Err(conflict("DSQL_ENDPOINT", "DATABRICKS_HOST/LAKEBASE_*"));
+            return Err(conflict(
+                Setting::DsqlEndpoint,
+                "DATABRICKS_HOST/LAKEBASE_*",
+            ));
         }
         if let Some(url) = url {
             if lakebase {
-                return Err(conflict("DATABASE_URL", "DATABRICKS_HOST/LAKEBASE_*"));
+                return Err(conflict(Setting::DatabaseUrl, "DATABRICKS_HOST/LAKEBASE_*"));
             }
             if dsql {
-                return Err(conflict("DATABASE_URL", "DSQL_ENDPOINT"));
+                return Err(conflict(Setting::DatabaseUrl, "DSQL_ENDPOINT"));
             }
             return env.common(from_url(&url)?);
         }
@@ -79,17 +83,17 @@ impl Config {
             } else {
                 "DATABRICKS_HOST/LAKEBASE_*"
             };
-            return Err(conflict("PGPASSWORD", other));
+            return Err(conflict(Setting::Password, other));
         }
         let config = if lakebase {
             env.lakebase()?
         } else if dsql {
             env.dsql()?
         } else {
-            let host = env.require("PGHOST", "the database host, or set DATABASE_URL")?;
-            let user = env.require("PGUSER", "the database user, or set DATABASE_URL")?;
+            let host = env.require(Setting::Host, "the database host, or set DATABASE_URL")?;
+            let user = env.require(Setting::User, "the database user, or set DATABASE_URL")?;
             let password = env.require(
-                "PGPASSWORD",
+                Setting::Password,
                 "the password; or set DATABASE_URL, Lakebase (DATABRICKS_HOST and \
                  LAKEBASE_ENDPOINT) or DSQL (DSQL_ENDPOINT) settings",
             )?;
@@ -110,17 +114,17 @@ impl Env<'_> {
         (self.0)(name).filter(|v| !v.trim().is_empty())
     }
 
-    fn require(&self, name: &str, what: &str) -> Result<String> {
-        self.get(name)
-            .ok_or_else(|| Error::config(name, format!("is not set: {what}")))
+    fn require(&self, setting: Setting, what: &str) -> Result<String> {
+        self.get(setting.name())
+            .ok_or_else(|| Error::config(setting, format!("is not set: {what}")))
     }
 
-    fn parse<T: FromStr>(&self, name: &str, expected: &str) -> Result<Option<T>> {
-        self.get(name)
+    fn parse<T: FromStr>(&self, setting: Setting, expected: &str) -> Result<Option<T>> {
+        self.get(setting.name())
             .map(|v| {
                 v.trim()
                     .parse::<T>()
-                    .map_err(|_| Error::config(name, format!("{v:?} is not {expected}")))
+                    .map_err(|_| Error::config(setting, format!("{v:?} is not {expected}")))
             })
             .transpose()
     }
@@ -131,10 +135,10 @@ impl Env<'_> {
         if let Some(host) = self.get("PGHOST") {
             config.host = host;
         }
-        if let Some(addr) = self.parse("PGHOSTADDR", "an IP address")? {
+        if let Some(addr) = self.parse(Setting::HostAddr, "an IP address")? {
             config.hostaddr = Some(addr);
         }
-        if let Some(port) = self.parse::<u16>("PGPORT", "a port number (1-65535)")? {
+        if let Some(port) = self.parse::<u16>(Setting::Port, "a port number (1-65535)")? {
             config.port = port;
         }
         if let Some(user) = self.get("PGUSER") {
@@ -143,7 +147,7 @@ impl Env<'_> {
         if let Some(mode) = self.get("PGSSLMODE") {
             config.ssl_mode = Some(
                 mode.parse()
-                    .map_err(|reason: String| Error::config("PGSSLMODE", reason))?,
+                    .map_err(|reason: String| Error::config(Setting::SslMode, reason))?,
             );
         }
         if let Some(path) = self.get("PGSSLROOTCERT") {
@@ -156,23 +160,23 @@ impl Env<'_> {
             config.search_path = Some(path);
         }
         if let Some(ms) =
-            self.parse::<u64>("DAL_STATEMENT_TIMEOUT_MS", "a number of milliseconds")?
+            self.parse::<u64>(Setting::StatementTimeout, "a number of milliseconds")?
         {
             config.statement_timeout = Some(Duration::from_millis(ms));
         }
         if let Some(s) = self.get("DAL_TOKEN_STRATEGY") {
             config.strategy = s
                 .parse()
-                .map_err(|reason: String| Error::config("DAL_TOKEN_STRATEGY", reason))?;
+                .map_err(|reason: String| Error::config(Setting::TokenStrategy, reason))?;
         }
-        if let Some(n) = self.parse::<u32>("DAL_POOL_MAX_SIZE", "a whole number")? {
+        if let Some(n) = self.parse::<u32>(Setting::PoolMaxSize, "a whole number")? {
             config.pool.max_size = n;
         }
-        if let Some(n) = self.parse::<u32>("DAL_POOL_MIN_IDLE", "a whole number")? {
+        if let Some(n) = self.parse::<u32>(Setting::PoolMinIdle, "a whole number")? {
             config.pool.min_idle = n;
         }
         if config.pool.max_size == 0 {
-            return Err(Error::config("DAL_POOL_MAX_SIZE", "must be at least 1"));
+            return Err(Error::config(Setting::PoolMaxSize, "must be at least 1"));
         }
         Ok(config)
     }
@@ -182,14 +186,14 @@ impl Env<'_> {
         let pick = |var: &str, key: &str| self.get(var).or_else(|| profile.get(key));
         let host = pick("DATABRICKS_HOST", "host").ok_or_else(|| {
             Error::config(
-                "DATABRICKS_HOST",
+                Setting::DatabricksHost,
                 "is not set: the workspace URL, such as https://my-workspace.cloud.databricks.com",
             )
         })?;
         let target = match (self.get("LAKEBASE_ENDPOINT"), self.get("LAKEBASE_INSTANCE")) {
             (Some(_), Some(_)) => {
                 return Err(Error::config(
-                    "LAKEBASE_ENDPOINT",
+                    Setting::LakebaseEndpoint,
                     "conflicts with LAKEBASE_INSTANCE: set the Autoscaling endpoint path or the \
                      Provisioned instance name, not both",
                 ));
@@ -198,7 +202,7 @@ impl Env<'_> {
             (None, Some(instance)) => LakebaseTarget::Provisioned { instance },
             (None, None) => {
                 return Err(Error::config(
-                    "LAKEBASE_ENDPOINT",
+                    Setting::LakebaseEndpoint,
                     "is not set: the Autoscaling endpoint path \
                      (projects/<project>/branches/<branch>/endpoints/<endpoint>), or set \
                      LAKEBASE_INSTANCE to a Provisioned instance name",
@@ -219,37 +223,37 @@ impl Env<'_> {
             ),
             (Some(_), None, _) => {
                 return Err(Error::config(
-                    "DATABRICKS_CLIENT_SECRET",
+                    Setting::DatabricksClientSecret,
                     "is not set, but DATABRICKS_CLIENT_ID is: set both for a service principal",
                 ));
             }
             (None, Some(_), _) => {
                 return Err(Error::config(
-                    "DATABRICKS_CLIENT_ID",
+                    Setting::DatabricksClientId,
                     "is not set, but DATABRICKS_CLIENT_SECRET is: set both for a service principal",
                 ));
             }
             (None, None, Some(pat)) => (WorkspaceAuth::Pat(SecretString::from(pat)), None),
             (None, None, None) => {
                 return Err(Error::config(
-                    "DATABRICKS_CLIENT_ID",
+                    Setting::DatabricksClientId,
                     "is not set: set DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (service \
                      principal) or DATABRICKS_TOKEN, or name a ~/.databrickscfg profile with \
                      DATABRICKS_CONFIG_PROFILE",
                 ));
             }
         };
-        let mut source = Lakebase::new(&host, auth, target).map_err(rename_lakebase_setting)?;
+        let mut source = Lakebase::new(&host, auth, target)?;
         if let Some(id) = self.get("DATABRICKS_WORKSPACE_ID") {
             source = source.with_workspace_id(id);
         }
         let db_host = self.require(
-            "PGHOST",
+            Setting::Host,
             "the Lakebase database host, such as ep-....database.<region>.cloud.databricks.com",
         )?;
         let user = self.get("PGUSER").or(default_user).ok_or_else(|| {
             Error::config(
-                "PGUSER",
+                Setting::User,
                 "is not set: with DATABRICKS_TOKEN, set it to your Databricks user name (e-mail)",
             )
         })?;
@@ -278,7 +282,7 @@ impl Env<'_> {
             Some(Ok(text)) => text,
             _ if named.is_some() => {
                 return Err(Error::config(
-                    "DATABRICKS_CONFIG_PROFILE",
+                    Setting::DatabricksConfigProfile,
                     format!(
                         "names a profile, but the config file {} cannot be read; set \
                          DATABRICKS_CONFIG_FILE",
@@ -292,7 +296,7 @@ impl Env<'_> {
         let profile = Profile::parse(&text, &section);
         if named.is_some() && profile.0.is_empty() {
             return Err(Error::config(
-                "DATABRICKS_CONFIG_PROFILE",
+                Setting::DatabricksConfigProfile,
                 format!("there is no profile [{section}] in the config file"),
             ));
         }
@@ -301,7 +305,7 @@ impl Env<'_> {
 
     #[cfg(feature = "dsql")]
     fn dsql(&self) -> Result<Config> {
-        let endpoint = self.require("DSQL_ENDPOINT", "the cluster endpoint")?;
+        let endpoint = self.require(Setting::DsqlEndpoint, "the cluster endpoint")?;
         let user = self.get("PGUSER").unwrap_or_else(|| "admin".into());
         let region = self
             .get("DSQL_REGION")
@@ -309,17 +313,14 @@ impl Env<'_> {
             .or_else(|| self.get("AWS_DEFAULT_REGION"));
         if region.is_none() && !endpoint.contains(".dsql.") {
             return Err(Error::config(
-                "DSQL_ENDPOINT",
+                Setting::DsqlEndpoint,
                 "has no region in it: use the full endpoint (<id>.dsql.<region>.on.aws) or set \
                  AWS_REGION",
             ));
         }
-        let mut source = crate::credentials::Dsql::new(&endpoint, &user, region.as_deref())
-            .map_err(|e| rename(e, "DSQL", "DSQL_ENDPOINT"))?;
-        if let Some(secs) = self.parse::<u64>("DSQL_TOKEN_EXPIRES_IN", "a number of seconds")? {
-            source = source
-                .with_expires_in(Duration::from_secs(secs))
-                .map_err(|e| rename(e, "Dsql", "DSQL_TOKEN_EXPIRES_IN"))?;
+        let mut source = crate::credentials::Dsql::new(&endpoint, &user, region.as_deref())?;
+        if let Some(secs) = self.parse::<u64>(Setting::DsqlTokenExpiresIn, "a number of seconds")? {
+            source = source.with_expires_in(Duration::from_secs(secs))?;
         }
         let mut config = Config::new(source.host(), user)
             .database(self.get("PGDATABASE").unwrap_or_else(|| "postgres".into()))
@@ -331,50 +332,9 @@ impl Env<'_> {
     #[cfg(not(feature = "dsql"))]
     fn dsql(&self) -> Result<Config> {
         Err(Error::config(
-            "DSQL_ENDPOINT",
+            Setting::DsqlEndpoint,
             "is set, but dal was built without its `dsql` feature; enable it in Cargo.toml",
         ))
-    }
-}
-
-/// Names the environment variable instead of the builder setting in a Lakebase error.
-fn rename_lakebase_setting(e: Error) -> Error {
-    match e {
-        Error::Config { setting, reason } => {
-            let var = if setting.starts_with("Lakebase host") {
-                "DATABRICKS_HOST"
-            } else if setting.contains("Autoscaling") {
-                "LAKEBASE_ENDPOINT"
-            } else if setting.contains("Provisioned") {
-                "LAKEBASE_INSTANCE"
-            } else if setting.contains("token_url") {
-                "DATABRICKS_TOKEN_URL"
-            } else if setting.contains("client_id") {
-                "DATABRICKS_CLIENT_ID"
-            } else if setting.contains("client_secret") {
-                "DATABRICKS_CLIENT_SECRET"
-            } else if setting.contains("Pat") {
-                "DATABRICKS_TOKEN"
-            } else {
-                return Error::Config { setting, reason };
-            };
-            Error::Config {
-                setting: var.into(),
-                reason,
-            }
-        }
-        other => other,
-    }
-}
-
-#[cfg_attr(not(feature = "dsql"), allow(dead_code))]
-fn rename(e: Error, prefix: &str, var: &str) -> Error {
-    match e {
-        Error::Config { setting, reason } if setting.starts_with(prefix) => Error::Config {
-            setting: var.into(),
-            reason: format!("{reason} ({setting})"),
-        },
-        other => other,
     }
 }
 
@@ -409,70 +369,6 @@ impl Profile {
     }
 }
 
-/// A static-password configuration from a `postgres://` URL.
-fn from_url(url: &str) -> Result<Config> {
-    let bad = |reason: &str| {
-        Error::config(
-            "DATABASE_URL",
-            format!("{reason}; expected postgres://user:password@host:port/database"),
-        )
-    };
-    // The URL holds a password: errors never repeat it.
-    let parsed = Url::parse(url).map_err(|_| bad("is not a valid URL"))?;
-    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-        return Err(bad("must start with postgres:// or postgresql://"));
-    }
-    let host = parsed
-        .host_str()
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| bad("has no host"))?;
-    let decode = |s: &str| {
-        percent_decode(s)
-            .ok_or_else(|| bad("has a user or password that is not valid percent-encoded UTF-8"))
-    };
-    let user = decode(parsed.username())?;
-    if user.is_empty() {
-        return Err(bad("has no user name"));
-    }
-    let mut config = Config::new(host.trim_matches(['[', ']']), user);
-    if let Some(password) = parsed.password() {
-        config = config.password(decode(password)?);
-    } else {
-        return Err(bad(
-            "has no password (for token sources, use their own settings)",
-        ));
-    }
-    if let Some(port) = parsed.port() {
-        config.port = port;
-    }
-    let db = parsed.path().trim_start_matches('/');
-    if !db.is_empty() {
-        config.database = decode(db)?;
-    }
-    for (key, value) in parsed.query_pairs() {
-        match &*key {
-            "sslmode" => {
-                config.ssl_mode = Some(
-                    value
-                        .parse()
-                        .map_err(|reason: String| Error::config("DATABASE_URL sslmode", reason))?,
-                );
-            }
-            "sslrootcert" => config.ssl_root_cert = Some(PathBuf::from(&*value)),
-            "application_name" => config.application_name = value.into_owned(),
-            _ => {}
-        }
-    }
-    Ok(config)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8()
-        .ok()
-        .map(|s| s.into_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,7 +385,7 @@ mod tests {
 
     fn setting(vars: &[(&str, &str)]) -> String {
         match config(vars) {
-            Err(Error::Config { setting, .. }) => setting,
+            Err(Error::Config { setting, .. }) => setting.to_string(),
             other => panic!("expected a config error, got {other:?}"),
         }
     }

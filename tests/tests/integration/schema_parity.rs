@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use dal::diesel::{Column, Expression, Table};
-use dal::schema::{customers, order_items, orders};
+use entity::schema::{customers, order_items, orders};
 use sea_orm::{ColumnTrait, EntityTrait, IdenStatic, Iterable};
 
 /// `column name -> (SQL type, nullable)`.

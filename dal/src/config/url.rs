@@ -1,0 +1,176 @@
+//! `DATABASE_URL`: a libpq connection URI (or `key=value` string), parsed by tokio-postgres.
+//!
+//! tokio-postgres knows `sslmode` only up to `require` and has no `sslrootcert`; those two
+//! are taken out of the query string first and read here, with libpq's full set of values.
+
+use std::path::PathBuf;
+
+use tokio_postgres::config::Host;
+
+use super::Config;
+use crate::error::{Error, Result, Setting};
+
+/// A static-password configuration from `url`. No error repeats the URL: it holds a password.
+pub(super) fn from_url(url: &str) -> Result<Config> {
+    let bad = |reason: &str| {
+        Error::config(
+            Setting::DatabaseUrl,
+            format!(
+                "{reason}; expected postgres://user:password@host:port/database, with reserved \
+                 characters (: / @ % # ? &) of the user and password percent-encoded"
+            ),
+        )
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(bad("must start with postgres:// or postgresql://"));
+    }
+    let (rest, ours) = take_tls_params(url).map_err(|e| bad(&e))?;
+    let parsed: tokio_postgres::Config = rest
+        .parse()
+        .map_err(|e: tokio_postgres::Error| bad(&format!("is not a valid connection URL ({e})")))?;
+    let host = match parsed.get_hosts() {
+        [Host::Tcp(host)] if !host.is_empty() => host.clone(),
+        [] => return Err(bad("has no host")),
+        [_] => return Err(bad("names a Unix socket; dal connects over TCP")),
+        _ => return Err(bad("names several hosts; dal connects to one")),
+    };
+    let user = parsed
+        .get_user()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| bad("has no user name"))?;
+    let password = parsed
+        .get_password()
+        .ok_or_else(|| bad("has no password (for token sources, use their own settings)"))?;
+    let password = String::from_utf8(password.to_vec())
+        .map_err(|_| bad("has a password that is not valid UTF-8"))?;
+    let mut config = Config::new(host, user).password(password);
+    match parsed.get_ports() {
+        [] => {}
+        [port] => config.port = *port,
+        _ => return Err(bad("names several ports; dal connects to one")),
+    }
+    if let [addr] = parsed.get_hostaddrs() {
+        config.hostaddr = Some(*addr);
+    }
+    if let Some(db) = parsed.get_dbname().filter(|d| !d.is_empty()) {
+        config.database = db.to_owned();
+    }
+    if let Some(name) = parsed.get_application_name() {
+        config.application_name = name.to_owned();
+    }
+    if let Some(timeout) = parsed.get_connect_timeout() {
+        config.connect_timeout = *timeout;
+    }
+    if let Some(mode) = ours.ssl_mode {
+        config.ssl_mode = Some(mode.parse().map_err(|reason: String| {
+            Error::config(Setting::DatabaseUrl, format!("sslmode: {reason}"))
+        })?);
+    }
+    config.ssl_root_cert = ours.ssl_root_cert.map(PathBuf::from);
+    Ok(config)
+}
+
+/// The query parameters dal reads itself.
+#[derive(Default)]
+struct TlsParams {
+    ssl_mode: Option<String>,
+    ssl_root_cert: Option<String>,
+}
+
+/// Splits `sslmode` and `sslrootcert` off the query string of `url`.
+fn take_tls_params(url: &str) -> std::result::Result<(String, TlsParams), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), TlsParams::default()));
+    };
+    let mut ours = TlsParams::default();
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let decoded = || {
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .map(|v| v.into_owned())
+                .map_err(|_| format!("has a {key} that is not valid percent-encoded UTF-8"))
+        };
+        match key {
+            "sslmode" => ours.ssl_mode = Some(decoded()?),
+            "sslrootcert" => ours.ssl_root_cert = Some(decoded()?),
+            _ => rest.push(pair),
+        }
+    }
+    let rest = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    Ok((rest, ours))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::SslMode;
+
+    fn reason(url: &str) -> String {
+        match from_url(url) {
+            Err(Error::Config { setting, reason }) => {
+                assert_eq!(setting, Setting::DatabaseUrl);
+                reason
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_part_is_read() {
+        let c = from_url(
+            "postgresql://app:p%40ss%3A%2F@db.example.com:6543/shop?sslmode=verify-ca\
+             &sslrootcert=%2Fetc%2Fca.pem&application_name=svc&connect_timeout=3",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.port,
+                c.user.as_str(),
+                c.database.as_str()
+            ),
+            ("db.example.com", 6543, "app", "shop")
+        );
+        assert_eq!(c.ssl_mode, Some(SslMode::VerifyCa));
+        assert_eq!(c.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(c.application_name, "svc");
+        assert_eq!(c.connect_timeout, std::time::Duration::from_secs(3));
+    }
+
+    #[test]
+    fn ipv6_hosts_lose_their_brackets() {
+        assert_eq!(
+            from_url("postgres://u:p@[::1]:5433/db").unwrap().host,
+            "::1"
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named_and_never_echo_the_password() {
+        for (url, expected) in [
+            ("mysql://u:secret@h/db", "must start with postgres://"),
+            ("postgres://u@h/db", "has no password"),
+            ("postgres://:secret@h/db", "has no user name"),
+            (
+                "postgres://u:secret@h:99999/db",
+                "is not a valid connection URL",
+            ),
+            ("postgres://u:secret@h/db?sslmode=sometimes", "sslmode:"),
+            (
+                "postgres://u:secret@h/db?bogus=1",
+                "is not a valid connection URL",
+            ),
+            ("postgres://u:secret@h1,h2/db", "several hosts"),
+        ] {
+            let reason = reason(url);
+            assert!(reason.contains(expected), "{url}: {reason}");
+            assert!(!reason.contains("secret"), "{url}: {reason}");
+        }
+    }
+}

@@ -1,0 +1,829 @@
+//! The Databricks Lakebase credential source.
+//!
+//! A Lakebase password is a database credential of at most one hour, minted by the workspace's
+//! REST API. Calling that API takes a workspace token: an OAuth machine-to-machine token of a
+//! service principal (cached here, shared by concurrent callers) or a personal access token.
+//! Each [`fetch`](CredentialSource::fetch) mints a new database credential; deciding when one
+//! is needed is the job of the cache in front of this source.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, USER_AGENT};
+use reqwest::{StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use super::{BoxFuture, Clock, CredentialSource, SystemClock, Token};
+use crate::error::{Error, Result, Setting};
+
+const KIND: &str = "lakebase";
+const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The workspace token is renewed when less than this, or a tenth of its lifetime if that is
+/// shorter, remains: enough to cover one credential call at the default timeout.
+const MAX_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+/// Every answer of these APIs is a few hundred bytes; a larger one is not theirs.
+const MAX_BODY: usize = 1 << 20;
+const MAX_ERROR_MESSAGE: usize = 300;
+const REDACTED: &str = "** redacted **";
+const PAT_HEADER_REASON: &str = "holds characters not allowed in an HTTP header";
+
+const DATABRICKS_CONFIG_PATH: &str = "/.well-known/databricks-config";
+const OAUTH_METADATA_SUFFIX: &str = "/.well-known/oauth-authorization-server";
+const HOST_OIDC_METADATA_PATH: &str = "/oidc/.well-known/oauth-authorization-server";
+const DEFAULT_TOKEN_PATH: &str = "/oidc/v1/token";
+const AUTOSCALING_PATH: &str = "/api/2.0/postgres/credentials";
+const PROVISIONED_PATH: &str = "/api/2.0/database/credentials";
+const WORKSPACE_ID_HEADER: &str = "x-databricks-workspace-id";
+const TOKEN_REQUEST_BODY: &str = "grant_type=client_credentials&scope=all-apis";
+
+/// How this source authenticates to the Databricks workspace before asking for a database
+/// credential.
+#[derive(Clone)]
+pub enum WorkspaceAuth {
+    /// OAuth machine-to-machine (service principal).
+    ClientCredentials {
+        /// The service principal's application id (`DATABRICKS_CLIENT_ID`).
+        client_id: String,
+        /// Its OAuth secret (`DATABRICKS_CLIENT_SECRET`).
+        client_secret: SecretString,
+        /// The token endpoint; `None` discovers it from the workspace, as the Databricks SDKs do.
+        token_url: Option<String>,
+    },
+    /// A personal access token: only a way to call the credential API.
+    ///
+    /// Lakebase refuses a personal access token as the Postgres password; this source trades it
+    /// for a database credential like any other workspace token.
+    Pat(SecretString),
+}
+
+impl fmt::Debug for WorkspaceAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WorkspaceAuth::ClientCredentials {
+                client_id,
+                token_url,
+                ..
+            } => f
+                .debug_struct("ClientCredentials")
+                .field("client_id", client_id)
+                .field("client_secret", &REDACTED)
+                .field("token_url", token_url)
+                .finish(),
+            WorkspaceAuth::Pat(_) => f.debug_tuple("Pat").field(&REDACTED).finish(),
+        }
+    }
+}
+
+/// Which Lakebase database the credential is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LakebaseTarget {
+    /// `projects/{p}/branches/{b}/endpoints/{e}` (Autoscaling).
+    Autoscaling {
+        /// The endpoint's resource name, `projects/{project}/branches/{branch}/endpoints/{endpoint}`.
+        endpoint: String,
+    },
+    /// A Provisioned instance name.
+    Provisioned {
+        /// The database instance name.
+        instance: String,
+    },
+}
+
+/// Database credentials from Databricks Lakebase.
+///
+/// ```no_run
+/// use dal::credentials::{CredentialSource, Lakebase, LakebaseTarget, WorkspaceAuth};
+/// # async fn demo() -> dal::Result<()> {
+/// let source = Lakebase::new(
+///     "https://my-workspace.cloud.databricks.com",
+///     WorkspaceAuth::ClientCredentials {
+///         client_id: "6b0c...".into(),
+///         client_secret: "dose...".into(),
+///         token_url: None,
+///     },
+///     LakebaseTarget::Autoscaling {
+///         endpoint: "projects/shop/branches/main/endpoints/primary".into(),
+///     },
+/// )?;
+/// let password = source.fetch().await?;
+/// # Ok(()) }
+/// ```
+///
+/// Every HTTP call is bounded by [`with_http_timeout`](Lakebase::with_http_timeout); a fetch
+/// makes one call when the workspace token is cached, and up to four on a cold start with
+/// token endpoint discovery.
+pub struct Lakebase {
+    /// `scheme://host[:port]`, without a trailing slash.
+    host: String,
+    auth: WorkspaceAuth,
+    target: LakebaseTarget,
+    token_url: Option<Url>,
+    workspace_id: Option<String>,
+    http_timeout: Duration,
+    clock: Arc<dyn Clock>,
+    user_agent: String,
+    client: reqwest::Client,
+    /// Held across discovery and the token call, so that concurrent callers wait for one
+    /// refresh instead of each starting their own.
+    state: Mutex<AuthState>,
+}
+
+impl fmt::Debug for Lakebase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lakebase")
+            .field("host", &self.host)
+            .field("auth", &self.auth)
+            .field("target", &self.target)
+            .field("workspace_id", &self.workspace_id)
+            .field("http_timeout", &self.http_timeout)
+            .field("user_agent", &self.user_agent)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct AuthState {
+    discovery: Option<Discovery>,
+    token: Option<WorkspaceToken>,
+    /// Counts workspace tokens, so that a 401 only evicts the token it was answered to.
+    generation: u64,
+}
+
+struct Discovery {
+    token_url: Url,
+    workspace_id: Option<String>,
+}
+
+struct WorkspaceToken {
+    authorization: HeaderValue,
+    access_token: SecretString,
+    refresh_at: SystemTime,
+    generation: u64,
+}
+
+/// What a credential call is authorized with.
+struct Authorization {
+    header: HeaderValue,
+    /// `None` for a personal access token, which is never evicted.
+    generation: Option<u64>,
+    workspace_id: Option<String>,
+    access_token: Option<SecretString>,
+}
+
+struct Reply {
+    status: StatusCode,
+    body: Vec<u8>,
+}
+
+impl Lakebase {
+    /// A source for `target` in the workspace at `host`, such as
+    /// `https://my-workspace.cloud.databricks.com` (a host without a scheme gets `https://`;
+    /// `http://` is accepted only for `127.0.0.1` and `localhost`).
+    ///
+    /// Checks the settings and builds the HTTP client; makes no call.
+    pub fn new(host: &str, auth: WorkspaceAuth, target: LakebaseTarget) -> Result<Self> {
+        let host = parse_base_url(host, Setting::DatabricksHost)?;
+        let token_url = match &auth {
+            WorkspaceAuth::ClientCredentials {
+                client_id,
+                client_secret,
+                token_url,
+            } => {
+                if client_id.trim().is_empty() {
+                    return Err(Error::config(
+                        Setting::DatabricksClientId,
+                        "must not be empty",
+                    ));
+                }
+                if client_secret.expose_secret().is_empty() {
+                    return Err(Error::config(
+                        Setting::DatabricksClientSecret,
+                        "must not be empty",
+                    ));
+                }
+                token_url
+                    .as_deref()
+                    .map(|url| parse_url(url, Setting::DatabricksTokenUrl))
+                    .transpose()?
+            }
+            WorkspaceAuth::Pat(_) => None,
+        };
+        if let WorkspaceAuth::Pat(pat) = &auth {
+            let pat = pat.expose_secret();
+            if pat.is_empty() {
+                return Err(Error::config(Setting::DatabricksToken, "must not be empty"));
+            }
+            if sensitive_header(&format!("Bearer {pat}")).is_none() {
+                return Err(Error::config(Setting::DatabricksToken, PAT_HEADER_REASON));
+            }
+        }
+        validate_target(&target)?;
+        let loopback = is_loopback(&host);
+        let client = build_client(loopback)?;
+        Ok(Self {
+            host: host.as_str().trim_end_matches('/').to_owned(),
+            auth,
+            target,
+            token_url,
+            workspace_id: None,
+            http_timeout: DEFAULT_HTTP_TIMEOUT,
+            clock: Arc::new(SystemClock),
+            user_agent: format!("dal/{}", env!("CARGO_PKG_VERSION")),
+            client,
+            state: Mutex::new(AuthState::default()),
+        })
+    }
+
+    /// Sends `X-Databricks-Workspace-Id: <id>` on credential calls. Defaults to the
+    /// `workspace_id` of the workspace's `/.well-known/databricks-config` when token endpoint
+    /// discovery ran, and to no header otherwise.
+    #[must_use]
+    pub fn with_workspace_id(mut self, id: impl Into<String>) -> Self {
+        self.workspace_id = Some(id.into());
+        self
+    }
+
+    /// The longest any single HTTP call may take, from connecting to the last byte of the
+    /// answer. Defaults to 10 s.
+    #[must_use]
+    pub fn with_http_timeout(mut self, d: Duration) -> Self {
+        self.http_timeout = d;
+        self
+    }
+
+    /// The clock that decides when the workspace token is renewed and whether a credential
+    /// has already expired. Defaults to [`SystemClock`].
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The `User-Agent` of every HTTP call. Defaults to `dal/<version>`.
+    #[must_use]
+    pub fn with_user_agent(mut self, ua: impl Into<String>) -> Self {
+        self.user_agent = ua.into();
+        self
+    }
+
+    async fn database_credential(&self) -> Result<Token> {
+        let auth = self.authorization().await?;
+        let (path, body) = match &self.target {
+            LakebaseTarget::Autoscaling { endpoint } => (
+                AUTOSCALING_PATH,
+                serde_json::json!({ "endpoint": endpoint }),
+            ),
+            LakebaseTarget::Provisioned { instance } => (
+                PROVISIONED_PATH,
+                serde_json::json!({
+                    "instance_names": [instance],
+                    "request_id": uuid::Uuid::new_v4().to_string(),
+                }),
+            ),
+        };
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.host))
+            .header(AUTHORIZATION, auth.header)
+            .header(ACCEPT, "application/json")
+            .json(&body);
+        if let Some(id) = &auth.workspace_id {
+            request = request.header(WORKSPACE_ID_HEADER, id);
+        }
+        let reply = self.send(path, request).await?;
+        if reply.status == StatusCode::UNAUTHORIZED
+            && let Some(generation) = auth.generation
+        {
+            let mut state = self.state.lock().await;
+            if state.token.as_ref().map(|t| t.generation) == Some(generation) {
+                state.token = None;
+            }
+        }
+        if !reply.status.is_success() {
+            return Err(self.http_error(path, &reply, auth.access_token.as_ref()));
+        }
+        let json = parse_json(path, &reply.body)?;
+        let token = json
+            .get("token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| malformed(path, "the answer has no token"))?;
+        let expiry = json
+            .get("expire_time")
+            .or_else(|| json.get("expiration_time"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| malformed(path, "the answer has no expire_time or expiration_time"))?;
+        let expires_at = chrono::DateTime::parse_from_rfc3339(expiry)
+            .map_err(|e| Error::HttpTransport {
+                endpoint: path.to_owned(),
+                what: "the answer's expiry is not an RFC 3339 time".to_owned(),
+                source: Some(Box::new(e)),
+            })?
+            .with_timezone(&chrono::Utc);
+        let now = self.clock.now();
+        if SystemTime::from(expires_at) <= now {
+            return Err(Error::TokenExpired {
+                source_kind: KIND,
+                expires_at: expires_at.into(),
+                now,
+            });
+        }
+        Ok(Token::new(token, Some(expires_at.into())))
+    }
+
+    /// The workspace authorization, from the cache when it is fresh enough.
+    async fn authorization(&self) -> Result<Authorization> {
+        let (client_id, client_secret) = match &self.auth {
+            WorkspaceAuth::Pat(pat) => {
+                let header = sensitive_header(&format!("Bearer {}", pat.expose_secret()))
+                    .ok_or_else(|| Error::config(Setting::DatabricksToken, PAT_HEADER_REASON))?;
+                return Ok(Authorization {
+                    header,
+                    generation: None,
+                    workspace_id: self.workspace_id.clone(),
+                    access_token: None,
+                });
+            }
+            WorkspaceAuth::ClientCredentials {
+                client_id,
+                client_secret,
+                ..
+            } => (client_id, client_secret),
+        };
+        let mut state = self.state.lock().await;
+        if let Some(token) = &state.token
+            && self.clock.now() < token.refresh_at
+        {
+            return Ok(self.authorization_from(&state, token));
+        }
+        let token_url = match &self.token_url {
+            Some(url) => url.clone(),
+            None => {
+                let discovery = match state.discovery.take() {
+                    Some(discovery) => discovery,
+                    None => self.discover().await?,
+                };
+                let url = discovery.token_url.clone();
+                state.discovery = Some(discovery);
+                url
+            }
+        };
+        let requested_at = self.clock.now();
+        let (authorization, access_token, lifetime) = self
+            .request_workspace_token(&token_url, client_id, client_secret)
+            .await?;
+        state.generation += 1;
+        let token = WorkspaceToken {
+            authorization,
+            access_token,
+            // An absurd lifetime that overflows the clock is treated like a missing one.
+            refresh_at: requested_at
+                .checked_add(lifetime.saturating_sub(refresh_margin(lifetime)))
+                .unwrap_or(requested_at),
+            generation: state.generation,
+        };
+        let authorization = self.authorization_from(&state, &token);
+        state.token = Some(token);
+        Ok(authorization)
+    }
+
+    fn authorization_from(&self, state: &AuthState, token: &WorkspaceToken) -> Authorization {
+        Authorization {
+            header: token.authorization.clone(),
+            generation: Some(token.generation),
+            workspace_id: self.workspace_id.clone().or_else(|| {
+                state
+                    .discovery
+                    .as_ref()
+                    .and_then(|d| d.workspace_id.clone())
+            }),
+            access_token: Some(token.access_token.clone()),
+        }
+    }
+
+    async fn request_workspace_token(
+        &self,
+        token_url: &Url,
+        client_id: &str,
+        client_secret: &SecretString,
+    ) -> Result<(HeaderValue, SecretString, Duration)> {
+        let path = token_url.path();
+        let request = self
+            .client
+            .post(token_url.clone())
+            .basic_auth(client_id, Some(client_secret.expose_secret()))
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(ACCEPT, "application/json")
+            .body(TOKEN_REQUEST_BODY);
+        let reply = self.send(path, request).await?;
+        if !reply.status.is_success() {
+            return Err(self.http_error(path, &reply, None));
+        }
+        let json = parse_json(path, &reply.body)?;
+        let access_token = json
+            .get("access_token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| malformed(path, "the answer has no access_token"))?;
+        let token_type = json
+            .get("token_type")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .unwrap_or("Bearer");
+        // Without a lifetime the token is used for this one call and never reused.
+        let lifetime = json
+            .get("expires_in")
+            .and_then(|v| {
+                v.as_u64()
+                    .or_else(|| v.as_f64().filter(|s| *s >= 0.0).map(|s| s as u64))
+                    .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+            })
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::ZERO);
+        let authorization =
+            sensitive_header(&format!("{token_type} {access_token}")).ok_or_else(|| {
+                malformed(
+                    path,
+                    "the token holds characters not allowed in an HTTP header",
+                )
+            })?;
+        Ok((
+            authorization,
+            SecretString::from(access_token.to_owned()),
+            lifetime,
+        ))
+    }
+
+    /// Finds the token endpoint the way the Databricks SDKs do, newest mechanism first.
+    async fn discover(&self) -> Result<Discovery> {
+        let mut workspace_id = None;
+        let config_url = format!("{}{DATABRICKS_CONFIG_PATH}", self.host);
+        if let Some(config) = self.get_json(&config_url).await? {
+            workspace_id = config.get("workspace_id").and_then(|v| match v {
+                Value::String(s) if !s.is_empty() => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            });
+            if let Some(oidc) = config.get("oidc_endpoint").and_then(Value::as_str) {
+                let account_id = config.get("account_id").and_then(Value::as_str);
+                let oidc = match account_id {
+                    Some(id) => oidc.replace("{account_id}", id),
+                    None => oidc.to_owned(),
+                };
+                if !oidc.contains("{account_id}") {
+                    let metadata = format!("{}{OAUTH_METADATA_SUFFIX}", oidc.trim_end_matches('/'));
+                    if let Some(token_url) = self.token_endpoint_from(&metadata).await? {
+                        return Ok(Discovery {
+                            token_url,
+                            workspace_id,
+                        });
+                    }
+                }
+            }
+        }
+        let metadata = format!("{}{HOST_OIDC_METADATA_PATH}", self.host);
+        let token_url = match self.token_endpoint_from(&metadata).await? {
+            Some(url) => url,
+            None => parse_url(
+                &format!("{}{DEFAULT_TOKEN_PATH}", self.host),
+                Setting::DatabricksHost,
+            )?,
+        };
+        Ok(Discovery {
+            token_url,
+            workspace_id,
+        })
+    }
+
+    async fn token_endpoint_from(&self, metadata_url: &str) -> Result<Option<Url>> {
+        let Some(doc) = self.get_json(metadata_url).await? else {
+            return Ok(None);
+        };
+        let url = doc
+            .get("token_endpoint")
+            .and_then(Value::as_str)
+            .and_then(|u| parse_url(u, Setting::DatabricksHost).ok());
+        if url.is_none() {
+            tracing::debug!(
+                document = metadata_path(metadata_url),
+                "no usable https token_endpoint in the OAuth metadata"
+            );
+        }
+        Ok(url)
+    }
+
+    /// A discovery document: `None` when it is absent or not a JSON object, so that the next
+    /// mechanism is tried; an error only when the server cannot be reached.
+    async fn get_json(&self, url: &str) -> Result<Option<Value>> {
+        let Ok(parsed) = parse_url(url, Setting::DatabricksHost) else {
+            return Ok(None);
+        };
+        let path = parsed.path().to_owned();
+        let request = self.client.get(parsed).header(ACCEPT, "application/json");
+        let reply = self.send(&path, request).await?;
+        if !reply.status.is_success() {
+            return Ok(None);
+        }
+        Ok(serde_json::from_slice::<Value>(&reply.body)
+            .ok()
+            .filter(Value::is_object))
+    }
+
+    /// Sends one request within the timeout and reads the whole answer.
+    async fn send(&self, path: &str, request: reqwest::RequestBuilder) -> Result<Reply> {
+        enum Failure {
+            Http(reqwest::Error),
+            TooLarge,
+        }
+        let started = Instant::now();
+        let request = request.header(USER_AGENT, &self.user_agent);
+        let outcome = tokio::time::timeout(self.http_timeout, async {
+            let mut response = request.send().await.map_err(Failure::Http)?;
+            let status = response.status();
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(Failure::Http)? {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(Failure::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Reply { status, body })
+        })
+        .await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let (what, source): (String, Option<Box<dyn std::error::Error + Send + Sync>>) =
+            match outcome {
+                Ok(Ok(reply)) => {
+                    tracing::debug!(
+                        path,
+                        status = reply.status.as_u16(),
+                        elapsed_ms,
+                        "lakebase HTTP call"
+                    );
+                    return Ok(reply);
+                }
+                Err(_) => (
+                    format!("no complete answer within {:?}", self.http_timeout),
+                    None,
+                ),
+                Ok(Err(Failure::TooLarge)) => {
+                    (format!("the answer is larger than {MAX_BODY} bytes"), None)
+                }
+                Ok(Err(Failure::Http(e))) => {
+                    let what = if e.is_connect() {
+                        "cannot connect"
+                    } else if e.is_timeout() {
+                        "timed out"
+                    } else {
+                        "the HTTP request failed"
+                    };
+                    (what.to_owned(), Some(Box::new(e.without_url())))
+                }
+            };
+        tracing::debug!(path, elapsed_ms, error = %what, "lakebase HTTP call failed");
+        Err(Error::HttpTransport {
+            endpoint: path.to_owned(),
+            what,
+            source,
+        })
+    }
+
+    /// Maps a vendor error answer, whichever of the Databricks error shapes it has.
+    fn http_error(&self, path: &str, reply: &Reply, token: Option<&SecretString>) -> Error {
+        const SHAPES: [(&str, &str); 3] = [
+            ("error", "error_description"),
+            ("errorCode", "errorSummary"),
+            ("error_code", "message"),
+        ];
+        let generic_code = reply
+            .status
+            .canonical_reason()
+            .unwrap_or("unknown")
+            .to_owned();
+        let (code, message) = match serde_json::from_slice::<Value>(&reply.body) {
+            Ok(Value::Object(map)) => {
+                let text = |key: &str| map.get(key).and_then(Value::as_str).map(str::to_owned);
+                let code = SHAPES.iter().find_map(|(code, _)| text(code));
+                let message = SHAPES.iter().find_map(|(_, message)| text(message));
+                (code.unwrap_or(generic_code), message.unwrap_or_default())
+            }
+            _ => (
+                generic_code,
+                String::from_utf8_lossy(&reply.body).into_owned(),
+            ),
+        };
+        Error::Http {
+            endpoint: path.to_owned(),
+            status: reply.status.as_u16(),
+            code: self.scrub(&code, token),
+            message: self.scrub(&message, token),
+        }
+    }
+
+    /// Makes text from a server safe to show: the secrets this source knows are masked (a
+    /// misbehaving proxy may echo a request back), control characters flattened, and the
+    /// length bounded.
+    fn scrub(&self, text: &str, token: Option<&SecretString>) -> String {
+        let mut text = text.to_owned();
+        let mut secrets: Vec<&str> = Vec::new();
+        let basic;
+        match &self.auth {
+            WorkspaceAuth::ClientCredentials {
+                client_id,
+                client_secret,
+                ..
+            } => {
+                basic = basic_credentials(client_id, client_secret.expose_secret());
+                secrets.push(client_secret.expose_secret());
+                secrets.push(&basic);
+            }
+            WorkspaceAuth::Pat(pat) => secrets.push(pat.expose_secret()),
+        }
+        if let Some(token) = token {
+            secrets.push(token.expose_secret());
+        }
+        for secret in secrets.into_iter().filter(|s| !s.is_empty()) {
+            text = text.replace(secret, REDACTED);
+        }
+        let mut text: String = text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect::<String>()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if let Some((cut, _)) = text.char_indices().nth(MAX_ERROR_MESSAGE) {
+            text.truncate(cut);
+            text.push_str("...");
+        }
+        text
+    }
+}
+
+impl CredentialSource for Lakebase {
+    fn fetch(&self) -> BoxFuture<'_, Result<Token>> {
+        Box::pin(self.database_credential())
+    }
+
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+}
+
+/// The renewal margin of a workspace token with this lifetime: a minute, or a tenth of the
+/// lifetime for tokens shorter than ten minutes.
+fn refresh_margin(lifetime: Duration) -> Duration {
+    MAX_REFRESH_MARGIN.min(lifetime / 10)
+}
+
+/// The base64 `id:secret` of HTTP Basic, to mask it too if a server echoes it.
+fn basic_credentials(id: &str, secret: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+}
+
+fn sensitive_header(value: &str) -> Option<HeaderValue> {
+    let mut header = HeaderValue::from_str(value).ok()?;
+    header.set_sensitive(true);
+    Some(header)
+}
+
+fn parse_json(path: &str, body: &[u8]) -> Result<Value> {
+    // Parsing into a `Value` first keeps serde's messages to positions: a typed struct's
+    // "invalid type" message would quote the offending value, which may be a secret.
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        Ok(_) => Err(malformed(path, "the answer is not a JSON object")),
+        Err(e) => Err(Error::HttpTransport {
+            endpoint: path.to_owned(),
+            what: "the answer is not valid JSON".to_owned(),
+            source: Some(Box::new(e)),
+        }),
+    }
+}
+
+fn malformed(path: &str, what: &str) -> Error {
+    Error::HttpTransport {
+        endpoint: path.to_owned(),
+        what: what.to_owned(),
+        source: None,
+    }
+}
+
+fn metadata_path(url: &str) -> String {
+    Url::parse(url)
+        .map(|u| u.path().to_owned())
+        .unwrap_or_default()
+}
+
+fn is_loopback(url: &Url) -> bool {
+    matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
+}
+
+/// An absolute http(s) URL that may carry credentials: https, or http on loopback only.
+fn parse_url(raw: &str, setting: Setting) -> Result<Url> {
+    // The parse error never quotes the input, which could hold a password in its userinfo.
+    let url = Url::parse(raw.trim())
+        .map_err(|e| Error::config(setting, format!("not an absolute URL ({e})")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::config(
+            setting,
+            "must not carry a user name or password",
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(Error::config(setting, "has no host"));
+    }
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback(&url) => Ok(url),
+        "http" => Err(Error::config(
+            setting,
+            "must use https:// (http:// is accepted only for 127.0.0.1 and localhost)",
+        )),
+        _ => Err(Error::config(setting, "must be an https:// URL")),
+    }
+}
+
+fn parse_base_url(raw: &str, setting: Setting) -> Result<Url> {
+    let raw = raw.trim();
+    let with_scheme;
+    let raw = if raw.contains("://") {
+        raw
+    } else {
+        with_scheme = format!("https://{raw}");
+        &with_scheme
+    };
+    let url = parse_url(raw, setting)?;
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(Error::config(
+            setting,
+            "must be the workspace URL alone, such as https://my-workspace.cloud.databricks.com",
+        ));
+    }
+    Ok(url)
+}
+
+fn validate_target(target: &LakebaseTarget) -> Result<()> {
+    let is_name = |s: &str| {
+        !s.is_empty() && !s.contains('/') && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    match target {
+        LakebaseTarget::Autoscaling { endpoint } => {
+            let parts: Vec<&str> = endpoint.split('/').collect();
+            let well_formed = matches!(
+                parts.as_slice(),
+                ["projects", p, "branches", b, "endpoints", e]
+                    if is_name(p) && is_name(b) && is_name(e)
+            );
+            if !well_formed {
+                return Err(Error::config(
+                    Setting::LakebaseEndpoint,
+                    "must look like projects/<project>/branches/<branch>/endpoints/<endpoint>",
+                ));
+            }
+        }
+        LakebaseTarget::Provisioned { instance } => {
+            if !is_name(instance) {
+                return Err(Error::config(
+                    Setting::LakebaseInstance,
+                    "must be a database instance name: not empty, without '/' or spaces",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn build_client(loopback: bool) -> Result<reqwest::Client> {
+    let client_error = |e: Box<dyn std::error::Error + Send + Sync>| Error::Credential {
+        source_kind: KIND,
+        source: e,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // An explicit provider, so that no other crate can switch the process to another backend.
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| client_error(Box::new(e)))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    // reqwest leaves ALPN of a preconfigured config alone.
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut builder = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        // A redirect would carry the credentials somewhere nobody configured.
+        .redirect(reqwest::redirect::Policy::none());
+    if loopback {
+        builder = builder.no_proxy();
+    }
+    builder.build().map_err(|e| client_error(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,80 @@
+//! Diesel's `AsyncPgConnection` over a connection the connector opened, checked as
+//! diesel-async's own bb8 manager checks it, and timed for telemetry.
+
+use diesel_async::AsyncPgConnection;
+use diesel_async::pooled_connection::{PoolableConnection, RecyclingMethod};
+use futures_util::future::BoxFuture;
+use tokio_postgres::tls::TlsStream;
+use tokio_postgres::{Client, Connection, Socket};
+
+use super::Kind;
+use crate::error::{Error, Result};
+use crate::telemetry;
+
+/// A pool of Diesel connections.
+pub type DieselPool = super::Pool<AsyncPgConnection>;
+
+/// Diesel connections in a bb8 pool.
+pub(crate) const KIND: Kind<AsyncPgConnection> = Kind {
+    name: "diesel",
+    is_valid,
+    has_broken,
+};
+
+fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
+    Box::pin(async move {
+        PoolableConnection::ping(conn, &RecyclingMethod::Verified)
+            .await
+            .map_err(Error::Diesel)
+    })
+}
+
+fn has_broken(conn: &mut AsyncPgConnection) -> bool {
+    std::thread::panicking() || PoolableConnection::is_broken(conn)
+}
+
+/// Wraps a freshly opened connection for Diesel, with query timing.
+pub(crate) async fn from_parts<S>(
+    client: Client,
+    connection: Connection<Socket, S>,
+) -> Result<AsyncPgConnection>
+where
+    S: TlsStream + Unpin + Send + 'static,
+{
+    let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
+        .await
+        .map_err(Error::DieselSetup)?;
+    diesel_async::AsyncConnection::set_instrumentation(&mut conn, QueryTimer::default());
+    Ok(conn)
+}
+
+/// Diesel's instrumentation: times each query for a `tracing` event and the
+/// [`QUERY_SECONDS`](telemetry::QUERY_SECONDS) histogram. The SQL is left out: it can hold
+/// literals that must not reach a log.
+#[derive(Default)]
+struct QueryTimer {
+    started: Option<std::time::Instant>,
+}
+
+impl diesel::connection::Instrumentation for QueryTimer {
+    fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
+        use diesel::connection::InstrumentationEvent as Event;
+        match event {
+            Event::StartQuery { .. } => self.started = Some(std::time::Instant::now()),
+            Event::FinishQuery { error, .. } => {
+                let elapsed = self.started.take().map(|t| t.elapsed()).unwrap_or_default();
+                telemetry::query_done("diesel", elapsed, error.is_some());
+            }
+            Event::BeginTransaction { depth, .. } => {
+                tracing::trace!(orm = "diesel", depth = depth.get(), "begin")
+            }
+            Event::CommitTransaction { depth, .. } => {
+                tracing::trace!(orm = "diesel", depth = depth.get(), "commit")
+            }
+            Event::RollbackTransaction { depth, .. } => {
+                tracing::trace!(orm = "diesel", depth = depth.get(), "rollback")
+            }
+            _ => {}
+        }
+    }
+}

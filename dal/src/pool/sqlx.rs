@@ -1,0 +1,61 @@
+//! The sqlx pool behind SeaORM. sqlx cannot ask for a password when it opens a connection,
+//! so the token cache pushes each new token into the pool's connect options before the
+//! refresh that fetched it returns, and keeps the token fresh ahead of expiry.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::{PoolHandle, Registry};
+use crate::config::PoolSettings;
+use crate::error::Result;
+use crate::telemetry::PoolHealth;
+use crate::token_cache::TokenCache;
+
+/// A sqlx pool whose connections log in with `base` and the cached token.
+pub(crate) async fn build(
+    cache: &TokenCache,
+    base: PgConnectOptions,
+    settings: &PoolSettings,
+    registry: &Registry,
+) -> Result<PgPool> {
+    let token = cache.token().await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_size)
+        .min_connections(settings.min_idle)
+        .acquire_timeout(settings.acquire_timeout)
+        .idle_timeout(settings.idle_timeout)
+        .max_lifetime(settings.jittered_lifetime())
+        .connect_lazy_with(base.clone().password(token.expose()));
+    let pushed = pool.clone();
+    let options = base.clone();
+    cache.on_refresh(move |token| {
+        pushed.set_connect_options(options.clone().password(token.expose()));
+    });
+    // The token may have been replaced while the pool was built.
+    if let Some(current) = cache.current() {
+        pool.set_connect_options(base.password(current.expose()));
+    }
+    cache.keep_fresh();
+    registry.add_strong(Arc::new(SqlxPool(pool.clone())));
+    Ok(pool)
+}
+
+struct SqlxPool(PgPool);
+
+impl PoolHandle for SqlxPool {
+    fn health(&self) -> PoolHealth {
+        PoolHealth {
+            kind: "seaorm",
+            max_size: self.0.options().get_max_connections(),
+            connections: self.0.size(),
+            idle: u32::try_from(self.0.num_idle()).unwrap_or(u32::MAX),
+            waiting: 0,
+        }
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.0.close())
+    }
+}

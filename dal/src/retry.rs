@@ -1,0 +1,142 @@
+//! Retrying: one [`Backoff`] (exponential, capped, with jitter) used by every retry loop of
+//! the crate (token fetches, background refreshes, transactions), and the [`RetryPolicy`] of
+//! transactions.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result, Setting};
+
+/// Pauses between attempts: `min` doubled per attempt, capped at `max`, then moved at random
+/// by up to `jitter` (a fraction) either way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Backoff {
+    pub(crate) min: Duration,
+    pub(crate) max: Duration,
+    pub(crate) jitter: f64,
+}
+
+impl Backoff {
+    pub(crate) const fn new(min: Duration, max: Duration, jitter: f64) -> Self {
+        Self { min, max, jitter }
+    }
+
+    /// The pause after attempt `attempt` (counting from 1) failed.
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(31);
+        let base = self.min.saturating_mul(1 << doublings).min(self.max);
+        if self.jitter == 0.0 {
+            return base;
+        }
+        let factor = 1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0);
+        base.mul_f64(factor.max(0.0))
+    }
+}
+
+/// How often and how fast a transaction is run again after a conflict.
+///
+/// Defaults to the Aurora DSQL connectors' numbers: 3 attempts in all, exponential backoff
+/// from 1 ms to 100 ms, with 25 % jitter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    attempts: u32,
+    backoff: Backoff,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(100), 0.25),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A policy to adjust; [`RetryPolicyBuilder::build`] checks it.
+    pub fn builder() -> RetryPolicyBuilder {
+        RetryPolicyBuilder(Self::default())
+    }
+
+    /// One attempt: a conflict is returned to the caller at once.
+    pub fn no_retries() -> Self {
+        Self {
+            attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Attempts in all, the first included.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The pause before attempt `attempt + 1` (`attempt` counts from 1): `min_delay` doubled
+    /// per attempt, capped at `max_delay`, then moved by up to `jitter` either way.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        self.backoff.delay(attempt)
+    }
+}
+
+/// Builds a [`RetryPolicy`]; see there for the defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicyBuilder(RetryPolicy);
+
+impl RetryPolicyBuilder {
+    /// Attempts in all, the first included; at least 1. Defaults to 3.
+    #[must_use]
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.0.attempts = attempts;
+        self
+    }
+
+    /// The first pause and the longest one. Defaults to 1 ms and 100 ms.
+    #[must_use]
+    pub fn delays(mut self, min: Duration, max: Duration) -> Self {
+        self.0.backoff.min = min;
+        self.0.backoff.max = max;
+        self
+    }
+
+    /// The delays from seconds, which may come from user input: a negative or non-finite
+    /// value is rejected by [`build`](Self::build).
+    pub fn delays_secs(self, min: f64, max: f64) -> Result<Self> {
+        let parse = |v: f64, what: &str| {
+            Duration::try_from_secs_f64(v).map_err(|_| {
+                Error::config(
+                    Setting::RetryDelays,
+                    format!("{what} {v} is not a non-negative number of seconds"),
+                )
+            })
+        };
+        Ok(self.delays(parse(min, "min_delay")?, parse(max, "max_delay")?))
+    }
+
+    /// The fraction by which each pause moves at random, up or down; 0 to 1. Defaults to 0.25.
+    #[must_use]
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.0.backoff.jitter = fraction;
+        self
+    }
+
+    /// The policy, or [`Error::Config`] for zero attempts, a minimum delay above the maximum,
+    /// or a jitter outside 0..=1.
+    pub fn build(self) -> Result<RetryPolicy> {
+        let p = self.0;
+        if p.attempts == 0 {
+            return Err(Error::config(Setting::RetryAttempts, "must be at least 1"));
+        }
+        if p.backoff.min > p.backoff.max {
+            return Err(Error::config(
+                Setting::RetryDelays,
+                "the minimum delay must not exceed the maximum",
+            ));
+        }
+        if !(0.0..=1.0).contains(&p.backoff.jitter) {
+            return Err(Error::config(
+                Setting::RetryJitter,
+                "must be a fraction between 0 and 1, such as 0.25",
+            ));
+        }
+        Ok(p)
+    }
+}
