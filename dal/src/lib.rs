@@ -30,6 +30,24 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Architecture
+//!
+//! Layers whose imports point one way, down (no module imports one that imports it back):
+//!
+//! ```text
+//!  tx (Transactions)          pool/{bb8_pool, diesel, postgres, sqlx, registry}
+//!       |                           |  (a pool takes a closure that opens a connection)
+//!  connector (Connector: builds pools, connect, health, shutdown)
+//!       |
+//!  token_cache (TokenCache: single-flight, refresh ahead, keep the last good token)
+//!       |
+//!  config/{settings, env, url}
+//!       |
+//!  credentials/{source, static_password, custom, lakebase/, dsql}    tls    telemetry
+//!       |
+//!  error (Error, Setting)    retry (Backoff, RetryPolicy)    target (Target)
+//! ```
+//!
 //! Behind the `local` feature, [`local`] starts a PostgreSQL server and a Lakebase-compatible
 //! credential service on this machine, for tests, examples and development.
 #![forbid(unsafe_code)]

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use super::settings::{Config, Credentials};
 use super::url::from_url;
-use super::{Config, Credentials};
 use crate::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
 use crate::error::{Error, Result, Setting};
 use crate::target::Target;

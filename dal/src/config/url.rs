@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use tokio_postgres::config::Host;
 
-use super::Config;
+use super::settings::Config;
 use crate::error::{Error, Result, Setting};
 
 /// A static-password configuration from `url`. No error repeats the URL: it holds a password.

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use super::{BoxFuture, CredentialSource, Token};
+use super::source::{BoxFuture, CredentialSource, Token};
 use crate::error::{Error, Result};
 
 impl<F, Fut, E> CredentialSource for F

@@ -20,7 +20,7 @@ use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use tokio::sync::OnceCell;
 use tracing::instrument::WithSubscriber;
 
-use super::{BoxFuture, Clock, CredentialSource, SystemClock, Token};
+use super::source::{BoxFuture, Clock, CredentialSource, SystemClock, Token};
 use crate::error::{Error, Result, Setting};
 
 /// The DSQL role that signs with `DbConnectAdmin`; every other role uses `DbConnect`.

@@ -4,7 +4,7 @@ use std::fmt;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{BoxFuture, CredentialSource, Token};
+use super::source::{BoxFuture, CredentialSource, Token};
 use crate::error::Result;
 
 /// A fixed password, for PostgreSQL roles with a password of their own.

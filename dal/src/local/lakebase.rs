@@ -236,7 +236,7 @@ fn is_endpoint_path(path: &str) -> bool {
 /// [`shutdown`](Self::shutdown) or when dropped.
 ///
 /// ```no_run
-/// # async fn demo() -> dal::Result<()> {
+/// # async fn demo() -> dal::local::Result<()> {
 /// use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
 /// let pg = LocalPostgres::start().await?;
 /// let lakebase = LocalLakebase::start(&pg, LocalLakebaseConfig::default()).await?;

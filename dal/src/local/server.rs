@@ -744,7 +744,8 @@ async fn set_password(
     let until = valid_until.map_or_else(|| "infinity".to_owned(), |t| t.to_rfc3339());
     // Only the SCRAM verifier travels: the statement (and any log of it) never holds the
     // token itself. ALTER ROLE takes no bind parameters: the server quotes the values.
-    let verifier = scram_verifier(password);
+    // A random salt from the OS (postgres-protocol), 4096 iterations as PostgreSQL's own.
+    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
     let sql: String = admin
         .query_one(
             "SELECT format('ALTER ROLE %I PASSWORD %L VALID UNTIL %L', $1::text, $2::text, $3::text)",
@@ -754,34 +755,6 @@ async fn set_password(
         .get(0);
     admin.batch_execute(&sql).await?;
     Ok(())
-}
-
-/// The `SCRAM-SHA-256` verifier PostgreSQL stores for `password` (RFC 5802, RFC 7677), in the
-/// form `ALTER ROLE ... PASSWORD` accepts as already hashed.
-fn scram_verifier(password: &str) -> String {
-    use base64::Engine;
-    use ring::{digest, hmac, pbkdf2};
-    const ITERATIONS: u32 = 4096;
-    let salt: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
-    let mut salted = [0u8; 32];
-    pbkdf2::derive(
-        pbkdf2::PBKDF2_HMAC_SHA256,
-        std::num::NonZeroU32::new(ITERATIONS).expect("non-zero"),
-        &salt,
-        password.as_bytes(),
-        &mut salted,
-    );
-    let key = hmac::Key::new(hmac::HMAC_SHA256, &salted);
-    let client_key = hmac::sign(&key, b"Client Key");
-    let stored_key = digest::digest(&digest::SHA256, client_key.as_ref());
-    let server_key = hmac::sign(&key, b"Server Key");
-    let b64 = base64::engine::general_purpose::STANDARD;
-    format!(
-        "SCRAM-SHA-256${ITERATIONS}:{}${}:{}",
-        b64.encode(salt),
-        b64.encode(stored_key.as_ref()),
-        b64.encode(server_key.as_ref())
-    )
 }
 
 /// Where the development cluster lives: `DAL_DEV_DIR`, else `target/dal-dev` of the enclosing

@@ -7,12 +7,12 @@ use futures_util::future::BoxFuture;
 use tokio_postgres::tls::TlsStream;
 use tokio_postgres::{Client, Connection, Socket};
 
-use super::Kind;
+use super::bb8_pool::{Kind, Pool};
 use crate::error::{Error, Result};
 use crate::telemetry;
 
 /// A pool of Diesel connections.
-pub type DieselPool = super::Pool<AsyncPgConnection>;
+pub type DieselPool = Pool<AsyncPgConnection>;
 
 /// Diesel connections in a bb8 pool.
 pub(crate) const KIND: Kind<AsyncPgConnection> = Kind {

@@ -4,11 +4,11 @@ use futures_util::future::BoxFuture;
 use tokio_postgres::tls::TlsStream;
 use tokio_postgres::{Client, Connection, Socket};
 
-use super::Kind;
+use super::bb8_pool::{Kind, Pool};
 use crate::error::{Error, Result};
 
 /// A pool of tokio-postgres clients, for raw SQL.
-pub type PgClientPool = super::Pool<Client>;
+pub type PgClientPool = Pool<Client>;
 
 /// tokio-postgres clients in a bb8 pool.
 pub(crate) const KIND: Kind<Client> = Kind {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{PoolHandle, Registry};
+use super::registry::{PoolHandle, Registry};
 use crate::config::PoolSettings;
 use crate::error::Result;
 use crate::telemetry::PoolHealth;

@@ -16,7 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use super::{BoxFuture, Clock, CredentialSource, SystemClock, Token};
+use crate::credentials::source::{BoxFuture, Clock, CredentialSource, SystemClock, Token};
 use crate::error::{Error, Result, Setting};
 
 const KIND: &str = "lakebase";

@@ -1,0 +1,108 @@
+//! What every source shares: the [`Token`] it produces, the [`CredentialSource`] trait, and
+//! the [`Clock`] that tells tokens' expiry.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::error::Result;
+
+/// A boxed future, as returned by [`CredentialSource::fetch`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A database password and when it stops being accepted at login.
+///
+/// It has no `Display`, and its `Debug` shows only the expiry; [`Token::expose`] is the one way
+/// to read the secret.
+#[derive(Clone)]
+pub struct Token {
+    secret: SecretString,
+    expires_at: Option<SystemTime>,
+}
+
+impl Token {
+    /// A token that expires at `expires_at` (`None`: it never expires, like a static password).
+    pub fn new(secret: impl Into<String>, expires_at: Option<SystemTime>) -> Self {
+        Self {
+            secret: SecretString::from(secret.into()),
+            expires_at,
+        }
+    }
+
+    /// The secret itself, to hand to the driver.
+    pub fn expose(&self) -> &str {
+        self.secret.expose_secret()
+    }
+
+    /// When logins with this token start failing; `None` if never.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("secret", &"** redacted **")
+            .field(
+                "expires_at",
+                &self.expires_at.map(chrono::DateTime::<chrono::Utc>::from),
+            )
+            .finish()
+    }
+}
+
+/// Something that produces database tokens.
+///
+/// Implemented by the built-in sources and, through a blanket impl, by any
+/// `Fn() -> impl Future<Output = Result<Token, E>>` closure, the `() => Promise<string>` of
+/// the JavaScript drivers:
+///
+/// ```
+/// use dal::credentials::{CredentialSource, Token};
+/// let source = || async { Ok::<_, std::io::Error>(Token::new("from-my-vault", None)) };
+/// # fn takes(_: impl CredentialSource) {}
+/// takes(source);
+/// ```
+pub trait CredentialSource: Send + Sync + 'static {
+    /// Fetches a new token. Called by the cache, never more than once at a time.
+    fn fetch(&self) -> BoxFuture<'_, Result<Token>>;
+
+    /// A short name for logs and metrics, such as `lakebase`.
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
+}
+
+/// The time source of the cache and the token generators; replace it in tests.
+pub trait Clock: Send + Sync + 'static {
+    /// The current wall-clock time.
+    fn now(&self) -> SystemTime;
+}
+
+/// The system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let token = Token::new("hunter2", Some(SystemTime::UNIX_EPOCH));
+        assert_eq!(
+            format!("{token:?}"),
+            "Token { secret: \"** redacted **\", expires_at: Some(1970-01-01T00:00:00Z) }"
+        );
+    }
+}

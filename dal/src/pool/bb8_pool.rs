@@ -1,0 +1,241 @@
+//! The bb8 pool of dal: opens connections through a closure (the connector's), hands the
+//! failures of background connects to the callers waiting at that moment through one
+//! [`ErrorSink`](bb8::ErrorSink), and closes on shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::broadcast;
+
+use super::registry::{PoolHandle, Registry};
+use crate::config::PoolSettings;
+use crate::error::{Error, ErrorChain, Result};
+use crate::telemetry::{self, PoolHealth};
+
+/// Opens one physical connection of type `C`.
+pub(crate) type Open<C> = Arc<dyn Fn() -> BoxFuture<'static, Result<C>> + Send + Sync>;
+
+/// What a bb8 pool needs to know of its connection type besides how to open one.
+pub(crate) struct Kind<C> {
+    /// `diesel` or `postgres`, for metrics and health.
+    pub(crate) name: &'static str,
+    /// Checks a connection with a round trip.
+    pub(crate) is_valid: for<'c> fn(&'c mut C) -> BoxFuture<'c, Result<()>>,
+    /// Checks a connection without a round trip.
+    pub(crate) has_broken: fn(&mut C) -> bool,
+}
+
+/// A bb8 pool that fails fast with the cause when connections cannot be opened, and that
+/// [`Connector::shutdown`](crate::Connector::shutdown) closes. Cheap to clone.
+pub struct Pool<C: Send + 'static> {
+    core: Arc<Core<C>>,
+}
+
+struct Core<C: Send + 'static> {
+    pool: bb8::Pool<Manager<C>>,
+    failures: broadcast::Sender<Arc<Error>>,
+    acquire_timeout: Duration,
+    kind: &'static str,
+    max_size: u32,
+    waiting: AtomicU64,
+    closed: Arc<AtomicBool>,
+}
+
+/// The bb8 manager of dal's pools: opens connections through the connector, and drops every
+/// connection that comes back after the pool was closed.
+pub struct Manager<C> {
+    open: Open<C>,
+    kind: Kind<C>,
+    closed: Arc<AtomicBool>,
+}
+
+impl<C> std::fmt::Debug for Manager<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("kind", &self.kind.name)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
+    type Connection = C;
+    type Error = Error;
+
+    fn connect(&self) -> impl std::future::Future<Output = Result<C>> + Send {
+        (self.open)()
+    }
+
+    fn is_valid(&self, conn: &mut C) -> impl std::future::Future<Output = Result<()>> + Send {
+        (self.kind.is_valid)(conn)
+    }
+
+    fn has_broken(&self, conn: &mut C) -> bool {
+        self.closed.load(Ordering::Relaxed) || (self.kind.has_broken)(conn)
+    }
+}
+
+/// Hands each failure of a background connect to the callers waiting at that moment.
+#[derive(Debug, Clone)]
+struct FailureSink(broadcast::Sender<Arc<Error>>);
+
+impl bb8::ErrorSink<Error> for FailureSink {
+    fn sink(&self, error: Error) {
+        tracing::debug!(error = %ErrorChain(&error), "a pool could not open a connection");
+        let _ = self.0.send(Arc::new(error));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<Error>> {
+        Box::new(self.clone())
+    }
+}
+
+/// Builds a bb8 pool of `kind` whose connections `open` opens, and registers it.
+pub(crate) fn build<C: Send + 'static>(
+    kind: Kind<C>,
+    open: Open<C>,
+    settings: &PoolSettings,
+    registry: &Registry,
+) -> Pool<C> {
+    let (failures, _) = broadcast::channel(16);
+    let closed = Arc::new(AtomicBool::new(false));
+    let name = kind.name;
+    let manager = Manager {
+        open,
+        kind,
+        closed: Arc::clone(&closed),
+    };
+    let pool = bb8::Pool::builder()
+        .max_size(settings.max_size)
+        .min_idle(Some(settings.min_idle).filter(|n| *n > 0))
+        .connection_timeout(settings.acquire_timeout)
+        .idle_timeout(settings.idle_timeout)
+        .max_lifetime(settings.jittered_lifetime())
+        // Failures are reported to the waiting callers instead of being retried until they
+        // time out; has_broken still drops dead connections.
+        .retry_connection(false)
+        .test_on_check_out(false)
+        .error_sink(Box::new(FailureSink(failures.clone())))
+        .build_unchecked(manager);
+    let core = Arc::new(Core {
+        pool,
+        failures,
+        acquire_timeout: settings.acquire_timeout,
+        kind: name,
+        max_size: settings.max_size,
+        waiting: AtomicU64::new(0),
+        closed,
+    });
+    let handle: Arc<dyn PoolHandle> = core.clone();
+    registry.add(Arc::downgrade(&handle));
+    Pool { core }
+}
+
+impl<C: Send + 'static> Clone for Pool<C> {
+    fn clone(&self) -> Self {
+        Self {
+            core: Arc::clone(&self.core),
+        }
+    }
+}
+
+impl<C: Send + 'static> std::fmt::Debug for Pool<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.core.pool.state();
+        f.debug_struct("Pool")
+            .field("kind", &self.core.kind)
+            .field("connections", &state.connections)
+            .field("idle", &state.idle_connections)
+            .finish()
+    }
+}
+
+impl<C: Send + 'static> Pool<C> {
+    /// A connection from the pool, opening one if needed.
+    ///
+    /// Fails with [`Error::Connect`] carrying the cause as soon as a connection the pool
+    /// tried to open for it fails, with [`Error::PoolTimeout`] after the acquire timeout, and
+    /// with [`Error::PoolClosed`] after [`Connector::shutdown`](crate::Connector::shutdown).
+    pub async fn get(&self) -> Result<bb8::PooledConnection<'_, Manager<C>>> {
+        let core = &*self.core;
+        if core.closed.load(Ordering::Relaxed) {
+            return Err(Error::PoolClosed);
+        }
+        let mut failures = core.failures.subscribe();
+        let started = std::time::Instant::now();
+        let labels = [("pool", core.kind)];
+        let waiting = core.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!(telemetry::POOL_WAITING, &labels).set(waiting as f64);
+        let got = tokio::select! {
+            biased;
+            got = core.pool.get() => got.map_err(|e| match e {
+                bb8::RunError::TimedOut => Error::PoolTimeout(core.acquire_timeout),
+                bb8::RunError::User(e) => e,
+            }),
+            Ok(cause) = failures.recv() => Err(Error::Connect { source: cause }),
+        };
+        let waiting = core.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
+        let waited = started.elapsed();
+        let state = core.pool.state();
+        metrics::gauge!(telemetry::POOL_WAITING, &labels).set(waiting as f64);
+        metrics::gauge!(telemetry::POOL_CONNECTIONS, &labels).set(state.connections as f64);
+        metrics::gauge!(telemetry::POOL_IDLE, &labels).set(state.idle_connections as f64);
+        metrics::histogram!(telemetry::POOL_ACQUIRE_SECONDS, &labels).record(waited.as_secs_f64());
+        tracing::trace!(
+            pool = core.kind,
+            wait_ms = waited.as_millis() as u64,
+            ok = got.is_ok(),
+            connections = state.connections,
+            idle = state.idle_connections,
+            "pool acquire"
+        );
+        got
+    }
+
+    /// The bb8 pool itself, for its full API.
+    pub fn inner(&self) -> &bb8::Pool<Manager<C>> {
+        &self.core.pool
+    }
+
+    /// Open and idle connections right now.
+    pub fn state(&self) -> bb8::State {
+        self.core.pool.state()
+    }
+
+    /// This pool's state, as [`Connector::health`](crate::Connector::health) reports it.
+    pub fn health(&self) -> PoolHealth {
+        self.core.health()
+    }
+}
+
+impl<C: Send + 'static> PoolHandle for Core<C> {
+    fn health(&self) -> PoolHealth {
+        let state = self.pool.state();
+        PoolHealth {
+            kind: self.kind,
+            max_size: self.max_size,
+            connections: state.connections,
+            idle: state.idle_connections,
+            waiting: self.waiting.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Refuses new checkouts, closes the idle connections now and the others when they
+    /// come back.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.closed.store(true, Ordering::Relaxed);
+            let mut taken = Vec::new();
+            for _ in 0..self.pool.state().idle_connections {
+                match tokio::time::timeout(Duration::from_secs(1), self.pool.get()).await {
+                    Ok(Ok(conn)) => taken.push(conn),
+                    _ => break,
+                }
+            }
+            // Each returns to the pool broken (closed), so the pool drops it.
+            drop(taken);
+        })
+    }
+}
