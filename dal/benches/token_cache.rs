@@ -25,8 +25,7 @@ fn warm_cache() -> TokenCache {
         Arc::new(source),
         TokenStrategy::Lazy,
         CacheSettings::default(),
-    )
-    .expect("cache");
+    );
     tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime")

@@ -7,17 +7,31 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
+#[cfg(feature = "diesel")]
 use diesel_async::AsyncPgConnection;
+#[cfg(feature = "seaorm")]
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool};
 
 use crate::config::{Config, Credentials, PoolSettings};
 use crate::credentials::{CredentialSource, StaticPassword, Token};
 use crate::error::{Error, Result, Setting};
-use crate::pool::{self, DieselPool, Open, PgClientPool, Registry};
+#[cfg(feature = "diesel")]
+use crate::pool::DieselPool;
+use crate::pool::{self, Open, PgClientPool, Registry};
 use crate::target::Target;
 use crate::telemetry::{self, Health};
 use crate::tls::{SslMode, Tls};
 use crate::token_cache::TokenCache;
+
+/// The half of a tokio-postgres connection that talks to the server, over dal's TLS: spawn
+/// it (`tokio::spawn(connection)`) next to its [`Client`](tokio_postgres::Client). Returned
+/// by [`Connector::connect`].
+pub type Connection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<
+        tokio_postgres::Socket,
+    >>::Stream,
+>;
 
 /// Opens database connections with a fresh token each, and builds the pools.
 ///
@@ -27,9 +41,13 @@ use crate::token_cache::TokenCache;
 /// ```no_run
 /// # async fn demo() -> dal::Result<()> {
 /// let connector = dal::Connector::new(dal::Config::from_env()?).await?;
+/// # #[cfg(feature = "seaorm")]
 /// let db = connector.seaorm().await?;          // sea_orm::DatabaseConnection
+/// # #[cfg(feature = "diesel")] {
 /// let diesel = connector.diesel_pool().await?; // bb8 pool of diesel-async connections
 /// let mut conn = diesel.get().await?;
+/// # }
+/// let raw = connector.postgres_pool().await?;  // bb8 pool of tokio-postgres clients
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -101,27 +119,15 @@ impl Connector {
                 "the database name is required",
             ));
         }
-        if config.pool.max_size == 0 {
-            return Err(Error::config(Setting::PoolMaxSize, "must be at least 1"));
-        }
-        if config.pool.min_idle > config.pool.max_size {
+        if config.connect_timeout.is_zero() {
             return Err(Error::config(
-                Setting::PoolMinIdle,
-                "must not exceed max_size",
+                Setting::ConnectTimeout,
+                "must be more than zero, such as 10 s",
             ));
         }
-        if !(0.0..1.0).contains(&config.pool.lifetime_jitter) {
-            return Err(Error::config(
-                Setting::PoolLifetimeJitter,
-                "must be in 0..1",
-            ));
-        }
-        let target = config.resolved_target();
+        let target = config.resolved_target()?;
         let source: Arc<dyn CredentialSource> = match config.credentials {
             Some(Credentials::Password(p)) => Arc::new(StaticPassword::new(p.expose_secret())),
-            Some(Credentials::Lakebase(l)) => l,
-            #[cfg(feature = "dsql")]
-            Some(Credentials::Dsql(d)) => d,
             Some(Credentials::Source(s)) => s,
             None => {
                 return Err(Error::config(
@@ -140,7 +146,7 @@ impl Connector {
         let search_path = config.search_path.or_else(|| {
             (target == Target::Dsql && config.user != "admin").then(|| config.user.clone())
         });
-        let cache = TokenCache::new(source, config.strategy, config.cache)?;
+        let cache = TokenCache::new(source, config.strategy, config.cache);
         Ok(Self {
             shared: Arc::new(Shared {
                 target,
@@ -229,11 +235,27 @@ impl Connector {
         options
     }
 
-    /// Options for sqlx, without the password (the token cache supplies it).
-    fn sqlx_options(&self) -> PgConnectOptions {
+    /// Options for sqlx, without the password (the token cache supplies it). sqlx has no
+    /// `hostaddr`: it connects to the address as its host, which only `verify-full` (the one
+    /// mode that checks the name) cannot accept.
+    #[cfg(feature = "seaorm")]
+    fn sqlx_options(&self) -> Result<PgConnectOptions> {
         let s = &self.shared;
+        let host = match s.hostaddr {
+            Some(_) if s.tls.mode == SslMode::VerifyFull => {
+                return Err(Error::config(
+                    Setting::HostAddr,
+                    "cannot be used by the SeaORM (sqlx) pool with sslmode=verify-full: sqlx \
+                     would verify the certificate against the address instead of the host \
+                     name; remove PGHOSTADDR, use sslmode=verify-ca, or use the Diesel or \
+                     tokio-postgres pool",
+                ));
+            }
+            Some(addr) => addr.to_string(),
+            None => s.host.clone(),
+        };
         let mut options = PgConnectOptions::new_without_pgpass()
-            .host(&s.host)
+            .host(&host)
             .port(s.port)
             .username(&s.user)
             .database(&s.database)
@@ -246,21 +268,22 @@ impl Connector {
         if !startup.is_empty() {
             options = options.options(startup);
         }
-        options
+        Ok(options)
     }
 
     /// Opens one connection with a cached token. When the server refuses the token, the
     /// cache forgets it and one fresh token is tried before giving up with
     /// [`Error::AuthFailed`].
-    pub async fn connect(
-        &self,
-    ) -> Result<(
-        tokio_postgres::Client,
-        tokio_postgres::Connection<
-            tokio_postgres::Socket,
-            impl tokio_postgres::tls::TlsStream + Unpin + Send + 'static + use<>,
-        >,
-    )> {
+    ///
+    /// ```no_run
+    /// # async fn demo(connector: &dal::Connector) -> dal::Result<()> {
+    /// let (client, connection): (dal::tokio_postgres::Client, dal::Connection) =
+    ///     connector.connect().await?;
+    /// tokio::spawn(connection);
+    /// client.simple_query("SELECT 1").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(&self) -> Result<(tokio_postgres::Client, Connection)> {
         let cache = &self.shared.cache;
         let token = cache.token().await?;
         match self.connect_with(&token).await {
@@ -278,16 +301,7 @@ impl Connector {
         }
     }
 
-    async fn connect_with(
-        &self,
-        token: &Token,
-    ) -> Result<(
-        tokio_postgres::Client,
-        tokio_postgres::Connection<
-            tokio_postgres::Socket,
-            impl tokio_postgres::tls::TlsStream + Unpin + Send + 'static + use<>,
-        >,
-    )> {
+    async fn connect_with(&self, token: &Token) -> Result<(tokio_postgres::Client, Connection)> {
         let config = self.pg_config(token);
         let connect = config.connect(self.shared.tls.connector());
         let timeout = self.shared.connect_timeout;
@@ -320,6 +334,7 @@ impl Connector {
     /// A sqlx pool whose connections log in with the cached token. sqlx cannot ask for a
     /// password when it opens a connection, so from now on the cache keeps the token fresh
     /// ahead of expiry and pushes each new one into the pool before the refresh returns.
+    #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool(&self) -> Result<PgPool> {
         self.sqlx_pool_with(&self.shared.pool).await
     }
@@ -330,13 +345,20 @@ impl Connector {
     /// it mints a new one (the local Lakebase service does, as PostgreSQL holds one password
     /// per role), a connection opened in the moment between the two can be refused; Lakebase
     /// and DSQL keep earlier tokens valid until they expire.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::HostAddr`] when `hostaddr` is set under
+    /// `verify-full` (see [`Config::hostaddr`](crate::Config::hostaddr)).
+    #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool_with(&self, settings: &PoolSettings) -> Result<PgPool> {
         self.refuse_if_shut_down()?;
         let s = &self.shared;
-        pool::sqlx::build(&s.cache, self.sqlx_options(), settings, &s.pools).await
+        pool::sqlx::build(&s.cache, self.sqlx_options()?, settings, &s.pools).await
     }
 
     /// A SeaORM connection (over a [`sqlx_pool`](Self::sqlx_pool)).
+    #[cfg(feature = "seaorm")]
     pub async fn seaorm(&self) -> Result<sea_orm::DatabaseConnection> {
         self.seaorm_with(&self.shared.pool).await
     }
@@ -345,6 +367,7 @@ impl Connector {
     ///
     /// Each query is timed for a `tracing` event and the
     /// [`QUERY_SECONDS`](telemetry::QUERY_SECONDS) histogram, through SeaORM's metric callback.
+    #[cfg(feature = "seaorm")]
     pub async fn seaorm_with(&self, pool: &PoolSettings) -> Result<sea_orm::DatabaseConnection> {
         let mut db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(
             self.sqlx_pool_with(pool).await?,
@@ -355,11 +378,13 @@ impl Connector {
 
     /// A Diesel pool: each new physical connection opens with a token from the cache, TLS and
     /// the startup parameters of this connector.
+    #[cfg(feature = "diesel")]
     pub async fn diesel_pool(&self) -> Result<DieselPool> {
         self.diesel_pool_with(self.pool_settings()).await
     }
 
     /// Like [`diesel_pool`](Self::diesel_pool), with its own sizes and lifetimes.
+    #[cfg(feature = "diesel")]
     pub async fn diesel_pool_with(&self, settings: &PoolSettings) -> Result<DieselPool> {
         self.refuse_if_shut_down()?;
         let connector = self.clone();
@@ -446,4 +471,78 @@ impl Connector {
 /// Escapes a value for the `options` startup parameter, where spaces separate arguments.
 fn escape_option(value: &str) -> String {
     value.replace('\\', "\\\\").replace(' ', "\\ ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setting_of(result: Result<Connector>) -> Setting {
+        match result {
+            Err(Error::Config { setting, .. }) => setting,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_connector_refuses_what_no_builder_checked() {
+        let config = || Config::new("db.example.com", "u").password("p");
+        assert_eq!(
+            setting_of(Connector::build(Config::new("", "u").password("p"))),
+            Setting::Host
+        );
+        assert_eq!(
+            setting_of(Connector::build(Config::new("db", "u"))),
+            Setting::Credentials
+        );
+        assert_eq!(
+            setting_of(Connector::build(config().connect_timeout(Duration::ZERO))),
+            Setting::ConnectTimeout
+        );
+        struct LakebaseTokens;
+        impl CredentialSource for LakebaseTokens {
+            fn fetch(&self) -> crate::credentials::BoxFuture<'_, Result<Token>> {
+                Box::pin(async { Ok(Token::new("t", None)) })
+            }
+            fn target(&self) -> Option<Target> {
+                Some(Target::Lakebase)
+            }
+        }
+        let lakebase = config().credentials(Credentials::source(LakebaseTokens));
+        let connector = Connector::build(lakebase.clone()).unwrap();
+        assert_eq!(connector.target(), Target::Lakebase);
+        assert_eq!(connector.shared.tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            setting_of(Connector::build(lakebase.target(Target::Postgres))),
+            Setting::Target
+        );
+    }
+
+    #[cfg(feature = "seaorm")]
+    #[test]
+    fn sqlx_connects_to_hostaddr_unless_it_would_verify_the_address_as_the_name() {
+        let addr = std::net::IpAddr::from([192, 0, 2, 7]);
+        let with = |mode| {
+            let config = Config::new("db.example.com", "u")
+                .password("p")
+                .hostaddr(addr)
+                .ssl_mode(mode);
+            Connector::build(config).unwrap().sqlx_options()
+        };
+        for mode in [
+            SslMode::Disable,
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+        ] {
+            assert_eq!(with(mode).unwrap().get_host(), "192.0.2.7", "{mode:?}");
+        }
+        match with(SslMode::VerifyFull) {
+            Err(Error::Config { setting, reason }) => {
+                assert_eq!(setting, Setting::HostAddr);
+                assert!(reason.contains("verify-full"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
 }

@@ -42,6 +42,12 @@ pub enum Setting {
     PoolMinIdle,
     /// The pool's `lifetime_jitter`.
     PoolLifetimeJitter,
+    /// The pool's `acquire_timeout`.
+    PoolAcquireTimeout,
+    /// Time allowed to open one connection, `PGCONNECT_TIMEOUT`.
+    ConnectTimeout,
+    /// The kind of server: `Config::target`.
+    Target,
     /// Where passwords come from: `Config::credentials`.
     Credentials,
     /// The token cache's `jitter`.
@@ -100,6 +106,9 @@ impl Setting {
             Setting::PoolMaxSize => "DAL_POOL_MAX_SIZE",
             Setting::PoolMinIdle => "DAL_POOL_MIN_IDLE",
             Setting::PoolLifetimeJitter => "pool lifetime_jitter",
+            Setting::PoolAcquireTimeout => "pool acquire_timeout",
+            Setting::ConnectTimeout => "PGCONNECT_TIMEOUT",
+            Setting::Target => "target",
             Setting::Credentials => "credentials",
             Setting::CacheJitter => "cache jitter",
             Setting::CacheAttempts => "cache attempts",
@@ -268,14 +277,17 @@ pub enum Error {
     Database(#[source] tokio_postgres::Error),
 
     /// A SeaORM operation failed.
+    #[cfg(feature = "seaorm")]
     #[error("SeaORM operation failed")]
     SeaOrm(#[source] sea_orm::DbErr),
 
     /// A Diesel operation failed.
+    #[cfg(feature = "diesel")]
     #[error("Diesel operation failed")]
     Diesel(#[source] diesel::result::Error),
 
     /// Diesel could not set up a connection the connector had opened.
+    #[cfg(feature = "diesel")]
     #[error("Diesel could not set up the connection")]
     DieselSetup(#[source] diesel::ConnectionError),
 
@@ -331,7 +343,9 @@ impl Error {
             Error::Database(e) => e.code().map(|c| c.code()),
             Error::AuthFailed { .. } => Some("28P01"),
             Error::Connect { source } => source.sqlstate(),
+            #[cfg(feature = "seaorm")]
             Error::SeaOrm(e) => sqlx_error(e).and_then(pg_database_error).map(|e| e.code()),
+            #[cfg(feature = "diesel")]
             Error::Diesel(e) => diesel_sqlstate(e),
             Error::RetriesExhausted { last, .. } => last.sqlstate(),
             _ => None,
@@ -342,9 +356,11 @@ impl Error {
     fn db_message(&self) -> Option<&str> {
         match self {
             Error::Database(e) => e.as_db_error().map(|e| e.message()),
+            #[cfg(feature = "seaorm")]
             Error::SeaOrm(e) => sqlx_error(e)
                 .and_then(pg_database_error)
                 .map(|e| e.message()),
+            #[cfg(feature = "diesel")]
             Error::Diesel(diesel::result::Error::DatabaseError(_, info)) => Some(info.message()),
             Error::Connect { source } => source.db_message(),
             Error::RetriesExhausted { last, .. } => last.db_message(),
@@ -370,13 +386,22 @@ impl Error {
         self.db_message().is_some_and(|m| {
             m.contains("OC000")
                 || m.contains("OC001")
-                || (matches!(self, Error::Diesel(_)) && m.starts_with("deadlock detected"))
+                || (self.is_diesel() && m.starts_with("deadlock detected"))
         })
+    }
+
+    fn is_diesel(&self) -> bool {
+        #[cfg(feature = "diesel")]
+        if matches!(self, Error::Diesel(_)) {
+            return true;
+        }
+        false
     }
 
     /// Whether the connection failed or could not be opened (as opposed to the server
     /// answering with an error). A refused login is not a connection failure.
     pub fn is_connection_failure(&self) -> bool {
+        #[cfg(feature = "seaorm")]
         use sea_orm::sqlx::Error as Sqlx;
         match self {
             Error::Database(e) => is_connection_lost(e),
@@ -384,7 +409,9 @@ impl Error {
                 true
             }
             Error::Connect { source } => source.is_connection_failure(),
+            #[cfg(feature = "seaorm")]
             Error::SeaOrm(sea_orm::DbErr::ConnectionAcquire(_)) => true,
+            #[cfg(feature = "seaorm")]
             Error::SeaOrm(e) => matches!(
                 sqlx_error(e),
                 Some(
@@ -396,10 +423,13 @@ impl Error {
                         | Sqlx::WorkerCrashed
                 )
             ),
+            #[cfg(feature = "diesel")]
             Error::Diesel(diesel::result::Error::DatabaseError(kind, _)) => {
                 matches!(kind, diesel::result::DatabaseErrorKind::UnableToSendCommand)
             }
+            #[cfg(feature = "diesel")]
             Error::Diesel(diesel::result::Error::BrokenTransactionManager) => true,
+            #[cfg(feature = "diesel")]
             Error::DieselSetup(_) => true,
             _ => false,
         }
@@ -440,12 +470,21 @@ impl Error {
             | Error::ConnectTimeout { .. } => true,
             Error::Database(e) => is_connection_lost(e),
             Error::Connect { source } => source.is_retryable(),
+            #[cfg(feature = "diesel")]
             Error::DieselSetup(_) => true,
-            Error::SeaOrm(_) | Error::Diesel(_) => {
-                self.is_conflict() || (self.is_connection_failure() && !self.is_auth_failure())
-            }
+            #[cfg(feature = "seaorm")]
+            Error::SeaOrm(_) => self.is_orm_retryable(),
+            #[cfg(feature = "diesel")]
+            Error::Diesel(_) => self.is_orm_retryable(),
             _ => false,
         }
+    }
+
+    /// An ORM error is worth retrying when it is a conflict, or a lost connection that was
+    /// not a refused login.
+    #[cfg(any(feature = "seaorm", feature = "diesel"))]
+    fn is_orm_retryable(&self) -> bool {
+        self.is_conflict() || (self.is_connection_failure() && !self.is_auth_failure())
     }
 
     pub(crate) fn config(setting: Setting, reason: impl Into<String>) -> Self {
@@ -456,18 +495,21 @@ impl Error {
     }
 }
 
+#[cfg(feature = "seaorm")]
 impl From<sea_orm::DbErr> for Error {
     fn from(e: sea_orm::DbErr) -> Self {
         Error::SeaOrm(e)
     }
 }
 
+#[cfg(feature = "diesel")]
 impl From<diesel::result::Error> for Error {
     fn from(e: diesel::result::Error) -> Self {
         Error::Diesel(e)
     }
 }
 
+#[cfg(feature = "seaorm")]
 fn sqlx_error(e: &sea_orm::DbErr) -> Option<&sea_orm::sqlx::Error> {
     use sea_orm::{DbErr, RuntimeErr};
     match e {
@@ -478,12 +520,14 @@ fn sqlx_error(e: &sea_orm::DbErr) -> Option<&sea_orm::sqlx::Error> {
     }
 }
 
+#[cfg(feature = "seaorm")]
 fn pg_database_error(
     e: &sea_orm::sqlx::Error,
 ) -> Option<&sea_orm::sqlx::postgres::PgDatabaseError> {
     e.as_database_error()?.try_downcast_ref()
 }
 
+#[cfg(feature = "diesel")]
 /// diesel-async maps the SQLSTATEs it knows to error kinds and drops the rest.
 fn diesel_sqlstate(e: &diesel::result::Error) -> Option<&'static str> {
     use diesel::result::DatabaseErrorKind as Kind;

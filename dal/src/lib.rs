@@ -7,10 +7,11 @@
 //! with a fresh cached token.
 //!
 //! ```no_run
+//! # #[cfg(all(feature = "seaorm", feature = "diesel"))]
 //! # async fn run() -> dal::Result<()> {
 //! use dal::diesel::QueryDsl;
 //! use dal::diesel_async::RunQueryDsl;
-//! use sea_orm::EntityTrait;
+//! use dal::sea_orm::EntityTrait;
 //!
 //! // DATABASE_URL, PG*, DATABRICKS_* with LAKEBASE_*, or DSQL_ENDPOINT.
 //! let connector = dal::Connector::new(dal::Config::from_env()?).await?;
@@ -29,6 +30,20 @@
 //! connector.shutdown().await;
 //! # Ok(()) }
 //! ```
+//!
+//! # Features
+//!
+//! | Feature | What you get |
+//! |---|---|
+//! | `seaorm` (default) | [`Connector::seaorm`], [`Connector::sqlx_pool`], SeaORM transactions |
+//! | `diesel` (default) | [`Connector::diesel_pool`], [`DieselPool`], Diesel transactions |
+//! | `lakebase` (default) | [`credentials::Lakebase`]: Databricks OAuth and database credentials over HTTPS |
+//! | `dsql` | [`credentials::Dsql`]: Aurora DSQL IAM tokens, signed locally |
+//! | `local` | [`local`]: a PostgreSQL server and a Lakebase-compatible service on this machine |
+//!
+//! The tokio-postgres pool ([`Connector::postgres_pool`]) and custom credential sources are
+//! always there. With `default-features = false, features = ["diesel"]`, neither SeaORM nor
+//! an HTTP client is compiled.
 //!
 //! # Architecture
 //!
@@ -71,24 +86,31 @@ mod target;
 pub mod telemetry;
 mod tls;
 mod token_cache;
+#[cfg(any(feature = "seaorm", feature = "diesel"))]
 mod tx;
 
 pub use config::{
-    CacheSettings, Config, Credentials, DATABASE_VARIABLES, DEFAULT_APPLICATION_NAME, PoolSettings,
-    TokenStrategy,
+    CacheSettings, CacheSettingsBuilder, Config, Credentials, DATABASE_VARIABLES,
+    DEFAULT_APPLICATION_NAME, PoolSettings, PoolSettingsBuilder, TokenStrategy,
 };
-pub use connector::Connector;
+pub use connector::{Connection, Connector};
 pub use error::{Error, Result, Setting};
-pub use pool::{DieselPool, Manager, PgClientPool, Pool};
+#[cfg(feature = "diesel")]
+pub use pool::DieselPool;
+pub use pool::{Manager, PgClientPool, Pool};
 pub use retry::{RetryPolicy, RetryPolicyBuilder};
 pub use target::Target;
 pub use telemetry::{Health, PoolHealth};
 pub use tls::SslMode;
 pub use token_cache::TokenCache;
+#[cfg(any(feature = "seaorm", feature = "diesel"))]
 pub use tx::{Isolation, Transactions, TxMode};
 
 pub use bb8;
+#[cfg(feature = "diesel")]
 pub use diesel;
+#[cfg(feature = "diesel")]
 pub use diesel_async;
+#[cfg(feature = "seaorm")]
 pub use sea_orm;
 pub use tokio_postgres;

@@ -90,6 +90,7 @@ impl Health {
 }
 
 /// Records one finished query.
+#[cfg(any(feature = "seaorm", feature = "diesel"))]
 pub(crate) fn query_done(orm: &'static str, elapsed: Duration, failed: bool) {
     tracing::debug!(
         orm,

@@ -12,6 +12,7 @@ use crate::error::{Error, Result, Setting};
 
 /// How a connection uses TLS, with libpq's meanings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SslMode {
     /// No TLS.
     Disable,
@@ -55,6 +56,7 @@ impl SslMode {
         }
     }
 
+    #[cfg(feature = "seaorm")]
     pub(crate) fn for_sqlx(self) -> sea_orm::sqlx::postgres::PgSslMode {
         use sea_orm::sqlx::postgres::PgSslMode as Sqlx;
         match self {

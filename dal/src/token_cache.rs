@@ -72,7 +72,7 @@ impl TokenCache {
         source: Arc<dyn CredentialSource>,
         strategy: TokenStrategy,
         settings: CacheSettings,
-    ) -> Result<Self> {
+    ) -> Self {
         Self::with_clock(source, strategy, settings, Arc::new(SystemClock))
     }
 
@@ -82,9 +82,8 @@ impl TokenCache {
         strategy: TokenStrategy,
         settings: CacheSettings,
         clock: Arc<dyn Clock>,
-    ) -> Result<Self> {
-        settings.validate()?;
-        Ok(Self {
+    ) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 source,
                 strategy,
@@ -98,7 +97,7 @@ impl TokenCache {
                 fetches: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
             }),
-        })
+        }
     }
 
     /// Starts the cache: the eager strategy fetches its first token now and starts the
@@ -444,6 +443,7 @@ fn millis(t: SystemTime) -> u64 {
 mod tests {
     use super::*;
     use crate::credentials::BoxFuture;
+    use crate::error::Setting;
     use std::sync::atomic::AtomicUsize;
 
     /// Wall-clock time that follows tokio's (paused) clock.
@@ -497,12 +497,12 @@ mod tests {
             calls: AtomicUsize::new(0),
             failing: false.into(),
         });
-        let settings = CacheSettings::default().jitter(0.0).retries(
-            2,
-            Duration::from_millis(100),
-            Duration::from_secs(1),
-        );
-        let cache = TokenCache::with_clock(source.clone(), strategy, settings, clock).unwrap();
+        let settings = CacheSettings::builder()
+            .jitter(0.0)
+            .retries(2, Duration::from_millis(100), Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let cache = TokenCache::with_clock(source.clone(), strategy, settings, clock);
         (cache, source)
     }
 
@@ -628,27 +628,39 @@ mod tests {
         let cache = TokenCache::with_clock(
             Arc::new(source),
             TokenStrategy::Lazy,
-            CacheSettings::default().retries(1, Duration::ZERO, Duration::ZERO),
+            CacheSettings::builder()
+                .retries(1, Duration::ZERO, Duration::ZERO)
+                .build()
+                .unwrap(),
             clock,
-        )
-        .unwrap();
+        );
         let err = cache.token().await.unwrap_err();
         assert!(matches!(err, Error::TokenExpired { .. }), "{err:?}");
         assert!(!err.is_retryable());
     }
 
     #[test]
-    fn bad_settings_are_rejected() {
-        let source: Arc<dyn CredentialSource> =
-            Arc::new(crate::credentials::StaticPassword::new("x"));
-        for settings in [
-            CacheSettings::default().jitter(0.9),
-            CacheSettings::default().retries(0, Duration::ZERO, Duration::ZERO),
-            CacheSettings::default().retries(3, Duration::from_secs(2), Duration::from_secs(1)),
-        ] {
-            let err =
-                TokenCache::new(Arc::clone(&source), TokenStrategy::Lazy, settings).unwrap_err();
-            assert!(matches!(err, Error::Config { .. }), "{err:?}");
+    fn bad_settings_are_rejected_by_the_builder() {
+        let cases = [
+            (CacheSettings::builder().jitter(0.9), Setting::CacheJitter),
+            (
+                CacheSettings::builder().jitter(f64::NAN),
+                Setting::CacheJitter,
+            ),
+            (
+                CacheSettings::builder().retries(0, Duration::ZERO, Duration::ZERO),
+                Setting::CacheAttempts,
+            ),
+            (
+                CacheSettings::builder().retries(3, Duration::from_secs(2), Duration::from_secs(1)),
+                Setting::CacheBackoff,
+            ),
+        ];
+        for (builder, expected) in cases {
+            match builder.build().unwrap_err() {
+                Error::Config { setting, .. } => assert_eq!(setting, expected),
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

@@ -13,8 +13,8 @@ pub async fn up(config: &Config) -> anyhow::Result<()> {
     let config = config
         .clone()
         .strategy(TokenStrategy::Lazy)
-        .pool(PoolSettings::default().max_size(1));
-    let dsql = config.resolved_target() == Target::Dsql;
+        .pool(PoolSettings::builder().max_size(1).build()?);
+    let dsql = config.resolved_target()? == Target::Dsql;
     let connector = crate::target::connector(config.clone()).await?;
     let result = async {
         // Fail here with the cause, rather than with a pool timeout inside a migration.

@@ -65,7 +65,10 @@ impl Database {
             return stack.describe();
         }
         let c = &self.config;
-        let kind = c.resolved_target();
+        // A target that contradicts the credentials is reported when the connector is built.
+        let kind = c
+            .resolved_target()
+            .map_or_else(|_| "a server".to_owned(), |t| t.to_string());
         format!(
             "{kind} at {}:{}, database {}, user {} (from the environment)",
             c.host, c.port, c.database, c.user

@@ -23,7 +23,10 @@ async fn main() {
         Ok(pair) => pair,
         Err(e) => fail(&*e),
     };
-    let dsql = config.resolved_target() == Target::Dsql;
+    let dsql = match config.resolved_target() {
+        Ok(target) => target == Target::Dsql,
+        Err(e) => fail(&e),
+    };
     let connect = async move || -> Result<DatabaseConnection, sea_orm_migration::DbErr> {
         match connect(config).await {
             Ok(db) => Ok(db),
@@ -50,7 +53,7 @@ async fn load(configured: bool) -> Result<(Config, Option<dal::local::DevStack>)
 
 async fn connect(config: Config) -> dal::Result<DatabaseConnection> {
     // One connection: migrations run one statement at a time.
-    let config = config.pool(PoolSettings::default().max_size(1));
+    let config = config.pool(PoolSettings::builder().max_size(1).build()?);
     let connector = Connector::new(config).await?;
     // Fail now, with the cause, rather than with a pool timeout inside the first migration.
     drop(connector.connect().await?);

@@ -152,23 +152,28 @@ pub async fn diesel_round_trip(pool: &dal::DieselPool, tag: &str) {
 /// meet when it opened a connection at that very moment (see `Connector::sqlx_pool_with`).
 pub async fn rotation_workload(config: Config, ttl: Duration) {
     let config = config
-        .cache(CacheSettings::default().retries(
-            3,
-            Duration::from_millis(50),
-            Duration::from_millis(500),
-        ))
+        .cache(
+            CacheSettings::builder()
+                .retries(3, Duration::from_millis(50), Duration::from_millis(500))
+                .build()
+                .unwrap(),
+        )
         .pool(
-            PoolSettings::default()
+            PoolSettings::builder()
                 .max_size(4)
                 .max_lifetime(Some(Duration::from_millis(1500)))
-                .idle_timeout(Some(Duration::from_secs(1))),
+                .idle_timeout(Some(Duration::from_secs(1)))
+                .build()
+                .unwrap(),
         );
     let connector = Connector::new(config).await.expect("connector");
-    let sqlx_settings = PoolSettings::default()
+    let sqlx_settings = PoolSettings::builder()
         .max_size(2)
         .min_idle(1)
         .max_lifetime(None)
-        .idle_timeout(None);
+        .idle_timeout(None)
+        .build()
+        .unwrap();
     let sqlx = connector
         .sqlx_pool_with(&sqlx_settings)
         .await

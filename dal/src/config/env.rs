@@ -4,16 +4,13 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::SecretString;
-
-use super::settings::{Config, Credentials};
+use super::settings::Config;
+#[cfg(any(feature = "lakebase", feature = "dsql"))]
+use super::settings::Credentials;
 use super::url::from_url;
-use crate::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
 use crate::error::{Error, Result, Setting};
-use crate::target::Target;
 
 /// The variables that name a database. When none of them is set, programs may fall back to a
 /// local database (the examples and the migration command use the embedded default).
@@ -181,7 +178,11 @@ impl Env<'_> {
         Ok(config)
     }
 
+    #[cfg(feature = "lakebase")]
     fn lakebase(&self) -> Result<Config> {
+        use crate::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
+        use secrecy::SecretString;
+
         let profile = self.databricks_profile()?;
         let pick = |var: &str, key: &str| self.get(var).or_else(|| profile.get(key));
         let host = pick("DATABRICKS_HOST", "host").ok_or_else(|| {
@@ -257,16 +258,24 @@ impl Env<'_> {
                 "is not set: with DATABRICKS_TOKEN, set it to your Databricks user name (e-mail)",
             )
         })?;
-        let mut config = Config::new(db_host, user)
+        Ok(Config::new(db_host, user)
             .database(
                 self.get("PGDATABASE")
                     .unwrap_or_else(|| "databricks_postgres".into()),
             )
-            .credentials(Credentials::Lakebase(Arc::new(source)));
-        config.target = Target::Lakebase;
-        Ok(config)
+            .credentials(Credentials::source(source)))
     }
 
+    #[cfg(not(feature = "lakebase"))]
+    fn lakebase(&self) -> Result<Config> {
+        Err(Error::config(
+            Setting::DatabricksHost,
+            "or LAKEBASE_* is set, but dal was built without its `lakebase` feature; enable it \
+             in Cargo.toml",
+        ))
+    }
+
+    #[cfg(feature = "lakebase")]
     /// The `~/.databrickscfg` profile named by `DATABRICKS_CONFIG_PROFILE` (or `DEFAULT`),
     /// when the file exists.
     fn databricks_profile(&self) -> Result<Profile> {
@@ -322,11 +331,9 @@ impl Env<'_> {
         if let Some(secs) = self.parse::<u64>(Setting::DsqlTokenExpiresIn, "a number of seconds")? {
             source = source.with_expires_in(Duration::from_secs(secs))?;
         }
-        let mut config = Config::new(source.host(), user)
+        Ok(Config::new(source.host(), user)
             .database(self.get("PGDATABASE").unwrap_or_else(|| "postgres".into()))
-            .credentials(Credentials::Dsql(Arc::new(source)));
-        config.target = Target::Dsql;
-        Ok(config)
+            .credentials(Credentials::source(source)))
     }
 
     #[cfg(not(feature = "dsql"))]
@@ -339,9 +346,11 @@ impl Env<'_> {
 }
 
 /// One section of a `~/.databrickscfg` INI file.
+#[cfg(feature = "lakebase")]
 #[derive(Default)]
 struct Profile(Vec<(String, String)>);
 
+#[cfg(feature = "lakebase")]
 impl Profile {
     fn parse(text: &str, section: &str) -> Self {
         let mut current = String::new();
@@ -372,6 +381,7 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::target::Target;
     use crate::tls::SslMode;
     use std::collections::HashMap;
 
@@ -390,6 +400,14 @@ mod tests {
         }
     }
 
+    #[cfg(not(feature = "lakebase"))]
+    #[test]
+    fn lakebase_settings_without_the_feature_say_how_to_enable_it() {
+        let err = config(&[("DATABRICKS_HOST", "https://ws.cloud.databricks.com")]).unwrap_err();
+        assert!(err.to_string().contains("`lakebase` feature"), "{err}");
+    }
+
+    #[cfg(feature = "lakebase")]
     const LAKEBASE: [(&str, &str); 5] = [
         ("DATABRICKS_HOST", "https://ws.cloud.databricks.com"),
         ("DATABRICKS_CLIENT_ID", "sp-id"),
@@ -435,15 +453,16 @@ mod tests {
         .unwrap();
         assert_eq!((c.port, c.application_name.as_str()), (5433, "svc/1"));
         assert_eq!(c.strategy, crate::TokenStrategy::Lazy);
-        assert_eq!(c.resolved_target(), Target::Postgres);
+        assert_eq!(c.resolved_target().unwrap(), Target::Postgres);
     }
 
+    #[cfg(feature = "lakebase")]
     #[test]
     fn lakebase_settings_default_the_user_database_and_target() {
         let c = config(&LAKEBASE).unwrap();
         assert_eq!(c.user, "sp-id");
         assert_eq!(c.database, "databricks_postgres");
-        assert_eq!(c.resolved_target(), Target::Lakebase);
+        assert_eq!(c.resolved_target().unwrap(), Target::Lakebase);
         assert!(!format!("{c:?}").contains("sp-secret"));
     }
 
@@ -469,6 +488,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "lakebase")]
     #[test]
     fn conflicting_credentials_are_refused() {
         let mut v = LAKEBASE.to_vec();
@@ -485,6 +505,7 @@ mod tests {
         assert_eq!(setting(&v), "LAKEBASE_ENDPOINT");
     }
 
+    #[cfg(feature = "lakebase")]
     #[test]
     fn lakebase_mistakes_name_their_variable() {
         let mut v = LAKEBASE.to_vec();
@@ -501,6 +522,7 @@ mod tests {
         assert_eq!(setting(&v), "DATABRICKS_HOST");
     }
 
+    #[cfg(feature = "lakebase")]
     #[test]
     fn a_databrickscfg_profile_supplies_workspace_credentials() {
         let dir = tempfile_dir();
@@ -527,6 +549,7 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    #[cfg(feature = "lakebase")]
     fn tempfile_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("dal-env-test-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -547,7 +570,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.host, "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws");
         assert_eq!(
-            (c.user.as_str(), c.resolved_target()),
+            (c.user.as_str(), c.resolved_target().unwrap()),
             ("admin", Target::Dsql)
         );
     }

@@ -1,6 +1,7 @@
 //! Connection settings: plain data with documented defaults, built in code or read from the
 //! environment ([`env`]: libpq's `PG*`, `DATABASE_URL` ([`url`]), Databricks and AWS variables),
-//! validated once by [`Connector::new`](crate::Connector::new).
+//! checked where they are built: pool and cache settings by their builders, the rest by
+//! [`Connector::new`](crate::Connector::new).
 
 mod env;
 mod settings;
@@ -8,5 +9,6 @@ mod url;
 
 pub use env::DATABASE_VARIABLES;
 pub use settings::{
-    CacheSettings, Config, Credentials, DEFAULT_APPLICATION_NAME, PoolSettings, TokenStrategy,
+    CacheSettings, CacheSettingsBuilder, Config, Credentials, DEFAULT_APPLICATION_NAME,
+    PoolSettings, PoolSettingsBuilder, TokenStrategy,
 };

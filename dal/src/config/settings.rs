@@ -17,24 +17,39 @@ use crate::tls::SslMode;
 pub const DEFAULT_APPLICATION_NAME: &str = concat!("dal/", env!("CARGO_PKG_VERSION"));
 
 /// Where the password of each new connection comes from.
+///
+/// ```
+/// use dal::credentials::Token;
+/// // A fixed password:
+/// let fixed = dal::Credentials::Password("secret".to_owned().into());
+/// // Any source: a built-in one (Lakebase, DSQL) or an async closure.
+/// let mine = dal::Credentials::source(|| async { Ok::<_, std::io::Error>(Token::new("t", None)) });
+/// # let _ = (fixed, mine);
+/// ```
 #[derive(Clone)]
 #[non_exhaustive]
 pub enum Credentials {
     /// A fixed password (a PostgreSQL role's own, or Lakebase's native-role fallback).
     Password(SecretString),
-    /// Databricks Lakebase database credentials; the target becomes [`Target::Lakebase`].
-    Lakebase(Arc<crate::credentials::Lakebase>),
-    /// Aurora DSQL IAM tokens; the target becomes [`Target::Dsql`].
-    #[cfg(feature = "dsql")]
-    Dsql(Arc<crate::credentials::Dsql>),
-    /// Any source, such as an async closure: `Credentials::source(|| async { ... })`.
+    /// Any source: [`Lakebase`](crate::credentials::Lakebase),
+    /// [`Dsql`](crate::credentials::Dsql), or an async closure. A source that names its
+    /// [`target`](CredentialSource::target) sets the connector's.
     Source(Arc<dyn CredentialSource>),
 }
 
 impl Credentials {
-    /// Credentials from any [`CredentialSource`], such as an async closure.
+    /// Credentials from any [`CredentialSource`], such as an async closure or
+    /// [`Lakebase`](crate::credentials::Lakebase).
     pub fn source(source: impl CredentialSource) -> Self {
         Self::Source(Arc::new(source))
+    }
+
+    /// The kind of server these credentials are for, if only one kind accepts them.
+    fn target(&self) -> Option<Target> {
+        match self {
+            Credentials::Password(_) => None,
+            Credentials::Source(s) => s.target(),
+        }
     }
 }
 
@@ -42,9 +57,6 @@ impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Credentials::Password(_) => f.write_str("Password(** redacted **)"),
-            Credentials::Lakebase(l) => f.debug_tuple("Lakebase").field(l).finish(),
-            #[cfg(feature = "dsql")]
-            Credentials::Dsql(d) => f.debug_tuple("Dsql").field(d).finish(),
             Credentials::Source(s) => write!(f, "Source({})", s.kind()),
         }
     }
@@ -81,24 +93,30 @@ impl std::str::FromStr for TokenStrategy {
     }
 }
 
-/// Timing of refreshes and retries.
+/// Timing of refreshes and retries of the token cache.
+///
+/// Built by [`CacheSettings::builder`], which checks every value, or [`Default`]; so a
+/// `CacheSettings` is always valid.
+///
+/// ```
+/// use std::time::Duration;
+/// let cache = dal::CacheSettings::builder()
+///     .refresh_margin(Duration::from_secs(60))
+///     .retries(5, Duration::from_millis(100), Duration::from_secs(5))
+///     .build()?;
+/// assert_eq!(cache.attempts(), 5);
+///
+/// let err = dal::CacheSettings::builder().jitter(0.9).build().unwrap_err();
+/// assert_eq!(err.to_string(), "invalid setting cache jitter: must be a fraction between 0 and 0.5, such as 0.05");
+/// # Ok::<(), dal::Error>(())
+/// ```
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct CacheSettings {
-    /// Refresh this long before expiry. Defaults to `None`: five minutes or a fifth of the
-    /// token's life, whichever is shorter (a one-hour Lakebase credential is refreshed after
-    /// 55 minutes, a 15-minute DSQL token after 12).
-    pub refresh_margin: Option<Duration>,
-    /// Refresh up to this fraction of the token's life earlier still, at random, so that
-    /// replicas started together do not refresh together. Defaults to 0.05.
-    pub jitter: f64,
-    /// Attempts per refresh before it is reported as failed. Defaults to 3.
-    pub attempts: u32,
-    /// First pause between attempts, doubled after each failure. Defaults to 200 ms.
-    pub min_backoff: Duration,
-    /// Longest pause between attempts, and between background refreshes after a failure.
-    /// Defaults to 10 s.
-    pub max_backoff: Duration,
+    pub(crate) refresh_margin: Option<Duration>,
+    pub(crate) jitter: f64,
+    pub(crate) attempts: u32,
+    pub(crate) min_backoff: Duration,
+    pub(crate) max_backoff: Duration,
 }
 
 impl Default for CacheSettings {
@@ -114,70 +132,119 @@ impl Default for CacheSettings {
 }
 
 impl CacheSettings {
-    /// Sets [`refresh_margin`](Self::refresh_margin).
+    /// A builder starting from the defaults.
+    pub fn builder() -> CacheSettingsBuilder {
+        CacheSettingsBuilder(Self::default())
+    }
+
+    /// Refresh this long before expiry. `None` (the default): five minutes or a fifth of the
+    /// token's life, whichever is shorter (a one-hour Lakebase credential is refreshed after
+    /// 55 minutes, a 15-minute DSQL token after 12).
+    pub fn refresh_margin(&self) -> Option<Duration> {
+        self.refresh_margin
+    }
+
+    /// Refresh up to this fraction of the token's life earlier still, at random, so that
+    /// replicas started together do not refresh together. Defaults to 0.05.
+    pub fn jitter(&self) -> f64 {
+        self.jitter
+    }
+
+    /// Attempts per refresh before it is reported as failed. Defaults to 3.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// First pause between attempts, doubled after each failure. Defaults to 200 ms.
+    pub fn min_backoff(&self) -> Duration {
+        self.min_backoff
+    }
+
+    /// Longest pause between attempts, and between background refreshes after a failure.
+    /// Defaults to 10 s.
+    pub fn max_backoff(&self) -> Duration {
+        self.max_backoff
+    }
+}
+
+/// Builds [`CacheSettings`]; [`build`](Self::build) checks them.
+#[derive(Debug, Clone)]
+pub struct CacheSettingsBuilder(CacheSettings);
+
+impl CacheSettingsBuilder {
+    /// Sets [`refresh_margin`](CacheSettings::refresh_margin).
     #[must_use]
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
-        self.refresh_margin = Some(margin);
+        self.0.refresh_margin = Some(margin);
         self
     }
 
-    /// Sets [`jitter`](Self::jitter).
+    /// Sets [`jitter`](CacheSettings::jitter), a fraction from 0 to 0.5.
     #[must_use]
     pub fn jitter(mut self, fraction: f64) -> Self {
-        self.jitter = fraction;
+        self.0.jitter = fraction;
         self
     }
 
-    /// Sets [`attempts`](Self::attempts), [`min_backoff`](Self::min_backoff) and
-    /// [`max_backoff`](Self::max_backoff).
+    /// Sets [`attempts`](CacheSettings::attempts) (at least 1),
+    /// [`min_backoff`](CacheSettings::min_backoff) and
+    /// [`max_backoff`](CacheSettings::max_backoff) (not below `min_backoff`).
     #[must_use]
     pub fn retries(mut self, attempts: u32, min_backoff: Duration, max_backoff: Duration) -> Self {
-        self.attempts = attempts;
-        self.min_backoff = min_backoff;
-        self.max_backoff = max_backoff;
+        self.0.attempts = attempts;
+        self.0.min_backoff = min_backoff;
+        self.0.max_backoff = max_backoff;
         self
     }
 
-    pub(crate) fn validate(&self) -> Result<()> {
-        if !(0.0..=0.5).contains(&self.jitter) {
+    /// The settings, or an [`Error::Config`] naming the first one out of range.
+    pub fn build(self) -> Result<CacheSettings> {
+        let s = self.0;
+        if !(0.0..=0.5).contains(&s.jitter) {
             return Err(Error::config(
                 Setting::CacheJitter,
                 "must be a fraction between 0 and 0.5, such as 0.05",
             ));
         }
-        if self.attempts == 0 {
+        if s.attempts == 0 {
             return Err(Error::config(Setting::CacheAttempts, "must be at least 1"));
         }
-        if self.min_backoff > self.max_backoff {
+        if s.min_backoff > s.max_backoff {
             return Err(Error::config(
                 Setting::CacheBackoff,
                 "min_backoff must not exceed max_backoff",
             ));
         }
-        Ok(())
+        Ok(s)
     }
 }
 
-/// Pool sizes and lifetimes, shared by every pool a connector builds.
+/// Pool sizes and lifetimes.
+///
+/// Built by [`PoolSettings::builder`], which checks every value, or [`Default`]; so a
+/// `PoolSettings` is always valid.
+///
+/// ```
+/// use std::time::Duration;
+/// let pool = dal::PoolSettings::builder()
+///     .max_size(16)
+///     .max_lifetime(Some(Duration::from_secs(600)))
+///     .lifetime_jitter(0.2)
+///     .build()?;
+/// assert_eq!(pool.max_size(), 16);
+///
+/// let err = dal::PoolSettings::builder().max_size(2).min_idle(3).build().unwrap_err();
+/// assert_eq!(err.to_string(), "invalid setting DAL_POOL_MIN_IDLE: must not exceed max_size (2)");
+/// # Ok::<(), dal::Error>(())
+/// ```
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct PoolSettings {
-    /// Most connections open at once. Defaults to 10.
-    pub max_size: u32,
-    /// Connections kept open while idle. Defaults to 0, so that Lakebase can scale to zero.
-    pub min_idle: u32,
-    /// How long to wait for a connection before failing. Defaults to 10 s.
-    pub acquire_timeout: Duration,
-    /// Close connections idle this long. Defaults to 270 s, below Lakebase's 300 s
-    /// scale-to-zero window (as its JavaScript examples do).
-    pub idle_timeout: Option<Duration>,
-    /// Close connections this old. Defaults to 25 min: the pools enforce it lazily (a
-    /// connection may live up to about twice as long), which keeps it under Aurora DSQL's
-    /// 60-minute cap.
-    pub max_lifetime: Option<Duration>,
-    /// Shorten `max_lifetime` by up to this fraction, at random per pool, so that pools
-    /// started together do not reconnect together. Defaults to 0.1.
-    pub lifetime_jitter: f64,
+    pub(crate) max_size: u32,
+    pub(crate) min_idle: u32,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) lifetime_jitter: f64,
 }
 
 impl Default for PoolSettings {
@@ -194,39 +261,48 @@ impl Default for PoolSettings {
 }
 
 impl PoolSettings {
-    /// Sets [`max_size`](Self::max_size).
-    #[must_use]
-    pub fn max_size(mut self, n: u32) -> Self {
-        self.max_size = n;
-        self
+    /// A builder starting from the defaults.
+    pub fn builder() -> PoolSettingsBuilder {
+        PoolSettingsBuilder(Self::default())
     }
 
-    /// Sets [`min_idle`](Self::min_idle).
-    #[must_use]
-    pub fn min_idle(mut self, n: u32) -> Self {
-        self.min_idle = n;
-        self
+    /// A builder starting from these settings.
+    pub fn to_builder(&self) -> PoolSettingsBuilder {
+        PoolSettingsBuilder(self.clone())
     }
 
-    /// Sets [`acquire_timeout`](Self::acquire_timeout).
-    #[must_use]
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
-        self
+    /// Most connections open at once. Defaults to 10.
+    pub fn max_size(&self) -> u32 {
+        self.max_size
     }
 
-    /// Sets [`max_lifetime`](Self::max_lifetime).
-    #[must_use]
-    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
-        self.max_lifetime = lifetime;
-        self
+    /// Connections kept open while idle. Defaults to 0, so that Lakebase can scale to zero.
+    pub fn min_idle(&self) -> u32 {
+        self.min_idle
     }
 
-    /// Sets [`idle_timeout`](Self::idle_timeout).
-    #[must_use]
-    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.idle_timeout = timeout;
-        self
+    /// How long to wait for a connection before failing. Defaults to 10 s.
+    pub fn acquire_timeout(&self) -> Duration {
+        self.acquire_timeout
+    }
+
+    /// Close connections idle this long. Defaults to 270 s, below Lakebase's 300 s
+    /// scale-to-zero window (as its JavaScript examples do).
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout
+    }
+
+    /// Close connections this old. Defaults to 25 min: the pools enforce it lazily (a
+    /// connection may live up to about twice as long), which keeps it under Aurora DSQL's
+    /// 60-minute cap.
+    pub fn max_lifetime(&self) -> Option<Duration> {
+        self.max_lifetime
+    }
+
+    /// Shorten `max_lifetime` by up to this fraction, at random per pool, so that pools
+    /// started together do not reconnect together. Defaults to 0.1.
+    pub fn lifetime_jitter(&self) -> f64 {
+        self.lifetime_jitter
     }
 
     /// The lifetime of one pool's connections, jitter applied.
@@ -236,9 +312,89 @@ impl PoolSettings {
     }
 }
 
-/// Everything a [`Connector`](crate::Connector) needs. Plain data: set fields directly or
-/// with the `#[must_use]` setters; [`Config::from_env`] reads the usual environment
-/// variables. Nothing is checked until [`Connector::new`](crate::Connector::new).
+/// Builds [`PoolSettings`]; [`build`](Self::build) checks them.
+#[derive(Debug, Clone)]
+pub struct PoolSettingsBuilder(PoolSettings);
+
+impl PoolSettingsBuilder {
+    /// Sets [`max_size`](PoolSettings::max_size), at least 1.
+    #[must_use]
+    pub fn max_size(mut self, n: u32) -> Self {
+        self.0.max_size = n;
+        self
+    }
+
+    /// Sets [`min_idle`](PoolSettings::min_idle), at most `max_size`.
+    #[must_use]
+    pub fn min_idle(mut self, n: u32) -> Self {
+        self.0.min_idle = n;
+        self
+    }
+
+    /// Sets [`acquire_timeout`](PoolSettings::acquire_timeout), more than zero.
+    #[must_use]
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.0.acquire_timeout = timeout;
+        self
+    }
+
+    /// Sets [`idle_timeout`](PoolSettings::idle_timeout); `None` keeps idle connections.
+    #[must_use]
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.0.idle_timeout = timeout;
+        self
+    }
+
+    /// Sets [`max_lifetime`](PoolSettings::max_lifetime); `None` keeps connections forever
+    /// (not on Aurora DSQL, which closes them after 60 minutes).
+    #[must_use]
+    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.0.max_lifetime = lifetime;
+        self
+    }
+
+    /// Sets [`lifetime_jitter`](PoolSettings::lifetime_jitter), a fraction from 0 up to
+    /// (not including) 1.
+    #[must_use]
+    pub fn lifetime_jitter(mut self, fraction: f64) -> Self {
+        self.0.lifetime_jitter = fraction;
+        self
+    }
+
+    /// The settings, or an [`Error::Config`] naming the first one out of range.
+    pub fn build(self) -> Result<PoolSettings> {
+        let s = self.0;
+        if s.max_size == 0 {
+            return Err(Error::config(Setting::PoolMaxSize, "must be at least 1"));
+        }
+        if s.min_idle > s.max_size {
+            return Err(Error::config(
+                Setting::PoolMinIdle,
+                format!("must not exceed max_size ({})", s.max_size),
+            ));
+        }
+        if s.acquire_timeout.is_zero() {
+            return Err(Error::config(
+                Setting::PoolAcquireTimeout,
+                "must be more than zero, such as 10 s",
+            ));
+        }
+        if !(0.0..1.0).contains(&s.lifetime_jitter) {
+            return Err(Error::config(
+                Setting::PoolLifetimeJitter,
+                "must be a fraction from 0 up to (not including) 1, such as 0.1",
+            ));
+        }
+        Ok(s)
+    }
+}
+
+/// Everything a [`Connector`](crate::Connector) needs. Set fields directly or with the
+/// `#[must_use]` setters; [`Config::from_env`] reads the usual environment variables.
+///
+/// Its parts are checked where they are built: [`PoolSettings`] and [`CacheSettings`] by
+/// their builders, the rest (required values, a target that contradicts the credentials, the
+/// CA file) by [`Connector::new`](crate::Connector::new), which is this builder's `build`.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
@@ -246,7 +402,9 @@ pub struct Config {
     pub host: String,
     /// Connect to this address instead of resolving `host`, which still names the server for
     /// TLS verification (libpq's `hostaddr`). Used by the Diesel and tokio-postgres
-    /// connections; sqlx resolves `host` itself. Defaults to none.
+    /// connections. The sqlx pool behind SeaORM connects to it by address too, except under
+    /// `verify-full`, where sqlx would check the certificate against the address: that pool
+    /// is then refused. Defaults to none.
     pub hostaddr: Option<std::net::IpAddr>,
     /// The server's port. Defaults to 5432.
     pub port: u16,
@@ -256,8 +414,10 @@ pub struct Config {
     pub user: String,
     /// Where passwords come from. Required.
     pub credentials: Option<Credentials>,
-    /// The kind of server. Defaults to [`Target::Postgres`].
-    pub target: Target,
+    /// The kind of server. Defaults to `None`: the target of the credentials (Lakebase
+    /// credentials mean [`Target::Lakebase`], DSQL tokens [`Target::Dsql`]), otherwise
+    /// [`Target::Postgres`]. A target that contradicts the credentials is refused.
+    pub target: Option<Target>,
     /// TLS use. Defaults to `verify-full` for Lakebase and DSQL, `prefer` otherwise.
     pub ssl_mode: Option<SslMode>,
     /// CA certificates (PEM) to verify the server with. Defaults to the Mozilla roots.
@@ -289,7 +449,7 @@ impl Config {
             database: "postgres".into(),
             user: user.into(),
             credentials: None,
-            target: Target::Postgres,
+            target: None,
             ssl_mode: None,
             ssl_root_cert: None,
             application_name: DEFAULT_APPLICATION_NAME.into(),
@@ -302,14 +462,40 @@ impl Config {
         }
     }
 
-    /// The kind of server, as the credentials imply it: Lakebase credentials mean
-    /// [`Target::Lakebase`], DSQL tokens [`Target::Dsql`]; otherwise [`target`](Self::target).
-    pub fn resolved_target(&self) -> Target {
-        match &self.credentials {
-            Some(Credentials::Lakebase(_)) => Target::Lakebase,
-            #[cfg(feature = "dsql")]
-            Some(Credentials::Dsql(_)) => Target::Dsql,
-            _ => self.target,
+    /// The kind of server: [`target`](Self::target) if set, else the credentials' own
+    /// ([`CredentialSource::target`]), else [`Target::Postgres`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::Target`] when `target` contradicts the credentials,
+    /// such as [`Target::Postgres`] with Lakebase credentials.
+    ///
+    /// ```
+    /// use dal::{Config, Credentials, Target, credentials::Token};
+    /// # #[derive(Clone)] struct Dsqlish;
+    /// # impl dal::credentials::CredentialSource for Dsqlish {
+    /// #     fn fetch(&self) -> dal::credentials::BoxFuture<'_, dal::Result<Token>> { Box::pin(async { Ok(Token::new("t", None)) }) }
+    /// #     fn target(&self) -> Option<Target> { Some(Target::Dsql) }
+    /// # }
+    /// let config = Config::new("db.example.com", "admin").credentials(Credentials::source(Dsqlish));
+    /// assert_eq!(config.resolved_target()?, Target::Dsql);
+    ///
+    /// let contradiction = config.target(Target::Lakebase).resolved_target().unwrap_err();
+    /// assert!(contradiction.to_string().starts_with("invalid setting target: Databricks Lakebase"));
+    /// # Ok::<(), dal::Error>(())
+    /// ```
+    pub fn resolved_target(&self) -> Result<Target> {
+        let implied = self.credentials.as_ref().and_then(Credentials::target);
+        match (self.target, implied) {
+            (Some(set), Some(implied)) if set != implied => Err(Error::config(
+                Setting::Target,
+                format!(
+                    "{set} contradicts the credentials, which are for {implied}: remove the \
+                     target setting or set it to {implied}"
+                ),
+            )),
+            (Some(set), _) => Ok(set),
+            (None, implied) => Ok(implied.unwrap_or(Target::Postgres)),
         }
     }
 
@@ -344,7 +530,22 @@ impl Config {
     /// Sets [`target`](Self::target).
     #[must_use]
     pub fn target(mut self, target: Target) -> Self {
-        self.target = target;
+        self.target = Some(target);
+        self
+    }
+
+    /// Sets [`hostaddr`](Self::hostaddr): connect to `addr`, and verify the server as `host`.
+    #[must_use]
+    pub fn hostaddr(mut self, addr: std::net::IpAddr) -> Self {
+        self.hostaddr = Some(addr);
+        self
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout); [`Connector::new`](crate::Connector::new)
+    /// refuses zero.
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 
@@ -402,5 +603,117 @@ impl Config {
     pub fn pool(mut self, pool: PoolSettings) -> Self {
         self.pool = pool;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credentials::{BoxFuture, Token};
+
+    /// A source whose tokens only one kind of server takes.
+    struct For(Target);
+
+    impl CredentialSource for For {
+        fn fetch(&self) -> BoxFuture<'_, Result<Token>> {
+            Box::pin(async { Ok(Token::new("t", None)) })
+        }
+
+        fn target(&self) -> Option<Target> {
+            Some(self.0)
+        }
+    }
+
+    fn setting_of(result: Result<impl fmt::Debug>) -> Setting {
+        match result {
+            Err(Error::Config { setting, .. }) => setting,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_target_comes_from_the_credentials_unless_set() {
+        let base = Config::new("db", "u");
+        assert_eq!(
+            base.clone().password("p").resolved_target().unwrap(),
+            Target::Postgres
+        );
+        let lakebase = base
+            .clone()
+            .credentials(Credentials::source(For(Target::Lakebase)));
+        assert_eq!(lakebase.resolved_target().unwrap(), Target::Lakebase);
+        let agreed = lakebase.clone().target(Target::Lakebase);
+        assert_eq!(agreed.resolved_target().unwrap(), Target::Lakebase);
+        // A password works with any target it is told.
+        let told = base.password("p").target(Target::Dsql);
+        assert_eq!(told.resolved_target().unwrap(), Target::Dsql);
+    }
+
+    #[test]
+    fn a_target_that_contradicts_the_credentials_is_refused_not_replaced() {
+        let config = Config::new("db", "u")
+            .credentials(Credentials::source(For(Target::Dsql)))
+            .target(Target::Postgres);
+        let err = config.resolved_target().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting target: PostgreSQL contradicts the credentials, which are for \
+             Aurora DSQL: remove the target setting or set it to Aurora DSQL"
+        );
+    }
+
+    #[test]
+    fn pool_settings_are_checked_when_built() {
+        let b = PoolSettings::builder;
+        assert_eq!(setting_of(b().max_size(0).build()), Setting::PoolMaxSize);
+        assert_eq!(
+            setting_of(b().max_size(2).min_idle(3).build()),
+            Setting::PoolMinIdle
+        );
+        assert_eq!(
+            setting_of(b().acquire_timeout(Duration::ZERO).build()),
+            Setting::PoolAcquireTimeout
+        );
+        for jitter in [-0.1, 1.0, f64::NAN] {
+            assert_eq!(
+                setting_of(b().lifetime_jitter(jitter).build()),
+                Setting::PoolLifetimeJitter
+            );
+        }
+        let built = b()
+            .max_size(4)
+            .min_idle(4)
+            .lifetime_jitter(0.0)
+            .max_lifetime(Some(Duration::from_secs(60)))
+            .build()
+            .unwrap();
+        assert_eq!((built.max_size(), built.min_idle()), (4, 4));
+        assert_eq!(built.jittered_lifetime(), Some(Duration::from_secs(60)));
+        let again = built.to_builder().max_size(8).build().unwrap();
+        assert_eq!((again.max_size(), again.min_idle()), (8, 4));
+    }
+
+    #[test]
+    fn the_defaults_are_what_the_builders_give() {
+        let pool = PoolSettings::builder().build().unwrap();
+        assert_eq!(
+            format!("{pool:?}"),
+            format!("{:?}", PoolSettings::default())
+        );
+        let cache = CacheSettings::builder().build().unwrap();
+        assert_eq!(
+            format!("{cache:?}"),
+            format!("{:?}", CacheSettings::default())
+        );
+    }
+
+    #[test]
+    fn every_connection_setting_has_a_setter() {
+        let addr = std::net::IpAddr::from([127, 0, 0, 1]);
+        let config = Config::new("db.example.com", "u")
+            .hostaddr(addr)
+            .connect_timeout(Duration::from_secs(3));
+        assert_eq!(config.hostaddr, Some(addr));
+        assert_eq!(config.connect_timeout, Duration::from_secs(3));
     }
 }

@@ -286,6 +286,9 @@ impl CredentialSource for Dsql {
     fn kind(&self) -> &'static str {
         "dsql"
     }
+    fn target(&self) -> Option<crate::Target> {
+        Some(crate::Target::Dsql)
+    }
 }
 
 impl fmt::Debug for Dsql {

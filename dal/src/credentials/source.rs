@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::Result;
+use crate::target::Target;
 
 /// A boxed future, as returned by [`CredentialSource::fetch`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -74,6 +75,15 @@ pub trait CredentialSource: Send + Sync + 'static {
     /// A short name for logs and metrics, such as `lakebase`.
     fn kind(&self) -> &'static str {
         "custom"
+    }
+
+    /// The kind of server whose tokens this source makes, when only one kind accepts them:
+    /// [`Target::Lakebase`] for Lakebase credentials, [`Target::Dsql`] for DSQL tokens. The
+    /// connector takes its target from here unless [`Config::target`](crate::Config::target)
+    /// names it, and refuses a configuration where the two disagree. Defaults to `None`: any
+    /// server.
+    fn target(&self) -> Option<Target> {
+        None
     }
 }
 

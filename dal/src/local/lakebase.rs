@@ -390,7 +390,7 @@ impl LocalLakebase {
             .port(pg.port())
             .database(database)
             .ssl_root_cert(pg.ca_cert_path())
-            .credentials(crate::Credentials::Lakebase(std::sync::Arc::new(source))))
+            .credentials(crate::Credentials::source(source)))
     }
 
     /// The address the service listens on.

@@ -364,6 +364,7 @@ impl LocalPostgres {
 
     /// Connection options for sqlx (and so SeaORM) as superuser to `database`, over TLS
     /// verified against the cluster's CA (`verify-full`).
+    #[cfg(feature = "seaorm")]
     pub fn sqlx_options(&self, database: &str) -> sea_orm::sqlx::postgres::PgConnectOptions {
         use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
         PgConnectOptions::new()

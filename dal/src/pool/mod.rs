@@ -7,11 +7,14 @@
 //! `28P01`) to the callers waiting at that moment instead.
 
 mod bb8_pool;
+#[cfg(feature = "diesel")]
 pub(crate) mod diesel;
 pub(crate) mod postgres;
 mod registry;
+#[cfg(feature = "seaorm")]
 pub(crate) mod sqlx;
 
+#[cfg(feature = "diesel")]
 pub use self::diesel::DieselPool;
 pub use bb8_pool::{Manager, Pool};
 pub(crate) use bb8_pool::{Open, build};

@@ -28,6 +28,7 @@ impl Registry {
         pools.push(pool);
     }
 
+    #[cfg(feature = "seaorm")]
     pub(super) fn add_strong(&self, pool: Arc<dyn PoolHandle>) {
         self.sqlx
             .lock()

@@ -101,10 +101,11 @@ async fn run() -> anyhow::Result<()> {
 async fn work(database: &examples::Database, settings: &Settings) -> anyhow::Result<()> {
     let config = database.config();
     examples::migrate::up(&config).await?;
-    let pool_settings = PoolSettings::default()
+    let pool_settings = PoolSettings::builder()
         .max_size(1)
         .max_lifetime(Some(settings.lifetime))
-        .idle_timeout(None);
+        .idle_timeout(None)
+        .build()?;
     let config = config.strategy(TokenStrategy::Lazy);
     let connector = examples::target::connector(config.clone()).await?;
     let result = async {

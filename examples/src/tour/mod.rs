@@ -50,7 +50,7 @@ async fn run_on(database: &crate::Database, orms: &[Orm]) -> anyhow::Result<()> 
     crate::migrate::up(&config).await?;
     println!("migrations: up to date");
     let config = config.strategy(TokenStrategy::Eager);
-    let savepoints = config.resolved_target() != Target::Dsql;
+    let savepoints = config.resolved_target()? != Target::Dsql;
     let connector = crate::target::connector(config).await?;
     let result = async {
         let mut total = Stats::default();

@@ -57,7 +57,7 @@ async fn admin_and_custom_roles_log_in_with_iam_tokens() {
         .port(pg.port())
         .database("dsql")
         .ssl_root_cert(pg.ca_cert_path())
-        .credentials(Credentials::Dsql(Arc::new(source("admin", &clock))));
+        .credentials(Credentials::source(source("admin", &clock)));
     let connector = Connector::new(config)
         .await
         .expect("admin logs in with its token");
@@ -88,7 +88,7 @@ async fn admin_and_custom_roles_log_in_with_iam_tokens() {
         .port(pg.port())
         .database("dsql")
         .ssl_root_cert(pg.ca_cert_path())
-        .credentials(Credentials::Dsql(Arc::new(source("app", &clock))));
+        .credentials(Credentials::source(source("app", &clock)));
     let connector = Connector::new(config)
         .await
         .expect("app logs in with its token");

@@ -130,10 +130,12 @@ async fn an_outage_shorter_than_the_token_life_fails_no_query() {
         .unwrap()
         .strategy(TokenStrategy::Eager)
         .pool(
-            dal::PoolSettings::default()
+            dal::PoolSettings::builder()
                 .max_size(3)
                 .max_lifetime(Some(Duration::from_millis(800)))
-                .idle_timeout(Some(Duration::from_millis(500))),
+                .idle_timeout(Some(Duration::from_millis(500)))
+                .build()
+                .unwrap(),
         );
     let connector = Connector::new(config).await.unwrap();
     let expires = connector.cache().expires_at().unwrap();

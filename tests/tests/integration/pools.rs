@@ -1,6 +1,7 @@
 //! Pools built from one `Config`: both ORMs on the sample schema, token rotation under load,
 //! startup parameters, TLS modes, and fast, typed auth failures.
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -10,7 +11,7 @@ use dal::diesel_async::RunQueryDsl;
 use dal::local::LocalPostgres;
 use dal::{Connector, Credentials, PoolSettings, SslMode, TokenStrategy};
 use entity::customer;
-use sea_orm::EntityTrait;
+use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -169,7 +170,7 @@ async fn connect_with(pg: &LocalPostgres, mode: SslMode, ca: bool, host: &str) -
         config.ssl_root_cert = None;
     }
     let connector = Connector::new(config).await?;
-    let (client, connection) = connector.connect().await?;
+    let (client, connection): (_, dal::Connection) = connector.connect().await?;
     tokio::spawn(connection);
     let ssl: bool = client
         .query_one(
@@ -214,6 +215,37 @@ async fn tls_modes_verify_what_they_promise() {
     wrong_name(SslMode::VerifyCa)
         .await
         .expect("verify-ca ignores the name");
+    // Every pool kind reaches the server at hostaddr, or refuses to build: sqlx would
+    // verify the address as the name under verify-full.
+    let by_address = |mode| {
+        let mut config = pg.superuser_config("postgres").ssl_mode(mode);
+        config.host = "db.invalid".into();
+        config.hostaddr(Ipv4Addr::LOCALHOST.into())
+    };
+    let connector = Connector::new(by_address(SslMode::VerifyCa)).await.unwrap();
+    let db = connector.seaorm().await.expect("sqlx connects to hostaddr");
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT host(inet_server_addr()) AS addr",
+        ))
+        .await
+        .expect("query over sqlx")
+        .expect("one row");
+    assert_eq!(row.try_get::<String>("", "addr").unwrap(), "127.0.0.1");
+    let raw = connector.postgres_pool().await.unwrap();
+    raw.get()
+        .await
+        .expect("tokio-postgres connects to hostaddr");
+    connector.shutdown().await;
+    let connector = Connector::new(by_address(SslMode::VerifyFull))
+        .await
+        .unwrap();
+    match connector.seaorm().await {
+        Err(dal::Error::Config { setting, .. }) => assert_eq!(setting, dal::Setting::HostAddr),
+        other => panic!("expected the sqlx pool to be refused, got {other:?}"),
+    }
+    connector.shutdown().await;
     let unknown_ca = connect_with(&pg, SslMode::VerifyFull, false, "localhost")
         .await
         .unwrap_err();
@@ -239,9 +271,12 @@ fn anyhow_chain(e: &(dyn std::error::Error + 'static)) -> String {
 async fn a_wrong_password_fails_fast_with_sqlstate_28p01() {
     let pg = tests::server().await;
     pg.create_role("bad", "right", None).await.unwrap();
-    let config = pg
-        .config("postgres", "bad", "wrong")
-        .pool(PoolSettings::default().acquire_timeout(Duration::from_secs(30)));
+    let config = pg.config("postgres", "bad", "wrong").pool(
+        PoolSettings::builder()
+            .acquire_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+    );
     let connector = Connector::new(config).await.unwrap();
 
     let started = Instant::now();

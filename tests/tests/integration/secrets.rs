@@ -90,7 +90,7 @@ async fn no_secret_appears_in_logs_debug_display_or_errors() {
     // A wrong client secret, a wrong static password, a refused token.
     let mut bad = lb.client_config(&pg, "sec").unwrap();
     let wrong_secret = "wrong-client-secret-0123456789";
-    bad.credentials = Some(dal::Credentials::Lakebase(Arc::new(
+    bad.credentials = Some(dal::Credentials::source(
         dal::credentials::Lakebase::new(
             &lb.url(),
             dal::credentials::WorkspaceAuth::ClientCredentials {
@@ -103,7 +103,7 @@ async fn no_secret_appears_in_logs_debug_display_or_errors() {
             },
         )
         .unwrap(),
-    )));
+    ));
     secrets.push(wrong_secret.to_owned());
     shown.push(format!("{bad:?}"));
     let err = Connector::new(bad).await.unwrap_err();

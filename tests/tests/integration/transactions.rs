@@ -27,7 +27,7 @@ async fn bank(pg: &LocalPostgres, name: &str, target: Target) -> Connector {
         .config(name, name, &password)
         .target(target)
         .search_path("public")
-        .pool(PoolSettings::default().max_size(16));
+        .pool(PoolSettings::builder().max_size(16).build().unwrap());
     let connector = Connector::new(config).await.expect("connector");
     let raw = connector.postgres_pool().await.unwrap();
     raw.get()

@@ -42,6 +42,7 @@ const TOKEN_REQUEST_BODY: &str = "grant_type=client_credentials&scope=all-apis";
 /// How this source authenticates to the Databricks workspace before asking for a database
 /// credential.
 #[derive(Clone)]
+#[non_exhaustive]
 pub enum WorkspaceAuth {
     /// OAuth machine-to-machine (service principal).
     ClientCredentials {
@@ -79,6 +80,7 @@ impl fmt::Debug for WorkspaceAuth {
 
 /// Which Lakebase database the credential is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LakebaseTarget {
     /// `projects/{p}/branches/{b}/endpoints/{e}` (Autoscaling).
     Autoscaling {
@@ -670,6 +672,9 @@ impl CredentialSource for Lakebase {
 
     fn kind(&self) -> &'static str {
         KIND
+    }
+    fn target(&self) -> Option<crate::Target> {
+        Some(crate::Target::Lakebase)
     }
 }
 

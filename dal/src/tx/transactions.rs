@@ -1,26 +1,14 @@
-//! Transactions for both ORMs: one [`TxMode`] (isolation, read-only, deferrable), retries of
-//! whole transactions after conflicts ([`RetryPolicy`]), and savepoints that refuse Aurora
-//! DSQL, which has none.
-//!
-//! Optimistic-concurrency databases (Aurora DSQL) report conflicts at COMMIT as SQLSTATE
-//! `40001`; PostgreSQL's SERIALIZABLE isolation does the same, and deadlocks end one
-//! transaction with `40P01`. In each case the whole transaction must run again, so
-//! [`Transactions`] takes the transaction's work as a closure it can call once per attempt.
-
-use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
-use futures_util::future::BoxFuture;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
-use tracing::Instrument;
+//! What both ORMs share: [`TxMode`], [`Transactions`] and the decision to retry.
 
 use crate::connector::Connector;
 use crate::error::{Error, ErrorChain, Result};
-use crate::pool::DieselPool;
 use crate::retry::RetryPolicy;
 use crate::target::Target;
 use crate::telemetry;
 
 /// Isolation level of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Isolation {
     /// `READ COMMITTED`, PostgreSQL's default.
     ReadCommitted,
@@ -95,7 +83,7 @@ impl TxMode {
 
     /// The transaction characteristics, as `SET TRANSACTION` and `BEGIN` take them; `None`
     /// when everything is left at the session's default.
-    fn characteristics(&self) -> Option<String> {
+    pub(super) fn characteristics(&self) -> Option<String> {
         let mut parts = Vec::new();
         if let Some(level) = self.isolation {
             parts.push(format!("ISOLATION LEVEL {}", level.sql()));
@@ -138,7 +126,7 @@ pub struct Transactions {
 }
 
 /// Where an attempt failed, which decides whether it may run again.
-enum Failure {
+pub(super) enum Failure {
     /// Before the first statement: acquiring the connection, BEGIN, SET TRANSACTION.
     Begin(Error),
     /// In the work.
@@ -182,7 +170,12 @@ impl Transactions {
 
     /// Decides after a failed attempt: sleeps and returns `Ok` to run again, or returns the
     /// error to give up with.
-    async fn after(&self, orm: &'static str, attempt: u32, failure: Failure) -> Result<()> {
+    pub(super) async fn after(
+        &self,
+        orm: &'static str,
+        attempt: u32,
+        failure: Failure,
+    ) -> Result<()> {
         let retryable = match failure.classify() {
             Ok(e) => e,
             Err(e) => {
@@ -216,213 +209,20 @@ impl Transactions {
         Ok(())
     }
 
-    /// Runs `work` in a SeaORM transaction of `mode` on `db`, retried as the
-    /// [type's docs](Self) say. `work` must be idempotent (see there).
-    ///
-    /// SeaORM cannot ask for `DEFERRABLE`, so the mode is set by `SET TRANSACTION` as the
-    /// transaction's first statement.
-    ///
-    /// ```no_run
-    /// # async fn demo(connector: &dal::Connector, db: &sea_orm::DatabaseConnection) -> dal::Result<()> {
-    /// use sea_orm::ConnectionTrait;
-    /// let mode = dal::TxMode::new().isolation(dal::Isolation::Serializable);
-    /// connector
-    ///     .transactions()
-    ///     .seaorm(db, mode, |txn| Box::pin(async move {
-    ///         txn.execute_unprepared("UPDATE accounts SET balance = balance - 1 WHERE id = 1").await?;
-    ///         txn.execute_unprepared("UPDATE accounts SET balance = balance + 1 WHERE id = 2").await?;
-    ///         Ok(())
-    ///     }))
-    ///     .await
-    /// # }
-    /// ```
-    pub async fn seaorm<T, F>(
-        &self,
-        db: &DatabaseConnection,
-        mode: TxMode,
-        mut work: F,
-    ) -> Result<T>
-    where
-        F: for<'c> FnMut(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>> + Send,
-        T: Send,
-    {
-        let mut attempt = 1;
-        loop {
-            let span = tracing::debug_span!("dal.transaction", orm = "seaorm", attempt);
-            let outcome = seaorm_once(db, mode, &mut work).instrument(span).await;
-            match outcome {
-                Ok(value) => return Ok(value),
-                Err(failure) => self.after("seaorm", attempt, failure).await?,
-            }
-            attempt += 1;
-        }
-    }
-
-    /// Runs `work` in a Diesel transaction of `mode` on a connection of `pool`, retried as
-    /// the [type's docs](Self) say. `work` must be idempotent (see there).
-    ///
-    /// ```no_run
-    /// # async fn demo(connector: &dal::Connector, pool: &dal::DieselPool) -> dal::Result<()> {
-    /// use dal::diesel_async::RunQueryDsl;
-    /// let mode = dal::TxMode::new().isolation(dal::Isolation::Serializable);
-    /// let n = connector
-    ///     .transactions()
-    ///     .diesel(pool, mode, |conn| Box::pin(async move {
-    ///         Ok(dal::diesel::sql_query("UPDATE accounts SET balance = balance + 1").execute(conn).await?)
-    ///     }))
-    ///     .await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn diesel<T, F>(&self, pool: &DieselPool, mode: TxMode, mut work: F) -> Result<T>
-    where
-        F: for<'c> FnMut(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>> + Send,
-        T: Send,
-    {
-        let mut attempt = 1;
-        loop {
-            let span = tracing::debug_span!("dal.transaction", orm = "diesel", attempt);
-            let outcome = diesel_once(pool, mode, &mut work).instrument(span).await;
-            match outcome {
-                Ok(value) => return Ok(value),
-                Err(failure) => self.after("diesel", attempt, failure).await?,
-            }
-            attempt += 1;
-        }
-    }
-
-    fn refuse_savepoint(&self) -> Result<()> {
+    pub(super) fn refuse_savepoint(&self) -> Result<()> {
         if self.target == Target::Dsql {
             return Err(Error::SavepointUnsupported);
         }
         Ok(())
     }
-
-    /// Runs `work` in a savepoint of the SeaORM transaction `txn`: when it fails, what it
-    /// did is rolled back and the outer transaction goes on. On an Aurora DSQL target it
-    /// fails with [`Error::SavepointUnsupported`] before anything is sent.
-    pub async fn seaorm_savepoint<T, F>(&self, txn: &DatabaseTransaction, work: F) -> Result<T>
-    where
-        F: for<'c> FnOnce(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>>,
-    {
-        self.refuse_savepoint()?;
-        let nested = txn.begin().await?;
-        match work(&nested).await {
-            Ok(value) => {
-                nested.commit().await?;
-                Ok(value)
-            }
-            Err(e) => {
-                nested.rollback().await?;
-                Err(e)
-            }
-        }
-    }
-
-    /// Runs `work` in a savepoint of the Diesel transaction open on `conn`: when it fails,
-    /// what it did is rolled back and the outer transaction goes on. Fails when no
-    /// transaction is open, and on an Aurora DSQL target with
-    /// [`Error::SavepointUnsupported`], before anything is sent.
-    pub async fn diesel_savepoint<T, F>(&self, conn: &mut AsyncPgConnection, work: F) -> Result<T>
-    where
-        F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>>,
-    {
-        self.refuse_savepoint()?;
-        let depth = AnsiTransactionManager::transaction_manager_status_mut(conn)
-            .transaction_depth()
-            .map_err(Error::Diesel)?;
-        if depth.is_none() {
-            return Err(Error::Diesel(diesel::result::Error::NotInTransaction));
-        }
-        AnsiTransactionManager::begin_transaction(conn).await?;
-        match work(conn).await {
-            Ok(value) => {
-                AnsiTransactionManager::commit_transaction(conn).await?;
-                Ok(value)
-            }
-            Err(e) => {
-                AnsiTransactionManager::rollback_transaction(conn).await?;
-                Err(e)
-            }
-        }
-    }
 }
 
-async fn seaorm_once<T, F>(
-    db: &DatabaseConnection,
-    mode: TxMode,
-    work: &mut F,
-) -> std::result::Result<T, Failure>
-where
-    F: for<'c> FnMut(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>> + Send,
-{
-    let begin = |e: sea_orm::DbErr| Failure::Begin(Error::SeaOrm(e));
-    let txn = db.begin().await.map_err(begin)?;
-    if let Some(characteristics) = mode.characteristics() {
-        txn.execute_unprepared(&format!("SET TRANSACTION {characteristics}"))
-            .await
-            .map_err(begin)?;
-    }
-    tracing::debug!("transaction begun");
-    match work(&txn).await {
-        Ok(value) => {
-            txn.commit()
-                .await
-                .map_err(|e| Failure::Commit(Error::SeaOrm(e)))?;
-            committed("seaorm");
-            Ok(value)
-        }
-        Err(e) => {
-            if let Err(rollback) = txn.rollback().await {
-                tracing::debug!(error = %rollback, "rollback failed; the connection is dropped");
-            }
-            rolled_back("seaorm");
-            Err(Failure::Work(e))
-        }
-    }
-}
-
-async fn diesel_once<T, F>(
-    pool: &DieselPool,
-    mode: TxMode,
-    work: &mut F,
-) -> std::result::Result<T, Failure>
-where
-    F: for<'c> FnMut(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>> + Send,
-{
-    let mut conn = pool.get().await.map_err(Failure::Begin)?;
-    let conn: &mut AsyncPgConnection = &mut conn;
-    let sql = match mode.characteristics() {
-        Some(characteristics) => format!("BEGIN TRANSACTION {characteristics}"),
-        None => "BEGIN TRANSACTION".to_owned(),
-    };
-    AnsiTransactionManager::begin_transaction_sql(conn, &sql)
-        .await
-        .map_err(|e| Failure::Begin(Error::Diesel(e)))?;
-    tracing::debug!("transaction begun");
-    match work(conn).await {
-        Ok(value) => {
-            AnsiTransactionManager::commit_transaction(conn)
-                .await
-                .map_err(|e| Failure::Commit(Error::Diesel(e)))?;
-            committed("diesel");
-            Ok(value)
-        }
-        Err(e) => {
-            if let Err(rollback) = AnsiTransactionManager::rollback_transaction(conn).await {
-                tracing::debug!(error = %rollback, "rollback failed; the connection is dropped");
-            }
-            rolled_back("diesel");
-            Err(Failure::Work(e))
-        }
-    }
-}
-
-fn committed(orm: &'static str) {
+pub(super) fn committed(orm: &'static str) {
     tracing::debug!(orm, "transaction committed");
     metrics::counter!(telemetry::TX_COMMITS, "orm" => orm).increment(1);
 }
 
-fn rolled_back(orm: &'static str) {
+pub(super) fn rolled_back(orm: &'static str) {
     tracing::debug!(orm, "transaction rolled back");
     metrics::counter!(telemetry::TX_ROLLBACKS, "orm" => orm).increment(1);
 }
@@ -510,6 +310,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "diesel")]
     fn connection_lost() -> Error {
         Error::Diesel(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UnableToSendCommand,
@@ -517,6 +318,7 @@ mod tests {
         ))
     }
 
+    #[cfg(feature = "diesel")]
     fn serialization_failure() -> Error {
         Error::Diesel(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::SerializationFailure,
@@ -524,6 +326,7 @@ mod tests {
         ))
     }
 
+    #[cfg(feature = "diesel")]
     #[test]
     fn failures_are_retried_only_where_it_is_safe() {
         assert!(Failure::Begin(connection_lost()).classify().is_ok());
@@ -543,6 +346,7 @@ mod tests {
         assert!(matches!(own, Error::Aborted(_)), "{own:?}");
     }
 
+    #[cfg(feature = "diesel")]
     #[tokio::test(start_paused = true)]
     async fn exhausted_retries_report_the_attempts_and_the_last_error() {
         let tx = Transactions::new(Target::Postgres, RetryPolicy::default());

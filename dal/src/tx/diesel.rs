@@ -1,0 +1,107 @@
+//! Diesel transactions: retried with a [`TxMode`], and savepoints.
+
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
+use futures_util::future::BoxFuture;
+use tracing::Instrument;
+
+use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back};
+use crate::error::{Error, Result};
+use crate::pool::DieselPool;
+
+impl Transactions {
+    /// Runs `work` in a Diesel transaction of `mode` on a connection of `pool`, retried as
+    /// the [type's docs](Self) say. `work` must be idempotent (see there).
+    ///
+    /// ```no_run
+    /// # async fn demo(connector: &dal::Connector, pool: &dal::DieselPool) -> dal::Result<()> {
+    /// use dal::diesel_async::RunQueryDsl;
+    /// let mode = dal::TxMode::new().isolation(dal::Isolation::Serializable);
+    /// let n = connector
+    ///     .transactions()
+    ///     .diesel(pool, mode, |conn| Box::pin(async move {
+    ///         Ok(dal::diesel::sql_query("UPDATE accounts SET balance = balance + 1").execute(conn).await?)
+    ///     }))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn diesel<T, F>(&self, pool: &DieselPool, mode: TxMode, mut work: F) -> Result<T>
+    where
+        F: for<'c> FnMut(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>> + Send,
+        T: Send,
+    {
+        let mut attempt = 1;
+        loop {
+            let span = tracing::debug_span!("dal.transaction", orm = "diesel", attempt);
+            let outcome = diesel_once(pool, mode, &mut work).instrument(span).await;
+            match outcome {
+                Ok(value) => return Ok(value),
+                Err(failure) => self.after("diesel", attempt, failure).await?,
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Runs `work` in a savepoint of the Diesel transaction open on `conn`: when it fails,
+    /// what it did is rolled back and the outer transaction goes on. Fails when no
+    /// transaction is open, and on an Aurora DSQL target with
+    /// [`Error::SavepointUnsupported`], before anything is sent.
+    pub async fn diesel_savepoint<T, F>(&self, conn: &mut AsyncPgConnection, work: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>>,
+    {
+        self.refuse_savepoint()?;
+        let depth = AnsiTransactionManager::transaction_manager_status_mut(conn)
+            .transaction_depth()
+            .map_err(Error::Diesel)?;
+        if depth.is_none() {
+            return Err(Error::Diesel(diesel::result::Error::NotInTransaction));
+        }
+        AnsiTransactionManager::begin_transaction(conn).await?;
+        match work(conn).await {
+            Ok(value) => {
+                AnsiTransactionManager::commit_transaction(conn).await?;
+                Ok(value)
+            }
+            Err(e) => {
+                AnsiTransactionManager::rollback_transaction(conn).await?;
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn diesel_once<T, F>(
+    pool: &DieselPool,
+    mode: TxMode,
+    work: &mut F,
+) -> std::result::Result<T, Failure>
+where
+    F: for<'c> FnMut(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>> + Send,
+{
+    let mut conn = pool.get().await.map_err(Failure::Begin)?;
+    let conn: &mut AsyncPgConnection = &mut conn;
+    let sql = match mode.characteristics() {
+        Some(characteristics) => format!("BEGIN TRANSACTION {characteristics}"),
+        None => "BEGIN TRANSACTION".to_owned(),
+    };
+    AnsiTransactionManager::begin_transaction_sql(conn, &sql)
+        .await
+        .map_err(|e| Failure::Begin(Error::Diesel(e)))?;
+    tracing::debug!("transaction begun");
+    match work(conn).await {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(conn)
+                .await
+                .map_err(|e| Failure::Commit(Error::Diesel(e)))?;
+            committed("diesel");
+            Ok(value)
+        }
+        Err(e) => {
+            if let Err(rollback) = AnsiTransactionManager::rollback_transaction(conn).await {
+                tracing::debug!(error = %rollback, "rollback failed; the connection is dropped");
+            }
+            rolled_back("diesel");
+            Err(Failure::Work(e))
+        }
+    }
+}

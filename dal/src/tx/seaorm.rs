@@ -1,0 +1,107 @@
+//! SeaORM transactions: retried with a [`TxMode`], and savepoints.
+
+use futures_util::future::BoxFuture;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use tracing::Instrument;
+
+use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back};
+use crate::error::{Error, Result};
+
+impl Transactions {
+    /// Runs `work` in a SeaORM transaction of `mode` on `db`, retried as the
+    /// [type's docs](Self) say. `work` must be idempotent (see there).
+    ///
+    /// SeaORM cannot ask for `DEFERRABLE`, so the mode is set by `SET TRANSACTION` as the
+    /// transaction's first statement.
+    ///
+    /// ```no_run
+    /// # async fn demo(connector: &dal::Connector, db: &sea_orm::DatabaseConnection) -> dal::Result<()> {
+    /// use sea_orm::ConnectionTrait;
+    /// let mode = dal::TxMode::new().isolation(dal::Isolation::Serializable);
+    /// connector
+    ///     .transactions()
+    ///     .seaorm(db, mode, |txn| Box::pin(async move {
+    ///         txn.execute_unprepared("UPDATE accounts SET balance = balance - 1 WHERE id = 1").await?;
+    ///         txn.execute_unprepared("UPDATE accounts SET balance = balance + 1 WHERE id = 2").await?;
+    ///         Ok(())
+    ///     }))
+    ///     .await
+    /// # }
+    /// ```
+    pub async fn seaorm<T, F>(
+        &self,
+        db: &DatabaseConnection,
+        mode: TxMode,
+        mut work: F,
+    ) -> Result<T>
+    where
+        F: for<'c> FnMut(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>> + Send,
+        T: Send,
+    {
+        let mut attempt = 1;
+        loop {
+            let span = tracing::debug_span!("dal.transaction", orm = "seaorm", attempt);
+            let outcome = seaorm_once(db, mode, &mut work).instrument(span).await;
+            match outcome {
+                Ok(value) => return Ok(value),
+                Err(failure) => self.after("seaorm", attempt, failure).await?,
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Runs `work` in a savepoint of the SeaORM transaction `txn`: when it fails, what it
+    /// did is rolled back and the outer transaction goes on. On an Aurora DSQL target it
+    /// fails with [`Error::SavepointUnsupported`] before anything is sent.
+    pub async fn seaorm_savepoint<T, F>(&self, txn: &DatabaseTransaction, work: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>>,
+    {
+        self.refuse_savepoint()?;
+        let nested = txn.begin().await?;
+        match work(&nested).await {
+            Ok(value) => {
+                nested.commit().await?;
+                Ok(value)
+            }
+            Err(e) => {
+                nested.rollback().await?;
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn seaorm_once<T, F>(
+    db: &DatabaseConnection,
+    mode: TxMode,
+    work: &mut F,
+) -> std::result::Result<T, Failure>
+where
+    F: for<'c> FnMut(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>> + Send,
+{
+    let begin = |e: sea_orm::DbErr| Failure::Begin(Error::SeaOrm(e));
+    let txn = db.begin().await.map_err(begin)?;
+    if let Some(characteristics) = mode.characteristics() {
+        txn.execute_unprepared(&format!("SET TRANSACTION {characteristics}"))
+            .await
+            .map_err(begin)?;
+    }
+    tracing::debug!("transaction begun");
+    match work(&txn).await {
+        Ok(value) => {
+            txn.commit()
+                .await
+                .map_err(|e| Failure::Commit(Error::SeaOrm(e)))?;
+            committed("seaorm");
+            Ok(value)
+        }
+        Err(e) => {
+            if let Err(rollback) = txn.rollback().await {
+                tracing::debug!(error = %rollback, "rollback failed; the connection is dropped");
+            }
+            rolled_back("seaorm");
+            Err(Failure::Work(e))
+        }
+    }
+}
