@@ -395,6 +395,18 @@ impl PoolSettingsBuilder {
 /// Its parts are checked where they are built: [`PoolSettings`] and [`CacheSettings`] by
 /// their builders, the rest (required values, a target that contradicts the credentials, the
 /// CA file) by [`Connector::new`](crate::Connector::new), which is this builder's `build`.
+///
+/// ```
+/// use std::time::Duration;
+/// let config = dal::Config::new("db.internal.example.com", "app")
+///     .password("secret")
+///     // Connect to this address; verify the certificate as db.internal.example.com.
+///     .hostaddr([10, 0, 0, 7].into())
+///     .connect_timeout(Duration::from_secs(5))
+///     .pool(dal::PoolSettings::builder().max_size(20).lifetime_jitter(0.2).build()?);
+/// assert_eq!(config.connect_timeout, Duration::from_secs(5));
+/// # Ok::<(), dal::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
