@@ -319,9 +319,10 @@ impl Connector {
                 tracing::debug!(host = %self.shared.host, user = %self.shared.user, "connection opened");
                 Ok(pair)
             }
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD) => {
+            Err(e) if is_refused_login(&e) => {
                 metrics::counter!(telemetry::AUTH_FAILURES).increment(1);
-                tracing::debug!(user = %self.shared.user, "login refused (SQLSTATE 28P01)");
+                let sqlstate = e.code().map(|c| c.code());
+                tracing::debug!(user = %self.shared.user, sqlstate, "login refused");
                 Err(Error::AuthFailed {
                     user: self.shared.user.clone(),
                     source: e,
@@ -466,6 +467,16 @@ impl Connector {
         self.shared.cache.shutdown();
         self.shared.pools.close_all().await;
     }
+}
+
+/// Whether the server refused the login itself: SQLSTATE `28P01`, or `28000` from
+/// PostgreSQL's external methods (LDAP, PAM, ...) that token services use.
+fn is_refused_login(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(
+        e.code(),
+        Some(&SqlState::INVALID_PASSWORD | &SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    )
 }
 
 /// Escapes a value for the `options` startup parameter, where spaces separate arguments.

@@ -243,8 +243,9 @@ pub enum Error {
     /// The server refused the password at login (SQLSTATE `28P01`): for a token, it is
     /// wrong or expired. The cache was invalidated and one fresh token tried already.
     #[error(
-        "the server refused the credentials of user {user} (SQLSTATE 28P01): the token or \
-         password is wrong or has expired"
+        "the server refused the credentials of user {user} (SQLSTATE {}): the token or \
+         password is wrong or has expired",
+        source.code().map_or("28P01", |c| c.code())
     )]
     AuthFailed {
         /// The database user.
@@ -341,7 +342,7 @@ impl Error {
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             Error::Database(e) => e.code().map(|c| c.code()),
-            Error::AuthFailed { .. } => Some("28P01"),
+            Error::AuthFailed { source, .. } => source.code().map(|c| c.code()),
             Error::Connect { source } => source.sqlstate(),
             #[cfg(feature = "seaorm")]
             Error::SeaOrm(e) => sqlx_error(e).and_then(pg_database_error).map(|e| e.code()),
@@ -448,13 +449,17 @@ impl Error {
         Error::Aborted(reason.into())
     }
 
-    /// Whether the server refused the credentials (SQLSTATE `28P01`), or the credential
-    /// service refused ours (HTTP 401 or 403).
+    /// Whether the server refused the credentials, or the credential service refused ours
+    /// (HTTP 401 or 403).
+    ///
+    /// A refused login carries SQLSTATE `28P01` (`invalid_password`: password and SCRAM
+    /// logins) or `28000` (`invalid_authorization_specification`: PostgreSQL's external
+    /// methods such as LDAP, and token services built on them); both count.
     pub fn is_auth_failure(&self) -> bool {
         match self {
             Error::Http { status, .. } => matches!(status, 401 | 403),
             Error::Connect { source } => source.is_auth_failure(),
-            _ => self.sqlstate() == Some("28P01"),
+            _ => matches!(self.sqlstate(), Some("28P01" | "28000")),
         }
     }
 

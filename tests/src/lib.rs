@@ -223,32 +223,29 @@ pub async fn rotation_workload(config: Config, ttl: Duration) {
     connector.shutdown().await;
 }
 
-/// Logs in to the `postgres` database of `pg` as `user` with `password`, without TLS.
+/// Logs in to the `postgres` database of `pg` as `user` with `password`, over TLS verified
+/// against the cluster's CA (token roles log in over TLS only). One attempt: the password is
+/// fixed, so the connector's retry after a refusal sends the same one again.
 pub async fn login(
     pg: &LocalPostgres,
     user: &str,
     password: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(pg.port())
-        .user(user)
-        .password(password)
-        .dbname("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await?;
+) -> dal::Result<tokio_postgres::Client> {
+    let config = pg
+        .config("postgres", user, password)
+        .strategy(dal::TokenStrategy::Lazy);
+    let connector = Connector::new(config).await?;
+    let (client, connection) = connector.connect().await?;
     tokio::spawn(connection);
     Ok(client)
 }
 
-/// Fails unless the server refused the login with SQLSTATE `28P01`.
-pub fn assert_auth_failure(result: Result<tokio_postgres::Client, tokio_postgres::Error>) {
+/// Fails unless the server refused the login: SQLSTATE `28P01` (a password role) or `28000`
+/// (a token role, checked by the local verifier).
+pub fn assert_auth_failure(result: dal::Result<tokio_postgres::Client>) {
     let err = result.expect_err("the login should have been refused");
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
-        "{err:?}"
-    );
+    assert!(err.is_auth_failure(), "{err:?}");
+    assert!(matches!(err.sqlstate(), Some("28P01" | "28000")), "{err:?}");
 }
 
 /// A plain-HTTP client for the services the tests start on 127.0.0.1. Its TLS configuration

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use super::LocalPostgres;
 use super::error::{Error, Result};
 use super::server::AdminAccess;
+use super::token_login::Tokens;
 
 /// The longest lifetime accepted for a token, so that expiry times stay within what
 /// PostgreSQL and RFC 3339 can express.
@@ -222,12 +223,12 @@ fn is_endpoint_path(path: &str) -> bool {
 ///   `{"instance_names": [...]}` -> `token`, `expiration_time`), with a bearer token issued by
 ///   the token call or the configured personal access token.
 ///
-/// Every database credential it mints becomes the configured role's password, valid until
-/// the credential expires, and is answered only once PostgreSQL has it: the server itself
-/// refuses expired credentials (SQLSTATE `28P01`) while sessions already open go on, as with
-/// Lakebase. A role has a single password, so minting a credential also ends logins with the
-/// one minted before; real Lakebase credentials overlap. Clients that fetch a credential and
-/// then open connections with it, as the token cache does, see no difference. The optional
+/// Every database credential it mints logs in as the configured role until the credential
+/// expires, however many were minted since, as on Lakebase: PostgreSQL checks it at login
+/// (see [`TOKEN_GROUP`](super::TOKEN_GROUP)) and refuses it once expired (SQLSTATE `28000`),
+/// while sessions already open go on. Credentials are signed with the cluster's key, so
+/// services of several processes on one cluster issue credentials each other's logins take.
+/// [`revoke`](Self::revoke) ends one credential early, which the real service never does. The optional
 /// request fields (`ttl`, `expire_time`, `claims`, `group_name`, `request_id`) are accepted and
 /// ignored: the lifetime is [`token_ttl`](Self::token_ttl), so that tests control it.
 ///
@@ -257,9 +258,8 @@ struct Shared {
     config: LocalLakebaseConfig,
     base: String,
     account_id: String,
-    admin: AdminAccess,
-    /// One rotation at a time, so that the last credential answered is the role's password.
-    rotation: tokio::sync::Mutex<()>,
+    /// Signs the credentials the cluster checks at login.
+    tokens: Arc<Tokens>,
     /// Issued workspace tokens and when they stop being accepted.
     workspace_tokens: Mutex<HashMap<String, Instant>>,
     token_ttl_nanos: AtomicU64,
@@ -284,15 +284,16 @@ impl fmt::Debug for LocalLakebase {
 impl LocalLakebase {
     /// Starts the service on a free port of 127.0.0.1, in front of `pg`.
     ///
-    /// Creates the configured role (a login role without a password) when it does not exist;
-    /// an existing role keeps its password until the first credential is minted. The service
-    /// does not borrow `pg`, but needs its server running to mint credentials.
+    /// Creates the configured role (a login role without a password, in
+    /// [`TOKEN_GROUP`](super::TOKEN_GROUP)) when it does not exist, and adds an existing one to
+    /// the group. The service does not borrow `pg`.
     ///
     /// Must be called within a Tokio runtime; the service runs on it.
     pub async fn start(pg: &LocalPostgres, config: LocalLakebaseConfig) -> Result<Self> {
         config.validate()?;
         let admin = pg.admin_access();
         ensure_role(&admin, &config.role).await?;
+        let tokens = pg.tokens();
 
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
@@ -308,8 +309,7 @@ impl LocalLakebase {
         let shared = Arc::new(Shared {
             base: format!("http://{addr}"),
             account_id: uuid::Uuid::new_v4().to_string(),
-            admin,
-            rotation: tokio::sync::Mutex::new(()),
+            tokens,
             workspace_tokens: Mutex::new(HashMap::new()),
             token_ttl_nanos: AtomicU64::new(nanos(config.token_ttl)),
             latency_nanos: AtomicU64::new(0),
@@ -455,6 +455,12 @@ impl LocalLakebase {
         self.shared.down.store(down, Ordering::SeqCst);
     }
 
+    /// Ends logins with `token`, a credential this service minted, before its expiry (the
+    /// real service never does; for tests of refused tokens). Sessions already open go on.
+    pub fn revoke(&self, token: &str) {
+        self.shared.tokens.revoke(token);
+    }
+
     /// How many workspace OAuth tokens were issued.
     pub fn oauth_requests(&self) -> usize {
         self.shared.oauth_requests.load(Ordering::SeqCst)
@@ -490,22 +496,37 @@ impl Drop for LocalLakebase {
 
 /// Creates `role` as a login role without a password, unless it exists.
 async fn ensure_role(admin: &AdminAccess, role: &str) -> Result<()> {
-    let client = admin.connect("postgres").await?;
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
-        .await?
-        .is_some();
-    if exists {
-        return Ok(());
+    let mut client = admin.connect("postgres").await?;
+    // One process at a time: several may start a service on the development cluster at once.
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&super::TOKEN_GROUP],
+    )
+    .await?;
+    for (name, attributes) in [(super::TOKEN_GROUP, "NOLOGIN"), (role, "LOGIN")] {
+        let exists = tx
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+            .await?
+            .is_some();
+        if !exists {
+            let sql = format!("CREATE ROLE {} {attributes}", quote_ident(name));
+            tx.batch_execute(&sql).await?;
+        }
     }
-    let sql: String = client
-        .query_one("SELECT format('CREATE ROLE %I LOGIN', $1::text)", &[&role])
-        .await?
-        .get(0);
-    match client.batch_execute(&sql).await {
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
-        other => other.map_err(Error::from),
-    }
+    let grant = format!(
+        "GRANT {} TO {}",
+        quote_ident(super::TOKEN_GROUP),
+        quote_ident(role)
+    );
+    tx.batch_execute(&grant).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Latency, outages and injected failures, in front of every route; and the request log.
@@ -739,30 +760,16 @@ impl Shared {
             .is_some_and(|expiry| *expiry > Instant::now())
     }
 
-    /// Mints a database credential and makes it the role's password; returns it once
-    /// PostgreSQL accepts it, with its expiry.
+    /// Mints a database credential; returns it with its expiry.
     async fn mint(&self) -> Result<(String, DateTime<Utc>), Response> {
-        let _one_at_a_time = self.rotation.lock().await;
-        let token = random_secret();
         let ttl = Duration::from_nanos(self.token_ttl_nanos.load(Ordering::Relaxed));
-        // Whole milliseconds, so that the expiry in the answer is exactly the server's.
+        // Whole milliseconds, so that the expiry in the answer is exactly the one checked.
         let until = TimeDelta::from_std(ttl.min(MAX_TTL))
             .ok()
             .and_then(|ttl| Utc::now().checked_add_signed(ttl))
             .unwrap_or(DateTime::<Utc>::MAX_UTC)
             .trunc_subsecs(3);
-        if let Err(e) = self
-            .admin
-            .rotate_password(&self.config.role, &token, Some(until))
-            .await
-        {
-            tracing::warn!(error = %crate::error::ErrorChain(&e), "the local Lakebase cannot set the role's password");
-            return Err(api_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "INTERNAL_ERROR",
-                "The database credential could not be generated",
-            ));
-        }
+        let token = self.tokens.mint(&self.config.role, until.into());
         self.credential_requests.fetch_add(1, Ordering::SeqCst);
         Ok((token, until))
     }

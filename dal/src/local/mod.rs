@@ -27,8 +27,10 @@ mod error;
 mod lakebase;
 mod server;
 mod stack;
+mod token_login;
 
 pub use error::{Error, Result};
 pub use lakebase::{LocalLakebase, LocalLakebaseConfig};
 pub use server::LocalPostgres;
 pub use stack::{DEV_DATABASE, DEV_ROLE, DevStack};
+pub use token_login::TOKEN_GROUP;

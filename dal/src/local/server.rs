@@ -16,6 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::binaries::{ServerUser, find_bindir};
 use super::certs;
 use super::error::{Error, Result};
+use super::token_login::{TokenLogins, Tokens};
 
 /// The superuser every local cluster is created with.
 const SUPERUSER: &str = "postgres";
@@ -58,6 +59,7 @@ pub struct LocalPostgres {
     password: SecretString,
     root: PathBuf,
     user: ServerUser,
+    logins: TokenLogins,
     watchdog: Option<Watchdog>,
 }
 
@@ -117,6 +119,8 @@ impl LocalPostgres {
             let (bindir, root) = (bindir.to_owned(), root.clone());
             blocking(move || create_cluster(&bindir, &root, user)).await?
         };
+        let logins = TokenLogins::open(&root, false)?;
+        logins.write_hba(&root.join("data"))?;
         let port = free_port()?;
         let mut args: Vec<OsString> = vec!["-c".into(), WATCHDOG.into(), "dal-postgres".into()];
         args.push(bindir.join("postgres").into());
@@ -148,6 +152,7 @@ impl LocalPostgres {
             password,
             root,
             user,
+            logins,
             watchdog: Some(Watchdog {
                 shell: Mutex::new(shell),
                 stdin,
@@ -186,11 +191,15 @@ impl LocalPostgres {
             move || open_or_create_dev(&bindir, &root, user)
         })
         .await?;
+        // Every process on this cluster verifies token logins, on one shared port.
+        let logins = TokenLogins::open(&root, true)?;
+        let hba_changed = logins.write_hba(&root.join("data"))?;
         let mut pg = Self {
             port,
             password,
             root,
             user,
+            logins,
             watchdog: None,
         };
         let pid_file = pg.root.join("data").join("postmaster.pid");
@@ -200,6 +209,14 @@ impl LocalPostgres {
             pg.wait_ready(|| !is_alive(pid), log_tail)
                 .await
                 .map_err(Started::into_error)?;
+            if hba_changed {
+                // A cluster created before token logins: the new rule applies from now on.
+                pg.admin_access()
+                    .connect("postgres")
+                    .await?
+                    .batch_execute("SELECT pg_reload_conf()")
+                    .await?;
+            }
             return Ok(pg);
         }
         let mut attempt = 0;
@@ -313,6 +330,18 @@ impl LocalPostgres {
     /// The TCP port the server listens on (on 127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The signing key of the tokens this cluster checks at login, for the local services.
+    pub(crate) fn tokens(&self) -> std::sync::Arc<Tokens> {
+        self.logins.tokens()
+    }
+
+    /// How many token logins this process's verifier accepted and refused (logins of members
+    /// of [`TOKEN_GROUP`](super::TOKEN_GROUP); other processes on the same development cluster
+    /// count their own).
+    pub fn token_logins(&self) -> (u64, u64) {
+        self.logins.counts()
     }
 
     /// The superuser's name.

@@ -259,7 +259,7 @@ async fn both_credential_apis_answer_with_their_own_field_names() {
 }
 
 #[tokio::test]
-async fn a_minted_token_logs_in_and_ends_the_previous_one() {
+async fn every_minted_token_logs_in_until_its_own_expiry() {
     let pg = tests::server().await;
     let lb = start(&pg, LocalLakebaseConfig::default()).await;
     // The role did not exist: the service created it, named after the client id as Lakebase
@@ -279,12 +279,34 @@ async fn a_minted_token_logs_in_and_ends_the_previous_one() {
         .get(0);
     assert_eq!(user, role);
 
+    // A second token does not end the first: both log in, as on Lakebase.
     let (second, _) = database_token(&lb, &bearer).await;
-    tests::assert_auth_failure(tests::login(&pg, &role, &first).await);
+    tests::login(&pg, &role, &first)
+        .await
+        .expect("the first token still logs in");
     tests::login(&pg, &role, &second)
         .await
         .expect("log in with the new token");
-    tests::assert_auth_failure(tests::login(&pg, &role, "a-guess").await);
+
+    // Refused with SQLSTATE 28000: a guess, a token of another role, a revoked token.
+    let refused = |r: dal::Result<_>| r.expect_err("refused").sqlstate().map(str::to_owned);
+    assert_eq!(
+        refused(tests::login(&pg, &role, "a-guess").await).as_deref(),
+        Some("28000")
+    );
+    pg.create_role("other", "other-password", None)
+        .await
+        .unwrap();
+    tests::assert_auth_failure(tests::login(&pg, "other", &first).await);
+    lb.revoke(&first);
+    tests::assert_auth_failure(tests::login(&pg, &role, &first).await);
+    tests::login(&pg, &role, &second)
+        .await
+        .expect("revoking one token leaves the others");
+    // The connector tries a refused login once more with a fresh token (here the same one):
+    // two refusals each for the guess and the revoked token; the other role's login is a
+    // password login, which the verifier never sees.
+    assert_eq!(pg.token_logins(), (4, 4));
 }
 
 #[tokio::test]
@@ -531,22 +553,23 @@ async fn a_service_that_is_down_answers_503_until_it_is_back() {
 }
 
 #[tokio::test]
-async fn an_existing_role_keeps_its_password_until_the_first_credential() {
+async fn an_existing_role_served_by_the_service_logs_in_with_tokens_only() {
     let pg = tests::server().await;
     pg.create_role("app", "static-password", None)
         .await
         .unwrap();
-    let lb = start(&pg, LocalLakebaseConfig::default().with_role("app")).await;
     tests::login(&pg, "app", "static-password")
         .await
-        .expect("the existing password still works");
+        .expect("a password role logs in with its password");
+    let lb = start(&pg, LocalLakebaseConfig::default().with_role("app")).await;
 
     let bearer = workspace_token(&lb).await;
     let (token, _) = database_token(&lb, &bearer).await;
-    tests::assert_auth_failure(tests::login(&pg, "app", "static-password").await);
     tests::login(&pg, "app", &token)
         .await
         .expect("log in with the token");
+    // Like a Lakebase OAuth role: its logins are token logins now.
+    tests::assert_auth_failure(tests::login(&pg, "app", "static-password").await);
 }
 
 #[tokio::test]

@@ -1,0 +1,413 @@
+//! Login-time token checks, as Lakebase and Aurora DSQL do them: every token the local services
+//! issue logs in until its own expiry, however many were issued since.
+//!
+//! PostgreSQL's `ldap` authentication (simple-bind mode) asks the client for its password in
+//! clear text, inside TLS, and hands it to an LDAP simple bind as `cn=<role>,dc=dal`. This
+//! module answers those binds: it accepts a token signed with the cluster's key (HMAC-SHA256)
+//! for that role and not yet expired. The refusal reaches the client as SQLSTATE `28000`.
+//!
+//! Roles in the group [`TOKEN_GROUP`] log in this way (over TLS only); every other role,
+//! the superuser included, keeps `scram-sha-256`. The key and the verifier's port live in
+//! the cluster's directory (`token-logins.json`, readable by its owner only), so every process
+//! that opens the same cluster verifies the same tokens: the development cluster's verifiers
+//! share the port (`SO_REUSEPORT`), and logins go on while any of those processes runs.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use futures_util::{SinkExt, StreamExt};
+use hmac::{Hmac, KeyInit, Mac};
+use ldap3_proto::{DisconnectionNotice, LdapCodec, LdapResultCode, ServerOps, SimpleBindRequest};
+use tokio_util::codec::Framed;
+
+use super::error::{Error, Result};
+
+/// The group role whose members log in with tokens checked at login.
+pub const TOKEN_GROUP: &str = "dal_token_login";
+
+const STATE_FILE: &str = "token-logins.json";
+const DN_PREFIX: &str = "cn=";
+const DN_SUFFIX: &str = ",dc=dal";
+const HBA_MARK: &str = "# dal: token logins, checked by the local LDAP verifier";
+const TOKEN_PREFIX: &str = "dal1";
+
+type HmacSha256 = Hmac<sha2::Sha256>;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct State {
+    ldap_port: u16,
+    key: String,
+}
+
+/// The signing key and the revocations of one cluster: mints and checks tokens.
+pub(crate) struct Tokens {
+    key: [u8; 32],
+    revoked: Mutex<HashSet<String>>,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Tokens {
+    /// A token for `role` that logs in until `expires_at`.
+    pub(crate) fn mint(&self, role: &str, expires_at: SystemTime) -> String {
+        let exp = millis(expires_at);
+        let nonce = B64.encode(uuid::Uuid::new_v4().as_bytes());
+        let sig = B64.encode(self.mac(role, exp, &nonce).finalize().into_bytes());
+        format!("{TOKEN_PREFIX}.{exp}.{nonce}.{sig}")
+    }
+
+    /// Ends logins with `token` before its expiry (a test knob: real services have none).
+    pub(crate) fn revoke(&self, token: &str) {
+        if let Some(nonce) = token.split('.').nth(2) {
+            self.lock().insert(nonce.to_owned());
+        }
+    }
+
+    /// Why `token` may not log in as `role` at `now`, if it may not.
+    fn refusal(&self, role: &str, token: &str, now: SystemTime) -> Option<&'static str> {
+        let parts: Vec<&str> = token.split('.').collect();
+        let [TOKEN_PREFIX, exp, nonce, sig] = parts[..] else {
+            return Some("not a token of this service");
+        };
+        let (Ok(exp), Ok(sig)) = (exp.parse::<u128>(), B64.decode(sig)) else {
+            return Some("malformed token");
+        };
+        if self.mac(role, exp, nonce).verify_slice(&sig).is_err() {
+            return Some("bad signature, or a token for another role");
+        }
+        if millis(now) >= exp {
+            return Some("expired");
+        }
+        if self.lock().contains(nonce) {
+            return Some("revoked");
+        }
+        None
+    }
+
+    fn mac(&self, role: &str, exp: u128, nonce: &str) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(format!("{role}\0{exp}\0{nonce}").as_bytes());
+        mac
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.revoked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Answers one simple bind.
+    fn bind(&self, request: &SimpleBindRequest) -> ldap3_proto::LdapMsg {
+        let role = request
+            .dn
+            .strip_prefix(DN_PREFIX)
+            .and_then(|rest| rest.strip_suffix(DN_SUFFIX));
+        let refusal = match role {
+            Some(role) => self.refusal(role, &request.pw, SystemTime::now()),
+            None => Some("unexpected bind DN"),
+        };
+        match refusal {
+            None => {
+                self.accepted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(dn = %request.dn, "token login accepted");
+                request.gen_success()
+            }
+            Some(reason) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(dn = %request.dn, reason, "token login refused");
+                request.gen_invalid_cred()
+            }
+        }
+    }
+}
+
+/// The verifier of one cluster in this process: its [`Tokens`] and the LDAP listener that
+/// answers PostgreSQL, on a thread of its own (so that it answers whatever the program's
+/// runtimes do). Stops when dropped.
+pub(crate) struct TokenLogins {
+    tokens: Arc<Tokens>,
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for TokenLogins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenLogins")
+            .field("ldap_port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenLogins {
+    /// Opens the verifier of the cluster in `root`, creating its key and choosing its port
+    /// on first use. `shared`: other processes may verify for the same cluster at once (the
+    /// development cluster); an ephemeral cluster's port is this process's alone.
+    pub(crate) fn open(root: &Path, shared: bool) -> Result<Self> {
+        let path = root.join(STATE_FILE);
+        let state = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<State>(&bytes).ok());
+        let (key, port) = match &state {
+            Some(s) => (
+                decode_key(&s.key).ok_or_else(|| corrupt(&path))?,
+                s.ldap_port,
+            ),
+            None => {
+                let mut key = [0u8; 32];
+                key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+                key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+                (key, 0)
+            }
+        };
+        let tokens = Arc::new(Tokens {
+            key,
+            revoked: Mutex::new(HashSet::new()),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        });
+        let (port, stop) = listen(port, shared, Arc::clone(&tokens))?;
+        if state.is_none() {
+            let state = State {
+                ldap_port: port,
+                key: B64.encode(key),
+            };
+            let bytes = serde_json::to_vec(&state).map_err(|e| Error::LocalServer {
+                what: "cannot encode the token verifier's state".into(),
+                source: Some(Box::new(e)),
+            })?;
+            write_private(&path, &bytes)?;
+        }
+        Ok(Self {
+            tokens,
+            port,
+            stop: Some(stop),
+        })
+    }
+
+    /// The key and revocations, for the services that mint tokens.
+    pub(crate) fn tokens(&self) -> Arc<Tokens> {
+        Arc::clone(&self.tokens)
+    }
+
+    /// Logins this process's verifier accepted and refused.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (
+            self.tokens.accepted.load(Ordering::Relaxed),
+            self.tokens.refused.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Puts the token-login rule first in `data/pg_hba.conf`; returns whether the file
+    /// changed (the server must then reload it).
+    pub(crate) fn write_hba(&self, data: &Path) -> Result<bool> {
+        let path = data.join("pg_hba.conf");
+        let old = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
+        let rule = format!(
+            "hostssl all +{TOKEN_GROUP} 127.0.0.1/32 ldap ldapserver=127.0.0.1 ldapport={} \
+             ldapprefix=\"{DN_PREFIX}\" ldapsuffix=\"{DN_SUFFIX}\"",
+            self.port
+        );
+        let mut lines: Vec<&str> = vec![HBA_MARK, &rule];
+        lines.extend(
+            old.lines()
+                .filter(|l| *l != HBA_MARK && !l.contains(&format!("+{TOKEN_GROUP} "))),
+        );
+        let new = lines.join("\n") + "\n";
+        if new == old {
+            return Ok(false);
+        }
+        // Written in place: the file keeps its owner (the server user) and mode.
+        std::fs::write(&path, new).map_err(Error::io(&path))?;
+        Ok(true)
+    }
+}
+
+impl Drop for TokenLogins {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts the LDAP listener on 127.0.0.1:`port` (0: any free port) on a thread of its own.
+fn listen(
+    port: u16,
+    shared: bool,
+    tokens: Arc<Tokens>,
+) -> Result<(u16, tokio::sync::oneshot::Sender<()>)> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (bound, bound_rx) = std::sync::mpsc::channel::<std::io::Result<u16>>();
+    std::thread::Builder::new()
+        .name("dal-token-logins".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = bound.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match bind(port, shared) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = bound.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = bound.send(listener.local_addr().map(|a| a.port()));
+                tokio::select! {
+                    () = serve(listener, tokens) => {}
+                    _ = stopped => {}
+                }
+            });
+        })
+        .map_err(|e| Error::LocalServer {
+            what: "cannot start the token verifier's thread".into(),
+            source: Some(Box::new(e)),
+        })?;
+    let port = bound_rx
+        .recv()
+        .map_err(|e| Error::LocalServer {
+            what: "the token verifier's thread ended before it listened".into(),
+            source: Some(Box::new(e)),
+        })?
+        .map_err(|e| Error::LocalServer {
+            what: format!(
+                "cannot listen on 127.0.0.1:{port} for token logins; if another program holds \
+                 that port, stop it (or remove the cluster's directory to start afresh)"
+            ),
+            source: Some(Box::new(e)),
+        })?;
+    Ok((port, stop))
+}
+
+fn bind(port: u16, shared: bool) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseport(shared)?;
+    socket.bind((std::net::Ipv4Addr::LOCALHOST, port).into())?;
+    socket.listen(1024)
+}
+
+async fn serve(listener: tokio::net::TcpListener, tokens: Arc<Tokens>) {
+    loop {
+        match listener.accept().await {
+            Ok((socket, _)) => {
+                tokio::spawn(session(socket, Arc::clone(&tokens)));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the token verifier could not accept a connection");
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// One LDAP session of PostgreSQL: a simple bind, then an unbind.
+async fn session(socket: tokio::net::TcpStream, tokens: Arc<Tokens>) {
+    let mut framed = Framed::new(socket, LdapCodec::default());
+    while let Some(Ok(message)) = framed.next().await {
+        let reply = match ServerOps::try_from(message) {
+            Ok(ServerOps::SimpleBind(request)) => tokens.bind(&request),
+            Ok(ServerOps::Unbind(_)) => return,
+            _ => DisconnectionNotice::gen_response(
+                LdapResultCode::UnwillingToPerform,
+                "only simple binds are served",
+            ),
+        };
+        if framed.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes a file only this process's user can read.
+fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io(path))?;
+    file.write_all(contents).map_err(Error::io(path))
+}
+
+fn millis(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
+}
+
+fn decode_key(text: &str) -> Option<[u8; 32]> {
+    B64.decode(text).ok()?.try_into().ok()
+}
+
+fn corrupt(path: &Path) -> Error {
+    Error::local(format!(
+        "{} is damaged; remove the cluster's directory to start afresh",
+        path.display()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn tokens() -> Tokens {
+        Tokens {
+            key: [7; 32],
+            revoked: Mutex::new(HashSet::new()),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn a_token_logs_in_as_its_role_until_its_expiry_and_no_longer() {
+        let t = tokens();
+        let now = SystemTime::now();
+        let token = t.mint("app", now + Duration::from_secs(60));
+        assert_eq!(t.refusal("app", &token, now), None);
+        let later = t.mint("app", now + Duration::from_secs(120));
+        assert_eq!(
+            t.refusal("app", &token, now),
+            None,
+            "an earlier token stays valid"
+        );
+        assert_eq!(t.refusal("app", &later, now), None);
+        assert_eq!(
+            t.refusal("app", &token, now + Duration::from_secs(60)),
+            Some("expired")
+        );
+        assert!(t.refusal("other", &token, now).is_some());
+        t.revoke(&token);
+        assert_eq!(t.refusal("app", &token, now), Some("revoked"));
+        assert_eq!(t.refusal("app", &later, now), None);
+    }
+
+    #[test]
+    fn forged_and_foreign_tokens_are_refused() {
+        let t = tokens();
+        let now = SystemTime::now();
+        let token = t.mint("app", now + Duration::from_secs(60));
+        let mut other = tokens();
+        other.key = [8; 32];
+        assert!(other.refusal("app", &token, now).is_some());
+        // A later expiry written into a token breaks its signature.
+        let parts: Vec<&str> = token.split('.').collect();
+        let stretched = format!("{}.{}9.{}.{}", parts[0], parts[1], parts[2], parts[3]);
+        assert!(t.refusal("app", &stretched, now).is_some());
+        for junk in ["", "password", "dal1.x.y.z", "dal1.1.2"] {
+            assert!(t.refusal("app", junk, now).is_some(), "{junk}");
+        }
+    }
+}
