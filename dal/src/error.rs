@@ -44,6 +44,10 @@ pub enum Setting {
     PoolLifetimeJitter,
     /// The pool's `acquire_timeout`.
     PoolAcquireTimeout,
+    /// The pool's `max_lifetime`, `DAL_POOL_MAX_LIFETIME_SECS`.
+    PoolMaxLifetime,
+    /// The pool's `idle_timeout`, `DAL_POOL_IDLE_TIMEOUT_SECS`.
+    PoolIdleTimeout,
     /// Time allowed to open one connection, `PGCONNECT_TIMEOUT`.
     ConnectTimeout,
     /// The kind of server: `Config::target`.
@@ -107,6 +111,8 @@ impl Setting {
             Setting::PoolMinIdle => "DAL_POOL_MIN_IDLE",
             Setting::PoolLifetimeJitter => "pool lifetime_jitter",
             Setting::PoolAcquireTimeout => "pool acquire_timeout",
+            Setting::PoolMaxLifetime => "DAL_POOL_MAX_LIFETIME_SECS",
+            Setting::PoolIdleTimeout => "DAL_POOL_IDLE_TIMEOUT_SECS",
             Setting::ConnectTimeout => "PGCONNECT_TIMEOUT",
             Setting::Target => "target",
             Setting::Credentials => "credentials",

@@ -166,16 +166,32 @@ impl Env<'_> {
                 .parse()
                 .map_err(|reason: String| Error::config(Setting::TokenStrategy, reason))?;
         }
+        let mut pool = config.pool.to_builder();
         if let Some(n) = self.parse::<u32>(Setting::PoolMaxSize, "a whole number")? {
-            config.pool.max_size = n;
+            pool = pool.max_size(n);
         }
         if let Some(n) = self.parse::<u32>(Setting::PoolMinIdle, "a whole number")? {
-            config.pool.min_idle = n;
+            pool = pool.min_idle(n);
         }
-        if config.pool.max_size == 0 {
-            return Err(Error::config(Setting::PoolMaxSize, "must be at least 1"));
+        if let Some(lifetime) = self.seconds(Setting::PoolMaxLifetime)? {
+            pool = pool.max_lifetime(lifetime);
         }
+        if let Some(timeout) = self.seconds(Setting::PoolIdleTimeout)? {
+            pool = pool.idle_timeout(timeout);
+        }
+        config.pool = pool.build()?;
         Ok(config)
+    }
+
+    /// A duration in seconds, fractions allowed; `0` means none (`Some(None)`).
+    fn seconds(&self, setting: Setting) -> Result<Option<Option<Duration>>> {
+        let expected = "a number of seconds, such as 300 or 1.5 (0: never)";
+        let Some(secs) = self.parse::<f64>(setting, expected)? else {
+            return Ok(None);
+        };
+        let duration = Duration::try_from_secs_f64(secs)
+            .map_err(|_| Error::config(setting, format!("{secs} is not {expected}")))?;
+        Ok(Some((!duration.is_zero()).then_some(duration)))
     }
 
     #[cfg(feature = "lakebase")]
@@ -449,9 +465,13 @@ mod tests {
             ("PGPORT", "5433"),
             ("PGAPPNAME", "svc/1"),
             ("DAL_TOKEN_STRATEGY", "lazy"),
+            ("DAL_POOL_MAX_LIFETIME_SECS", "1.5"),
+            ("DAL_POOL_IDLE_TIMEOUT_SECS", "0"),
         ])
         .unwrap();
         assert_eq!((c.port, c.application_name.as_str()), (5433, "svc/1"));
+        assert_eq!(c.pool.max_lifetime(), Some(Duration::from_millis(1500)));
+        assert_eq!(c.pool.idle_timeout(), None);
         assert_eq!(c.strategy, crate::TokenStrategy::Lazy);
         assert_eq!(c.resolved_target().unwrap(), Target::Postgres);
     }
@@ -481,6 +501,17 @@ mod tests {
             "DAL_TOKEN_STRATEGY"
         );
         assert_eq!(with(("DAL_POOL_MAX_SIZE", "0")), "DAL_POOL_MAX_SIZE");
+        assert_eq!(with(("DAL_POOL_MIN_IDLE", "11")), "DAL_POOL_MIN_IDLE");
+        for bad in ["-1", "soon", "NaN", "inf"] {
+            assert_eq!(
+                with(("DAL_POOL_MAX_LIFETIME_SECS", bad)),
+                "DAL_POOL_MAX_LIFETIME_SECS"
+            );
+            assert_eq!(
+                with(("DAL_POOL_IDLE_TIMEOUT_SECS", bad)),
+                "DAL_POOL_IDLE_TIMEOUT_SECS"
+            );
+        }
         assert_eq!(setting(&[("PGHOST", "h"), ("PGUSER", "u")]), "PGPASSWORD");
         assert_eq!(
             setting(&[("DATABASE_URL", "mysql://u:p@h/db")]),

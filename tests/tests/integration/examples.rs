@@ -48,8 +48,14 @@ struct Program {
 impl Program {
     /// Starts `name` with only `vars` in its environment, in an empty directory (no `.env`).
     fn start(name: &'static str, vars: &[(&str, String)]) -> Self {
+        Self::start_with_args(name, vars, &[])
+    }
+
+    /// Like [`start`](Self::start), with command-line arguments.
+    fn start_with_args(name: &'static str, vars: &[(&str, String)], args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut child = tokio::process::Command::new(program(name))
+            .args(args)
             .env_clear()
             .envs(vars.iter().map(|(k, v)| (k, v)))
             .current_dir(dir.path())
@@ -504,4 +510,74 @@ async fn bad_credentials_end_with_one_line() {
     assert_eq!(status.code(), Some(1), "{}", p.output());
     let error = p.the_error_line();
     assert!(error.contains("503"), "{error}");
+}
+
+/// Stops the development cluster in a directory when dropped, even when the test fails.
+struct DevCluster(tempfile::TempDir);
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        let _ = LocalPostgres::stop_dev_in(self.0.path());
+    }
+}
+
+/// Programs on the embedded default at once, each with its own credential service: none
+/// refuses another's tokens, because every token logs in until its own expiry.
+#[tokio::test(flavor = "multi_thread")]
+async fn programs_sharing_the_embedded_default_never_refuse_each_others_tokens() {
+    let dev = DevCluster(tempfile::tempdir().unwrap());
+    let env = vec![
+        ("DAL_DEV_DIR", dev.0.path().display().to_string()),
+        ("DAL_LOCAL_TOKEN_TTL_SECS", "5".into()),
+        ("DAL_POOL_MAX_LIFETIME_SECS", "2".into()),
+        ("PORT", "0".into()),
+        ("RUST_LOG", "info".into()),
+    ];
+    let mut app = Program::start("web_app", &env);
+    let (_, line) = app.line("listening on ", Duration::from_secs(120)).await;
+    let base = line["listening on ".len()..].trim().to_owned();
+    let http = tests::http();
+
+    let (mut requests, mut failed, mut others) = (0, Vec::new(), 0);
+    let started = Instant::now();
+    let mut round = 0;
+    // Three token lives, connections renewed every 2 s, a second program every round.
+    while started.elapsed() < Duration::from_secs(15) {
+        round += 1;
+        let mut other = if round % 2 == 0 {
+            Program::start("one_shot", &env)
+        } else {
+            Program::start_with_args("migration", &env, &["status"])
+        };
+        let burst = fastrand::usize(1..=10);
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..burst {
+            let request = http.post(format!("{base}/customers")).json(&json!({
+                "email": format!("r{round}-{i}-{}@example.com", fastrand::u32(..)),
+                "name": "Concurrent",
+            }));
+            calls.spawn(async move { request.send().await.map(|r| r.status()) });
+        }
+        while let Some(outcome) = calls.join_next().await {
+            requests += 1;
+            match outcome.expect("the request task") {
+                Ok(StatusCode::CREATED) => {}
+                other => failed.push(format!("{other:?}")),
+            }
+        }
+        let status = other.wait(Duration::from_secs(120)).await;
+        assert!(status.success(), "{}", other.output());
+        assert!(!other.stderr().contains("refused"), "{}", other.output());
+        others += 1;
+    }
+    println!(
+        "requests {requests}, failed {}, other programs {others}",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}\n{}", app.output());
+    assert!(
+        !app.stderr().contains("refused the token"),
+        "{}",
+        app.output()
+    );
 }
