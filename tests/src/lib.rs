@@ -141,15 +141,12 @@ pub async fn diesel_round_trip(pool: &dal::DieselPool, tag: &str) {
     assert_eq!((customer.email, total), (email, 100));
 }
 
-/// Runs both ORMs against `config`'s database for three token lives and a second. Diesel
-/// connections live 1.5 s, so that new physical connections open all through the run, each
-/// pulling the current token. Fails on any failed query; checks that a connection opened
-/// with the first token still works at the end, that new connections were opened, and that
-/// the SeaORM pool opens a new connection with a token pushed into it after a refresh.
-///
-/// The SeaORM pool keeps its connections during the run: the sources of these tests revoke
-/// the previous token when they mint one, which sqlx, unable to retry a refused login, would
-/// meet when it opened a connection at that very moment (see `Connector::sqlx_pool_with`).
+/// Runs both ORMs against `config`'s database for three token lives and a second. Every
+/// pool's connections live 1.5 s, so that new physical connections open all through the
+/// run: Diesel's each pulling the current token, SeaORM's logging in with the one pushed
+/// into its pool. Fails on any failed query; checks that a connection opened with the first
+/// token still works at the end, that new connections were opened, and that the SeaORM pool
+/// opens a new connection after a refresh.
 pub async fn rotation_workload(config: Config, ttl: Duration) {
     let config = config
         .cache(
@@ -170,8 +167,9 @@ pub async fn rotation_workload(config: Config, ttl: Duration) {
     let sqlx_settings = PoolSettings::builder()
         .max_size(2)
         .min_idle(1)
-        .max_lifetime(None)
-        .idle_timeout(None)
+        .max_lifetime(Some(Duration::from_millis(1500)))
+        .lifetime_jitter(0.0)
+        .idle_timeout(Some(Duration::from_secs(1)))
         .build()
         .unwrap();
     let sqlx = connector
@@ -180,7 +178,11 @@ pub async fn rotation_workload(config: Config, ttl: Duration) {
         .expect("sqlx pool");
     let db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(sqlx.clone());
     let diesel = connector.diesel_pool().await.expect("Diesel pool");
-    let sqlx_first = sqlx.acquire().await.expect("first sqlx connection");
+    let backend = "SELECT pg_backend_pid()";
+    let first_pid: i32 = sea_orm::sqlx::query_scalar(backend)
+        .fetch_one(&sqlx)
+        .await
+        .expect("first sqlx connection");
 
     // A connection opened with the first token keeps working after that token expired.
     let mut old = diesel
@@ -210,11 +212,15 @@ pub async fn rotation_workload(config: Config, ttl: Duration) {
         .acquire()
         .await
         .expect("a new sqlx connection after rotation");
-    sea_orm::sqlx::query("SELECT 1")
-        .execute(&mut *second)
+    let pid: i32 = sea_orm::sqlx::query_scalar(backend)
+        .fetch_one(&mut *second)
         .await
         .expect("query on the new sqlx connection");
-    drop((second, sqlx_first));
+    assert_ne!(
+        pid, first_pid,
+        "the SeaORM pool's connections should have been renewed"
+    );
+    drop(second);
     assert!(
         connector.connections_opened() >= 3,
         "new physical connections should have opened, got {}",

@@ -24,7 +24,6 @@ use tokio::task::JoinHandle;
 
 use super::LocalPostgres;
 use super::error::{Error, Result};
-use super::server::AdminAccess;
 use super::token_login::Tokens;
 
 /// The longest lifetime accepted for a token, so that expiry times stay within what
@@ -291,8 +290,7 @@ impl LocalLakebase {
     /// Must be called within a Tokio runtime; the service runs on it.
     pub async fn start(pg: &LocalPostgres, config: LocalLakebaseConfig) -> Result<Self> {
         config.validate()?;
-        let admin = pg.admin_access();
-        ensure_role(&admin, &config.role).await?;
+        pg.create_token_role(&config.role).await?;
         let tokens = pg.tokens();
 
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
@@ -495,40 +493,6 @@ impl Drop for LocalLakebase {
 }
 
 /// Creates `role` as a login role without a password, unless it exists.
-async fn ensure_role(admin: &AdminAccess, role: &str) -> Result<()> {
-    let mut client = admin.connect("postgres").await?;
-    // One process at a time: several may start a service on the development cluster at once.
-    let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&super::TOKEN_GROUP],
-    )
-    .await?;
-    for (name, attributes) in [(super::TOKEN_GROUP, "NOLOGIN"), (role, "LOGIN")] {
-        let exists = tx
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
-            .await?
-            .is_some();
-        if !exists {
-            let sql = format!("CREATE ROLE {} {attributes}", quote_ident(name));
-            tx.batch_execute(&sql).await?;
-        }
-    }
-    let grant = format!(
-        "GRANT {} TO {}",
-        quote_ident(super::TOKEN_GROUP),
-        quote_ident(role)
-    );
-    tx.batch_execute(&grant).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-/// `name` as a quoted SQL identifier.
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// Latency, outages and injected failures, in front of every route; and the request log.
 async fn misbehave(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let method = request.method().clone();

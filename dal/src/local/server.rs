@@ -16,7 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::binaries::{ServerUser, find_bindir};
 use super::certs;
 use super::error::{Error, Result};
-use super::token_login::{TokenLogins, Tokens};
+use super::token_login::{TOKEN_GROUP, TokenLogins, Tokens};
 
 /// The superuser every local cluster is created with.
 const SUPERUSER: &str = "postgres";
@@ -446,6 +446,52 @@ impl LocalPostgres {
             }
             other => other.map_err(Error::from),
         }
+    }
+
+    /// Makes `role` a token role: a member of [`TOKEN_GROUP`](super::TOKEN_GROUP) (created
+    /// when missing), which logs in over TLS with the tokens of [`mint_token`](Self::mint_token)
+    /// (and of the local credential services) instead of a password. Creates the role when it
+    /// does not exist. Safe to call from several processes at once.
+    pub async fn create_token_role(&self, role: &str) -> Result<()> {
+        let mut client = self.admin("postgres").await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&TOKEN_GROUP],
+        )
+        .await?;
+        for (name, attributes) in [(TOKEN_GROUP, "NOLOGIN"), (role, "LOGIN")] {
+            let exists = tx
+                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+                .await?
+                .is_some();
+            if !exists {
+                let sql: String = tx
+                    .query_one(
+                        "SELECT format('CREATE ROLE %I ' || $2::text, $1::text)",
+                        &[&name, &attributes],
+                    )
+                    .await?
+                    .get(0);
+                tx.batch_execute(&sql).await?;
+            }
+        }
+        let grant: String = tx
+            .query_one(
+                "SELECT format('GRANT %I TO %I', $1::text, $2::text)",
+                &[&TOKEN_GROUP, &role],
+            )
+            .await?
+            .get(0);
+        tx.batch_execute(&grant).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A token that logs the token role `role` in until `expires_at`, as a credential
+    /// service's would; tokens minted earlier stay valid until their own expiry.
+    pub fn mint_token(&self, role: &str, expires_at: std::time::SystemTime) -> String {
+        self.logins.tokens().mint(role, expires_at)
     }
 
     /// Creates the login role `role`, or updates it when it exists, with `password` valid

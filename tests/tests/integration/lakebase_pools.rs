@@ -1,5 +1,5 @@
 //! Pools logging in with Lakebase database credentials from the local Lakebase-compatible
-//! service, which rotates the role's password so that the real server enforces expiry.
+//! service, whose tokens the server checks at login until their own expiry.
 
 use std::time::Duration;
 
@@ -193,4 +193,56 @@ async fn an_outage_shorter_than_the_token_life_fails_no_query() {
     client.simple_query("SELECT 1").await.unwrap();
     tests::diesel_round_trip(&diesel, "after-outage").await;
     connector.shutdown().await;
+}
+
+/// Two programs (two connectors, two caches) on one role, each minting its own tokens, with
+/// every pool's connections renewed all the time: neither's tokens end the other's logins.
+#[tokio::test]
+async fn two_connectors_on_one_role_never_refuse_each_others_tokens() {
+    let pg = tests::server().await;
+    let ttl = Duration::from_secs(2);
+    let lb = lakebase(&pg, "two", ttl).await;
+    let churn = dal::PoolSettings::builder()
+        .max_size(2)
+        .max_lifetime(Some(Duration::from_millis(400)))
+        .lifetime_jitter(0.0)
+        .idle_timeout(Some(Duration::from_millis(300)))
+        .build()
+        .unwrap();
+    let connector = || async {
+        let config = lb.client_config(&pg, "two").unwrap().pool(churn.clone());
+        Connector::new(config).await.unwrap()
+    };
+    let (a, b) = (connector().await, connector().await);
+    let (a_db, b_db) = (a.seaorm().await.unwrap(), b.seaorm().await.unwrap());
+    let (a_diesel, b_diesel) = (
+        a.diesel_pool().await.unwrap(),
+        b.diesel_pool().await.unwrap(),
+    );
+    let started = std::time::Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < ttl * 3 {
+        tokio::join!(
+            tests::seaorm_round_trip(&a_db, "two-a"),
+            tests::seaorm_round_trip(&b_db, "two-b"),
+            tests::diesel_round_trip(&a_diesel, "two-a"),
+            tests::diesel_round_trip(&b_diesel, "two-b"),
+        );
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each cache fetched its own tokens, and each refused none.
+    for c in [&a, &b] {
+        assert!(c.cache().fetches() >= 3, "fetches {}", c.cache().fetches());
+        assert_eq!(c.cache().failures(), 0);
+    }
+    let (accepted, refused) = pg.token_logins();
+    println!("rounds {rounds}, token logins accepted {accepted}, refused {refused}");
+    assert_eq!(refused, 0);
+    assert!(
+        accepted >= 8,
+        "connections should have been renewed: {accepted}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -12,7 +12,6 @@ use dal::local::LocalPostgres;
 use dal::{Connector, Credentials, PoolSettings, SslMode, TokenStrategy};
 use entity::customer;
 use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, Statement};
-use uuid::Uuid;
 
 #[tokio::test]
 async fn both_orms_query_the_sample_schema_through_one_config() {
@@ -42,8 +41,8 @@ async fn both_orms_query_the_sample_schema_through_one_config() {
     connector.shutdown().await;
 }
 
-/// A source that mints a token the way Lakebase and DSQL do: each fetch sets a new password
-/// that the server stops accepting after `ttl`.
+/// A source that mints tokens the way Lakebase and DSQL do: each fetch a new one, which the
+/// server accepts at login until `ttl` has passed, whatever was minted since.
 fn rotating_source(
     pg: Arc<LocalPostgres>,
     role: &'static str,
@@ -54,10 +53,8 @@ fn rotating_source(
         let pg = Arc::clone(&pg);
         let minted = Arc::clone(&minted);
         async move {
-            let token = format!("tok-{}", Uuid::new_v4());
             let expires = SystemTime::now() + ttl;
-            pg.rotate_password(role, &token, Some(expires.into()))
-                .await?;
+            let token = pg.mint_token(role, expires);
             minted.fetch_add(1, Ordering::Relaxed);
             Ok::<_, dal::local::Error>(Token::new(token, Some(expires)))
         }
@@ -67,6 +64,7 @@ fn rotating_source(
 async fn rotation_with_a_custom_source(strategy: TokenStrategy) {
     let pg = Arc::new(tests::server().await);
     tests::app_database(&pg, "rot").await;
+    pg.create_token_role("rot").await.unwrap();
     let ttl = Duration::from_secs(3);
     let minted = Arc::new(AtomicU64::new(0));
     let config = pg
