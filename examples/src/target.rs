@@ -37,7 +37,7 @@ impl Database {
             }
         } else {
             let ttl = token_ttl()?;
-            let stack = DevStack::start(ttl)
+            let stack = DevStack::from_env(ttl)
                 .await
                 .context("starting the embedded default")?;
             Self {
@@ -79,7 +79,7 @@ impl Database {
     /// running for the next program.
     pub async fn close(self) {
         if let Some(stack) = self.stack {
-            stack.lakebase.shutdown().await;
+            stack.shutdown().await;
         }
     }
 }

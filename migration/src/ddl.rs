@@ -45,17 +45,25 @@ impl<'a, 'm> Ddl<'a, 'm> {
     }
 
     /// Creates an index; on DSQL it is built in the background with `CREATE INDEX ASYNC`.
+    ///
+    /// A server that rejects `ASYNC` as a syntax error (SQLSTATE `42601`) is PostgreSQL, such
+    /// as the local DSQL flavour of the embedded default: there the index is built at once.
     pub(crate) async fn create_index(&self, stmt: IndexCreateStatement) -> Result<(), DbErr> {
         match self.flavor {
             Flavor::Postgres => self.manager.create_index(stmt).await,
             Flavor::Dsql => {
+                let db = self.manager.get_connection();
                 let sql = stmt.to_string(PostgresQueryBuilder);
-                let sql = sql.replacen("CREATE INDEX", "CREATE INDEX ASYNC", 1);
-                self.manager
-                    .get_connection()
-                    .execute_unprepared(&sql)
-                    .await
-                    .map(|_| ())
+                let asynchronous = sql.replacen("CREATE INDEX", "CREATE INDEX ASYNC", 1);
+                match db.execute_unprepared(&asynchronous).await {
+                    Err(e) if sqlstate(&e).as_deref() == Some("42601") => {
+                        tracing::info!(
+                            "the server has no CREATE INDEX ASYNC; building the index now"
+                        );
+                        db.execute_unprepared(&sql).await.map(|_| ())
+                    }
+                    other => other.map(|_| ()),
+                }
             }
         }
     }
@@ -69,6 +77,17 @@ impl<'a, 'm> Ddl<'a, 'm> {
             Flavor::Postgres => self.manager.create_foreign_key(stmt).await,
             Flavor::Dsql => Ok(()),
         }
+    }
+}
+
+/// The SQLSTATE of a database error.
+fn sqlstate(e: &DbErr) -> Option<String> {
+    match e {
+        DbErr::Exec(sea_orm_migration::sea_orm::RuntimeErr::SqlxError(e))
+        | DbErr::Query(sea_orm_migration::sea_orm::RuntimeErr::SqlxError(e)) => {
+            e.as_database_error()?.code().map(|c| c.into_owned())
+        }
+        _ => None,
     }
 }
 

@@ -46,7 +46,7 @@ async fn load(configured: bool) -> Result<(Config, Option<dal::local::DevStack>)
     if configured {
         return Ok((Config::from_env()?, None));
     }
-    let stack = dal::local::DevStack::start(Duration::from_secs(30)).await?;
+    let stack = dal::local::DevStack::from_env(Duration::from_secs(30)).await?;
     eprintln!("No database configured: using {}", stack.describe());
     Ok((stack.config()?, Some(stack)))
 }

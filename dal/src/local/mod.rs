@@ -32,5 +32,9 @@ mod token_login;
 pub use error::{Error, Result};
 pub use lakebase::{LocalLakebase, LocalLakebaseConfig};
 pub use server::LocalPostgres;
-pub use stack::{DEV_DATABASE, DEV_ROLE, DevStack};
+pub use stack::{
+    DEV_DATABASE, DEV_DSQL_DATABASE, DEV_DSQL_ROLE, DEV_ROLE, DevStack, FLAVOR_VAR, Flavor,
+};
 pub use token_login::TOKEN_GROUP;
+#[cfg(feature = "dsql")]
+pub use token_login::{LOCAL_DSQL_HOST, LOCAL_DSQL_REGION};

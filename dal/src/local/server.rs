@@ -488,6 +488,21 @@ impl LocalPostgres {
         Ok(())
     }
 
+    /// An Aurora DSQL token source for `user` (a [token role](Self::create_token_role)) whose
+    /// tokens this cluster accepts at login: signed for [`LOCAL_DSQL_HOST`](super::LOCAL_DSQL_HOST)
+    /// in [`LOCAL_DSQL_REGION`](super::LOCAL_DSQL_REGION) with the cluster's local AWS keys,
+    /// `DbConnectAdmin` for `admin` and `DbConnect` for any other role, as on DSQL.
+    #[cfg(feature = "dsql")]
+    pub fn dsql_source(&self, user: &str) -> Result<crate::credentials::Dsql> {
+        let (id, secret) = self.logins.tokens().dsql_keys();
+        let source = crate::credentials::Dsql::new(
+            super::LOCAL_DSQL_HOST,
+            user,
+            Some(super::LOCAL_DSQL_REGION),
+        )?;
+        Ok(source.with_static_credentials(id, secret, None))
+    }
+
     /// A token that logs the token role `role` in until `expires_at`, as a credential
     /// service's would; tokens minted earlier stay valid until their own expiry.
     pub fn mint_token(&self, role: &str, expires_at: std::time::SystemTime) -> String {

@@ -6,6 +6,13 @@
 //! module answers those binds: it accepts a token signed with the cluster's key (HMAC-SHA256)
 //! for that role and not yet expired. The refusal reaches the client as SQLSTATE `28000`.
 //!
+//! With the `dsql` feature it also checks Aurora DSQL IAM tokens: SigV4-presigned
+//! `DbConnect`/`DbConnectAdmin` URLs for [`LOCAL_DSQL_HOST`], signed with the cluster's local
+//! AWS keys ([`LocalPostgres::dsql_source`](super::LocalPostgres::dsql_source)). A token is
+//! accepted when signing the same request again (same keys, region, date and lifetime, and the
+//! action the role is allowed: `DbConnectAdmin` for `admin` only) gives the same token, and
+//! `X-Amz-Date` + `X-Amz-Expires` is still ahead.
+//!
 //! Roles in the group [`TOKEN_GROUP`] log in this way (over TLS only); every other role,
 //! the superuser included, keeps `scram-sha-256`. The key and the verifier's port live in
 //! the cluster's directory (`token-logins.json`, readable by its owner only), so every process
@@ -35,6 +42,13 @@ const DN_PREFIX: &str = "cn=";
 const DN_SUFFIX: &str = ",dc=dal";
 const HBA_MARK: &str = "# dal: token logins, checked by the local LDAP verifier";
 const TOKEN_PREFIX: &str = "dal1";
+
+/// The endpoint name the local Aurora DSQL tokens are signed for (and clients connect to).
+#[cfg(feature = "dsql")]
+pub const LOCAL_DSQL_HOST: &str = "localhost";
+/// The AWS region of the local Aurora DSQL endpoint.
+#[cfg(feature = "dsql")]
+pub const LOCAL_DSQL_REGION: &str = "us-east-1";
 
 type HmacSha256 = Hmac<sha2::Sha256>;
 
@@ -99,14 +113,106 @@ impl Tokens {
         self.revoked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The local AWS access key id and secret key that sign this cluster's DSQL tokens:
+    /// derived from the cluster's key, so that every process on the cluster has the same.
+    #[cfg(feature = "dsql")]
+    pub(crate) fn dsql_keys(&self) -> (String, String) {
+        let derive = |label: &str| {
+            let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+            mac.update(label.as_bytes());
+            mac.finalize().into_bytes()
+        };
+        let id: String = derive("dsql access key id")[..8]
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect();
+        let secret = B64.encode(derive("dsql secret access key"));
+        (format!("AKIA{id}"), secret[..40].to_owned())
+    }
+
+    /// Why the DSQL token `token` may not log in as `role` at `now`, if it may not.
+    #[cfg(feature = "dsql")]
+    async fn dsql_refusal(&self, role: &str, token: &str, now: SystemTime) -> Option<&'static str> {
+        use crate::credentials::{Clock, CredentialSource, Dsql};
+        struct At(SystemTime);
+        impl Clock for At {
+            fn now(&self) -> SystemTime {
+                self.0
+            }
+        }
+        let Some((host, query)) = token.split_once("/?") else {
+            return Some("malformed token");
+        };
+        if host != LOCAL_DSQL_HOST {
+            return Some("signed for another endpoint");
+        }
+        let param = |name: &str| {
+            query.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=')?;
+                (k == name).then(|| percent_encoding::percent_decode_str(v).decode_utf8_lossy())
+            })
+        };
+        let (Some(date), Some(expires), Some(credential)) = (
+            param("X-Amz-Date"),
+            param("X-Amz-Expires").and_then(|v| v.parse::<u64>().ok()),
+            param("X-Amz-Credential"),
+        ) else {
+            return Some("malformed token");
+        };
+        let Ok(signed_at) = chrono::NaiveDateTime::parse_from_str(&date, "%Y%m%dT%H%M%SZ") else {
+            return Some("malformed X-Amz-Date");
+        };
+        let signed_at: SystemTime = signed_at.and_utc().into();
+        let Some(expires_at) = signed_at.checked_add(std::time::Duration::from_secs(expires))
+        else {
+            return Some("malformed X-Amz-Expires");
+        };
+        if now >= expires_at {
+            return Some("expired");
+        }
+        let scope: Vec<&str> = credential.split('/').collect();
+        let (id, secret) = self.dsql_keys();
+        let [key_id, _, region, "dsql", "aws4_request"] = scope[..] else {
+            return Some("malformed X-Amz-Credential");
+        };
+        if key_id != id {
+            return Some("signed with unknown keys");
+        }
+        // Signing the same request again with the role's own action must give the same token.
+        let again = Dsql::new(host, role, Some(region)).and_then(|source| {
+            source
+                .with_static_credentials(id, secret, None)
+                .with_clock(Arc::new(At(signed_at)))
+                .with_expires_in(std::time::Duration::from_secs(expires))
+        });
+        let Ok(again) = again else {
+            return Some("malformed token");
+        };
+        match again.fetch().await {
+            Ok(expected) if expected.expose().as_bytes() == token.as_bytes() => None,
+            Ok(_) => Some("bad signature, or an action the role may not use"),
+            Err(_) => Some("cannot sign the token again"),
+        }
+    }
+
+    /// Why `token` may not log in as `role` now, whichever kind of token it is.
+    async fn check(&self, role: &str, token: &str) -> Option<&'static str> {
+        let now = SystemTime::now();
+        #[cfg(feature = "dsql")]
+        if token.contains("/?Action=") {
+            return self.dsql_refusal(role, token, now).await;
+        }
+        self.refusal(role, token, now)
+    }
+
     /// Answers one simple bind.
-    fn bind(&self, request: &SimpleBindRequest) -> ldap3_proto::LdapMsg {
+    async fn bind(&self, request: &SimpleBindRequest) -> ldap3_proto::LdapMsg {
         let role = request
             .dn
             .strip_prefix(DN_PREFIX)
             .and_then(|rest| rest.strip_suffix(DN_SUFFIX));
         let refusal = match role {
-            Some(role) => self.refusal(role, &request.pw, SystemTime::now()),
+            Some(role) => self.check(role, &request.pw).await,
             None => Some("unexpected bind DN"),
         };
         match refusal {
@@ -315,7 +421,7 @@ async fn session(socket: tokio::net::TcpStream, tokens: Arc<Tokens>) {
     let mut framed = Framed::new(socket, LdapCodec::default());
     while let Some(Ok(message)) = framed.next().await {
         let reply = match ServerOps::try_from(message) {
-            Ok(ServerOps::SimpleBind(request)) => tokens.bind(&request),
+            Ok(ServerOps::SimpleBind(request)) => tokens.bind(&request).await,
             Ok(ServerOps::Unbind(_)) => return,
             _ => DisconnectionNotice::gen_response(
                 LdapResultCode::UnwillingToPerform,

@@ -1,15 +1,15 @@
-//! Aurora DSQL IAM tokens: with a fixed clock and fixed keys the token is known in advance,
-//! so the local server's role can be given it as its password; both ORMs then log in with it.
+//! Aurora DSQL IAM tokens checked at login, as DSQL checks them: the local cluster accepts a
+//! SigV4-presigned `DbConnect`/`DbConnectAdmin` URL signed with its local keys until
+//! `X-Amz-Date` + `X-Amz-Expires`, and only `admin` may use `DbConnectAdmin`.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use dal::credentials::{Clock, CredentialSource, Dsql};
 use dal::diesel_async::RunQueryDsl;
+use dal::local::{LOCAL_DSQL_HOST, LOCAL_DSQL_REGION, LocalPostgres};
 use dal::{Config, Connector, Credentials, Target};
 use migration::MigratorTrait;
-
-const HOST: &str = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws";
 
 struct Fixed(SystemTime);
 
@@ -19,15 +19,27 @@ impl Clock for Fixed {
     }
 }
 
-fn source(user: &str, clock: &Arc<Fixed>) -> Dsql {
-    Dsql::new(HOST, user, None)
+/// A cluster with the DSQL roles: `admin` owning database `dsql`, `app` with its own schema.
+async fn dsql_cluster() -> LocalPostgres {
+    let pg = tests::server().await;
+    pg.create_token_role("admin").await.unwrap();
+    pg.create_token_role("app").await.unwrap();
+    pg.create_database("dsql", Some("admin")).await.unwrap();
+    pg.admin("dsql")
+        .await
         .unwrap()
-        .with_clock(Arc::clone(clock) as Arc<dyn Clock>)
-        .with_static_credentials(
-            "AKIDEXAMPLE",
-            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
-            None,
-        )
+        .batch_execute("CREATE SCHEMA app AUTHORIZATION app; GRANT USAGE ON SCHEMA public TO app")
+        .await
+        .unwrap();
+    pg
+}
+
+fn config(pg: &LocalPostgres, user: &str, source: Dsql) -> Config {
+    Config::new(LOCAL_DSQL_HOST, user)
+        .port(pg.port())
+        .database("dsql")
+        .ssl_root_cert(pg.ca_cert_path())
+        .credentials(Credentials::source(source))
 }
 
 #[derive(diesel::QueryableByName)]
@@ -38,58 +50,37 @@ struct Setting {
 
 #[tokio::test]
 async fn admin_and_custom_roles_log_in_with_iam_tokens() {
-    let pg = tests::server().await;
-    let clock = Arc::new(Fixed(SystemTime::now()));
+    let pg = dsql_cluster().await;
 
-    // admin: DbConnectAdmin, schema public.
-    let admin_token = source("admin", &clock).fetch().await.unwrap();
+    // admin: DbConnectAdmin, schema public, DSQL's migrations.
+    let admin = pg.dsql_source("admin").unwrap();
+    let token = admin.fetch().await.unwrap();
     assert!(
-        admin_token
+        token
             .expose()
-            .starts_with(&format!("{HOST}/?Action=DbConnectAdmin&")),
+            .starts_with(&format!("{LOCAL_DSQL_HOST}/?Action=DbConnectAdmin&")),
         "unexpected token shape"
     );
-    pg.create_role("admin", admin_token.expose(), None)
-        .await
-        .unwrap();
-    pg.create_database("dsql", Some("admin")).await.unwrap();
-    let config = Config::new("localhost", "admin")
-        .port(pg.port())
-        .database("dsql")
-        .ssl_root_cert(pg.ca_cert_path())
-        .credentials(Credentials::source(source("admin", &clock)));
-    let connector = Connector::new(config)
+    let connector = Connector::new(config(&pg, "admin", admin))
         .await
         .expect("admin logs in with its token");
     assert_eq!(connector.target(), Target::Dsql);
     let db = connector.seaorm().await.unwrap();
-    migration::Migrator::up(&db, None).await.unwrap();
+    migration::DsqlMigrator::up(&db, None).await.unwrap();
     let diesel = connector.diesel_pool().await.unwrap();
     tests::seaorm_round_trip(&db, "dsql-admin").await;
     tests::diesel_round_trip(&diesel, "dsql-admin").await;
     connector.shutdown().await;
 
     // A custom role: DbConnect, and its own schema on every pooled connection.
-    let app_token = source("app", &clock).fetch().await.unwrap();
+    let app = pg.dsql_source("app").unwrap();
+    let token = app.fetch().await.unwrap();
     assert!(
-        app_token
+        token
             .expose()
-            .starts_with(&format!("{HOST}/?Action=DbConnect&"))
+            .starts_with(&format!("{LOCAL_DSQL_HOST}/?Action=DbConnect&"))
     );
-    pg.create_role("app", app_token.expose(), None)
-        .await
-        .unwrap();
-    let admin = pg.admin("dsql").await.unwrap();
-    admin
-        .batch_execute("CREATE SCHEMA app AUTHORIZATION app; GRANT USAGE ON SCHEMA public TO app")
-        .await
-        .unwrap();
-    let config = Config::new("localhost", "app")
-        .port(pg.port())
-        .database("dsql")
-        .ssl_root_cert(pg.ca_cert_path())
-        .credentials(Credentials::source(source("app", &clock)));
-    let connector = Connector::new(config)
+    let connector = Connector::new(config(&pg, "app", app))
         .await
         .expect("app logs in with its token");
     let diesel = connector.diesel_pool().await.unwrap();
@@ -111,4 +102,54 @@ async fn admin_and_custom_roles_log_in_with_iam_tokens() {
         .unwrap();
     assert_eq!(row.try_get::<String>("", "sp").unwrap(), "app");
     connector.shutdown().await;
+    let (accepted, refused) = pg.token_logins();
+    assert!(accepted >= 4, "{accepted}");
+    assert_eq!(refused, 0);
+}
+
+#[tokio::test]
+async fn tokens_dsql_would_refuse_are_refused_at_login_with_28000() {
+    let pg = dsql_cluster().await;
+    let token = |source: Dsql| async move { source.fetch().await.unwrap().expose().to_owned() };
+    let refused = |result: dal::Result<tokio_postgres::Client>| {
+        let err = result.expect_err("the login should have been refused");
+        assert!(err.is_auth_failure(), "{err:?}");
+        assert_eq!(err.sqlstate(), Some("28000"), "{err:?}");
+    };
+
+    let admin = token(pg.dsql_source("admin").unwrap()).await;
+    tests::login(&pg, "admin", &admin)
+        .await
+        .expect("a fresh admin token logs in");
+    let app = token(pg.dsql_source("app").unwrap()).await;
+    tests::login(&pg, "app", &app)
+        .await
+        .expect("a fresh DbConnect token logs in");
+
+    // Signed with other keys.
+    let foreign = Dsql::new(LOCAL_DSQL_HOST, "admin", Some(LOCAL_DSQL_REGION))
+        .unwrap()
+        .with_static_credentials(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            None,
+        );
+    refused(tests::login(&pg, "admin", &token(foreign).await).await);
+    // The right keys, a forged signature.
+    let mut forged = admin.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    refused(tests::login(&pg, "admin", &forged).await);
+    // A lifetime stretched after signing.
+    let stretched = admin.replacen("X-Amz-Expires=900", "X-Amz-Expires=9000", 1);
+    assert_ne!(stretched, admin);
+    refused(tests::login(&pg, "admin", &stretched).await);
+    // Expired: signed 20 minutes ago for 15.
+    let old = pg.dsql_source("admin").unwrap().with_clock(Arc::new(Fixed(
+        SystemTime::now() - Duration::from_secs(1200),
+    )));
+    refused(tests::login(&pg, "admin", &token(old).await).await);
+    // Only admin may use DbConnectAdmin, and admin connects with DbConnectAdmin only.
+    refused(tests::login(&pg, "app", &admin).await);
+    refused(tests::login(&pg, "admin", &app).await);
 }

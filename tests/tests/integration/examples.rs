@@ -581,3 +581,39 @@ async fn programs_sharing_the_embedded_default_never_refuse_each_others_tokens()
         app.output()
     );
 }
+
+/// `DAL_LOCAL=dsql`: the embedded default behaves like Aurora DSQL, and the tour and the
+/// migration command run on it with IAM tokens that really log in.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tour_and_the_migrations_run_on_the_local_dsql_flavour() {
+    let dev = DevCluster(tempfile::tempdir().unwrap());
+    let env = vec![
+        ("DAL_DEV_DIR", dev.0.path().display().to_string()),
+        ("DAL_LOCAL", "dsql".into()),
+        ("RUST_LOG", "info".into()),
+    ];
+    let mut tour = Program::start("tour", &env);
+    let lines = tour.rest(Duration::from_secs(300)).await;
+    let status = tour.wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "{}", tour.output());
+    let text = lines.join("\n");
+    assert!(
+        text.contains("user admin, Aurora DSQL-style IAM tokens"),
+        "{text}"
+    );
+    assert!(
+        text.contains("savepoint skipped (Aurora DSQL has no SAVEPOINT)"),
+        "{text}"
+    );
+    assert!(text.contains("(dsql source, Eager strategy)"), "{text}");
+
+    let mut status_cmd = Program::start_with_args("migration", &env, &["status"]);
+    let lines = status_cmd.rest(Duration::from_secs(120)).await;
+    assert!(
+        status_cmd.wait(Duration::from_secs(60)).await.success(),
+        "{}",
+        status_cmd.output()
+    );
+    let applied = lines.iter().filter(|l| l.ends_with("Applied")).count();
+    assert_eq!(applied, 3, "{}", status_cmd.output());
+}
