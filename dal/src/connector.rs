@@ -342,10 +342,9 @@ impl Connector {
 
     /// Like [`sqlx_pool`](Self::sqlx_pool), with its own sizes and lifetimes.
     ///
-    /// sqlx cannot retry a refused login. With a source that revokes the previous token when
-    /// it mints a new one (the local Lakebase service does, as PostgreSQL holds one password
-    /// per role), a connection opened in the moment between the two can be refused; Lakebase
-    /// and DSQL keep earlier tokens valid until they expire.
+    /// sqlx cannot retry a refused login: with a source whose tokens stop working before
+    /// the expiry they claim (a revoked token, a skewed clock), its new connections fail
+    /// until the next refresh. Lakebase and DSQL keep every token valid until it expires.
     ///
     /// # Errors
     ///

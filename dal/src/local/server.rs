@@ -581,8 +581,7 @@ impl LocalPostgres {
     }
 }
 
-/// Superuser access to a running server, cheap to clone and free of the handle's lifetime,
-/// for services (such as the local Lakebase) that rotate passwords long after they started.
+/// Superuser access to a running server, cheap to clone and free of the handle's lifetime.
 #[derive(Clone)]
 pub(crate) struct AdminAccess {
     port: u16,
