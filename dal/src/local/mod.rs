@@ -31,7 +31,7 @@ mod token_login;
 
 pub use error::{Error, Result};
 pub use lakebase::{LocalLakebase, LocalLakebaseConfig};
-pub use server::LocalPostgres;
+pub use server::{ConnectionAgeLimit, LocalPostgres};
 pub use stack::{
     DEV_DATABASE, DEV_DSQL_DATABASE, DEV_DSQL_ROLE, DEV_ROLE, DevStack, FLAVOR_VAR, Flavor,
 };

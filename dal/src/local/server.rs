@@ -503,6 +503,60 @@ impl LocalPostgres {
         Ok(source.with_static_credentials(id, secret, None))
     }
 
+    /// Limits `role` to `limit` connections at once (`None`: no limit), as the cloud services
+    /// limit connections: a login beyond it fails with SQLSTATE `53300`
+    /// (`too_many_connections`), the code DSQL answers when its limits are reached.
+    pub async fn set_connection_limit(&self, role: &str, limit: Option<u32>) -> Result<()> {
+        let admin = self.admin("postgres").await?;
+        let limit = limit.map_or(-1, i64::from);
+        let sql: String = admin
+            .query_one(
+                "SELECT format('ALTER ROLE %I CONNECTION LIMIT %s', $1::text, $2::bigint)",
+                &[&role, &limit],
+            )
+            .await?
+            .get(0);
+        admin.batch_execute(&sql).await?;
+        Ok(())
+    }
+
+    /// Closes every connection of a [token role](Self::create_token_role) once it is `age`
+    /// old, as Aurora DSQL closes connections after 60 minutes, until the returned guard is
+    /// dropped. Connections are checked every quarter of `age` (at least every 50 ms), so one
+    /// may live up to a quarter longer. Must be called within a Tokio runtime.
+    pub fn limit_connection_age(&self, age: Duration) -> ConnectionAgeLimit {
+        let admin = self.admin_access();
+        let every = (age / 4).max(Duration::from_millis(50));
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Ok(client) = admin.connect("postgres").await else {
+                    continue;
+                };
+                let closed = client
+                    .query(
+                        "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a \
+                         WHERE a.backend_type = 'client backend' \
+                           AND a.backend_start < now() - make_interval(secs => $1) \
+                           AND pg_has_role(a.usesysid, $2::text, 'MEMBER')",
+                        &[&age.as_secs_f64(), &TOKEN_GROUP],
+                    )
+                    .await;
+                if let Ok(rows) = closed
+                    && !rows.is_empty()
+                {
+                    tracing::debug!(
+                        closed = rows.len(),
+                        "connections past their age limit closed"
+                    );
+                }
+            }
+        });
+        ConnectionAgeLimit(task)
+    }
+
     /// A token that logs the token role `role` in until `expires_at`, as a credential
     /// service's would; tokens minted earlier stay valid until their own expiry.
     pub fn mint_token(&self, role: &str, expires_at: std::time::SystemTime) -> String {
@@ -578,6 +632,16 @@ impl LocalPostgres {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Stops closing old connections when dropped; see [`LocalPostgres::limit_connection_age`].
+#[derive(Debug)]
+pub struct ConnectionAgeLimit(tokio::task::JoinHandle<()>);
+
+impl Drop for ConnectionAgeLimit {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

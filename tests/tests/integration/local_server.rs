@@ -114,3 +114,44 @@ async fn the_dev_cluster_persists_restarts_and_recovers() {
     );
     assert!(LocalPostgres::stop_dev_in(&root).unwrap());
 }
+
+/// The platforms' limits as knobs: a connection limit answered with SQLSTATE 53300, and a
+/// maximum connection age after which the server closes the connection (DSQL's 60 minutes).
+#[tokio::test]
+async fn connection_limits_and_ages_behave_as_the_platforms_document() {
+    let pg = tests::server().await;
+    pg.create_token_role("lim").await.unwrap();
+    let token = pg.mint_token(
+        "lim",
+        std::time::SystemTime::now() + Duration::from_secs(600),
+    );
+    pg.set_connection_limit("lim", Some(1)).await.unwrap();
+    let held = tests::login(&pg, "lim", &token)
+        .await
+        .expect("the first connection");
+    let err = tests::login(&pg, "lim", &token)
+        .await
+        .expect_err("over the limit");
+    assert_eq!(err.sqlstate(), Some("53300"), "{err:?}");
+    assert!(!err.is_auth_failure(), "{err:?}");
+    drop(held);
+    pg.set_connection_limit("lim", None).await.unwrap();
+
+    let _limit = pg.limit_connection_age(Duration::from_millis(500));
+    let connector = dal::Connector::new(pg.config("postgres", "lim", &token))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (client, connection) = connector.connect().await.unwrap();
+    // The server ends the connection: its task finishes (bounded only against a hang).
+    tokio::time::timeout(Duration::from_secs(120), connection)
+        .await
+        .expect("the server closes the connection")
+        .ok();
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(client.is_closed());
+}
