@@ -116,7 +116,9 @@ pub(crate) fn build<C: Send + 'static>(
         // Failures are reported to the waiting callers instead of being retried until they
         // time out; has_broken still drops dead connections.
         .retry_connection(false)
-        .test_on_check_out(false)
+        // Every reused connection is checked alive and outside any transaction (one round
+        // trip, as bb8's default test does): see pool::reset.
+        .test_on_check_out(true)
         .error_sink(Box::new(FailureSink(failures.clone())))
         .build_unchecked(manager);
     let core = Arc::new(Core {

@@ -1,13 +1,14 @@
 //! Diesel's `AsyncPgConnection` over a connection the connector opened, checked as
 //! diesel-async's own bb8 manager checks it, and timed for telemetry.
 
-use diesel_async::AsyncPgConnection;
-use diesel_async::pooled_connection::{PoolableConnection, RecyclingMethod};
+use diesel_async::pooled_connection::PoolableConnection;
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::future::BoxFuture;
 use tokio_postgres::tls::TlsStream;
 use tokio_postgres::{Client, Connection, Socket};
 
 use super::bb8_pool::{Kind, Pool};
+use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
 use crate::error::{Error, Result};
 use crate::telemetry;
 
@@ -21,11 +22,18 @@ pub(crate) const KIND: Kind<AsyncPgConnection> = Kind {
     has_broken,
 };
 
+/// Checks a connection before it is handed out again: alive, and outside any transaction
+/// (see [`reset`](super::reset)); one round trip, as diesel-async's own `SELECT 1`.
 fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
     Box::pin(async move {
-        PoolableConnection::ping(conn, &RecyclingMethod::Verified)
-            .await
-            .map_err(Error::Diesel)
+        if conn.batch_execute(OUTSIDE_TRANSACTION).await.is_err() {
+            tracing::debug!(
+                pool = "diesel",
+                "a connection came back inside a transaction; rolling back"
+            );
+            conn.batch_execute(ROLLBACK).await.map_err(Error::Diesel)?;
+        }
+        Ok(())
     })
 }
 
@@ -44,7 +52,7 @@ where
     let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
         .await
         .map_err(Error::DieselSetup)?;
-    diesel_async::AsyncConnection::set_instrumentation(&mut conn, QueryTimer::default());
+    AsyncConnection::set_instrumentation(&mut conn, QueryTimer::default());
     Ok(conn)
 }
 

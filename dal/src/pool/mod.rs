@@ -11,6 +11,7 @@ mod bb8_pool;
 pub(crate) mod diesel;
 pub(crate) mod postgres;
 mod registry;
+mod reset;
 #[cfg(feature = "seaorm")]
 pub(crate) mod sqlx;
 

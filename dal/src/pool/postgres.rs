@@ -5,6 +5,7 @@ use tokio_postgres::tls::TlsStream;
 use tokio_postgres::{Client, Connection, Socket};
 
 use super::bb8_pool::{Kind, Pool};
+use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
 use crate::error::{Error, Result};
 
 /// A pool of tokio-postgres clients, for raw SQL.
@@ -17,13 +18,21 @@ pub(crate) const KIND: Kind<Client> = Kind {
     has_broken,
 };
 
+/// Checks a connection before it is handed out again: alive, and outside any transaction
+/// (see [`reset`](super::reset)).
 fn is_valid(client: &mut Client) -> BoxFuture<'_, Result<()>> {
     Box::pin(async move {
-        client
-            .simple_query("")
-            .await
-            .map(drop)
-            .map_err(Error::Database)
+        if client.batch_execute(OUTSIDE_TRANSACTION).await.is_err() {
+            tracing::debug!(
+                pool = "postgres",
+                "a connection came back inside a transaction; rolling back"
+            );
+            client
+                .batch_execute(ROLLBACK)
+                .await
+                .map_err(Error::Database)?;
+        }
+        Ok(())
     })
 }
 

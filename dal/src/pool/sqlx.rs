@@ -8,6 +8,7 @@ use futures_util::future::BoxFuture;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::registry::{PoolHandle, Registry};
+use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
 use crate::config::PoolSettings;
 use crate::error::Result;
 use crate::telemetry::PoolHealth;
@@ -27,6 +28,22 @@ pub(crate) async fn build(
         .acquire_timeout(settings.acquire_timeout)
         .idle_timeout(settings.idle_timeout)
         .max_lifetime(settings.jittered_lifetime())
+        // Instead of sqlx's ping, the same round trip checks the connection is outside any
+        // transaction (see pool::reset): sqlx keeps a cancelled BEGIN's transaction open.
+        .test_before_acquire(false)
+        .before_acquire(|conn, _| {
+            Box::pin(async move {
+                use sea_orm::sqlx::Executor;
+                if conn.execute(OUTSIDE_TRANSACTION).await.is_err() {
+                    tracing::debug!(
+                        pool = "seaorm",
+                        "a connection came back inside a transaction; rolling back"
+                    );
+                    conn.execute(ROLLBACK).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(base.clone().password(token.expose()));
     let pushed = pool.clone();
     let options = base.clone();

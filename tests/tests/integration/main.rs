@@ -3,6 +3,7 @@
 
 mod dsql;
 mod examples;
+mod faults;
 mod lakebase_pools;
 mod local_lakebase;
 mod local_server;

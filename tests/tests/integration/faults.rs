@@ -1,0 +1,245 @@
+//! The driver layer under faults: futures cancelled at every await point, with the figure that
+//! matters most, lost acknowledged writes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use dal::diesel_async::RunQueryDsl;
+use dal::local::LocalPostgres;
+use dal::{Connector, PoolSettings, TxMode};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+/// Polls `inner` until it has answered `Pending` `pendings` times, then drops it: the
+/// cancellation a timeout or a `select!` makes, at a chosen await point rather than at a
+/// chosen time, so that a loaded machine hits the same points as an idle one.
+struct CancelAfter<F> {
+    inner: Pin<Box<F>>,
+    pendings: usize,
+}
+
+impl<F: Future> Future for CancelAfter<F> {
+    /// `None` when cancelled.
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.inner.as_mut().poll(cx) {
+            Poll::Ready(v) => Poll::Ready(Some(v)),
+            Poll::Pending if self.pendings == 0 => Poll::Ready(None),
+            Poll::Pending => {
+                self.pendings -= 1;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+fn cancel_after<F: Future>(pendings: usize, inner: F) -> CancelAfter<F> {
+    CancelAfter {
+        inner: Box::pin(inner),
+        pendings,
+    }
+}
+
+/// What a run of cancellations left behind.
+#[derive(Debug, Default)]
+struct Figures {
+    cancelled: usize,
+    writes: usize,
+    lost: usize,
+}
+
+/// A database with a table of acknowledged writes, and a connector with pools of one
+/// connection, so that every cancellation leaves its mark on the next user.
+async fn setup(name: &str) -> (LocalPostgres, Connector, tokio_postgres::Client) {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, name).await;
+    let admin = pg.admin(name).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE acks (id bigint PRIMARY KEY); ALTER TABLE acks OWNER TO {name}"
+        ))
+        .await
+        .unwrap();
+    let one = PoolSettings::builder().max_size(1).build().unwrap();
+    let connector = Connector::new(pg.config(name, name, &password).pool(one))
+        .await
+        .unwrap();
+    (pg, connector, admin)
+}
+
+/// Whether another session sees the row `id`: an acknowledged write that it does not see
+/// was never committed.
+async fn visible(admin: &tokio_postgres::Client, id: i64) -> bool {
+    admin
+        .query_opt("SELECT 1 FROM acks WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+async fn no_session_left_in_a_transaction(admin: &tokio_postgres::Client, user: &str) {
+    let stuck: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND state LIKE 'idle in transaction%'",
+            &[&user],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stuck, 0, "sessions left idle in a transaction");
+}
+
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// Sweeps the cancellation point `rounds` times: `attempt(n)` is cancelled after `n` pendings
+/// (`Some(finished)`), for n = 0, 1, ... until it finishes; after each, `write(id)` makes an
+/// autocommit write through the same one-connection pool, which must be visible to another
+/// session if it was acknowledged.
+async fn sweep<'a>(
+    rounds: usize,
+    admin: &tokio_postgres::Client,
+    mut attempt: impl FnMut(usize) -> Boxed<'a, bool>,
+    mut write: impl FnMut(i64) -> Boxed<'a, bool>,
+) -> Figures {
+    let mut figures = Figures::default();
+    let mut id = 0;
+    for _ in 0..rounds {
+        for pendings in 0.. {
+            let finished = attempt(pendings).await;
+            figures.cancelled += usize::from(!finished);
+            id += 1;
+            if write(id).await {
+                figures.writes += 1;
+                figures.lost += usize::from(!visible(admin, id).await);
+            }
+            if finished {
+                break;
+            }
+        }
+    }
+    figures
+}
+
+/// Rounds of cancellation sweeps per test: enough for the windows the issue measured
+/// (about one cancellation in four left a transaction open) to be hit many times.
+const ROUNDS: usize = 30;
+
+#[tokio::test]
+async fn a_cancelled_seaorm_transaction_never_swallows_the_next_write() {
+    let (_pg, connector, admin) = setup("cancel_seaorm").await;
+    let db = connector.seaorm().await.unwrap();
+    let tx = connector.transactions();
+    let (db, tx) = (&db, &tx);
+    let figures = sweep(
+        ROUNDS,
+        &admin,
+        |pendings| {
+            let work = tx.seaorm(db, TxMode::new(), |t| {
+                Box::pin(async move {
+                    t.execute_unprepared("SELECT 1").await?;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok(())
+                })
+            });
+            Box::pin(async move { cancel_after(pendings, work).await.is_some() })
+        },
+        |id| {
+            Box::pin(async move {
+                db.execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "INSERT INTO acks (id) VALUES ($1)",
+                    [id.into()],
+                ))
+                .await
+                .is_ok()
+            })
+        },
+    )
+    .await;
+    println!("SeaORM: {figures:?}");
+    assert!(figures.cancelled >= 2 * ROUNDS, "{figures:?}");
+    assert_eq!(figures.writes, figures.cancelled + ROUNDS, "{figures:?}");
+    assert_eq!(figures.lost, 0, "{figures:?}");
+    no_session_left_in_a_transaction(&admin, "cancel_seaorm").await;
+}
+
+#[tokio::test]
+async fn a_cancelled_diesel_transaction_never_swallows_the_next_write() {
+    let (_pg, connector, admin) = setup("cancel_diesel").await;
+    let pool = connector.diesel_pool().await.unwrap();
+    let tx = connector.transactions();
+    let (pool, tx) = (&pool, &tx);
+    let figures = sweep(
+        ROUNDS,
+        &admin,
+        |pendings| {
+            let work = tx.diesel(pool, TxMode::new(), |conn| {
+                Box::pin(async move {
+                    dal::diesel::sql_query("SELECT 1").execute(conn).await?;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok(())
+                })
+            });
+            Box::pin(async move { cancel_after(pendings, work).await.is_some() })
+        },
+        |id| {
+            Box::pin(async move {
+                let mut conn = pool.get().await.unwrap();
+                dal::diesel::sql_query("INSERT INTO acks (id) VALUES ($1)")
+                    .bind::<dal::diesel::sql_types::BigInt, _>(id)
+                    .execute(&mut *conn)
+                    .await
+                    .is_ok()
+            })
+        },
+    )
+    .await;
+    println!(
+        "Diesel: {figures:?}, connections opened {}",
+        connector.connections_opened()
+    );
+    assert!(figures.cancelled >= 2 * ROUNDS, "{figures:?}");
+    assert_eq!(figures.writes, figures.cancelled + ROUNDS, "{figures:?}");
+    assert_eq!(figures.lost, 0, "{figures:?}");
+    no_session_left_in_a_transaction(&admin, "cancel_diesel").await;
+}
+
+#[tokio::test]
+async fn a_cancelled_begin_on_a_plain_checkout_never_swallows_the_next_write() {
+    let (_pg, connector, admin) = setup("cancel_raw").await;
+    let pool = connector.postgres_pool().await.unwrap();
+    let pool = &pool;
+    let figures = sweep(
+        ROUNDS,
+        &admin,
+        |pendings| {
+            let work = async move {
+                let client = pool.get().await.unwrap();
+                client.batch_execute("BEGIN").await.unwrap();
+                client.batch_execute("SELECT 1").await.unwrap();
+                client.batch_execute("COMMIT").await.unwrap();
+            };
+            Box::pin(async move { cancel_after(pendings, work).await.is_some() })
+        },
+        |id| {
+            Box::pin(async move {
+                let client = pool.get().await.unwrap();
+                let insert = "INSERT INTO acks (id) VALUES ($1)";
+                tokio_postgres::Client::execute(&client, insert, &[&id])
+                    .await
+                    .is_ok()
+            })
+        },
+    )
+    .await;
+    println!(
+        "tokio-postgres: {figures:?}, connections opened {}",
+        connector.connections_opened()
+    );
+    assert!(figures.cancelled >= 2 * ROUNDS, "{figures:?}");
+    assert_eq!(figures.writes, figures.cancelled + ROUNDS, "{figures:?}");
+    assert_eq!(figures.lost, 0, "{figures:?}");
+    no_session_left_in_a_transaction(&admin, "cancel_raw").await;
+}
