@@ -143,9 +143,21 @@ impl Connector {
             Target::Lakebase | Target::Dsql => SslMode::VerifyFull,
         });
         let tls = Tls::new(ssl_mode, config.ssl_root_cert.as_deref())?;
+        // A DSQL role's own schema: quoted, since the server folds an unquoted name to lower
+        // case (role `AppUser` owns schema "AppUser", not appuser).
         let search_path = config.search_path.or_else(|| {
-            (target == Target::Dsql && config.user != "admin").then(|| config.user.clone())
+            (target == Target::Dsql && config.user != "admin").then(|| quote_ident(&config.user))
         });
+        for (setting, value) in [
+            (Setting::User, Some(&config.user)),
+            (Setting::Database, Some(&config.database)),
+            (Setting::ApplicationName, Some(&config.application_name)),
+            (Setting::SearchPath, search_path.as_ref()),
+        ] {
+            if let Some(value) = value {
+                check_startup_value(setting, value)?;
+            }
+        }
         let cache = TokenCache::new(source, config.strategy, config.cache);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -478,6 +490,43 @@ fn is_refused_login(e: &tokio_postgres::Error) -> bool {
     )
 }
 
+/// Refuses what no driver can send safely in the startup packet: NUL ends a value early, and
+/// PostgreSQL splits the `options` parameter on every white-space character, which the
+/// drivers escape only for the space (sqlx escapes space and backslash, nothing else). A tab
+/// in `search_path` would otherwise set any other parameter (`-c work_mem=...`).
+fn check_startup_value(setting: Setting, value: &str) -> Result<()> {
+    match value
+        .chars()
+        .find(|c| c.is_control() || (c.is_whitespace() && *c != ' '))
+    {
+        Some(c) => Err(Error::config(
+            setting,
+            format!(
+                "contains the control or white-space character {c:?}; only printable \
+                 characters and spaces can be sent to the server"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `name` as an SQL identifier: as it is when the server would not fold or reject it
+/// (lower case letters, digits, `_`, `$`, not starting with a digit or `$`), else quoted.
+fn quote_ident(name: &str) -> String {
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
+    if plain {
+        name.to_owned()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
 /// Escapes a value for the `options` startup parameter, where spaces separate arguments.
 fn escape_option(value: &str) -> String {
     value.replace('\\', "\\\\").replace(' ', "\\ ")
@@ -526,6 +575,53 @@ mod tests {
             setting_of(Connector::build(lakebase.target(Target::Postgres))),
             Setting::Target
         );
+    }
+
+    #[test]
+    fn startup_values_cannot_carry_another_setting() {
+        let config = || Config::new("db.example.com", "u").password("p");
+        for (bad, setting) in [
+            (
+                config().search_path("public\t-c\twork_mem=7777kB"),
+                Setting::SearchPath,
+            ),
+            (
+                config().search_path("public\n-c work_mem=1"),
+                Setting::SearchPath,
+            ),
+            (config().search_path("a\u{0}b"), Setting::SearchPath),
+            (
+                config().application_name("app\r-c x=1"),
+                Setting::ApplicationName,
+            ),
+            (config().database("db\u{b}x"), Setting::Database),
+            (Config::new("h", "u\tv").password("p"), Setting::User),
+        ] {
+            assert_eq!(setting_of(Connector::build(bad)), setting);
+        }
+        // Spaces and backslashes are escaped, not refused.
+        let spaced = Connector::build(config().search_path("\"my schema\", public")).unwrap();
+        let options = spaced
+            .pg_config(&Token::new("t", None))
+            .get_options()
+            .map(str::to_owned);
+        assert_eq!(
+            options.as_deref(),
+            Some("-c search_path=\"my\\ schema\",\\ public")
+        );
+    }
+
+    #[test]
+    fn a_dsql_roles_own_schema_is_quoted_when_it_must_be() {
+        for (user, expected) in [
+            ("app", "app"),
+            ("AppUser", "\"AppUser\""),
+            ("a\"b", "\"a\"\"b\""),
+        ] {
+            let config = Config::new("db", user).password("p").target(Target::Dsql);
+            let connector = Connector::build(config).unwrap();
+            assert_eq!(connector.shared.search_path.as_deref(), Some(expected));
+        }
     }
 
     #[cfg(feature = "seaorm")]

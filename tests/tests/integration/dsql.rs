@@ -153,3 +153,40 @@ async fn tokens_dsql_would_refuse_are_refused_at_login_with_28000() {
     refused(tests::login(&pg, "app", &admin).await);
     refused(tests::login(&pg, "admin", &app).await);
 }
+
+/// A non-admin role whose name needs quoting lands in its own schema, not in a folded one.
+#[tokio::test]
+async fn a_mixed_case_role_lands_in_its_own_schema() {
+    let pg = dsql_cluster().await;
+    pg.create_token_role("AppUser").await.unwrap();
+    pg.admin("dsql")
+        .await
+        .unwrap()
+        .batch_execute(r#"CREATE SCHEMA "AppUser" AUTHORIZATION "AppUser""#)
+        .await
+        .unwrap();
+    let connector = Connector::new(config(&pg, "AppUser", pg.dsql_source("AppUser").unwrap()))
+        .await
+        .unwrap();
+    let pool = connector.postgres_pool().await.unwrap();
+    let client = pool.get().await.unwrap();
+    let schema: Option<String> = client
+        .query_one("SELECT current_schema()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schema.as_deref(), Some("AppUser"));
+    drop(client);
+    let db = connector.seaorm().await.unwrap();
+    use sea_orm::{ConnectionTrait, Statement};
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT current_schema() AS s",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.try_get::<String>("", "s").unwrap(), "AppUser");
+    connector.shutdown().await;
+}
