@@ -1,13 +1,14 @@
-//! The bb8 pool of dal: opens connections through a closure (the connector's), hands the
-//! failures of background connects to the callers waiting at that moment through one
+//! The bb8 pool of dal: opens connections through a closure (the connector's), hands each
+//! failure of a background connect to one caller waiting at that moment through one
 //! [`ErrorSink`](bb8::ErrorSink), and closes on shutdown.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use tokio::sync::broadcast;
+use tokio::sync::Notify;
 
 use super::registry::{PoolHandle, Registry};
 use crate::config::PoolSettings;
@@ -35,7 +36,7 @@ pub struct Pool<C: Send + 'static> {
 
 struct Core<C: Send + 'static> {
     pool: bb8::Pool<Manager<C>>,
-    failures: broadcast::Sender<Arc<Error>>,
+    failures: Arc<Failures>,
     acquire_timeout: Duration,
     kind: &'static str,
     max_size: u32,
@@ -77,14 +78,61 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     }
 }
 
-/// Hands each failure of a background connect to the callers waiting at that moment.
+/// The failures of background connects, each for one caller: bb8 opens one connection per
+/// caller it cannot serve, so one failed attempt fails one caller (the longest waiting), not
+/// every caller waiting at that moment.
+#[derive(Debug)]
+struct Failures {
+    queue: Mutex<VecDeque<(Instant, Arc<Error>)>>,
+    arrived: Notify,
+    /// Failures older than this have no caller left to fail (the acquire timeout).
+    keep: Duration,
+}
+
+impl Failures {
+    fn push(&self, error: Error) {
+        let now = Instant::now();
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        while queue
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > self.keep)
+        {
+            queue.pop_front();
+        }
+        queue.push_back((now, Arc::new(error)));
+        drop(queue);
+        self.arrived.notify_one();
+    }
+
+    /// The first failure that came after `since`, taken so that no other caller gets it.
+    fn take(&self, since: Instant) -> Option<Arc<Error>> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let index = queue.iter().position(|(at, _)| *at >= since)?;
+        queue.remove(index).map(|(_, e)| e)
+    }
+
+    /// Waits for a failure meant for a caller that started waiting at `since`.
+    async fn next(&self, since: Instant) -> Arc<Error> {
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(error) = self.take(since) {
+                return error;
+            }
+            arrived.await;
+        }
+    }
+}
+
+/// Hands each failure of a background connect to one waiting caller.
 #[derive(Debug, Clone)]
-struct FailureSink(broadcast::Sender<Arc<Error>>);
+struct FailureSink(Arc<Failures>);
 
 impl bb8::ErrorSink<Error> for FailureSink {
     fn sink(&self, error: Error) {
         tracing::debug!(error = %ErrorChain(&error), "a pool could not open a connection");
-        let _ = self.0.send(Arc::new(error));
+        self.0.push(error);
     }
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<Error>> {
@@ -99,7 +147,11 @@ pub(crate) fn build<C: Send + 'static>(
     settings: &PoolSettings,
     registry: &Registry,
 ) -> Pool<C> {
-    let (failures, _) = broadcast::channel(16);
+    let failures = Arc::new(Failures {
+        queue: Mutex::new(VecDeque::new()),
+        arrived: Notify::new(),
+        keep: settings.acquire_timeout,
+    });
     let closed = Arc::new(AtomicBool::new(false));
     let name = kind.name;
     let manager = Manager {
@@ -119,7 +171,7 @@ pub(crate) fn build<C: Send + 'static>(
         // Every reused connection is checked alive and outside any transaction (one round
         // trip, as bb8's default test does): see pool::reset.
         .test_on_check_out(true)
-        .error_sink(Box::new(FailureSink(failures.clone())))
+        .error_sink(Box::new(FailureSink(Arc::clone(&failures))))
         .build_unchecked(manager);
     let core = Arc::new(Core {
         pool,
@@ -158,15 +210,14 @@ impl<C: Send + 'static> Pool<C> {
     /// A connection from the pool, opening one if needed.
     ///
     /// Fails with [`Error::Connect`] carrying the cause as soon as a connection the pool
-    /// tried to open for it fails, with [`Error::PoolTimeout`] after the acquire timeout, and
+    /// tried to open for it fails (one failed attempt fails one caller), with [`Error::PoolTimeout`] after the acquire timeout, and
     /// with [`Error::PoolClosed`] after [`Connector::shutdown`](crate::Connector::shutdown).
     pub async fn get(&self) -> Result<bb8::PooledConnection<'_, Manager<C>>> {
         let core = &*self.core;
         if core.closed.load(Ordering::Relaxed) {
             return Err(Error::PoolClosed);
         }
-        let mut failures = core.failures.subscribe();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let labels = [("pool", core.kind)];
         let waiting = core.waiting.fetch_add(1, Ordering::Relaxed) + 1;
         metrics::gauge!(telemetry::POOL_WAITING, &labels).set(waiting as f64);
@@ -176,7 +227,7 @@ impl<C: Send + 'static> Pool<C> {
                 bb8::RunError::TimedOut => Error::PoolTimeout(core.acquire_timeout),
                 bb8::RunError::User(e) => e,
             }),
-            Ok(cause) = failures.recv() => Err(Error::Connect { source: cause }),
+            cause = core.failures.next(started) => Err(Error::Connect { source: cause }),
         };
         let waiting = core.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
         let waited = started.elapsed();

@@ -243,3 +243,57 @@ async fn a_cancelled_begin_on_a_plain_checkout_never_swallows_the_next_write() {
     assert_eq!(figures.lost, 0, "{figures:?}");
     no_session_left_in_a_transaction(&admin, "cancel_raw").await;
 }
+
+/// One failed connection attempt fails one caller: eight callers on an empty pool of eight,
+/// a role allowed seven connections (the eighth login is refused with SQLSTATE 53300, as a
+/// platform's connection limit answers); seven callers get their connection.
+#[tokio::test]
+async fn one_failed_connect_fails_one_waiting_caller_only() {
+    let pg = tests::server().await;
+    for kind in ["diesel", "postgres"] {
+        let role = format!("one_fails_{kind}");
+        let password = tests::app_database(&pg, &role).await;
+        pg.set_connection_limit(&role, Some(7)).await.unwrap();
+        let config = pg
+            .config(&role, &role, &password)
+            .pool(PoolSettings::builder().max_size(8).build().unwrap());
+        let connector = Connector::new(config).await.unwrap();
+        // Each caller keeps its connection until all have answered, so that none is served
+        // by a connection another caller gave back.
+        let outcomes: Vec<Result<(), String>> = match kind {
+            "diesel" => {
+                let pool = connector.diesel_pool().await.unwrap();
+                let got = futures_util::future::join_all((0..8).map(|_| pool.get())).await;
+                got.iter()
+                    .map(|r| {
+                        r.as_ref()
+                            .map(drop)
+                            .map_err(|e| format!("{:?}", e.sqlstate()))
+                    })
+                    .collect()
+            }
+            _ => {
+                let pool = connector.postgres_pool().await.unwrap();
+                let got = futures_util::future::join_all((0..8).map(|_| pool.get())).await;
+                got.iter()
+                    .map(|r| {
+                        r.as_ref()
+                            .map(drop)
+                            .map_err(|e| format!("{:?}", e.sqlstate()))
+                    })
+                    .collect()
+            }
+        };
+        let failed: Vec<_> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
+        println!(
+            "{kind}: 8 callers, 1 refused login, {} failed",
+            failed.len()
+        );
+        assert_eq!(
+            failed,
+            [&format!("{:?}", Some("53300"))],
+            "{kind}: {outcomes:?}"
+        );
+        connector.shutdown().await;
+    }
+}
