@@ -275,8 +275,10 @@ pub enum Error {
     )]
     PoolTimeout(Duration),
 
-    /// The pool itself failed.
-    #[error("pool error: {0}")]
+    /// A pooled connection failed the test it gets before it is handed out again (the server
+    /// closed it, say); the pool drops it and tries another. bb8 reports it to its error sink;
+    /// [`Pool::get`](crate::Pool::get) never returns it.
+    #[error("a pooled connection failed its checkout test: {0}")]
     Pool(String),
 
     /// The database answered with an error, or the connection to it failed.

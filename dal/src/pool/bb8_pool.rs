@@ -70,7 +70,11 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     }
 
     fn is_valid(&self, conn: &mut C) -> impl std::future::Future<Output = Result<()>> + Send {
-        (self.kind.is_valid)(conn)
+        let test = (self.kind.is_valid)(conn);
+        async move {
+            test.await
+                .map_err(|e| Error::Pool(ErrorChain(&e).to_string()))
+        }
     }
 
     fn has_broken(&self, conn: &mut C) -> bool {
@@ -131,6 +135,11 @@ struct FailureSink(Arc<Failures>);
 
 impl bb8::ErrorSink<Error> for FailureSink {
     fn sink(&self, error: Error) {
+        if let Error::Pool(_) = error {
+            // A dead connection bb8 dropped at checkout: it tries another, so no caller fails.
+            tracing::debug!(error = %error, "a pooled connection was dropped at checkout");
+            return;
+        }
         tracing::debug!(error = %ErrorChain(&error), "a pool could not open a connection");
         self.0.push(error);
     }

@@ -297,3 +297,74 @@ async fn one_failed_connect_fails_one_waiting_caller_only() {
         connector.shutdown().await;
     }
 }
+
+/// Idle connections the server closed (`pg_terminate_backend`, as a restart or an idle
+/// timeout does) are never handed out: the next requests on every pool kind all succeed.
+#[tokio::test]
+async fn connections_the_server_closed_are_never_handed_out() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "terminated").await;
+    let pool = PoolSettings::builder().max_size(3).build().unwrap();
+    let connector = Connector::new(pg.config("terminated", "terminated", &password).pool(pool))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    let admin = pg.admin("postgres").await.unwrap();
+    let (mut requests, mut failed) = (0, Vec::new());
+    for round in 0..3 {
+        // Three connections of each kind open and idle, then all terminated.
+        let (a, b, c) = tokio::join!(
+            futures_util::future::join_all((0..3).map(|_| diesel.get())),
+            futures_util::future::join_all((0..3).map(|_| raw.get())),
+            futures_util::future::join_all(
+                (0..3).map(|_| async { db.execute_unprepared("SELECT pg_sleep(0.01)").await })
+            ),
+        );
+        assert!(a.iter().all(Result::is_ok), "round {round}");
+        assert!(b.iter().all(Result::is_ok), "round {round}");
+        assert!(c.iter().all(Result::is_ok), "round {round}");
+        drop((a, b));
+        let terminated: i64 = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'terminated'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(terminated >= 3, "round {round}: {terminated}");
+        for _ in 0..3 {
+            requests += 3;
+            let mut conn = diesel.get().await;
+            if let Ok(conn) = conn.as_mut() {
+                if let Err(e) = dal::diesel::sql_query("SELECT 1")
+                    .execute(&mut **conn)
+                    .await
+                {
+                    failed.push(format!("diesel: {e}"));
+                }
+            } else if let Err(e) = conn {
+                failed.push(format!("diesel get: {e}"));
+            }
+            match raw.get().await {
+                Ok(client) => {
+                    if let Err(e) = client.batch_execute("SELECT 1").await {
+                        failed.push(format!("postgres: {e}"));
+                    }
+                }
+                Err(e) => failed.push(format!("postgres get: {e}")),
+            }
+            if let Err(e) = db.execute_unprepared("SELECT 1").await {
+                failed.push(format!("seaorm: {e}"));
+            }
+        }
+    }
+    println!(
+        "terminated idle connections: requests {requests}, failed {}",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    connector.shutdown().await;
+}
