@@ -366,7 +366,8 @@ impl Connector {
     pub async fn sqlx_pool_with(&self, settings: &PoolSettings) -> Result<PgPool> {
         self.refuse_if_shut_down()?;
         let s = &self.shared;
-        pool::sqlx::build(&s.cache, self.sqlx_options()?, settings, &s.pools).await
+        let forget = pool::sqlx::ForgetStatements::default();
+        pool::sqlx::build(&s.cache, self.sqlx_options()?, settings, &s.pools, forget).await
     }
 
     /// A SeaORM connection (over a [`sqlx_pool`](Self::sqlx_pool)).
@@ -379,12 +380,31 @@ impl Connector {
     ///
     /// Each query is timed for a `tracing` event and the
     /// [`QUERY_SECONDS`](telemetry::QUERY_SECONDS) histogram, through SeaORM's metric callback.
+    /// After a failed query, the pool's connections forget their prepared statements as they
+    /// are next handed out: a schema change that alters a result type (SQLSTATE `0A000`,
+    /// "cached plan must not change result type") fails at most one query per connection,
+    /// instead of every query until the connection is replaced.
     #[cfg(feature = "seaorm")]
     pub async fn seaorm_with(&self, pool: &PoolSettings) -> Result<sea_orm::DatabaseConnection> {
-        let mut db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(
-            self.sqlx_pool_with(pool).await?,
-        );
-        db.set_metric_callback(|info| telemetry::query_done("seaorm", info.elapsed, info.failed));
+        self.refuse_if_shut_down()?;
+        let s = &self.shared;
+        let forget = pool::sqlx::ForgetStatements::default();
+        let sqlx = pool::sqlx::build(
+            &s.cache,
+            self.sqlx_options()?,
+            pool,
+            &s.pools,
+            forget.clone(),
+        )
+        .await?;
+        let mut db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(sqlx);
+        let max_size = pool.max_size;
+        db.set_metric_callback(move |info| {
+            telemetry::query_done("seaorm", info.elapsed, info.failed);
+            if info.failed {
+                forget.after_failure(max_size);
+            }
+        });
         Ok(db)
     }
 

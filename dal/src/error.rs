@@ -407,6 +407,13 @@ impl Error {
         false
     }
 
+    /// Whether a prepared statement went stale after a schema change changed its result type
+    /// (SQLSTATE `0A000`, "cached plan must not change result type"): running the statement
+    /// again on a connection that prepares it anew succeeds.
+    pub(crate) fn is_stale_statement(&self) -> bool {
+        self.db_message() == Some("cached plan must not change result type")
+    }
+
     /// Whether the connection failed or could not be opened (as opposed to the server
     /// answering with an error). A refused login is not a connection failure.
     pub fn is_connection_failure(&self) -> bool {

@@ -37,8 +37,14 @@ fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
     })
 }
 
+/// Broken: diesel-async's own test (a transaction left half done), or a prepared statement
+/// the server no longer accepts after a schema change (see [`QueryTimer::stale`]).
 fn has_broken(conn: &mut AsyncPgConnection) -> bool {
-    std::thread::panicking() || PoolableConnection::is_broken(conn)
+    std::thread::panicking()
+        || PoolableConnection::is_broken(conn)
+        || AsyncConnection::instrumentation(conn)
+            .downcast_ref::<QueryTimer>()
+            .is_some_and(|timer| timer.stale)
 }
 
 /// Wraps a freshly opened connection for Diesel, with query timing.
@@ -62,7 +68,15 @@ where
 #[derive(Default)]
 struct QueryTimer {
     started: Option<std::time::Instant>,
+    /// A query failed because a cached prepared statement's result type changed (SQLSTATE
+    /// `0A000` after `ALTER TABLE`): every statement this connection prepared may be stale, and
+    /// diesel-async cannot forget them, so the pool drops the connection when it comes back.
+    stale: bool,
 }
+
+/// PostgreSQL's message for SQLSTATE `0A000` on a stale prepared statement. diesel-async keeps
+/// the message but not the code of errors it has no kind for.
+const STALE_PLAN: &str = "cached plan must not change result type";
 
 impl diesel::connection::Instrumentation for QueryTimer {
     fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
@@ -72,6 +86,14 @@ impl diesel::connection::Instrumentation for QueryTimer {
             Event::FinishQuery { error, .. } => {
                 let elapsed = self.started.take().map(|t| t.elapsed()).unwrap_or_default();
                 telemetry::query_done("diesel", elapsed, error.is_some());
+                if let Some(diesel::result::Error::DatabaseError(_, info)) = error
+                    && info.message() == STALE_PLAN
+                {
+                    tracing::debug!(
+                        "a prepared statement is stale after a schema change; the connection will be replaced"
+                    );
+                    self.stale = true;
+                }
             }
             Event::BeginTransaction { depth, .. } => {
                 tracing::trace!(orm = "diesel", depth = depth.get(), "begin")

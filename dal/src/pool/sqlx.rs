@@ -3,6 +3,7 @@
 //! refresh that fetched it returns, and keeps the token fresh ahead of expiry.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use futures_util::future::BoxFuture;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -14,12 +15,37 @@ use crate::error::Result;
 use crate::telemetry::PoolHealth;
 use crate::token_cache::TokenCache;
 
+/// How many of the next acquisitions first drop the connection's prepared statements.
+///
+/// After a schema change, a prepared statement whose result type changed fails on every run
+/// with SQLSTATE `0A000` ("cached plan must not change result type"), and sqlx keeps it. sqlx
+/// tells nothing of a failed query, but SeaORM's metric callback tells that one failed: after
+/// any failure, the next `max_size` acquisitions (sqlx hands idle connections out in turn, so
+/// about each connection once) forget their statements, at the cost of preparing them again.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ForgetStatements(Arc<AtomicU32>);
+
+impl ForgetStatements {
+    /// A query on this pool failed.
+    pub(crate) fn after_failure(&self, max_size: u32) {
+        self.0.store(max_size, Ordering::Relaxed);
+    }
+
+    /// Whether the connection being acquired should forget its statements.
+    fn take(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
 /// A sqlx pool whose connections log in with `base` and the cached token.
 pub(crate) async fn build(
     cache: &TokenCache,
     base: PgConnectOptions,
     settings: &PoolSettings,
     registry: &Registry,
+    forget: ForgetStatements,
 ) -> Result<PgPool> {
     let token = cache.token().await?;
     let pool = PgPoolOptions::new()
@@ -31,9 +57,13 @@ pub(crate) async fn build(
         // Instead of sqlx's ping, the same round trip checks the connection is outside any
         // transaction (see pool::reset): sqlx keeps a cancelled BEGIN's transaction open.
         .test_before_acquire(false)
-        .before_acquire(|conn, _| {
+        .before_acquire(move |conn, _| {
+            let forget = forget.take();
             Box::pin(async move {
-                use sea_orm::sqlx::Executor;
+                use sea_orm::sqlx::{Connection, Executor};
+                if forget {
+                    conn.clear_cached_statements().await?;
+                }
                 if conn.execute(OUTSIDE_TRANSACTION).await.is_err() {
                     tracing::debug!(
                         pool = "seaorm",

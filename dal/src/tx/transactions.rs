@@ -114,7 +114,9 @@ impl TxMode {
 /// - conflicts: SQLSTATE `40001` (serialization failures, Aurora DSQL's `OC000`/`OC001`) and
 ///   `40P01` (deadlocks), raised by any statement or by COMMIT;
 /// - connection failures before the transaction's first statement (acquiring the
-///   connection, `BEGIN`).
+///   connection, `BEGIN`);
+/// - a prepared statement gone stale after a schema change (SQLSTATE `0A000`, "cached plan
+///   must not change result type"): the pools prepare it anew on the next attempt.
 ///
 /// A connection lost while COMMIT was in flight is never retried, since the transaction may
 /// have committed: it ends with [`Error::AmbiguousCommit`]. When the attempts run out, the
@@ -142,6 +144,8 @@ impl Failure {
             Failure::Begin(e) if e.is_conflict() => Ok(e),
             Failure::Begin(e) if e.is_connection_failure() && !e.is_auth_failure() => Ok(e),
             Failure::Work(e) | Failure::Commit(e) if e.is_conflict() => Ok(e),
+            // The pool makes the connection forget (or replaces) its stale statements.
+            Failure::Work(e) if e.is_stale_statement() => Ok(e),
             Failure::Commit(e) if e.is_connection_failure() => Err(Error::AmbiguousCommit {
                 source: Box::new(e),
             }),

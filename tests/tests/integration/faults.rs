@@ -368,3 +368,109 @@ async fn connections_the_server_closed_are_never_handed_out() {
     assert!(failed.is_empty(), "{failed:?}");
     connector.shutdown().await;
 }
+
+/// A migration under a running service: a column's type changes while pooled connections hold
+/// prepared statements of the old shape. PostgreSQL refuses such a statement (SQLSTATE 0A000,
+/// "cached plan must not change result type"); the ORMs cannot retry it, but the pools make the
+/// connection forget (SeaORM) or replace it (Diesel), so at most one query per connection fails.
+#[tokio::test]
+async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transaction() {
+    use dal::diesel::{QueryDsl, TextExpressionMethods};
+    use entity::schema::customers;
+    use sea_orm::EntityTrait;
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "altered").await;
+    let one = PoolSettings::builder().max_size(1).build().unwrap();
+    let connector = Connector::new(pg.config("altered", "altered", &password).pool(one))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    tests::seaorm_round_trip(&db, "before").await;
+    tests::diesel_round_trip(&diesel, "before").await;
+    let diesel_query = || async {
+        let mut conn = diesel.get().await.unwrap();
+        customers::table
+            .filter(customers::email.like("before%"))
+            .select(customers::name)
+            .load::<String>(&mut *conn)
+            .await
+            .map(|rows| rows.len())
+    };
+    let seaorm_query = || async {
+        entity::customer::Entity::find()
+            .all(&db)
+            .await
+            .map(|r| r.len())
+    };
+    assert_eq!(diesel_query().await.unwrap(), 2);
+    assert_eq!(seaorm_query().await.unwrap(), 2);
+
+    pg.admin("altered")
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE customers ALTER COLUMN name TYPE varchar(200)")
+        .await
+        .unwrap();
+    let (mut diesel_failed, mut seaorm_failed) = (0, 0);
+    for round in 0..4 {
+        match diesel_query().await {
+            Ok(n) => assert_eq!(n, 2),
+            Err(e) => {
+                assert!(
+                    round == 0 && e.to_string().contains("cached plan"),
+                    "{round}: {e}"
+                );
+                diesel_failed += 1;
+            }
+        }
+        match seaorm_query().await {
+            Ok(n) => assert_eq!(n, 2),
+            Err(e) => {
+                assert!(
+                    round == 0 && e.to_string().contains("cached plan"),
+                    "{round}: {e}"
+                );
+                seaorm_failed += 1;
+            }
+        }
+    }
+    println!(
+        "after ALTER TABLE: Diesel {diesel_failed} failed of 4, SeaORM {seaorm_failed} failed of 4"
+    );
+
+    // Transactions retry such a statement: none fails. Each runs once first, so that its
+    // statements are prepared on the pooled connection when the schema changes.
+    let tx = connector.transactions();
+    let in_transactions = || async {
+        let seaorm = tx
+            .seaorm(&db, TxMode::new(), |t| {
+                Box::pin(async move { Ok(entity::customer::Entity::find().all(t).await?.len()) })
+            })
+            .await;
+        let diesel = tx
+            .diesel(&diesel, TxMode::new(), |conn| {
+                Box::pin(async move {
+                    Ok(customers::table
+                        .select(customers::name)
+                        .load::<String>(conn)
+                        .await?
+                        .len())
+                })
+            })
+            .await;
+        (
+            seaorm.map_err(|e| e.to_string()),
+            diesel.map_err(|e| e.to_string()),
+        )
+    };
+    assert_eq!(in_transactions().await, (Ok(2), Ok(2)));
+    pg.admin("altered")
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE customers ALTER COLUMN name TYPE varchar(300)")
+        .await
+        .unwrap();
+    assert_eq!(in_transactions().await, (Ok(2), Ok(2)));
+    connector.shutdown().await;
+}
