@@ -479,8 +479,9 @@ impl Error {
     }
 
     /// Whether trying again may succeed: timeouts, connection failures, HTTP 408, 429 and
-    /// 5xx, and ORM errors that are [conflicts](Self::is_conflict). Bad settings and refused
-    /// credentials are not retryable.
+    /// 5xx, and database errors that are [conflicts](Self::is_conflict). Bad settings and
+    /// refused credentials are not retryable. For callers with a retry library of their own;
+    /// [`Transactions`](crate::Transactions) decides the same way.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
@@ -488,7 +489,7 @@ impl Error {
             | Error::Credential { .. }
             | Error::PoolTimeout(_)
             | Error::ConnectTimeout { .. } => true,
-            Error::Database(e) => is_connection_lost(e),
+            Error::Database(e) => is_connection_lost(e) || self.is_conflict(),
             Error::Connect { source } => source.is_retryable(),
             #[cfg(feature = "diesel")]
             Error::DieselSetup(_) => true,

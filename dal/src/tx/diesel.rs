@@ -29,13 +29,13 @@ impl Transactions {
         F: for<'c> FnMut(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>> + Send,
         T: Send,
     {
-        let mut attempt = 1;
+        let (mut attempt, started) = (1, std::time::Instant::now());
         loop {
             let span = tracing::debug_span!("dal.transaction", orm = "diesel", attempt);
             let outcome = diesel_once(pool, mode, &mut work).instrument(span).await;
             match outcome {
                 Ok(value) => return Ok(value),
-                Err(failure) => self.after("diesel", attempt, failure).await?,
+                Err(failure) => self.after("diesel", attempt, started, failure).await?,
             }
             attempt += 1;
         }

@@ -38,13 +38,13 @@ impl Transactions {
         F: for<'c> FnMut(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>> + Send,
         T: Send,
     {
-        let mut attempt = 1;
+        let (mut attempt, started) = (1, std::time::Instant::now());
         loop {
             let span = tracing::debug_span!("dal.transaction", orm = "seaorm", attempt);
             let outcome = seaorm_once(db, mode, &mut work).instrument(span).await;
             match outcome {
                 Ok(value) => return Ok(value),
-                Err(failure) => self.after("seaorm", attempt, failure).await?,
+                Err(failure) => self.after("seaorm", attempt, started, failure).await?,
             }
             attempt += 1;
         }

@@ -178,6 +178,7 @@ impl Transactions {
         &self,
         orm: &'static str,
         attempt: u32,
+        started: std::time::Instant,
         failure: Failure,
     ) -> Result<()> {
         let retryable = match failure.classify() {
@@ -187,7 +188,7 @@ impl Transactions {
                 return Err(e);
             }
         };
-        if attempt >= self.policy.attempts() {
+        let Some(delay) = self.policy.next_delay(attempt, started.elapsed()) else {
             tracing::warn!(
                 orm,
                 attempts = attempt,
@@ -198,8 +199,7 @@ impl Transactions {
                 attempts: attempt,
                 last: Box::new(retryable),
             });
-        }
-        let delay = self.policy.delay(attempt);
+        };
         tracing::info!(
             orm,
             attempt,
@@ -262,18 +262,22 @@ mod tests {
     }
 
     #[test]
-    fn the_default_policy_is_the_dsql_connectors() {
+    fn the_default_policy_is_a_budget_with_full_jitter() {
         let p = RetryPolicy::default();
         assert_eq!(p, RetryPolicy::builder().build().unwrap());
-        assert_eq!(p.attempts(), 3);
-        for attempt in 1..=10 {
+        assert_eq!(p.attempts(), 20);
+        assert_eq!(p.max_elapsed(), Some(Duration::from_secs(20)));
+        for attempt in 1..=12 {
             let d = p.delay(attempt);
-            let base = Duration::from_millis(1 << (attempt - 1)).min(Duration::from_millis(100));
-            assert!(
-                d >= base.mul_f64(0.75) && d <= base.mul_f64(1.25),
-                "{attempt}: {d:?}"
-            );
+            let base = Duration::from_millis(2 << (attempt - 1)).min(Duration::from_millis(500));
+            assert!(d <= base * 2, "{attempt}: {d:?}");
         }
+        // Attempts or time, whichever runs out first.
+        assert!(p.next_delay(19, Duration::ZERO).is_some());
+        assert_eq!(p.next_delay(20, Duration::ZERO), None);
+        assert_eq!(p.next_delay(1, Duration::from_secs(20)), None);
+        let unbounded = RetryPolicy::builder().max_elapsed(None).build().unwrap();
+        assert!(unbounded.next_delay(1, Duration::from_secs(3600)).is_some());
     }
 
     #[test]
@@ -353,14 +357,21 @@ mod tests {
     #[cfg(feature = "diesel")]
     #[tokio::test(start_paused = true)]
     async fn exhausted_retries_report_the_attempts_and_the_last_error() {
-        let tx = Transactions::new(Target::Postgres, RetryPolicy::default());
+        let three = RetryPolicy::builder().attempts(3).build().unwrap();
+        let tx = Transactions::new(Target::Postgres, three);
+        let started = std::time::Instant::now();
         for attempt in 1..3 {
-            tx.after("diesel", attempt, Failure::Work(serialization_failure()))
-                .await
-                .expect("retried");
+            tx.after(
+                "diesel",
+                attempt,
+                started,
+                Failure::Work(serialization_failure()),
+            )
+            .await
+            .expect("retried");
         }
         let err = tx
-            .after("diesel", 3, Failure::Work(serialization_failure()))
+            .after("diesel", 3, started, Failure::Work(serialization_failure()))
             .await
             .unwrap_err();
         assert!(

@@ -855,3 +855,65 @@ async fn health_reports_pools_and_token_expiry_and_shutdown_closes_every_pool() 
     }
     assert_eq!(left, 0, "sessions still open after shutdown");
 }
+
+/// The default retry budget carries ordinary contention: 16 tasks (half SeaORM, half Diesel)
+/// each make 40 SERIALIZABLE transfers among three hot accounts; none gives up, each commits
+/// once, and the total is conserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_default_retry_budget_carries_ordinary_contention() {
+    const TASKS: i64 = 16;
+    const EACH: i64 = 40;
+    let pg = tests::server().await;
+    let connector = bank(&pg, "bank_default", Target::Postgres).await;
+    let tx = connector.transactions();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let open = Gate::new(&Arc::new(Barrier::new(1)));
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (tx, db, diesel, gate) = (tx.clone(), db.clone(), diesel.clone(), open.clone());
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for k in 1..=EACH {
+                    let n = task * EACH + k;
+                    let outcome = if task % 2 == 0 {
+                        tx.seaorm(&db, serializable(), |txn| {
+                            Box::pin(seaorm_transfer(txn, n, gate.clone()))
+                        })
+                        .await
+                    } else {
+                        tx.diesel(&diesel, serializable(), |conn| {
+                            Box::pin(diesel_transfer(conn, n, gate.clone()))
+                        })
+                        .await
+                    };
+                    if let Err(e) = outcome {
+                        failed.push(format!("{n}: {e}"));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for task in tasks {
+        failed.extend(task.await.expect("task"));
+    }
+    println!(
+        "{} transfers by {TASKS} tasks, {} failed, in {:?}",
+        TASKS * EACH,
+        failed.len(),
+        started.elapsed()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let (total, ids) = books(&connector).await;
+    assert_eq!(total, ACCOUNTS * OPENING);
+    assert_eq!(ids, (1..=TASKS * EACH).collect::<Vec<_>>());
+    connector.shutdown().await;
+}
