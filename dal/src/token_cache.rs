@@ -18,7 +18,7 @@ use crate::retry::Backoff;
 use crate::telemetry;
 
 /// A called-back function that receives every new token before the refresh returns.
-type Listener = Box<dyn Fn(&Token) + Send + Sync>;
+type Listener = Box<dyn Fn(&Token) -> bool + Send + Sync>;
 
 /// Caches the tokens of one [`CredentialSource`]. Cheap to clone: clones share the cache.
 ///
@@ -194,14 +194,24 @@ impl TokenCache {
         }
     }
 
-    /// Calls `listener` with every new token, before the refresh that fetched it returns.
+    /// Calls `listener` with every new token, before the refresh that fetched it returns,
+    /// until it answers `false` (its pool closed, say) or the cache [shuts down](Self::shutdown).
     /// This is how pools that cannot ask for a password (sqlx) are kept up to date.
-    pub fn on_refresh(&self, listener: impl Fn(&Token) + Send + Sync + 'static) {
+    pub fn on_refresh(&self, listener: impl Fn(&Token) -> bool + Send + Sync + 'static) {
         self.inner
             .listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Box::new(listener));
+    }
+
+    /// How many listeners are registered.
+    pub fn listeners(&self) -> usize {
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Keeps the token fresh in the background from now on, whatever the strategy: for pools
@@ -219,8 +229,14 @@ impl TokenCache {
         *slot = Some(tokio::spawn(refresh_loop(weak)));
     }
 
-    /// Stops the background refresher. Tokens can still be fetched on demand.
+    /// Stops the background refresher and forgets the listeners. Tokens can still be fetched
+    /// on demand.
     pub fn shutdown(&self) {
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         if let Some(task) = self
             .inner
             .refresher
@@ -350,14 +366,11 @@ impl TokenCache {
             refresh_at,
         })));
         inner.retry_after_ms.store(0, Ordering::Relaxed);
-        for listener in inner
+        inner
             .listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            listener(&token);
-        }
+            .retain(|listener| listener(&token));
         token
     }
 
@@ -611,7 +624,10 @@ mod tests {
         let (cache, _source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&seen);
-        cache.on_refresh(move |t| log.lock().unwrap().push(t.expose().to_owned()));
+        cache.on_refresh(move |t| {
+            log.lock().unwrap().push(t.expose().to_owned());
+            true
+        });
         let t = cache.token().await.unwrap();
         assert_eq!(*seen.lock().unwrap(), vec![t.expose().to_owned()]);
     }

@@ -77,32 +77,52 @@ pub(crate) async fn build(
         .connect_lazy_with(base.clone().password(token.expose()));
     let pushed = pool.clone();
     let options = base.clone();
+    // Until the pool closes: then the cache lets go of it.
     cache.on_refresh(move |token| {
         pushed.set_connect_options(options.clone().password(token.expose()));
+        !pushed.is_closed()
     });
     // The token may have been replaced while the pool was built.
     if let Some(current) = cache.current() {
         pool.set_connect_options(base.password(current.expose()));
     }
     cache.keep_fresh();
-    registry.add_strong(Arc::new(SqlxPool(pool.clone())));
+    registry.add_strong(Arc::new(SqlxPool {
+        pool: pool.clone(),
+        close_within: settings.acquire_timeout,
+    }));
     Ok(pool)
 }
 
-struct SqlxPool(PgPool);
+struct SqlxPool {
+    pool: PgPool,
+    /// How long shutdown waits for connections in use to come back; they close when they
+    /// do, however late.
+    close_within: std::time::Duration,
+}
 
 impl PoolHandle for SqlxPool {
     fn health(&self) -> PoolHealth {
         PoolHealth {
             kind: "seaorm",
-            max_size: self.0.options().get_max_connections(),
-            connections: self.0.size(),
-            idle: u32::try_from(self.0.num_idle()).unwrap_or(u32::MAX),
+            max_size: self.pool.options().get_max_connections(),
+            connections: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
             waiting: 0,
         }
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(self.0.close())
+        Box::pin(async move {
+            if tokio::time::timeout(self.close_within, self.pool.close())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    in_use = self.pool.size(),
+                    "shutdown did not wait for the SeaORM connections still in use; each closes when it comes back"
+                );
+            }
+        })
     }
 }

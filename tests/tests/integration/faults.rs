@@ -474,3 +474,31 @@ async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transacti
     assert_eq!(in_transactions().await, (Ok(2), Ok(2)));
     connector.shutdown().await;
 }
+
+/// Lifecycles: every SeaORM pool's token listener goes at shutdown, and shutdown does not wait
+/// without bound for a connection a caller still holds.
+#[tokio::test]
+async fn shutdown_lets_go_of_every_pool_and_does_not_wait_without_bound() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "lifecycle").await;
+    let pool = PoolSettings::builder()
+        .acquire_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let connector = Connector::new(pg.config("lifecycle", "lifecycle", &password).pool(pool))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let db = connector.seaorm().await.unwrap();
+        db.execute_unprepared("SELECT 1").await.unwrap();
+    }
+    assert_eq!(connector.cache().listeners(), 5);
+    let sqlx = connector.sqlx_pool().await.unwrap();
+    let held = sqlx.acquire().await.unwrap();
+    // Bounded only against a hang: shutdown waits about the acquire timeout for `held`.
+    tokio::time::timeout(Duration::from_secs(120), connector.shutdown())
+        .await
+        .expect("shutdown returns while a connection is held");
+    assert_eq!(connector.cache().listeners(), 0);
+    drop(held);
+}

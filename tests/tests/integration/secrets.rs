@@ -68,9 +68,10 @@ async fn no_secret_appears_in_logs_debug_display_or_errors() {
     .unwrap();
     let tokens = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&tokens);
-    connector
-        .cache()
-        .on_refresh(move |t| seen.lock().unwrap().push(t.expose().to_owned()));
+    connector.cache().on_refresh(move |t| {
+        seen.lock().unwrap().push(t.expose().to_owned());
+        true
+    });
     secrets.push(connector.cache().current().unwrap().expose().to_owned());
     let db = connector.seaorm().await.unwrap();
     let diesel = connector.diesel_pool().await.unwrap();
