@@ -297,7 +297,7 @@ impl Connector {
     /// ```
     pub async fn connect(&self) -> Result<(tokio_postgres::Client, Connection)> {
         let cache = &self.shared.cache;
-        let token = cache.token().await?;
+        let token = self.token().await?;
         match self.connect_with(&token).await {
             Err(e) if e.is_auth_failure() => {
                 tracing::warn!(
@@ -306,11 +306,24 @@ impl Connector {
                     "the server refused the token; fetching a fresh one"
                 );
                 cache.invalidate(&token);
-                let token = cache.token().await?;
+                let token = self.token().await?;
                 self.connect_with(&token).await
             }
             other => other,
         }
+    }
+
+    /// The cached token, waiting for a fetch (one at a time, with its retries) no longer than
+    /// the connect timeout: a slow credential service fails this connection with
+    /// [`Error::ConnectTimeout`] instead of holding it without bound.
+    async fn token(&self) -> Result<std::sync::Arc<Token>> {
+        let timeout = self.shared.connect_timeout;
+        tokio::time::timeout(timeout, self.shared.cache.token())
+            .await
+            .map_err(|_| Error::ConnectTimeout {
+                endpoint: format!("the {} credential source", self.shared.cache.source_kind()),
+                timeout,
+            })?
     }
 
     async fn connect_with(&self, token: &Token) -> Result<(tokio_postgres::Client, Connection)> {
@@ -596,6 +609,25 @@ mod tests {
             setting_of(Connector::build(lakebase.target(Target::Postgres))),
             Setting::Target
         );
+    }
+
+    /// A credential service slower than the connect timeout fails the connection at the
+    /// timeout, however long the fetch (and its retries) would go on.
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_token_is_bounded_by_the_connect_timeout() {
+        let slow = Credentials::source(|| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, std::io::Error>(Token::new("t", None))
+        });
+        let config = Config::new("db.example.com", "u")
+            .credentials(slow)
+            .strategy(crate::TokenStrategy::Lazy)
+            .connect_timeout(Duration::from_secs(2));
+        let connector = Connector::build(config).unwrap();
+        let started = tokio::time::Instant::now();
+        let err = connector.connect().await.map(drop).unwrap_err();
+        assert!(matches!(err, Error::ConnectTimeout { .. }), "{err:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
 
     #[test]

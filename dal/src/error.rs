@@ -222,6 +222,9 @@ pub enum Error {
         code: String,
         /// The vendor's message.
         message: String,
+        /// How long the service asked to wait before trying again (`Retry-After`, in seconds,
+        /// on 429 and 503 answers).
+        retry_after: Option<Duration>,
     },
 
     /// An HTTP call of a credential source did not complete: connection refused, timeout,
@@ -405,6 +408,19 @@ impl Error {
             return true;
         }
         false
+    }
+
+    /// How long the service asked to wait before trying again, if it did (`Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Http { retry_after, .. } => *retry_after,
+            Error::Connect { source } => source.retry_after(),
+            // A custom source that answers with dal's own error.
+            Error::Credential { source, .. } => {
+                source.downcast_ref::<Error>().and_then(Error::retry_after)
+            }
+            _ => None,
+        }
     }
 
     /// Whether a prepared statement went stale after a schema change changed its result type

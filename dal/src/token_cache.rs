@@ -265,13 +265,17 @@ impl TokenCache {
             }
         }
         match self.fetch_with_retries().await {
-            Ok(token) => Ok(self.install(token)),
+            Ok((token, took)) => Ok(self.install(token, took)),
             Err(e) => {
                 inner.failures.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(telemetry::TOKEN_REFRESH_FAILURES, "source" => inner.source.kind())
                     .increment(1);
                 let now = inner.clock.now();
-                let backoff = inner.settings.max_backoff.min(Duration::from_secs(1));
+                let backoff = inner.settings.max_backoff.min(Duration::from_secs(1)).max(
+                    e.retry_after()
+                        .unwrap_or_default()
+                        .min(inner.settings.max_backoff),
+                );
                 inner
                     .retry_after_ms
                     .store(millis(now + backoff), Ordering::Relaxed);
@@ -291,12 +295,13 @@ impl TokenCache {
         }
     }
 
-    async fn fetch_with_retries(&self) -> Result<Token> {
+    /// A new token, and how long the successful fetch took.
+    async fn fetch_with_retries(&self) -> Result<(Token, Duration)> {
         let inner = &self.inner;
         let backoff = Backoff::new(inner.settings.min_backoff, inner.settings.max_backoff, 0.0);
         let mut attempt = 1;
         loop {
-            let started = std::time::Instant::now();
+            let started = tokio::time::Instant::now();
             let result = inner.source.fetch().await.and_then(|token| {
                 let now = inner.clock.now();
                 match token.expires_at() {
@@ -327,7 +332,7 @@ impl TokenCache {
                                 .map(|_| remaining(&token, inner.clock.now()).as_secs()),
                         "token fetched"
                     );
-                    return Ok(token);
+                    return Ok((token, started.elapsed()));
                 }
                 Err(e) if attempt < inner.settings.attempts && e.is_retryable() => {
                     tracing::debug!(
@@ -336,7 +341,13 @@ impl TokenCache {
                         error = %ErrorChain(&e),
                         "token fetch failed; retrying"
                     );
-                    tokio::time::sleep(backoff.delay(attempt)).await;
+                    // The service's own Retry-After, when longer, within max_backoff.
+                    let delay = backoff.delay(attempt).max(
+                        e.retry_after()
+                            .unwrap_or_default()
+                            .min(inner.settings.max_backoff),
+                    );
+                    tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -345,7 +356,11 @@ impl TokenCache {
     }
 
     /// Stores a new token and tells the listeners; returns it.
-    fn install(&self, token: Token) -> Arc<Token> {
+    ///
+    /// The refresh starts ahead of expiry by the margin, and by at least twice what this fetch
+    /// took (within half the token's life): a slow service still answers before the token
+    /// runs out.
+    fn install(&self, token: Token, took: Duration) -> Arc<Token> {
         let inner = &self.inner;
         let now = inner.clock.now();
         let refresh_at = token.expires_at().map(|expires| {
@@ -353,7 +368,8 @@ impl TokenCache {
             let margin = inner
                 .settings
                 .refresh_margin
-                .unwrap_or_else(|| (life / 5).min(Duration::from_secs(300)));
+                .unwrap_or_else(|| (life / 5).min(Duration::from_secs(300)))
+                .max((took * 2).min(life / 2));
             let jitter = life.mul_f64(inner.settings.jitter * fastrand::f64());
             expires
                 .checked_sub(margin + jitter)
@@ -653,6 +669,75 @@ mod tests {
         let err = cache.token().await.unwrap_err();
         assert!(matches!(err, Error::TokenExpired { .. }), "{err:?}");
         assert!(!err.is_retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_retried_after_429_waits_as_long_as_retry_after_says() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let source = move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    return Err(Error::Http {
+                        endpoint: "/api/2.0/postgres/credentials".into(),
+                        status: 429,
+                        code: "RESOURCE_EXHAUSTED".into(),
+                        message: "slow down".into(),
+                        retry_after: Some(Duration::from_secs(3)),
+                    });
+                }
+                Ok(Token::new("t", None))
+            }
+        };
+        let settings = CacheSettings::builder()
+            .retries(3, Duration::from_millis(100), Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let cache = TokenCache::new(Arc::new(source), TokenStrategy::Lazy, settings);
+        let started = tokio::time::Instant::now();
+        cache.token().await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A 3 s token from a service that takes 1 s to answer: the next fetch starts at least
+    /// 2 s (twice the fetch) before expiry, not at the default fifth of the life (0.6 s).
+    #[tokio::test(start_paused = true)]
+    async fn the_refresh_lead_covers_how_long_a_fetch_takes() {
+        let clock = Arc::new(TokioClock {
+            base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            start: tokio::time::Instant::now(),
+        });
+        let fetched_at = Arc::new(Mutex::new(Vec::new()));
+        let (log, source_clock) = (Arc::clone(&fetched_at), Arc::clone(&clock));
+        let source = move || {
+            let (log, clock) = (Arc::clone(&log), Arc::clone(&source_clock));
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = clock.now();
+                log.lock().unwrap().push(now);
+                Ok::<_, std::io::Error>(Token::new("t", Some(now + Duration::from_secs(3))))
+            }
+        };
+        let settings = CacheSettings::builder().jitter(0.0).build().unwrap();
+        let cache = TokenCache::with_clock(Arc::new(source), TokenStrategy::Eager, settings, clock);
+        cache.start().await.unwrap();
+        let first = cache.expires_at().unwrap();
+        while fetched_at.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let second_answered = fetched_at.lock().unwrap()[1];
+        // The second fetch (1 s long) started at least 1.5 s before the first token expired.
+        let lead = first
+            .duration_since(second_answered - Duration::from_secs(1))
+            .unwrap();
+        assert!(lead >= Duration::from_millis(1500), "{lead:?}");
+        cache.shutdown();
     }
 
     #[test]

@@ -178,6 +178,8 @@ struct Authorization {
 struct Reply {
     status: StatusCode,
     body: Vec<u8>,
+    /// `Retry-After` in seconds (the HTTP-date form is not used by the services).
+    retry_after: Option<Duration>,
 }
 
 impl Lakebase {
@@ -545,6 +547,12 @@ impl Lakebase {
         let outcome = tokio::time::timeout(self.http_timeout, async {
             let mut response = request.send().await.map_err(Failure::Http)?;
             let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
             let mut body = Vec::new();
             while let Some(chunk) = response.chunk().await.map_err(Failure::Http)? {
                 if body.len() + chunk.len() > MAX_BODY {
@@ -552,7 +560,11 @@ impl Lakebase {
                 }
                 body.extend_from_slice(&chunk);
             }
-            Ok(Reply { status, body })
+            Ok(Reply {
+                status,
+                body,
+                retry_after,
+            })
         })
         .await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -622,6 +634,7 @@ impl Lakebase {
             status: reply.status.as_u16(),
             code: self.scrub(&code, token),
             message: self.scrub(&message, token),
+            retry_after: reply.retry_after,
         }
     }
 

@@ -217,6 +217,7 @@ fn assert_http(err: Error, endpoint: &str, status: u16, code: &str, message: &st
             status: s,
             code: c,
             message: m,
+            ..
         } => {
             assert_eq!(
                 (e.as_str(), s, c.as_str(), m.as_str()),
@@ -690,6 +691,7 @@ async fn a_non_json_error_body_is_flattened_truncated_and_scrubbed() {
         status,
         code,
         message,
+        ..
     } = err
     else {
         panic!("expected Error::Http, got {err:?}");
