@@ -4,7 +4,9 @@
 //! Each query prints how many tokens were fetched and connections opened so far: with
 //! tokens shorter-lived than the idle gaps, the counts move together, whatever the time
 //! spent idle. The pool closes its connection once it is older than the connection
-//! lifetime, so the job reconnects (and fetches) from time to time.
+//! lifetime, so the job reconnects (and fetches) from time to time. A turn that fails (the
+//! credential service or the database is down) is reported on stderr, and the next turn tries
+//! again.
 //!
 //! ```text
 //! cargo run -p examples --bin background_task
@@ -116,7 +118,7 @@ async fn work(database: &examples::Database, settings: &Settings) -> anyhow::Res
         );
         let started = Instant::now();
         let mut idle_total = Duration::ZERO;
-        let mut n = 0;
+        let (mut n, mut failed) = (0, 0);
         let stop = examples::signal::stopped();
         tokio::pin!(stop);
         while settings.queries.is_none_or(|max| n < max) {
@@ -128,12 +130,23 @@ async fn work(database: &examples::Database, settings: &Settings) -> anyhow::Res
             idle_total += pause;
             n += 1;
             let (fetches, opened) = (connector.cache().fetches(), connector.connections_opened());
-            let count: i64 = {
+            // A long-running task outlives outages: a failed turn is logged, the next one
+            // tries again.
+            let counted: anyhow::Result<i64> = async {
                 let mut conn = pool
                     .get()
                     .await
                     .map_err(|e| examples::target::explain(&config, e))?;
-                orders::table.count().get_result(&mut *conn).await?
+                Ok(orders::table.count().get_result(&mut *conn).await?)
+            }
+            .await;
+            let count = match counted {
+                Ok(count) => count,
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("query {n} failed; trying again at the next turn: {e:#}");
+                    continue;
+                }
             };
             let cache = connector.cache();
             println!(
@@ -147,7 +160,7 @@ async fn work(database: &examples::Database, settings: &Settings) -> anyhow::Res
             );
         }
         println!(
-            "done: {n} queries in {:.1} s, {:.1} s of it idle; tokens fetched {}, connections opened {}",
+            "done: {n} queries ({failed} failed) in {:.1} s, {:.1} s of it idle; tokens fetched {}, connections opened {}",
             started.elapsed().as_secs_f64(),
             idle_total.as_secs_f64(),
             connector.cache().fetches(),

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Errors are JSON, `{"error": {"code": ..., "message": ...}}`: 400 for bad input, 404 for a
-//! missing row, 409 for a duplicate, 503 when the database cannot be reached. Messages never
+//! missing row, 409 for a duplicate, 503 when the database cannot be reached or refuses the
+//! service's credentials (code `credentials_refused`). `/healthz` opens a new connection, so it
+//! says whether one can be opened now. Messages never
 //! carry a driver's text. SIGINT or SIGTERM drains the requests in flight, stops the token
 //! refresher and closes the pools.
 #![forbid(unsafe_code)]
@@ -152,6 +154,7 @@ enum ApiError {
     MethodNotAllowed,
     Conflict(&'static str),
     Unavailable,
+    CredentialsRefused,
     Internal,
 }
 
@@ -170,6 +173,11 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "the database cannot be reached; try again later".into(),
+            ),
+            ApiError::CredentialsRefused => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "credentials_refused",
+                "the database refused this service's credentials; try again later".into(),
             ),
             ApiError::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -202,6 +210,10 @@ fn unavailable_or_internal(
 
 impl From<dal::Error> for ApiError {
     fn from(e: dal::Error) -> Self {
+        if e.is_auth_failure() {
+            tracing::warn!(error = %examples::exit::one_line(&e), "credentials refused");
+            return ApiError::CredentialsRefused;
+        }
         // Taking a connection fails only when none can be opened.
         unavailable_or_internal(true, &e)
     }
@@ -224,6 +236,11 @@ impl From<DbErr> for ApiError {
             ),
             _ => false,
         };
+        let e = dal::Error::from(e);
+        if e.is_auth_failure() {
+            tracing::warn!(error = %examples::exit::one_line(&e), "credentials refused");
+            return ApiError::CredentialsRefused;
+        }
         unavailable_or_internal(unavailable, &e)
     }
 }
@@ -283,15 +300,20 @@ fn rfc3339(t: impl Into<chrono::DateTime<chrono::Utc>>) -> String {
 // ---- health ---------------------------------------------------------------------------
 
 async fn healthz(State(app): State<App>) -> Response {
-    let ping = async {
-        let client = app.pg.get().await.map_err(|_| ())?;
-        client.simple_query("SELECT 1").await.map_err(|_| ())?;
-        Ok::<(), ()>(())
+    // A new connection, not a pooled one: healthy means a connection can be opened now, with
+    // the token the pools would use.
+    let probe = async {
+        let (client, connection) = app.connector.connect().await?;
+        tokio::spawn(connection);
+        client.simple_query("SELECT 1").await?;
+        Ok::<(), dal::Error>(())
     };
-    let reachable = matches!(
-        tokio::time::timeout(Duration::from_secs(5), ping).await,
-        Ok(Ok(()))
-    );
+    let database = match tokio::time::timeout(Duration::from_secs(15), probe).await {
+        Ok(Ok(())) => "reachable",
+        Ok(Err(e)) if e.is_auth_failure() => "credentials_refused",
+        _ => "unreachable",
+    };
+    let reachable = database == "reachable";
     let cache = app.connector.cache();
     let expires_at = cache.expires_at();
     let seconds_left = expires_at.map(|at| {
@@ -302,7 +324,7 @@ async fn healthz(State(app): State<App>) -> Response {
     let (diesel, pg) = (app.diesel.state(), app.pg.state());
     let body = json!({
         "status": if reachable { "ok" } else { "unavailable" },
-        "database": if reachable { "reachable" } else { "unreachable" },
+        "database": database,
         "target": format!("{:?}", app.connector.target()),
         "token": {
             "source": cache.source_kind(),

@@ -617,3 +617,92 @@ async fn the_tour_and_the_migrations_run_on_the_local_dsql_flavour() {
     let applied = lines.iter().filter(|l| l.ends_with("Applied")).count();
     assert_eq!(applied, 3, "{}", status_cmd.output());
 }
+
+impl Program {
+    /// Waits until stderr holds `text` (the program reports as it goes).
+    async fn stderr_contains(&self, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.stderr().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} within {within:?}: {}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A long-running job outlives a credential outage longer than its token: the turns during
+/// the outage fail and say so, the job goes on, and it finishes its work once the service is
+/// back.
+#[tokio::test(flavor = "multi_thread")]
+async fn background_task_outlives_a_credential_outage() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "outage_job", Duration::from_secs(1)).await;
+    let mut env = lakebase_env(&pg, &lb, "outage_job");
+    env.extend([
+        ("BACKGROUND_QUERIES", "8".to_owned()),
+        ("BACKGROUND_IDLE_MS", "300..600".to_owned()),
+        ("BACKGROUND_CONNECTION_LIFETIME_SECS", "1".to_owned()),
+    ]);
+    let mut job = Program::start("background_task", &env);
+    job.line("query 1 ", Duration::from_secs(60)).await;
+    lb.set_down(true);
+    job.stderr_contains("trying again at the next turn", Duration::from_secs(120))
+        .await;
+    lb.set_down(false);
+    let status = job.wait(Duration::from_secs(120)).await;
+    assert!(status.success(), "{status}: {}", job.output());
+    let done = job.rest(Duration::from_secs(5)).await.join("\n");
+    assert!(done.contains("done: 8 queries ("), "{}", job.output());
+    assert!(!done.contains("(0 failed)"), "{}", job.output());
+}
+
+/// `/healthz` opens a new connection: when the database refuses the service's credentials it
+/// says so (503, `credentials_refused`), and says ok again once they are accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn web_app_health_says_when_the_credentials_are_refused() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "health", Duration::from_secs(60)).await;
+    let mut env = lakebase_env(&pg, &lb, "health");
+    env.push(("PORT", "0".into()));
+    let mut app = Program::start("web_app", &env);
+    let (_, line) = app.line("listening on ", Duration::from_secs(60)).await;
+    let base = line["listening on ".len()..].trim().to_owned();
+    let http = tests::http();
+    let health = || call(http.get(format!("{base}/healthz")));
+    let (status, body) = health().await;
+    assert_eq!(
+        (status, &body["database"]),
+        (StatusCode::OK, &json!("reachable")),
+        "{body}"
+    );
+
+    // The role no longer logs in with tokens: the server refuses them.
+    let admin = pg.admin("postgres").await.unwrap();
+    let role = lb.config().role.clone();
+    admin
+        .batch_execute(&format!(r#"REVOKE dal_token_login FROM "{role}""#))
+        .await
+        .unwrap();
+    let (status, body) = health().await;
+    assert_eq!(
+        (status, &body["database"]),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!("credentials_refused")
+        ),
+        "{body}"
+    );
+    admin
+        .batch_execute(&format!(r#"GRANT dal_token_login TO "{role}""#))
+        .await
+        .unwrap();
+    let (status, body) = health().await;
+    assert_eq!(
+        (status, &body["database"]),
+        (StatusCode::OK, &json!("reachable")),
+        "{body}"
+    );
+}
