@@ -3,6 +3,7 @@
 
 mod dsql;
 mod examples;
+mod fault_suite;
 mod faults;
 mod lakebase_pools;
 mod local_lakebase;

@@ -1,0 +1,299 @@
+//! The fault suite: one bounded write workload through both ORMs, which records every
+//! acknowledged write and checks the database at the end, run under each fault. Each test
+//! prints its figures (`cargo nextest run --no-capture -E 'test(fault_suite::)'`):
+//! requests, failed, lost acknowledged writes, and the recovery time where there is one.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dal::diesel_async::RunQueryDsl;
+use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
+use dal::{Config, Connector, PoolSettings};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+/// Writes through SeaORM and Diesel by turns, each a row of `acks` with a new id.
+struct Workload {
+    connector: Connector,
+    seaorm: sea_orm::DatabaseConnection,
+    diesel: dal::DieselPool,
+    next: AtomicI64,
+    acked: Mutex<Vec<i64>>,
+    failed: Mutex<Vec<String>>,
+}
+
+/// What a run left: every figure the issue asks for.
+#[derive(Debug, PartialEq)]
+struct Figures {
+    requests: usize,
+    failed: usize,
+    lost: usize,
+}
+
+impl Workload {
+    async fn new(config: Config) -> Arc<Self> {
+        // Short-lived connections, so that new ones open (and log in) all through each run.
+        let pool = PoolSettings::builder()
+            .max_size(4)
+            .max_lifetime(Some(Duration::from_millis(700)))
+            .idle_timeout(Some(Duration::from_millis(500)))
+            .acquire_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let connector = Connector::new(config.pool(pool)).await.expect("connector");
+        let seaorm = connector.seaorm().await.unwrap();
+        let diesel = connector.diesel_pool().await.unwrap();
+        seaorm
+            .execute_unprepared("CREATE TABLE IF NOT EXISTS acks (id bigint PRIMARY KEY)")
+            .await
+            .unwrap();
+        Arc::new(Self {
+            connector,
+            seaorm,
+            diesel,
+            next: AtomicI64::new(1),
+            acked: Mutex::new(Vec::new()),
+            failed: Mutex::new(Vec::new()),
+        })
+    }
+
+    async fn write(&self) {
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        let outcome = if id % 2 == 0 {
+            self.seaorm
+                .execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "INSERT INTO acks (id) VALUES ($1)",
+                    [id.into()],
+                ))
+                .await
+                .map(drop)
+                .map_err(|e| format!("seaorm {id}: {e}"))
+        } else {
+            match self.diesel.get().await {
+                Ok(mut conn) => dal::diesel::sql_query("INSERT INTO acks (id) VALUES ($1)")
+                    .bind::<dal::diesel::sql_types::BigInt, _>(id)
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("diesel {id}: {e}")),
+                Err(e) => Err(format!("diesel {id}: {e}")),
+            }
+        };
+        match outcome {
+            Ok(()) => self.acked.lock().unwrap().push(id),
+            Err(e) => self.failed.lock().unwrap().push(e),
+        }
+    }
+
+    /// Four writers for `period`, each writing as fast as it is answered.
+    async fn run_for(self: &Arc<Self>, period: Duration) {
+        let until = Instant::now() + period;
+        let writers: Vec<_> = (0..4)
+            .map(|_| {
+                let w = Arc::clone(self);
+                tokio::spawn(async move {
+                    while Instant::now() < until {
+                        w.write().await;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+    }
+
+    /// The figures, checking every acknowledged write against the table.
+    async fn figures(&self, admin: &tokio_postgres::Client) -> Figures {
+        let present: std::collections::HashSet<i64> = admin
+            .query("SELECT id FROM acks", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let acked = self.acked.lock().unwrap();
+        let failed = self.failed.lock().unwrap();
+        Figures {
+            requests: acked.len() + failed.len(),
+            failed: failed.len(),
+            lost: acked.iter().filter(|id| !present.contains(id)).count(),
+        }
+    }
+
+    fn failures(&self) -> Vec<String> {
+        self.failed
+            .lock()
+            .unwrap()
+            .iter()
+            .take(5)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The local Lakebase in front of `pg`, whose role owns database `name`; its tokens live `ttl`.
+async fn lakebase(pg: &LocalPostgres, name: &str, ttl: Duration) -> LocalLakebase {
+    let lb = LocalLakebase::start(pg, LocalLakebaseConfig::new().with_token_ttl(ttl))
+        .await
+        .unwrap();
+    pg.create_database(name, Some(&lb.config().role))
+        .await
+        .unwrap();
+    lb
+}
+
+fn report(name: &str, figures: &Figures, extra: &str) {
+    println!(
+        "fault suite | {name} | requests {} | failed {} | lost acknowledged writes {} {extra}",
+        figures.requests, figures.failed, figures.lost
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_with_connection_churn() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "f_rotation", Duration::from_secs(2)).await;
+    let w = Workload::new(lb.client_config(&pg, "f_rotation").unwrap()).await;
+    w.run_for(Duration::from_secs(7)).await;
+    let figures = w.figures(&pg.admin("f_rotation").await.unwrap()).await;
+    report(
+        "token rotation (2 s tokens, 0.7 s connections)",
+        &figures,
+        "",
+    );
+    assert_eq!((figures.failed, figures.lost), (0, 0), "{:?}", w.failures());
+    assert!(w.connector.cache().fetches() >= 3);
+    w.connector.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_outage_shorter_than_the_token_life() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "f_outage", Duration::from_secs(6)).await;
+    let w = Workload::new(lb.client_config(&pg, "f_outage").unwrap()).await;
+    let run = tokio::spawn({
+        let w = Arc::clone(&w);
+        async move { w.run_for(Duration::from_secs(6)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    lb.set_down(true);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lb.set_down(false);
+    run.await.unwrap();
+    let figures = w.figures(&pg.admin("f_outage").await.unwrap()).await;
+    report("credential service down 3 s (6 s tokens)", &figures, "");
+    assert_eq!((figures.failed, figures.lost), (0, 0), "{:?}", w.failures());
+    w.connector.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_failing_credential_service() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "f_flaky", Duration::from_secs(3)).await;
+    let w = Workload::new(lb.client_config(&pg, "f_flaky").unwrap()).await;
+    lb.set_latency(Duration::from_millis(400));
+    lb.fail_next(2, 500);
+    w.run_for(Duration::from_secs(4)).await;
+    lb.fail_next(2, 429);
+    w.run_for(Duration::from_secs(4)).await;
+    let figures = w.figures(&pg.admin("f_flaky").await.unwrap()).await;
+    report(
+        "credential service 400 ms slow, 2 x 500 then 2 x 429 + Retry-After (3 s tokens)",
+        &figures,
+        "",
+    );
+    assert_eq!((figures.failed, figures.lost), (0, 0), "{:?}", w.failures());
+    w.connector.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_idle_connections() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "f_terminated", Duration::from_secs(60)).await;
+    let w = Workload::new(lb.client_config(&pg, "f_terminated").unwrap()).await;
+    let admin = pg.admin("postgres").await.unwrap();
+    let role = lb.config().role.clone();
+    let mut terminated = 0;
+    for _ in 0..5 {
+        w.run_for(Duration::from_millis(500)).await;
+        // Between bursts every pooled connection is idle: the server closes them all.
+        terminated += admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE usename = $1 AND state = 'idle'",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+    }
+    w.run_for(Duration::from_millis(500)).await;
+    let figures = w.figures(&pg.admin("f_terminated").await.unwrap()).await;
+    report(
+        "idle connections terminated by the server, 5 times",
+        &figures,
+        &format!("| terminated {terminated}"),
+    );
+    assert!(terminated > 0);
+    assert_eq!((figures.failed, figures.lost), (0, 0), "{:?}", w.failures());
+    w.connector.shutdown().await;
+}
+
+/// Stops the development cluster in a directory when dropped, even when the test fails.
+struct DevCluster(tempfile::TempDir);
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        let _ = LocalPostgres::stop_dev_in(self.0.path());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_server_restart() {
+    let dev = DevCluster(tempfile::tempdir().unwrap());
+    let pg = LocalPostgres::dev_in(dev.0.path())
+        .await
+        .expect("dev cluster");
+    let password = tests::app_database(&pg, "f_restart").await;
+    let w = Workload::new(pg.config("f_restart", "f_restart", &password)).await;
+    w.run_for(Duration::from_secs(1)).await;
+    let before = w.figures(&pg.admin("f_restart").await.unwrap()).await;
+    // `pg_ctl stop -m fast`: SIGINT, every session ended, then the server starts again.
+    assert!(LocalPostgres::stop_dev_in(dev.0.path()).unwrap());
+    let pg = LocalPostgres::dev_in(dev.0.path()).await.expect("restart");
+    let restarted = Instant::now();
+    // Recovery: from the server being back to the first write of each ORM acknowledged.
+    let first_ok = w.acked.lock().unwrap().len();
+    let mut recovered = None;
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        w.write().await;
+        w.write().await;
+        if w.acked.lock().unwrap().len() >= first_ok + 2 {
+            recovered = Some(restarted.elapsed());
+            break;
+        }
+    }
+    let recovery = recovered.expect("writes succeed again after the restart");
+    w.run_for(Duration::from_secs(1)).await;
+    let figures = w.figures(&pg.admin("f_restart").await.unwrap()).await;
+    report(
+        "PostgreSQL fast restart",
+        &figures,
+        &format!(
+            "| failed after the restart {} | recovery {} ms",
+            figures.failed - before.failed,
+            recovery.as_millis()
+        ),
+    );
+    assert_eq!(figures.lost, 0);
+    assert!(
+        recovery < Duration::from_secs(2),
+        "{recovery:?}: {:?}",
+        w.failures()
+    );
+    w.connector.shutdown().await;
+}
