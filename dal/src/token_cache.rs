@@ -249,10 +249,26 @@ impl TokenCache {
     }
 
     /// Fetches a new token unless another caller just did; `force` skips that check.
+    ///
+    /// A caller that finds a fetch in flight waits for it only when it has no valid token to
+    /// use meanwhile: a slow or failing service (retries, `Retry-After` pauses) never holds up
+    /// connections while the current token still logs in.
     async fn refresh(&self, force: bool) -> Result<Arc<Token>> {
         let inner = &self.inner;
         let seen = inner.current.load_full();
-        let _flight = inner.flight.lock().await;
+        let _flight = match inner.flight.try_lock() {
+            Ok(flight) => flight,
+            Err(_) => {
+                if !force
+                    && inner.strategy != TokenStrategy::Uncached
+                    && let Some(entry) = &seen
+                    && is_valid(&entry.token, inner.clock.now())
+                {
+                    return Ok(Arc::clone(&entry.token));
+                }
+                inner.flight.lock().await
+            }
+        };
         if !force && inner.strategy != TokenStrategy::Uncached {
             let now_entry = inner.current.load_full();
             let replaced = match (&seen, &now_entry) {

@@ -16,8 +16,9 @@
 //! Roles in the group [`TOKEN_GROUP`] log in this way (over TLS only); every other role,
 //! the superuser included, keeps `scram-sha-256`. The key and the verifier's port live in
 //! the cluster's directory (`token-logins.json`, readable by its owner only), so every process
-//! that opens the same cluster verifies the same tokens: the development cluster's verifiers
-//! share the port (`SO_REUSEPORT`), and logins go on while any of those processes runs.
+//! that opens the same cluster verifies the same tokens. On the development cluster one
+//! process answers at a time and the others stand by on the same port (`SO_REUSEPORT`), taking
+//! over when it exits: logins go on while any of those processes runs.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -361,6 +362,27 @@ fn listen(
                 }
             };
             runtime.block_on(async move {
+                if shared && port != 0 {
+                    // The port is known: serve it now when no other process does (before
+                    // this program's first login), else stand by.
+                    let now = if served(port).await {
+                        None
+                    } else {
+                        bind(port, true).ok()
+                    };
+                    let _ = bound.send(Ok(port));
+                    let serving = async move {
+                        match now {
+                            Some(listener) => serve(listener, tokens).await,
+                            None => standby(port, tokens).await,
+                        }
+                    };
+                    tokio::select! {
+                        () = serving => {}
+                        _ = stopped => {}
+                    }
+                    return;
+                }
                 let listener = match bind(port, shared) {
                     Ok(l) => l,
                     Err(e) => {
@@ -393,6 +415,36 @@ fn listen(
             source: Some(Box::new(e)),
         })?;
     Ok((port, stop))
+}
+
+/// Serves `port` once no other process does, and from then on.
+///
+/// On a shared cluster one verifier answers at a time: the first process to open the cluster
+/// (they open it one after another) listens, the later ones stand by and take over within a
+/// tenth of a second when it exits. Were they all to listen at once (`SO_REUSEPORT`), a login
+/// that the kernel queued on the socket of a program just exiting would be reset, and refused.
+async fn standby(port: u16, tokens: Arc<Tokens>) {
+    loop {
+        if !served(port).await {
+            match bind(port, true) {
+                Ok(listener) => {
+                    tracing::debug!(port, "this process now answers token logins");
+                    return serve(listener, tokens).await;
+                }
+                Err(e) => tracing::debug!(port, error = %e, "cannot take over token logins yet"),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether some process listens on 127.0.0.1:`port`.
+async fn served(port: u16) -> bool {
+    let probe = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port));
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(1), probe).await,
+        Ok(Ok(_))
+    )
 }
 
 fn bind(port: u16, shared: bool) -> std::io::Result<tokio::net::TcpListener> {
