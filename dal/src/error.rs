@@ -426,6 +426,7 @@ impl Error {
     /// Whether a prepared statement went stale after a schema change changed its result type
     /// (SQLSTATE `0A000`, "cached plan must not change result type"): running the statement
     /// again on a connection that prepares it anew succeeds.
+    #[cfg(any(feature = "seaorm", feature = "diesel"))]
     pub(crate) fn is_stale_statement(&self) -> bool {
         self.db_message() == Some("cached plan must not change result type")
     }
