@@ -4,7 +4,8 @@
 //!
 //! bb8 opens connections in background tasks and, when one fails, lets the waiting caller
 //! time out. One [`ErrorSink`](bb8::ErrorSink) per pool hands the real cause (such as SQLSTATE
-//! `28P01`) to the callers waiting at that moment instead.
+//! `28P01`) to one caller waiting at that moment instead. Every pool checks a connection it
+//! hands out again ([`reset`]): alive, and outside any transaction.
 
 mod bb8_pool;
 #[cfg(feature = "diesel")]
