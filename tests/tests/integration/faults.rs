@@ -502,3 +502,48 @@ async fn shutdown_lets_go_of_every_pool_and_does_not_wait_without_bound() {
     assert_eq!(connector.cache().listeners(), 0);
     drop(held);
 }
+
+/// SeaORM under steady churn (1.5 s lifetime, 1 s idle timeout) and eight workers: no acquire
+/// times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seaorm_acquires_do_not_stall_under_connection_churn() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "churn").await;
+    let pool = PoolSettings::builder()
+        .max_size(8)
+        .max_lifetime(Some(Duration::from_millis(1500)))
+        .idle_timeout(Some(Duration::from_secs(1)))
+        .acquire_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let connector = Connector::new(pg.config("churn", "churn", &password).pool(pool))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0, Vec::new());
+                while std::time::Instant::now() < until {
+                    match db.execute_unprepared("SELECT 1").await {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..300))).await;
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, Vec::new());
+    for worker in workers {
+        let (o, f) = worker.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    println!("SeaORM churn: {ok} queries, {} failed", failed.len());
+    assert!(failed.is_empty(), "{failed:?}");
+    connector.shutdown().await;
+}
