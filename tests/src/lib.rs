@@ -269,3 +269,45 @@ pub fn http() -> reqwest::Client {
         .build()
         .expect("build the HTTP client")
 }
+
+/// The local Lakebase service in front of `pg`, with database tokens living `ttl`, and a
+/// fresh database `name` owned by its role.
+pub async fn lakebase(pg: &LocalPostgres, name: &str, ttl: Duration) -> dal::local::LocalLakebase {
+    let config = dal::local::LocalLakebaseConfig::new().with_token_ttl(ttl);
+    let lb = dal::local::LocalLakebase::start(pg, config)
+        .await
+        .expect("start the local Lakebase service");
+    pg.create_database(name, Some(&lb.config().role))
+        .await
+        .expect("create the database");
+    lb
+}
+
+/// A development cluster in a temporary directory, stopped when dropped (even when the test
+/// fails).
+#[derive(Debug)]
+pub struct DevCluster(pub tempfile::TempDir);
+
+impl DevCluster {
+    /// A new, empty directory for one.
+    pub fn new() -> Self {
+        Self(tempfile::tempdir().expect("a temporary directory"))
+    }
+
+    /// Where it lives (`DAL_DEV_DIR`).
+    pub fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Default for DevCluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        let _ = LocalPostgres::stop_dev_in(self.0.path());
+    }
+}

@@ -24,6 +24,7 @@
 mod binaries;
 mod certs;
 mod error;
+mod files;
 mod lakebase;
 mod server;
 mod stack;

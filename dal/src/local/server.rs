@@ -16,6 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::binaries::{ServerUser, find_bindir};
 use super::certs;
 use super::error::{Error, Result};
+use super::files::write_private;
 use super::token_login::{TOKEN_GROUP, TokenLogins, Tokens};
 
 /// The superuser every local cluster is created with.
@@ -834,21 +835,6 @@ fn create_cluster(bindir: &Path, root: &Path, user: ServerUser) -> Result<Secret
     std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644))
         .map_err(Error::io(&ca))?;
     Ok(SecretString::from(password))
-}
-
-/// Writes a file only its owner (the server user) can read.
-fn write_private(path: &Path, contents: &[u8], user: ServerUser) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(Error::io(path))?;
-    file.write_all(contents).map_err(Error::io(path))?;
-    user.own(path)
 }
 
 fn server_args(root: &Path, port: u16, ephemeral: bool) -> Vec<OsString> {

@@ -33,7 +33,9 @@ use hmac::{Hmac, KeyInit, Mac};
 use ldap3_proto::{DisconnectionNotice, LdapCodec, LdapResultCode, ServerOps, SimpleBindRequest};
 use tokio_util::codec::Framed;
 
+use super::binaries::ServerUser;
 use super::error::{Error, Result};
+use super::files::write_private;
 
 /// The group role whose members log in with tokens checked at login.
 pub const TOKEN_GROUP: &str = "dal_token_login";
@@ -285,7 +287,7 @@ impl TokenLogins {
                 what: "cannot encode the token verifier's state".into(),
                 source: Some(Box::new(e)),
             })?;
-            write_private(&path, &bytes)?;
+            write_private(&path, &bytes, ServerUser { switch_to: None })?;
         }
         Ok(Self {
             tokens,
@@ -484,20 +486,6 @@ async fn session(socket: tokio::net::TcpStream, tokens: Arc<Tokens>) {
             return;
         }
     }
-}
-
-/// Writes a file only this process's user can read.
-fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(Error::io(path))?;
-    file.write_all(contents).map_err(Error::io(path))
 }
 
 fn millis(t: SystemTime) -> u128 {

@@ -9,7 +9,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
+use dal::local::{LocalLakebase, LocalPostgres};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -161,17 +161,6 @@ impl Program {
     }
 }
 
-/// The local Lakebase service in front of `pg`, whose role owns a fresh database `name`.
-async fn lakebase(pg: &LocalPostgres, name: &str, ttl: Duration) -> LocalLakebase {
-    let lb = LocalLakebase::start(pg, LocalLakebaseConfig::new().with_token_ttl(ttl))
-        .await
-        .expect("start the local Lakebase service");
-    pg.create_database(name, Some(&lb.config().role))
-        .await
-        .expect("create the database");
-    lb
-}
-
 /// The variables a Lakebase user sets, pointing at the local service and the test server.
 fn lakebase_env(
     pg: &LocalPostgres,
@@ -215,7 +204,7 @@ fn assert_error(got: (StatusCode, Value), status: StatusCode, code: &str) -> Val
 async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
     let pg = tests::server().await;
     let ttl = Duration::from_secs(2);
-    let lb = lakebase(&pg, "web", ttl).await;
+    let lb = tests::lakebase(&pg, "web", ttl).await;
     let mut env = lakebase_env(&pg, &lb, "web");
     env.push(("PORT", "0".into()));
     let secret = lb.config().client_secret.clone();
@@ -390,7 +379,7 @@ async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_shot_exits_at_once_after_its_result() {
     let pg = tests::server().await;
-    let lb = lakebase(&pg, "once", Duration::from_secs(30)).await;
+    let lb = tests::lakebase(&pg, "once", Duration::from_secs(30)).await;
     let mut script = Program::start("one_shot", &lakebase_env(&pg, &lb, "once"));
     let (printed, line) = script.line("result: ", Duration::from_secs(60)).await;
     assert!(
@@ -431,7 +420,7 @@ fn count(line: &str, what: &str) -> (u64, u64) {
 async fn background_task_fetches_tokens_only_when_it_connects() {
     let pg = tests::server().await;
     let ttl = Duration::from_secs(1);
-    let lb = lakebase(&pg, "job", ttl).await;
+    let lb = tests::lakebase(&pg, "job", ttl).await;
     let mut env = lakebase_env(&pg, &lb, "job");
     env.extend([
         ("BACKGROUND_QUERIES", "6".to_owned()),
@@ -478,7 +467,7 @@ async fn background_task_fetches_tokens_only_when_it_connects() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_credentials_end_with_one_line() {
     let pg = tests::server().await;
-    let lb = lakebase(&pg, "bad", Duration::from_secs(30)).await;
+    let lb = tests::lakebase(&pg, "bad", Duration::from_secs(30)).await;
     let mut env = lakebase_env(&pg, &lb, "bad");
     for (k, v) in &mut env {
         if *k == "DATABRICKS_CLIENT_SECRET" {
@@ -512,22 +501,13 @@ async fn bad_credentials_end_with_one_line() {
     assert!(error.contains("503"), "{error}");
 }
 
-/// Stops the development cluster in a directory when dropped, even when the test fails.
-struct DevCluster(tempfile::TempDir);
-
-impl Drop for DevCluster {
-    fn drop(&mut self) {
-        let _ = LocalPostgres::stop_dev_in(self.0.path());
-    }
-}
-
 /// Programs on the embedded default at once, each with its own credential service: none
 /// refuses another's tokens, because every token logs in until its own expiry.
 #[tokio::test(flavor = "multi_thread")]
 async fn programs_sharing_the_embedded_default_never_refuse_each_others_tokens() {
-    let dev = DevCluster(tempfile::tempdir().unwrap());
+    let dev = tests::DevCluster::new();
     let env = vec![
-        ("DAL_DEV_DIR", dev.0.path().display().to_string()),
+        ("DAL_DEV_DIR", dev.path().display().to_string()),
         ("DAL_LOCAL_TOKEN_TTL_SECS", "5".into()),
         ("DAL_POOL_MAX_LIFETIME_SECS", "2".into()),
         ("PORT", "0".into()),
@@ -586,9 +566,9 @@ async fn programs_sharing_the_embedded_default_never_refuse_each_others_tokens()
 /// migration command run on it with IAM tokens that really log in.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_tour_and_the_migrations_run_on_the_local_dsql_flavour() {
-    let dev = DevCluster(tempfile::tempdir().unwrap());
+    let dev = tests::DevCluster::new();
     let env = vec![
-        ("DAL_DEV_DIR", dev.0.path().display().to_string()),
+        ("DAL_DEV_DIR", dev.path().display().to_string()),
         ("DAL_LOCAL", "dsql".into()),
         ("RUST_LOG", "info".into()),
     ];
@@ -639,7 +619,7 @@ impl Program {
 #[tokio::test(flavor = "multi_thread")]
 async fn background_task_outlives_a_credential_outage() {
     let pg = tests::server().await;
-    let lb = lakebase(&pg, "outage_job", Duration::from_secs(1)).await;
+    let lb = tests::lakebase(&pg, "outage_job", Duration::from_secs(1)).await;
     let mut env = lakebase_env(&pg, &lb, "outage_job");
     env.extend([
         ("BACKGROUND_QUERIES", "8".to_owned()),
@@ -664,7 +644,7 @@ async fn background_task_outlives_a_credential_outage() {
 #[tokio::test(flavor = "multi_thread")]
 async fn web_app_health_says_when_the_credentials_are_refused() {
     let pg = tests::server().await;
-    let lb = lakebase(&pg, "health", Duration::from_secs(60)).await;
+    let lb = tests::lakebase(&pg, "health", Duration::from_secs(60)).await;
     let mut env = lakebase_env(&pg, &lb, "health");
     env.push(("PORT", "0".into()));
     let mut app = Program::start("web_app", &env);

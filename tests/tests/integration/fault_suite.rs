@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dal::diesel_async::RunQueryDsl;
-use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
+use dal::local::LocalPostgres;
 use dal::{Config, Connector, PoolSettings};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
@@ -134,17 +134,6 @@ impl Workload {
     }
 }
 
-/// The local Lakebase in front of `pg`, whose role owns database `name`; its tokens live `ttl`.
-async fn lakebase(pg: &LocalPostgres, name: &str, ttl: Duration) -> LocalLakebase {
-    let lb = LocalLakebase::start(pg, LocalLakebaseConfig::new().with_token_ttl(ttl))
-        .await
-        .unwrap();
-    pg.create_database(name, Some(&lb.config().role))
-        .await
-        .unwrap();
-    lb
-}
-
 fn report(name: &str, figures: &Figures, extra: &str) {
     println!(
         "fault suite | {name} | requests {} | failed {} | lost acknowledged writes {} {extra}",
@@ -155,7 +144,7 @@ fn report(name: &str, figures: &Figures, extra: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_with_connection_churn() {
     let pg = tests::server().await;
-    let lb = lakebase(&pg, "f_rotation", Duration::from_secs(2)).await;
+    let lb = tests::lakebase(&pg, "f_rotation", Duration::from_secs(2)).await;
     let w = Workload::new(lb.client_config(&pg, "f_rotation").unwrap()).await;
     w.run_for(Duration::from_secs(7)).await;
     let figures = w.figures(&pg.admin("f_rotation").await.unwrap()).await;
@@ -172,7 +161,7 @@ async fn rotation_with_connection_churn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_outage_shorter_than_the_token_life() {
     let pg = tests::server().await;
-    let lb = lakebase(&pg, "f_outage", Duration::from_secs(6)).await;
+    let lb = tests::lakebase(&pg, "f_outage", Duration::from_secs(6)).await;
     let w = Workload::new(lb.client_config(&pg, "f_outage").unwrap()).await;
     let run = tokio::spawn({
         let w = Arc::clone(&w);
@@ -192,16 +181,29 @@ async fn credential_outage_shorter_than_the_token_life() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_failing_credential_service() {
     let pg = tests::server().await;
-    let lb = lakebase(&pg, "f_flaky", Duration::from_secs(3)).await;
-    let w = Workload::new(lb.client_config(&pg, "f_flaky").unwrap()).await;
+    let lb = tests::lakebase(&pg, "f_flaky", Duration::from_secs(8)).await;
+    // A refresh that meets these failures takes over 3 s (Retry-After included): it starts 5 s
+    // ahead of expiry, as a one-hour token's refresh starts five minutes ahead. The SeaORM pool
+    // cannot wait for a token once its own has expired, so the lead must cover the retries.
+    let cache = dal::CacheSettings::builder()
+        .refresh_margin(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let config = lb.client_config(&pg, "f_flaky").unwrap().cache(cache);
+    let w = Workload::new(config).await;
     lb.set_latency(Duration::from_millis(400));
     lb.fail_next(2, 500);
-    w.run_for(Duration::from_secs(4)).await;
+    w.run_for(Duration::from_secs(5)).await;
     lb.fail_next(2, 429);
-    w.run_for(Duration::from_secs(4)).await;
+    w.run_for(Duration::from_secs(5)).await;
+    let fetches = w.connector.cache().fetches();
+    assert!(
+        fetches >= 2,
+        "a refresh should have met the failures: {fetches} fetches"
+    );
     let figures = w.figures(&pg.admin("f_flaky").await.unwrap()).await;
     report(
-        "credential service 400 ms slow, 2 x 500 then 2 x 429 + Retry-After (3 s tokens)",
+        "credential service 400 ms slow, 2 x 500 then 2 x 429 + Retry-After (8 s tokens)",
         &figures,
         "",
     );
@@ -212,7 +214,7 @@ async fn slow_and_failing_credential_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_idle_connections() {
     let pg = tests::server().await;
-    let lb = lakebase(&pg, "f_terminated", Duration::from_secs(60)).await;
+    let lb = tests::lakebase(&pg, "f_terminated", Duration::from_secs(60)).await;
     let w = Workload::new(lb.client_config(&pg, "f_terminated").unwrap()).await;
     let admin = pg.admin("postgres").await.unwrap();
     let role = lb.config().role.clone();
@@ -242,19 +244,10 @@ async fn terminated_idle_connections() {
     w.connector.shutdown().await;
 }
 
-/// Stops the development cluster in a directory when dropped, even when the test fails.
-struct DevCluster(tempfile::TempDir);
-
-impl Drop for DevCluster {
-    fn drop(&mut self) {
-        let _ = LocalPostgres::stop_dev_in(self.0.path());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_server_restart() {
-    let dev = DevCluster(tempfile::tempdir().unwrap());
-    let pg = LocalPostgres::dev_in(dev.0.path())
+    let dev = tests::DevCluster::new();
+    let pg = LocalPostgres::dev_in(dev.path())
         .await
         .expect("dev cluster");
     let password = tests::app_database(&pg, "f_restart").await;
@@ -262,8 +255,8 @@ async fn a_fast_server_restart() {
     w.run_for(Duration::from_secs(1)).await;
     let before = w.figures(&pg.admin("f_restart").await.unwrap()).await;
     // `pg_ctl stop -m fast`: SIGINT, every session ended, then the server starts again.
-    assert!(LocalPostgres::stop_dev_in(dev.0.path()).unwrap());
-    let pg = LocalPostgres::dev_in(dev.0.path()).await.expect("restart");
+    assert!(LocalPostgres::stop_dev_in(dev.path()).unwrap());
+    let pg = LocalPostgres::dev_in(dev.path()).await.expect("restart");
     let restarted = Instant::now();
     // Recovery: from the server being back to the first write of each ORM acknowledged.
     let first_ok = w.acked.lock().unwrap().len();

@@ -3,18 +3,13 @@
 
 use std::time::Duration;
 
-use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
+use dal::local::{LocalLakebase, LocalPostgres};
 use dal::{Connector, TokenStrategy};
 use migration::MigratorTrait;
 
 /// The service, with the role it logs in as owning a migrated database `name`.
 async fn lakebase(pg: &LocalPostgres, name: &str, ttl: Duration) -> LocalLakebase {
-    let lb = LocalLakebase::start(pg, LocalLakebaseConfig::new().with_token_ttl(ttl))
-        .await
-        .expect("start the local Lakebase service");
-    pg.create_database(name, Some(&lb.config().role))
-        .await
-        .unwrap();
+    let lb = tests::lakebase(pg, name, ttl).await;
     let connector = Connector::new(lb.client_config(pg, name).unwrap())
         .await
         .unwrap();
