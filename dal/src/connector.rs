@@ -377,9 +377,19 @@ impl Connector {
     /// `verify-full` (see [`Config::hostaddr`](crate::Config::hostaddr)).
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool_with(&self, settings: &PoolSettings) -> Result<PgPool> {
+        self.sqlx_pool_forgetting(settings, pool::sqlx::ForgetStatements::default())
+            .await
+    }
+
+    /// A sqlx pool whose connections forget their prepared statements when `forget` says so.
+    #[cfg(feature = "seaorm")]
+    async fn sqlx_pool_forgetting(
+        &self,
+        settings: &PoolSettings,
+        forget: pool::sqlx::ForgetStatements,
+    ) -> Result<PgPool> {
         self.refuse_if_shut_down()?;
         let s = &self.shared;
-        let forget = pool::sqlx::ForgetStatements::default();
         pool::sqlx::build(&s.cache, self.sqlx_options()?, settings, &s.pools, forget).await
     }
 
@@ -399,17 +409,8 @@ impl Connector {
     /// instead of every query until the connection is replaced.
     #[cfg(feature = "seaorm")]
     pub async fn seaorm_with(&self, pool: &PoolSettings) -> Result<sea_orm::DatabaseConnection> {
-        self.refuse_if_shut_down()?;
-        let s = &self.shared;
         let forget = pool::sqlx::ForgetStatements::default();
-        let sqlx = pool::sqlx::build(
-            &s.cache,
-            self.sqlx_options()?,
-            pool,
-            &s.pools,
-            forget.clone(),
-        )
-        .await?;
+        let sqlx = self.sqlx_pool_forgetting(pool, forget.clone()).await?;
         let mut db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(sqlx);
         let max_size = pool.max_size;
         db.set_metric_callback(move |info| {

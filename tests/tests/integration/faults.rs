@@ -79,6 +79,25 @@ async fn visible(admin: &tokio_postgres::Client, id: i64) -> bool {
         .is_some()
 }
 
+/// The figures of a sweep: every cancellation point was reached, every write after one was
+/// acknowledged, none lost, and no session was left inside a transaction.
+async fn nothing_lost(
+    kind: &str,
+    figures: &Figures,
+    connector: &Connector,
+    admin: &tokio_postgres::Client,
+    user: &str,
+) {
+    println!(
+        "{kind}: {figures:?}, connections opened {}",
+        connector.connections_opened()
+    );
+    assert!(figures.cancelled >= 2 * ROUNDS, "{figures:?}");
+    assert_eq!(figures.writes, figures.cancelled + ROUNDS, "{figures:?}");
+    assert_eq!(figures.lost, 0, "{figures:?}");
+    no_session_left_in_a_transaction(admin, user).await;
+}
+
 async fn no_session_left_in_a_transaction(admin: &tokio_postgres::Client, user: &str) {
     let stuck: i64 = admin
         .query_one(
@@ -158,11 +177,7 @@ async fn a_cancelled_seaorm_transaction_never_swallows_the_next_write() {
         },
     )
     .await;
-    println!("SeaORM: {figures:?}");
-    assert!(figures.cancelled >= 2 * ROUNDS, "{figures:?}");
-    assert_eq!(figures.writes, figures.cancelled + ROUNDS, "{figures:?}");
-    assert_eq!(figures.lost, 0, "{figures:?}");
-    no_session_left_in_a_transaction(&admin, "cancel_seaorm").await;
+    nothing_lost("SeaORM", &figures, &connector, &admin, "cancel_seaorm").await;
 }
 
 #[tokio::test]
@@ -196,14 +211,7 @@ async fn a_cancelled_diesel_transaction_never_swallows_the_next_write() {
         },
     )
     .await;
-    println!(
-        "Diesel: {figures:?}, connections opened {}",
-        connector.connections_opened()
-    );
-    assert!(figures.cancelled >= 2 * ROUNDS, "{figures:?}");
-    assert_eq!(figures.writes, figures.cancelled + ROUNDS, "{figures:?}");
-    assert_eq!(figures.lost, 0, "{figures:?}");
-    no_session_left_in_a_transaction(&admin, "cancel_diesel").await;
+    nothing_lost("Diesel", &figures, &connector, &admin, "cancel_diesel").await;
 }
 
 #[tokio::test]
@@ -234,14 +242,7 @@ async fn a_cancelled_begin_on_a_plain_checkout_never_swallows_the_next_write() {
         },
     )
     .await;
-    println!(
-        "tokio-postgres: {figures:?}, connections opened {}",
-        connector.connections_opened()
-    );
-    assert!(figures.cancelled >= 2 * ROUNDS, "{figures:?}");
-    assert_eq!(figures.writes, figures.cancelled + ROUNDS, "{figures:?}");
-    assert_eq!(figures.lost, 0, "{figures:?}");
-    no_session_left_in_a_transaction(&admin, "cancel_raw").await;
+    nothing_lost("tokio-postgres", &figures, &connector, &admin, "cancel_raw").await;
 }
 
 /// One failed connection attempt fails one caller: eight callers on an empty pool of eight,
