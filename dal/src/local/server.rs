@@ -294,8 +294,20 @@ impl LocalPostgres {
         Ok(read_pid(&root.join("data").join("postmaster.pid")).is_some_and(is_alive))
     }
 
-    /// Like [`stop_dev`](Self::stop_dev), for the cluster kept in `root`.
+    /// Like [`stop_dev`](Self::stop_dev), for the cluster kept in `root`: `pg_ctl stop -m
+    /// fast` (SIGINT), every session is ended and the server checkpoints before it exits.
     pub fn stop_dev_in(root: &Path) -> Result<bool> {
+        Self::signal_dev_in(root, nix::sys::signal::Signal::SIGINT)
+    }
+
+    /// Stops the cluster kept in `root` as a crash would: `pg_ctl stop -m immediate`
+    /// (SIGQUIT), sessions are cut without a goodbye and the next start recovers from the WAL.
+    /// Returns `false` when it was not running.
+    pub fn crash_dev_in(root: &Path) -> Result<bool> {
+        Self::signal_dev_in(root, nix::sys::signal::Signal::SIGQUIT)
+    }
+
+    fn signal_dev_in(root: &Path, signal: nix::sys::signal::Signal) -> Result<bool> {
         let pid_file = root.join("data").join("postmaster.pid");
         let Some(pid) = read_pid(&pid_file) else {
             return Ok(false);
@@ -303,14 +315,12 @@ impl LocalPostgres {
         if !is_alive(pid) {
             return Ok(false);
         }
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).map_err(|e| {
-            Error::LocalServer {
-                what: format!("cannot stop the development cluster (pid {pid})"),
-                source: Some(Box::new(e)),
-            }
+        nix::sys::signal::kill(pid, signal).map_err(|e| Error::LocalServer {
+            what: format!("cannot stop the development cluster (pid {pid})"),
+            source: Some(Box::new(e)),
         })?;
         let deadline = Instant::now() + READY_TIMEOUT;
-        // A clean shutdown removes the pid file last.
+        // A shutdown removes the pid file last.
         while pid_file.exists() && is_alive(pid) {
             if Instant::now() > deadline {
                 return Err(Error::local(format!(
@@ -323,7 +333,18 @@ impl LocalPostgres {
         Ok(true)
     }
 
+    /// The directory of the PostgreSQL programs this crate runs (`initdb`, `postgres`, and
+    /// their siblings such as `pgbench`), found as [`start`](Self::start) finds it.
+    ///
+    /// # Errors
+    ///
+    /// When no installation is found: the message says how to install one or set `PG_BINDIR`.
+    pub fn bin_dir() -> Result<PathBuf> {
+        crate::local::binaries::find_bindir()
+    }
+
     /// The host name to connect to; the server certificate is valid for it.
+
     pub fn host(&self) -> &str {
         "localhost"
     }
