@@ -367,9 +367,11 @@ impl Connector {
 
     /// Like [`sqlx_pool`](Self::sqlx_pool), with its own sizes and lifetimes.
     ///
-    /// sqlx cannot retry a refused login: with a source whose tokens stop working before
-    /// the expiry they claim (a revoked token, a skewed clock), its new connections fail
-    /// until the next refresh. Lakebase and DSQL keep every token valid until it expires.
+    /// sqlx tells nothing of a refused login: with a source whose tokens stop working before
+    /// the expiry they claim (a revoked token, a skewed clock), its new connections fail until
+    /// a fresh token is pushed: at the next refresh, as soon as another pool of this connector
+    /// meets the refusal, or as soon as a [`transactions`](Self::transactions) call on this
+    /// pool does. Lakebase and DSQL keep every token valid until it expires.
     ///
     /// # Errors
     ///

@@ -5,6 +5,7 @@ use crate::error::{Error, ErrorChain, Result};
 use crate::retry::RetryPolicy;
 use crate::target::Target;
 use crate::telemetry;
+use crate::token_cache::TokenCache;
 
 /// Isolation level of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +117,10 @@ impl TxMode {
 /// - connection failures before the transaction's first statement (acquiring the
 ///   connection, `BEGIN`);
 /// - a prepared statement gone stale after a schema change (SQLSTATE `0A000`, "cached plan
-///   must not change result type"): the pools prepare it anew on the next attempt.
+///   must not change result type"): the pools prepare it anew on the next attempt;
+/// - on the SeaORM pool, a login the server refused (SQLSTATE `28P01`/`28000`) while opening
+///   the connection: once, after fetching a fresh token and pushing it into the pool (the
+///   Diesel and tokio-postgres pools do this themselves for every connection they open).
 ///
 /// A connection lost while COMMIT was in flight is never retried, since the transaction may
 /// have committed: it ends with [`Error::AmbiguousCommit`]. When the attempts run out, the
@@ -125,6 +129,8 @@ impl TxMode {
 pub struct Transactions {
     target: Target,
     policy: RetryPolicy,
+    /// The connector's token cache, to replace a token the server refused.
+    cache: Option<TokenCache>,
 }
 
 /// Where an attempt failed, which decides whether it may run again.
@@ -157,7 +163,11 @@ impl Failure {
 impl Transactions {
     /// Transactions against a `target`, retried by `policy`.
     pub fn new(target: Target, policy: RetryPolicy) -> Self {
-        Self { target, policy }
+        Self {
+            target,
+            policy,
+            cache: None,
+        }
     }
 
     /// The same, retried by `policy` instead.
@@ -213,6 +223,41 @@ impl Transactions {
         Ok(())
     }
 
+    /// The token connections log in with now, to [`replace_refused`](Self::replace_refused)
+    /// if the server refuses it.
+    pub(super) fn current_token(&self) -> Option<std::sync::Arc<crate::credentials::Token>> {
+        self.cache.as_ref().and_then(TokenCache::current)
+    }
+
+    /// After the server refused `token` at login: forgets it and fetches a fresh one, which
+    /// the cache pushes into every sqlx pool before this returns. Returns whether the
+    /// attempt may run again (once: a fresh token refused too is an answer).
+    pub(super) async fn replace_refused(
+        &self,
+        failure: &Failure,
+        token: Option<&std::sync::Arc<crate::credentials::Token>>,
+        replaced_before: &mut bool,
+    ) -> bool {
+        let (Failure::Begin(e), Some(cache), Some(token)) = (failure, &self.cache, token) else {
+            return false;
+        };
+        if *replaced_before || !e.is_auth_failure() {
+            return false;
+        }
+        *replaced_before = true;
+        cache.invalidate(token);
+        match cache.token().await {
+            Ok(_) => {
+                tracing::info!("the server refused the token at login; retrying with a fresh one");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(error = %ErrorChain(&error), "no fresh token after a refused login");
+                false
+            }
+        }
+    }
+
     pub(super) fn refuse_savepoint(&self) -> Result<()> {
         if self.target == Target::Dsql {
             return Err(Error::SavepointUnsupported);
@@ -234,7 +279,10 @@ pub(super) fn rolled_back(orm: &'static str) {
 impl Connector {
     /// Transactions against this connector's target with the default [`RetryPolicy`].
     pub fn transactions(&self) -> Transactions {
-        Transactions::new(self.target(), RetryPolicy::default())
+        Transactions {
+            cache: Some(self.cache().clone()),
+            ..Transactions::new(self.target(), RetryPolicy::default())
+        }
     }
 }
 

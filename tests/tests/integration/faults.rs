@@ -548,3 +548,79 @@ async fn seaorm_acquires_do_not_stall_under_connection_churn() {
     assert!(failed.is_empty(), "{failed:?}");
     connector.shutdown().await;
 }
+
+/// Ends every session of `role`, so that each pool must log in again.
+async fn terminate_sessions(pg: &LocalPostgres, role: &str) {
+    let admin = pg.admin("postgres").await.unwrap();
+    admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            &[&role],
+        )
+        .await
+        .unwrap();
+}
+
+/// A token the server stops accepting before the expiry it claims (revoked early, or a
+/// skewed clock): each pool kind fetches a fresh one when its login is refused and goes on,
+/// and the first pool to learn of it fetches for all (one fetch per refusal). The SeaORM pool
+/// learns of it through `transactions()`, or takes the token another pool fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_before_its_expiry_is_replaced_for_every_pool_kind() {
+    let pg = tests::server().await;
+    let lb = tests::lakebase(&pg, "f_revoked", Duration::from_secs(600)).await;
+    let role = lb.config().role.clone();
+    let settings = PoolSettings::builder().max_size(1).build().unwrap();
+    let config = lb.client_config(&pg, "f_revoked").unwrap().pool(settings);
+    let connector = Connector::new(config).await.unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let clients = connector.postgres_pool().await.unwrap();
+    let tx = connector.transactions();
+
+    let seaorm_in_transaction = || {
+        tx.seaorm(&db, TxMode::new(), |txn| {
+            Box::pin(async move {
+                txn.execute_unprepared("SELECT 1").await?;
+                Ok(())
+            })
+        })
+    };
+    let seaorm_plain = || db.execute_unprepared("SELECT 1");
+    let diesel_query = || async {
+        let mut conn = diesel.get().await?;
+        dal::diesel::sql_query("SELECT 1")
+            .execute(&mut *conn)
+            .await
+            .map_err(dal::Error::from)
+    };
+    let client_query = || async {
+        let client = clients.get().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(dal::Error::from)
+    };
+
+    for first in ["seaorm", "diesel", "tokio-postgres"] {
+        let refused = connector.cache().current().expect("a token in use");
+        lb.revoke(refused.expose());
+        terminate_sessions(&pg, &role).await;
+        let fetches = connector.cache().fetches();
+        match first {
+            "seaorm" => seaorm_in_transaction().await.expect("seaorm, first"),
+            "diesel" => drop(diesel_query().await.expect("diesel, first")),
+            _ => drop(client_query().await.expect("tokio-postgres, first")),
+        }
+        seaorm_in_transaction().await.expect("seaorm transaction");
+        seaorm_plain().await.expect("seaorm, pushed the new token");
+        diesel_query().await.expect("diesel");
+        client_query().await.expect("tokio-postgres");
+        assert_eq!(
+            connector.cache().fetches(),
+            fetches + 1,
+            "one fetch replaces the refused token ({first} first)"
+        );
+    }
+    connector.shutdown().await;
+}
