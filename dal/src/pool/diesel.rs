@@ -23,10 +23,24 @@ pub(crate) const KIND: Kind<AsyncPgConnection> = Kind {
 };
 
 /// Checks a connection before it is handed out again: alive, and outside any transaction
-/// (see [`reset`](super::reset)); one round trip, as diesel-async's own `SELECT 1`.
+/// (see [`reset`](super::reset)).
+///
+/// A connection that came back within [`RECENTLY_USED`](super::reset::RECENTLY_USED) with
+/// every query it started answered, no transaction open in diesel-async and its socket open
+/// is handed out without a round trip. Any other (idle longer, or a query whose future was
+/// dropped before its answer: a cancelled `BEGIN`, say) runs the check.
 fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
     Box::pin(async move {
-        if conn.batch_execute(OUTSIDE_TRANSACTION).await.is_err() {
+        let settled = timer(conn).is_some_and(|timer| timer.settled());
+        if settled && !PoolableConnection::is_broken(conn) {
+            return Ok(());
+        }
+        let checked = conn.batch_execute(OUTSIDE_TRANSACTION).await;
+        if let Some(timer) = timer(conn) {
+            // Whatever was in flight has been answered before the check was.
+            timer.open = 0;
+        }
+        if checked.is_err() {
             tracing::debug!(
                 pool = "diesel",
                 "a connection came back inside a transaction; rolling back"
@@ -38,13 +52,18 @@ fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
 }
 
 /// Broken: diesel-async's own test (a transaction left half done), or a prepared statement
-/// the server no longer accepts after a schema change (see [`QueryTimer::stale`]).
+/// the server no longer accepts after a schema change (see [`QueryTimer::stale`]). Called
+/// as the connection comes back to the pool, which it notes.
 fn has_broken(conn: &mut AsyncPgConnection) -> bool {
-    std::thread::panicking()
-        || PoolableConnection::is_broken(conn)
-        || AsyncConnection::instrumentation(conn)
-            .downcast_ref::<QueryTimer>()
-            .is_some_and(|timer| timer.stale)
+    let stale = timer(conn).is_some_and(|timer| {
+        timer.returned = Some(std::time::Instant::now());
+        timer.stale
+    });
+    std::thread::panicking() || stale || PoolableConnection::is_broken(conn)
+}
+
+fn timer(conn: &mut AsyncPgConnection) -> Option<&mut QueryTimer> {
+    AsyncConnection::instrumentation(conn).downcast_mut::<QueryTimer>()
 }
 
 /// Wraps a freshly opened connection for Diesel, with query timing.
@@ -68,6 +87,11 @@ where
 #[derive(Default)]
 struct QueryTimer {
     started: Option<std::time::Instant>,
+    /// Queries started and not yet answered: more than zero when a query's future was
+    /// dropped before its answer came (a cancelled request is still sent and answered).
+    open: u32,
+    /// When the connection last came back to the pool.
+    returned: Option<std::time::Instant>,
     /// A query failed because a cached prepared statement's result type changed (SQLSTATE
     /// `0A000` after `ALTER TABLE`): every statement this connection prepared may be stale, and
     /// diesel-async cannot forget them, so the pool drops the connection when it comes back.
@@ -78,12 +102,27 @@ struct QueryTimer {
 /// the message but not the code of errors it has no kind for.
 const STALE_PLAN: &str = "cached plan must not change result type";
 
+impl QueryTimer {
+    /// Back to the pool moments ago, with nothing in flight.
+    fn settled(&self) -> bool {
+        self.open == 0
+            && self
+                .returned
+                .is_some_and(|at| at.elapsed() < super::reset::RECENTLY_USED)
+    }
+}
+
 impl diesel::connection::Instrumentation for QueryTimer {
     fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
         use diesel::connection::InstrumentationEvent as Event;
         match event {
-            Event::StartQuery { .. } => self.started = Some(std::time::Instant::now()),
+            Event::StartQuery { .. } => {
+                self.open += 1;
+                self.started = Some(std::time::Instant::now());
+            }
             Event::FinishQuery { error, .. } => {
+                self.open = self.open.saturating_sub(1);
+
                 let elapsed = self.started.take().map(|t| t.elapsed()).unwrap_or_default();
                 telemetry::query_done("diesel", elapsed, error.is_some());
                 if let Some(diesel::result::Error::DatabaseError(_, info)) = error

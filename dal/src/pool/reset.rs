@@ -1,4 +1,4 @@
-//! What every pool runs when it hands out a connection that was used before: one round trip
+//! What the pools run when they hand out a connection that was used before: one round trip
 //! that fails inside a transaction block, and a `ROLLBACK` when it did.
 //!
 //! A future dropped between sending `BEGIN` and reading its answer (a timeout, a `select!`, a
@@ -15,3 +15,11 @@ pub(crate) const OUTSIDE_TRANSACTION: &str =
 
 /// Ends whatever transaction the check found.
 pub(crate) const ROLLBACK: &str = "ROLLBACK";
+
+/// A Diesel connection back in the pool for less than this, whose every query was answered,
+/// is handed out again without a round trip (HikariCP's `aliveBypassWindowMs` has the same
+/// 500 ms): the server closing it meanwhile shows in its closed flag. One idle longer is
+/// checked first. The sqlx and tokio-postgres pools cannot see whether a dropped future left a
+/// request in flight, so they check every connection they hand out again.
+#[cfg(feature = "diesel")]
+pub(crate) const RECENTLY_USED: std::time::Duration = std::time::Duration::from_millis(500);

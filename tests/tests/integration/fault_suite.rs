@@ -38,10 +38,14 @@ struct Figures {
 impl Workload {
     async fn new(config: Config) -> Arc<Self> {
         // Short-lived connections, so that new ones open (and log in) all through each run.
+        Self::with_lifetime(config, Duration::from_millis(700)).await
+    }
+
+    async fn with_lifetime(config: Config, lifetime: Duration) -> Arc<Self> {
         let pool = PoolSettings::builder()
             .max_size(4)
-            .max_lifetime(Some(Duration::from_millis(700)))
-            .idle_timeout(Some(Duration::from_millis(500)))
+            .max_lifetime(Some(lifetime))
+            .idle_timeout(Some(lifetime * 5 / 7))
             .acquire_timeout(Duration::from_secs(30))
             .build()
             .unwrap();
@@ -266,13 +270,17 @@ async fn slow_and_failing_credential_service() {
 async fn terminated_idle_connections() {
     let pg = tests::server().await;
     let lb = tests::lakebase(&pg, "f_terminated", Duration::from_secs(60)).await;
-    let w = Workload::new(lb.client_config(&pg, "f_terminated").unwrap()).await;
+    // Connections that live through the test, so that the server is what ends them.
+    let config = lb.client_config(&pg, "f_terminated").unwrap();
+    let w = Workload::with_lifetime(config, Duration::from_secs(60)).await;
     let admin = pg.admin("postgres").await.unwrap();
     let role = lb.config().role.clone();
     let mut terminated = 0;
     for _ in 0..5 {
         w.run_for(Duration::from_millis(500)).await;
-        // Between bursts every pooled connection is idle: the server closes them all.
+        // Between bursts every pooled connection is idle, for longer than the pools hand a
+        // connection out again unchecked (0.5 s): the server closes them all.
+        tokio::time::sleep(Duration::from_millis(600)).await;
         terminated += admin
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
