@@ -436,6 +436,11 @@ impl Error {
     pub fn is_connection_failure(&self) -> bool {
         #[cfg(feature = "seaorm")]
         use sea_orm::sqlx::Error as Sqlx;
+        // The server ended the session: `57P01` admin_shutdown (`pg_terminate_backend`, a fast
+        // shutdown), `57P02` crash_shutdown.
+        if matches!(self.sqlstate(), Some("57P01" | "57P02")) {
+            return true;
+        }
         match self {
             Error::Database(e) => is_connection_lost(e),
             Error::HttpTransport { .. } | Error::PoolTimeout(_) | Error::ConnectTimeout { .. } => {
@@ -506,7 +511,9 @@ impl Error {
             | Error::Credential { .. }
             | Error::PoolTimeout(_)
             | Error::ConnectTimeout { .. } => true,
-            Error::Database(e) => is_connection_lost(e) || self.is_conflict(),
+            Error::Database(e) => {
+                is_connection_lost(e) || self.is_connection_failure() || self.is_conflict()
+            }
             Error::Connect { source } => source.is_retryable(),
             #[cfg(feature = "diesel")]
             Error::DieselSetup(_) => true,

@@ -16,10 +16,11 @@ pub(crate) const OUTSIDE_TRANSACTION: &str =
 /// Ends whatever transaction the check found.
 pub(crate) const ROLLBACK: &str = "ROLLBACK";
 
-/// A Diesel connection back in the pool for less than this, whose every query was answered,
-/// is handed out again without a round trip (HikariCP's `aliveBypassWindowMs` has the same
-/// 500 ms): the server closing it meanwhile shows in its closed flag. One idle longer is
-/// checked first. The sqlx and tokio-postgres pools cannot see whether a dropped future left a
-/// request in flight, so they check every connection they hand out again.
-#[cfg(feature = "diesel")]
+/// A connection back in the pool for less than this, with nothing left in flight, is handed
+/// out again without a round trip (HikariCP's `aliveBypassWindowMs` has the same 500 ms). One
+/// idle longer is checked first. Diesel's pool knows every query was answered and sees the
+/// closed flag; sqlx answers everything in flight and ends any transaction as the connection
+/// comes back. The tokio-postgres pool cannot see whether a dropped future left a request in
+/// flight, so it checks every connection it hands out again.
+#[cfg(any(feature = "diesel", feature = "seaorm"))]
 pub(crate) const RECENTLY_USED: std::time::Duration = std::time::Duration::from_millis(500);

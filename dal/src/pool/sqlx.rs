@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use futures_util::future::BoxFuture;
-use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sea_orm::sqlx::Error as SqlxError;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use super::registry::{PoolHandle, Registry};
-use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
+use super::reset::RECENTLY_USED;
 use crate::config::PoolSettings;
 use crate::error::Result;
 use crate::telemetry::PoolHealth;
@@ -54,22 +55,23 @@ pub(crate) async fn build(
         .acquire_timeout(settings.acquire_timeout)
         .idle_timeout(settings.idle_timeout)
         .max_lifetime(settings.jittered_lifetime())
-        // Instead of sqlx's ping, the same round trip checks the connection is outside any
-        // transaction (see pool::reset): sqlx keeps a cancelled BEGIN's transaction open.
+        // sqlx keeps a cancelled BEGIN's transaction open: each connection that comes back
+        // ends any transaction before it goes idle, off the request path. One handed out
+        // again within RECENTLY_USED goes without a round trip; one idle longer is checked
+        // first, instead of sqlx's ping and at its cost.
         .test_before_acquire(false)
-        .before_acquire(move |conn, _| {
+        .after_release(|conn, _| {
+            Box::pin(async move { end_transaction(conn).await.map(|()| true) })
+        })
+        .before_acquire(move |conn, meta| {
             let forget = forget.take();
             Box::pin(async move {
-                use sea_orm::sqlx::{Connection, Executor};
+                use sea_orm::sqlx::Connection;
                 if forget {
                     conn.clear_cached_statements().await?;
                 }
-                if conn.execute(OUTSIDE_TRANSACTION).await.is_err() {
-                    tracing::debug!(
-                        pool = "seaorm",
-                        "a connection came back inside a transaction; rolling back"
-                    );
-                    conn.execute(ROLLBACK).await?;
+                if meta.idle_for >= RECENTLY_USED {
+                    end_transaction(conn).await?;
                 }
                 Ok(true)
             })
@@ -124,5 +126,23 @@ impl PoolHandle for SqlxPool {
                 );
             }
         })
+    }
+}
+
+/// Ends the transaction the server has open on `conn`, if any, in one round trip as cheap as
+/// sqlx's ping: an empty query, after which sqlx knows the server's transaction status and
+/// `begin_with` reports it (it fails when the statement left no transaction open).
+async fn end_transaction(conn: &mut PgConnection) -> std::result::Result<(), SqlxError> {
+    use sea_orm::sqlx::Connection;
+    match conn.begin_with("").await {
+        Ok(open) => {
+            tracing::debug!(
+                pool = "seaorm",
+                "a connection came back inside a transaction; rolling back"
+            );
+            open.rollback().await
+        }
+        Err(SqlxError::BeginFailed) => Ok(()),
+        Err(e) => Err(e),
     }
 }

