@@ -344,7 +344,6 @@ impl LocalPostgres {
     }
 
     /// The host name to connect to; the server certificate is valid for it.
-
     pub fn host(&self) -> &str {
         "localhost"
     }

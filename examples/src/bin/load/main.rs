@@ -1,0 +1,225 @@
+//! The load benchmark: dal's pools against the pools a user would build without it, and
+//! against `pgbench`, on a PostgreSQL it starts itself.
+//!
+//! ```text
+//! cargo run --release -p examples --bin load -- [--quick] [--json FILE] [--svg FILE]
+//! ```
+//!
+//! At 1, 8 and 32 clients, in interleaved rounds (every stack once per round, in a rotating
+//! order, so that a machine growing busier slows all of them alike), each client sends
+//! pgbench's select-only query back to back through one checkout per request. Then: requests
+//! with connections renewed every second and 5 s tokens against connections kept, 200
+//! connects at once on a cold token cache, and the resident memory of idle pools. It prints a
+//! table of throughput, latency percentiles and ratios against the baselines, and writes the
+//! same as JSON (`--json`, default `target/load.json`) and an SVG plot (`--svg`, default
+//! `target/load.svg`). `--quick` runs shorter rounds (under two minutes in all); `--clients`
+//! chooses the client counts.
+//!
+//! Absolute numbers depend on the machine; the ratios are what the project tracks.
+
+mod measure;
+mod report;
+mod scenarios;
+mod stacks;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use dal::Connector;
+use dal::local::LocalPostgres;
+
+use crate::report::{Cell, Report};
+use crate::stacks::{Kind, Server, Stack};
+
+struct Args {
+    quick: bool,
+    clients: Vec<usize>,
+    json: PathBuf,
+    svg: PathBuf,
+}
+
+const USAGE: &str = "usage: load [--quick] [--clients 1,8,32] [--json FILE] [--svg FILE]";
+
+fn args() -> Result<Args, String> {
+    let mut args = Args {
+        quick: false,
+        clients: vec![1, 8, 32],
+        json: PathBuf::from("target/load.json"),
+        svg: PathBuf::from("target/load.svg"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => args.quick = true,
+            "--clients" => {
+                let list = it.next().unwrap_or_default();
+                args.clients = list
+                    .split(',')
+                    .map(|n| n.trim().parse().ok().filter(|&n| n > 0))
+                    .collect::<Option<Vec<usize>>>()
+                    .ok_or_else(|| {
+                        format!("--clients takes counts such as 1,8,32, not {list:?}\n{USAGE}")
+                    })?;
+            }
+            "--json" | "--svg" => {
+                let file = it
+                    .next()
+                    .ok_or_else(|| format!("{arg} needs a file name\n{USAGE}"))?;
+                if arg == "--json" {
+                    args.json = file.into();
+                } else {
+                    args.svg = file.into();
+                }
+            }
+            "-h" | "--help" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(args)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let outcome = match std::env::var(scenarios::PROBE_VAR) {
+        Ok(side) => scenarios::rss_probe(&side).await,
+        Err(_) => match args() {
+            Ok(args) => run(args).await,
+            Err(message) => {
+                eprintln!("{message}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let clients = args.clients.clone();
+    let rounds = 3;
+    let period = if args.quick {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(4)
+    };
+    let kinds = Kind::ALL;
+    let cells_total = clients.len() * rounds * kinds.len() + 3 * 2 * rounds;
+    let progress = indicatif::ProgressBar::new(cells_total as u64).with_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} {wide_bar} {pos}/{len} {msg}")
+            .expect("a valid template"),
+    );
+    progress.set_message("starting PostgreSQL");
+
+    let pg = LocalPostgres::start()
+        .await
+        .context("start PostgreSQL for the benchmark")?;
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    pg.create_role("bench", &password, None).await?;
+    pg.create_database("bench", Some("bench")).await?;
+    let server = Server {
+        host: pg.host().to_owned(),
+        port: pg.port(),
+        database: "bench".to_owned(),
+        user: "bench".to_owned(),
+        password,
+        ca: pg.ca_cert_path(),
+    };
+    progress.set_message("pgbench -i -s 1");
+    measure::pgbench_init(&server).await?;
+
+    let connector = Connector::new(server.dal_config()).await?;
+    let max_clients = clients.iter().copied().max().unwrap_or(1);
+    let mut stacks = Vec::new();
+    for kind in kinds.into_iter().filter(|&k| k != Kind::Pgbench) {
+        progress.set_message(format!("opening {}", kind.name()));
+        let warm = max_clients.min(connector.pool_settings().max_size() as usize);
+        let stack = Stack::build(kind, &server, Some(&connector), warm)
+            .await
+            .with_context(|| format!("build {}", kind.name()))?;
+        stacks.push((kind, Arc::new(stack)));
+    }
+
+    let mut cells = Vec::new();
+    for &n in &clients {
+        let mut samples: Vec<Vec<measure::Sample>> = vec![Vec::new(); kinds.len()];
+        for round in 0..rounds {
+            // Each round starts with a different stack.
+            for step in 0..kinds.len() {
+                let i = (step + round) % kinds.len();
+                let kind = kinds[i];
+                progress.set_message(format!(
+                    "{} at {n} clients, round {}",
+                    kind.name(),
+                    round + 1
+                ));
+                let sample = match stacks.iter().find(|(k, _)| *k == kind) {
+                    Some((_, stack)) => measure::run(stack, n, period).await,
+                    None => measure::pgbench(&server, n, period).await?,
+                };
+                samples[i].push(sample);
+                progress.inc(1);
+            }
+        }
+        for (i, rounds) in samples.into_iter().enumerate() {
+            cells.push(Cell {
+                stack: kinds[i],
+                clients: n,
+                median: scenarios::median(&rounds),
+                rounds,
+            });
+        }
+    }
+    for (_, stack) in stacks {
+        if let Ok(stack) = Arc::try_unwrap(stack) {
+            stack.close().await;
+        }
+    }
+    connector.shutdown().await;
+
+    let lb = scenarios::lakebase(&pg, &server).await?;
+    let churn = scenarios::churn(&pg, &lb, &server, rounds, period, &progress).await?;
+    progress.set_message("200 cold connects");
+    let storm = scenarios::cold_storm(&pg, &lb, &server).await?;
+    progress.set_message("idle memory");
+    let rss = scenarios::rss(&server, rounds).await?;
+    progress.finish_and_clear();
+
+    let report = Report {
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+        ratios: report::ratios(&cells, &clients),
+        clients,
+        rounds,
+        seconds_per_round: period.as_secs_f64(),
+        cells,
+        churn,
+        storm,
+        rss,
+    };
+    print!("{}", report::text(&report));
+    for path in [&args.json, &args.svg] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("write {}", args.json.display()))?;
+    report::svg(&report, &args.svg).with_context(|| format!("write {}", args.svg.display()))?;
+    println!("\nwrote {} and {}", args.json.display(), args.svg.display());
+    lb.shutdown().await;
+    Ok(())
+}

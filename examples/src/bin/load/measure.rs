@@ -1,0 +1,141 @@
+//! Timing one cell: `clients` callers sending requests back to back for a period, each
+//! request timed from its start to its answer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::stacks::{ACCOUNTS, Server, Stack};
+
+/// What one cell measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Requests answered per second.
+    pub throughput: f64,
+    /// Latency percentiles and maximum, in microseconds; `None` where the tool does not
+    /// report them (pgbench gives the mean only).
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub max_us: Option<u64>,
+    pub requests: u64,
+    pub errors: u64,
+}
+
+/// Runs `clients` callers of `stack` for `period`.
+pub async fn run(stack: &Arc<Stack>, clients: usize, period: Duration) -> Sample {
+    let started = Instant::now();
+    let until = started + period;
+    let callers: Vec<_> = (0..clients)
+        .map(|_| {
+            let stack = Arc::clone(stack);
+            tokio::spawn(async move {
+                let (mut latencies, mut errors) = (Vec::with_capacity(65_536), 0u64);
+                while Instant::now() < until {
+                    let aid = fastrand::i32(1..=ACCOUNTS);
+                    let begun = Instant::now();
+                    match stack.request(aid).await {
+                        Ok(_) => latencies.push(begun.elapsed().as_micros() as u64),
+                        Err(e) => {
+                            if errors == 0 {
+                                tracing::warn!(error = %e, "request failed");
+                            }
+                            errors += 1;
+                        }
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    for caller in callers {
+        let (l, e) = caller.await.expect("caller task");
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    Sample {
+        throughput: latencies.len() as f64 / elapsed,
+        p50_us: percentile(&latencies, 0.50),
+        p99_us: percentile(&latencies, 0.99),
+        max_us: latencies.last().copied(),
+        requests: latencies.len() as u64,
+        errors,
+    }
+}
+
+/// The `q` quantile of sorted values (nearest rank).
+pub fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+/// `pgbench -S -M prepared` with `clients` connections for `period` (whole seconds, at least
+/// one), over the same TLS the stacks use.
+pub async fn pgbench(server: &Server, clients: usize, period: Duration) -> anyhow::Result<Sample> {
+    let program = dal::local::LocalPostgres::bin_dir()?.join("pgbench");
+    let seconds = period.as_secs().max(1).to_string();
+    let out = tokio::process::Command::new(&program)
+        .args(["-n", "-S", "-M", "prepared"])
+        .args(["-c", &clients.to_string()])
+        .args(["-j", &clients.min(2).to_string()])
+        .args(["-T", &seconds])
+        .args(["-h", &server.host, "-p", &server.port.to_string()])
+        .args(["-U", &server.user, &server.database])
+        .env("PGPASSWORD", &server.password)
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", &server.ca)
+        .output()
+        .await
+        .with_context(|| format!("run {}", program.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let throughput = field("tps = ").context("pgbench printed no tps")?;
+    let processed = field("number of transactions actually processed: ").unwrap_or(0.0);
+    let failed = field("number of failed transactions: ").unwrap_or(0.0);
+    Ok(Sample {
+        throughput,
+        p50_us: None,
+        p99_us: None,
+        max_us: None,
+        requests: processed as u64,
+        errors: failed as u64,
+    })
+}
+
+/// Initialises pgbench's tables (scale 1: 100,000 accounts).
+pub async fn pgbench_init(server: &Server) -> anyhow::Result<()> {
+    let program = dal::local::LocalPostgres::bin_dir()?.join("pgbench");
+    let out = tokio::process::Command::new(&program)
+        .args(["-i", "-q", "-s", "1"])
+        .args(["-h", &server.host, "-p", &server.port.to_string()])
+        .args(["-U", &server.user, &server.database])
+        .env("PGPASSWORD", &server.password)
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", &server.ca)
+        .output()
+        .await
+        .with_context(|| format!("run {}", program.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "pgbench -i failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}

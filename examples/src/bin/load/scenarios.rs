@@ -1,0 +1,228 @@
+//! The runs that are not a throughput cell: logins under connection churn, a cold storm of
+//! connects, and the memory of idle pools.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
+use dal::{Connector, PoolSettings, TokenStrategy};
+use serde::Serialize;
+
+use crate::measure::{self, Sample};
+use crate::stacks::{Kind, Server, Stack};
+
+/// Steady state against connections renewed every second, with 5 s tokens.
+#[derive(Debug, Serialize)]
+pub struct Churn {
+    pub stack: Kind,
+    pub steady: Sample,
+    pub churn: Sample,
+}
+
+/// The local Lakebase service, its role allowed to read the benchmark tables.
+pub async fn lakebase(pg: &LocalPostgres, server: &Server) -> anyhow::Result<LocalLakebase> {
+    let config = LocalLakebaseConfig::new().with_token_ttl(Duration::from_secs(5));
+    let lb = LocalLakebase::start(pg, config).await?;
+    let role = &lb.config().role;
+    pg.admin(&server.database)
+        .await?
+        .batch_execute(&format!(
+            "GRANT SELECT ON pgbench_accounts TO \"{role}\"; \
+             GRANT CONNECT ON DATABASE \"{}\" TO \"{role}\"",
+            server.database
+        ))
+        .await?;
+    Ok(lb)
+}
+
+/// For each dal stack, `rounds` interleaved runs of eight callers with connections kept and
+/// with connections renewed every second (5 s tokens, so new ones log in with new tokens):
+/// the medians of each.
+pub async fn churn(
+    pg: &LocalPostgres,
+    lb: &LocalLakebase,
+    server: &Server,
+    rounds: usize,
+    period: Duration,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Vec<Churn>> {
+    let config = lb.client_config(pg, &server.database)?;
+    let steady = Connector::new(config.clone()).await?;
+    let renewed = PoolSettings::builder()
+        .max_lifetime(Some(Duration::from_secs(1)))
+        .build()?;
+    let churning = Connector::new(config.pool(renewed)).await?;
+    let mut out = Vec::new();
+    for kind in [Kind::SeaOrmDal, Kind::DieselDal, Kind::PgDal] {
+        let stacks = [
+            Arc::new(Stack::build(kind, server, Some(&steady), 8).await?),
+            Arc::new(Stack::build(kind, server, Some(&churning), 8).await?),
+        ];
+        let mut samples: [Vec<Sample>; 2] = Default::default();
+        for _ in 0..rounds {
+            for (i, stack) in stacks.iter().enumerate() {
+                progress.set_message(format!(
+                    "{} with {} connections",
+                    kind.name(),
+                    ["kept", "renewed every second"][i]
+                ));
+                samples[i].push(measure::run(stack, 8, period).await);
+                progress.inc(1);
+            }
+        }
+        let [steady, churn] = samples.map(|s| median(&s));
+        out.push(Churn {
+            stack: kind,
+            steady,
+            churn,
+        });
+    }
+    steady.shutdown().await;
+    churning.shutdown().await;
+    Ok(out)
+}
+
+/// The median of each figure over rounds (the maximum for `max_us`).
+pub fn median(samples: &[Sample]) -> Sample {
+    fn mid<T: PartialOrd + Copy>(mut v: Vec<T>) -> Option<T> {
+        v.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
+        v.get(v.len() / 2).copied()
+    }
+    Sample {
+        throughput: mid(samples.iter().map(|s| s.throughput).collect()).unwrap_or_default(),
+        p50_us: mid(samples.iter().filter_map(|s| s.p50_us).collect()),
+        p99_us: mid(samples.iter().filter_map(|s| s.p99_us).collect()),
+        max_us: samples.iter().filter_map(|s| s.max_us).max(),
+        requests: samples.iter().map(|s| s.requests).sum(),
+        errors: samples.iter().map(|s| s.errors).sum(),
+    }
+}
+
+/// 200 connects at once through a connector that has no token yet.
+#[derive(Debug, Serialize)]
+pub struct Storm {
+    pub connects: usize,
+    pub oauth_requests: usize,
+    pub credential_requests: usize,
+    /// From the first connect started to the last one answering a query.
+    pub all_connected_ms: u128,
+}
+
+pub async fn cold_storm(
+    pg: &LocalPostgres,
+    lb: &LocalLakebase,
+    server: &Server,
+) -> anyhow::Result<Storm> {
+    const CONNECTS: usize = 200;
+    let (oauth, credentials) = (lb.oauth_requests(), lb.credential_requests());
+    let mut config = lb
+        .client_config(pg, &server.database)?
+        .strategy(TokenStrategy::Lazy);
+    // Two hundred TLS logins at once on a small machine: what counts is fetches.
+    config.connect_timeout = Duration::from_secs(300);
+    let connector = Connector::new(config).await?;
+    let started = Instant::now();
+    let connects: Vec<_> = (0..CONNECTS)
+        .map(|_| {
+            let connector = connector.clone();
+            tokio::spawn(async move {
+                let (client, connection) = connector.connect().await?;
+                let session = tokio::spawn(connection);
+                client.simple_query("SELECT 1").await?;
+                anyhow::Ok((client, session))
+            })
+        })
+        .collect();
+    let mut sessions = Vec::new();
+    for connect in connects {
+        sessions.push(connect.await??);
+    }
+    let all_connected_ms = started.elapsed().as_millis();
+    drop(sessions);
+    connector.shutdown().await;
+    Ok(Storm {
+        connects: CONNECTS,
+        oauth_requests: lb.oauth_requests() - oauth,
+        credential_requests: lb.credential_requests() - credentials,
+        all_connected_ms,
+    })
+}
+
+/// Resident memory of a process holding a SeaORM and a Diesel pool of ten open connections
+/// each: through dal, and built plain.
+#[derive(Debug, Serialize)]
+pub struct Rss {
+    pub dal_kib: u64,
+    pub plain_kib: u64,
+}
+
+/// The variable that tells a child process to measure its memory instead of benchmarking.
+pub const PROBE_VAR: &str = "DAL_LOAD_RSS_PROBE";
+
+/// Runs the memory probe `rounds` times for each side, alternating, in fresh processes of
+/// this program; the medians.
+pub async fn rss(server: &Server, rounds: usize) -> anyhow::Result<Rss> {
+    let me = std::env::current_exe()?;
+    let mut sides: [Vec<u64>; 2] = Default::default();
+    for _ in 0..rounds {
+        for (i, side) in ["dal", "plain"].into_iter().enumerate() {
+            let out = tokio::process::Command::new(&me)
+                .env(PROBE_VAR, side)
+                .env("DAL_LOAD_HOST", &server.host)
+                .env("DAL_LOAD_PORT", server.port.to_string())
+                .env("DAL_LOAD_DATABASE", &server.database)
+                .env("DAL_LOAD_USER", &server.user)
+                .env("DAL_LOAD_PASSWORD", &server.password)
+                .env("DAL_LOAD_CA", &server.ca)
+                .output()
+                .await?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            anyhow::ensure!(
+                out.status.success(),
+                "the memory probe failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            sides[i].push(text.trim().parse().context("the probe's answer")?);
+        }
+    }
+    let [dal_kib, plain_kib] = sides.map(|mut v| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    });
+    Ok(Rss { dal_kib, plain_kib })
+}
+
+/// The child's side of [`rss`]: builds the pools, waits for them to settle, prints VmRSS in
+/// KiB.
+pub async fn rss_probe(side: &str) -> anyhow::Result<()> {
+    let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
+    let server = Server {
+        host: var("DAL_LOAD_HOST")?,
+        port: var("DAL_LOAD_PORT")?.parse()?,
+        database: var("DAL_LOAD_DATABASE")?,
+        user: var("DAL_LOAD_USER")?,
+        password: var("DAL_LOAD_PASSWORD")?,
+        ca: var("DAL_LOAD_CA")?.into(),
+    };
+    let mut stacks = Vec::new();
+    if side == "dal" {
+        let connector = Connector::new(server.dal_config()).await?;
+        for kind in [Kind::SeaOrmDal, Kind::DieselDal] {
+            stacks.push(Stack::build(kind, &server, Some(&connector), 10).await?);
+        }
+    } else {
+        for kind in [Kind::SeaOrmPlain, Kind::DieselPlainLike] {
+            stacks.push(Stack::build(kind, &server, None, 10).await?);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS in /proc/self/status")?;
+    println!("{kib}");
+    Ok(())
+}

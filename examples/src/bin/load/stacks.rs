@@ -1,0 +1,322 @@
+//! The stacks under test. Each answers one request, pgbench's select-only transaction
+//! (`SELECT abalance FROM pgbench_accounts WHERE aid = $1`, a random account), with one
+//! checkout of its pool; the plain ones are the pools a user would build without dal.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use dal::diesel::prelude::*;
+use dal::diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use dal::diesel_async::{AsyncPgConnection, RunQueryDsl};
+use dal::sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use dal::{Connector, PoolSettings};
+use futures_util::FutureExt as _;
+use futures_util::future::BoxFuture;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// pgbench's select-only query.
+pub const QUERY: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+
+/// Accounts in a scale-1 pgbench database.
+pub const ACCOUNTS: i32 = 100_000;
+
+dal::diesel::table! {
+    pgbench_accounts (aid) {
+        aid -> Integer,
+        abalance -> Integer,
+    }
+}
+
+/// Where the benchmark database is, and who logs in.
+#[derive(Clone)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    /// The CA that signed the server's certificate: every stack verifies it (`verify-full`).
+    pub ca: std::path::PathBuf,
+}
+
+impl Server {
+    /// The same login for dal.
+    pub fn dal_config(&self) -> dal::Config {
+        dal::Config::new(&self.host, &self.user)
+            .port(self.port)
+            .database(&self.database)
+            .ssl_root_cert(&self.ca)
+            .password(&self.password)
+    }
+
+    fn pg_config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .dbname(&self.database)
+            .user(&self.user)
+            .password(&self.password)
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        config
+    }
+}
+
+/// TLS for the plain tokio-postgres and Diesel pools, trusting `ca` only.
+fn rustls_connect(ca: &Path) -> anyhow::Result<MakeRustlsConnect> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).context("read the CA")? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+type DieselPlainPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
+type PgPlainPool = bb8::Pool<bb8_postgres::PostgresConnectionManager<MakeRustlsConnect>>;
+
+/// One stack, with its pool built and warm.
+pub enum Stack {
+    SeaOrm(DatabaseConnection),
+    DieselDal(dal::DieselPool),
+    DieselPlain(DieselPlainPool),
+    PgDal(dal::PgClientPool),
+    PgPlain(PgPlainPool),
+}
+
+/// Which stack, as the table names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    SeaOrmDal,
+    SeaOrmPlain,
+    DieselDal,
+    DieselPlainDefaults,
+    DieselPlainLike,
+    PgDal,
+    PgPlain,
+    Pgbench,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::SeaOrmDal,
+        Kind::SeaOrmPlain,
+        Kind::DieselDal,
+        Kind::DieselPlainDefaults,
+        Kind::DieselPlainLike,
+        Kind::PgDal,
+        Kind::PgPlain,
+        Kind::Pgbench,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::SeaOrmDal => "SeaORM via dal",
+            Kind::SeaOrmPlain => "SeaORM, plain (sqlx defaults)",
+            Kind::DieselDal => "Diesel via dal",
+            Kind::DieselPlainDefaults => "Diesel, plain bb8 (defaults)",
+            Kind::DieselPlainLike => "Diesel, plain bb8 (dal's settings)",
+            Kind::PgDal => "tokio-postgres via dal",
+            Kind::PgPlain => "tokio-postgres, plain bb8",
+            Kind::Pgbench => "pgbench -S -M prepared",
+        }
+    }
+}
+
+impl Stack {
+    /// Builds the pool of `kind` (not pgbench) and opens `warm` connections. The dal stacks
+    /// need `connector`; the like-for-like plain ones take its pool settings (or the
+    /// defaults).
+    pub async fn build(
+        kind: Kind,
+        server: &Server,
+        connector: Option<&Connector>,
+        warm: usize,
+    ) -> anyhow::Result<Self> {
+        let defaults = PoolSettings::default();
+        let settings = connector.map_or(&defaults, Connector::pool_settings);
+        let dal = || connector.context("the dal stacks need a connector");
+        let stack = match kind {
+            Kind::SeaOrmDal => Stack::SeaOrm(dal()?.seaorm().await?),
+            Kind::SeaOrmPlain => {
+                use dal::sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
+                let (server, ca) = (server.clone(), server.ca.clone());
+                // What a SeaORM user writes: a URL, and SeaORM's defaults otherwise.
+                let mut options = dal::sea_orm::ConnectOptions::new(format!(
+                    "postgres://{}@{}:{}/{}",
+                    server.user, server.host, server.port, server.database
+                ));
+                options.map_sqlx_postgres_opts(move |o: PgConnectOptions| {
+                    o.password(&server.password)
+                        .ssl_mode(PgSslMode::VerifyFull)
+                        .ssl_root_cert(&ca)
+                });
+                Stack::SeaOrm(dal::sea_orm::Database::connect(options).await?)
+            }
+            Kind::DieselDal => Stack::DieselDal(dal()?.diesel_pool().await?),
+            Kind::DieselPlainDefaults | Kind::DieselPlainLike => {
+                let tls = rustls_connect(&server.ca)?;
+                let config = server.pg_config();
+                let mut manager_config = ManagerConfig::default();
+                manager_config.custom_setup = Box::new(move |_url| {
+                    let (config, tls) = (config.clone(), tls.clone());
+                    async move {
+                        let (client, connection) = config.connect(tls).await.map_err(|e| {
+                            dal::diesel::ConnectionError::BadConnection(e.to_string())
+                        })?;
+                        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                    }
+                    .boxed()
+                });
+                // The URL is only a label here: the setup above connects.
+                let manager = AsyncDieselConnectionManager::new_with_config(
+                    "postgres://benchmark",
+                    manager_config,
+                );
+                let builder = bb8::Pool::builder();
+                let builder = if kind == Kind::DieselPlainLike {
+                    like_dal(builder, settings)
+                } else {
+                    builder
+                };
+                Stack::DieselPlain(builder.build(manager).await?)
+            }
+            Kind::PgDal => Stack::PgDal(dal()?.postgres_pool().await?),
+            Kind::PgPlain => {
+                let manager = bb8_postgres::PostgresConnectionManager::new(
+                    server.pg_config(),
+                    rustls_connect(&server.ca)?,
+                );
+                Stack::PgPlain(
+                    like_dal(bb8::Pool::builder(), settings)
+                        .build(manager)
+                        .await?,
+                )
+            }
+            Kind::Pgbench => anyhow::bail!("pgbench is a program, not a pool"),
+        };
+        // Open the connections the run will use, so that no run pays for logins.
+        let warmers: Vec<_> = (0..warm)
+            .map(|i| stack.hold(i as i32 + 1, Duration::from_millis(200)))
+            .collect();
+        for outcome in futures_util::future::join_all(warmers).await {
+            outcome?;
+        }
+        Ok(stack)
+    }
+
+    /// One request for account `aid`.
+    pub fn request(&self, aid: i32) -> BoxFuture<'_, anyhow::Result<i32>> {
+        match self {
+            Stack::SeaOrm(db) => Box::pin(async move {
+                let row = db
+                    .query_one_raw(Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        QUERY,
+                        [aid.into()],
+                    ))
+                    .await?
+                    .context("no such account")?;
+                Ok(row.try_get_by_index(0)?)
+            }),
+            Stack::DieselDal(pool) => Box::pin(async move {
+                let mut conn = pool.get().await?;
+                Ok(diesel_select(&mut conn, aid).await?)
+            }),
+            Stack::DieselPlain(pool) => Box::pin(async move {
+                let mut conn = pool.get().await?;
+                Ok(diesel_select(&mut conn, aid).await?)
+            }),
+            Stack::PgDal(pool) => Box::pin(async move {
+                let client = pool.get().await?;
+                pg_select(&client, aid).await
+            }),
+            Stack::PgPlain(pool) => Box::pin(async move {
+                let client = pool.get().await?;
+                pg_select(&client, aid).await
+            }),
+        }
+    }
+
+    /// A request that keeps its connection for `hold` (to open one connection per caller).
+    async fn hold(&self, aid: i32, hold: Duration) -> anyhow::Result<()> {
+        match self {
+            Stack::SeaOrm(db) => {
+                use dal::sea_orm::TransactionTrait;
+                let txn = db.begin().await?;
+                txn.execute_unprepared("SELECT 1").await?;
+                tokio::time::sleep(hold).await;
+                txn.commit().await?;
+            }
+            Stack::DieselDal(pool) => {
+                let mut conn = pool.get().await?;
+                diesel_select(&mut conn, aid).await?;
+                tokio::time::sleep(hold).await;
+            }
+            Stack::DieselPlain(pool) => {
+                let mut conn = pool.get().await?;
+                diesel_select(&mut conn, aid).await?;
+                tokio::time::sleep(hold).await;
+            }
+            Stack::PgDal(pool) => {
+                let client = pool.get().await?;
+                pg_select(&client, aid).await?;
+                tokio::time::sleep(hold).await;
+            }
+            Stack::PgPlain(pool) => {
+                let client = pool.get().await?;
+                pg_select(&client, aid).await?;
+                tokio::time::sleep(hold).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the pool's connections.
+    pub async fn close(self) {
+        if let Stack::SeaOrm(db) = self {
+            let _ = db.close().await;
+        }
+    }
+}
+
+/// bb8's builder with dal's pool settings: the like-for-like baseline.
+fn like_dal<M: bb8::ManageConnection>(
+    builder: bb8::Builder<M>,
+    settings: &PoolSettings,
+) -> bb8::Builder<M> {
+    builder
+        .max_size(settings.max_size())
+        .min_idle(Some(settings.min_idle()))
+        .max_lifetime(settings.max_lifetime())
+        .idle_timeout(settings.idle_timeout())
+        .connection_timeout(settings.acquire_timeout())
+        .test_on_check_out(true)
+}
+
+async fn diesel_select(conn: &mut AsyncPgConnection, aid: i32) -> QueryResult<i32> {
+    pgbench_accounts::table
+        .find(aid)
+        .select(pgbench_accounts::abalance)
+        .get_result(conn)
+        .await
+}
+
+/// One round trip: Parse, Bind and Execute together (`query_typed`), as both tokio-postgres
+/// stacks run it.
+async fn pg_select(client: &tokio_postgres::Client, aid: i32) -> anyhow::Result<i32> {
+    let rows = client
+        .query_typed(QUERY, &[(&aid, tokio_postgres::types::Type::INT4)])
+        .await?;
+    let row = <[tokio_postgres::Row]>::first(&rows).context("no such account")?;
+    Ok(row.get(0))
+}
