@@ -353,6 +353,15 @@ impl Connector {
                     source: e,
                 })
             }
+            Err(e) if is_unknown_issuer(&e) => Err(Error::config(
+                Setting::SslRootCert,
+                format!(
+                    "the certificate of {}:{} is signed by a CA this program does not trust \
+                     (UnknownIssuer): set PGSSLROOTCERT (sslrootcert in DATABASE_URL) to the \
+                     PEM file of the CA that signed it",
+                    self.shared.host, self.shared.port
+                ),
+            )),
             Err(e) => Err(Error::Database(e)),
         }
     }
@@ -519,6 +528,25 @@ impl Connector {
 
 /// Whether the server refused the login itself: SQLSTATE `28P01`, or `28000` from
 /// PostgreSQL's external methods (LDAP, PAM, ...) that token services use.
+/// Whether TLS failed because no trusted CA signed the server's certificate.
+fn is_unknown_issuer(e: &tokio_postgres::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        // tokio-rustls wraps rustls' error in an io::Error, whose `source` skips it.
+        let inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map_or(c, |inner| inner as &(dyn std::error::Error + 'static));
+        if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) =
+            inner.downcast_ref::<rustls::Error>()
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 fn is_refused_login(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     matches!(

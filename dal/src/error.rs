@@ -214,7 +214,8 @@ pub enum Error {
     /// An HTTP call of a credential source failed or was refused.
     #[error("{endpoint} answered HTTP {status}: {code}: {message}")]
     Http {
-        /// The URL path called (never a query string or secret), e.g. `/oidc/v1/token`.
+        /// The URL called, without its query string, e.g.
+        /// `https://my-workspace.cloud.databricks.com/oidc/v1/token`.
         endpoint: String,
         /// The HTTP status code.
         status: u16,
@@ -231,7 +232,7 @@ pub enum Error {
     /// malformed response.
     #[error("{endpoint}: {what}")]
     HttpTransport {
-        /// The URL path called (never a query string or secret).
+        /// The URL called, without its query string.
         endpoint: String,
         /// What went wrong.
         what: String,

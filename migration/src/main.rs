@@ -27,10 +27,14 @@ async fn main() {
         Ok(target) => target == Target::Dsql,
         Err(e) => fail(&e),
     };
+    let server = format!(
+        "{}:{} (database {}, user {})",
+        config.host, config.port, config.database, config.user
+    );
     let connect = async move || -> Result<DatabaseConnection, sea_orm_migration::DbErr> {
         match connect(config).await {
             Ok(db) => Ok(db),
-            Err(e) => fail(&e),
+            Err(e) => fail(&Unreachable { server, source: e }),
         }
     };
     if dsql {
@@ -58,6 +62,25 @@ async fn connect(config: Config) -> dal::Result<DatabaseConnection> {
     // Fail now, with the cause, rather than with a pool timeout inside the first migration.
     drop(connector.connect().await?);
     connector.seaorm().await
+}
+
+/// A connection that could not be opened, with the server it was for.
+#[derive(Debug)]
+struct Unreachable {
+    server: String,
+    source: dal::Error,
+}
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot migrate {}", self.server)
+    }
+}
+
+impl std::error::Error for Unreachable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
 }
 
 /// Any error of dal or of its local services.

@@ -72,7 +72,7 @@ impl Config {
             if dsql {
                 return Err(conflict(Setting::DatabaseUrl, "DSQL_ENDPOINT"));
             }
-            return env.common(from_url(&url)?);
+            return env.common(from_url(&url, env.get("PGPASSWORD"))?);
         }
         if (lakebase || dsql) && env.get("PGPASSWORD").is_some() {
             let other = if dsql {

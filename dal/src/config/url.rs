@@ -10,8 +10,9 @@ use tokio_postgres::config::Host;
 use super::settings::Config;
 use crate::error::{Error, Result, Setting};
 
-/// A static-password configuration from `url`. No error repeats the URL: it holds a password.
-pub(super) fn from_url(url: &str) -> Result<Config> {
+/// A static-password configuration from `url`; `password` (`PGPASSWORD`) when the URL has
+/// none, as libpq does. No error repeats the URL: it holds a password.
+pub(super) fn from_url(url: &str, password: Option<String>) -> Result<Config> {
     let bad = |reason: &str| {
         Error::config(
             Setting::DatabaseUrl,
@@ -24,6 +25,8 @@ pub(super) fn from_url(url: &str) -> Result<Config> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(bad("must start with postgres:// or postgresql://"));
     }
+    check_userinfo(url).map_err(|e| bad(&e))?;
+    check_port(url).map_err(|e| bad(&e))?;
     let (rest, ours) = take_tls_params(url).map_err(|e| bad(&e))?;
     let parsed: tokio_postgres::Config = rest
         .parse()
@@ -38,11 +41,17 @@ pub(super) fn from_url(url: &str) -> Result<Config> {
         .get_user()
         .filter(|u| !u.is_empty())
         .ok_or_else(|| bad("has no user name"))?;
-    let password = parsed
-        .get_password()
-        .ok_or_else(|| bad("has no password (for token sources, use their own settings)"))?;
-    let password = String::from_utf8(password.to_vec())
-        .map_err(|_| bad("has a password that is not valid UTF-8"))?;
+    let password = match (parsed.get_password(), password) {
+        (Some(p), _) => String::from_utf8(p.to_vec())
+            .map_err(|_| bad("has a password that is not valid UTF-8"))?,
+        (None, Some(p)) => p,
+        (None, None) => {
+            return Err(bad(
+                "has no password, and PGPASSWORD is not set (for token sources, use their own \
+                 settings)",
+            ));
+        }
+    };
     let mut config = Config::new(host, user).password(password);
     match parsed.get_ports() {
         [] => {}
@@ -68,6 +77,60 @@ pub(super) fn from_url(url: &str) -> Result<Config> {
     }
     config.ssl_root_cert = ours.ssl_root_cert.map(PathBuf::from);
     Ok(config)
+}
+
+/// The user name and password: a character the URL syntax reserves must be percent-encoded
+/// there, and the usual mistake (a raw `#`, `/`, `?`, `@` or `%` in a password) otherwise
+/// surfaces as a wrong host or port. Names the character, never the password.
+fn check_userinfo(url: &str) -> std::result::Result<(), String> {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let Some((userinfo, _)) = after_scheme.rsplit_once('@') else {
+        return Ok(());
+    };
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    for (part, text) in [("user name", user), ("password", password)] {
+        let bytes = text.as_bytes();
+        for (i, c) in text.char_indices() {
+            let raw = match c {
+                '@' | '/' | '#' | '?' => true,
+                ':' => part == "user name",
+                '%' => {
+                    !(bytes.len() > i + 2
+                        && bytes[i + 1].is_ascii_hexdigit()
+                        && bytes[i + 2].is_ascii_hexdigit())
+                }
+                _ => false,
+            };
+            if raw {
+                return Err(format!(
+                    "the {part} has a raw '{c}': percent-encode it as %{:02X}",
+                    c as u32
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The port, if the URL has one: a number from 1 to 65535.
+fn check_port(url: &str) -> std::result::Result<(), String> {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let after_user = after_scheme
+        .rsplit_once('@')
+        .map_or(after_scheme, |(_, h)| h);
+    let hostport = after_user.split(['/', '?']).next().unwrap_or_default();
+    // An IPv6 host is bracketed: its colons are not the port's.
+    let port = match hostport.rsplit_once(']') {
+        Some((_, rest)) => rest.strip_prefix(':'),
+        None => hostport.rsplit_once(':').map(|(_, p)| p),
+    };
+    match port {
+        None => Ok(()),
+        Some(p) if p.parse::<u16>().is_ok_and(|n| n > 0) => Ok(()),
+        Some(p) => Err(format!(
+            "has port {p:?}: a port is a number from 1 to 65535"
+        )),
+    }
 }
 
 /// The query parameters dal reads itself.
@@ -112,7 +175,7 @@ mod tests {
     use crate::tls::SslMode;
 
     fn reason(url: &str) -> String {
-        match from_url(url) {
+        match from_url(url, None) {
             Err(Error::Config { setting, reason }) => {
                 assert_eq!(setting, Setting::DatabaseUrl);
                 reason
@@ -126,6 +189,7 @@ mod tests {
         let c = from_url(
             "postgresql://app:p%40ss%3A%2F@db.example.com:6543/shop?sslmode=verify-ca\
              &sslrootcert=%2Fetc%2Fca.pem&application_name=svc&connect_timeout=3",
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -144,9 +208,26 @@ mod tests {
     }
 
     #[test]
+    fn a_url_without_a_password_takes_pgpassword_as_libpq_does() {
+        let c = from_url("postgres://u@h/db", Some("from-env".into())).unwrap();
+        assert!(matches!(
+            c.credentials,
+            Some(crate::config::Credentials::Password(ref p))
+                if secrecy::ExposeSecret::expose_secret(p) == "from-env"
+        ));
+        // The URL's own password wins, and a raw ':' in a password is libpq's too.
+        let c = from_url("postgres://u:a:b@h/db", Some("from-env".into())).unwrap();
+        assert!(matches!(
+            c.credentials,
+            Some(crate::config::Credentials::Password(ref p))
+                if secrecy::ExposeSecret::expose_secret(p) == "a:b"
+        ));
+    }
+
+    #[test]
     fn ipv6_hosts_lose_their_brackets() {
         assert_eq!(
-            from_url("postgres://u:p@[::1]:5433/db").unwrap().host,
+            from_url("postgres://u:p@[::1]:5433/db", None).unwrap().host,
             "::1"
         );
     }
@@ -155,11 +236,35 @@ mod tests {
     fn mistakes_are_named_and_never_echo_the_password() {
         for (url, expected) in [
             ("mysql://u:secret@h/db", "must start with postgres://"),
-            ("postgres://u@h/db", "has no password"),
+            (
+                "postgres://u@h/db",
+                "has no password, and PGPASSWORD is not set",
+            ),
             ("postgres://:secret@h/db", "has no user name"),
             (
                 "postgres://u:secret@h:99999/db",
-                "is not a valid connection URL",
+                "has port \"99999\": a port is a number from 1 to 65535",
+            ),
+            ("postgres://u:secret@h:abc/db", "has port \"abc\""),
+            (
+                "postgres://u:sec#ret@h/db",
+                "the password has a raw '#': percent-encode it as %23",
+            ),
+            (
+                "postgres://u:sec/ret@h/db",
+                "the password has a raw '/': percent-encode it as %2F",
+            ),
+            (
+                "postgres://u:sec%ret@h/db",
+                "the password has a raw '%': percent-encode it as %25",
+            ),
+            (
+                "postgres://u:sec?ret@h/db",
+                "the password has a raw '?': percent-encode it as %3F",
+            ),
+            (
+                "postgres://u:sec@ret@h/db",
+                "the password has a raw '@': percent-encode it as %40",
             ),
             ("postgres://u:secret@h/db?sslmode=sometimes", "sslmode:"),
             (

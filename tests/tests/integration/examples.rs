@@ -464,6 +464,51 @@ async fn background_task_fetches_tokens_only_when_it_connects() {
     );
 }
 
+/// The migration command names the server it could not reach, and the error line says
+/// what to fix: a wrong port, a private CA without `PGSSLROOTCERT`.
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_name_the_server_and_the_fix() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "errs").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = |port: u16, query: &str| {
+        format!("postgres://errs:{password}@localhost:{port}/errs?{query}")
+    };
+    let ca = format!("sslrootcert={}", pg.ca_cert_path().display());
+    let cases = [
+        (
+            url(closed, &format!("sslmode=verify-full&{ca}")),
+            vec![format!(
+                "cannot migrate localhost:{closed} (database errs, user errs)"
+            )],
+        ),
+        (
+            // verify-full against the local CA without naming it.
+            url(pg.port(), "sslmode=verify-full"),
+            vec![
+                "PGSSLROOTCERT".to_owned(),
+                format!("localhost:{}", pg.port()),
+                "UnknownIssuer".to_owned(),
+            ],
+        ),
+    ];
+    for (url, expected) in cases {
+        let mut p =
+            Program::start_with_args("migration", &[("DATABASE_URL", url.clone())], &["status"]);
+        let status = p.wait(Duration::from_secs(60)).await;
+        assert_eq!(status.code(), Some(1), "{}", p.output());
+        let error = p.the_error_line();
+        for part in expected {
+            assert!(error.contains(&part), "{part:?} in {error}");
+        }
+        assert!(!p.stderr().contains(&password), "{}", p.output());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_credentials_end_with_one_line() {
     let pg = tests::server().await;
@@ -485,6 +530,8 @@ async fn bad_credentials_end_with_one_line() {
             "{error}"
         );
         assert!(error.contains("401"), "{error}");
+        // The host it called, not only the path.
+        assert!(error.contains(&lb.url()), "{error}");
         let stderr = p.stderr();
         assert!(
             !stderr.contains("dose-wrong-secret") && !stderr.contains("panicked"),

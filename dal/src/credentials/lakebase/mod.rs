@@ -288,9 +288,11 @@ impl Lakebase {
                 }),
             ),
         };
+        let url = format!("{}{path}", self.host);
+        let path = url.as_str();
         let mut request = self
             .client
-            .post(format!("{}{path}", self.host))
+            .post(path)
             .header(AUTHORIZATION, auth.header)
             .header(ACCEPT, "application/json")
             .json(&body);
@@ -414,7 +416,7 @@ impl Lakebase {
         client_id: &str,
         client_secret: &SecretString,
     ) -> Result<(HeaderValue, SecretString, Duration)> {
-        let path = token_url.path();
+        let path = &endpoint_of(token_url);
         let request = self
             .client
             .post(token_url.clone())
@@ -525,7 +527,7 @@ impl Lakebase {
         let Ok(parsed) = parse_url(url, Setting::DatabricksHost) else {
             return Ok(None);
         };
-        let path = parsed.path().to_owned();
+        let path = endpoint_of(&parsed);
         let request = self.client.get(parsed).header(ACCEPT, "application/json");
         let reply = self.send(&path, request).await?;
         if !reply.status.is_success() {
@@ -729,6 +731,16 @@ fn malformed(path: &str, what: &str) -> Error {
         what: what.to_owned(),
         source: None,
     }
+}
+
+/// What errors name of an HTTP call: scheme, host, port and path; never a query string.
+fn endpoint_of(url: &Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.to_string()
 }
 
 fn metadata_path(url: &str) -> String {
