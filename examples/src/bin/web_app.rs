@@ -8,11 +8,13 @@
 //!      -d '{"email":"ada@example.com","name":"Ada"}'
 //! ```
 //!
-//! Errors are JSON, `{"error": {"code": ..., "message": ...}}`: 400 for bad input, 404 for a
+//! Errors are JSON, `{"error": "<code>", "message": "..."}`: 400 for bad input, 404 for a
 //! missing row, 409 for a duplicate, 503 when the database cannot be reached or refuses the
 //! service's credentials (code `credentials_refused`). `/healthz` opens a new connection, so it
-//! says whether one can be opened now. Messages never
-//! carry a driver's text. SIGINT or SIGTERM drains the requests in flight, stops the token
+//! says whether one can be opened now. Messages are fixed: never a driver's or a parser's
+//! text. Text fields are counted in characters, bounded, and refuse control characters;
+//! e-mail addresses are compared without case. `GET /metrics` serves dal's metrics in the
+//! Prometheus text format. SIGINT or SIGTERM drains the requests in flight, stops the token
 //! refresher and closes the pools.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
@@ -86,6 +88,10 @@ fn listen_addr() -> anyhow::Result<SocketAddr> {
 }
 
 async fn serve(database: &examples::Database, addr: SocketAddr) -> anyhow::Result<()> {
+    // dal's counters, gauges and histograms, rendered by `GET /metrics`.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
     let config = database.config();
     examples::migrate::up(&config).await?;
     let connector = examples::target::connector(config.strategy(TokenStrategy::Eager)).await?;
@@ -94,6 +100,7 @@ async fn serve(database: &examples::Database, addr: SocketAddr) -> anyhow::Resul
         diesel: connector.diesel_pool().await?,
         pg: connector.postgres_pool().await?,
         connector: connector.clone(),
+        metrics,
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -124,11 +131,13 @@ struct App {
     db: DatabaseConnection,
     diesel: DieselPool,
     pg: PgClientPool,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 fn router(app: App) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(prometheus))
         .route("/customers", post(create_customer))
         .route("/customers/{id}", get(get_customer))
         .route("/orders", post(create_order))
@@ -185,11 +194,7 @@ impl IntoResponse for ApiError {
                 "internal error".into(),
             ),
         };
-        (
-            status,
-            Json(json!({"error": {"code": code, "message": message}})),
-        )
-            .into_response()
+        (status, Json(json!({"error": code, "message": message}))).into_response()
     }
 }
 
@@ -281,11 +286,42 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        use axum::extract::rejection::JsonRejection;
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(Body(value)),
-            Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
+            Err(rejection) => Err(ApiError::BadRequest(
+                match rejection {
+                    JsonRejection::MissingJsonContentType(_) => {
+                        "the content type must be application/json"
+                    }
+                    JsonRejection::JsonSyntaxError(_) => "the body is not valid JSON",
+                    JsonRejection::JsonDataError(_) => {
+                        "the body lacks a field, or a field has the wrong type"
+                    }
+                    _ => "the body cannot be read",
+                }
+                .into(),
+            )),
         }
     }
+}
+
+/// A text field, trimmed: 1 to `max` characters (not bytes), no control characters
+/// (PostgreSQL cannot store NUL in text; the others are refused alike).
+fn text<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, ApiError> {
+    let value = value.trim();
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!(
+            "{field} must not contain control characters"
+        )));
+    }
+    let chars = value.chars().count();
+    if chars == 0 || chars > max {
+        return Err(ApiError::BadRequest(format!(
+            "{field} must be 1 to {max} characters"
+        )));
+    }
+    Ok(value)
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
@@ -349,6 +385,21 @@ async fn healthz(State(app): State<App>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// dal's metrics in the Prometheus text format (names in dal's `telemetry` docs: token
+/// refreshes and lifetime, connections opened, refused logins, pool sizes and waits, query and
+/// transaction counts). The pool gauges are read at each scrape.
+async fn prometheus(State(app): State<App>) -> Response {
+    let _ = app.connector.health();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
 // ---- customers: SeaORM ----------------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -365,21 +416,17 @@ async fn create_customer(
     State(app): State<App>,
     Body(body): Body<NewCustomerBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let email = body.email.trim();
-    let name = body.name.trim();
-    if email.len() > 320 || !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
+    // Compared without case: Ada@Example.com and ada@example.com are one customer.
+    let email = text("email", &body.email, 320)?.to_lowercase();
+    let name = text("name", &body.name, 200)?;
+    if !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
         return Err(ApiError::BadRequest(
             "email must be an e-mail address".into(),
         ));
     }
-    if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::BadRequest(
-            "name must be 1 to 200 characters".into(),
-        ));
-    }
     let created = customer::ActiveModel {
         id: Set(Uuid::now_v7()),
-        email: Set(email.to_owned()),
+        email: Set(email),
         name: Set(name.to_owned()),
         ..Default::default()
     }
@@ -461,9 +508,10 @@ async fn create_order(
     let mut items = Vec::with_capacity(body.items.len());
     let order_id = Uuid::now_v7();
     for (n, item) in body.items.into_iter().enumerate() {
-        if item.sku.trim().is_empty() || item.quantity <= 0 || item.unit_price_cents < 0 {
+        let sku = text(&format!("item {}: sku", n + 1), &item.sku, 64)?.to_owned();
+        if item.quantity <= 0 || item.unit_price_cents < 0 {
             return Err(ApiError::BadRequest(format!(
-                "item {}: sku must be set, quantity positive, unit_price_cents not negative",
+                "item {}: quantity must be positive and unit_price_cents not negative",
                 n + 1
             )));
         }
@@ -474,7 +522,7 @@ async fn create_order(
         items.push(OrderItem {
             order_id,
             line_no: n as i32 + 1,
-            sku: item.sku.trim().to_owned(),
+            sku,
             quantity: item.quantity,
             unit_price_cents: item.unit_price_cents,
         });

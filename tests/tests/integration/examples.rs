@@ -195,8 +195,14 @@ async fn call(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
 
 fn assert_error(got: (StatusCode, Value), status: StatusCode, code: &str) -> Value {
     assert_eq!(got.0, status, "{}", got.1);
-    assert_eq!(got.1["error"]["code"], code, "{}", got.1);
-    assert!(got.1["error"]["message"].is_string(), "{}", got.1);
+    assert_eq!(got.1["error"], code, "{}", got.1);
+    assert!(got.1["message"].is_string(), "{}", got.1);
+    assert_eq!(
+        got.1.as_object().map(|o| o.len()),
+        Some(2),
+        "one fixed shape: {}",
+        got.1
+    );
     got.1
 }
 
@@ -299,7 +305,43 @@ async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
             .json(&json!({"email": "y@example.com"})),
     )
     .await;
-    assert_error(missing_field, StatusCode::BAD_REQUEST, "bad_request");
+    let message = assert_error(missing_field, StatusCode::BAD_REQUEST, "bad_request");
+    // A fixed message, not the parser's wording.
+    assert_eq!(
+        message["message"],
+        "the body lacks a field, or a field has the wrong type"
+    );
+    let case = call(
+        http.post(url("/customers"))
+            .json(&json!({"email": email.to_uppercase(), "name": "Shouting"})),
+    )
+    .await;
+    assert_error(case, StatusCode::CONFLICT, "conflict");
+    let nul = call(
+        http.post(url("/customers"))
+            .json(&json!({"email": "nul@example.com", "name": "A\u{0}B"})),
+    )
+    .await;
+    assert_error(nul, StatusCode::BAD_REQUEST, "bad_request");
+    // 150 characters of two bytes each: within the 200-character limit.
+    let accents = call(
+        http.post(url("/customers"))
+            .json(&json!({"email": "e@example.com", "name": "é".repeat(150)})),
+    )
+    .await;
+    assert_eq!(accents.0, StatusCode::CREATED, "{}", accents.1);
+    let long = call(
+        http.post(url("/customers"))
+            .json(&json!({"email": "l@example.com", "name": "é".repeat(201)})),
+    )
+    .await;
+    assert_error(long, StatusCode::BAD_REQUEST, "bad_request");
+    let huge_sku = call(http.post(url("/orders")).json(&json!({
+        "customer_id": id,
+        "items": [{"sku": "X".repeat(100_000), "quantity": 1, "unit_price_cents": 1}],
+    })))
+    .await;
+    assert_error(huge_sku, StatusCode::BAD_REQUEST, "bad_request");
     let not_email = call(
         http.post(url("/customers"))
             .json(&json!({"email": "nope", "name": "N"})),
@@ -346,6 +388,27 @@ async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
     );
     assert!(!health.to_string().contains(&secret));
 
+    // Prometheus metrics: pool and token figures after these requests.
+    let metrics = http.get(url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    assert!(
+        metrics.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"),
+    );
+    let metrics = metrics.text().await.unwrap();
+    for name in [
+        "dal_token_refreshes_total",
+        "dal_token_remaining_seconds",
+        "dal_connections_opened_total",
+        "dal_pool_connections",
+        "dal_query_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} in:\n{metrics}");
+    }
+    assert!(!metrics.contains(&secret));
+
     // Unreachable database: 503 with a fixed message, and the health check says so.
     drop(pg);
     let (status, body) = call(http.get(url("/healthz"))).await;
@@ -353,7 +416,7 @@ async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
     assert_eq!(body["status"], "unavailable");
     let (status, body) = call(http.get(url("/reports/sales"))).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"]["code"], "unavailable");
+    assert_eq!(body["error"], "unavailable");
 
     // SIGTERM drains and stops.
     let pid = nix::unistd::Pid::from_raw(app.child.id().unwrap() as i32);
