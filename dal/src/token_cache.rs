@@ -339,15 +339,20 @@ impl TokenCache {
                         metrics::gauge!(telemetry::TOKEN_REMAINING_SECONDS, "source" => source)
                             .set(left.as_secs_f64());
                     }
-                    tracing::info!(
-                        source = inner.source.kind(),
-                        duration_ms = started.elapsed().as_millis() as u64,
-                        remaining_s =
-                            token
-                                .expires_at()
-                                .map(|_| remaining(&token, inner.clock.now()).as_secs()),
-                        "token fetched"
-                    );
+                    if token.expires_at().is_none() && source == "static" {
+                        // A fixed password is read, not fetched: nothing to tell.
+                        tracing::debug!("using the static password");
+                    } else {
+                        tracing::info!(
+                            source,
+                            duration_ms = started.elapsed().as_millis() as u64,
+                            remaining_s =
+                                token
+                                    .expires_at()
+                                    .map(|_| remaining(&token, inner.clock.now()).as_secs()),
+                            "token fetched"
+                        );
+                    }
                     return Ok((token, started.elapsed()));
                 }
                 Err(e) if attempt < inner.settings.attempts && e.is_retryable() => {

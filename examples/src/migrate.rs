@@ -2,32 +2,47 @@
 //! needs (Aurora DSQL takes one DDL statement per transaction).
 
 use anyhow::Context as _;
-use dal::{Config, PoolSettings, Target, TokenStrategy};
+use dal::sea_orm::ConnectionTrait;
+use dal::{Connector, PoolSettings, Target};
 use migration::MigratorTrait;
 
-/// Applies the pending migrations of the sample schema to `config`'s database.
-///
-/// Uses a connector of its own with one connection, shut down before returning, so that the
-/// program's connector counts only its own tokens and connections.
-pub async fn up(config: &Config) -> anyhow::Result<()> {
-    let config = config
-        .clone()
-        .strategy(TokenStrategy::Lazy)
-        .pool(PoolSettings::builder().max_size(1).build()?);
-    let dsql = config.resolved_target()? == Target::Dsql;
-    let connector = crate::target::connector(config.clone()).await?;
+/// Applies the pending migrations of the sample schema through `connector` (a pool of one
+/// connection, closed before returning; the token is the connector's own, so a program's
+/// summary counts every fetch). Returns how many migrations it applied.
+pub async fn up(connector: &Connector) -> anyhow::Result<usize> {
+    let one = PoolSettings::builder().max_size(1).build()?;
+    let db = connector.seaorm_with(&one).await?;
     let result = async {
-        // Fail here with the cause, rather than with a pool timeout inside a migration.
-        crate::target::check(&connector, &config).await?;
-        let db = connector.seaorm().await?;
-        if dsql {
-            migration::DsqlMigrator::up(&db, None).await
+        // sea-orm-migration creates its table with IF NOT EXISTS on every run: the server's
+        // notice that it exists says nothing.
+        db.execute_unprepared("SET client_min_messages = warning")
+            .await?;
+        let applied = if connector.target() == Target::Dsql {
+            let pending = migration::DsqlMigrator::get_pending_migrations(&db)
+                .await?
+                .len();
+            migration::DsqlMigrator::up(&db, None).await?;
+            pending
         } else {
-            migration::Migrator::up(&db, None).await
-        }
-        .context("migrating the sample schema")
+            let pending = migration::Migrator::get_pending_migrations(&db)
+                .await?
+                .len();
+            migration::Migrator::up(&db, None).await?;
+            pending
+        };
+        anyhow::Ok(applied)
     }
-    .await;
-    connector.shutdown().await;
+    .await
+    .context("migrating the sample schema");
+    let _ = db.close().await;
     result
+}
+
+/// What [`up`] did, in words: `up to date`, or `applied N`.
+pub fn describe(applied: usize) -> String {
+    match applied {
+        0 => "up to date".to_owned(),
+        1 => "applied 1 migration".to_owned(),
+        n => format!("applied {n} migrations"),
+    }
 }

@@ -105,9 +105,7 @@ pub fn explain(config: &Config, e: dal::Error) -> anyhow::Error {
         dal::Error::Credential { .. } | dal::Error::Http { .. } => {
             "cannot get a database credential".to_owned()
         }
-        dal::Error::HttpTransport { endpoint, .. } if endpoint.starts_with('/') => {
-            "cannot reach the credential service".to_owned()
-        }
+        dal::Error::HttpTransport { .. } => "cannot reach the credential service".to_owned(),
         dal::Error::AuthFailed { .. } => format!(
             "the database at {}:{} refused to log in user {}",
             config.host, config.port, config.user

@@ -102,7 +102,16 @@ async fn run() -> anyhow::Result<()> {
 
 async fn work(database: &examples::Database, settings: &Settings) -> anyhow::Result<()> {
     let config = database.config();
-    examples::migrate::up(&config).await?;
+    // Migrated through a connector of its own, so that the figures below count only the
+    // task's own fetches and connections.
+    let migrator = examples::target::connector(config.clone()).await?;
+    let migrated = async {
+        examples::target::check(&migrator, &config).await?;
+        examples::migrate::up(&migrator).await
+    }
+    .await;
+    migrator.shutdown().await;
+    migrated?;
     let pool_settings = PoolSettings::builder()
         .max_size(1)
         .max_lifetime(Some(settings.lifetime))

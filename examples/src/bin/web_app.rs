@@ -92,9 +92,10 @@ async fn serve(database: &examples::Database, addr: SocketAddr) -> anyhow::Resul
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let config = database.config();
-    examples::migrate::up(&config).await?;
-    let connector = examples::target::connector(config.strategy(TokenStrategy::Eager)).await?;
+    let config = database.config().strategy(TokenStrategy::Eager);
+    let connector = examples::target::connector(config.clone()).await?;
+    examples::target::check(&connector, &config).await?;
+    examples::migrate::up(&connector).await?;
     let app = App {
         db: connector.seaorm().await?,
         diesel: connector.diesel_pool().await?,

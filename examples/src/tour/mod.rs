@@ -46,13 +46,13 @@ pub async fn run(orms: &[Orm]) -> anyhow::Result<()> {
 }
 
 async fn run_on(database: &crate::Database, orms: &[Orm]) -> anyhow::Result<()> {
-    let config = database.config();
-    crate::migrate::up(&config).await?;
-    println!("migrations: up to date");
-    let config = config.strategy(TokenStrategy::Eager);
+    let config = database.config().strategy(TokenStrategy::Eager);
     let savepoints = config.resolved_target()? != Target::Dsql;
-    let connector = crate::target::connector(config).await?;
+    let connector = crate::target::connector(config.clone()).await?;
     let result = async {
+        crate::target::check(&connector, &config).await?;
+        let applied = crate::migrate::up(&connector).await?;
+        println!("migrations: {}", crate::migrate::describe(applied));
         let mut total = Stats::default();
         let mut seaorm_pool_size = 0;
         for orm in orms {
@@ -96,12 +96,16 @@ async fn summary(connector: &Connector, total: Stats, seaorm_pool_size: u32) -> 
     println!("summary:");
     println!("  rows written {}, read {}", total.written, total.read);
     println!("  rows now: customers {customers}, orders {orders}, order_items {items}");
-    println!(
-        "  tokens fetched {} ({} source, {:?} strategy)",
-        cache.fetches(),
-        cache.source_kind(),
-        cache.strategy()
-    );
+    if cache.source_kind() == "static" {
+        println!("  credentials: a static password");
+    } else {
+        println!(
+            "  tokens fetched {} ({} source, {:?} strategy)",
+            cache.fetches(),
+            cache.source_kind(),
+            cache.strategy()
+        );
+    }
     println!(
         "  connections opened {} by Diesel and tokio-postgres, {} held by the SeaORM pool",
         connector.connections_opened(),

@@ -708,6 +708,73 @@ async fn the_tour_and_the_migrations_run_on_the_local_dsql_flavour() {
     assert_eq!(applied, 3, "{}", status_cmd.output());
 }
 
+/// The tour says what it did, and its log says nothing more: the migrations it applied on the
+/// first run ("up to date" after), one `token fetched` line per fetch the summary counts, no
+/// server notice about the migration table, and no token talk for a static password.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tour_reports_what_it_did_and_nothing_else() {
+    let dev = tests::DevCluster::new();
+    let env = vec![
+        ("DAL_DEV_DIR", dev.path().display().to_string()),
+        ("RUST_LOG", "info".into()),
+    ];
+    for (run, migrations) in [
+        (1, "migrations: applied 3 migrations"),
+        (2, "migrations: up to date"),
+    ] {
+        let mut tour = Program::start("tour", &env);
+        let lines = tour.rest(Duration::from_secs(300)).await;
+        assert!(
+            tour.wait(Duration::from_secs(60)).await.success(),
+            "{}",
+            tour.output()
+        );
+        assert!(
+            lines.iter().any(|l| l == migrations),
+            "run {run}: {}",
+            tour.output()
+        );
+        let logs = tour.stderr();
+        assert!(!logs.contains("seaql_migrations"), "run {run}: {logs}");
+        let summary = lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix("tokens fetched "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("run {run}: no count: {}", tour.output()));
+        assert_eq!(
+            logs.matches("token fetched").count(),
+            summary,
+            "run {run}: {}",
+            tour.output()
+        );
+    }
+
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "static_tour").await;
+    let url = format!(
+        "postgres://static_tour:{password}@localhost:{}/static_tour?sslmode=verify-full&sslrootcert={}",
+        pg.port(),
+        pg.ca_cert_path().display()
+    );
+    let env = vec![("DATABASE_URL", url), ("RUST_LOG", "info".into())];
+    let mut tour = Program::start("tour", &env);
+    let lines = tour.rest(Duration::from_secs(300)).await;
+    assert!(
+        tour.wait(Duration::from_secs(60)).await.success(),
+        "{}",
+        tour.output()
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.trim() == "credentials: a static password"),
+        "{}",
+        tour.output()
+    );
+    assert!(!tour.stderr().contains("token"), "{}", tour.output());
+}
+
 impl Program {
     /// Waits until stderr holds `text` (the program reports as it goes).
     async fn stderr_contains(&self, text: &str, within: Duration) {
