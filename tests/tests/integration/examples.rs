@@ -775,6 +775,81 @@ async fn the_tour_reports_what_it_did_and_nothing_else() {
     assert!(!tour.stderr().contains("token"), "{}", tour.output());
 }
 
+/// `doctor` passes on the embedded default, with `application_name` as the server reports it
+/// for each pool kind, and fails with one clear line on a wrong password, an unknown CA and an
+/// unreachable host.
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_checks_a_deployment_in_one_step() {
+    let dev = tests::DevCluster::new();
+    let mut doctor = Program::start(
+        "doctor",
+        &[("DAL_DEV_DIR", dev.path().display().to_string())],
+    );
+    let lines = doctor.rest(Duration::from_secs(300)).await;
+    let status = doctor.wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "{}", doctor.output());
+    let text = lines.join("\n");
+    for line in [
+        "ok    target: Databricks Lakebase",
+        "ok    credentials: lakebase source, token valid for",
+        "ok    TLS: sslmode",
+        "ok    server: PostgreSQL 15",
+        "ok    search_path:",
+        "ok    application_name (SeaORM pool): dal/",
+        "ok    application_name (Diesel pool): dal/",
+        "ok    application_name (tokio-postgres pool): dal/",
+        "all checks passed",
+    ] {
+        assert!(text.contains(line), "{line:?} in\n{text}");
+    }
+
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "doc").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = |password: &str, port: u16, ca: bool| {
+        let mut url = format!("postgres://doc:{password}@localhost:{port}/doc?sslmode=verify-full");
+        if ca {
+            url.push_str(&format!("&sslrootcert={}", pg.ca_cert_path().display()));
+        }
+        url
+    };
+    for (case, url, expected) in [
+        (
+            "wrong password",
+            url("not-the-password", pg.port(), true),
+            "28P01",
+        ),
+        (
+            "unknown CA",
+            url(&password, pg.port(), false),
+            "PGSSLROOTCERT",
+        ),
+        (
+            "unreachable host",
+            url(&password, closed, true),
+            "Connection refused",
+        ),
+    ] {
+        let mut doctor = Program::start("doctor", &[("DATABASE_URL", url)]);
+        let lines = doctor.rest(Duration::from_secs(120)).await;
+        let status = doctor.wait(Duration::from_secs(60)).await;
+        assert_eq!(status.code(), Some(1), "{case}: {}", doctor.output());
+        let failed: Vec<&String> = lines.iter().filter(|l| l.starts_with("FAIL")).collect();
+        assert_eq!(failed.len(), 1, "{case}: {}", doctor.output());
+        assert!(failed[0].contains(expected), "{case}: {}", failed[0]);
+        assert!(
+            failed[0].contains(&format!("connection to localhost:")),
+            "{case}: {}",
+            failed[0]
+        );
+        assert!(!doctor.output().contains(&password) || case == "wrong password");
+    }
+}
+
 impl Program {
     /// Waits until stderr holds `text` (the program reports as it goes).
     async fn stderr_contains(&self, text: &str, within: Duration) {
