@@ -842,7 +842,7 @@ async fn doctor_checks_a_deployment_in_one_step() {
         assert_eq!(failed.len(), 1, "{case}: {}", doctor.output());
         assert!(failed[0].contains(expected), "{case}: {}", failed[0]);
         assert!(
-            failed[0].contains(&format!("connection to localhost:")),
+            failed[0].contains("connection to localhost:"),
             "{case}: {}",
             failed[0]
         );
