@@ -6,7 +6,8 @@ use tracing_subscriber::EnvFilter;
 /// the drivers' statement logs off.
 const DEFAULT_FILTER: &str = "info,sqlx=warn,sea_orm=warn,sea_orm_migration=warn";
 
-/// Installs the log subscriber: `RUST_LOG` when set and valid, else [`DEFAULT_FILTER`].
+/// Installs the log subscriber: `RUST_LOG` when set and valid, else dal's events at info and
+/// the drivers' statement logs off.
 pub fn init() {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
