@@ -931,26 +931,55 @@ fn dev_root(user: ServerUser) -> Result<PathBuf> {
         return Ok(dir);
     }
     let cwd = std::env::current_dir().map_err(Error::io("."))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|t| cwd.join(t))
-        .or_else(|| {
-            cwd.ancestors()
-                .filter(|d| d.join("Cargo.lock").is_file())
-                .last()
-                .map(|ws| ws.join("target"))
-        });
-    let fallback = || {
-        let tag: String = cwd
-            .to_string_lossy()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .collect();
-        std::env::temp_dir().join(format!("dal-dev{tag}"))
+    let exe = std::env::current_exe().ok();
+    let root = dev_root_from(
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from),
+        &cwd,
+        exe.as_deref(),
+        |dir| user.can_reach(dir),
+    );
+    Ok(root)
+}
+
+/// Where the development cluster lives, the same however a program is started: in
+/// `CARGO_TARGET_DIR`, else in the cargo target directory that holds the running program (the
+/// nearest ancestor with cargo's `CACHEDIR.TAG`: `cargo run`, a test, or the binary run from
+/// anywhere), else in the target directory of the workspace around `cwd`; each as `dal-dev`,
+/// if the server's user can reach it. Else a directory of the system's temporary directory
+/// named after `cwd`.
+fn dev_root_from(
+    cargo_target_dir: Option<PathBuf>,
+    cwd: &Path,
+    exe: Option<&Path>,
+    can_reach: impl Fn(&Path) -> bool,
+) -> PathBuf {
+    let exe_target = || {
+        exe?.ancestors()
+            .skip(1)
+            .find(|d| d.join("CACHEDIR.TAG").is_file())
+            .map(Path::to_path_buf)
     };
-    Ok(match target.map(|t| t.join("dal-dev")) {
-        Some(dir) if user.can_reach(&dir) => dir,
-        _ => fallback(),
-    })
+    let workspace_target = || {
+        cwd.ancestors()
+            .filter(|d| d.join("Cargo.lock").is_file())
+            .last()
+            .map(|ws| ws.join("target"))
+    };
+    let target = cargo_target_dir
+        .map(|t| cwd.join(t))
+        .or_else(exe_target)
+        .or_else(workspace_target);
+    match target.map(|t| t.join("dal-dev")) {
+        Some(dir) if can_reach(&dir) => dir,
+        _ => {
+            let tag: String = cwd
+                .to_string_lossy()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            std::env::temp_dir().join(format!("dal-dev{tag}"))
+        }
+    }
 }
 
 /// Serializes concurrent starts of the development cluster.
@@ -1033,4 +1062,54 @@ fn is_postgres(pid: nix::unistd::Pid) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|cmd| String::from_utf8_lossy(&cmd).contains("postgres"))
         .unwrap_or(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dev_cluster_is_found_the_same_way_from_any_working_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        let target = ws.join("target");
+        std::fs::create_dir_all(target.join("debug/deps")).unwrap();
+        std::fs::write(
+            target.join("CACHEDIR.TAG"),
+            "Signature: 8a477f597d28d172789f06886806bc55",
+        )
+        .unwrap();
+        std::fs::write(ws.join("Cargo.lock"), "").unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        let reach = |_: &Path| true;
+        let expected = target.join("dal-dev");
+        // A program or a test binary of the workspace, started from anywhere.
+        for exe in ["debug/tour", "debug/deps/integration-0123"] {
+            let exe = target.join(exe);
+            assert_eq!(dev_root_from(None, &elsewhere, Some(&exe), reach), expected);
+            assert_eq!(dev_root_from(None, &ws, Some(&exe), reach), expected);
+        }
+        // A program outside any target directory, started in the workspace.
+        let outside = dir.path().join("bin/tool");
+        assert_eq!(dev_root_from(None, &ws, Some(&outside), reach), expected);
+        // CARGO_TARGET_DIR, relative to the working directory, comes first.
+        assert_eq!(
+            dev_root_from(
+                Some("other".into()),
+                &ws,
+                Some(&target.join("debug/tour")),
+                reach
+            ),
+            ws.join("other/dal-dev")
+        );
+        // Nowhere the server's user can reach: the system's temporary directory.
+        let fallback = dev_root_from(None, &elsewhere, Some(&outside), reach);
+        assert!(fallback.starts_with(std::env::temp_dir()), "{fallback:?}");
+        let unreachable = dev_root_from(None, &ws, Some(&outside), |_: &Path| false);
+        assert!(
+            unreachable.starts_with(std::env::temp_dir()),
+            "{unreachable:?}"
+        );
+    }
 }
