@@ -1033,3 +1033,15 @@ fn debug_redacts_every_secret() {
     );
     assert_eq!(lakebase.kind(), "lakebase");
 }
+
+#[test]
+fn a_workspace_host_without_a_scheme_gets_https_as_the_sdks_give_it() {
+    let url = parse_base_url("ws.cloud.databricks.com", Setting::DatabricksHost).unwrap();
+    assert_eq!(url.as_str(), "https://ws.cloud.databricks.com/");
+    let url = parse_base_url(
+        " https://ws.cloud.databricks.com/ ",
+        Setting::DatabricksHost,
+    )
+    .unwrap();
+    assert_eq!(url.as_str(), "https://ws.cloud.databricks.com/");
+}
