@@ -793,6 +793,7 @@ async fn doctor_checks_a_deployment_in_one_step() {
         "ok    target: Databricks Lakebase",
         "ok    credentials: lakebase source, token valid for",
         "ok    TLS: sslmode",
+        "ok    certificate: subject ",
         "ok    server: PostgreSQL 15",
         "ok    search_path:",
         "ok    application_name (SeaORM pool): dal/",
