@@ -5,6 +5,7 @@ use crate::error::{Error, ErrorChain, Result};
 use crate::retry::RetryPolicy;
 use crate::target::Target;
 use crate::telemetry;
+#[cfg(feature = "seaorm")]
 use crate::token_cache::TokenCache;
 
 /// Isolation level of a transaction.
@@ -129,7 +130,8 @@ impl TxMode {
 pub struct Transactions {
     target: Target,
     policy: RetryPolicy,
-    /// The connector's token cache, to replace a token the server refused.
+    /// The connector's token cache, to replace a token the server refused at a SeaORM login.
+    #[cfg(feature = "seaorm")]
     cache: Option<TokenCache>,
 }
 
@@ -166,6 +168,7 @@ impl Transactions {
         Self {
             target,
             policy,
+            #[cfg(feature = "seaorm")]
             cache: None,
         }
     }
@@ -225,6 +228,7 @@ impl Transactions {
 
     /// The token connections log in with now, to [`replace_refused`](Self::replace_refused)
     /// if the server refuses it.
+    #[cfg(feature = "seaorm")]
     pub(super) fn current_token(&self) -> Option<std::sync::Arc<crate::credentials::Token>> {
         self.cache.as_ref().and_then(TokenCache::current)
     }
@@ -232,6 +236,7 @@ impl Transactions {
     /// After the server refused `token` at login: forgets it and fetches a fresh one, which
     /// the cache pushes into every sqlx pool before this returns. Returns whether the
     /// attempt may run again (once: a fresh token refused too is an answer).
+    #[cfg(feature = "seaorm")]
     pub(super) async fn replace_refused(
         &self,
         failure: &Failure,
@@ -279,10 +284,13 @@ pub(super) fn rolled_back(orm: &'static str) {
 impl Connector {
     /// Transactions against this connector's target with the default [`RetryPolicy`].
     pub fn transactions(&self) -> Transactions {
-        Transactions {
+        let transactions = Transactions::new(self.target(), RetryPolicy::default());
+        #[cfg(feature = "seaorm")]
+        let transactions = Transactions {
             cache: Some(self.cache().clone()),
-            ..Transactions::new(self.target(), RetryPolicy::default())
-        }
+            ..transactions
+        };
+        transactions
     }
 }
 
