@@ -313,6 +313,64 @@ impl Connector {
         }
     }
 
+    /// The certificate chain the server presents, leaf first, each DER-encoded, checked as
+    /// this connector's connections check it (`sslmode`): for diagnostics such as showing the
+    /// certificate's subject. Nothing is sent after the handshake. `None` under
+    /// `sslmode=disable`, or when the server does not offer TLS.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ConnectTimeout`] past the connect timeout; [`Error::Config`] for
+    /// [`Setting::SslRootCert`] when no trusted CA signed the certificate; [`Error::Tls`]
+    /// otherwise.
+    pub async fn server_certificates(&self) -> Result<Option<Vec<Vec<u8>>>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        /// PostgreSQL's SSLRequest: length 8, code 80877103.
+        const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
+        let s = &self.shared;
+        if s.tls.mode == crate::SslMode::Disable {
+            return Ok(None);
+        }
+        let address = s.hostaddr.map_or_else(|| s.host.clone(), |a| a.to_string());
+        let handshake = async {
+            let mut tcp = tokio::net::TcpStream::connect((address.as_str(), s.port)).await?;
+            tcp.write_all(&SSL_REQUEST).await?;
+            if tcp.read_u8().await? != b'S' {
+                return Ok(None);
+            }
+            let name = rustls::pki_types::ServerName::try_from(s.host.clone())
+                .map_err(std::io::Error::other)?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::clone(&s.tls.config))
+                .connect(name, tcp)
+                .await?;
+            let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            std::io::Result::Ok(Some(chain.iter().map(|c| c.to_vec()).collect()))
+        };
+        let endpoint = format!("{}:{}", s.host, s.port);
+        match tokio::time::timeout(s.connect_timeout, handshake).await {
+            Err(_) => Err(Error::ConnectTimeout {
+                endpoint,
+                timeout: s.connect_timeout,
+            }),
+            Ok(Ok(chain)) => Ok(chain),
+            Ok(Err(e)) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
+            Ok(Err(source)) => Err(Error::Tls { endpoint, source }),
+        }
+    }
+
+    /// The error for a certificate no trusted CA signed, naming the setting that fixes it.
+    fn unknown_issuer(&self) -> Error {
+        Error::config(
+            Setting::SslRootCert,
+            format!(
+                "the certificate of {}:{} is signed by a CA this program does not trust \
+                 (UnknownIssuer): set PGSSLROOTCERT (sslrootcert in DATABASE_URL) to the PEM \
+                 file of the CA that signed it",
+                self.shared.host, self.shared.port
+            ),
+        )
+    }
+
     /// The cached token, waiting for a fetch (one at a time, with its retries) no longer than
     /// the connect timeout: a slow credential service fails this connection with
     /// [`Error::ConnectTimeout`] instead of holding it without bound.
@@ -353,15 +411,7 @@ impl Connector {
                     source: e,
                 })
             }
-            Err(e) if is_unknown_issuer(&e) => Err(Error::config(
-                Setting::SslRootCert,
-                format!(
-                    "the certificate of {}:{} is signed by a CA this program does not trust \
-                     (UnknownIssuer): set PGSSLROOTCERT (sslrootcert in DATABASE_URL) to the \
-                     PEM file of the CA that signed it",
-                    self.shared.host, self.shared.port
-                ),
-            )),
+            Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
             Err(e) => Err(Error::Database(e)),
         }
     }
@@ -528,9 +578,10 @@ impl Connector {
 
 /// Whether the server refused the login itself: SQLSTATE `28P01`, or `28000` from
 /// PostgreSQL's external methods (LDAP, PAM, ...) that token services use.
-/// Whether TLS failed because no trusted CA signed the server's certificate.
-fn is_unknown_issuer(e: &tokio_postgres::Error) -> bool {
-    let mut cause = std::error::Error::source(e);
+/// Whether TLS failed because no trusted CA signed the server's certificate, anywhere in
+/// `e`'s chain.
+fn is_unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
     while let Some(c) = cause {
         // tokio-rustls wraps rustls' error in an io::Error, whose `source` skips it.
         let inner = c

@@ -265,6 +265,17 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// A TLS handshake with the server failed (see
+    /// [`Connector::server_certificates`](crate::Connector::server_certificates)).
+    #[error("TLS with {endpoint} failed")]
+    Tls {
+        /// `host:port` of the server.
+        endpoint: String,
+        /// What failed: the connection, the handshake, or the certificate's check.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A pool could not open a connection; the cause is the connection's own error.
     #[error("the pool could not open a connection")]
     Connect {

@@ -21,7 +21,6 @@ use dal::diesel::QueryableByName;
 use dal::diesel_async::RunQueryDsl;
 use dal::sea_orm::{ConnectionTrait, DbBackend, Statement};
 use dal::{Config, Connector, PoolSettings, Target};
-use tokio_rustls::rustls::{self, client::danger, crypto, pki_types};
 
 /// The query that names a session's `application_name` from the server's side.
 const APPLICATION_NAME: &str =
@@ -124,9 +123,9 @@ async fn checks(report: &mut Report, config: &Config, connector: &Connector, tar
     let ssl_mode = config
         .ssl_mode
         .map_or_else(|| "the target's default".to_owned(), |m| format!("{m:?}"));
-    match certificate(config).await {
+    match certificate(connector).await {
         Ok(Some(subject)) => report.ok("certificate", subject),
-        Ok(None) => report.ok("certificate", "none: the server does not offer TLS"),
+        Ok(None) => report.ok("certificate", "none: no TLS"),
         Err(e) => report.fail("certificate", e.as_ref()),
     }
     match client
@@ -176,97 +175,23 @@ async fn checks(report: &mut Report, config: &Config, connector: &Connector, tar
     application_names(report, config, connector).await;
 }
 
-/// The subject, issuer and expiry of the certificate the server presents. Read from a TLS
-/// handshake of its own, which checks nothing and sends nothing after it: whether the
-/// certificate is trusted was decided by the connection above, under the configured
-/// `sslmode`.
-async fn certificate(config: &Config) -> anyhow::Result<Option<String>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let host = config
-        .hostaddr
-        .map_or_else(|| config.host.clone(), |a| a.to_string());
-    let mut tcp = tokio::time::timeout(
-        config.connect_timeout,
-        tokio::net::TcpStream::connect((host.as_str(), config.port)),
-    )
-    .await??;
-    // PostgreSQL's SSLRequest: length 8, code 80877103.
-    tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await?;
-    if tcp.read_u8().await? != b'S' {
+/// The subject, issuer and expiry of the certificate the server presents, checked as the
+/// connector's connections check it.
+async fn certificate(connector: &Connector) -> anyhow::Result<Option<String>> {
+    let Some(chain) = connector.server_certificates().await? else {
         return Ok(None);
-    }
-    let provider = std::sync::Arc::new(crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(ShowOnly(provider)))
-        .with_no_client_auth();
-    let name = pki_types::ServerName::try_from(config.host.clone())?;
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-        .connect(name, tcp)
-        .await?;
-    let der = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
+    };
+    let leaf = chain
+        .into_iter()
+        .next()
         .ok_or_else(|| anyhow::anyhow!("the server sent no certificate"))?;
-    let (_, cert) = x509_parser::parse_x509_certificate(der)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf)?;
     Ok(Some(format!(
         "subject {}, issuer {}, valid until {}",
         cert.subject(),
         cert.issuer(),
         cert.validity().not_after
     )))
-}
-
-/// Accepts any certificate, to show it; never used for a connection that carries data.
-#[derive(Debug)]
-struct ShowOnly(std::sync::Arc<crypto::CryptoProvider>);
-
-impl danger::ServerCertVerifier for ShowOnly {
-    fn verify_server_cert(
-        &self,
-        _: &pki_types::CertificateDer<'_>,
-        _: &[pki_types::CertificateDer<'_>],
-        _: &pki_types::ServerName<'_>,
-        _: &[u8],
-        _: pki_types::UnixTime,
-    ) -> Result<danger::ServerCertVerified, rustls::Error> {
-        Ok(danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<danger::HandshakeSignatureValid, rustls::Error> {
-        crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<danger::HandshakeSignatureValid, rustls::Error> {
-        crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// Lakebase or Aurora DSQL, as the partner guides tell them apart: the host name, and for
