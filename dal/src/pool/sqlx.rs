@@ -132,6 +132,11 @@ impl PoolHandle for SqlxPool {
 /// Ends the transaction the server has open on `conn`, if any, in one round trip as cheap as
 /// sqlx's ping: an empty query, after which sqlx knows the server's transaction status and
 /// `begin_with` reports it (it fails when the statement left no transaction open).
+///
+/// sqlx reports an aborted transaction block as no transaction. One is reachable only through
+/// a single string that begins a transaction and fails inside it (`BEGIN; SELECT 1/0`), since
+/// sqlx queues a ROLLBACK for every transaction of its own that is dropped: such a connection
+/// answers SQLSTATE `25P02` to everything and is never mistaken for a clean one.
 async fn end_transaction(conn: &mut PgConnection) -> std::result::Result<(), SqlxError> {
     use sea_orm::sqlx::Connection;
     match conn.begin_with("").await {
