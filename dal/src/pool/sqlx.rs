@@ -135,8 +135,9 @@ impl PoolHandle for SqlxPool {
 ///
 /// sqlx reports an aborted transaction block as no transaction. One is reachable only through
 /// a single string that begins a transaction and fails inside it (`BEGIN; SELECT 1/0`), since
-/// sqlx queues a ROLLBACK for every transaction of its own that is dropped: such a connection
-/// answers SQLSTATE `25P02` to everything and is never mistaken for a clean one.
+/// sqlx queues a ROLLBACK for every transaction of its own that is dropped. Such a connection
+/// is handed out again, but it answers SQLSTATE `25P02` to every statement: no write through
+/// it is acknowledged, so none is lost.
 async fn end_transaction(conn: &mut PgConnection) -> std::result::Result<(), SqlxError> {
     use sea_orm::sqlx::Connection;
     match conn.begin_with("").await {
