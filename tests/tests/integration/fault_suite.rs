@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dal::diesel_async::RunQueryDsl;
-use dal::local::LocalPostgres;
+use dal::local::{LocalLakebase, LocalPostgres};
 use dal::{Config, Connector, PoolSettings};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
@@ -143,6 +143,16 @@ impl Workload {
             .collect()
     }
 
+    /// No request failed, no acknowledged write is missing, none was applied twice.
+    fn assert_clean(&self, figures: &Figures) {
+        assert_eq!(
+            (figures.failed, figures.lost, figures.duplicates),
+            (0, 0, 0),
+            "{:?}",
+            self.failures()
+        );
+    }
+
     /// How long after `since` requests went on failing, or waited for their first
     /// acknowledgement: the later of the last failure and each ORM's first acknowledged write
     /// after `since`. `None` when either ORM has not written since.
@@ -193,38 +203,52 @@ async fn rotation_with_connection_churn() {
         &figures,
         "",
     );
-    assert_eq!(
-        (figures.failed, figures.lost, figures.duplicates),
-        (0, 0, 0),
-        "{:?}",
-        w.failures()
-    );
+    w.assert_clean(&figures);
     assert!(w.connector.cache().fetches() >= 3);
     w.connector.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credential_outage_shorter_than_the_token_life() {
+/// What an outage run leaves: the server and the service (alive until dropped), the workload,
+/// its figures, and when the service came back.
+type Outage = (
+    LocalPostgres,
+    LocalLakebase,
+    Arc<Workload>,
+    Figures,
+    Instant,
+);
+
+/// Writes for `run`, with the credential service (tokens living `ttl`) down from the first
+/// second for `down`.
+async fn outage(database: &str, ttl: Duration, down: Duration, run: Duration) -> Outage {
     let pg = tests::server().await;
-    let lb = tests::lakebase(&pg, "f_outage", Duration::from_secs(6)).await;
-    let w = Workload::new(lb.client_config(&pg, "f_outage").unwrap()).await;
-    let run = tokio::spawn({
+    let lb = tests::lakebase(&pg, database, ttl).await;
+    let w = Workload::new(lb.client_config(&pg, database).unwrap()).await;
+    let writers = tokio::spawn({
         let w = Arc::clone(&w);
-        async move { w.run_for(Duration::from_secs(6)).await }
+        async move { w.run_for(run).await }
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     lb.set_down(true);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(down).await;
     lb.set_down(false);
-    run.await.unwrap();
-    let figures = w.figures(&pg.admin("f_outage").await.unwrap()).await;
+    let up = Instant::now();
+    writers.await.unwrap();
+    let figures = w.figures(&pg.admin(database).await.unwrap()).await;
+    (pg, lb, w, figures, up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_outage_shorter_than_the_token_life() {
+    let (_pg, _lb, w, figures, _) = outage(
+        "f_outage",
+        Duration::from_secs(6),
+        Duration::from_secs(3),
+        Duration::from_secs(6),
+    )
+    .await;
     report("credential service down 3 s (6 s tokens)", &figures, "");
-    assert_eq!(
-        (figures.failed, figures.lost, figures.duplicates),
-        (0, 0, 0),
-        "{:?}",
-        w.failures()
-    );
+    w.assert_clean(&figures);
     w.connector.shutdown().await;
 }
 
@@ -257,12 +281,7 @@ async fn slow_and_failing_credential_service() {
         &figures,
         "",
     );
-    assert_eq!(
-        (figures.failed, figures.lost, figures.duplicates),
-        (0, 0, 0),
-        "{:?}",
-        w.failures()
-    );
+    w.assert_clean(&figures);
     w.connector.shutdown().await;
 }
 
@@ -299,32 +318,20 @@ async fn terminated_idle_connections() {
         &format!("| terminated {terminated}"),
     );
     assert!(terminated > 0);
-    assert_eq!(
-        (figures.failed, figures.lost, figures.duplicates),
-        (0, 0, 0),
-        "{:?}",
-        w.failures()
-    );
+    w.assert_clean(&figures);
     w.connector.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_outage_longer_than_the_token_life() {
-    let pg = tests::server().await;
-    let lb = tests::lakebase(&pg, "f_long_outage", Duration::from_secs(3)).await;
-    let w = Workload::new(lb.client_config(&pg, "f_long_outage").unwrap()).await;
-    let run = tokio::spawn({
-        let w = Arc::clone(&w);
-        async move { w.run_for(Duration::from_secs(9)).await }
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    lb.set_down(true);
     // The token expires during the outage: new connections cannot log in until it ends.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    lb.set_down(false);
-    let up = Instant::now();
-    run.await.unwrap();
-    let figures = w.figures(&pg.admin("f_long_outage").await.unwrap()).await;
+    let (_pg, _lb, w, figures, up) = outage(
+        "f_long_outage",
+        Duration::from_secs(3),
+        Duration::from_secs(5),
+        Duration::from_secs(9),
+    )
+    .await;
     let recovery = w
         .recovery_after(up)
         .expect("both ORMs write again once the service is back");

@@ -79,27 +79,26 @@ pub fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
 /// `pgbench -S -M prepared` with `clients` connections for `period` (whole seconds, at least
 /// one), over the same TLS the stacks use.
 pub async fn pgbench(server: &Server, clients: usize, period: Duration) -> anyhow::Result<Sample> {
-    let program = dal::local::LocalPostgres::bin_dir()?.join("pgbench");
     let seconds = period.as_secs().max(1).to_string();
-    let out = tokio::process::Command::new(&program)
-        .args(["-n", "-S", "-M", "prepared"])
-        .args(["-c", &clients.to_string()])
-        .args(["-j", &clients.min(2).to_string()])
-        .args(["-T", &seconds])
-        .args(["-h", &server.host, "-p", &server.port.to_string()])
-        .args(["-U", &server.user, &server.database])
-        .env("PGPASSWORD", &server.password)
-        .env("PGSSLMODE", "verify-full")
-        .env("PGSSLROOTCERT", &server.ca)
-        .output()
-        .await
-        .with_context(|| format!("run {}", program.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(
-        out.status.success(),
-        "pgbench failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    let clients_arg = clients.to_string();
+    let threads = clients.min(2).to_string();
+    let stdout = run_pgbench(
+        server,
+        &[
+            "-n",
+            "-S",
+            "-M",
+            "prepared",
+            "-c",
+            &clients_arg,
+            "-j",
+            &threads,
+            "-T",
+            &seconds,
+        ],
+    )
+    .await?;
+    let text = String::from_utf8_lossy(&stdout);
     let field = |prefix: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(prefix))
@@ -121,9 +120,17 @@ pub async fn pgbench(server: &Server, clients: usize, period: Duration) -> anyho
 
 /// Initialises pgbench's tables (scale 1: 100,000 accounts).
 pub async fn pgbench_init(server: &Server) -> anyhow::Result<()> {
+    run_pgbench(server, &["-i", "-q", "-s", "1"])
+        .await
+        .map(drop)
+}
+
+/// Runs pgbench with `args` against the benchmark database, over `verify-full` TLS; its
+/// standard output.
+async fn run_pgbench(server: &Server, args: &[&str]) -> anyhow::Result<Vec<u8>> {
     let program = dal::local::LocalPostgres::bin_dir()?.join("pgbench");
     let out = tokio::process::Command::new(&program)
-        .args(["-i", "-q", "-s", "1"])
+        .args(args)
         .args(["-h", &server.host, "-p", &server.port.to_string()])
         .args(["-U", &server.user, &server.database])
         .env("PGPASSWORD", &server.password)
@@ -134,8 +141,9 @@ pub async fn pgbench_init(server: &Server) -> anyhow::Result<()> {
         .with_context(|| format!("run {}", program.display()))?;
     anyhow::ensure!(
         out.status.success(),
-        "pgbench -i failed: {}",
+        "pgbench {} failed: {}",
+        args.join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    Ok(())
+    Ok(out.stdout)
 }
