@@ -287,11 +287,8 @@ async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
 
     // Error paths.
     let (id, email) = customers[0].clone();
-    let dup = call(
-        http.post(url("/customers"))
-            .json(&json!({"email": email, "name": "Again"})),
-    )
-    .await;
+    let new_customer = |body: Value| call(http.post(url("/customers")).json(&body));
+    let dup = new_customer(json!({"email": email, "name": "Again"})).await;
     assert_error(dup, StatusCode::CONFLICT, "conflict");
     let bad_json = call(
         http.post(url("/customers"))
@@ -300,41 +297,21 @@ async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
     )
     .await;
     assert_error(bad_json, StatusCode::BAD_REQUEST, "bad_request");
-    let missing_field = call(
-        http.post(url("/customers"))
-            .json(&json!({"email": "y@example.com"})),
-    )
-    .await;
+    let missing_field = new_customer(json!({"email": "y@example.com"})).await;
     let message = assert_error(missing_field, StatusCode::BAD_REQUEST, "bad_request");
     // A fixed message, not the parser's wording.
     assert_eq!(
         message["message"],
         "the body lacks a field, or a field has the wrong type"
     );
-    let case = call(
-        http.post(url("/customers"))
-            .json(&json!({"email": email.to_uppercase(), "name": "Shouting"})),
-    )
-    .await;
+    let case = new_customer(json!({"email": email.to_uppercase(), "name": "Shouting"})).await;
     assert_error(case, StatusCode::CONFLICT, "conflict");
-    let nul = call(
-        http.post(url("/customers"))
-            .json(&json!({"email": "nul@example.com", "name": "A\u{0}B"})),
-    )
-    .await;
+    let nul = new_customer(json!({"email": "nul@example.com", "name": "A\u{0}B"})).await;
     assert_error(nul, StatusCode::BAD_REQUEST, "bad_request");
     // 150 characters of two bytes each: within the 200-character limit.
-    let accents = call(
-        http.post(url("/customers"))
-            .json(&json!({"email": "e@example.com", "name": "é".repeat(150)})),
-    )
-    .await;
+    let accents = new_customer(json!({"email": "e@example.com", "name": "é".repeat(150)})).await;
     assert_eq!(accents.0, StatusCode::CREATED, "{}", accents.1);
-    let long = call(
-        http.post(url("/customers"))
-            .json(&json!({"email": "l@example.com", "name": "é".repeat(201)})),
-    )
-    .await;
+    let long = new_customer(json!({"email": "l@example.com", "name": "é".repeat(201)})).await;
     assert_error(long, StatusCode::BAD_REQUEST, "bad_request");
     let huge_sku = call(http.post(url("/orders")).json(&json!({
         "customer_id": id,
@@ -342,11 +319,7 @@ async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
     })))
     .await;
     assert_error(huge_sku, StatusCode::BAD_REQUEST, "bad_request");
-    let not_email = call(
-        http.post(url("/customers"))
-            .json(&json!({"email": "nope", "name": "N"})),
-    )
-    .await;
+    let not_email = new_customer(json!({"email": "nope", "name": "N"})).await;
     assert_error(not_email, StatusCode::BAD_REQUEST, "bad_request");
     let unknown = uuid::Uuid::now_v7();
     let missing = call(http.get(url(&format!("/customers/{unknown}")))).await;
