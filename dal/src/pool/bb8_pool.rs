@@ -168,12 +168,14 @@ pub(crate) fn build<C: Send + 'static>(
         kind,
         closed: Arc::clone(&closed),
     };
+    let lifetime = settings.jittered_lifetime();
     let pool = bb8::Pool::builder()
         .max_size(settings.max_size)
         .min_idle(Some(settings.min_idle).filter(|n| *n > 0))
         .connection_timeout(settings.acquire_timeout)
         .idle_timeout(settings.idle_timeout)
-        .max_lifetime(settings.jittered_lifetime())
+        .max_lifetime(lifetime)
+        .reaper_rate(reaper_rate(lifetime, settings.idle_timeout))
         // Failures are reported to the waiting callers instead of being retried until they
         // time out; has_broken still drops dead connections.
         .retry_connection(false)
@@ -194,6 +196,20 @@ pub(crate) fn build<C: Send + 'static>(
     let handle: Arc<dyn PoolHandle> = core.clone();
     registry.add(Arc::downgrade(&handle));
     Pool { core }
+}
+
+/// How often bb8 closes idle connections past their lifetime or idle timeout: it checks
+/// neither at checkout, and by default only every 30 s. Every tenth of the shorter limit
+/// (at most 30 s, at least 10 ms), so that no connection is handed out more than a tenth
+/// past its lifetime: Aurora DSQL ends connections at 60 minutes, whatever they are doing.
+fn reaper_rate(lifetime: Option<Duration>, idle: Option<Duration>) -> Duration {
+    [lifetime, idle]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(Duration::from_secs(30), |shortest| {
+            (shortest / 10).clamp(Duration::from_millis(10), Duration::from_secs(30))
+        })
 }
 
 impl<C: Send + 'static> Clone for Pool<C> {

@@ -49,12 +49,13 @@ pub(crate) async fn build(
     forget: ForgetStatements,
 ) -> Result<PgPool> {
     let token = cache.token().await?;
+    let lifetime = settings.jittered_lifetime();
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_size)
         .min_connections(settings.min_idle)
         .acquire_timeout(settings.acquire_timeout)
         .idle_timeout(settings.idle_timeout)
-        .max_lifetime(settings.jittered_lifetime())
+        .max_lifetime(lifetime)
         // sqlx keeps a cancelled BEGIN's transaction open: each connection that comes back
         // ends any transaction before it goes idle, off the request path. One handed out
         // again within RECENTLY_USED goes without a round trip; one idle longer is checked
@@ -65,7 +66,13 @@ pub(crate) async fn build(
         })
         .before_acquire(move |conn, meta| {
             let forget = forget.take();
+            // sqlx retires a connection past its lifetime as it comes back or when its reaper
+            // comes by, not as it is handed out: an idle one could go out minutes past it.
+            let expired = lifetime.is_some_and(|lifetime| meta.age >= lifetime);
             Box::pin(async move {
+                if expired {
+                    return Ok(false);
+                }
                 use sea_orm::sqlx::Connection;
                 if forget {
                     conn.clear_cached_statements().await?;

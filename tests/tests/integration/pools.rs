@@ -305,3 +305,72 @@ async fn a_wrong_password_fails_fast_with_sqlstate_28p01() {
     // Each refusal invalidated the token and tried one fresh one: more than one fetch.
     assert!(connector.cache().fetches() >= 2);
 }
+
+#[derive(diesel::QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pid: i32,
+}
+
+/// A connection past its lifetime is never handed out, whether or not the pool's reaper has
+/// come by: Aurora DSQL ends connections at 60 minutes, so one handed out at 59:59 fails under
+/// its query. Each pool hands out a connection, takes it back, and after the lifetime hands
+/// out a new one (another server process).
+#[tokio::test]
+async fn no_pool_hands_out_a_connection_past_its_lifetime() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "aged").await;
+    let lifetime = Duration::from_secs(1);
+    let settings = PoolSettings::builder()
+        .max_size(1)
+        .max_lifetime(Some(lifetime))
+        .lifetime_jitter(0.0)
+        .idle_timeout(None)
+        .build()
+        .unwrap();
+    let connector = Connector::new(pg.config("aged", "aged", &password).pool(settings))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let dpool = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    let pids = || async {
+        let seaorm: i32 = db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT pg_backend_pid() AS pid",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "pid")
+            .unwrap();
+        let mut conn = dpool.get().await.unwrap();
+        let diesel: Pid = dal::diesel::sql_query("SELECT pg_backend_pid() AS pid")
+            .get_result(&mut *conn)
+            .await
+            .unwrap();
+        let raw: i32 = raw
+            .get()
+            .await
+            .unwrap()
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        [seaorm, diesel.pid, raw]
+    };
+    let first = pids().await;
+    tokio::time::sleep(lifetime + Duration::from_millis(300)).await;
+    let second = pids().await;
+    for (kind, (a, b)) in ["seaorm", "diesel", "postgres"]
+        .into_iter()
+        .zip(first.into_iter().zip(second))
+    {
+        assert_ne!(
+            a, b,
+            "the {kind} pool handed out a connection past its lifetime"
+        );
+    }
+    connector.shutdown().await;
+}
