@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use secrecy::ExposeSecret;
 
@@ -12,16 +12,24 @@ use diesel_async::AsyncPgConnection;
 #[cfg(feature = "seaorm")]
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool};
 
-use crate::config::{Config, Credentials, PoolSettings};
+use crate::config::{Config, ConnectionRate, Credentials, PoolSettings};
 use crate::credentials::{CredentialSource, StaticPassword, Token};
 use crate::error::{Error, Result, Setting};
 #[cfg(feature = "diesel")]
 use crate::pool::DieselPool;
 use crate::pool::{self, Open, PgClientPool, Registry};
+use crate::rate_limit::ConnectLimiter;
+use crate::retry::Backoff;
 use crate::target::Target;
 use crate::telemetry::{self, Health};
 use crate::tls::{SslMode, Tls};
 use crate::token_cache::TokenCache;
+
+/// Pauses before trying a connection again that the server refused for a limit (`53300`,
+/// `53400`): from 20 ms, doubling to 1 s, with 25 % jitter, within the connect timeout. At
+/// Aurora DSQL's refill of 100 connections per second, a place frees every 10 ms.
+const SERVER_LIMIT_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(20), Duration::from_secs(1), 0.25);
 
 /// The half of a tokio-postgres connection that talks to the server, over dal's TLS: spawn
 /// it (`tokio::spawn(connection)`) next to its [`Client`](tokio_postgres::Client). Returned
@@ -67,6 +75,8 @@ struct Shared {
     search_path: Option<String>,
     statement_timeout: Option<Duration>,
     connect_timeout: Duration,
+    /// The process-wide limit on new connections to this endpoint, if any.
+    limiter: Option<ConnectLimiter>,
     pool: PoolSettings,
     cache: TokenCache,
     pools: Registry,
@@ -159,6 +169,10 @@ impl Connector {
             }
         }
         let cache = TokenCache::new(source, config.strategy, config.cache);
+        let rate = config
+            .connection_rate
+            .or((target == Target::Dsql).then_some(ConnectionRate::DSQL));
+        let limiter = rate.map(|rate| ConnectLimiter::shared(&config.host, config.port, rate));
         Ok(Self {
             shared: Arc::new(Shared {
                 target,
@@ -172,7 +186,12 @@ impl Connector {
                 search_path,
                 statement_timeout: config.statement_timeout,
                 connect_timeout: config.connect_timeout,
-                pool: config.pool,
+                limiter,
+                pool: if config.pool == PoolSettings::default() {
+                    PoolSettings::for_target(target)
+                } else {
+                    config.pool
+                },
                 cache,
                 pools: Registry::default(),
                 opened: AtomicU64::new(0),
@@ -285,7 +304,10 @@ impl Connector {
 
     /// Opens one connection with a cached token. When the server refuses the token, the
     /// cache forgets it and one fresh token is tried before giving up with
-    /// [`Error::AuthFailed`].
+    /// [`Error::AuthFailed`]. Each attempt first waits for its place under the
+    /// [connection rate](Config::connection_rate). A connection the server refuses for a limit
+    /// (SQLSTATE `53300` too many connections, `53400` Aurora DSQL's connection rate) is tried
+    /// again with backoff for up to the connect timeout, then fails with the server's error.
     ///
     /// ```no_run
     /// # async fn demo(connector: &dal::Connector) -> dal::Result<()> {
@@ -296,6 +318,29 @@ impl Connector {
     /// # Ok(()) }
     /// ```
     pub async fn connect(&self) -> Result<(tokio_postgres::Client, Connection)> {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            match self.connect_once().await {
+                Err(e) if matches!(e.sqlstate(), Some("53300" | "53400")) => {
+                    attempt += 1;
+                    let delay = SERVER_LIMIT_BACKOFF.delay(attempt);
+                    if started.elapsed() + delay > self.shared.connect_timeout {
+                        return Err(e);
+                    }
+                    let sqlstate = e.sqlstate().unwrap_or_default().to_owned();
+                    tracing::debug!(%sqlstate, attempt, "the server refused a connection for a limit; trying again");
+                    metrics::counter!(telemetry::CONNECTS_LIMITED, "sqlstate" => sqlstate)
+                        .increment(1);
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One connection: a refused token is replaced once, nothing else is retried.
+    async fn connect_once(&self) -> Result<(tokio_postgres::Client, Connection)> {
         let cache = &self.shared.cache;
         let token = self.token().await?;
         match self.connect_with(&token).await {
@@ -385,6 +430,9 @@ impl Connector {
     }
 
     async fn connect_with(&self, token: &Token) -> Result<(tokio_postgres::Client, Connection)> {
+        if let Some(limiter) = &self.shared.limiter {
+            limiter.until_ready().await;
+        }
         let config = self.pg_config(token);
         let connect = config.connect(self.shared.tls.connector());
         let timeout = self.shared.connect_timeout;

@@ -50,6 +50,8 @@ pub enum Setting {
     PoolIdleTimeout,
     /// Time allowed to open one connection, `PGCONNECT_TIMEOUT`.
     ConnectTimeout,
+    /// How fast new connections open: `Config::connection_rate`.
+    ConnectionRate,
     /// The kind of server: `Config::target`.
     Target,
     /// Where passwords come from: `Config::credentials`.
@@ -114,6 +116,7 @@ impl Setting {
             Setting::PoolMaxLifetime => "DAL_POOL_MAX_LIFETIME_SECS",
             Setting::PoolIdleTimeout => "DAL_POOL_IDLE_TIMEOUT_SECS",
             Setting::ConnectTimeout => "PGCONNECT_TIMEOUT",
+            Setting::ConnectionRate => "connection rate",
             Setting::Target => "target",
             Setting::Credentials => "credentials",
             Setting::CacheJitter => "cache jitter",
@@ -449,8 +452,9 @@ impl Error {
         #[cfg(feature = "seaorm")]
         use sea_orm::sqlx::Error as Sqlx;
         // The server ended the session: `57P01` admin_shutdown (`pg_terminate_backend`, a fast
-        // shutdown), `57P02` crash_shutdown.
-        if matches!(self.sqlstate(), Some("57P01" | "57P02")) {
+        // shutdown), `57P02` crash_shutdown. Or it refused a new one for a limit: `53300`
+        // too_many_connections, `53400` (Aurora DSQL: connection rate exceeded).
+        if matches!(self.sqlstate(), Some("57P01" | "57P02" | "53300" | "53400")) {
             return true;
         }
         match self {

@@ -81,6 +81,7 @@ pub mod expect;
 #[cfg(feature = "local")]
 pub mod local;
 mod pool;
+mod rate_limit;
 mod retry;
 mod target;
 pub mod telemetry;
@@ -90,7 +91,7 @@ mod token_cache;
 mod tx;
 
 pub use config::{
-    CacheSettings, CacheSettingsBuilder, Config, Credentials, DATABASE_VARIABLES,
+    CacheSettings, CacheSettingsBuilder, Config, ConnectionRate, Credentials, DATABASE_VARIABLES,
     DEFAULT_APPLICATION_NAME, PoolSettings, PoolSettingsBuilder, TokenStrategy,
 };
 pub use connector::{Connection, Connector};

@@ -19,6 +19,10 @@ pub const TOKEN_REFRESH_FAILURES: &str = "dal_token_refresh_failures_total";
 pub const TOKEN_REMAINING_SECONDS: &str = "dal_token_remaining_seconds";
 /// Counter: physical connections opened by the connector (Diesel and tokio-postgres pools).
 pub const CONNECTIONS_OPENED: &str = "dal_connections_opened_total";
+/// Counter: connections the server refused for a limit and the connector tried again: SQLSTATE
+/// `53300` (too many connections) or `53400` (Aurora DSQL: connection rate exceeded). Label
+/// `sqlstate`.
+pub const CONNECTS_LIMITED: &str = "dal_connects_limited_total";
 /// Counter: logins the server refused (SQLSTATE `28P01`).
 pub const AUTH_FAILURES: &str = "dal_auth_failures_total";
 /// Gauge: connections of a pool, open and idle, after each checkout. Label `pool`.

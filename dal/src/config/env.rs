@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::settings::Config;
 #[cfg(any(feature = "lakebase", feature = "dsql"))]
 use super::settings::Credentials;
+use super::settings::{Config, PoolSettings};
 use super::url::from_url;
 use crate::error::{Error, Result, Setting};
 
@@ -166,7 +166,9 @@ impl Env<'_> {
                 .parse()
                 .map_err(|reason: String| Error::config(Setting::TokenStrategy, reason))?;
         }
-        let mut pool = config.pool.to_builder();
+        // The target's defaults, so that one variable changes one setting of them.
+        let target = config.resolved_target()?;
+        let mut pool = PoolSettings::for_target(target).to_builder();
         if let Some(n) = self.parse::<u32>(Setting::PoolMaxSize, "a whole number")? {
             pool = pool.max_size(n);
         }
@@ -604,5 +606,22 @@ mod tests {
             (c.user.as_str(), c.resolved_target().unwrap()),
             ("admin", Target::Dsql)
         );
+    }
+
+    /// A DSQL pool keeps DSQL's lifetimes when a variable changes another pool setting.
+    #[cfg(feature = "dsql")]
+    #[test]
+    fn dsql_pools_start_from_dsqls_defaults() {
+        let c = config(&[
+            (
+                "DSQL_ENDPOINT",
+                "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws",
+            ),
+            ("DAL_POOL_MAX_SIZE", "20"),
+        ])
+        .unwrap();
+        assert_eq!(c.pool.max_size(), 20);
+        assert_eq!(c.pool.max_lifetime(), Some(Duration::from_secs(55 * 60)));
+        assert_eq!(c.pool.idle_timeout(), Some(Duration::from_secs(600)));
     }
 }

@@ -9,6 +9,6 @@ mod url;
 
 pub use env::DATABASE_VARIABLES;
 pub use settings::{
-    CacheSettings, CacheSettingsBuilder, Config, Credentials, DEFAULT_APPLICATION_NAME,
-    PoolSettings, PoolSettingsBuilder, TokenStrategy,
+    CacheSettings, CacheSettingsBuilder, Config, ConnectionRate, Credentials,
+    DEFAULT_APPLICATION_NAME, PoolSettings, PoolSettingsBuilder, TokenStrategy,
 };

@@ -1,6 +1,7 @@
 //! The settings themselves: plain data with documented defaults.
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -219,6 +220,60 @@ impl CacheSettingsBuilder {
     }
 }
 
+/// New connections per second, and how many may open at once above that rate (a token
+/// bucket of `burst` tokens refilled at `per_second`).
+///
+/// ```
+/// let rate = dal::ConnectionRate::new(100, 1000)?;
+/// assert_eq!((rate.per_second(), rate.burst()), (100, 1000));
+/// assert_eq!(rate, dal::ConnectionRate::DSQL);
+///
+/// let err = dal::ConnectionRate::new(0, 10).unwrap_err();
+/// assert_eq!(err.to_string(), "invalid setting connection rate: the rate and the burst must be more than zero, such as 100 per second with bursts of 1000");
+/// # Ok::<(), dal::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionRate {
+    pub(crate) per_second: NonZeroU32,
+    pub(crate) burst: NonZeroU32,
+}
+
+impl ConnectionRate {
+    /// Aurora DSQL's documented limits per cluster: 100 new connections per second, bursts of
+    /// 1,000 (Aurora DSQL user guide, "Cluster quotas and database limits"). Connections
+    /// beyond them are refused with SQLSTATE `53400`.
+    pub const DSQL: Self = Self {
+        per_second: NonZeroU32::new(100).unwrap(),
+        burst: NonZeroU32::new(1000).unwrap(),
+    };
+
+    /// `per_second` new connections per second, with bursts of `burst`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::ConnectionRate`] when either is zero.
+    pub fn new(per_second: u32, burst: u32) -> Result<Self> {
+        match (NonZeroU32::new(per_second), NonZeroU32::new(burst)) {
+            (Some(per_second), Some(burst)) => Ok(Self { per_second, burst }),
+            _ => Err(Error::config(
+                Setting::ConnectionRate,
+                "the rate and the burst must be more than zero, such as 100 per second with \
+                 bursts of 1000",
+            )),
+        }
+    }
+
+    /// New connections per second.
+    pub fn per_second(&self) -> u32 {
+        self.per_second.get()
+    }
+
+    /// Connections that may open at once above the rate.
+    pub fn burst(&self) -> u32 {
+        self.burst.get()
+    }
+}
+
 /// Pool sizes and lifetimes.
 ///
 /// Built by [`PoolSettings::builder`], which checks every value, or [`Default`]; so a
@@ -237,7 +292,7 @@ impl CacheSettingsBuilder {
 /// assert_eq!(err.to_string(), "invalid setting DAL_POOL_MIN_IDLE: must not exceed max_size (2)");
 /// # Ok::<(), dal::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolSettings {
     pub(crate) max_size: u32,
     pub(crate) min_idle: u32,
@@ -261,6 +316,29 @@ impl Default for PoolSettings {
 }
 
 impl PoolSettings {
+    /// The defaults for `target`. Aurora DSQL ends every connection after 60 minutes: its
+    /// connections live 55 minutes, shortened by up to 5 at random (lifetime jitter 1/11) so
+    /// they do not all end together, and close after 10 minutes idle, as the vendor's
+    /// connectors do. Every other target gets [`PoolSettings::default`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let dsql = dal::PoolSettings::for_target(dal::Target::Dsql);
+    /// assert_eq!(dsql.max_lifetime(), Some(Duration::from_secs(55 * 60)));
+    /// assert_eq!(dsql.idle_timeout(), Some(Duration::from_secs(10 * 60)));
+    /// ```
+    pub fn for_target(target: Target) -> Self {
+        match target {
+            Target::Dsql => Self {
+                max_lifetime: Some(Duration::from_secs(55 * 60)),
+                lifetime_jitter: 1.0 / 11.0,
+                idle_timeout: Some(Duration::from_secs(10 * 60)),
+                ..Self::default()
+            },
+            Target::Postgres | Target::Lakebase => Self::default(),
+        }
+    }
+
     /// A builder starting from the defaults.
     pub fn builder() -> PoolSettingsBuilder {
         PoolSettingsBuilder(Self::default())
@@ -292,9 +370,9 @@ impl PoolSettings {
         self.idle_timeout
     }
 
-    /// Close connections this old. Defaults to 25 min: the pools enforce it lazily (a
-    /// connection may live up to about twice as long), which keeps it under Aurora DSQL's
-    /// 60-minute cap.
+    /// Close connections this old. Defaults to 25 min (55 min for Aurora DSQL, see
+    /// [`for_target`](Self::for_target)). No pool hands out a connection past it; an idle one
+    /// is closed within a tenth of it more, one in use as it comes back.
     pub fn max_lifetime(&self) -> Option<Duration> {
         self.max_lifetime
     }
@@ -443,11 +521,17 @@ pub struct Config {
     pub statement_timeout: Option<Duration>,
     /// Time allowed to open one connection, TLS and login included. Defaults to 10 s.
     pub connect_timeout: Duration,
+    /// How fast this process opens new connections to this host and port, across every
+    /// connector and pool: each connection waits for its place. Defaults to `None`: no limit,
+    /// except for [`Target::Dsql`], whose documented limit is [`ConnectionRate::DSQL`].
+    pub connection_rate: Option<ConnectionRate>,
     /// When tokens are fetched. Defaults to [`TokenStrategy::Eager`].
     pub strategy: TokenStrategy,
     /// Refresh and retry timing of the token cache.
     pub cache: CacheSettings,
-    /// Pool sizes and lifetimes.
+    /// Pool sizes and lifetimes. Defaults to [`PoolSettings::for_target`] of the
+    /// [target](Self::resolved_target): settings left at [`PoolSettings::default`] are
+    /// replaced by the target's.
     pub pool: PoolSettings,
 }
 
@@ -468,10 +552,36 @@ impl Config {
             search_path: None,
             statement_timeout: None,
             connect_timeout: Duration::from_secs(10),
+            connection_rate: None,
             strategy: TokenStrategy::default(),
             cache: CacheSettings::default(),
             pool: PoolSettings::default(),
         }
+    }
+
+    /// A configuration for `user` on an Aurora DSQL cluster, with IAM tokens signed by the
+    /// standard AWS credential chain. `endpoint` is the cluster endpoint
+    /// (`{cluster-id}.dsql.{region}.on.aws`) or the bare 26-character cluster id, which is
+    /// expanded with the region from `AWS_REGION` (or `AWS_DEFAULT_REGION`). User `admin` signs
+    /// `DbConnectAdmin` tokens and works in schema `public`; any other role signs `DbConnect`
+    /// and works in its own schema. The target's defaults follow: `verify-full`, DSQL's
+    /// [pool lifetimes](PoolSettings::for_target) and [connection rate](ConnectionRate::DSQL).
+    ///
+    /// ```
+    /// let config = dal::Config::dsql("abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws", "admin")?;
+    /// assert_eq!(config.host, "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws");
+    /// assert_eq!(config.resolved_target()?, dal::Target::Dsql);
+    /// # Ok::<(), dal::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] as [`Dsql::new`](crate::credentials::Dsql::new): an empty or
+    /// malformed endpoint or user, or no region for a bare cluster id.
+    #[cfg(feature = "dsql")]
+    pub fn dsql(endpoint: &str, user: &str) -> Result<Self> {
+        let source = crate::credentials::Dsql::new(endpoint, user, None)?;
+        Ok(Self::new(source.host(), user).credentials(Credentials::source(source)))
     }
 
     /// The kind of server: [`target`](Self::target) if set, else the credentials' own
@@ -550,6 +660,13 @@ impl Config {
     #[must_use]
     pub fn hostaddr(mut self, addr: std::net::IpAddr) -> Self {
         self.hostaddr = Some(addr);
+        self
+    }
+
+    /// Sets [`connection_rate`](Self::connection_rate).
+    #[must_use]
+    pub fn connection_rate(mut self, rate: ConnectionRate) -> Self {
+        self.connection_rate = Some(rate);
         self
     }
 

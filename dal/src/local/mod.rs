@@ -23,6 +23,8 @@
 
 mod binaries;
 mod certs;
+#[cfg(feature = "dsql")]
+mod dsql_endpoint;
 mod error;
 mod files;
 mod lakebase;
@@ -30,6 +32,8 @@ mod server;
 mod stack;
 mod token_login;
 
+#[cfg(feature = "dsql")]
+pub use dsql_endpoint::LocalDsqlEndpoint;
 pub use error::{Error, Result};
 pub use lakebase::{LocalLakebase, LocalLakebaseConfig};
 pub use server::{ConnectionAgeLimit, LocalPostgres};

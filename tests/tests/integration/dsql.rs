@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use dal::credentials::{Clock, CredentialSource, Dsql};
 use dal::diesel_async::RunQueryDsl;
-use dal::local::{LOCAL_DSQL_HOST, LOCAL_DSQL_REGION, LocalPostgres};
-use dal::{Config, Connector, Credentials, Target};
+use dal::local::{LOCAL_DSQL_HOST, LOCAL_DSQL_REGION, LocalDsqlEndpoint, LocalPostgres};
+use dal::{Config, ConnectionRate, Connector, Credentials, PoolSettings, Target};
 use migration::MigratorTrait;
 
 struct Fixed(SystemTime);
@@ -20,7 +20,7 @@ impl Clock for Fixed {
 }
 
 /// A cluster with the DSQL roles: `admin` owning database `dsql`, `app` with its own schema.
-async fn dsql_cluster() -> LocalPostgres {
+pub(crate) async fn dsql_cluster() -> LocalPostgres {
     let pg = tests::server().await;
     pg.create_token_role("admin").await.unwrap();
     pg.create_token_role("app").await.unwrap();
@@ -34,7 +34,7 @@ async fn dsql_cluster() -> LocalPostgres {
     pg
 }
 
-fn config(pg: &LocalPostgres, user: &str, source: Dsql) -> Config {
+pub(crate) fn config(pg: &LocalPostgres, user: &str, source: Dsql) -> Config {
     Config::new(LOCAL_DSQL_HOST, user)
         .port(pg.port())
         .database("dsql")
@@ -189,4 +189,125 @@ async fn a_mixed_case_role_lands_in_its_own_schema() {
         .unwrap();
     assert_eq!(row.try_get::<String>("", "s").unwrap(), "AppUser");
     connector.shutdown().await;
+}
+
+/// Opens `pools` pools of 10 connections each at once (a Diesel and a tokio-postgres pool per
+/// connector) through `endpoint`, each connector limited to `rate`, and holds every connection
+/// until all have answered a query: how many failed, and how long until all had answered.
+async fn storm(
+    pg: &LocalPostgres,
+    endpoint: &LocalDsqlEndpoint,
+    pools: usize,
+    rate: ConnectionRate,
+) -> (usize, Duration) {
+    let settings = PoolSettings::builder()
+        .max_size(10)
+        .acquire_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let mut connectors = Vec::new();
+    for _ in 0..pools / 2 {
+        let config = endpoint
+            .config(pg, "admin", "dsql")
+            .unwrap()
+            .connection_rate(rate)
+            .connect_timeout(Duration::from_secs(30))
+            .pool(settings.clone());
+        connectors.push(Connector::new(config).await.unwrap());
+    }
+    let started = std::time::Instant::now();
+    let (results, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    for connector in &connectors {
+        let diesel = connector.diesel_pool().await.unwrap();
+        let postgres = connector.postgres_pool().await.unwrap();
+        for _ in 0..10 {
+            let (diesel, postgres) = (diesel.clone(), postgres.clone());
+            let (sent, mut waiting) = (results.clone(), released.clone());
+            tokio::spawn(async move {
+                let mut conn = diesel.get().await;
+                let ok = match &mut conn {
+                    Ok(conn) => dal::diesel::sql_query("SELECT 1")
+                        .execute(&mut **conn)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                sent.send(ok).unwrap();
+                let _ = waiting.wait_for(|r| *r).await;
+            });
+            let (results, mut released) = (results.clone(), released.clone());
+            tokio::spawn(async move {
+                let client = postgres.get().await;
+                let ok = match &client {
+                    Ok(client) => client
+                        .simple_query("SELECT 1")
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                results.send(ok).unwrap();
+                let _ = released.wait_for(|r| *r).await;
+            });
+        }
+    }
+    drop(results);
+    let mut failed = Vec::new();
+    for _ in 0..pools * 10 {
+        if let Err(e) = answered.recv().await.unwrap() {
+            failed.push(e);
+        }
+    }
+    let took = started.elapsed();
+    release.send(true).unwrap();
+    for connector in connectors {
+        connector.shutdown().await;
+    }
+    if !failed.is_empty() {
+        eprintln!("first failures: {:?}", &failed[..failed.len().min(3)]);
+    }
+    (failed.len(), took)
+}
+
+/// 200 connections from 20 pools at once against DSQL's connection rate (here 100 per second
+/// with bursts of 20, so that 200 exceed it): none fails. Without a limit of its own the
+/// connector tries refused connections again; with one under the server's, the server
+/// refuses none and the rate holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_storm_under_the_rate_limit_has_no_failures() {
+    let pg = dsql_cluster().await;
+    let endpoint = LocalDsqlEndpoint::start(&pg).await.unwrap();
+    let server = ConnectionRate::new(100, 20).unwrap();
+
+    endpoint.limit_connection_rate(Some(server));
+    let unlimited = ConnectionRate::new(1_000_000, 1_000_000).unwrap();
+    let (failed, took) = storm(&pg, &endpoint, 20, unlimited).await;
+    let refused = endpoint.refused();
+    println!(
+        "connection storm | 200 connections, server 100/s burst 20, no client limit | failed \
+         {failed} | refused and tried again {refused} | all answered in {took:?}"
+    );
+    assert_eq!(failed, 0);
+    assert!(
+        refused > 0,
+        "the storm should have exceeded the server's rate"
+    );
+
+    // A full bucket again, and a client limit under the server's rate.
+    endpoint.limit_connection_rate(Some(server));
+    let client = ConnectionRate::new(80, 20).unwrap();
+    let (failed, took) = storm(&pg, &endpoint, 20, client).await;
+    let refused = endpoint.refused() - refused;
+    println!(
+        "connection storm | 200 connections, server 100/s burst 20, client 80/s burst 20 | \
+         failed {failed} | refused {refused} | all answered in {took:?}"
+    );
+    assert_eq!((failed, refused), (0, 0));
+    // 180 connections beyond the burst at 80 per second.
+    assert!(
+        took >= Duration::from_secs_f64(180.0 / 80.0 * 0.9),
+        "{took:?}"
+    );
 }

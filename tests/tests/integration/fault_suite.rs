@@ -97,6 +97,11 @@ impl Workload {
 
     /// Four writers for `period`, each writing as fast as it is answered.
     async fn run_for(self: &Arc<Self>, period: Duration) {
+        self.run_paced(period, Duration::from_millis(5)).await;
+    }
+
+    /// Four writers for `period`, each pausing up to `pause` (at random) after each write.
+    async fn run_paced(self: &Arc<Self>, period: Duration, pause: Duration) {
         let until = Instant::now() + period;
         let writers: Vec<_> = (0..4)
             .map(|_| {
@@ -104,7 +109,7 @@ impl Workload {
                 tokio::spawn(async move {
                     while Instant::now() < until {
                         w.write().await;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        tokio::time::sleep(pause.mul_f64(fastrand::f64())).await;
                     }
                 })
             })
@@ -406,4 +411,42 @@ async fn an_immediate_server_restart() {
     )
     .await;
     assert!(recovery < Duration::from_secs(2), "{recovery:?}");
+}
+
+/// Aurora DSQL ends every connection after 60 minutes; here the cluster ends them after 5 s
+/// (checked every 1.25 s), and the pools retire theirs after at most 4 s: in 30 s of writes
+/// through both ORMs, none fails. Each write takes 0.3 s and writers pause up to 1.5 s, so
+/// that connections sit idle past their lifetime and a connection the server ends is likely
+/// to be in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_retired_before_the_server_ends_them() {
+    let pg = crate::dsql::dsql_cluster().await;
+    pg.admin("dsql")
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE acks (id bigint NOT NULL); \
+             CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
+               'BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END'; \
+             CREATE TRIGGER slow BEFORE INSERT ON acks FOR EACH ROW EXECUTE FUNCTION slow(); \
+             ALTER TABLE acks OWNER TO admin",
+        )
+        .await
+        .unwrap();
+    let config = crate::dsql::config(&pg, "admin", pg.dsql_source("admin").unwrap());
+    let w = Workload::with_lifetime(config, Duration::from_secs(4)).await;
+    let _age_limit = pg.limit_connection_age(Duration::from_secs(5));
+    w.run_paced(Duration::from_secs(30), Duration::from_millis(1500))
+        .await;
+    let figures = w.figures(&pg.admin("dsql").await.unwrap()).await;
+    let opened = w.connector.connections_opened();
+    report(
+        "connections ended by the server at 5 s (pools retire them at 4 s)",
+        &figures,
+        &format!("| Diesel connections opened {opened}"),
+    );
+    w.assert_clean(&figures);
+    // Connections were replaced all through the run (about 30 / 4 per pool connection).
+    assert!(opened >= 8, "{opened}");
+    w.connector.shutdown().await;
 }

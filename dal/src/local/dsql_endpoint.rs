@@ -1,0 +1,252 @@
+//! An Aurora DSQL-like endpoint in front of a local cluster: it forwards each connection to
+//! the server untouched (TLS and login end to end), and refuses the connections DSQL would
+//! refuse for its limits, as DSQL does: over TLS, before login, with a `FATAL` error carrying
+//! DSQL's SQLSTATE and message.
+//!
+//! DSQL's documented connection limits ("Cluster quotas and database limits" in the Aurora
+//! DSQL user guide): 100 new connections per second with bursts of 1,000, beyond which a
+//! connection is refused with `53400` "Unable to accept connection, rate exceeded." The rate
+//! is a knob ([`LocalDsqlEndpoint::limit_connection_rate`]), off at start.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use governor::{DefaultDirectRateLimiter, Quota};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::error::{Error, Result};
+use super::server::LocalPostgres;
+use crate::config::{Config, ConnectionRate, Credentials};
+
+/// SQLSTATE and message of DSQL's refusal beyond the connection rate.
+const RATE_EXCEEDED: (&str, &str) = ("53400", "Unable to accept connection, rate exceeded.");
+
+/// PostgreSQL's SSLRequest and GSSENCRequest codes (protocol 3.0).
+const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+
+/// A DSQL-like endpoint on a loopback port in front of a [`LocalPostgres`]. Tokens are
+/// checked by the cluster as [`LocalPostgres::dsql_source`] describes. Stops accepting when
+/// dropped; forwarded connections run on until either side closes them.
+///
+/// ```no_run
+/// # async fn demo() -> dal::local::Result<()> {
+/// use dal::local::{LocalDsqlEndpoint, LocalPostgres};
+/// let pg = LocalPostgres::start().await?;
+/// pg.create_token_role("admin").await?;
+/// let endpoint = LocalDsqlEndpoint::start(&pg).await?;
+/// endpoint.limit_connection_rate(Some(dal::ConnectionRate::DSQL));
+/// let connector = dal::Connector::new(endpoint.config(&pg, "admin", "postgres")?).await?;
+/// # Ok(()) }
+/// ```
+pub struct LocalDsqlEndpoint {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    upstream: SocketAddr,
+    tls: TlsAcceptor,
+    rate: Mutex<Option<Arc<DefaultDirectRateLimiter>>>,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl std::fmt::Debug for LocalDsqlEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDsqlEndpoint")
+            .field("addr", &self.addr)
+            .field("upstream", &self.shared.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalDsqlEndpoint {
+    /// Listens on a free loopback port and forwards to `pg`, with no limit yet.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::LocalServer`] when the port cannot be bound or the server's certificate
+    /// cannot be read.
+    pub async fn start(pg: &LocalPostgres) -> Result<Self> {
+        let data = pg.root().join("data");
+        let read = |name: &str| {
+            let path = data.join(name);
+            std::fs::read(&path).map_err(Error::io(&path))
+        };
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::local(format!("cannot use the server's certificate: {e}"))
+        };
+        let certs = CertificateDer::pem_slice_iter(&read("server.crt")?)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(&read("server.key")?).map_err(|e| bad(&e))?;
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(&e))?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| Error::local(format!("cannot bind the DSQL endpoint: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::local(format!("cannot bind the DSQL endpoint: {e}")))?;
+        let shared = Arc::new(Shared {
+            upstream: SocketAddr::from(([127, 0, 0, 1], pg.port())),
+            tls: TlsAcceptor::from(Arc::new(tls)),
+            rate: Mutex::new(None),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        });
+        let task = tokio::spawn(accept(listener, Arc::clone(&shared)));
+        Ok(Self { addr, shared, task })
+    }
+
+    /// The endpoint's port on `127.0.0.1`.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Refuses connections beyond `rate` (`None`: no limit) with SQLSTATE `53400`, as DSQL
+    /// does beyond [`ConnectionRate::DSQL`]. The bucket starts full.
+    pub fn limit_connection_rate(&self, rate: Option<ConnectionRate>) {
+        let limiter = rate.map(|rate| {
+            Arc::new(DefaultDirectRateLimiter::direct(
+                Quota::per_second(rate.per_second).allow_burst(rate.burst),
+            ))
+        });
+        *self.shared.rate.lock().unwrap_or_else(|e| e.into_inner()) = limiter;
+    }
+
+    /// Connections forwarded to the server so far.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused for a limit so far.
+    pub fn refused(&self) -> u64 {
+        self.shared.refused.load(Ordering::Relaxed)
+    }
+
+    /// A configuration for the [token role](LocalPostgres::create_token_role) `user` on
+    /// `database` through this endpoint, with DSQL tokens the cluster accepts and its CA.
+    ///
+    /// # Errors
+    ///
+    /// As [`LocalPostgres::dsql_source`].
+    pub fn config(&self, pg: &LocalPostgres, user: &str, database: &str) -> Result<Config> {
+        Ok(Config::new(super::LOCAL_DSQL_HOST, user)
+            .port(self.port())
+            .database(database)
+            .ssl_root_cert(pg.ca_cert_path())
+            .credentials(Credentials::source(pg.dsql_source(user)?)))
+    }
+}
+
+impl Drop for LocalDsqlEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        let limiter = shared
+            .rate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let shared = Arc::clone(&shared);
+        if limiter.is_some_and(|l| l.check().is_err()) {
+            shared.refused.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let (code, message) = RATE_EXCEEDED;
+                if let Err(e) = refuse(client, &shared.tls, code, message).await {
+                    tracing::debug!(error = %e, "a refused client went away early");
+                }
+            });
+            continue;
+        }
+        shared.accepted.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let Ok(mut server) = TcpStream::connect(shared.upstream).await else {
+                return;
+            };
+            let mut client = client;
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        });
+    }
+}
+
+/// Answers a client's startup with a `FATAL` error, over TLS when the client asks for it.
+async fn refuse(
+    mut tcp: TcpStream,
+    tls: &TlsAcceptor,
+    code: &str,
+    message: &str,
+) -> std::io::Result<()> {
+    let error = error_response(code, message);
+    loop {
+        let len = tcp.read_u32().await?;
+        let request = tcp.read_u32().await?;
+        match request {
+            SSL_REQUEST => {
+                tcp.write_all(b"S").await?;
+                let mut tls = tls.accept(tcp).await?;
+                skip_message(&mut tls, None).await?;
+                tls.write_all(&error).await?;
+                return tls.shutdown().await;
+            }
+            GSSENC_REQUEST => tcp.write_all(b"N").await?,
+            _ => {
+                // A startup packet in clear: its length and version are read already.
+                skip_message(&mut tcp, Some(len.saturating_sub(8))).await?;
+                tcp.write_all(&error).await?;
+                return tcp.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Reads past one startup packet (`rest` bytes of it, or all when `None`).
+async fn skip_message<R: AsyncRead + Unpin>(r: &mut R, rest: Option<u32>) -> std::io::Result<()> {
+    let rest = match rest {
+        Some(rest) => rest,
+        None => r.read_u32().await?.saturating_sub(4),
+    };
+    let mut body = vec![0; rest.min(64 * 1024) as usize];
+    r.read_exact(&mut body).await.map(drop)
+}
+
+/// An ErrorResponse message: severity `FATAL`, SQLSTATE `code`, `message`.
+fn error_response(code: &str, message: &str) -> Vec<u8> {
+    let mut fields = Vec::new();
+    for (tag, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        fields.push(tag);
+        fields.extend_from_slice(value.as_bytes());
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut out = vec![b'E'];
+    out.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(&fields);
+    out
+}
