@@ -379,6 +379,18 @@ impl Error {
         }
     }
 
+    /// Why a retried error was retried, as a metric label: Aurora DSQL's `OC000` or `OC001`,
+    /// else the SQLSTATE, else `connection`.
+    pub(crate) fn retry_reason(&self) -> String {
+        let message = self.db_message().unwrap_or_default();
+        ["OC000", "OC001"]
+            .into_iter()
+            .find(|code| message.contains(code))
+            .or(self.sqlstate())
+            .unwrap_or("connection")
+            .to_owned()
+    }
+
     /// The server's message of a database error, if there is one.
     fn db_message(&self) -> Option<&str> {
         match self {

@@ -33,7 +33,9 @@ pub const POOL_IDLE: &str = "dal_pool_idle_connections";
 pub const POOL_WAITING: &str = "dal_pool_waiting";
 /// Histogram: seconds spent waiting for a connection of a pool. Label `pool`.
 pub const POOL_ACQUIRE_SECONDS: &str = "dal_pool_acquire_seconds";
-/// Counter: transactions run again after a conflict or connection failure. Label `orm`.
+/// Counter: transactions run again after a conflict or connection failure. Labels `orm`
+/// (`seaorm`, `diesel`, `idempotent`) and `reason` (`OC000`, `OC001`, the SQLSTATE, or
+/// `connection`).
 pub const TX_RETRIES: &str = "dal_tx_retries_total";
 /// Counter: transactions committed. Label `orm`.
 pub const TX_COMMITS: &str = "dal_tx_commits_total";

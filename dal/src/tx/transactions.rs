@@ -143,6 +143,9 @@ pub(super) enum Failure {
     Work(Error),
     /// At COMMIT.
     Commit(Error),
+    /// In work that is safe to run again whatever it did (see
+    /// [`Transactions::idempotent`]).
+    Repeatable(Error),
 }
 
 impl Failure {
@@ -157,7 +160,16 @@ impl Failure {
             Failure::Commit(e) if e.is_connection_failure() => Err(Error::AmbiguousCommit {
                 source: Box::new(e),
             }),
-            Failure::Begin(e) | Failure::Work(e) | Failure::Commit(e) => Err(e),
+            Failure::Repeatable(e)
+                if e.is_conflict()
+                    || e.is_stale_statement()
+                    || (e.is_connection_failure() && !e.is_auth_failure()) =>
+            {
+                Ok(e)
+            }
+            Failure::Begin(e) | Failure::Work(e) | Failure::Commit(e) | Failure::Repeatable(e) => {
+                Err(e)
+            }
         }
     }
 }
@@ -221,9 +233,57 @@ impl Transactions {
             error = %ErrorChain(&retryable),
             "transaction conflict or connection failure; retrying"
         );
-        metrics::counter!(telemetry::TX_RETRIES, "orm" => orm).increment(1);
+        metrics::counter!(telemetry::TX_RETRIES, "orm" => orm, "reason" => retryable.retry_reason())
+            .increment(1);
         tokio::time::sleep(delay).await;
         Ok(())
+    }
+
+    /// Runs `work` outside any transaction of dal's, and runs it again after a conflict or a
+    /// connection failure, under the same [policy](RetryPolicy) as transactions: for a
+    /// statement that is **safe to repeat whatever it did before it failed** (a read, an
+    /// upsert, `UPDATE ... SET x = constant`; not `x = x + 1`). Aurora DSQL answers conflicts
+    /// (`40001` with `OC000` or `OC001`) also outside explicit transactions, for example right
+    /// after a migration changed a table (`OC001`).
+    ///
+    /// Also retried: a connection lost under the statement (whether it was applied is
+    /// unknown, hence the rule above), a prepared statement gone stale after a schema change.
+    /// Retries count in [`TX_RETRIES`](telemetry::TX_RETRIES) with `orm = "idempotent"` and
+    /// their reason (`OC000`, `OC001`, the SQLSTATE, or `connection`).
+    ///
+    /// ```no_run
+    /// # async fn demo(connector: &dal::Connector, db: &sea_orm::DatabaseConnection) -> dal::Result<()> {
+    /// use sea_orm::ConnectionTrait;
+    /// connector
+    ///     .transactions()
+    ///     .idempotent(|| async {
+    ///         db.execute_unprepared("UPDATE customers SET name = 'Ada' WHERE id = 1").await?;
+    ///         Ok(())
+    ///     })
+    ///     .await
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The work's error when it is not retried, or [`Error::RetriesExhausted`] with the last
+    /// one when the policy gives up.
+    pub async fn idempotent<T, F, Fut>(&self, mut work: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let (mut attempt, started) = (1, std::time::Instant::now());
+        loop {
+            match work().await {
+                Ok(value) => return Ok(value),
+                Err(e) => {
+                    self.after("idempotent", attempt, started, Failure::Repeatable(e))
+                        .await?;
+                }
+            }
+            attempt += 1;
+        }
     }
 
     /// The token connections log in with now, to [`replace_refused`](Self::replace_refused)

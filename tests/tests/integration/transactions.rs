@@ -929,3 +929,89 @@ async fn the_default_retry_budget_carries_ordinary_contention() {
     assert_eq!(ids, (1..=TASKS * EACH).collect::<Vec<_>>());
     connector.shutdown().await;
 }
+
+/// Aurora DSQL answers optimistic-concurrency conflicts outside explicit transactions too
+/// (`OC001` right after a migration changed a table): `idempotent` runs a statement again
+/// after each, counts the retries by code, and returns any other failure at once.
+#[tokio::test(flavor = "current_thread")]
+async fn idempotent_statements_are_run_again_after_occ_conflicts() {
+    use dal::telemetry::TX_RETRIES;
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "occ").await;
+    let connector = Connector::new(pg.config("occ", "occ", &password))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    // The first two calls lose a data conflict, the third a schema conflict, as DSQL words
+    // them (SQLSTATE 40001); a sequence counts the calls, since it ignores rollbacks.
+    db.execute_unprepared(
+        "CREATE SEQUENCE calls; \
+         CREATE FUNCTION occ() RETURNS text LANGUAGE plpgsql AS $$ BEGIN \
+           CASE nextval('calls') \
+             WHEN 1, 2 THEN RAISE EXCEPTION 'change conflicts with another transaction, please retry: (OC000)' USING ERRCODE = '40001'; \
+             WHEN 3 THEN RAISE EXCEPTION 'schema has been updated by another transaction, please retry: (OC001)' USING ERRCODE = '40001'; \
+             ELSE RETURN 'done'; \
+           END CASE; END $$",
+    )
+    .await
+    .unwrap();
+
+    let attempts = AtomicU64::new(0);
+    let value = connector
+        .transactions()
+        .idempotent(|| async {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            let row = db
+                .query_one_raw(Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT occ() AS v",
+                ))
+                .await?
+                .expect("one row");
+            Ok(row.try_get::<String>("", "v")?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (value.as_str(), AtomicU64::load(&attempts, Ordering::SeqCst)),
+        ("done", 4)
+    );
+    // A snapshot takes the counts since the one before: one for both codes.
+    let snapshot = snapshotter.snapshot().into_vec();
+    let retries = |reason: &str| {
+        snapshot
+            .iter()
+            .filter(|(key, _, _, _)| {
+                key.key().name() == TX_RETRIES
+                    && key
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "reason" && l.value() == reason)
+            })
+            .map(|(_, _, _, value)| match value {
+                metrics_util::debugging::DebugValue::Counter(n) => *n,
+                _ => 0,
+            })
+            .sum::<u64>()
+    };
+    assert_eq!((retries("OC000"), retries("OC001")), (2, 1));
+
+    // Any other failure is the caller's at once.
+    attempts.store(0, Ordering::SeqCst);
+    let err = connector
+        .transactions()
+        .idempotent(|| async {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            db.execute_unprepared("SELECT 1 / 0").await?;
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate(), Some("22012"), "{err:?}");
+    assert_eq!(AtomicU64::load(&attempts, Ordering::SeqCst), 1);
+    connector.shutdown().await;
+}
