@@ -23,6 +23,7 @@
 
 mod binaries;
 mod certs;
+mod dsql_checks;
 #[cfg(feature = "dsql")]
 mod dsql_endpoint;
 mod error;
@@ -32,6 +33,9 @@ mod server;
 mod stack;
 mod token_login;
 
+pub use dsql_checks::{
+    Check, DSQL_FINDINGS_SQL, DSQL_UNSUPPORTED, DsqlChecks, Unsupported, dsql_findings,
+};
 #[cfg(feature = "dsql")]
 pub use dsql_endpoint::LocalDsqlEndpoint;
 pub use error::{Error, Result};

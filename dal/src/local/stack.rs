@@ -194,7 +194,10 @@ async fn dsql_roles(postgres: &LocalPostgres) -> Result<()> {
         .await?
         .get(0);
     db.batch_execute(&sql).await?;
-    Ok(())
+    // Refuse what Aurora DSQL refuses, so that programs meet DSQL's rules here first.
+    postgres
+        .enable_dsql_checks(DEV_DSQL_DATABASE, super::DsqlChecks::Enforce)
+        .await
 }
 
 #[cfg(not(feature = "dsql"))]

@@ -912,3 +912,38 @@ async fn web_app_health_says_when_the_credentials_are_refused() {
         "{body}"
     );
 }
+
+/// `dsql_check` migrates a scratch database on the local DSQL endpoint: clean with
+/// `DsqlMigrator` (exit 0); with the plain `Migrator` it lists each thing DSQL refuses and
+/// exits 1, so that a CI step fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn dsql_check_lists_what_dsql_would_refuse() {
+    let mut check = Program::start("dsql_check", &[]);
+    let lines = check.rest(Duration::from_secs(300)).await;
+    let status = check.wait(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0), "{}", check.output());
+    assert_eq!(
+        lines,
+        ["migration::DsqlMigrator: the schema migrated with nothing Aurora DSQL refuses"],
+        "{}",
+        check.output()
+    );
+
+    let mut check = Program::start_with_args("dsql_check", &[], &["--plain"]);
+    let lines = check.rest(Duration::from_secs(300)).await;
+    let status = check.wait(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(1), "{}", check.output());
+    let text = lines.join("\n");
+    for finding in [
+        "migration::Migrator: 3 thing(s) Aurora DSQL refuses:",
+        "  - foreign keys: ",
+        "  - more than one DDL statement in a transaction: ",
+        "  - DDL and DML in one transaction: ",
+    ] {
+        assert!(
+            text.contains(finding),
+            "{finding:?} missing: {}",
+            check.output()
+        );
+    }
+}
