@@ -17,8 +17,8 @@
 //!   SIGTERM.
 //! - `BACKGROUND_IDLE_MS=<min>..<max>`: the random pause before each query. Defaults to
 //!   `2000..40000`, around the embedded default's 30-second tokens.
-//! - `BACKGROUND_CONNECTION_LIFETIME_SECS`: close a connection this old when it is handed
-//!   back. Defaults to 60.
+//! - `BACKGROUND_CONNECTION_LIFETIME_SECS`: close a connection this old (up to a tenth
+//!   sooner, at random); none older is handed out. Defaults to 60.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 

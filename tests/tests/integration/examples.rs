@@ -461,7 +461,9 @@ async fn background_task_fetches_tokens_only_when_it_connects() {
     env.extend([
         ("BACKGROUND_QUERIES", "6".to_owned()),
         ("BACKGROUND_IDLE_MS", "1300..1800".to_owned()),
-        ("BACKGROUND_CONNECTION_LIFETIME_SECS", "1".to_owned()),
+        // Longer than one pause and shorter than two: the second query reuses the first
+        // one's connection, and a later one opens another.
+        ("BACKGROUND_CONNECTION_LIFETIME_SECS", "3".to_owned()),
     ]);
     let mut job = Program::start("background_task", &env);
     job.line("background task: ", Duration::from_secs(60)).await;
