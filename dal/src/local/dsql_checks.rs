@@ -42,7 +42,10 @@ pub enum Check {
     Truncate,
 }
 
-/// What Aurora DSQL refuses, as data. See the [module docs](self) for sources.
+/// What Aurora DSQL refuses, as data: the PostgreSQL features the Aurora DSQL user guide lists
+/// as unsupported ("Unsupported PostgreSQL features in Aurora DSQL", "Asynchronous indexes",
+/// "Sequences and identity columns") that a schema change or a transaction can meet. A feature
+/// DSQL gains is one entry to delete.
 pub const DSQL_UNSUPPORTED: &[Unsupported] = &[
     Unsupported {
         feature: "foreign keys",
