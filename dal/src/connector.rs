@@ -2,7 +2,7 @@
 //! per-connection settings, from which every pool is built.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use secrecy::ExposeSecret;
@@ -14,7 +14,7 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool};
 
 use crate::config::{Config, ConnectionRate, Credentials, PoolSettings};
 use crate::credentials::{CredentialSource, StaticPassword, Token};
-use crate::error::{Error, Result, Setting};
+use crate::error::{Error, ErrorChain, Result, Setting};
 #[cfg(feature = "diesel")]
 use crate::pool::DieselPool;
 use crate::pool::{self, Open, PgClientPool, Registry};
@@ -82,6 +82,14 @@ struct Shared {
     pools: Registry,
     opened: AtomicU64,
     shut_down: AtomicBool,
+    /// The other endpoints of the database ([`Config::failover`]), each a connector of its
+    /// own (without peers).
+    peers: Vec<Connector>,
+    /// The endpoint new connections go to first: 0 for this one, `i` for `peers[i - 1]`.
+    active: Arc<AtomicUsize>,
+    /// The sqlx pools built here, which follow the active endpoint.
+    #[cfg(feature = "seaorm")]
+    sqlx_pools: std::sync::Mutex<Vec<PgPool>>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -107,10 +115,26 @@ impl Connector {
     pub async fn new(config: Config) -> Result<Self> {
         let connector = Self::build(config)?;
         connector.shared.cache.start().await?;
+        for peer in &connector.shared.peers {
+            peer.shared.cache.start().await?;
+        }
         Ok(connector)
     }
 
-    fn build(config: Config) -> Result<Self> {
+    fn build(mut config: Config) -> Result<Self> {
+        let peers = std::mem::take(&mut config.failover)
+            .into_iter()
+            .map(|peer| {
+                if !peer.failover.is_empty() {
+                    return Err(Error::config(
+                        Setting::Failover,
+                        "a failover endpoint has failover endpoints of its own: list every \
+                         endpoint once, on the first",
+                    ));
+                }
+                Self::build(peer)
+            })
+            .collect::<Result<Vec<_>>>()?;
         if config.host.trim().is_empty() {
             return Err(Error::config(
                 Setting::Host,
@@ -196,8 +220,42 @@ impl Connector {
                 pools: Registry::default(),
                 opened: AtomicU64::new(0),
                 shut_down: AtomicBool::new(false),
+                peers,
+                active: Arc::new(AtomicUsize::new(0)),
+                #[cfg(feature = "seaorm")]
+                sqlx_pools: std::sync::Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// Endpoint `i`: 0 for this one, `i` for the `i`-th of [`Config::failover`].
+    fn endpoint(&self, i: usize) -> &Connector {
+        match i {
+            0 => self,
+            i => &self.shared.peers[i - 1],
+        }
+    }
+
+    /// The token cache of the active endpoint.
+    #[cfg(feature = "seaorm")]
+    pub(crate) fn active_cache(&self) -> &TokenCache {
+        &self
+            .endpoint(self.shared.active.load(Ordering::Relaxed))
+            .shared
+            .cache
+    }
+
+    /// Whether there are [failover](Config::failover) endpoints.
+    #[cfg(feature = "seaorm")]
+    pub(crate) fn has_failover(&self) -> bool {
+        !self.shared.peers.is_empty()
+    }
+
+    /// The endpoint new connections go to first, as `host:port`: this connector's, or the
+    /// [failover](Config::failover) endpoint it moved to after this one could not be reached.
+    pub fn active_endpoint(&self) -> String {
+        let active = self.endpoint(self.shared.active.load(Ordering::Relaxed));
+        format!("{}:{}", active.shared.host, active.shared.port)
     }
 
     /// The token cache in front of the credential source.
@@ -317,7 +375,65 @@ impl Connector {
     /// client.simple_query("SELECT 1").await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// With [failover](Config::failover) endpoints, a connection the active endpoint cannot
+    /// open (a [connection failure](Error::is_connection_failure), not a refused login) is
+    /// opened at the next endpoint that answers, which becomes the active one for every pool.
     pub async fn connect(&self) -> Result<(tokio_postgres::Client, Connection)> {
+        let count = 1 + self.shared.peers.len();
+        let start = self.shared.active.load(Ordering::Relaxed);
+        let mut first_failure = None;
+        for k in 0..count {
+            let i = (start + k) % count;
+            let endpoint = self.endpoint(i);
+            match endpoint.connect_here().await {
+                Ok(pair) => {
+                    if i != start {
+                        self.fail_over(start, i);
+                    }
+                    return Ok(pair);
+                }
+                Err(e) if count > 1 && e.is_connection_failure() && !e.is_auth_failure() => {
+                    tracing::warn!(
+                        endpoint = %format!("{}:{}", endpoint.shared.host, endpoint.shared.port),
+                        error = %ErrorChain(&e),
+                        "cannot open a connection; trying the next endpoint"
+                    );
+                    first_failure.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(first_failure.expect("one endpoint at least"))
+    }
+
+    /// Makes endpoint `to` the active one, if `from` still is, and points the sqlx pools at it.
+    fn fail_over(&self, from: usize, to: usize) {
+        let s = &self.shared;
+        if s.active
+            .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return;
+        }
+        let (old, new) = (self.endpoint(from), self.endpoint(to));
+        tracing::warn!(
+            from = %format!("{}:{}", old.shared.host, old.shared.port),
+            to = %format!("{}:{}", new.shared.host, new.shared.port),
+            "failed over to another endpoint"
+        );
+        metrics::counter!(telemetry::FAILOVERS).increment(1);
+        #[cfg(feature = "seaorm")]
+        if let (Ok(options), Some(token)) = (new.sqlx_options(), new.shared.cache.current()) {
+            let pools = s.sqlx_pools.lock().unwrap_or_else(|e| e.into_inner());
+            for pool in pools.iter() {
+                pool.set_connect_options(options.clone().password(token.expose()));
+            }
+        }
+    }
+
+    /// One connection to this endpoint: limits and a refused token handled, no failover.
+    async fn connect_here(&self) -> Result<(tokio_postgres::Client, Connection)> {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
@@ -499,7 +615,25 @@ impl Connector {
     ) -> Result<PgPool> {
         self.refuse_if_shut_down()?;
         let s = &self.shared;
-        pool::sqlx::build(&s.cache, self.sqlx_options()?, settings, &s.pools, forget).await
+        let endpoints = (0..=s.peers.len())
+            .map(|i| {
+                let endpoint = self.endpoint(i);
+                Ok((endpoint.shared.cache.clone(), endpoint.sqlx_options()?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pool = pool::sqlx::build(
+            &endpoints,
+            Arc::clone(&s.active),
+            settings,
+            &s.pools,
+            forget,
+        )
+        .await?;
+        s.sqlx_pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pool.clone());
+        Ok(pool)
     }
 
     /// A SeaORM connection (over a [`sqlx_pool`](Self::sqlx_pool)).
@@ -620,6 +754,9 @@ impl Connector {
     pub async fn shutdown(&self) {
         self.shared.shut_down.store(true, Ordering::Relaxed);
         self.shared.cache.shutdown();
+        for peer in &self.shared.peers {
+            peer.shared.cache.shutdown();
+        }
         self.shared.pools.close_all().await;
     }
 }

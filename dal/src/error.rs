@@ -52,6 +52,8 @@ pub enum Setting {
     ConnectTimeout,
     /// How fast new connections open: `Config::connection_rate`.
     ConnectionRate,
+    /// Other endpoints of the same database: `Config::failover`.
+    Failover,
     /// The kind of server: `Config::target`.
     Target,
     /// Where passwords come from: `Config::credentials`.
@@ -117,6 +119,7 @@ impl Setting {
             Setting::PoolIdleTimeout => "DAL_POOL_IDLE_TIMEOUT_SECS",
             Setting::ConnectTimeout => "PGCONNECT_TIMEOUT",
             Setting::ConnectionRate => "connection rate",
+            Setting::Failover => "failover",
             Setting::Target => "target",
             Setting::Credentials => "credentials",
             Setting::CacheJitter => "cache jitter",
@@ -381,6 +384,7 @@ impl Error {
 
     /// Why a retried error was retried, as a metric label: Aurora DSQL's `OC000` or `OC001`,
     /// else the SQLSTATE, else `connection`.
+    #[cfg(any(feature = "seaorm", feature = "diesel"))]
     pub(crate) fn retry_reason(&self) -> String {
         let message = self.db_message().unwrap_or_default();
         ["OC000", "OC001"]

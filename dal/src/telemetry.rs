@@ -23,6 +23,9 @@ pub const CONNECTIONS_OPENED: &str = "dal_connections_opened_total";
 /// `53300` (too many connections) or `53400` (Aurora DSQL: connection rate exceeded). Label
 /// `sqlstate`.
 pub const CONNECTS_LIMITED: &str = "dal_connects_limited_total";
+/// Counter: moves to another endpoint of the database after the active one could not be
+/// reached (`Config::failover`).
+pub const FAILOVERS: &str = "dal_failovers_total";
 /// Counter: logins the server refused (SQLSTATE `28P01`).
 pub const AUTH_FAILURES: &str = "dal_auth_failures_total";
 /// Gauge: connections of a pool, open and idle, after each checkout. Label `pool`.

@@ -529,6 +529,13 @@ pub struct Config {
     pub strategy: TokenStrategy,
     /// Refresh and retry timing of the token cache.
     pub cache: CacheSettings,
+    /// Other endpoints of the same database, such as the peers of an Aurora DSQL
+    /// multi-region cluster ([`Config::dsql_multi_region`]): when this endpoint cannot be
+    /// reached, each new connection tries them in order, and the first that answers becomes
+    /// the endpoint of every pool (SeaORM's included) until it fails in turn. Each has its own
+    /// host, port, TLS and credentials (a DSQL token is signed for one endpoint and its
+    /// region); their own `failover` must be empty. Defaults to none.
+    pub failover: Vec<Config>,
     /// Pool sizes and lifetimes. Defaults to [`PoolSettings::for_target`] of the
     /// [target](Self::resolved_target): settings left at [`PoolSettings::default`] are
     /// replaced by the target's.
@@ -553,6 +560,7 @@ impl Config {
             statement_timeout: None,
             connect_timeout: Duration::from_secs(10),
             connection_rate: None,
+            failover: Vec::new(),
             strategy: TokenStrategy::default(),
             cache: CacheSettings::default(),
             pool: PoolSettings::default(),
@@ -582,6 +590,48 @@ impl Config {
     pub fn dsql(endpoint: &str, user: &str) -> Result<Self> {
         let source = crate::credentials::Dsql::new(endpoint, user, None)?;
         Ok(Self::new(source.host(), user).credentials(Credentials::source(source)))
+    }
+
+    /// A configuration for `user` on an Aurora DSQL multi-region cluster: the endpoints of its
+    /// peered clusters, each as [`Config::dsql`] takes it. The nearest comes first (the one
+    /// in `AWS_REGION`, else the first given) and the others become its
+    /// [`failover`](Self::failover), each with tokens signed for its own endpoint and region.
+    ///
+    /// ```
+    /// let config = dal::Config::dsql_multi_region(
+    ///     &["aaaaaaaaaaaaaaaaaaaaaaaaaa.dsql.us-east-1.on.aws", "bbbbbbbbbbbbbbbbbbbbbbbbbb.dsql.us-east-2.on.aws"],
+    ///     "admin",
+    /// )?;
+    /// assert_eq!(config.failover.len(), 1);
+    /// # Ok::<(), dal::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::dsql`] for each endpoint; [`Error::Config`] for [`Setting::Failover`]
+    /// when `endpoints` is empty.
+    #[cfg(feature = "dsql")]
+    pub fn dsql_multi_region(endpoints: &[&str], user: &str) -> Result<Self> {
+        let here = std::env::var("AWS_REGION").ok();
+        let mut peers = Vec::new();
+        for endpoint in endpoints {
+            let source = crate::credentials::Dsql::new(endpoint, user, None)?;
+            let near = here.as_deref() == Some(source.region());
+            peers.push((
+                near,
+                Self::new(source.host(), user).credentials(Credentials::source(source)),
+            ));
+        }
+        // Stable: the nearest first, the others in the order given.
+        peers.sort_by_key(|(near, _)| !near);
+        let mut peers = peers.into_iter().map(|(_, config)| config);
+        let first = peers.next().ok_or_else(|| {
+            Error::config(
+                Setting::Failover,
+                "no endpoint: give the endpoints of the cluster's peers, nearest first",
+            )
+        })?;
+        Ok(peers.fold(first, Self::failover))
     }
 
     /// The kind of server: [`target`](Self::target) if set, else the credentials' own
@@ -660,6 +710,13 @@ impl Config {
     #[must_use]
     pub fn hostaddr(mut self, addr: std::net::IpAddr) -> Self {
         self.hostaddr = Some(addr);
+        self
+    }
+
+    /// Adds `peer` to [`failover`](Self::failover).
+    #[must_use]
+    pub fn failover(mut self, peer: Config) -> Self {
+        self.failover.push(peer);
         self
     }
 

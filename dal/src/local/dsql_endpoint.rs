@@ -6,7 +6,9 @@
 //! DSQL's documented connection limits ("Cluster quotas and database limits" in the Aurora
 //! DSQL user guide): 100 new connections per second with bursts of 1,000, beyond which a
 //! connection is refused with `53400` "Unable to accept connection, rate exceeded." The rate
-//! is a knob ([`LocalDsqlEndpoint::limit_connection_rate`]), off at start.
+//! is a knob ([`LocalDsqlEndpoint::limit_connection_rate`]), off at start. So is an outage of
+//! the endpoint ([`LocalDsqlEndpoint::set_down`]), for the failover of a multi-region cluster,
+//! whose peer the cluster also serves ([`LocalDsqlEndpoint::start_peer`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +48,8 @@ const GSSENC_REQUEST: u32 = 80_877_104;
 /// ```
 pub struct LocalDsqlEndpoint {
     addr: SocketAddr,
+    host: &'static str,
+    region: &'static str,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -56,6 +60,8 @@ struct Shared {
     rate: Mutex<Option<Arc<DefaultDirectRateLimiter>>>,
     accepted: AtomicU64,
     refused: AtomicU64,
+    /// Whether the endpoint is down: not listening, its connections closed.
+    down: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for LocalDsqlEndpoint {
@@ -68,13 +74,40 @@ impl std::fmt::Debug for LocalDsqlEndpoint {
 }
 
 impl LocalDsqlEndpoint {
-    /// Listens on a free loopback port and forwards to `pg`, with no limit yet.
+    /// Listens on a free loopback port and forwards to `pg`, with no limit yet, as the
+    /// endpoint [`LOCAL_DSQL_HOST`](super::LOCAL_DSQL_HOST) in
+    /// [`LOCAL_DSQL_REGION`](super::LOCAL_DSQL_REGION).
     ///
     /// # Errors
     ///
     /// [`Error::LocalServer`] when the port cannot be bound or the server's certificate
     /// cannot be read.
     pub async fn start(pg: &LocalPostgres) -> Result<Self> {
+        Self::start_as(pg, super::LOCAL_DSQL_HOST, super::LOCAL_DSQL_REGION).await
+    }
+
+    /// Like [`start`](Self::start), as the endpoint of the cluster's multi-region peer:
+    /// [`LOCAL_DSQL_PEER_HOST`](super::LOCAL_DSQL_PEER_HOST) in
+    /// [`LOCAL_DSQL_PEER_REGION`](super::LOCAL_DSQL_PEER_REGION). Both peers serve the same
+    /// data, as a peered cluster does; each accepts only tokens signed for it.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub async fn start_peer(pg: &LocalPostgres) -> Result<Self> {
+        Self::start_as(
+            pg,
+            super::LOCAL_DSQL_PEER_HOST,
+            super::LOCAL_DSQL_PEER_REGION,
+        )
+        .await
+    }
+
+    async fn start_as(
+        pg: &LocalPostgres,
+        host: &'static str,
+        region: &'static str,
+    ) -> Result<Self> {
         let data = pg.root().join("data");
         let read = |name: &str| {
             let path = data.join(name);
@@ -107,9 +140,22 @@ impl LocalDsqlEndpoint {
             rate: Mutex::new(None),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            down: tokio::sync::watch::channel(false).0,
         });
-        let task = tokio::spawn(accept(listener, Arc::clone(&shared)));
-        Ok(Self { addr, shared, task })
+        let task = tokio::spawn(serve(listener, addr, Arc::clone(&shared)));
+        Ok(Self {
+            addr,
+            host,
+            region,
+            shared,
+            task,
+        })
+    }
+
+    /// Takes the endpoint down, as in a regional outage: it stops listening (connecting is
+    /// refused) and closes every connection it forwards; or brings it back on the same port.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.send_replace(down);
     }
 
     /// The endpoint's port on `127.0.0.1`.
@@ -145,11 +191,12 @@ impl LocalDsqlEndpoint {
     ///
     /// As [`LocalPostgres::dsql_source`].
     pub fn config(&self, pg: &LocalPostgres, user: &str, database: &str) -> Result<Config> {
-        Ok(Config::new(super::LOCAL_DSQL_HOST, user)
+        let source = pg.dsql_source_at(self.host, self.region, user)?;
+        Ok(Config::new(self.host, user)
             .port(self.port())
             .database(database)
             .ssl_root_cert(pg.ca_cert_path())
-            .credentials(Credentials::source(pg.dsql_source(user)?)))
+            .credentials(Credentials::source(source)))
     }
 }
 
@@ -159,36 +206,66 @@ impl Drop for LocalDsqlEndpoint {
     }
 }
 
-async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+/// Accepts while the endpoint is up; while it is down, listens to nothing.
+async fn serve(mut listener: TcpListener, addr: SocketAddr, shared: Arc<Shared>) {
+    let mut down = shared.down.subscribe();
     loop {
-        let Ok((client, _)) = listener.accept().await else {
-            continue;
-        };
-        let limiter = shared
-            .rate
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let shared = Arc::clone(&shared);
-        if limiter.is_some_and(|l| l.check().is_err()) {
-            shared.refused.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                let (code, message) = RATE_EXCEEDED;
-                if let Err(e) = refuse(client, &shared.tls, code, message).await {
-                    tracing::debug!(error = %e, "a refused client went away early");
+        loop {
+            tokio::select! {
+                biased;
+                _ = down.wait_for(|down| *down) => break,
+                accepted = listener.accept() => {
+                    if let Ok((client, _)) = accepted {
+                        admit(client, &shared);
+                    }
                 }
-            });
-            continue;
+            }
         }
-        shared.accepted.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let Ok(mut server) = TcpStream::connect(shared.upstream).await else {
+        drop(listener);
+        if down.wait_for(|down| !*down).await.is_err() {
+            return;
+        }
+        listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, %addr, "the DSQL endpoint cannot listen again");
                 return;
-            };
-            let mut client = client;
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-        });
+            }
+        };
     }
+}
+
+/// Forwards `client` to the server, or refuses it for a limit.
+fn admit(client: TcpStream, shared: &Arc<Shared>) {
+    let limiter = shared
+        .rate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let shared = Arc::clone(shared);
+    if limiter.is_some_and(|l| l.check().is_err()) {
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let (code, message) = RATE_EXCEEDED;
+            if let Err(e) = refuse(client, &shared.tls, code, message).await {
+                tracing::debug!(error = %e, "a refused client went away early");
+            }
+        });
+        return;
+    }
+    shared.accepted.fetch_add(1, Ordering::Relaxed);
+    let mut down = shared.down.subscribe();
+    tokio::spawn(async move {
+        let Ok(mut server) = TcpStream::connect(shared.upstream).await else {
+            return;
+        };
+        let mut client = client;
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+            // An outage ends the connection: both sides are dropped.
+            _ = down.wait_for(|down| *down) => {}
+        }
+    });
 }
 
 /// Answers a client's startup with a `FATAL` error, over TLS when the client asks for it.

@@ -46,4 +46,6 @@ pub use stack::{
 };
 pub use token_login::TOKEN_GROUP;
 #[cfg(feature = "dsql")]
-pub use token_login::{LOCAL_DSQL_HOST, LOCAL_DSQL_REGION};
+pub use token_login::{
+    LOCAL_DSQL_HOST, LOCAL_DSQL_PEER_HOST, LOCAL_DSQL_PEER_REGION, LOCAL_DSQL_REGION,
+};

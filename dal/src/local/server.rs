@@ -515,12 +515,23 @@ impl LocalPostgres {
     /// `DbConnectAdmin` for `admin` and `DbConnect` for any other role, as on DSQL.
     #[cfg(feature = "dsql")]
     pub fn dsql_source(&self, user: &str) -> Result<crate::credentials::Dsql> {
+        self.dsql_source_at(super::LOCAL_DSQL_HOST, super::LOCAL_DSQL_REGION, user)
+    }
+
+    /// Like [`dsql_source`](Self::dsql_source), signed for `host` in `region`: the cluster
+    /// accepts [`LOCAL_DSQL_HOST`](super::LOCAL_DSQL_HOST) in
+    /// [`LOCAL_DSQL_REGION`](super::LOCAL_DSQL_REGION), and its multi-region peer
+    /// [`LOCAL_DSQL_PEER_HOST`](super::LOCAL_DSQL_PEER_HOST) in
+    /// [`LOCAL_DSQL_PEER_REGION`](super::LOCAL_DSQL_PEER_REGION).
+    #[cfg(feature = "dsql")]
+    pub(crate) fn dsql_source_at(
+        &self,
+        host: &str,
+        region: &str,
+        user: &str,
+    ) -> Result<crate::credentials::Dsql> {
         let (id, secret) = self.logins.tokens().dsql_keys();
-        let source = crate::credentials::Dsql::new(
-            super::LOCAL_DSQL_HOST,
-            user,
-            Some(super::LOCAL_DSQL_REGION),
-        )?;
+        let source = crate::credentials::Dsql::new(host, user, Some(region))?;
         Ok(source.with_static_credentials(id, secret, None))
     }
 

@@ -52,6 +52,13 @@ pub const LOCAL_DSQL_HOST: &str = "localhost";
 /// The AWS region of the local Aurora DSQL endpoint.
 #[cfg(feature = "dsql")]
 pub const LOCAL_DSQL_REGION: &str = "us-east-1";
+/// The endpoint name of the local cluster's multi-region peer, as
+/// [`LocalDsqlEndpoint::start_peer`](super::LocalDsqlEndpoint::start_peer) serves it.
+#[cfg(feature = "dsql")]
+pub const LOCAL_DSQL_PEER_HOST: &str = "127.0.0.1";
+/// The AWS region of the local multi-region peer.
+#[cfg(feature = "dsql")]
+pub const LOCAL_DSQL_PEER_REGION: &str = "us-east-2";
 
 type HmacSha256 = Hmac<sha2::Sha256>;
 
@@ -146,9 +153,11 @@ impl Tokens {
         let Some((host, query)) = token.split_once("/?") else {
             return Some("malformed token");
         };
-        if host != LOCAL_DSQL_HOST {
-            return Some("signed for another endpoint");
-        }
+        let region_of_host = match host {
+            LOCAL_DSQL_HOST => LOCAL_DSQL_REGION,
+            LOCAL_DSQL_PEER_HOST => LOCAL_DSQL_PEER_REGION,
+            _ => return Some("signed for another endpoint"),
+        };
         let param = |name: &str| {
             query.split('&').find_map(|pair| {
                 let (k, v) = pair.split_once('=')?;
@@ -180,6 +189,9 @@ impl Tokens {
         };
         if key_id != id {
             return Some("signed with unknown keys");
+        }
+        if region != region_of_host {
+            return Some("signed for another region than the endpoint's");
         }
         // Signing the same request again with the role's own action must give the same token.
         let again = Dsql::new(host, role, Some(region)).and_then(|source| {

@@ -3,7 +3,7 @@
 //! refresh that fetched it returns, and keeps the token fresh ahead of expiry.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use futures_util::future::BoxFuture;
 use sea_orm::sqlx::Error as SqlxError;
@@ -40,14 +40,16 @@ impl ForgetStatements {
     }
 }
 
-/// A sqlx pool whose connections log in with `base` and the cached token.
+/// A sqlx pool whose connections log in to the `active` one of `endpoints` (the options of
+/// each, without password, and its token cache) with its cached token.
 pub(crate) async fn build(
-    cache: &TokenCache,
-    base: PgConnectOptions,
+    endpoints: &[(TokenCache, PgConnectOptions)],
+    active: Arc<AtomicUsize>,
     settings: &PoolSettings,
     registry: &Registry,
     forget: ForgetStatements,
 ) -> Result<PgPool> {
+    let (cache, base) = &endpoints[active.load(Ordering::Relaxed)];
     let token = cache.token().await?;
     let lifetime = settings.jittered_lifetime();
     let pool = PgPoolOptions::new()
@@ -84,18 +86,21 @@ pub(crate) async fn build(
             })
         })
         .connect_lazy_with(base.clone().password(token.expose()));
-    let pushed = pool.clone();
-    let options = base.clone();
-    // Until the pool closes: then the cache lets go of it.
-    cache.on_refresh(move |token| {
-        pushed.set_connect_options(options.clone().password(token.expose()));
-        !pushed.is_closed()
-    });
+    for (i, (cache, options)) in endpoints.iter().enumerate() {
+        let (pushed, options, active) = (pool.clone(), options.clone(), Arc::clone(&active));
+        // Until the pool closes: then the cache lets go of it.
+        cache.on_refresh(move |token| {
+            if active.load(Ordering::Relaxed) == i {
+                pushed.set_connect_options(options.clone().password(token.expose()));
+            }
+            !pushed.is_closed()
+        });
+        cache.keep_fresh();
+    }
     // The token may have been replaced while the pool was built.
     if let Some(current) = cache.current() {
-        pool.set_connect_options(base.password(current.expose()));
+        pool.set_connect_options(base.clone().password(current.expose()));
     }
-    cache.keep_fresh();
     registry.add_strong(Arc::new(SqlxPool {
         pool: pool.clone(),
         close_within: settings.acquire_timeout,

@@ -52,7 +52,10 @@ impl Transactions {
                     if self
                         .replace_refused(&failure, token.as_ref(), &mut replaced_token)
                         .await => {}
-                Err(failure) => self.after("seaorm", attempt, started, failure).await?,
+                Err(failure) => {
+                    self.follow_failover(&failure).await;
+                    self.after("seaorm", attempt, started, failure).await?;
+                }
             }
             attempt += 1;
         }

@@ -5,8 +5,6 @@ use crate::error::{Error, ErrorChain, Result};
 use crate::retry::RetryPolicy;
 use crate::target::Target;
 use crate::telemetry;
-#[cfg(feature = "seaorm")]
-use crate::token_cache::TokenCache;
 
 /// Isolation level of a transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,9 +128,10 @@ impl TxMode {
 pub struct Transactions {
     target: Target,
     policy: RetryPolicy,
-    /// The connector's token cache, to replace a token the server refused at a SeaORM login.
+    /// The connector, to replace a token the server refused at a SeaORM login, and to move
+    /// the SeaORM pool to another endpoint when this one cannot be reached.
     #[cfg(feature = "seaorm")]
-    cache: Option<TokenCache>,
+    connector: Option<Connector>,
 }
 
 /// Where an attempt failed, which decides whether it may run again.
@@ -181,7 +180,7 @@ impl Transactions {
             target,
             policy,
             #[cfg(feature = "seaorm")]
-            cache: None,
+            connector: None,
         }
     }
 
@@ -290,7 +289,9 @@ impl Transactions {
     /// if the server refuses it.
     #[cfg(feature = "seaorm")]
     pub(super) fn current_token(&self) -> Option<std::sync::Arc<crate::credentials::Token>> {
-        self.cache.as_ref().and_then(TokenCache::current)
+        self.connector
+            .as_ref()
+            .and_then(|c| c.active_cache().current())
     }
 
     /// After the server refused `token` at login: forgets it and fetches a fresh one, which
@@ -303,13 +304,15 @@ impl Transactions {
         token: Option<&std::sync::Arc<crate::credentials::Token>>,
         replaced_before: &mut bool,
     ) -> bool {
-        let (Failure::Begin(e), Some(cache), Some(token)) = (failure, &self.cache, token) else {
+        let (Failure::Begin(e), Some(connector), Some(token)) = (failure, &self.connector, token)
+        else {
             return false;
         };
         if *replaced_before || !e.is_auth_failure() {
             return false;
         }
         *replaced_before = true;
+        let cache = connector.active_cache();
         cache.invalidate(token);
         match cache.token().await {
             Ok(_) => {
@@ -320,6 +323,22 @@ impl Transactions {
                 tracing::warn!(error = %ErrorChain(&error), "no fresh token after a refused login");
                 false
             }
+        }
+    }
+
+    /// After a SeaORM transaction could not begin for a connection failure: when the
+    /// connector has [failover](crate::Config::failover) endpoints, opens one connection
+    /// through it, which moves every pool (this SeaORM pool included) to the first endpoint
+    /// that answers. sqlx tells the pool's owner nothing of a failed connect: this is where
+    /// dal learns of one.
+    #[cfg(feature = "seaorm")]
+    pub(super) async fn follow_failover(&self, failure: &Failure) {
+        let (Failure::Begin(e), Some(connector)) = (failure, &self.connector) else {
+            return;
+        };
+        if connector.has_failover() && e.is_connection_failure() && !e.is_auth_failure() {
+            // The connection itself is not needed; the move is.
+            drop(connector.connect().await);
         }
     }
 
@@ -347,7 +366,7 @@ impl Connector {
         let transactions = Transactions::new(self.target(), RetryPolicy::default());
         #[cfg(feature = "seaorm")]
         let transactions = Transactions {
-            cache: Some(self.cache().clone()),
+            connector: Some(self.clone()),
             ..transactions
         };
         transactions

@@ -450,3 +450,44 @@ async fn connections_retired_before_the_server_ends_them() {
     assert!(opened >= 8, "{opened}");
     w.connector.shutdown().await;
 }
+
+/// An Aurora DSQL multi-region cluster loses its nearest endpoint (a regional outage: the
+/// endpoint stops listening and its connections end) while both ORMs write: new connections
+/// move to the peer endpoint, with tokens signed for the peer's region, no acknowledged write
+/// is lost, and both ORMs write again within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regional_outage_fails_over_to_the_peer_endpoint() {
+    use dal::local::{LOCAL_DSQL_PEER_HOST, LocalDsqlEndpoint};
+    let pg = crate::dsql::dsql_cluster().await;
+    let near = LocalDsqlEndpoint::start(&pg).await.unwrap();
+    let peer = LocalDsqlEndpoint::start_peer(&pg).await.unwrap();
+    let config = near
+        .config(&pg, "admin", "dsql")
+        .unwrap()
+        .failover(peer.config(&pg, "admin", "dsql").unwrap());
+    let w = Workload::new(config).await;
+    let run = tokio::spawn({
+        let w = Arc::clone(&w);
+        async move { w.run_for(Duration::from_secs(5)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    near.set_down(true);
+    let down = Instant::now();
+    run.await.unwrap();
+    let figures = w.figures(&pg.admin("dsql").await.unwrap()).await;
+    let recovery = w
+        .recovery_after(down)
+        .unwrap_or_else(|| panic!("writes succeed again after the outage: {:?}", w.failures()));
+    report(
+        "regional outage of the nearest DSQL endpoint (multi-region)",
+        &figures,
+        &format!("| recovery {} ms", recovery.as_millis()),
+    );
+    assert_eq!((figures.lost, figures.duplicates), (0, 0));
+    assert_eq!(
+        w.connector.active_endpoint(),
+        format!("{LOCAL_DSQL_PEER_HOST}:{}", peer.port())
+    );
+    assert!(recovery < Duration::from_secs(2), "{recovery:?}");
+    w.connector.shutdown().await;
+}
