@@ -518,6 +518,15 @@ impl LocalPostgres {
         self.dsql_source_at(super::LOCAL_DSQL_HOST, super::LOCAL_DSQL_REGION, user)
     }
 
+    /// The cluster's local AWS access key id and secret key, which sign the DSQL tokens it
+    /// accepts: for a test's AWS credential files or credential service. Local only: they
+    /// sign for nothing but this cluster.
+    #[cfg(feature = "dsql")]
+    pub fn dsql_access_keys(&self) -> (String, SecretString) {
+        let (id, secret) = self.logins.tokens().dsql_keys();
+        (id, SecretString::from(secret))
+    }
+
     /// Like [`dsql_source`](Self::dsql_source), signed for `host` in `region`: the cluster
     /// accepts [`LOCAL_DSQL_HOST`](super::LOCAL_DSQL_HOST) in
     /// [`LOCAL_DSQL_REGION`](super::LOCAL_DSQL_REGION), and its multi-region peer

@@ -194,9 +194,12 @@ impl Tokens {
             return Some("signed for another region than the endpoint's");
         }
         // Signing the same request again with the role's own action must give the same token.
+        // Temporary keys (an SSO or assumed role's) add their session token, which the
+        // signature covers; the local keys take any.
+        let session = param("X-Amz-Security-Token").map(|t| t.into_owned());
         let again = Dsql::new(host, role, Some(region)).and_then(|source| {
             source
-                .with_static_credentials(id, secret, None)
+                .with_static_credentials(id, secret, session)
                 .with_clock(Arc::new(At(signed_at)))
                 .with_expires_in(std::time::Duration::from_secs(expires))
         });

@@ -949,3 +949,137 @@ async fn dsql_check_lists_what_dsql_would_refuse() {
         );
     }
 }
+
+/// A local IAM Identity Center portal: answers `GetRoleCredentials` for the bearer token
+/// `token` with `keys`, as `portal.sso.<region>.amazonaws.com` does. Returns its port and the
+/// number of credential requests it answered.
+async fn sso_portal(
+    token: &'static str,
+    keys: (String, String),
+) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&served);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (keys, count) = (keys.clone(), Arc::clone(&count));
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&request).to_lowercase();
+                let authorized = head.starts_with("get /federation/credentials?")
+                    && head.contains("account_id=123456789012")
+                    && head.contains("role_name=dsqladmin")
+                    && head.contains(&format!("x-amz-sso_bearer_token: {token}"));
+                let (status, body) = if authorized {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let expiration =
+                        (chrono::Utc::now() + chrono::Duration::hours(1)).timestamp_millis();
+                    let body = json!({"roleCredentials": {
+                        "accessKeyId": keys.0,
+                        "secretAccessKey": keys.1,
+                        "sessionToken": "local-session-token",
+                        "expiration": expiration,
+                    }});
+                    ("200 OK", body.to_string())
+                } else {
+                    let body = json!({"message": "Session token not found or invalid"});
+                    ("401 Unauthorized", body.to_string())
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (port, served)
+}
+
+/// DSQL tokens signed with the keys of an AWS profile: one with keys in the shared credentials
+/// file, and one that signs in through IAM Identity Center (the `dsql-sso` feature), whose
+/// portal the SDK reaches at `AWS_ENDPOINT_URL_SSO` (here a local one). `doctor` passes with
+/// each, from the environment alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn dsql_tokens_are_signed_with_aws_profile_keys_sso_included() {
+    use secrecy::ExposeSecret;
+    let pg = crate::dsql::dsql_cluster().await;
+    let (id, secret) = pg.dsql_access_keys();
+    let keys = (id, secret.expose_secret().to_owned());
+    let (portal, served) = sso_portal("local-sso-bearer", keys.clone()).await;
+    let home = tempfile::tempdir().unwrap();
+    let aws = home.path().join(".aws");
+    std::fs::create_dir_all(aws.join("sso/cache")).unwrap();
+    std::fs::write(
+        aws.join("config"),
+        "[profile keys]\nregion = us-east-1\n\n\
+         [profile sso]\nregion = us-east-1\n\
+         sso_start_url = https://dal-local.awsapps.com/start\nsso_region = us-east-1\n\
+         sso_account_id = 123456789012\nsso_role_name = DsqlAdmin\n",
+    )
+    .unwrap();
+    std::fs::write(
+        aws.join("credentials"),
+        format!(
+            "[keys]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            keys.0, keys.1
+        ),
+    )
+    .unwrap();
+    // The SDK's cached sign-in, named by the SHA-1 of the start URL.
+    std::fs::write(
+        aws.join("sso/cache/f141ae134925505ec5941e70d481fb4a1c3c35e3.json"),
+        json!({
+            "accessToken": "local-sso-bearer",
+            "expiresAt": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "region": "us-east-1",
+            "startUrl": "https://dal-local.awsapps.com/start",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    for profile in ["keys", "sso"] {
+        let env = [
+            ("HOME", home.path().display().to_string()),
+            ("AWS_PROFILE", profile.to_owned()),
+            ("AWS_CONFIG_FILE", aws.join("config").display().to_string()),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                aws.join("credentials").display().to_string(),
+            ),
+            ("AWS_ENDPOINT_URL_SSO", format!("http://127.0.0.1:{portal}")),
+            // Nothing may look for instance metadata, which is not on 127.0.0.1.
+            ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+            ("DSQL_ENDPOINT", dal::local::LOCAL_DSQL_HOST.to_owned()),
+            ("AWS_REGION", dal::local::LOCAL_DSQL_REGION.to_owned()),
+            ("PGPORT", pg.port().to_string()),
+            ("PGDATABASE", "dsql".to_owned()),
+            ("PGSSLROOTCERT", pg.ca_cert_path().display().to_string()),
+        ];
+        let mut doctor = Program::start("doctor", &env);
+        let lines = doctor.rest(Duration::from_secs(120)).await;
+        let status = doctor.wait(Duration::from_secs(60)).await;
+        assert!(status.success(), "profile {profile}: {}", doctor.output());
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("ok    credentials: dsql source")),
+            "profile {profile}: {}",
+            doctor.output()
+        );
+    }
+    assert!(
+        served.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the SSO profile's keys came from the portal"
+    );
+}
