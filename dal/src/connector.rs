@@ -182,10 +182,17 @@ impl Connector {
         let search_path = config.search_path.or_else(|| {
             (target == Target::Dsql && config.user != "admin").then(|| quote_ident(&config.user))
         });
+        let mut application_name = config.application_name;
+        if let Some(product) = &config.product {
+            crate::config::check_product(product)?;
+            if application_name == crate::config::DEFAULT_APPLICATION_NAME {
+                application_name = product.clone();
+            }
+        }
         for (setting, value) in [
             (Setting::User, Some(&config.user)),
             (Setting::Database, Some(&config.database)),
-            (Setting::ApplicationName, Some(&config.application_name)),
+            (Setting::ApplicationName, Some(&application_name)),
             (Setting::SearchPath, search_path.as_ref()),
         ] {
             if let Some(value) = value {
@@ -206,7 +213,7 @@ impl Connector {
                 database: config.database,
                 user: config.user,
                 tls,
-                application_name: config.application_name,
+                application_name,
                 search_path,
                 statement_timeout: config.statement_timeout,
                 connect_timeout: config.connect_timeout,
@@ -844,6 +851,21 @@ mod tests {
         }
     }
 
+    /// The product is the default application name; one set explicitly wins.
+    #[test]
+    fn the_product_names_the_connections() {
+        let config = || {
+            Config::new("db.example.com", "u")
+                .password("p")
+                .product("acme_orders/2.1")
+        };
+        let named = |c: Config| Connector::build(c).unwrap().shared.application_name.clone();
+        assert_eq!(named(config()), "acme_orders/2.1");
+        let mut explicit = config();
+        explicit.application_name = "reporting".into();
+        assert_eq!(named(explicit), "reporting");
+    }
+
     #[test]
     fn the_connector_refuses_what_no_builder_checked() {
         let config = || Config::new("db.example.com", "u").password("p");
@@ -858,6 +880,16 @@ mod tests {
         assert_eq!(
             setting_of(Connector::build(config().connect_timeout(Duration::ZERO))),
             Setting::ConnectTimeout
+        );
+        assert_eq!(
+            setting_of(Connector::build(config().product("acme orders"))),
+            Setting::Product
+        );
+        assert_eq!(
+            setting_of(Connector::build(
+                config().failover(config().failover(config()))
+            )),
+            Setting::Failover
         );
         struct LakebaseTokens;
         impl CredentialSource for LakebaseTokens {

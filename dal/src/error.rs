@@ -54,6 +54,8 @@ pub enum Setting {
     ConnectionRate,
     /// Other endpoints of the same database: `Config::failover`.
     Failover,
+    /// The product this program is, `DAL_PRODUCT`.
+    Product,
     /// The kind of server: `Config::target`.
     Target,
     /// Where passwords come from: `Config::credentials`.
@@ -120,6 +122,7 @@ impl Setting {
             Setting::ConnectTimeout => "PGCONNECT_TIMEOUT",
             Setting::ConnectionRate => "connection rate",
             Setting::Failover => "failover",
+            Setting::Product => "DAL_PRODUCT",
             Setting::Target => "target",
             Setting::Credentials => "credentials",
             Setting::CacheJitter => "cache jitter",

@@ -153,6 +153,11 @@ impl Env<'_> {
         if let Some(name) = self.get("PGAPPNAME") {
             config.application_name = name;
         }
+        if let Some(product) = self.get("DAL_PRODUCT") {
+            let product = product.trim();
+            super::settings::check_product(product)?;
+            config.product = Some(product.to_owned());
+        }
         if let Some(path) = self.get("DAL_SEARCH_PATH") {
             config.search_path = Some(path);
         }
@@ -265,6 +270,9 @@ impl Env<'_> {
         let mut source = Lakebase::new(&host, auth, target)?;
         if let Some(id) = self.get("DATABRICKS_WORKSPACE_ID") {
             source = source.with_workspace_id(id);
+        }
+        if let Some(product) = self.get("DAL_PRODUCT") {
+            source = source.with_product(product.trim())?;
         }
         let db_host = self.require(
             Setting::Host,
@@ -606,6 +614,18 @@ mod tests {
             (c.user.as_str(), c.resolved_target().unwrap()),
             ("admin", Target::Dsql)
         );
+    }
+
+    #[test]
+    fn dal_product_is_checked_and_kept() {
+        let mut v = vec![("DATABASE_URL", "postgres://u:p@h/db")];
+        v.push(("DAL_PRODUCT", " acme_orders/2.1 "));
+        assert_eq!(
+            config(&v).unwrap().product.as_deref(),
+            Some("acme_orders/2.1")
+        );
+        v[1] = ("DAL_PRODUCT", "acme orders");
+        assert_eq!(setting(&v), "DAL_PRODUCT");
     }
 
     /// A DSQL pool keeps DSQL's lifetimes when a variable changes another pool setting.

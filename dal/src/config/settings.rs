@@ -274,6 +274,30 @@ impl ConnectionRate {
     }
 }
 
+/// Checks a product name: `<name>/<version>`, the name of letters, digits, `_`, `.` and `-`
+/// (the Lakebase partner guide's `<isv-name_product-name>`), the version of those and `+`.
+///
+/// # Errors
+///
+/// [`Error::Config`] for [`Setting::Product`] naming the expected shape.
+pub(crate) fn check_product(product: &str) -> Result<()> {
+    let word = |s: &str, extra: &[char]| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c) || extra.contains(&c))
+    };
+    match product.split_once('/') {
+        Some((name, version)) if word(name, &[]) && word(version, &['+']) => Ok(()),
+        _ => Err(Error::config(
+            Setting::Product,
+            format!(
+                "{product:?} is not <isv-name_product-name>/<version>, such as acme_orders/2.1 \
+                 (letters, digits, '_', '.' and '-')"
+            ),
+        )),
+    }
+}
+
 /// Pool sizes and lifetimes.
 ///
 /// Built by [`PoolSettings::builder`], which checks every value, or [`Default`]; so a
@@ -512,8 +536,16 @@ pub struct Config {
     pub ssl_mode: Option<SslMode>,
     /// CA certificates (PEM) to verify the server with. Defaults to the Mozilla roots.
     pub ssl_root_cert: Option<PathBuf>,
-    /// Sent in the startup packet. Defaults to [`DEFAULT_APPLICATION_NAME`].
+    /// Sent in the startup packet. Defaults to the [product](Self::product) when there is
+    /// one, else [`DEFAULT_APPLICATION_NAME`].
     pub application_name: String,
+    /// The product this program is, as the Lakebase partner guide asks each integration to
+    /// name itself: `<isv-name_product-name>/<product-version>`, such as `acme_orders/2.1`
+    /// (`DAL_PRODUCT`). It becomes the default `application_name`; give it to the Lakebase
+    /// credential source too ([`Lakebase::with_product`](crate::credentials::Lakebase::with_product),
+    /// done for you by [`Config::from_env`]) so that its HTTP `User-Agent` names it. Defaults to
+    /// none.
+    pub product: Option<String>,
     /// The schema search path of every connection, sent in the startup packet. Defaults to
     /// none (the server's), except for non-admin DSQL roles: their own schema.
     pub search_path: Option<String>,
@@ -556,6 +588,7 @@ impl Config {
             ssl_mode: None,
             ssl_root_cert: None,
             application_name: DEFAULT_APPLICATION_NAME.into(),
+            product: None,
             search_path: None,
             statement_timeout: None,
             connect_timeout: Duration::from_secs(10),
@@ -717,6 +750,13 @@ impl Config {
     #[must_use]
     pub fn failover(mut self, peer: Config) -> Self {
         self.failover.push(peer);
+        self
+    }
+
+    /// Sets [`product`](Self::product), checked by [`Connector::new`](crate::Connector::new).
+    #[must_use]
+    pub fn product(mut self, product: impl Into<String>) -> Self {
+        self.product = Some(product.into());
         self
     }
 

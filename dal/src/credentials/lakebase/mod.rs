@@ -60,6 +60,27 @@ pub enum WorkspaceAuth {
     Pat(SecretString),
 }
 
+impl WorkspaceAuth {
+    /// Databricks' name of this way to authenticate (its SDKs' `auth_type`): `oauth-m2m` or
+    /// `pat`.
+    pub fn auth_type(&self) -> &'static str {
+        match self {
+            WorkspaceAuth::ClientCredentials { .. } => "oauth-m2m",
+            WorkspaceAuth::Pat(_) => "pat",
+        }
+    }
+}
+
+/// The `User-Agent` of the credential source's HTTP calls: the product if any, dal, and the
+/// auth type, as the Databricks SDKs name theirs.
+fn user_agent(product: Option<&str>, auth: &WorkspaceAuth) -> String {
+    let dal = concat!("dal/", env!("CARGO_PKG_VERSION"));
+    match product {
+        Some(product) => format!("{product} {dal} auth/{}", auth.auth_type()),
+        None => format!("{dal} auth/{}", auth.auth_type()),
+    }
+}
+
 impl fmt::Debug for WorkspaceAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -227,6 +248,7 @@ impl Lakebase {
         validate_target(&target)?;
         let loopback = is_loopback(&host);
         let client = build_client(loopback)?;
+        let user_agent = user_agent(None, &auth);
         Ok(Self {
             host: host.as_str().trim_end_matches('/').to_owned(),
             auth,
@@ -235,7 +257,7 @@ impl Lakebase {
             workspace_id: None,
             http_timeout: DEFAULT_HTTP_TIMEOUT,
             clock: Arc::new(SystemClock),
-            user_agent: format!("dal/{}", env!("CARGO_PKG_VERSION")),
+            user_agent,
             client,
             state: Mutex::new(AuthState::default()),
         })
@@ -266,11 +288,26 @@ impl Lakebase {
         self
     }
 
-    /// The `User-Agent` of every HTTP call. Defaults to `dal/<version>`.
+    /// The whole `User-Agent` of every HTTP call, as given. Defaults to
+    /// `dal/<version> auth/<auth type>`; see [`with_product`](Self::with_product).
     #[must_use]
     pub fn with_user_agent(mut self, ua: impl Into<String>) -> Self {
         self.user_agent = ua.into();
         self
+    }
+
+    /// Names the product in the `User-Agent` of every HTTP call, as the Lakebase partner
+    /// guide asks: `<product> dal/<version> auth/<auth type>`, where `product` is
+    /// `<isv-name_product-name>/<product-version>` (see [`Config::product`](crate::Config::product))
+    /// and the auth type is Databricks' name for it (`oauth-m2m`, `pat`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::Product`] when `product` is not of that shape.
+    pub fn with_product(mut self, product: &str) -> Result<Self> {
+        crate::config::check_product(product)?;
+        self.user_agent = user_agent(Some(product), &self.auth);
+        Ok(self)
     }
 
     async fn database_credential(&self) -> Result<Token> {

@@ -188,7 +188,7 @@ fn source(server: &Server) -> Lakebase {
 }
 
 fn default_user_agent() -> String {
-    format!("dal/{}", env!("CARGO_PKG_VERSION"))
+    format!("dal/{} auth/oauth-m2m", env!("CARGO_PKG_VERSION"))
 }
 
 struct ManualClock(StdMutex<SystemTime>);
@@ -571,6 +571,52 @@ async fn every_request_carries_the_user_agent() {
         .unwrap();
     for request in &server.requests() {
         assert_eq!(request.header("user-agent"), Some("shop_orders/2.1"));
+    }
+
+    // A product: named first, then dal and the auth type, as the Databricks SDKs do.
+    let server = Server::start(workspace).await;
+    source(&server)
+        .with_product("acme_orders/2.1")
+        .unwrap()
+        .fetch()
+        .await
+        .unwrap();
+    let expected = format!(
+        "acme_orders/2.1 dal/{} auth/oauth-m2m",
+        env!("CARGO_PKG_VERSION")
+    );
+    for request in &server.requests() {
+        assert_eq!(request.header("user-agent"), Some(expected.as_str()));
+    }
+}
+
+#[test]
+fn a_product_is_name_slash_version() {
+    let base =
+        || Lakebase::new("https://example.cloud.databricks.com", m2m(), autoscaling()).unwrap();
+    for bad in [
+        "acme orders/2.1",
+        "acme_orders",
+        "/2.1",
+        "acme/",
+        "acme/2.1/x",
+        "acme/2 1",
+        "a\nb/1",
+    ] {
+        let err = base().with_product(bad).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Config {
+                    setting: Setting::Product,
+                    ..
+                }
+            ),
+            "{bad:?}: {err}"
+        );
+    }
+    for good in ["acme_orders/2.1", "acme-orders/2.1.0-beta+7", "a.b/1"] {
+        base().with_product(good).unwrap();
     }
 }
 
