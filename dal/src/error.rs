@@ -56,6 +56,10 @@ pub enum Setting {
     Failover,
     /// The product this program is, `DAL_PRODUCT`.
     Product,
+    /// The life asked for Lakebase database credentials, `LAKEBASE_CREDENTIAL_TTL_SECS`.
+    LakebaseCredentialTtl,
+    /// The permissions asked for Lakebase database credentials: `Lakebase::with_claims`.
+    LakebaseClaims,
     /// The kind of server: `Config::target`.
     Target,
     /// Where passwords come from: `Config::credentials`.
@@ -123,6 +127,8 @@ impl Setting {
             Setting::ConnectionRate => "connection rate",
             Setting::Failover => "failover",
             Setting::Product => "DAL_PRODUCT",
+            Setting::LakebaseCredentialTtl => "LAKEBASE_CREDENTIAL_TTL_SECS",
+            Setting::LakebaseClaims => "Lakebase claims",
             Setting::Target => "target",
             Setting::Credentials => "credentials",
             Setting::CacheJitter => "cache jitter",

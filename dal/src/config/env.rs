@@ -274,6 +274,11 @@ impl Env<'_> {
         if let Some(product) = self.get("DAL_PRODUCT") {
             source = source.with_product(product.trim())?;
         }
+        if let Some(secs) =
+            self.parse::<u64>(Setting::LakebaseCredentialTtl, "a whole number of seconds")?
+        {
+            source = source.with_ttl(Duration::from_secs(secs))?;
+        }
         let db_host = self.require(
             Setting::Host,
             "the Lakebase database host, such as ep-....database.<region>.cloud.databricks.com",

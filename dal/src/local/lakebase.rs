@@ -228,8 +228,9 @@ fn is_endpoint_path(path: &str) -> bool {
 /// while sessions already open go on. Credentials are signed with the cluster's key, so
 /// services of several processes on one cluster issue credentials each other's logins take.
 /// [`revoke`](Self::revoke) ends one credential early, which the real service never does. The optional
-/// request fields (`ttl`, `expire_time`, `claims`, `group_name`, `request_id`) are accepted and
-/// ignored: the lifetime is [`token_ttl`](Self::token_ttl), so that tests control it.
+/// request fields (`expire_time`, `claims`, `group_name`, `request_id`) are accepted and
+/// ignored; an Autoscaling `ttl` (300-3600 s) sets the credential's life, otherwise it is
+/// [`token_ttl`](Self::token_ttl), so that tests control it.
 ///
 /// Knobs such as [`fail_next`](Self::fail_next), [`set_latency`](Self::set_latency) and
 /// [`set_down`](Self::set_down) make it misbehave on demand while it runs. It stops on
@@ -725,8 +726,10 @@ impl Shared {
     }
 
     /// Mints a database credential; returns it with its expiry.
-    async fn mint(&self) -> Result<(String, DateTime<Utc>), Response> {
-        let ttl = Duration::from_nanos(self.token_ttl_nanos.load(Ordering::Relaxed));
+    /// A credential living `asked`, or [`token_ttl`](LocalLakebase::token_ttl).
+    async fn mint(&self, asked: Option<Duration>) -> Result<(String, DateTime<Utc>), Response> {
+        let ttl = asked
+            .unwrap_or_else(|| Duration::from_nanos(self.token_ttl_nanos.load(Ordering::Relaxed)));
         // Whole milliseconds, so that the expiry in the answer is exactly the one checked.
         let until = TimeDelta::from_std(ttl.min(MAX_TTL))
             .ok()
@@ -759,11 +762,13 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
-/// The Autoscaling request. `ttl`, `expire_time`, `claims` and `group_name` are accepted and
-/// ignored: the lifetime is the service's own, so that tests control it.
+/// The Autoscaling request. `expire_time`, `claims` and `group_name` are accepted and ignored;
+/// `ttl` sets the credential's life, else it is the service's own, so that tests control it.
 #[derive(serde::Deserialize)]
 struct AutoscalingRequest {
     endpoint: Option<String>,
+    /// The credential life asked for, a protobuf duration such as `"1800s"`.
+    ttl: Option<String>,
 }
 
 async fn autoscaling_credential(
@@ -800,12 +805,32 @@ async fn autoscaling_credential(
             )
         };
     }
-    match shared.mint().await {
+    // As the API documents it: whole seconds from 300 to 3600.
+    let ttl = match request.ttl.as_deref().map(parse_ttl) {
+        None => None,
+        Some(Some(ttl)) => Some(ttl),
+        Some(None) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "INVALID_PARAMETER_VALUE",
+                "ttl must be a duration from 300s to 3600s",
+            );
+        }
+    };
+    match shared.mint(ttl).await {
         Ok((token, until)) => {
             Json(json!({ "token": token, "expire_time": rfc3339(until) })).into_response()
         }
         Err(response) => response,
     }
+}
+
+/// A `ttl` the credential API takes: `"<300..=3600>s"`.
+fn parse_ttl(ttl: &str) -> Option<Duration> {
+    let secs: u64 = ttl.strip_suffix('s')?.parse().ok()?;
+    (300..=3600)
+        .contains(&secs)
+        .then(|| Duration::from_secs(secs))
 }
 
 /// The Provisioned request; `request_id` is accepted and not checked.
@@ -845,7 +870,7 @@ async fn provisioned_credential(
             &format!("Database instance '{unknown}' does not exist."),
         );
     }
-    match shared.mint().await {
+    match shared.mint(None).await {
         Ok((token, until)) => {
             Json(json!({ "token": token, "expiration_time": rfc3339(until) })).into_response()
         }

@@ -60,6 +60,36 @@ pub enum WorkspaceAuth {
     Pat(SecretString),
 }
 
+/// A permission asked for with Lakebase database credentials (the Autoscaling credential
+/// API's `claims`): a permission set, such as `READ_ONLY`, on some tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The permission set, such as `READ_ONLY`.
+    pub permission_set: String,
+    /// The tables, as `catalog.schema.table`.
+    pub tables: Vec<String>,
+}
+
+impl Claim {
+    /// `permission_set` on `tables`.
+    pub fn new(permission_set: impl Into<String>, tables: &[&str]) -> Self {
+        Self {
+            permission_set: permission_set.into(),
+            tables: tables.iter().map(|t| (*t).to_owned()).collect(),
+        }
+    }
+
+    /// As the API takes it: `{"permission_set": ..., "resources": [{"table_name": ...}]}`.
+    fn to_json(&self) -> Value {
+        let resources: Vec<Value> = self
+            .tables
+            .iter()
+            .map(|t| serde_json::json!({ "table_name": t }))
+            .collect();
+        serde_json::json!({ "permission_set": self.permission_set, "resources": resources })
+    }
+}
+
 impl WorkspaceAuth {
     /// Databricks' name of this way to authenticate (its SDKs' `auth_type`): `oauth-m2m` or
     /// `pat`.
@@ -148,6 +178,10 @@ pub struct Lakebase {
     http_timeout: Duration,
     clock: Arc<dyn Clock>,
     user_agent: String,
+    /// The credential life to ask for (Autoscaling `ttl`).
+    ttl: Option<Duration>,
+    /// The permissions to ask for (Autoscaling `claims`).
+    claims: Vec<Claim>,
     client: reqwest::Client,
     /// Held across discovery and the token call, so that concurrent callers wait for one
     /// refresh instead of each starting their own.
@@ -258,6 +292,8 @@ impl Lakebase {
             http_timeout: DEFAULT_HTTP_TIMEOUT,
             clock: Arc::new(SystemClock),
             user_agent,
+            ttl: None,
+            claims: Vec::new(),
             client,
             state: Mutex::new(AuthState::default()),
         })
@@ -310,13 +346,79 @@ impl Lakebase {
         Ok(self)
     }
 
+    /// Asks for credentials that live `ttl` (the Autoscaling API's optional `ttl`, documented
+    /// from 300 s to 3600 s; whole seconds) instead of the service's default of an hour. The
+    /// cache takes the shorter of `ttl` and the expiry the service answers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::LakebaseCredentialTtl`] outside 300-3600 s, not in
+    /// whole seconds, or with a Provisioned instance (whose API has no `ttl`).
+    pub fn with_ttl(mut self, ttl: Duration) -> Result<Self> {
+        self.autoscaling_only(Setting::LakebaseCredentialTtl)?;
+        if !(300..=3600).contains(&ttl.as_secs()) || ttl.subsec_nanos() != 0 {
+            return Err(Error::config(
+                Setting::LakebaseCredentialTtl,
+                format!(
+                    "{} s is not a whole number of seconds from 300 to 3600, the range the \
+                     credential API takes",
+                    ttl.as_secs_f64()
+                ),
+            ));
+        }
+        self.ttl = Some(ttl);
+        Ok(self)
+    }
+
+    /// Asks for credentials limited to `claims` (the Autoscaling API's optional `claims`), such
+    /// as read-only access to some tables.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::LakebaseClaims`] with a Provisioned instance, an empty
+    /// permission set, or a claim without tables.
+    pub fn with_claims(mut self, claims: Vec<Claim>) -> Result<Self> {
+        self.autoscaling_only(Setting::LakebaseClaims)?;
+        if let Some(bad) = claims
+            .iter()
+            .find(|c| c.permission_set.trim().is_empty() || c.tables.is_empty())
+        {
+            return Err(Error::config(
+                Setting::LakebaseClaims,
+                format!(
+                    "a claim needs a permission set (such as READ_ONLY) and at least one table: \
+                     {bad:?}"
+                ),
+            ));
+        }
+        self.claims = claims;
+        Ok(self)
+    }
+
+    fn autoscaling_only(&self, setting: Setting) -> Result<()> {
+        match self.target {
+            LakebaseTarget::Autoscaling { .. } => Ok(()),
+            LakebaseTarget::Provisioned { .. } => Err(Error::config(
+                setting,
+                "only Lakebase Autoscaling's credential API takes it (set LAKEBASE_ENDPOINT, \
+                 not LAKEBASE_INSTANCE)",
+            )),
+        }
+    }
+
     async fn database_credential(&self) -> Result<Token> {
         let auth = self.authorization().await?;
         let (path, body) = match &self.target {
-            LakebaseTarget::Autoscaling { endpoint } => (
-                AUTOSCALING_PATH,
-                serde_json::json!({ "endpoint": endpoint }),
-            ),
+            LakebaseTarget::Autoscaling { endpoint } => {
+                let mut body = serde_json::json!({ "endpoint": endpoint });
+                if let Some(ttl) = self.ttl {
+                    body["ttl"] = format!("{}s", ttl.as_secs()).into();
+                }
+                if !self.claims.is_empty() {
+                    body["claims"] = self.claims.iter().map(Claim::to_json).collect();
+                }
+                (AUTOSCALING_PATH, body)
+            }
             LakebaseTarget::Provisioned { instance } => (
                 PROVISIONED_PATH,
                 serde_json::json!({
@@ -374,7 +476,12 @@ impl Lakebase {
                 now,
             });
         }
-        Ok(Token::new(token, Some(expires_at.into())))
+        // The shorter life: the one asked for, or the one answered.
+        let expires_at = match self.ttl.and_then(|ttl| now.checked_add(ttl)) {
+            Some(asked) => asked.min(expires_at.into()),
+            None => expires_at.into(),
+        };
+        Ok(Token::new(token, Some(expires_at)))
     }
 
     /// The workspace authorization, from the cache when it is fresh enough.

@@ -1091,3 +1091,87 @@ fn a_workspace_host_without_a_scheme_gets_https_as_the_sdks_give_it() {
     .unwrap();
     assert_eq!(url.as_str(), "https://ws.cloud.databricks.com/");
 }
+
+/// `ttl` and `claims` go in the Autoscaling request as the API takes them, and the token
+/// lives the shorter of the life asked for and the one answered (here 2099).
+#[tokio::test]
+async fn ttl_and_claims_are_asked_for_and_the_shorter_life_wins() {
+    let server = Server::start(workspace).await;
+    let before = SystemTime::now();
+    let token = source(&server)
+        .with_ttl(Duration::from_secs(1800))
+        .unwrap()
+        .with_claims(vec![Claim::new("READ_ONLY", &["main.shop.orders"])])
+        .unwrap()
+        .fetch()
+        .await
+        .unwrap();
+    let requests = server.requests();
+    let credential = requests
+        .iter()
+        .find(|r| r.path == AUTOSCALING_PATH)
+        .expect("a credential request");
+    let body: Value = serde_json::from_str(&credential.body).unwrap();
+    assert_eq!(
+        body,
+        json!({
+            "endpoint": ENDPOINT,
+            "ttl": "1800s",
+            "claims": [{"permission_set": "READ_ONLY", "resources": [{"table_name": "main.shop.orders"}]}],
+        })
+    );
+    let expires = token.expires_at().expect("an expiry");
+    assert!(
+        expires >= before + Duration::from_secs(1800)
+            && expires <= SystemTime::now() + Duration::from_secs(1800),
+        "{expires:?}"
+    );
+}
+
+#[test]
+fn ttl_and_claims_are_checked() {
+    let base =
+        || Lakebase::new("https://example.cloud.databricks.com", m2m(), autoscaling()).unwrap();
+    for bad in [
+        Duration::from_secs(299),
+        Duration::from_secs(3601),
+        Duration::from_millis(1_800_500),
+    ] {
+        let err = base().with_ttl(bad).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Config {
+                    setting: Setting::LakebaseCredentialTtl,
+                    ..
+                }
+            ),
+            "{bad:?}: {err}"
+        );
+    }
+    base().with_ttl(Duration::from_secs(300)).unwrap();
+    base().with_ttl(Duration::from_secs(3600)).unwrap();
+    let provisioned = Lakebase::new(
+        "https://example.cloud.databricks.com",
+        m2m(),
+        LakebaseTarget::Provisioned {
+            instance: "shop".into(),
+        },
+    )
+    .unwrap();
+    let err = provisioned.with_ttl(Duration::from_secs(600)).unwrap_err();
+    assert!(err.to_string().contains("LAKEBASE_ENDPOINT"), "{err}");
+    let err = base()
+        .with_claims(vec![Claim::new("READ_ONLY", &[])])
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Config {
+                setting: Setting::LakebaseClaims,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
