@@ -60,6 +60,10 @@ pub enum Setting {
     LakebaseCredentialTtl,
     /// The permissions asked for Lakebase database credentials: `Lakebase::with_claims`.
     LakebaseClaims,
+    /// How to authenticate to the Databricks workspace, `DATABRICKS_AUTH_TYPE`.
+    DatabricksAuthType,
+    /// The Databricks CLI, `DATABRICKS_CLI_PATH`.
+    DatabricksCliPath,
     /// The kind of server: `Config::target`.
     Target,
     /// Where passwords come from: `Config::credentials`.
@@ -129,6 +133,8 @@ impl Setting {
             Setting::Product => "DAL_PRODUCT",
             Setting::LakebaseCredentialTtl => "LAKEBASE_CREDENTIAL_TTL_SECS",
             Setting::LakebaseClaims => "Lakebase claims",
+            Setting::DatabricksAuthType => "DATABRICKS_AUTH_TYPE",
+            Setting::DatabricksCliPath => "DATABRICKS_CLI_PATH",
             Setting::Target => "target",
             Setting::Credentials => "credentials",
             Setting::CacheJitter => "cache jitter",

@@ -233,10 +233,38 @@ impl Env<'_> {
                 ));
             }
         };
-        let client_id = pick("DATABRICKS_CLIENT_ID", "client_id");
-        let client_secret = pick("DATABRICKS_CLIENT_SECRET", "client_secret");
-        let token = pick("DATABRICKS_TOKEN", "token");
+        let mut client_id = pick("DATABRICKS_CLIENT_ID", "client_id");
+        let mut client_secret = pick("DATABRICKS_CLIENT_SECRET", "client_secret");
+        let mut token = pick("DATABRICKS_TOKEN", "token");
+        // Chosen, as the Databricks SDKs let `auth_type` choose; else the first configured.
+        match pick("DATABRICKS_AUTH_TYPE", "auth_type")
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("") => {}
+            Some("oauth-m2m") => token = None,
+            Some("pat") => (client_id, client_secret) = (None, None),
+            Some("databricks-cli") => {
+                (client_id, client_secret, token) = (None, None, None);
+            }
+            Some(other) => {
+                return Err(Error::config(
+                    Setting::DatabricksAuthType,
+                    format!(
+                        "{other:?} is not supported: use oauth-m2m (a service principal), pat \
+                         (DATABRICKS_TOKEN) or databricks-cli (the Databricks CLI's login)"
+                    ),
+                ));
+            }
+        }
+        let cli = pick("DATABRICKS_AUTH_TYPE", "auth_type").as_deref() == Some("databricks-cli");
         let (auth, default_user) = match (client_id, client_secret, token) {
+            (None, None, None) if cli => (
+                WorkspaceAuth::DatabricksCli {
+                    profile: self.get("DATABRICKS_CONFIG_PROFILE"),
+                },
+                None,
+            ),
             (Some(id), Some(secret), _) => (
                 WorkspaceAuth::ClientCredentials {
                     client_id: id.clone(),
@@ -262,8 +290,9 @@ impl Env<'_> {
                 return Err(Error::config(
                     Setting::DatabricksClientId,
                     "is not set: set DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (service \
-                     principal) or DATABRICKS_TOKEN, or name a ~/.databrickscfg profile with \
-                     DATABRICKS_CONFIG_PROFILE",
+                     principal) or DATABRICKS_TOKEN, name a ~/.databrickscfg profile with \
+                     DATABRICKS_CONFIG_PROFILE, or set DATABRICKS_AUTH_TYPE=databricks-cli to \
+                     use the Databricks CLI's login",
                 ));
             }
         };
@@ -273,6 +302,9 @@ impl Env<'_> {
         }
         if let Some(product) = self.get("DAL_PRODUCT") {
             source = source.with_product(product.trim())?;
+        }
+        if let Some(path) = self.get("DATABRICKS_CLI_PATH") {
+            source = source.with_cli_path(path);
         }
         if let Some(secs) =
             self.parse::<u64>(Setting::LakebaseCredentialTtl, "a whole number of seconds")?
@@ -286,7 +318,8 @@ impl Env<'_> {
         let user = self.get("PGUSER").or(default_user).ok_or_else(|| {
             Error::config(
                 Setting::User,
-                "is not set: with DATABRICKS_TOKEN, set it to your Databricks user name (e-mail)",
+                "is not set: with DATABRICKS_TOKEN or the Databricks CLI, set it to your \
+                 Databricks user name (e-mail)",
             )
         })?;
         Ok(Config::new(db_host, user)
@@ -446,6 +479,25 @@ mod tests {
         ("LAKEBASE_ENDPOINT", "projects/p/branches/b/endpoints/e"),
         ("PGHOST", "ep-x.database.us-east-1.cloud.databricks.com"),
     ];
+
+    /// `DATABRICKS_AUTH_TYPE` chooses among configured credentials, or the CLI's login.
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn databricks_auth_type_chooses() {
+        let mut v = LAKEBASE.to_vec();
+        v.push(("DATABRICKS_AUTH_TYPE", "databricks-cli"));
+        v.push(("PGUSER", "me@example.com"));
+        assert_eq!(config(&v).unwrap().user, "me@example.com");
+        // The CLI's login needs the user name, as a personal access token does (with the
+        // service principal's secret chosen, its id would be the user).
+        v.pop();
+        assert_eq!(setting(&v), "PGUSER");
+        let last = v.len() - 1;
+        v[last] = ("DATABRICKS_AUTH_TYPE", "azure-cli");
+        assert_eq!(setting(&v), "DATABRICKS_AUTH_TYPE");
+        v[last] = ("DATABRICKS_AUTH_TYPE", "pat");
+        assert_eq!(setting(&v), "DATABRICKS_CLIENT_ID");
+    }
 
     #[test]
     fn a_database_url_gives_a_static_password_config() {

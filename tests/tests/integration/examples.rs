@@ -1083,3 +1083,70 @@ async fn dsql_tokens_are_signed_with_aws_profile_keys_sso_included() {
         "the SSO profile's keys came from the portal"
     );
 }
+
+/// `DATABRICKS_AUTH_TYPE=databricks-cli`: workspace tokens come from the Databricks CLI's login
+/// (`databricks auth token --host <host>`), here a stand-in `databricks` on `PATH` that prints
+/// the CLI's JSON. `doctor` passes from the environment alone; a CLI that fails names the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_databricks_cli_login_signs_in() {
+    use std::os::unix::fs::PermissionsExt;
+    const PAT: &str = "dapi-from-the-cli-login";
+    let pg = tests::server().await;
+    let config = dal::local::LocalLakebaseConfig::new()
+        .with_pat(PAT)
+        .with_token_ttl(Duration::from_secs(60));
+    let lb = LocalLakebase::start(&pg, config).await.unwrap();
+    pg.create_database("cli", Some(&lb.config().role))
+        .await
+        .unwrap();
+    let bin = tempfile::tempdir().unwrap();
+    let cli = |script: &str| {
+        let path = bin.path().join("databricks");
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    let expiry = (chrono::Utc::now() + chrono::Duration::minutes(50))
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    cli(&format!(
+        "#!/bin/sh\n\
+         if [ \"$1 $2 $3 $4\" = \"auth token --host {host}\" ]; then\n\
+           printf '{{\"access_token\": \"%s\", \"token_type\": \"Bearer\", \"expiry\": \"%s\"}}\\n' '{PAT}' '{expiry}'\n\
+         else\n\
+           echo \"Error: unexpected arguments: $*\" >&2; exit 1\n\
+         fi\n",
+        host = lb.url()
+    ));
+    let mut env: Vec<(&str, String)> = lakebase_env(&pg, &lb, "cli")
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("DATABRICKS_CLIENT_"))
+        .collect();
+    env.extend([
+        ("DATABRICKS_AUTH_TYPE", "databricks-cli".to_owned()),
+        ("PATH", bin.path().display().to_string()),
+        ("PGUSER", lb.config().role.clone()),
+    ]);
+    let mut doctor = Program::start("doctor", &env);
+    doctor.rest(Duration::from_secs(120)).await;
+    let status = doctor.wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "{}", doctor.output());
+    assert!(
+        !doctor.output().contains(PAT),
+        "the token leaked: {}",
+        doctor.output()
+    );
+
+    // Not logged in: the CLI's own reason, and what to run.
+    cli(
+        "#!/bin/sh\necho 'Error: cannot load Databricks config file: default auth: cannot configure default credentials' >&2\nexit 1\n",
+    );
+    let mut doctor = Program::start("doctor", &env);
+    let lines = doctor.rest(Duration::from_secs(120)).await.join("\n");
+    let status = doctor.wait(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    assert!(
+        lines.contains("cannot configure default credentials")
+            && lines.contains("databricks auth login --host"),
+        "{}",
+        doctor.output()
+    );
+}

@@ -58,6 +58,12 @@ pub enum WorkspaceAuth {
     /// Lakebase refuses a personal access token as the Postgres password; this source trades it
     /// for a database credential like any other workspace token.
     Pat(SecretString),
+    /// The Databricks CLI's login (`databricks auth login`): each workspace token comes from
+    /// `databricks auth token`, as the Databricks SDKs' `databricks-cli` auth type gets it.
+    DatabricksCli {
+        /// The CLI profile (`--profile`); `None` names the workspace by host (`--host`).
+        profile: Option<String>,
+    },
 }
 
 /// A permission asked for with Lakebase database credentials (the Autoscaling credential
@@ -91,12 +97,13 @@ impl Claim {
 }
 
 impl WorkspaceAuth {
-    /// Databricks' name of this way to authenticate (its SDKs' `auth_type`): `oauth-m2m` or
-    /// `pat`.
+    /// Databricks' name of this way to authenticate (its SDKs' `auth_type`): `oauth-m2m`,
+    /// `pat` or `databricks-cli`.
     pub fn auth_type(&self) -> &'static str {
         match self {
             WorkspaceAuth::ClientCredentials { .. } => "oauth-m2m",
             WorkspaceAuth::Pat(_) => "pat",
+            WorkspaceAuth::DatabricksCli { .. } => "databricks-cli",
         }
     }
 }
@@ -125,6 +132,10 @@ impl fmt::Debug for WorkspaceAuth {
                 .field("token_url", token_url)
                 .finish(),
             WorkspaceAuth::Pat(_) => f.debug_tuple("Pat").field(&REDACTED).finish(),
+            WorkspaceAuth::DatabricksCli { profile } => f
+                .debug_struct("DatabricksCli")
+                .field("profile", profile)
+                .finish(),
         }
     }
 }
@@ -180,6 +191,9 @@ pub struct Lakebase {
     user_agent: String,
     /// The credential life to ask for (Autoscaling `ttl`).
     ttl: Option<Duration>,
+    /// The Databricks CLI to run for [`WorkspaceAuth::DatabricksCli`]; `None`: `databricks`
+    /// on `PATH`.
+    cli_path: Option<String>,
     /// The permissions to ask for (Autoscaling `claims`).
     claims: Vec<Claim>,
     client: reqwest::Client,
@@ -268,7 +282,7 @@ impl Lakebase {
                     .map(|url| parse_url(url, Setting::DatabricksTokenUrl))
                     .transpose()?
             }
-            WorkspaceAuth::Pat(_) => None,
+            WorkspaceAuth::Pat(_) | WorkspaceAuth::DatabricksCli { .. } => None,
         };
         if let WorkspaceAuth::Pat(pat) = &auth {
             let pat = pat.expose_secret();
@@ -293,6 +307,7 @@ impl Lakebase {
             clock: Arc::new(SystemClock),
             user_agent,
             ttl: None,
+            cli_path: None,
             claims: Vec::new(),
             client,
             state: Mutex::new(AuthState::default()),
@@ -344,6 +359,14 @@ impl Lakebase {
         crate::config::check_product(product)?;
         self.user_agent = user_agent(Some(product), &self.auth);
         Ok(self)
+    }
+
+    /// Runs `path` as the Databricks CLI for [`WorkspaceAuth::DatabricksCli`] instead of
+    /// `databricks` on `PATH` (`DATABRICKS_CLI_PATH`).
+    #[must_use]
+    pub fn with_cli_path(mut self, path: impl Into<String>) -> Self {
+        self.cli_path = Some(path.into());
+        self
     }
 
     /// Asks for credentials that live `ttl` (the Autoscaling API's optional `ttl`, documented
@@ -502,6 +525,9 @@ impl Lakebase {
                 client_secret,
                 ..
             } => (client_id, client_secret),
+            WorkspaceAuth::DatabricksCli { profile } => {
+                return self.cli_authorization(profile.as_deref()).await;
+            }
         };
         let mut state = self.state.lock().await;
         if let Some(token) = &state.token
@@ -533,6 +559,100 @@ impl Lakebase {
             refresh_at: requested_at
                 .checked_add(lifetime.saturating_sub(refresh_margin(lifetime)))
                 .unwrap_or(requested_at),
+            generation: state.generation,
+        };
+        let authorization = self.authorization_from(&state, &token);
+        state.token = Some(token);
+        Ok(authorization)
+    }
+
+    /// The workspace token of the Databricks CLI's login, cached until shortly before its
+    /// expiry: `databricks auth token --host <host>` (or `--profile <profile>`) prints
+    /// `{"access_token", "token_type", "expiry"}` and refreshes the login itself.
+    async fn cli_authorization(&self, profile: Option<&str>) -> Result<Authorization> {
+        let mut state = self.state.lock().await;
+        if let Some(token) = &state.token
+            && self.clock.now() < token.refresh_at
+        {
+            return Ok(self.authorization_from(&state, token));
+        }
+        let cli = self.cli_path.as_deref().unwrap_or("databricks");
+        let mut command = tokio::process::Command::new(cli);
+        command.args(["auth", "token"]);
+        match profile {
+            Some(profile) => command.args(["--profile", profile]),
+            None => command.args(["--host", &self.host]),
+        };
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let endpoint = format!("`{cli} auth token`");
+        let failed = |what: String| Error::Credential {
+            source_kind: KIND,
+            source: what.into(),
+        };
+        let output = match tokio::time::timeout(self.http_timeout, command.output()).await {
+            Err(_) => {
+                return Err(failed(format!(
+                    "{endpoint} did not answer within {} s",
+                    self.http_timeout.as_secs()
+                )));
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::config(
+                    Setting::DatabricksCliPath,
+                    format!(
+                        "the Databricks CLI ({cli}) was not found: install it and run \
+                         `databricks auth login --host {}`, or set DATABRICKS_CLI_PATH",
+                        self.host
+                    ),
+                ));
+            }
+            Ok(Err(e)) => return Err(failed(format!("cannot run {endpoint}: {e}"))),
+            Ok(Ok(output)) => output,
+        };
+        if !output.status.success() {
+            // The CLI says why (not logged in, an expired refresh token) on its last line.
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let why = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            return Err(failed(format!(
+                "{endpoint} failed ({}): {}; run `databricks auth login --host {}`",
+                output.status,
+                self.scrub(why, None),
+                self.host
+            )));
+        }
+        let json = parse_json(&endpoint, &output.stdout)?;
+        let field = |name: &str| {
+            json.get(name)
+                .and_then(Value::as_str)
+                .filter(|v| !v.is_empty())
+        };
+        let access_token = field("access_token")
+            .ok_or_else(|| malformed(&endpoint, "the answer has no access_token"))?;
+        let token_type = field("token_type").unwrap_or("Bearer");
+        let authorization = sensitive_header(&format!("{token_type} {access_token}"))
+            .ok_or_else(|| malformed(&endpoint, "the access token is not a valid header value"))?;
+        let now = self.clock.now();
+        // Without an expiry the token serves this one call and is not reused.
+        let expiry = field("expiry")
+            .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
+            .map(SystemTime::from)
+            .unwrap_or(now);
+        let lifetime = expiry.duration_since(now).unwrap_or_default();
+        state.generation += 1;
+        let token = WorkspaceToken {
+            authorization,
+            access_token: SecretString::from(access_token.to_owned()),
+            refresh_at: now
+                .checked_add(lifetime.saturating_sub(refresh_margin(lifetime)))
+                .unwrap_or(now),
             generation: state.generation,
         };
         let authorization = self.authorization_from(&state, &token);
@@ -802,6 +922,7 @@ impl Lakebase {
                 secrets.push(&basic);
             }
             WorkspaceAuth::Pat(pat) => secrets.push(pat.expose_secret()),
+            WorkspaceAuth::DatabricksCli { .. } => {}
         }
         if let Some(token) = token {
             secrets.push(token.expose_secret());
