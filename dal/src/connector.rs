@@ -112,7 +112,17 @@ impl std::fmt::Debug for Connector {
 impl Connector {
     /// Validates `config`, builds the credential source and cache, and starts the cache (the
     /// eager strategy fetches its first token now, so a bad credential fails here).
-    pub async fn new(config: Config) -> Result<Self> {
+    ///
+    /// A configuration without a host takes the one its credential source looks up
+    /// ([`CredentialSource::database_host`]: a Lakebase endpoint's or instance's).
+    pub async fn new(mut config: Config) -> Result<Self> {
+        if config.host.trim().is_empty()
+            && let Some(Credentials::Source(source)) = &config.credentials
+            && let Some(host) = source.database_host().await?
+        {
+            tracing::info!(%host, source = source.kind(), "database host looked up");
+            config.host = host;
+        }
         let connector = Self::build(config)?;
         connector.shared.cache.start().await?;
         for peer in &connector.shared.peers {

@@ -69,9 +69,15 @@ impl Database {
         let kind = c
             .resolved_target()
             .map_or_else(|_| "a server".to_owned(), |t| t.to_string());
+        // No host: the connector looks it up from the credential source (a Lakebase endpoint).
+        let host = if c.host.is_empty() {
+            "the endpoint's host"
+        } else {
+            c.host.as_str()
+        };
         format!(
-            "{kind} at {}:{}, database {}, user {} (from the environment)",
-            c.host, c.port, c.database, c.user
+            "{kind} at {host}:{}, database {}, user {} (from the environment)",
+            c.port, c.database, c.user
         )
     }
 

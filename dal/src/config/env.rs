@@ -311,10 +311,8 @@ impl Env<'_> {
         {
             source = source.with_ttl(Duration::from_secs(secs))?;
         }
-        let db_host = self.require(
-            Setting::Host,
-            "the Lakebase database host, such as ep-....database.<region>.cloud.databricks.com",
-        )?;
+        // Without PGHOST, the connector looks the host up from the endpoint or instance.
+        let db_host = self.get("PGHOST").unwrap_or_default();
         let user = self.get("PGUSER").or(default_user).ok_or_else(|| {
             Error::config(
                 Setting::User,

@@ -85,6 +85,13 @@ pub trait CredentialSource: Send + Sync + 'static {
     fn target(&self) -> Option<Target> {
         None
     }
+
+    /// The database host these credentials are for, when the source can look it up (a
+    /// Lakebase endpoint or instance, from the workspace's API): the connector asks when its
+    /// configuration has no host. Defaults to `None`.
+    fn database_host(&self) -> BoxFuture<'_, Result<Option<String>>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The time source of the cache and the token generators; replace it in tests.

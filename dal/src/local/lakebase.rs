@@ -220,7 +220,10 @@ fn is_endpoint_path(path: &str) -> bool {
 /// - `POST /api/2.0/postgres/credentials` (Autoscaling, `{"endpoint": ...}` -> `token`,
 ///   `expire_time`) and `POST /api/2.0/database/credentials` (Provisioned,
 ///   `{"instance_names": [...]}` -> `token`, `expiration_time`), with a bearer token issued by
-///   the token call or the configured personal access token.
+///   the token call or the configured personal access token;
+/// - `GET /api/2.0/postgres/{endpoint}` (`status.hosts.host`) and
+///   `GET /api/2.0/database/instances/{name}` (`read_write_dns`): the database host,
+///   `localhost`.
 ///
 /// Every database credential it mints logs in as the configured role until the credential
 /// expires, however many were minted since, as on Lakebase: PostgreSQL checks it at login
@@ -335,6 +338,8 @@ impl LocalLakebase {
                 "/api/2.0/database/credentials",
                 post(provisioned_credential),
             )
+            .route("/api/2.0/postgres/{*name}", get(endpoint))
+            .route("/api/2.0/database/instances/{name}", get(instance))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(axum::middleware::from_fn_with_state(
@@ -760,6 +765,58 @@ fn invalid_body(rejection: &JsonRejection) -> Response {
 
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// The database host the endpoint and instance APIs answer: the cluster's, on loopback.
+const DATABASE_HOST: &str = "localhost";
+
+/// `GET /api/2.0/postgres/{endpoint}`: the endpoint, with the host to connect to.
+async fn endpoint(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    if !shared.authorized(&headers) {
+        return unauthenticated();
+    }
+    if name != shared.config.endpoint {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!("Endpoint '{name}' does not exist."),
+        );
+    }
+    let parent = name.rsplitn(3, '/').nth(2).unwrap_or_default();
+    Json(json!({
+        "name": name,
+        "parent": parent,
+        "status": {
+            "current_state": "ACTIVE",
+            "endpoint_type": "ENDPOINT_TYPE_READ_WRITE",
+            "hosts": { "host": DATABASE_HOST },
+        },
+    }))
+    .into_response()
+}
+
+/// `GET /api/2.0/database/instances/{name}`: the Provisioned instance, with its host.
+async fn instance(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    if !shared.authorized(&headers) {
+        return unauthenticated();
+    }
+    if name != shared.config.instance {
+        return api_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!("Database instance '{name}' does not exist."),
+        );
+    }
+    Json(json!({ "name": name, "state": "AVAILABLE", "read_write_dns": DATABASE_HOST }))
+        .into_response()
 }
 
 /// The Autoscaling request. `expire_time`, `claims` and `group_name` are accepted and ignored;

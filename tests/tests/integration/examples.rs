@@ -1150,3 +1150,36 @@ async fn the_databricks_cli_login_signs_in() {
         doctor.output()
     );
 }
+
+/// `LAKEBASE_ENDPOINT` alone names the database: without `PGHOST` the host comes from the
+/// endpoint API (`status.hosts.host`), and without `PGUSER` the user is the service principal
+/// that signed in, as the vendors' own helpers do. The tour runs from that.
+#[tokio::test(flavor = "multi_thread")]
+async fn lakebase_endpoint_alone_runs_the_tour() {
+    let pg = tests::server().await;
+    let lb = tests::lakebase(&pg, "alone", Duration::from_secs(60)).await;
+    let env: Vec<(&str, String)> = lakebase_env(&pg, &lb, "alone")
+        .into_iter()
+        .filter(|(k, _)| !matches!(*k, "PGHOST" | "PGUSER"))
+        .collect();
+    let mut tour = Program::start("tour", &env);
+    let lines = tour.rest(Duration::from_secs(300)).await;
+    let status = tour.wait(Duration::from_secs(60)).await;
+    assert!(status.success(), "{}", tour.output());
+    let expected = format!(
+        "target: Databricks Lakebase at the endpoint's host:{}, database alone, user {}",
+        pg.port(),
+        lb.config().client_id
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with(&expected)),
+        "{expected:?} missing: {}",
+        tour.output()
+    );
+    assert!(
+        tour.stderr()
+            .contains("database host looked up host=localhost"),
+        "{}",
+        tour.output()
+    );
+}

@@ -429,6 +429,60 @@ impl Lakebase {
         }
     }
 
+    /// The host name of the database: the Autoscaling endpoint's (`GET
+    /// /api/2.0/postgres/{endpoint}`, `status.hosts.host`) or the Provisioned instance's (`GET
+    /// /api/2.0/database/instances/{name}`, `read_write_dns`), as the Databricks API reference
+    /// describes them.
+    ///
+    /// # Errors
+    ///
+    /// As a credential call: [`Error::Http`] for an answer other than 200, naming the URL;
+    /// [`Error::HttpTransport`] when the answer has no host.
+    pub async fn endpoint_host(&self) -> Result<String> {
+        let auth = self.authorization().await?;
+        // Each name escaped, so that none can reach another path.
+        let segment = |s: &str| {
+            const KEEP: &percent_encoding::AsciiSet =
+                &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+            percent_encoding::utf8_percent_encode(s, KEEP).to_string()
+        };
+        let (url, pointer) = match &self.target {
+            LakebaseTarget::Autoscaling { endpoint } => {
+                let path: Vec<String> = endpoint.split('/').map(segment).collect();
+                (
+                    format!("{}/api/2.0/postgres/{}", self.host, path.join("/")),
+                    "/status/hosts/host",
+                )
+            }
+            LakebaseTarget::Provisioned { instance } => (
+                format!(
+                    "{}/api/2.0/database/instances/{}",
+                    self.host,
+                    segment(instance)
+                ),
+                "/read_write_dns",
+            ),
+        };
+        let mut request = self
+            .client
+            .get(&url)
+            .header(AUTHORIZATION, auth.header)
+            .header(ACCEPT, "application/json");
+        if let Some(id) = &auth.workspace_id {
+            request = request.header(WORKSPACE_ID_HEADER, id);
+        }
+        let reply = self.send(&url, request).await?;
+        if !reply.status.is_success() {
+            return Err(self.http_error(&url, &reply, auth.access_token.as_ref()));
+        }
+        parse_json(&url, &reply.body)?
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| malformed(&url, &format!("the answer has no {pointer}")))
+    }
+
     async fn database_credential(&self) -> Result<Token> {
         let auth = self.authorization().await?;
         let (path, body) = match &self.target {
@@ -955,6 +1009,10 @@ impl CredentialSource for Lakebase {
     }
     fn target(&self) -> Option<crate::Target> {
         Some(crate::Target::Lakebase)
+    }
+
+    fn database_host(&self) -> BoxFuture<'_, Result<Option<String>>> {
+        Box::pin(async { self.endpoint_host().await.map(Some) })
     }
 }
 

@@ -1175,3 +1175,45 @@ fn ttl_and_claims_are_checked() {
         "{err}"
     );
 }
+
+/// The database host from the endpoint (or instance) API, each name escaped in the path.
+#[tokio::test]
+async fn the_database_host_comes_from_the_endpoint_or_instance_api() {
+    let server = Server::start(|r: &Request, base: &str| match r.path.as_str() {
+        "/api/2.0/postgres/projects/shop/branches/main/endpoints/primary" => Reply::Json(
+            200,
+            json!({ "status": { "hosts": { "host": "ep-x.database.us-east-1.cloud.databricks.com" } } }),
+        ),
+        "/api/2.0/database/instances/shop%2Einstance" => {
+            Reply::Json(200, json!({ "read_write_dns": "instance-1.database.cloud.databricks.com" }))
+        }
+        "/api/2.0/database/instances/empty" => Reply::Json(200, json!({ "state": "STARTING" })),
+        _ => workspace(r, base),
+    })
+    .await;
+    assert_eq!(
+        source(&server).endpoint_host().await.unwrap(),
+        "ep-x.database.us-east-1.cloud.databricks.com"
+    );
+    let instance = |name: &str| {
+        Lakebase::new(
+            &server.base,
+            m2m(),
+            LakebaseTarget::Provisioned {
+                instance: name.into(),
+            },
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        instance("shop.instance").endpoint_host().await.unwrap(),
+        "instance-1.database.cloud.databricks.com"
+    );
+    let err = instance("empty").endpoint_host().await.unwrap_err();
+    assert!(
+        err.to_string().contains("read_write_dns") || format!("{err:?}").contains("read_write_dns"),
+        "{err:?}"
+    );
+    let err = instance("missing").endpoint_host().await.unwrap_err();
+    assert!(matches!(err, Error::Http { status: 404, .. }), "{err:?}");
+}
