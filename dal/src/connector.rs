@@ -253,6 +253,36 @@ impl Connector {
         }
     }
 
+    /// Whether the server is Databricks Lakebase, told as the Lakebase partner guide tells it:
+    /// by the host name ([`Target::of_host`]), else by one connection's
+    /// `SHOW shared_preload_libraries` ([`Target::is_lakebase_preload`]), which plain
+    /// PostgreSQL hides from unprivileged roles (taken as not Lakebase).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect), when the host name does not tell.
+    pub async fn is_lakebase(&self) -> Result<bool> {
+        if let Some(target) = Target::of_host(&self.shared.host) {
+            return Ok(target == Target::Lakebase);
+        }
+        let (client, connection) = self.connect().await?;
+        let session = tokio::spawn(connection);
+        // Plain PostgreSQL shows the setting to privileged roles only (SQLSTATE 42501 for
+        // others); Lakebase shows it to every role.
+        let preload = match client.query_one("SHOW shared_preload_libraries", &[]).await {
+            Ok(row) => row.get::<_, String>(0),
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
+                String::new()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        drop(client);
+        let _ = session.await;
+        Ok(Target::is_lakebase_preload(&preload))
+    }
+
     /// The token cache of the active endpoint.
     #[cfg(feature = "seaorm")]
     pub(crate) fn active_cache(&self) -> &TokenCache {

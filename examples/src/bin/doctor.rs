@@ -197,19 +197,11 @@ async fn certificate(connector: &Connector) -> anyhow::Result<Option<String>> {
 /// Lakebase or Aurora DSQL, as the partner guides tell them apart: the host name, and for
 /// Lakebase the server's preloaded libraries (`neon`, `databricks_auth`).
 fn platform(config: &Config, target: Target, preload: &str) -> String {
-    let host = config.host.as_str();
-    let lakebase_libraries = preload
-        .split(',')
-        .map(str::trim)
-        .any(|l| l == "neon" || l == "databricks_auth");
-    let seen = if host.ends_with(".on.aws") && host.contains(".dsql") {
-        "Aurora DSQL (host name)"
-    } else if host.contains(".database.") && host.contains("databricks") {
-        "Lakebase (host name)"
-    } else if lakebase_libraries {
-        "Lakebase (shared_preload_libraries)"
-    } else {
-        "plain PostgreSQL"
+    let seen = match Target::of_host(&config.host) {
+        Some(Target::Dsql) => "Aurora DSQL (host name)",
+        Some(_) => "Lakebase (host name)",
+        None if Target::is_lakebase_preload(preload) => "Lakebase (shared_preload_libraries)",
+        None => "plain PostgreSQL",
     };
     format!("{seen}; dal targets {target}")
 }

@@ -374,3 +374,20 @@ async fn no_pool_hands_out_a_connection_past_its_lifetime() {
     }
     connector.shutdown().await;
 }
+
+/// A plain PostgreSQL server is not taken for Lakebase: neither its host name nor its
+/// `shared_preload_libraries` (read over a real connection) says so.
+#[tokio::test]
+async fn a_plain_server_is_not_lakebase() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "plainpg").await;
+    let connector = Connector::new(pg.config("plainpg", "plainpg", &password))
+        .await
+        .unwrap();
+    assert!(!connector.is_lakebase().await.unwrap());
+    assert_eq!(
+        connector.connections_opened(),
+        1,
+        "one connection asked the server"
+    );
+}
