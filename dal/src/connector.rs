@@ -90,6 +90,12 @@ struct Shared {
     /// The sqlx pools built here, which follow the active endpoint.
     #[cfg(feature = "seaorm")]
     sqlx_pools: std::sync::Mutex<Vec<PgPool>>,
+    /// The host of the read-only endpoint ([`Config::read_only_host`]).
+    read_only_host: Option<String>,
+    /// Whether every session is read-only (`default_transaction_read_only`).
+    read_only: bool,
+    /// The read-only connector, once asked for.
+    replica: std::sync::OnceLock<Connector>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -241,8 +247,63 @@ impl Connector {
                 active: Arc::new(AtomicUsize::new(0)),
                 #[cfg(feature = "seaorm")]
                 sqlx_pools: std::sync::Mutex::new(Vec::new()),
+                read_only_host: config.read_only_host,
+                read_only: false,
+                replica: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// A connector for the [read-only endpoint](Config::read_only_host), built once: the
+    /// same port, database, user, TLS, settings and token cache (no token of its own), and
+    /// every session read-only (`default_transaction_read_only`), so that a write through
+    /// its pools fails at once with SQLSTATE `25006` ([`Error::is_read_only`]) even where the
+    /// endpoint would take it. [`shutdown`](Self::shutdown) of this connector shuts it down too.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::ReadOnlyHost`] when none is configured.
+    pub fn read_only(&self) -> Result<Connector> {
+        let s = &self.shared;
+        let host = match s.read_only_host.as_deref().map(str::trim) {
+            Some(host) if !host.is_empty() => host,
+            _ => {
+                return Err(Error::config(
+                    Setting::ReadOnlyHost,
+                    "no read-only endpoint is configured: set DAL_READ_ONLY_HOST \
+                     (Config::read_only_host) to the replica's host",
+                ));
+            }
+        };
+        let replica = s.replica.get_or_init(|| Connector {
+            shared: Arc::new(Shared {
+                target: s.target,
+                host: host.to_owned(),
+                hostaddr: None,
+                port: s.port,
+                database: s.database.clone(),
+                user: s.user.clone(),
+                tls: s.tls.clone(),
+                application_name: s.application_name.clone(),
+                search_path: s.search_path.clone(),
+                statement_timeout: s.statement_timeout,
+                connect_timeout: s.connect_timeout,
+                limiter: s.limiter.clone(),
+                pool: s.pool.clone(),
+                cache: s.cache.clone(),
+                pools: Registry::default(),
+                opened: AtomicU64::new(0),
+                shut_down: AtomicBool::new(false),
+                peers: Vec::new(),
+                active: Arc::new(AtomicUsize::new(0)),
+                #[cfg(feature = "seaorm")]
+                sqlx_pools: std::sync::Mutex::new(Vec::new()),
+                read_only_host: None,
+                read_only: true,
+                replica: std::sync::OnceLock::new(),
+            }),
+        });
+        Ok(replica.clone())
     }
 
     /// Endpoint `i`: 0 for this one, `i` for the `i`-th of [`Config::failover`].
@@ -367,6 +428,9 @@ impl Connector {
         }
         if let Some(t) = s.statement_timeout {
             options.push(("statement_timeout", t.as_millis().to_string()));
+        }
+        if s.read_only {
+            options.push(("default_transaction_read_only", "on".to_owned()));
         }
         options
     }
@@ -803,6 +867,10 @@ impl Connector {
         self.shared.cache.shutdown();
         for peer in &self.shared.peers {
             peer.shared.cache.shutdown();
+        }
+        if let Some(replica) = self.shared.replica.get() {
+            replica.shared.shut_down.store(true, Ordering::Relaxed);
+            replica.shared.pools.close_all().await;
         }
         self.shared.pools.close_all().await;
     }

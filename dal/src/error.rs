@@ -64,6 +64,8 @@ pub enum Setting {
     DatabricksAuthType,
     /// The Databricks CLI, `DATABRICKS_CLI_PATH`.
     DatabricksCliPath,
+    /// The host of a read-only endpoint beside the primary, `DAL_READ_ONLY_HOST`.
+    ReadOnlyHost,
     /// The kind of server: `Config::target`.
     Target,
     /// Where passwords come from: `Config::credentials`.
@@ -135,6 +137,7 @@ impl Setting {
             Setting::LakebaseClaims => "Lakebase claims",
             Setting::DatabricksAuthType => "DATABRICKS_AUTH_TYPE",
             Setting::DatabricksCliPath => "DATABRICKS_CLI_PATH",
+            Setting::ReadOnlyHost => "DAL_READ_ONLY_HOST",
             Setting::Target => "target",
             Setting::Credentials => "credentials",
             Setting::CacheJitter => "cache jitter",
@@ -518,6 +521,13 @@ impl Error {
             Error::DieselSetup(_) => true,
             _ => false,
         }
+    }
+
+    /// Whether a write was refused because the session is read-only (SQLSTATE `25006`,
+    /// `read_only_sql_transaction`), as on a [read-only connector](crate::Connector::read_only)
+    /// or a replica.
+    pub fn is_read_only(&self) -> bool {
+        self.sqlstate() == Some("25006")
     }
 
     /// The rows-count of a [`RowCount`](Error::RowCount) error: how many rows came back.

@@ -158,6 +158,9 @@ impl Env<'_> {
             super::settings::check_product(product)?;
             config.product = Some(product.to_owned());
         }
+        if let Some(host) = self.get("DAL_READ_ONLY_HOST") {
+            config.read_only_host = Some(host.trim().to_owned());
+        }
         if let Some(path) = self.get("DAL_SEARCH_PATH") {
             config.search_path = Some(path);
         }

@@ -561,6 +561,11 @@ pub struct Config {
     pub strategy: TokenStrategy,
     /// Refresh and retry timing of the token cache.
     pub cache: CacheSettings,
+    /// The host of a read-only endpoint beside this one (a Lakebase read replica, a PostgreSQL
+    /// standby): [`Connector::read_only`](crate::Connector::read_only) connects there, with
+    /// the same port, database, user, TLS and token cache (`DAL_READ_ONLY_HOST`). Defaults to
+    /// none.
+    pub read_only_host: Option<String>,
     /// Other endpoints of the same database, such as the peers of an Aurora DSQL
     /// multi-region cluster ([`Config::dsql_multi_region`]): when this endpoint cannot be
     /// reached, each new connection tries them in order, and the first that answers becomes
@@ -594,6 +599,7 @@ impl Config {
             connect_timeout: Duration::from_secs(10),
             connection_rate: None,
             failover: Vec::new(),
+            read_only_host: None,
             strategy: TokenStrategy::default(),
             cache: CacheSettings::default(),
             pool: PoolSettings::default(),
@@ -743,6 +749,13 @@ impl Config {
     #[must_use]
     pub fn hostaddr(mut self, addr: std::net::IpAddr) -> Self {
         self.hostaddr = Some(addr);
+        self
+    }
+
+    /// Sets [`read_only_host`](Self::read_only_host).
+    #[must_use]
+    pub fn read_only_host(mut self, host: impl Into<String>) -> Self {
+        self.read_only_host = Some(host.into());
         self
     }
 

@@ -391,3 +391,84 @@ async fn a_plain_server_is_not_lakebase() {
         "one connection asked the server"
     );
 }
+
+/// A read-only endpoint beside the primary (here the same server reached as 127.0.0.1, with
+/// TLS verified for that address): its SeaORM and Diesel pools read what the primary wrote,
+/// with the primary's token (no fetch of their own), and every write through them fails
+/// with SQLSTATE 25006.
+#[tokio::test]
+async fn a_read_only_connector_reads_with_the_same_token_and_refuses_writes() {
+    use dal::diesel_async::RunQueryDsl;
+    let pg = tests::server().await;
+    let lb = tests::lakebase(&pg, "replica", Duration::from_secs(60)).await;
+    let config = lb
+        .client_config(&pg, "replica")
+        .unwrap()
+        .read_only_host("127.0.0.1");
+    let connector = Connector::new(config).await.unwrap();
+    let db = connector.seaorm().await.unwrap();
+    db.execute_unprepared("CREATE TABLE notes (body text); INSERT INTO notes VALUES ('primary')")
+        .await
+        .unwrap();
+    let fetched = connector.cache().fetches();
+
+    let replica = connector.read_only().unwrap();
+    assert_eq!(
+        replica.active_endpoint(),
+        format!("127.0.0.1:{}", pg.port())
+    );
+    let read = replica.seaorm().await.unwrap();
+    let rows = read
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT body FROM notes",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let err = dal::Error::from(
+        read.execute_unprepared("INSERT INTO notes VALUES ('replica')")
+            .await
+            .unwrap_err(),
+    );
+    assert!(err.is_read_only(), "{err:?}");
+    let diesel = replica.diesel_pool().await.unwrap();
+    let mut conn = diesel.get().await.unwrap();
+    let err = dal::Error::from(
+        dal::diesel::sql_query("UPDATE notes SET body = 'replica'")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err(),
+    );
+    assert!(err.is_read_only(), "{err:?}");
+    drop(conn);
+    assert_eq!(
+        connector.cache().fetches(),
+        fetched,
+        "the replica used the primary's token"
+    );
+    let kept: i64 = pg
+        .admin("replica")
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM notes WHERE body = 'primary'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1);
+
+    // Without a read-only host there is no read-only connector.
+    let plain = Connector::new(lb.client_config(&pg, "replica").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        plain.read_only().unwrap_err().to_string(),
+        "invalid setting DAL_READ_ONLY_HOST: no read-only endpoint is configured: set \
+         DAL_READ_ONLY_HOST (Config::read_only_host) to the replica's host"
+    );
+    connector.shutdown().await;
+    assert!(matches!(
+        replica.diesel_pool().await.map(drop),
+        Err(dal::Error::PoolClosed)
+    ));
+}
