@@ -120,7 +120,9 @@ impl Connector {
     /// eager strategy fetches its first token now, so a bad credential fails here).
     ///
     /// A configuration without a host takes the one its credential source looks up
-    /// ([`CredentialSource::database_host`]: a Lakebase endpoint's or instance's).
+    /// ([`CredentialSource::database_host`]: a Lakebase endpoint's or instance's); one
+    /// without a user, the user its source looks up ([`CredentialSource::database_user`]:
+    /// the Databricks user a workspace token belongs to).
     pub async fn new(mut config: Config) -> Result<Self> {
         if config.host.trim().is_empty()
             && let Some(Credentials::Source(source)) = &config.credentials
@@ -128,6 +130,13 @@ impl Connector {
         {
             tracing::info!(%host, source = source.kind(), "database host looked up");
             config.host = host;
+        }
+        if config.user.trim().is_empty()
+            && let Some(Credentials::Source(source)) = &config.credentials
+            && let Some(user) = source.database_user().await?
+        {
+            tracing::info!(%user, source = source.kind(), "database user looked up");
+            config.user = user;
         }
         let connector = Self::build(config)?;
         connector.shared.cache.start().await?;

@@ -316,13 +316,9 @@ impl Env<'_> {
         }
         // Without PGHOST, the connector looks the host up from the endpoint or instance.
         let db_host = self.get("PGHOST").unwrap_or_default();
-        let user = self.get("PGUSER").or(default_user).ok_or_else(|| {
-            Error::config(
-                Setting::User,
-                "is not set: with DATABRICKS_TOKEN or the Databricks CLI, set it to your \
-                 Databricks user name (e-mail)",
-            )
-        })?;
+        // Without PGUSER: the service principal's id, else the user the workspace token
+        // belongs to, which the connector looks up (the current user API).
+        let user = self.get("PGUSER").or(default_user).unwrap_or_default();
         Ok(Config::new(db_host, user)
             .database(
                 self.get("PGDATABASE")
@@ -489,10 +485,10 @@ mod tests {
         v.push(("DATABRICKS_AUTH_TYPE", "databricks-cli"));
         v.push(("PGUSER", "me@example.com"));
         assert_eq!(config(&v).unwrap().user, "me@example.com");
-        // The CLI's login needs the user name, as a personal access token does (with the
-        // service principal's secret chosen, its id would be the user).
+        // Without PGUSER the connector looks the user up (with the service principal's
+        // secret chosen, its id would be the user).
         v.pop();
-        assert_eq!(setting(&v), "PGUSER");
+        assert_eq!(config(&v).unwrap().user, "");
         let last = v.len() - 1;
         v[last] = ("DATABRICKS_AUTH_TYPE", "azure-cli");
         assert_eq!(setting(&v), "DATABRICKS_AUTH_TYPE");

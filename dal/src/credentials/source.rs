@@ -92,6 +92,13 @@ pub trait CredentialSource: Send + Sync + 'static {
     fn database_host(&self) -> BoxFuture<'_, Result<Option<String>>> {
         Box::pin(async { Ok(None) })
     }
+
+    /// The database user these credentials log in as, when the source can look it up (the
+    /// Databricks user a workspace token belongs to): the connector asks when its
+    /// configuration has no user. Defaults to `None`.
+    fn database_user(&self) -> BoxFuture<'_, Result<Option<String>>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The time source of the cache and the token generators; replace it in tests.

@@ -223,7 +223,8 @@ fn is_endpoint_path(path: &str) -> bool {
 ///   the token call or the configured personal access token;
 /// - `GET /api/2.0/postgres/{endpoint}` (`status.hosts.host`) and
 ///   `GET /api/2.0/database/instances/{name}` (`read_write_dns`): the database host,
-///   `localhost`.
+///   `localhost`;
+/// - `GET /api/2.0/preview/scim/v2/Me`: the current user, whose `userName` is the role.
 ///
 /// Every database credential it mints logs in as the configured role until the credential
 /// expires, however many were minted since, as on Lakebase: PostgreSQL checks it at login
@@ -339,6 +340,7 @@ impl LocalLakebase {
                 post(provisioned_credential),
             )
             .route("/api/2.0/postgres/{*name}", get(endpoint))
+            .route("/api/2.0/preview/scim/v2/Me", get(current_user))
             .route("/api/2.0/database/instances/{name}", get(instance))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
@@ -795,6 +797,20 @@ async fn endpoint(
             "endpoint_type": "ENDPOINT_TYPE_READ_WRITE",
             "hosts": { "host": DATABASE_HOST },
         },
+    }))
+    .into_response()
+}
+
+/// `GET /api/2.0/preview/scim/v2/Me`: the user the bearer token belongs to, whose user name
+/// is the role the credentials log in as.
+async fn current_user(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if !shared.authorized(&headers) {
+        return unauthenticated();
+    }
+    Json(json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+        "userName": shared.config.role,
+        "active": true,
     }))
     .into_response()
 }

@@ -1120,10 +1120,10 @@ async fn the_databricks_cli_login_signs_in() {
         .into_iter()
         .filter(|(k, _)| !k.starts_with("DATABRICKS_CLIENT_"))
         .collect();
+    // No PGUSER: the user the CLI's token belongs to, from the current user API.
     env.extend([
         ("DATABRICKS_AUTH_TYPE", "databricks-cli".to_owned()),
         ("PATH", bin.path().display().to_string()),
-        ("PGUSER", lb.config().role.clone()),
     ]);
     let mut doctor = Program::start("doctor", &env);
     doctor.rest(Duration::from_secs(120)).await;
@@ -1132,6 +1132,14 @@ async fn the_databricks_cli_login_signs_in() {
     assert!(
         !doctor.output().contains(PAT),
         "the token leaked: {}",
+        doctor.output()
+    );
+    assert!(
+        doctor.stderr().contains(&format!(
+            "database user looked up user={}",
+            lb.config().role
+        )),
+        "{}",
         doctor.output()
     );
 

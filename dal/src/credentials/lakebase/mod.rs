@@ -483,6 +483,37 @@ impl Lakebase {
             .ok_or_else(|| malformed(&url, &format!("the answer has no {pointer}")))
     }
 
+    /// The user name of the identity the workspace token belongs to: `userName` of the
+    /// current user API (`GET /api/2.0/preview/scim/v2/Me`), which is the Postgres role of a
+    /// Databricks user.
+    ///
+    /// # Errors
+    ///
+    /// As a credential call: [`Error::Http`] for an answer other than 200, naming the URL;
+    /// [`Error::HttpTransport`] when the answer has no `userName`.
+    pub async fn current_user(&self) -> Result<String> {
+        let auth = self.authorization().await?;
+        let url = format!("{}/api/2.0/preview/scim/v2/Me", self.host);
+        let mut request = self
+            .client
+            .get(&url)
+            .header(AUTHORIZATION, auth.header)
+            .header(ACCEPT, "application/json");
+        if let Some(id) = &auth.workspace_id {
+            request = request.header(WORKSPACE_ID_HEADER, id);
+        }
+        let reply = self.send(&url, request).await?;
+        if !reply.status.is_success() {
+            return Err(self.http_error(&url, &reply, auth.access_token.as_ref()));
+        }
+        parse_json(&url, &reply.body)?
+            .get("userName")
+            .and_then(Value::as_str)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| malformed(&url, "the answer has no userName"))
+    }
+
     async fn database_credential(&self) -> Result<Token> {
         let auth = self.authorization().await?;
         let (path, body) = match &self.target {
@@ -1013,6 +1044,16 @@ impl CredentialSource for Lakebase {
 
     fn database_host(&self) -> BoxFuture<'_, Result<Option<String>>> {
         Box::pin(async { self.endpoint_host().await.map(Some) })
+    }
+
+    fn database_user(&self) -> BoxFuture<'_, Result<Option<String>>> {
+        Box::pin(async {
+            match &self.auth {
+                // A service principal logs in as its application id.
+                WorkspaceAuth::ClientCredentials { client_id, .. } => Ok(Some(client_id.clone())),
+                _ => self.current_user().await.map(Some),
+            }
+        })
     }
 }
 
