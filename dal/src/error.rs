@@ -86,6 +86,8 @@ pub enum Setting {
     DatabricksHost,
     /// The workspace's OAuth token endpoint, `DATABRICKS_TOKEN_URL`.
     DatabricksTokenUrl,
+    /// The workspace's OIDC discovery document, `DATABRICKS_DISCOVERY_URL`.
+    DatabricksDiscoveryUrl,
     /// A service principal's id, `DATABRICKS_CLIENT_ID`.
     DatabricksClientId,
     /// A service principal's secret, `DATABRICKS_CLIENT_SECRET`.
@@ -148,6 +150,7 @@ impl Setting {
             Setting::RetryJitter => "retry jitter",
             Setting::DatabricksHost => "DATABRICKS_HOST",
             Setting::DatabricksTokenUrl => "DATABRICKS_TOKEN_URL",
+            Setting::DatabricksDiscoveryUrl => "DATABRICKS_DISCOVERY_URL",
             Setting::DatabricksClientId => "DATABRICKS_CLIENT_ID",
             Setting::DatabricksClientSecret => "DATABRICKS_CLIENT_SECRET",
             Setting::DatabricksToken => "DATABRICKS_TOKEN",

@@ -309,6 +309,9 @@ impl Env<'_> {
         if let Some(path) = self.get("DATABRICKS_CLI_PATH") {
             source = source.with_cli_path(path);
         }
+        if let Some(url) = self.get("DATABRICKS_DISCOVERY_URL") {
+            source = source.with_discovery_url(url.trim())?;
+        }
         if let Some(secs) =
             self.parse::<u64>(Setting::LakebaseCredentialTtl, "a whole number of seconds")?
         {

@@ -194,6 +194,8 @@ pub struct Lakebase {
     /// The Databricks CLI to run for [`WorkspaceAuth::DatabricksCli`]; `None`: `databricks`
     /// on `PATH`.
     cli_path: Option<String>,
+    /// The OIDC discovery document to read the token endpoint from, first.
+    discovery_url: Option<Url>,
     /// The permissions to ask for (Autoscaling `claims`).
     claims: Vec<Claim>,
     client: reqwest::Client,
@@ -308,6 +310,7 @@ impl Lakebase {
             user_agent,
             ttl: None,
             cli_path: None,
+            discovery_url: None,
             claims: Vec::new(),
             client,
             state: Mutex::new(AuthState::default()),
@@ -358,6 +361,20 @@ impl Lakebase {
     pub fn with_product(mut self, product: &str) -> Result<Self> {
         crate::config::check_product(product)?;
         self.user_agent = user_agent(Some(product), &self.auth);
+        Ok(self)
+    }
+
+    /// Reads the token endpoint from this OIDC discovery document
+    /// (`.../.well-known/oauth-authorization-server`, `DATABRICKS_DISCOVERY_URL`) instead of
+    /// discovering it from the workspace, as the Databricks SDKs do when it is set. An explicit
+    /// token URL still wins.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::DatabricksDiscoveryUrl`] when `url` is not an `https`
+    /// URL (`http` on loopback only).
+    pub fn with_discovery_url(mut self, url: &str) -> Result<Self> {
+        self.discovery_url = Some(parse_url(url, Setting::DatabricksDiscoveryUrl)?);
         Ok(self)
     }
 
@@ -814,6 +831,25 @@ impl Lakebase {
 
     /// Finds the token endpoint the way the Databricks SDKs do, newest mechanism first.
     async fn discover(&self) -> Result<Discovery> {
+        if let Some(url) = &self.discovery_url {
+            // Named by the user: its token endpoint or an error, no fallback.
+            let token_url = self
+                .token_endpoint_from(url.as_str())
+                .await?
+                .ok_or_else(|| {
+                    Error::config(
+                        Setting::DatabricksDiscoveryUrl,
+                        format!(
+                            "{} did not answer a discovery document with a token_endpoint",
+                            endpoint_of(url)
+                        ),
+                    )
+                })?;
+            return Ok(Discovery {
+                token_url,
+                workspace_id: None,
+            });
+        }
         let mut workspace_id = None;
         let config_url = format!("{}{DATABRICKS_CONFIG_PATH}", self.host);
         if let Some(config) = self.get_json(&config_url).await? {

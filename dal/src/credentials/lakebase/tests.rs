@@ -384,6 +384,58 @@ async fn an_explicit_token_url_skips_discovery() {
     assert_eq!(server.paths(), ["/custom/token", AUTOSCALING_PATH]);
 }
 
+/// `DATABRICKS_DISCOVERY_URL`: its document names the token endpoint, and nothing else is
+/// asked; one without a token endpoint is an error naming the setting.
+#[tokio::test]
+async fn a_discovery_url_names_the_token_endpoint() {
+    let server = Server::start(|r: &Request, base: &str| match r.path.as_str() {
+        "/idp/.well-known/oauth-authorization-server" => Reply::Json(
+            200,
+            json!({ "issuer": format!("{base}/idp"), "token_endpoint": format!("{base}/idp/token") }),
+        ),
+        "/idp/token" => token_reply(WS_TOKEN, 3600),
+        "/empty/.well-known/oauth-authorization-server" => Reply::Json(200, json!({})),
+        _ => workspace(r, base),
+    })
+    .await;
+    source(&server)
+        .with_discovery_url(&format!(
+            "{}/idp/.well-known/oauth-authorization-server",
+            server.base
+        ))
+        .unwrap()
+        .fetch()
+        .await
+        .unwrap();
+    assert_eq!(
+        server.paths(),
+        [
+            "/idp/.well-known/oauth-authorization-server",
+            "/idp/token",
+            AUTOSCALING_PATH
+        ]
+    );
+    let err = source(&server)
+        .with_discovery_url(&format!(
+            "{}/empty/.well-known/oauth-authorization-server",
+            server.base
+        ))
+        .unwrap()
+        .fetch()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Config {
+                setting: Setting::DatabricksDiscoveryUrl,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_workspace_token_is_reused_then_renewed_near_expiry() {
     let issued = Arc::new(AtomicUsize::new(0));
