@@ -79,8 +79,8 @@ async fn visible(admin: &tokio_postgres::Client, id: i64) -> bool {
         .is_some()
 }
 
-/// The figures of a sweep: every cancellation point was reached, every write after one was
-/// acknowledged, none lost, and no session was left inside a transaction.
+/// The figures of a sweep: every round was cancelled before it finished, every write after a
+/// cancellation was acknowledged, none lost, and no session was left inside a transaction.
 async fn nothing_lost(
     kind: &str,
     figures: &Figures,
@@ -92,7 +92,11 @@ async fn nothing_lost(
         "{kind}: {figures:?}, connections opened {}",
         connector.connections_opened()
     );
-    assert!(figures.cancelled >= 2 * ROUNDS, "{figures:?}");
+    // Every round is cancelled at least at the work's sleep. Round trips pend too, unless
+    // the thread was preempted between sending and reading and the answer was already there
+    // (a busy CI machine does that): so at least one cancellation per round, and usually
+    // three or more.
+    assert!(figures.cancelled >= ROUNDS, "{figures:?}");
     assert_eq!(figures.writes, figures.cancelled + ROUNDS, "{figures:?}");
     assert_eq!(figures.lost, 0, "{figures:?}");
     no_session_left_in_a_transaction(admin, user).await;
