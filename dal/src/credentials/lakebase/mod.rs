@@ -456,7 +456,6 @@ impl Lakebase {
     /// As a credential call: [`Error::Http`] for an answer other than 200, naming the URL;
     /// [`Error::HttpTransport`] when the answer has no host.
     pub async fn endpoint_host(&self) -> Result<String> {
-        let auth = self.authorization().await?;
         // Each name escaped, so that none can reach another path.
         let segment = |s: &str| {
             const KEEP: &percent_encoding::AsciiSet =
@@ -480,24 +479,7 @@ impl Lakebase {
                 "/read_write_dns",
             ),
         };
-        let mut request = self
-            .client
-            .get(&url)
-            .header(AUTHORIZATION, auth.header)
-            .header(ACCEPT, "application/json");
-        if let Some(id) = &auth.workspace_id {
-            request = request.header(WORKSPACE_ID_HEADER, id);
-        }
-        let reply = self.send(&url, request).await?;
-        if !reply.status.is_success() {
-            return Err(self.http_error(&url, &reply, auth.access_token.as_ref()));
-        }
-        parse_json(&url, &reply.body)?
-            .pointer(pointer)
-            .and_then(Value::as_str)
-            .filter(|h| !h.is_empty())
-            .map(str::to_owned)
-            .ok_or_else(|| malformed(&url, &format!("the answer has no {pointer}")))
+        self.get_field(&url, pointer).await
     }
 
     /// The user name of the identity the workspace token belongs to: `userName` of the
@@ -509,26 +491,32 @@ impl Lakebase {
     /// As a credential call: [`Error::Http`] for an answer other than 200, naming the URL;
     /// [`Error::HttpTransport`] when the answer has no `userName`.
     pub async fn current_user(&self) -> Result<String> {
-        let auth = self.authorization().await?;
         let url = format!("{}/api/2.0/preview/scim/v2/Me", self.host);
+        self.get_field(&url, "/userName").await
+    }
+
+    /// The text at `pointer` (a JSON pointer) of what `GET url` answers, authorized with
+    /// the workspace token: an error for an answer other than 200 or without the field.
+    async fn get_field(&self, url: &str, pointer: &str) -> Result<String> {
+        let auth = self.authorization().await?;
         let mut request = self
             .client
-            .get(&url)
+            .get(url)
             .header(AUTHORIZATION, auth.header)
             .header(ACCEPT, "application/json");
         if let Some(id) = &auth.workspace_id {
             request = request.header(WORKSPACE_ID_HEADER, id);
         }
-        let reply = self.send(&url, request).await?;
+        let reply = self.send(url, request).await?;
         if !reply.status.is_success() {
-            return Err(self.http_error(&url, &reply, auth.access_token.as_ref()));
+            return Err(self.http_error(url, &reply, auth.access_token.as_ref()));
         }
-        parse_json(&url, &reply.body)?
-            .get("userName")
+        parse_json(url, &reply.body)?
+            .pointer(pointer)
             .and_then(Value::as_str)
-            .filter(|u| !u.is_empty())
+            .filter(|v| !v.is_empty())
             .map(str::to_owned)
-            .ok_or_else(|| malformed(&url, "the answer has no userName"))
+            .ok_or_else(|| malformed(url, &format!("the answer has no {pointer}")))
     }
 
     async fn database_credential(&self) -> Result<Token> {
