@@ -641,6 +641,25 @@ impl Lakebase {
         let (authorization, access_token, lifetime) = self
             .request_workspace_token(&token_url, client_id, client_secret)
             .await?;
+        Ok(self.keep_token(
+            &mut state,
+            authorization,
+            access_token,
+            requested_at,
+            lifetime,
+        ))
+    }
+
+    /// Keeps a new workspace token, renewed a margin before `lifetime` from `requested_at`
+    /// runs out, and returns its authorization.
+    fn keep_token(
+        &self,
+        state: &mut AuthState,
+        authorization: HeaderValue,
+        access_token: SecretString,
+        requested_at: SystemTime,
+        lifetime: Duration,
+    ) -> Authorization {
         state.generation += 1;
         let token = WorkspaceToken {
             authorization,
@@ -651,9 +670,9 @@ impl Lakebase {
                 .unwrap_or(requested_at),
             generation: state.generation,
         };
-        let authorization = self.authorization_from(&state, &token);
+        let authorization = self.authorization_from(state, &token);
         state.token = Some(token);
-        Ok(authorization)
+        authorization
     }
 
     /// The workspace token of the Databricks CLI's login, cached until shortly before its
@@ -736,18 +755,8 @@ impl Lakebase {
             .map(SystemTime::from)
             .unwrap_or(now);
         let lifetime = expiry.duration_since(now).unwrap_or_default();
-        state.generation += 1;
-        let token = WorkspaceToken {
-            authorization,
-            access_token: SecretString::from(access_token.to_owned()),
-            refresh_at: now
-                .checked_add(lifetime.saturating_sub(refresh_margin(lifetime)))
-                .unwrap_or(now),
-            generation: state.generation,
-        };
-        let authorization = self.authorization_from(&state, &token);
-        state.token = Some(token);
-        Ok(authorization)
+        let access_token = SecretString::from(access_token.to_owned());
+        Ok(self.keep_token(&mut state, authorization, access_token, now, lifetime))
     }
 
     fn authorization_from(&self, state: &AuthState, token: &WorkspaceToken) -> Authorization {
