@@ -64,6 +64,17 @@ pub enum Setting {
     DatabricksAuthType,
     /// The Databricks CLI, `DATABRICKS_CLI_PATH`.
     DatabricksCliPath,
+    /// The OIDC ID token of workload identity federation, `DATABRICKS_OIDC_TOKEN` (or the
+    /// variable `DATABRICKS_OIDC_TOKEN_ENV` names).
+    DatabricksOidcToken,
+    /// The file holding that ID token, `DATABRICKS_OIDC_TOKEN_FILEPATH`.
+    DatabricksOidcTokenFilepath,
+    /// The GitHub Actions ID token service, `ACTIONS_ID_TOKEN_REQUEST_URL`.
+    ActionsIdTokenRequestUrl,
+    /// Its bearer token, `ACTIONS_ID_TOKEN_REQUEST_TOKEN`.
+    ActionsIdTokenRequestToken,
+    /// Where a user login keeps its refresh token: `Lakebase::with_token_cache_dir`.
+    DatabricksTokenCache,
     /// The host of a read-only endpoint beside the primary, `DAL_READ_ONLY_HOST`.
     ReadOnlyHost,
     /// The kind of server: `Config::target`.
@@ -139,6 +150,11 @@ impl Setting {
             Setting::LakebaseClaims => "Lakebase claims",
             Setting::DatabricksAuthType => "DATABRICKS_AUTH_TYPE",
             Setting::DatabricksCliPath => "DATABRICKS_CLI_PATH",
+            Setting::DatabricksOidcToken => "DATABRICKS_OIDC_TOKEN",
+            Setting::DatabricksOidcTokenFilepath => "DATABRICKS_OIDC_TOKEN_FILEPATH",
+            Setting::ActionsIdTokenRequestUrl => "ACTIONS_ID_TOKEN_REQUEST_URL",
+            Setting::ActionsIdTokenRequestToken => "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+            Setting::DatabricksTokenCache => "the Databricks token cache file",
             Setting::ReadOnlyHost => "DAL_READ_ONLY_HOST",
             Setting::Target => "target",
             Setting::Credentials => "credentials",

@@ -206,7 +206,7 @@ impl Env<'_> {
 
     #[cfg(feature = "lakebase")]
     fn lakebase(&self) -> Result<Config> {
-        use crate::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
+        use crate::credentials::{IdTokenSource, Lakebase, LakebaseTarget, WorkspaceAuth};
         use secrecy::SecretString;
 
         let profile = self.databricks_profile()?;
@@ -236,68 +236,145 @@ impl Env<'_> {
                 ));
             }
         };
-        let mut client_id = pick("DATABRICKS_CLIENT_ID", "client_id");
-        let mut client_secret = pick("DATABRICKS_CLIENT_SECRET", "client_secret");
-        let mut token = pick("DATABRICKS_TOKEN", "token");
-        // Chosen, as the Databricks SDKs let `auth_type` choose; else the first configured.
-        match pick("DATABRICKS_AUTH_TYPE", "auth_type")
-            .as_deref()
-            .map(str::trim)
-        {
-            None | Some("") => {}
-            Some("oauth-m2m") => token = None,
-            Some("pat") => (client_id, client_secret) = (None, None),
-            Some("databricks-cli") => {
-                (client_id, client_secret, token) = (None, None, None);
+        let client_id = pick("DATABRICKS_CLIENT_ID", "client_id");
+        let client_secret = pick("DATABRICKS_CLIENT_SECRET", "client_secret");
+        let token = pick("DATABRICKS_TOKEN", "token");
+        let oidc_env = self
+            .get("DATABRICKS_OIDC_TOKEN_ENV")
+            .unwrap_or_else(|| "DATABRICKS_OIDC_TOKEN".to_owned());
+        let oidc_file = pick("DATABRICKS_OIDC_TOKEN_FILEPATH", "oidc_token_filepath");
+        let github = (
+            self.get("ACTIONS_ID_TOKEN_REQUEST_URL"),
+            self.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN"),
+        );
+        // Chosen, as the Databricks SDKs let `auth_type` choose; else the first configured,
+        // in the SDKs' order.
+        let auth_type = match pick("DATABRICKS_AUTH_TYPE", "auth_type") {
+            Some(chosen) => chosen.trim().to_owned(),
+            None if token.is_some() => "pat".to_owned(),
+            None if client_id.is_some() && client_secret.is_some() => "oauth-m2m".to_owned(),
+            None if self.get(&oidc_env).is_some() => "env-oidc".to_owned(),
+            None if oidc_file.is_some() => "file-oidc".to_owned(),
+            None if client_id.is_some() && github.0.is_some() && github.1.is_some() => {
+                "github-oidc".to_owned()
             }
-            Some(other) => {
-                return Err(Error::config(
-                    Setting::DatabricksAuthType,
-                    format!(
-                        "{other:?} is not supported: use oauth-m2m (a service principal), pat \
-                         (DATABRICKS_TOKEN) or databricks-cli (the Databricks CLI's login)"
-                    ),
-                ));
-            }
-        }
-        let cli = pick("DATABRICKS_AUTH_TYPE", "auth_type").as_deref() == Some("databricks-cli");
-        let (auth, default_user) = match (client_id, client_secret, token) {
-            (None, None, None) if cli => (
-                WorkspaceAuth::DatabricksCli {
-                    profile: self.get("DATABRICKS_CONFIG_PROFILE"),
-                },
-                None,
-            ),
-            (Some(id), Some(secret), _) => (
-                WorkspaceAuth::ClientCredentials {
-                    client_id: id.clone(),
-                    client_secret: SecretString::from(secret),
-                    token_url: self.get("DATABRICKS_TOKEN_URL"),
-                },
-                Some(id),
-            ),
-            (Some(_), None, _) => {
-                return Err(Error::config(
-                    Setting::DatabricksClientSecret,
-                    "is not set, but DATABRICKS_CLIENT_ID is: set both for a service principal",
-                ));
-            }
-            (None, Some(_), _) => {
+            None if client_secret.is_some() => {
                 return Err(Error::config(
                     Setting::DatabricksClientId,
                     "is not set, but DATABRICKS_CLIENT_SECRET is: set both for a service principal",
                 ));
             }
-            (None, None, Some(pat)) => (WorkspaceAuth::Pat(SecretString::from(pat)), None),
-            (None, None, None) => {
+            None if client_id.is_some() => {
+                return Err(Error::config(
+                    Setting::DatabricksClientSecret,
+                    "is not set, but DATABRICKS_CLIENT_ID is: set both for a service principal, \
+                     or give it an OIDC ID token to federate (DATABRICKS_OIDC_TOKEN, \
+                     DATABRICKS_OIDC_TOKEN_FILEPATH, or GitHub Actions' id-token permission)",
+                ));
+            }
+            None => {
                 return Err(Error::config(
                     Setting::DatabricksClientId,
                     "is not set: set DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (service \
                      principal) or DATABRICKS_TOKEN, name a ~/.databrickscfg profile with \
-                     DATABRICKS_CONFIG_PROFILE, or set DATABRICKS_AUTH_TYPE=databricks-cli to \
-                     use the Databricks CLI's login",
+                     DATABRICKS_CONFIG_PROFILE, or set DATABRICKS_AUTH_TYPE (databricks-cli, \
+                     external-browser, env-oidc, file-oidc, github-oidc)",
                 ));
             }
+        };
+        let missing = |setting: Setting, why: &str| {
+            Error::config(
+                setting,
+                format!("is not set, but DATABRICKS_AUTH_TYPE={auth_type} needs it: {why}"),
+            )
+        };
+        let federated = |id_token: IdTokenSource| WorkspaceAuth::Federated {
+            client_id: client_id.clone(),
+            id_token,
+        };
+        let auth =
+            match auth_type.as_str() {
+                "pat" => WorkspaceAuth::Pat(SecretString::from(token.ok_or_else(|| {
+                    missing(Setting::DatabricksToken, "a personal access token")
+                })?)),
+                "oauth-m2m" => match (client_id.clone(), client_secret) {
+                    (Some(id), Some(secret)) => WorkspaceAuth::ClientCredentials {
+                        client_id: id,
+                        client_secret: SecretString::from(secret),
+                        token_url: self.get("DATABRICKS_TOKEN_URL"),
+                    },
+                    (None, _) => {
+                        return Err(missing(
+                            Setting::DatabricksClientId,
+                            "the service principal's application id",
+                        ));
+                    }
+                    (Some(_), None) => {
+                        return Err(missing(
+                            Setting::DatabricksClientSecret,
+                            "the service principal's OAuth secret",
+                        ));
+                    }
+                },
+                "databricks-cli" => WorkspaceAuth::DatabricksCli {
+                    profile: self.get("DATABRICKS_CONFIG_PROFILE"),
+                },
+                "external-browser" => WorkspaceAuth::ExternalBrowser {
+                    client_id: client_id.clone(),
+                    open_browser: self.get("BROWSER").as_deref() != Some("none"),
+                },
+                "env-oidc" => {
+                    if self.get(&oidc_env).is_none() {
+                        return Err(Error::config(
+                            Setting::DatabricksOidcToken,
+                            format!("{oidc_env} is not set: it must hold the OIDC ID token"),
+                        ));
+                    }
+                    federated(IdTokenSource::Env(oidc_env))
+                }
+                "file-oidc" => federated(IdTokenSource::File(
+                    oidc_file
+                        .ok_or_else(|| {
+                            missing(Setting::DatabricksOidcTokenFilepath, "the ID token's file")
+                        })?
+                        .into(),
+                )),
+                "github-oidc" => {
+                    if client_id.is_none() {
+                        return Err(missing(
+                            Setting::DatabricksClientId,
+                            "the service principal whose federation policy trusts the workflow",
+                        ));
+                    }
+                    let (Some(request_url), Some(request_token)) = github else {
+                        return Err(missing(
+                            Setting::ActionsIdTokenRequestToken,
+                            "GitHub sets it in jobs with `permissions: id-token: write`",
+                        ));
+                    };
+                    federated(IdTokenSource::GitHubActions {
+                        request_url,
+                        request_token: SecretString::from(request_token),
+                    })
+                }
+                other => {
+                    return Err(Error::config(
+                        Setting::DatabricksAuthType,
+                        format!(
+                            "{other:?} is not supported: use pat, oauth-m2m, databricks-cli, \
+                         external-browser, env-oidc, file-oidc or github-oidc"
+                        ),
+                    ));
+                }
+            };
+        // A service principal logs in as its application id.
+        let default_user = match &auth {
+            WorkspaceAuth::ClientCredentials { client_id, .. }
+            | WorkspaceAuth::Federated {
+                client_id: Some(client_id),
+                ..
+            } => Some(client_id.clone()),
+            _ => None,
         };
         let mut source = Lakebase::new(&host, auth, target)?;
         if let Some(id) = self.get("DATABRICKS_WORKSPACE_ID") {
@@ -311,6 +388,9 @@ impl Env<'_> {
         }
         if let Some(url) = self.get("DATABRICKS_DISCOVERY_URL") {
             source = source.with_discovery_url(url.trim())?;
+        }
+        if let Some(audience) = self.get("DATABRICKS_TOKEN_AUDIENCE") {
+            source = source.with_token_audience(audience);
         }
         if let Some(secs) =
             self.parse::<u64>(Setting::LakebaseCredentialTtl, "a whole number of seconds")?
@@ -495,8 +575,59 @@ mod tests {
         let last = v.len() - 1;
         v[last] = ("DATABRICKS_AUTH_TYPE", "azure-cli");
         assert_eq!(setting(&v), "DATABRICKS_AUTH_TYPE");
+        // Chosen, but what it needs is missing: the missing setting is named.
         v[last] = ("DATABRICKS_AUTH_TYPE", "pat");
-        assert_eq!(setting(&v), "DATABRICKS_CLIENT_ID");
+        assert_eq!(setting(&v), "DATABRICKS_TOKEN");
+        v[last] = ("DATABRICKS_AUTH_TYPE", "env-oidc");
+        assert_eq!(setting(&v), "DATABRICKS_OIDC_TOKEN");
+        v[last] = ("DATABRICKS_AUTH_TYPE", "file-oidc");
+        assert_eq!(setting(&v), "DATABRICKS_OIDC_TOKEN_FILEPATH");
+        v[last] = ("DATABRICKS_AUTH_TYPE", "github-oidc");
+        assert_eq!(setting(&v), "ACTIONS_ID_TOKEN_REQUEST_TOKEN");
+        v[last] = ("DATABRICKS_AUTH_TYPE", "external-browser");
+        assert!(config(&v).is_ok());
+    }
+
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn federation_is_detected_as_the_sdks_do() {
+        let base: Vec<(&str, &str)> = LAKEBASE
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "DATABRICKS_CLIENT_SECRET")
+            .collect();
+        let user = |extra: &[(&'static str, &'static str)]| {
+            let mut v = base.clone();
+            v.extend_from_slice(extra);
+            config(&v).map(|c| c.user)
+        };
+        // An ID token next to the client id (env-oidc, file-oidc, github-oidc): the service
+        // principal is the user.
+        for extra in [
+            &[("DATABRICKS_OIDC_TOKEN", "eyJ.x.y")][..],
+            &[("DATABRICKS_OIDC_TOKEN_FILEPATH", "/var/run/token")],
+            &[
+                (
+                    "ACTIONS_ID_TOKEN_REQUEST_URL",
+                    "https://pipelines.example/token?x=1",
+                ),
+                ("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "gh-secret"),
+            ],
+        ] {
+            assert_eq!(user(extra).unwrap(), "sp-id", "{extra:?}");
+        }
+        // An insecure GitHub token service is refused, by name.
+        let mut v = base.clone();
+        v.extend([
+            (
+                "ACTIONS_ID_TOKEN_REQUEST_URL",
+                "http://pipelines.example/token",
+            ),
+            ("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "gh-secret"),
+        ]);
+        assert_eq!(setting(&v), "ACTIONS_ID_TOKEN_REQUEST_URL");
+        // A client id alone is a service principal without its secret.
+        assert_eq!(setting(&base), "DATABRICKS_CLIENT_SECRET");
     }
 
     #[test]

@@ -26,6 +26,8 @@ use super::LocalPostgres;
 use super::error::{Error, Result};
 use super::token_login::Tokens;
 
+mod oauth;
+
 /// The longest lifetime accepted for a token, so that expiry times stay within what
 /// PostgreSQL and RFC 3339 can express.
 const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -62,6 +64,13 @@ pub struct LocalLakebaseConfig {
     pub token_ttl: Duration,
     /// How long a workspace OAuth token is accepted. Defaults to 3600 s.
     pub oauth_ttl: Duration,
+    /// The subject (`sub`) the service principal's federation policy allows in ID tokens of
+    /// the service's identity provider ([`LocalLakebase::id_token`]). Defaults to
+    /// `repo:local/app:ref:refs/heads/main`, shaped like a GitHub Actions subject.
+    pub federated_subject: String,
+    /// The bearer token of the GitHub Actions-like ID token service
+    /// ([`LocalLakebase::github_actions_env`]). Defaults to a random string.
+    pub actions_request_token: String,
 }
 
 impl Default for LocalLakebaseConfig {
@@ -79,6 +88,8 @@ impl Default for LocalLakebaseConfig {
                 .to_string(),
             token_ttl: Duration::from_secs(60),
             oauth_ttl: Duration::from_secs(3600),
+            federated_subject: "repo:local/app:ref:refs/heads/main".into(),
+            actions_request_token: random_secret(),
         }
     }
 }
@@ -95,6 +106,8 @@ impl fmt::Debug for LocalLakebaseConfig {
             .field("workspace_id", &self.workspace_id)
             .field("token_ttl", &self.token_ttl)
             .field("oauth_ttl", &self.oauth_ttl)
+            .field("federated_subject", &self.federated_subject)
+            .field("actions_request_token", &"** redacted **")
             .finish()
     }
 }
@@ -274,6 +287,7 @@ struct Shared {
     oauth_requests: AtomicUsize,
     credential_requests: AtomicUsize,
     stopping: watch::Receiver<bool>,
+    oauth: oauth::OAuthState,
 }
 
 impl fmt::Debug for LocalLakebase {
@@ -322,6 +336,7 @@ impl LocalLakebase {
             oauth_requests: AtomicUsize::new(0),
             credential_requests: AtomicUsize::new(0),
             stopping: stopping.clone(),
+            oauth: oauth::OAuthState::new(),
             config,
         });
         let router = Router::new()
@@ -331,6 +346,8 @@ impl LocalLakebase {
                 get(authorization_server),
             )
             .route("/oidc/v1/token", post(token))
+            .route("/oidc/v1/authorize", get(oauth::authorize))
+            .route("/idp/github", get(oauth::github_id_token))
             .route(
                 "/api/2.0/postgres/credentials",
                 post(autoscaling_credential),
@@ -463,8 +480,11 @@ impl LocalLakebase {
 
     /// Ends logins with `token`, a credential this service minted, before its expiry (the
     /// real service never does; for tests of refused tokens). Sessions already open go on.
+    /// A refresh token given here is revoked, as a user or admin can revoke one.
     pub fn revoke(&self, token: &str) {
-        self.shared.tokens.revoke(token);
+        if !self.shared.oauth.revoke(token) {
+            self.shared.tokens.revoke(token);
+        }
     }
 
     /// How many workspace OAuth tokens were issued.
@@ -587,13 +607,20 @@ async fn databricks_config(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn authorization_server(State(shared): State<Arc<Shared>>) -> Response {
-    // Only what this service implements: the client credentials grant.
+    // Only what this service implements.
     Json(json!({
         "issuer": format!("{}/oidc", shared.base),
+        "authorization_endpoint": format!("{}/oidc/v1/authorize", shared.base),
         "token_endpoint": format!("{}/oidc/v1/token", shared.base),
-        "grant_types_supported": ["client_credentials"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic"],
-        "scopes_supported": [SCOPE],
+        "grant_types_supported": [
+            "client_credentials",
+            "authorization_code",
+            "refresh_token",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "none"],
+        "scopes_supported": [SCOPE, "offline_access"],
     }))
     .into_response()
 }
@@ -602,6 +629,13 @@ async fn authorization_server(State(shared): State<Arc<Shared>>) -> Response {
 struct TokenForm {
     grant_type: Option<String>,
     scope: Option<String>,
+    client_id: Option<String>,
+    code: Option<String>,
+    code_verifier: Option<String>,
+    redirect_uri: Option<String>,
+    refresh_token: Option<String>,
+    subject_token: Option<String>,
+    subject_token_type: Option<String>,
 }
 
 async fn token(
@@ -609,24 +643,7 @@ async fn token(
     headers: HeaderMap,
     form: Result<Form<TokenForm>, FormRejection>,
 ) -> Response {
-    let Some((id, secret)) = basic_credentials(&headers) else {
-        return oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "Client authentication with HTTP Basic is required",
-        );
-    };
     let config = &shared.config;
-    // Both compared in full, so that a wrong id and a wrong secret take the same time.
-    let id_ok = same(id.as_bytes(), config.client_id.as_bytes());
-    let secret_ok = same(secret.as_bytes(), config.client_secret.as_bytes());
-    if !(id_ok && secret_ok) {
-        return oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "Client authentication failed",
-        );
-    }
     let Ok(Form(form)) = form else {
         return oauth_error(
             StatusCode::BAD_REQUEST,
@@ -634,30 +651,19 @@ async fn token(
             "The body must be application/x-www-form-urlencoded",
         );
     };
-    match form.grant_type.as_deref() {
-        Some("client_credentials") => {}
-        None => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "Missing grant_type",
-            );
-        }
-        Some(_) => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "unsupported_grant_type",
-                "Only grant_type=client_credentials is supported",
-            );
-        }
-    }
+    let grant = match oauth::grant(&shared, &headers, &form) {
+        Ok(grant) => grant,
+        Err(denied) => return denied.response(),
+    };
     if let Some(scope) = &form.scope
-        && scope.split_whitespace().any(|s| s != SCOPE)
+        && scope
+            .split_whitespace()
+            .any(|s| s != SCOPE && s != "offline_access")
     {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_scope",
-            "Only the all-apis scope is supported",
+            "Only the all-apis and offline_access scopes are supported",
         );
     }
 
@@ -672,13 +678,17 @@ async fn token(
         tokens.insert(access_token.clone(), now + config.oauth_ttl);
     }
     shared.oauth_requests.fetch_add(1, Ordering::SeqCst);
-    Json(json!({
+    let mut body = json!({
         "access_token": access_token,
         "token_type": "Bearer",
         "expires_in": config.oauth_ttl.as_secs(),
         "scope": SCOPE,
-    }))
-    .into_response()
+    });
+    if let Some(client_id) = grant.refresh_for {
+        body["refresh_token"] = shared.oauth.refresh_token(&client_id).into();
+        body["scope"] = format!("{SCOPE} offline_access").into();
+    }
+    Json(body).into_response()
 }
 
 /// The id and secret of an `Authorization: Basic` header.
@@ -997,7 +1007,9 @@ mod tests {
             "LocalLakebaseConfig { client_id: \"app-id\", client_secret: \"** redacted **\", \
              pat: Some(\"** redacted **\"), role: \"app\", \
              endpoint: \"projects/local/branches/production/endpoints/primary\", \
-             instance: \"local-instance\", workspace_id: \"42\", token_ttl: 60s, oauth_ttl: 3600s }"
+             instance: \"local-instance\", workspace_id: \"42\", token_ttl: 60s, oauth_ttl: 3600s, \
+             federated_subject: \"repo:local/app:ref:refs/heads/main\", \
+             actions_request_token: \"** redacted **\" }"
         );
     }
 

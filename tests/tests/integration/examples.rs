@@ -1191,3 +1191,187 @@ async fn lakebase_endpoint_alone_runs_the_tour() {
         tour.output()
     );
 }
+
+/// The variables of a service principal that federates an ID token instead of holding a
+/// secret: `lakebase_env` without `DATABRICKS_CLIENT_SECRET`.
+fn federated_env(
+    pg: &LocalPostgres,
+    lb: &LocalLakebase,
+    database: &str,
+) -> Vec<(&'static str, String)> {
+    lakebase_env(pg, lb, database)
+        .into_iter()
+        .filter(|(k, _)| *k != "DATABRICKS_CLIENT_SECRET")
+        .collect()
+}
+
+/// Runs `doctor` with `env` and returns whether it passed, and its output.
+async fn doctor(env: &[(&str, String)]) -> (bool, String) {
+    let mut doctor = Program::start("doctor", env);
+    doctor.rest(Duration::from_secs(120)).await;
+    let status = doctor.wait(Duration::from_secs(60)).await;
+    (status.success(), doctor.output())
+}
+
+/// `env-oidc`: an OIDC ID token in `DATABRICKS_OIDC_TOKEN` is traded for a workspace token
+/// (RFC 8693 token exchange, no client secret); the service principal is the database user.
+/// One for another audience is refused with the service's reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_id_token_in_the_environment_signs_in() {
+    let pg = tests::server().await;
+    let lb = tests::lakebase(&pg, "envoidc", Duration::from_secs(60)).await;
+    let id_token = lb.id_token(&lb.token_url());
+    let mut env = federated_env(&pg, &lb, "envoidc");
+    env.retain(|(k, _)| *k != "PGUSER");
+    env.push(("DATABRICKS_OIDC_TOKEN", id_token.clone()));
+    let (passed, output) = doctor(&env).await;
+    assert!(passed, "{output}");
+    assert!(lb.oauth_requests() >= 1, "no token exchange: {output}");
+    assert!(!output.contains(&id_token), "the ID token leaked: {output}");
+
+    env.retain(|(k, _)| *k != "DATABRICKS_OIDC_TOKEN");
+    env.push((
+        "DATABRICKS_OIDC_TOKEN",
+        lb.id_token("https://elsewhere.example"),
+    ));
+    let (passed, output) = doctor(&env).await;
+    assert!(!passed, "{output}");
+    assert!(output.contains("audience"), "{output}");
+}
+
+/// `file-oidc`: the ID token is read from `DATABRICKS_OIDC_TOKEN_FILEPATH`, as a projected
+/// Kubernetes service account token would be.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_id_token_file_signs_in() {
+    let pg = tests::server().await;
+    let lb = tests::lakebase(&pg, "fileoidc", Duration::from_secs(60)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, format!("{}\n", lb.id_token(&lb.token_url()))).unwrap();
+    let mut env = federated_env(&pg, &lb, "fileoidc");
+    env.push(("DATABRICKS_OIDC_TOKEN_FILEPATH", path.display().to_string()));
+    let (passed, output) = doctor(&env).await;
+    assert!(passed, "{output}");
+    assert!(lb.oauth_requests() >= 1, "no token exchange: {output}");
+
+    std::fs::remove_file(&path).unwrap();
+    let (passed, output) = doctor(&env).await;
+    assert!(!passed, "{output}");
+    assert!(
+        output.contains("DATABRICKS_OIDC_TOKEN_FILEPATH"),
+        "{output}"
+    );
+}
+
+/// `github-oidc`: in a GitHub Actions job (`ACTIONS_ID_TOKEN_REQUEST_URL` and `_TOKEN`), the ID
+/// token is asked for with the token endpoint as its audience and traded, chosen without
+/// `DATABRICKS_AUTH_TYPE` as the SDKs detect it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_github_actions_job_signs_in() {
+    let pg = tests::server().await;
+    let lb = tests::lakebase(&pg, "ghoidc", Duration::from_secs(60)).await;
+    let mut env = federated_env(&pg, &lb, "ghoidc");
+    env.extend(lb.github_actions_env());
+    let request_token = lb.config().actions_request_token.clone();
+    let (passed, output) = doctor(&env).await;
+    assert!(passed, "{output}");
+    assert!(lb.oauth_requests() >= 1, "no token exchange: {output}");
+    assert!(
+        !output.contains(&request_token),
+        "the request token leaked: {output}"
+    );
+}
+
+/// `external-browser` (U2M): the first run prints the login address (headless, `BROWSER=none`)
+/// and waits; a browser-less client follows it to the loopback redirect; the run then
+/// connects as the user. The refresh token lands in a file of mode 0600 in a directory of
+/// mode 0700, never in the output; the next run logs in with it and no browser; once it is
+/// revoked, the run asks for a login again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_logs_in_with_a_browser_once() {
+    use std::os::unix::fs::PermissionsExt;
+    const USER: &str = "someone@example.com";
+    let pg = tests::server().await;
+    let config = dal::local::LocalLakebaseConfig::new()
+        .with_role(USER)
+        .with_token_ttl(Duration::from_secs(60));
+    let lb = LocalLakebase::start(&pg, config).await.unwrap();
+    pg.create_database("u2m", Some(USER)).await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, String)> = lakebase_env(&pg, &lb, "u2m")
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("DATABRICKS_CLIENT_"))
+        .chain([
+            ("DATABRICKS_AUTH_TYPE", "external-browser".to_owned()),
+            ("BROWSER", "none".to_owned()),
+            ("HOME", home.path().display().to_string()),
+        ])
+        .collect();
+    let browser = tests::http();
+    // One run that logs in through the printed address.
+    let login = async |env: &[(&str, String)]| {
+        let mut doctor = Program::start("doctor", env);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let address = loop {
+            let stderr = doctor.stderr();
+            if let Some(line) = stderr.lines().find(|l| l.contains("/oidc/v1/authorize?")) {
+                break line.trim().to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no login address: {}",
+                doctor.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let page = browser.get(&address).send().await.unwrap();
+        assert_eq!(
+            page.url().port(),
+            Some(8020),
+            "redirected to {}",
+            page.url()
+        );
+        let text = page.text().await.unwrap();
+        assert!(text.contains("You are logged in"), "{text}");
+        doctor.rest(Duration::from_secs(120)).await;
+        let status = doctor.wait(Duration::from_secs(60)).await;
+        assert!(status.success(), "{}", doctor.output());
+        doctor.output()
+    };
+    let output = login(&env).await;
+    assert!(
+        output.contains(&format!("database user looked up user={USER}")),
+        "{output}"
+    );
+    let dir = home.path().join(".cache/dal");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&files[0]), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+    let cached: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    let refresh_token = cached["refresh_token"].as_str().unwrap().to_owned();
+    assert!(
+        !output.contains(&refresh_token),
+        "the refresh token leaked: {output}"
+    );
+
+    // The next run: the refresh token, no login.
+    let (passed, output) = doctor(&env).await;
+    assert!(passed, "{output}");
+    assert!(!output.contains("/oidc/v1/authorize?"), "{output}");
+    let cached: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    let rotated = cached["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(
+        rotated, refresh_token,
+        "the rotated refresh token was not kept"
+    );
+
+    // Revoked: a new login.
+    lb.revoke(&rotated);
+    let output = login(&env).await;
+    assert!(output.contains("logging in again"), "{output}");
+}

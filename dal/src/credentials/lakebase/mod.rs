@@ -19,6 +19,11 @@ use tokio::sync::Mutex;
 use crate::credentials::source::{BoxFuture, Clock, CredentialSource, SystemClock, Token};
 use crate::error::{Error, Result, Setting};
 
+mod browser;
+mod federation;
+
+pub use federation::IdTokenSource;
+
 const KIND: &str = "lakebase";
 const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The workspace token is renewed when less than this, or a tenth of its lifetime if that is
@@ -64,6 +69,27 @@ pub enum WorkspaceAuth {
         /// The CLI profile (`--profile`); `None` names the workspace by host (`--host`).
         profile: Option<String>,
     },
+    /// Workload identity federation (`env-oidc`, `file-oidc`, `github-oidc`): an OIDC ID
+    /// token of another identity provider, traded for a workspace token at the workspace's
+    /// token endpoint with the RFC 8693 token exchange grant, as the Databricks SDKs do.
+    Federated {
+        /// The service principal whose federation policy trusts the ID token
+        /// (`DATABRICKS_CLIENT_ID`); `None` for account-wide token federation.
+        client_id: Option<String>,
+        /// Where each ID token comes from.
+        id_token: IdTokenSource,
+    },
+    /// A user's interactive login (U2M, `external-browser`): OAuth authorization code with
+    /// PKCE S256 in a browser, redirected to `http://localhost:8020`; the refresh token is kept
+    /// in a token cache file of mode 0600 (see [`Lakebase::with_token_cache_dir`]) so that
+    /// later runs log in without a browser until it is refused.
+    ExternalBrowser {
+        /// The OAuth client; `None` is Databricks' public `databricks-cli` client.
+        client_id: Option<String>,
+        /// Whether to open the login address in a browser; it is printed on stderr either
+        /// way (`BROWSER=none` turns this off: a headless login).
+        open_browser: bool,
+    },
 }
 
 /// A permission asked for with Lakebase database credentials (the Autoscaling credential
@@ -98,12 +124,14 @@ impl Claim {
 
 impl WorkspaceAuth {
     /// Databricks' name of this way to authenticate (its SDKs' `auth_type`): `oauth-m2m`,
-    /// `pat` or `databricks-cli`.
+    /// `pat`, `databricks-cli`, `env-oidc`, `file-oidc`, `github-oidc` or `external-browser`.
     pub fn auth_type(&self) -> &'static str {
         match self {
             WorkspaceAuth::ClientCredentials { .. } => "oauth-m2m",
             WorkspaceAuth::Pat(_) => "pat",
             WorkspaceAuth::DatabricksCli { .. } => "databricks-cli",
+            WorkspaceAuth::Federated { id_token, .. } => id_token.auth_type(),
+            WorkspaceAuth::ExternalBrowser { .. } => "external-browser",
         }
     }
 }
@@ -135,6 +163,22 @@ impl fmt::Debug for WorkspaceAuth {
             WorkspaceAuth::DatabricksCli { profile } => f
                 .debug_struct("DatabricksCli")
                 .field("profile", profile)
+                .finish(),
+            WorkspaceAuth::Federated {
+                client_id,
+                id_token,
+            } => f
+                .debug_struct("Federated")
+                .field("client_id", client_id)
+                .field("id_token", id_token)
+                .finish(),
+            WorkspaceAuth::ExternalBrowser {
+                client_id,
+                open_browser,
+            } => f
+                .debug_struct("ExternalBrowser")
+                .field("client_id", client_id)
+                .field("open_browser", open_browser)
                 .finish(),
         }
     }
@@ -198,6 +242,12 @@ pub struct Lakebase {
     discovery_url: Option<Url>,
     /// The permissions to ask for (Autoscaling `claims`).
     claims: Vec<Claim>,
+    /// The audience of federated ID tokens; `None`: the token endpoint.
+    token_audience: Option<String>,
+    /// Where a user login keeps its refresh token; `None`: the user's cache directory.
+    token_cache_dir: Option<std::path::PathBuf>,
+    /// The loopback port a user login is redirected to.
+    redirect_port: u16,
     client: reqwest::Client,
     /// Held across discovery and the token call, so that concurrent callers wait for one
     /// refresh instead of each starting their own.
@@ -223,11 +273,23 @@ struct AuthState {
     token: Option<WorkspaceToken>,
     /// Counts workspace tokens, so that a 401 only evicts the token it was answered to.
     generation: u64,
+    /// A user login's refresh token.
+    refresh_token: Option<SecretString>,
 }
 
 struct Discovery {
     token_url: Url,
+    /// Where a user logs in, when the discovery document names it.
+    authorize_url: Option<Url>,
     workspace_id: Option<String>,
+}
+
+/// A workspace token as a token endpoint answers it.
+struct Issued {
+    authorization: HeaderValue,
+    access_token: SecretString,
+    lifetime: Duration,
+    refresh_token: Option<SecretString>,
 }
 
 struct WorkspaceToken {
@@ -284,6 +346,28 @@ impl Lakebase {
                     .map(|url| parse_url(url, Setting::DatabricksTokenUrl))
                     .transpose()?
             }
+            WorkspaceAuth::Federated {
+                client_id,
+                id_token,
+            } => {
+                if client_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
+                    return Err(Error::config(
+                        Setting::DatabricksClientId,
+                        "must not be empty",
+                    ));
+                }
+                id_token.validate()?;
+                None
+            }
+            WorkspaceAuth::ExternalBrowser { client_id, .. } => {
+                if client_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
+                    return Err(Error::config(
+                        Setting::DatabricksClientId,
+                        "must not be empty",
+                    ));
+                }
+                None
+            }
             WorkspaceAuth::Pat(_) | WorkspaceAuth::DatabricksCli { .. } => None,
         };
         if let WorkspaceAuth::Pat(pat) = &auth {
@@ -312,6 +396,9 @@ impl Lakebase {
             cli_path: None,
             discovery_url: None,
             claims: Vec::new(),
+            token_audience: None,
+            token_cache_dir: None,
+            redirect_port: browser::DEFAULT_REDIRECT_PORT,
             client,
             state: Mutex::new(AuthState::default()),
         })
@@ -383,6 +470,33 @@ impl Lakebase {
     #[must_use]
     pub fn with_cli_path(mut self, path: impl Into<String>) -> Self {
         self.cli_path = Some(path.into());
+        self
+    }
+
+    /// The audience to ask federated ID tokens for (`DATABRICKS_TOKEN_AUDIENCE`), where the
+    /// source can ask for one (GitHub Actions). Defaults to the workspace's token endpoint,
+    /// as the Databricks SDKs do.
+    #[must_use]
+    pub fn with_token_audience(mut self, audience: impl Into<String>) -> Self {
+        self.token_audience = Some(audience.into());
+        self
+    }
+
+    /// Keeps a user login's refresh token in `dir` (created with mode 0700; the file is
+    /// `oauth-<host>-<client id>.json`, mode 0600). Defaults to `$XDG_CACHE_HOME/dal`, else
+    /// `$HOME/.cache/dal`; without either, the refresh token lives in memory only.
+    #[must_use]
+    pub fn with_token_cache_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.token_cache_dir = Some(dir.into());
+        self
+    }
+
+    /// The loopback port a user login is redirected to, `http://localhost:<port>`. Defaults to
+    /// 8020, the redirect Databricks registers for its `databricks-cli` client; another port
+    /// needs an OAuth app of your own that allows it.
+    #[must_use]
+    pub fn with_redirect_port(mut self, port: u16) -> Self {
+        self.redirect_port = port;
         self
     }
 
@@ -618,6 +732,21 @@ impl Lakebase {
             WorkspaceAuth::DatabricksCli { profile } => {
                 return self.cli_authorization(profile.as_deref()).await;
             }
+            WorkspaceAuth::ExternalBrowser {
+                client_id,
+                open_browser,
+            } => {
+                let client_id = client_id.as_deref().unwrap_or(browser::DEFAULT_CLIENT_ID);
+                return self.browser_authorization(client_id, *open_browser).await;
+            }
+            WorkspaceAuth::Federated {
+                client_id,
+                id_token,
+            } => {
+                return self
+                    .federated_authorization(client_id.as_deref(), id_token)
+                    .await;
+            }
         };
         let mut state = self.state.lock().await;
         if let Some(token) = &state.token
@@ -625,29 +754,79 @@ impl Lakebase {
         {
             return Ok(self.authorization_from(&state, token));
         }
-        let token_url = match &self.token_url {
-            Some(url) => url.clone(),
-            None => {
-                let discovery = match state.discovery.take() {
-                    Some(discovery) => discovery,
-                    None => self.discover().await?,
-                };
-                let url = discovery.token_url.clone();
-                state.discovery = Some(discovery);
-                url
-            }
-        };
+        let token_url = self.token_url_of(&mut state).await?;
         let requested_at = self.clock.now();
-        let (authorization, access_token, lifetime) = self
-            .request_workspace_token(&token_url, client_id, client_secret)
-            .await?;
+        let request = self
+            .client
+            .post(token_url.clone())
+            .basic_auth(client_id, Some(client_secret.expose_secret()))
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(TOKEN_REQUEST_BODY);
+        let issued = self.token_call(&token_url, request, None).await?;
         Ok(self.keep_token(
             &mut state,
-            authorization,
-            access_token,
+            issued.authorization,
+            issued.access_token,
             requested_at,
-            lifetime,
+            issued.lifetime,
         ))
+    }
+
+    /// The workspace token of workload identity federation: a new ID token traded at the
+    /// token endpoint (`grant_type=urn:ietf:params:oauth:grant-type:token-exchange`,
+    /// `subject_token_type=urn:ietf:params:oauth:token-type:jwt`, `scope=all-apis`, and the
+    /// service principal's `client_id` when there is one; no client secret), cached until
+    /// shortly before its expiry.
+    async fn federated_authorization(
+        &self,
+        client_id: Option<&str>,
+        id_token: &IdTokenSource,
+    ) -> Result<Authorization> {
+        let mut state = self.state.lock().await;
+        if let Some(token) = &state.token
+            && self.clock.now() < token.refresh_at
+        {
+            return Ok(self.authorization_from(&state, token));
+        }
+        let token_url = self.token_url_of(&mut state).await?;
+        let audience = self
+            .token_audience
+            .clone()
+            .unwrap_or_else(|| token_url.to_string());
+        let subject = self.id_token(id_token, &audience).await?;
+        let mut form = vec![
+            ("grant_type", federation::TOKEN_EXCHANGE_GRANT),
+            ("subject_token", subject.expose_secret()),
+            ("subject_token_type", federation::JWT_TOKEN_TYPE),
+            ("scope", "all-apis"),
+        ];
+        if let Some(client_id) = client_id {
+            form.push(("client_id", client_id));
+        }
+        let requested_at = self.clock.now();
+        let request = self.client.post(token_url.clone()).form(&form);
+        let issued = self.token_call(&token_url, request, Some(&subject)).await?;
+        Ok(self.keep_token(
+            &mut state,
+            issued.authorization,
+            issued.access_token,
+            requested_at,
+            issued.lifetime,
+        ))
+    }
+
+    /// The token endpoint: the configured one, else the one discovered (once).
+    async fn token_url_of(&self, state: &mut AuthState) -> Result<Url> {
+        if let Some(url) = &self.token_url {
+            return Ok(url.clone());
+        }
+        let discovery = match state.discovery.take() {
+            Some(discovery) => discovery,
+            None => self.discover().await?,
+        };
+        let url = discovery.token_url.clone();
+        state.discovery = Some(discovery);
+        Ok(url)
     }
 
     /// Keeps a new workspace token, renewed a margin before `lifetime` from `requested_at`
@@ -773,23 +952,20 @@ impl Lakebase {
         }
     }
 
-    async fn request_workspace_token(
+    /// Sends a token request and reads the workspace token of its answer. `secret` is what
+    /// the request carries besides the client's own secrets, to mask if echoed.
+    async fn token_call(
         &self,
         token_url: &Url,
-        client_id: &str,
-        client_secret: &SecretString,
-    ) -> Result<(HeaderValue, SecretString, Duration)> {
+        request: reqwest::RequestBuilder,
+        secret: Option<&SecretString>,
+    ) -> Result<Issued> {
         let path = &endpoint_of(token_url);
-        let request = self
-            .client
-            .post(token_url.clone())
-            .basic_auth(client_id, Some(client_secret.expose_secret()))
-            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(ACCEPT, "application/json")
-            .body(TOKEN_REQUEST_BODY);
-        let reply = self.send(path, request).await?;
+        let reply = self
+            .send(path, request.header(ACCEPT, "application/json"))
+            .await?;
         if !reply.status.is_success() {
-            return Err(self.http_error(path, &reply, None));
+            return Err(self.http_error(path, &reply, secret));
         }
         let json = parse_json(path, &reply.body)?;
         let access_token = json
@@ -819,18 +995,24 @@ impl Lakebase {
                     "the token holds characters not allowed in an HTTP header",
                 )
             })?;
-        Ok((
+        let refresh_token = json
+            .get("refresh_token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(|t| SecretString::from(t.to_owned()));
+        Ok(Issued {
             authorization,
-            SecretString::from(access_token.to_owned()),
+            access_token: SecretString::from(access_token.to_owned()),
             lifetime,
-        ))
+            refresh_token,
+        })
     }
 
     /// Finds the token endpoint the way the Databricks SDKs do, newest mechanism first.
     async fn discover(&self) -> Result<Discovery> {
         if let Some(url) = &self.discovery_url {
             // Named by the user: its token endpoint or an error, no fallback.
-            let token_url = self
+            let (token_url, authorize_url) = self
                 .token_endpoint_from(url.as_str())
                 .await?
                 .ok_or_else(|| {
@@ -844,6 +1026,7 @@ impl Lakebase {
                 })?;
             return Ok(Discovery {
                 token_url,
+                authorize_url,
                 workspace_id: None,
             });
         }
@@ -863,9 +1046,12 @@ impl Lakebase {
                 };
                 if !oidc.contains("{account_id}") {
                     let metadata = format!("{}{OAUTH_METADATA_SUFFIX}", oidc.trim_end_matches('/'));
-                    if let Some(token_url) = self.token_endpoint_from(&metadata).await? {
+                    if let Some((token_url, authorize_url)) =
+                        self.token_endpoint_from(&metadata).await?
+                    {
                         return Ok(Discovery {
                             token_url,
+                            authorize_url,
                             workspace_id,
                         });
                     }
@@ -873,23 +1059,32 @@ impl Lakebase {
             }
         }
         let metadata = format!("{}{HOST_OIDC_METADATA_PATH}", self.host);
-        let token_url = match self.token_endpoint_from(&metadata).await? {
-            Some(url) => url,
-            None => parse_url(
-                &format!("{}{DEFAULT_TOKEN_PATH}", self.host),
-                Setting::DatabricksHost,
-            )?,
+        let (token_url, authorize_url) = match self.token_endpoint_from(&metadata).await? {
+            Some(urls) => urls,
+            None => (
+                parse_url(
+                    &format!("{}{DEFAULT_TOKEN_PATH}", self.host),
+                    Setting::DatabricksHost,
+                )?,
+                None,
+            ),
         };
         Ok(Discovery {
             token_url,
+            authorize_url,
             workspace_id,
         })
     }
 
-    async fn token_endpoint_from(&self, metadata_url: &str) -> Result<Option<Url>> {
+    /// The token endpoint of a discovery document, and its authorization endpoint if any.
+    async fn token_endpoint_from(&self, metadata_url: &str) -> Result<Option<(Url, Option<Url>)>> {
         let Some(doc) = self.get_json(metadata_url).await? else {
             return Ok(None);
         };
+        let authorize_url = doc
+            .get("authorization_endpoint")
+            .and_then(Value::as_str)
+            .and_then(|u| parse_url(u, Setting::DatabricksHost).ok());
         let url = doc
             .get("token_endpoint")
             .and_then(Value::as_str)
@@ -900,7 +1095,7 @@ impl Lakebase {
                 "no usable https token_endpoint in the OAuth metadata"
             );
         }
-        Ok(url)
+        Ok(url.map(|url| (url, authorize_url)))
     }
 
     /// A discovery document: `None` when it is absent or not a JSON object, so that the next
@@ -1040,7 +1235,13 @@ impl Lakebase {
                 secrets.push(&basic);
             }
             WorkspaceAuth::Pat(pat) => secrets.push(pat.expose_secret()),
-            WorkspaceAuth::DatabricksCli { .. } => {}
+            WorkspaceAuth::Federated {
+                id_token: IdTokenSource::GitHubActions { request_token, .. },
+                ..
+            } => secrets.push(request_token.expose_secret()),
+            WorkspaceAuth::DatabricksCli { .. }
+            | WorkspaceAuth::Federated { .. }
+            | WorkspaceAuth::ExternalBrowser { .. } => {}
         }
         if let Some(token) = token {
             secrets.push(token.expose_secret());
@@ -1083,7 +1284,11 @@ impl CredentialSource for Lakebase {
         Box::pin(async {
             match &self.auth {
                 // A service principal logs in as its application id.
-                WorkspaceAuth::ClientCredentials { client_id, .. } => Ok(Some(client_id.clone())),
+                WorkspaceAuth::ClientCredentials { client_id, .. }
+                | WorkspaceAuth::Federated {
+                    client_id: Some(client_id),
+                    ..
+                } => Ok(Some(client_id.clone())),
                 _ => self.current_user().await.map(Some),
             }
         })

@@ -1,0 +1,366 @@
+//! Interactive user login (U2M, Databricks' `external-browser`): OAuth authorization code with
+//! PKCE S256, redirected to a listener on loopback, and the refresh token kept in a token cache
+//! file only its owner can read.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use sha2::Digest as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::{AuthState, Authorization, Issued, KIND, Lakebase};
+use crate::error::{Error, Result, Setting};
+
+/// The public OAuth client of Databricks' own tools, which every workspace knows.
+pub(super) const DEFAULT_CLIENT_ID: &str = "databricks-cli";
+/// The redirect registered for that client: `http://localhost:8020`.
+pub(super) const DEFAULT_REDIRECT_PORT: u16 = 8020;
+/// The scopes of a user login: the APIs, and a refresh token.
+const SCOPE: &str = "all-apis offline_access";
+/// How long a user has to finish logging in at the printed address.
+const LOGIN_WAIT: Duration = Duration::from_secs(300);
+/// How long one connection to the redirect listener may take to send its request.
+const REQUEST_WAIT: Duration = Duration::from_secs(30);
+/// The largest request head the redirect listener reads.
+const MAX_REQUEST: usize = 16 * 1024;
+
+impl Lakebase {
+    /// The workspace authorization of a user login: the cached token, else one from the
+    /// refresh token (kept in memory and in the token cache file), else a new login.
+    pub(super) async fn browser_authorization(
+        &self,
+        client_id: &str,
+        open_browser: bool,
+    ) -> Result<Authorization> {
+        let mut state = self.state.lock().await;
+        if let Some(token) = &state.token
+            && self.clock.now() < token.refresh_at
+        {
+            return Ok(self.authorization_from(&state, token));
+        }
+        let cache = self.token_cache_file(client_id);
+        if state.refresh_token.is_none()
+            && let Some(path) = &cache
+        {
+            state.refresh_token = read_cache(path)?;
+        }
+        let (token_url, authorize_url) = self.oauth_endpoints(&mut state).await?;
+        let requested_at = self.clock.now();
+        let mut issued = None;
+        if let Some(refresh_token) = state.refresh_token.clone() {
+            let request = self.client.post(token_url.clone()).form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token.expose_secret()),
+                ("client_id", client_id),
+            ]);
+            match self
+                .token_call(&token_url, request, Some(&refresh_token))
+                .await
+            {
+                Ok(new) => issued = Some(new),
+                // Revoked or expired: log in again.
+                Err(Error::Http {
+                    status: 400 | 401,
+                    code,
+                    ..
+                }) => {
+                    tracing::info!(%code, "the refresh token was refused; logging in again");
+                    state.refresh_token = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let issued = match issued {
+            Some(issued) => issued,
+            None => {
+                self.login(&token_url, &authorize_url, client_id, open_browser)
+                    .await?
+            }
+        };
+        // A rotated refresh token replaces the old one; otherwise the old one stays.
+        if let Some(refresh_token) = &issued.refresh_token {
+            state.refresh_token = Some(refresh_token.clone());
+        }
+        if let (Some(path), Some(refresh_token)) = (&cache, &state.refresh_token) {
+            write_cache(path, &self.host, client_id, refresh_token)?;
+        }
+        Ok(self.keep_token(
+            &mut state,
+            issued.authorization,
+            issued.access_token,
+            requested_at,
+            issued.lifetime,
+        ))
+    }
+
+    /// One login: prints the address to open (and opens it in a browser unless told not to),
+    /// waits for the redirect with the code, and trades the code for tokens.
+    async fn login(
+        &self,
+        token_url: &Url,
+        authorize_url: &Url,
+        client_id: &str,
+        open_browser: bool,
+    ) -> Result<Issued> {
+        let failed = |what: String| Error::Credential {
+            source_kind: KIND,
+            source: what.into(),
+        };
+        let port = self.redirect_port;
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.map_err(|e| {
+            failed(format!(
+                "cannot listen on localhost:{port} for the login's redirect ({e}): stop what \
+                 uses the port and try again"
+            ))
+        })?;
+        let redirect_uri = format!("http://localhost:{port}");
+        let verifier = random_text(32);
+        let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(sha2::Sha256::digest(verifier.as_bytes()));
+        let state = random_text(16);
+        let mut url = authorize_url.clone();
+        url.query_pairs_mut()
+            .append_pair("response_type", "code")
+            .append_pair("client_id", client_id)
+            .append_pair("redirect_uri", &redirect_uri)
+            .append_pair("scope", SCOPE)
+            .append_pair("state", &state)
+            .append_pair("code_challenge", &challenge)
+            .append_pair("code_challenge_method", "S256");
+        // The address carries no secret: the challenge is a hash, the state is single-use.
+        eprintln!(
+            "To log in to {}, open this address in a browser:\n{url}",
+            self.host
+        );
+        if open_browser && let Err(e) = open::that_detached(url.as_str()) {
+            tracing::debug!(error = %e, "cannot open a browser; the address is printed");
+        }
+        let code = tokio::time::timeout(LOGIN_WAIT, redirect(&listener, &state, &self.host))
+            .await
+            .map_err(|_| {
+                failed(format!(
+                    "nobody finished the login within {} s",
+                    LOGIN_WAIT.as_secs()
+                ))
+            })??;
+        let request = self.client.post(token_url.clone()).form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code.expose_secret()),
+            ("code_verifier", &verifier),
+            ("redirect_uri", &redirect_uri),
+            ("client_id", client_id),
+        ]);
+        self.token_call(token_url, request, Some(&code)).await
+    }
+
+    /// The token endpoint and the authorization endpoint, discovered once.
+    pub(super) async fn oauth_endpoints(&self, state: &mut AuthState) -> Result<(Url, Url)> {
+        let token_url = self.token_url_of(state).await?;
+        let authorize_url = match state
+            .discovery
+            .as_ref()
+            .and_then(|d| d.authorize_url.clone())
+        {
+            Some(url) => url,
+            None => super::parse_url(
+                &format!("{}/oidc/v1/authorize", self.host),
+                Setting::DatabricksHost,
+            )?,
+        };
+        Ok((token_url, authorize_url))
+    }
+
+    /// `<cache dir>/dal/oauth-<host>-<client id>.json`, or `None` without a cache directory.
+    fn token_cache_file(&self, client_id: &str) -> Option<PathBuf> {
+        let dir = self.token_cache_dir.clone().or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .filter(|d| !d.is_empty())
+                        .map(|home| PathBuf::from(home).join(".cache"))
+                })
+                .map(|cache| cache.join("dal"))
+        })?;
+        let name: String = format!("{}-{client_id}", self.host)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Some(dir.join(format!("oauth-{name}.json")))
+    }
+}
+
+/// Waits for the browser's request to the redirect listener and answers it: the code when
+/// the state matches.
+async fn redirect(listener: &TcpListener, state: &str, host: &str) -> Result<SecretString> {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(Ok(target)) = tokio::time::timeout(REQUEST_WAIT, request_target(&mut stream)).await
+        else {
+            continue;
+        };
+        let Ok(url) = Url::parse(&format!("http://localhost{target}")) else {
+            let _ = respond(&mut stream, "400 Bad Request", "Not a login redirect.").await;
+            continue;
+        };
+        let param = |name: &str| {
+            url.query_pairs()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        };
+        if param("state").as_deref() != Some(state) {
+            // Another page's request (say a favicon), or a forged redirect.
+            let _ = respond(&mut stream, "400 Bad Request", "Not this login's redirect.").await;
+            continue;
+        }
+        if let Some(error) = param("error") {
+            let _ = respond(&mut stream, "200 OK", "The login failed; see the program.").await;
+            let description = param("error_description").unwrap_or_default();
+            let text: String = format!("the login was refused: {error}: {description}")
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(300)
+                .collect();
+            return Err(Error::Credential {
+                source_kind: KIND,
+                source: text.into(),
+            });
+        }
+        if let Some(code) = param("code").filter(|c| !c.is_empty()) {
+            let _ = respond(
+                &mut stream,
+                "200 OK",
+                &format!("You are logged in to {host}. You can close this window."),
+            )
+            .await;
+            return Ok(SecretString::from(code));
+        }
+        let _ = respond(&mut stream, "400 Bad Request", "The redirect has no code.").await;
+    }
+}
+
+/// The request target of an HTTP/1 request (`GET <target> HTTP/1.1`).
+async fn request_target(stream: &mut tokio::net::TcpStream) -> std::io::Result<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() + n > MAX_REQUEST {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some("GET"), Some(target)) if target.starts_with('/') => Ok(target.to_owned()),
+        _ => Err(std::io::ErrorKind::InvalidData.into()),
+    }
+}
+
+async fn respond(
+    stream: &mut tokio::net::TcpStream,
+    status: &str,
+    text: &str,
+) -> std::io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// `bytes` random bytes from the operating system, URL-safe base64 without padding.
+fn random_text(bytes: usize) -> String {
+    let mut random = Vec::with_capacity(bytes + 16);
+    while random.len() < bytes {
+        random.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    }
+    random.truncate(bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)
+}
+
+/// The refresh token of the cache file, if there is one. A file others can read is refused:
+/// it would not be the file this source writes.
+fn read_cache(path: &Path) -> Result<Option<SecretString>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let file_error = |what: String| Error::config(Setting::DatabricksTokenCache, what);
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(file_error(format!("cannot read {}: {e}", path.display()))),
+    };
+    if metadata.permissions().mode() & 0o077 != 0 {
+        return Err(file_error(format!(
+            "{} can be read by others: delete it (the next login writes it again, mode 0600)",
+            path.display()
+        )));
+    }
+    let text = std::fs::read(path)
+        .map_err(|e| file_error(format!("cannot read {}: {e}", path.display())))?;
+    // A damaged file is a missing one: the login writes it again.
+    Ok(serde_json::from_slice::<Value>(&text)
+        .ok()
+        .and_then(|v| v.get("refresh_token")?.as_str().map(str::to_owned))
+        .filter(|t| !t.is_empty())
+        .map(SecretString::from))
+}
+
+/// Writes the refresh token to `path`, mode 0600 from the start, in a directory of mode 0700,
+/// replacing the file whole so that a reader never sees half of it.
+fn write_cache(
+    path: &Path,
+    host: &str,
+    client_id: &str,
+    refresh_token: &SecretString,
+) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let file_error = |what: String| Error::config(Setting::DatabricksTokenCache, what);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| file_error(format!("cannot create {}: {e}", dir.display())))?;
+    let body = json!({
+        "host": host,
+        "client_id": client_id,
+        "refresh_token": refresh_token.expose_secret(),
+        "written": chrono::DateTime::<chrono::Utc>::from(SystemTime::now()).to_rfc3339(),
+    });
+    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(body.to_string().as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(file_error(format!("cannot write {}: {e}", path.display())));
+    }
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Workload identity federation: an OIDC ID token from the environment, a file or GitHub
+//! Actions, traded for a workspace token at the workspace's token endpoint (RFC 8693 token
+//! exchange), as the Databricks SDKs' `env-oidc`, `file-oidc` and `github-oidc` do it.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use reqwest::header::{ACCEPT, AUTHORIZATION};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use super::{KIND, Lakebase, parse_json, parse_url, sensitive_header};
+use crate::error::{Error, Result, Setting};
+
+/// The grant of an RFC 8693 token exchange.
+pub(super) const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// The type of the token traded: a JWT, as every OIDC ID token is.
+pub(super) const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+/// Where the OIDC ID token of workload identity federation comes from. A new one is read
+/// each time the workspace token is renewed, so that rotated ID tokens are picked up.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum IdTokenSource {
+    /// The environment variable of this name (`DATABRICKS_OIDC_TOKEN`, or the one
+    /// `DATABRICKS_OIDC_TOKEN_ENV` names): Databricks' `env-oidc`.
+    Env(String),
+    /// This file, read whole and trimmed (`DATABRICKS_OIDC_TOKEN_FILEPATH`): `file-oidc`,
+    /// such as a Kubernetes projected service account token.
+    File(PathBuf),
+    /// The GitHub Actions ID token service: `GET <ACTIONS_ID_TOKEN_REQUEST_URL>&audience=<aud>`
+    /// with `Authorization: Bearer <ACTIONS_ID_TOKEN_REQUEST_TOKEN>`, answering
+    /// `{"value": "<jwt>"}`: `github-oidc`.
+    GitHubActions {
+        /// `ACTIONS_ID_TOKEN_REQUEST_URL`.
+        request_url: String,
+        /// `ACTIONS_ID_TOKEN_REQUEST_TOKEN`.
+        request_token: SecretString,
+    },
+}
+
+impl IdTokenSource {
+    /// Databricks' `auth_type` of federation with this source.
+    pub(super) fn auth_type(&self) -> &'static str {
+        match self {
+            IdTokenSource::Env(_) => "env-oidc",
+            IdTokenSource::File(_) => "file-oidc",
+            IdTokenSource::GitHubActions { .. } => "github-oidc",
+        }
+    }
+
+    /// Checks what can be checked before the first call.
+    pub(super) fn validate(&self) -> Result<()> {
+        match self {
+            IdTokenSource::Env(name) if name.is_empty() || name.contains('=') => {
+                Err(Error::config(
+                    Setting::DatabricksOidcToken,
+                    "must name an environment variable",
+                ))
+            }
+            IdTokenSource::File(path) if path.as_os_str().is_empty() => Err(Error::config(
+                Setting::DatabricksOidcTokenFilepath,
+                "must not be empty",
+            )),
+            IdTokenSource::GitHubActions {
+                request_url,
+                request_token,
+            } => {
+                parse_url(request_url, Setting::ActionsIdTokenRequestUrl)?;
+                if request_token.expose_secret().is_empty() {
+                    return Err(Error::config(
+                        Setting::ActionsIdTokenRequestToken,
+                        "must not be empty",
+                    ));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Debug for IdTokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdTokenSource::Env(name) => f.debug_tuple("Env").field(name).finish(),
+            IdTokenSource::File(path) => f.debug_tuple("File").field(path).finish(),
+            IdTokenSource::GitHubActions { request_url, .. } => f
+                .debug_struct("GitHubActions")
+                // The URL carries the run's identity in its query; the path says enough.
+                .field(
+                    "request_url",
+                    &reqwest::Url::parse(request_url)
+                        .map(|u| super::endpoint_of(&u))
+                        .unwrap_or_default(),
+                )
+                .field("request_token", &super::REDACTED)
+                .finish(),
+        }
+    }
+}
+
+impl Lakebase {
+    /// A new ID token for `audience` from `source`.
+    pub(super) async fn id_token(
+        &self,
+        source: &IdTokenSource,
+        audience: &str,
+    ) -> Result<SecretString> {
+        let failed = |what: String| Error::Credential {
+            source_kind: KIND,
+            source: what.into(),
+        };
+        let token = match source {
+            IdTokenSource::Env(name) => std::env::var(name).map_err(|_| {
+                Error::config(
+                    Setting::DatabricksOidcToken,
+                    format!("{name} is not set (or not Unicode): it must hold the OIDC ID token"),
+                )
+            })?,
+            IdTokenSource::File(path) => tokio::fs::read_to_string(path).await.map_err(|e| {
+                Error::config(
+                    Setting::DatabricksOidcTokenFilepath,
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?,
+            IdTokenSource::GitHubActions {
+                request_url,
+                request_token,
+            } => {
+                let mut url = parse_url(request_url, Setting::ActionsIdTokenRequestUrl)?;
+                url.query_pairs_mut().append_pair("audience", audience);
+                let shown = super::endpoint_of(&url);
+                let header = sensitive_header(&format!("Bearer {}", request_token.expose_secret()))
+                    .ok_or_else(|| {
+                        Error::config(
+                            Setting::ActionsIdTokenRequestToken,
+                            super::PAT_HEADER_REASON,
+                        )
+                    })?;
+                let request = self
+                    .client
+                    .get(url)
+                    .header(AUTHORIZATION, header)
+                    .header(ACCEPT, "application/json");
+                let reply = self.send(&shown, request).await?;
+                if !reply.status.is_success() {
+                    return Err(self.http_error(&shown, &reply, Some(request_token)));
+                }
+                parse_json(&shown, &reply.body)?
+                    .get("value")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| super::malformed(&shown, "the answer has no value"))?
+            }
+        };
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(failed(format!(
+                "the OIDC ID token of {} is empty",
+                source.auth_type()
+            )));
+        }
+        Ok(SecretString::from(token.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_neither_the_request_token_nor_the_query() {
+        let source = IdTokenSource::GitHubActions {
+            request_url: "https://pipelines.example/idtoken?run=secret-run".into(),
+            request_token: SecretString::from("gh-request-token"),
+        };
+        let shown = format!("{source:?}");
+        assert!(
+            shown.contains("https://pipelines.example/idtoken"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("gh-request-token") && !shown.contains("secret-run"),
+            "{shown}"
+        );
+    }
+}
