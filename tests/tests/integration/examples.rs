@@ -1307,6 +1307,9 @@ async fn a_user_logs_in_with_a_browser_once() {
             ("HOME", home.path().display().to_string()),
         ])
         .collect();
+    // Every log line, so that the absence of tokens below means something.
+    let mut env: Vec<(&str, String)> = env.into_iter().filter(|(k, _)| *k != "RUST_LOG").collect();
+    env.push(("RUST_LOG", "trace".to_owned()));
     let browser = tests::http();
     // One run that logs in through the printed address.
     let login = async |env: &[(&str, String)]| {
@@ -1357,6 +1360,14 @@ async fn a_user_logs_in_with_a_browser_once() {
     assert!(
         !output.contains(&refresh_token),
         "the refresh token leaked: {output}"
+    );
+    assert!(
+        !output.contains("Bearer "),
+        "an Authorization header leaked: {output}"
+    );
+    assert!(
+        output.contains("TRACE"),
+        "TRACE lines were printed: {output}"
     );
 
     // The next run: the refresh token, no login.

@@ -127,6 +127,37 @@ async fn no_secret_appears_in_logs_debug_display_or_errors() {
         .unwrap();
     shown.push(format!("{err} {err:?} {}", chain(&err)));
 
+    // Workload identity federation: an ID token from a file, and one from the GitHub
+    // Actions-like service with its request token.
+    let id_token = lb.id_token(&lb.token_url());
+    secrets.push(id_token.clone());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("id-token"), &id_token).unwrap();
+    let [(_, request_url), (_, request_token)] = lb.github_actions_env();
+    secrets.push(request_token.clone());
+    for id_token in [
+        dal::credentials::IdTokenSource::File(dir.path().join("id-token")),
+        dal::credentials::IdTokenSource::GitHubActions {
+            request_url,
+            request_token: request_token.into(),
+        },
+    ] {
+        let source = dal::credentials::Lakebase::new(
+            &lb.url(),
+            dal::credentials::WorkspaceAuth::Federated {
+                client_id: Some(lb.config().client_id.clone()),
+                id_token,
+            },
+            dal::credentials::LakebaseTarget::Autoscaling {
+                endpoint: lb.config().endpoint.clone(),
+            },
+        )
+        .unwrap();
+        let token = source.fetch().await.unwrap();
+        secrets.push(token.expose().to_owned());
+        shown.push(format!("{source:?} {token:?}"));
+    }
+
     // A URL with a password in it, valid and malformed.
     let url_password = "url-password-5555";
     secrets.push(url_password.to_owned());
