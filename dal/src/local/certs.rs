@@ -2,6 +2,10 @@
 
 use super::error::{Error, Result};
 
+/// The last octets of the loopback addresses (`127.0.0.<n>`) that branch endpoints of the
+/// local Lakebase listen on, each with the cluster's port; the server certificate names them.
+pub(crate) const BRANCH_HOSTS: std::ops::RangeInclusive<u8> = 2..=63;
+
 /// PEM texts of a fresh CA and a server certificate it signed.
 pub(crate) struct ServerCerts {
     pub(crate) ca_pem: String,
@@ -32,12 +36,16 @@ pub(crate) fn generate() -> Result<ServerCerts> {
     let ca_cert = ca.self_signed(&ca_key).map_err(fail)?;
 
     let key = KeyPair::generate().map_err(fail)?;
-    let mut server = CertificateParams::new(vec![
+    // The loopback addresses of the local Lakebase's branch endpoints too.
+    let names: Vec<String> = [
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
         "::1".to_owned(),
-    ])
-    .map_err(fail)?;
+    ]
+    .into_iter()
+    .chain(BRANCH_HOSTS.map(|n| format!("127.0.0.{n}")))
+    .collect();
+    let mut server = CertificateParams::new(names).map_err(fail)?;
     server
         .distinguished_name
         .push(DnType::CommonName, "localhost");
@@ -50,4 +58,56 @@ pub(crate) fn generate() -> Result<ServerCerts> {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })
+}
+
+/// The TLS configuration of a front that answers with the cluster's own certificate.
+pub(crate) fn server_tls(
+    pg: &super::LocalPostgres,
+) -> Result<std::sync::Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let data = pg.root().join("data");
+    let read = |name: &str| {
+        let path = data.join(name);
+        std::fs::read(&path).map_err(Error::io(&path))
+    };
+    let bad = |e: &dyn std::fmt::Display| {
+        Error::local(format!("cannot use the server's certificate: {e}"))
+    };
+    let certs = CertificateDer::pem_slice_iter(&read("server.crt")?)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))?;
+    let key = PrivateKeyDer::from_pem_slice(&read("server.key")?).map_err(|e| bad(&e))?;
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(&e))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| bad(&e))?;
+    Ok(std::sync::Arc::new(tls))
+}
+
+/// The TLS configuration of a client of the cluster that trusts its CA only.
+pub(crate) fn client_tls(
+    pg: &super::LocalPostgres,
+) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let path = pg.ca_cert_path();
+    let pem = std::fs::read(&path).map_err(Error::io(&path))?;
+    let bad = |e: &dyn std::fmt::Display| Error::local(format!("cannot use the cluster's CA: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(&e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(std::sync::Arc::new(tls))
 }

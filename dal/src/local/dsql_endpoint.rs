@@ -15,8 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use governor::{DefaultDirectRateLimiter, Quota};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -108,26 +106,7 @@ impl LocalDsqlEndpoint {
         host: &'static str,
         region: &'static str,
     ) -> Result<Self> {
-        let data = pg.root().join("data");
-        let read = |name: &str| {
-            let path = data.join(name);
-            std::fs::read(&path).map_err(Error::io(&path))
-        };
-        let bad = |e: &dyn std::fmt::Display| {
-            Error::local(format!("cannot use the server's certificate: {e}"))
-        };
-        let certs = CertificateDer::pem_slice_iter(&read("server.crt")?)
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| bad(&e))?;
-        let key = PrivateKeyDer::from_pem_slice(&read("server.key")?).map_err(|e| bad(&e))?;
-        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(&e))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| bad(&e))?;
+        let tls = super::certs::server_tls(pg)?;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| Error::local(format!("cannot bind the DSQL endpoint: {e}")))?;
@@ -136,7 +115,7 @@ impl LocalDsqlEndpoint {
             .map_err(|e| Error::local(format!("cannot bind the DSQL endpoint: {e}")))?;
         let shared = Arc::new(Shared {
             upstream: SocketAddr::from(([127, 0, 0, 1], pg.port())),
-            tls: TlsAcceptor::from(Arc::new(tls)),
+            tls: TlsAcceptor::from(tls),
             rate: Mutex::new(None),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),

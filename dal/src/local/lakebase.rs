@@ -26,6 +26,7 @@ use super::LocalPostgres;
 use super::error::{Error, Result};
 use super::token_login::Tokens;
 
+mod branches;
 mod oauth;
 
 /// The longest lifetime accepted for a token, so that expiry times stay within what
@@ -58,6 +59,9 @@ pub struct LocalLakebaseConfig {
     pub endpoint: String,
     /// The Provisioned instance name. Defaults to `local-instance`.
     pub instance: String,
+    /// The database that holds the data of the endpoint's branch, the project's default
+    /// branch: what new branches copy. Defaults to `databricks_postgres`.
+    pub database: String,
     /// The workspace id served by discovery. Defaults to a random 16-digit number.
     pub workspace_id: String,
     /// How long a database credential stays valid for new logins. Defaults to 60 s.
@@ -83,6 +87,7 @@ impl Default for LocalLakebaseConfig {
             pat: None,
             endpoint: "projects/local/branches/production/endpoints/primary".into(),
             instance: "local-instance".into(),
+            database: "databricks_postgres".into(),
             workspace_id: (1_000_000_000_000_000
                 + uuid::Uuid::new_v4().as_u128() % 9_000_000_000_000_000)
                 .to_string(),
@@ -103,6 +108,7 @@ impl fmt::Debug for LocalLakebaseConfig {
             .field("role", &self.role)
             .field("endpoint", &self.endpoint)
             .field("instance", &self.instance)
+            .field("database", &self.database)
             .field("workspace_id", &self.workspace_id)
             .field("token_ttl", &self.token_ttl)
             .field("oauth_ttl", &self.oauth_ttl)
@@ -155,6 +161,14 @@ impl LocalLakebaseConfig {
         self
     }
 
+    /// Sets the database of the default branch, which new branches copy. Defaults to
+    /// `databricks_postgres`.
+    #[must_use]
+    pub fn with_database(mut self, database: impl Into<String>) -> Self {
+        self.database = database.into();
+        self
+    }
+
     /// Sets the workspace id. Defaults to a random 16-digit number.
     #[must_use]
     pub fn with_workspace_id(mut self, workspace_id: impl Into<String>) -> Self {
@@ -202,6 +216,12 @@ impl LocalLakebaseConfig {
         if self.instance.is_empty() {
             return Err(Error::config(field("instance"), "must be non-empty"));
         }
+        if self.database.is_empty() || self.database.len() > 63 {
+            return Err(Error::config(
+                field("database"),
+                "must be a PostgreSQL database name: 1 to 63 bytes",
+            ));
+        }
         if self.workspace_id.is_empty() {
             return Err(Error::config(field("workspace_id"), "must be non-empty"));
         }
@@ -237,7 +257,16 @@ fn is_endpoint_path(path: &str) -> bool {
 /// - `GET /api/2.0/postgres/{endpoint}` (`status.hosts.host`) and
 ///   `GET /api/2.0/database/instances/{name}` (`read_write_dns`): the database host,
 ///   `localhost`;
-/// - `GET /api/2.0/preview/scim/v2/Me`: the current user, whose `userName` is the role.
+/// - `GET /api/2.0/preview/scim/v2/Me`: the current user, whose `userName` is the role;
+/// - the Management API of projects, branches and endpoints (`/api/2.0/postgres/projects/...`:
+///   list, get, create and delete, with long-running operations): a branch is a copy of its
+///   source branch's database, served by an endpoint of its own on `127.0.0.<n>` with the
+///   cluster's port (see [`LocalLakebaseConfig::database`]);
+/// - a user's login (`GET /oidc/v1/authorize`, PKCE S256, for the public `databricks-cli`
+///   client: the user is taken as signed in and consenting), the `authorization_code` and
+///   `refresh_token` grants (refresh tokens rotate), and workload identity federation (the
+///   token exchange grant) of ID tokens from its own identity provider
+///   ([`id_token`](Self::id_token), [`github_actions_env`](Self::github_actions_env)).
 ///
 /// Every database credential it mints logs in as the configured role until the credential
 /// expires, however many were minted since, as on Lakebase: PostgreSQL checks it at login
@@ -288,6 +317,9 @@ struct Shared {
     credential_requests: AtomicUsize,
     stopping: watch::Receiver<bool>,
     oauth: oauth::OAuthState,
+    /// Projects, branches and endpoints.
+    model: Mutex<branches::Model>,
+    cluster: branches::Cluster,
 }
 
 impl fmt::Debug for LocalLakebase {
@@ -337,6 +369,13 @@ impl LocalLakebase {
             credential_requests: AtomicUsize::new(0),
             stopping: stopping.clone(),
             oauth: oauth::OAuthState::new(),
+            model: Mutex::new(branches::Model::new(&config.endpoint, &config.database)),
+            cluster: branches::Cluster {
+                admin: pg.admin_access(),
+                port: pg.port(),
+                server_tls: tokio_rustls::TlsAcceptor::from(super::certs::server_tls(pg)?),
+                client_tls: tokio_rustls::TlsConnector::from(super::certs::client_tls(pg)?),
+            },
             config,
         });
         let router = Router::new()
@@ -356,7 +395,12 @@ impl LocalLakebase {
                 "/api/2.0/database/credentials",
                 post(provisioned_credential),
             )
-            .route("/api/2.0/postgres/{*name}", get(endpoint))
+            .route(
+                "/api/2.0/postgres/{*name}",
+                get(branches::get)
+                    .post(branches::post)
+                    .delete(branches::delete),
+            )
             .route("/api/2.0/preview/scim/v2/Me", get(current_user))
             .route("/api/2.0/database/instances/{name}", get(instance))
             .fallback(not_found)
@@ -396,9 +440,22 @@ impl LocalLakebase {
     /// endpoint), over TLS verified against `pg`'s CA: what a Lakebase user configures, on
     /// this machine.
     pub fn client_config(&self, pg: &LocalPostgres, database: &str) -> Result<crate::Config> {
+        let config = &self.shared.config;
+        let source = self.source()?;
+        Ok(crate::Config::new(pg.host(), &config.role)
+            .port(pg.port())
+            .database(database)
+            .ssl_root_cert(pg.ca_cert_path())
+            .credentials(crate::Credentials::source(source)))
+    }
+
+    /// A Lakebase credential source for the configured endpoint, signing in as the
+    /// configured service principal: what [`client_config`](Self::client_config) uses, and
+    /// what a [`Management`](crate::credentials::Management) client takes.
+    pub fn source(&self) -> Result<crate::credentials::Lakebase> {
         use crate::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
         let config = &self.shared.config;
-        let source = Lakebase::new(
+        Ok(Lakebase::new(
             &self.url(),
             WorkspaceAuth::ClientCredentials {
                 client_id: config.client_id.clone(),
@@ -408,12 +465,7 @@ impl LocalLakebase {
             LakebaseTarget::Autoscaling {
                 endpoint: config.endpoint.clone(),
             },
-        )?;
-        Ok(crate::Config::new(pg.host(), &config.role)
-            .port(pg.port())
-            .database(database)
-            .ssl_root_cert(pg.ca_cert_path())
-            .credentials(crate::Credentials::source(source)))
+        )?)
     }
 
     /// The address the service listens on.
@@ -782,35 +834,6 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 /// The database host the endpoint and instance APIs answer: the cluster's, on loopback.
 const DATABASE_HOST: &str = "localhost";
 
-/// `GET /api/2.0/postgres/{endpoint}`: the endpoint, with the host to connect to.
-async fn endpoint(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    axum::extract::Path(name): axum::extract::Path<String>,
-) -> Response {
-    if !shared.authorized(&headers) {
-        return unauthenticated();
-    }
-    if name != shared.config.endpoint {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            &format!("Endpoint '{name}' does not exist."),
-        );
-    }
-    let parent = name.rsplitn(3, '/').nth(2).unwrap_or_default();
-    Json(json!({
-        "name": name,
-        "parent": parent,
-        "status": {
-            "current_state": "ACTIVE",
-            "endpoint_type": "ENDPOINT_TYPE_READ_WRITE",
-            "hosts": { "host": DATABASE_HOST },
-        },
-    }))
-    .into_response()
-}
-
 /// `GET /api/2.0/preview/scim/v2/Me`: the user the bearer token belongs to, whose user name
 /// is the role the credentials log in as.
 async fn current_user(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
@@ -873,7 +896,12 @@ async fn autoscaling_credential(
             "Missing required field: endpoint",
         );
     };
-    if endpoint != shared.config.endpoint {
+    let known = shared
+        .model
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .has_endpoint(&endpoint);
+    if !known {
         return if is_endpoint_path(&endpoint) {
             api_error(
                 StatusCode::NOT_FOUND,

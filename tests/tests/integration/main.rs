@@ -1,6 +1,7 @@
 //! Integration tests of dal against PostgreSQL servers the tests start themselves, linked
 //! into one test binary: one module per subject.
 
+mod branches;
 mod dsql;
 mod examples;
 mod fault_suite;

@@ -21,8 +21,10 @@ use crate::error::{Error, Result, Setting};
 
 mod browser;
 mod federation;
+mod management;
 
 pub use federation::IdTokenSource;
+pub use management::{Branch, Endpoint, Management, Operation, TemporaryBranch};
 
 const KIND: &str = "lakebase";
 const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -251,7 +253,7 @@ pub struct Lakebase {
     client: reqwest::Client,
     /// Held across discovery and the token call, so that concurrent callers wait for one
     /// refresh instead of each starting their own.
-    state: Mutex<AuthState>,
+    state: Arc<Mutex<AuthState>>,
 }
 
 impl fmt::Debug for Lakebase {
@@ -400,7 +402,7 @@ impl Lakebase {
             token_cache_dir: None,
             redirect_port: browser::DEFAULT_REDIRECT_PORT,
             client,
-            state: Mutex::new(AuthState::default()),
+            state: Arc::new(Mutex::new(AuthState::default())),
         })
     }
 
@@ -549,6 +551,43 @@ impl Lakebase {
         Ok(self)
     }
 
+    /// The same workspace, authentication and settings for another database: the workspace
+    /// token (and a user login) is shared with this source.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a malformed target, or a Provisioned one while this source asks
+    /// for a `ttl` or `claims`.
+    pub fn for_target(&self, target: LakebaseTarget) -> Result<Self> {
+        validate_target(&target)?;
+        let source = Self {
+            host: self.host.clone(),
+            auth: self.auth.clone(),
+            target,
+            token_url: self.token_url.clone(),
+            workspace_id: self.workspace_id.clone(),
+            http_timeout: self.http_timeout,
+            clock: Arc::clone(&self.clock),
+            user_agent: self.user_agent.clone(),
+            ttl: self.ttl,
+            cli_path: self.cli_path.clone(),
+            discovery_url: self.discovery_url.clone(),
+            claims: self.claims.clone(),
+            token_audience: self.token_audience.clone(),
+            token_cache_dir: self.token_cache_dir.clone(),
+            redirect_port: self.redirect_port,
+            client: self.client.clone(),
+            state: Arc::clone(&self.state),
+        };
+        if source.ttl.is_some() {
+            source.autoscaling_only(Setting::LakebaseCredentialTtl)?;
+        }
+        if !source.claims.is_empty() {
+            source.autoscaling_only(Setting::LakebaseClaims)?;
+        }
+        Ok(source)
+    }
+
     fn autoscaling_only(&self, setting: Setting) -> Result<()> {
         match self.target {
             LakebaseTarget::Autoscaling { .. } => Ok(()),
@@ -570,25 +609,16 @@ impl Lakebase {
     /// As a credential call: [`Error::Http`] for an answer other than 200, naming the URL;
     /// [`Error::HttpTransport`] when the answer has no host.
     pub async fn endpoint_host(&self) -> Result<String> {
-        // Each name escaped, so that none can reach another path.
-        let segment = |s: &str| {
-            const KEEP: &percent_encoding::AsciiSet =
-                &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_');
-            percent_encoding::utf8_percent_encode(s, KEEP).to_string()
-        };
         let (url, pointer) = match &self.target {
-            LakebaseTarget::Autoscaling { endpoint } => {
-                let path: Vec<String> = endpoint.split('/').map(segment).collect();
-                (
-                    format!("{}/api/2.0/postgres/{}", self.host, path.join("/")),
-                    "/status/hosts/host",
-                )
-            }
+            LakebaseTarget::Autoscaling { endpoint } => (
+                format!("{}/api/2.0/postgres/{}", self.host, resource_path(endpoint)),
+                "/status/hosts/host",
+            ),
             LakebaseTarget::Provisioned { instance } => (
                 format!(
                     "{}/api/2.0/database/instances/{}",
                     self.host,
-                    segment(instance)
+                    resource_path(instance)
                 ),
                 "/read_write_dns",
             ),
@@ -1293,6 +1323,17 @@ impl CredentialSource for Lakebase {
             }
         })
     }
+}
+
+/// A resource name as a URL path: each segment escaped, so that none can reach another path.
+fn resource_path(name: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+    let segments: Vec<String> = name
+        .split('/')
+        .map(|s| percent_encoding::utf8_percent_encode(s, KEEP).to_string())
+        .collect();
+    segments.join("/")
 }
 
 /// The renewal margin of a workspace token with this lifetime: a minute, or a tenth of the

@@ -1,0 +1,101 @@
+//! A branch per test on the local service's model of Lakebase Autoscaling projects: created
+//! from the default branch, migrated and queried through its own endpoint, deleted, and
+//! nothing left behind.
+
+use std::time::Duration;
+
+use dal::Connector;
+use dal::credentials::{Management, TemporaryBranch};
+use dal::local::{LocalLakebase, LocalLakebaseConfig};
+use sea_orm::{ConnectionTrait, Statement};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_test_gets_a_branch_of_its_own_and_leaves_nothing_behind() {
+    let pg = tests::server().await;
+    let lb = LocalLakebase::start(
+        &pg,
+        LocalLakebaseConfig::new()
+            .with_database("trunk")
+            .with_token_ttl(Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
+    pg.create_database("trunk", Some(&lb.config().role))
+        .await
+        .unwrap();
+    let api = Management::new(lb.source().unwrap());
+    let project = "projects/local";
+    let before = api.list_branches(project).await.unwrap();
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert!(before[0].default);
+
+    let branch = TemporaryBranch::create(&api, project, None).await.unwrap();
+    assert_eq!(
+        api.get_branch(branch.branch())
+            .await
+            .unwrap()
+            .state
+            .as_deref(),
+        Some("READY")
+    );
+    let host = branch.endpoint().host.clone().unwrap();
+    assert_ne!(host, "localhost", "the branch has an endpoint of its own");
+
+    // Migrations and a query on the branch, through its endpoint, with the same database name.
+    let connector = Connector::new(
+        branch
+            .config(&lb.client_config(&pg, "trunk").unwrap())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    <migration::Migrator as migration::MigratorTrait>::up(&db, None)
+        .await
+        .unwrap();
+    let tables = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT current_database() AS db, count(*)::bigint AS n FROM pg_tables \
+             WHERE schemaname = 'public'",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let on_branch: i64 = tables.try_get("", "n").unwrap();
+    assert!(on_branch > 1, "the migrations created tables on the branch");
+    let copy: String = tables.try_get("", "db").unwrap();
+    assert_ne!(copy, "trunk", "the session runs on the branch's copy");
+    tests::seaorm_round_trip(&db, "branch").await;
+    // The default branch did not change.
+    let trunk = pg.admin("trunk").await.unwrap();
+    let on_trunk: i64 = trunk
+        .query_one(
+            "SELECT count(*)::bigint FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_trunk, 0, "the branch's migrations stayed on the branch");
+    drop(db);
+    connector.shutdown().await;
+
+    let name = branch.branch().to_owned();
+    branch.delete().await.unwrap();
+    let after = api.list_branches(project).await.unwrap();
+    assert_eq!(after, before, "the branch is gone");
+    assert!(api.get_branch(&name).await.is_err());
+    let admin = pg.admin("postgres").await.unwrap();
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*)::bigint FROM pg_database WHERE datname <> ALL($1)",
+            &[&vec!["postgres", "template0", "template1", "trunk"]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "no database is left behind");
+    let refused = tokio::net::TcpStream::connect((host.as_str(), pg.port())).await;
+    assert!(refused.is_err(), "the endpoint stopped listening");
+}
