@@ -75,6 +75,8 @@ pub enum Setting {
     ActionsIdTokenRequestToken,
     /// Where a user login keeps its refresh token: `Lakebase::with_token_cache_dir`.
     DatabricksTokenCache,
+    /// The Lakebase Data API's URL: `DataApi::new`.
+    DataApiUrl,
     /// The host of a read-only endpoint beside the primary, `DAL_READ_ONLY_HOST`.
     ReadOnlyHost,
     /// The kind of server: `Config::target`.
@@ -155,6 +157,7 @@ impl Setting {
             Setting::ActionsIdTokenRequestUrl => "ACTIONS_ID_TOKEN_REQUEST_URL",
             Setting::ActionsIdTokenRequestToken => "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
             Setting::DatabricksTokenCache => "the Databricks token cache file",
+            Setting::DataApiUrl => "the Data API URL",
             Setting::ReadOnlyHost => "DAL_READ_ONLY_HOST",
             Setting::Target => "target",
             Setting::Credentials => "credentials",

@@ -76,6 +76,16 @@
 mod config;
 mod connector;
 pub mod credentials;
+/// Lakebase's platform APIs beside its credentials: the Management API of projects,
+/// branches and endpoints ([`Management`](lakebase::Management)), a branch per test
+/// ([`TemporaryBranch`](lakebase::TemporaryBranch)), and the PostgREST-compatible Data API
+/// ([`DataApi`](lakebase::DataApi)).
+#[cfg(feature = "lakebase")]
+pub mod lakebase {
+    pub use crate::credentials::lakebase::{
+        Branch, DataApi, DataQuery, Endpoint, Management, Operation, TemporaryBranch,
+    };
+}
 mod error;
 pub mod expect;
 #[cfg(feature = "local")]

@@ -9,16 +9,13 @@ mod custom;
 #[cfg(feature = "dsql")]
 mod dsql;
 #[cfg(feature = "lakebase")]
-mod lakebase;
+pub(crate) mod lakebase;
 mod source;
 mod static_password;
 
 #[cfg(feature = "dsql")]
 pub use dsql::Dsql;
 #[cfg(feature = "lakebase")]
-pub use lakebase::{
-    Branch, Claim, Endpoint, IdTokenSource, Lakebase, LakebaseTarget, Management, Operation,
-    TemporaryBranch, WorkspaceAuth,
-};
+pub use lakebase::{Claim, IdTokenSource, Lakebase, LakebaseTarget, WorkspaceAuth};
 pub use source::{BoxFuture, Clock, CredentialSource, SystemClock, Token};
 pub use static_password::StaticPassword;

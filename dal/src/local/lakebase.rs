@@ -27,6 +27,7 @@ use super::error::{Error, Result};
 use super::token_login::Tokens;
 
 mod branches;
+mod data_api;
 mod oauth;
 
 /// The longest lifetime accepted for a token, so that expiry times stay within what
@@ -370,11 +371,15 @@ impl LocalLakebase {
             stopping: stopping.clone(),
             oauth: oauth::OAuthState::new(),
             model: Mutex::new(branches::Model::new(&config.endpoint, &config.database)),
-            cluster: branches::Cluster {
-                admin: pg.admin_access(),
-                port: pg.port(),
-                server_tls: tokio_rustls::TlsAcceptor::from(super::certs::server_tls(pg)?),
-                client_tls: tokio_rustls::TlsConnector::from(super::certs::client_tls(pg)?),
+            cluster: {
+                let client_config = super::certs::client_tls(pg)?;
+                branches::Cluster {
+                    admin: pg.admin_access(),
+                    port: pg.port(),
+                    server_tls: tokio_rustls::TlsAcceptor::from(super::certs::server_tls(pg)?),
+                    client_tls: tokio_rustls::TlsConnector::from(Arc::clone(&client_config)),
+                    client_config,
+                }
             },
             config,
         });
@@ -402,6 +407,10 @@ impl LocalLakebase {
                     .delete(branches::delete),
             )
             .route("/api/2.0/preview/scim/v2/Me", get(current_user))
+            .route(
+                "/data-api/{database}/{table}",
+                axum::routing::any(data_api::handle),
+            )
             .route("/api/2.0/database/instances/{name}", get(instance))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
@@ -451,7 +460,7 @@ impl LocalLakebase {
 
     /// A Lakebase credential source for the configured endpoint, signing in as the
     /// configured service principal: what [`client_config`](Self::client_config) uses, and
-    /// what a [`Management`](crate::credentials::Management) client takes.
+    /// what a [`Management`](crate::lakebase::Management) client takes.
     pub fn source(&self) -> Result<crate::credentials::Lakebase> {
         use crate::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
         let config = &self.shared.config;
@@ -471,6 +480,13 @@ impl LocalLakebase {
     /// The address the service listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The Data API of `database`, `<url>/data-api/<database>`: a PostgREST-compatible subset
+    /// over its `public` tables, authenticated with a database credential of the role as
+    /// bearer token (see [`DataApi`](crate::lakebase::DataApi)).
+    pub fn data_api_url(&self, database: &str) -> String {
+        format!("{}/data-api/{database}", self.shared.base)
     }
 
     /// The OAuth token endpoint, `<url>/oidc/v1/token`.
@@ -1035,7 +1051,7 @@ mod tests {
             "LocalLakebaseConfig { client_id: \"app-id\", client_secret: \"** redacted **\", \
              pat: Some(\"** redacted **\"), role: \"app\", \
              endpoint: \"projects/local/branches/production/endpoints/primary\", \
-             instance: \"local-instance\", workspace_id: \"42\", token_ttl: 60s, oauth_ttl: 3600s, \
+             instance: \"local-instance\", database: \"databricks_postgres\", workspace_id: \"42\", token_ttl: 60s, oauth_ttl: 3600s, \
              federated_subject: \"repo:local/app:ref:refs/heads/main\", \
              actions_request_token: \"** redacted **\" }"
         );

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dal::Connector;
-use dal::credentials::{Management, TemporaryBranch};
+use dal::lakebase::{Management, TemporaryBranch};
 use dal::local::{LocalLakebase, LocalLakebaseConfig};
 use sea_orm::{ConnectionTrait, Statement};
 

@@ -2,6 +2,7 @@
 //! into one test binary: one module per subject.
 
 mod branches;
+mod data_api;
 mod dsql;
 mod examples;
 mod fault_suite;

@@ -71,7 +71,7 @@ pub struct Operation {
 ///
 /// ```no_run
 /// # async fn demo(source: dal::credentials::Lakebase) -> dal::Result<()> {
-/// use dal::credentials::Management;
+/// use dal::lakebase::Management;
 /// let api = Management::new(source);
 /// for branch in api.list_branches("projects/shop").await? {
 ///     println!("{} {:?}", branch.name, branch.state);
@@ -395,7 +395,7 @@ fn operation(path: &str, value: &Value) -> Result<Operation> {
 ///
 /// ```no_run
 /// # async fn demo(source: dal::credentials::Lakebase, base: dal::Config) -> dal::Result<()> {
-/// use dal::credentials::{Management, TemporaryBranch};
+/// use dal::lakebase::{Management, TemporaryBranch};
 /// let api = Management::new(source);
 /// let branch = TemporaryBranch::create(&api, "projects/shop", None).await?;
 /// let connector = dal::Connector::new(branch.config(&base)?).await?;

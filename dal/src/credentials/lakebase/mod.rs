@@ -20,9 +20,11 @@ use crate::credentials::source::{BoxFuture, Clock, CredentialSource, SystemClock
 use crate::error::{Error, Result, Setting};
 
 mod browser;
+mod data_api;
 mod federation;
 mod management;
 
+pub use data_api::{DataApi, DataQuery};
 pub use federation::IdTokenSource;
 pub use management::{Branch, Endpoint, Management, Operation, TemporaryBranch};
 

@@ -40,6 +40,7 @@ pub(super) struct Cluster {
     pub(super) port: u16,
     pub(super) server_tls: tokio_rustls::TlsAcceptor,
     pub(super) client_tls: tokio_rustls::TlsConnector,
+    pub(super) client_config: Arc<rustls::ClientConfig>,
 }
 
 #[derive(Default)]

@@ -1,0 +1,284 @@
+//! A client of the Lakebase Data API: PostgREST-compatible HTTPS access to a database's
+//! tables, authenticated with the database credentials of a [`TokenCache`], the same tokens
+//! the pools log in with.
+//!
+//! The request syntax is PostgREST's (the Lakebase Data API documents itself as compatible
+//! with the PostgREST specification): `GET /{table}?select=a,b&col=eq.v&order=a.desc&limit=n`,
+//! `POST /{table}` with a JSON object or array, `PATCH` and `DELETE` with the same filters,
+//! `Prefer: return=representation` to get the written rows back, and errors as
+//! `{"code", "message", "details", "hint"}`.
+
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use reqwest::{Method, Url};
+use serde_json::Value;
+
+use super::{build_client, endpoint_of, is_loopback, parse_url, sensitive_header};
+use crate::error::{Error, Result, Setting};
+use crate::token_cache::TokenCache;
+
+/// A client of one database's Data API.
+///
+/// ```no_run
+/// # async fn demo(connector: dal::Connector) -> dal::Result<()> {
+/// use dal::lakebase::DataApi;
+/// let api = DataApi::new(
+///     "https://ep-cool-name-123456.database.us-east-1.cloud.databricks.com/api/2.0/workspace/1234/rest/databricks_postgres",
+///     connector.cache().clone(),
+/// )?;
+/// let recent = api
+///     .from("customer")
+///     .select(&["id", "email"])
+///     .eq("name", "Ada")
+///     .order("created_at", false)
+///     .limit(10)
+///     .get()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct DataApi {
+    url: Url,
+    cache: TokenCache,
+    client: reqwest::Client,
+    user_agent: String,
+}
+
+impl std::fmt::Debug for DataApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataApi")
+            .field("url", &endpoint_of(&self.url))
+            .field("user_agent", &self.user_agent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DataApi {
+    /// A client of the Data API at `url` (the database's REST URL, tables below it), sending
+    /// the tokens of `cache` as bearer tokens.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::DataApiUrl`] when `url` is not `https` (`http` on
+    /// loopback only) or carries a query.
+    pub fn new(url: &str, cache: TokenCache) -> Result<Self> {
+        let mut url = parse_url(url, Setting::DataApiUrl)?;
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(Error::config(
+                Setting::DataApiUrl,
+                "must be the database's REST URL, without a query",
+            ));
+        }
+        if !url.path().ends_with('/') {
+            let path = format!("{}/", url.path());
+            url.set_path(&path);
+        }
+        Ok(Self {
+            client: build_client(is_loopback(&url))?,
+            url,
+            cache,
+            user_agent: concat!("dal/", env!("CARGO_PKG_VERSION")).to_owned(),
+        })
+    }
+
+    /// Names the product in the `User-Agent` of every request, as
+    /// [`Lakebase::with_product`](super::Lakebase::with_product) does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::Product`] when `product` is not
+    /// `<isv-name_product-name>/<product-version>`.
+    pub fn with_product(mut self, product: &str) -> Result<Self> {
+        crate::config::check_product(product)?;
+        self.user_agent = format!("{product} {}", concat!("dal/", env!("CARGO_PKG_VERSION")));
+        Ok(self)
+    }
+
+    /// A request on `table`.
+    pub fn from(&self, table: &str) -> DataQuery<'_> {
+        DataQuery {
+            api: self,
+            table: table.to_owned(),
+            params: Vec::new(),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        table: &str,
+        params: &[(String, String)],
+        body: Option<&Value>,
+    ) -> Result<Vec<Value>> {
+        let mut url = self
+            .url
+            .join(
+                &percent_encoding::utf8_percent_encode(table, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string(),
+            )
+            .map_err(|e| {
+                Error::config(
+                    Setting::DataApiUrl,
+                    format!("cannot name table {table:?}: {e}"),
+                )
+            })?;
+        if !params.is_empty() {
+            url.query_pairs_mut().extend_pairs(params);
+        }
+        let shown = endpoint_of(&url);
+        // One more try with a new token when the service refuses the one sent (revoked, or
+        // expired on the way).
+        for attempt in 0..2 {
+            let token = self.cache.token().await?;
+            let bearer =
+                sensitive_header(&format!("Bearer {}", token.expose())).ok_or_else(|| {
+                    Error::config(Setting::DataApiUrl, "the token is not a valid header value")
+                })?;
+            let mut request = self
+                .client
+                .request(method.clone(), url.clone())
+                .header(AUTHORIZATION, bearer)
+                .header(ACCEPT, "application/json")
+                .header(USER_AGENT, &self.user_agent);
+            if let Some(body) = body {
+                request = request
+                    .header(CONTENT_TYPE, "application/json")
+                    .header("Prefer", "return=representation")
+                    .body(body.to_string());
+            } else if method != Method::GET {
+                request = request.header("Prefer", "return=representation");
+            }
+            let transport = |e: reqwest::Error| Error::HttpTransport {
+                endpoint: shown.clone(),
+                what: "the Data API request failed".into(),
+                source: Some(Box::new(e.without_url())),
+            };
+            let response = request.send().await.map_err(transport)?;
+            let status = response.status();
+            let bytes = response.bytes().await.map_err(transport)?;
+            if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
+                self.cache.invalidate(&token);
+                continue;
+            }
+            let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if !status.is_success() {
+                let text = |k: &str| json.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+                return Err(Error::Http {
+                    endpoint: shown,
+                    status: status.as_u16(),
+                    code: text("code"),
+                    message: text("message").replace(token.expose(), "** redacted **"),
+                    retry_after: None,
+                });
+            }
+            return Ok(match json {
+                Value::Array(rows) => rows,
+                Value::Null => Vec::new(),
+                row => vec![row],
+            });
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+}
+
+/// One request on a table, built in PostgREST's terms; run it with [`get`](Self::get),
+/// [`insert`](Self::insert), [`update`](Self::update) or [`delete`](Self::delete).
+#[derive(Debug, Clone)]
+#[must_use = "a query does nothing until it is run"]
+pub struct DataQuery<'a> {
+    api: &'a DataApi,
+    table: String,
+    params: Vec<(String, String)>,
+}
+
+impl DataQuery<'_> {
+    /// The columns to answer (`select=`); all by default.
+    pub fn select(mut self, columns: &[&str]) -> Self {
+        self.params.push(("select".into(), columns.join(",")));
+        self
+    }
+
+    /// `column` compared with `value` by a PostgREST operator: `eq`, `neq`, `gt`, `gte`,
+    /// `lt`, `lte`, `like`, `ilike` (`*` as wildcard), `is` (`null`, `true`, `false`) or `in`
+    /// (`(a,b)`).
+    pub fn filter(mut self, column: &str, operator: &str, value: &str) -> Self {
+        self.params
+            .push((column.to_owned(), format!("{operator}.{value}")));
+        self
+    }
+
+    /// `column = value`.
+    pub fn eq(self, column: &str, value: &str) -> Self {
+        self.filter(column, "eq", value)
+    }
+
+    /// Sorted by `column`, ascending or descending; calls add further keys.
+    pub fn order(mut self, column: &str, ascending: bool) -> Self {
+        let term = format!("{column}.{}", if ascending { "asc" } else { "desc" });
+        match self.params.iter_mut().find(|(k, _)| k == "order") {
+            Some((_, order)) => {
+                order.push(',');
+                order.push_str(&term);
+            }
+            None => self.params.push(("order".into(), term)),
+        }
+        self
+    }
+
+    /// At most `n` rows.
+    pub fn limit(mut self, n: u64) -> Self {
+        self.params.push(("limit".into(), n.to_string()));
+        self
+    }
+
+    /// Skips the first `n` rows.
+    pub fn offset(mut self, n: u64) -> Self {
+        self.params.push(("offset".into(), n.to_string()));
+        self
+    }
+
+    /// The rows that match.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Http`] with the SQLSTATE or PostgREST code of a refused request (`42P01` for
+    /// an unknown table, `42703` for an unknown column, `42501` when the role may not);
+    /// [`Error::HttpTransport`] when the service cannot be reached; the token cache's errors.
+    pub async fn get(self) -> Result<Vec<Value>> {
+        self.api
+            .send(Method::GET, &self.table, &self.params, None)
+            .await
+    }
+
+    /// Inserts `rows` (an object or an array of objects); returns them as stored.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Self::get); `23505` for a duplicate key.
+    pub async fn insert(self, rows: &Value) -> Result<Vec<Value>> {
+        self.api
+            .send(Method::POST, &self.table, &self.params, Some(rows))
+            .await
+    }
+
+    /// Sets the fields of `patch` on the rows that match; returns them as stored.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Self::get).
+    pub async fn update(self, patch: &Value) -> Result<Vec<Value>> {
+        self.api
+            .send(Method::PATCH, &self.table, &self.params, Some(patch))
+            .await
+    }
+
+    /// Deletes the rows that match; returns them.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Self::get).
+    pub async fn delete(self) -> Result<Vec<Value>> {
+        self.api
+            .send(Method::DELETE, &self.table, &self.params, None)
+            .await
+    }
+}
