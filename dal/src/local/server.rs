@@ -97,12 +97,42 @@ impl LocalPostgres {
     /// process exits. Fails with [`Error::ServerBinariesNotFound`] when PostgreSQL is not
     /// installed.
     pub async fn start() -> Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// Like [`start`](Self::start), a cluster that passes for Lakebase the way the Lakebase
+    /// partner guide tells them apart: `SHOW shared_preload_libraries` lists `neon` and
+    /// `databricks_auth`, and every [token role](Self::create_token_role) may read it (plain
+    /// PostgreSQL shows it to privileged roles only). The two libraries are stand-ins: links to
+    /// PostgreSQL's own `auto_explain`, which does nothing unless configured.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start); [`Error::LocalServer`] when the installation has no
+    /// `auto_explain` module.
+    pub async fn start_lakebase_like() -> Result<Self> {
+        let pg = Self::start_with(true).await?;
+        let admin = pg.admin("postgres").await?;
+        let sql: String = admin
+            .query_one(
+                "SELECT format('DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %L) \
+                 THEN CREATE ROLE %I NOLOGIN; END IF; END $$; GRANT pg_read_all_settings TO %I', \
+                 $1::text, $1::text, $1::text)",
+                &[&TOKEN_GROUP],
+            )
+            .await?
+            .get(0);
+        admin.batch_execute(&sql).await?;
+        Ok(pg)
+    }
+
+    async fn start_with(lakebase_like: bool) -> Result<Self> {
         let bindir = find_bindir()?;
         let user = ServerUser::detect()?;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::start_ephemeral(&bindir, user).await {
+            match Self::start_ephemeral(&bindir, user, lakebase_like).await {
                 Err(Started::PortTaken(_)) if attempt < PORT_ATTEMPTS => continue,
                 Err(Started::PortTaken(e) | Started::Failed(e)) => return Err(e),
                 Ok(pg) => return Ok(pg),
@@ -110,7 +140,11 @@ impl LocalPostgres {
         }
     }
 
-    async fn start_ephemeral(bindir: &Path, user: ServerUser) -> Result<Self, Started> {
+    async fn start_ephemeral(
+        bindir: &Path,
+        user: ServerUser,
+        lakebase_like: bool,
+    ) -> Result<Self, Started> {
         let dir = tempfile::Builder::new()
             .prefix("dal-pg-")
             .tempdir()
@@ -127,6 +161,9 @@ impl LocalPostgres {
         args.push(bindir.join("postgres").into());
         args.push(root.clone().into());
         args.extend(server_args(&root, port, true));
+        if lakebase_like {
+            args.extend(lakebase_libraries(bindir, &root)?);
+        }
         let mut shell = user
             .command("/bin/sh")
             .args(args)
@@ -897,6 +934,34 @@ fn server_args(root: &Path, port: u16, ephemeral: bool) -> Vec<OsString> {
         args.extend(["-c".into(), s.into()]);
     }
     args
+}
+
+/// The settings that preload Lakebase's libraries by name: `neon` and `databricks_auth` in
+/// `<root>/lib`, links to the installation's `auto_explain` module.
+fn lakebase_libraries(bindir: &Path, root: &Path) -> Result<Vec<OsString>> {
+    let module = bindir
+        .parent()
+        .map(|p| p.join("lib").join("auto_explain.so"))
+        .filter(|m| m.is_file())
+        .ok_or_else(|| {
+            Error::local(format!(
+                "no auto_explain.so next to {}: install PostgreSQL's contrib modules to pass for \
+                 Lakebase",
+                bindir.display()
+            ))
+        })?;
+    let lib = root.join("lib");
+    std::fs::create_dir_all(&lib).map_err(Error::io(&lib))?;
+    for name in ["neon.so", "databricks_auth.so"] {
+        let link = lib.join(name);
+        std::os::unix::fs::symlink(&module, &link).map_err(Error::io(&link))?;
+    }
+    Ok(vec![
+        "-c".into(),
+        "shared_preload_libraries=neon,databricks_auth".into(),
+        "-c".into(),
+        format!("dynamic_library_path=$libdir:{}", lib.display()).into(),
+    ])
 }
 
 /// A TCP port on 127.0.0.1 that nothing listens on right now.

@@ -375,6 +375,21 @@ async fn no_pool_hands_out_a_connection_past_its_lifetime() {
     connector.shutdown().await;
 }
 
+/// A server whose `shared_preload_libraries` lists Lakebase's (and which shows it to every
+/// role, as Lakebase does) is taken for Lakebase though its host name does not say so.
+#[tokio::test]
+async fn a_server_with_lakebases_libraries_is_lakebase() {
+    let pg = dal::local::LocalPostgres::start_lakebase_like()
+        .await
+        .unwrap_or_else(|e| panic!("cannot start the test PostgreSQL server: {e}"));
+    let lb = tests::lakebase(&pg, "likelb", std::time::Duration::from_secs(60)).await;
+    let connector = Connector::new(lb.client_config(&pg, "likelb").unwrap())
+        .await
+        .unwrap();
+    assert!(connector.is_lakebase().await.unwrap());
+    connector.shutdown().await;
+}
+
 /// A plain PostgreSQL server is not taken for Lakebase: neither its host name nor its
 /// `shared_preload_libraries` (read over a real connection) says so.
 #[tokio::test]
