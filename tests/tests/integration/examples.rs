@@ -1386,3 +1386,52 @@ async fn a_user_logs_in_with_a_browser_once() {
     let output = login(&env).await;
     assert!(output.contains("logging in again"), "{output}");
 }
+
+/// `pat` and `oauth-m2m` from the environment: a personal access token alone signs in as its
+/// user (looked up); with both configured, `DATABRICKS_AUTH_TYPE` picks, and without it the
+/// token wins, in the SDKs' order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_personal_access_token_or_a_service_principal_signs_in_as_chosen() {
+    const PAT: &str = "dapi-personal-access-token-0123";
+    let pg = tests::server().await;
+    let config = dal::local::LocalLakebaseConfig::new()
+        .with_pat(PAT)
+        .with_token_ttl(Duration::from_secs(60));
+    let lb = LocalLakebase::start(&pg, config).await.unwrap();
+    pg.create_database("patm2m", Some(&lb.config().role))
+        .await
+        .unwrap();
+    let both: Vec<(&str, String)> = lakebase_env(&pg, &lb, "patm2m")
+        .into_iter()
+        .chain([("DATABRICKS_TOKEN", PAT.to_owned())])
+        .collect();
+    // Both configured, nothing chosen: the personal access token, no OAuth call.
+    let (passed, output) = doctor(&both).await;
+    assert!(passed, "{output}");
+    assert_eq!(lb.oauth_requests(), 0, "{output}");
+    assert!(!output.contains(PAT), "the token leaked: {output}");
+    // The service principal, chosen.
+    let mut chosen = both.clone();
+    chosen.push(("DATABRICKS_AUTH_TYPE", "oauth-m2m".to_owned()));
+    let (passed, output) = doctor(&chosen).await;
+    assert!(passed, "{output}");
+    assert!(lb.oauth_requests() >= 1, "{output}");
+    assert!(
+        !output.contains(&lb.config().client_secret),
+        "the secret leaked: {output}"
+    );
+    // The token alone, without PGUSER: its user, looked up.
+    let alone: Vec<(&str, String)> = both
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("DATABRICKS_CLIENT_") && *k != "PGUSER")
+        .collect();
+    let (passed, output) = doctor(&alone).await;
+    assert!(passed, "{output}");
+    assert!(
+        output.contains(&format!(
+            "database user looked up user={}",
+            lb.config().role
+        )),
+        "{output}"
+    );
+}
