@@ -346,11 +346,19 @@ impl Env<'_> {
                             "the service principal whose federation policy trusts the workflow",
                         ));
                     }
-                    let (Some(request_url), Some(request_token)) = github else {
-                        return Err(missing(
-                            Setting::ActionsIdTokenRequestToken,
-                            "GitHub sets it in jobs with `permissions: id-token: write`",
-                        ));
+                    let (request_url, request_token) = match github {
+                        (Some(url), Some(token)) => (url, token),
+                        (url, _) => {
+                            let setting = if url.is_none() {
+                                Setting::ActionsIdTokenRequestUrl
+                            } else {
+                                Setting::ActionsIdTokenRequestToken
+                            };
+                            return Err(missing(
+                                setting,
+                                "GitHub sets it in jobs with `permissions: id-token: write`",
+                            ));
+                        }
                     };
                     federated(IdTokenSource::GitHubActions {
                         request_url,
@@ -583,7 +591,7 @@ mod tests {
         v[last] = ("DATABRICKS_AUTH_TYPE", "file-oidc");
         assert_eq!(setting(&v), "DATABRICKS_OIDC_TOKEN_FILEPATH");
         v[last] = ("DATABRICKS_AUTH_TYPE", "github-oidc");
-        assert_eq!(setting(&v), "ACTIONS_ID_TOKEN_REQUEST_TOKEN");
+        assert_eq!(setting(&v), "ACTIONS_ID_TOKEN_REQUEST_URL");
         v[last] = ("DATABRICKS_AUTH_TYPE", "external-browser");
         assert!(config(&v).is_ok());
     }

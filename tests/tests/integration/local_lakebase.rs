@@ -700,3 +700,51 @@ async fn a_credential_lives_the_ttl_asked_for() {
         .unwrap();
     assert!(left > std::time::Duration::from_secs(590), "{left:?}");
 }
+
+/// A user login outlives a caller cancelled while it waits (as a connect timeout cancels
+/// one): the next caller waits for the same login at the address already shown, instead of
+/// showing a new one whose redirect the first address would miss.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_outlives_a_cancelled_caller() {
+    use dal::credentials::{CredentialSource, Lakebase, LakebaseTarget, WorkspaceAuth};
+    let pg = tests::server().await;
+    let lb = LocalLakebase::start(&pg, LocalLakebaseConfig::new())
+        .await
+        .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let (shown, mut addresses) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let source = std::sync::Arc::new(
+        Lakebase::new(
+            &lb.url(),
+            WorkspaceAuth::ExternalBrowser {
+                client_id: None,
+                open_browser: false,
+            },
+            LakebaseTarget::Autoscaling {
+                endpoint: lb.config().endpoint.clone(),
+            },
+        )
+        .unwrap()
+        .with_token_cache_dir(cache.path().join("dal"))
+        .with_redirect_port(0)
+        .with_login_prompt(move |url| {
+            let _ = shown.send(url.to_owned());
+        }),
+    );
+    let first = tokio::spawn({
+        let source = std::sync::Arc::clone(&source);
+        async move { source.fetch().await }
+    });
+    let address = addresses.recv().await.unwrap();
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    let second = tokio::spawn({
+        let source = std::sync::Arc::clone(&source);
+        async move { source.fetch().await }
+    });
+    let page = tests::http().get(&address).send().await.unwrap();
+    assert!(page.status().is_success(), "{:?}", page.text().await);
+    let token = second.await.unwrap().unwrap();
+    assert!(!token.expose().is_empty());
+    assert!(addresses.try_recv().is_err(), "a second login was started");
+}

@@ -12,8 +12,9 @@ use serde_json::{Value, json};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 
-use super::{AuthState, Authorization, Issued, KIND, Lakebase};
+use super::{AuthState, Authorization, Issued, Lakebase};
 use crate::error::{Error, Result, Setting};
 
 /// The public OAuth client of Databricks' own tools, which every workspace knows.
@@ -24,14 +25,34 @@ pub(super) const DEFAULT_REDIRECT_PORT: u16 = 8020;
 const SCOPE: &str = "all-apis offline_access";
 /// How long a user has to finish logging in at the printed address.
 const LOGIN_WAIT: Duration = Duration::from_secs(300);
-/// How long one connection to the redirect listener may take to send its request.
+/// How long one connection to the redirect listener may take to send its request (each is
+/// served on its own, so a slow one holds up no other).
 const REQUEST_WAIT: Duration = Duration::from_secs(30);
 /// The largest request head the redirect listener reads.
 const MAX_REQUEST: usize = 16 * 1024;
 
+/// What a login's listener found: the code, or why there is none.
+type LoginOutcome = Option<std::result::Result<SecretString, String>>;
+
+/// A login under way. Its listener is a task of its own, so that a caller cancelled while it
+/// waits (a connect timeout) does not end it: the next caller waits for the same login, at
+/// the address already printed. Dropped with the source's state, it stops listening.
+pub(super) struct PendingLogin {
+    verifier: String,
+    redirect_uri: String,
+    outcome: watch::Receiver<LoginOutcome>,
+    listener: tokio::task::AbortHandle,
+}
+
+impl Drop for PendingLogin {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
 impl Lakebase {
     /// The workspace authorization of a user login: the cached token, else one from the
-    /// refresh token (kept in memory and in the token cache file), else a new login.
+    /// refresh token (kept in memory and in the token cache file), else a login.
     pub(super) async fn browser_authorization(
         &self,
         client_id: &str,
@@ -47,12 +68,15 @@ impl Lakebase {
         if state.refresh_token.is_none()
             && let Some(path) = &cache
         {
-            state.refresh_token = read_cache(path)?;
+            state.refresh_token = read_cache(path, &self.host, client_id)?;
         }
         let (token_url, authorize_url) = self.oauth_endpoints(&mut state).await?;
         let requested_at = self.clock.now();
         let mut issued = None;
-        if let Some(refresh_token) = state.refresh_token.clone() {
+        // The one in memory, then at most one other from the file.
+        let mut tries = 0;
+        while let Some(refresh_token) = state.refresh_token.clone().filter(|_| tries < 2) {
+            tries += 1;
             let request = self.client.post(token_url.clone()).form(&[
                 ("grant_type", "refresh_token"),
                 ("refresh_token", refresh_token.expose_secret()),
@@ -62,15 +86,25 @@ impl Lakebase {
                 .token_call(&token_url, request, Some(&refresh_token))
                 .await
             {
-                Ok(new) => issued = Some(new),
-                // Revoked or expired: log in again.
+                Ok(new) => {
+                    issued = Some(new);
+                    break;
+                }
+                // Revoked or expired, or rotated by another process or source sharing the
+                // file: the file's, when it holds another one, else a login.
                 Err(Error::Http {
                     status: 400 | 401,
                     code,
                     ..
                 }) => {
-                    tracing::info!(%code, "the refresh token was refused; logging in again");
-                    state.refresh_token = None;
+                    let on_file = cache
+                        .as_ref()
+                        .and_then(|path| read_cache(path, &self.host, client_id).ok().flatten())
+                        .filter(|t| t.expose_secret() != refresh_token.expose_secret());
+                    if on_file.is_none() {
+                        tracing::info!(%code, "the refresh token was refused; logging in again");
+                    }
+                    state.refresh_token = on_file;
                 }
                 Err(e) => return Err(e),
             }
@@ -78,16 +112,25 @@ impl Lakebase {
         let issued = match issued {
             Some(issued) => issued,
             None => {
-                self.login(&token_url, &authorize_url, client_id, open_browser)
-                    .await?
+                self.login(
+                    &mut state,
+                    &token_url,
+                    &authorize_url,
+                    client_id,
+                    open_browser,
+                )
+                .await?
             }
         };
         // A rotated refresh token replaces the old one; otherwise the old one stays.
         if let Some(refresh_token) = &issued.refresh_token {
             state.refresh_token = Some(refresh_token.clone());
         }
-        if let (Some(path), Some(refresh_token)) = (&cache, &state.refresh_token) {
-            write_cache(path, &self.host, client_id, refresh_token)?;
+        if let (Some(path), Some(refresh_token)) = (&cache, &state.refresh_token)
+            && let Err(e) = write_cache(path, &self.host, client_id, refresh_token)
+        {
+            // The login holds for this process; the next one logs in again.
+            tracing::warn!(error = %e, "the refresh token cannot be kept");
         }
         Ok(self.keep_token(
             &mut state,
@@ -98,66 +141,111 @@ impl Lakebase {
         ))
     }
 
-    /// One login: prints the address to open (and opens it in a browser unless told not to),
-    /// waits for the redirect with the code, and trades the code for tokens.
+    /// Waits for the login under way, or starts one, and trades its code for tokens.
     async fn login(
         &self,
+        state: &mut AuthState,
         token_url: &Url,
         authorize_url: &Url,
         client_id: &str,
         open_browser: bool,
     ) -> Result<Issued> {
-        let failed = |what: String| Error::Credential {
-            source_kind: KIND,
-            source: what.into(),
-        };
+        if state.login.is_none() {
+            state.login = Some(
+                self.start_login(authorize_url, client_id, open_browser)
+                    .await?,
+            );
+        }
+        let mut outcome = state
+            .login
+            .as_ref()
+            .map(|login| login.outcome.clone())
+            .expect("started above");
+        let found = outcome
+            .wait_for(Option::is_some)
+            .await
+            .map(|found| found.clone().expect("waited for"))
+            .unwrap_or_else(|_| Err("the login ended early".to_owned()));
+        let login = state.login.take().expect("started above");
+        let code = found.map_err(|why| Error::config(Setting::DatabricksAuthType, why))?;
+        let request = self.client.post(token_url.clone()).form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code.expose_secret()),
+            ("code_verifier", &login.verifier),
+            ("redirect_uri", &login.redirect_uri),
+            ("client_id", client_id),
+        ]);
+        self.token_call(token_url, request, Some(&code)).await
+    }
+
+    /// Listens for the redirect, prints the address to open (and opens it in a browser unless
+    /// told not to), and leaves the waiting to a task of its own.
+    async fn start_login(
+        &self,
+        authorize_url: &Url,
+        client_id: &str,
+        open_browser: bool,
+    ) -> Result<PendingLogin> {
         let port = self.redirect_port;
         let listener = TcpListener::bind(("127.0.0.1", port)).await.map_err(|e| {
-            failed(format!(
-                "cannot listen on localhost:{port} for the login's redirect ({e}): stop what \
-                 uses the port and try again"
-            ))
+            Error::config(
+                Setting::DatabricksAuthType,
+                format!(
+                    "external-browser cannot listen on localhost:{port} for the login's \
+                     redirect ({e}): stop what uses the port and try again"
+                ),
+            )
         })?;
+        // The port bound, should 0 have asked for any.
+        let port = listener.local_addr().map_or(port, |a| a.port());
         let redirect_uri = format!("http://localhost:{port}");
         let verifier = random_text(32);
         let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(sha2::Sha256::digest(verifier.as_bytes()));
-        let state = random_text(16);
+        let expected_state = random_text(16);
         let mut url = authorize_url.clone();
         url.query_pairs_mut()
             .append_pair("response_type", "code")
             .append_pair("client_id", client_id)
             .append_pair("redirect_uri", &redirect_uri)
             .append_pair("scope", SCOPE)
-            .append_pair("state", &state)
+            .append_pair("state", &expected_state)
             .append_pair("code_challenge", &challenge)
             .append_pair("code_challenge_method", "S256");
         // The address carries no secret: the challenge is a hash, the state is single-use.
-        eprintln!(
-            "To log in to {}, open this address in a browser:\n{url}",
-            self.host
-        );
+        match &self.login_prompt {
+            Some(prompt) => prompt(url.as_str()),
+            None => eprintln!(
+                "To log in to {}, open this address in a browser:\n{url}",
+                self.host
+            ),
+        }
         if open_browser && let Err(e) = open::that_detached(url.as_str()) {
             tracing::debug!(error = %e, "cannot open a browser; the address is printed");
         }
-        let code = tokio::time::timeout(LOGIN_WAIT, redirect(&listener, &state, &self.host))
-            .await
-            .map_err(|_| {
-                failed(format!(
-                    "nobody finished the login within {} s",
-                    LOGIN_WAIT.as_secs()
-                ))
-            })??;
-        let request = self.client.post(token_url.clone()).form(&[
-            ("grant_type", "authorization_code"),
-            ("code", code.expose_secret()),
-            ("code_verifier", &verifier),
-            ("redirect_uri", &redirect_uri),
-            ("client_id", client_id),
-        ]);
-        self.token_call(token_url, request, Some(&code)).await
+        let (found, outcome) = watch::channel(None);
+        let host = self.host.clone();
+        let task = tokio::spawn(async move {
+            let result =
+                match tokio::time::timeout(LOGIN_WAIT, redirect(listener, expected_state, host))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(format!(
+                        "nobody finished the login within {} s: open the address printed above \
+                         in a browser, then run again",
+                        LOGIN_WAIT.as_secs()
+                    )),
+                };
+            let _ = found.send(Some(result));
+        });
+        Ok(PendingLogin {
+            verifier,
+            redirect_uri,
+            outcome,
+            listener: task.abort_handle(),
+        })
     }
-
     /// The token endpoint and the authorization endpoint, discovered once.
     pub(super) async fn oauth_endpoints(&self, state: &mut AuthState) -> Result<(Url, Url)> {
         let token_url = self.token_url_of(state).await?;
@@ -202,54 +290,82 @@ impl Lakebase {
     }
 }
 
-/// Waits for the browser's request to the redirect listener and answers it: the code when
-/// the state matches.
-async fn redirect(listener: &TcpListener, state: &str, host: &str) -> Result<SecretString> {
+/// Waits for the browser's request to the redirect listener, serving each connection on its
+/// own: the code when the state matches, or why the login failed.
+async fn redirect(
+    listener: TcpListener,
+    state: String,
+    host: String,
+) -> std::result::Result<SecretString, String> {
+    let (found, mut results) = mpsc::channel(1);
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let Ok(Ok(target)) = tokio::time::timeout(REQUEST_WAIT, request_target(&mut stream)).await
-        else {
-            continue;
-        };
-        let Ok(url) = Url::parse(&format!("http://localhost{target}")) else {
-            let _ = respond(&mut stream, "400 Bad Request", "Not a login redirect.").await;
-            continue;
-        };
-        let param = |name: &str| {
-            url.query_pairs()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.into_owned())
-        };
-        if param("state").as_deref() != Some(state) {
-            // Another page's request (say a favicon), or a forged redirect.
-            let _ = respond(&mut stream, "400 Bad Request", "Not this login's redirect.").await;
-            continue;
+        tokio::select! {
+            result = results.recv() => {
+                // This loop holds a sender, so the channel stays open.
+                if let Some(result) = result {
+                    return result;
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (found, state, host) = (found.clone(), state.clone(), host.clone());
+                    tokio::spawn(async move {
+                        if let Some(result) = serve_redirect(stream, &state, &host).await {
+                            let _ = found.send(result).await;
+                        }
+                    });
+                }
+                // Out of file descriptors, say: a pause, not a spin.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
         }
-        if let Some(error) = param("error") {
-            let _ = respond(&mut stream, "200 OK", "The login failed; see the program.").await;
-            let description = param("error_description").unwrap_or_default();
-            let text: String = format!("the login was refused: {error}: {description}")
-                .chars()
-                .filter(|c| !c.is_control())
-                .take(300)
-                .collect();
-            return Err(Error::Credential {
-                source_kind: KIND,
-                source: text.into(),
-            });
+    }
+}
+
+/// Answers one request to the redirect listener: `Some` when it is this login's redirect.
+async fn serve_redirect(
+    mut stream: tokio::net::TcpStream,
+    state: &str,
+    host: &str,
+) -> Option<std::result::Result<SecretString, String>> {
+    let target = tokio::time::timeout(REQUEST_WAIT, request_target(&mut stream))
+        .await
+        .ok()?
+        .ok()?;
+    let Ok(url) = Url::parse(&format!("http://localhost{target}")) else {
+        let _ = respond(&mut stream, "400 Bad Request", "Not a login redirect.").await;
+        return None;
+    };
+    let param = |name: &str| {
+        url.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    if param("state").as_deref() != Some(state) {
+        // Another page's request (say a favicon), or a forged redirect.
+        let _ = respond(&mut stream, "400 Bad Request", "Not this login's redirect.").await;
+        return None;
+    }
+    if let Some(error) = param("error") {
+        let _ = respond(&mut stream, "200 OK", "The login failed; see the program.").await;
+        let description = param("error_description").unwrap_or_default();
+        let text: String = format!("the login was refused: {error}: {description}")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(300)
+            .collect();
+        return Some(Err(text));
+    }
+    match param("code").filter(|c| !c.is_empty()) {
+        Some(code) => {
+            let text = format!("You are logged in to {host}. You can close this window.");
+            let _ = respond(&mut stream, "200 OK", &text).await;
+            Some(Ok(SecretString::from(code)))
         }
-        if let Some(code) = param("code").filter(|c| !c.is_empty()) {
-            let _ = respond(
-                &mut stream,
-                "200 OK",
-                &format!("You are logged in to {host}. You can close this window."),
-            )
-            .await;
-            return Ok(SecretString::from(code));
+        None => {
+            let _ = respond(&mut stream, "400 Bad Request", "The redirect has no code.").await;
+            None
         }
-        let _ = respond(&mut stream, "400 Bad Request", "The redirect has no code.").await;
     }
 }
 
@@ -299,7 +415,7 @@ fn random_text(bytes: usize) -> String {
 
 /// The refresh token of the cache file, if there is one. A file others can read is refused:
 /// it would not be the file this source writes.
-fn read_cache(path: &Path) -> Result<Option<SecretString>> {
+fn read_cache(path: &Path, host: &str, client_id: &str) -> Result<Option<SecretString>> {
     use std::os::unix::fs::PermissionsExt as _;
     let file_error = |what: String| Error::config(Setting::DatabricksTokenCache, what);
     let metadata = match std::fs::metadata(path) {
@@ -315,16 +431,18 @@ fn read_cache(path: &Path) -> Result<Option<SecretString>> {
     }
     let text = std::fs::read(path)
         .map_err(|e| file_error(format!("cannot read {}: {e}", path.display())))?;
-    // A damaged file is a missing one: the login writes it again.
+    // A damaged file, or one of another workspace or client, is a missing one: the login
+    // writes it again.
     Ok(serde_json::from_slice::<Value>(&text)
         .ok()
+        .filter(|v| v["host"] == host && v["client_id"] == client_id)
         .and_then(|v| v.get("refresh_token")?.as_str().map(str::to_owned))
         .filter(|t| !t.is_empty())
         .map(SecretString::from))
 }
 
-/// Writes the refresh token to `path`, mode 0600 from the start, in a directory of mode 0700,
-/// replacing the file whole so that a reader never sees half of it.
+/// Writes the refresh token to `path`, mode 0600 from the start (a new, exclusively created
+/// temporary file, then renamed), in a directory of mode 0700 that no one else can read.
 fn write_cache(
     path: &Path,
     host: &str,
@@ -332,7 +450,7 @@ fn write_cache(
     refresh_token: &SecretString,
 ) -> Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     let file_error = |what: String| Error::config(Setting::DatabricksTokenCache, what);
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::DirBuilder::new()
@@ -340,27 +458,29 @@ fn write_cache(
         .mode(0o700)
         .create(dir)
         .map_err(|e| file_error(format!("cannot create {}: {e}", dir.display())))?;
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| file_error(format!("cannot read {}: {e}", dir.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(file_error(format!(
+            "{} can be read by others: use a directory of your own (chmod 700)",
+            dir.display()
+        )));
+    }
     let body = json!({
         "host": host,
         "client_id": client_id,
         "refresh_token": refresh_token.expose_secret(),
         "written": chrono::DateTime::<chrono::Utc>::from(SystemTime::now()).to_rfc3339(),
     });
-    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .and_then(|mut file| {
-            file.write_all(body.to_string().as_bytes())?;
-            file.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&temporary, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(file_error(format!("cannot write {}: {e}", path.display())));
-    }
-    Ok(())
+    let write = || -> std::io::Result<()> {
+        let mut file = tempfile::NamedTempFile::new_in(dir)?;
+        file.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(body.to_string().as_bytes())?;
+        file.as_file().sync_all()?;
+        file.persist(path).map(drop).map_err(|e| e.error)
+    };
+    write().map_err(|e| file_error(format!("cannot write {}: {e}", path.display())))
 }

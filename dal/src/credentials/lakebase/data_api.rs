@@ -41,7 +41,11 @@ pub struct DataApi {
     cache: TokenCache,
     client: reqwest::Client,
     user_agent: String,
+    timeout: std::time::Duration,
 }
+
+/// The largest answer read: a page of rows, not a table dump.
+const MAX_ANSWER: usize = 64 << 20;
 
 impl std::fmt::Debug for DataApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,7 +81,15 @@ impl DataApi {
             url,
             cache,
             user_agent: concat!("dal/", env!("CARGO_PKG_VERSION")).to_owned(),
+            timeout: std::time::Duration::from_secs(30),
         })
+    }
+
+    /// The longest a request may take, from connecting to the last byte of the answer.
+    /// Defaults to 30 s.
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// Names the product in the `User-Agent` of every request, as
@@ -152,21 +164,54 @@ impl DataApi {
                 what: "the Data API request failed".into(),
                 source: Some(Box::new(e.without_url())),
             };
-            let response = request.send().await.map_err(transport)?;
-            let status = response.status();
-            let bytes = response.bytes().await.map_err(transport)?;
+            let answer = tokio::time::timeout(self.timeout, async {
+                let mut response = request.send().await.map_err(transport)?;
+                let status = response.status();
+                let mut bytes = Vec::new();
+                while let Some(chunk) = response.chunk().await.map_err(transport)? {
+                    if bytes.len() + chunk.len() > MAX_ANSWER {
+                        return Err(Error::HttpTransport {
+                            endpoint: shown.clone(),
+                            what: format!("the answer is larger than {MAX_ANSWER} bytes"),
+                            source: None,
+                        });
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                Ok((status, bytes))
+            })
+            .await;
+            let (status, bytes) = match answer {
+                Ok(answer) => answer?,
+                Err(_) => {
+                    return Err(Error::HttpTransport {
+                        endpoint: shown,
+                        what: format!("no complete answer within {:?}", self.timeout),
+                        source: None,
+                    });
+                }
+            };
             if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
                 self.cache.invalidate(&token);
                 continue;
             }
             let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if !status.is_success() {
-                let text = |k: &str| json.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+                let text = |k: &str| json.get(k).and_then(Value::as_str).map(str::to_owned);
+                let reason = status.canonical_reason().unwrap_or("unknown").to_owned();
+                // Flattened and bounded: an HTML error page is no message.
+                let message: String = text("message")
+                    .unwrap_or_default()
+                    .replace(token.expose(), "** redacted **")
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .take(300)
+                    .collect();
                 return Err(Error::Http {
                     endpoint: shown,
                     status: status.as_u16(),
-                    code: text("code"),
-                    message: text("message").replace(token.expose(), "** redacted **"),
+                    code: text("code").unwrap_or(reason),
+                    message,
                     retry_after: None,
                 });
             }

@@ -418,7 +418,8 @@ const BRANCH_TIMEOUT: Duration = Duration::from_secs(300);
 impl TemporaryBranch {
     /// Creates `test-<random>` in `project` from `source_branch` (the default branch when
     /// `None`) with a read-write endpoint `primary`, and waits until both are ready (up to
-    /// 5 minutes each). A branch whose endpoint cannot be created is deleted again.
+    /// 5 minutes each). A branch that does not get ready, or whose endpoint cannot be
+    /// created, is deleted again.
     ///
     /// # Errors
     ///
@@ -431,9 +432,9 @@ impl TemporaryBranch {
     ) -> Result<Self> {
         let id = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let created = api.create_branch(project, &id, source_branch).await?;
-        api.wait(created, BRANCH_TIMEOUT).await?;
         let branch = format!("{project}/branches/{id}");
         let endpoint = async {
+            api.wait(created, BRANCH_TIMEOUT).await?;
             let created = api.create_endpoint(&branch, "primary", true).await?;
             api.wait(created, BRANCH_TIMEOUT).await?;
             api.get_endpoint(&format!("{branch}/endpoints/primary"))

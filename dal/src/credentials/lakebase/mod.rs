@@ -252,6 +252,8 @@ pub struct Lakebase {
     token_cache_dir: Option<std::path::PathBuf>,
     /// The loopback port a user login is redirected to.
     redirect_port: u16,
+    /// Shows the address of a user login; `None`: printed on stderr.
+    login_prompt: Option<LoginPrompt>,
     client: reqwest::Client,
     /// Held across discovery and the token call, so that concurrent callers wait for one
     /// refresh instead of each starting their own.
@@ -279,6 +281,8 @@ struct AuthState {
     generation: u64,
     /// A user login's refresh token.
     refresh_token: Option<SecretString>,
+    /// A user login under way.
+    login: Option<browser::PendingLogin>,
 }
 
 struct Discovery {
@@ -302,6 +306,9 @@ struct WorkspaceToken {
     refresh_at: SystemTime,
     generation: u64,
 }
+
+/// Shows a login address.
+type LoginPrompt = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// What a credential call is authorized with.
 struct Authorization {
@@ -403,6 +410,7 @@ impl Lakebase {
             token_audience: None,
             token_cache_dir: None,
             redirect_port: browser::DEFAULT_REDIRECT_PORT,
+            login_prompt: None,
             client,
             state: Arc::new(Mutex::new(AuthState::default())),
         })
@@ -497,10 +505,20 @@ impl Lakebase {
 
     /// The loopback port a user login is redirected to, `http://localhost:<port>`. Defaults to
     /// 8020, the redirect Databricks registers for its `databricks-cli` client; another port
-    /// needs an OAuth app of your own that allows it.
+    /// needs an OAuth app of your own that allows it (0: any free port, for a service that
+    /// takes any loopback port, as RFC 8252 lets native apps' redirects do).
     #[must_use]
     pub fn with_redirect_port(mut self, port: u16) -> Self {
         self.redirect_port = port;
+        self
+    }
+
+    /// Shows the address a user opens to log in (`external-browser`) with `prompt` instead of
+    /// printing it on stderr: for a program with a window of its own, or a test that plays
+    /// the browser. Called once per login, with the whole address.
+    #[must_use]
+    pub fn with_login_prompt(mut self, prompt: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.login_prompt = Some(Arc::new(prompt));
         self
     }
 
@@ -578,6 +596,7 @@ impl Lakebase {
             token_audience: self.token_audience.clone(),
             token_cache_dir: self.token_cache_dir.clone(),
             redirect_port: self.redirect_port,
+            login_prompt: self.login_prompt.clone(),
             client: self.client.clone(),
             state: Arc::clone(&self.state),
         };

@@ -31,8 +31,10 @@ use crate::local::server::AdminAccess;
 /// How long a branch waits for its source database to have no sessions before the copy
 /// fails, as a real operation fails after its own deadline.
 const COPY_DEADLINE: Duration = Duration::from_secs(60);
-/// PostgreSQL's SSLRequest code (protocol 3.0).
+/// PostgreSQL's SSLRequest, GSSENCRequest and CancelRequest codes (protocol 3.0).
 const SSL_REQUEST: u32 = 80_877_103;
+const GSSENC_REQUEST: u32 = 80_877_104;
+const CANCEL_REQUEST: u32 = 80_877_102;
 
 /// What the model needs of the cluster, kept from start.
 pub(super) struct Cluster {
@@ -548,6 +550,8 @@ async fn bind_branch_host(port: u16) -> Option<(TcpListener, String)> {
 async fn serve(listener: TcpListener, shared: Arc<Shared>, database: String, read_write: bool) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
+            // Out of file descriptors, say: a pause, not a spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let shared = Arc::clone(&shared);
@@ -570,10 +574,24 @@ async fn forward(
 ) -> std::io::Result<()> {
     let invalid =
         |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-    let _len = tcp.read_u32().await?;
-    if tcp.read_u32().await? != SSL_REQUEST {
-        // TLS is mandatory, as on Lakebase.
-        return Err(invalid("a session without TLS"));
+    // The first packet in clear: TLS asked for (GSSAPI encryption refused first, as a
+    // server without it does), or a cancel request, passed on as it is.
+    loop {
+        let len = tcp.read_u32().await?;
+        match tcp.read_u32().await? {
+            SSL_REQUEST => break,
+            GSSENC_REQUEST => tcp.write_all(b"N").await?,
+            CANCEL_REQUEST if len == 16 => {
+                let mut keys = [0u8; 8];
+                tcp.read_exact(&mut keys).await?;
+                let mut upstream = TcpStream::connect(("127.0.0.1", cluster.port)).await?;
+                upstream.write_all(&16u32.to_be_bytes()).await?;
+                upstream.write_all(&CANCEL_REQUEST.to_be_bytes()).await?;
+                return upstream.write_all(&keys).await;
+            }
+            // TLS is mandatory, as on Lakebase.
+            _ => return Err(invalid("a session without TLS")),
+        }
     }
     tcp.write_all(b"S").await?;
     let mut client = cluster.server_tls.accept(tcp).await?;
@@ -583,6 +601,16 @@ async fn forward(
     }
     let mut packet = vec![0; len as usize - 4];
     client.read_exact(&mut packet).await?;
+    let code = u32::from_be_bytes([packet[0], packet[1], packet[2], packet[3]]);
+    if code == CANCEL_REQUEST && len == 16 {
+        // A cancel request inside TLS: on to the server as it is.
+        let mut server = upstream_tls(cluster).await?;
+        server.write_all(&len.to_be_bytes()).await?;
+        return server.write_all(&packet).await;
+    }
+    if code >> 16 != 3 {
+        return Err(invalid("not a protocol 3 startup packet"));
+    }
     let (version, params) = packet.split_at(4);
     let mut fields: Vec<(String, String)> = Vec::new();
     let mut parts = params.split(|b| *b == 0);
@@ -613,18 +641,28 @@ async fn forward(
         rewritten.push(0);
     }
     rewritten.push(0);
-    let mut upstream = TcpStream::connect(("127.0.0.1", cluster.port)).await?;
-    upstream.write_all(&8u32.to_be_bytes()).await?;
-    upstream.write_all(&SSL_REQUEST.to_be_bytes()).await?;
-    if upstream.read_u8().await? != b'S' {
-        return Err(invalid("the cluster refused TLS"));
-    }
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a valid name");
-    let mut server = cluster.client_tls.connect(name, upstream).await?;
+    let mut server = upstream_tls(cluster).await?;
     server
         .write_all(&(rewritten.len() as u32 + 4).to_be_bytes())
         .await?;
     server.write_all(&rewritten).await?;
     tokio::io::copy_bidirectional(&mut client, &mut server).await?;
     Ok(())
+}
+
+/// A TLS session with the cluster, opened as a client that asks for TLS first.
+async fn upstream_tls(
+    cluster: &Cluster,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut upstream = TcpStream::connect(("127.0.0.1", cluster.port)).await?;
+    upstream.write_all(&8u32.to_be_bytes()).await?;
+    upstream.write_all(&SSL_REQUEST.to_be_bytes()).await?;
+    if upstream.read_u8().await? != b'S' {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the cluster refused TLS",
+        ));
+    }
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a valid name");
+    cluster.client_tls.connect(name, upstream).await
 }
