@@ -23,12 +23,42 @@ pub const DATABASE_VARIABLES: [&str; 6] = [
     "DSQL_ENDPOINT",
 ];
 
+/// Databricks credentials: set without any of [`DATABASE_VARIABLES`], they mean Lakebase (and
+/// an error naming what is missing), never a silent fallback to a local database. Beside a
+/// database variable they are left alone: Databricks tools set them for their own use.
+const DATABRICKS_CREDENTIAL_VARIABLES: [&str; 6] = [
+    "DATABRICKS_AUTH_TYPE",
+    "DATABRICKS_TOKEN",
+    "DATABRICKS_CLIENT_ID",
+    "DATABRICKS_CLIENT_SECRET",
+    "DATABRICKS_OIDC_TOKEN_FILEPATH",
+    "DATABRICKS_CONFIG_PROFILE",
+];
+
+#[cfg(feature = "lakebase")]
+impl crate::credentials::Lakebase {
+    /// The Lakebase credential source the environment describes, as [`Config::from_env`]
+    /// builds it (Databricks unified auth, `LAKEBASE_ENDPOINT` or `LAKEBASE_INSTANCE`, and
+    /// `DAL_PRODUCT`): for the [`Management`](crate::lakebase::Management) API of the same
+    /// workspace, say.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the setting that is missing or malformed.
+    pub fn from_env() -> Result<Self> {
+        let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Env(&get).lakebase_source().map(|(source, _)| source)
+    }
+}
+
 impl Config {
     /// Whether the process environment names a database: any of [`DATABASE_VARIABLES`] is
-    /// set and not empty.
+    /// set and not empty, or Databricks credentials are (`DATABRICKS_AUTH_TYPE`,
+    /// `DATABRICKS_TOKEN`, `DATABRICKS_CLIENT_ID`, ...), which mean Lakebase.
     pub fn env_names_a_database() -> bool {
         DATABASE_VARIABLES
             .iter()
+            .chain(&DATABRICKS_CREDENTIAL_VARIABLES)
             .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
     }
 
@@ -48,9 +78,14 @@ impl Config {
     /// Like [`from_env`](Self::from_env), reading variables through `get`.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let env = Env(&get);
+        let names_a_database = DATABASE_VARIABLES.iter().any(|v| env.get(v).is_some());
         let lakebase = env.get("DATABRICKS_HOST").is_some()
             || env.get("LAKEBASE_ENDPOINT").is_some()
-            || env.get("LAKEBASE_INSTANCE").is_some();
+            || env.get("LAKEBASE_INSTANCE").is_some()
+            || (!names_a_database
+                && DATABRICKS_CREDENTIAL_VARIABLES
+                    .iter()
+                    .any(|v| env.get(v).is_some()));
         let dsql = env.get("DSQL_ENDPOINT").is_some();
         let url = env.get("DATABASE_URL");
         let conflict = |a: Setting, b: &str| {
@@ -206,6 +241,24 @@ impl Env<'_> {
 
     #[cfg(feature = "lakebase")]
     fn lakebase(&self) -> Result<Config> {
+        let (source, default_user) = self.lakebase_source()?;
+        // Without PGHOST, the connector looks the host up from the endpoint or instance.
+        let db_host = self.get("PGHOST").unwrap_or_default();
+        // Without PGUSER: the service principal's id, else the user the workspace token
+        // belongs to, which the connector looks up (the current user API).
+        let user = self.get("PGUSER").or(default_user).unwrap_or_default();
+        Ok(Config::new(db_host, user)
+            .database(
+                self.get("PGDATABASE")
+                    .unwrap_or_else(|| "databricks_postgres".into()),
+            )
+            .credentials(Credentials::source(source)))
+    }
+
+    /// The Lakebase credential source the Databricks variables describe, and the user it
+    /// signs in as when that is known without a call (a service principal's id).
+    #[cfg(feature = "lakebase")]
+    fn lakebase_source(&self) -> Result<(crate::credentials::Lakebase, Option<String>)> {
         use crate::credentials::{IdTokenSource, Lakebase, LakebaseTarget, WorkspaceAuth};
         use secrecy::SecretString;
 
@@ -400,22 +453,15 @@ impl Env<'_> {
         if let Some(audience) = self.get("DATABRICKS_TOKEN_AUDIENCE") {
             source = source.with_token_audience(audience);
         }
+        if let Some(url) = self.get("DATABRICKS_TOKEN_URL") {
+            source = source.with_token_url(url.trim())?;
+        }
         if let Some(secs) =
             self.parse::<u64>(Setting::LakebaseCredentialTtl, "a whole number of seconds")?
         {
             source = source.with_ttl(Duration::from_secs(secs))?;
         }
-        // Without PGHOST, the connector looks the host up from the endpoint or instance.
-        let db_host = self.get("PGHOST").unwrap_or_default();
-        // Without PGUSER: the service principal's id, else the user the workspace token
-        // belongs to, which the connector looks up (the current user API).
-        let user = self.get("PGUSER").or(default_user).unwrap_or_default();
-        Ok(Config::new(db_host, user)
-            .database(
-                self.get("PGDATABASE")
-                    .unwrap_or_else(|| "databricks_postgres".into()),
-            )
-            .credentials(Credentials::source(source)))
+        Ok((source, default_user))
     }
 
     #[cfg(not(feature = "lakebase"))]
@@ -611,9 +657,12 @@ mod tests {
         };
         // An ID token next to the client id (env-oidc, file-oidc, github-oidc): the service
         // principal is the user.
+        let file = std::env::temp_dir().join(format!("dal-oidc-{}", std::process::id()));
+        std::fs::write(&file, "eyJ.x.y").unwrap();
+        let file: &'static str = file.display().to_string().leak();
         for extra in [
             &[("DATABRICKS_OIDC_TOKEN", "eyJ.x.y")][..],
-            &[("DATABRICKS_OIDC_TOKEN_FILEPATH", "/var/run/token")],
+            &[("DATABRICKS_OIDC_TOKEN_FILEPATH", file)],
             &[
                 (
                     "ACTIONS_ID_TOKEN_REQUEST_URL",
@@ -636,6 +685,26 @@ mod tests {
         assert_eq!(setting(&v), "ACTIONS_ID_TOKEN_REQUEST_URL");
         // A client id alone is a service principal without its secret.
         assert_eq!(setting(&base), "DATABRICKS_CLIENT_SECRET");
+        // A token file that is not there is told at once, before any call.
+        let mut v = base.clone();
+        v.push(("DATABRICKS_OIDC_TOKEN_FILEPATH", "/nonexistent/token"));
+        assert_eq!(setting(&v), "DATABRICKS_OIDC_TOKEN_FILEPATH");
+        let _ = std::fs::remove_file(file);
+    }
+
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn databricks_credentials_alone_mean_lakebase_not_a_silent_fallback() {
+        for var in ["DATABRICKS_TOKEN", "DATABRICKS_CLIENT_ID", "DATABRICKS_AUTH_TYPE"] {
+            assert_eq!(setting(&[(var, "x")]), "DATABRICKS_HOST", "{var}");
+        }
+        // Beside a database they are another tool's business.
+        let c = config(&[
+            ("DATABRICKS_TOKEN", "dapi-for-the-cli"),
+            ("DATABASE_URL", "postgres://u:p@db.example.com/shop"),
+        ])
+        .unwrap();
+        assert_eq!(c.host, "db.example.com");
     }
 
     #[test]

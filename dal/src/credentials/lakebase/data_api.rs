@@ -26,7 +26,7 @@ use crate::token_cache::TokenCache;
 ///     connector.cache().clone(),
 /// )?;
 /// let recent = api
-///     .from("customer")
+///     .from("customers")
 ///     .select(&["id", "email"])
 ///     .eq("name", "Ada")
 ///     .order("created_at", false)
@@ -57,8 +57,10 @@ impl std::fmt::Debug for DataApi {
 }
 
 impl DataApi {
-    /// A client of the Data API at `url` (the database's REST URL, tables below it), sending
-    /// the tokens of `cache` as bearer tokens.
+    /// A client of the Data API at `url` (the database's REST URL, tables below it: the
+    /// address the Lakebase UI shows on the Data API page of the project once it is enabled),
+    /// sending the tokens of `cache` (such as [`Connector::cache`](crate::Connector::cache)) as
+    /// bearer tokens. Requests time out after 30 s ([`with_timeout`](Self::with_timeout)).
     ///
     /// # Errors
     ///

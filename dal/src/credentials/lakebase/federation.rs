@@ -62,6 +62,18 @@ impl IdTokenSource {
                 Setting::DatabricksOidcTokenFilepath,
                 "must not be empty",
             )),
+            // There at the start, as the SDKs check; read again at each renewal.
+            IdTokenSource::File(path) => match std::fs::metadata(path) {
+                Ok(m) if m.is_file() => Ok(()),
+                Ok(_) => Err(Error::config(
+                    Setting::DatabricksOidcTokenFilepath,
+                    format!("{} is not a file", path.display()),
+                )),
+                Err(e) => Err(Error::config(
+                    Setting::DatabricksOidcTokenFilepath,
+                    format!("cannot read {}: {e}", path.display()),
+                )),
+            },
             IdTokenSource::GitHubActions {
                 request_url,
                 request_token,
@@ -107,10 +119,6 @@ impl Lakebase {
         source: &IdTokenSource,
         audience: &str,
     ) -> Result<SecretString> {
-        let failed = |what: String| Error::Credential {
-            source_kind: KIND,
-            source: what.into(),
-        };
         let token = match source {
             IdTokenSource::Env(name) => std::env::var(name).map_err(|_| {
                 Error::config(
@@ -156,10 +164,19 @@ impl Lakebase {
         };
         let token = token.trim();
         if token.is_empty() {
-            return Err(failed(format!(
-                "the OIDC ID token of {} is empty",
-                source.auth_type()
-            )));
+            return Err(match source {
+                IdTokenSource::Env(name) => {
+                    Error::config(Setting::DatabricksOidcToken, format!("{name} is empty"))
+                }
+                IdTokenSource::File(path) => Error::config(
+                    Setting::DatabricksOidcTokenFilepath,
+                    format!("{} is empty", path.display()),
+                ),
+                IdTokenSource::GitHubActions { .. } => Error::Credential {
+                    source_kind: KIND,
+                    source: "the GitHub Actions ID token service answered an empty token".into(),
+                },
+            });
         }
         Ok(SecretString::from(token.to_owned()))
     }

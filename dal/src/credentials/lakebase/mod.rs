@@ -485,6 +485,18 @@ impl Lakebase {
         self
     }
 
+    /// Uses this OAuth token endpoint instead of discovering it (`DATABRICKS_TOKEN_URL`), for
+    /// every OAuth way to sign in.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::DatabricksTokenUrl`] when `url` is not `https`
+    /// (`http` on loopback only).
+    pub fn with_token_url(mut self, url: &str) -> Result<Self> {
+        self.token_url = Some(parse_url(url, Setting::DatabricksTokenUrl)?);
+        Ok(self)
+    }
+
     /// The audience to ask federated ID tokens for (`DATABRICKS_TOKEN_AUDIENCE`), where the
     /// source can ask for one (GitHub Actions). Defaults to the workspace's token endpoint,
     /// as the Databricks SDKs do.
@@ -839,12 +851,23 @@ impl Lakebase {
         {
             return Ok(self.authorization_from(&state, token));
         }
+        // A token of the environment or a file first, so that a missing one is told before
+        // any call; GitHub's is asked for the token endpoint as its audience.
+        let early = match id_token {
+            IdTokenSource::GitHubActions { .. } => None,
+            _ => Some(self.id_token(id_token, "").await?),
+        };
         let token_url = self.token_url_of(&mut state).await?;
-        let audience = self
-            .token_audience
-            .clone()
-            .unwrap_or_else(|| token_url.to_string());
-        let subject = self.id_token(id_token, &audience).await?;
+        let subject = match early {
+            Some(subject) => subject,
+            None => {
+                let audience = self
+                    .token_audience
+                    .clone()
+                    .unwrap_or_else(|| token_url.to_string());
+                self.id_token(id_token, &audience).await?
+            }
+        };
         let mut form = vec![
             ("grant_type", federation::TOKEN_EXCHANGE_GRANT),
             ("subject_token", subject.expose_secret()),
