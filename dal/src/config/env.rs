@@ -695,7 +695,11 @@ mod tests {
     #[cfg(feature = "lakebase")]
     #[test]
     fn databricks_credentials_alone_mean_lakebase_not_a_silent_fallback() {
-        for var in ["DATABRICKS_TOKEN", "DATABRICKS_CLIENT_ID", "DATABRICKS_AUTH_TYPE"] {
+        for var in [
+            "DATABRICKS_TOKEN",
+            "DATABRICKS_CLIENT_ID",
+            "DATABRICKS_AUTH_TYPE",
+        ] {
             assert_eq!(setting(&[(var, "x")]), "DATABRICKS_HOST", "{var}");
         }
         // Beside a database they are another tool's business.
