@@ -270,6 +270,18 @@ pub fn http() -> reqwest::Client {
         .expect("build the HTTP client")
 }
 
+/// A connector for `config` and its SeaORM pool, with the sample schema migrated through it.
+pub async fn migrated_connector(config: dal::Config) -> (dal::Connector, DatabaseConnection) {
+    let connector = dal::Connector::new(config)
+        .await
+        .expect("build the connector");
+    let db = connector.seaorm().await.expect("the SeaORM pool");
+    <migration::Migrator as migration::MigratorTrait>::up(&db, None)
+        .await
+        .expect("migrate");
+    (connector, db)
+}
+
 /// The local Lakebase service in front of `pg`, with database tokens living `ttl`, and a
 /// fresh database `name` owned by its role.
 pub async fn lakebase(pg: &LocalPostgres, name: &str, ttl: Duration) -> dal::local::LocalLakebase {

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use dal::Connector;
 use dal::lakebase::{Management, TemporaryBranch};
 use dal::local::{LocalLakebase, LocalLakebaseConfig};
 use sea_orm::{ConnectionTrait, Statement};
@@ -42,17 +41,8 @@ async fn a_test_gets_a_branch_of_its_own_and_leaves_nothing_behind() {
     assert_ne!(host, "localhost", "the branch has an endpoint of its own");
 
     // Migrations and a query on the branch, through its endpoint, with the same database name.
-    let connector = Connector::new(
-        branch
-            .config(&lb.client_config(&pg, "trunk").unwrap())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let db = connector.seaorm().await.unwrap();
-    <migration::Migrator as migration::MigratorTrait>::up(&db, None)
-        .await
-        .unwrap();
+    let base = lb.client_config(&pg, "trunk").unwrap();
+    let (connector, db) = tests::migrated_connector(branch.config(&base).unwrap()).await;
     let tables = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),

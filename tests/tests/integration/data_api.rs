@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use dal::Connector;
 use dal::lakebase::DataApi;
 use serde_json::json;
 
@@ -12,13 +11,7 @@ use serde_json::json;
 async fn the_data_api_reads_and_writes_with_the_pools_tokens() {
     let pg = tests::server().await;
     let lb = tests::lakebase(&pg, "rest", Duration::from_secs(60)).await;
-    let connector = Connector::new(lb.client_config(&pg, "rest").unwrap())
-        .await
-        .unwrap();
-    let db = connector.seaorm().await.unwrap();
-    <migration::Migrator as migration::MigratorTrait>::up(&db, None)
-        .await
-        .unwrap();
+    let (connector, db) = tests::migrated_connector(lb.client_config(&pg, "rest").unwrap()).await;
     let api = DataApi::new(&lb.data_api_url("rest"), connector.cache().clone())
         .unwrap()
         .with_product("acme_orders/1.0")

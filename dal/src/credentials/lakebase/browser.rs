@@ -132,13 +132,7 @@ impl Lakebase {
             // The login holds for this process; the next one logs in again.
             tracing::warn!(error = %e, "the refresh token cannot be kept");
         }
-        Ok(self.keep_token(
-            &mut state,
-            issued.authorization,
-            issued.access_token,
-            requested_at,
-            issued.lifetime,
-        ))
+        Ok(self.keep_token(&mut state, issued, requested_at))
     }
 
     /// Waits for the login under way, or starts one, and trades its code for tokens.

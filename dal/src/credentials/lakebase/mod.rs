@@ -826,13 +826,7 @@ impl Lakebase {
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(TOKEN_REQUEST_BODY);
         let issued = self.token_call(&token_url, request, None).await?;
-        Ok(self.keep_token(
-            &mut state,
-            issued.authorization,
-            issued.access_token,
-            requested_at,
-            issued.lifetime,
-        ))
+        Ok(self.keep_token(&mut state, issued, requested_at))
     }
 
     /// The workspace token of workload identity federation: a new ID token traded at the
@@ -880,13 +874,7 @@ impl Lakebase {
         let requested_at = self.clock.now();
         let request = self.client.post(token_url.clone()).form(&form);
         let issued = self.token_call(&token_url, request, Some(&subject)).await?;
-        Ok(self.keep_token(
-            &mut state,
-            issued.authorization,
-            issued.access_token,
-            requested_at,
-            issued.lifetime,
-        ))
+        Ok(self.keep_token(&mut state, issued, requested_at))
     }
 
     /// The token endpoint: the configured one, else the one discovered (once).
@@ -903,16 +891,20 @@ impl Lakebase {
         Ok(url)
     }
 
-    /// Keeps a new workspace token, renewed a margin before `lifetime` from `requested_at`
+    /// Keeps a new workspace token, renewed a margin before its lifetime from `requested_at`
     /// runs out, and returns its authorization.
     fn keep_token(
         &self,
         state: &mut AuthState,
-        authorization: HeaderValue,
-        access_token: SecretString,
+        issued: Issued,
         requested_at: SystemTime,
-        lifetime: Duration,
     ) -> Authorization {
+        let Issued {
+            authorization,
+            access_token,
+            lifetime,
+            ..
+        } = issued;
         state.generation += 1;
         let token = WorkspaceToken {
             authorization,
@@ -1009,7 +1001,13 @@ impl Lakebase {
             .unwrap_or(now);
         let lifetime = expiry.duration_since(now).unwrap_or_default();
         let access_token = SecretString::from(access_token.to_owned());
-        Ok(self.keep_token(&mut state, authorization, access_token, now, lifetime))
+        let issued = Issued {
+            authorization,
+            access_token,
+            lifetime,
+            refresh_token: None,
+        };
+        Ok(self.keep_token(&mut state, issued, now))
     }
 
     fn authorization_from(&self, state: &AuthState, token: &WorkspaceToken) -> Authorization {

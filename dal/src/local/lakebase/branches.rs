@@ -165,6 +165,15 @@ fn not_found(what: &str, name: &str) -> Response {
     )
 }
 
+/// What the service answers for a path it has no API at.
+fn no_api(method: &str, name: &str) -> Response {
+    api_error(
+        StatusCode::NOT_FOUND,
+        "ENDPOINT_NOT_FOUND",
+        &format!("No API found for '{method} /api/2.0/postgres/{name}'"),
+    )
+}
+
 fn invalid(message: &str) -> Response {
     api_error(StatusCode::BAD_REQUEST, "INVALID_PARAMETER_VALUE", message)
 }
@@ -220,11 +229,7 @@ pub(super) async fn get(
             |o| Json(o).into_response(),
         ),
         ["projects", ..] => not_found("Resource", &name),
-        _ => api_error(
-            StatusCode::NOT_FOUND,
-            "ENDPOINT_NOT_FOUND",
-            &format!("No API found for 'GET /api/2.0/postgres/{name}'"),
-        ),
+        _ => no_api("GET", &name),
     }
 }
 
@@ -261,11 +266,7 @@ pub(super) async fn post(
             };
             create_endpoint(&shared, &name, id, &body).await
         }
-        _ => api_error(
-            StatusCode::NOT_FOUND,
-            "ENDPOINT_NOT_FOUND",
-            &format!("No API found for 'POST /api/2.0/postgres/{name}'"),
-        ),
+        _ => no_api("POST", &name),
     }
 }
 
@@ -292,11 +293,7 @@ pub(super) async fn delete(
                 }
             }
         }
-        _ => api_error(
-            StatusCode::NOT_FOUND,
-            "ENDPOINT_NOT_FOUND",
-            &format!("No API found for 'DELETE /api/2.0/postgres/{name}'"),
-        ),
+        _ => no_api("DELETE", &name),
     }
 }
 
