@@ -162,7 +162,7 @@ impl LocalPostgres {
         args.push(root.clone().into());
         args.extend(server_args(&root, port, true));
         if lakebase_like {
-            args.extend(lakebase_libraries(bindir, &root)?);
+            args.extend(lakebase_libraries(bindir, &root, user)?);
         }
         let mut shell = user
             .command("/bin/sh")
@@ -938,7 +938,7 @@ fn server_args(root: &Path, port: u16, ephemeral: bool) -> Vec<OsString> {
 
 /// The settings that preload Lakebase's libraries by name: `neon` and `databricks_auth` in
 /// `<root>/lib`, links to the installation's `auto_explain` module.
-fn lakebase_libraries(bindir: &Path, root: &Path) -> Result<Vec<OsString>> {
+fn lakebase_libraries(bindir: &Path, root: &Path, user: ServerUser) -> Result<Vec<OsString>> {
     let module = bindir
         .parent()
         .map(|p| p.join("lib").join("auto_explain.so"))
@@ -952,6 +952,8 @@ fn lakebase_libraries(bindir: &Path, root: &Path) -> Result<Vec<OsString>> {
         })?;
     let lib = root.join("lib");
     std::fs::create_dir_all(&lib).map_err(Error::io(&lib))?;
+    // The server user's, so that it removes the directory with the cluster.
+    user.own(&lib)?;
     for name in ["neon.so", "databricks_auth.so"] {
         let link = lib.join(name);
         std::os::unix::fs::symlink(&module, &link).map_err(Error::io(&link))?;

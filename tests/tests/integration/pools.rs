@@ -388,6 +388,11 @@ async fn a_server_with_lakebases_libraries_is_lakebase() {
         .unwrap();
     assert!(connector.is_lakebase().await.unwrap());
     connector.shutdown().await;
+    // Its stand-in libraries go with it.
+    let root = pg.root().to_owned();
+    drop(lb);
+    drop(pg);
+    assert!(!root.exists(), "{} left behind", root.display());
 }
 
 /// A plain PostgreSQL server is not taken for Lakebase: neither its host name nor its
