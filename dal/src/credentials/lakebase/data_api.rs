@@ -12,7 +12,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use reqwest::{Method, Url};
 use serde_json::Value;
 
-use super::{build_client, endpoint_of, is_loopback, parse_url, sensitive_header};
+use super::{build_client, endpoint_of, is_loopback, parse_url, read_reply, sensitive_header};
 use crate::error::{Error, Result, Setting};
 use crate::token_cache::TokenCache;
 
@@ -161,38 +161,8 @@ impl DataApi {
             } else if method != Method::GET {
                 request = request.header("Prefer", "return=representation");
             }
-            let transport = |e: reqwest::Error| Error::HttpTransport {
-                endpoint: shown.clone(),
-                what: "the Data API request failed".into(),
-                source: Some(Box::new(e.without_url())),
-            };
-            let answer = tokio::time::timeout(self.timeout, async {
-                let mut response = request.send().await.map_err(transport)?;
-                let status = response.status();
-                let mut bytes = Vec::new();
-                while let Some(chunk) = response.chunk().await.map_err(transport)? {
-                    if bytes.len() + chunk.len() > MAX_ANSWER {
-                        return Err(Error::HttpTransport {
-                            endpoint: shown.clone(),
-                            what: format!("the answer is larger than {MAX_ANSWER} bytes"),
-                            source: None,
-                        });
-                    }
-                    bytes.extend_from_slice(&chunk);
-                }
-                Ok((status, bytes))
-            })
-            .await;
-            let (status, bytes) = match answer {
-                Ok(answer) => answer?,
-                Err(_) => {
-                    return Err(Error::HttpTransport {
-                        endpoint: shown,
-                        what: format!("no complete answer within {:?}", self.timeout),
-                        source: None,
-                    });
-                }
-            };
+            let reply = read_reply(&shown, request, self.timeout, MAX_ANSWER).await?;
+            let (status, bytes) = (reply.status, reply.body);
             if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
                 self.cache.invalidate(&token);
                 continue;

@@ -1187,73 +1187,11 @@ impl Lakebase {
             .filter(Value::is_object))
     }
 
-    /// Sends one request within the timeout and reads the whole answer.
+    /// Sends one request within the HTTP timeout, with the source's `User-Agent`, and reads
+    /// the whole answer.
     async fn send(&self, path: &str, request: reqwest::RequestBuilder) -> Result<Reply> {
-        enum Failure {
-            Http(reqwest::Error),
-            TooLarge,
-        }
-        let started = Instant::now();
         let request = request.header(USER_AGENT, &self.user_agent);
-        let outcome = tokio::time::timeout(self.http_timeout, async {
-            let mut response = request.send().await.map_err(Failure::Http)?;
-            let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let mut body = Vec::new();
-            while let Some(chunk) = response.chunk().await.map_err(Failure::Http)? {
-                if body.len() + chunk.len() > MAX_BODY {
-                    return Err(Failure::TooLarge);
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(Reply {
-                status,
-                body,
-                retry_after,
-            })
-        })
-        .await;
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        let (what, source): (String, Option<Box<dyn std::error::Error + Send + Sync>>) =
-            match outcome {
-                Ok(Ok(reply)) => {
-                    tracing::debug!(
-                        path,
-                        status = reply.status.as_u16(),
-                        elapsed_ms,
-                        "lakebase HTTP call"
-                    );
-                    return Ok(reply);
-                }
-                Err(_) => (
-                    format!("no complete answer within {:?}", self.http_timeout),
-                    None,
-                ),
-                Ok(Err(Failure::TooLarge)) => {
-                    (format!("the answer is larger than {MAX_BODY} bytes"), None)
-                }
-                Ok(Err(Failure::Http(e))) => {
-                    let what = if e.is_connect() {
-                        "cannot connect"
-                    } else if e.is_timeout() {
-                        "timed out"
-                    } else {
-                        "the HTTP request failed"
-                    };
-                    (what.to_owned(), Some(Box::new(e.without_url())))
-                }
-            };
-        tracing::debug!(path, elapsed_ms, error = %what, "lakebase HTTP call failed");
-        Err(Error::HttpTransport {
-            endpoint: path.to_owned(),
-            what,
-            source,
-        })
+        read_reply(path, request, self.http_timeout, MAX_BODY).await
     }
 
     /// Maps a vendor error answer, whichever of the Databricks error shapes it has.
@@ -1365,6 +1303,74 @@ impl CredentialSource for Lakebase {
             }
         })
     }
+}
+
+/// Sends one request within `timeout` and reads the whole answer, of at most `max_body`
+/// bytes; a failure names `path` (no query string) and says what went wrong.
+async fn read_reply(
+    path: &str,
+    request: reqwest::RequestBuilder,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<Reply> {
+    enum Failure {
+        Http(reqwest::Error),
+        TooLarge,
+    }
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(timeout, async {
+        let mut response = request.send().await.map_err(Failure::Http)?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(Failure::Http)? {
+            if body.len() + chunk.len() > max_body {
+                return Err(Failure::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Reply {
+            status,
+            body,
+            retry_after,
+        })
+    })
+    .await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let (what, source): (String, Option<Box<dyn std::error::Error + Send + Sync>>) = match outcome {
+        Ok(Ok(reply)) => {
+            tracing::debug!(
+                path,
+                status = reply.status.as_u16(),
+                elapsed_ms,
+                "lakebase HTTP call"
+            );
+            return Ok(reply);
+        }
+        Err(_) => (format!("no complete answer within {:?}", timeout), None),
+        Ok(Err(Failure::TooLarge)) => (format!("the answer is larger than {max_body} bytes"), None),
+        Ok(Err(Failure::Http(e))) => {
+            let what = if e.is_connect() {
+                "cannot connect"
+            } else if e.is_timeout() {
+                "timed out"
+            } else {
+                "the HTTP request failed"
+            };
+            (what.to_owned(), Some(Box::new(e.without_url())))
+        }
+    };
+    tracing::debug!(path, elapsed_ms, error = %what, "lakebase HTTP call failed");
+    Err(Error::HttpTransport {
+        endpoint: path.to_owned(),
+        what,
+        source,
+    })
 }
 
 /// A resource name as a URL path: each segment escaped, so that none can reach another path.
