@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use secrecy::ExposeSecret;
 
 #[cfg(feature = "diesel")]
@@ -17,6 +18,8 @@ use crate::credentials::{CredentialSource, StaticPassword, Token};
 use crate::error::{Error, ErrorChain, Result, Setting};
 #[cfg(feature = "diesel")]
 use crate::pool::DieselPool;
+#[cfg(feature = "seaorm")]
+use crate::pool::SeaOrmPool;
 use crate::pool::{self, Open, PgClientPool, Registry};
 use crate::rate_limit::ConnectLimiter;
 use crate::retry::Backoff;
@@ -50,7 +53,7 @@ pub type Connection = tokio_postgres::Connection<
 /// # async fn demo() -> dal::Result<()> {
 /// let connector = dal::Connector::new(dal::Config::from_env()?).await?;
 /// # #[cfg(feature = "seaorm")]
-/// let db = connector.seaorm().await?;          // sea_orm::DatabaseConnection
+/// let db = connector.seaorm().await?;          // dal::SeaOrmPool, for SeaORM
 /// # #[cfg(feature = "diesel")] {
 /// let diesel = connector.diesel_pool().await?; // bb8 pool of diesel-async connections
 /// let mut conn = diesel.get().await?;
@@ -500,18 +503,24 @@ impl Connector {
     /// open (a [connection failure](Error::is_connection_failure), not a refused login) is
     /// opened at the next endpoint that answers, which becomes the active one for every pool.
     pub async fn connect(&self) -> Result<(tokio_postgres::Client, Connection)> {
+        self.connect_by(Self::open_postgres).await
+    }
+
+    /// [`connect`](Self::connect)'s way through endpoints, limits and refused tokens, for a
+    /// physical connection that `open` opens with a token at one endpoint.
+    pub(crate) async fn connect_by<T>(&self, open: OpenWith<T>) -> Result<T> {
         let count = 1 + self.shared.peers.len();
         let start = self.shared.active.load(Ordering::Relaxed);
         let mut first_failure = None;
         for k in 0..count {
             let i = (start + k) % count;
             let endpoint = self.endpoint(i);
-            match endpoint.connect_here().await {
-                Ok(pair) => {
+            match endpoint.connect_here(open).await {
+                Ok(conn) => {
                     if i != start {
                         self.fail_over(start, i);
                     }
-                    return Ok(pair);
+                    return Ok(conn);
                 }
                 Err(e) if count > 1 && e.is_connection_failure() && !e.is_auth_failure() => {
                     tracing::warn!(
@@ -553,11 +562,11 @@ impl Connector {
     }
 
     /// One connection to this endpoint: limits and a refused token handled, no failover.
-    async fn connect_here(&self) -> Result<(tokio_postgres::Client, Connection)> {
+    async fn connect_here<T>(&self, open: OpenWith<T>) -> Result<T> {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
-            match self.connect_once().await {
+            match self.connect_once(open).await {
                 Err(e) if matches!(e.sqlstate(), Some("53300" | "53400")) => {
                     attempt += 1;
                     let delay = SERVER_LIMIT_BACKOFF.delay(attempt);
@@ -576,10 +585,10 @@ impl Connector {
     }
 
     /// One connection: a refused token is replaced once, nothing else is retried.
-    async fn connect_once(&self) -> Result<(tokio_postgres::Client, Connection)> {
+    async fn connect_once<T>(&self, open: OpenWith<T>) -> Result<T> {
         let cache = &self.shared.cache;
         let token = self.token().await?;
-        match self.connect_with(&token).await {
+        match self.connect_with(&token, open).await {
             Err(e) if e.is_auth_failure() => {
                 tracing::warn!(
                     source = cache.source_kind(),
@@ -588,7 +597,7 @@ impl Connector {
                 );
                 cache.invalidate(&token);
                 let token = self.token().await?;
-                self.connect_with(&token).await
+                self.connect_with(&token, open).await
             }
             other => other,
         }
@@ -665,39 +674,78 @@ impl Connector {
             })?
     }
 
-    async fn connect_with(&self, token: &Token) -> Result<(tokio_postgres::Client, Connection)> {
+    /// One connection opened by `open`, after its place under the connection rate and within
+    /// the connect timeout.
+    async fn connect_with<T>(&self, token: &Token, open: OpenWith<T>) -> Result<T> {
         if let Some(limiter) = &self.shared.limiter {
             limiter.until_ready().await;
         }
-        let config = self.pg_config(token);
-        let connect = config.connect(self.shared.tls.connector());
         let timeout = self.shared.connect_timeout;
-        let result =
-            tokio::time::timeout(timeout, connect)
-                .await
-                .map_err(|_| Error::ConnectTimeout {
-                    endpoint: format!("{}:{}", self.shared.host, self.shared.port),
-                    timeout,
-                })?;
-        match result {
-            Ok(pair) => {
-                self.shared.opened.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(telemetry::CONNECTIONS_OPENED).increment(1);
-                tracing::debug!(host = %self.shared.host, user = %self.shared.user, "connection opened");
-                Ok(pair)
+        let conn = tokio::time::timeout(timeout, open(self, token))
+            .await
+            .map_err(|_| Error::ConnectTimeout {
+                endpoint: format!("{}:{}", self.shared.host, self.shared.port),
+                timeout,
+            })??;
+        self.shared.opened.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::CONNECTIONS_OPENED).increment(1);
+        tracing::debug!(host = %self.shared.host, user = %self.shared.user, "connection opened");
+        Ok(conn)
+    }
+
+    /// A tokio-postgres connection to this endpoint with `token`.
+    fn open_postgres<'a>(
+        &'a self,
+        token: &'a Token,
+    ) -> BoxFuture<'a, Result<(tokio_postgres::Client, Connection)>> {
+        Box::pin(async move {
+            let config = self.pg_config(token);
+            match config.connect(self.shared.tls.connector()).await {
+                Ok(pair) => Ok(pair),
+                Err(e) if is_refused_login(&e) => {
+                    let sqlstate = e.code().map(|c| c.code().to_owned());
+                    Err(self.refused(sqlstate.as_deref(), |user| Error::AuthFailed {
+                        user,
+                        source: e,
+                    }))
+                }
+                Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
+                Err(e) => Err(Error::Database(e)),
             }
-            Err(e) if is_refused_login(&e) => {
-                metrics::counter!(telemetry::AUTH_FAILURES).increment(1);
-                let sqlstate = e.code().map(|c| c.code());
-                tracing::debug!(user = %self.shared.user, sqlstate, "login refused");
-                Err(Error::AuthFailed {
-                    user: self.shared.user.clone(),
-                    source: e,
-                })
+        })
+    }
+
+    /// A sqlx connection to this endpoint with `token`, for the SeaORM pool.
+    #[cfg(feature = "seaorm")]
+    fn open_sqlx<'a>(
+        &'a self,
+        token: &'a Token,
+    ) -> BoxFuture<'a, Result<sea_orm::sqlx::PgConnection>> {
+        use sea_orm::sqlx::Connection as _;
+        Box::pin(async move {
+            let options = self.sqlx_options()?.password(token.expose());
+            match sea_orm::sqlx::PgConnection::connect_with(&options).await {
+                Ok(conn) => Ok(conn),
+                Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
+                Err(e) => {
+                    let e = Error::SeaOrm(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(
+                        Arc::new(e),
+                    )));
+                    if e.is_auth_failure() {
+                        let sqlstate = e.sqlstate().map(str::to_owned);
+                        return Err(self.refused(sqlstate.as_deref(), |_| e));
+                    }
+                    Err(e)
+                }
             }
-            Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
-            Err(e) => Err(Error::Database(e)),
-        }
+        })
+    }
+
+    /// Counts and logs a login the server refused, and makes its error for this user.
+    fn refused(&self, sqlstate: Option<&str>, error: impl FnOnce(String) -> Error) -> Error {
+        metrics::counter!(telemetry::AUTH_FAILURES).increment(1);
+        tracing::debug!(user = %self.shared.user, sqlstate, "login refused");
+        error(self.shared.user.clone())
     }
 
     /// A sqlx pool whose connections log in with the cached token. sqlx cannot ask for a
@@ -712,9 +760,8 @@ impl Connector {
     ///
     /// sqlx tells nothing of a refused login: with a source whose tokens stop working before
     /// the expiry they claim (a revoked token, a skewed clock), its new connections fail until
-    /// a fresh token is pushed: at the next refresh, as soon as another pool of this connector
-    /// meets the refusal, or as soon as a [`transactions`](Self::transactions) call on this
-    /// pool does. Lakebase and DSQL keep every token valid until it expires.
+    /// a fresh token is pushed: at the next refresh, or as soon as another pool of this
+    /// connector meets the refusal. Lakebase and DSQL keep every token valid until it expires.
     ///
     /// # Errors
     ///
@@ -722,17 +769,6 @@ impl Connector {
     /// `verify-full` (see [`Config::hostaddr`](crate::Config::hostaddr)).
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool_with(&self, settings: &PoolSettings) -> Result<PgPool> {
-        self.sqlx_pool_forgetting(settings, pool::sqlx::ForgetStatements::default())
-            .await
-    }
-
-    /// A sqlx pool whose connections forget their prepared statements when `forget` says so.
-    #[cfg(feature = "seaorm")]
-    async fn sqlx_pool_forgetting(
-        &self,
-        settings: &PoolSettings,
-        forget: pool::sqlx::ForgetStatements,
-    ) -> Result<PgPool> {
         self.refuse_if_shut_down()?;
         let s = &self.shared;
         let endpoints = (0..=s.peers.len())
@@ -741,14 +777,7 @@ impl Connector {
                 Ok((endpoint.shared.cache.clone(), endpoint.sqlx_options()?))
             })
             .collect::<Result<Vec<_>>>()?;
-        let pool = pool::sqlx::build(
-            &endpoints,
-            Arc::clone(&s.active),
-            settings,
-            &s.pools,
-            forget,
-        )
-        .await?;
+        let pool = pool::sqlx::build(&endpoints, Arc::clone(&s.active), settings, &s.pools).await?;
         s.sqlx_pools
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -756,33 +785,47 @@ impl Connector {
         Ok(pool)
     }
 
-    /// A SeaORM connection (over a [`sqlx_pool`](Self::sqlx_pool)).
+    /// SeaORM over a pool of this connector: each new physical connection (sqlx's) opens with
+    /// a token from the cache, TLS and the startup parameters of this connector, as the Diesel
+    /// pool's do. See [`SeaOrmPool`] for what it checks and when.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::HostAddr`] when `hostaddr` is set under
+    /// `verify-full`: sqlx would verify the certificate against the address.
     #[cfg(feature = "seaorm")]
-    pub async fn seaorm(&self) -> Result<sea_orm::DatabaseConnection> {
+    pub async fn seaorm(&self) -> Result<SeaOrmPool> {
         self.seaorm_with(&self.shared.pool).await
     }
 
     /// Like [`seaorm`](Self::seaorm), with its own pool sizes and lifetimes.
     ///
-    /// Each query is timed for a `tracing` event and the
-    /// [`QUERY_SECONDS`](telemetry::QUERY_SECONDS) histogram, through SeaORM's metric callback.
-    /// After a failed query, the pool's connections forget their prepared statements as they
-    /// are next handed out: a schema change that alters a result type (SQLSTATE `0A000`,
-    /// "cached plan must not change result type") fails at most one query per connection,
-    /// instead of every query until the connection is replaced.
+    /// Each statement is timed for a `tracing` event and the
+    /// [`QUERY_SECONDS`](telemetry::QUERY_SECONDS) histogram. A statement refused because a
+    /// schema change altered a prepared statement's result type (SQLSTATE `0A000`, "cached
+    /// plan must not change result type") makes its connection forget its prepared
+    /// statements before its next use: such a change fails at most one statement per
+    /// connection.
     #[cfg(feature = "seaorm")]
-    pub async fn seaorm_with(&self, pool: &PoolSettings) -> Result<sea_orm::DatabaseConnection> {
-        let forget = pool::sqlx::ForgetStatements::default();
-        let sqlx = self.sqlx_pool_forgetting(pool, forget.clone()).await?;
-        let mut db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(sqlx);
-        let max_size = pool.max_size;
-        db.set_metric_callback(move |info| {
-            telemetry::query_done("seaorm", info.elapsed, info.failed);
-            if info.failed {
-                forget.after_failure(max_size);
-            }
+    pub async fn seaorm_with(&self, settings: &PoolSettings) -> Result<SeaOrmPool> {
+        self.refuse_if_shut_down()?;
+        for i in 0..=self.shared.peers.len() {
+            self.endpoint(i).sqlx_options()?;
+        }
+        let connector = self.clone();
+        let open: Open<pool::seaorm::Conn> = Arc::new(move || {
+            let connector = connector.clone();
+            Box::pin(async move {
+                let raw = connector.connect_by(Connector::open_sqlx).await?;
+                Ok(pool::seaorm::Conn::new(raw))
+            })
         });
-        Ok(db)
+        Ok(SeaOrmPool::new(pool::build(
+            pool::seaorm::KIND,
+            open,
+            settings,
+            &self.shared.pools,
+        )))
     }
 
     /// A Diesel pool: each new physical connection opens with a token from the cache, TLS and
@@ -885,8 +928,9 @@ impl Connector {
     }
 }
 
-/// Whether the server refused the login itself: SQLSTATE `28P01`, or `28000` from
-/// PostgreSQL's external methods (LDAP, PAM, ...) that token services use.
+/// Opens one physical connection at an endpoint with a token.
+pub(crate) type OpenWith<T> = for<'a> fn(&'a Connector, &'a Token) -> BoxFuture<'a, Result<T>>;
+
 /// Whether TLS failed because no trusted CA signed the server's certificate, anywhere in
 /// `e`'s chain.
 fn is_unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -907,6 +951,8 @@ fn is_unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Whether the server refused the login itself: SQLSTATE `28P01`, or `28000` from
+/// PostgreSQL's external methods (LDAP, PAM, ...) that token services use.
 fn is_refused_login(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     matches!(

@@ -5,7 +5,7 @@
 //!
 //! ```no_run
 //! # #[cfg(all(feature = "seaorm", feature = "diesel"))]
-//! # async fn demo(db: &sea_orm::DatabaseConnection, conn: &mut dal::diesel_async::AsyncPgConnection) -> dal::Result<()> {
+//! # async fn demo(db: &dal::SeaOrmPool, conn: &mut dal::diesel_async::AsyncPgConnection) -> dal::Result<()> {
 //! use dal::diesel::QueryDsl;
 //! use dal::diesel_async::RunQueryDsl;
 //! use sea_orm::EntityTrait;

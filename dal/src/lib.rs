@@ -50,7 +50,7 @@
 //! Layers whose imports point one way, down (no module imports one that imports it back):
 //!
 //! ```text
-//!  tx/{transactions, seaorm, diesel}    pool/{bb8_pool, diesel, postgres, sqlx, registry}
+//!  tx/{transactions, seaorm, diesel}    pool/{bb8_pool, seaorm, diesel, postgres, sqlx, registry}
 //!       |                                    |  (a pool takes a closure that opens a connection)
 //!  connector (Connector: builds pools, connect, health, shutdown)
 //!       |
@@ -109,6 +109,8 @@ pub use error::{Error, Result, Setting};
 #[cfg(feature = "diesel")]
 pub use pool::DieselPool;
 pub use pool::{Manager, PgClientPool, Pool};
+#[cfg(feature = "seaorm")]
+pub use pool::{SeaOrmPool, SeaOrmTransaction};
 pub use retry::{RetryPolicy, RetryPolicyBuilder};
 pub use target::Target;
 pub use telemetry::{Health, PoolHealth};

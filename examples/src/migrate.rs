@@ -11,7 +11,8 @@ use migration::MigratorTrait;
 /// summary counts every fetch). Returns how many migrations it applied.
 pub async fn up(connector: &Connector) -> anyhow::Result<usize> {
     let one = PoolSettings::builder().max_size(1).build()?;
-    let db = connector.seaorm_with(&one).await?;
+    // sea-orm-migration takes SeaORM's own connection: one over a plain sqlx pool.
+    let db = dal::sea_orm::DatabaseConnection::from(connector.sqlx_pool_with(&one).await?);
     let result = async {
         // sea-orm-migration creates its table with IF NOT EXISTS on every run: the server's
         // notice that it exists says nothing.

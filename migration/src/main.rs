@@ -61,7 +61,7 @@ async fn connect(config: Config) -> dal::Result<DatabaseConnection> {
     let connector = Connector::new(config).await?;
     // Fail now, with the cause, rather than with a pool timeout inside the first migration.
     drop(connector.connect().await?);
-    connector.seaorm().await
+    Ok(DatabaseConnection::from(connector.sqlx_pool().await?))
 }
 
 /// A connection that could not be opened, with the server it was for.

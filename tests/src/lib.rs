@@ -81,14 +81,20 @@ pub async fn app_database(pg: &LocalPostgres, name: &str) -> String {
     let connector = Connector::new(pg.config(name, name, &password))
         .await
         .unwrap();
-    let db = connector.seaorm().await.unwrap();
+    let db = migration_db(&connector).await;
     migration::Migrator::up(&db, None).await.expect("migrate");
     connector.shutdown().await;
     password
 }
 
+/// SeaORM's own connection through `connector` (over a plain sqlx pool), as sea-orm-migration
+/// takes it.
+pub async fn migration_db(connector: &Connector) -> DatabaseConnection {
+    DatabaseConnection::from(connector.sqlx_pool().await.expect("the sqlx pool"))
+}
+
 /// Inserts a customer with SeaORM and reads it back.
-pub async fn seaorm_round_trip(db: &sea_orm::DatabaseConnection, tag: &str) {
+pub async fn seaorm_round_trip(db: &impl sea_orm::ConnectionTrait, tag: &str) {
     let email = format!("{tag}-{}@example.com", Uuid::now_v7());
     customer::ActiveModel {
         id: Set(Uuid::now_v7()),
@@ -271,14 +277,14 @@ pub fn http() -> reqwest::Client {
 }
 
 /// A connector for `config` and its SeaORM pool, with the sample schema migrated through it.
-pub async fn migrated_connector(config: dal::Config) -> (dal::Connector, DatabaseConnection) {
+pub async fn migrated_connector(config: dal::Config) -> (dal::Connector, dal::SeaOrmPool) {
     let connector = dal::Connector::new(config)
         .await
         .expect("build the connector");
-    let db = connector.seaorm().await.expect("the SeaORM pool");
-    <migration::Migrator as migration::MigratorTrait>::up(&db, None)
+    <migration::Migrator as migration::MigratorTrait>::up(&migration_db(&connector).await, None)
         .await
         .expect("migrate");
+    let db = connector.seaorm().await.expect("the SeaORM pool");
     (connector, db)
 }
 

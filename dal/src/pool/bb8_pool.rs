@@ -238,6 +238,25 @@ impl<C: Send + 'static> Pool<C> {
     /// tried to open for it fails (one failed attempt fails one caller), with [`Error::PoolTimeout`] after the acquire timeout, and
     /// with [`Error::PoolClosed`] after [`Connector::shutdown`](crate::Connector::shutdown).
     pub async fn get(&self) -> Result<bb8::PooledConnection<'_, Manager<C>>> {
+        self.checkout(Box::pin(self.core.pool.get())).await
+    }
+
+    /// Like [`get`](Self::get), for a connection that does not borrow the pool; boxed, so that
+    /// the futures of `async_trait` methods that await it are `Send` (the compiler cannot
+    /// prove it through bb8's future for every lifetime).
+    #[cfg(feature = "seaorm")]
+    pub(crate) fn get_owned(
+        &self,
+    ) -> BoxFuture<'_, Result<bb8::PooledConnection<'static, Manager<C>>>> {
+        Box::pin(self.checkout(Box::pin(self.core.pool.get_owned())))
+    }
+
+    /// Waits for `get` (bb8's checkout) or for a failure meant for this caller, and records
+    /// the wait.
+    async fn checkout<T>(
+        &self,
+        get: BoxFuture<'_, std::result::Result<T, bb8::RunError<Error>>>,
+    ) -> Result<T> {
         let core = &*self.core;
         if core.closed.load(Ordering::Relaxed) {
             return Err(Error::PoolClosed);
@@ -248,7 +267,7 @@ impl<C: Send + 'static> Pool<C> {
         metrics::gauge!(telemetry::POOL_WAITING, &labels).set(waiting as f64);
         let got = tokio::select! {
             biased;
-            got = core.pool.get() => got.map_err(|e| match e {
+            got = get => got.map_err(|e| match e {
                 bb8::RunError::TimedOut => Error::PoolTimeout(core.acquire_timeout),
                 bb8::RunError::User(e) => e,
             }),

@@ -1,6 +1,6 @@
-//! Pools over a way to connect. The bb8 pools ([`diesel`], [`postgres`]) take a closure that
-//! opens one physical connection (the connector's, which pulls a fresh cached token); the
-//! sqlx pool behind SeaORM ([`sqlx`]) is pushed each new token instead.
+//! Pools over a way to connect. The bb8 pools ([`seaorm`], [`diesel`], [`postgres`]) take a
+//! closure that opens one physical connection (the connector's, which pulls a fresh cached
+//! token); the plain sqlx pool ([`sqlx`]) is pushed each new token instead.
 //!
 //! bb8 opens connections in background tasks and, when one fails, lets the waiting caller
 //! time out. One [`ErrorSink`](bb8::ErrorSink) per pool hands the real cause (such as SQLSTATE
@@ -14,6 +14,8 @@ pub(crate) mod postgres;
 mod registry;
 mod reset;
 #[cfg(feature = "seaorm")]
+pub(crate) mod seaorm;
+#[cfg(feature = "seaorm")]
 pub(crate) mod sqlx;
 
 #[cfg(feature = "diesel")]
@@ -22,3 +24,5 @@ pub use bb8_pool::{Manager, Pool};
 pub(crate) use bb8_pool::{Open, build};
 pub use postgres::PgClientPool;
 pub(crate) use registry::Registry;
+#[cfg(feature = "seaorm")]
+pub use seaorm::{SeaOrmPool, SeaOrmTransaction};

@@ -1,9 +1,9 @@
-//! The sqlx pool behind SeaORM. sqlx cannot ask for a password when it opens a connection,
+//! The plain sqlx pool ([`Connector::sqlx_pool`](crate::Connector::sqlx_pool)). sqlx cannot ask for a password when it opens a connection,
 //! so the token cache pushes each new token into the pool's connect options before the
 //! refresh that fetched it returns, and keeps the token fresh ahead of expiry.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures_util::future::BoxFuture;
 use sea_orm::sqlx::Error as SqlxError;
@@ -16,30 +16,6 @@ use crate::error::Result;
 use crate::telemetry::PoolHealth;
 use crate::token_cache::TokenCache;
 
-/// How many of the next acquisitions first drop the connection's prepared statements.
-///
-/// After a schema change, a prepared statement whose result type changed fails on every run
-/// with SQLSTATE `0A000` ("cached plan must not change result type"), and sqlx keeps it. sqlx
-/// tells nothing of a failed query, but SeaORM's metric callback tells that one failed: after
-/// any failure, the next `max_size` acquisitions (sqlx hands idle connections out in turn, so
-/// about each connection once) forget their statements, at the cost of preparing them again.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ForgetStatements(Arc<AtomicU32>);
-
-impl ForgetStatements {
-    /// A query on this pool failed.
-    pub(crate) fn after_failure(&self, max_size: u32) {
-        self.0.store(max_size, Ordering::Relaxed);
-    }
-
-    /// Whether the connection being acquired should forget its statements.
-    fn take(&self) -> bool {
-        self.0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
-    }
-}
-
 /// A sqlx pool whose connections log in to the `active` one of `endpoints` (the options of
 /// each, without password, and its token cache) with its cached token.
 pub(crate) async fn build(
@@ -47,7 +23,6 @@ pub(crate) async fn build(
     active: Arc<AtomicUsize>,
     settings: &PoolSettings,
     registry: &Registry,
-    forget: ForgetStatements,
 ) -> Result<PgPool> {
     let (cache, base) = &endpoints[active.load(Ordering::Relaxed)];
     let token = cache.token().await?;
@@ -67,17 +42,12 @@ pub(crate) async fn build(
             Box::pin(async move { end_transaction(conn).await.map(|()| true) })
         })
         .before_acquire(move |conn, meta| {
-            let forget = forget.take();
             // sqlx retires a connection past its lifetime as it comes back or when its reaper
             // comes by, not as it is handed out: an idle one could go out minutes past it.
             let expired = lifetime.is_some_and(|lifetime| meta.age >= lifetime);
             Box::pin(async move {
                 if expired {
                     return Ok(false);
-                }
-                use sea_orm::sqlx::Connection;
-                if forget {
-                    conn.clear_cached_statements().await?;
                 }
                 if meta.idle_for >= RECENTLY_USED {
                     end_transaction(conn).await?;
@@ -118,7 +88,7 @@ struct SqlxPool {
 impl PoolHandle for SqlxPool {
     fn health(&self) -> PoolHealth {
         PoolHealth {
-            kind: "seaorm",
+            kind: "sqlx",
             max_size: self.pool.options().get_max_connections(),
             connections: self.pool.size(),
             idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
@@ -155,7 +125,7 @@ async fn end_transaction(conn: &mut PgConnection) -> std::result::Result<(), Sql
     match conn.begin_with("").await {
         Ok(open) => {
             tracing::debug!(
-                pool = "seaorm",
+                pool = "sqlx",
                 "a connection came back inside a transaction; rolling back"
             );
             open.rollback().await

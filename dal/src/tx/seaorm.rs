@@ -1,21 +1,21 @@
 //! SeaORM transactions: retried with a [`TxMode`], and savepoints.
 
 use futures_util::future::BoxFuture;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use sea_orm::TransactionTrait;
 use tracing::Instrument;
 
 use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back};
 use crate::error::{Error, Result};
+use crate::pool::{SeaOrmPool, SeaOrmTransaction};
 
 impl Transactions {
     /// Runs `work` in a SeaORM transaction of `mode` on `db`, retried as the
     /// [type's docs](Self) say. `work` must be idempotent (see there).
     ///
-    /// SeaORM cannot ask for `DEFERRABLE`, so the mode is set by `SET TRANSACTION` as the
-    /// transaction's first statement.
+    /// The mode is the `BEGIN` statement's own (`BEGIN ISOLATION LEVEL ..., DEFERRABLE`).
     ///
     /// ```no_run
-    /// # async fn demo(connector: &dal::Connector, db: &sea_orm::DatabaseConnection) -> dal::Result<()> {
+    /// # async fn demo(connector: &dal::Connector, db: &dal::SeaOrmPool) -> dal::Result<()> {
     /// use sea_orm::ConnectionTrait;
     /// let mode = dal::TxMode::new().isolation(dal::Isolation::Serializable);
     /// connector
@@ -28,14 +28,9 @@ impl Transactions {
     ///     .await
     /// # }
     /// ```
-    pub async fn seaorm<T, F>(
-        &self,
-        db: &DatabaseConnection,
-        mode: TxMode,
-        mut work: F,
-    ) -> Result<T>
+    pub async fn seaorm<T, F>(&self, db: &SeaOrmPool, mode: TxMode, mut work: F) -> Result<T>
     where
-        F: for<'c> FnMut(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>> + Send,
+        F: for<'c> FnMut(&'c SeaOrmTransaction) -> BoxFuture<'c, Result<T>> + Send,
         T: Send,
     {
         let (mut attempt, started) = (1, std::time::Instant::now());
@@ -64,9 +59,9 @@ impl Transactions {
     /// Runs `work` in a savepoint of the SeaORM transaction `txn`: when it fails, what it
     /// did is rolled back and the outer transaction goes on. On an Aurora DSQL target it
     /// fails with [`Error::SavepointUnsupported`] before anything is sent.
-    pub async fn seaorm_savepoint<T, F>(&self, txn: &DatabaseTransaction, work: F) -> Result<T>
+    pub async fn seaorm_savepoint<T, F>(&self, txn: &SeaOrmTransaction, work: F) -> Result<T>
     where
-        F: for<'c> FnOnce(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>>,
+        F: for<'c> FnOnce(&'c SeaOrmTransaction) -> BoxFuture<'c, Result<T>>,
     {
         self.refuse_savepoint()?;
         let nested = txn.begin().await?;
@@ -84,20 +79,18 @@ impl Transactions {
 }
 
 async fn seaorm_once<T, F>(
-    db: &DatabaseConnection,
+    db: &SeaOrmPool,
     mode: TxMode,
     work: &mut F,
 ) -> std::result::Result<T, Failure>
 where
-    F: for<'c> FnMut(&'c DatabaseTransaction) -> BoxFuture<'c, Result<T>> + Send,
+    F: for<'c> FnMut(&'c SeaOrmTransaction) -> BoxFuture<'c, Result<T>> + Send,
 {
     let begin = |e: sea_orm::DbErr| Failure::Begin(Error::SeaOrm(e));
-    let txn = db.begin().await.map_err(begin)?;
-    if let Some(characteristics) = mode.characteristics() {
-        txn.execute_unprepared(&format!("SET TRANSACTION {characteristics}"))
-            .await
-            .map_err(begin)?;
-    }
+    let txn = db
+        .begin_as(mode.characteristics().as_deref())
+        .await
+        .map_err(begin)?;
     tracing::debug!("transaction begun");
     match work(&txn).await {
         Ok(value) => {

@@ -251,7 +251,7 @@ impl Transactions {
     /// their reason (`OC000`, `OC001`, the SQLSTATE, or `connection`).
     ///
     /// ```no_run
-    /// # async fn demo(connector: &dal::Connector, db: &sea_orm::DatabaseConnection) -> dal::Result<()> {
+    /// # async fn demo(connector: &dal::Connector, db: &dal::SeaOrmPool) -> dal::Result<()> {
     /// use sea_orm::ConnectionTrait;
     /// connector
     ///     .transactions()

@@ -228,7 +228,6 @@ async fn application_names(report: &mut Report, config: &Config, connector: &Con
             .await?
             .ok_or_else(|| dal::Error::abort("no row"))?;
         let name: String = row.try_get_by_index(0)?;
-        let _ = db.close().await;
         Ok::<String, dal::Error>(name)
     };
     let diesel = async {

@@ -52,7 +52,7 @@ async fn run() -> anyhow::Result<usize> {
         .config(&pg, "admin", "scratch")?
         .pool(PoolSettings::builder().max_size(1).build()?);
     let connector = Connector::new(config).await?;
-    let db = connector.seaorm().await?;
+    let db = dal::sea_orm::DatabaseConnection::from(connector.sqlx_pool().await?);
     let (name, migrated) = if plain {
         (
             "migration::Migrator",

@@ -34,7 +34,7 @@ use dal::{Connector, DieselPool, PgClientPool, TokenStrategy};
 use entity::models::{NewOrder, Order, OrderItem};
 use entity::schema::{customers, order_items, orders};
 use entity::{customer, order};
-use sea_orm::{ActiveModelTrait, DatabaseConnection, DbErr, EntityTrait, ModelTrait, Set, SqlErr};
+use sea_orm::{ActiveModelTrait, DbErr, EntityTrait, ModelTrait, Set, SqlErr};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
@@ -129,7 +129,7 @@ async fn shutdown_signal() {
 #[derive(Clone)]
 struct App {
     connector: Connector,
-    db: DatabaseConnection,
+    db: dal::SeaOrmPool,
     diesel: DieselPool,
     pg: PgClientPool,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -357,8 +357,7 @@ async fn healthz(State(app): State<App>) -> Response {
         at.duration_since(SystemTime::now())
             .map_or(0, |d| d.as_secs())
     });
-    let sqlx = app.db.get_postgres_connection_pool();
-    let (diesel, pg) = (app.diesel.state(), app.pg.state());
+    let (seaorm, diesel, pg) = (app.db.health(), app.diesel.state(), app.pg.state());
     let body = json!({
         "status": if reachable { "ok" } else { "unavailable" },
         "database": database,
@@ -372,7 +371,7 @@ async fn healthz(State(app): State<App>) -> Response {
             "failed_refreshes": cache.failures(),
         },
         "pools": {
-            "seaorm": {"connections": sqlx.size(), "idle": sqlx.num_idle()},
+            "seaorm": {"connections": seaorm.connections, "idle": seaorm.idle},
             "diesel": {"connections": diesel.connections, "idle": diesel.idle_connections},
             "postgres": {"connections": pg.connections, "idle": pg.idle_connections},
         },

@@ -60,7 +60,7 @@ async fn run_on(database: &crate::Database, orms: &[Orm]) -> anyhow::Result<()> 
                 Orm::SeaOrm => {
                     let db = connector.seaorm().await?;
                     let stats = seaorm::run(&db, savepoints).await?;
-                    seaorm_pool_size = db.get_postgres_connection_pool().size();
+                    seaorm_pool_size = db.health().connections;
                     stats
                 }
                 Orm::Diesel => {

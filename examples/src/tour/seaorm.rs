@@ -5,8 +5,8 @@ use entity::order::OrderStatus;
 use entity::{customer, order, order_item};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, ModelTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, EntityTrait, ModelTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, Set, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -48,7 +48,7 @@ fn item(
 }
 
 /// Runs the tour on `db`; `savepoints` is false on Aurora DSQL, which has none.
-pub async fn run(db: &DatabaseConnection, savepoints: bool) -> anyhow::Result<Stats> {
+pub async fn run(db: &dal::SeaOrmPool, savepoints: bool) -> anyhow::Result<Stats> {
     let tag = super::run_tag();
     let mut stats = Stats::default();
     println!("seaorm: tour {tag}");

@@ -65,8 +65,10 @@ async fn admin_and_custom_roles_log_in_with_iam_tokens() {
         .await
         .expect("admin logs in with its token");
     assert_eq!(connector.target(), Target::Dsql);
+    migration::DsqlMigrator::up(&tests::migration_db(&connector).await, None)
+        .await
+        .unwrap();
     let db = connector.seaorm().await.unwrap();
-    migration::DsqlMigrator::up(&db, None).await.unwrap();
     let diesel = connector.diesel_pool().await.unwrap();
     tests::seaorm_round_trip(&db, "dsql-admin").await;
     tests::diesel_round_trip(&diesel, "dsql-admin").await;
@@ -435,7 +437,7 @@ async fn the_sample_schema_migrates_on_checked_dsql_only_with_the_dsql_migrator(
     let dsql = Connector::new(config(&pg, "admin", pg.dsql_source("admin").unwrap()))
         .await
         .unwrap();
-    let db = dsql.seaorm().await.unwrap();
+    let db = tests::migration_db(&dsql).await;
     migration::DsqlMigrator::up(&db, None)
         .await
         .expect("DsqlMigrator runs clean under DSQL's rules");
@@ -446,7 +448,7 @@ async fn the_sample_schema_migrates_on_checked_dsql_only_with_the_dsql_migrator(
         Connector::new(config(&pg, "admin", pg.dsql_source("admin").unwrap()).database("plain"))
             .await
             .unwrap();
-    let db = plain.seaorm().await.unwrap();
+    let db = tests::migration_db(&plain).await;
     let err = migration::Migrator::up(&db, None)
         .await
         .expect_err("the plain Migrator mixes DDL in one transaction");

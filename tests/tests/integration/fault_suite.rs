@@ -16,7 +16,7 @@ use sea_orm::{ConnectionTrait, DbBackend, Statement};
 /// Writes through SeaORM and Diesel by turns, each a row of `acks` with a new id.
 struct Workload {
     connector: Connector,
-    seaorm: sea_orm::DatabaseConnection,
+    seaorm: dal::SeaOrmPool,
     diesel: dal::DieselPool,
     next: AtomicI64,
     /// Each acknowledged write, and when.

@@ -184,6 +184,53 @@ async fn a_cancelled_seaorm_transaction_never_swallows_the_next_write() {
     nothing_lost("SeaORM", &figures, &connector, &admin, "cancel_seaorm").await;
 }
 
+/// A SeaORM transaction dropped before its end (a cancelled request, an early return) holds
+/// no lock while its connection waits in the pool: it is rolled back at once, and the
+/// connection is kept. A dropped savepoint is undone before its transaction's next statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_seaorm_transaction_lets_go_of_its_locks_at_once() {
+    use sea_orm::TransactionTrait;
+    let (_pg, connector, admin) = setup("dropped_seaorm").await;
+    let db = connector.seaorm().await.unwrap();
+    let insert = |id: i64| {
+        Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO acks (id) VALUES ($1)",
+            [id.into()],
+        )
+    };
+    db.execute_raw(insert(1)).await.unwrap();
+    let txn = db.begin().await.unwrap();
+    txn.execute_unprepared("SELECT id FROM acks WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    drop(txn);
+    // Nothing uses the pool from here on. Another session takes the same row lock, waiting
+    // for the rollback; without one it would fail after the lock timeout.
+    admin
+        .batch_execute(
+            "BEGIN; SET LOCAL lock_timeout = '120s'; \
+             SELECT id FROM acks WHERE id = 1 FOR UPDATE; COMMIT",
+        )
+        .await
+        .expect("the dropped transaction's lock is released without another checkout");
+    no_session_left_in_a_transaction(&admin, "dropped_seaorm").await;
+
+    let txn = db.begin().await.unwrap();
+    txn.execute_raw(insert(2)).await.unwrap();
+    let savepoint = txn.begin().await.unwrap();
+    savepoint.execute_raw(insert(3)).await.unwrap();
+    drop(savepoint);
+    txn.execute_raw(insert(4)).await.unwrap();
+    txn.commit().await.unwrap();
+    assert!(visible(&admin, 2).await && visible(&admin, 4).await);
+    assert!(
+        !visible(&admin, 3).await,
+        "the dropped savepoint's write was rolled back"
+    );
+    assert_eq!(connector.connections_opened(), 1, "the connection was kept");
+}
+
 #[tokio::test]
 async fn a_cancelled_diesel_transaction_never_swallows_the_next_write() {
     let (_pg, connector, admin) = setup("cancel_diesel").await;
@@ -483,8 +530,9 @@ async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transacti
     connector.shutdown().await;
 }
 
-/// Lifecycles: every SeaORM pool's token listener goes at shutdown, and shutdown does not wait
-/// without bound for a connection a caller still holds.
+/// Lifecycles: every sqlx pool's token listener goes at shutdown (the SeaORM pool takes its
+/// token per connection and has none), and shutdown does not wait without bound for a
+/// connection a caller still holds.
 #[tokio::test]
 async fn shutdown_lets_go_of_every_pool_and_does_not_wait_without_bound() {
     let pg = tests::server().await;
@@ -497,9 +545,14 @@ async fn shutdown_lets_go_of_every_pool_and_does_not_wait_without_bound() {
         .await
         .unwrap();
     for _ in 0..5 {
-        let db = connector.seaorm().await.unwrap();
-        db.execute_unprepared("SELECT 1").await.unwrap();
+        let sqlx = connector.sqlx_pool().await.unwrap();
+        sea_orm::sqlx::query("SELECT 1")
+            .execute(&sqlx)
+            .await
+            .unwrap();
     }
+    let db = connector.seaorm().await.unwrap();
+    db.execute_unprepared("SELECT 1").await.unwrap();
     assert_eq!(connector.cache().listeners(), 5);
     let sqlx = connector.sqlx_pool().await.unwrap();
     let held = sqlx.acquire().await.unwrap();

@@ -13,7 +13,7 @@ async fn lakebase(pg: &LocalPostgres, name: &str, ttl: Duration) -> LocalLakebas
     let connector = Connector::new(lb.client_config(pg, name).unwrap())
         .await
         .unwrap();
-    let db = connector.seaorm().await.unwrap();
+    let db = tests::migration_db(&connector).await;
     migration::Migrator::up(&db, None).await.expect("migrate");
     connector.shutdown().await;
     lb

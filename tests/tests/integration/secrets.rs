@@ -75,9 +75,12 @@ async fn no_secret_appears_in_logs_debug_display_or_errors() {
     secrets.push(connector.cache().current().unwrap().expose().to_owned());
     let db = connector.seaorm().await.unwrap();
     let diesel = connector.diesel_pool().await.unwrap();
-    <migration::Migrator as migration::MigratorTrait>::up(&db, None)
-        .await
-        .unwrap();
+    <migration::Migrator as migration::MigratorTrait>::up(
+        &tests::migration_db(&connector).await,
+        None,
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     tests::diesel_round_trip(&diesel, "sec").await;
     tests::seaorm_round_trip(&db, "sec").await;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use dal::SeaOrmTransaction;
 use dal::credentials::Token;
 use dal::diesel_async::{
     AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager,
@@ -13,7 +14,7 @@ use dal::diesel_async::{
 use dal::local::LocalPostgres;
 use dal::{Connector, Credentials, Isolation, PoolSettings, RetryPolicy, Target, TxMode};
 use diesel::sql_types::{BigInt, Text};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
+use sea_orm::{ConnectionTrait, Statement};
 use tokio::sync::Barrier;
 
 const ACCOUNTS: i64 = 3;
@@ -107,7 +108,7 @@ impl Gate {
     }
 }
 
-async fn seaorm_balance(txn: &DatabaseTransaction, id: i64) -> dal::Result<i64> {
+async fn seaorm_balance(txn: &SeaOrmTransaction, id: i64) -> dal::Result<i64> {
     let row = txn
         .query_one_raw(Statement::from_string(
             txn.get_database_backend(),
@@ -118,7 +119,7 @@ async fn seaorm_balance(txn: &DatabaseTransaction, id: i64) -> dal::Result<i64> 
     Ok(row.try_get::<i64>("", "balance")?)
 }
 
-async fn seaorm_transfer(txn: &DatabaseTransaction, n: i64, gate: Gate) -> dal::Result<()> {
+async fn seaorm_transfer(txn: &SeaOrmTransaction, n: i64, gate: Gate) -> dal::Result<()> {
     let (from, to) = route(n);
     let a = seaorm_balance(txn, from).await?;
     let b = seaorm_balance(txn, to).await?;

@@ -10,7 +10,9 @@ use anyhow::Context as _;
 use dal::diesel::prelude::*;
 use dal::diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use dal::diesel_async::{AsyncPgConnection, RunQueryDsl};
-use dal::sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use dal::sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionSession, TransactionTrait,
+};
 use dal::{Connector, PoolSettings};
 use futures_util::FutureExt as _;
 use futures_util::future::BoxFuture;
@@ -85,7 +87,8 @@ type PgPlainPool = bb8::Pool<bb8_postgres::PostgresConnectionManager<MakeRustlsC
 
 /// One stack, with its pool built and warm.
 pub enum Stack {
-    SeaOrm(DatabaseConnection),
+    SeaOrmDal(dal::SeaOrmPool),
+    SeaOrmPlain(DatabaseConnection),
     DieselDal(dal::DieselPool),
     DieselPlain(DieselPlainPool),
     PgDal(dal::PgClientPool),
@@ -146,7 +149,7 @@ impl Stack {
         let settings = connector.map_or(&defaults, Connector::pool_settings);
         let dal = || connector.context("the dal stacks need a connector");
         let stack = match kind {
-            Kind::SeaOrmDal => Stack::SeaOrm(dal()?.seaorm().await?),
+            Kind::SeaOrmDal => Stack::SeaOrmDal(dal()?.seaorm().await?),
             Kind::SeaOrmPlain => {
                 use dal::sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
                 let (server, ca) = (server.clone(), server.ca.clone());
@@ -160,7 +163,7 @@ impl Stack {
                         .ssl_mode(PgSslMode::VerifyFull)
                         .ssl_root_cert(&ca)
                 });
-                Stack::SeaOrm(dal::sea_orm::Database::connect(options).await?)
+                Stack::SeaOrmPlain(dal::sea_orm::Database::connect(options).await?)
             }
             Kind::DieselDal => Stack::DieselDal(dal()?.diesel_pool().await?),
             Kind::DieselPlainDefaults | Kind::DieselPlainLike => {
@@ -217,17 +220,8 @@ impl Stack {
     /// One request for account `aid`.
     pub fn request(&self, aid: i32) -> BoxFuture<'_, anyhow::Result<i32>> {
         match self {
-            Stack::SeaOrm(db) => Box::pin(async move {
-                let row = db
-                    .query_one_raw(Statement::from_sql_and_values(
-                        DbBackend::Postgres,
-                        QUERY,
-                        [aid.into()],
-                    ))
-                    .await?
-                    .context("no such account")?;
-                Ok(row.try_get_by_index(0)?)
-            }),
+            Stack::SeaOrmDal(db) => Box::pin(seaorm_select(db, aid)),
+            Stack::SeaOrmPlain(db) => Box::pin(seaorm_select(db, aid)),
             Stack::DieselDal(pool) => Box::pin(async move {
                 let mut conn = pool.get().await?;
                 Ok(diesel_select(&mut conn, aid).await?)
@@ -250,13 +244,8 @@ impl Stack {
     /// A request that keeps its connection for `hold` (to open one connection per caller).
     async fn hold(&self, aid: i32, hold: Duration) -> anyhow::Result<()> {
         match self {
-            Stack::SeaOrm(db) => {
-                use dal::sea_orm::TransactionTrait;
-                let txn = db.begin().await?;
-                txn.execute_unprepared("SELECT 1").await?;
-                tokio::time::sleep(hold).await;
-                txn.commit().await?;
-            }
+            Stack::SeaOrmDal(db) => seaorm_hold(db, hold).await?,
+            Stack::SeaOrmPlain(db) => seaorm_hold(db, hold).await?,
             Stack::DieselDal(pool) => {
                 let mut conn = pool.get().await?;
                 diesel_select(&mut conn, aid).await?;
@@ -283,10 +272,32 @@ impl Stack {
 
     /// Closes the pool's connections.
     pub async fn close(self) {
-        if let Stack::SeaOrm(db) = self {
+        if let Stack::SeaOrmPlain(db) = self {
             let _ = db.close().await;
         }
     }
+}
+
+/// pgbench's select through SeaORM.
+async fn seaorm_select(db: &impl ConnectionTrait, aid: i32) -> anyhow::Result<i32> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            QUERY,
+            [aid.into()],
+        ))
+        .await?
+        .context("no such account")?;
+    Ok(row.try_get_by_index(0)?)
+}
+
+/// A SeaORM transaction that keeps its connection for `hold`.
+async fn seaorm_hold<C: TransactionTrait>(db: &C, hold: Duration) -> anyhow::Result<()> {
+    let txn = db.begin().await?;
+    txn.execute_unprepared("SELECT 1").await?;
+    tokio::time::sleep(hold).await;
+    txn.commit().await?;
+    Ok(())
 }
 
 /// bb8's builder with dal's pool settings: the like-for-like baseline.

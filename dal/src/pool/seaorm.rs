@@ -1,0 +1,712 @@
+//! SeaORM over dal's own pool: SeaORM's statements run on sqlx connections held in a bb8 pool
+//! of dal ([`SeaOrmPool`]), each opened with a fresh cached token like every other pool's.
+//!
+//! A `sea_orm::DatabaseConnection` rests on sqlx's pool, which pings every connection that
+//! comes back (one round trip per statement, since SeaORM checks a connection out for each)
+//! and, with its defaults, every connection it hands out. This pool knows what each
+//! connection did: one that came back moments ago with every statement answered goes out
+//! without a round trip (see [`reset`](super::reset)); one idle longer, or one whose
+//! statement's future was dropped before the answer, is checked first (alive, outside any
+//! transaction). A transaction dropped before its end is rolled back at once, in a task of its
+//! own, so that it holds no lock while its connection waits in the pool.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use sea_orm::sea_query::Values;
+use sea_orm::sqlx::postgres::PgConnection;
+use sea_orm::sqlx::{self, AssertSqlSafe, Connection as _, Executor as _};
+use sea_orm::{
+    ConnAcquireErr, ConnectionTrait, DbBackend, DbErr, ExecResult, QueryResult, RuntimeErr,
+    Statement, TransactionError, TransactionOptions, TransactionSession, TransactionTrait,
+};
+use sea_query_sqlx::SqlxValues;
+use tokio::sync::Mutex;
+
+use super::bb8_pool::{Kind, Manager, Pool};
+use super::reset::{OUTSIDE_TRANSACTION, RECENTLY_USED, ROLLBACK};
+use crate::error::{Error, ErrorChain, Result};
+use crate::telemetry::{self, PoolHealth};
+
+/// SeaORM connections in a bb8 pool.
+pub(crate) const KIND: Kind<Conn> = Kind {
+    name: "seaorm",
+    is_valid,
+    has_broken,
+};
+
+/// PostgreSQL's message for SQLSTATE `0A000` on a prepared statement whose result type
+/// changed under it (`ALTER TABLE`).
+const STALE_PLAN: &str = "cached plan must not change result type";
+
+/// One physical connection of the SeaORM pool, and what the pool knows of it.
+pub(crate) struct Conn {
+    raw: PgConnection,
+    /// Statements sent and not yet answered: above zero when a future was dropped before its
+    /// answer (a cancelled `BEGIN`, say).
+    open: u32,
+    /// When the connection last came back to the pool.
+    returned: Option<Instant>,
+    /// A prepared statement went stale after a schema change: forget them all before the
+    /// next use, instead of failing each of them once.
+    stale: bool,
+    /// The connection failed in a way that leaves it unusable (I/O, protocol, the server
+    /// ending the session).
+    broken: bool,
+    /// Transactions open: 0 outside one, 1 in one, more in savepoints.
+    depth: u32,
+    /// The depth to roll back to before the next statement: a savepoint was dropped unfinished.
+    unwind: Option<u32>,
+}
+
+impl Conn {
+    /// A freshly opened connection.
+    pub(crate) fn new(raw: PgConnection) -> Self {
+        Self {
+            raw,
+            open: 0,
+            returned: None,
+            stale: false,
+            broken: false,
+            depth: 0,
+            unwind: None,
+        }
+    }
+
+    fn start(&mut self) -> Instant {
+        self.open += 1;
+        Instant::now()
+    }
+
+    /// Counts a statement's answer, times it, and notes what its error says of the connection.
+    fn finish<T>(
+        &mut self,
+        started: Instant,
+        done: std::result::Result<T, sqlx::Error>,
+    ) -> std::result::Result<T, sqlx::Error> {
+        self.open -= 1;
+        telemetry::query_done("seaorm", started.elapsed(), done.is_err());
+        if let Err(e) = &done {
+            self.note(e);
+        }
+        done
+    }
+
+    fn note(&mut self, e: &sqlx::Error) {
+        match e {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("0A000") if db.message() == STALE_PLAN => {
+                    tracing::debug!(
+                        "a prepared statement is stale after a schema change; the connection will forget its statements"
+                    );
+                    self.stale = true;
+                }
+                // The server ended the session (57P01-57P05) or the connection failed (08xxx).
+                Some(code) if code.starts_with("57P") || code.starts_with("08") => {
+                    self.broken = true;
+                }
+                _ => {}
+            },
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => self.broken = true,
+            _ => {}
+        }
+    }
+
+    /// Runs `sql` with the simple query protocol (no statement is prepared).
+    async fn simple(&mut self, sql: &str) -> std::result::Result<(), sqlx::Error> {
+        let started = self.start();
+        let done = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+            .execute(&mut self.raw)
+            .await
+            .map(drop);
+        self.finish(started, done)
+    }
+
+    /// Ends the innermost transaction: `COMMIT` or `ROLLBACK`, or their savepoint forms.
+    async fn end_level(&mut self, commit: bool) -> std::result::Result<(), sqlx::Error> {
+        let depth = self.depth;
+        let sql = match (commit, depth) {
+            (true, 1) => "COMMIT".to_owned(),
+            (false, 1) => ROLLBACK.to_owned(),
+            (true, n) => format!("RELEASE SAVEPOINT dal_{}", n - 1),
+            (false, n) => format!(
+                "ROLLBACK TO SAVEPOINT dal_{0}; RELEASE SAVEPOINT dal_{0}",
+                n - 1
+            ),
+        };
+        let done = self.simple(&sql).await;
+        // A statement the server answered with an error still ends its level (a failed COMMIT
+        // rolls back); after any other error the connection is broken anyway.
+        if matches!(&done, Ok(()) | Err(sqlx::Error::Database(_))) {
+            self.depth = depth - 1;
+        }
+        done
+    }
+
+    /// Rolls back the transactions deeper than `depth`.
+    async fn unwind_to(&mut self, depth: u32) -> std::result::Result<(), sqlx::Error> {
+        while self.depth > depth {
+            self.end_level(false).await?;
+        }
+        Ok(())
+    }
+
+    /// Does what a dropped savepoint left to do, before the next statement.
+    async fn settle(&mut self) -> std::result::Result<(), DbErr> {
+        if let Some(depth) = self.unwind.take() {
+            self.unwind_to(depth).await.map_err(exec_err)?;
+        }
+        Ok(())
+    }
+
+    async fn execute(&mut self, stmt: &Statement) -> std::result::Result<ExecResult, DbErr> {
+        self.settle().await?;
+        let started = self.start();
+        let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
+            .execute(&mut self.raw)
+            .await;
+        self.finish(started, done)
+            .map(ExecResult::from)
+            .map_err(exec_err)
+    }
+
+    async fn execute_unprepared(&mut self, sql: &str) -> std::result::Result<ExecResult, DbErr> {
+        self.settle().await?;
+        let started = self.start();
+        let done = self.raw.execute(AssertSqlSafe(sql.to_owned())).await;
+        self.finish(started, done)
+            .map(ExecResult::from)
+            .map_err(exec_err)
+    }
+
+    async fn query_one(
+        &mut self,
+        stmt: &Statement,
+    ) -> std::result::Result<Option<QueryResult>, DbErr> {
+        self.settle().await?;
+        let started = self.start();
+        let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
+            .fetch_optional(&mut self.raw)
+            .await;
+        self.finish(started, done)
+            .map(|row| row.map(QueryResult::from))
+            .map_err(query_err)
+    }
+
+    async fn query_all(
+        &mut self,
+        stmt: &Statement,
+    ) -> std::result::Result<Vec<QueryResult>, DbErr> {
+        self.settle().await?;
+        let started = self.start();
+        let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
+            .fetch_all(&mut self.raw)
+            .await;
+        self.finish(started, done)
+            .map(|rows| rows.into_iter().map(QueryResult::from).collect())
+            .map_err(query_err)
+    }
+}
+
+fn values(stmt: &Statement) -> SqlxValues {
+    SqlxValues(stmt.values.clone().unwrap_or(Values(Vec::new())))
+}
+
+fn exec_err(e: sqlx::Error) -> DbErr {
+    DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))
+}
+
+fn query_err(e: sqlx::Error) -> DbErr {
+    DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))
+}
+
+/// Checks a connection before it is handed out again: alive, and outside any transaction.
+///
+/// A connection that came back within [`RECENTLY_USED`] with every statement answered goes
+/// out without a round trip. Any other (idle longer, or a statement whose future was dropped
+/// before its answer) runs the check, after which everything it had in flight is answered.
+fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
+    Box::pin(async move {
+        let sqlx_err = |e| Error::SeaOrm(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))));
+        if conn.stale {
+            conn.raw.clear_cached_statements().await.map_err(sqlx_err)?;
+            conn.stale = false;
+        }
+        let settled =
+            conn.open == 0 && conn.returned.is_some_and(|at| at.elapsed() < RECENTLY_USED);
+        if settled {
+            return Ok(());
+        }
+        let checked = sqlx::raw_sql(OUTSIDE_TRANSACTION)
+            .execute(&mut conn.raw)
+            .await;
+        conn.open = 0;
+        if checked.is_err() {
+            tracing::debug!(
+                pool = "seaorm",
+                "a connection came back inside a transaction; rolling back"
+            );
+            sqlx::raw_sql(ROLLBACK)
+                .execute(&mut conn.raw)
+                .await
+                .map_err(sqlx_err)?;
+        }
+        Ok(())
+    })
+}
+
+/// Broken: failed for good, or still inside a transaction that nothing can end (its owner
+/// could not be reached when it was dropped): the server rolls it back as the connection
+/// closes. Called as the connection comes back to the pool, which it notes.
+fn has_broken(conn: &mut Conn) -> bool {
+    conn.returned = Some(Instant::now());
+    std::thread::panicking() || conn.broken || conn.depth > 0
+}
+
+type Checkout = bb8::PooledConnection<'static, Manager<Conn>>;
+
+/// SeaORM's [`ConnectionTrait`] and [`TransactionTrait`] over a pool of dal: what
+/// [`Connector::seaorm`](crate::Connector::seaorm) returns. Cheap to clone.
+///
+/// Every SeaORM query, insert and transaction takes it where it takes a
+/// `sea_orm::DatabaseConnection` (`Entity::find().all(&db)`, `model.insert(&db)`,
+/// `db.begin()`, `db.transaction(..)`); streams are not offered. Each statement runs with
+/// the prepared-statement cache of its connection, as SeaORM's own pool does. Errors are
+/// SeaORM's: [`DbErr::ConnectionAcquire`] when no connection is free within the acquire
+/// timeout or after shutdown, [`DbErr::Conn`] with the cause when none can be opened
+/// (SQLx's error with its SQLSTATE for a refused login).
+#[derive(Clone)]
+pub struct SeaOrmPool {
+    pool: Pool<Conn>,
+}
+
+impl std::fmt::Debug for SeaOrmPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SeaOrmPool").field(&self.pool).finish()
+    }
+}
+
+impl SeaOrmPool {
+    pub(crate) fn new(pool: Pool<Conn>) -> Self {
+        Self { pool }
+    }
+
+    /// This pool's state, as [`Connector::health`](crate::Connector::health) reports it.
+    pub fn health(&self) -> PoolHealth {
+        self.pool.health()
+    }
+
+    /// Runs `op` on a connection of the pool. Owned and boxed: the compiler cannot prove the
+    /// futures of `async_trait` methods `Send` when they hold a pooled connection themselves.
+    fn run<T, F>(&self, op: F) -> BoxFuture<'static, std::result::Result<T, DbErr>>
+    where
+        F: for<'c> FnOnce(&'c mut Conn) -> BoxFuture<'c, std::result::Result<T, DbErr>>
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let mut conn = pool.get_owned().await.map_err(acquire_err)?;
+            op(&mut conn).await
+        })
+    }
+
+    /// A transaction that begins with `BEGIN {modes}`: PostgreSQL's transaction modes
+    /// (`ISOLATION LEVEL ...`, `READ ONLY`, `DEFERRABLE`), in the `BEGIN` itself.
+    pub(crate) fn begin_as(
+        &self,
+        modes: Option<&str>,
+    ) -> BoxFuture<'static, std::result::Result<SeaOrmTransaction, DbErr>> {
+        let pool = self.pool.clone();
+        let sql = modes.map_or_else(|| "BEGIN".to_owned(), |m| format!("BEGIN {m}"));
+        Box::pin(async move {
+            let mut checkout = pool.get_owned().await.map_err(acquire_err)?;
+            checkout.simple(&sql).await.map_err(exec_err)?;
+            checkout.depth = 1;
+            Ok(SeaOrmTransaction {
+                conn: Arc::new(Mutex::new(Some(checkout))),
+                level: 1,
+                open: true,
+            })
+        })
+    }
+}
+
+/// The error SeaORM gives for a connection its pool could not hand out.
+fn acquire_err(e: Error) -> DbErr {
+    match e {
+        Error::PoolTimeout(_) => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
+        Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
+        Error::Connect { source } => match &*source {
+            Error::SeaOrm(DbErr::Conn(RuntimeErr::SqlxError(e))) => {
+                DbErr::Conn(RuntimeErr::SqlxError(Arc::clone(e)))
+            }
+            other => DbErr::Conn(RuntimeErr::Internal(ErrorChain(other).to_string())),
+        },
+        other => DbErr::Conn(RuntimeErr::Internal(ErrorChain(&other).to_string())),
+    }
+}
+
+/// The transaction modes of `options`, as `BEGIN` takes them.
+fn modes(options: &TransactionOptions) -> Option<String> {
+    let mut modes = String::new();
+    if let Some(level) = options.isolation_level {
+        let _ = write!(modes, "ISOLATION LEVEL {level}");
+    }
+    if let Some(mode) = options.access_mode {
+        let _ = write!(modes, "{}{mode}", if modes.is_empty() { "" } else { ", " });
+    }
+    Some(modes).filter(|m| !m.is_empty())
+}
+
+#[async_trait::async_trait]
+impl ConnectionTrait for SeaOrmPool {
+    fn get_database_backend(&self) -> DbBackend {
+        DbBackend::Postgres
+    }
+
+    async fn execute_raw(&self, stmt: Statement) -> std::result::Result<ExecResult, DbErr> {
+        self.run(move |c| Box::pin(async move { c.execute(&stmt).await }))
+            .await
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> std::result::Result<ExecResult, DbErr> {
+        let sql = sql.to_owned();
+        self.run(move |c| Box::pin(async move { c.execute_unprepared(&sql).await }))
+            .await
+    }
+
+    async fn query_one_raw(
+        &self,
+        stmt: Statement,
+    ) -> std::result::Result<Option<QueryResult>, DbErr> {
+        self.run(move |c| Box::pin(async move { c.query_one(&stmt).await }))
+            .await
+    }
+
+    async fn query_all_raw(&self, stmt: Statement) -> std::result::Result<Vec<QueryResult>, DbErr> {
+        self.run(move |c| Box::pin(async move { c.query_all(&stmt).await }))
+            .await
+    }
+}
+
+/// What [`TransactionTrait::transaction`] runs.
+type Callback<'c, T, E> = Pin<Box<dyn Future<Output = std::result::Result<T, E>> + Send + 'c>>;
+
+#[async_trait::async_trait]
+impl TransactionTrait for SeaOrmPool {
+    type Transaction = SeaOrmTransaction;
+
+    async fn begin(&self) -> std::result::Result<SeaOrmTransaction, DbErr> {
+        self.begin_as(None).await
+    }
+
+    async fn begin_with_config(
+        &self,
+        isolation_level: Option<sea_orm::IsolationLevel>,
+        access_mode: Option<sea_orm::AccessMode>,
+    ) -> std::result::Result<SeaOrmTransaction, DbErr> {
+        self.begin_with_options(TransactionOptions {
+            isolation_level,
+            access_mode,
+            sqlite_transaction_mode: None,
+        })
+        .await
+    }
+
+    async fn begin_with_options(
+        &self,
+        options: TransactionOptions,
+    ) -> std::result::Result<SeaOrmTransaction, DbErr> {
+        self.begin_as(modes(&options).as_deref()).await
+    }
+
+    async fn transaction<F, T, E>(&self, callback: F) -> std::result::Result<T, TransactionError<E>>
+    where
+        F: for<'c> FnOnce(&'c SeaOrmTransaction) -> Callback<'c, T, E> + Send,
+        T: Send,
+        E: std::fmt::Display + std::fmt::Debug + Send,
+    {
+        let txn = self.begin().await.map_err(TransactionError::Connection)?;
+        txn.run(callback).await
+    }
+
+    async fn transaction_with_config<F, T, E>(
+        &self,
+        callback: F,
+        isolation_level: Option<sea_orm::IsolationLevel>,
+        access_mode: Option<sea_orm::AccessMode>,
+    ) -> std::result::Result<T, TransactionError<E>>
+    where
+        F: for<'c> FnOnce(&'c SeaOrmTransaction) -> Callback<'c, T, E> + Send,
+        T: Send,
+        E: std::fmt::Display + std::fmt::Debug + Send,
+    {
+        let txn = self
+            .begin_with_config(isolation_level, access_mode)
+            .await
+            .map_err(TransactionError::Connection)?;
+        txn.run(callback).await
+    }
+}
+
+/// A transaction of a [`SeaOrmPool`], or a savepoint in one: SeaORM's [`ConnectionTrait`]
+/// on the connection it holds until its end.
+///
+/// [`commit`](Self::commit) or [`rollback`](Self::rollback) ends it. Dropped before its end
+/// (a cancelled future, an early return), it is rolled back: a transaction at once in a task
+/// of its own (its connection returns to the pool after), a savepoint before the next
+/// statement of the transaction around it. Outside a Tokio runtime the connection is closed
+/// instead, which rolls back on the server.
+pub struct SeaOrmTransaction {
+    conn: Arc<Mutex<Option<Checkout>>>,
+    /// The connection's depth inside this transaction: 1 for a transaction, more for a
+    /// savepoint.
+    level: u32,
+    /// Not yet committed or rolled back.
+    open: bool,
+}
+
+impl std::fmt::Debug for SeaOrmTransaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeaOrmTransaction")
+            .field("level", &self.level)
+            .field("open", &self.open)
+            .finish()
+    }
+}
+
+fn ended() -> DbErr {
+    DbErr::Conn(RuntimeErr::Internal(
+        "the transaction around this savepoint has ended".to_owned(),
+    ))
+}
+
+impl SeaOrmTransaction {
+    /// Runs `op` on the transaction's connection, once the statements a dropped savepoint
+    /// left to do are done (owned and boxed, as [`SeaOrmPool::run`]).
+    fn run_op<T, F>(&self, op: F) -> BoxFuture<'static, std::result::Result<T, DbErr>>
+    where
+        F: for<'c> FnOnce(&'c mut Conn) -> BoxFuture<'c, std::result::Result<T, DbErr>>
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        Box::pin(async move {
+            let mut guard = conn.lock().await;
+            let conn = guard.as_mut().ok_or_else(ended)?;
+            conn.settle().await?;
+            op(conn).await
+        })
+    }
+
+    /// Commits the transaction, or releases the savepoint.
+    ///
+    /// # Errors
+    ///
+    /// The server's refusal (such as SQLSTATE `40001` for a serializable transaction that
+    /// must be retried); the transaction is over either way.
+    pub async fn commit(mut self) -> std::result::Result<(), DbErr> {
+        self.end(true).await
+    }
+
+    /// Rolls the transaction back, or rolls back to the savepoint and releases it.
+    ///
+    /// # Errors
+    ///
+    /// When the connection fails; it is then closed, which ends the transaction.
+    pub async fn rollback(mut self) -> std::result::Result<(), DbErr> {
+        self.end(false).await
+    }
+
+    async fn end(&mut self, commit: bool) -> std::result::Result<(), DbErr> {
+        let level = self.level;
+        let done = self
+            .run_op(move |conn| {
+                Box::pin(async move {
+                    conn.unwind_to(level).await.map_err(exec_err)?;
+                    conn.end_level(commit).await.map_err(exec_err)
+                })
+            })
+            .await;
+        self.open = false;
+        if level == 1 {
+            // Back to the pool now (closed if the transaction could not be ended).
+            self.conn.lock().await.take();
+        }
+        done
+    }
+
+    async fn run<F, T, E>(self, callback: F) -> std::result::Result<T, TransactionError<E>>
+    where
+        F: for<'c> FnOnce(&'c SeaOrmTransaction) -> Callback<'c, T, E> + Send,
+        T: Send,
+        E: std::fmt::Display + std::fmt::Debug + Send,
+    {
+        match callback(&self).await {
+            Ok(value) => {
+                self.commit().await.map_err(TransactionError::Connection)?;
+                Ok(value)
+            }
+            Err(e) => {
+                self.rollback()
+                    .await
+                    .map_err(TransactionError::Connection)?;
+                Err(TransactionError::Transaction(e))
+            }
+        }
+    }
+}
+
+impl Drop for SeaOrmTransaction {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        // Held only by a statement of this transaction in progress elsewhere: the connection
+        // then comes back inside the transaction, and the pool closes it.
+        let Ok(mut guard) = self.conn.try_lock() else {
+            return;
+        };
+        let Some(conn) = guard.as_mut() else {
+            return;
+        };
+        if self.level > 1 {
+            let depth = self.level - 1;
+            conn.unwind = Some(conn.unwind.map_or(depth, |d| d.min(depth)));
+            return;
+        }
+        let Some(mut conn) = guard.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if conn.unwind_to(0).await.is_ok() {
+                        // Whatever a dropped statement left in flight was answered first.
+                        conn.open = 0;
+                    }
+                });
+            }
+            Err(_) => conn.broken = true,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl TransactionSession for SeaOrmTransaction {
+    async fn commit(self) -> std::result::Result<(), DbErr> {
+        SeaOrmTransaction::commit(self).await
+    }
+
+    async fn rollback(self) -> std::result::Result<(), DbErr> {
+        SeaOrmTransaction::rollback(self).await
+    }
+}
+
+#[async_trait::async_trait]
+impl ConnectionTrait for SeaOrmTransaction {
+    fn get_database_backend(&self) -> DbBackend {
+        DbBackend::Postgres
+    }
+
+    async fn execute_raw(&self, stmt: Statement) -> std::result::Result<ExecResult, DbErr> {
+        self.run_op(move |c| Box::pin(async move { c.execute(&stmt).await }))
+            .await
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> std::result::Result<ExecResult, DbErr> {
+        let sql = sql.to_owned();
+        self.run_op(move |c| Box::pin(async move { c.execute_unprepared(&sql).await }))
+            .await
+    }
+
+    async fn query_one_raw(
+        &self,
+        stmt: Statement,
+    ) -> std::result::Result<Option<QueryResult>, DbErr> {
+        self.run_op(move |c| Box::pin(async move { c.query_one(&stmt).await }))
+            .await
+    }
+
+    async fn query_all_raw(&self, stmt: Statement) -> std::result::Result<Vec<QueryResult>, DbErr> {
+        self.run_op(move |c| Box::pin(async move { c.query_all(&stmt).await }))
+            .await
+    }
+}
+
+#[async_trait::async_trait]
+impl TransactionTrait for SeaOrmTransaction {
+    type Transaction = SeaOrmTransaction;
+
+    /// A savepoint.
+    async fn begin(&self) -> std::result::Result<SeaOrmTransaction, DbErr> {
+        let level = self
+            .run_op(|conn| {
+                Box::pin(async move {
+                    let depth = conn.depth;
+                    conn.simple(&format!("SAVEPOINT dal_{depth}"))
+                        .await
+                        .map_err(exec_err)?;
+                    conn.depth = depth + 1;
+                    Ok(depth + 1)
+                })
+            })
+            .await?;
+        Ok(Self {
+            conn: Arc::clone(&self.conn),
+            level,
+            open: true,
+        })
+    }
+
+    /// A savepoint: PostgreSQL sets isolation and access for whole transactions only.
+    async fn begin_with_config(
+        &self,
+        _isolation_level: Option<sea_orm::IsolationLevel>,
+        _access_mode: Option<sea_orm::AccessMode>,
+    ) -> std::result::Result<SeaOrmTransaction, DbErr> {
+        self.begin().await
+    }
+
+    /// A savepoint: PostgreSQL sets isolation and access for whole transactions only.
+    async fn begin_with_options(
+        &self,
+        _options: TransactionOptions,
+    ) -> std::result::Result<SeaOrmTransaction, DbErr> {
+        self.begin().await
+    }
+
+    async fn transaction<F, T, E>(&self, callback: F) -> std::result::Result<T, TransactionError<E>>
+    where
+        F: for<'c> FnOnce(&'c SeaOrmTransaction) -> Callback<'c, T, E> + Send,
+        T: Send,
+        E: std::fmt::Display + std::fmt::Debug + Send,
+    {
+        let txn = self.begin().await.map_err(TransactionError::Connection)?;
+        txn.run(callback).await
+    }
+
+    async fn transaction_with_config<F, T, E>(
+        &self,
+        callback: F,
+        _isolation_level: Option<sea_orm::IsolationLevel>,
+        _access_mode: Option<sea_orm::AccessMode>,
+    ) -> std::result::Result<T, TransactionError<E>>
+    where
+        F: for<'c> FnOnce(&'c SeaOrmTransaction) -> Callback<'c, T, E> + Send,
+        T: Send,
+        E: std::fmt::Display + std::fmt::Debug + Send,
+    {
+        self.transaction(callback).await
+    }
+}
