@@ -17,8 +17,12 @@ pub const TOKEN_REFRESHES: &str = "dal_token_refreshes_total";
 pub const TOKEN_REFRESH_FAILURES: &str = "dal_token_refresh_failures_total";
 /// Gauge: seconds until the newest token expires, set when it is fetched. Label `source`.
 pub const TOKEN_REMAINING_SECONDS: &str = "dal_token_remaining_seconds";
-/// Counter: physical connections opened by the connector (Diesel and tokio-postgres pools).
+/// Counter: physical connections opened by the connector (SeaORM, Diesel and tokio-postgres
+/// pools).
 pub const CONNECTIONS_OPENED: &str = "dal_connections_opened_total";
+/// Counter: connections replaced ahead of their lifetime by one opened in the background.
+/// Label `pool`.
+pub const CONNECTIONS_RENEWED: &str = "dal_connections_renewed_total";
 /// Counter: connections the server refused for a limit and the connector tried again: SQLSTATE
 /// `53300` (too many connections) or `53400` (Aurora DSQL: connection rate exceeded). Label
 /// `sqlstate`.

@@ -3,7 +3,7 @@
 //! [`ErrorSink`](bb8::ErrorSink), and closes on shutdown.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,57 @@ pub(crate) struct Kind<C> {
     pub(crate) is_valid: for<'c> fn(&'c mut C) -> BoxFuture<'c, Result<()>>,
     /// Checks a connection without a round trip.
     pub(crate) has_broken: fn(&mut C) -> bool,
+    /// Where a connection keeps the instant it is to be retired, for kinds that keep one: the
+    /// pool then opens its replacement ahead (see [`Renewal`]). `None`: bb8's own lifetime
+    /// applies.
+    pub(crate) retire_at: Option<RetireAt<C>>,
+}
+
+/// Where a connection keeps the instant it is to be retired.
+pub(crate) type RetireAt<C> = for<'c> fn(&'c mut C) -> Option<&'c mut Option<Instant>>;
+
+/// Connections replaced ahead of their lifetime, so that no request waits for a login: each
+/// connection is given its own jittered lifetime as it opens; when it comes back within `lead`
+/// of it while other connections of the pool are in use (a pool used one connection at a
+/// time, such as a background job's, replaces it when next checked out, and keeps nothing
+/// extra open), a replacement opens in the background (one at a time), and the next time the old
+/// one comes back or is checked out, the replacement takes its place in the pool. One past
+/// its lifetime with no replacement ready is retired as bb8 would, and never handed out. A
+/// replacement nothing took within `lead` is closed: an idle pool keeps no extra connection
+/// (Lakebase can scale to zero).
+struct Renewal<C> {
+    lifetime: Duration,
+    jitter: f64,
+    lead: Duration,
+    /// A replacement, opened and not yet in the pool (at most one beyond `max_size`), with
+    /// the number of its opening.
+    spare: Mutex<Option<(u64, C)>>,
+    opening: AtomicBool,
+    openings: AtomicU64,
+    /// Connections checked out and not yet back.
+    in_use: AtomicI64,
+}
+
+impl<C> Renewal<C> {
+    /// A replacement is opened this long before a connection's end: a quarter of the
+    /// lifetime, at most 30 s (a login takes milliseconds; a credential fetch can take longer,
+    /// but the token cache fetches ahead of expiry).
+    fn new(lifetime: Duration, jitter: f64) -> Self {
+        Self {
+            lifetime,
+            jitter,
+            lead: (lifetime / 4).min(Duration::from_secs(30)),
+            spare: Mutex::new(None),
+            opening: AtomicBool::new(false),
+            openings: AtomicU64::new(0),
+            in_use: AtomicI64::new(0),
+        }
+    }
+
+    /// When a connection opened now is to be retired.
+    fn retire_at(&self) -> Instant {
+        Instant::now() + self.lifetime.mul_f64(1.0 - self.jitter * fastrand::f64())
+    }
 }
 
 /// A bb8 pool that fails fast with the cause when connections cannot be opened, and that
@@ -42,6 +93,7 @@ struct Core<C: Send + 'static> {
     max_size: u32,
     waiting: AtomicU64,
     closed: Arc<AtomicBool>,
+    renewal: Option<Arc<Renewal<C>>>,
 }
 
 /// The bb8 manager of dal's pools: opens connections through the connector, and drops every
@@ -50,6 +102,7 @@ pub struct Manager<C> {
     open: Open<C>,
     kind: Kind<C>,
     closed: Arc<AtomicBool>,
+    renewal: Option<Arc<Renewal<C>>>,
 }
 
 impl<C> std::fmt::Debug for Manager<C> {
@@ -61,24 +114,148 @@ impl<C> std::fmt::Debug for Manager<C> {
     }
 }
 
+impl<C: Send + 'static> Manager<C> {
+    /// Opens a connection and gives it its retirement instant.
+    fn open(&self) -> BoxFuture<'static, Result<C>> {
+        open_stamped(
+            Arc::clone(&self.open),
+            self.kind.retire_at,
+            self.renewal.clone(),
+        )
+    }
+
+    /// Puts the spare in the place of `conn` when `conn` is near its end; when none is ready
+    /// and the pool is `busy` (`conn` is coming back while others are in use), opens one.
+    /// Returns whether `conn` (still the old one) is past its lifetime.
+    fn renew(&self, conn: &mut C, busy: bool) -> bool {
+        let (Some(renewal), Some(retire_at)) = (&self.renewal, self.kind.retire_at) else {
+            return false;
+        };
+        let Some(at) = retire_at(conn).and_then(|at| *at) else {
+            return false;
+        };
+        let now = Instant::now();
+        if now + renewal.lead < at {
+            return false;
+        }
+        let spare = renewal
+            .spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut spare = spare
+            .map(|(_, conn)| conn)
+            .filter(|_| !self.closed.load(Ordering::Relaxed));
+        if let Some(fresh) = spare.as_mut()
+            && retire_at(fresh)
+                .and_then(|at| *at)
+                .is_some_and(|fresh_at| fresh_at > now)
+        {
+            drop(std::mem::replace(conn, spare.take().expect("checked")));
+            metrics::counter!(telemetry::CONNECTIONS_RENEWED, "pool" => self.kind.name)
+                .increment(1);
+            tracing::debug!(
+                pool = self.kind.name,
+                "a connection was replaced ahead of its lifetime"
+            );
+            return false;
+        }
+        let expired = now >= at;
+        if busy && !expired {
+            self.open_spare(renewal);
+        }
+        expired
+    }
+
+    /// Counts a checkout (`out`) or a return; after a return, whether others are in use.
+    fn count_in_use(&self, out: bool) -> bool {
+        let Some(renewal) = &self.renewal else {
+            return false;
+        };
+        if out {
+            renewal.in_use.fetch_add(1, Ordering::Relaxed);
+            false
+        } else {
+            renewal.in_use.fetch_sub(1, Ordering::Relaxed) > 1
+        }
+    }
+
+    /// Opens a spare in the background, unless one is being opened.
+    fn open_spare(&self, renewal: &Arc<Renewal<C>>) {
+        if self.closed.load(Ordering::Relaxed) || renewal.opening.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            renewal.opening.store(false, Ordering::Release);
+            return;
+        };
+        let (open, renewal) = (self.open(), Arc::clone(renewal));
+        runtime.spawn(async move {
+            let number = renewal.openings.fetch_add(1, Ordering::Relaxed);
+            let opened = match open.await {
+                Ok(conn) => {
+                    *renewal.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some((number, conn));
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(error = %ErrorChain(&e), "a replacement connection could not be opened ahead");
+                    false
+                }
+            };
+            renewal.opening.store(false, Ordering::Release);
+            if opened {
+                // Not taken by then: the pool went idle, or the connection it was for ended.
+                tokio::time::sleep(renewal.lead).await;
+                let mut spare = renewal.spare.lock().unwrap_or_else(|e| e.into_inner());
+                if spare.as_ref().is_some_and(|(n, _)| *n == number) {
+                    drop(spare.take());
+                }
+            }
+        });
+    }
+}
+
+/// Opens a connection through `open` and stamps its retirement instant.
+fn open_stamped<C: Send + 'static>(
+    open: Open<C>,
+    retire_at: Option<RetireAt<C>>,
+    renewal: Option<Arc<Renewal<C>>>,
+) -> BoxFuture<'static, Result<C>> {
+    Box::pin(async move {
+        let mut conn = open().await?;
+        if let (Some(renewal), Some(slot)) = (renewal, retire_at.and_then(|f| f(&mut conn))) {
+            *slot = Some(renewal.retire_at());
+        }
+        Ok(conn)
+    })
+}
+
 impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     type Connection = C;
     type Error = Error;
 
     fn connect(&self) -> impl std::future::Future<Output = Result<C>> + Send {
-        (self.open)()
+        self.open()
     }
 
     fn is_valid(&self, conn: &mut C) -> impl std::future::Future<Output = Result<()>> + Send {
+        self.count_in_use(true);
+        let expired = self.renew(conn, false);
         let test = (self.kind.is_valid)(conn);
         async move {
+            if expired {
+                return Err(Error::Pool("past its lifetime".to_owned()));
+            }
             test.await
                 .map_err(|e| Error::Pool(ErrorChain(&e).to_string()))
         }
     }
 
     fn has_broken(&self, conn: &mut C) -> bool {
-        self.closed.load(Ordering::Relaxed) || (self.kind.has_broken)(conn)
+        let busy = self.count_in_use(false);
+        self.closed.load(Ordering::Relaxed)
+            || (self.kind.has_broken)(conn)
+            || self.renew(conn, busy)
     }
 }
 
@@ -163,19 +340,31 @@ pub(crate) fn build<C: Send + 'static>(
     });
     let closed = Arc::new(AtomicBool::new(false));
     let name = kind.name;
+    let renewal = match (kind.retire_at, settings.max_lifetime()) {
+        (Some(_), Some(lifetime)) => {
+            Some(Arc::new(Renewal::new(lifetime, settings.lifetime_jitter())))
+        }
+        _ => None,
+    };
+    // bb8's lifetime counts from when bb8 took a connection in, which a replacement does not
+    // reset: with renewal, each connection's own retirement instant applies instead.
+    let lifetime = match renewal {
+        Some(_) => None,
+        None => settings.jittered_lifetime(),
+    };
     let manager = Manager {
         open,
         kind,
         closed: Arc::clone(&closed),
+        renewal: renewal.clone(),
     };
-    let lifetime = settings.jittered_lifetime();
     let pool = bb8::Pool::builder()
         .max_size(settings.max_size)
         .min_idle(Some(settings.min_idle).filter(|n| *n > 0))
         .connection_timeout(settings.acquire_timeout)
         .idle_timeout(settings.idle_timeout)
         .max_lifetime(lifetime)
-        .reaper_rate(reaper_rate(lifetime, settings.idle_timeout))
+        .reaper_rate(reaper_rate(settings.max_lifetime(), settings.idle_timeout))
         // Failures are reported to the waiting callers instead of being retried until they
         // time out; has_broken still drops dead connections.
         .retry_connection(false)
@@ -192,6 +381,7 @@ pub(crate) fn build<C: Send + 'static>(
         max_size: settings.max_size,
         waiting: AtomicU64::new(0),
         closed,
+        renewal,
     });
     let handle: Arc<dyn PoolHandle> = core.clone();
     registry.add(Arc::downgrade(&handle));
@@ -324,6 +514,15 @@ impl<C: Send + 'static> PoolHandle for Core<C> {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.closed.store(true, Ordering::Relaxed);
+            if let Some(renewal) = &self.renewal {
+                drop(
+                    renewal
+                        .spare
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take(),
+                );
+            }
             let mut taken = Vec::new();
             for _ in 0..self.pool.state().idle_connections {
                 match tokio::time::timeout(Duration::from_secs(1), self.pool.get()).await {

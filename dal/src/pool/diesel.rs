@@ -20,6 +20,7 @@ pub(crate) const KIND: Kind<AsyncPgConnection> = Kind {
     name: "diesel",
     is_valid,
     has_broken,
+    retire_at: Some(|conn| timer(conn).map(|timer| &mut timer.retire_at)),
 };
 
 /// Checks a connection before it is handed out again: alive, and outside any transaction
@@ -77,7 +78,14 @@ where
     let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
         .await
         .map_err(Error::DieselSetup)?;
-    AsyncConnection::set_instrumentation(&mut conn, QueryTimer::default());
+    AsyncConnection::set_instrumentation(
+        &mut conn,
+        QueryTimer {
+            // Just opened: as good as one that came back now.
+            returned: Some(std::time::Instant::now()),
+            ..QueryTimer::default()
+        },
+    );
     Ok(conn)
 }
 
@@ -96,6 +104,8 @@ struct QueryTimer {
     /// `0A000` after `ALTER TABLE`): every statement this connection prepared may be stale, and
     /// diesel-async cannot forget them, so the pool drops the connection when it comes back.
     stale: bool,
+    /// When the pool retires it.
+    retire_at: Option<std::time::Instant>,
 }
 
 /// PostgreSQL's message for SQLSTATE `0A000` on a stale prepared statement. diesel-async keeps

@@ -37,6 +37,7 @@ pub(crate) const KIND: Kind<Conn> = Kind {
     name: "seaorm",
     is_valid,
     has_broken,
+    retire_at: Some(|conn| Some(&mut conn.retire_at)),
 };
 
 /// PostgreSQL's message for SQLSTATE `0A000` on a prepared statement whose result type
@@ -61,6 +62,8 @@ pub(crate) struct Conn {
     depth: u32,
     /// The depth to roll back to before the next statement: a savepoint was dropped unfinished.
     unwind: Option<u32>,
+    /// When the pool retires it.
+    retire_at: Option<Instant>,
 }
 
 impl Conn {
@@ -74,6 +77,7 @@ impl Conn {
             broken: false,
             depth: 0,
             unwind: None,
+            retire_at: None,
         }
     }
 
@@ -301,6 +305,11 @@ impl SeaOrmPool {
     /// This pool's state, as [`Connector::health`](crate::Connector::health) reports it.
     pub fn health(&self) -> PoolHealth {
         self.pool.health()
+    }
+
+    /// bb8's state of the pool: open and idle connections, and its statistics.
+    pub fn state(&self) -> bb8::State {
+        self.pool.state()
     }
 
     /// Runs `op` on a connection of the pool. Owned and boxed: the compiler cannot prove the

@@ -9,7 +9,7 @@ use std::time::Duration;
 use dal::diesel_async::RunQueryDsl;
 use dal::local::LocalPostgres;
 use dal::{Connector, PoolSettings, TxMode};
-use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
 
 /// Polls `inner` until it has answered `Pending` `pendings` times, then drops it: the
 /// cancellation a timeout or a `select!` makes, at a chosen await point rather than at a
@@ -189,7 +189,6 @@ async fn a_cancelled_seaorm_transaction_never_swallows_the_next_write() {
 /// connection is kept. A dropped savepoint is undone before its transaction's next statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_seaorm_transaction_lets_go_of_its_locks_at_once() {
-    use sea_orm::TransactionTrait;
     let (_pg, connector, admin) = setup("dropped_seaorm").await;
     let db = connector.seaorm().await.unwrap();
     let insert = |id: i64| {
@@ -606,6 +605,83 @@ async fn seaorm_acquires_do_not_stall_under_connection_churn() {
     }
     println!("SeaORM churn: {ok} queries, {} failed", failed.len());
     assert!(failed.is_empty(), "{failed:?}");
+    connector.shutdown().await;
+}
+
+/// Logins off the request path: under steady load, each connection is replaced ahead of its
+/// lifetime by one opened in the background, so the pools themselves never open a connection
+/// (bb8 counts every one it opens) and no checkout waits for one. The replacement opens a
+/// quarter of the lifetime (1 s here) before the end: the margin for a login on a busy machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_replaced_ahead_of_their_lifetime_off_the_request_path() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "renewed").await;
+    let pool = PoolSettings::builder()
+        .max_size(4)
+        .max_lifetime(Some(Duration::from_secs(4)))
+        .build()
+        .unwrap();
+    let connector = Connector::new(pg.config("renewed", "renewed", &password).pool(pool))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    // Four connections of each, open and warm.
+    let (a, b) = tokio::join!(
+        futures_util::future::join_all((0..4).map(|_| diesel.get())),
+        futures_util::future::join_all((0..4).map(|_| db.begin())),
+    );
+    assert!(a.iter().all(Result::is_ok) && b.iter().all(Result::is_ok));
+    drop((a, b));
+    let created = |s: dal::bb8::State| s.statistics.connections_created;
+    let waited = |s: dal::bb8::State| s.statistics.get_waited;
+    let before = (created(db.state()), created(diesel.state()));
+    let (waited_before, opened_before) = (waited(diesel.state()), connector.connections_opened());
+    let until = std::time::Instant::now() + Duration::from_secs(9);
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (db, diesel) = (db.clone(), diesel.clone());
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                while std::time::Instant::now() < until {
+                    if let Err(e) = db.execute_unprepared("SELECT 1").await {
+                        failed.push(format!("seaorm: {e}"));
+                    }
+                    match diesel.get().await {
+                        Ok(mut conn) => {
+                            if let Err(e) =
+                                dal::diesel::sql_query("SELECT 1").execute(&mut *conn).await
+                            {
+                                failed.push(format!("diesel: {e}"));
+                            }
+                        }
+                        Err(e) => failed.push(format!("diesel get: {e}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for worker in workers {
+        failed.extend(worker.await.unwrap());
+    }
+    let renewed = connector.connections_opened() - opened_before;
+    println!(
+        "renewed {renewed}; opened by the pools: seaorm {}, diesel {}",
+        created(db.state()) - before.0,
+        created(diesel.state()) - before.1
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    // Every connection lived through at least one lifetime.
+    assert!(renewed >= 8, "renewed {renewed}");
+    assert_eq!((created(db.state()), created(diesel.state())), before);
+    assert_eq!(
+        waited(diesel.state()),
+        waited_before,
+        "a Diesel checkout waited"
+    );
     connector.shutdown().await;
 }
 
