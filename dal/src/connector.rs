@@ -909,11 +909,11 @@ impl Connector {
         }
     }
 
-    /// Stops the token refresher and closes every pool built by this connector: the sqlx
-    /// pools behind SeaORM at once (waiting for connections in use to come back, at most each
-    /// pool's acquire timeout; the others close when they come back), the Diesel
-    /// and tokio-postgres pools by closing their idle connections now and the others when
-    /// they are returned. Pools refuse new checkouts afterwards, and no new pool can be built.
+    /// Stops the token refresher and closes every pool built by this connector: the plain
+    /// sqlx pools at once (waiting for connections in use to come back, at most each pool's
+    /// acquire timeout; the others close when they come back), the SeaORM, Diesel and
+    /// tokio-postgres pools by closing their idle connections now and the others when they
+    /// are returned. Pools refuse new checkouts afterwards, and no new pool can be built.
     pub async fn shutdown(&self) {
         self.shared.shut_down.store(true, Ordering::Relaxed);
         self.shared.cache.shutdown();

@@ -79,7 +79,7 @@ pub struct Health {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolHealth {
-    /// `seaorm` (the sqlx pool), `diesel` or `postgres`.
+    /// `seaorm`, `diesel`, `postgres`, or `sqlx` (a plain sqlx pool).
     pub kind: &'static str,
     /// Most connections open at once.
     pub max_size: u32,

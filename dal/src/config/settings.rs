@@ -522,9 +522,9 @@ pub struct Config {
     pub host: String,
     /// Connect to this address instead of resolving `host`, which still names the server for
     /// TLS verification (libpq's `hostaddr`). Used by the Diesel and tokio-postgres
-    /// connections. The sqlx pool behind SeaORM connects to it by address too, except under
-    /// `verify-full`, where sqlx would check the certificate against the address: that pool
-    /// is then refused. Defaults to none.
+    /// connections. The SeaORM and plain sqlx pools (sqlx connections) connect to it by
+    /// address too, except under `verify-full`, where sqlx would check the certificate against
+    /// the address: those pools are then refused. Defaults to none.
     pub hostaddr: Option<std::net::IpAddr>,
     /// The server's port. Defaults to 5432.
     pub port: u16,
