@@ -3,7 +3,7 @@
 //! [`ErrorSink`](bb8::ErrorSink), and closes on shutdown.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,20 +26,31 @@ pub(crate) struct Kind<C> {
     pub(crate) is_valid: for<'c> fn(&'c mut C) -> BoxFuture<'c, Result<()>>,
     /// Checks a connection without a round trip.
     pub(crate) has_broken: fn(&mut C) -> bool,
-    /// Where a connection keeps the instant it is to be retired, for kinds that keep one: the
-    /// pool then opens its replacement ahead (see [`Renewal`]). `None`: bb8's own lifetime
-    /// applies.
-    pub(crate) retire_at: Option<RetireAt<C>>,
+    /// Where a connection keeps its [`Lifespan`], for kinds that keep one: the pool then opens
+    /// its replacement ahead (see [`Renewal`]). `None`: bb8's own lifetime applies.
+    pub(crate) lifespan: Option<LifespanOf<C>>,
 }
 
-/// Where a connection keeps the instant it is to be retired.
-pub(crate) type RetireAt<C> = for<'c> fn(&'c mut C) -> Option<&'c mut Option<Instant>>;
+/// Where a connection keeps its [`Lifespan`].
+pub(crate) type LifespanOf<C> = for<'c> fn(&'c mut C) -> Option<&'c mut Lifespan>;
+
+/// What the pool's renewal notes of one connection.
+#[derive(Debug, Default)]
+pub(crate) struct Lifespan {
+    /// When the pool retires it.
+    retire_at: Option<Instant>,
+    /// When it last came back to the pool.
+    returned: Option<Instant>,
+    /// How long it last waited in the pool before it was checked out again.
+    idle_gap: Option<Duration>,
+}
 
 /// Connections replaced ahead of their lifetime, so that no request waits for a login: each
 /// connection is given its own jittered lifetime as it opens; when it comes back within `lead`
-/// of it while other connections of the pool are in use (a pool used one connection at a
-/// time, such as a background job's, replaces it when next checked out, and keeps nothing
-/// extra open), a replacement opens in the background (one at a time), and the next time the old
+/// of it, having waited less than `lead` in the pool before its last checkout (a connection
+/// used now and then, such as a background job's, is replaced when next checked out, and
+/// nothing extra stays open), a replacement opens in the background (one at a time), and the
+/// next time the old
 /// one comes back or is checked out, the replacement takes its place in the pool. One past
 /// its lifetime with no replacement ready is retired as bb8 would, and never handed out. A
 /// replacement nothing took within `lead` is closed: an idle pool keeps no extra connection
@@ -53,8 +64,6 @@ struct Renewal<C> {
     spare: Mutex<Option<(u64, C)>>,
     opening: AtomicBool,
     openings: AtomicU64,
-    /// Connections checked out and not yet back.
-    in_use: AtomicI64,
 }
 
 impl<C> Renewal<C> {
@@ -69,7 +78,6 @@ impl<C> Renewal<C> {
             spare: Mutex::new(None),
             opening: AtomicBool::new(false),
             openings: AtomicU64::new(0),
-            in_use: AtomicI64::new(0),
         }
     }
 
@@ -119,22 +127,32 @@ impl<C: Send + 'static> Manager<C> {
     fn open(&self) -> BoxFuture<'static, Result<C>> {
         open_stamped(
             Arc::clone(&self.open),
-            self.kind.retire_at,
+            self.kind.lifespan,
             self.renewal.clone(),
         )
     }
 
-    /// Puts the spare in the place of `conn` when `conn` is near its end; when none is ready
-    /// and the pool is `busy` (`conn` is coming back while others are in use), opens one.
-    /// Returns whether `conn` (still the old one) is past its lifetime.
-    fn renew(&self, conn: &mut C, busy: bool) -> bool {
-        let (Some(renewal), Some(retire_at)) = (&self.renewal, self.kind.retire_at) else {
-            return false;
-        };
-        let Some(at) = retire_at(conn).and_then(|at| *at) else {
+    /// Notes that `conn` is coming back (`returning`) or being checked out, and puts the
+    /// spare in its place when it is near its end; when none is ready and `conn`, coming back,
+    /// is in frequent use, opens one. Returns whether `conn` (still the old one) is past its
+    /// lifetime.
+    fn renew(&self, conn: &mut C, returning: bool) -> bool {
+        let (Some(renewal), Some(lifespan)) = (&self.renewal, self.kind.lifespan) else {
             return false;
         };
         let now = Instant::now();
+        let Some(span) = lifespan(conn) else {
+            return false;
+        };
+        if returning {
+            span.returned = Some(now);
+        } else {
+            span.idle_gap = span.returned.map(|at| now.duration_since(at));
+        }
+        let frequent = span.idle_gap.is_some_and(|gap| gap < renewal.lead);
+        let Some(at) = span.retire_at else {
+            return false;
+        };
         if now + renewal.lead < at {
             return false;
         }
@@ -147,8 +165,8 @@ impl<C: Send + 'static> Manager<C> {
             .map(|(_, conn)| conn)
             .filter(|_| !self.closed.load(Ordering::Relaxed));
         if let Some(fresh) = spare.as_mut()
-            && retire_at(fresh)
-                .and_then(|at| *at)
+            && lifespan(fresh)
+                .and_then(|span| span.retire_at)
                 .is_some_and(|fresh_at| fresh_at > now)
         {
             drop(std::mem::replace(conn, spare.take().expect("checked")));
@@ -161,23 +179,10 @@ impl<C: Send + 'static> Manager<C> {
             return false;
         }
         let expired = now >= at;
-        if busy && !expired {
+        if returning && frequent && !expired {
             self.open_spare(renewal);
         }
         expired
-    }
-
-    /// Counts a checkout (`out`) or a return; after a return, whether others are in use.
-    fn count_in_use(&self, out: bool) -> bool {
-        let Some(renewal) = &self.renewal else {
-            return false;
-        };
-        if out {
-            renewal.in_use.fetch_add(1, Ordering::Relaxed);
-            false
-        } else {
-            renewal.in_use.fetch_sub(1, Ordering::Relaxed) > 1
-        }
     }
 
     /// Opens a spare in the background, unless one is being opened.
@@ -218,13 +223,13 @@ impl<C: Send + 'static> Manager<C> {
 /// Opens a connection through `open` and stamps its retirement instant.
 fn open_stamped<C: Send + 'static>(
     open: Open<C>,
-    retire_at: Option<RetireAt<C>>,
+    lifespan: Option<LifespanOf<C>>,
     renewal: Option<Arc<Renewal<C>>>,
 ) -> BoxFuture<'static, Result<C>> {
     Box::pin(async move {
         let mut conn = open().await?;
-        if let (Some(renewal), Some(slot)) = (renewal, retire_at.and_then(|f| f(&mut conn))) {
-            *slot = Some(renewal.retire_at());
+        if let (Some(renewal), Some(span)) = (renewal, lifespan.and_then(|f| f(&mut conn))) {
+            span.retire_at = Some(renewal.retire_at());
         }
         Ok(conn)
     })
@@ -239,7 +244,6 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     }
 
     fn is_valid(&self, conn: &mut C) -> impl std::future::Future<Output = Result<()>> + Send {
-        self.count_in_use(true);
         let expired = self.renew(conn, false);
         let test = (self.kind.is_valid)(conn);
         async move {
@@ -252,10 +256,9 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     }
 
     fn has_broken(&self, conn: &mut C) -> bool {
-        let busy = self.count_in_use(false);
         self.closed.load(Ordering::Relaxed)
             || (self.kind.has_broken)(conn)
-            || self.renew(conn, busy)
+            || self.renew(conn, true)
     }
 }
 
@@ -340,7 +343,7 @@ pub(crate) fn build<C: Send + 'static>(
     });
     let closed = Arc::new(AtomicBool::new(false));
     let name = kind.name;
-    let renewal = match (kind.retire_at, settings.max_lifetime()) {
+    let renewal = match (kind.lifespan, settings.max_lifetime()) {
         (Some(_), Some(lifetime)) => {
             Some(Arc::new(Renewal::new(lifetime, settings.lifetime_jitter())))
         }

@@ -20,7 +20,7 @@ pub(crate) const KIND: Kind<AsyncPgConnection> = Kind {
     name: "diesel",
     is_valid,
     has_broken,
-    retire_at: Some(|conn| timer(conn).map(|timer| &mut timer.retire_at)),
+    lifespan: Some(|conn| timer(conn).map(|timer| &mut timer.lifespan)),
 };
 
 /// Checks a connection before it is handed out again: alive, and outside any transaction
@@ -104,8 +104,8 @@ struct QueryTimer {
     /// `0A000` after `ALTER TABLE`): every statement this connection prepared may be stale, and
     /// diesel-async cannot forget them, so the pool drops the connection when it comes back.
     stale: bool,
-    /// When the pool retires it.
-    retire_at: Option<std::time::Instant>,
+    /// What the pool's renewal notes of it.
+    lifespan: super::bb8_pool::Lifespan,
 }
 
 /// PostgreSQL's message for SQLSTATE `0A000` on a stale prepared statement. diesel-async keeps

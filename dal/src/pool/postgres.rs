@@ -16,7 +16,7 @@ pub(crate) const KIND: Kind<Client> = Kind {
     name: "postgres",
     is_valid,
     has_broken,
-    retire_at: None,
+    lifespan: None,
 };
 
 /// Checks a connection before it is handed out again: alive, and outside any transaction

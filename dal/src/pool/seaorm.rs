@@ -27,7 +27,7 @@ use sea_orm::{
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::Mutex;
 
-use super::bb8_pool::{Kind, Manager, Pool};
+use super::bb8_pool::{Kind, Lifespan, Manager, Pool};
 use super::reset::{OUTSIDE_TRANSACTION, RECENTLY_USED, ROLLBACK};
 use crate::error::{Error, ErrorChain, Result};
 use crate::telemetry::{self, PoolHealth};
@@ -37,7 +37,7 @@ pub(crate) const KIND: Kind<Conn> = Kind {
     name: "seaorm",
     is_valid,
     has_broken,
-    retire_at: Some(|conn| Some(&mut conn.retire_at)),
+    lifespan: Some(|conn| Some(&mut conn.lifespan)),
 };
 
 /// PostgreSQL's message for SQLSTATE `0A000` on a prepared statement whose result type
@@ -62,8 +62,8 @@ pub(crate) struct Conn {
     depth: u32,
     /// The depth to roll back to before the next statement: a savepoint was dropped unfinished.
     unwind: Option<u32>,
-    /// When the pool retires it.
-    retire_at: Option<Instant>,
+    /// What the pool's renewal notes of it.
+    lifespan: Lifespan,
 }
 
 impl Conn {
@@ -77,7 +77,7 @@ impl Conn {
             broken: false,
             depth: 0,
             unwind: None,
-            retire_at: None,
+            lifespan: Lifespan::default(),
         }
     }
 
