@@ -376,36 +376,50 @@ fn modes(options: &TransactionOptions) -> Option<String> {
     Some(modes).filter(|m| !m.is_empty())
 }
 
-#[async_trait::async_trait]
-impl ConnectionTrait for SeaOrmPool {
-    fn get_database_backend(&self) -> DbBackend {
-        DbBackend::Postgres
-    }
+/// SeaORM's [`ConnectionTrait`] for a type whose `run` runs an operation on its connection.
+macro_rules! connection_trait {
+    ($type:ty) => {
+        #[async_trait::async_trait]
+        impl ConnectionTrait for $type {
+            fn get_database_backend(&self) -> DbBackend {
+                DbBackend::Postgres
+            }
 
-    async fn execute_raw(&self, stmt: Statement) -> std::result::Result<ExecResult, DbErr> {
-        self.run(move |c| Box::pin(async move { c.execute(&stmt).await }))
-            .await
-    }
+            async fn execute_raw(&self, stmt: Statement) -> std::result::Result<ExecResult, DbErr> {
+                self.run(move |c| Box::pin(async move { c.execute(&stmt).await }))
+                    .await
+            }
 
-    async fn execute_unprepared(&self, sql: &str) -> std::result::Result<ExecResult, DbErr> {
-        let sql = sql.to_owned();
-        self.run(move |c| Box::pin(async move { c.execute_unprepared(&sql).await }))
-            .await
-    }
+            async fn execute_unprepared(
+                &self,
+                sql: &str,
+            ) -> std::result::Result<ExecResult, DbErr> {
+                let sql = sql.to_owned();
+                self.run(move |c| Box::pin(async move { c.execute_unprepared(&sql).await }))
+                    .await
+            }
 
-    async fn query_one_raw(
-        &self,
-        stmt: Statement,
-    ) -> std::result::Result<Option<QueryResult>, DbErr> {
-        self.run(move |c| Box::pin(async move { c.query_one(&stmt).await }))
-            .await
-    }
+            async fn query_one_raw(
+                &self,
+                stmt: Statement,
+            ) -> std::result::Result<Option<QueryResult>, DbErr> {
+                self.run(move |c| Box::pin(async move { c.query_one(&stmt).await }))
+                    .await
+            }
 
-    async fn query_all_raw(&self, stmt: Statement) -> std::result::Result<Vec<QueryResult>, DbErr> {
-        self.run(move |c| Box::pin(async move { c.query_all(&stmt).await }))
-            .await
-    }
+            async fn query_all_raw(
+                &self,
+                stmt: Statement,
+            ) -> std::result::Result<Vec<QueryResult>, DbErr> {
+                self.run(move |c| Box::pin(async move { c.query_all(&stmt).await }))
+                    .await
+            }
+        }
+    };
 }
+
+connection_trait!(SeaOrmPool);
+connection_trait!(SeaOrmTransaction);
 
 /// What [`TransactionTrait::transaction`] runs.
 type Callback<'c, T, E> = Pin<Box<dyn Future<Output = std::result::Result<T, E>> + Send + 'c>>;
@@ -445,7 +459,7 @@ impl TransactionTrait for SeaOrmPool {
         E: std::fmt::Display + std::fmt::Debug + Send,
     {
         let txn = self.begin().await.map_err(TransactionError::Connection)?;
-        txn.run(callback).await
+        txn.run_callback(callback).await
     }
 
     async fn transaction_with_config<F, T, E>(
@@ -463,7 +477,7 @@ impl TransactionTrait for SeaOrmPool {
             .begin_with_config(isolation_level, access_mode)
             .await
             .map_err(TransactionError::Connection)?;
-        txn.run(callback).await
+        txn.run_callback(callback).await
     }
 }
 
@@ -501,8 +515,8 @@ fn ended() -> DbErr {
 
 impl SeaOrmTransaction {
     /// Runs `op` on the transaction's connection, once the statements a dropped savepoint
-    /// left to do are done (owned and boxed, as [`SeaOrmPool::run`]).
-    fn run_op<T, F>(&self, op: F) -> BoxFuture<'static, std::result::Result<T, DbErr>>
+    /// left to do are done (owned and boxed, as the pool's own `run`).
+    fn run<T, F>(&self, op: F) -> BoxFuture<'static, std::result::Result<T, DbErr>>
     where
         F: for<'c> FnOnce(&'c mut Conn) -> BoxFuture<'c, std::result::Result<T, DbErr>>
             + Send
@@ -540,7 +554,7 @@ impl SeaOrmTransaction {
     async fn end(&mut self, commit: bool) -> std::result::Result<(), DbErr> {
         let level = self.level;
         let done = self
-            .run_op(move |conn| {
+            .run(move |conn| {
                 Box::pin(async move {
                     conn.unwind_to(level).await.map_err(exec_err)?;
                     conn.end_level(commit).await.map_err(exec_err)
@@ -555,7 +569,7 @@ impl SeaOrmTransaction {
         done
     }
 
-    async fn run<F, T, E>(self, callback: F) -> std::result::Result<T, TransactionError<E>>
+    async fn run_callback<F, T, E>(self, callback: F) -> std::result::Result<T, TransactionError<E>>
     where
         F: for<'c> FnOnce(&'c SeaOrmTransaction) -> Callback<'c, T, E> + Send,
         T: Send,
@@ -623,44 +637,13 @@ impl TransactionSession for SeaOrmTransaction {
 }
 
 #[async_trait::async_trait]
-impl ConnectionTrait for SeaOrmTransaction {
-    fn get_database_backend(&self) -> DbBackend {
-        DbBackend::Postgres
-    }
-
-    async fn execute_raw(&self, stmt: Statement) -> std::result::Result<ExecResult, DbErr> {
-        self.run_op(move |c| Box::pin(async move { c.execute(&stmt).await }))
-            .await
-    }
-
-    async fn execute_unprepared(&self, sql: &str) -> std::result::Result<ExecResult, DbErr> {
-        let sql = sql.to_owned();
-        self.run_op(move |c| Box::pin(async move { c.execute_unprepared(&sql).await }))
-            .await
-    }
-
-    async fn query_one_raw(
-        &self,
-        stmt: Statement,
-    ) -> std::result::Result<Option<QueryResult>, DbErr> {
-        self.run_op(move |c| Box::pin(async move { c.query_one(&stmt).await }))
-            .await
-    }
-
-    async fn query_all_raw(&self, stmt: Statement) -> std::result::Result<Vec<QueryResult>, DbErr> {
-        self.run_op(move |c| Box::pin(async move { c.query_all(&stmt).await }))
-            .await
-    }
-}
-
-#[async_trait::async_trait]
 impl TransactionTrait for SeaOrmTransaction {
     type Transaction = SeaOrmTransaction;
 
     /// A savepoint.
     async fn begin(&self) -> std::result::Result<SeaOrmTransaction, DbErr> {
         let level = self
-            .run_op(|conn| {
+            .run(|conn| {
                 Box::pin(async move {
                     let depth = conn.depth;
                     conn.simple(&format!("SAVEPOINT dal_{depth}"))
@@ -702,7 +685,7 @@ impl TransactionTrait for SeaOrmTransaction {
         E: std::fmt::Display + std::fmt::Debug + Send,
     {
         let txn = self.begin().await.map_err(TransactionError::Connection)?;
-        txn.run(callback).await
+        txn.run_callback(callback).await
     }
 
     async fn transaction_with_config<F, T, E>(
