@@ -34,15 +34,27 @@ pub(crate) struct Kind<C> {
 /// Where a connection keeps its [`Lifespan`].
 pub(crate) type LifespanOf<C> = for<'c> fn(&'c mut C) -> Option<&'c mut Lifespan>;
 
-/// What the pool's renewal notes of one connection.
+/// What the pool notes of one connection as it opens, comes back and goes out.
 #[derive(Debug, Default)]
 pub(crate) struct Lifespan {
     /// When the pool retires it.
     retire_at: Option<Instant>,
-    /// When it last came back to the pool.
-    returned: Option<Instant>,
+    /// When it last came back to the pool (or opened, for a kind that counts a fresh
+    /// connection as one that just came back).
+    pub(crate) returned: Option<Instant>,
     /// How long it last waited in the pool before it was checked out again.
     idle_gap: Option<Duration>,
+}
+
+impl Lifespan {
+    /// One whose connection came back just now.
+    #[cfg(feature = "diesel")]
+    pub(crate) fn returned_now() -> Self {
+        Self {
+            returned: Some(Instant::now()),
+            ..Self::default()
+        }
+    }
 }
 
 /// Connections replaced ahead of their lifetime, so that no request waits for a login: each
@@ -137,7 +149,7 @@ impl<C: Send + 'static> Manager<C> {
     /// is in frequent use, opens one. Returns whether `conn` (still the old one) is past its
     /// lifetime.
     fn renew(&self, conn: &mut C, returning: bool) -> bool {
-        let (Some(renewal), Some(lifespan)) = (&self.renewal, self.kind.lifespan) else {
+        let Some(lifespan) = self.kind.lifespan else {
             return false;
         };
         let now = Instant::now();
@@ -149,6 +161,9 @@ impl<C: Send + 'static> Manager<C> {
         } else {
             span.idle_gap = span.returned.map(|at| now.duration_since(at));
         }
+        let Some(renewal) = &self.renewal else {
+            return false;
+        };
         let frequent = span.idle_gap.is_some_and(|gap| gap < renewal.lead);
         let Some(at) = span.retire_at else {
             return false;

@@ -7,7 +7,7 @@ use futures_util::future::BoxFuture;
 use tokio_postgres::tls::TlsStream;
 use tokio_postgres::{Client, Connection, Socket};
 
-use super::bb8_pool::{Kind, Pool};
+use super::bb8_pool::{Kind, Lifespan, Pool};
 use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
 use crate::error::{Error, Result};
 use crate::telemetry;
@@ -54,12 +54,9 @@ fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
 
 /// Broken: diesel-async's own test (a transaction left half done), or a prepared statement
 /// the server no longer accepts after a schema change (see [`QueryTimer::stale`]). Called
-/// as the connection comes back to the pool, which it notes.
+/// as the connection comes back to the pool (the pool notes when, in its `Lifespan`).
 fn has_broken(conn: &mut AsyncPgConnection) -> bool {
-    let stale = timer(conn).is_some_and(|timer| {
-        timer.returned = Some(std::time::Instant::now());
-        timer.stale
-    });
+    let stale = timer(conn).is_some_and(|timer| timer.stale);
     std::thread::panicking() || stale || PoolableConnection::is_broken(conn)
 }
 
@@ -82,7 +79,7 @@ where
         &mut conn,
         QueryTimer {
             // Just opened: as good as one that came back now.
-            returned: Some(std::time::Instant::now()),
+            lifespan: Lifespan::returned_now(),
             ..QueryTimer::default()
         },
     );
@@ -98,14 +95,12 @@ struct QueryTimer {
     /// Queries started and not yet answered: more than zero when a query's future was
     /// dropped before its answer came (a cancelled request is still sent and answered).
     open: u32,
-    /// When the connection last came back to the pool.
-    returned: Option<std::time::Instant>,
     /// A query failed because a cached prepared statement's result type changed (SQLSTATE
     /// `0A000` after `ALTER TABLE`): every statement this connection prepared may be stale, and
     /// diesel-async cannot forget them, so the pool drops the connection when it comes back.
     stale: bool,
-    /// What the pool's renewal notes of it.
-    lifespan: super::bb8_pool::Lifespan,
+    /// What the pool notes of it: when it came back, when it retires.
+    lifespan: Lifespan,
 }
 
 /// PostgreSQL's message for SQLSTATE `0A000` on a stale prepared statement. diesel-async keeps
@@ -117,6 +112,7 @@ impl QueryTimer {
     fn settled(&self) -> bool {
         self.open == 0
             && self
+                .lifespan
                 .returned
                 .is_some_and(|at| at.elapsed() < super::reset::RECENTLY_USED)
     }

@@ -50,8 +50,6 @@ pub(crate) struct Conn {
     /// Statements sent and not yet answered: above zero when a future was dropped before its
     /// answer (a cancelled `BEGIN`, say).
     open: u32,
-    /// When the connection last came back to the pool.
-    returned: Option<Instant>,
     /// A prepared statement went stale after a schema change: forget them all before the
     /// next use, instead of failing each of them once.
     stale: bool,
@@ -62,7 +60,7 @@ pub(crate) struct Conn {
     depth: u32,
     /// The depth to roll back to before the next statement: a savepoint was dropped unfinished.
     unwind: Option<u32>,
-    /// What the pool's renewal notes of it.
+    /// What the pool notes of it: when it came back, when it retires.
     lifespan: Lifespan,
 }
 
@@ -72,7 +70,6 @@ impl Conn {
         Self {
             raw,
             open: 0,
-            returned: None,
             stale: false,
             broken: false,
             depth: 0,
@@ -243,8 +240,11 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
             conn.raw.clear_cached_statements().await.map_err(sqlx_err)?;
             conn.stale = false;
         }
-        let settled =
-            conn.open == 0 && conn.returned.is_some_and(|at| at.elapsed() < RECENTLY_USED);
+        let settled = conn.open == 0
+            && conn
+                .lifespan
+                .returned
+                .is_some_and(|at| at.elapsed() < RECENTLY_USED);
         if settled {
             return Ok(());
         }
@@ -268,9 +268,9 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
 
 /// Broken: failed for good, or still inside a transaction that nothing can end (its owner
 /// could not be reached when it was dropped): the server rolls it back as the connection
-/// closes. Called as the connection comes back to the pool, which it notes.
+/// closes. Called as the connection comes back to the pool (the pool notes when, in its
+/// `Lifespan`).
 fn has_broken(conn: &mut Conn) -> bool {
-    conn.returned = Some(Instant::now());
     std::thread::panicking() || conn.broken || conn.depth > 0
 }
 
