@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use secrecy::ExposeSecret;
+use tokio_postgres::Socket;
+use tokio_postgres::tls::MakeTlsConnect;
 
 #[cfg(feature = "diesel")]
 use diesel_async::AsyncPgConnection;
@@ -698,21 +700,43 @@ impl Connector {
         &'a self,
         token: &'a Token,
     ) -> BoxFuture<'a, Result<(tokio_postgres::Client, Connection)>> {
+        Box::pin(self.open_postgres_over(token, self.shared.tls.connector()))
+    }
+
+    /// A client of the tokio-postgres pool, whose session's wire the pool follows.
+    fn open_pg_client<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<pool::PgClient>> {
         Box::pin(async move {
-            let config = self.pg_config(token);
-            match config.connect(self.shared.tls.connector()).await {
-                Ok(pair) => Ok(pair),
-                Err(e) if is_refused_login(&e) => {
-                    let sqlstate = e.code().map(|c| c.code().to_owned());
-                    Err(self.refused(sqlstate.as_deref(), |user| Error::AuthFailed {
-                        user,
-                        source: e,
-                    }))
-                }
-                Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
-                Err(e) => Err(Error::Database(e)),
-            }
+            let wire = Arc::new(pool::wire::Wire::default());
+            let tls = pool::wire::TrackedTls {
+                inner: self.shared.tls.connector(),
+                wire: Arc::clone(&wire),
+            };
+            let (client, connection) = self.open_postgres_over(token, tls).await?;
+            Ok(pool::postgres::from_parts(client, connection, wire))
         })
+    }
+
+    /// A tokio-postgres connection to this endpoint with `token`, over `tls`.
+    async fn open_postgres_over<T: MakeTlsConnect<Socket>>(
+        &self,
+        token: &Token,
+        tls: T,
+    ) -> Result<(
+        tokio_postgres::Client,
+        tokio_postgres::Connection<Socket, T::Stream>,
+    )> {
+        match self.pg_config(token).connect(tls).await {
+            Ok(pair) => Ok(pair),
+            Err(e) if is_refused_login(&e) => {
+                let sqlstate = e.code().map(|c| c.code().to_owned());
+                Err(self.refused(sqlstate.as_deref(), |user| Error::AuthFailed {
+                    user,
+                    source: e,
+                }))
+            }
+            Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
+            Err(e) => Err(Error::Database(e)),
+        }
     }
 
     /// A sqlx connection to this endpoint with `token`, for the SeaORM pool.
@@ -864,12 +888,9 @@ impl Connector {
     pub async fn postgres_pool_with(&self, settings: &PoolSettings) -> Result<PgClientPool> {
         self.refuse_if_shut_down()?;
         let connector = self.clone();
-        let open: Open<tokio_postgres::Client> = Arc::new(move || {
+        let open: Open<pool::PgClient> = Arc::new(move || {
             let connector = connector.clone();
-            Box::pin(async move {
-                let (client, connection) = connector.connect().await?;
-                Ok(pool::postgres::from_parts(client, connection))
-            })
+            Box::pin(async move { connector.connect_by(Connector::open_pg_client).await })
         });
         Ok(pool::build(
             pool::postgres::KIND,

@@ -108,7 +108,7 @@ pub use connector::{Connection, Connector};
 pub use error::{Error, Result, Setting};
 #[cfg(feature = "diesel")]
 pub use pool::DieselPool;
-pub use pool::{Manager, PgClientPool, Pool};
+pub use pool::{Manager, PgClient, PgClientPool, Pool};
 #[cfg(feature = "seaorm")]
 pub use pool::{SeaOrmPool, SeaOrmTransaction};
 pub use retry::{RetryPolicy, RetryPolicyBuilder};

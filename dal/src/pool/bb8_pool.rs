@@ -48,7 +48,6 @@ pub(crate) struct Lifespan {
 
 impl Lifespan {
     /// One whose connection came back just now.
-    #[cfg(feature = "diesel")]
     pub(crate) fn returned_now() -> Self {
         Self {
             returned: Some(Instant::now()),

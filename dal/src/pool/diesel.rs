@@ -9,6 +9,8 @@ use tokio_postgres::{Client, Connection, Socket};
 
 use super::bb8_pool::{Kind, Lifespan, Pool};
 use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
+// diesel-async keeps the message but not the code of errors it has no kind for.
+use super::wire::STALE_PLAN;
 use crate::error::{Error, Result};
 use crate::telemetry;
 
@@ -102,10 +104,6 @@ struct QueryTimer {
     /// What the pool notes of it: when it came back, when it retires.
     lifespan: Lifespan,
 }
-
-/// PostgreSQL's message for SQLSTATE `0A000` on a stale prepared statement. diesel-async keeps
-/// the message but not the code of errors it has no kind for.
-const STALE_PLAN: &str = "cached plan must not change result type";
 
 impl QueryTimer {
     /// Back to the pool moments ago, with nothing in flight.

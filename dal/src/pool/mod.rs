@@ -17,12 +17,13 @@ mod reset;
 pub(crate) mod seaorm;
 #[cfg(feature = "seaorm")]
 pub(crate) mod sqlx;
+pub(crate) mod wire;
 
 #[cfg(feature = "diesel")]
 pub use self::diesel::DieselPool;
 pub use bb8_pool::{Manager, Pool};
 pub(crate) use bb8_pool::{Open, build};
-pub use postgres::PgClientPool;
+pub use postgres::{PgClient, PgClientPool};
 pub(crate) use registry::Registry;
 #[cfg(feature = "seaorm")]
 pub use seaorm::{SeaOrmPool, SeaOrmTransaction};

@@ -1,29 +1,129 @@
-//! Plain tokio-postgres clients, for raw SQL.
+//! tokio-postgres clients in a pool, for raw SQL: each session's wire is followed
+//! ([`wire`](super::wire)), so that a client used moments ago is handed out again without a
+//! round trip, and prepared statements can be cached.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 use tokio_postgres::tls::TlsStream;
-use tokio_postgres::{Client, Connection, Socket};
+use tokio_postgres::{Client, Connection, Socket, Statement};
 
-use super::bb8_pool::{Kind, Pool};
-use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
+use super::bb8_pool::{Kind, Lifespan, Pool};
+use super::reset::{OUTSIDE_TRANSACTION, RECENTLY_USED, ROLLBACK};
+use super::wire::{Watched, Wire};
 use crate::error::{Error, Result};
 
 /// A pool of tokio-postgres clients, for raw SQL.
-pub type PgClientPool = Pool<Client>;
+pub type PgClientPool = Pool<PgClient>;
+
+/// Prepared statements [`PgClient::prepare_cached`] keeps per connection; beyond, it prepares
+/// each time.
+const CACHED_STATEMENTS: usize = 256;
+
+/// A tokio-postgres client of a [`PgClientPool`]: dereferences to [`tokio_postgres::Client`],
+/// and keeps the statements it prepared with [`prepare_cached`](Self::prepare_cached).
+pub struct PgClient {
+    client: Client,
+    /// The session's wire, when it is followed (over TLS).
+    wire: Option<Arc<Wire>>,
+    statements: Mutex<HashMap<String, Statement>>,
+    lifespan: Lifespan,
+}
+
+impl std::fmt::Debug for PgClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgClient")
+            .field("closed", &self.client.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for PgClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for PgClient {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+impl PgClient {
+    /// `query` prepared once per connection (as deadpool-postgres' `prepare_cached`): later
+    /// calls return the same [`Statement`] without a round trip, for up to 256 statements per
+    /// connection.
+    ///
+    /// A schema change that alters a cached statement's result type fails its next run with
+    /// SQLSTATE `0A000` ("cached plan must not change result type"); the pool then drops the
+    /// connection, and its cache with it, as it comes back. Without TLS the pool cannot see
+    /// that error, so this prepares each time.
+    ///
+    /// # Errors
+    ///
+    /// The error of `prepare`.
+    pub async fn prepare_cached(
+        &self,
+        query: &str,
+    ) -> std::result::Result<Statement, tokio_postgres::Error> {
+        if self.wire.is_none() {
+            return self.client.prepare(query).await;
+        }
+        let cached = self.statements().get(query).cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = self.client.prepare(query).await?;
+        let mut statements = self.statements();
+        if statements.len() < CACHED_STATEMENTS {
+            statements.insert(query.to_owned(), statement.clone());
+        }
+        Ok(statement)
+    }
+
+    fn statements(&self) -> std::sync::MutexGuard<'_, HashMap<String, Statement>> {
+        self.statements.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// tokio-postgres clients in a bb8 pool.
-pub(crate) const KIND: Kind<Client> = Kind {
+pub(crate) const KIND: Kind<PgClient> = Kind {
     name: "postgres",
     is_valid,
     has_broken,
-    lifespan: None,
+    lifespan: Some(|conn| Some(&mut conn.lifespan)),
 };
 
 /// Checks a connection before it is handed out again: alive, and outside any transaction
 /// (see [`reset`](super::reset)).
-fn is_valid(client: &mut Client) -> BoxFuture<'_, Result<()>> {
+///
+/// One that came back within [`RECENTLY_USED`] whose wire is settled (every request
+/// answered, nothing queued, idle outside a transaction: see [`Wire::settled`]) is handed out
+/// without a round trip. Any other runs an empty query, whose `ReadyForQuery` tells the
+/// transaction status, and a `ROLLBACK` when it is not idle. Without TLS the wire is not
+/// followed, and the check is the one the other pools run.
+fn is_valid(conn: &mut PgClient) -> BoxFuture<'_, Result<()>> {
     Box::pin(async move {
-        if client.batch_execute(OUTSIDE_TRANSACTION).await.is_err() {
+        let client = &conn.client;
+        let in_transaction = match &conn.wire {
+            Some(wire) => {
+                let recent = conn
+                    .lifespan
+                    .returned
+                    .is_some_and(|at| at.elapsed() < RECENTLY_USED);
+                if recent && !client.is_closed() && wire.settled() {
+                    return Ok(());
+                }
+                client.batch_execute("").await.map_err(Error::Database)?;
+                wire.status() != b'I'
+            }
+            None => client.batch_execute(OUTSIDE_TRANSACTION).await.is_err(),
+        };
+        if in_transaction {
             tracing::debug!(
                 pool = "postgres",
                 "a connection came back inside a transaction; rolling back"
@@ -37,20 +137,34 @@ fn is_valid(client: &mut Client) -> BoxFuture<'_, Result<()>> {
     })
 }
 
-fn has_broken(client: &mut Client) -> bool {
-    client.is_closed()
+/// Broken: closed, or a prepared statement the server no longer accepts after a schema
+/// change.
+fn has_broken(conn: &mut PgClient) -> bool {
+    conn.client.is_closed() || conn.wire.as_ref().is_some_and(|wire| wire.stale())
 }
 
 /// Drives `connection` in a task of its own, which ends when the client is dropped or the
-/// server closes the connection.
-pub(crate) fn from_parts<S>(client: Client, connection: Connection<Socket, S>) -> Client
+/// server closes the connection; `wire` is the session's, followed when TLS carried it.
+pub(crate) fn from_parts<S>(
+    client: Client,
+    connection: Connection<Socket, S>,
+    wire: Arc<Wire>,
+) -> PgClient
 where
     S: TlsStream + Unpin + Send + 'static,
 {
+    let attached = wire.attached();
+    let connection = Watched::new(connection, Arc::clone(&wire));
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "connection closed with an error");
         }
     });
-    client
+    PgClient {
+        client,
+        wire: attached.then_some(wire),
+        statements: Mutex::new(HashMap::new()),
+        // Just opened: as good as one that came back now.
+        lifespan: Lifespan::returned_now(),
+    }
 }

@@ -20,7 +20,6 @@ pub(crate) const ROLLBACK: &str = "ROLLBACK";
 /// out again without a round trip (HikariCP's `aliveBypassWindowMs` has the same 500 ms). One
 /// idle longer is checked first. Diesel's pool knows every query was answered and sees the
 /// closed flag; sqlx answers everything in flight and ends any transaction as the connection
-/// comes back. The tokio-postgres pool cannot see whether a dropped future left a request in
-/// flight, so it checks every connection it hands out again.
-#[cfg(any(feature = "diesel", feature = "seaorm"))]
+/// comes back. The tokio-postgres pool follows each session's wire (see
+/// [`wire`](super::wire)), over TLS.
 pub(crate) const RECENTLY_USED: std::time::Duration = std::time::Duration::from_millis(500);

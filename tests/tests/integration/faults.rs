@@ -426,7 +426,8 @@ async fn connections_the_server_closed_are_never_handed_out() {
 /// A migration under a running service: a column's type changes while pooled connections hold
 /// prepared statements of the old shape. PostgreSQL refuses such a statement (SQLSTATE 0A000,
 /// "cached plan must not change result type"); the ORMs cannot retry it, but the pools make the
-/// connection forget (SeaORM) or replace it (Diesel), so at most one query per connection fails.
+/// connection forget (SeaORM) or replace it (Diesel, and tokio-postgres with statements from
+/// `prepare_cached`), so at most one query per connection fails.
 #[tokio::test]
 async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transaction() {
     use dal::diesel::{QueryDsl, TextExpressionMethods};
@@ -440,6 +441,7 @@ async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transacti
         .unwrap();
     let db = connector.seaorm().await.unwrap();
     let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
     tests::seaorm_round_trip(&db, "before").await;
     tests::diesel_round_trip(&diesel, "before").await;
     let diesel_query = || async {
@@ -457,8 +459,15 @@ async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transacti
             .await
             .map(|r| r.len())
     };
+    let raw_query = || async {
+        let client = raw.get().await.unwrap();
+        let select = "SELECT name FROM customers WHERE email LIKE 'before%'";
+        let statement = client.prepare_cached(select).await?;
+        client.query(&statement, &[]).await.map(|rows| rows.len())
+    };
     assert_eq!(diesel_query().await.unwrap(), 2);
     assert_eq!(seaorm_query().await.unwrap(), 2);
+    assert_eq!(raw_query().await.unwrap(), 2);
 
     pg.admin("altered")
         .await
@@ -466,8 +475,20 @@ async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transacti
         .batch_execute("ALTER TABLE customers ALTER COLUMN name TYPE varchar(200)")
         .await
         .unwrap();
-    let (mut diesel_failed, mut seaorm_failed) = (0, 0);
+    let (mut diesel_failed, mut seaorm_failed, mut raw_failed) = (0, 0, 0);
     for round in 0..4 {
+        match raw_query().await {
+            Ok(n) => assert_eq!(n, 2),
+            Err(e) => {
+                assert!(
+                    round == 0
+                        && e.as_db_error()
+                            .is_some_and(|e| e.message().contains("cached plan")),
+                    "{round}: {e}"
+                );
+                raw_failed += 1;
+            }
+        }
         match diesel_query().await {
             Ok(n) => assert_eq!(n, 2),
             Err(e) => {
@@ -490,8 +511,10 @@ async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transacti
         }
     }
     println!(
-        "after ALTER TABLE: Diesel {diesel_failed} failed of 4, SeaORM {seaorm_failed} failed of 4"
+        "after ALTER TABLE: Diesel {diesel_failed} failed of 4, SeaORM {seaorm_failed} failed \
+         of 4, tokio-postgres {raw_failed} failed of 4"
     );
+    assert_eq!(raw_failed, 1, "the cached statement was stale once");
 
     // Transactions retry such a statement: none fails. Each runs once first, so that its
     // statements are prepared on the pooled connection when the schema changes.
@@ -610,8 +633,9 @@ async fn seaorm_acquires_do_not_stall_under_connection_churn() {
 
 /// Logins off the request path: under steady load, each connection is replaced ahead of its
 /// lifetime by one opened in the background, so the pools themselves never open a connection
-/// (bb8 counts every one it opens) and no checkout waits for one. The replacement opens a
-/// quarter of the lifetime (1 s here) before the end: the margin for a login on a busy machine.
+/// (bb8 counts every one it opens) and no Diesel or tokio-postgres checkout waits for one. The
+/// replacement opens a quarter of the lifetime (1 s here) before the end: the margin for a
+/// login on a busy machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_replaced_ahead_of_their_lifetime_off_the_request_path() {
     let pg = tests::server().await;
@@ -626,21 +650,29 @@ async fn connections_are_replaced_ahead_of_their_lifetime_off_the_request_path()
         .unwrap();
     let db = connector.seaorm().await.unwrap();
     let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
     // Four connections of each, open and warm.
-    let (a, b) = tokio::join!(
+    let (a, b, c) = tokio::join!(
         futures_util::future::join_all((0..4).map(|_| diesel.get())),
         futures_util::future::join_all((0..4).map(|_| db.begin())),
+        futures_util::future::join_all((0..4).map(|_| raw.get())),
     );
     assert!(a.iter().all(Result::is_ok) && b.iter().all(Result::is_ok));
-    drop((a, b));
+    assert!(c.iter().all(Result::is_ok));
+    drop((a, b, c));
     let created = |s: dal::bb8::State| s.statistics.connections_created;
     let waited = |s: dal::bb8::State| s.statistics.get_waited;
-    let before = (created(db.state()), created(diesel.state()));
-    let (waited_before, opened_before) = (waited(diesel.state()), connector.connections_opened());
+    let before = (
+        created(db.state()),
+        created(diesel.state()),
+        created(raw.state()),
+    );
+    let waited_before = (waited(diesel.state()), waited(raw.state()));
+    let opened_before = connector.connections_opened();
     let until = std::time::Instant::now() + Duration::from_secs(9);
     let workers: Vec<_> = (0..4)
         .map(|_| {
-            let (db, diesel) = (db.clone(), diesel.clone());
+            let (db, diesel, raw) = (db.clone(), diesel.clone(), raw.clone());
             tokio::spawn(async move {
                 let mut failed = Vec::new();
                 while std::time::Instant::now() < until {
@@ -657,6 +689,14 @@ async fn connections_are_replaced_ahead_of_their_lifetime_off_the_request_path()
                         }
                         Err(e) => failed.push(format!("diesel get: {e}")),
                     }
+                    match raw.get().await {
+                        Ok(client) => {
+                            if let Err(e) = client.batch_execute("SELECT 1").await {
+                                failed.push(format!("tokio-postgres: {e}"));
+                            }
+                        }
+                        Err(e) => failed.push(format!("tokio-postgres get: {e}")),
+                    }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 failed
@@ -669,18 +709,24 @@ async fn connections_are_replaced_ahead_of_their_lifetime_off_the_request_path()
     }
     let renewed = connector.connections_opened() - opened_before;
     println!(
-        "renewed {renewed}; opened by the pools: seaorm {}, diesel {}",
+        "renewed {renewed}; opened by the pools: seaorm {}, diesel {}, tokio-postgres {}",
         created(db.state()) - before.0,
-        created(diesel.state()) - before.1
+        created(diesel.state()) - before.1,
+        created(raw.state()) - before.2,
     );
     assert!(failed.is_empty(), "{failed:?}");
     // Every connection lived through at least one lifetime.
-    assert!(renewed >= 8, "renewed {renewed}");
-    assert_eq!((created(db.state()), created(diesel.state())), before);
+    assert!(renewed >= 12, "renewed {renewed}");
+    let after = (
+        created(db.state()),
+        created(diesel.state()),
+        created(raw.state()),
+    );
+    assert_eq!(after, before);
     assert_eq!(
-        waited(diesel.state()),
+        (waited(diesel.state()), waited(raw.state())),
         waited_before,
-        "a Diesel checkout waited"
+        "a Diesel or tokio-postgres checkout waited"
     );
     connector.shutdown().await;
 }

@@ -181,6 +181,47 @@ async fn connect_with(pg: &LocalPostgres, mode: SslMode, ca: bool, host: &str) -
     Ok(())
 }
 
+/// Whether `client`'s session is outside a transaction block: over the simple protocol, a
+/// statement outside one starts with its transaction.
+async fn outside(client: &tokio_postgres::Client) -> bool {
+    let messages = client
+        .simple_query("SELECT statement_timestamp() = transaction_timestamp()")
+        .await
+        .unwrap();
+    let row = messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0) == Some("t")),
+        _ => None,
+    });
+    row.expect("one row")
+}
+
+/// A client that comes back inside a transaction is handed out again outside it, with TLS
+/// (the pool reads the transaction status off the wire) and without (it cannot, and runs the
+/// check the other pools run); `prepare_cached` works either way.
+#[tokio::test]
+async fn the_tokio_postgres_pool_ends_a_transaction_left_open_with_and_without_tls() {
+    let pg = tests::server().await;
+    for mode in [SslMode::VerifyFull, SslMode::Disable] {
+        let one = PoolSettings::builder().max_size(1).build().unwrap();
+        let config = pg.superuser_config("postgres").ssl_mode(mode).pool(one);
+        let connector = Connector::new(config).await.unwrap();
+        let pool = connector.postgres_pool().await.unwrap();
+        for _ in 0..3 {
+            let client = pool.get().await.unwrap();
+            assert!(
+                outside(&client).await,
+                "{mode:?}: handed out inside a transaction"
+            );
+            let select = client.prepare_cached("SELECT 1").await.unwrap();
+            client.batch_execute("BEGIN").await.unwrap();
+            let one: i32 = client.query_one(&select, &[]).await.unwrap().get(0);
+            assert_eq!(one, 1);
+            assert!(!outside(&client).await, "{mode:?}: BEGIN did not begin");
+        }
+        connector.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn tls_modes_verify_what_they_promise() {
     let pg = tests::server().await;

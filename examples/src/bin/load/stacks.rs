@@ -128,8 +128,8 @@ impl Kind {
             Kind::DieselDal => "Diesel via dal",
             Kind::DieselPlainDefaults => "Diesel, plain bb8 (defaults)",
             Kind::DieselPlainLike => "Diesel, plain bb8 (dal's settings)",
-            Kind::PgDal => "tokio-postgres via dal",
-            Kind::PgPlain => "tokio-postgres, plain bb8",
+            Kind::PgDal => "tokio-postgres via dal (prepare_cached)",
+            Kind::PgPlain => "tokio-postgres, plain bb8 (query_typed)",
             Kind::Pgbench => "pgbench -S -M prepared",
         }
     }
@@ -232,7 +232,9 @@ impl Stack {
             }),
             Stack::PgDal(pool) => Box::pin(async move {
                 let client = pool.get().await?;
-                pg_select(&client, aid).await
+                let select = client.prepare_cached(QUERY).await?;
+                let row = client.query_one(&select, &[&aid]).await?;
+                Ok(row.get(0))
             }),
             Stack::PgPlain(pool) => Box::pin(async move {
                 let client = pool.get().await?;
@@ -322,8 +324,8 @@ async fn diesel_select(conn: &mut AsyncPgConnection, aid: i32) -> QueryResult<i3
         .await
 }
 
-/// One round trip: Parse, Bind and Execute together (`query_typed`), as both tokio-postgres
-/// stacks run it.
+/// One round trip: Parse, Bind and Execute together (`query_typed`), the plain pool's best
+/// (it has no statement cache; the dal stack runs a statement from `prepare_cached`).
 async fn pg_select(client: &tokio_postgres::Client, aid: i32) -> anyhow::Result<i32> {
     let rows = client
         .query_typed(QUERY, &[(&aid, tokio_postgres::types::Type::INT4)])

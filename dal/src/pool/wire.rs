@@ -1,0 +1,430 @@
+//! What the wire tells of a tokio-postgres session, for the pool to check a connection without
+//! a round trip: requests written and answered, the transaction status of the last
+//! `ReadyForQuery`, and whether the connection task has work it has not done yet.
+//!
+//! tokio-postgres queues each request in a channel that its connection task drains onto the
+//! socket. A future dropped after queuing a request (a `BEGIN`, say) leaves it to be sent later,
+//! so the counts on the wire alone would read "all answered" while it waits. The connection
+//! task is therefore watched as well: its waker notes every wake (a request queued, bytes
+//! arrived) until its next poll, and a poll in progress is waited out. A session counts as
+//! settled only when the task has nothing to do, every byte written is flushed, every request
+//! written has its `ReadyForQuery`, and the last one said idle (`I`).
+//!
+//! Messages and their framing: PostgreSQL's frontend/backend protocol, "Message Formats"
+//! (a type byte, then a 32-bit length that counts itself; the startup message has no type
+//! byte). `ReadyForQuery` (`Z`) follows every simple query (`Q`) and every `Sync` (`S`), and
+//! the startup; its one byte is `I` (idle), `T` (in a transaction block) or `E` (in a failed
+//! one).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::SeqCst};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::future::BoxFuture;
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::Socket;
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+
+/// PostgreSQL's message for SQLSTATE `0A000` on a stale prepared statement (a schema change
+/// altered its result type).
+pub(crate) const STALE_PLAN: &str = "cached plan must not change result type";
+
+/// What one session's wire has shown, shared by its connection task and its pool.
+#[derive(Debug, Default)]
+pub(crate) struct Wire {
+    /// Requests written that the server answers with a `ReadyForQuery`.
+    sent: AtomicU64,
+    /// `ReadyForQuery` messages received.
+    answered: AtomicU64,
+    /// The status byte of the last `ReadyForQuery`.
+    status: AtomicU8,
+    /// Bytes were written and not yet flushed.
+    unflushed: AtomicBool,
+    /// The connection task was woken and has not been polled since.
+    woken: AtomicBool,
+    /// The connection task is being polled.
+    busy: AtomicBool,
+    /// A statement failed because a prepared statement is stale (see [`STALE_PLAN`]).
+    stale: AtomicBool,
+    /// The session runs over a [`Tracked`] stream (not so without TLS).
+    attached: AtomicBool,
+}
+
+impl Wire {
+    /// Whether this wire is tracked: false for a connection without TLS, whose plain socket
+    /// tokio-postgres keeps to itself.
+    pub(crate) fn attached(&self) -> bool {
+        self.attached.load(SeqCst)
+    }
+
+    /// The status of the last `ReadyForQuery`: `b'I'`, `b'T'` or `b'E'`.
+    pub(crate) fn status(&self) -> u8 {
+        self.status.load(SeqCst)
+    }
+
+    /// Whether a statement failed on a stale prepared statement.
+    pub(crate) fn stale(&self) -> bool {
+        self.stale.load(SeqCst)
+    }
+
+    /// Whether the session is idle outside a transaction with nothing in flight and nothing
+    /// queued: a request queued by a dropped future still counts. Waits out a poll of the
+    /// connection task in progress for a few microseconds; longer, it answers no.
+    pub(crate) fn settled(&self) -> bool {
+        for _ in 0..1_000 {
+            if !self.busy.load(SeqCst) {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        // In this order: a wake noted before the task's last poll began was handled by it,
+        // and that poll has ended when `busy` reads false after `woken` did.
+        !self.woken.load(SeqCst)
+            && !self.busy.load(SeqCst)
+            && !self.unflushed.load(SeqCst)
+            && self.sent.load(SeqCst) == self.answered.load(SeqCst)
+            && self.status.load(SeqCst) == b'I'
+    }
+}
+
+/// Follows a stream of protocol messages, a byte slice at a time, to the end of each message.
+#[derive(Debug, Default)]
+struct Framing {
+    header: [u8; 5],
+    have: usize,
+    left: usize,
+    /// The first message has no type byte (the startup message), on the frontend only.
+    untyped: bool,
+    /// The first bytes of the body of a message this side keeps.
+    body: Vec<u8>,
+}
+
+/// Bytes kept of a message body: enough for the status of `ReadyForQuery` and for the code and
+/// message of an error.
+const KEEP: usize = 1024;
+
+impl Framing {
+    /// Feeds `bytes`, calling `end(kind, body)` at the end of each message (`kind` 0 for the
+    /// startup message); the body is kept for the kinds `keep` names.
+    fn feed(&mut self, mut bytes: &[u8], keep: fn(u8) -> bool, mut end: impl FnMut(u8, &[u8])) {
+        while !bytes.is_empty() {
+            let start = usize::from(self.untyped);
+            if self.have < 5 {
+                let take = (5 - self.have).min(bytes.len());
+                self.header[self.have..self.have + take].copy_from_slice(&bytes[..take]);
+                self.have += take;
+                bytes = &bytes[take..];
+                if self.have < 5 {
+                    return;
+                }
+                let length = if self.untyped {
+                    // No type byte: the four bytes of the length, then the body's first.
+                    u32::from_be_bytes(self.header[..4].try_into().expect("4 bytes"))
+                } else {
+                    u32::from_be_bytes(self.header[1..].try_into().expect("4 bytes"))
+                };
+                self.left = (length as usize).saturating_sub(4 + start);
+                self.body.clear();
+                if self.untyped {
+                    self.body.push(self.header[4]);
+                }
+            } else {
+                let take = self.left.min(bytes.len());
+                if keep(self.kind()) && self.body.len() < KEEP {
+                    let room = (KEEP - self.body.len()).min(take);
+                    self.body.extend_from_slice(&bytes[..room]);
+                }
+                self.left -= take;
+                bytes = &bytes[take..];
+            }
+            if self.left == 0 {
+                end(self.kind(), &self.body);
+                self.have = 0;
+                self.untyped = false;
+            }
+        }
+    }
+
+    fn kind(&self) -> u8 {
+        if self.untyped { 0 } else { self.header[0] }
+    }
+}
+
+/// A stream whose messages are counted into a [`Wire`]: the plain side of a TLS stream.
+pub(crate) struct Tracked<S> {
+    inner: S,
+    wire: Arc<Wire>,
+    read: Framing,
+    written: Framing,
+}
+
+impl<S> Tracked<S> {
+    fn new(inner: S, wire: Arc<Wire>) -> Self {
+        wire.attached.store(true, SeqCst);
+        Self {
+            inner,
+            wire,
+            read: Framing::default(),
+            written: Framing {
+                untyped: true,
+                ..Framing::default()
+            },
+        }
+    }
+}
+
+/// An error's field `code` (`C` for the SQLSTATE, `M` for the message), from the body of an
+/// `ErrorResponse`: fields of a type byte and a NUL-terminated string, ending with a NUL.
+fn error_field(body: &[u8], code: u8) -> Option<&[u8]> {
+    let mut fields = body;
+    while let [kind, rest @ ..] = fields {
+        if *kind == 0 {
+            return None;
+        }
+        let end = rest.iter().position(|b| *b == 0)?;
+        if *kind == code {
+            return Some(&rest[..end]);
+        }
+        fields = &rest[end + 1..];
+    }
+    None
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let wire = &this.wire;
+            this.read.feed(
+                &buf.filled()[before..],
+                |kind| matches!(kind, b'Z' | b'E'),
+                |kind, body| match kind {
+                    b'Z' => {
+                        wire.status.store(body.first().copied().unwrap_or(0), SeqCst);
+                        wire.answered.fetch_add(1, SeqCst);
+                    }
+                    b'E' if error_field(body, b'C') == Some(b"0A000")
+                        && error_field(body, b'M') == Some(STALE_PLAN.as_bytes()) =>
+                    {
+                        tracing::debug!(
+                            "a prepared statement is stale after a schema change; the connection will be replaced"
+                        );
+                        wire.stale.store(true, SeqCst);
+                    }
+                    _ => {}
+                },
+            );
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.wire.unflushed.store(true, SeqCst);
+        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled {
+            let wire = &this.wire;
+            this.written.feed(
+                &data[..n],
+                |_| false,
+                |kind, _| {
+                    if matches!(kind, 0 | b'Q' | b'S') {
+                        wire.sent.fetch_add(1, SeqCst);
+                    }
+                },
+            );
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            this.wire.unflushed.store(false, SeqCst);
+        }
+        polled
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: TlsStream + Unpin> TlsStream for Tracked<S> {
+    fn channel_binding(&self) -> ChannelBinding {
+        self.inner.channel_binding()
+    }
+}
+
+/// A TLS connector whose streams are [`Tracked`] into `wire`.
+pub(crate) struct TrackedTls<M> {
+    pub(crate) inner: M,
+    pub(crate) wire: Arc<Wire>,
+}
+
+impl<M> MakeTlsConnect<Socket> for TrackedTls<M>
+where
+    M: MakeTlsConnect<Socket>,
+    M::TlsConnect: Send + 'static,
+    <M::TlsConnect as TlsConnect<Socket>>::Future: Send + 'static,
+{
+    type Stream = Tracked<M::Stream>;
+    type TlsConnect = TrackedTls<M::TlsConnect>;
+    type Error = M::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        Ok(TrackedTls {
+            inner: self.inner.make_tls_connect(domain)?,
+            wire: Arc::clone(&self.wire),
+        })
+    }
+}
+
+impl<C> TlsConnect<Socket> for TrackedTls<C>
+where
+    C: TlsConnect<Socket>,
+    C::Future: Send + 'static,
+{
+    type Stream = Tracked<C::Stream>;
+    type Error = C::Error;
+    type Future = BoxFuture<'static, Result<Self::Stream, Self::Error>>;
+
+    fn connect(self, stream: Socket) -> Self::Future {
+        let handshake = self.inner.connect(stream);
+        let wire = self.wire;
+        Box::pin(async move { Ok(Tracked::new(handshake.await?, wire)) })
+    }
+}
+
+/// A connection task's future, watched: notes into `wire` each wake until the next poll, and
+/// each poll while it runs.
+pub(crate) struct Watched<F> {
+    inner: F,
+    wire: Arc<Wire>,
+    flag: Arc<WakeFlag>,
+    waker: Waker,
+}
+
+struct WakeFlag {
+    wire: Arc<Wire>,
+    task: AtomicWaker,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wire.woken.store(true, SeqCst);
+        self.task.wake();
+    }
+}
+
+impl<F> Watched<F> {
+    pub(crate) fn new(inner: F, wire: Arc<Wire>) -> Self {
+        let flag = Arc::new(WakeFlag {
+            wire: Arc::clone(&wire),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(Arc::clone(&flag));
+        Self {
+            inner,
+            wire,
+            flag,
+            waker,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for Watched<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        this.flag.task.register(cx.waker());
+        this.wire.busy.store(true, SeqCst);
+        this.wire.woken.store(false, SeqCst);
+        let polled = Pin::new(&mut this.inner).poll(&mut Context::from_waker(&this.waker));
+        this.wire.busy.store(false, SeqCst);
+        polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Every split of a stream into two reads gives the same messages.
+    #[test]
+    fn messages_are_found_across_any_split() {
+        let mut stream = message(b'C', b"SELECT 1\0");
+        stream.extend(message(b'Z', b"T"));
+        stream.extend(message(
+            b'E',
+            b"SERROR\0C0A000\0Mcached plan must not change result type\0\0",
+        ));
+        stream.extend(message(b'Z', b"E"));
+        for split in 0..=stream.len() {
+            let mut framing = Framing::default();
+            let mut seen = Vec::new();
+            for part in [&stream[..split], &stream[split..]] {
+                framing.feed(
+                    part,
+                    |k| matches!(k, b'Z' | b'E'),
+                    |kind, body| seen.push((kind, body.to_vec())),
+                );
+            }
+            let kinds: Vec<u8> = seen.iter().map(|(k, _)| *k).collect();
+            assert_eq!(kinds, b"CZEZ", "split at {split}");
+            assert_eq!(seen[1].1, b"T");
+            assert_eq!(error_field(&seen[2].1, b'C'), Some(&b"0A000"[..]));
+            assert_eq!(error_field(&seen[2].1, b'M'), Some(STALE_PLAN.as_bytes()));
+            assert_eq!(seen[3].1, b"E");
+        }
+    }
+
+    /// The startup message has no type byte; the messages after it have one.
+    #[test]
+    fn the_startup_message_is_counted_as_one_request() {
+        let mut stream = 12u32.to_be_bytes().to_vec();
+        stream.extend_from_slice(&[0, 3, 0, 0, 0, 0, 0, 0]);
+        stream.extend(message(b'p', b"secret\0"));
+        stream.extend(message(b'Q', b"BEGIN\0"));
+        stream.extend(message(b'P', b"\0SELECT 1\0\0\0"));
+        stream.extend(message(b'S', b""));
+        for split in 0..=stream.len() {
+            let mut framing = Framing {
+                untyped: true,
+                ..Framing::default()
+            };
+            let mut kinds = Vec::new();
+            for part in [&stream[..split], &stream[split..]] {
+                framing.feed(part, |_| false, |kind, _| kinds.push(kind));
+            }
+            assert_eq!(kinds, [0, b'p', b'Q', b'P', b'S'], "split at {split}");
+        }
+    }
+}
