@@ -44,6 +44,8 @@ pub(crate) struct Lifespan {
     pub(crate) returned: Option<Instant>,
     /// How long it last waited in the pool before it was checked out again.
     idle_gap: Option<Duration>,
+    /// A replacement was opened for it; only a connection that asked for one takes one.
+    renewing: bool,
 }
 
 impl Lifespan {
@@ -60,20 +62,19 @@ impl Lifespan {
 /// connection is given its own jittered lifetime as it opens; when it comes back within `lead`
 /// of it, having waited less than `lead` in the pool before its last checkout (a connection
 /// used now and then, such as a background job's, is replaced when next checked out, and
-/// nothing extra stays open), a replacement opens in the background (one at a time), and the
-/// next time the old
-/// one comes back or is checked out, the replacement takes its place in the pool. One past
-/// its lifetime with no replacement ready is retired as bb8 would, and never handed out. A
-/// replacement nothing took within `lead` is closed: an idle pool keeps no extra connection
-/// (Lakebase can scale to zero).
+/// nothing extra stays open), a replacement opens for it in the background, and the next time
+/// it comes back or is checked out, a replacement takes its place in the pool. Replacements
+/// open side by side, one per connection near its end: connections that open together also
+/// come to their ends together, and short lifetimes on a busy machine need several logins at
+/// once. One past its lifetime with no replacement ready is retired as bb8 would, and never
+/// handed out. A replacement nothing took within `lead` is closed: an idle pool keeps no
+/// extra connection (Lakebase can scale to zero).
 struct Renewal<C> {
     lifetime: Duration,
     jitter: f64,
     lead: Duration,
-    /// A replacement, opened and not yet in the pool (at most one beyond `max_size`), with
-    /// the number of its opening.
-    spare: Mutex<Option<(u64, C)>>,
-    opening: AtomicBool,
+    /// Replacements opened and not yet in the pool, each with the number of its opening.
+    spares: Mutex<Vec<(u64, C)>>,
     openings: AtomicU64,
 }
 
@@ -86,8 +87,7 @@ impl<C> Renewal<C> {
             lifetime,
             jitter,
             lead: (lifetime / 4).min(Duration::from_secs(30)),
-            spare: Mutex::new(None),
-            opening: AtomicBool::new(false),
+            spares: Mutex::new(Vec::new()),
             openings: AtomicU64::new(0),
         }
     }
@@ -143,10 +143,10 @@ impl<C: Send + 'static> Manager<C> {
         )
     }
 
-    /// Notes that `conn` is coming back (`returning`) or being checked out, and puts the
-    /// spare in its place when it is near its end; when none is ready and `conn`, coming back,
-    /// is in frequent use, opens one. Returns whether `conn` (still the old one) is past its
-    /// lifetime.
+    /// Notes that `conn` is coming back (`returning`) or being checked out, and puts a spare
+    /// in its place when it is near its end and asked for one; when `conn`, coming back, is in
+    /// frequent use and has not asked yet, opens one for it. Returns whether `conn` (still the
+    /// old one) is past its lifetime.
     fn renew(&self, conn: &mut C, returning: bool) -> bool {
         let Some(lifespan) = self.kind.lifespan else {
             return false;
@@ -170,20 +170,12 @@ impl<C: Send + 'static> Manager<C> {
         if now + renewal.lead < at {
             return false;
         }
-        let spare = renewal
-            .spare
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let mut spare = spare
-            .map(|(_, conn)| conn)
-            .filter(|_| !self.closed.load(Ordering::Relaxed));
-        if let Some(fresh) = spare.as_mut()
-            && lifespan(fresh)
-                .and_then(|span| span.retire_at)
-                .is_some_and(|fresh_at| fresh_at > now)
-        {
-            drop(std::mem::replace(conn, spare.take().expect("checked")));
+        let spare = match span.renewing && !self.closed.load(Ordering::Relaxed) {
+            true => renewal.take_spare(lifespan, now),
+            false => None,
+        };
+        if let Some(fresh) = spare {
+            drop(std::mem::replace(conn, fresh));
             metrics::counter!(telemetry::CONNECTIONS_RENEWED, "pool" => self.kind.name)
                 .increment(1);
             tracing::debug!(
@@ -193,44 +185,55 @@ impl<C: Send + 'static> Manager<C> {
             return false;
         }
         let expired = now >= at;
-        if returning && frequent && !expired {
-            self.open_spare(renewal);
+        if returning && frequent && !expired && !span.renewing && self.open_spare(renewal) {
+            span.renewing = true;
         }
         expired
     }
 
-    /// Opens a spare in the background, unless one is being opened.
-    fn open_spare(&self, renewal: &Arc<Renewal<C>>) {
-        if self.closed.load(Ordering::Relaxed) || renewal.opening.swap(true, Ordering::AcqRel) {
-            return;
-        }
+    /// Opens a spare in the background; whether it could start.
+    fn open_spare(&self, renewal: &Arc<Renewal<C>>) -> bool {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            renewal.opening.store(false, Ordering::Release);
-            return;
+            return false;
         };
+        if self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
         let (open, renewal) = (self.open(), Arc::clone(renewal));
         runtime.spawn(async move {
             let number = renewal.openings.fetch_add(1, Ordering::Relaxed);
-            let opened = match open.await {
-                Ok(conn) => {
-                    *renewal.spare.lock().unwrap_or_else(|e| e.into_inner()) = Some((number, conn));
-                    true
-                }
+            match open.await {
+                Ok(conn) => renewal.spares().push((number, conn)),
                 Err(e) => {
                     tracing::debug!(error = %ErrorChain(&e), "a replacement connection could not be opened ahead");
-                    false
-                }
-            };
-            renewal.opening.store(false, Ordering::Release);
-            if opened {
-                // Not taken by then: the pool went idle, or the connection it was for ended.
-                tokio::time::sleep(renewal.lead).await;
-                let mut spare = renewal.spare.lock().unwrap_or_else(|e| e.into_inner());
-                if spare.as_ref().is_some_and(|(n, _)| *n == number) {
-                    drop(spare.take());
+                    return;
                 }
             }
+            // Not taken by then: the pool went idle, or the connection it was for ended.
+            tokio::time::sleep(renewal.lead).await;
+            renewal.spares().retain(|(n, _)| *n != number);
         });
+        true
+    }
+}
+
+impl<C> Renewal<C> {
+    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<(u64, C)>> {
+        self.spares.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A spare that is not past its own lifetime at `now`; those that are, are closed.
+    fn take_spare(&self, lifespan: LifespanOf<C>, now: Instant) -> Option<C> {
+        let mut spares = self.spares();
+        while let Some((_, mut spare)) = spares.pop() {
+            let fresh = lifespan(&mut spare)
+                .and_then(|span| span.retire_at)
+                .is_some_and(|at| at > now);
+            if fresh {
+                return Some(spare);
+            }
+        }
+        None
     }
 }
 
@@ -532,13 +535,7 @@ impl<C: Send + 'static> PoolHandle for Core<C> {
         Box::pin(async move {
             self.closed.store(true, Ordering::Relaxed);
             if let Some(renewal) = &self.renewal {
-                drop(
-                    renewal
-                        .spare
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take(),
-                );
+                drop(std::mem::take(&mut *renewal.spares()));
             }
             let mut taken = Vec::new();
             for _ in 0..self.pool.state().idle_connections {
