@@ -400,8 +400,8 @@ impl Connector {
         &self.shared.pool
     }
 
-    /// How many connections this connector opened itself (Diesel, tokio-postgres); the sqlx
-    /// pool opens its own.
+    /// How many connections this connector opened itself (for [`connect`](Self::connect) and
+    /// the SeaORM, Diesel and tokio-postgres pools); the plain sqlx pool opens its own.
     pub fn connections_opened(&self) -> u64 {
         self.shared.opened.load(Ordering::Relaxed)
     }
@@ -879,7 +879,11 @@ impl Connector {
         ))
     }
 
-    /// A pool of tokio-postgres clients for raw SQL.
+    /// A pool of tokio-postgres clients for raw SQL ([`PgClient`](crate::PgClient), which
+    /// dereferences to [`tokio_postgres::Client`]): each new physical connection opens with a
+    /// token from the cache, TLS and the startup parameters of this connector. A client used
+    /// moments ago with nothing in flight is handed out again without a round trip (over TLS,
+    /// where the pool follows the session's wire); see [`PgClient`](crate::PgClient).
     pub async fn postgres_pool(&self) -> Result<PgClientPool> {
         self.postgres_pool_with(self.pool_settings()).await
     }

@@ -50,8 +50,9 @@
 //! Layers whose imports point one way, down (no module imports one that imports it back):
 //!
 //! ```text
-//!  tx/{transactions, seaorm, diesel}    pool/{bb8_pool, seaorm, diesel, postgres, sqlx, registry}
-//!       |                                    |  (a pool takes a closure that opens a connection)
+//!  tx/{transactions, seaorm, diesel}    pool/{bb8_pool, seaorm, diesel, postgres, wire, sqlx,
+//!       |                                    |   registry}  (a pool takes a closure that opens
+//!       |                                    |   a connection)
 //!  connector (Connector: builds pools, connect, health, shutdown)
 //!       |
 //!  token_cache (TokenCache: single-flight, refresh ahead, keep the last good token)
