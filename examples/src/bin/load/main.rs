@@ -125,8 +125,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     progress.set_message("starting PostgreSQL");
 
-    let pg = LocalPostgres::start()
-        .await
+    let server_side = ServerSide::new()?;
+    let pg = server_side
+        .run(LocalPostgres::start())
         .context("start PostgreSQL for the benchmark")?;
     let password = uuid::Uuid::new_v4().simple().to_string();
     pg.create_role("bench", &password, None).await?;
@@ -191,7 +192,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     connector.shutdown().await;
 
-    let lb = scenarios::lakebase(&pg, &server).await?;
+    let lb = server_side.run(scenarios::lakebase(&pg, &server))?;
     let churn = scenarios::churn(&pg, &lb, &server, rounds, period, &progress).await?;
     progress.set_message("200 cold connects");
     let storm = scenarios::cold_storm(&pg, &lb, &server).await?;
@@ -222,4 +223,43 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("\nwrote {} and {}", args.json.display(), args.svg.display());
     lb.shutdown().await;
     Ok(())
+}
+
+/// The database side's services (the LDAP service that checks tokens as PostgreSQL logs them
+/// in, the Lakebase credential service) on a runtime of their own, one thread, as they would
+/// run on other machines: a login then does not wait behind the clients' tasks, and the
+/// clients' latencies are their own.
+struct ServerSide(Option<tokio::runtime::Runtime>);
+
+impl ServerSide {
+    fn new() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("server-side")
+            .enable_all()
+            .build()
+            .context("start the server side's runtime")?;
+        Ok(Self(Some(runtime)))
+    }
+
+    /// Runs `start` on the server side's runtime (from a thread of its own, since this one
+    /// is a worker of the clients' runtime): the tasks it spawns stay there.
+    fn run<T: Send>(&self, start: impl std::future::Future<Output = T> + Send) -> T {
+        let runtime = self.0.as_ref().expect("running until dropped");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| runtime.block_on(start))
+                .join()
+                .expect("the server side started")
+        })
+    }
+}
+
+impl Drop for ServerSide {
+    fn drop(&mut self) {
+        // Dropped on a worker of the clients' runtime, where a runtime cannot block to stop.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }

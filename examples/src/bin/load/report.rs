@@ -136,9 +136,9 @@ pub fn text(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\n| Connections renewed every 1 s (5 s tokens), 8 clients | p99 µs kept / renewed | max µs kept / renewed | Goal |"
+        "\n| Connections renewed every 1 s (5 s tokens), 8 clients | p99 µs kept / renewed | max µs kept / renewed | Opened ahead / by the pool | Goal |"
     );
-    let _ = writeln!(s, "|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|");
     for c in &r.churn {
         let (p99, max) = (
             ratio(c.churn.p99_us, c.steady.p99_us),
@@ -147,7 +147,7 @@ pub fn text(r: &Report) -> String {
         let ok = p99.is_some_and(|v| v <= 1.1) && max.is_some_and(|v| v <= 2.0);
         let _ = writeln!(
             s,
-            "| {} | {} / {} ({}) | {} / {} ({}) | p99 <= 1.1x, max <= 2x: {} |",
+            "| {} | {} / {} ({}) | {} / {} ({}) | {} / {} | p99 <= 1.1x, max <= 2x: {} |",
             c.stack.name(),
             us(c.steady.p99_us),
             us(c.churn.p99_us),
@@ -155,6 +155,8 @@ pub fn text(r: &Report) -> String {
             us(c.steady.max_us),
             us(c.churn.max_us),
             times(max),
+            c.renewed,
+            c.opened_by_pool,
             verdict(ok)
         );
     }

@@ -18,6 +18,12 @@ pub struct Churn {
     pub stack: Kind,
     pub steady: Sample,
     pub churn: Sample,
+    /// Connections opened in the background ahead of their predecessor's end, over all
+    /// rounds with churn.
+    pub renewed: u64,
+    /// Connections the pool opened itself over all rounds with churn: a replacement that was
+    /// not ready in time, so a request may have waited for its login.
+    pub opened_by_pool: u64,
 }
 
 /// The local Lakebase service, its role allowed to read the benchmark tables.
@@ -36,6 +42,9 @@ pub async fn lakebase(pg: &LocalPostgres, server: &Server) -> anyhow::Result<Loc
     Ok(lb)
 }
 
+/// The connection lifetime under churn.
+const LIFETIME: Duration = Duration::from_secs(1);
+
 /// For each dal stack, `rounds` interleaved runs of eight callers with connections kept and
 /// with connections renewed every second (5 s tokens, so new ones log in with new tokens):
 /// the medians of each.
@@ -50,7 +59,7 @@ pub async fn churn(
     let config = lb.client_config(pg, &server.database)?;
     let steady = Connector::new(config.clone()).await?;
     let renewed = PoolSettings::builder()
-        .max_lifetime(Some(Duration::from_secs(1)))
+        .max_lifetime(Some(LIFETIME))
         .build()?;
     let churning = Connector::new(config.pool(renewed)).await?;
     let mut out = Vec::new();
@@ -60,14 +69,25 @@ pub async fn churn(
             Arc::new(Stack::build(kind, server, Some(&churning), 8).await?),
         ];
         let mut samples: [Vec<Sample>; 2] = Default::default();
+        let (mut renewed, mut opened_by_pool) = (0, 0);
         for _ in 0..rounds {
             for (i, stack) in stacks.iter().enumerate() {
+                // Load for longer than a lifetime first: the connections that expired while
+                // the other stack ran are replaced, so the run measures churn under load.
+                measure::run(stack, 8, LIFETIME + LIFETIME / 2).await;
+                let before = (churning.connections_opened(), stack.opened_by_pool());
                 progress.set_message(format!(
                     "{} with {} connections",
                     kind.name(),
                     ["kept", "renewed every second"][i]
                 ));
                 samples[i].push(measure::run(stack, 8, period).await);
+                if i == 1 {
+                    let by_pool = stack.opened_by_pool().zip(before.1).map(|(a, b)| a - b);
+                    opened_by_pool += by_pool.unwrap_or(0);
+                    renewed += (churning.connections_opened() - before.0)
+                        .saturating_sub(by_pool.unwrap_or(0));
+                }
                 progress.inc(1);
             }
         }
@@ -76,6 +96,8 @@ pub async fn churn(
             stack: kind,
             steady,
             churn,
+            renewed,
+            opened_by_pool,
         });
     }
     steady.shutdown().await;

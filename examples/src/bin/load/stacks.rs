@@ -272,6 +272,18 @@ impl Stack {
         Ok(())
     }
 
+    /// Connections the pool opened itself so far (bb8's count), for dal's stacks: with
+    /// connections replaced ahead of their lifetime, one a request may have waited for.
+    pub fn opened_by_pool(&self) -> Option<u64> {
+        let state = match self {
+            Stack::SeaOrmDal(db) => db.state(),
+            Stack::DieselDal(pool) => pool.state(),
+            Stack::PgDal(pool) => pool.state(),
+            _ => return None,
+        };
+        Some(state.statistics.connections_created)
+    }
+
     /// Closes the pool's connections.
     pub async fn close(self) {
         if let Stack::SeaOrmPlain(db) = self {
