@@ -586,14 +586,15 @@ async fn get_order(
 
 async fn sales_report(State(app): State<App>) -> Result<Json<Value>, ApiError> {
     let client = app.pg.get().await?;
-    let rows = client
-        .query(
+    // Prepared once per connection, then run without a Parse round trip.
+    let report = client
+        .prepare_cached(
             "SELECT c.id::text, c.email, count(o.id), coalesce(sum(o.total_cents), 0)::bigint \
              FROM customers c JOIN orders o ON o.customer_id = c.id \
              GROUP BY c.id, c.email ORDER BY 4 DESC, 2 LIMIT 10",
-            &[],
         )
         .await?;
+    let rows = client.query(&report, &[]).await?;
     let top: Vec<Value> = rows
         .iter()
         .map(|r| {

@@ -266,7 +266,18 @@ async fn a_cancelled_diesel_transaction_never_swallows_the_next_write() {
 
 #[tokio::test]
 async fn a_cancelled_begin_on_a_plain_checkout_never_swallows_the_next_write() {
-    let (_pg, connector, admin) = setup("cancel_raw").await;
+    cancelled_begins_on_plain_checkouts("cancel_raw").await;
+}
+
+/// The same on two worker threads: the client's connection task runs beside the checkout, so
+/// a request a dropped future queued may be on its way to the socket as the pool looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_begin_on_a_plain_checkout_never_swallows_the_next_write_on_two_threads() {
+    cancelled_begins_on_plain_checkouts("cancel_raw_mt").await;
+}
+
+async fn cancelled_begins_on_plain_checkouts(name: &str) {
+    let (_pg, connector, admin) = setup(name).await;
     let pool = connector.postgres_pool().await.unwrap();
     let pool = &pool;
     let figures = sweep(
@@ -292,7 +303,7 @@ async fn a_cancelled_begin_on_a_plain_checkout_never_swallows_the_next_write() {
         },
     )
     .await;
-    nothing_lost("tokio-postgres", &figures, &connector, &admin, "cancel_raw").await;
+    nothing_lost("tokio-postgres", &figures, &connector, &admin, name).await;
 }
 
 /// One failed connection attempt fails one caller: eight callers on an empty pool of eight,
