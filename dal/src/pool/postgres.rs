@@ -11,7 +11,7 @@ use tokio_postgres::{Client, Connection, Socket, Statement};
 
 use super::bb8_pool::{Kind, Lifespan, Pool};
 use super::reset::{OUTSIDE_TRANSACTION, RECENTLY_USED, ROLLBACK};
-use super::wire::{Watched, Wire};
+use super::wire::{Session, Watched, Wire};
 use crate::error::{Error, Result};
 
 /// A pool of tokio-postgres clients, for raw SQL.
@@ -101,11 +101,13 @@ pub(crate) const KIND: Kind<PgClient> = Kind {
 /// Checks a connection before it is handed out again: alive, and outside any transaction
 /// (see [`reset`](super::reset)).
 ///
-/// One that came back within [`RECENTLY_USED`] whose wire is settled (every request
-/// answered, nothing queued, idle outside a transaction: see [`Wire::settled`]) is handed out
+/// One that came back within [`RECENTLY_USED`] whose session is idle (every request
+/// answered, nothing queued, outside a transaction: see [`Wire::session`]) is handed out
 /// without a round trip. Any other runs an empty query, whose `ReadyForQuery` tells the
-/// transaction status, and a `ROLLBACK` when it is not idle. Without TLS the wire is not
-/// followed, and the check is the one the other pools run.
+/// transaction status, and a `ROLLBACK` when it is not idle. One whose replies wait for a row
+/// stream its last user kept is not handed out (a request would wait behind them); the stream
+/// still gets its rows. Without TLS the wire is not followed, and the check is the one the
+/// other pools run.
 fn is_valid(conn: &mut PgClient) -> BoxFuture<'_, Result<()>> {
     Box::pin(async move {
         let client = &conn.client;
@@ -115,10 +117,16 @@ fn is_valid(conn: &mut PgClient) -> BoxFuture<'_, Result<()>> {
                     .lifespan
                     .returned
                     .is_some_and(|at| at.elapsed() < RECENTLY_USED);
-                if recent && !client.is_closed() && wire.settled() {
-                    return Ok(());
+                match wire.session() {
+                    Session::Idle if recent && !client.is_closed() => return Ok(()),
+                    Session::HeldBack => return Err(held_back()),
+                    Session::Idle | Session::Unknown => {}
                 }
-                client.batch_execute("").await.map_err(Error::Database)?;
+                tokio::select! {
+                    biased;
+                    checked = client.batch_execute("") => checked.map_err(Error::Database)?,
+                    () = wire.held_back() => return Err(held_back()),
+                }
                 wire.status() != b'I'
             }
             None => client.batch_execute(OUTSIDE_TRANSACTION).await.is_err(),
@@ -135,6 +143,10 @@ fn is_valid(conn: &mut PgClient) -> BoxFuture<'_, Result<()>> {
         }
         Ok(())
     })
+}
+
+fn held_back() -> Error {
+    Error::Pool("a row stream of its last user holds its replies back".to_owned())
 }
 
 /// Broken: closed, or a prepared statement the server no longer accepts after a schema

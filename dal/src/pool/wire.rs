@@ -7,8 +7,9 @@
 //! so the counts on the wire alone would read "all answered" while it waits. The connection
 //! task is therefore watched as well: its waker notes every wake (a request queued, bytes
 //! arrived) until its next poll, and a poll in progress is waited out. A session counts as
-//! settled only when the task has nothing to do, every byte written is flushed, every request
-//! written has its `ReadyForQuery`, and the last one said idle (`I`).
+//! idle only when the task has nothing to do, has handed on everything it read, has flushed
+//! every byte written, every request written has its `ReadyForQuery`, and the last one said
+//! idle (`I`).
 //!
 //! Messages and their framing: PostgreSQL's frontend/backend protocol, "Message Formats"
 //! (a type byte, then a 32-bit length that counts itself; the startup message has no type
@@ -31,6 +32,22 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream}
 /// altered its result type).
 pub(crate) const STALE_PLAN: &str = "cached plan must not change result type";
 
+/// The routine that raises it (the `R` field of the error, which `lc_messages` does not
+/// translate): `src/backend/utils/cache/plancache.c`.
+const STALE_PLAN_ROUTINE: &[u8] = b"RevalidateCachedQuery";
+
+/// What a pool can tell of a session without a round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Session {
+    /// Idle outside a transaction, with nothing in flight, queued or held back.
+    Idle,
+    /// Not known to be idle: a round trip tells.
+    Unknown,
+    /// Replies wait for a reader that does not take them (a row stream its last user kept
+    /// after giving the client back): a request sent now would wait behind them.
+    HeldBack,
+}
+
 /// What one session's wire has shown, shared by its connection task and its pool.
 #[derive(Debug, Default)]
 pub(crate) struct Wire {
@@ -48,15 +65,32 @@ pub(crate) struct Wire {
     busy: AtomicBool,
     /// A statement failed because a prepared statement is stale (see [`STALE_PLAN`]).
     stale: AtomicBool,
-    /// The session runs over a [`Tracked`] stream (not so without TLS).
-    attached: AtomicBool,
+    /// The last read of the connection task found the socket empty: everything read before
+    /// was handed on to its readers.
+    drained: AtomicBool,
+    /// Someone waits for the end of the connection task's next poll.
+    watching: AtomicBool,
+    /// Notified at the end of each poll while someone is watching.
+    polled: tokio::sync::Notify,
 }
 
 impl Wire {
-    /// Whether this wire is tracked: false for a connection without TLS, whose plain socket
-    /// tokio-postgres keeps to itself.
+    /// Whether the connection that just opened runs over a [`Tracked`] stream: its startup
+    /// was seen, and answered. Not so without TLS, whose plain socket tokio-postgres keeps to
+    /// itself (nor after a TLS attempt that failed, then one without).
     pub(crate) fn attached(&self) -> bool {
-        self.attached.load(SeqCst)
+        self.sent.load(SeqCst) == 1
+            && self.answered.load(SeqCst) == 1
+            && self.status.load(SeqCst) == b'I'
+    }
+
+    /// Forgets what an earlier connection attempt showed.
+    fn reset(&self) {
+        for counter in [&self.sent, &self.answered] {
+            counter.store(0, SeqCst);
+        }
+        self.status.store(0, SeqCst);
+        self.stale.store(false, SeqCst);
     }
 
     /// The status of the last `ReadyForQuery`: `b'I'`, `b'T'` or `b'E'`.
@@ -69,23 +103,54 @@ impl Wire {
         self.stale.load(SeqCst)
     }
 
-    /// Whether the session is idle outside a transaction with nothing in flight and nothing
-    /// queued: a request queued by a dropped future still counts. Waits out a poll of the
-    /// connection task in progress for a few microseconds; longer, it answers no.
-    pub(crate) fn settled(&self) -> bool {
+    /// What the wire tells of the session: a request queued by a dropped future counts as in
+    /// flight. Waits out a poll of the connection task in progress for a few microseconds;
+    /// longer, the answer is [`Session::Unknown`].
+    pub(crate) fn session(&self) -> Session {
         for _ in 0..1_000 {
             if !self.busy.load(SeqCst) {
                 break;
             }
             std::hint::spin_loop();
         }
+        self.session_now()
+    }
+
+    /// Returns once the session is [`Session::HeldBack`], checked at the end of each poll of
+    /// the connection task: a request sent to a session whose replies wait for a reader
+    /// that never takes them is never answered.
+    pub(crate) async fn held_back(&self) {
+        loop {
+            let polled = self.polled.notified();
+            tokio::pin!(polled);
+            polled.as_mut().enable();
+            self.watching.store(true, SeqCst);
+            if self.session_now() == Session::HeldBack {
+                return;
+            }
+            polled.await;
+        }
+    }
+
+    fn session_now(&self) -> Session {
         // In this order: a wake noted before the task's last poll began was handled by it,
         // and that poll has ended when `busy` reads false after `woken` did.
-        !self.woken.load(SeqCst)
-            && !self.busy.load(SeqCst)
-            && !self.unflushed.load(SeqCst)
+        if self.woken.load(SeqCst) || self.busy.load(SeqCst) {
+            return Session::Unknown;
+        }
+        // A poll that ends without finding the socket empty stopped at a reply its reader
+        // did not take.
+        if !self.drained.load(SeqCst) {
+            return Session::HeldBack;
+        }
+        let idle = !self.unflushed.load(SeqCst)
             && self.sent.load(SeqCst) == self.answered.load(SeqCst)
-            && self.status.load(SeqCst) == b'I'
+            && self.status.load(SeqCst) == b'I';
+        if idle {
+            Session::Idle
+        } else {
+            Session::Unknown
+        }
     }
 }
 
@@ -162,7 +227,7 @@ pub(crate) struct Tracked<S> {
 
 impl<S> Tracked<S> {
     fn new(inner: S, wire: Arc<Wire>) -> Self {
-        wire.attached.store(true, SeqCst);
+        wire.reset();
         Self {
             inner,
             wire,
@@ -201,6 +266,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.wire.drained.store(polled.is_pending(), SeqCst);
         if let Poll::Ready(Ok(())) = polled {
             let wire = &this.wire;
             this.read.feed(
@@ -212,7 +278,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
                         wire.answered.fetch_add(1, SeqCst);
                     }
                     b'E' if error_field(body, b'C') == Some(b"0A000")
-                        && error_field(body, b'M') == Some(STALE_PLAN.as_bytes()) =>
+                        && (error_field(body, b'R') == Some(STALE_PLAN_ROUTINE)
+                            || error_field(body, b'M') == Some(STALE_PLAN.as_bytes())) =>
                     {
                         tracing::debug!(
                             "a prepared statement is stale after a schema change; the connection will be replaced"
@@ -337,7 +404,9 @@ impl Wake for WakeFlag {
 }
 
 impl<F> Watched<F> {
+    /// Watches `inner`, a task about to be spawned: woken, until its first poll.
     pub(crate) fn new(inner: F, wire: Arc<Wire>) -> Self {
+        wire.woken.store(true, SeqCst);
         let flag = Arc::new(WakeFlag {
             wire: Arc::clone(&wire),
             task: AtomicWaker::new(),
@@ -362,6 +431,9 @@ impl<F: Future + Unpin> Future for Watched<F> {
         this.wire.woken.store(false, SeqCst);
         let polled = Pin::new(&mut this.inner).poll(&mut Context::from_waker(&this.waker));
         this.wire.busy.store(false, SeqCst);
+        if this.wire.watching.swap(false, SeqCst) {
+            this.wire.polled.notify_waiters();
+        }
         polled
     }
 }

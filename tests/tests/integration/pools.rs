@@ -222,6 +222,54 @@ async fn the_tokio_postgres_pool_ends_a_transaction_left_open_with_and_without_t
     }
 }
 
+/// A client given back while a row stream it started is still open: the stream's replies
+/// wait for their reader, so the next request on that connection would wait behind them.
+/// The pool hands out another connection instead, and the stream still gets every row.
+#[tokio::test]
+async fn a_client_given_back_with_an_open_row_stream_is_not_handed_out_again() {
+    use futures_util::StreamExt as _;
+    let pg = tests::server().await;
+    let one = PoolSettings::builder().max_size(1).build().unwrap();
+    let connector = Connector::new(pg.superuser_config("postgres").pool(one))
+        .await
+        .unwrap();
+    let pool = connector.postgres_pool().await.unwrap();
+    let client = pool.get().await.unwrap();
+    let rows = client
+        .query_raw(
+            "SELECT generate_series(1, 200000)",
+            std::iter::empty::<i32>(),
+        )
+        .await
+        .unwrap();
+    let mut rows = Box::pin(rows);
+    let first: i32 = rows.next().await.unwrap().unwrap().get(0);
+    assert_eq!(first, 1);
+    drop(client);
+    // Only a failure waits this long: the next checkout answers at once or never.
+    let next = tokio::time::timeout(Duration::from_secs(60), async {
+        let client = pool.get().await.unwrap();
+        client
+            .query_one("SELECT 2", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+    })
+    .await;
+    assert_eq!(
+        next.ok(),
+        Some(2),
+        "the next request waited behind the stream"
+    );
+    let mut rest = 0;
+    while let Some(row) = rows.next().await {
+        row.unwrap();
+        rest += 1;
+    }
+    assert_eq!(rest, 199_999);
+    connector.shutdown().await;
+}
+
 #[tokio::test]
 async fn tls_modes_verify_what_they_promise() {
     let pg = tests::server().await;
