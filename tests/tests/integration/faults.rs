@@ -316,9 +316,12 @@ async fn one_failed_connect_fails_one_waiting_caller_only() {
         let role = format!("one_fails_{kind}");
         let password = tests::app_database(&pg, &role).await;
         pg.set_connection_limit(&role, Some(7)).await.unwrap();
-        let config = pg
+        let mut config = pg
             .config(&role, &role, &password)
             .pool(PoolSettings::builder().max_size(8).build().unwrap());
+        // The refused login is tried again for up to the connect timeout: well inside the
+        // acquire timeout (10 s), so that the caller gets the refusal, not a timeout of its own.
+        config.connect_timeout = Duration::from_secs(3);
         let connector = Connector::new(config).await.unwrap();
         // Each caller keeps its connection until all have answered, so that none is served
         // by a connection another caller gave back.
