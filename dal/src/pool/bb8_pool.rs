@@ -170,9 +170,10 @@ impl<C: Send + 'static> Manager<C> {
         if now + renewal.lead < at {
             return false;
         }
-        let spare = match span.renewing && !self.closed.load(Ordering::Relaxed) {
-            true => renewal.take_spare(lifespan, now),
-            false => None,
+        let spare = if span.renewing && !self.closed.load(Ordering::Relaxed) {
+            renewal.take_spare(lifespan, now)
+        } else {
+            None
         };
         if let Some(fresh) = spare {
             drop(std::mem::replace(conn, fresh));
