@@ -58,10 +58,10 @@ pub async fn churn(
 ) -> anyhow::Result<Vec<Churn>> {
     let config = lb.client_config(pg, &server.database)?;
     let steady = Connector::new(config.clone()).await?;
-    let renewed = PoolSettings::builder()
+    let short_lived = PoolSettings::builder()
         .max_lifetime(Some(LIFETIME))
         .build()?;
-    let churning = Connector::new(config.pool(renewed)).await?;
+    let churning = Connector::new(config.pool(short_lived)).await?;
     let mut out = Vec::new();
     for kind in [Kind::SeaOrmDal, Kind::DieselDal, Kind::PgDal] {
         let stacks = [
@@ -72,15 +72,15 @@ pub async fn churn(
         let (mut renewed, mut opened_by_pool) = (0, 0);
         for _ in 0..rounds {
             for (i, stack) in stacks.iter().enumerate() {
-                // Load for longer than a lifetime first: the connections that expired while
-                // the other stack ran are replaced, so the run measures churn under load.
-                measure::run(stack, 8, LIFETIME + LIFETIME / 2).await;
-                let before = (churning.connections_opened(), stack.opened_by_pool());
                 progress.set_message(format!(
                     "{} with {} connections",
                     kind.name(),
                     ["kept", "renewed every second"][i]
                 ));
+                // Load for longer than a lifetime first: the connections that expired while
+                // the other stack ran are replaced, so the run measures churn under load.
+                measure::run(stack, 8, LIFETIME + LIFETIME / 2).await;
+                let before = (churning.connections_opened(), stack.opened_by_pool());
                 samples[i].push(measure::run(stack, 8, period).await);
                 if i == 1 {
                     let by_pool = stack.opened_by_pool().zip(before.1).map(|(a, b)| a - b);
