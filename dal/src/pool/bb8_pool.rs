@@ -59,37 +59,56 @@ impl Lifespan {
 }
 
 /// Connections replaced ahead of their lifetime, so that no request waits for a login: each
-/// connection is given its own jittered lifetime as it opens; when it comes back within `lead`
-/// of it, having waited less than `lead` in the pool before its last checkout (a connection
-/// used now and then, such as a background job's, is replaced when next checked out, and
-/// nothing extra stays open), a replacement opens for it in the background, and the next time
-/// it comes back or is checked out, a replacement takes its place in the pool. Replacements
-/// open side by side, one per connection near its end: connections that open together also
-/// come to their ends together, and short lifetimes on a busy machine need several logins at
-/// once. One past its lifetime with no replacement ready is retired as bb8 would, and never
-/// handed out. A replacement nothing took within `lead` is closed: an idle pool keeps no
-/// extra connection (Lakebase can scale to zero).
+/// connection is given its own jittered lifetime as it opens; when it comes back within the
+/// [lead](Renewal::lead) of it, having waited less than the lead in the pool before its last
+/// checkout (a connection used now and then, such as a background job's, is replaced when
+/// next checked out, and nothing extra stays open), a replacement opens for it in the
+/// background, and the next time it comes back or is checked out, a replacement takes its
+/// place in the pool. Replacements open side by side, one per connection near its end:
+/// connections that open together also come to their ends together, and short lifetimes on a
+/// busy machine need several logins at once. One past its lifetime with no replacement ready
+/// is retired as bb8 would, and never handed out. A replacement nothing took within the lead
+/// is closed: an idle pool keeps no extra connection (Lakebase can scale to zero).
 struct Renewal<C> {
     lifetime: Duration,
     jitter: f64,
-    lead: Duration,
+    /// The slowest recent login, in microseconds, decaying by an eighth at each login.
+    slow_login_us: AtomicU64,
     /// Replacements opened and not yet in the pool, each with the number of its opening.
     spares: Mutex<Vec<(u64, C)>>,
     openings: AtomicU64,
 }
 
 impl<C> Renewal<C> {
-    /// A replacement is opened this long before a connection's end: a quarter of the
-    /// lifetime, at most 30 s (a login takes milliseconds; a credential fetch can take longer,
-    /// but the token cache fetches ahead of expiry).
     fn new(lifetime: Duration, jitter: f64) -> Self {
         Self {
             lifetime,
             jitter,
-            lead: (lifetime / 4).min(Duration::from_secs(30)),
+            slow_login_us: AtomicU64::new(0),
             spares: Mutex::new(Vec::new()),
             openings: AtomicU64::new(0),
         }
+    }
+
+    /// How long before a connection's end its replacement opens: a quarter of the lifetime,
+    /// at most 30 s (a login takes milliseconds; a credential fetch can take longer, but the
+    /// token cache fetches ahead of expiry), and at least three times the slowest recent
+    /// login (a loaded server, or a Lakebase endpoint waking from zero), up to half the
+    /// lifetime.
+    fn lead(&self) -> Duration {
+        let usual = (self.lifetime / 4).min(Duration::from_secs(30));
+        let slow = Duration::from_micros(self.slow_login_us.load(Ordering::Relaxed));
+        usual.max((slow * 3).min(self.lifetime / 2))
+    }
+
+    /// Notes how long a login took.
+    fn logged_in(&self, took: Duration) {
+        let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let _ = self
+            .slow_login_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |slow| {
+                Some(took.max(slow - slow / 8))
+            });
     }
 
     /// When a connection opened now is to be retired.
@@ -163,11 +182,12 @@ impl<C: Send + 'static> Manager<C> {
         let Some(renewal) = &self.renewal else {
             return false;
         };
-        let frequent = span.idle_gap.is_some_and(|gap| gap < renewal.lead);
+        let lead = renewal.lead();
+        let frequent = span.idle_gap.is_some_and(|gap| gap < lead);
         let Some(at) = span.retire_at else {
             return false;
         };
-        if now + renewal.lead < at {
+        if now + lead < at {
             return false;
         }
         let spare = if span.renewing && !self.closed.load(Ordering::Relaxed) {
@@ -211,7 +231,7 @@ impl<C: Send + 'static> Manager<C> {
                 }
             }
             // Not taken by then: the pool went idle, or the connection it was for ended.
-            tokio::time::sleep(renewal.lead).await;
+            tokio::time::sleep(renewal.lead()).await;
             renewal.spares().retain(|(n, _)| *n != number);
         });
         true
@@ -245,9 +265,13 @@ fn open_stamped<C: Send + 'static>(
     renewal: Option<Arc<Renewal<C>>>,
 ) -> BoxFuture<'static, Result<C>> {
     Box::pin(async move {
+        let started = Instant::now();
         let mut conn = open().await?;
-        if let (Some(renewal), Some(span)) = (renewal, lifespan.and_then(|f| f(&mut conn))) {
-            span.retire_at = Some(renewal.retire_at());
+        if let Some(renewal) = renewal {
+            renewal.logged_in(started.elapsed());
+            if let Some(span) = lifespan.and_then(|f| f(&mut conn)) {
+                span.retire_at = Some(renewal.retire_at());
+            }
         }
         Ok(conn)
     })
@@ -548,5 +572,35 @@ impl<C: Send + 'static> PoolHandle for Core<C> {
             // Each returns to the pool broken (closed), so the pool drops it.
             drop(taken);
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replacements_open_ahead_by_more_than_recent_logins_take() {
+        let short = Renewal::<()>::new(Duration::from_secs(1), 0.1);
+        assert_eq!(short.lead(), Duration::from_millis(250));
+        short.logged_in(Duration::from_millis(100));
+        assert_eq!(short.lead(), Duration::from_millis(300));
+        short.logged_in(Duration::from_secs(2));
+        assert_eq!(
+            short.lead(),
+            Duration::from_millis(500),
+            "half the lifetime at most"
+        );
+
+        let long = Renewal::<()>::new(Duration::from_secs(55 * 60), 0.1);
+        assert_eq!(long.lead(), Duration::from_secs(30));
+        // An endpoint waking from zero.
+        long.logged_in(Duration::from_secs(20));
+        assert_eq!(long.lead(), Duration::from_secs(60));
+        // The slowest login fades as faster ones follow.
+        for _ in 0..64 {
+            long.logged_in(Duration::from_millis(50));
+        }
+        assert_eq!(long.lead(), Duration::from_secs(30));
     }
 }
