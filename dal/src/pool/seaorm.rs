@@ -74,6 +74,9 @@ impl Conn {
             broken: false,
             depth: 0,
             unwind: None,
+            // Checked at its first checkout: sqlx reads the socket only when asked to, so
+            // unlike the other kinds it cannot tell that the server closed a connection that
+            // has not been used yet.
             lifespan: Lifespan::default(),
         }
     }
