@@ -68,7 +68,7 @@ pub async fn run(stack: &Arc<Stack>, clients: usize, period: Duration) -> Sample
 }
 
 /// The `q` quantile of sorted values (nearest rank).
-pub fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
+pub fn percentile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
     if sorted.is_empty() {
         return None;
     }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
 use dal::{Connector, PoolSettings, TokenStrategy};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use serde::Serialize;
 
 use crate::measure::{self, Sample};
@@ -16,8 +17,12 @@ use crate::stacks::{Kind, Server, Stack};
 #[derive(Debug, Serialize)]
 pub struct Churn {
     pub stack: Kind,
+    /// Whole requests (checkout and query).
     pub steady: Sample,
     pub churn: Sample,
+    /// Checkouts alone: what a login on the request path would lengthen.
+    pub steady_checkout: Waits,
+    pub churn_checkout: Waits,
     /// Connections opened in the background ahead of their predecessor's end, over all
     /// rounds with churn.
     pub renewed: u64,
@@ -45,6 +50,65 @@ pub async fn lakebase(pg: &LocalPostgres, server: &Server) -> anyhow::Result<Loc
 /// The connection lifetime under churn.
 const LIFETIME: Duration = Duration::from_secs(1);
 
+/// How long the checkouts of one run waited for their connection, in microseconds: the
+/// median over rounds of the 99th percentile, and the maximum over rounds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Waits {
+    pub checkouts: u64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+/// The checkout waits dal records in its own histogram
+/// ([`POOL_ACQUIRE_SECONDS`](dal::telemetry::POOL_ACQUIRE_SECONDS)), read through a recorder
+/// installed for this process. SeaORM checks a connection out inside each statement, so the
+/// benchmark cannot time its checkouts itself.
+struct AcquireWaits(Snapshotter);
+
+impl AcquireWaits {
+    fn install() -> anyhow::Result<Self> {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .map_err(|_| anyhow::anyhow!("another metrics recorder is installed"))?;
+        Ok(Self(snapshotter))
+    }
+
+    /// The waits recorded since the last call.
+    fn take(&self) -> Waits {
+        let mut us: Vec<f64> = self
+            .0
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == dal::telemetry::POOL_ACQUIRE_SECONDS)
+            .flat_map(|(.., value)| match value {
+                DebugValue::Histogram(seconds) => seconds,
+                _ => Vec::new(),
+            })
+            .map(|seconds| seconds.into_inner() * 1e6)
+            .collect();
+        us.sort_by(f64::total_cmp);
+        Waits {
+            checkouts: us.len() as u64,
+            p99_us: measure::percentile(&us, 0.99).unwrap_or_default(),
+            max_us: us.last().copied().unwrap_or_default(),
+        }
+    }
+
+    /// The median of the 99th percentiles and the maximum of the maxima over rounds.
+    fn over_rounds(rounds: &[Waits]) -> Waits {
+        let mut p99: Vec<f64> = rounds.iter().map(|w| w.p99_us).collect();
+        p99.sort_by(f64::total_cmp);
+        Waits {
+            checkouts: rounds.iter().map(|w| w.checkouts).sum(),
+            p99_us: p99.get(p99.len() / 2).copied().unwrap_or_default(),
+            max_us: rounds.iter().map(|w| w.max_us).fold(0.0, f64::max),
+        }
+    }
+}
+
 /// For each dal stack, `rounds` interleaved runs of eight callers with connections kept and
 /// with connections renewed every second (5 s tokens, so new ones log in with new tokens):
 /// the medians of each.
@@ -62,6 +126,7 @@ pub async fn churn(
         .max_lifetime(Some(LIFETIME))
         .build()?;
     let churning = Connector::new(config.pool(short_lived)).await?;
+    let waits = AcquireWaits::install()?;
     let mut out = Vec::new();
     for kind in [Kind::SeaOrmDal, Kind::DieselDal, Kind::PgDal] {
         let stacks = [
@@ -69,6 +134,7 @@ pub async fn churn(
             Arc::new(Stack::build(kind, server, Some(&churning), 8).await?),
         ];
         let mut samples: [Vec<Sample>; 2] = Default::default();
+        let mut checkouts: [Vec<Waits>; 2] = Default::default();
         let (mut renewed, mut opened_by_pool) = (0, 0);
         for _ in 0..rounds {
             for (i, stack) in stacks.iter().enumerate() {
@@ -77,11 +143,16 @@ pub async fn churn(
                     kind.name(),
                     ["kept", "renewed every second"][i]
                 ));
-                // Load for longer than a lifetime first: the connections that expired while
-                // the other stack ran are replaced, so the run measures churn under load.
-                measure::run(stack, 8, LIFETIME + LIFETIME / 2).await;
+                // Load for three lifetimes first. The connections that expired while the
+                // other stack ran are replaced all at once, so their ends come together too;
+                // a few generations of replacements spread them, as in a service that has
+                // run for a while. The run then measures churn under load, not a pool
+                // coming back from idle.
+                measure::run(stack, 8, LIFETIME * 3).await;
                 let before = (churning.connections_opened(), stack.opened_by_pool());
+                waits.take();
                 samples[i].push(measure::run(stack, 8, period).await);
+                checkouts[i].push(waits.take());
                 if i == 1 {
                     let by_pool = stack.opened_by_pool().zip(before.1).map(|(a, b)| a - b);
                     opened_by_pool += by_pool.unwrap_or(0);
@@ -92,10 +163,13 @@ pub async fn churn(
             }
         }
         let [steady, churn] = samples.map(|s| median(&s));
+        let [steady_checkout, churn_checkout] = checkouts.map(|w| AcquireWaits::over_rounds(&w));
         out.push(Churn {
             stack: kind,
             steady,
             churn,
+            steady_checkout,
+            churn_checkout,
             renewed,
             opened_by_pool,
         });
