@@ -395,20 +395,19 @@ impl PoolSettings {
     }
 
     /// Close connections this old. Defaults to 25 min (55 min for Aurora DSQL, see
-    /// [`for_target`](Self::for_target)). No pool hands out a connection past it. The SeaORM
-    /// and Diesel pools open each connection's replacement in the background a quarter of
-    /// the lifetime (at most 30 s) before its end and swap it in as the old one comes back,
-    /// so that no request waits for a login; an idle one past its lifetime is replaced or
-    /// closed when next checked out, or after [`idle_timeout`](Self::idle_timeout). The
-    /// tokio-postgres pool closes an idle one within a tenth of the lifetime more, one in use
-    /// as it comes back.
+    /// [`for_target`](Self::for_target)). No pool hands out a connection past it. dal's bb8
+    /// pools open each connection's replacement in the background ahead of its end (a
+    /// quarter of the lifetime, at most 30 s, or three times the slowest recent login if that
+    /// is longer, up to half the lifetime) and swap it in as the old one comes back or goes
+    /// out, so that no request waits for a login; an idle one past its lifetime is replaced or
+    /// closed when next checked out, or after [`idle_timeout`](Self::idle_timeout).
     pub fn max_lifetime(&self) -> Option<Duration> {
         self.max_lifetime
     }
 
     /// Shorten `max_lifetime` by up to this fraction, at random per connection (per pool for
-    /// the tokio-postgres and plain sqlx pools), so that connections opened together do not
-    /// reconnect together. Defaults to 0.1.
+    /// the plain sqlx pool), so that connections opened together do not reconnect together.
+    /// Defaults to 0.1.
     pub fn lifetime_jitter(&self) -> f64 {
         self.lifetime_jitter
     }
