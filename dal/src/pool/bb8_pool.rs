@@ -46,6 +46,8 @@ pub(crate) struct Lifespan {
     idle_gap: Option<Duration>,
     /// A replacement was opened for it; only a connection that asked for one takes one.
     renewing: bool,
+    /// The turn its current user waited for (see [`Pool::get`]), given up as it comes back.
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Lifespan {
@@ -132,6 +134,9 @@ struct Core<C: Send + 'static> {
     waiting: AtomicU64,
     closed: Arc<AtomicBool>,
     renewal: Option<Arc<Renewal<C>>>,
+    /// One permit per connection the pool may hand out, given in the order callers asked.
+    turns: Arc<tokio::sync::Semaphore>,
+    lifespan: Option<LifespanOf<C>>,
 }
 
 /// The bb8 manager of dal's pools: opens connections through the connector, and drops every
@@ -175,6 +180,7 @@ impl<C: Send + 'static> Manager<C> {
             return false;
         };
         if returning {
+            span.turn = None;
             span.returned = Some(now);
         } else {
             span.idle_gap = span.returned.map(|at| now.duration_since(at));
@@ -384,7 +390,7 @@ pub(crate) fn build<C: Send + 'static>(
         keep: settings.acquire_timeout,
     });
     let closed = Arc::new(AtomicBool::new(false));
-    let name = kind.name;
+    let (name, lifespan) = (kind.name, kind.lifespan);
     let renewal = match (kind.lifespan, settings.max_lifetime()) {
         (Some(_), Some(lifetime)) => {
             Some(Arc::new(Renewal::new(lifetime, settings.lifetime_jitter())))
@@ -427,6 +433,8 @@ pub(crate) fn build<C: Send + 'static>(
         waiting: AtomicU64::new(0),
         closed,
         renewal,
+        turns: Arc::new(tokio::sync::Semaphore::new(settings.max_size as usize)),
+        lifespan,
     });
     let handle: Arc<dyn PoolHandle> = core.clone();
     registry.add(Arc::downgrade(&handle));
@@ -467,11 +475,13 @@ impl<C: Send + 'static> std::fmt::Debug for Pool<C> {
 }
 
 impl<C: Send + 'static> Pool<C> {
-    /// A connection from the pool, opening one if needed.
+    /// A connection from the pool, opening one if needed. Callers that wait are served in
+    /// the order they asked.
     ///
     /// Fails with [`Error::Connect`] carrying the cause as soon as a connection the pool
-    /// tried to open for it fails (one failed attempt fails one caller), with [`Error::PoolTimeout`] after the acquire timeout, and
-    /// with [`Error::PoolClosed`] after [`Connector::shutdown`](crate::Connector::shutdown).
+    /// tried to open for it fails (one failed attempt fails one caller), with
+    /// [`Error::PoolTimeout`] after the acquire timeout, and with [`Error::PoolClosed`] after
+    /// [`Connector::shutdown`](crate::Connector::shutdown).
     pub async fn get(&self) -> Result<bb8::PooledConnection<'_, Manager<C>>> {
         self.checkout(Box::pin(self.core.pool.get())).await
     }
@@ -486,9 +496,15 @@ impl<C: Send + 'static> Pool<C> {
         Box::pin(self.checkout(Box::pin(self.core.pool.get_owned())))
     }
 
-    /// Waits for `get` (bb8's checkout) or for a failure meant for this caller, and records
-    /// the wait.
-    async fn checkout<T>(
+    /// Waits for a turn, then for `get` (bb8's checkout) or for a failure meant for this
+    /// caller, and records the wait.
+    ///
+    /// Turns are given in the order callers asked, one per connection the pool may hand out,
+    /// and held until the connection comes back. bb8 alone wakes a waiting caller when a
+    /// connection comes back, but the caller that gave it back, asking again at once, takes
+    /// it first: with more callers than connections, some waited seconds while others were
+    /// served hundreds of times.
+    async fn checkout<T: std::ops::DerefMut<Target = C>>(
         &self,
         get: BoxFuture<'_, std::result::Result<T, bb8::RunError<Error>>>,
     ) -> Result<T> {
@@ -500,14 +516,37 @@ impl<C: Send + 'static> Pool<C> {
         let labels = [("pool", core.kind)];
         let waiting = core.waiting.fetch_add(1, Ordering::Relaxed) + 1;
         metrics::gauge!(telemetry::POOL_WAITING, &labels).set(waiting as f64);
-        let got = tokio::select! {
-            biased;
-            got = get => got.map_err(|e| match e {
-                bb8::RunError::TimedOut => Error::PoolTimeout(core.acquire_timeout),
-                bb8::RunError::User(e) => e,
-            }),
-            cause = core.failures.next(started) => Err(Error::Connect { source: cause }),
-        };
+        let got = async {
+            let turns = Arc::clone(&core.turns);
+            let turn = match turns.try_acquire_owned() {
+                Ok(turn) => turn,
+                Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::PoolClosed),
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    let turns = Arc::clone(&core.turns).acquire_owned();
+                    tokio::time::timeout(core.acquire_timeout, turns)
+                        .await
+                        .map_err(|_| Error::PoolTimeout(core.acquire_timeout))?
+                        .map_err(|_| Error::PoolClosed)?
+                }
+            };
+            // Only callers with a turn wait in bb8, so a failed connect goes to one of them.
+            let since = Instant::now();
+            let mut conn = tokio::select! {
+                biased;
+                got = get => got.map_err(|e| match e {
+                    bb8::RunError::TimedOut => Error::PoolTimeout(core.acquire_timeout),
+                    bb8::RunError::User(e) => e,
+                })?,
+                cause = core.failures.next(since) => {
+                    return Err(Error::Connect { source: cause });
+                }
+            };
+            if let Some(span) = core.lifespan.and_then(|lifespan| lifespan(&mut *conn)) {
+                span.turn = Some(turn);
+            }
+            Ok(conn)
+        }
+        .await;
         let waiting = core.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
         let waited = started.elapsed();
         let state = core.pool.state();
@@ -559,6 +598,7 @@ impl<C: Send + 'static> PoolHandle for Core<C> {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.closed.store(true, Ordering::Relaxed);
+            self.turns.close();
             if let Some(renewal) = &self.renewal {
                 drop(std::mem::take(&mut *renewal.spares()));
             }

@@ -581,3 +581,80 @@ async fn a_read_only_connector_reads_with_the_same_token_and_refuses_writes() {
         Err(dal::Error::PoolClosed)
     ));
 }
+
+/// Callers waiting for a connection get one in the order they asked: with more callers than
+/// connections, one that just gave a connection back does not take it again ahead of those
+/// already waiting. Every caller gets its share; and each checkout of the Diesel and
+/// tokio-postgres pools counts how many others were served while it waited, which in arrival
+/// order is at most the callers ahead of it. (SeaORM checks out inside each statement, so
+/// only its shares are counted.)
+#[tokio::test]
+async fn callers_waiting_for_a_connection_are_served_in_the_order_they_asked() {
+    const CALLERS: u64 = 12;
+    const CHECKOUTS: u64 = 600;
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "queue").await;
+    let pool = PoolSettings::builder().max_size(2).build().unwrap();
+    let connector = Connector::new(pg.config("queue", "queue", &password).pool(pool))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    for kind in ["seaorm", "diesel", "postgres"] {
+        let served = Arc::new(AtomicU64::new(0));
+        let callers = (0..CALLERS).map(|_| {
+            let (served, db, diesel, raw) =
+                (Arc::clone(&served), db.clone(), diesel.clone(), raw.clone());
+            tokio::spawn(async move {
+                // `served.load` would be Diesel's `RunQueryDsl::load`.
+                let served_now = || AtomicU64::load(&served, Ordering::Relaxed);
+                let (mut mine, mut most_overtaken) = (0, 0);
+                while served_now() < CHECKOUTS {
+                    let before = served_now();
+                    let overtaken = || served.fetch_add(1, Ordering::Relaxed) - before;
+                    match kind {
+                        "seaorm" => {
+                            db.execute_unprepared("SELECT 1").await.unwrap();
+                            overtaken();
+                        }
+                        "diesel" => {
+                            let mut conn = diesel.get().await.unwrap();
+                            most_overtaken = most_overtaken.max(overtaken());
+                            dal::diesel::sql_query("SELECT 1")
+                                .execute(&mut *conn)
+                                .await
+                                .unwrap();
+                        }
+                        _ => {
+                            let client = raw.get().await.unwrap();
+                            most_overtaken = most_overtaken.max(overtaken());
+                            client.batch_execute("SELECT 1").await.unwrap();
+                        }
+                    }
+                    mine += 1;
+                }
+                (mine, most_overtaken)
+            })
+        });
+        let outcomes: Vec<(u64, u64)> = futures_util::future::join_all(callers)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let least = outcomes.iter().map(|o| o.0).min().unwrap();
+        let most = outcomes.iter().map(|o| o.1).max().unwrap();
+        println!(
+            "{kind}: the least served caller got {least}; at most {most} served while one waited"
+        );
+        assert!(
+            least >= CHECKOUTS / CALLERS / 4,
+            "{kind}: a caller was served {least} times of {CHECKOUTS}"
+        );
+        assert!(
+            most <= 2 * CALLERS,
+            "{kind}: a caller waited while {most} others were served"
+        );
+    }
+    connector.shutdown().await;
+}
