@@ -5,7 +5,7 @@
 //! Nothing is recorded until the program installs a recorder (such as a Prometheus
 //! exporter). No metric, label, span or event carries a token, password or SQL text.
 //! Labels: `source` (credential source kind: `static`, `lakebase`, `dsql`, `custom`),
-//! `pool` (`diesel`, `postgres`), `orm` (`seaorm`, `diesel`).
+//! `pool` (`seaorm`, `diesel`, `postgres`), `orm` (`seaorm`, `diesel`).
 
 use std::time::{Duration, SystemTime};
 
@@ -40,6 +40,9 @@ pub const POOL_IDLE: &str = "dal_pool_idle_connections";
 pub const POOL_WAITING: &str = "dal_pool_waiting";
 /// Histogram: seconds spent waiting for a connection of a pool. Label `pool`.
 pub const POOL_ACQUIRE_SECONDS: &str = "dal_pool_acquire_seconds";
+/// Histogram: seconds a pool took to open a connection (credential, TLS and login), whether
+/// a caller waited for it or it replaced one ahead of its lifetime. Label `pool`.
+pub const POOL_CONNECT_SECONDS: &str = "dal_pool_connect_seconds";
 /// Counter: transactions run again after a conflict or connection failure. Labels `orm`
 /// (`seaorm`, `diesel`, `idempotent`) and `reason` (`OC000`, `OC001`, the SQLSTATE, or
 /// `connection`).

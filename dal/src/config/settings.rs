@@ -395,12 +395,15 @@ impl PoolSettings {
     }
 
     /// Close connections this old. Defaults to 25 min (55 min for Aurora DSQL, see
-    /// [`for_target`](Self::for_target)). No pool hands out a connection past it. dal's bb8
-    /// pools open each connection's replacement in the background ahead of its end (a
-    /// quarter of the lifetime, at most 30 s, or three times the slowest recent login if that
-    /// is longer, up to half the lifetime) and swap it in as the old one comes back or goes
-    /// out, so that no request waits for a login; an idle one past its lifetime is replaced or
-    /// closed when next checked out, or after [`idle_timeout`](Self::idle_timeout).
+    /// [`for_target`](Self::for_target)). dal's bb8 pools open each connection's replacement
+    /// in the background ahead of its end (a quarter of the lifetime, at most 30 s, or three
+    /// times the slowest recent login if that is longer, up to half the lifetime) and swap it
+    /// in as the old one comes back or goes out, so that no request waits for a login. No
+    /// pool hands out a connection past its lifetime, except that one whose replacement is
+    /// still logging in serves on until it arrives, for at most half that lead (at most
+    /// 30 s): keep the lifetime that much below any limit the server enforces. An idle
+    /// connection past its lifetime is replaced or closed when next checked out, or after
+    /// [`idle_timeout`](Self::idle_timeout).
     pub fn max_lifetime(&self) -> Option<Duration> {
         self.max_lifetime
     }

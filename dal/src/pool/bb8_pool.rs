@@ -68,9 +68,13 @@ impl Lifespan {
 /// background, and the next time it comes back or is checked out, a replacement takes its
 /// place in the pool. Replacements open side by side, one per connection near its end:
 /// connections that open together also come to their ends together, and short lifetimes on a
-/// busy machine need several logins at once. One past its lifetime with no replacement ready
-/// is retired as bb8 would, and never handed out. A replacement nothing took within the lead
-/// is closed: an idle pool keeps no extra connection (Lakebase can scale to zero).
+/// busy machine need several logins at once. A replacement is checked as it opens, as a
+/// connection coming back would be, so that it goes out without a round trip when it takes
+/// its place. One past its lifetime while a replacement is still logging in stays in service
+/// for up to the [grace](Renewal::grace), so that a login slower than the lead still keeps
+/// off the request path; one past that, or with no replacement coming, is retired as bb8
+/// would, and never handed out. A replacement nothing took within the lead is closed: an idle
+/// pool keeps no extra connection (Lakebase can scale to zero).
 struct Renewal<C> {
     lifetime: Duration,
     jitter: f64,
@@ -79,6 +83,8 @@ struct Renewal<C> {
     /// Replacements opened and not yet in the pool, each with the number of its opening.
     spares: Mutex<Vec<(u64, C)>>,
     openings: AtomicU64,
+    /// Replacements still logging in.
+    logging_in: AtomicU64,
 }
 
 impl<C> Renewal<C> {
@@ -89,6 +95,7 @@ impl<C> Renewal<C> {
             slow_login_us: AtomicU64::new(0),
             spares: Mutex::new(Vec::new()),
             openings: AtomicU64::new(0),
+            logging_in: AtomicU64::new(0),
         }
     }
 
@@ -101,6 +108,14 @@ impl<C> Renewal<C> {
         let usual = (self.lifetime / 4).min(Duration::from_secs(30));
         let slow = Duration::from_micros(self.slow_login_us.load(Ordering::Relaxed));
         usual.max((slow * 3).min(self.lifetime / 2))
+    }
+
+    /// How long past its lifetime a connection whose replacement is still logging in stays
+    /// in service: half the lead, at most 30 s (a quarter of the lifetime at most), so that a
+    /// lifetime set that far below a limit the server enforces (Aurora DSQL's 60 minutes)
+    /// still keeps every connection within it.
+    fn grace(&self) -> Duration {
+        (self.lead() / 2).min(Duration::from_secs(30))
     }
 
     /// Notes how long a login took.
@@ -160,11 +175,7 @@ impl<C> std::fmt::Debug for Manager<C> {
 impl<C: Send + 'static> Manager<C> {
     /// Opens a connection and gives it its retirement instant.
     fn open(&self) -> BoxFuture<'static, Result<C>> {
-        open_stamped(
-            Arc::clone(&self.open),
-            self.kind.lifespan,
-            self.renewal.clone(),
-        )
+        open_stamped(Arc::clone(&self.open), &self.kind, self.renewal.clone())
     }
 
     /// Notes that `conn` is coming back (`returning`) or being checked out, and puts a spare
@@ -212,6 +223,10 @@ impl<C: Send + 'static> Manager<C> {
             return false;
         }
         let expired = now >= at;
+        let replacement_coming = span.renewing && renewal.logging_in.load(Ordering::Relaxed) > 0;
+        if expired && replacement_coming && now < at + renewal.grace() {
+            return false;
+        }
         if returning && frequent && !expired && !span.renewing && self.open_spare(renewal) {
             span.renewing = true;
         }
@@ -227,14 +242,35 @@ impl<C: Send + 'static> Manager<C> {
             return false;
         }
         let (open, renewal) = (self.open(), Arc::clone(renewal));
+        let (is_valid, lifespan) = (self.kind.is_valid, self.kind.lifespan);
+        renewal.logging_in.fetch_add(1, Ordering::Relaxed);
         runtime.spawn(async move {
             let number = renewal.openings.fetch_add(1, Ordering::Relaxed);
-            match open.await {
-                Ok(conn) => renewal.spares().push((number, conn)),
+            // Checked here, so that its first checkout need not wait for the round trip of a
+            // kind that checks a fresh connection; it then counts as one that just came back.
+            let opened = async {
+                let mut conn = open.await?;
+                is_valid(&mut conn).await?;
+                if let Some(span) = lifespan.and_then(|f| f(&mut conn)) {
+                    span.returned = Some(Instant::now());
+                }
+                Ok::<_, Error>(conn)
+            }
+            .await;
+            let pushed = match opened {
+                Ok(conn) => {
+                    renewal.spares().push((number, conn));
+                    true
+                }
                 Err(e) => {
                     tracing::debug!(error = %ErrorChain(&e), "a replacement connection could not be opened ahead");
-                    return;
+                    false
                 }
+            };
+            // Only now, so that no connection waiting for it retires in between.
+            renewal.logging_in.fetch_sub(1, Ordering::Relaxed);
+            if !pushed {
+                return;
             }
             // Not taken by then: the pool went idle, or the connection it was for ended.
             tokio::time::sleep(renewal.lead()).await;
@@ -264,17 +300,22 @@ impl<C> Renewal<C> {
     }
 }
 
-/// Opens a connection through `open` and stamps its retirement instant.
+/// Opens a connection of `kind` through `open`, records how long that took and stamps its
+/// retirement instant.
 fn open_stamped<C: Send + 'static>(
     open: Open<C>,
-    lifespan: Option<LifespanOf<C>>,
+    kind: &Kind<C>,
     renewal: Option<Arc<Renewal<C>>>,
 ) -> BoxFuture<'static, Result<C>> {
+    let (name, lifespan) = (kind.name, kind.lifespan);
     Box::pin(async move {
         let started = Instant::now();
         let mut conn = open().await?;
+        let took = started.elapsed();
+        metrics::histogram!(telemetry::POOL_CONNECT_SECONDS, "pool" => name)
+            .record(took.as_secs_f64());
         if let Some(renewal) = renewal {
-            renewal.logged_in(started.elapsed());
+            renewal.logged_in(took);
             if let Some(span) = lifespan.and_then(|f| f(&mut conn)) {
                 span.retire_at = Some(renewal.retire_at());
             }
@@ -623,6 +664,7 @@ mod tests {
     fn replacements_open_ahead_by_more_than_recent_logins_take() {
         let short = Renewal::<()>::new(Duration::from_secs(1), 0.1);
         assert_eq!(short.lead(), Duration::from_millis(250));
+        assert_eq!(short.grace(), Duration::from_millis(125));
         short.logged_in(Duration::from_millis(100));
         assert_eq!(short.lead(), Duration::from_millis(300));
         short.logged_in(Duration::from_secs(2));
@@ -631,12 +673,14 @@ mod tests {
             Duration::from_millis(500),
             "half the lifetime at most"
         );
+        assert_eq!(short.grace(), Duration::from_millis(250));
 
         let long = Renewal::<()>::new(Duration::from_secs(55 * 60), 0.1);
         assert_eq!(long.lead(), Duration::from_secs(30));
         // An endpoint waking from zero.
         long.logged_in(Duration::from_secs(20));
         assert_eq!(long.lead(), Duration::from_secs(60));
+        assert_eq!(long.grace(), Duration::from_secs(30), "30 s at most");
         // The slowest login fades as faster ones follow.
         for _ in 0..64 {
             long.logged_in(Duration::from_millis(50));

@@ -662,6 +662,52 @@ async fn connections_are_replaced_ahead_of_their_lifetime_off_the_request_path()
     let connector = Connector::new(pg.config("renewed", "renewed", &password).pool(pool))
         .await
         .unwrap();
+    assert_logins_stay_off_the_request_path(&connector).await;
+}
+
+/// Logins off the request path even when a login takes longer than any lead: each takes
+/// 2.2 s here (a server slow to log in), and replacements open at most half the 4 s lifetime
+/// ahead, so each arrives after its predecessor's end. The predecessor serves on until it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_slower_than_the_lead_still_stays_off_the_request_path() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "slowlogin").await;
+    let pool = PoolSettings::builder()
+        .max_size(4)
+        .max_lifetime(Some(Duration::from_secs(4)))
+        .lifetime_jitter(0.0)
+        .build()
+        .unwrap();
+    let mut config = pg.config("slowlogin", "slowlogin", &password).pool(pool);
+    config.port = slow_logins(pg.port(), Duration::from_millis(2200)).await;
+    let connector = Connector::new(config).await.unwrap();
+    assert_logins_stay_off_the_request_path(&connector).await;
+}
+
+/// A way to the server on `port` on which every login takes `delay` longer: each
+/// connection's first message waits that long before it is passed on.
+async fn slow_logins(port: u16, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let local = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    local
+}
+
+/// Four workers use each pool of `connector` (four connections each, kept four seconds) for
+/// nine seconds: every connection is replaced, none by the pools themselves, no request
+/// fails and no Diesel or tokio-postgres checkout waits.
+async fn assert_logins_stay_off_the_request_path(connector: &Connector) {
     let db = connector.seaorm().await.unwrap();
     let diesel = connector.diesel_pool().await.unwrap();
     let raw = connector.postgres_pool().await.unwrap();
