@@ -136,9 +136,9 @@ pub fn text(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\n| Connections renewed every 1 s (5 s tokens), 8 clients | Checkout wait p99 µs kept / renewed | Checkout wait max µs kept / renewed | Goal | Request p99 µs kept / renewed | Request max µs kept / renewed | Opened ahead / by the pool |"
+        "\n| Connections renewed every 1 s (5 s tokens), 8 clients | Checkout wait p99 µs kept / renewed | Checkout wait max µs kept / renewed | Goal | Request p99 µs kept / renewed | Request max µs kept / renewed | Opened ahead / by the pool | Login p99 / max ms |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for c in &r.churn {
         let (steady, churn) = (&c.steady_checkout, &c.churn_checkout);
         let (p99, max) = (
@@ -148,7 +148,7 @@ pub fn text(r: &Report) -> String {
         let ok = p99.is_some_and(|v| v <= 1.1) && max.is_some_and(|v| v <= 2.0);
         let _ = writeln!(
             s,
-            "| {} | {:.1} / {:.1} ({}) | {:.0} / {:.0} ({}) | p99 <= 1.1x, max <= 2x: {} | {} / {} ({}) | {} / {} ({}) | {} / {} |",
+            "| {} | {:.1} / {:.1} ({}) | {:.0} / {:.0} ({}) | p99 <= 1.1x, max <= 2x: {} | {} / {} ({}) | {} / {} ({}) | {} / {} | {:.0} / {:.0} |",
             c.stack.name(),
             steady.p99_us,
             churn.p99_us,
@@ -165,6 +165,8 @@ pub fn text(r: &Report) -> String {
             times(ratio(c.churn.max_us, c.steady.max_us)),
             c.renewed,
             c.opened_by_pool,
+            c.churn_logins.p99_us / 1e3,
+            c.churn_logins.max_us / 1e3,
         );
     }
     let st = &r.storm;

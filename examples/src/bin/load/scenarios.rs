@@ -23,6 +23,8 @@ pub struct Churn {
     /// Checkouts alone: what a login on the request path would lengthen.
     pub steady_checkout: Waits,
     pub churn_checkout: Waits,
+    /// Logins with churn, whether ahead of a lifetime or by the pool.
+    pub churn_logins: Waits,
     /// Connections opened in the background ahead of their predecessor's end, over all
     /// rounds with churn.
     pub renewed: u64,
@@ -50,22 +52,44 @@ pub async fn lakebase(pg: &LocalPostgres, server: &Server) -> anyhow::Result<Loc
 /// The connection lifetime under churn.
 const LIFETIME: Duration = Duration::from_secs(1);
 
-/// How long the checkouts of one run waited for their connection, in microseconds: the
-/// median over rounds of the 99th percentile, and the maximum over rounds.
+/// Durations of one kind over a run, in microseconds: how many, the 99th percentile and the
+/// maximum (over rounds: the median of the 99th percentiles and the maximum of the maxima).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Waits {
-    pub checkouts: u64,
+    pub count: u64,
     pub p99_us: f64,
     pub max_us: f64,
 }
 
-/// The checkout waits dal records in its own histogram
-/// ([`POOL_ACQUIRE_SECONDS`](dal::telemetry::POOL_ACQUIRE_SECONDS)), read through a recorder
+impl Waits {
+    fn of(mut us: Vec<f64>) -> Self {
+        us.sort_by(f64::total_cmp);
+        Self {
+            count: us.len() as u64,
+            p99_us: measure::percentile(&us, 0.99).unwrap_or_default(),
+            max_us: us.last().copied().unwrap_or_default(),
+        }
+    }
+
+    fn over_rounds(rounds: &[Waits]) -> Self {
+        let mut p99: Vec<f64> = rounds.iter().map(|w| w.p99_us).collect();
+        p99.sort_by(f64::total_cmp);
+        Self {
+            count: rounds.iter().map(|w| w.count).sum(),
+            p99_us: p99.get(p99.len() / 2).copied().unwrap_or_default(),
+            max_us: rounds.iter().map(|w| w.max_us).fold(0.0, f64::max),
+        }
+    }
+}
+
+/// The checkout waits and logins dal records in its own histograms
+/// ([`POOL_ACQUIRE_SECONDS`](dal::telemetry::POOL_ACQUIRE_SECONDS),
+/// [`POOL_CONNECT_SECONDS`](dal::telemetry::POOL_CONNECT_SECONDS)), read through a recorder
 /// installed for this process. SeaORM checks a connection out inside each statement, so the
 /// benchmark cannot time its checkouts itself.
-struct AcquireWaits(Snapshotter);
+struct PoolTimes(Snapshotter);
 
-impl AcquireWaits {
+impl PoolTimes {
     fn install() -> anyhow::Result<Self> {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
@@ -75,37 +99,20 @@ impl AcquireWaits {
         Ok(Self(snapshotter))
     }
 
-    /// The waits recorded since the last call.
-    fn take(&self) -> Waits {
-        let mut us: Vec<f64> = self
-            .0
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .filter(|(key, ..)| key.key().name() == dal::telemetry::POOL_ACQUIRE_SECONDS)
-            .flat_map(|(.., value)| match value {
-                DebugValue::Histogram(seconds) => seconds,
-                _ => Vec::new(),
-            })
-            .map(|seconds| seconds.into_inner() * 1e6)
-            .collect();
-        us.sort_by(f64::total_cmp);
-        Waits {
-            checkouts: us.len() as u64,
-            p99_us: measure::percentile(&us, 0.99).unwrap_or_default(),
-            max_us: us.last().copied().unwrap_or_default(),
+    /// The checkout waits and the logins recorded since the last call.
+    fn take(&self) -> [Waits; 2] {
+        let mut us: [Vec<f64>; 2] = Default::default();
+        for (key, .., value) in self.0.snapshot().into_vec() {
+            let of = match key.key().name() {
+                dal::telemetry::POOL_ACQUIRE_SECONDS => &mut us[0],
+                dal::telemetry::POOL_CONNECT_SECONDS => &mut us[1],
+                _ => continue,
+            };
+            if let DebugValue::Histogram(seconds) = value {
+                of.extend(seconds.into_iter().map(|s| s.into_inner() * 1e6));
+            }
         }
-    }
-
-    /// The median of the 99th percentiles and the maximum of the maxima over rounds.
-    fn over_rounds(rounds: &[Waits]) -> Waits {
-        let mut p99: Vec<f64> = rounds.iter().map(|w| w.p99_us).collect();
-        p99.sort_by(f64::total_cmp);
-        Waits {
-            checkouts: rounds.iter().map(|w| w.checkouts).sum(),
-            p99_us: p99.get(p99.len() / 2).copied().unwrap_or_default(),
-            max_us: rounds.iter().map(|w| w.max_us).fold(0.0, f64::max),
-        }
+        us.map(Waits::of)
     }
 }
 
@@ -126,7 +133,7 @@ pub async fn churn(
         .max_lifetime(Some(LIFETIME))
         .build()?;
     let churning = Connector::new(config.pool(short_lived)).await?;
-    let waits = AcquireWaits::install()?;
+    let times = PoolTimes::install()?;
     let mut out = Vec::new();
     for kind in [Kind::SeaOrmDal, Kind::DieselDal, Kind::PgDal] {
         let stacks = [
@@ -135,6 +142,7 @@ pub async fn churn(
         ];
         let mut samples: [Vec<Sample>; 2] = Default::default();
         let mut checkouts: [Vec<Waits>; 2] = Default::default();
+        let mut logins = Vec::new();
         let (mut renewed, mut opened_by_pool) = (0, 0);
         for _ in 0..rounds {
             for (i, stack) in stacks.iter().enumerate() {
@@ -150,9 +158,13 @@ pub async fn churn(
                 // coming back from idle.
                 measure::run(stack, 8, LIFETIME * 3).await;
                 let before = (churning.connections_opened(), stack.opened_by_pool());
-                waits.take();
+                times.take();
                 samples[i].push(measure::run(stack, 8, period).await);
-                checkouts[i].push(waits.take());
+                let [waits, logged_in] = times.take();
+                checkouts[i].push(waits);
+                if i == 1 {
+                    logins.push(logged_in);
+                }
                 if i == 1 {
                     let by_pool = stack.opened_by_pool().zip(before.1).map(|(a, b)| a - b);
                     opened_by_pool += by_pool.unwrap_or(0);
@@ -163,13 +175,14 @@ pub async fn churn(
             }
         }
         let [steady, churn] = samples.map(|s| median(&s));
-        let [steady_checkout, churn_checkout] = checkouts.map(|w| AcquireWaits::over_rounds(&w));
+        let [steady_checkout, churn_checkout] = checkouts.map(|w| Waits::over_rounds(&w));
         out.push(Churn {
             stack: kind,
             steady,
             churn,
             steady_checkout,
             churn_checkout,
+            churn_logins: Waits::over_rounds(&logins),
             renewed,
             opened_by_pool,
         });
