@@ -44,8 +44,9 @@ pub(crate) struct Lifespan {
     pub(crate) returned: Option<Instant>,
     /// How long it last waited in the pool before it was checked out again.
     idle_gap: Option<Duration>,
-    /// A replacement was opened for it; only a connection that asked for one takes one.
-    renewing: bool,
+    /// The number of the replacement opened for it, if one was: a connection takes the one
+    /// opened for it (see [`Renewal::take_spare`]).
+    replacement: Option<u64>,
     /// The turn its current user waited for (see [`Pool::get`]), given up as it comes back.
     turn: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -63,18 +64,19 @@ impl Lifespan {
 /// Connections replaced ahead of their lifetime, so that no request waits for a login: each
 /// connection is given its own jittered lifetime as it opens; when it comes back within the
 /// [lead](Renewal::lead) of it, having waited less than the lead in the pool before its last
-/// checkout (a connection used now and then, such as a background job's, is replaced when
-/// next checked out, and nothing extra stays open), a replacement opens for it in the
-/// background, and the next time it comes back or is checked out, a replacement takes its
-/// place in the pool. Replacements open side by side, one per connection near its end:
-/// connections that open together also come to their ends together, and short lifetimes on a
-/// busy machine need several logins at once. A replacement is checked as it opens, as a
-/// connection coming back would be, so that it goes out without a round trip when it takes
-/// its place. One past its lifetime while a replacement is still logging in stays in service
-/// for up to the [grace](Renewal::grace), so that a login slower than the lead still keeps
-/// off the request path; one past that, or with no replacement coming, is retired as bb8
-/// would, and never handed out. A replacement nothing took within the lead is closed: an idle
-/// pool keeps no extra connection (Lakebase can scale to zero).
+/// checkout (a connection used now and then, such as a background job's, is replaced when next
+/// checked out, and nothing extra stays open), a replacement opens for it in the background, and
+/// the next time it comes back or is checked out after that replacement is ready, the replacement
+/// takes its place in the pool (one past its lifetime takes any that is ready), and the old
+/// connection closes on a task of its own. Replacements open side by side, one per connection near
+/// its end: connections that open together also come to their ends together, and short lifetimes on
+/// a busy machine need several logins at once. A replacement is checked as it opens, as a
+/// connection coming back would be, so that it goes out without a round trip when it takes its
+/// place. One past its lifetime while a replacement is still logging in stays in service for up to
+/// the [grace](Renewal::grace), so that a login slower than the lead still keeps off the request
+/// path; one past that, or with no replacement coming, is retired as bb8 would, and never handed
+/// out. A replacement nothing took within the lead is closed: an idle pool keeps no extra
+/// connection (Lakebase can scale to zero).
 struct Renewal<C> {
     lifetime: Duration,
     jitter: f64,
@@ -207,13 +209,15 @@ impl<C: Send + 'static> Manager<C> {
         if now + lead < at {
             return false;
         }
-        let spare = if span.renewing && !self.closed.load(Ordering::Relaxed) {
-            renewal.take_spare(lifespan, now)
-        } else {
-            None
+        let expired = now >= at;
+        let spare = match span.replacement {
+            Some(own) if !self.closed.load(Ordering::Relaxed) => {
+                renewal.take_spare(lifespan, now, own, expired)
+            }
+            _ => None,
         };
         if let Some(fresh) = spare {
-            drop(std::mem::replace(conn, fresh));
+            close_in_background(std::mem::replace(conn, fresh));
             metrics::counter!(telemetry::CONNECTIONS_RENEWED, "pool" => self.kind.name)
                 .increment(1);
             tracing::debug!(
@@ -222,30 +226,28 @@ impl<C: Send + 'static> Manager<C> {
             );
             return false;
         }
-        let expired = now >= at;
-        let replacement_coming = span.renewing && renewal.logging_in.load(Ordering::Relaxed) > 0;
+        let replacement_coming =
+            span.replacement.is_some() && renewal.logging_in.load(Ordering::Relaxed) > 0;
         if expired && replacement_coming && now < at + renewal.grace() {
             return false;
         }
-        if returning && frequent && !expired && !span.renewing && self.open_spare(renewal) {
-            span.renewing = true;
+        if returning && frequent && !expired && span.replacement.is_none() {
+            span.replacement = self.open_spare(renewal);
         }
         expired
     }
 
-    /// Opens a spare in the background; whether it could start.
-    fn open_spare(&self, renewal: &Arc<Renewal<C>>) -> bool {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return false;
-        };
+    /// Opens a spare in the background; its number, if it could start.
+    fn open_spare(&self, renewal: &Arc<Renewal<C>>) -> Option<u64> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
         if self.closed.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
         let (open, renewal) = (self.open(), Arc::clone(renewal));
         let (is_valid, lifespan) = (self.kind.is_valid, self.kind.lifespan);
         renewal.logging_in.fetch_add(1, Ordering::Relaxed);
+        let number = renewal.openings.fetch_add(1, Ordering::Relaxed);
         runtime.spawn(async move {
-            let number = renewal.openings.fetch_add(1, Ordering::Relaxed);
             // Checked here, so that its first checkout need not wait for the round trip of a
             // kind that checks a fresh connection; it then counts as one that just came back.
             let opened = async {
@@ -274,9 +276,10 @@ impl<C: Send + 'static> Manager<C> {
             }
             // Not taken by then: the pool went idle, or the connection it was for ended.
             tokio::time::sleep(renewal.lead()).await;
-            renewal.spares().retain(|(n, _)| *n != number);
+            let left = renewal.take_numbered(number);
+            drop(left);
         });
-        true
+        Some(number)
     }
 }
 
@@ -285,18 +288,58 @@ impl<C> Renewal<C> {
         self.spares.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A spare that is not past its own lifetime at `now`; those that are, are closed.
-    fn take_spare(&self, lifespan: LifespanOf<C>, now: Instant) -> Option<C> {
+    /// The spare opened for a connection (numbered `own`) once it is ready; for a connection
+    /// past its lifetime (`expired`), the one that has waited longest if its own is not ready
+    /// yet. So each connection takes the replacement it asked for in time, whichever passes
+    /// through the pool first, and one that ran out of time takes any: the connection whose
+    /// replacement it took, being further from its end, takes the next one the same way.
+    /// Spares past their own lifetime at `now` are closed.
+    fn take_spare(
+        &self,
+        lifespan: LifespanOf<C>,
+        now: Instant,
+        own: u64,
+        expired: bool,
+    ) -> Option<C>
+    where
+        C: Send + 'static,
+    {
         let mut spares = self.spares();
-        while let Some((_, mut spare)) = spares.pop() {
-            let fresh = lifespan(&mut spare)
+        let mut index = 0;
+        while index < spares.len() {
+            let fresh = lifespan(&mut spares[index].1)
                 .and_then(|span| span.retire_at)
                 .is_some_and(|at| at > now);
             if fresh {
-                return Some(spare);
+                index += 1;
+            } else {
+                close_in_background(spares.remove(index).1);
             }
         }
-        None
+        let index = match spares.iter().position(|(n, _)| *n == own) {
+            Some(index) => index,
+            None if expired && !spares.is_empty() => 0,
+            None => return None,
+        };
+        Some(spares.remove(index).1)
+    }
+
+    /// The spare numbered `number`, if nothing took it.
+    fn take_numbered(&self, number: u64) -> Option<C> {
+        let mut spares = self.spares();
+        let index = spares.iter().position(|(n, _)| *n == number)?;
+        Some(spares.remove(index).1)
+    }
+}
+
+/// Closes a connection its replacement took the place of in a task of its own: closing
+/// its socket can take milliseconds, which the caller whose checkout or return made the
+/// swap would otherwise wait for (HikariCP closes retired connections on an executor of
+/// its own for the same reason). Outside a runtime, closes it here.
+fn close_in_background<C: Send + 'static>(conn: C) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn(async move { drop(conn) })),
+        Err(_) => drop(conn),
     }
 }
 
@@ -659,6 +702,116 @@ impl<C: Send + 'static> PoolHandle for Core<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type ClosedOn = Arc<Mutex<Option<Option<tokio::task::Id>>>>;
+
+    /// A connection that notes the task it was closed on.
+    struct Probe {
+        name: u64,
+        span: Lifespan,
+        closed_on: ClosedOn,
+    }
+
+    impl Probe {
+        fn ending_in(name: u64, left: Duration, replacement: Option<u64>) -> (Self, ClosedOn) {
+            let closed_on = ClosedOn::default();
+            let span = Lifespan {
+                retire_at: Some(Instant::now() + left),
+                replacement,
+                ..Lifespan::returned_now()
+            };
+            let probe = Self {
+                name,
+                span,
+                closed_on: Arc::clone(&closed_on),
+            };
+            (probe, closed_on)
+        }
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            *self.closed_on.lock().unwrap() = Some(tokio::task::try_id());
+        }
+    }
+
+    fn probe_span(probe: &mut Probe) -> Option<&mut Lifespan> {
+        Some(&mut probe.span)
+    }
+
+    fn probe_valid(_: &mut Probe) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn probe_manager(renewal: &Arc<Renewal<Probe>>) -> Manager<Probe> {
+        Manager {
+            open: Arc::new(|| Box::pin(async { Err(Error::PoolClosed) })),
+            kind: Kind {
+                name: "probe",
+                is_valid: probe_valid,
+                has_broken: |_| false,
+                lifespan: Some(probe_span),
+            },
+            closed: Arc::new(AtomicBool::new(false)),
+            renewal: Some(Arc::clone(renewal)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replaced_connection_is_closed_on_a_task_of_its_own() {
+        let renewal = Arc::new(Renewal::new(Duration::from_secs(60), 0.0));
+        let manager = probe_manager(&renewal);
+        let (fresh, _) = Probe::ending_in(2, Duration::from_secs(60), None);
+        renewal.spares().push((7, fresh));
+        let (mut conn, old_closed_on) = Probe::ending_in(1, Duration::from_secs(1), Some(7));
+
+        // Checked out, and coming back: both may put the replacement in its place.
+        assert!(!manager.renew(&mut conn, false), "not past its lifetime");
+        assert_eq!(conn.name, 2, "the replacement took its place");
+        assert_eq!(
+            *old_closed_on.lock().unwrap(),
+            None,
+            "the caller did not wait for the old connection to close"
+        );
+        while old_closed_on.lock().unwrap().is_none() {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            old_closed_on.lock().unwrap().unwrap().is_some(),
+            "closed on a task of its own"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_connection_takes_the_replacement_opened_for_it_unless_out_of_time() {
+        let renewal = Renewal::<Probe>::new(Duration::from_secs(60), 0.0);
+        for number in [1, 2] {
+            let (spare, _) = Probe::ending_in(10 + number, Duration::from_secs(60), None);
+            renewal.spares().push((number, spare));
+        }
+        let (stale, stale_closed_on) = Probe::ending_in(13, Duration::ZERO, None);
+        renewal.spares().push((3, stale));
+        let now = Instant::now();
+        let take = |own, expired| renewal.take_spare(probe_span, now, own, expired);
+
+        assert_eq!(take(2, false).map(|p| p.name), Some(12), "its own");
+        assert!(
+            take(4, false).is_none(),
+            "one whose replacement is not ready waits for it"
+        );
+        assert_eq!(
+            take(4, true).map(|p| p.name),
+            Some(11),
+            "one past its lifetime takes the one that waited longest"
+        );
+        assert!(
+            take(3, true).is_none(),
+            "a spare past its own end is never handed out"
+        );
+        while stale_closed_on.lock().unwrap().is_none() {
+            tokio::task::yield_now().await;
+        }
+    }
 
     #[test]
     fn replacements_open_ahead_by_more_than_recent_logins_take() {
