@@ -113,11 +113,13 @@ impl<C> Renewal<C> {
     }
 
     /// How long past its lifetime a connection whose replacement is still logging in stays
-    /// in service: half the lead, at most 30 s (a quarter of the lifetime at most), so that a
-    /// lifetime set that far below a limit the server enforces (Aurora DSQL's 60 minutes)
-    /// still keeps every connection within it.
+    /// in service: the lead, at most 30 s (half the lifetime at most), so that a lifetime set
+    /// that far below a limit the server enforces (Aurora DSQL's 60 minutes) still keeps
+    /// every connection within it. A replacement is ready when its login and its check are
+    /// done, and a new backend's first statement is its slowest: on a saturated server the
+    /// check alone took as long as the login.
     fn grace(&self) -> Duration {
-        (self.lead() / 2).min(Duration::from_secs(30))
+        self.lead().min(Duration::from_secs(30))
     }
 
     /// Notes how long a login took.
@@ -817,7 +819,7 @@ mod tests {
     fn replacements_open_ahead_by_more_than_recent_logins_take() {
         let short = Renewal::<()>::new(Duration::from_secs(1), 0.1);
         assert_eq!(short.lead(), Duration::from_millis(250));
-        assert_eq!(short.grace(), Duration::from_millis(125));
+        assert_eq!(short.grace(), Duration::from_millis(250));
         short.logged_in(Duration::from_millis(100));
         assert_eq!(short.lead(), Duration::from_millis(300));
         short.logged_in(Duration::from_secs(2));
@@ -826,7 +828,7 @@ mod tests {
             Duration::from_millis(500),
             "half the lifetime at most"
         );
-        assert_eq!(short.grace(), Duration::from_millis(250));
+        assert_eq!(short.grace(), Duration::from_millis(500));
 
         let long = Renewal::<()>::new(Duration::from_secs(55 * 60), 0.1);
         assert_eq!(long.lead(), Duration::from_secs(30));
