@@ -587,7 +587,10 @@ async fn a_read_only_connector_reads_with_the_same_token_and_refuses_writes() {
 /// already waiting. Every caller gets its share; and each checkout of the Diesel and
 /// tokio-postgres pools counts how many others were served while it waited, which in arrival
 /// order is at most the callers ahead of it. (SeaORM checks out inside each statement, so
-/// only its shares are counted.)
+/// only its shares are counted.) Each pool has opened its connections before the callers
+/// start: while a pool is still opening them, a caller waiting for a new one can be overtaken
+/// by callers served by the ones already open (bb8 hands an idle connection to whichever
+/// caller asks first), for as long as a login takes.
 #[tokio::test]
 async fn callers_waiting_for_a_connection_are_served_in_the_order_they_asked() {
     const CALLERS: u64 = 12;
@@ -601,6 +604,14 @@ async fn callers_waiting_for_a_connection_are_served_in_the_order_they_asked() {
     let db = connector.seaorm().await.unwrap();
     let diesel = connector.diesel_pool().await.unwrap();
     let raw = connector.postgres_pool().await.unwrap();
+    // Both connections of each pool open, each held until the other is.
+    let hold = "SELECT pg_sleep(0.2)";
+    let (a, b) = tokio::join!(db.execute_unprepared(hold), db.execute_unprepared(hold));
+    a.and(b).unwrap();
+    let (a, b) = tokio::join!(diesel.get(), diesel.get());
+    drop((a.unwrap(), b.unwrap()));
+    let (a, b) = tokio::join!(raw.get(), raw.get());
+    drop((a.unwrap(), b.unwrap()));
     for kind in ["seaorm", "diesel", "postgres"] {
         let served = Arc::new(AtomicU64::new(0));
         let callers = (0..CALLERS).map(|_| {
