@@ -562,7 +562,9 @@ impl<C: Send + 'static> std::fmt::Debug for Pool<C> {
 
 impl<C: Send + 'static> Pool<C> {
     /// A connection from the pool, opening one if needed. Callers that wait are served in
-    /// the order they asked.
+    /// the order they asked, once the pool's connections are open: one waiting for a
+    /// connection the pool is still opening can be overtaken, for as long as that login
+    /// takes, by callers served by the connections already open.
     ///
     /// Fails with [`Error::Connect`] carrying the cause as soon as a connection the pool
     /// tried to open for it fails (one failed attempt fails one caller), with
