@@ -277,9 +277,9 @@ impl<C: Send + 'static> Manager<C> {
                 return;
             }
             // Not taken by then: the pool went idle, or the connection it was for ended.
+            // Closed here, outside the lock that checkouts take.
             tokio::time::sleep(renewal.lead()).await;
-            let left = renewal.take_numbered(number);
-            drop(left);
+            drop(renewal.take_numbered(number));
         });
         Some(number)
     }
