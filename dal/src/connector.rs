@@ -27,7 +27,7 @@ use crate::rate_limit::ConnectLimiter;
 use crate::retry::Backoff;
 use crate::target::Target;
 use crate::telemetry::{self, Health};
-use crate::tls::{SslMode, Tls};
+use crate::tls::{CloseNotify, SslMode, Tls};
 use crate::token_cache::TokenCache;
 
 /// Pauses before trying a connection again that the server refused for a limit (`53300`,
@@ -708,11 +708,22 @@ impl Connector {
         Box::pin(async move {
             let wire = Arc::new(pool::wire::Wire::default());
             let tls = pool::wire::TrackedTls {
-                inner: self.shared.tls.connector(),
+                inner: CloseNotify(self.shared.tls.connector()),
                 wire: Arc::clone(&wire),
             };
             let (client, connection) = self.open_postgres_over(token, tls).await?;
             Ok(pool::postgres::from_parts(client, connection, wire))
+        })
+    }
+
+    /// A Diesel connection to this endpoint with `token`, whose TLS session ends with
+    /// `close_notify` when diesel-async drops it.
+    #[cfg(feature = "diesel")]
+    fn open_diesel<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<AsyncPgConnection>> {
+        Box::pin(async move {
+            let tls = CloseNotify(self.shared.tls.connector());
+            let (client, connection) = self.open_postgres_over(token, tls).await?;
+            pool::diesel::from_parts(client, connection).await
         })
     }
 
@@ -866,10 +877,7 @@ impl Connector {
         let connector = self.clone();
         let open: Open<AsyncPgConnection> = Arc::new(move || {
             let connector = connector.clone();
-            Box::pin(async move {
-                let (client, connection) = connector.connect().await?;
-                pool::diesel::from_parts(client, connection).await
-            })
+            Box::pin(async move { connector.connect_by(Connector::open_diesel).await })
         });
         Ok(pool::build(
             pool::diesel::KIND,
@@ -939,6 +947,13 @@ impl Connector {
     /// acquire timeout; the others close when they come back), the SeaORM, Diesel and
     /// tokio-postgres pools by closing their idle connections now and the others when they
     /// are returned. Pools refuse new checkouts afterwards, and no new pool can be built.
+    ///
+    /// Every pool ends the sessions it closes so that the server logs no error for them: the
+    /// SeaORM and tokio-postgres pools as libpq's `PQfinish` does (the protocol's
+    /// `Terminate`, then TLS's `close_notify`), the Diesel pool, whose sessions diesel-async
+    /// drops, with `close_notify`. This waits for the SeaORM pools' logouts of the
+    /// connections closed so far (at most 5 s), which run on tasks of their own, so that a
+    /// program may end its runtime as soon as this returns.
     pub async fn shutdown(&self) {
         self.shared.shut_down.store(true, Ordering::Relaxed);
         self.shared.cache.shutdown();

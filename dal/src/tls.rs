@@ -1,7 +1,14 @@
 //! TLS for database connections: libpq's `sslmode` values on rustls with the ring provider.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::Socket;
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -124,6 +131,113 @@ impl Tls {
 
     pub(crate) fn connector(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
         tokio_postgres_rustls::MakeRustlsConnect::new((*self.config).clone())
+    }
+}
+
+/// A TLS connector (`M`) or its handshake whose streams send TLS's `close_notify` when
+/// dropped unclosed (see [`CloseNotifyStream`]).
+pub(crate) struct CloseNotify<M>(pub(crate) M);
+
+/// A TLS stream that sends `close_notify` when dropped unclosed, as it is when diesel-async
+/// drops a connection's task. PostgreSQL logs a TLS session that ends without one as an
+/// error ("could not receive data from client: Connection reset by peer":
+/// `be-secure-openssl.c` reports an EOF without `close_notify` as `ECONNRESET`), at every
+/// connection a pool retires; with it, the server reads an ordinary end of the session and
+/// logs nothing.
+pub(crate) struct CloseNotifyStream<S: AsyncWrite + Unpin> {
+    inner: S,
+    /// The stream was shut down (its `close_notify` sent) or failed: nothing more to send.
+    done: bool,
+}
+
+impl<M> MakeTlsConnect<Socket> for CloseNotify<M>
+where
+    M: MakeTlsConnect<Socket>,
+    M::Stream: AsyncWrite + Unpin,
+    M::TlsConnect: Send + 'static,
+    <M::TlsConnect as TlsConnect<Socket>>::Future: Send + 'static,
+{
+    type Stream = CloseNotifyStream<M::Stream>;
+    type TlsConnect = CloseNotify<M::TlsConnect>;
+    type Error = M::Error;
+
+    fn make_tls_connect(
+        &mut self,
+        domain: &str,
+    ) -> std::result::Result<Self::TlsConnect, M::Error> {
+        Ok(CloseNotify(self.0.make_tls_connect(domain)?))
+    }
+}
+
+impl<C> TlsConnect<Socket> for CloseNotify<C>
+where
+    C: TlsConnect<Socket>,
+    C::Stream: AsyncWrite + Unpin,
+    C::Future: Send + 'static,
+{
+    type Stream = CloseNotifyStream<C::Stream>;
+    type Error = C::Error;
+    type Future = BoxFuture<'static, std::result::Result<Self::Stream, C::Error>>;
+
+    fn connect(self, stream: Socket) -> Self::Future {
+        let handshake = self.0.connect(stream);
+        Box::pin(async move {
+            let inner = handshake.await?;
+            Ok(CloseNotifyStream { inner, done: false })
+        })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for CloseNotifyStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CloseNotifyStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.done |= matches!(polled, Poll::Ready(Err(_)));
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.done |= polled.is_ready();
+        polled
+    }
+}
+
+impl<S: TlsStream + AsyncWrite + Unpin> TlsStream for CloseNotifyStream<S> {
+    fn channel_binding(&self) -> ChannelBinding {
+        self.inner.channel_binding()
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Drop for CloseNotifyStream<S> {
+    /// Sends `close_notify` without waiting: a few bytes that an open socket takes at once.
+    /// A socket that cannot take them now is closed as it is. Only TLS ends: the stream is
+    /// not told where the protocol's messages end, so a `Terminate` written here could land
+    /// inside one that a dropped request left half sent.
+    fn drop(&mut self) {
+        if !self.done {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let _ = Pin::new(&mut self.inner).poll_shutdown(&mut cx);
+        }
     }
 }
 

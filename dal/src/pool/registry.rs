@@ -75,5 +75,7 @@ impl Registry {
         for pool in sqlx {
             pool.close().await;
         }
+        #[cfg(feature = "seaorm")]
+        super::seaorm::logged_out().await;
     }
 }

@@ -14,7 +14,8 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use sea_orm::sea_query::Values;
@@ -46,7 +47,8 @@ const STALE_PLAN: &str = "cached plan must not change result type";
 
 /// One physical connection of the SeaORM pool, and what the pool knows of it.
 pub(crate) struct Conn {
-    raw: PgConnection,
+    /// Present until the connection is dropped (see its `Drop`).
+    raw: Option<PgConnection>,
     /// Statements sent and not yet answered: above zero when a future was dropped before its
     /// answer (a cancelled `BEGIN`, say).
     open: u32,
@@ -68,7 +70,7 @@ impl Conn {
     /// A freshly opened connection.
     pub(crate) fn new(raw: PgConnection) -> Self {
         Self {
-            raw,
+            raw: Some(raw),
             open: 0,
             stale: false,
             broken: false,
@@ -79,6 +81,10 @@ impl Conn {
             // has not been used yet.
             lifespan: Lifespan::default(),
         }
+    }
+
+    fn raw(&mut self) -> &mut PgConnection {
+        self.raw.as_mut().expect("taken only when dropped")
     }
 
     fn start(&mut self) -> Instant {
@@ -127,7 +133,7 @@ impl Conn {
     async fn simple(&mut self, sql: &str) -> std::result::Result<(), sqlx::Error> {
         let started = self.start();
         let done = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
-            .execute(&mut self.raw)
+            .execute(self.raw())
             .await
             .map(drop);
         self.finish(started, done)
@@ -174,7 +180,7 @@ impl Conn {
         self.settle().await?;
         let started = self.start();
         let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
-            .execute(&mut self.raw)
+            .execute(self.raw())
             .await;
         self.finish(started, done)
             .map(ExecResult::from)
@@ -184,7 +190,7 @@ impl Conn {
     async fn execute_unprepared(&mut self, sql: &str) -> std::result::Result<ExecResult, DbErr> {
         self.settle().await?;
         let started = self.start();
-        let done = self.raw.execute(AssertSqlSafe(sql.to_owned())).await;
+        let done = self.raw().execute(AssertSqlSafe(sql.to_owned())).await;
         self.finish(started, done)
             .map(ExecResult::from)
             .map_err(exec_err)
@@ -197,7 +203,7 @@ impl Conn {
         self.settle().await?;
         let started = self.start();
         let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
-            .fetch_optional(&mut self.raw)
+            .fetch_optional(self.raw())
             .await;
         self.finish(started, done)
             .map(|row| row.map(QueryResult::from))
@@ -211,12 +217,76 @@ impl Conn {
         self.settle().await?;
         let started = self.start();
         let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
-            .fetch_all(&mut self.raw)
+            .fetch_all(self.raw())
             .await;
         self.finish(started, done)
             .map(|rows| rows.into_iter().map(QueryResult::from).collect())
             .map_err(query_err)
     }
+}
+
+/// How long a dropped connection may take to log out before its socket is closed as it is:
+/// its few bytes go out at once unless the server stopped reading.
+const LOG_OUT: Duration = Duration::from_secs(5);
+
+impl Drop for Conn {
+    /// Logs out of the session as libpq's `PQfinish` does, with the protocol's `Terminate`
+    /// and then TLS's `close_notify`, on a task of its own: sqlx closes a dropped
+    /// connection's socket without them, which PostgreSQL logs over TLS as an error ("could
+    /// not receive data from client: Connection reset by peer") at every connection the pool
+    /// retires. A broken connection, or one dropped outside a runtime, is closed as it is.
+    /// A `Terminate` after a statement whose future was dropped half sent follows the rest
+    /// of it: sqlx keeps a message's unsent bytes in its buffer and sends them first.
+    fn drop(&mut self) {
+        let Some(raw) = self.raw.take().filter(|_| !self.broken) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let logging_out = LoggingOut::start();
+            drop(runtime.spawn(async move {
+                let _ = tokio::time::timeout(LOG_OUT, raw.close()).await;
+                drop(logging_out);
+            }));
+        }
+    }
+}
+
+/// Logouts under way in this process, which a connector's shutdown waits for.
+static LOGGING_OUT: AtomicUsize = AtomicUsize::new(0);
+static LOGGED_OUT: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// One logout under way, until dropped (done, or its task dropped with its runtime).
+struct LoggingOut;
+
+impl LoggingOut {
+    fn start() -> Self {
+        LOGGING_OUT.fetch_add(1, Ordering::SeqCst);
+        LoggingOut
+    }
+}
+
+impl Drop for LoggingOut {
+    fn drop(&mut self) {
+        if LOGGING_OUT.fetch_sub(1, Ordering::SeqCst) == 1 {
+            LOGGED_OUT.notify_waiters();
+        }
+    }
+}
+
+/// Waits, at most [`LOG_OUT`], until the connections dropped so far have logged out: a
+/// program that ends its runtime right after a connector's shutdown would otherwise drop
+/// their logouts with it.
+pub(crate) async fn logged_out() {
+    let all = async {
+        loop {
+            let notified = LOGGED_OUT.notified();
+            if LOGGING_OUT.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    };
+    let _ = tokio::time::timeout(LOG_OUT, all).await;
 }
 
 fn values(stmt: &Statement) -> SqlxValues {
@@ -240,7 +310,10 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
     Box::pin(async move {
         let sqlx_err = |e| Error::SeaOrm(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))));
         if conn.stale {
-            conn.raw.clear_cached_statements().await.map_err(sqlx_err)?;
+            conn.raw()
+                .clear_cached_statements()
+                .await
+                .map_err(sqlx_err)?;
             conn.stale = false;
         }
         let settled = conn.open == 0
@@ -251,9 +324,7 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
         if settled {
             return Ok(());
         }
-        let checked = sqlx::raw_sql(OUTSIDE_TRANSACTION)
-            .execute(&mut conn.raw)
-            .await;
+        let checked = sqlx::raw_sql(OUTSIDE_TRANSACTION).execute(conn.raw()).await;
         conn.open = 0;
         if checked.is_err() {
             tracing::debug!(
@@ -261,7 +332,7 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
                 "a connection came back inside a transaction; rolling back"
             );
             sqlx::raw_sql(ROLLBACK)
-                .execute(&mut conn.raw)
+                .execute(conn.raw())
                 .await
                 .map_err(sqlx_err)?;
         }

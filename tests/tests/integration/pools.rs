@@ -669,3 +669,131 @@ async fn callers_waiting_for_a_connection_are_served_in_the_order_they_asked() {
     }
     connector.shutdown().await;
 }
+
+/// Each pool ends the sessions it closes (retired at their lifetime, or at shutdown) the
+/// way the server expects: the protocol's Terminate message then TLS's close_notify, as
+/// libpq's `PQfinish` does (Diesel's, which diesel-async drops: close_notify). A socket
+/// dropped without them makes the server log each session's end as an error (over TLS,
+/// PostgreSQL reports an end without close_notify as "could not receive data from client:
+/// Connection reset by peer"), once per connection and so at every rotation.
+#[tokio::test]
+async fn pools_log_out_of_the_sessions_they_close() {
+    let pg = tests::server().await;
+    let role = "goodbye";
+    pg.create_role(role, PASSWORD, None).await.unwrap();
+    pg.create_database(role, Some(role)).await.unwrap();
+    let short = PoolSettings::builder()
+        .max_size(2)
+        .max_lifetime(Some(Duration::from_secs(1)))
+        .build()
+        .unwrap();
+    let connector = Connector::new(pg.config(role, role, PASSWORD).pool(short))
+        .await
+        .unwrap();
+    let pools = UseEach::build(&connector).await;
+    // Used until the pools have retired connections at their lifetime.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while connector.connections_opened() < 12 {
+        pools.once().await;
+        assert!(
+            Instant::now() < deadline,
+            "the pools renewed no connection in 2 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    connector.shutdown().await;
+    drop(pools);
+    assert_logged_out(&pg, role).await;
+}
+
+/// The same when the program ends its runtime right after the connector's shutdown, as a
+/// service on its way out does.
+#[tokio::test]
+async fn sessions_end_with_a_logout_when_the_runtime_ends_right_after_shutdown() {
+    let pg = tests::server().await;
+    let role = "farewell";
+    pg.create_role(role, PASSWORD, None).await.unwrap();
+    pg.create_database(role, Some(role)).await.unwrap();
+    let config = pg.config(role, role, PASSWORD);
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let connector = Connector::new(config).await.unwrap();
+            UseEach::build(&connector).await.once().await;
+            connector.shutdown().await;
+        });
+        // The runtime ends here, and with it whatever its tasks had left to do.
+    })
+    .await
+    .unwrap();
+    assert_logged_out(&pg, role).await;
+}
+
+const PASSWORD: &str = "a-password";
+
+/// One pool of each kind.
+struct UseEach(dal::SeaOrmPool, dal::DieselPool, dal::PgClientPool);
+
+impl UseEach {
+    async fn build(connector: &Connector) -> Self {
+        Self(
+            connector.seaorm().await.unwrap(),
+            connector.diesel_pool().await.unwrap(),
+            connector.postgres_pool().await.unwrap(),
+        )
+    }
+
+    /// A statement through each.
+    async fn once(&self) {
+        let one = Statement::from_string(DbBackend::Postgres, "SELECT 1");
+        self.0.execute_raw(one).await.unwrap();
+        let mut conn = self.1.get().await.unwrap();
+        dal::diesel_async::SimpleAsyncConnection::batch_execute(&mut *conn, "SELECT 1")
+            .await
+            .unwrap();
+        drop(conn);
+        let client = self.2.get().await.unwrap();
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+}
+
+/// Waits until `role` has no session left, then asserts that the server logged none ending
+/// without a logout.
+async fn assert_logged_out(pg: &LocalPostgres, role: &str) {
+    let admin = pg.admin("postgres").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} sessions still open a minute after shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = pg.log_tail();
+    let unclean: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("could not receive data from client") || l.contains("unexpected EOF")
+        })
+        .collect();
+    assert!(
+        unclean.is_empty(),
+        "the server logged {} sessions ended without a logout:\n{}",
+        unclean.len(),
+        unclean.join("\n")
+    );
+}
