@@ -754,15 +754,17 @@ mod tests {
         Box::pin(async { Ok(()) })
     }
 
+    const PROBE: Kind<Probe> = Kind {
+        name: "probe",
+        is_valid: probe_valid,
+        has_broken: |_| false,
+        lifespan: Some(probe_span),
+    };
+
     fn probe_manager(renewal: &Arc<Renewal<Probe>>) -> Manager<Probe> {
         Manager {
             open: Arc::new(|| Box::pin(async { Err(Error::PoolClosed) })),
-            kind: Kind {
-                name: "probe",
-                is_valid: probe_valid,
-                has_broken: |_| false,
-                lifespan: Some(probe_span),
-            },
+            kind: PROBE,
             closed: Arc::new(AtomicBool::new(false)),
             renewal: Some(Arc::clone(renewal)),
         }
@@ -777,14 +779,8 @@ mod tests {
         let open: Open<Probe> = Arc::new(|| {
             Box::pin(async { Ok(Probe::ending_in(1, Duration::from_secs(600), None).0) })
         });
-        let kind = Kind {
-            name: "probe",
-            is_valid: probe_valid,
-            has_broken: |_| false,
-            lifespan: Some(probe_span),
-        };
         let settings = PoolSettings::builder().max_size(1).build().unwrap();
-        let pool = build(kind, open, &settings, &Registry::default());
+        let pool = build(PROBE, open, &settings, &Registry::default());
         drop(pool.get().await.unwrap());
         let other_ran = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&other_ran);
