@@ -400,19 +400,27 @@ mod tests {
     fn the_default_policy_is_a_budget_with_full_jitter() {
         let p = RetryPolicy::default();
         assert_eq!(p, RetryPolicy::builder().build().unwrap());
-        assert_eq!(p.attempts(), 20);
+        assert_eq!(p.attempts(), u32::MAX);
         assert_eq!(p.max_elapsed(), Some(Duration::from_secs(20)));
         for attempt in 1..=12 {
             let d = p.delay(attempt);
             let base = Duration::from_millis(2 << (attempt - 1)).min(Duration::from_millis(500));
             assert!(d <= base * 2, "{attempt}: {d:?}");
         }
-        // Attempts or time, whichever runs out first.
-        assert!(p.next_delay(19, Duration::ZERO).is_some());
-        assert_eq!(p.next_delay(20, Duration::ZERO), None);
+        // By default time alone bounds the retries.
+        assert!(p.next_delay(1000, Duration::ZERO).is_some());
         assert_eq!(p.next_delay(1, Duration::from_secs(20)), None);
-        let unbounded = RetryPolicy::builder().max_elapsed(None).build().unwrap();
-        assert!(unbounded.next_delay(1, Duration::from_secs(3600)).is_some());
+        // Given both, attempts or time, whichever runs out first.
+        let both = RetryPolicy::builder().attempts(20).build().unwrap();
+        assert!(both.next_delay(19, Duration::ZERO).is_some());
+        assert_eq!(both.next_delay(20, Duration::ZERO), None);
+        assert_eq!(both.next_delay(1, Duration::from_secs(20)), None);
+        let untimed = RetryPolicy::builder()
+            .attempts(20)
+            .max_elapsed(None)
+            .build()
+            .unwrap();
+        assert!(untimed.next_delay(1, Duration::from_secs(3600)).is_some());
     }
 
     #[test]
@@ -431,6 +439,7 @@ mod tests {
     fn bad_policies_are_rejected_when_built() {
         let builds = [
             RetryPolicy::builder().attempts(0).build(),
+            RetryPolicy::builder().max_elapsed(None).build(),
             RetryPolicy::builder()
                 .delays(Duration::from_millis(200), Duration::from_millis(100))
                 .build(),
@@ -440,6 +449,16 @@ mod tests {
         for built in builds {
             assert!(matches!(built, Err(Error::Config { .. })), "{built:?}");
         }
+        let forever = RetryPolicy::builder()
+            .max_elapsed(None)
+            .build()
+            .unwrap_err();
+        assert!(
+            forever
+                .to_string()
+                .contains("retried forever: set attempts"),
+            "{forever}"
+        );
         for (min, max) in [(-0.001, 0.1), (0.001, -1.0), (f64::NAN, 0.1)] {
             let err = RetryPolicy::builder().delays_secs(min, max).unwrap_err();
             assert!(matches!(err, Error::Config { .. }), "{err:?}");

@@ -887,34 +887,40 @@ async fn the_default_retry_budget_carries_ordinary_contention() {
         .map(|task| {
             let (tx, db, diesel, gate) = (tx.clone(), db.clone(), diesel.clone(), open.clone());
             tokio::spawn(async move {
-                let mut failed = Vec::new();
+                let (mut failed, mut most) = (Vec::new(), 0);
                 for k in 1..=EACH {
                     let n = task * EACH + k;
+                    let mut tries = 0u32;
                     let outcome = if task % 2 == 0 {
                         tx.seaorm(&db, serializable(), |txn| {
+                            tries += 1;
                             Box::pin(seaorm_transfer(txn, n, gate.clone()))
                         })
                         .await
                     } else {
                         tx.diesel(&diesel, serializable(), |conn| {
+                            tries += 1;
                             Box::pin(diesel_transfer(conn, n, gate.clone()))
                         })
                         .await
                     };
+                    most = most.max(tries);
                     if let Err(e) = outcome {
                         failed.push(format!("{n}: {e}"));
                     }
                 }
-                failed
+                (failed, most)
             })
         })
         .collect();
-    let mut failed = Vec::new();
+    let (mut failed, mut most) = (Vec::new(), 0);
     for task in tasks {
-        failed.extend(task.await.expect("task"));
+        let (lost, tries) = task.await.expect("task");
+        failed.extend(lost);
+        most = most.max(tries);
     }
     println!(
-        "{} transfers by {TASKS} tasks, {} failed, in {:?}",
+        "{} transfers by {TASKS} tasks, {} failed, at most {most} attempts for one, in {:?}",
         TASKS * EACH,
         failed.len(),
         started.elapsed()
