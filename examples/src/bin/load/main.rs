@@ -117,8 +117,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Duration::from_secs(4)
     };
-    // Each churn round loads a pool for three lifetimes before it measures: a quick run
-    // measures churn once per stack, to finish in under two minutes.
+    // Each churn round loads the renewed pool for three lifetimes before it measures: a
+    // quick run measures churn once per stack, to finish in under two minutes.
     let churn_rounds = if args.quick { 1 } else { rounds };
     let kinds = Kind::ALL;
     let cells_total = clients.len() * rounds * kinds.len() + 3 * 2 * churn_rounds;

@@ -52,9 +52,9 @@ pub async fn lakebase(pg: &LocalPostgres, server: &Server) -> anyhow::Result<Loc
 /// The connection lifetime under churn.
 const LIFETIME: Duration = Duration::from_secs(1);
 
-/// Durations of one kind over a run, in microseconds: how many, the 99th percentile and the
-/// maximum, each the median over rounds (the goals are set on medians of rounds), and
-/// the worst of all rounds.
+/// Durations of one kind over a run, in microseconds: how many in all rounds, the 99th
+/// percentile and the maximum, each the median over rounds (the goals are set on medians of
+/// rounds), and the worst of all rounds.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Waits {
     pub count: u64,

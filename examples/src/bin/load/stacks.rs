@@ -49,6 +49,7 @@ impl Server {
         dal::Config::new(&self.host, &self.user)
             .port(self.port)
             .database(&self.database)
+            .ssl_mode(dal::SslMode::VerifyFull)
             .ssl_root_cert(&self.ca)
             .password(&self.password)
     }
