@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use dal::local::{LocalLakebase, LocalLakebaseConfig, LocalPostgres};
 use dal::{Connector, PoolSettings, TokenStrategy};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+use metrics_util::storage::AtomicBucket;
 use serde::Serialize;
 
 use crate::measure::{self, Sample};
@@ -99,32 +100,57 @@ impl Waits {
 /// [`POOL_CONNECT_SECONDS`](dal::telemetry::POOL_CONNECT_SECONDS)), read through a recorder
 /// installed for this process. SeaORM checks a connection out inside each statement, so the
 /// benchmark cannot time its checkouts itself.
-struct PoolTimes(Snapshotter);
+///
+/// The recorder keeps those two histograms only, each in a lock-free bucket, and hands out
+/// no-op handles for every other metric. `metrics-util`'s `DebuggingRecorder` notes every
+/// metric call in one map under a mutex that all threads share: with it, SeaORM's requests
+/// with connections kept took 5 to 7 ms at the 99th percentile, against 2 to 2.5 ms with no
+/// recorder or with this one.
+struct PoolTimes {
+    acquire: Arc<AtomicBucket<f64>>,
+    connect: Arc<AtomicBucket<f64>>,
+}
 
 impl PoolTimes {
-    fn install() -> anyhow::Result<Self> {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder
-            .install()
+    fn install() -> anyhow::Result<Arc<Self>> {
+        let times = Arc::new(Self {
+            acquire: Arc::default(),
+            connect: Arc::default(),
+        });
+        metrics::set_global_recorder(Arc::clone(&times))
             .map_err(|_| anyhow::anyhow!("another metrics recorder is installed"))?;
-        Ok(Self(snapshotter))
+        Ok(times)
     }
 
     /// The checkout waits and the logins recorded since the last call.
     fn take(&self) -> [Waits; 2] {
-        let mut us: [Vec<f64>; 2] = Default::default();
-        for (key, .., value) in self.0.snapshot().into_vec() {
-            let of = match key.key().name() {
-                dal::telemetry::POOL_ACQUIRE_SECONDS => &mut us[0],
-                dal::telemetry::POOL_CONNECT_SECONDS => &mut us[1],
-                _ => continue,
-            };
-            if let DebugValue::Histogram(seconds) = value {
-                of.extend(seconds.into_iter().map(|s| s.into_inner() * 1e6));
-            }
+        [&self.acquire, &self.connect].map(|bucket| {
+            let mut us = Vec::new();
+            bucket.clear_with(|seconds| us.extend(seconds.iter().map(|s| s * 1e6)));
+            Waits::of(us)
+        })
+    }
+}
+
+impl metrics::Recorder for PoolTimes {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::noop()
+    }
+
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        match key.name() {
+            dal::telemetry::POOL_ACQUIRE_SECONDS => Histogram::from_arc(Arc::clone(&self.acquire)),
+            dal::telemetry::POOL_CONNECT_SECONDS => Histogram::from_arc(Arc::clone(&self.connect)),
+            _ => Histogram::noop(),
         }
-        us.map(Waits::of)
     }
 }
 
