@@ -158,6 +158,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stacks.push((kind, Arc::new(stack)));
     }
 
+    let ticks = measure::cpu_ticks();
     let mut cells = Vec::new();
     for &n in &clients {
         let mut samples: Vec<Vec<measure::Sample>> = vec![Vec::new(); kinds.len()];
@@ -199,12 +200,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let churn = scenarios::churn(&pg, &lb, &server, churn_rounds, period, &progress).await?;
     progress.set_message("200 cold connects");
     let storm = scenarios::cold_storm(&pg, &lb, &server).await?;
+    let stolen_percent = measure::stolen_percent(ticks, measure::cpu_ticks());
     progress.set_message("idle memory");
     let rss = scenarios::rss(&server, rounds).await?;
     progress.finish_and_clear();
 
     let report = Report {
         cores: std::thread::available_parallelism().map_or(1, usize::from),
+        stolen_percent,
         ratios: report::ratios(&cells, &clients),
         clients,
         rounds,

@@ -147,3 +147,25 @@ async fn run_pgbench(server: &Server, args: &[&str]) -> anyhow::Result<Vec<u8>> 
     );
     Ok(out.stdout)
 }
+
+/// The machine's CPU time so far, from the first line of `/proc/stat` (Linux): ticks stolen
+/// by the hypervisor for other guests, and all ticks; `None` where it cannot be read.
+pub fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(8)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((*ticks.get(7)?, ticks.iter().sum()))
+}
+
+/// The share of CPU time stolen between two [`cpu_ticks`] readings, in percent.
+pub fn stolen_percent(from: Option<(u64, u64)>, to: Option<(u64, u64)>) -> Option<f64> {
+    let ((steal0, total0), (steal1, total1)) = (from?, to?);
+    let total = total1.checked_sub(total0).filter(|&t| t > 0)?;
+    Some(steal1.saturating_sub(steal0) as f64 * 100.0 / total as f64)
+}

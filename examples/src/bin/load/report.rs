@@ -14,6 +14,10 @@ use crate::stacks::Kind;
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub cores: usize,
+    /// CPU time the hypervisor gave to other guests while the stacks ran (throughput, churn
+    /// and the storm), in percent of all: a figure above a few percent marks a run whose
+    /// numbers the machine's neighbours moved. `None` off Linux.
+    pub stolen_percent: Option<f64>,
     pub clients: Vec<usize>,
     pub rounds: usize,
     /// Rounds of each churn measurement (one in a quick run).
@@ -99,8 +103,13 @@ pub fn text(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{} cores; median of {} interleaved rounds of {:.1} s per cell\n",
-        r.cores, r.rounds, r.seconds_per_round
+        "{} cores{}; median of {} interleaved rounds of {:.1} s per cell\n",
+        r.cores,
+        r.stolen_percent.map_or_else(String::new, |p| format!(
+            ", {p:.1} % of CPU time stolen by the hypervisor"
+        )),
+        r.rounds,
+        r.seconds_per_round
     );
     let _ = writeln!(
         s,
