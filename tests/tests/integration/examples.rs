@@ -455,15 +455,17 @@ fn count(line: &str, what: &str) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread")]
 async fn background_task_fetches_tokens_only_when_it_connects() {
     let pg = tests::server().await;
-    let ttl = Duration::from_secs(1);
+    // Tokens live 2 s, so that each login has about that long to finish once its token is
+    // fetched, even on a busy machine.
+    let ttl = Duration::from_secs(2);
     let lb = tests::lakebase(&pg, "job", ttl).await;
     let mut env = lakebase_env(&pg, &lb, "job");
     env.extend([
         ("BACKGROUND_QUERIES", "6".to_owned()),
-        ("BACKGROUND_IDLE_MS", "1300..1800".to_owned()),
+        ("BACKGROUND_IDLE_MS", "2300..2800".to_owned()),
         // Longer than one pause and shorter than two: the second query reuses the first
         // one's connection, and a later one opens another.
-        ("BACKGROUND_CONNECTION_LIFETIME_SECS", "3".to_owned()),
+        ("BACKGROUND_CONNECTION_LIFETIME_SECS", "4".to_owned()),
     ]);
     let mut job = Program::start("background_task", &env);
     job.line("background task: ", Duration::from_secs(60)).await;

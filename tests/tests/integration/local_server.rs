@@ -38,19 +38,18 @@ async fn a_rotated_password_behaves_like_a_short_lived_token() {
         .await
         .expect("login with token-1");
 
-    pg.rotate_password(
-        "app",
-        "token-2",
-        Some(Utc::now() + chrono::Duration::seconds(2)),
-    )
-    .await
-    .unwrap();
+    // Valid for 5 s: time for the two logins below on a busy machine.
+    let until = Utc::now() + chrono::Duration::seconds(5);
+    pg.rotate_password("app", "token-2", Some(until))
+        .await
+        .unwrap();
     tests::assert_auth_failure(tests::login(&pg, "app", "token-1").await);
     tests::login(&pg, "app", "token-2")
         .await
         .expect("login with token-2");
 
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let left = (until - Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(500)).await;
     tests::assert_auth_failure(tests::login(&pg, "app", "token-2").await);
     // Postgres checks the password only at login: the open session goes on.
     let one: i32 = session.query_one("SELECT 1", &[]).await.unwrap().get(0);
