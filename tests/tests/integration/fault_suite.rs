@@ -132,7 +132,7 @@ impl Workload {
         writers.stop().await;
     }
 
-    /// Four writers, each writing as fast as it is answered, until stopped.
+    /// Four writers, each pausing up to `pause` (at random) after each write, until stopped.
     fn start(self: &Arc<Self>, pause: Duration) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = (0..4)
@@ -168,7 +168,10 @@ impl Workload {
             .await
             .is_err()
         {
-            panic!("no write succeeded within a minute: {:?}", self.failures());
+            panic!(
+                "both ORMs should write again within a minute: {:?}",
+                self.failures()
+            );
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         writers.stop().await;
