@@ -462,9 +462,8 @@ async fn an_immediate_server_restart() {
 /// Aurora DSQL ends every connection after 60 minutes; here the cluster ends them after 7 s
 /// (checked every 1.75 s), and the pools retire theirs after at most 4 s, or up to half that
 /// again while a replacement is still logging in: in 30 s of writes through both ORMs, none
-/// fails. Each write takes 0.3 s and writers pause up to 1.5 s, so
-/// that connections sit idle past their lifetime and a connection the server ends is likely
-/// to be in use.
+/// fails. Each write takes 0.3 s and writers pause up to 1.5 s, so that connections sit idle
+/// past their lifetime and a connection the server ends is likely to be in use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_retired_before_the_server_ends_them() {
     let pg = crate::dsql::dsql_cluster().await;
