@@ -669,8 +669,9 @@ async fn connections_are_replaced_ahead_of_their_lifetime_off_the_request_path()
 /// 4.4 s more here (a server slow to log in), and replacements open at most half the 8 s
 /// lifetime ahead, so each arrives after its predecessor's end. The predecessor serves on
 /// until it does, for up to the lead again. The rest of the lifetime (3.6 s) is the margin for
-/// the login itself: on a busy runtime sharing two cores, a sqlx login took 1-2 s longer than a
-/// tokio-postgres one (its SCRAM yields to the runtime after every fifth of its 4096 rounds).
+/// the login itself: on a busy runtime sharing two cores, a sqlx login took 1.5-2.2 s longer
+/// than a tokio-postgres one (its SCRAM yields to the runtime after every fifth of its 4096
+/// rounds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_slower_than_the_lead_still_stays_off_the_request_path() {
     let pg = tests::server().await;
