@@ -3,7 +3,11 @@
 //! [`Connector::health`](crate::Connector::health) reports.
 //!
 //! Nothing is recorded until the program installs a recorder (such as a Prometheus
-//! exporter). No metric, label, span or event carries a token, password or SQL text.
+//! exporter). Install it before building pools: a pool takes the handles of its gauges and
+//! histograms from the recorder when it is built, and each connection those of its query
+//! times when it opens, so that a checkout or a query records without looking its metric
+//! up (a pool built before the recorder records none of them). No metric, label, span or
+//! event carries a token, password or SQL text.
 //! Labels: `source` (credential source kind: `static`, `lakebase`, `dsql`, `custom`),
 //! `pool` (`seaorm`, `diesel`, `postgres`), `orm` (`seaorm`, `diesel`).
 
@@ -105,15 +109,36 @@ impl Health {
     }
 }
 
-/// Records one finished query.
+/// The [`QUERY_SECONDS`] histograms of one ORM's connection, taken from the recorder once,
+/// when the connection opens: a query then records its time without a registry lookup.
 #[cfg(any(feature = "seaorm", feature = "diesel"))]
-pub(crate) fn query_done(orm: &'static str, elapsed: Duration, failed: bool) {
-    tracing::debug!(
-        orm,
-        elapsed_ms = elapsed.as_millis() as u64,
-        failed,
-        "query"
-    );
-    metrics::histogram!(QUERY_SECONDS, "orm" => orm, "failed" => if failed { "true" } else { "false" })
-        .record(elapsed.as_secs_f64());
+pub(crate) struct QueryTimes {
+    orm: &'static str,
+    answered: metrics::Histogram,
+    failed: metrics::Histogram,
+}
+
+#[cfg(any(feature = "seaorm", feature = "diesel"))]
+impl QueryTimes {
+    pub(crate) fn new(orm: &'static str) -> Self {
+        let histogram =
+            |failed| metrics::histogram!(QUERY_SECONDS, "orm" => orm, "failed" => failed);
+        Self {
+            orm,
+            answered: histogram("false"),
+            failed: histogram("true"),
+        }
+    }
+
+    /// Records one finished query.
+    pub(crate) fn record(&self, elapsed: Duration, failed: bool) {
+        tracing::debug!(
+            orm = self.orm,
+            elapsed_ms = elapsed.as_millis() as u64,
+            failed,
+            "query"
+        );
+        let histogram = if failed { &self.failed } else { &self.answered };
+        histogram.record(elapsed.as_secs_f64());
+    }
 }

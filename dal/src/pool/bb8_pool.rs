@@ -156,6 +156,28 @@ struct Core<C: Send + 'static> {
     /// One permit per connection the pool may hand out, given in the order callers asked.
     turns: Arc<tokio::sync::Semaphore>,
     lifespan: Option<LifespanOf<C>>,
+    metrics: PoolMetrics,
+}
+
+/// The handles of a pool's gauges and checkout histogram, taken from the recorder once, when
+/// the pool is built: a checkout then records without a registry lookup (the `metrics`
+/// crate's advice for handles on a hot path).
+struct PoolMetrics {
+    waiting: metrics::Gauge,
+    connections: metrics::Gauge,
+    idle: metrics::Gauge,
+    acquire: metrics::Histogram,
+}
+
+impl PoolMetrics {
+    fn new(pool: &'static str) -> Self {
+        Self {
+            waiting: metrics::gauge!(telemetry::POOL_WAITING, "pool" => pool),
+            connections: metrics::gauge!(telemetry::POOL_CONNECTIONS, "pool" => pool),
+            idle: metrics::gauge!(telemetry::POOL_IDLE, "pool" => pool),
+            acquire: metrics::histogram!(telemetry::POOL_ACQUIRE_SECONDS, "pool" => pool),
+        }
+    }
 }
 
 /// The bb8 manager of dal's pools: opens connections through the connector, and drops every
@@ -521,6 +543,7 @@ pub(crate) fn build<C: Send + 'static>(
         renewal,
         turns: Arc::new(tokio::sync::Semaphore::new(settings.max_size as usize)),
         lifespan,
+        metrics: PoolMetrics::new(name),
     });
     let handle: Arc<dyn PoolHandle> = core.clone();
     registry.add(Arc::downgrade(&handle));
@@ -608,9 +631,8 @@ impl<C: Send + 'static> Pool<C> {
             return Err(Error::PoolClosed);
         }
         let started = Instant::now();
-        let labels = [("pool", core.kind)];
         let waiting = core.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::gauge!(telemetry::POOL_WAITING, &labels).set(waiting as f64);
+        core.metrics.waiting.set(waiting as f64);
         let got = async {
             let turns = Arc::clone(&core.turns);
             let turn = match turns.try_acquire_owned() {
@@ -645,10 +667,10 @@ impl<C: Send + 'static> Pool<C> {
         let waiting = core.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
         let waited = started.elapsed();
         let state = core.pool.state();
-        metrics::gauge!(telemetry::POOL_WAITING, &labels).set(waiting as f64);
-        metrics::gauge!(telemetry::POOL_CONNECTIONS, &labels).set(state.connections as f64);
-        metrics::gauge!(telemetry::POOL_IDLE, &labels).set(state.idle_connections as f64);
-        metrics::histogram!(telemetry::POOL_ACQUIRE_SECONDS, &labels).record(waited.as_secs_f64());
+        core.metrics.waiting.set(waiting as f64);
+        core.metrics.connections.set(state.connections as f64);
+        core.metrics.idle.set(state.idle_connections as f64);
+        core.metrics.acquire.record(waited.as_secs_f64());
         tracing::trace!(
             pool = core.kind,
             wait_ms = waited.as_millis() as u64,

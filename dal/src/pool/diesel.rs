@@ -80,9 +80,12 @@ where
     AsyncConnection::set_instrumentation(
         &mut conn,
         QueryTimer {
+            started: None,
+            open: 0,
+            stale: false,
             // Just opened: as good as one that came back now.
             lifespan: Lifespan::returned_now(),
-            ..QueryTimer::default()
+            times: telemetry::QueryTimes::new("diesel"),
         },
     );
     Ok(conn)
@@ -91,7 +94,6 @@ where
 /// Diesel's instrumentation: times each query for a `tracing` event and the
 /// [`QUERY_SECONDS`](telemetry::QUERY_SECONDS) histogram. The SQL is left out: it can hold
 /// literals that must not reach a log.
-#[derive(Default)]
 struct QueryTimer {
     started: Option<std::time::Instant>,
     /// Queries started and not yet answered: more than zero when a query's future was
@@ -103,6 +105,7 @@ struct QueryTimer {
     stale: bool,
     /// What the pool notes of it: when it came back, when it retires.
     lifespan: Lifespan,
+    times: telemetry::QueryTimes,
 }
 
 impl QueryTimer {
@@ -128,7 +131,7 @@ impl diesel::connection::Instrumentation for QueryTimer {
                 self.open = self.open.saturating_sub(1);
 
                 let elapsed = self.started.take().map(|t| t.elapsed()).unwrap_or_default();
-                telemetry::query_done("diesel", elapsed, error.is_some());
+                self.times.record(elapsed, error.is_some());
                 if let Some(diesel::result::Error::DatabaseError(_, info)) = error
                     && info.message() == STALE_PLAN
                 {

@@ -64,6 +64,7 @@ pub(crate) struct Conn {
     unwind: Option<u32>,
     /// What the pool notes of it: when it came back, when it retires.
     lifespan: Lifespan,
+    times: telemetry::QueryTimes,
 }
 
 impl Conn {
@@ -80,6 +81,7 @@ impl Conn {
             // unlike the other kinds it cannot tell that the server closed a connection that
             // has not been used yet.
             lifespan: Lifespan::default(),
+            times: telemetry::QueryTimes::new("seaorm"),
         }
     }
 
@@ -99,7 +101,7 @@ impl Conn {
         done: std::result::Result<T, sqlx::Error>,
     ) -> std::result::Result<T, sqlx::Error> {
         self.open -= 1;
-        telemetry::query_done("seaorm", started.elapsed(), done.is_err());
+        self.times.record(started.elapsed(), done.is_err());
         if let Err(e) = &done {
             self.note(e);
         }

@@ -687,6 +687,27 @@ fn gauge(
     })
 }
 
+/// The values recorded into the histogram `name` whose labels include `label`.
+fn histogram(
+    snapshot: &[(
+        metrics_util::CompositeKey,
+        metrics_util::debugging::DebugValue,
+    )],
+    name: &str,
+    label: (&str, &str),
+) -> usize {
+    snapshot
+        .iter()
+        .filter(|(key, _)| {
+            key.key().name() == name && key.key().labels().any(|l| (l.key(), l.value()) == label)
+        })
+        .map(|(_, value)| match value {
+            metrics_util::debugging::DebugValue::Histogram(values) => values.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
 // One thread, so that the recorder installed for this thread sees the background tasks too.
 #[tokio::test(flavor = "current_thread")]
 async fn metrics_move_on_refresh_auth_failure_and_retry() {
@@ -763,6 +784,10 @@ async fn metrics_move_on_refresh_auth_failure_and_retry() {
     assert_eq!(counter(&now, TX_ROLLBACKS), 1);
     assert!(counter(&now, CONNECTIONS_OPENED) > 0);
     assert!(gauge(&now, POOL_CONNECTIONS).is_some());
+    // Each attempt checked a connection out, and timed its queries: the failed one too.
+    assert!(histogram(&now, POOL_ACQUIRE_SECONDS, ("pool", "diesel")) >= 2);
+    assert!(histogram(&now, QUERY_SECONDS, ("failed", "true")) >= 1);
+    assert!(histogram(&now, QUERY_SECONDS, ("failed", "false")) >= 2);
     assert_eq!(AtomicU64::load(&fetched, Ordering::SeqCst), 2);
     connector.shutdown().await;
 
