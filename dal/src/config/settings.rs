@@ -400,11 +400,11 @@ impl PoolSettings {
     /// times the slowest recent login if that is longer, up to half the lifetime) and swap it
     /// in as the old one comes back or goes out, so that no request waits for a login. No
     /// pool hands out a connection past its lifetime, except that one whose replacement is
-    /// still logging in serves on until it arrives, for at most 30 s (however short the
-    /// lifetime, so that a login slower than a short lifetime stays off the request path too):
-    /// keep the lifetime 30 s below any limit the server enforces. An idle
-    /// connection past its lifetime is replaced or closed when next checked out, or after
-    /// [`idle_timeout`](Self::idle_timeout).
+    /// still logging in serves on until it arrives, for at most the lifetime again (so that
+    /// a login slower than a short lifetime stays off the request path too) and at most 30 s:
+    /// keep the lesser of twice the lifetime and the lifetime plus 30 s below any limit the
+    /// server enforces. An idle connection past its lifetime is replaced or closed when next
+    /// checked out, or after [`idle_timeout`](Self::idle_timeout).
     pub fn max_lifetime(&self) -> Option<Duration> {
         self.max_lifetime
     }

@@ -73,10 +73,10 @@ impl Lifespan {
 /// a busy machine need several logins at once. A replacement is checked as it opens, as a
 /// connection coming back would be, so that it goes out without a round trip when it takes its
 /// place. One past its lifetime while a replacement is still logging in stays in service for up to
-/// the [grace](Renewal::GRACE), so that a login slower than the lead (or than the lifetime) still
+/// the [grace](Renewal::grace), so that a login slower than the lead (or than the lifetime) still
 /// keeps off the request path; one past that, or with no replacement coming, is retired as bb8
-/// would, and never handed out. A replacement nothing took within the lead is closed: an idle pool keeps no extra
-/// connection (Lakebase can scale to zero).
+/// would, and never handed out. A replacement nothing took within the lead is closed: an idle pool
+/// keeps no extra connection (Lakebase can scale to zero).
 struct Renewal<C> {
     lifetime: Duration,
     jitter: f64,
@@ -113,13 +113,16 @@ impl<C> Renewal<C> {
     }
 
     /// How long past its lifetime a connection whose replacement is still logging in stays
-    /// in service: 30 s, however short the lifetime, so that a login slower than the whole
-    /// lifetime (a loaded server, a Lakebase endpoint waking from zero) still keeps off the
-    /// request path, and a lifetime set 30 s below a limit the server enforces (Aurora DSQL's
-    /// 60 minutes) still keeps every connection within it. A replacement is ready when its
-    /// login and its check are done, and a new backend's first statement is its slowest: on a
-    /// saturated server the check alone took as long as the login.
-    const GRACE: Duration = Duration::from_secs(30);
+    /// in service: the lifetime again, at most 30 s. So a login slower than the whole lifetime
+    /// (a loaded server, a Lakebase endpoint waking from zero) still keeps off the request
+    /// path, no connection serves more than twice its lifetime, and a lifetime set 30 s below
+    /// a limit the server enforces (Aurora DSQL's 60 minutes) still keeps every connection
+    /// within it. A replacement is ready when its login and its check are done, and a new
+    /// backend's first statement is its slowest: on a saturated server the check alone took
+    /// as long as the login.
+    fn grace(&self) -> Duration {
+        self.lifetime.min(Duration::from_secs(30))
+    }
 
     /// Notes how long a login took.
     fn logged_in(&self, took: Duration) {
@@ -251,7 +254,7 @@ impl<C: Send + 'static> Manager<C> {
         }
         let replacement_coming =
             span.replacement.is_some() && renewal.logging_in.load(Ordering::Relaxed) > 0;
-        if expired && replacement_coming && now < at + Renewal::<C>::GRACE {
+        if expired && replacement_coming && now < at + renewal.grace() {
             return false;
         }
         if returning && frequent && !expired && span.replacement.is_none() {
@@ -877,6 +880,7 @@ mod tests {
     fn replacements_open_ahead_by_more_than_recent_logins_take() {
         let short = Renewal::<()>::new(Duration::from_secs(1), 0.1);
         assert_eq!(short.lead(), Duration::from_millis(250));
+        assert_eq!(short.grace(), Duration::from_secs(1), "the lifetime again");
         short.logged_in(Duration::from_millis(100));
         assert_eq!(short.lead(), Duration::from_millis(300));
         short.logged_in(Duration::from_secs(2));
@@ -891,6 +895,7 @@ mod tests {
         // An endpoint waking from zero.
         long.logged_in(Duration::from_secs(20));
         assert_eq!(long.lead(), Duration::from_secs(60));
+        assert_eq!(long.grace(), Duration::from_secs(30), "30 s at most");
         // The slowest login fades as faster ones follow.
         for _ in 0..64 {
             long.logged_in(Duration::from_millis(50));

@@ -668,22 +668,28 @@ async fn connections_are_replaced_ahead_of_their_lifetime_off_the_request_path()
 }
 
 /// Logins off the request path even when a login takes longer than the whole lifetime: each
-/// takes 5 s more here (a server slow to log in, or a Lakebase endpoint waking from zero)
-/// against a 4 s lifetime, so each replacement, opened at most half the lifetime ahead,
-/// arrives well after its predecessor's end. The predecessor serves on until it does.
+/// takes 8.4 s more here (a server slow to log in, or a Lakebase endpoint waking from zero)
+/// against an 8 s lifetime, so each replacement, opened at most half the lifetime ahead,
+/// arrives after its predecessor's end. The predecessor serves on until it does, for up to
+/// the lifetime again: the 3.6 s left is the margin for the login itself (on a busy runtime
+/// sharing two cores, a sqlx login took 1.5-2.2 s longer than a tokio-postgres one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_slower_than_the_lifetime_still_stays_off_the_request_path() {
     let pg = tests::server().await;
     let password = tests::app_database(&pg, "slowlogin").await;
-    let lifetime = Duration::from_secs(4);
+    let lifetime = Duration::from_secs(8);
     let pool = PoolSettings::builder()
         .max_size(4)
         .max_lifetime(Some(lifetime))
         .lifetime_jitter(0.0)
+        // The first connections log in on the request path: 10 s, the default, would leave
+        // a slow login 1.6 s.
+        .acquire_timeout(Duration::from_secs(30))
         .build()
         .unwrap();
     let mut config = pg.config("slowlogin", "slowlogin", &password).pool(pool);
-    config.port = slow_logins(pg.port(), lifetime.mul_f64(1.25)).await;
+    config.port = slow_logins(pg.port(), lifetime.mul_f64(1.05)).await;
+    config.connect_timeout = Duration::from_secs(30);
     let connector = Connector::new(config).await.unwrap();
     assert_logins_stay_off_the_request_path(&connector, lifetime).await;
 }
