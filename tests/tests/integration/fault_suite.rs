@@ -461,8 +461,9 @@ async fn an_immediate_server_restart() {
 
 /// Aurora DSQL ends every connection after 60 minutes; here the cluster ends them after 9 s
 /// (checked every 2.25 s), and the pools retire theirs after at most 4 s, or up to that again
-/// while a replacement is still logging in: in 30 s of writes through both ORMs, none fails. Each write takes 0.3 s and writers pause up to 1.5 s, so that connections sit idle
-/// past their lifetime and a connection the server ends is likely to be in use.
+/// while a replacement is still logging in: in 30 s of writes through both ORMs, none fails.
+/// Each write takes 0.3 s and writers pause up to 1.5 s, so that connections sit idle past
+/// their lifetime and a connection the server ends is likely to be in use.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_retired_before_the_server_ends_them() {
     let pg = crate::dsql::dsql_cluster().await;
