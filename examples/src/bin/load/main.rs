@@ -7,13 +7,15 @@
 //!
 //! At 1, 8 and 32 clients, in interleaved rounds (every stack once per round, in a rotating
 //! order, so that a machine growing busier slows all of them alike), each client sends
-//! pgbench's select-only query back to back through one checkout per request. Then: requests
+//! pgbench's select-only query back to back through one checkout per request (the drivers
+//! with no pool, the references, through a connection of its own). Then: requests
 //! with connections renewed every second and 5 s tokens against connections kept (five
 //! interleaved rounds per stack), 200 connects at once on a cold token cache, and the resident
 //! memory of idle pools. It prints a table of throughput, latency percentiles and ratios
 //! against the baselines, and writes the same as JSON (`--json`, default `target/load.json`)
-//! and an SVG plot (`--svg`, default `target/load.svg`). `--quick` runs shorter rounds and one
-//! churn round per stack (under two minutes in all); `--clients` chooses the client counts.
+//! and an SVG plot (`--svg`, default `target/load.svg`). `--quick` runs shorter rounds, one
+//! churn round per stack and no driver alone (under two minutes in all); `--clients` chooses
+//! the client counts.
 //!
 //! Absolute numbers depend on the machine; the ratios are what the project tracks.
 
@@ -123,7 +125,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // connections kept, one run's rounds had 0.38 to 3.9 ms), and the median of three swung
     // across the goal of 2x from run to run.
     let churn_rounds = if args.quick { 1 } else { 5 };
-    let kinds = Kind::ALL;
+    // The drivers alone are references, not goals: a quick run leaves them out.
+    let kinds: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|kind| !(args.quick && kind.driver_alone()))
+        .collect();
     let cells_total = clients.len() * rounds * kinds.len() + 3 * 2 * churn_rounds;
     let progress = indicatif::ProgressBar::new(cells_total as u64).with_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} {wide_bar} {pos}/{len} {msg}")
@@ -152,9 +158,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let connector = Connector::new(server.dal_config()).await?;
     let max_clients = clients.iter().copied().max().unwrap_or(1);
     let mut stacks = Vec::new();
-    for kind in kinds.into_iter().filter(|&k| k != Kind::Pgbench) {
+    for kind in kinds.iter().copied().filter(|&k| k != Kind::Pgbench) {
         progress.set_message(format!("opening {}", kind.name()));
-        let warm = max_clients.min(connector.pool_settings().max_size() as usize);
+        let warm = if kind.driver_alone() {
+            max_clients
+        } else {
+            max_clients.min(connector.pool_settings().max_size() as usize)
+        };
         let stack = Stack::build(kind, &server, Some(&connector), warm)
             .await
             .with_context(|| format!("build {}", kind.name()))?;

@@ -28,14 +28,14 @@ pub async fn run(stack: &Arc<Stack>, clients: usize, period: Duration) -> Sample
     let started = Instant::now();
     let until = started + period;
     let callers: Vec<_> = (0..clients)
-        .map(|_| {
+        .map(|caller| {
             let stack = Arc::clone(stack);
             tokio::spawn(async move {
                 let (mut latencies, mut errors) = (Vec::with_capacity(65_536), 0u64);
                 while Instant::now() < until {
                     let aid = fastrand::i32(1..=ACCOUNTS);
                     let begun = Instant::now();
-                    match stack.request(aid).await {
+                    match stack.request(caller, aid).await {
                         Ok(_) => latencies.push(begun.elapsed().as_micros() as u64),
                         Err(e) => {
                             if errors == 0 {

@@ -51,7 +51,7 @@ pub struct Ratio {
 }
 
 /// The ratios reported, with their goals at 8 clients.
-const RATIOS: [(Kind, Kind, Option<f64>); 7] = [
+const RATIOS: [(Kind, Kind, Option<f64>); 11] = [
     (Kind::SeaOrmDal, Kind::SeaOrmPlain, Some(1.5)),
     (Kind::SeaOrmDal, Kind::DieselDal, Some(0.9)),
     (Kind::DieselDal, Kind::DieselPlainLike, Some(0.97)),
@@ -59,6 +59,12 @@ const RATIOS: [(Kind, Kind, Option<f64>); 7] = [
     (Kind::PgDal, Kind::PgPlain, Some(0.97)),
     (Kind::DieselDal, Kind::Pgbench, Some(0.9)),
     (Kind::PgDal, Kind::Pgbench, Some(0.9)),
+    // What the pools cost over their drivers alone, and what the drivers alone make of
+    // pgbench's rate: the part of the gap to pgbench no pool can close.
+    (Kind::DieselDal, Kind::DieselNoPool, None),
+    (Kind::PgDal, Kind::PgNoPool, None),
+    (Kind::DieselNoPool, Kind::Pgbench, None),
+    (Kind::PgNoPool, Kind::Pgbench, None),
 ];
 
 /// The client count the goals are set at.

@@ -1,6 +1,8 @@
 //! The stacks under test. Each answers one request, pgbench's select-only transaction
 //! (`SELECT abalance FROM pgbench_accounts WHERE aid = $1`, a random account), with one
-//! checkout of its pool; the plain ones are the pools a user would build without dal.
+//! checkout of its pool; the plain ones are the pools a user would build without dal. The
+//! drivers with no pool at all (a connection of its own for each caller) are the ceiling a
+//! pool can come near: the gap between them and pgbench is the driver's.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -94,6 +96,10 @@ pub enum Stack {
     DieselPlain(DieselPlainPool),
     PgDal(dal::PgClientPool),
     PgPlain(PgPlainPool),
+    /// A connection per caller, each behind a mutex that only its caller locks.
+    DieselNoPool(Vec<tokio::sync::Mutex<AsyncPgConnection>>),
+    /// A client per caller, with the query prepared on it once.
+    PgNoPool(Vec<(tokio_postgres::Client, tokio_postgres::Statement)>),
 }
 
 /// Which stack, as the table names it.
@@ -107,11 +113,13 @@ pub enum Kind {
     DieselPlainLike,
     PgDal,
     PgPlain,
+    DieselNoPool,
+    PgNoPool,
     Pgbench,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::SeaOrmDal,
         Kind::SeaOrmPlain,
         Kind::DieselDal,
@@ -119,6 +127,8 @@ impl Kind {
         Kind::DieselPlainLike,
         Kind::PgDal,
         Kind::PgPlain,
+        Kind::DieselNoPool,
+        Kind::PgNoPool,
         Kind::Pgbench,
     ];
 
@@ -131,15 +141,22 @@ impl Kind {
             Kind::DieselPlainLike => "Diesel, plain bb8 (dal's settings)",
             Kind::PgDal => "tokio-postgres via dal (prepare_cached)",
             Kind::PgPlain => "tokio-postgres, plain bb8 (query_typed)",
+            Kind::DieselNoPool => "Diesel, no pool (a connection per caller)",
+            Kind::PgNoPool => "tokio-postgres, no pool (a client per caller)",
             Kind::Pgbench => "pgbench -S -M prepared",
         }
+    }
+
+    /// Whether the stack is a driver with no pool: a reference, left out of quick runs.
+    pub fn driver_alone(self) -> bool {
+        matches!(self, Kind::DieselNoPool | Kind::PgNoPool)
     }
 }
 
 impl Stack {
-    /// Builds the pool of `kind` (not pgbench) and opens `warm` connections. The dal stacks
-    /// need `connector`; the like-for-like plain ones take its pool settings (or the
-    /// defaults).
+    /// Builds the pool of `kind` (not pgbench) and opens `warm` connections (a stack with no
+    /// pool opens `warm` and keeps them, one per caller). The dal stacks need `connector`;
+    /// the like-for-like plain ones take its pool settings (or the defaults).
     pub async fn build(
         kind: Kind,
         server: &Server,
@@ -206,6 +223,33 @@ impl Stack {
                         .await?,
                 )
             }
+            Kind::DieselNoPool => {
+                let mut conns = Vec::with_capacity(warm);
+                for _ in 0..warm {
+                    let (client, connection) = server
+                        .pg_config()
+                        .connect(rustls_connect(&server.ca)?)
+                        .await?;
+                    let conn =
+                        AsyncPgConnection::try_from_client_and_connection(client, connection)
+                            .await?;
+                    conns.push(tokio::sync::Mutex::new(conn));
+                }
+                return Ok(Stack::DieselNoPool(conns));
+            }
+            Kind::PgNoPool => {
+                let mut clients = Vec::with_capacity(warm);
+                for _ in 0..warm {
+                    let (client, connection) = server
+                        .pg_config()
+                        .connect(rustls_connect(&server.ca)?)
+                        .await?;
+                    tokio::spawn(connection);
+                    let select = client.prepare(QUERY).await?;
+                    clients.push((client, select));
+                }
+                return Ok(Stack::PgNoPool(clients));
+            }
             Kind::Pgbench => anyhow::bail!("pgbench is a program, not a pool"),
         };
         // Open the connections the run will use, so that no run pays for logins.
@@ -218,8 +262,9 @@ impl Stack {
         Ok(stack)
     }
 
-    /// One request for account `aid`.
-    pub fn request(&self, aid: i32) -> BoxFuture<'_, anyhow::Result<i32>> {
+    /// One request for account `aid`, from the `caller`th caller (a stack with no pool uses
+    /// that caller's connection).
+    pub fn request(&self, caller: usize, aid: i32) -> BoxFuture<'_, anyhow::Result<i32>> {
         match self {
             Stack::SeaOrmDal(db) => Box::pin(seaorm_select(db, aid)),
             Stack::SeaOrmPlain(db) => Box::pin(seaorm_select(db, aid)),
@@ -240,6 +285,15 @@ impl Stack {
             Stack::PgPlain(pool) => Box::pin(async move {
                 let client = pool.get().await?;
                 pg_select(&client, aid).await
+            }),
+            Stack::DieselNoPool(conns) => Box::pin(async move {
+                let mut conn = conns[caller % conns.len()].lock().await;
+                Ok(diesel_select(&mut conn, aid).await?)
+            }),
+            Stack::PgNoPool(clients) => Box::pin(async move {
+                let (client, select) = &clients[caller % clients.len()];
+                let row = client.query_one(select, &[&aid]).await?;
+                Ok(row.get(0))
             }),
         }
     }
@@ -269,6 +323,8 @@ impl Stack {
                 pg_select(&client, aid).await?;
                 tokio::time::sleep(hold).await;
             }
+            // Their connections are open from the start, one per caller.
+            Stack::DieselNoPool(_) | Stack::PgNoPool(_) => {}
         }
         Ok(())
     }
