@@ -85,6 +85,26 @@ fn rustls_connect(ca: &Path) -> anyhow::Result<MakeRustlsConnect> {
     Ok(MakeRustlsConnect::new(config))
 }
 
+/// A tokio-postgres connection over the plain stacks' TLS, not yet driven.
+type PlainConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
+
+/// Opens `n` tokio-postgres connections as the plain stacks do, one TLS configuration for
+/// all: the drivers alone keep them, one per caller.
+async fn connect_plain(
+    server: &Server,
+    n: usize,
+) -> anyhow::Result<Vec<(tokio_postgres::Client, PlainConnection)>> {
+    let (config, tls) = (server.pg_config(), rustls_connect(&server.ca)?);
+    let mut opened = Vec::with_capacity(n);
+    for _ in 0..n {
+        opened.push(config.connect(tls.clone()).await?);
+    }
+    Ok(opened)
+}
+
 type DieselPlainPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 type PgPlainPool = bb8::Pool<bb8_postgres::PostgresConnectionManager<MakeRustlsConnect>>;
 
@@ -225,11 +245,7 @@ impl Stack {
             }
             Kind::DieselNoPool => {
                 let mut conns = Vec::with_capacity(warm);
-                for _ in 0..warm {
-                    let (client, connection) = server
-                        .pg_config()
-                        .connect(rustls_connect(&server.ca)?)
-                        .await?;
+                for (client, connection) in connect_plain(server, warm).await? {
                     let conn =
                         AsyncPgConnection::try_from_client_and_connection(client, connection)
                             .await?;
@@ -239,11 +255,7 @@ impl Stack {
             }
             Kind::PgNoPool => {
                 let mut clients = Vec::with_capacity(warm);
-                for _ in 0..warm {
-                    let (client, connection) = server
-                        .pg_config()
-                        .connect(rustls_connect(&server.ca)?)
-                        .await?;
+                for (client, connection) in connect_plain(server, warm).await? {
                     tokio::spawn(connection);
                     let select = client.prepare(QUERY).await?;
                     clients.push((client, select));
