@@ -14,7 +14,8 @@
 //! memory of idle pools. It prints a table of throughput, latency percentiles and ratios
 //! against the baselines, and writes the same as JSON (`--json`, default `target/load.json`)
 //! and an SVG plot (`--svg`, default `target/load.svg`). `--quick` runs shorter rounds, one
-//! churn round per stack and no driver alone (under two minutes in all); `--clients` chooses
+//! churn round per stack and no reference without a goal (the drivers alone, pgbench with
+//! one thread; under two minutes in all); `--clients` chooses
 //! the client counts.
 //!
 //! Absolute numbers depend on the machine; the ratios are what the project tracks.
@@ -128,7 +129,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The drivers alone are references, not goals: a quick run leaves them out.
     let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
-        .filter(|kind| !(args.quick && kind.driver_alone()))
+        .filter(|kind| !(args.quick && kind.reference()))
         .collect();
     let cells_total = clients.len() * rounds * kinds.len() + 3 * 2 * churn_rounds;
     let progress = indicatif::ProgressBar::new(cells_total as u64).with_style(
@@ -158,7 +159,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let connector = Connector::new(server.dal_config()).await?;
     let max_clients = clients.iter().copied().max().unwrap_or(1);
     let mut stacks = Vec::new();
-    for kind in kinds.iter().copied().filter(|&k| k != Kind::Pgbench) {
+    for kind in kinds.iter().copied().filter(|k| !k.is_pgbench()) {
         progress.set_message(format!("opening {}", kind.name()));
         let warm = if kind.driver_alone() {
             max_clients
@@ -185,9 +186,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     kind.name(),
                     round + 1
                 ));
-                let sample = match stacks.iter().find(|(k, _)| *k == kind) {
-                    Some((_, stack)) => measure::run(stack, n, period).await,
-                    None => measure::pgbench(&server, n, period).await?,
+                let sample = match (stacks.iter().find(|(k, _)| *k == kind), kind) {
+                    (Some((_, stack)), _) => measure::run(stack, n, period).await,
+                    (None, kind) => {
+                        let threads = kind.pgbench_threads(n).context("a stack or pgbench")?;
+                        measure::pgbench(&server, n, threads, period).await?
+                    }
                 };
                 samples[i].push(sample);
                 progress.inc(1);

@@ -76,15 +76,20 @@ pub fn percentile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
     Some(sorted[rank - 1])
 }
 
-/// `pgbench -S -M prepared` with `clients` connections for `period` (whole seconds, at least
-/// one) and one second more, over the same TLS the stacks use: pgbench's `-T` counts the time
+/// `pgbench -S -M prepared` with `clients` connections on `threads` threads for `period`
+/// (whole seconds, at least one) and one second more, over the same TLS the stacks use: pgbench's `-T` counts the time
 /// its connections take to log in, its tps does not, and a run whose logins took the whole of
 /// `-T` (32 TLS logins on a busy machine, in a 1 s quick round) completes no transaction and
 /// prints no tps.
-pub async fn pgbench(server: &Server, clients: usize, period: Duration) -> anyhow::Result<Sample> {
+pub async fn pgbench(
+    server: &Server,
+    clients: usize,
+    threads: usize,
+    period: Duration,
+) -> anyhow::Result<Sample> {
     let seconds = (period.as_secs().max(1) + 1).to_string();
     let clients_arg = clients.to_string();
-    let threads = clients.min(2).to_string();
+    let threads = threads.to_string();
     let stdout = run_pgbench(
         server,
         &[

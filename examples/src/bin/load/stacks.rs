@@ -136,10 +136,11 @@ pub enum Kind {
     DieselNoPool,
     PgNoPool,
     Pgbench,
+    PgbenchOneThread,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::SeaOrmDal,
         Kind::SeaOrmPlain,
         Kind::DieselDal,
@@ -150,6 +151,7 @@ impl Kind {
         Kind::DieselNoPool,
         Kind::PgNoPool,
         Kind::Pgbench,
+        Kind::PgbenchOneThread,
     ];
 
     pub fn name(self) -> &'static str {
@@ -163,13 +165,39 @@ impl Kind {
             Kind::PgPlain => "tokio-postgres, plain bb8 (query_typed)",
             Kind::DieselNoPool => "Diesel, no pool (a connection per caller)",
             Kind::PgNoPool => "tokio-postgres, no pool (a client per caller)",
-            Kind::Pgbench => "pgbench -S -M prepared",
+            Kind::Pgbench => "pgbench -S -M prepared (a thread per runtime worker)",
+            Kind::PgbenchOneThread => "pgbench -S -M prepared (one thread, its default)",
         }
     }
 
-    /// Whether the stack is a driver with no pool: a reference, left out of quick runs.
+    /// Whether the stack is a driver with no pool.
     pub fn driver_alone(self) -> bool {
         matches!(self, Kind::DieselNoPool | Kind::PgNoPool)
+    }
+
+    /// pgbench's threads for `clients` clients, if the stack is pgbench: as many as the
+    /// clients' runtime has workers (so that both sides may use as many cores), or pgbench's
+    /// default of one.
+    pub fn pgbench_threads(self, clients: usize) -> Option<usize> {
+        match self {
+            Kind::Pgbench => {
+                let workers = tokio::runtime::Handle::current().metrics().num_workers();
+                Some(clients.min(workers))
+            }
+            Kind::PgbenchOneThread => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Whether the stack is pgbench, a program rather than a pool.
+    pub fn is_pgbench(self) -> bool {
+        matches!(self, Kind::Pgbench | Kind::PgbenchOneThread)
+    }
+
+    /// Whether the stack is a reference with no goal of its own (a driver alone, pgbench
+    /// with one thread): left out of quick runs.
+    pub fn reference(self) -> bool {
+        self.driver_alone() || self == Kind::PgbenchOneThread
     }
 }
 
@@ -262,7 +290,9 @@ impl Stack {
                 }
                 return Ok(Stack::PgNoPool(clients));
             }
-            Kind::Pgbench => anyhow::bail!("pgbench is a program, not a pool"),
+            Kind::Pgbench | Kind::PgbenchOneThread => {
+                anyhow::bail!("pgbench is a program, not a pool")
+            }
         };
         // Open the connections the run will use, so that no run pays for logins.
         let warmers: Vec<_> = (0..warm)
