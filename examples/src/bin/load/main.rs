@@ -15,8 +15,7 @@
 //! against the baselines, and writes the same as JSON (`--json`, default `target/load.json`)
 //! and an SVG plot (`--svg`, default `target/load.svg`). `--quick` runs shorter rounds, one
 //! churn round per stack and no reference without a goal (the drivers alone, pgbench with
-//! one thread; under two minutes in all); `--clients` chooses
-//! the client counts.
+//! one thread; under two minutes in all); `--clients` chooses the client counts.
 //!
 //! Absolute numbers depend on the machine; the ratios are what the project tracks.
 
@@ -126,7 +125,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // connections kept, one run's rounds had 0.38 to 3.9 ms), and the median of three swung
     // across the goal of 2x from run to run.
     let churn_rounds = if args.quick { 1 } else { 5 };
-    // The drivers alone are references, not goals: a quick run leaves them out.
+    // The references without a goal (the drivers alone, pgbench with one thread): a quick
+    // run leaves them out.
     let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
         .filter(|kind| !(args.quick && kind.reference()))
@@ -186,9 +186,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     kind.name(),
                     round + 1
                 ));
-                let sample = match (stacks.iter().find(|(k, _)| *k == kind), kind) {
-                    (Some((_, stack)), _) => measure::run(stack, n, period).await,
-                    (None, kind) => {
+                let sample = match stacks.iter().find(|(k, _)| *k == kind) {
+                    Some((_, stack)) => measure::run(stack, n, period).await,
+                    None => {
                         let threads = kind.pgbench_threads(n).context("a stack or pgbench")?;
                         measure::pgbench(&server, n, threads, period).await?
                     }

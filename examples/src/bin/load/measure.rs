@@ -77,10 +77,10 @@ pub fn percentile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
 }
 
 /// `pgbench -S -M prepared` with `clients` connections on `threads` threads for `period`
-/// (whole seconds, at least one) and one second more, over the same TLS the stacks use: pgbench's `-T` counts the time
-/// its connections take to log in, its tps does not, and a run whose logins took the whole of
-/// `-T` (32 TLS logins on a busy machine, in a 1 s quick round) completes no transaction and
-/// prints no tps.
+/// (whole seconds, at least one) and one second more, over the same TLS the stacks use:
+/// pgbench's `-T` counts the time its connections take to log in, its tps does not, and a run
+/// whose logins took the whole of `-T` (32 TLS logins on a busy machine, in a 1 s quick round)
+/// completes no transaction and prints no tps.
 pub async fn pgbench(
     server: &Server,
     clients: usize,
