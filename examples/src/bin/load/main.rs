@@ -8,14 +8,17 @@
 //! At 1, 8 and 32 clients, in interleaved rounds (every stack once per round, in a rotating
 //! order, so that a machine growing busier slows all of them alike), each client sends
 //! pgbench's select-only query back to back through one checkout per request (the drivers
-//! with no pool, the references, through a connection of its own). Then: requests
-//! with connections renewed every second and 5 s tokens against connections kept (five
+//! with no pool, the references, through a connection of its own). dal's Diesel and
+//! tokio-postgres pools run on the clients' runtime, and again as pgbench's threads do: a
+//! single-threaded runtime and a pool per core, each with its share of the clients. Then:
+//! requests with connections renewed every second and 5 s tokens against connections kept (five
 //! interleaved rounds per stack), 200 connects at once on a cold token cache, and the resident
 //! memory of idle pools. It prints a table of throughput, latency percentiles and ratios
 //! against the baselines, and writes the same as JSON (`--json`, default `target/load.json`)
 //! and an SVG plot (`--svg`, default `target/load.svg`). `--quick` runs shorter rounds, one
 //! churn round per stack and no reference without a goal (the drivers alone, pgbench with
-//! one thread; under two minutes in all); `--clients` chooses the client counts.
+//! one thread, plain Diesel with bb8's defaults; under two minutes in all); `--clients`
+//! chooses the client counts.
 //!
 //! Absolute numbers depend on the machine; the ratios are what the project tracks.
 
@@ -114,10 +117,12 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let clients = args.clients.clone();
     let rounds = 3;
-    let period = if args.quick {
-        Duration::from_secs(1)
+    // A quick run's cells last 750 ms, so that it finishes in under two minutes with every
+    // stack that has a goal; its churn rounds last a second, a whole connection lifetime.
+    let (period, churn_period) = if args.quick {
+        (Duration::from_millis(750), Duration::from_secs(1))
     } else {
-        Duration::from_secs(4)
+        (Duration::from_secs(4), Duration::from_secs(4))
     };
     // Each churn round loads the renewed pool for three lifetimes before it measures: a
     // quick run measures churn once per stack, to finish in under two minutes. A full run
@@ -125,8 +130,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // connections kept, one run's rounds had 0.38 to 3.9 ms), and the median of three swung
     // across the goal of 2x from run to run.
     let churn_rounds = if args.quick { 1 } else { 5 };
-    // The references without a goal (the drivers alone, pgbench with one thread): a quick
-    // run leaves them out.
+    // The references without a goal (the drivers alone, pgbench with one thread, plain
+    // Diesel with bb8's defaults): a quick run leaves them out.
     let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
         .filter(|kind| !(args.quick && kind.reference()))
@@ -187,7 +192,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     round + 1
                 ));
                 let sample = match stacks.iter().find(|(k, _)| *k == kind) {
-                    Some((_, stack)) => measure::run(stack, n, period).await,
+                    Some((_, stack)) => measure::run(stack, n, period).await?,
                     None => {
                         let threads = kind.pgbench_threads(n).context("a stack or pgbench")?;
                         measure::pgbench(&server, n, threads, period).await?
@@ -214,7 +219,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     connector.shutdown().await;
 
     let lb = server_side.run(scenarios::lakebase(&pg, &server))?;
-    let churn = scenarios::churn(&pg, &lb, &server, churn_rounds, period, &progress).await?;
+    let churn = scenarios::churn(&pg, &lb, &server, churn_rounds, churn_period, &progress).await?;
     progress.set_message("200 cold connects");
     let storm = scenarios::cold_storm(&pg, &lb, &server).await?;
     let stolen_percent = measure::stolen_percent(ticks, measure::cpu_ticks());

@@ -23,13 +23,46 @@ pub struct Sample {
     pub errors: u64,
 }
 
-/// Runs `clients` callers of `stack` for `period`.
-pub async fn run(stack: &Arc<Stack>, clients: usize, period: Duration) -> Sample {
+/// Runs `clients` callers of `stack` for `period` (on the stack's own runtimes, spread evenly,
+/// for a stack per core).
+pub async fn run(stack: &Arc<Stack>, clients: usize, period: Duration) -> anyhow::Result<Sample> {
     let started = Instant::now();
     let until = started + period;
-    let callers: Vec<_> = (0..clients)
+    let outcomes = match &**stack {
+        Stack::PerCore(cores) => {
+            let n = cores.cores();
+            cores
+                .on_each(move |core, stack| {
+                    Box::pin(callers(stack, (core..clients).step_by(n).collect(), until))
+                })
+                .await?
+        }
+        _ => vec![callers(Arc::clone(stack), (0..clients).collect(), until).await],
+    };
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    for (l, e) in outcomes {
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    Ok(Sample {
+        throughput: latencies.len() as f64 / elapsed,
+        p50_us: percentile(&latencies, 0.50),
+        p99_us: percentile(&latencies, 0.99),
+        max_us: latencies.last().copied(),
+        requests: latencies.len() as u64,
+        errors,
+    })
+}
+
+/// The callers numbered `ids`, each a task on this runtime sending requests back to back
+/// until `until`: the latencies of the requests answered (microseconds), and the failures.
+async fn callers(stack: Arc<Stack>, ids: Vec<usize>, until: Instant) -> (Vec<u64>, u64) {
+    let callers: Vec<_> = ids
+        .into_iter()
         .map(|caller| {
-            let stack = Arc::clone(stack);
+            let stack = Arc::clone(&stack);
             tokio::spawn(async move {
                 let (mut latencies, mut errors) = (Vec::with_capacity(65_536), 0u64);
                 while Instant::now() < until {
@@ -55,16 +88,7 @@ pub async fn run(stack: &Arc<Stack>, clients: usize, period: Duration) -> Sample
         latencies.extend(l);
         errors += e;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    Sample {
-        throughput: latencies.len() as f64 / elapsed,
-        p50_us: percentile(&latencies, 0.50),
-        p99_us: percentile(&latencies, 0.99),
-        max_us: latencies.last().copied(),
-        requests: latencies.len() as u64,
-        errors,
-    }
+    (latencies, errors)
 }
 
 /// The `q` quantile of sorted values (nearest rank).

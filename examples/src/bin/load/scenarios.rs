@@ -194,10 +194,10 @@ pub async fn churn(
                 // expired while the other stack ran are replaced all at once, so their ends
                 // come together too; a few generations of replacements spread them, as in a
                 // service that has run for a while. The kept pool has nothing to spread.
-                measure::run(stack, 8, LIFETIME * [1, 3][i]).await;
+                measure::run(stack, 8, LIFETIME * [1, 3][i]).await?;
                 let before = (churning.connections_opened(), stack.opened_by_pool());
                 times.take();
-                samples[i].push(measure::run(stack, 8, period).await);
+                samples[i].push(measure::run(stack, 8, period).await?);
                 let [waits, logged_in] = times.take();
                 checkouts[i].push(waits);
                 if i == 1 {

@@ -120,6 +120,8 @@ pub enum Stack {
     DieselNoPool(Vec<tokio::sync::Mutex<AsyncPgConnection>>),
     /// A client per caller, with the query prepared on it once.
     PgNoPool(Vec<(tokio_postgres::Client, tokio_postgres::Statement)>),
+    /// A dal stack on each of a set of single-threaded runtimes.
+    PerCore(PerCore),
 }
 
 /// Which stack, as the table names it.
@@ -133,6 +135,8 @@ pub enum Kind {
     DieselPlainLike,
     PgDal,
     PgPlain,
+    DieselDalPerCore,
+    PgDalPerCore,
     DieselNoPool,
     PgNoPool,
     Pgbench,
@@ -140,7 +144,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 13] = [
         Kind::SeaOrmDal,
         Kind::SeaOrmPlain,
         Kind::DieselDal,
@@ -148,6 +152,8 @@ impl Kind {
         Kind::DieselPlainLike,
         Kind::PgDal,
         Kind::PgPlain,
+        Kind::DieselDalPerCore,
+        Kind::PgDalPerCore,
         Kind::DieselNoPool,
         Kind::PgNoPool,
         Kind::Pgbench,
@@ -163,6 +169,8 @@ impl Kind {
             Kind::DieselPlainLike => "Diesel, plain bb8 (dal's settings)",
             Kind::PgDal => "tokio-postgres via dal (prepare_cached)",
             Kind::PgPlain => "tokio-postgres, plain bb8 (query_typed)",
+            Kind::DieselDalPerCore => "Diesel via dal, a runtime and pool per core",
+            Kind::PgDalPerCore => "tokio-postgres via dal, a runtime and pool per core",
             Kind::DieselNoPool => "Diesel, no pool (a connection per caller)",
             Kind::PgNoPool => "tokio-postgres, no pool (a client per caller)",
             Kind::Pgbench => "pgbench -S -M prepared (a thread per runtime worker)",
@@ -189,15 +197,25 @@ impl Kind {
         }
     }
 
+    /// The dal stack each core runs, if the stack is one runtime and pool per core (as
+    /// pgbench's threads each keep their own connections).
+    pub fn per_core(self) -> Option<Kind> {
+        match self {
+            Kind::DieselDalPerCore => Some(Kind::DieselDal),
+            Kind::PgDalPerCore => Some(Kind::PgDal),
+            _ => None,
+        }
+    }
+
     /// Whether the stack is pgbench, a program rather than a pool.
     pub fn is_pgbench(self) -> bool {
         matches!(self, Kind::Pgbench | Kind::PgbenchOneThread)
     }
 
     /// Whether the stack is a reference with no goal of its own (a driver alone, pgbench
-    /// with one thread): left out of quick runs.
+    /// with one thread, plain Diesel with bb8's defaults): left out of quick runs.
     pub fn reference(self) -> bool {
-        self.driver_alone() || self == Kind::PgbenchOneThread
+        self.driver_alone() || matches!(self, Kind::PgbenchOneThread | Kind::DieselPlainDefaults)
     }
 }
 
@@ -290,18 +308,29 @@ impl Stack {
                 }
                 return Ok(Stack::PgNoPool(clients));
             }
+            Kind::DieselDalPerCore | Kind::PgDalPerCore => {
+                let cores = tokio::runtime::Handle::current().metrics().num_workers();
+                return Ok(Stack::PerCore(
+                    PerCore::start(kind, dal()?, cores, warm).await?,
+                ));
+            }
             Kind::Pgbench | Kind::PgbenchOneThread => {
                 anyhow::bail!("pgbench is a program, not a pool")
             }
         };
-        // Open the connections the run will use, so that no run pays for logins.
-        let warmers: Vec<_> = (0..warm)
-            .map(|i| stack.hold(i as i32 + 1, Duration::from_millis(200)))
+        stack.warm(warm).await?;
+        Ok(stack)
+    }
+
+    /// Opens the `n` connections a run will use, so that no run pays for logins.
+    async fn warm(&self, n: usize) -> anyhow::Result<()> {
+        let warmers: Vec<_> = (0..n)
+            .map(|i| self.hold(i as i32 + 1, Duration::from_millis(200)))
             .collect();
         for outcome in futures_util::future::join_all(warmers).await {
             outcome?;
         }
-        Ok(stack)
+        Ok(())
     }
 
     /// One request for account `aid`, from the `caller`th caller (a stack with no pool uses
@@ -337,6 +366,9 @@ impl Stack {
                 let row = client.query_one(select, &[&aid]).await?;
                 Ok(row.get(0))
             }),
+            Stack::PerCore(_) => Box::pin(async {
+                anyhow::bail!("a stack per core answers on its own runtimes (PerCore::on_each)")
+            }),
         }
     }
 
@@ -365,8 +397,8 @@ impl Stack {
                 pg_select(&client, aid).await?;
                 tokio::time::sleep(hold).await;
             }
-            // Their connections are open from the start, one per caller.
-            Stack::DieselNoPool(_) | Stack::PgNoPool(_) => {}
+            // Open from the start, one per caller; a stack per core warms on each core.
+            Stack::DieselNoPool(_) | Stack::PgNoPool(_) | Stack::PerCore(_) => {}
         }
         Ok(())
     }
@@ -385,8 +417,139 @@ impl Stack {
 
     /// Closes the pool's connections.
     pub async fn close(self) {
-        if let Stack::SeaOrmPlain(db) = self {
-            let _ = db.close().await;
+        match self {
+            Stack::SeaOrmPlain(db) => drop(db.close().await),
+            Stack::PerCore(cores) => cores.close().await,
+            _ => {}
+        }
+    }
+}
+
+/// A dal stack on each of `cores` threads, each a single-threaded tokio runtime with a pool
+/// of its own, from one connector, sized to its share of the connector's pool settings:
+/// pgbench's arrangement, whose threads each keep their own connections, and that of servers
+/// that run a runtime per core. The runtimes run the work sent to them ([`on_each`]).
+///
+/// [`on_each`]: PerCore::on_each
+pub struct PerCore {
+    cores: Vec<Core>,
+}
+
+/// One core's thread, and the way to send it work.
+struct Core {
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Work for one core: given its stack, a future to run on its runtime.
+type Job = Box<dyn FnOnce(Arc<Stack>) -> BoxFuture<'static, ()> + Send>;
+
+impl PerCore {
+    /// Starts `cores` threads, each with the dal stack of `kind` (a per-core kind) from
+    /// `connector`, and opens `warm` connections across them.
+    async fn start(
+        kind: Kind,
+        connector: &Connector,
+        cores: usize,
+        warm: usize,
+    ) -> anyhow::Result<Self> {
+        let each = kind.per_core().context("not a stack per core")?;
+        let all = connector.pool_settings();
+        let share = |n: u32| n.div_ceil(cores as u32);
+        let settings = all
+            .to_builder()
+            .max_size(share(all.max_size()))
+            .min_idle(share(all.min_idle()))
+            .build()?;
+        let mut started = Vec::with_capacity(cores);
+        for core in 0..cores {
+            let (connector, settings) = (connector.clone(), settings.clone());
+            let (ready, is_ready) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+            let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<Job>();
+            let warm = warm.div_ceil(cores);
+            let thread = std::thread::Builder::new()
+                .name(format!("core-{core}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => return drop(ready.send(Err(e.into()))),
+                    };
+                    runtime.block_on(async move {
+                        let stack = match each {
+                            Kind::DieselDal => connector
+                                .diesel_pool_with(&settings)
+                                .await
+                                .map(Stack::DieselDal),
+                            _ => connector
+                                .postgres_pool_with(&settings)
+                                .await
+                                .map(Stack::PgDal),
+                        };
+                        let stack = match stack {
+                            Ok(stack) => Arc::new(stack),
+                            Err(e) => return drop(ready.send(Err(e.into()))),
+                        };
+                        if let Err(e) = stack.warm(warm).await {
+                            return drop(ready.send(Err(e)));
+                        }
+                        let _ = ready.send(Ok(()));
+                        while let Some(job) = queue.recv().await {
+                            job(Arc::clone(&stack)).await;
+                        }
+                        if let Ok(stack) = Arc::try_unwrap(stack) {
+                            Box::pin(stack.close()).await;
+                        }
+                    });
+                })
+                .context("start a core's thread")?;
+            started.push((Core { jobs, thread }, is_ready));
+        }
+        let mut cores = Vec::with_capacity(started.len());
+        for (core, is_ready) in started {
+            is_ready.await.context("a core's thread ended")??;
+            cores.push(core);
+        }
+        Ok(PerCore { cores })
+    }
+
+    /// How many cores (threads, runtimes and pools).
+    pub fn cores(&self) -> usize {
+        self.cores.len()
+    }
+
+    /// Runs `job(core, stack)` on every core's runtime, with its stack; the outputs, in the
+    /// order of the cores.
+    pub async fn on_each<T: Send + 'static>(
+        &self,
+        job: impl Fn(usize, Arc<Stack>) -> BoxFuture<'static, T> + Send + Sync + 'static,
+    ) -> anyhow::Result<Vec<T>> {
+        let job = Arc::new(job);
+        let mut replies = Vec::with_capacity(self.cores.len());
+        for (i, core) in self.cores.iter().enumerate() {
+            let (reply, replied) = tokio::sync::oneshot::channel();
+            let job = Arc::clone(&job);
+            core.jobs
+                .send(Box::new(move |stack| {
+                    Box::pin(async move { drop(reply.send(job(i, stack).await)) })
+                }))
+                .map_err(|_| anyhow::anyhow!("core {i}'s thread ended"))?;
+            replies.push(replied);
+        }
+        let mut outputs = Vec::with_capacity(replies.len());
+        for replied in replies {
+            outputs.push(replied.await.context("a core's thread ended")?);
+        }
+        Ok(outputs)
+    }
+
+    /// Closes the pools and ends the threads.
+    async fn close(self) {
+        for Core { jobs, thread } in self.cores {
+            drop(jobs);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 }
