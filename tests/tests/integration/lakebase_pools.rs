@@ -85,6 +85,80 @@ async fn a_hundred_cold_connects_cause_one_oauth_and_one_credential_fetch() {
     );
 }
 
+/// A service that runs a single-threaded runtime per core (as actix-web's workers do) builds
+/// one connector and its pools on each runtime: the runtimes' first connects, racing on a
+/// cold cache, cause one OAuth and one credential fetch in all; each runtime's pools serve on
+/// it; and the connector's shutdown, from another runtime, closes every runtime's pools.
+#[tokio::test]
+async fn pools_on_a_runtime_per_core_share_one_token_and_close_together() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "cores", Duration::from_secs(60)).await;
+    let (oauth, credentials) = (lb.oauth_requests(), lb.credential_requests());
+    let config = lb
+        .client_config(&pg, "cores")
+        .unwrap()
+        .strategy(TokenStrategy::Lazy);
+    let connector = Connector::new(config).await.unwrap();
+    let (served, mut all_served) = tokio::sync::mpsc::unbounded_channel();
+    let (closed, is_closed) = tokio::sync::watch::channel(false);
+    let cores: Vec<_> = (0..2)
+        .map(|_| {
+            let (connector, served, mut is_closed) =
+                (connector.clone(), served.clone(), is_closed.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let diesel = connector.diesel_pool().await.unwrap();
+                    let clients = connector.postgres_pool().await.unwrap();
+                    let mut conn = diesel.get().await.unwrap();
+                    dal::diesel_async::SimpleAsyncConnection::batch_execute(&mut *conn, "SELECT 1")
+                        .await
+                        .unwrap();
+                    drop(conn);
+                    let client = clients.get().await.unwrap();
+                    client.simple_query("SELECT 1").await.unwrap();
+                    drop(client);
+                    served.send(()).unwrap();
+                    is_closed.wait_for(|closed| *closed).await.unwrap();
+                    let closed = |e: &dal::Error| matches!(e, dal::Error::PoolClosed);
+                    (
+                        diesel.get().await.err().is_some_and(|e| closed(&e)),
+                        clients.get().await.err().is_some_and(|e| closed(&e)),
+                    )
+                })
+            })
+        })
+        .collect();
+    drop(served);
+    for _ in 0..cores.len() {
+        all_served
+            .recv()
+            .await
+            .expect("a runtime ended before its pools served");
+    }
+    assert_eq!(lb.oauth_requests() - oauth, 1, "OAuth token fetches");
+    assert_eq!(
+        lb.credential_requests() - credentials,
+        1,
+        "database credential fetches"
+    );
+    connector.shutdown().await;
+    closed.send(true).unwrap();
+    for core in cores {
+        let refused = tokio::task::spawn_blocking(move || core.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            refused,
+            (true, true),
+            "each runtime's pools closed (Diesel, tokio-postgres)"
+        );
+    }
+}
+
 async fn futures_join_all<T: Send + 'static>(
     tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>,
 ) -> Vec<T> {
