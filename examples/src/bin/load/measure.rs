@@ -36,8 +36,9 @@ pub async fn run(stack: &Arc<Stack>, clients: usize, period: Duration) -> anyhow
                     Box::pin(callers(stack, (core..clients).step_by(n).collect(), until))
                 })
                 .await?
+                .concat()
         }
-        _ => vec![callers(Arc::clone(stack), (0..clients).collect(), until).await],
+        _ => callers(Arc::clone(stack), (0..clients).collect(), until).await,
     };
     let (mut latencies, mut errors) = (Vec::new(), 0);
     for (l, e) in outcomes {
@@ -57,8 +58,9 @@ pub async fn run(stack: &Arc<Stack>, clients: usize, period: Duration) -> anyhow
 }
 
 /// The callers numbered `ids`, each a task on this runtime sending requests back to back
-/// until `until`: the latencies of the requests answered (microseconds), and the failures.
-async fn callers(stack: Arc<Stack>, ids: Vec<usize>, until: Instant) -> (Vec<u64>, u64) {
+/// until `until`: for each, the latencies of the requests answered (microseconds), and the
+/// failures.
+async fn callers(stack: Arc<Stack>, ids: Vec<usize>, until: Instant) -> Vec<(Vec<u64>, u64)> {
     let callers: Vec<_> = ids
         .into_iter()
         .map(|caller| {
@@ -82,13 +84,11 @@ async fn callers(stack: Arc<Stack>, ids: Vec<usize>, until: Instant) -> (Vec<u64
             })
         })
         .collect();
-    let (mut latencies, mut errors) = (Vec::new(), 0);
+    let mut outcomes = Vec::with_capacity(callers.len());
     for caller in callers {
-        let (l, e) = caller.await.expect("caller task");
-        latencies.extend(l);
-        errors += e;
+        outcomes.push(caller.await.expect("caller task"));
     }
-    (latencies, errors)
+    outcomes
 }
 
 /// The `q` quantile of sorted values (nearest rank).
