@@ -231,9 +231,20 @@ impl Stack {
     ) -> anyhow::Result<Self> {
         let defaults = PoolSettings::default();
         let settings = connector.map_or(&defaults, Connector::pool_settings);
+        Self::build_with(kind, server, connector, settings, warm).await
+    }
+
+    /// [`build`](Self::build), with `settings` for every pool instead of the connector's.
+    async fn build_with(
+        kind: Kind,
+        server: &Server,
+        connector: Option<&Connector>,
+        settings: &PoolSettings,
+        warm: usize,
+    ) -> anyhow::Result<Self> {
         let dal = || connector.context("the dal stacks need a connector");
         let stack = match kind {
-            Kind::SeaOrmDal => Stack::SeaOrmDal(dal()?.seaorm().await?),
+            Kind::SeaOrmDal => Stack::SeaOrmDal(dal()?.seaorm_with(settings).await?),
             Kind::SeaOrmPlain => {
                 use dal::sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
                 let (server, ca) = (server.clone(), server.ca.clone());
@@ -249,7 +260,7 @@ impl Stack {
                 });
                 Stack::SeaOrmPlain(dal::sea_orm::Database::connect(options).await?)
             }
-            Kind::DieselDal => Stack::DieselDal(dal()?.diesel_pool().await?),
+            Kind::DieselDal => Stack::DieselDal(dal()?.diesel_pool_with(settings).await?),
             Kind::DieselPlainDefaults | Kind::DieselPlainLike => {
                 let tls = rustls_connect(&server.ca)?;
                 let config = server.pg_config();
@@ -277,7 +288,7 @@ impl Stack {
                 };
                 Stack::DieselPlain(builder.build(manager).await?)
             }
-            Kind::PgDal => Stack::PgDal(dal()?.postgres_pool().await?),
+            Kind::PgDal => Stack::PgDal(dal()?.postgres_pool_with(settings).await?),
             Kind::PgPlain => {
                 let manager = bb8_postgres::PostgresConnectionManager::new(
                     server.pg_config(),
@@ -311,7 +322,7 @@ impl Stack {
             Kind::DieselDalPerCore | Kind::PgDalPerCore => {
                 let cores = tokio::runtime::Handle::current().metrics().num_workers();
                 return Ok(Stack::PerCore(
-                    PerCore::start(kind, dal()?, cores, warm).await?,
+                    PerCore::start(kind, server, dal()?, cores, warm).await?,
                 ));
             }
             Kind::Pgbench | Kind::PgbenchOneThread => {
@@ -449,6 +460,7 @@ impl PerCore {
     /// `connector`, and opens `warm` connections across them.
     async fn start(
         kind: Kind,
+        server: &Server,
         connector: &Connector,
         cores: usize,
         warm: usize,
@@ -463,7 +475,8 @@ impl PerCore {
             .build()?;
         let mut started = Vec::with_capacity(cores);
         for core in 0..cores {
-            let (connector, settings) = (connector.clone(), settings.clone());
+            let (server, connector) = (server.clone(), connector.clone());
+            let settings = settings.clone();
             let (ready, is_ready) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
             let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<Job>();
             let warm = warm.div_ceil(cores);
@@ -478,23 +491,12 @@ impl PerCore {
                         Err(e) => return drop(ready.send(Err(e.into()))),
                     };
                     runtime.block_on(async move {
-                        let stack = match each {
-                            Kind::DieselDal => connector
-                                .diesel_pool_with(&settings)
-                                .await
-                                .map(Stack::DieselDal),
-                            _ => connector
-                                .postgres_pool_with(&settings)
-                                .await
-                                .map(Stack::PgDal),
-                        };
-                        let stack = match stack {
+                        let built =
+                            Stack::build_with(each, &server, Some(&connector), &settings, warm);
+                        let stack = match Box::pin(built).await {
                             Ok(stack) => Arc::new(stack),
-                            Err(e) => return drop(ready.send(Err(e.into()))),
+                            Err(e) => return drop(ready.send(Err(e))),
                         };
-                        if let Err(e) = stack.warm(warm).await {
-                            return drop(ready.send(Err(e)));
-                        }
                         let _ = ready.send(Ok(()));
                         while let Some(job) = queue.recv().await {
                             job(Arc::clone(&stack)).await;
