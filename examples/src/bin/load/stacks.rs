@@ -493,7 +493,7 @@ impl PerCore {
                     runtime.block_on(async move {
                         let built =
                             Stack::build_with(each, &server, Some(&connector), &settings, warm);
-                        let stack = match Box::pin(built).await {
+                        let stack = match built.await {
                             Ok(stack) => Arc::new(stack),
                             Err(e) => return drop(ready.send(Err(e))),
                         };
