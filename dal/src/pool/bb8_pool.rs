@@ -44,8 +44,8 @@ pub(crate) struct Lifespan {
     pub(crate) returned: Option<Instant>,
     /// How long it last waited in the pool before it was checked out again.
     idle_gap: Option<Duration>,
-    /// The number of the replacement opened for it, if one was: a connection takes the one
-    /// opened for it (see [`Renewal::take_spare`]).
+    /// The number it asked for a replacement with, if it did: a connection takes the spare
+    /// it owns (see [`Renewal::take_spare`]).
     replacement: Option<u64>,
     /// The turn its current user waited for (see [`Pool::get`]), given up as it comes back.
     turn: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -72,21 +72,42 @@ impl Lifespan {
 /// its end: connections that open together also come to their ends together, and short lifetimes on
 /// a busy machine need several logins at once. A replacement is checked as it opens, as a
 /// connection coming back would be, so that it goes out without a round trip when it takes its
-/// place. One past its lifetime while a replacement is still logging in stays in service for up to
-/// the [grace](Renewal::grace), so that a login slower than the lead (or than the lifetime) still
-/// keeps off the request path; one past that, or with no replacement coming, is retired as bb8
-/// would, and never handed out. A replacement nothing took within the lead is closed: an idle pool
-/// keeps no extra connection (Lakebase can scale to zero).
+/// place. One past its lifetime while its replacement is still logging in takes another's that is
+/// ready, if any, and hands its own to that one's owner (see [`Renewal::take_spare`]); with none
+/// ready, it stays in service for up to the [grace](Renewal::grace), so that a login slower than
+/// the lead (or than the lifetime) still keeps off the request path. One past that, or whose
+/// replacement could not be opened, is retired as bb8 would, and never handed out. A replacement
+/// nothing took within the lead is closed: an idle pool keeps no extra connection (Lakebase can
+/// scale to zero).
 struct Renewal<C> {
     lifetime: Duration,
     jitter: f64,
     /// The slowest recent login, in microseconds, decaying by an eighth at each login.
     slow_login_us: AtomicU64,
-    /// Replacements opened and not yet in the pool, each with the number of its opening.
-    spares: Mutex<Vec<(u64, C)>>,
+    /// Replacements opened and not yet in the pool, in the order they were asked for.
+    spares: Mutex<Vec<Spare<C>>>,
     openings: AtomicU64,
-    /// Replacements still logging in.
-    logging_in: AtomicU64,
+}
+
+/// A replacement opened ahead for a connection near its end.
+struct Spare<C> {
+    /// The number of its opening.
+    number: u64,
+    /// The connection it is for: the number that one asked with (its [`Lifespan`]'s
+    /// `replacement`). Another connection's, when one past its lifetime took that one's.
+    owner: u64,
+    /// The connection, once logged in and checked; `None` while it logs in.
+    conn: Option<C>,
+}
+
+/// What a connection near its end finds of its replacement.
+enum Replacement<C> {
+    /// Ready: it takes the connection's place.
+    Ready(C),
+    /// Still logging in.
+    Coming,
+    /// None: its opening failed, or the pool closed.
+    Gone,
 }
 
 impl<C> Renewal<C> {
@@ -97,7 +118,6 @@ impl<C> Renewal<C> {
             slow_login_us: AtomicU64::new(0),
             spares: Mutex::new(Vec::new()),
             openings: AtomicU64::new(0),
-            logging_in: AtomicU64::new(0),
         }
     }
 
@@ -206,10 +226,10 @@ impl<C: Send + 'static> Manager<C> {
         open_stamped(Arc::clone(&self.open), &self.kind, self.renewal.clone())
     }
 
-    /// Notes that `conn` is coming back (`returning`) or being checked out, and puts a spare
-    /// in its place when it is near its end and asked for one; when `conn`, coming back, is in
-    /// frequent use and has not asked yet, opens one for it. Returns whether `conn` (still the
-    /// old one) is past its lifetime.
+    /// Notes that `conn` is coming back (`returning`) or being checked out, and puts its
+    /// replacement in its place once that is ready; when `conn`, coming back, is in frequent use
+    /// and near its end and has not asked yet, opens one for it. Returns whether `conn` (still
+    /// the old one) is past its lifetime.
     fn renew(&self, conn: &mut C, returning: bool) -> bool {
         let Some(lifespan) = self.kind.lifespan else {
             return false;
@@ -232,17 +252,17 @@ impl<C: Send + 'static> Manager<C> {
         let Some(at) = span.retire_at else {
             return false;
         };
-        if now + lead < at {
+        if now + lead < at && span.replacement.is_none() {
             return false;
         }
         let expired = now >= at;
-        let spare = match span.replacement {
+        let found = match span.replacement {
             Some(own) if !self.closed.load(Ordering::Relaxed) => {
                 renewal.take_spare(lifespan, now, own, expired)
             }
-            _ => None,
+            _ => Replacement::Gone,
         };
-        if let Some(fresh) = spare {
+        if let Replacement::Ready(fresh) = found {
             close_in_background(std::mem::replace(conn, fresh));
             metrics::counter!(telemetry::CONNECTIONS_RENEWED, "pool" => self.kind.name)
                 .increment(1);
@@ -252,13 +272,23 @@ impl<C: Send + 'static> Manager<C> {
             );
             return false;
         }
-        let replacement_coming =
-            span.replacement.is_some() && renewal.logging_in.load(Ordering::Relaxed) > 0;
-        if expired && replacement_coming && now < at + renewal.grace() {
+        if expired && matches!(found, Replacement::Coming) && now < at + renewal.grace() {
             return false;
         }
         if returning && frequent && !expired && span.replacement.is_none() {
             span.replacement = self.open_spare(renewal);
+        }
+        if expired {
+            let replacement = match (found, span.replacement) {
+                (Replacement::Coming, _) => "still logging in past the grace",
+                (_, Some(_)) => "failed to open, or was closed unclaimed",
+                (_, None) => "not asked for: the connection was used rarely",
+            };
+            tracing::debug!(
+                pool = self.kind.name,
+                replacement,
+                "a connection past its lifetime is retired; the pool opens another if needed"
+            );
         }
         expired
     }
@@ -271,8 +301,12 @@ impl<C: Send + 'static> Manager<C> {
         }
         let (open, renewal) = (self.open(), Arc::clone(renewal));
         let (is_valid, lifespan) = (self.kind.is_valid, self.kind.lifespan);
-        renewal.logging_in.fetch_add(1, Ordering::Relaxed);
         let number = renewal.openings.fetch_add(1, Ordering::Relaxed);
+        renewal.spares().push(Spare {
+            number,
+            owner: number,
+            conn: None,
+        });
         runtime.spawn(async move {
             // Checked here, so that its first checkout need not wait for the round trip of a
             // kind that checks a fresh connection; it then counts as one that just came back.
@@ -285,19 +319,15 @@ impl<C: Send + 'static> Manager<C> {
                 Ok::<_, Error>(conn)
             }
             .await;
-            let pushed = match opened {
-                Ok(conn) => {
-                    renewal.spares().push((number, conn));
-                    true
-                }
+            let conn = match opened {
+                Ok(conn) => conn,
                 Err(e) => {
                     tracing::debug!(error = %ErrorChain(&e), "a replacement connection could not be opened ahead");
-                    false
+                    drop(renewal.take_numbered(number));
+                    return;
                 }
             };
-            // Only now, so that no connection waiting for it retires in between.
-            renewal.logging_in.fetch_sub(1, Ordering::Relaxed);
-            if !pushed {
+            if !renewal.logged_in_spare(number, conn) {
                 return;
             }
             // Not taken by then: the pool went idle, or the connection it was for ended.
@@ -310,51 +340,80 @@ impl<C: Send + 'static> Manager<C> {
 }
 
 impl<C> Renewal<C> {
-    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<(u64, C)>> {
+    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<Spare<C>>> {
         self.spares.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The spare opened for a connection (numbered `own`) once it is ready; for a connection
-    /// past its lifetime (`expired`), the one that has waited longest if its own is not ready
-    /// yet. So each connection takes the replacement it asked for in time, whichever passes
-    /// through the pool first, and one that ran out of time takes any: the connection whose
-    /// replacement it took, being further from its end, takes the next one the same way.
-    /// Spares past their own lifetime at `now` are closed.
+    /// The replacement of the connection that asked with number `own`, taken if ready. One
+    /// past its lifetime (`expired`) whose replacement is still logging in takes the ready one
+    /// asked for longest ago instead, and its owner gets the one still logging in: so each
+    /// connection takes the replacement it asked for in time, whichever passes through the
+    /// pool first; one that ran out of time need not wait; and the one it took from, being
+    /// further from its end, is owed a replacement all the same. Ready spares past their own
+    /// lifetime at `now` are closed.
     fn take_spare(
         &self,
         lifespan: LifespanOf<C>,
         now: Instant,
         own: u64,
         expired: bool,
-    ) -> Option<C>
+    ) -> Replacement<C>
     where
         C: Send + 'static,
     {
         let mut spares = self.spares();
         let mut index = 0;
         while index < spares.len() {
-            let fresh = lifespan(&mut spares[index].1)
+            let stale = spares[index]
+                .conn
+                .as_mut()
+                .and_then(lifespan)
                 .and_then(|span| span.retire_at)
-                .is_some_and(|at| at > now);
-            if fresh {
-                index += 1;
+                .is_some_and(|at| at <= now);
+            if stale {
+                close_in_background(spares.remove(index).conn);
             } else {
-                close_in_background(spares.remove(index).1);
+                index += 1;
             }
         }
-        let index = match spares.iter().position(|(n, _)| *n == own) {
-            Some(index) => index,
-            None if expired && !spares.is_empty() => 0,
-            None => return None,
+        let Some(mine) = spares.iter().position(|s| s.owner == own) else {
+            return Replacement::Gone;
         };
-        Some(spares.remove(index).1)
+        let index = if spares[mine].conn.is_some() {
+            mine
+        } else {
+            match spares.iter().position(|s| s.conn.is_some()) {
+                Some(ready) if expired => {
+                    spares[mine].owner = spares[ready].owner;
+                    ready
+                }
+                _ => return Replacement::Coming,
+            }
+        };
+        spares
+            .remove(index)
+            .conn
+            .map_or(Replacement::Coming, Replacement::Ready)
     }
 
-    /// The spare numbered `number`, if nothing took it.
+    /// Puts `conn` in the place of spare `number`, still logging in; closes it if the pool
+    /// closed (no such spare). Returns whether it was put there.
+    fn logged_in_spare(&self, number: u64, conn: C) -> bool {
+        let mut spares = self.spares();
+        match spares.iter_mut().find(|s| s.number == number) {
+            Some(spare) => {
+                spare.conn = Some(conn);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The spare numbered `number`, ready or not, if nothing took it.
     fn take_numbered(&self, number: u64) -> Option<C> {
         let mut spares = self.spares();
-        let index = spares.iter().position(|(n, _)| *n == number)?;
-        Some(spares.remove(index).1)
+        let index = spares.iter().position(|s| s.number == number)?;
+        spares.remove(index).conn
     }
 }
 
@@ -825,7 +884,11 @@ mod tests {
         let renewal = Arc::new(Renewal::new(Duration::from_secs(60), 0.0));
         let manager = probe_manager(&renewal);
         let (fresh, _) = Probe::ending_in(2, Duration::from_secs(60), None);
-        renewal.spares().push((7, fresh));
+        renewal.spares().push(Spare {
+            number: 7,
+            owner: 7,
+            conn: Some(fresh),
+        });
         let (mut conn, old_closed_on) = Probe::ending_in(1, Duration::from_secs(1), Some(7));
 
         // Checked out, and coming back: both may put the replacement in its place.
@@ -845,35 +908,86 @@ mod tests {
         );
     }
 
+    /// A spare numbered `number` asked for by `owner`, ready as `conn` or still logging in.
+    fn spare(number: u64, owner: u64, conn: Option<Probe>) -> Spare<Probe> {
+        Spare {
+            number,
+            owner,
+            conn,
+        }
+    }
+
+    /// The name of the connection `found`, if it is one.
+    fn ready(found: Replacement<Probe>) -> Option<u64> {
+        match found {
+            Replacement::Ready(conn) => Some(conn.name),
+            Replacement::Coming | Replacement::Gone => None,
+        }
+    }
+
     #[tokio::test]
     async fn each_connection_takes_the_replacement_opened_for_it_unless_out_of_time() {
         let renewal = Renewal::<Probe>::new(Duration::from_secs(60), 0.0);
         for number in [1, 2] {
-            let (spare, _) = Probe::ending_in(10 + number, Duration::from_secs(60), None);
-            renewal.spares().push((number, spare));
+            let (conn, _) = Probe::ending_in(10 + number, Duration::from_secs(60), None);
+            renewal.spares().push(spare(number, number, Some(conn)));
         }
         let (stale, stale_closed_on) = Probe::ending_in(13, Duration::ZERO, None);
-        renewal.spares().push((3, stale));
+        renewal.spares().push(spare(3, 3, Some(stale)));
+        renewal.spares().push(spare(4, 4, None));
         let now = Instant::now();
         let take = |own, expired| renewal.take_spare(probe_span, now, own, expired);
 
-        assert_eq!(take(2, false).map(|p| p.name), Some(12), "its own");
+        assert_eq!(ready(take(2, false)), Some(12), "its own");
         assert!(
-            take(4, false).is_none(),
+            matches!(take(4, false), Replacement::Coming),
             "one whose replacement is not ready waits for it"
         );
-        assert_eq!(
-            take(4, true).map(|p| p.name),
-            Some(11),
-            "one past its lifetime takes the one that waited longest"
+        assert!(
+            matches!(take(3, true), Replacement::Gone),
+            "a spare past its own end is never handed out"
         );
         assert!(
-            take(3, true).is_none(),
-            "a spare past its own end is never handed out"
+            matches!(take(5, true), Replacement::Gone),
+            "one whose replacement could not open has none coming"
         );
         while stale_closed_on.lock().unwrap().is_none() {
             tokio::task::yield_now().await;
         }
+    }
+
+    /// One past its lifetime whose replacement is still logging in takes one that is ready,
+    /// and the connection that one was for gets its replacement in exchange: before, it was
+    /// left with none until its own end, and the one still logging in was closed unclaimed.
+    #[test]
+    fn one_out_of_time_takes_a_ready_replacement_and_gives_its_own_in_exchange() {
+        let renewal = Renewal::<Probe>::new(Duration::from_secs(60), 0.0);
+        let (conn, _) = Probe::ending_in(11, Duration::from_secs(60), None);
+        renewal.spares().push(spare(1, 1, Some(conn)));
+        renewal.spares().push(spare(2, 2, None));
+        let now = Instant::now();
+        let take = |own, expired| renewal.take_spare(probe_span, now, own, expired);
+
+        assert_eq!(
+            ready(take(2, true)),
+            Some(11),
+            "the one out of time need not wait"
+        );
+        assert!(
+            matches!(take(1, false), Replacement::Coming),
+            "the one it took from is owed the replacement still logging in"
+        );
+        let (conn, _) = Probe::ending_in(12, Duration::from_secs(60), None);
+        renewal.spares()[0].conn = Some(conn);
+        assert_eq!(
+            ready(take(1, false)),
+            Some(12),
+            "and takes it once ready, before its own end"
+        );
+        assert!(
+            matches!(take(2, true), Replacement::Gone),
+            "the one out of time owns nothing more"
+        );
     }
 
     #[test]
