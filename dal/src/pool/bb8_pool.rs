@@ -64,21 +64,22 @@ impl Lifespan {
 /// Connections replaced ahead of their lifetime, so that no request waits for a login: each
 /// connection is given its own jittered lifetime as it opens; when it comes back within the
 /// [lead](Renewal::lead) of it, having waited less than the lead in the pool before its last
-/// checkout (a connection used now and then, such as a background job's, is replaced when next
-/// checked out, and nothing extra stays open), a replacement opens for it in the background, and
-/// the next time it comes back or is checked out after that replacement is ready, the replacement
-/// takes its place in the pool (one past its lifetime takes any that is ready), and the old
-/// connection closes on a task of its own. Replacements open side by side, one per connection near
-/// its end: connections that open together also come to their ends together, and short lifetimes on
-/// a busy machine need several logins at once. A replacement is checked as it opens, as a
-/// connection coming back would be, so that it goes out without a round trip when it takes its
-/// place. One past its lifetime while its replacement is still logging in takes another's that is
-/// ready, if any, and hands its own to that one's owner (see [`Renewal::take_spare`]); with none
-/// ready, it stays in service for up to the [grace](Renewal::grace), so that a login slower than
-/// the lead (or than the lifetime) still keeps off the request path. One past that, or whose
-/// replacement could not be opened, is retired as bb8 would, and never handed out. A replacement
-/// nothing took within the lead is closed: an idle pool keeps no extra connection (Lakebase can
-/// scale to zero).
+/// checkout, a replacement opens for it in the background, and the next time it comes back or is
+/// checked out after that replacement is ready, the replacement takes its place in the pool, and
+/// the old connection closes on a task of its own. Replacements open side by side, one per
+/// connection near its end: connections that open together also come to their ends together, and
+/// short lifetimes on a busy machine need several logins at once. A replacement is checked as it
+/// opens, as a connection coming back would be, so that it goes out without a round trip when it
+/// takes its place. One past its lifetime while its replacement is still logging in takes another's
+/// that is ready, if any, and hands its own to that one's owner (see [`Renewal::take_spare`]); with
+/// none ready, it stays in service for up to the [grace](Renewal::grace), so that a login slower
+/// than the lead (or than the lifetime) still keeps off the request path. One that reaches its end
+/// without having asked (left in the pool through its whole lead, say), having waited less than
+/// the grace there before its last checkout, asks then and stays in service the same way.
+/// One past the grace, or whose replacement could not be opened, or idle for longer than the grace
+/// (a background job's connection, used now and then), is retired as bb8 would, and never handed
+/// out. A replacement nothing took within the lead is closed: an idle pool keeps no extra
+/// connection (Lakebase can scale to zero).
 struct Renewal<C> {
     lifetime: Duration,
     jitter: f64,
@@ -272,8 +273,18 @@ impl<C: Send + 'static> Manager<C> {
             );
             return false;
         }
-        if expired && matches!(found, Replacement::Coming) && now < at + renewal.grace() {
+        let in_grace = expired && now < at + renewal.grace();
+        if in_grace && matches!(found, Replacement::Coming) {
             return false;
+        }
+        // One in use that never asked (left in the pool through its whole lead, say) asks now
+        // and serves on as one whose replacement is late.
+        let in_use = span.idle_gap.is_some_and(|gap| gap < renewal.grace());
+        if in_grace && in_use && span.replacement.is_none() {
+            span.replacement = self.open_spare(renewal);
+            if span.replacement.is_some() {
+                return false;
+            }
         }
         if returning && frequent && !expired && span.replacement.is_none() {
             span.replacement = self.open_spare(renewal);
@@ -282,7 +293,7 @@ impl<C: Send + 'static> Manager<C> {
             let replacement = match (found, span.replacement) {
                 (Replacement::Coming, _) => "still logging in past the grace",
                 (_, Some(_)) => "failed to open, or was closed unclaimed",
-                (_, None) => "not asked for: the connection was used rarely",
+                (_, None) => "none asked for: the connection had been idle",
             };
             tracing::debug!(
                 pool = self.kind.name,
@@ -877,6 +888,26 @@ mod tests {
                 "10,000 checkouts and the other task has not run"
             );
         }
+    }
+
+    /// One in use that reached its end without having asked for a replacement (left in the
+    /// pool through its whole lead, say) asks now and serves on while the replacement logs in,
+    /// as one whose replacement is late does; one that sat idle for longer than the grace is
+    /// retired.
+    #[tokio::test]
+    async fn one_in_use_that_never_asked_asks_at_its_end_and_serves_on() {
+        let renewal = Arc::new(Renewal::new(Duration::from_secs(60), 0.0));
+        let manager = probe_manager(&renewal);
+        let (mut conn, _) = Probe::ending_in(1, Duration::ZERO, None);
+
+        assert!(!manager.renew(&mut conn, false), "serves on");
+        assert!(conn.span.replacement.is_some(), "asked at its end");
+        assert_eq!(renewal.spares().len(), 1, "its replacement is logging in");
+
+        let (mut idle, _) = Probe::ending_in(2, Duration::ZERO, None);
+        idle.span.returned = Instant::now().checked_sub(Duration::from_secs(40));
+        assert!(manager.renew(&mut idle, false), "retired");
+        assert_eq!(idle.span.replacement, None);
     }
 
     #[tokio::test]
