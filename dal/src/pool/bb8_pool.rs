@@ -75,9 +75,9 @@ impl Lifespan {
 /// none ready, it stays in service for up to the [grace](Renewal::grace), so that a login slower
 /// than the lead (or than the lifetime) still keeps off the request path. One that reaches its end
 /// without having asked (left in the pool through its whole lead, say), having waited less than
-/// the grace there before its last checkout, asks then and stays in service the same way.
-/// One past the grace, or whose replacement could not be opened, or idle for longer than the grace
-/// (a background job's connection, used now and then), is retired as bb8 would, and never handed
+/// the lead there before its last checkout, asks then and stays in service the same way. One past
+/// the grace, or whose replacement could not be opened, or that waited longer than the lead (a
+/// background job's connection, used now and then), is retired as bb8 would, and never handed
 /// out. A replacement nothing took within the lead is closed: an idle pool keeps no extra
 /// connection (Lakebase can scale to zero).
 struct Renewal<C> {
@@ -277,10 +277,9 @@ impl<C: Send + 'static> Manager<C> {
         if in_grace && matches!(found, Replacement::Coming) {
             return false;
         }
-        // One in use that never asked (left in the pool through its whole lead, say) asks now
-        // and serves on as one whose replacement is late.
-        let in_use = span.idle_gap.is_some_and(|gap| gap < renewal.grace());
-        if in_grace && in_use && span.replacement.is_none() {
+        // One in frequent use that never asked (left in the pool through its whole lead, say)
+        // asks now and serves on as one whose replacement is late.
+        if in_grace && frequent && span.replacement.is_none() {
             span.replacement = self.open_spare(renewal);
             if span.replacement.is_some() {
                 return false;
@@ -289,7 +288,9 @@ impl<C: Send + 'static> Manager<C> {
         if returning && frequent && !expired && span.replacement.is_none() {
             span.replacement = self.open_spare(renewal);
         }
-        if expired {
+        // Logged once, as it comes back: bb8 puts one that failed its checkout test back
+        // through `has_broken` too.
+        if expired && returning {
             let replacement = match (found, span.replacement) {
                 (Replacement::Coming, _) => "still logging in past the grace",
                 (_, Some(_)) => "failed to open, or was closed unclaimed",
@@ -890,10 +891,10 @@ mod tests {
         }
     }
 
-    /// One in use that reached its end without having asked for a replacement (left in the
-    /// pool through its whole lead, say) asks now and serves on while the replacement logs in,
-    /// as one whose replacement is late does; one that sat idle for longer than the grace is
-    /// retired.
+    /// One in frequent use that reached its end without having asked for a replacement (left
+    /// in the pool through its whole lead, say) asks now and serves on while the replacement
+    /// logs in, as one whose replacement is late does; one that sat idle for longer than the
+    /// lead (a background job's) is retired.
     #[tokio::test]
     async fn one_in_use_that_never_asked_asks_at_its_end_and_serves_on() {
         let renewal = Arc::new(Renewal::new(Duration::from_secs(60), 0.0));
@@ -904,8 +905,9 @@ mod tests {
         assert!(conn.span.replacement.is_some(), "asked at its end");
         assert_eq!(renewal.spares().len(), 1, "its replacement is logging in");
 
+        // Idle for longer than the lead (15 s), if not the grace (30 s).
         let (mut idle, _) = Probe::ending_in(2, Duration::ZERO, None);
-        idle.span.returned = Instant::now().checked_sub(Duration::from_secs(40));
+        idle.span.returned = Instant::now().checked_sub(Duration::from_secs(20));
         assert!(manager.renew(&mut idle, false), "retired");
         assert_eq!(idle.span.replacement, None);
     }
