@@ -107,7 +107,7 @@ enum Replacement<C> {
     Ready(C),
     /// Still logging in.
     Coming,
-    /// None: its opening failed, or the pool closed.
+    /// None: its opening failed, nothing took it within the lead, or the pool closed.
     Gone,
 }
 
@@ -917,11 +917,7 @@ mod tests {
         let renewal = Arc::new(Renewal::new(Duration::from_secs(60), 0.0));
         let manager = probe_manager(&renewal);
         let (fresh, _) = Probe::ending_in(2, Duration::from_secs(60), None);
-        renewal.spares().push(Spare {
-            number: 7,
-            owner: 7,
-            conn: Some(fresh),
-        });
+        renewal.spares().push(spare(7, 7, Some(fresh)));
         let (mut conn, old_closed_on) = Probe::ending_in(1, Duration::from_secs(1), Some(7));
 
         // Checked out, and coming back: both may put the replacement in its place.
