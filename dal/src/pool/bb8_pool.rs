@@ -22,6 +22,9 @@ pub(crate) type Open<C> = Arc<dyn Fn() -> BoxFuture<'static, Result<C>> + Send +
 pub(crate) struct Kind<C> {
     /// `diesel` or `postgres`, for metrics and health.
     pub(crate) name: &'static str,
+    /// Whether a connection may go out without a check: back moments ago with every request
+    /// answered. Asked at every checkout, so it neither waits nor allocates.
+    pub(crate) is_settled: fn(&mut C) -> bool,
     /// Checks a connection with a round trip.
     pub(crate) is_valid: for<'c> fn(&'c mut C) -> BoxFuture<'c, Result<()>>,
     /// Checks a connection without a round trip.
@@ -464,27 +467,35 @@ fn open_stamped<C: Send + 'static>(
     })
 }
 
+/// The pool holds each connection boxed: bb8 moves a connection several times per checkout
+/// and return (into its idle queue, out of it, into the guard), and a pointer moves at the
+/// cost of a register where Diesel's `AsyncPgConnection` (424 bytes) is copied.
 impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
-    type Connection = C;
+    type Connection = Box<C>;
     type Error = Error;
 
-    fn connect(&self) -> impl std::future::Future<Output = Result<C>> + Send {
-        self.open()
+    fn connect(&self) -> impl std::future::Future<Output = Result<Box<C>>> + Send {
+        let open = self.open();
+        async move { open.await.map(Box::new) }
     }
 
-    fn is_valid(&self, conn: &mut C) -> impl std::future::Future<Output = Result<()>> + Send {
+    fn is_valid(&self, conn: &mut Box<C>) -> impl std::future::Future<Output = Result<()>> + Send {
         let expired = self.renew(conn, false);
-        let test = (self.kind.is_valid)(conn);
+        let test = (!expired && !(self.kind.is_settled)(conn)).then(|| (self.kind.is_valid)(conn));
         async move {
             if expired {
                 return Err(Error::Pool("past its lifetime".to_owned()));
             }
-            test.await
-                .map_err(|e| Error::Pool(ErrorChain(&e).to_string()))
+            match test {
+                Some(test) => test
+                    .await
+                    .map_err(|e| Error::Pool(ErrorChain(&e).to_string())),
+                None => Ok(()),
+            }
         }
     }
 
-    fn has_broken(&self, conn: &mut C) -> bool {
+    fn has_broken(&self, conn: &mut Box<C>) -> bool {
         self.closed.load(Ordering::Relaxed)
             || (self.kind.has_broken)(conn)
             || self.renew(conn, true)
@@ -666,8 +677,11 @@ impl<C: Send + 'static> Pool<C> {
     /// tried to open for it fails (one failed attempt fails one caller), with
     /// [`Error::PoolTimeout`] after the acquire timeout, and with [`Error::PoolClosed`] after
     /// [`Connector::shutdown`](crate::Connector::shutdown).
+    ///
+    /// The guard dereferences to the pool's box of the connection (`Box<C>`), and through it
+    /// to `C`: method calls and Diesel's `&mut conn` reach the connection either way.
     pub async fn get(&self) -> Result<bb8::PooledConnection<'_, Manager<C>>> {
-        self.checkout(Box::pin(self.core.pool.get())).await
+        self.checkout(self.core.pool.get()).await
     }
 
     /// Like [`get`](Self::get), for a connection that does not borrow the pool; boxed, so that
@@ -677,7 +691,7 @@ impl<C: Send + 'static> Pool<C> {
     pub(crate) fn get_owned(
         &self,
     ) -> BoxFuture<'_, Result<bb8::PooledConnection<'static, Manager<C>>>> {
-        Box::pin(self.checkout(Box::pin(self.core.pool.get_owned())))
+        Box::pin(self.checkout(self.core.pool.get_owned()))
     }
 
     /// Waits for a turn, then for `get` (bb8's checkout) or for a failure meant for this
@@ -694,9 +708,9 @@ impl<C: Send + 'static> Pool<C> {
     /// (an idle connection, a free turn, a socket whose reply is already there) never
     /// yields otherwise, and a caller looping over such checkouts kept the other tasks of
     /// its thread from running, and so from asking for a turn at all.
-    async fn checkout<T: std::ops::DerefMut<Target = C>>(
+    async fn checkout<T: std::ops::DerefMut<Target = Box<C>>>(
         &self,
-        get: BoxFuture<'_, std::result::Result<T, bb8::RunError<Error>>>,
+        get: impl std::future::Future<Output = std::result::Result<T, bb8::RunError<Error>>>,
     ) -> Result<T> {
         tokio::task::consume_budget().await;
         let core = &*self.core;
@@ -731,7 +745,7 @@ impl<C: Send + 'static> Pool<C> {
                     return Err(Error::Connect { source: cause });
                 }
             };
-            if let Some(span) = core.lifespan.and_then(|lifespan| lifespan(&mut *conn)) {
+            if let Some(span) = core.lifespan.and_then(|lifespan| lifespan(&mut **conn)) {
                 span.turn = Some(turn);
             }
             Ok(conn)
@@ -851,6 +865,7 @@ mod tests {
 
     const PROBE: Kind<Probe> = Kind {
         name: "probe",
+        is_settled: |_| true,
         is_valid: probe_valid,
         has_broken: |_| false,
         lifespan: Some(probe_span),

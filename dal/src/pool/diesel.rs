@@ -20,24 +20,24 @@ pub type DieselPool = Pool<AsyncPgConnection>;
 /// Diesel connections in a bb8 pool.
 pub(crate) const KIND: Kind<AsyncPgConnection> = Kind {
     name: "diesel",
+    is_settled,
     is_valid,
     has_broken,
     lifespan: Some(|conn| timer(conn).map(|timer| &mut timer.lifespan)),
 };
 
+/// Handed out without a check: came back within
+/// [`RECENTLY_USED`](super::reset::RECENTLY_USED) with every query it started answered, no
+/// transaction open in diesel-async and its socket open. Any other (idle longer, or a query
+/// whose future was dropped before its answer: a cancelled `BEGIN`, say) is checked.
+fn is_settled(conn: &mut AsyncPgConnection) -> bool {
+    timer(conn).is_some_and(|timer| timer.settled()) && !PoolableConnection::is_broken(conn)
+}
+
 /// Checks a connection before it is handed out again: alive, and outside any transaction
 /// (see [`reset`](super::reset)).
-///
-/// A connection that came back within [`RECENTLY_USED`](super::reset::RECENTLY_USED) with
-/// every query it started answered, no transaction open in diesel-async and its socket open
-/// is handed out without a round trip. Any other (idle longer, or a query whose future was
-/// dropped before its answer: a cancelled `BEGIN`, say) runs the check.
 fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
     Box::pin(async move {
-        let settled = timer(conn).is_some_and(|timer| timer.settled());
-        if settled && !PoolableConnection::is_broken(conn) {
-            return Ok(());
-        }
         let checked = conn.batch_execute(OUTSIDE_TRANSACTION).await;
         if let Some(timer) = timer(conn) {
             // Whatever was in flight has been answered before the check was.

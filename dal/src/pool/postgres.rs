@@ -93,34 +93,41 @@ impl PgClient {
 /// tokio-postgres clients in a bb8 pool.
 pub(crate) const KIND: Kind<PgClient> = Kind {
     name: "postgres",
+    is_settled,
     is_valid,
     has_broken,
     lifespan: Some(|conn| Some(&mut conn.lifespan)),
 };
 
+/// Handed out without a check: came back within [`RECENTLY_USED`], its socket open and its
+/// session idle (every request answered, nothing queued, outside a transaction: see
+/// [`Wire::session`]). Without TLS the wire is not followed, and every checkout checks.
+fn is_settled(conn: &mut PgClient) -> bool {
+    let Some(wire) = &conn.wire else {
+        return false;
+    };
+    matches!(wire.session(), Session::Idle)
+        && !conn.client.is_closed()
+        && conn
+            .lifespan
+            .returned
+            .is_some_and(|at| at.elapsed() < RECENTLY_USED)
+}
+
 /// Checks a connection before it is handed out again: alive, and outside any transaction
 /// (see [`reset`](super::reset)).
 ///
-/// One that came back within [`RECENTLY_USED`] whose session is idle (every request
-/// answered, nothing queued, outside a transaction: see [`Wire::session`]) is handed out
-/// without a round trip. Any other runs an empty query, whose `ReadyForQuery` tells the
-/// transaction status, and a `ROLLBACK` when it is not idle. One whose replies wait for a row
-/// stream its last user kept is not handed out (a request would wait behind them); the stream
-/// still gets its rows. Without TLS the wire is not followed, and the check is the one the
-/// other pools run.
+/// Runs an empty query, whose `ReadyForQuery` tells the transaction status, and a `ROLLBACK`
+/// when it is not idle. One whose replies wait for a row stream its last user kept is not
+/// handed out (a request would wait behind them); the stream still gets its rows. Without
+/// TLS the wire is not followed, and the check is the one the other pools run.
 fn is_valid(conn: &mut PgClient) -> BoxFuture<'_, Result<()>> {
     Box::pin(async move {
         let client = &conn.client;
         let in_transaction = match &conn.wire {
             Some(wire) => {
-                let recent = conn
-                    .lifespan
-                    .returned
-                    .is_some_and(|at| at.elapsed() < RECENTLY_USED);
-                match wire.session() {
-                    Session::Idle if recent && !client.is_closed() => return Ok(()),
-                    Session::HeldBack => return Err(held_back()),
-                    Session::Idle | Session::Unknown => {}
+                if let Session::HeldBack = wire.session() {
+                    return Err(held_back());
                 }
                 tokio::select! {
                     biased;

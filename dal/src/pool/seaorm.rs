@@ -36,6 +36,7 @@ use crate::telemetry::{self, PoolHealth};
 /// SeaORM connections in a bb8 pool.
 pub(crate) const KIND: Kind<Conn> = Kind {
     name: "seaorm",
+    is_settled,
     is_valid,
     has_broken,
     lifespan: Some(|conn| Some(&mut conn.lifespan)),
@@ -303,11 +304,21 @@ fn query_err(e: sqlx::Error) -> DbErr {
     DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))
 }
 
-/// Checks a connection before it is handed out again: alive, and outside any transaction.
-///
-/// A connection that came back within [`RECENTLY_USED`] with every statement answered goes
-/// out without a round trip. Any other (idle longer, or a statement whose future was dropped
-/// before its answer) runs the check, after which everything it had in flight is answered.
+/// Handed out without a check: came back within [`RECENTLY_USED`] with every statement
+/// answered, and no statement found stale since. Any other (idle longer, or a statement
+/// whose future was dropped before its answer) is checked.
+fn is_settled(conn: &mut Conn) -> bool {
+    !conn.stale
+        && conn.open == 0
+        && conn
+            .lifespan
+            .returned
+            .is_some_and(|at| at.elapsed() < RECENTLY_USED)
+}
+
+/// Checks a connection before it is handed out again: alive, and outside any transaction;
+/// after the check, everything it had in flight is answered. Drops the cached statements
+/// of one that found a statement stale.
 fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
     Box::pin(async move {
         let sqlx_err = |e| Error::SeaOrm(DbErr::Conn(RuntimeErr::SqlxError(Arc::new(e))));
@@ -317,14 +328,6 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
                 .await
                 .map_err(sqlx_err)?;
             conn.stale = false;
-        }
-        let settled = conn.open == 0
-            && conn
-                .lifespan
-                .returned
-                .is_some_and(|at| at.elapsed() < RECENTLY_USED);
-        if settled {
-            return Ok(());
         }
         let checked = sqlx::raw_sql(OUTSIDE_TRANSACTION).execute(conn.raw()).await;
         conn.open = 0;
