@@ -315,7 +315,7 @@ impl<C: Send + 'static> Manager<C> {
             return None;
         }
         let (open, renewal) = (self.open(), Arc::clone(renewal));
-        let (is_valid, lifespan) = (self.kind.is_valid, self.kind.lifespan);
+        let (is_valid, lifespan, name) = (self.kind.is_valid, self.kind.lifespan, self.kind.name);
         let number = renewal.openings.fetch_add(1, Ordering::Relaxed);
         renewal.spares().push(Spare {
             number,
@@ -348,7 +348,13 @@ impl<C: Send + 'static> Manager<C> {
             // Not taken by then: the pool went idle, or the connection it was for ended.
             // Closed here, outside the lock that checkouts take.
             tokio::time::sleep(renewal.lead()).await;
-            drop(renewal.take_numbered(number));
+            if let Some(unclaimed) = renewal.take_numbered(number) {
+                drop(unclaimed);
+                tracing::debug!(
+                    pool = name,
+                    "a replacement no connection took within the lead is closed"
+                );
+            }
         });
         Some(number)
     }
