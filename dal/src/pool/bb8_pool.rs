@@ -81,8 +81,9 @@ impl Lifespan {
 /// the lead there before its last checkout, asks then and stays in service the same way. One past
 /// the grace, or whose replacement could not be opened, or that waited longer than the lead (a
 /// background job's connection, used now and then), is retired as bb8 would, and never handed
-/// out. A replacement nothing took within the lead is closed: an idle pool keeps no extra
-/// connection (Lakebase can scale to zero).
+/// out. A replacement nothing took within the lead and the grace (its connection may be out on
+/// a long request past its end) is closed: an idle pool keeps no extra connection for longer
+/// (Lakebase can scale to zero).
 struct Renewal<C> {
     lifetime: Duration,
     jitter: f64,
@@ -346,13 +347,14 @@ impl<C: Send + 'static> Manager<C> {
                 return;
             }
             // Not taken by then: the pool went idle, or the connection it was for ended.
-            // Closed here, outside the lock that checkouts take.
-            tokio::time::sleep(renewal.lead()).await;
+            // Kept for the grace too, since the connection it is for may be out on a long
+            // request past its end. Closed here, outside the lock that checkouts take.
+            tokio::time::sleep(renewal.lead() + renewal.grace()).await;
             if let Some(unclaimed) = renewal.take_numbered(number) {
                 drop(unclaimed);
                 tracing::debug!(
                     pool = name,
-                    "a replacement no connection took within the lead is closed"
+                    "a replacement no connection took within the lead and the grace is closed"
                 );
             }
         });
@@ -931,6 +933,37 @@ mod tests {
         idle.span.returned = Instant::now().checked_sub(Duration::from_secs(20));
         assert!(manager.renew(&mut idle, false), "retired");
         assert_eq!(idle.span.replacement, None);
+    }
+
+    /// A replacement that is ready while its connection is out on a long request (past the
+    /// lead, if not the grace) waits for it: closed after the lead alone, the connection came
+    /// back past its end to find none, was retired, and the pool logged in on the request path.
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_waits_for_its_connection_out_on_a_long_request() {
+        let renewal = Arc::new(Renewal::new(Duration::from_secs(60), 0.0));
+        let manager = Manager {
+            open: Arc::new(|| {
+                Box::pin(async { Ok(Probe::ending_in(2, Duration::from_secs(60), None).0) })
+            }),
+            ..probe_manager(&renewal)
+        };
+        let (mut conn, _) = Probe::ending_in(1, Duration::ZERO, None);
+        assert!(
+            !manager.renew(&mut conn, false),
+            "asks at its end and serves on"
+        );
+        while renewal.spares().iter().all(|spare| spare.conn.is_none()) {
+            tokio::task::yield_now().await;
+        }
+
+        // Out for longer than the lead (15 s) on paused time; the clock of its lifetime, and
+        // so of its grace (30 s), stands still.
+        tokio::time::sleep(renewal.lead() + Duration::from_secs(1)).await;
+        assert!(
+            !manager.renew(&mut conn, true),
+            "the replacement took its place"
+        );
+        assert_eq!(conn.name, 2);
     }
 
     #[tokio::test]
