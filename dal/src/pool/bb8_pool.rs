@@ -52,6 +52,9 @@ pub(crate) struct Lifespan {
     replacement: Option<u64>,
     /// The turn its current user waited for (see [`Pool::get`]), given up as it comes back.
     turn: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Its checkout test failed: bb8 closes it as it comes back, whatever `has_broken`
+    /// answers, so it leaves its replacement where it is (for one past its end to take).
+    failed: bool,
 }
 
 impl Lifespan {
@@ -85,6 +88,8 @@ impl Lifespan {
 /// a long request past its end) is closed: an idle pool keeps no extra connection for longer
 /// (Lakebase can scale to zero).
 struct Renewal<C> {
+    /// The pool's kind, for its debug events.
+    pool: &'static str,
     lifetime: Duration,
     jitter: f64,
     /// The slowest recent login, in microseconds, decaying by an eighth at each login.
@@ -116,8 +121,9 @@ enum Replacement<C> {
 }
 
 impl<C> Renewal<C> {
-    fn new(lifetime: Duration, jitter: f64) -> Self {
+    fn new(pool: &'static str, lifetime: Duration, jitter: f64) -> Self {
         Self {
+            pool,
             lifetime,
             jitter,
             slow_login_us: AtomicU64::new(0),
@@ -248,6 +254,9 @@ impl<C: Send + 'static> Manager<C> {
             span.returned = Some(now);
         } else {
             span.idle_gap = span.returned.map(|at| now.duration_since(at));
+        }
+        if span.failed {
+            return true;
         }
         let Some(renewal) = &self.renewal else {
             return false;
@@ -395,6 +404,10 @@ impl<C> Renewal<C> {
                 .is_some_and(|at| at <= now);
             if stale {
                 close_in_background(spares.remove(index).conn);
+                tracing::debug!(
+                    pool = self.pool,
+                    "a replacement reached its own lifetime before a connection took it; closed"
+                );
             } else {
                 index += 1;
             }
@@ -489,17 +502,24 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
 
     fn is_valid(&self, conn: &mut Box<C>) -> impl std::future::Future<Output = Result<()>> + Send {
         let expired = self.renew(conn, false);
-        let test = (!expired && !(self.kind.is_settled)(conn)).then(|| (self.kind.is_valid)(conn));
+        let test = !expired && !(self.kind.is_settled)(conn);
+        let (is_valid, lifespan) = (self.kind.is_valid, self.kind.lifespan);
         async move {
-            if expired {
-                return Err(Error::Pool("past its lifetime".to_owned()));
-            }
-            match test {
-                Some(test) => test
+            let checked = if expired {
+                Err(Error::Pool("past its lifetime".to_owned()))
+            } else if test {
+                is_valid(conn)
                     .await
-                    .map_err(|e| Error::Pool(ErrorChain(&e).to_string())),
-                None => Ok(()),
+                    .map_err(|e| Error::Pool(ErrorChain(&e).to_string()))
+            } else {
+                Ok(())
+            };
+            if checked.is_err()
+                && let Some(span) = lifespan.and_then(|f| f(conn))
+            {
+                span.failed = true;
             }
+            checked
         }
     }
 
@@ -592,9 +612,11 @@ pub(crate) fn build<C: Send + 'static>(
     let closed = Arc::new(AtomicBool::new(false));
     let (name, lifespan) = (kind.name, kind.lifespan);
     let renewal = match (kind.lifespan, settings.max_lifetime()) {
-        (Some(_), Some(lifetime)) => {
-            Some(Arc::new(Renewal::new(lifetime, settings.lifetime_jitter())))
-        }
+        (Some(_), Some(lifetime)) => Some(Arc::new(Renewal::new(
+            name,
+            lifetime,
+            settings.lifetime_jitter(),
+        ))),
         _ => None,
     };
     // bb8's lifetime counts from when bb8 took a connection in, which a replacement does not
@@ -920,7 +942,7 @@ mod tests {
     /// lead (a background job's) is retired.
     #[tokio::test]
     async fn one_in_use_that_never_asked_asks_at_its_end_and_serves_on() {
-        let renewal = Arc::new(Renewal::new(Duration::from_secs(60), 0.0));
+        let renewal = Arc::new(Renewal::new("probe", Duration::from_secs(60), 0.0));
         let manager = probe_manager(&renewal);
         let (mut conn, _) = Probe::ending_in(1, Duration::ZERO, None);
 
@@ -940,7 +962,7 @@ mod tests {
     /// back past its end to find none, was retired, and the pool logged in on the request path.
     #[tokio::test(start_paused = true)]
     async fn a_replacement_waits_for_its_connection_out_on_a_long_request() {
-        let renewal = Arc::new(Renewal::new(Duration::from_secs(60), 0.0));
+        let renewal = Arc::new(Renewal::new("probe", Duration::from_secs(60), 0.0));
         let manager = Manager {
             open: Arc::new(|| {
                 Box::pin(async { Ok(Probe::ending_in(2, Duration::from_secs(60), None).0) })
@@ -968,7 +990,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_replaced_connection_is_closed_on_a_task_of_its_own() {
-        let renewal = Arc::new(Renewal::new(Duration::from_secs(60), 0.0));
+        let renewal = Arc::new(Renewal::new("probe", Duration::from_secs(60), 0.0));
         let manager = probe_manager(&renewal);
         let (fresh, _) = Probe::ending_in(2, Duration::from_secs(60), None);
         renewal.spares().push(spare(7, 7, Some(fresh)));
@@ -991,6 +1013,49 @@ mod tests {
         );
     }
 
+    fn probe_dead(_: &mut Probe) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Err(Error::Pool("the server closed the connection".to_owned())) })
+    }
+
+    /// bb8 asks `has_broken` of a connection that failed its checkout test as well, and drops
+    /// whatever the connection then is: a replacement that became ready during the test and
+    /// took the failed connection's place there was closed with it.
+    #[tokio::test]
+    async fn one_that_fails_its_check_leaves_its_replacement_in_place() {
+        let renewal = Arc::new(Renewal::new("probe", Duration::from_secs(60), 0.0));
+        let manager = Manager {
+            kind: Kind {
+                is_settled: |_| false,
+                is_valid: probe_dead,
+                ..PROBE
+            },
+            ..probe_manager(&renewal)
+        };
+        renewal.spares().push(spare(7, 7, None));
+        let (conn, _) = Probe::ending_in(1, Duration::from_secs(1), Some(7));
+        let mut conn = Box::new(conn);
+
+        let checked = bb8::ManageConnection::is_valid(&manager, &mut conn).await;
+        assert!(checked.is_err(), "the check fails");
+        let (fresh, fresh_closed_on) = Probe::ending_in(2, Duration::from_secs(60), None);
+        renewal.spares()[0].conn = Some(fresh);
+
+        assert!(
+            bb8::ManageConnection::has_broken(&manager, &mut conn),
+            "the failed connection counts as broken"
+        );
+        assert_eq!(conn.name, 1, "the replacement did not take its place");
+        drop(conn);
+        assert_eq!(*fresh_closed_on.lock().unwrap(), None, "still open");
+        assert!(
+            renewal
+                .spares()
+                .iter()
+                .any(|s| s.conn.as_ref().is_some_and(|c| c.name == 2)),
+            "and ready for a connection past its end to take"
+        );
+    }
+
     /// A spare numbered `number` asked for by `owner`, ready as `conn` or still logging in.
     fn spare(number: u64, owner: u64, conn: Option<Probe>) -> Spare<Probe> {
         Spare {
@@ -1010,7 +1075,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_connection_takes_the_replacement_opened_for_it_unless_out_of_time() {
-        let renewal = Renewal::<Probe>::new(Duration::from_secs(60), 0.0);
+        let renewal = Renewal::<Probe>::new("probe", Duration::from_secs(60), 0.0);
         for number in [1, 2] {
             let (conn, _) = Probe::ending_in(10 + number, Duration::from_secs(60), None);
             renewal.spares().push(spare(number, number, Some(conn)));
@@ -1044,7 +1109,7 @@ mod tests {
     /// left with none until its own end, and the one still logging in was closed unclaimed.
     #[test]
     fn one_out_of_time_takes_a_ready_replacement_and_gives_its_own_in_exchange() {
-        let renewal = Renewal::<Probe>::new(Duration::from_secs(60), 0.0);
+        let renewal = Renewal::<Probe>::new("probe", Duration::from_secs(60), 0.0);
         let (conn, _) = Probe::ending_in(11, Duration::from_secs(60), None);
         renewal.spares().push(spare(1, 1, Some(conn)));
         renewal.spares().push(spare(2, 2, None));
@@ -1075,7 +1140,7 @@ mod tests {
 
     #[test]
     fn replacements_open_ahead_by_more_than_recent_logins_take() {
-        let short = Renewal::<()>::new(Duration::from_secs(1), 0.1);
+        let short = Renewal::<()>::new("probe", Duration::from_secs(1), 0.1);
         assert_eq!(short.lead(), Duration::from_millis(250));
         assert_eq!(short.grace(), Duration::from_secs(1), "the lifetime again");
         short.logged_in(Duration::from_millis(100));
@@ -1087,7 +1152,7 @@ mod tests {
             "half the lifetime at most"
         );
 
-        let long = Renewal::<()>::new(Duration::from_secs(55 * 60), 0.1);
+        let long = Renewal::<()>::new("probe", Duration::from_secs(55 * 60), 0.1);
         assert_eq!(long.lead(), Duration::from_secs(30));
         // An endpoint waking from zero.
         long.logged_in(Duration::from_secs(20));
