@@ -403,8 +403,9 @@ impl PoolSettings {
     /// still logging in serves on until it arrives, for at most the lifetime again (so that
     /// a login slower than a short lifetime stays off the request path too) and at most 30 s:
     /// keep the lesser of twice the lifetime and the lifetime plus 30 s below any limit the
-    /// server enforces. An idle connection past its lifetime is replaced or closed when next
-    /// checked out, or after [`idle_timeout`](Self::idle_timeout).
+    /// server enforces. A connection that reaches its end idle is closed in the background
+    /// within a tenth of the shorter of this and [`idle_timeout`](Self::idle_timeout) (at
+    /// most 30 s), and the pool opens connections up to [`min_idle`](Self::min_idle) again.
     pub fn max_lifetime(&self) -> Option<Duration> {
         self.max_lifetime
     }

@@ -3,10 +3,11 @@
 //! [`ErrorSink`](bb8::ErrorSink), and closes on shutdown.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
@@ -97,6 +98,14 @@ struct Renewal<C> {
     /// Replacements opened and not yet in the pool, in the order they were asked for.
     spares: Mutex<Vec<Spare<C>>>,
     openings: AtomicU64,
+    /// From when `due` counts.
+    epoch: Instant,
+    /// The earliest an idle connection may be retired by a sweep (see [`Core::sweep`]), in
+    /// nanoseconds from `epoch`; `u64::MAX` when none is known.
+    due: AtomicU64,
+    /// The pool's connections as the last sweep left them: any other number means some
+    /// connection came or went since, and the next sweep looks at them all.
+    swept: AtomicU32,
 }
 
 /// A replacement opened ahead for a connection near its end.
@@ -129,7 +138,44 @@ impl<C> Renewal<C> {
             slow_login_us: AtomicU64::new(0),
             spares: Mutex::new(Vec::new()),
             openings: AtomicU64::new(0),
+            epoch: Instant::now(),
+            due: AtomicU64::new(u64::MAX),
+            swept: AtomicU32::new(0),
         }
+    }
+
+    /// `at` in nanoseconds from `epoch`.
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Notes that some connection may be retired while idle from `at` on.
+    fn due_by(&self, at: Instant) {
+        self.due.fetch_min(self.nanos(at), Ordering::Relaxed);
+    }
+
+    /// From when a sweep retires a connection left idle with `span`, as a checkout would, or
+    /// as its idle timeout does: at its end if it waited in the pool for the lead or longer
+    /// before its last checkout (then it gets no replacement ahead), the lead after it came
+    /// back if it was in frequent use until then, and in any case once past the grace or
+    /// `idle_timeout` after it came back. `None`: never while idle.
+    fn retired_idle_from(
+        &self,
+        span: &Lifespan,
+        idle_timeout: Option<Duration>,
+    ) -> Option<Instant> {
+        let past_end = span.retire_at.map(|end| {
+            let out_of_grace = end + self.grace();
+            match (span.replacement, span.returned) {
+                (None, Some(back)) => out_of_grace.min(end.max(back + self.lead())),
+                (None, None) => end,
+                (Some(_), _) => out_of_grace,
+            }
+        });
+        let idle_out = idle_timeout
+            .zip(span.returned)
+            .map(|(idle, back)| back + idle);
+        past_end.into_iter().chain(idle_out).min()
     }
 
     /// How long before a connection's end its replacement opens: a quarter of the lifetime,
@@ -185,7 +231,16 @@ struct Core<C: Send + 'static> {
     max_size: u32,
     waiting: AtomicU64,
     closed: Arc<AtomicBool>,
+    sweeping: Arc<AtomicBool>,
     renewal: Option<Arc<Renewal<C>>>,
+    /// Opens connections for [`fill`](Core::fill).
+    open: Open<C>,
+    /// Idle connections [`fill`](Core::fill) keeps: `min_idle` for a renewing pool, whose
+    /// sweeps would otherwise have bb8 open one at each of their checkouts; 0 for the others,
+    /// whose `min_idle` bb8 keeps.
+    min_idle: u32,
+    /// Connections [`fill`](Core::fill) is opening.
+    filling: AtomicU32,
     /// One permit per connection the pool may hand out, given in the order callers asked.
     turns: Arc<tokio::sync::Semaphore>,
     lifespan: Option<LifespanOf<C>>,
@@ -219,6 +274,9 @@ pub struct Manager<C> {
     open: Open<C>,
     kind: Kind<C>,
     closed: Arc<AtomicBool>,
+    /// A sweep holds every idle connection (see [`Core::sweep`]): its checkouts are neither
+    /// checked nor counted as uses, and what comes back is kept unless the sweep marked it.
+    sweeping: Arc<AtomicBool>,
     renewal: Option<Arc<Renewal<C>>>,
 }
 
@@ -234,7 +292,8 @@ impl<C> std::fmt::Debug for Manager<C> {
 impl<C: Send + 'static> Manager<C> {
     /// Opens a connection and gives it its retirement instant.
     fn open(&self) -> BoxFuture<'static, Result<C>> {
-        open_stamped(Arc::clone(&self.open), &self.kind, self.renewal.clone())
+        let (name, lifespan) = (self.kind.name, self.kind.lifespan);
+        open_stamped(Arc::clone(&self.open), name, lifespan, self.renewal.clone())
     }
 
     /// Notes that `conn` is coming back (`returning`) or being checked out, and puts its
@@ -278,6 +337,9 @@ impl<C: Send + 'static> Manager<C> {
         };
         if let Replacement::Ready(fresh) = found {
             close_in_background(std::mem::replace(conn, fresh));
+            if let Some(end) = lifespan(conn).and_then(|span| span.retire_at) {
+                renewal.due_by(end);
+            }
             metrics::counter!(telemetry::CONNECTIONS_RENEWED, "pool" => self.kind.name)
                 .increment(1);
             tracing::debug!(
@@ -464,14 +526,14 @@ fn close_in_background<C: Send + 'static>(conn: C) {
     }
 }
 
-/// Opens a connection of `kind` through `open`, records how long that took and stamps its
-/// retirement instant.
+/// Opens a connection of the pool kind `name` through `open`, records how long that took and
+/// stamps its retirement instant.
 fn open_stamped<C: Send + 'static>(
     open: Open<C>,
-    kind: &Kind<C>,
+    name: &'static str,
+    lifespan: Option<LifespanOf<C>>,
     renewal: Option<Arc<Renewal<C>>>,
 ) -> BoxFuture<'static, Result<C>> {
-    let (name, lifespan) = (kind.name, kind.lifespan);
     Box::pin(async move {
         let started = Instant::now();
         let mut conn = open().await?;
@@ -481,7 +543,9 @@ fn open_stamped<C: Send + 'static>(
         if let Some(renewal) = renewal {
             renewal.logged_in(took);
             if let Some(span) = lifespan.and_then(|f| f(&mut conn)) {
-                span.retire_at = Some(renewal.retire_at());
+                let end = renewal.retire_at();
+                span.retire_at = Some(end);
+                renewal.due_by(end);
             }
         }
         Ok(conn)
@@ -501,8 +565,9 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     }
 
     fn is_valid(&self, conn: &mut Box<C>) -> impl std::future::Future<Output = Result<()>> + Send {
-        let expired = self.renew(conn, false);
-        let test = !expired && !(self.kind.is_settled)(conn);
+        let sweeping = self.sweeping.load(Ordering::Relaxed);
+        let expired = !sweeping && self.renew(conn, false);
+        let test = !sweeping && !expired && !(self.kind.is_settled)(conn);
         let (is_valid, lifespan) = (self.kind.is_valid, self.kind.lifespan);
         async move {
             let checked = if expired {
@@ -524,9 +589,14 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     }
 
     fn has_broken(&self, conn: &mut Box<C>) -> bool {
-        self.closed.load(Ordering::Relaxed)
-            || (self.kind.has_broken)(conn)
-            || self.renew(conn, true)
+        if self.closed.load(Ordering::Relaxed) || (self.kind.has_broken)(conn) {
+            return true;
+        }
+        if self.sweeping.load(Ordering::Relaxed) {
+            let lifespan = self.kind.lifespan.and_then(|f| f(conn));
+            return lifespan.is_some_and(|span| span.failed);
+        }
+        self.renew(conn, true)
     }
 }
 
@@ -610,6 +680,7 @@ pub(crate) fn build<C: Send + 'static>(
         keep: settings.acquire_timeout,
     });
     let closed = Arc::new(AtomicBool::new(false));
+    let sweeping = Arc::new(AtomicBool::new(false));
     let (name, lifespan) = (kind.name, kind.lifespan);
     let renewal = match (kind.lifespan, settings.max_lifetime()) {
         (Some(_), Some(lifetime)) => Some(Arc::new(Renewal::new(
@@ -626,18 +697,26 @@ pub(crate) fn build<C: Send + 'static>(
         None => settings.jittered_lifetime(),
     };
     let manager = Manager {
-        open,
+        open: Arc::clone(&open),
         kind,
         closed: Arc::clone(&closed),
+        sweeping: Arc::clone(&sweeping),
         renewal: renewal.clone(),
+    };
+    let every = reaper_rate(settings.max_lifetime(), settings.idle_timeout);
+    // bb8 opens a connection whenever its idle ones drop below its `min_idle`, a sweep's
+    // checkouts too: a renewing pool keeps `min_idle` itself (see `Core::fill`).
+    let (min_idle, bb8_min_idle) = match renewal {
+        Some(_) => (settings.min_idle, 0),
+        None => (0, settings.min_idle),
     };
     let pool = bb8::Pool::builder()
         .max_size(settings.max_size)
-        .min_idle(Some(settings.min_idle).filter(|n| *n > 0))
+        .min_idle(Some(bb8_min_idle).filter(|n| *n > 0))
         .connection_timeout(settings.acquire_timeout)
         .idle_timeout(settings.idle_timeout)
         .max_lifetime(lifetime)
-        .reaper_rate(reaper_rate(settings.max_lifetime(), settings.idle_timeout))
+        .reaper_rate(every)
         // Failures are reported to the waiting callers instead of being retried until they
         // time out; has_broken still drops dead connections.
         .retry_connection(false)
@@ -654,14 +733,47 @@ pub(crate) fn build<C: Send + 'static>(
         max_size: settings.max_size,
         waiting: AtomicU64::new(0),
         closed,
+        sweeping,
         renewal,
+        open,
+        min_idle,
+        filling: AtomicU32::new(0),
         turns: Arc::new(tokio::sync::Semaphore::new(settings.max_size as usize)),
         lifespan,
         metrics: PoolMetrics::new(name),
     });
+    if core.renewal.is_some() {
+        tokio::spawn(sweep_every(
+            Arc::downgrade(&core),
+            every,
+            settings.idle_timeout,
+        ));
+    }
     let handle: Arc<dyn PoolHandle> = core.clone();
     registry.add(Arc::downgrade(&handle));
     Pool { core }
+}
+
+/// Sweeps a renewing pool's idle connections (see [`Core::sweep`]) and opens connections up
+/// to its `min_idle` (see [`Core::fill`]) as it starts and then as often as bb8's reaper
+/// passes, until the pool is closed or dropped.
+async fn sweep_every<C: Send + 'static>(
+    core: std::sync::Weak<Core<C>>,
+    every: Duration,
+    idle_timeout: Option<Duration>,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match core.upgrade() {
+            Some(core) if !core.closed.load(Ordering::Relaxed) => {
+                core.sweep(idle_timeout);
+                core.fill();
+            }
+            _ => return,
+        }
+    }
 }
 
 /// How often bb8 closes idle connections past their lifetime or idle timeout: it checks
@@ -815,6 +927,108 @@ impl<C: Send + 'static> Pool<C> {
     }
 }
 
+impl<C: Send + 'static> Core<C> {
+    /// Retires the idle connections that a checkout would retire, or that reached their idle
+    /// timeout, so that [`fill`](Core::fill) opens fresh ones up to `min_idle`. bb8's
+    /// reaper retires idle connections by bb8's own lifetime, which renewal switches off (see
+    /// [`build`]): without this, connections that reached their end while idle stayed in the
+    /// pool, counted towards `min_idle`, and were retired only at the next checkouts, which
+    /// then waited for logins.
+    ///
+    /// Runs only when some connection may be due, or some came or went since the last sweep,
+    /// and only while no caller holds or waits for a connection: it takes every turn and
+    /// every idle connection for a moment, with no round trip. A connection it keeps goes
+    /// back with bb8's idle clock restarted, so it notes that connection's idle timeout by
+    /// the pool's own clock (when it last came back from a caller) and retires it then.
+    fn sweep(&self, idle_timeout: Option<Duration>) {
+        let (Some(renewal), Some(lifespan)) = (&self.renewal, self.lifespan) else {
+            return;
+        };
+        let now = Instant::now();
+        let due = renewal.due.load(Ordering::Relaxed) <= renewal.nanos(now);
+        let changed = self.pool.state().connections != renewal.swept.load(Ordering::Relaxed);
+        if !(due || changed) {
+            return;
+        }
+        let Ok(_turns) = self.turns.try_acquire_many(self.max_size) else {
+            return;
+        };
+        renewal.due.store(u64::MAX, Ordering::Relaxed);
+        self.sweeping.store(true, Ordering::Relaxed);
+        let mut held = Vec::new();
+        while held.len() < self.max_size as usize && self.pool.state().idle_connections > 0 {
+            // Ready at once: a sweep's checkout neither checks nor waits.
+            match self.pool.get().now_or_never() {
+                Some(Ok(conn)) => held.push(conn),
+                _ => break,
+            }
+        }
+        let mut kept = 0;
+        for conn in &mut held {
+            let Some(span) = lifespan(conn) else {
+                kept += 1;
+                continue;
+            };
+            match renewal.retired_idle_from(span, idle_timeout) {
+                Some(from) if from <= now => span.failed = true,
+                Some(from) => {
+                    renewal.due_by(from);
+                    kept += 1;
+                }
+                None => kept += 1,
+            }
+        }
+        if kept < held.len() {
+            tracing::debug!(
+                pool = self.kind,
+                retired = held.len() - kept,
+                "idle connections past their lifetime or idle timeout are closed; the pool opens up to min_idle again"
+            );
+        }
+        renewal
+            .swept
+            .store(u32::try_from(kept).unwrap_or(u32::MAX), Ordering::Relaxed);
+        // Each one marked comes back broken, and bb8 closes it.
+        drop(held);
+        self.sweeping.store(false, Ordering::Relaxed);
+    }
+
+    /// Opens connections in the background until `min_idle` are idle or opening, within
+    /// `max_size`, and hands each to the pool as it is ready. One that cannot open is logged
+    /// and tried again at the next sweep: a caller that needs a connection opens its own.
+    fn fill(self: &Arc<Self>) {
+        let state = self.pool.state();
+        let filling = self.filling.load(Ordering::Relaxed);
+        let wanted = self
+            .min_idle
+            .saturating_sub(state.idle_connections + filling)
+            .min(self.max_size.saturating_sub(state.connections + filling));
+        for _ in 0..wanted {
+            self.filling.fetch_add(1, Ordering::Relaxed);
+            let core = Arc::clone(self);
+            let opening = open_stamped(
+                Arc::clone(&self.open),
+                self.kind,
+                self.lifespan,
+                self.renewal.clone(),
+            );
+            tokio::spawn(async move {
+                let opened = opening.await;
+                core.filling.fetch_sub(1, Ordering::Relaxed);
+                match opened {
+                    // Refused, and closed, if the pool closed or filled up meanwhile.
+                    Ok(conn) => drop(core.pool.add(Box::new(conn))),
+                    Err(e) => tracing::debug!(
+                        pool = core.kind,
+                        error = %ErrorChain(&e),
+                        "a connection kept for min_idle could not be opened; tried again at the next sweep"
+                    ),
+                }
+            });
+        }
+    }
+}
+
 impl<C: Send + 'static> PoolHandle for Core<C> {
     fn health(&self) -> PoolHealth {
         let state = self.pool.state();
@@ -906,6 +1120,7 @@ mod tests {
             open: Arc::new(|| Box::pin(async { Err(Error::PoolClosed) })),
             kind: PROBE,
             closed: Arc::new(AtomicBool::new(false)),
+            sweeping: Arc::new(AtomicBool::new(false)),
             renewal: Some(Arc::clone(renewal)),
         }
     }
@@ -1054,6 +1269,88 @@ mod tests {
                 .any(|s| s.conn.as_ref().is_some_and(|c| c.name == 2)),
             "and ready for a connection past its end to take"
         );
+    }
+
+    /// Probes that open with names counting up from 1, and how each was closed.
+    fn counted_probes() -> (Open<Probe>, Arc<Mutex<Vec<ClosedOn>>>) {
+        let closed: Arc<Mutex<Vec<ClosedOn>>> = Arc::default();
+        let log = Arc::clone(&closed);
+        let open: Open<Probe> = Arc::new(move || {
+            let mut log = log.lock().unwrap();
+            let (probe, closed_on) =
+                Probe::ending_in(log.len() as u64 + 1, Duration::from_secs(600), None);
+            log.push(closed_on);
+            Box::pin(async move { Ok(probe) })
+        });
+        (open, closed)
+    }
+
+    /// Waits for `done`, checking every 10 ms, for a minute at most.
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(60), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        waited
+            .await
+            .unwrap_or_else(|_| panic!("after a minute: not {what}"));
+    }
+
+    /// A pool that sits idle for longer than its connections' lifetime, within its idle
+    /// timeout, closes them in the background and keeps `min_idle` fresh ones: bb8's reaper
+    /// retires idle connections by bb8's own lifetime, which renewal switches off, so the
+    /// idle ones stayed in the pool past their end (counted towards `min_idle`, and holding a
+    /// server connection), and the first checkouts after the idle spell retired them and
+    /// waited for logins.
+    #[tokio::test]
+    async fn an_idle_pool_closes_connections_past_their_end_and_keeps_min_idle_fresh() {
+        let (open, closed) = counted_probes();
+        let settings = PoolSettings::builder()
+            .max_size(4)
+            .min_idle(1)
+            .max_lifetime(Some(Duration::from_millis(300)))
+            .lifetime_jitter(0.0)
+            .idle_timeout(None)
+            .build()
+            .unwrap();
+        let pool = build(PROBE, open, &settings, &Registry::default());
+        drop([pool.get().await.unwrap(), pool.get().await.unwrap()]);
+        let before: Vec<ClosedOn> = closed.lock().unwrap().clone();
+
+        eventually(
+            "every connection opened before the idle spell closed",
+            || before.iter().all(|c| c.lock().unwrap().is_some()),
+        )
+        .await;
+        eventually("one idle connection, opened since", || {
+            let state = pool.state();
+            (state.connections, state.idle_connections) == (1, 1)
+        })
+        .await;
+    }
+
+    /// A sweep takes every idle connection out for a moment: bb8 opens one whenever its idle
+    /// ones fall below its `min_idle`, so each sweep opened connections until the pool was full.
+    #[tokio::test(start_paused = true)]
+    async fn sweeps_open_no_connection() {
+        let (open, closed) = counted_probes();
+        let settings = PoolSettings::builder()
+            .max_size(8)
+            .min_idle(1)
+            .max_lifetime(Some(Duration::from_secs(1)))
+            .build()
+            .unwrap();
+        let pool = build(PROBE, open, &settings, &Registry::default());
+        drop([pool.get().await.unwrap(), pool.get().await.unwrap()]);
+        // Paused: tokio's clock runs the sweeps; the connections' lifetimes stand still.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let opened = closed.lock().unwrap().len();
+        assert!(
+            opened <= 3,
+            "two callers and min_idle 1 need 2 or 3 connections; {opened} opened"
+        );
+        assert_eq!(pool.state().connections as usize, opened, "none closed");
     }
 
     /// A spare numbered `number` asked for by `owner`, ready as `conn` or still logging in.
