@@ -405,7 +405,8 @@ impl PoolSettings {
     /// keep the lesser of twice the lifetime and the lifetime plus 30 s below any limit the
     /// server enforces. A connection that reaches its end idle is closed in the background
     /// within a tenth of the shorter of this and [`idle_timeout`](Self::idle_timeout) (at
-    /// most 30 s), and the pool opens connections up to [`min_idle`](Self::min_idle) again.
+    /// most 30 s); the connections that keep [`min_idle`](Self::min_idle) log in ahead of the
+    /// ends of those they follow.
     pub fn max_lifetime(&self) -> Option<Duration> {
         self.max_lifetime
     }

@@ -768,8 +768,8 @@ async fn sweep_every<C: Send + 'static>(
         ticks.tick().await;
         match core.upgrade() {
             Some(core) if !core.closed.load(Ordering::Relaxed) => {
-                core.sweep(idle_timeout);
-                core.fill();
+                let lasting = core.sweep(idle_timeout);
+                core.fill(lasting);
             }
             _ => return,
         }
@@ -929,7 +929,8 @@ impl<C: Send + 'static> Pool<C> {
 
 impl<C: Send + 'static> Core<C> {
     /// Retires the idle connections that a checkout would retire, or that reached their idle
-    /// timeout, so that [`fill`](Core::fill) opens fresh ones up to `min_idle`. bb8's
+    /// timeout, and returns how many it kept that are not within the lead of their end (for
+    /// [`fill`](Core::fill) to open others ahead, up to `min_idle`), if it looked. bb8's
     /// reaper retires idle connections by bb8's own lifetime, which renewal switches off (see
     /// [`build`]): without this, connections that reached their end while idle stayed in the
     /// pool, counted towards `min_idle`, and were retired only at the next checkouts, which
@@ -940,19 +941,15 @@ impl<C: Send + 'static> Core<C> {
     /// every idle connection for a moment, with no round trip. A connection it keeps goes
     /// back with bb8's idle clock restarted, so it notes that connection's idle timeout by
     /// the pool's own clock (when it last came back from a caller) and retires it then.
-    fn sweep(&self, idle_timeout: Option<Duration>) {
-        let (Some(renewal), Some(lifespan)) = (&self.renewal, self.lifespan) else {
-            return;
-        };
+    fn sweep(&self, idle_timeout: Option<Duration>) -> Option<u32> {
+        let (renewal, lifespan) = self.renewal.as_ref().zip(self.lifespan)?;
         let now = Instant::now();
         let due = renewal.due.load(Ordering::Relaxed) <= renewal.nanos(now);
         let changed = self.pool.state().connections != renewal.swept.load(Ordering::Relaxed);
         if !(due || changed) {
-            return;
+            return None;
         }
-        let Ok(_turns) = self.turns.try_acquire_many(self.max_size) else {
-            return;
-        };
+        let _turns = self.turns.try_acquire_many(self.max_size).ok()?;
         renewal.due.store(u64::MAX, Ordering::Relaxed);
         self.sweeping.store(true, Ordering::Relaxed);
         let mut held = Vec::new();
@@ -963,19 +960,27 @@ impl<C: Send + 'static> Core<C> {
                 _ => break,
             }
         }
-        let mut kept = 0;
+        let (mut kept, mut lasting) = (0, 0);
+        let lead = renewal.lead();
         for conn in &mut held {
             let Some(span) = lifespan(conn) else {
-                kept += 1;
+                (kept, lasting) = (kept + 1, lasting + 1);
                 continue;
             };
-            match renewal.retired_idle_from(span, idle_timeout) {
-                Some(from) if from <= now => span.failed = true,
-                Some(from) => {
-                    renewal.due_by(from);
-                    kept += 1;
-                }
-                None => kept += 1,
+            let retired_from = renewal.retired_idle_from(span, idle_timeout);
+            if retired_from.is_some_and(|from| from <= now) {
+                span.failed = true;
+                continue;
+            }
+            kept += 1;
+            // The next sweep that finds it near its end has another opened ahead.
+            let near_end = span.retire_at.and_then(|end| end.checked_sub(lead));
+            let near_end = near_end.filter(|at| *at > now && self.min_idle > 0);
+            if near_end.is_some() || span.retire_at.is_none() {
+                lasting += 1;
+            }
+            if let Some(at) = near_end.into_iter().chain(retired_from).min() {
+                renewal.due_by(at);
             }
         }
         if kept < held.len() {
@@ -991,17 +996,22 @@ impl<C: Send + 'static> Core<C> {
         // Each one marked comes back broken, and bb8 closes it.
         drop(held);
         self.sweeping.store(false, Ordering::Relaxed);
+        Some(u32::try_from(lasting).unwrap_or(u32::MAX))
     }
 
-    /// Opens connections in the background until `min_idle` are idle or opening, within
-    /// `max_size`, and hands each to the pool as it is ready. One that cannot open is logged
-    /// and tried again at the next sweep: a caller that needs a connection opens its own.
-    fn fill(self: &Arc<Self>) {
+    /// Opens connections in the background until `min_idle` are open or opening, within
+    /// `max_size`, and hands each to the pool as it is ready. Counts the pool's connections,
+    /// or, after a sweep that looked at them all, the `lasting` ones it kept: so a pool left
+    /// idle has its next `min_idle` connections logged in before the last ones end. One that
+    /// cannot open is logged and tried again at the next sweep: a caller that needs a
+    /// connection opens its own.
+    fn fill(self: &Arc<Self>, lasting: Option<u32>) {
         let state = self.pool.state();
         let filling = self.filling.load(Ordering::Relaxed);
+        let open = lasting.unwrap_or(state.connections);
         let wanted = self
             .min_idle
-            .saturating_sub(state.idle_connections + filling)
+            .saturating_sub(open + filling)
             .min(self.max_size.saturating_sub(state.connections + filling));
         for _ in 0..wanted {
             self.filling.fetch_add(1, Ordering::Relaxed);
@@ -1328,6 +1338,37 @@ mod tests {
             (state.connections, state.idle_connections) == (1, 1)
         })
         .await;
+    }
+
+    /// An idle connection near its end has the one that will follow it opened ahead, so that
+    /// the pool never lacks `min_idle` connections within their lifetime while it is idle.
+    #[tokio::test]
+    async fn an_idle_connection_near_its_end_has_its_successor_opened_ahead() {
+        let (open, closed) = counted_probes();
+        let settings = PoolSettings::builder()
+            .max_size(4)
+            .min_idle(1)
+            .max_lifetime(Some(Duration::from_secs(60)))
+            .build()
+            .unwrap();
+        let pool = build(PROBE, open, &settings, &Registry::default());
+        eventually("min_idle open", || pool.state().idle_connections == 1).await;
+        let mut conn = pool.get().await.unwrap();
+        let lead = pool.core.renewal.as_ref().unwrap().lead();
+        conn.span.retire_at = Some(Instant::now() + lead / 2);
+        drop(conn);
+
+        assert_eq!(
+            pool.core.sweep(None),
+            Some(0),
+            "its one connection is near its end"
+        );
+        pool.core.fill(Some(0));
+        eventually("a second connection open", || pool.state().connections == 2).await;
+        assert!(
+            closed.lock().unwrap()[0].lock().unwrap().is_none(),
+            "opened while the first is still open"
+        );
     }
 
     /// A sweep takes every idle connection out for a moment: bb8 opens one whenever its idle

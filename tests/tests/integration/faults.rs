@@ -667,6 +667,89 @@ async fn connections_are_replaced_ahead_of_their_lifetime_off_the_request_path()
     assert_logins_stay_off_the_request_path(&connector, Duration::from_secs(4)).await;
 }
 
+/// A pool left idle for longer than its lifetime, within its idle timeout, has its next
+/// `min_idle` connections logged in before its last ones end, so that the requests that
+/// resume find them: before, the idle connections stayed in the pools past their end, and the
+/// first checkouts after the idle spell retired them and waited for logins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_spell_longer_than_the_lifetime_puts_no_login_on_the_request_path() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "idlespell").await;
+    let lifetime = Duration::from_secs(6);
+    let pool = PoolSettings::builder()
+        .max_size(4)
+        .min_idle(2)
+        .max_lifetime(Some(lifetime))
+        .idle_timeout(Some(Duration::from_secs(120)))
+        .build()
+        .unwrap();
+    let connector = Connector::new(pg.config("idlespell", "idlespell", &password).pool(pool))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    let created = |s: dal::bb8::State| s.statistics.connections_created;
+    let waited = |s: dal::bb8::State| s.statistics.get_waited;
+    // Two connections of each at once, as a burst of requests takes them.
+    let burst = || async {
+        let (a, b, c) = tokio::join!(
+            futures_util::future::join_all((0..2).map(|_| async {
+                let mut conn = diesel.get().await?;
+                dal::diesel::sql_query("SELECT 1")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| dal::Error::Pool(e.to_string()))
+            })),
+            futures_util::future::join_all((0..2).map(|_| db.execute_unprepared("SELECT 1"))),
+            futures_util::future::join_all((0..2).map(|_| async {
+                raw.get().await?.batch_execute("SELECT 1").await?;
+                Ok::<_, dal::Error>(())
+            })),
+        );
+        let failed: Vec<String> = (a.into_iter().map(|r| r.err().map(|e| e.to_string())))
+            .chain(b.into_iter().map(|r| r.err().map(|e| e.to_string())))
+            .chain(c.into_iter().map(|r| r.err().map(|e| e.to_string())))
+            .flatten()
+            .collect();
+        assert!(failed.is_empty(), "{failed:?}");
+    };
+    burst().await;
+    let opened_before = connector.connections_opened();
+
+    tokio::time::sleep(lifetime.mul_f64(2.5)).await;
+    let renewed = connector.connections_opened() - opened_before;
+    // Read only now: bb8 counts a connection it opened for a caller after handing it over.
+    let before = [
+        created(db.state()),
+        created(diesel.state()),
+        created(raw.state()),
+    ];
+    let waited_before = (waited(diesel.state()), waited(raw.state()));
+    burst().await;
+    let after = [
+        created(db.state()),
+        created(diesel.state()),
+        created(raw.state()),
+    ];
+    println!(
+        "idle spell of 2.5 lifetimes: {renewed} connections opened in the background; \
+         opened at the burst by seaorm {}, diesel {}, tokio-postgres {}",
+        after[0] - before[0],
+        after[1] - before[1],
+        after[2] - before[2],
+    );
+    // Each pool's two lived through at least two lifetimes.
+    assert!(renewed >= 12, "renewed {renewed}");
+    assert_eq!(after, before, "a pool logged in on the request path");
+    assert_eq!(
+        (waited(diesel.state()), waited(raw.state())),
+        waited_before,
+        "a Diesel or tokio-postgres checkout waited"
+    );
+    connector.shutdown().await;
+}
+
 /// Logins off the request path even when a login takes longer than the whole lifetime: each
 /// takes 8.4 s more here (a server slow to log in, or a Lakebase endpoint waking from zero)
 /// against an 8 s lifetime, so each replacement, opened at most half the lifetime ahead,
