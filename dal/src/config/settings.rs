@@ -425,6 +425,10 @@ impl PoolSettings {
     }
 }
 
+/// The longest `max_lifetime` and `idle_timeout`: a year, far past any server's limit, and
+/// near enough that an instant that far ahead can always be counted.
+const LONGEST_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Builds [`PoolSettings`]; [`build`](Self::build) checks them.
 #[derive(Debug, Clone)]
 pub struct PoolSettingsBuilder(PoolSettings);
@@ -451,15 +455,17 @@ impl PoolSettingsBuilder {
         self
     }
 
-    /// Sets [`idle_timeout`](PoolSettings::idle_timeout); `None` keeps idle connections.
+    /// Sets [`idle_timeout`](PoolSettings::idle_timeout), more than zero and at most 365
+    /// days; `None` keeps idle connections.
     #[must_use]
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.0.idle_timeout = timeout;
         self
     }
 
-    /// Sets [`max_lifetime`](PoolSettings::max_lifetime); `None` keeps connections forever
-    /// (not on Aurora DSQL, which closes them after 60 minutes).
+    /// Sets [`max_lifetime`](PoolSettings::max_lifetime), more than zero and at most 365
+    /// days; `None` keeps connections forever (not on Aurora DSQL, which closes them after 60
+    /// minutes).
     #[must_use]
     pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
         self.0.max_lifetime = lifetime;
@@ -491,6 +497,18 @@ impl PoolSettingsBuilder {
                 Setting::PoolAcquireTimeout,
                 "must be more than zero, such as 10 s",
             ));
+        }
+        for (setting, limit) in [
+            (Setting::PoolMaxLifetime, s.max_lifetime),
+            (Setting::PoolIdleTimeout, s.idle_timeout),
+        ] {
+            if limit.is_some_and(|d| d.is_zero() || d > LONGEST_LIMIT) {
+                return Err(Error::config(
+                    setting,
+                    "must be more than zero and at most 365 days, or none (0 in the \
+                     environment) to keep connections",
+                ));
+            }
         }
         if !(0.0..1.0).contains(&s.lifetime_jitter) {
             return Err(Error::config(
@@ -930,6 +948,28 @@ mod tests {
                 Setting::PoolLifetimeJitter
             );
         }
+        // bb8 panics on a zero idle timeout, and a lifetime past what an `Instant` can count
+        // panicked as the first connection opened.
+        for wrong in [
+            Duration::ZERO,
+            Duration::from_secs(366 * 24 * 3600),
+            Duration::MAX,
+        ] {
+            assert_eq!(
+                setting_of(b().idle_timeout(Some(wrong)).build()),
+                Setting::PoolIdleTimeout
+            );
+            assert_eq!(
+                setting_of(b().max_lifetime(Some(wrong)).build()),
+                Setting::PoolMaxLifetime
+            );
+        }
+        let err = b().max_lifetime(Some(Duration::ZERO)).build().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting DAL_POOL_MAX_LIFETIME_SECS: must be more than zero and at most 365 \
+             days, or none (0 in the environment) to keep connections"
+        );
         let built = b()
             .max_size(4)
             .min_idle(4)
