@@ -27,13 +27,16 @@ pub(crate) struct Kind<C> {
     /// answered. Asked at every checkout, so it neither waits nor allocates.
     pub(crate) is_settled: fn(&mut C) -> bool,
     /// Checks a connection with a round trip.
-    pub(crate) is_valid: for<'c> fn(&'c mut C) -> BoxFuture<'c, Result<()>>,
+    pub(crate) is_valid: IsValid<C>,
     /// Checks a connection without a round trip.
     pub(crate) has_broken: fn(&mut C) -> bool,
     /// Where a connection keeps its [`Lifespan`], for kinds that keep one: the pool then opens
     /// its replacement ahead (see [`Renewal`]). `None`: bb8's own lifetime applies.
     pub(crate) lifespan: Option<LifespanOf<C>>,
 }
+
+/// Checks a connection with a round trip.
+pub(crate) type IsValid<C> = for<'c> fn(&'c mut C) -> BoxFuture<'c, Result<()>>;
 
 /// Where a connection keeps its [`Lifespan`].
 pub(crate) type LifespanOf<C> = for<'c> fn(&'c mut C) -> Option<&'c mut Lifespan>;
@@ -233,8 +236,9 @@ struct Core<C: Send + 'static> {
     closed: Arc<AtomicBool>,
     sweeping: Arc<AtomicBool>,
     renewal: Option<Arc<Renewal<C>>>,
-    /// Opens connections for [`fill`](Core::fill).
+    /// Opens connections for [`fill`](Core::fill), and checks them as they open.
     open: Open<C>,
+    is_valid: IsValid<C>,
     /// Idle connections [`fill`](Core::fill) keeps: `min_idle` for a renewing pool, whose
     /// sweeps would otherwise have bb8 open one at each of their checkouts; 0 for the others,
     /// whose `min_idle` bb8 keeps.
@@ -336,16 +340,7 @@ impl<C: Send + 'static> Manager<C> {
             _ => Replacement::Gone,
         };
         if let Replacement::Ready(fresh) = found {
-            close_in_background(std::mem::replace(conn, fresh));
-            if let Some(end) = lifespan(conn).and_then(|span| span.retire_at) {
-                renewal.due_by(end);
-            }
-            metrics::counter!(telemetry::CONNECTIONS_RENEWED, "pool" => self.kind.name)
-                .increment(1);
-            tracing::debug!(
-                pool = self.kind.name,
-                "a connection was replaced ahead of its lifetime"
-            );
+            renewal.swap_in(lifespan, conn, fresh);
             return false;
         }
         let in_grace = expired && now < at + renewal.grace();
@@ -395,18 +390,7 @@ impl<C: Send + 'static> Manager<C> {
             conn: None,
         });
         runtime.spawn(async move {
-            // Checked here, so that its first checkout need not wait for the round trip of a
-            // kind that checks a fresh connection; it then counts as one that just came back.
-            let opened = async {
-                let mut conn = open.await?;
-                is_valid(&mut conn).await?;
-                if let Some(span) = lifespan.and_then(|f| f(&mut conn)) {
-                    span.returned = Some(Instant::now());
-                }
-                Ok::<_, Error>(conn)
-            }
-            .await;
-            let conn = match opened {
+            let conn = match checked(open, is_valid, lifespan).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::debug!(error = %ErrorChain(&e), "a replacement connection could not be opened ahead");
@@ -494,6 +478,31 @@ impl<C> Renewal<C> {
             .map_or(Replacement::Coming, Replacement::Ready)
     }
 
+    /// Puts `fresh`, a ready replacement, in the place of `conn`, which closes on a task of its
+    /// own. The replacement takes over the place's record of use: how long it waited before
+    /// its last checkout, and when it last came back, or was checked, if that is later.
+    fn swap_in(&self, lifespan: LifespanOf<C>, conn: &mut C, fresh: C)
+    where
+        C: Send + 'static,
+    {
+        let used = lifespan(conn).map(|span| (span.returned, span.idle_gap));
+        close_in_background(std::mem::replace(conn, fresh));
+        if let Some(span) = lifespan(conn) {
+            if let Some((returned, idle_gap)) = used {
+                span.returned = span.returned.max(returned);
+                span.idle_gap = idle_gap;
+            }
+            if let Some(end) = span.retire_at {
+                self.due_by(end);
+            }
+        }
+        metrics::counter!(telemetry::CONNECTIONS_RENEWED, "pool" => self.pool).increment(1);
+        tracing::debug!(
+            pool = self.pool,
+            "a connection was replaced ahead of its lifetime"
+        );
+    }
+
     /// Puts `conn` in the place of spare `number`, still logging in; closes it if the pool
     /// closed (no such spare). Returns whether it was put there.
     fn logged_in_spare(&self, number: u64, conn: C) -> bool {
@@ -513,6 +522,22 @@ impl<C> Renewal<C> {
         let index = spares.iter().position(|s| s.number == number)?;
         spares.remove(index).conn
     }
+}
+
+/// Checks a connection as it opens, so that its first checkout need not wait for the round
+/// trip of a kind that checks a fresh connection (SeaORM's); it then counts as one that just
+/// came back.
+async fn checked<C>(
+    open: BoxFuture<'static, Result<C>>,
+    is_valid: IsValid<C>,
+    lifespan: Option<LifespanOf<C>>,
+) -> Result<C> {
+    let mut conn = open.await?;
+    is_valid(&mut conn).await?;
+    if let Some(span) = lifespan.and_then(|f| f(&mut conn)) {
+        span.returned = Some(Instant::now());
+    }
+    Ok(conn)
 }
 
 /// Closes a connection its replacement took the place of in a task of its own: closing
@@ -681,7 +706,7 @@ pub(crate) fn build<C: Send + 'static>(
     });
     let closed = Arc::new(AtomicBool::new(false));
     let sweeping = Arc::new(AtomicBool::new(false));
-    let (name, lifespan) = (kind.name, kind.lifespan);
+    let (name, lifespan, is_valid) = (kind.name, kind.lifespan, kind.is_valid);
     let renewal = match (kind.lifespan, settings.max_lifetime()) {
         (Some(_), Some(lifetime)) => Some(Arc::new(Renewal::new(
             name,
@@ -736,6 +761,7 @@ pub(crate) fn build<C: Send + 'static>(
         sweeping,
         renewal,
         open,
+        is_valid,
         min_idle,
         filling: AtomicU32::new(0),
         turns: Arc::new(tokio::sync::Semaphore::new(settings.max_size as usize)),
@@ -752,6 +778,22 @@ pub(crate) fn build<C: Send + 'static>(
     let handle: Arc<dyn PoolHandle> = core.clone();
     registry.add(Arc::downgrade(&handle));
     Pool { core }
+}
+
+/// The sweeping mode of a pool's manager (see [`Manager::sweeping`]), left as the guard drops.
+struct Sweeping<'a>(&'a AtomicBool);
+
+impl<'a> Sweeping<'a> {
+    fn start(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        Self(flag)
+    }
+}
+
+impl Drop for Sweeping<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Sweeps a renewing pool's idle connections (see [`Core::sweep`]) and opens connections up
@@ -911,7 +953,10 @@ impl<C: Send + 'static> Pool<C> {
         got
     }
 
-    /// The bb8 pool itself, for its full API.
+    /// The bb8 pool itself, for its full API: `dedicated_connection`, say, for a connection
+    /// outside the pool. A connection checked out through it skips what [`get`](Self::get)
+    /// adds (the order of waiting callers, and the renewal's and idle sweeps' accounts of
+    /// connections in use), so check out with `get`.
     pub fn inner(&self) -> &bb8::Pool<Manager<C>> {
         &self.core.pool
     }
@@ -951,7 +996,9 @@ impl<C: Send + 'static> Core<C> {
         }
         let _turns = self.turns.try_acquire_many(self.max_size).ok()?;
         renewal.due.store(u64::MAX, Ordering::Relaxed);
-        self.sweeping.store(true, Ordering::Relaxed);
+        // Declared before the connections, so that they go back (even in a panic) before
+        // the pool leaves its sweeping mode.
+        let _sweeping = Sweeping::start(&self.sweeping);
         let mut held = Vec::new();
         while held.len() < self.max_size as usize && self.pool.state().idle_connections > 0 {
             // Ready at once: a sweep's checkout neither checks nor waits.
@@ -963,6 +1010,17 @@ impl<C: Send + 'static> Core<C> {
         let (mut kept, mut lasting) = (0, 0);
         let lead = renewal.lead();
         for conn in &mut held {
+            let conn: &mut C = conn;
+            // One whose replacement is ready takes it, as at a checkout.
+            let asked = lifespan(conn).and_then(|span| {
+                let expired = span.retire_at.is_some_and(|end| end <= now);
+                span.replacement.map(|own| (own, expired))
+            });
+            if let Some((own, expired)) = asked
+                && let Replacement::Ready(fresh) = renewal.take_spare(lifespan, now, own, expired)
+            {
+                renewal.swap_in(lifespan, conn, fresh);
+            }
             let Some(span) = lifespan(conn) else {
                 (kept, lasting) = (kept + 1, lasting + 1);
                 continue;
@@ -995,7 +1053,6 @@ impl<C: Send + 'static> Core<C> {
             .store(u32::try_from(kept).unwrap_or(u32::MAX), Ordering::Relaxed);
         // Each one marked comes back broken, and bb8 closes it.
         drop(held);
-        self.sweeping.store(false, Ordering::Relaxed);
         Some(u32::try_from(lasting).unwrap_or(u32::MAX))
     }
 
@@ -1006,6 +1063,9 @@ impl<C: Send + 'static> Core<C> {
     /// cannot open is logged and tried again at the next sweep: a caller that needs a
     /// connection opens its own.
     fn fill(self: &Arc<Self>, lasting: Option<u32>) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
         let state = self.pool.state();
         let filling = self.filling.load(Ordering::Relaxed);
         let open = lasting.unwrap_or(state.connections);
@@ -1022,12 +1082,16 @@ impl<C: Send + 'static> Core<C> {
                 self.lifespan,
                 self.renewal.clone(),
             );
+            let opening = checked(opening, self.is_valid, self.lifespan);
             tokio::spawn(async move {
                 let opened = opening.await;
+                // Counted as opening until the pool has it: a sweep in between would open
+                // another.
+                let added = opened.map(|conn| drop(core.pool.add(Box::new(conn))));
                 core.filling.fetch_sub(1, Ordering::Relaxed);
-                match opened {
+                match added {
                     // Refused, and closed, if the pool closed or filled up meanwhile.
-                    Ok(conn) => drop(core.pool.add(Box::new(conn))),
+                    Ok(()) => {}
                     Err(e) => tracing::debug!(
                         pool = core.kind,
                         error = %ErrorChain(&e),
@@ -1084,6 +1148,8 @@ mod tests {
         name: u64,
         span: Lifespan,
         closed_on: ClosedOn,
+        /// Checked with a round trip (see `probe_check`).
+        checked: bool,
     }
 
     impl Probe {
@@ -1098,6 +1164,7 @@ mod tests {
                 name,
                 span,
                 closed_on: Arc::clone(&closed_on),
+                checked: false,
             };
             (probe, closed_on)
         }
@@ -1238,6 +1305,24 @@ mod tests {
         );
     }
 
+    /// A replacement that takes its connection's place as that one comes back counts as come
+    /// back then: it kept the instant it was checked as it opened, so that the pool took it
+    /// for one not in frequent use, and an idle sweep closed it early for its idle timeout.
+    #[tokio::test]
+    async fn a_replacement_swapped_in_as_its_connection_comes_back_counts_as_come_back() {
+        let renewal = Arc::new(Renewal::new("probe", Duration::from_secs(60), 0.0));
+        let manager = probe_manager(&renewal);
+        let (mut fresh, _) = Probe::ending_in(2, Duration::from_secs(60), None);
+        fresh.span.returned = Instant::now().checked_sub(Duration::from_secs(10));
+        renewal.spares().push(spare(7, 7, Some(fresh)));
+        let (mut conn, _) = Probe::ending_in(1, Duration::from_secs(1), Some(7));
+
+        let back = Instant::now();
+        assert!(!manager.renew(&mut conn, true), "not past its lifetime");
+        assert_eq!(conn.name, 2, "the replacement took its place");
+        assert!(conn.span.returned.is_some_and(|at| at >= back));
+    }
+
     fn probe_dead(_: &mut Probe) -> BoxFuture<'_, Result<()>> {
         Box::pin(async { Err(Error::Pool("the server closed the connection".to_owned())) })
     }
@@ -1369,6 +1454,60 @@ mod tests {
             closed.lock().unwrap()[0].lock().unwrap().is_none(),
             "opened while the first is still open"
         );
+    }
+
+    /// An idle connection whose replacement is ready takes it at a sweep, as at a checkout:
+    /// the sweep left it in place, counted the connection as near its end, and had another
+    /// opened besides.
+    #[tokio::test]
+    async fn an_idle_connection_takes_its_ready_replacement_at_a_sweep() {
+        let (open, closed) = counted_probes();
+        let settings = PoolSettings::builder()
+            .max_size(4)
+            .min_idle(1)
+            .max_lifetime(Some(Duration::from_secs(60)))
+            .build()
+            .unwrap();
+        let pool = build(PROBE, open, &settings, &Registry::default());
+        eventually("min_idle open", || pool.state().idle_connections == 1).await;
+        let renewal = Arc::clone(pool.core.renewal.as_ref().unwrap());
+        renewal.spares().push(spare(7, 7, None));
+        let mut conn = pool.get().await.unwrap();
+        conn.span.retire_at = Some(Instant::now() + renewal.lead() / 2);
+        conn.span.replacement = Some(7);
+        drop(conn);
+        // Ready once its connection is back in the pool.
+        let (fresh, _) = Probe::ending_in(99, Duration::from_secs(60), None);
+        renewal.spares()[0].conn = Some(fresh);
+
+        assert_eq!(pool.core.sweep(None), Some(1), "its replacement lasts");
+        assert!(renewal.spares().is_empty(), "taken");
+        eventually("the old one closed", || {
+            closed.lock().unwrap()[0].lock().unwrap().is_some()
+        })
+        .await;
+        assert_eq!(pool.get().await.unwrap().name, 99);
+    }
+
+    fn probe_check(probe: &mut Probe) -> BoxFuture<'_, Result<()>> {
+        probe.checked = true;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// A connection opened to keep `min_idle` is checked as it opens, as a replacement is:
+    /// one that came back moments ago goes out without a check, and SeaORM's connections
+    /// cannot tell without one that the server closed them before their first use.
+    #[tokio::test]
+    async fn connections_kept_for_min_idle_are_checked_as_they_open() {
+        let (open, _) = counted_probes();
+        let settings = PoolSettings::builder().min_idle(1).build().unwrap();
+        let kind = Kind {
+            is_valid: probe_check,
+            ..PROBE
+        };
+        let pool = build(kind, open, &settings, &Registry::default());
+        eventually("min_idle open", || pool.state().idle_connections == 1).await;
+        assert!(pool.get().await.unwrap().checked);
     }
 
     /// A sweep takes every idle connection out for a moment: bb8 opens one whenever its idle
