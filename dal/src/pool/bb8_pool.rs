@@ -1425,10 +1425,9 @@ mod tests {
         .await;
     }
 
-    /// An idle connection near its end has the one that will follow it opened ahead, so that
-    /// the pool never lacks `min_idle` connections within their lifetime while it is idle.
-    #[tokio::test]
-    async fn an_idle_connection_near_its_end_has_its_successor_opened_ahead() {
+    /// A pool of up to four `kind` connections living a minute, once it has opened the one
+    /// `min_idle` asks for; and how each connection it opened was closed.
+    async fn one_idle(kind: Kind<Probe>) -> (Pool<Probe>, Arc<Mutex<Vec<ClosedOn>>>) {
         let (open, closed) = counted_probes();
         let settings = PoolSettings::builder()
             .max_size(4)
@@ -1436,8 +1435,16 @@ mod tests {
             .max_lifetime(Some(Duration::from_secs(60)))
             .build()
             .unwrap();
-        let pool = build(PROBE, open, &settings, &Registry::default());
+        let pool = build(kind, open, &settings, &Registry::default());
         eventually("min_idle open", || pool.state().idle_connections == 1).await;
+        (pool, closed)
+    }
+
+    /// An idle connection near its end has the one that will follow it opened ahead, so that
+    /// the pool never lacks `min_idle` connections within their lifetime while it is idle.
+    #[tokio::test]
+    async fn an_idle_connection_near_its_end_has_its_successor_opened_ahead() {
+        let (pool, closed) = one_idle(PROBE).await;
         let mut conn = pool.get().await.unwrap();
         let lead = pool.core.renewal.as_ref().unwrap().lead();
         conn.span.retire_at = Some(Instant::now() + lead / 2);
@@ -1461,15 +1468,7 @@ mod tests {
     /// opened besides.
     #[tokio::test]
     async fn an_idle_connection_takes_its_ready_replacement_at_a_sweep() {
-        let (open, closed) = counted_probes();
-        let settings = PoolSettings::builder()
-            .max_size(4)
-            .min_idle(1)
-            .max_lifetime(Some(Duration::from_secs(60)))
-            .build()
-            .unwrap();
-        let pool = build(PROBE, open, &settings, &Registry::default());
-        eventually("min_idle open", || pool.state().idle_connections == 1).await;
+        let (pool, closed) = one_idle(PROBE).await;
         let renewal = Arc::clone(pool.core.renewal.as_ref().unwrap());
         renewal.spares().push(spare(7, 7, None));
         let mut conn = pool.get().await.unwrap();
@@ -1499,14 +1498,11 @@ mod tests {
     /// cannot tell without one that the server closed them before their first use.
     #[tokio::test]
     async fn connections_kept_for_min_idle_are_checked_as_they_open() {
-        let (open, _) = counted_probes();
-        let settings = PoolSettings::builder().min_idle(1).build().unwrap();
         let kind = Kind {
             is_valid: probe_check,
             ..PROBE
         };
-        let pool = build(kind, open, &settings, &Registry::default());
-        eventually("min_idle open", || pool.state().idle_connections == 1).await;
+        let (pool, _) = one_idle(kind).await;
         assert!(pool.get().await.unwrap().checked);
     }
 
