@@ -473,6 +473,13 @@ impl PerCore {
             .max_size(share(all.max_size()))
             .min_idle(share(all.min_idle()))
             .build()?;
+        // Threads named for their driver (`diesel-core-0`), so that `perf report --comms` and
+        // `top -H` tell the two stacks' threads apart.
+        let driver = if each == Kind::DieselDal {
+            "diesel"
+        } else {
+            "postgres"
+        };
         let mut started = Vec::with_capacity(cores);
         for core in 0..cores {
             let (server, connector) = (server.clone(), connector.clone());
@@ -481,7 +488,7 @@ impl PerCore {
             let (jobs, mut queue) = tokio::sync::mpsc::unbounded_channel::<Job>();
             let warm = warm.div_ceil(cores);
             let thread = std::thread::Builder::new()
-                .name(format!("core-{core}"))
+                .name(format!("{driver}-core-{core}"))
                 .spawn(move || {
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
