@@ -211,12 +211,15 @@ pub fn text(r: &Report) -> String {
         st.all_connected_ms
     );
     let extra = r.rss.dal_kib as i64 - r.rss.plain_kib as i64;
+    let anon = r.rss.dal_anon_kib as i64 - r.rss.plain_anon_kib as i64;
     let _ = writeln!(
         s,
-        "Idle RSS, SeaORM + Diesel pools of 10 connections each: dal {} KiB, plain {} KiB ({extra:+} KiB; goal <= +1024: {})",
+        "Idle RSS, SeaORM + Diesel pools of 10 connections each: dal {} KiB, plain {} KiB ({extra:+} KiB; goal <= +1024: {}); of which anonymous (heap, stacks): dal {} KiB, plain {} KiB ({anon:+} KiB), the rest mapped from files (code that ran)",
         r.rss.dal_kib,
         r.rss.plain_kib,
-        verdict(extra <= 1024)
+        verdict(extra <= 1024),
+        r.rss.dal_anon_kib,
+        r.rss.plain_anon_kib,
     );
     s
 }

@@ -297,11 +297,16 @@ pub async fn cold_storm(
 }
 
 /// Resident memory of a process holding a SeaORM and a Diesel pool of ten open connections
-/// each: through dal, and built plain.
+/// each: through dal, and built plain. The whole (`VmRSS`) and its anonymous part
+/// (`RssAnon`: heap, stacks, buffers); the rest is mapped from files, mostly the pages of
+/// the program's code that have run (the kernel maps code in blocks of up to 64 KiB around
+/// each page first run, so it counts how widely the code that ran is spread).
 #[derive(Debug, Serialize)]
 pub struct Rss {
     pub dal_kib: u64,
     pub plain_kib: u64,
+    pub dal_anon_kib: u64,
+    pub plain_anon_kib: u64,
 }
 
 /// The variable that tells a child process to measure its memory instead of benchmarking.
@@ -311,7 +316,7 @@ pub const PROBE_VAR: &str = "DAL_LOAD_RSS_PROBE";
 /// this program; the medians.
 pub async fn rss(server: &Server, rounds: usize) -> anyhow::Result<Rss> {
     let me = std::env::current_exe()?;
-    let mut sides: [Vec<u64>; 2] = Default::default();
+    let mut sides: [Vec<[u64; 2]>; 2] = Default::default();
     for _ in 0..rounds {
         for (i, side) in ["dal", "plain"].into_iter().enumerate() {
             let out = tokio::process::Command::new(&me)
@@ -330,18 +335,33 @@ pub async fn rss(server: &Server, rounds: usize) -> anyhow::Result<Rss> {
                 "the memory probe failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
-            sides[i].push(text.trim().parse().context("the probe's answer")?);
+            let kib: Vec<u64> = text
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .context("the probe's answer")?;
+            let [whole, anon] = kib[..] else {
+                anyhow::bail!("the probe answered {text:?}, not two sizes");
+            };
+            sides[i].push([whole, anon]);
         }
     }
-    let [dal_kib, plain_kib] = sides.map(|mut v| {
+    let median = |side: &[[u64; 2]], part: usize| {
+        let mut v: Vec<u64> = side.iter().map(|kib| kib[part]).collect();
         v.sort_unstable();
         v[v.len() / 2]
-    });
-    Ok(Rss { dal_kib, plain_kib })
+    };
+    let [dal, plain] = &sides;
+    Ok(Rss {
+        dal_kib: median(dal, 0),
+        plain_kib: median(plain, 0),
+        dal_anon_kib: median(dal, 1),
+        plain_anon_kib: median(plain, 1),
+    })
 }
 
-/// The child's side of [`rss`]: builds the pools, waits for them to settle, prints VmRSS in
-/// KiB.
+/// The child's side of [`rss`]: builds the pools, waits for them to settle, prints VmRSS and
+/// RssAnon in KiB.
 pub async fn rss_probe(side: &str) -> anyhow::Result<()> {
     let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let server = Server {
@@ -365,11 +385,13 @@ pub async fn rss_probe(side: &str) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("no VmRSS in /proc/self/status")?;
-    println!("{kib}");
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next())
+            .with_context(|| format!("no {field} in /proc/self/status"))
+    };
+    println!("{} {}", kib("VmRSS")?, kib("RssAnon")?);
     Ok(())
 }
