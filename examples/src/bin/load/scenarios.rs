@@ -80,11 +80,8 @@ impl Waits {
     }
 
     fn over_rounds(rounds: &[Waits]) -> Self {
-        let mid = |pick: fn(&Waits) -> f64| {
-            let mut v: Vec<f64> = rounds.iter().map(pick).collect();
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied().unwrap_or_default()
-        };
+        let mid =
+            |pick: fn(&Waits) -> f64| middle(rounds.iter().map(pick).collect()).unwrap_or_default();
         Self {
             count: rounds.iter().map(|w| w.count).sum(),
             p99_us: mid(|w| w.p99_us),
@@ -230,16 +227,19 @@ pub async fn churn(
     Ok(out)
 }
 
+/// The middle value of `v` (the upper of the two middle ones for an even count); `None` if
+/// empty.
+fn middle<T: PartialOrd + Copy>(mut v: Vec<T>) -> Option<T> {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
+    v.get(v.len() / 2).copied()
+}
+
 /// The median of each figure over rounds (the maximum for `max_us`).
 pub fn median(samples: &[Sample]) -> Sample {
-    fn mid<T: PartialOrd + Copy>(mut v: Vec<T>) -> Option<T> {
-        v.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
-        v.get(v.len() / 2).copied()
-    }
     Sample {
-        throughput: mid(samples.iter().map(|s| s.throughput).collect()).unwrap_or_default(),
-        p50_us: mid(samples.iter().filter_map(|s| s.p50_us).collect()),
-        p99_us: mid(samples.iter().filter_map(|s| s.p99_us).collect()),
+        throughput: middle(samples.iter().map(|s| s.throughput).collect()).unwrap_or_default(),
+        p50_us: middle(samples.iter().filter_map(|s| s.p50_us).collect()),
+        p99_us: middle(samples.iter().filter_map(|s| s.p99_us).collect()),
         max_us: samples.iter().filter_map(|s| s.max_us).max(),
         requests: samples.iter().map(|s| s.requests).sum(),
         errors: samples.iter().map(|s| s.errors).sum(),
@@ -347,9 +347,7 @@ pub async fn rss(server: &Server, rounds: usize) -> anyhow::Result<Rss> {
         }
     }
     let median = |side: &[[u64; 2]], part: usize| {
-        let mut v: Vec<u64> = side.iter().map(|kib| kib[part]).collect();
-        v.sort_unstable();
-        v[v.len() / 2]
+        middle(side.iter().map(|kib| kib[part]).collect()).unwrap_or_default()
     };
     let [dal, plain] = &sides;
     Ok(Rss {
