@@ -717,13 +717,17 @@ impl Connector {
     }
 
     /// A Diesel connection to this endpoint with `token`, whose TLS session ends with
-    /// `close_notify` when diesel-async drops it.
+    /// `close_notify` when diesel-async drops it, and whose wire the pool follows.
     #[cfg(feature = "diesel")]
     fn open_diesel<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<AsyncPgConnection>> {
         Box::pin(async move {
-            let tls = CloseNotify(self.shared.tls.connector());
+            let wire = Arc::new(pool::wire::Wire::default());
+            let tls = pool::wire::TrackedTls {
+                inner: CloseNotify(self.shared.tls.connector()),
+                wire: Arc::clone(&wire),
+            };
             let (client, connection) = self.open_postgres_over(token, tls).await?;
-            pool::diesel::from_parts(client, connection).await
+            pool::diesel::from_parts(client, connection, wire).await
         })
     }
 

@@ -1,6 +1,8 @@
 //! Diesel's `AsyncPgConnection` over a connection the connector opened, checked as
 //! diesel-async's own bb8 manager checks it, and timed for telemetry.
 
+use std::sync::Arc;
+
 use diesel_async::pooled_connection::PoolableConnection;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::future::BoxFuture;
@@ -10,7 +12,7 @@ use tokio_postgres::{Client, Connection, Socket};
 use super::bb8_pool::{Kind, Lifespan, Pool};
 use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
 // diesel-async keeps the message but not the code of errors it has no kind for.
-use super::wire::STALE_PLAN;
+use super::wire::{STALE_PLAN, Wire};
 use crate::error::{Error, Result};
 use crate::telemetry;
 
@@ -28,8 +30,11 @@ pub(crate) const KIND: Kind<AsyncPgConnection> = Kind {
 
 /// Handed out without a check: came back within
 /// [`RECENTLY_USED`](super::reset::RECENTLY_USED) with every query it started answered, no
-/// transaction open in diesel-async and its socket open. Any other (idle longer, or a query
-/// whose future was dropped before its answer: a cancelled `BEGIN`, say) is checked.
+/// transaction open in diesel-async, the server's last `ReadyForQuery` saying idle (so no
+/// transaction either that a statement of the user's own opened: `BEGIN` through
+/// `batch_execute`, say) and its socket open. Any other (idle longer, a query whose future
+/// was dropped before its answer: a cancelled `BEGIN`, say, or one without TLS, whose wire
+/// is not followed) is checked.
 fn is_settled(conn: &mut AsyncPgConnection) -> bool {
     timer(conn).is_some_and(|timer| timer.settled()) && !PoolableConnection::is_broken(conn)
 }
@@ -66,14 +71,17 @@ fn timer(conn: &mut AsyncPgConnection) -> Option<&mut QueryTimer> {
     AsyncConnection::instrumentation(conn).downcast_mut::<QueryTimer>()
 }
 
-/// Wraps a freshly opened connection for Diesel, with query timing.
+/// Wraps a freshly opened connection for Diesel, with query timing; `wire` is the session's,
+/// followed when TLS carried it.
 pub(crate) async fn from_parts<S>(
     client: Client,
     connection: Connection<Socket, S>,
+    wire: Arc<Wire>,
 ) -> Result<AsyncPgConnection>
 where
     S: TlsStream + Unpin + Send + 'static,
 {
+    let wire = wire.attached().then_some(wire);
     let mut conn = AsyncPgConnection::try_from_client_and_connection(client, connection)
         .await
         .map_err(Error::DieselSetup)?;
@@ -82,6 +90,7 @@ where
         QueryTimer {
             started: None,
             open: 0,
+            wire,
             stale: false,
             // Just opened: as good as one that came back now.
             lifespan: Lifespan::returned_now(),
@@ -99,6 +108,8 @@ struct QueryTimer {
     /// Queries started and not yet answered: more than zero when a query's future was
     /// dropped before its answer came (a cancelled request is still sent and answered).
     open: u32,
+    /// The session's wire, when TLS carries it.
+    wire: Option<Arc<Wire>>,
     /// A query failed because a cached prepared statement's result type changed (SQLSTATE
     /// `0A000` after `ALTER TABLE`): every statement this connection prepared may be stale, and
     /// diesel-async cannot forget them, so the pool drops the connection when it comes back.
@@ -109,9 +120,10 @@ struct QueryTimer {
 }
 
 impl QueryTimer {
-    /// Back to the pool moments ago, with nothing in flight.
+    /// Back to the pool moments ago, with nothing in flight and outside any transaction.
     fn settled(&self) -> bool {
         self.open == 0
+            && self.wire.as_ref().is_some_and(|wire| wire.answered_idle())
             && self
                 .lifespan
                 .returned

@@ -5,9 +5,9 @@
 //! comes back (one round trip per statement, since SeaORM checks a connection out for each)
 //! and, with its defaults, every connection it hands out. This pool knows what each
 //! connection did: one that came back moments ago with every statement answered goes out
-//! without a round trip (see [`reset`](super::reset)); one idle longer, or one whose
-//! statement's future was dropped before the answer, is checked first (alive, outside any
-//! transaction). A transaction dropped before its end is rolled back at once, in a task of its
+//! without a round trip (see [`reset`](super::reset)); one idle longer, one whose
+//! statement's future was dropped before the answer, or one that ran a statement that may
+//! begin or end a transaction block, is checked first (alive, outside any transaction). A transaction dropped before its end is rolled back at once, in a task of its
 //! own, so that it holds no lock while its connection waits in the pool.
 
 use std::fmt::Write as _;
@@ -29,7 +29,7 @@ use sea_query_sqlx::SqlxValues;
 use tokio::sync::Mutex;
 
 use super::bb8_pool::{Kind, Lifespan, Manager, Pool};
-use super::reset::{OUTSIDE_TRANSACTION, RECENTLY_USED, ROLLBACK};
+use super::reset::{OUTSIDE_TRANSACTION, RECENTLY_USED, ROLLBACK, keeps_transaction};
 use crate::error::{Error, ErrorChain, Result};
 use crate::telemetry::{self, PoolHealth};
 
@@ -53,6 +53,10 @@ pub(crate) struct Conn {
     /// Statements sent and not yet answered: above zero when a future was dropped before its
     /// answer (a cancelled `BEGIN`, say).
     open: u32,
+    /// A statement of the user's own may have begun or ended a transaction block (`BEGIN`
+    /// through `execute_unprepared`, say; see [`keeps_transaction`]): sqlx keeps the status
+    /// the server reported to itself, so the next checkout checks.
+    unsure: bool,
     /// A prepared statement went stale after a schema change: forget them all before the
     /// next use, instead of failing each of them once.
     stale: bool,
@@ -74,6 +78,7 @@ impl Conn {
         Self {
             raw: Some(raw),
             open: 0,
+            unsure: false,
             stale: false,
             broken: false,
             depth: 0,
@@ -93,6 +98,12 @@ impl Conn {
     fn start(&mut self) -> Instant {
         self.open += 1;
         Instant::now()
+    }
+
+    /// [`start`](Self::start) for a user's statement `sql`.
+    fn start_user(&mut self, sql: &str) -> Instant {
+        self.unsure |= !keeps_transaction(sql);
+        self.start()
     }
 
     /// Counts a statement's answer, times it, and notes what its error says of the connection.
@@ -181,7 +192,7 @@ impl Conn {
 
     async fn execute(&mut self, stmt: &Statement) -> std::result::Result<ExecResult, DbErr> {
         self.settle().await?;
-        let started = self.start();
+        let started = self.start_user(&stmt.sql);
         let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
             .execute(self.raw())
             .await;
@@ -192,7 +203,7 @@ impl Conn {
 
     async fn execute_unprepared(&mut self, sql: &str) -> std::result::Result<ExecResult, DbErr> {
         self.settle().await?;
-        let started = self.start();
+        let started = self.start_user(sql);
         let done = self.raw().execute(AssertSqlSafe(sql.to_owned())).await;
         self.finish(started, done)
             .map(ExecResult::from)
@@ -204,7 +215,7 @@ impl Conn {
         stmt: &Statement,
     ) -> std::result::Result<Option<QueryResult>, DbErr> {
         self.settle().await?;
-        let started = self.start();
+        let started = self.start_user(&stmt.sql);
         let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
             .fetch_optional(self.raw())
             .await;
@@ -218,7 +229,7 @@ impl Conn {
         stmt: &Statement,
     ) -> std::result::Result<Vec<QueryResult>, DbErr> {
         self.settle().await?;
-        let started = self.start();
+        let started = self.start_user(&stmt.sql);
         let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
             .fetch_all(self.raw())
             .await;
@@ -305,10 +316,12 @@ fn query_err(e: sqlx::Error) -> DbErr {
 }
 
 /// Handed out without a check: came back within [`RECENTLY_USED`] with every statement
-/// answered, and no statement found stale since. Any other (idle longer, or a statement
-/// whose future was dropped before its answer) is checked.
+/// answered, none that may have begun or ended a transaction block, and no statement found
+/// stale since. Any other (idle longer, a statement whose future was dropped before its
+/// answer, a `BEGIN` of the user's own) is checked.
 fn is_settled(conn: &mut Conn) -> bool {
     !conn.stale
+        && !conn.unsure
         && conn.open == 0
         && conn
             .lifespan
@@ -331,6 +344,7 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
         }
         let checked = sqlx::raw_sql(OUTSIDE_TRANSACTION).execute(conn.raw()).await;
         conn.open = 0;
+        conn.unsure = false;
         if checked.is_err() {
             tracing::debug!(
                 pool = "seaorm",

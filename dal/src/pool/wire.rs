@@ -143,14 +143,21 @@ impl Wire {
         if !self.drained.load(SeqCst) {
             return Session::HeldBack;
         }
-        let idle = !self.unflushed.load(SeqCst)
-            && self.sent.load(SeqCst) == self.answered.load(SeqCst)
-            && self.status.load(SeqCst) == b'I';
-        if idle {
+        if self.answered_idle() {
             Session::Idle
         } else {
             Session::Unknown
         }
+    }
+
+    /// Whether every request written was flushed and answered, the last answer saying idle
+    /// (`I`): no transaction block is open, whatever statement opened or ended one. A
+    /// request still queued in the client (its future dropped before it was written) is not
+    /// counted: its caller counts it.
+    pub(crate) fn answered_idle(&self) -> bool {
+        !self.unflushed.load(SeqCst)
+            && self.sent.load(SeqCst) == self.answered.load(SeqCst)
+            && self.status.load(SeqCst) == b'I'
     }
 }
 

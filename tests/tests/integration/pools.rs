@@ -222,6 +222,71 @@ async fn the_tokio_postgres_pool_ends_a_transaction_left_open_with_and_without_t
     }
 }
 
+/// Fails inside a transaction block (see dal's pool checks): succeeds outside one.
+const OUTSIDE_TRANSACTION: &str =
+    "SELECT 1 / (statement_timestamp() = transaction_timestamp())::int";
+
+/// A Diesel connection that comes back inside a transaction a statement of the user's own
+/// began (diesel-async's transaction manager knows nothing of it) is handed out again
+/// outside it, with TLS (the pool reads the transaction status off the wire) and without
+/// (every checkout checks).
+#[tokio::test]
+async fn the_diesel_pool_ends_a_transaction_a_raw_begin_left_open_with_and_without_tls() {
+    use dal::diesel_async::SimpleAsyncConnection as _;
+    let pg = tests::server().await;
+    for mode in [SslMode::VerifyFull, SslMode::Disable] {
+        let one = PoolSettings::builder().max_size(1).build().unwrap();
+        let config = pg.superuser_config("postgres").ssl_mode(mode).pool(one);
+        let connector = Connector::new(config).await.unwrap();
+        let pool = connector.diesel_pool().await.unwrap();
+        for _ in 0..3 {
+            let mut conn = pool.get().await.unwrap();
+            let outside = conn.batch_execute(OUTSIDE_TRANSACTION).await;
+            assert!(
+                outside.is_ok(),
+                "{mode:?}: handed out inside a transaction: {outside:?}"
+            );
+            conn.batch_execute("BEGIN").await.unwrap();
+            assert!(
+                conn.batch_execute(OUTSIDE_TRANSACTION).await.is_err(),
+                "{mode:?}: BEGIN did not begin"
+            );
+        }
+        connector.shutdown().await;
+    }
+}
+
+/// The same through SeaORM, whose pool checks out a connection per statement: a `BEGIN`
+/// sent as a statement of the user's own, unprepared or prepared, behind a comment, or
+/// after another statement, does not leave the next statement inside a transaction.
+#[tokio::test]
+async fn the_seaorm_pool_ends_a_transaction_a_raw_begin_left_open() {
+    let pg = tests::server().await;
+    let one = PoolSettings::builder().max_size(1).build().unwrap();
+    let connector = Connector::new(pg.superuser_config("postgres").pool(one))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let outside = || db.execute_unprepared(OUTSIDE_TRANSACTION);
+    for begin in ["BEGIN", "/* select */ begin", "SELECT 1; START TRANSACTION"] {
+        outside().await.unwrap();
+        db.execute_unprepared(begin).await.unwrap();
+        let next = outside().await;
+        assert!(
+            next.is_ok(),
+            "{begin:?}: left inside a transaction: {next:?}"
+        );
+    }
+    let begin = Statement::from_string(DbBackend::Postgres, "BEGIN");
+    db.execute_raw(begin).await.unwrap();
+    let next = outside().await;
+    assert!(
+        next.is_ok(),
+        "a prepared BEGIN: left inside a transaction: {next:?}"
+    );
+    connector.shutdown().await;
+}
+
 /// A client given back while a row stream it started is still open: the stream's replies
 /// wait for their reader, so the next request on that connection would wait behind them.
 /// The pool hands out another connection instead, and the stream still gets every row.
