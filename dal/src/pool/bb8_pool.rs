@@ -902,8 +902,7 @@ impl<C: Send + 'static> Pool<C> {
             return Err(Error::PoolClosed);
         }
         let started = Instant::now();
-        let waiting = core.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-        core.metrics.waiting.set(waiting as f64);
+        let waiting = Waiting::enter(core);
         let got = async {
             let turns = Arc::clone(&core.turns);
             let turn = match turns.try_acquire_owned() {
@@ -935,10 +934,9 @@ impl<C: Send + 'static> Pool<C> {
             Ok(conn)
         }
         .await;
-        let waiting = core.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
+        drop(waiting);
         let waited = started.elapsed();
         let state = core.pool.state();
-        core.metrics.waiting.set(waiting as f64);
         core.metrics.connections.set(state.connections as f64);
         core.metrics.idle.set(state.idle_connections as f64);
         core.metrics.acquire.record(waited.as_secs_f64());
@@ -1103,6 +1101,25 @@ impl<C: Send + 'static> Core<C> {
     }
 }
 
+/// A caller counted among those waiting for a checkout until dropped: served, failed, or
+/// its future dropped while it waited.
+struct Waiting<'a, C: Send + 'static>(&'a Core<C>);
+
+impl<'a, C: Send + 'static> Waiting<'a, C> {
+    fn enter(core: &'a Core<C>) -> Self {
+        let waiting = core.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        core.metrics.waiting.set(waiting as f64);
+        Self(core)
+    }
+}
+
+impl<C: Send + 'static> Drop for Waiting<'_, C> {
+    fn drop(&mut self) {
+        let waiting = self.0.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.0.metrics.waiting.set(waiting as f64);
+    }
+}
+
 impl<C: Send + 'static> PoolHandle for Core<C> {
     fn health(&self) -> PoolHealth {
         let state = self.pool.state();
@@ -1226,6 +1243,28 @@ mod tests {
                 "10,000 checkouts and the other task has not run"
             );
         }
+    }
+
+    /// A caller whose checkout is dropped while it waits (a timeout, a `select!`, a client
+    /// gone) no longer counts as waiting: the count and its gauge fell back only for callers
+    /// that were served or failed, and grew with every dropped one.
+    #[tokio::test]
+    async fn a_checkout_dropped_while_it_waits_no_longer_counts_as_waiting() {
+        let (open, _) = counted_probes();
+        let settings = PoolSettings::builder().max_size(1).build().unwrap();
+        let pool = build(PROBE, open, &settings, &Registry::default());
+        let held = pool.get().await.unwrap();
+        for _ in 0..3 {
+            let mut waiting = Box::pin(pool.get());
+            let polled = futures_util::FutureExt::now_or_never(&mut waiting);
+            assert!(polled.is_none(), "the pool is full");
+            assert_eq!(pool.health().waiting, 1);
+            drop(waiting);
+            assert_eq!(pool.health().waiting, 0, "a dropped checkout still counted");
+        }
+        drop(held);
+        drop(pool.get().await.unwrap());
+        assert_eq!(pool.health().waiting, 0);
     }
 
     /// One in frequent use that reached its end without having asked for a replacement (left
