@@ -342,9 +342,11 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
                 .map_err(sqlx_err)?;
             conn.stale = false;
         }
+        // Counted in flight until the check and its `ROLLBACK` are answered: a check whose
+        // future is dropped (a cancelled checkout) leaves the connection to be checked again,
+        // not taken for one that came back moments ago.
+        conn.open += 1;
         let checked = sqlx::raw_sql(OUTSIDE_TRANSACTION).execute(conn.raw()).await;
-        conn.open = 0;
-        conn.unsure = false;
         if checked.is_err() {
             tracing::debug!(
                 pool = "seaorm",
@@ -355,6 +357,8 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
                 .await
                 .map_err(sqlx_err)?;
         }
+        conn.open = 0;
+        conn.unsure = false;
         Ok(())
     })
 }

@@ -439,6 +439,123 @@ async fn connections_the_server_closed_are_never_handed_out() {
     connector.shutdown().await;
 }
 
+/// A checkout whose check was cancelled (a connection idle past the pools' 0.5 s window is
+/// checked before it goes out) gives the connection back unchecked; it is checked again
+/// before it goes out, so that one the server closed meanwhile is never handed out. Every
+/// kind: the check is cancelled at its first await, its question sent to a server process
+/// stopped so that no answer can come first; the server then ends the session, and the next
+/// request must succeed.
+#[tokio::test]
+async fn a_connection_whose_check_was_cancelled_is_checked_before_it_goes_out() {
+    use dal::diesel::sql_types::Integer;
+    let (_pg, connector, admin) = setup("unchecked").await;
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    let pid_sql = "SELECT pg_backend_pid() AS pid";
+    let mut failed = Vec::new();
+    for kind in ["seaorm", "diesel", "postgres"] {
+        let pid: i32 = match kind {
+            "seaorm" => db
+                .query_one_raw(Statement::from_string(DbBackend::Postgres, pid_sql))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get("", "pid")
+                .unwrap(),
+            "diesel" => {
+                let mut conn = diesel.get().await.unwrap();
+                dal::diesel::select(dal::diesel::dsl::sql::<Integer>("pg_backend_pid()"))
+                    .get_result(&mut *conn)
+                    .await
+                    .unwrap()
+            }
+            _ => raw
+                .get()
+                .await
+                .unwrap()
+                .query_one(pid_sql, &[])
+                .await
+                .unwrap()
+                .get(0),
+        };
+        // Idle past the window: the next checkout checks.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let stopped = Stopped::new(pid);
+        let answered = match kind {
+            "seaorm" => cancel_after(0, db.execute_unprepared("SELECT 1"))
+                .await
+                .is_some(),
+            "diesel" => cancel_after(0, diesel.get()).await.is_some(),
+            _ => cancel_after(0, raw.get()).await.is_some(),
+        };
+        assert!(!answered, "{kind}: the checkout did not wait for its check");
+        admin
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+        drop(stopped);
+        let gone = async {
+            while admin
+                .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                .await
+                .unwrap()
+                .is_some()
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), gone)
+            .await
+            .expect("the session ended within a minute");
+        let next = match kind {
+            "seaorm" => db
+                .execute_unprepared("SELECT 2")
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "diesel" => match diesel.get().await {
+                Ok(mut conn) => dal::diesel::sql_query("SELECT 2")
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            _ => match raw.get().await {
+                Ok(client) => client
+                    .batch_execute("SELECT 2")
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        if let Err(e) = next {
+            failed.push(format!("{kind}: {e}"));
+        }
+    }
+    println!("checks cancelled: requests 3, failed {}", failed.len());
+    assert!(failed.is_empty(), "{failed:?}");
+    connector.shutdown().await;
+}
+
+/// A server process stopped (`SIGSTOP`) until dropped.
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    fn new(pid: i32) -> Self {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 /// A migration under a running service: a column's type changes while pooled connections hold
 /// prepared statements of the old shape. PostgreSQL refuses such a statement (SQLSTATE 0A000,
 /// "cached plan must not change result type"); the ORMs cannot retry it, but the pools make the
