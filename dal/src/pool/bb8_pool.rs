@@ -12,6 +12,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
 use super::registry::{PoolHandle, Registry};
+use super::reset::RECENTLY_USED;
 use crate::config::PoolSettings;
 use crate::error::{Error, ErrorChain, Result};
 use crate::telemetry::{self, PoolHealth};
@@ -59,6 +60,11 @@ pub(crate) struct Lifespan {
     /// Its checkout test failed: bb8 closes it as it comes back, whatever `has_broken`
     /// answers, so it leaves its replacement where it is (for one past its end to take).
     failed: bool,
+    /// A replacement that took the place of a connection that came back moments ago, itself
+    /// last checked longer ago than [`RECENTLY_USED`] (it waited for its connection to pass
+    /// through the pool): it keeps that place's record of use, but nothing was seen of its
+    /// own session since its check, so it goes out checked.
+    unchecked: bool,
 }
 
 impl Lifespan {
@@ -68,6 +74,12 @@ impl Lifespan {
             returned: Some(Instant::now()),
             ..Self::default()
         }
+    }
+
+    /// Whether its connection came back, or was checked, within [`RECENTLY_USED`]: one of the
+    /// conditions for going out without a check (see [`Kind::is_settled`]).
+    pub(crate) fn recently_back(&self) -> bool {
+        !self.unchecked && self.returned.is_some_and(|at| at.elapsed() < RECENTLY_USED)
     }
 }
 
@@ -80,7 +92,7 @@ impl Lifespan {
 /// connection near its end: connections that open together also come to their ends together, and
 /// short lifetimes on a busy machine need several logins at once. A replacement is checked as it
 /// opens, as a connection coming back would be, so that it goes out without a round trip when it
-/// takes its place. One past its lifetime while its replacement is still logging in takes another's
+/// takes its place soon after (one that waited longer for its connection is checked again). One past its lifetime while its replacement is still logging in takes another's
 /// that is ready, if any, and hands its own to that one's owner (see [`Renewal::take_spare`]); with
 /// none ready, it stays in service for up to the [grace](Renewal::grace), so that a login slower
 /// than the lead (or than the lifetime) still keeps off the request path. One that reaches its end
@@ -315,6 +327,7 @@ impl<C: Send + 'static> Manager<C> {
         if returning {
             span.turn = None;
             span.returned = Some(now);
+            span.unchecked = false;
         } else {
             span.idle_gap = span.returned.map(|at| now.duration_since(at));
         }
@@ -480,7 +493,8 @@ impl<C> Renewal<C> {
 
     /// Puts `fresh`, a ready replacement, in the place of `conn`, which closes on a task of its
     /// own. The replacement takes over the place's record of use: how long it waited before
-    /// its last checkout, and when it last came back, or was checked, if that is later.
+    /// its last checkout, and when it last came back, or was checked, if that is later; one
+    /// checked longer ago than [`RECENTLY_USED`] goes out checked all the same.
     fn swap_in(&self, lifespan: LifespanOf<C>, conn: &mut C, fresh: C)
     where
         C: Send + 'static,
@@ -488,6 +502,7 @@ impl<C> Renewal<C> {
         let used = lifespan(conn).map(|span| (span.returned, span.idle_gap));
         close_in_background(std::mem::replace(conn, fresh));
         if let Some(span) = lifespan(conn) {
+            span.unchecked = !span.recently_back();
             if let Some((returned, idle_gap)) = used {
                 span.returned = span.returned.max(returned);
                 span.idle_gap = idle_gap;
@@ -1360,6 +1375,19 @@ mod tests {
         assert!(!manager.renew(&mut conn, true), "not past its lifetime");
         assert_eq!(conn.name, 2, "the replacement took its place");
         assert!(conn.span.returned.is_some_and(|at| at >= back));
+        assert!(
+            !conn.span.recently_back(),
+            "checked 10 s ago, and not seen since: it goes out checked"
+        );
+        drop(conn);
+
+        // One checked moments ago goes out without a check.
+        let (fresh, _) = Probe::ending_in(4, Duration::from_secs(60), None);
+        renewal.spares().push(spare(8, 8, Some(fresh)));
+        let (mut conn, _) = Probe::ending_in(3, Duration::from_secs(1), Some(8));
+        assert!(!manager.renew(&mut conn, true), "not past its lifetime");
+        assert_eq!(conn.name, 4, "the replacement took its place");
+        assert!(conn.span.recently_back());
     }
 
     fn probe_dead(_: &mut Probe) -> BoxFuture<'_, Result<()>> {

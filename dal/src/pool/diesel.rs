@@ -124,10 +124,7 @@ impl QueryTimer {
     fn settled(&self) -> bool {
         self.open == 0
             && self.wire.as_ref().is_some_and(|wire| wire.answered_idle())
-            && self
-                .lifespan
-                .returned
-                .is_some_and(|at| at.elapsed() < super::reset::RECENTLY_USED)
+            && self.lifespan.recently_back()
     }
 }
 

@@ -10,7 +10,7 @@ use tokio_postgres::tls::TlsStream;
 use tokio_postgres::{Client, Connection, Socket, Statement};
 
 use super::bb8_pool::{Kind, Lifespan, Pool};
-use super::reset::{OUTSIDE_TRANSACTION, RECENTLY_USED, ROLLBACK};
+use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
 use super::wire::{Session, Watched, Wire};
 use crate::error::{Error, Result};
 
@@ -99,7 +99,7 @@ pub(crate) const KIND: Kind<PgClient> = Kind {
     lifespan: Some(|conn| Some(&mut conn.lifespan)),
 };
 
-/// Handed out without a check: came back within [`RECENTLY_USED`], its socket open and its
+/// Handed out without a check: came back within [`RECENTLY_USED`](super::reset::RECENTLY_USED), its socket open and its
 /// session idle (every request answered, nothing queued, outside a transaction: see
 /// [`Wire::session`]). Without TLS the wire is not followed, and every checkout checks.
 fn is_settled(conn: &mut PgClient) -> bool {
@@ -108,10 +108,7 @@ fn is_settled(conn: &mut PgClient) -> bool {
     };
     matches!(wire.session(), Session::Idle)
         && !conn.client.is_closed()
-        && conn
-            .lifespan
-            .returned
-            .is_some_and(|at| at.elapsed() < RECENTLY_USED)
+        && conn.lifespan.recently_back()
 }
 
 /// Checks a connection before it is handed out again: alive, and outside any transaction

@@ -29,7 +29,7 @@ use sea_query_sqlx::SqlxValues;
 use tokio::sync::Mutex;
 
 use super::bb8_pool::{Kind, Lifespan, Manager, Pool};
-use super::reset::{OUTSIDE_TRANSACTION, RECENTLY_USED, ROLLBACK, keeps_transaction};
+use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK, keeps_transaction};
 use crate::error::{Error, ErrorChain, Result};
 use crate::telemetry::{self, PoolHealth};
 
@@ -315,18 +315,12 @@ fn query_err(e: sqlx::Error) -> DbErr {
     DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))
 }
 
-/// Handed out without a check: came back within [`RECENTLY_USED`] with every statement
+/// Handed out without a check: came back within [`RECENTLY_USED`](super::reset::RECENTLY_USED) with every statement
 /// answered, none that may have begun or ended a transaction block, and no statement found
 /// stale since. Any other (idle longer, a statement whose future was dropped before its
 /// answer, a `BEGIN` of the user's own) is checked.
 fn is_settled(conn: &mut Conn) -> bool {
-    !conn.stale
-        && !conn.unsure
-        && conn.open == 0
-        && conn
-            .lifespan
-            .returned
-            .is_some_and(|at| at.elapsed() < RECENTLY_USED)
+    !conn.stale && !conn.unsure && conn.open == 0 && conn.lifespan.recently_back()
 }
 
 /// Checks a connection before it is handed out again: alive, and outside any transaction;
