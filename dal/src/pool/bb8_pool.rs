@@ -599,9 +599,16 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     type Connection = Box<C>;
     type Error = Error;
 
+    /// Opens a connection; none once the pool is closed (bb8 replaces a connection it closed
+    /// at any time, and a login at shutdown can wake a database scaled to zero).
     fn connect(&self) -> impl std::future::Future<Output = Result<Box<C>>> + Send {
-        let open = self.open();
-        async move { open.await.map(Box::new) }
+        let open = (!self.closed.load(Ordering::Relaxed)).then(|| self.open());
+        async move {
+            match open {
+                Some(open) => open.await.map(Box::new),
+                None => Err(Error::PoolClosed),
+            }
+        }
     }
 
     fn is_valid(&self, conn: &mut Box<C>) -> impl std::future::Future<Output = Result<()>> + Send {
@@ -1116,6 +1123,25 @@ impl<C: Send + 'static> Core<C> {
     }
 }
 
+impl<C: Send + 'static> Drop for Core<C> {
+    /// A pool nobody holds any more (dropped without a shutdown) closes the replacements it
+    /// opened ahead, and opens none: they would otherwise wait for the lead and the grace
+    /// for a connection that is gone (see [`Renewal`]).
+    fn drop(&mut self) {
+        self.open_no_more();
+    }
+}
+
+impl<C: Send + 'static> Core<C> {
+    /// Refuses new connections, and closes the replacements opened ahead.
+    fn open_no_more(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        if let Some(renewal) = &self.renewal {
+            drop(std::mem::take(&mut *renewal.spares()));
+        }
+    }
+}
+
 /// A caller counted among those waiting for a checkout until dropped: served, failed, or
 /// its future dropped while it waited.
 struct Waiting<'a, C: Send + 'static>(&'a Core<C>);
@@ -1151,19 +1177,18 @@ impl<C: Send + 'static> PoolHandle for Core<C> {
     /// come back.
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.closed.store(true, Ordering::Relaxed);
+            self.open_no_more();
             self.turns.close();
-            if let Some(renewal) = &self.renewal {
-                drop(std::mem::take(&mut *renewal.spares()));
-            }
+            // Taken out as a sweep takes them: at once, with no check and no renewal. Each
+            // returns to the pool broken (closed), so the pool drops it.
+            let _sweeping = Sweeping::start(&self.sweeping);
             let mut taken = Vec::new();
-            for _ in 0..self.pool.state().idle_connections {
-                match tokio::time::timeout(Duration::from_secs(1), self.pool.get()).await {
-                    Ok(Ok(conn)) => taken.push(conn),
+            while self.pool.state().idle_connections > 0 {
+                match self.pool.get().now_or_never() {
+                    Some(Ok(conn)) => taken.push(conn),
                     _ => break,
                 }
             }
-            // Each returns to the pool broken (closed), so the pool drops it.
             drop(taken);
         })
     }
@@ -1280,6 +1305,46 @@ mod tests {
         drop(held);
         drop(pool.get().await.unwrap());
         assert_eq!(pool.health().waiting, 0);
+    }
+
+    /// Closing a pool closes its idle connections without a check and opens none: it took
+    /// each idle one out through a checkout that checked it (a round trip each), and bb8
+    /// replaced each that failed its check with a new connection (a login, at shutdown),
+    /// up to one per idle connection.
+    #[tokio::test]
+    async fn closing_a_pool_checks_no_connection_and_opens_none() {
+        /// Set once the pool is full: every check from then on fails.
+        static DEAD: AtomicBool = AtomicBool::new(false);
+        fn dead_once_full(probe: &mut Probe) -> BoxFuture<'_, Result<()>> {
+            if DEAD.load(Ordering::Relaxed) {
+                probe_dead(probe)
+            } else {
+                probe_valid(probe)
+            }
+        }
+        let (open, closed) = counted_probes();
+        let kind = Kind {
+            is_settled: |_| false,
+            is_valid: dead_once_full,
+            ..PROBE
+        };
+        let settings = PoolSettings::builder().max_size(3).build().unwrap();
+        let registry = Registry::default();
+        let pool = build(kind, open, &settings, &registry);
+        let held = [pool.get(), pool.get(), pool.get()];
+        let held = futures_util::future::join_all(held).await;
+        assert!(held.iter().all(Result::is_ok));
+        drop(held);
+        assert_eq!(pool.state().idle_connections, 3);
+
+        DEAD.store(true, Ordering::Relaxed);
+        registry.close_all().await;
+        assert_eq!(
+            closed.lock().unwrap().len(),
+            3,
+            "a connection opened at shutdown"
+        );
+        assert_eq!(pool.state().connections, 0, "idle connections left open");
     }
 
     /// One in frequent use that reached its end without having asked for a replacement (left
@@ -1527,6 +1592,31 @@ mod tests {
         assert!(
             closed.lock().unwrap()[0].lock().unwrap().is_none(),
             "opened while the first is still open"
+        );
+    }
+
+    /// A pool dropped without a shutdown closes the replacements it opened ahead at once: one
+    /// logged in and waiting for its connection was kept for the lead and the grace (45 s
+    /// with a 60 s lifetime), a server connection of a pool nobody held any more.
+    #[tokio::test]
+    async fn a_dropped_pool_closes_its_replacements_at_once() {
+        let (pool, closed) = one_idle(PROBE).await;
+        let renewal = Arc::clone(pool.core.renewal.as_ref().unwrap());
+        let mut conn = pool.get().await.unwrap();
+        conn.span.retire_at = Some(Instant::now() + renewal.lead() / 2);
+        drop(conn);
+        eventually("its replacement ready", || {
+            renewal.spares().iter().any(|spare| spare.conn.is_some())
+        })
+        .await;
+
+        drop(pool);
+        let log = closed.lock().unwrap();
+        assert_eq!(log.len(), 2, "the connection and its replacement");
+        assert!(
+            log.iter()
+                .all(|closed_on| closed_on.lock().unwrap().is_some()),
+            "a connection of the dropped pool left open"
         );
     }
 
