@@ -27,6 +27,7 @@ mod report;
 mod scenarios;
 mod stacks;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -48,6 +49,23 @@ struct Args {
 
 const USAGE: &str = "usage: load [--quick] [--clients 1,8,32] [--json FILE] [--svg FILE]";
 
+/// What `--help` prints after [`USAGE`].
+const HELP: &str = "\
+Runs pgbench's select-only query through dal's pools, the pools a user would build without
+dal, the drivers alone and pgbench, on a PostgreSQL it starts itself; then connection churn,
+200 cold connects and the memory of idle pools. Prints a table with the ratios against the
+baselines and their goals; exits 0 when the run completes, met or missed.
+
+  --quick        0.75 s rounds, one churn round, no reference without a goal (under 2 min)
+  --clients L    the client counts, a comma-separated list of 1 to 64 (default 1,8,32);
+                 the goals are judged at 8
+  --json FILE    the report as JSON (default target/load.json, from the current folder)
+  --svg FILE     throughput and p99 against clients (default target/load.svg)";
+
+/// The most clients a cell may have: the benchmark's PostgreSQL takes 300 connections, and
+/// pgbench and the drivers without a pool open one per client besides the pools' own.
+const MAX_CLIENTS: usize = 64;
+
 fn args() -> Result<Args, String> {
     let mut args = Args {
         quick: false,
@@ -60,14 +78,25 @@ fn args() -> Result<Args, String> {
         match arg.as_str() {
             "--quick" => args.quick = true,
             "--clients" => {
-                let list = it.next().unwrap_or_default();
+                let list = it
+                    .next()
+                    .ok_or_else(|| format!("--clients needs a list such as 1,8,32\n{USAGE}"))?;
                 args.clients = list
                     .split(',')
-                    .map(|n| n.trim().parse().ok().filter(|&n| n > 0))
+                    .map(|n| {
+                        n.trim()
+                            .parse()
+                            .ok()
+                            .filter(|n| (1..=MAX_CLIENTS).contains(n))
+                    })
                     .collect::<Option<Vec<usize>>>()
                     .ok_or_else(|| {
-                        format!("--clients takes counts such as 1,8,32, not {list:?}\n{USAGE}")
+                        format!(
+                            "--clients takes counts from 1 to {MAX_CLIENTS} such as 1,8,32, not {list:?}\n{USAGE}"
+                        )
                     })?;
+                args.clients.sort_unstable();
+                args.clients.dedup();
             }
             "--json" | "--svg" => {
                 let file = it
@@ -79,9 +108,18 @@ fn args() -> Result<Args, String> {
                     args.svg = file.into();
                 }
             }
-            "-h" | "--help" => return Err(USAGE.to_owned()),
+            "-h" | "--help" => {
+                println!("{USAGE}\n\n{HELP}");
+                std::process::exit(0);
+            }
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
+    }
+    if args.json == args.svg {
+        return Err(format!(
+            "--json and --svg name the same file, {}\n{USAGE}",
+            args.json.display()
+        ));
     }
     Ok(args)
 }
@@ -115,6 +153,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Opened before anything runs: a path that cannot be written fails now, not after the
+    // whole run with its results lost.
+    let mut json = output("--json", &args.json)?;
+    let mut svg = output("--svg", &args.svg)?;
     let clients = args.clients.clone();
     let rounds = 3;
     // A quick run's cells last 750 ms, so that it finishes in under two minutes with every
@@ -244,17 +286,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rss,
     };
     print!("{}", report::text(&report));
-    for path in [&args.json, &args.svg] {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-        }
-    }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("write {}", args.json.display()))?;
-    report::svg(&report, &args.svg).with_context(|| format!("write {}", args.svg.display()))?;
+    json.write_all(serde_json::to_string_pretty(&report)?.as_bytes())
+        .with_context(|| format!("--json {}: write", args.json.display()))?;
+    svg.write_all(report::svg(&report)?.as_bytes())
+        .with_context(|| format!("--svg {}: write", args.svg.display()))?;
     println!("\nwrote {} and {}", args.json.display(), args.svg.display());
     lb.shutdown().await;
     Ok(())
+}
+
+/// The file `flag` names, created (with its folder) to be written at the end of the run.
+fn output(flag: &str, path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{flag} {}: create its folder", path.display()))?;
+    }
+    std::fs::File::create(path).with_context(|| {
+        format!(
+            "{flag} {}: cannot be written; choose another file",
+            path.display()
+        )
+    })
 }
 
 /// The database side's services (the LDAP service that checks tokens as PostgreSQL logs them

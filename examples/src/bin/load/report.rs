@@ -2,7 +2,6 @@
 //! JSON, and an SVG plot.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use serde::Serialize;
 
@@ -235,10 +234,16 @@ fn times(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}x"))
 }
 
-/// Throughput and p99 against clients, one line per stack, side by side.
-pub fn svg(r: &Report, path: &Path) -> anyhow::Result<()> {
+/// Throughput and p99 against clients, one line per stack, side by side: an SVG document.
+pub fn svg(r: &Report) -> anyhow::Result<String> {
+    let mut out = String::new();
+    draw(r, &mut out)?;
+    Ok(out)
+}
+
+fn draw(r: &Report, out: &mut String) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let root = SVGBackend::new(path, (1200, 500)).into_drawing_area();
+    let root = SVGBackend::with_string(out, (1200, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(600);
     let max_clients = r.clients.iter().copied().max().unwrap_or(1).max(2) as f64;
