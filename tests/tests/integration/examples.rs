@@ -1437,3 +1437,38 @@ async fn a_personal_access_token_or_a_service_principal_signs_in_as_chosen() {
         "{output}"
     );
 }
+
+/// The load benchmark refuses settings it cannot honour before it starts anything: a client
+/// count its server cannot take, an output file it cannot write (which it found only after
+/// the whole run, and lost the results with). `--help` describes the options.
+#[tokio::test]
+async fn the_load_benchmark_refuses_bad_settings_before_it_runs() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(program("load"))
+            .args(args)
+            .output()
+            .expect("the load benchmark runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.code(),
+            stderr,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stderr, _) = run(&["--clients", "8,65"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--clients takes counts from 1 to 64"),
+        "{stderr}"
+    );
+    let (code, stderr, stdout) = run(&["--quick", "--json", "/proc/dal-load.json"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("load: --json /proc/dal-load.json: cannot be written"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "it ran before it refused: {stdout}");
+    let (code, _, stdout) = run(&["--help"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("--clients L"), "{stdout}");
+}
