@@ -27,6 +27,7 @@ pub(crate) const ROLLBACK: &str = "ROLLBACK";
 /// is followed over TLS only: without it, Diesel's and tokio-postgres's every checkout checks.
 pub(crate) const RECENTLY_USED: std::time::Duration = std::time::Duration::from_millis(500);
 
+#[cfg(feature = "seaorm")]
 /// Whether `sql` leaves its session's transaction status as it found it: one statement
 /// (nothing but blanks after a `;`) that starts, past blanks, comments and opening
 /// parentheses, with one of [`KEEPING`]. Those cannot begin or end a transaction block;
@@ -47,11 +48,13 @@ pub(crate) fn keeps_transaction(sql: &str) -> bool {
     single && KEEPING.iter().any(|k| word.eq_ignore_ascii_case(k))
 }
 
+#[cfg(feature = "seaorm")]
 /// The first words of statements that cannot change a session's transaction status.
 const KEEPING: [&str; 8] = [
     "SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "VALUES", "TABLE", "MERGE",
 ];
 
+#[cfg(feature = "seaorm")]
 /// `sql` from its first token that is not a blank, a comment (`--` to the end of the line,
 /// `/* */` nested as PostgreSQL nests them) or an opening parenthesis; `None` for a comment
 /// left open.
@@ -81,7 +84,7 @@ fn past_blanks_and_comments(mut sql: &str) -> Option<&str> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "seaorm"))]
 mod tests {
     use super::keeps_transaction;
 
