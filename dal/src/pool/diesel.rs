@@ -17,6 +17,13 @@ use crate::error::{Error, Result};
 use crate::telemetry;
 
 /// A pool of Diesel connections.
+///
+/// Each connection carries dal's own [instrumentation](diesel::connection::Instrumentation),
+/// which times its queries (the `query` event of `tracing`, at debug level, and the
+/// [`QUERY_SECONDS`](telemetry::QUERY_SECONDS) histogram) and holds what the pool knows of it
+/// (its lifetime, its queries in flight, a schema change that made its statements stale). A
+/// connection whose instrumentation is replaced with `set_instrumentation` is closed as it
+/// comes back, and another opened in its place.
 pub type DieselPool = Pool<AsyncPgConnection>;
 
 /// Diesel connections in a bb8 pool.
@@ -59,11 +66,14 @@ fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
     })
 }
 
-/// Broken: diesel-async's own test (a transaction left half done), or a prepared statement
-/// the server no longer accepts after a schema change (see [`QueryTimer::stale`]). Called
-/// as the connection comes back to the pool (the pool notes when, in its `Lifespan`).
+/// Broken: diesel-async's own test (a transaction left half done), a prepared statement
+/// the server no longer accepts after a schema change (see [`QueryTimer::stale`]), or a
+/// connection whose instrumentation its user replaced (`set_instrumentation`): the pool's
+/// record of it went with the [`QueryTimer`], and without it the connection would serve
+/// past its lifetime and keep its stale statements. Called as the connection comes back to
+/// the pool (the pool notes when, in its `Lifespan`).
 fn has_broken(conn: &mut AsyncPgConnection) -> bool {
-    let stale = timer(conn).is_some_and(|timer| timer.stale);
+    let stale = timer(conn).is_none_or(|timer| timer.stale);
     std::thread::panicking() || stale || PoolableConnection::is_broken(conn)
 }
 

@@ -222,6 +222,15 @@ async fn the_tokio_postgres_pool_ends_a_transaction_left_open_with_and_without_t
     }
 }
 
+/// A connector to `pg` as its superuser, with pools of one connection: every checkout
+/// gets the connection the last one gave back.
+async fn one_connection(pg: &LocalPostgres) -> Connector {
+    let one = PoolSettings::builder().max_size(1).build().unwrap();
+    Connector::new(pg.superuser_config("postgres").pool(one))
+        .await
+        .unwrap()
+}
+
 /// Fails inside a transaction block (see dal's pool checks): succeeds outside one.
 const OUTSIDE_TRANSACTION: &str =
     "SELECT 1 / (statement_timestamp() = transaction_timestamp())::int";
@@ -262,10 +271,7 @@ async fn the_diesel_pool_ends_a_transaction_a_raw_begin_left_open_with_and_witho
 #[tokio::test]
 async fn the_seaorm_pool_ends_a_transaction_a_raw_begin_left_open() {
     let pg = tests::server().await;
-    let one = PoolSettings::builder().max_size(1).build().unwrap();
-    let connector = Connector::new(pg.superuser_config("postgres").pool(one))
-        .await
-        .unwrap();
+    let connector = one_connection(&pg).await;
     let db = connector.seaorm().await.unwrap();
     let outside = || db.execute_unprepared(OUTSIDE_TRANSACTION);
     for begin in ["BEGIN", "/* select */ begin", "SELECT 1; START TRANSACTION"] {
@@ -287,6 +293,34 @@ async fn the_seaorm_pool_ends_a_transaction_a_raw_begin_left_open() {
     connector.shutdown().await;
 }
 
+/// A Diesel connection whose instrumentation its user replaced comes back without the
+/// pool's record of it (its lifetime, its queries in flight, stale statements): the pool
+/// closes it, and the next checkout gets another connection (another server process).
+#[tokio::test]
+async fn a_diesel_connection_whose_instrumentation_was_replaced_is_not_reused() {
+    use dal::diesel_async::AsyncConnection as _;
+    let pg = tests::server().await;
+    let connector = one_connection(&pg).await;
+    let pool = connector.diesel_pool().await.unwrap();
+    let pid = || async {
+        let mut conn = pool.get().await.unwrap();
+        let pid: Pid = dal::diesel::sql_query("SELECT pg_backend_pid() AS pid")
+            .get_result(&mut *conn)
+            .await
+            .unwrap();
+        (pid.pid, conn)
+    };
+    let (first, conn) = pid().await;
+    drop(conn);
+    let (again, mut conn) = pid().await;
+    assert_eq!(first, again, "a connection in good order is reused");
+    conn.set_instrumentation(|_: dal::diesel::connection::InstrumentationEvent<'_>| {});
+    drop(conn);
+    let (next, _) = pid().await;
+    assert_ne!(next, first, "reused without the pool's record of it");
+    connector.shutdown().await;
+}
+
 /// A client given back while a row stream it started is still open: the stream's replies
 /// wait for their reader, so the next request on that connection would wait behind them.
 /// The pool hands out another connection instead, and the stream still gets every row.
@@ -294,10 +328,7 @@ async fn the_seaorm_pool_ends_a_transaction_a_raw_begin_left_open() {
 async fn a_client_given_back_with_an_open_row_stream_is_not_handed_out_again() {
     use futures_util::StreamExt as _;
     let pg = tests::server().await;
-    let one = PoolSettings::builder().max_size(1).build().unwrap();
-    let connector = Connector::new(pg.superuser_config("postgres").pool(one))
-        .await
-        .unwrap();
+    let connector = one_connection(&pg).await;
     let pool = connector.postgres_pool().await.unwrap();
     let client = pool.get().await.unwrap();
     let rows = client
