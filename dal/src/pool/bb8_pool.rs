@@ -92,8 +92,9 @@ impl Lifespan {
 /// connection near its end: connections that open together also come to their ends together, and
 /// short lifetimes on a busy machine need several logins at once. A replacement is checked as it
 /// opens, as a connection coming back would be, so that it goes out without a round trip when it
-/// takes its place soon after (one that waited longer for its connection is checked again). One past its lifetime while its replacement is still logging in takes another's
-/// that is ready, if any, and hands its own to that one's owner (see [`Renewal::take_spare`]); with
+/// takes its place soon after (one that waited longer for its connection is checked again).
+/// One past its lifetime while its replacement is still logging in takes another's that is
+/// ready, if any, and hands its own to that one's owner (see [`Renewal::take_spare`]); with
 /// none ready, it stays in service for up to the [grace](Renewal::grace), so that a login slower
 /// than the lead (or than the lifetime) still keeps off the request path. One that reaches its end
 /// without having asked (left in the pool through its whole lead, say), having waited less than

@@ -99,9 +99,10 @@ pub(crate) const KIND: Kind<PgClient> = Kind {
     lifespan: Some(|conn| Some(&mut conn.lifespan)),
 };
 
-/// Handed out without a check: came back within [`RECENTLY_USED`](super::reset::RECENTLY_USED), its socket open and its
-/// session idle (every request answered, nothing queued, outside a transaction: see
-/// [`Wire::session`]). Without TLS the wire is not followed, and every checkout checks.
+/// Handed out without a check: came back within
+/// [`RECENTLY_USED`](super::reset::RECENTLY_USED), its socket open and its session idle
+/// (every request answered, nothing queued, outside a transaction: see [`Wire::session`]).
+/// Without TLS the wire is not followed, and every checkout checks.
 fn is_settled(conn: &mut PgClient) -> bool {
     let Some(wire) = &conn.wire else {
         return false;

@@ -7,8 +7,9 @@
 //! connection did: one that came back moments ago with every statement answered goes out
 //! without a round trip (see [`reset`](super::reset)); one idle longer, one whose
 //! statement's future was dropped before the answer, or one that ran a statement that may
-//! begin or end a transaction block, is checked first (alive, outside any transaction). A transaction dropped before its end is rolled back at once, in a task of its
-//! own, so that it holds no lock while its connection waits in the pool.
+//! begin or end a transaction block, is checked first (alive, outside any transaction). A
+//! transaction dropped before its end is rolled back at once, in a task of its own, so that
+//! it holds no lock while its connection waits in the pool.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -315,10 +316,11 @@ fn query_err(e: sqlx::Error) -> DbErr {
     DbErr::Query(RuntimeErr::SqlxError(Arc::new(e)))
 }
 
-/// Handed out without a check: came back within [`RECENTLY_USED`](super::reset::RECENTLY_USED) with every statement
-/// answered, none that may have begun or ended a transaction block, and no statement found
-/// stale since. Any other (idle longer, a statement whose future was dropped before its
-/// answer, a `BEGIN` of the user's own) is checked.
+/// Handed out without a check: came back within
+/// [`RECENTLY_USED`](super::reset::RECENTLY_USED) with every statement answered, none that
+/// may have begun or ended a transaction block, and no statement found stale since. Any
+/// other (idle longer, a statement whose future was dropped before its answer, a `BEGIN` of
+/// the user's own) is checked.
 fn is_settled(conn: &mut Conn) -> bool {
     !conn.stale && !conn.unsure && conn.open == 0 && conn.lifespan.recently_back()
 }
