@@ -706,11 +706,7 @@ impl Connector {
     /// A client of the tokio-postgres pool, whose session's wire the pool follows.
     fn open_pg_client<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<pool::PgClient>> {
         Box::pin(async move {
-            let wire = Arc::new(pool::wire::Wire::default());
-            let tls = pool::wire::TrackedTls {
-                inner: CloseNotify(self.shared.tls.connector()),
-                wire: Arc::clone(&wire),
-            };
+            let (tls, wire) = pool::wire::TrackedTls::new(CloseNotify(self.shared.tls.connector()));
             let (client, connection) = self.open_postgres_over(token, tls).await?;
             Ok(pool::postgres::from_parts(client, connection, wire))
         })
@@ -721,11 +717,7 @@ impl Connector {
     #[cfg(feature = "diesel")]
     fn open_diesel<'a>(&'a self, token: &'a Token) -> BoxFuture<'a, Result<AsyncPgConnection>> {
         Box::pin(async move {
-            let wire = Arc::new(pool::wire::Wire::default());
-            let tls = pool::wire::TrackedTls {
-                inner: CloseNotify(self.shared.tls.connector()),
-                wire: Arc::clone(&wire),
-            };
+            let (tls, wire) = pool::wire::TrackedTls::new(CloseNotify(self.shared.tls.connector()));
             let (client, connection) = self.open_postgres_over(token, tls).await?;
             pool::diesel::from_parts(client, connection, wire).await
         })

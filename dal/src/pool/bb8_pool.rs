@@ -1019,15 +1019,8 @@ impl<C: Send + 'static> Core<C> {
         renewal.due.store(u64::MAX, Ordering::Relaxed);
         // Declared before the connections, so that they go back (even in a panic) before
         // the pool leaves its sweeping mode.
-        let _sweeping = Sweeping::start(&self.sweeping);
-        let mut held = Vec::new();
-        while held.len() < self.max_size as usize && self.pool.state().idle_connections > 0 {
-            // Ready at once: a sweep's checkout neither checks nor waits.
-            match self.pool.get().now_or_never() {
-                Some(Ok(conn)) => held.push(conn),
-                _ => break,
-            }
-        }
+        let sweeping = Sweeping::start(&self.sweeping);
+        let mut held = self.take_idle(&sweeping);
         let (mut kept, mut lasting) = (0, 0);
         let lead = renewal.lead();
         for conn in &mut held {
@@ -1141,6 +1134,19 @@ impl<C: Send + 'static> Core<C> {
             drop(std::mem::take(&mut *renewal.spares()));
         }
     }
+
+    /// Every idle connection, taken out at once: the pool's sweeping mode (`_sweeping`) has
+    /// bb8's checkouts neither check nor renew them, and none waits.
+    fn take_idle(&self, _sweeping: &Sweeping<'_>) -> Vec<bb8::PooledConnection<'_, Manager<C>>> {
+        let mut held = Vec::new();
+        while held.len() < self.max_size as usize && self.pool.state().idle_connections > 0 {
+            match self.pool.get().now_or_never() {
+                Some(Ok(conn)) => held.push(conn),
+                _ => break,
+            }
+        }
+        held
+    }
 }
 
 /// A caller counted among those waiting for a checkout until dropped: served, failed, or
@@ -1182,15 +1188,8 @@ impl<C: Send + 'static> PoolHandle for Core<C> {
             self.turns.close();
             // Taken out as a sweep takes them: at once, with no check and no renewal. Each
             // returns to the pool broken (closed), so the pool drops it.
-            let _sweeping = Sweeping::start(&self.sweeping);
-            let mut taken = Vec::new();
-            while self.pool.state().idle_connections > 0 {
-                match self.pool.get().now_or_never() {
-                    Some(Ok(conn)) => taken.push(conn),
-                    _ => break,
-                }
-            }
-            drop(taken);
+            let sweeping = Sweeping::start(&self.sweeping);
+            drop(self.take_idle(&sweeping));
         })
     }
 }

@@ -73,8 +73,8 @@ fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
 /// past its lifetime and keep its stale statements. Called as the connection comes back to
 /// the pool (the pool notes when, in its `Lifespan`).
 fn has_broken(conn: &mut AsyncPgConnection) -> bool {
-    let stale = timer(conn).is_none_or(|timer| timer.stale);
-    std::thread::panicking() || stale || PoolableConnection::is_broken(conn)
+    let untracked_or_stale = timer(conn).is_none_or(|timer| timer.stale);
+    std::thread::panicking() || untracked_or_stale || PoolableConnection::is_broken(conn)
 }
 
 fn timer(conn: &mut AsyncPgConnection) -> Option<&mut QueryTimer> {

@@ -347,8 +347,20 @@ impl<S: TlsStream + Unpin> TlsStream for Tracked<S> {
 
 /// A TLS connector whose streams are [`Tracked`] into `wire`.
 pub(crate) struct TrackedTls<M> {
-    pub(crate) inner: M,
-    pub(crate) wire: Arc<Wire>,
+    inner: M,
+    wire: Arc<Wire>,
+}
+
+impl<M> TrackedTls<M> {
+    /// `inner`, followed into a new session's wire, which it returns too.
+    pub(crate) fn new(inner: M) -> (Self, Arc<Wire>) {
+        let wire = Arc::new(Wire::default());
+        let tls = Self {
+            inner,
+            wire: Arc::clone(&wire),
+        };
+        (tls, wire)
+    }
 }
 
 impl<M> MakeTlsConnect<Socket> for TrackedTls<M>
