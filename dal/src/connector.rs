@@ -856,6 +856,7 @@ impl Connector {
             open,
             settings,
             &self.shared.pools,
+            self.shared.connect_timeout,
         )))
     }
 
@@ -880,6 +881,7 @@ impl Connector {
             open,
             settings,
             &self.shared.pools,
+            self.shared.connect_timeout,
         ))
     }
 
@@ -905,6 +907,7 @@ impl Connector {
             open,
             settings,
             &self.shared.pools,
+            self.shared.connect_timeout,
         ))
     }
 

@@ -258,6 +258,8 @@ struct Core<C: Send + 'static> {
     min_idle: u32,
     /// Connections [`fill`](Core::fill) is opening.
     filling: AtomicU32,
+    /// Bounds the check of a connection [`fill`](Core::fill) opens (see [`checked`]).
+    connect_timeout: Duration,
     /// One permit per connection the pool may hand out, given in the order callers asked.
     turns: Arc<tokio::sync::Semaphore>,
     lifespan: Option<LifespanOf<C>>,
@@ -295,6 +297,8 @@ pub struct Manager<C> {
     /// checked nor counted as uses, and what comes back is kept unless the sweep marked it.
     sweeping: Arc<AtomicBool>,
     renewal: Option<Arc<Renewal<C>>>,
+    /// Bounds the check of a replacement opened ahead (see [`checked`]).
+    connect_timeout: Duration,
 }
 
 impl<C> std::fmt::Debug for Manager<C> {
@@ -397,6 +401,7 @@ impl<C: Send + 'static> Manager<C> {
         }
         let (open, renewal) = (self.open(), Arc::clone(renewal));
         let (is_valid, lifespan, name) = (self.kind.is_valid, self.kind.lifespan, self.kind.name);
+        let within = self.connect_timeout;
         let number = renewal.openings.fetch_add(1, Ordering::Relaxed);
         renewal.spares().push(Spare {
             number,
@@ -404,7 +409,7 @@ impl<C: Send + 'static> Manager<C> {
             conn: None,
         });
         runtime.spawn(async move {
-            let conn = match checked(open, is_valid, lifespan).await {
+            let conn = match checked(open, is_valid, lifespan, within).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::debug!(error = %ErrorChain(&e), "a replacement connection could not be opened ahead");
@@ -542,14 +547,24 @@ impl<C> Renewal<C> {
 
 /// Checks a connection as it opens, so that its first checkout need not wait for the round
 /// trip of a kind that checks a fresh connection (SeaORM's); it then counts as one that just
-/// came back.
+/// came back. The check counts as part of the opening: one with no answer within `within`
+/// (the connect timeout) fails, and the connection closes, so that a server that stopped
+/// answering after the login holds neither a connection nor the pool's account of one
+/// opening until TCP gives up.
 async fn checked<C>(
     open: BoxFuture<'static, Result<C>>,
     is_valid: IsValid<C>,
     lifespan: Option<LifespanOf<C>>,
+    within: Duration,
 ) -> Result<C> {
     let mut conn = open.await?;
-    is_valid(&mut conn).await?;
+    tokio::time::timeout(within, is_valid(&mut conn))
+        .await
+        .map_err(|_| {
+            Error::Pool(format!(
+                "a new connection did not answer its check within the connect timeout ({within:?})"
+            ))
+        })??;
     if let Some(span) = lifespan.and_then(|f| f(&mut conn)) {
         span.returned = Some(Instant::now());
     }
@@ -715,12 +730,15 @@ impl bb8::ErrorSink<Error> for FailureSink {
     }
 }
 
-/// Builds a bb8 pool of `kind` whose connections `open` opens, and registers it.
+/// Builds a bb8 pool of `kind` whose connections `open` opens, and registers it. The
+/// connections it opens in the background, ahead of need, must answer their check within
+/// `connect_timeout` too (the connector's, which bounds each login).
 pub(crate) fn build<C: Send + 'static>(
     kind: Kind<C>,
     open: Open<C>,
     settings: &PoolSettings,
     registry: &Registry,
+    connect_timeout: Duration,
 ) -> Pool<C> {
     let failures = Arc::new(Failures {
         queue: Mutex::new(VecDeque::new()),
@@ -750,6 +768,7 @@ pub(crate) fn build<C: Send + 'static>(
         closed: Arc::clone(&closed),
         sweeping: Arc::clone(&sweeping),
         renewal: renewal.clone(),
+        connect_timeout,
     };
     let every = reaper_rate(settings.max_lifetime(), settings.idle_timeout);
     // bb8 opens a connection whenever its idle ones drop below its `min_idle`, a sweep's
@@ -787,6 +806,7 @@ pub(crate) fn build<C: Send + 'static>(
         is_valid,
         min_idle,
         filling: AtomicU32::new(0),
+        connect_timeout,
         turns: Arc::new(tokio::sync::Semaphore::new(settings.max_size as usize)),
         lifespan,
         metrics: PoolMetrics::new(name),
@@ -1096,7 +1116,7 @@ impl<C: Send + 'static> Core<C> {
                 self.lifespan,
                 self.renewal.clone(),
             );
-            let opening = checked(opening, self.is_valid, self.lifespan);
+            let opening = checked(opening, self.is_valid, self.lifespan, self.connect_timeout);
             tokio::spawn(async move {
                 let opened = opening.await;
                 // Counted as opening until the pool has it: a sweep in between would open
@@ -1200,6 +1220,9 @@ mod tests {
 
     type ClosedOn = Arc<Mutex<Option<Option<tokio::task::Id>>>>;
 
+    /// The connector's default.
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
     /// A connection that notes the task it was closed on.
     struct Probe {
         name: u64,
@@ -1256,6 +1279,7 @@ mod tests {
             closed: Arc::new(AtomicBool::new(false)),
             sweeping: Arc::new(AtomicBool::new(false)),
             renewal: Some(Arc::clone(renewal)),
+            connect_timeout: CONNECT_TIMEOUT,
         }
     }
 
@@ -1269,7 +1293,13 @@ mod tests {
             Box::pin(async { Ok(Probe::ending_in(1, Duration::from_secs(600), None).0) })
         });
         let settings = PoolSettings::builder().max_size(1).build().unwrap();
-        let pool = build(PROBE, open, &settings, &Registry::default());
+        let pool = build(
+            PROBE,
+            open,
+            &settings,
+            &Registry::default(),
+            CONNECT_TIMEOUT,
+        );
         drop(pool.get().await.unwrap());
         let other_ran = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&other_ran);
@@ -1292,7 +1322,13 @@ mod tests {
     async fn a_checkout_dropped_while_it_waits_no_longer_counts_as_waiting() {
         let (open, _) = counted_probes();
         let settings = PoolSettings::builder().max_size(1).build().unwrap();
-        let pool = build(PROBE, open, &settings, &Registry::default());
+        let pool = build(
+            PROBE,
+            open,
+            &settings,
+            &Registry::default(),
+            CONNECT_TIMEOUT,
+        );
         let held = pool.get().await.unwrap();
         for _ in 0..3 {
             let mut waiting = Box::pin(pool.get());
@@ -1330,7 +1366,7 @@ mod tests {
         };
         let settings = PoolSettings::builder().max_size(3).build().unwrap();
         let registry = Registry::default();
-        let pool = build(kind, open, &settings, &registry);
+        let pool = build(kind, open, &settings, &registry, CONNECT_TIMEOUT);
         let held = [pool.get(), pool.get(), pool.get()];
         let held = futures_util::future::join_all(held).await;
         assert!(held.iter().all(Result::is_ok));
@@ -1541,7 +1577,13 @@ mod tests {
             .idle_timeout(None)
             .build()
             .unwrap();
-        let pool = build(PROBE, open, &settings, &Registry::default());
+        let pool = build(
+            PROBE,
+            open,
+            &settings,
+            &Registry::default(),
+            CONNECT_TIMEOUT,
+        );
         drop([pool.get().await.unwrap(), pool.get().await.unwrap()]);
         let before: Vec<ClosedOn> = closed.lock().unwrap().clone();
 
@@ -1567,7 +1609,7 @@ mod tests {
             .max_lifetime(Some(Duration::from_secs(60)))
             .build()
             .unwrap();
-        let pool = build(kind, open, &settings, &Registry::default());
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT);
         eventually("min_idle open", || pool.state().idle_connections == 1).await;
         (pool, closed)
     }
@@ -1663,6 +1705,41 @@ mod tests {
         assert!(pool.get().await.unwrap().checked);
     }
 
+    /// Checks the first connection it is given without end, as a server that stopped
+    /// answering between the login and the check would; passes the others.
+    fn first_check_hangs(probe: &mut Probe) -> BoxFuture<'_, Result<()>> {
+        if probe.name == 1 {
+            Box::pin(std::future::pending())
+        } else {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A connection opened for `min_idle` whose check after login never ends gives up within
+    /// the connect timeout, and the pool opens another: it stayed counted as opening, so no
+    /// sweep ever opened one again, and it held its server connection until TCP gave up.
+    #[tokio::test(start_paused = true)]
+    async fn a_check_after_login_that_never_ends_gives_up_and_another_opens() {
+        let (open, closed) = counted_probes();
+        let settings = PoolSettings::builder()
+            .max_size(4)
+            .min_idle(1)
+            .max_lifetime(Some(Duration::from_secs(60)))
+            .build()
+            .unwrap();
+        let kind = Kind {
+            is_valid: first_check_hangs,
+            ..PROBE
+        };
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT);
+        eventually("min_idle open", || pool.state().idle_connections == 1).await;
+        assert_eq!(pool.get().await.unwrap().name, 2, "the second one opened");
+        assert!(
+            closed.lock().unwrap()[0].lock().unwrap().is_some(),
+            "the one whose check never ended is closed"
+        );
+    }
+
     /// A sweep takes every idle connection out for a moment: bb8 opens one whenever its idle
     /// ones fall below its `min_idle`, so each sweep opened connections until the pool was full.
     #[tokio::test(start_paused = true)]
@@ -1674,7 +1751,13 @@ mod tests {
             .max_lifetime(Some(Duration::from_secs(1)))
             .build()
             .unwrap();
-        let pool = build(PROBE, open, &settings, &Registry::default());
+        let pool = build(
+            PROBE,
+            open,
+            &settings,
+            &Registry::default(),
+            CONNECT_TIMEOUT,
+        );
         drop([pool.get().await.unwrap(), pool.get().await.unwrap()]);
         // Paused: tokio's clock runs the sweeps; the connections' lifetimes stand still.
         tokio::time::sleep(Duration::from_secs(10)).await;
