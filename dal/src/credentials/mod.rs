@@ -13,6 +13,7 @@ pub(crate) mod lakebase;
 mod source;
 mod static_password;
 
+pub use custom::CUSTOM_FETCH_TIMEOUT;
 #[cfg(feature = "dsql")]
 pub use dsql::Dsql;
 #[cfg(feature = "lakebase")]
