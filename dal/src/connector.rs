@@ -789,6 +789,10 @@ impl Connector {
 
     /// Like [`sqlx_pool`](Self::sqlx_pool), with its own sizes and lifetimes.
     ///
+    /// sqlx returns a connection to its pool with no bound on its round trips: one that comes
+    /// back while its server does not answer holds its place until the server does (sqlx
+    /// issue #4349). [`seaorm`](Self::seaorm) bounds them.
+    ///
     /// sqlx tells nothing of a refused login: with a source whose tokens stop working before
     /// the expiry they claim (a revoked token, a skewed clock), its new connections fail until
     /// a fresh token is pushed: at the next refresh, or as soon as another pool of this

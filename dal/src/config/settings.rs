@@ -383,7 +383,11 @@ impl PoolSettings {
         self.min_idle
     }
 
-    /// How long to wait for a connection before failing. Defaults to 10 s.
+    /// How long to wait for a connection before failing. Defaults to 10 s. In dal's bb8
+    /// pools (SeaORM, Diesel, tokio-postgres), half of it bounds each round trip the pool
+    /// makes for itself (the check of a connection at checkout, the `ROLLBACK` of a SeaORM
+    /// transaction dropped while open): a connection with no answer by then is closed, and
+    /// the other half is left for the login of another.
     pub fn acquire_timeout(&self) -> Duration {
         self.acquire_timeout
     }

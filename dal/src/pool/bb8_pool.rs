@@ -260,6 +260,9 @@ struct Core<C: Send + 'static> {
     filling: AtomicU32,
     /// Bounds the check of a connection [`fill`](Core::fill) opens (see [`checked`]).
     connect_timeout: Duration,
+    /// See [`check_timeout`].
+    #[cfg_attr(not(feature = "seaorm"), allow(dead_code))]
+    check_timeout: Duration,
     /// One permit per connection the pool may hand out, given in the order callers asked.
     turns: Arc<tokio::sync::Semaphore>,
     lifespan: Option<LifespanOf<C>>,
@@ -299,6 +302,8 @@ pub struct Manager<C> {
     renewal: Option<Arc<Renewal<C>>>,
     /// Bounds the check of a replacement opened ahead (see [`checked`]).
     connect_timeout: Duration,
+    /// Bounds the check of a connection at checkout (see [`check_timeout`]).
+    check_timeout: Duration,
 }
 
 impl<C> std::fmt::Debug for Manager<C> {
@@ -632,13 +637,17 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
         let expired = !sweeping && self.renew(conn, false);
         let test = !sweeping && !expired && !(self.kind.is_settled)(conn);
         let (is_valid, lifespan) = (self.kind.is_valid, self.kind.lifespan);
+        let within = self.check_timeout;
         async move {
             let checked = if expired {
                 Err(Error::Pool("past its lifetime".to_owned()))
             } else if test {
-                is_valid(conn)
-                    .await
-                    .map_err(|e| Error::Pool(ErrorChain(&e).to_string()))
+                match tokio::time::timeout(within, is_valid(conn)).await {
+                    Ok(checked) => checked.map_err(|e| Error::Pool(ErrorChain(&e).to_string())),
+                    Err(_) => Err(Error::Pool(format!(
+                        "no answer to its check within {within:?}"
+                    ))),
+                }
             } else {
                 Ok(())
             };
@@ -769,6 +778,7 @@ pub(crate) fn build<C: Send + 'static>(
         sweeping: Arc::clone(&sweeping),
         renewal: renewal.clone(),
         connect_timeout,
+        check_timeout: check_timeout(settings),
     };
     let every = reaper_rate(settings.max_lifetime(), settings.idle_timeout);
     // bb8 opens a connection whenever its idle ones drop below its `min_idle`, a sweep's
@@ -807,6 +817,7 @@ pub(crate) fn build<C: Send + 'static>(
         min_idle,
         filling: AtomicU32::new(0),
         connect_timeout,
+        check_timeout: check_timeout(settings),
         turns: Arc::new(tokio::sync::Semaphore::new(settings.max_size as usize)),
         lifespan,
         metrics: PoolMetrics::new(name),
@@ -859,6 +870,16 @@ async fn sweep_every<C: Send + 'static>(
             _ => return,
         }
     }
+}
+
+/// How long a round trip the pool makes for itself (the check of a connection at checkout, the
+/// `ROLLBACK` of a transaction dropped while open) may take before the connection counts as
+/// dead: half the acquire timeout, so that a caller whose connection stopped answering (a
+/// server that froze, a flow a NAT or firewall dropped without a word) still has the other
+/// half for the login of another, as HikariCP's `validationTimeout` bounds its checks below
+/// its `connectionTimeout`. TCP alone would wait minutes for such a connection.
+pub(crate) fn check_timeout(settings: &PoolSettings) -> Duration {
+    settings.acquire_timeout / 2
 }
 
 /// How often bb8 closes idle connections past their lifetime or idle timeout: it checks
@@ -1000,6 +1021,12 @@ impl<C: Send + 'static> Pool<C> {
     /// connections in use), so check out with `get`.
     pub fn inner(&self) -> &bb8::Pool<Manager<C>> {
         &self.core.pool
+    }
+
+    /// How long a round trip the pool makes for itself may take (see [`check_timeout`]).
+    #[cfg(feature = "seaorm")]
+    pub(crate) fn check_timeout(&self) -> Duration {
+        self.core.check_timeout
     }
 
     /// Open and idle connections right now.
@@ -1280,6 +1307,7 @@ mod tests {
             sweeping: Arc::new(AtomicBool::new(false)),
             renewal: Some(Arc::clone(renewal)),
             connect_timeout: CONNECT_TIMEOUT,
+            check_timeout: CONNECT_TIMEOUT,
         }
     }
 

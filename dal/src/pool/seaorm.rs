@@ -437,6 +437,7 @@ impl SeaOrmPool {
                 conn: Arc::new(Mutex::new(Some(checkout))),
                 level: 1,
                 open: true,
+                unwind_within: pool.check_timeout(),
             })
         })
     }
@@ -589,6 +590,9 @@ pub struct SeaOrmTransaction {
     level: u32,
     /// Not yet committed or rolled back.
     open: bool,
+    /// How long the `ROLLBACK` of a transaction dropped while open may take before its
+    /// connection is closed instead (see [`check_timeout`](super::bb8_pool::check_timeout)).
+    unwind_within: Duration,
 }
 
 impl std::fmt::Debug for SeaOrmTransaction {
@@ -704,12 +708,24 @@ impl Drop for SeaOrmTransaction {
         let Some(mut conn) = guard.take() else {
             return;
         };
+        let within = self.unwind_within;
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
+                // Bounded: the connection holds its place in the pool until it comes back,
+                // and a server that stopped answering would otherwise keep that place taken
+                // for as long as it does not answer.
                 runtime.spawn(async move {
-                    if conn.unwind_to(0).await.is_ok() {
+                    match tokio::time::timeout(within, conn.unwind_to(0)).await {
                         // Whatever a dropped statement left in flight was answered first.
-                        conn.open = 0;
+                        Ok(Ok(())) => conn.open = 0,
+                        Ok(Err(_)) => {}
+                        Err(_) => {
+                            conn.broken = true;
+                            tracing::debug!(
+                                pool = KIND.name,
+                                "the rollback of a dropped transaction had no answer in time; its connection is closed"
+                            );
+                        }
                     }
                 });
             }
@@ -751,6 +767,7 @@ impl TransactionTrait for SeaOrmTransaction {
             conn: Arc::clone(&self.conn),
             level,
             open: true,
+            unwind_within: self.unwind_within,
         })
     }
 

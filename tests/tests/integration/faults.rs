@@ -539,15 +539,136 @@ async fn a_connection_whose_check_was_cancelled_is_checked_before_it_goes_out() 
     connector.shutdown().await;
 }
 
+/// A transaction dropped while its server does not answer (a request's own timeout fired
+/// during a stall: a server that froze, a flow a firewall dropped without a word) costs no
+/// request: the next one, sent at once to a pool of one connection, runs on another. The
+/// SeaORM pool rolls such a transaction back on a task of its own and the tokio-postgres
+/// pool checks the connection at its next checkout, each with no bound: the SeaORM pool's
+/// place stayed taken, and every request failed, for as long as the server did not answer,
+/// and the tokio-postgres pool's next checkout waited out the acquire timeout and failed.
+#[tokio::test]
+async fn a_transaction_dropped_while_the_server_does_not_answer_costs_no_request() {
+    use dal::diesel::sql_types::Integer;
+    let (_pg, connector, admin) = setup("stalled").await;
+    let transactions = connector.transactions();
+    let db = connector.seaorm().await.unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    let pid_sql = "SELECT pg_backend_pid() AS pid";
+    let mut failed = Vec::new();
+    let mut stopped = Vec::new();
+    for (id, kind) in [(1, "seaorm"), (2, "diesel"), (3, "postgres")] {
+        let insert = format!("INSERT INTO acks VALUES ({id})");
+        // Each request's statement goes out inside its transaction and its answer never comes:
+        // the request's timeout drops it.
+        match kind {
+            "seaorm" => {
+                let txn = db.begin().await.unwrap();
+                txn.execute_unprepared(&insert).await.unwrap();
+                let pid: i32 = txn
+                    .query_one_raw(Statement::from_string(DbBackend::Postgres, pid_sql))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .try_get("", "pid")
+                    .unwrap();
+                stopped.push(Stopped::new(pid));
+                let answered = cancel_after(0, txn.execute_unprepared("SELECT 1")).await;
+                assert!(answered.is_none(), "seaorm: the statement had its answer");
+            }
+            "diesel" => {
+                let pid: i32 = {
+                    let mut conn = diesel.get().await.unwrap();
+                    dal::diesel::select(dal::diesel::dsl::sql::<Integer>("pg_backend_pid()"))
+                        .get_result(&mut *conn)
+                        .await
+                        .unwrap()
+                };
+                // The pool's one connection: the backend stops once the insert is answered.
+                let stalled = Arc::new(tokio::sync::Notify::new());
+                let stalling = Arc::clone(&stalled);
+                let work = transactions.diesel(&diesel, TxMode::new(), move |conn| {
+                    let (insert, stalling) = (insert.clone(), Arc::clone(&stalling));
+                    Box::pin(async move {
+                        dal::diesel::sql_query(insert).execute(conn).await?;
+                        stop(pid);
+                        stalling.notify_one();
+                        dal::diesel::sql_query("SELECT 1").execute(conn).await?;
+                        Ok(())
+                    })
+                });
+                let mut work = std::pin::pin!(work);
+                tokio::select! {
+                    done = &mut work => panic!("diesel: the transaction ended: {done:?}"),
+                    () = stalled.notified() => {}
+                }
+                stopped.push(Stopped(nix::unistd::Pid::from_raw(pid)));
+            }
+            _ => {
+                let mut client = raw.get().await.unwrap();
+                let txn = client.transaction().await.unwrap();
+                txn.batch_execute(&insert).await.unwrap();
+                let pid: i32 = txn.query_one(pid_sql, &[]).await.unwrap().get(0);
+                stopped.push(Stopped::new(pid));
+                let answered = cancel_after(0, txn.batch_execute("SELECT 1")).await;
+                assert!(answered.is_none(), "postgres: the statement had its answer");
+            }
+        }
+        let next = match kind {
+            "seaorm" => db
+                .execute_unprepared("SELECT 2")
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            "diesel" => match diesel.get().await {
+                Ok(mut conn) => dal::diesel::sql_query("SELECT 2")
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            _ => match raw.get().await {
+                Ok(client) => client
+                    .batch_execute("SELECT 2")
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        if let Err(e) = next {
+            failed.push(format!("{kind}: {e}"));
+        }
+    }
+    drop(stopped);
+    for id in [1, 2, 3] {
+        assert!(
+            !visible(&admin, id).await,
+            "write {id} was never acknowledged"
+        );
+    }
+    println!(
+        "transactions dropped in a stall: requests 3, failed {}",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    connector.shutdown().await;
+}
+
 /// A server process stopped (`SIGSTOP`) until dropped.
 struct Stopped(nix::unistd::Pid);
 
 impl Stopped {
     fn new(pid: i32) -> Self {
-        let pid = nix::unistd::Pid::from_raw(pid);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-        Self(pid)
+        stop(pid);
+        Self(nix::unistd::Pid::from_raw(pid))
     }
+}
+
+/// Stops the server process `pid` (`SIGSTOP`); [`Stopped`] lets it go on.
+fn stop(pid: i32) {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
 }
 
 impl Drop for Stopped {
