@@ -10,7 +10,7 @@ use tokio_postgres::tls::TlsStream;
 use tokio_postgres::{Client, Connection, Socket, Statement};
 
 use super::bb8_pool::{Kind, Lifespan, Pool};
-use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
+use super::reset::{LOG_OUT, OUTSIDE_TRANSACTION, ROLLBACK};
 use super::wire::{Session, Watched, Wire};
 use crate::error::{Error, Result};
 
@@ -29,6 +29,8 @@ pub struct PgClient {
     wire: Option<Arc<Wire>>,
     statements: Mutex<HashMap<String, Statement>>,
     lifespan: Lifespan,
+    /// Dropped with the client, which lets its connection task know (see [`from_parts`]).
+    _hang_up: tokio::sync::oneshot::Sender<()>,
 }
 
 impl std::fmt::Debug for PgClient {
@@ -162,6 +164,12 @@ fn has_broken(conn: &mut PgClient) -> bool {
 
 /// Drives `connection` in a task of its own, which ends when the client is dropped or the
 /// server closes the connection; `wire` is the session's, followed when TLS carried it.
+///
+/// tokio-postgres ends the session of a dropped client only once every reply it is owed has
+/// come: one dropped with a query unanswered (its future dropped, a check that gave up on a
+/// server that stopped answering) kept its socket, and its server backend, for as long as the
+/// server stayed silent, minutes for a flow a firewall dropped. The task closes it [`LOG_OUT`]
+/// after the client is dropped.
 pub(crate) fn from_parts<S>(
     client: Client,
     connection: Connection<Socket, S>,
@@ -172,9 +180,20 @@ where
 {
     let attached = wire.attached();
     let connection = Watched::new(connection, Arc::clone(&wire));
+    let (hang_up, dropped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "connection closed with an error");
+        let given_up = async {
+            let _ = dropped.await;
+            tokio::time::sleep(LOG_OUT).await;
+        };
+        tokio::select! {
+            ended = connection => if let Err(e) = ended {
+                tracing::debug!(error = %e, "connection closed with an error");
+            },
+            () = given_up => tracing::debug!(
+                pool = "postgres",
+                "a dropped client still waited for replies; its connection is closed"
+            ),
         }
     });
     PgClient {
@@ -183,5 +202,6 @@ where
         statements: Mutex::new(HashMap::new()),
         // Just opened: as good as one that came back now.
         lifespan: Lifespan::returned_now(),
+        _hang_up: hang_up,
     }
 }

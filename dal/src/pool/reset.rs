@@ -27,6 +27,11 @@ pub(crate) const ROLLBACK: &str = "ROLLBACK";
 /// is followed over TLS only: without it, Diesel's and tokio-postgres's every checkout checks.
 pub(crate) const RECENTLY_USED: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How long a dropped connection may take to log out, or to be given the replies it still
+/// waits for, before its socket is closed as it is: its few bytes go out at once unless the
+/// server stopped reading, and the replies come at once unless it stopped answering.
+pub(crate) const LOG_OUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[cfg(feature = "seaorm")]
 /// Whether `sql` leaves its session's transaction status as it found it: one statement
 /// (nothing but blanks after a `;`) that starts, past blanks, comments and opening

@@ -30,7 +30,7 @@ use sea_query_sqlx::SqlxValues;
 use tokio::sync::Mutex;
 
 use super::bb8_pool::{Kind, Lifespan, Manager, Pool};
-use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK, keeps_transaction};
+use super::reset::{LOG_OUT, OUTSIDE_TRANSACTION, ROLLBACK, keeps_transaction};
 use crate::error::{Error, ErrorChain, Result};
 use crate::telemetry::{self, PoolHealth};
 
@@ -239,10 +239,6 @@ impl Conn {
             .map_err(query_err)
     }
 }
-
-/// How long a dropped connection may take to log out before its socket is closed as it is:
-/// its few bytes go out at once unless the server stopped reading.
-const LOG_OUT: Duration = Duration::from_secs(5);
 
 impl Drop for Conn {
     /// Logs out of the session as libpq's `PQfinish` does, with the protocol's `Terminate`

@@ -546,6 +546,8 @@ async fn a_connection_whose_check_was_cancelled_is_checked_before_it_goes_out() 
 /// pool checks the connection at its next checkout, each with no bound: the SeaORM pool's
 /// place stayed taken, and every request failed, for as long as the server did not answer,
 /// and the tokio-postgres pool's next checkout waited out the acquire timeout and failed.
+/// (Diesel's pool closes such a connection as it comes back: diesel-async marks it broken.)
+/// The client then closes each stalled session's socket while the server is still silent.
 #[tokio::test]
 async fn a_transaction_dropped_while_the_server_does_not_answer_costs_no_request() {
     use dal::diesel::sql_types::Integer;
@@ -572,7 +574,7 @@ async fn a_transaction_dropped_while_the_server_does_not_answer_costs_no_request
                     .unwrap()
                     .try_get("", "pid")
                     .unwrap();
-                stopped.push(Stopped::new(pid));
+                stopped.push((kind, Stopped::new(pid)));
                 let answered = cancel_after(0, txn.execute_unprepared("SELECT 1")).await;
                 assert!(answered.is_none(), "seaorm: the statement had its answer");
             }
@@ -602,14 +604,14 @@ async fn a_transaction_dropped_while_the_server_does_not_answer_costs_no_request
                     done = &mut work => panic!("diesel: the transaction ended: {done:?}"),
                     () = stalled.notified() => {}
                 }
-                stopped.push(Stopped(nix::unistd::Pid::from_raw(pid)));
+                stopped.push((kind, Stopped(nix::unistd::Pid::from_raw(pid))));
             }
             _ => {
                 let mut client = raw.get().await.unwrap();
                 let txn = client.transaction().await.unwrap();
                 txn.batch_execute(&insert).await.unwrap();
                 let pid: i32 = txn.query_one(pid_sql, &[]).await.unwrap().get(0);
-                stopped.push(Stopped::new(pid));
+                stopped.push((kind, Stopped::new(pid)));
                 let answered = cancel_after(0, txn.batch_execute("SELECT 1")).await;
                 assert!(answered.is_none(), "postgres: the statement had its answer");
             }
@@ -640,6 +642,27 @@ async fn a_transaction_dropped_while_the_server_does_not_answer_costs_no_request
             failed.push(format!("{kind}: {e}"));
         }
     }
+    // Each stalled session's socket is closed by the client while its server still says
+    // nothing: tokio-postgres kept the socket of a client dropped with replies owed.
+    let mut kept = Vec::new();
+    for (kind, Stopped(pid)) in &stopped {
+        let port: i32 = admin
+            .query_one(
+                "SELECT client_port FROM pg_stat_activity WHERE pid = $1",
+                &[&pid.as_raw()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let closed = tokio::time::timeout(Duration::from_secs(60), async {
+            while established(port) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        if closed.await.is_err() {
+            kept.push(*kind);
+        }
+    }
     drop(stopped);
     for id in [1, 2, 3] {
         assert!(
@@ -648,11 +671,24 @@ async fn a_transaction_dropped_while_the_server_does_not_answer_costs_no_request
         );
     }
     println!(
-        "transactions dropped in a stall: requests 3, failed {}",
-        failed.len()
+        "transactions dropped in a stall: requests 3, failed {}, sockets kept open {}",
+        failed.len(),
+        kept.len()
     );
     assert!(failed.is_empty(), "{failed:?}");
+    assert!(kept.is_empty(), "still open a minute on: {kept:?}");
     connector.shutdown().await;
+}
+
+/// Whether this machine has an established loopback TCP socket on local port `port`
+/// (`/proc/net/tcp`, state `01`).
+fn established(port: i32) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"01")
+    })
 }
 
 /// A server process stopped (`SIGSTOP`) until dropped.
