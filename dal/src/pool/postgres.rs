@@ -187,6 +187,7 @@ where
             tokio::time::sleep(LOG_OUT).await;
         };
         tokio::select! {
+            biased;
             ended = connection => if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection closed with an error");
             },
