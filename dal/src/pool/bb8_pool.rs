@@ -260,9 +260,6 @@ struct Core<C: Send + 'static> {
     filling: AtomicU32,
     /// Bounds the check of a connection [`fill`](Core::fill) opens (see [`checked`]).
     connect_timeout: Duration,
-    /// See [`check_timeout`].
-    #[cfg_attr(not(feature = "seaorm"), allow(dead_code))]
-    check_timeout: Duration,
     /// One permit per connection the pool may hand out, given in the order callers asked.
     turns: Arc<tokio::sync::Semaphore>,
     lifespan: Option<LifespanOf<C>>,
@@ -778,7 +775,7 @@ pub(crate) fn build<C: Send + 'static>(
         sweeping: Arc::clone(&sweeping),
         renewal: renewal.clone(),
         connect_timeout,
-        check_timeout: check_timeout(settings),
+        check_timeout: check_timeout(settings.acquire_timeout),
     };
     let every = reaper_rate(settings.max_lifetime(), settings.idle_timeout);
     // bb8 opens a connection whenever its idle ones drop below its `min_idle`, a sweep's
@@ -817,7 +814,6 @@ pub(crate) fn build<C: Send + 'static>(
         min_idle,
         filling: AtomicU32::new(0),
         connect_timeout,
-        check_timeout: check_timeout(settings),
         turns: Arc::new(tokio::sync::Semaphore::new(settings.max_size as usize)),
         lifespan,
         metrics: PoolMetrics::new(name),
@@ -878,8 +874,8 @@ async fn sweep_every<C: Send + 'static>(
 /// server that froze, a flow a NAT or firewall dropped without a word) still has the other
 /// half for the login of another, as HikariCP's `validationTimeout` bounds its checks below
 /// its `connectionTimeout`. TCP alone would wait minutes for such a connection.
-pub(crate) fn check_timeout(settings: &PoolSettings) -> Duration {
-    settings.acquire_timeout / 2
+fn check_timeout(acquire_timeout: Duration) -> Duration {
+    acquire_timeout / 2
 }
 
 /// How often bb8 closes idle connections past their lifetime or idle timeout: it checks
@@ -1026,7 +1022,7 @@ impl<C: Send + 'static> Pool<C> {
     /// How long a round trip the pool makes for itself may take (see [`check_timeout`]).
     #[cfg(feature = "seaorm")]
     pub(crate) fn check_timeout(&self) -> Duration {
-        self.core.check_timeout
+        check_timeout(self.core.acquire_timeout)
     }
 
     /// Open and idle connections right now.

@@ -587,7 +587,7 @@ pub struct SeaOrmTransaction {
     /// Not yet committed or rolled back.
     open: bool,
     /// How long the `ROLLBACK` of a transaction dropped while open may take before its
-    /// connection is closed instead (see [`check_timeout`](super::bb8_pool::check_timeout)).
+    /// connection is closed instead ([`Pool::check_timeout`]).
     unwind_within: Duration,
 }
 
