@@ -508,29 +508,7 @@ async fn a_connection_whose_check_was_cancelled_is_checked_before_it_goes_out() 
         tokio::time::timeout(Duration::from_secs(60), gone)
             .await
             .expect("the session ended within a minute");
-        let next = match kind {
-            "seaorm" => db
-                .execute_unprepared("SELECT 2")
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string()),
-            "diesel" => match diesel.get().await {
-                Ok(mut conn) => dal::diesel::sql_query("SELECT 2")
-                    .execute(&mut *conn)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-            _ => match raw.get().await {
-                Ok(client) => client
-                    .batch_execute("SELECT 2")
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-        };
-        if let Err(e) = next {
+        if let Err(e) = next_request(kind, &db, &diesel, &raw).await {
             failed.push(format!("{kind}: {e}"));
         }
     }
@@ -616,29 +594,7 @@ async fn a_transaction_dropped_while_the_server_does_not_answer_costs_no_request
                 assert!(answered.is_none(), "postgres: the statement had its answer");
             }
         }
-        let next = match kind {
-            "seaorm" => db
-                .execute_unprepared("SELECT 2")
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string()),
-            "diesel" => match diesel.get().await {
-                Ok(mut conn) => dal::diesel::sql_query("SELECT 2")
-                    .execute(&mut *conn)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-            _ => match raw.get().await {
-                Ok(client) => client
-                    .batch_execute("SELECT 2")
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-        };
-        if let Err(e) = next {
+        if let Err(e) = next_request(kind, &db, &diesel, &raw).await {
             failed.push(format!("{kind}: {e}"));
         }
     }
@@ -678,6 +634,37 @@ async fn a_transaction_dropped_while_the_server_does_not_answer_costs_no_request
     assert!(failed.is_empty(), "{failed:?}");
     assert!(kept.is_empty(), "still open a minute on: {kept:?}");
     connector.shutdown().await;
+}
+
+/// One request through the pool of `kind` (`seaorm`, `diesel` or `postgres`), its error as text.
+async fn next_request(
+    kind: &str,
+    db: &dal::SeaOrmPool,
+    diesel: &dal::DieselPool,
+    raw: &dal::PgClientPool,
+) -> Result<(), String> {
+    match kind {
+        "seaorm" => db
+            .execute_unprepared("SELECT 2")
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        "diesel" => match diesel.get().await {
+            Ok(mut conn) => dal::diesel::sql_query("SELECT 2")
+                .execute(&mut *conn)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        _ => match raw.get().await {
+            Ok(client) => client
+                .batch_execute("SELECT 2")
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+    }
 }
 
 /// Whether this machine has an established loopback TCP socket on local port `port`
