@@ -26,7 +26,9 @@ fn warm_cache() -> TokenCache {
         TokenStrategy::Lazy,
         CacheSettings::default(),
     );
+    // A closure source's fetch is bounded by a timer (`CUSTOM_FETCH_TIMEOUT`).
     tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .expect("runtime")
         .block_on(cache.token())

@@ -31,6 +31,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! dal runs on a Tokio runtime with its I/O and time drivers enabled (`#[tokio::main]` enables
+//! both; a `tokio::runtime::Builder` needs `enable_all`): every connect, fetch, check and
+//! refresh is bounded by a timer. On a runtime without timers, Tokio panics with a message
+//! that names `enable_time`.
+//!
 //! # Features
 //!
 //! | Feature | What you get |
