@@ -893,3 +893,103 @@ async fn assert_logged_out(pg: &LocalPostgres, role: &str) {
         unclean.join("\n")
     );
 }
+
+/// Every connection the pools open turns Nagle's algorithm off (`TCP_NODELAY`), as libpq and
+/// tokio-postgres do. With it on, a write that follows another before the server has answered
+/// (at every login, the startup message right after TLS's last handshake record) waits for the
+/// server's delayed acknowledgement: 40 ms on Linux. sqlx 0.9.0 left it on.
+#[tokio::test]
+async fn every_pool_opens_its_connections_without_nagle_delay() {
+    let pg = tests::server().await;
+    let password = format!("pw-{}", uuid::Uuid::new_v4());
+    pg.create_role("nodelay", &password, None).await.unwrap();
+    pg.create_database("nodelay", Some("nodelay"))
+        .await
+        .unwrap();
+    let connector = Connector::new(pg.config("nodelay", "nodelay", &password))
+        .await
+        .unwrap();
+    let mut seen = sockets_to(pg.port());
+
+    let db = connector.seaorm().await.unwrap();
+    db.execute_unprepared("SELECT 1").await.unwrap();
+    assert_new_sockets_without_delay("SeaORM", pg.port(), &mut seen);
+
+    let diesel = connector.diesel_pool().await.unwrap();
+    let mut conn = diesel.get().await.unwrap();
+    dal::diesel_async::SimpleAsyncConnection::batch_execute(&mut *conn, "SELECT 1")
+        .await
+        .unwrap();
+    drop(conn);
+    assert_new_sockets_without_delay("Diesel", pg.port(), &mut seen);
+
+    let raw = connector.postgres_pool().await.unwrap();
+    raw.get()
+        .await
+        .unwrap()
+        .batch_execute("SELECT 1")
+        .await
+        .unwrap();
+    assert_new_sockets_without_delay("tokio-postgres", pg.port(), &mut seen);
+
+    let sqlx = connector.sqlx_pool().await.unwrap();
+    sea_orm::sqlx::query("SELECT 1")
+        .execute(&sqlx)
+        .await
+        .unwrap();
+    assert_new_sockets_without_delay("sqlx", pg.port(), &mut seen);
+
+    connector.shutdown().await;
+}
+
+/// This process's TCP sockets connected to `port`: each one's `/proc/self/fd` link (which
+/// names its inode) and whether it has `TCP_NODELAY`.
+fn sockets_to(port: u16) -> Vec<(String, bool)> {
+    use std::os::fd::BorrowedFd;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(link) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let link = link.to_string_lossy().into_owned();
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if !link.starts_with("socket:") {
+            continue;
+        }
+        // SAFETY: the descriptor was listed open a moment ago and is only read here. The pools
+        // are idle, so none closes it meanwhile; if one did and the number were reused, the
+        // calls below would read another socket, whose peer would not match.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let to_server = socket
+            .peer_addr()
+            .ok()
+            .and_then(|addr| addr.as_socket())
+            .is_some_and(|addr| addr.port() == port);
+        if let (true, Ok(nodelay)) = (to_server, socket.tcp_nodelay()) {
+            found.push((link, nodelay));
+        }
+    }
+    found
+}
+
+/// Asserts that `pool` opened connections to `port` since `seen` was taken, each without
+/// Nagle's algorithm, and adds them to `seen`.
+fn assert_new_sockets_without_delay(pool: &str, port: u16, seen: &mut Vec<(String, bool)>) {
+    let new: Vec<_> = sockets_to(port)
+        .into_iter()
+        .filter(|(link, _)| seen.iter().all(|(known, _)| known != link))
+        .collect();
+    assert!(!new.is_empty(), "the {pool} pool opened no connection");
+    let delayed = new.iter().filter(|(_, nodelay)| !nodelay).count();
+    assert_eq!(
+        delayed,
+        0,
+        "{delayed} of the {} connections of the {pool} pool have Nagle's algorithm on \
+         (no TCP_NODELAY): a login waits 40 ms for the server's delayed ACK",
+        new.len()
+    );
+    seen.extend(new);
+}
