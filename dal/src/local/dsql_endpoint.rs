@@ -238,6 +238,12 @@ fn admit(client: TcpStream, shared: &Arc<Shared>) {
         let Ok(mut server) = TcpStream::connect(shared.upstream).await else {
             return;
         };
+        // Each piece goes on as it comes, as both ends send it (libpq, tokio-postgres and
+        // PostgreSQL all turn Nagle's algorithm off): held for an ACK, the last short piece of
+        // a reply would wait out the client's delayed ACK, 40 ms on Linux.
+        for socket in [&client, &server] {
+            let _ = socket.set_nodelay(true);
+        }
         let mut client = client;
         tokio::select! {
             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}

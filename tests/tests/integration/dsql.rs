@@ -459,3 +459,36 @@ async fn the_sample_schema_migrates_on_checked_dsql_only_with_the_dsql_migrator(
     );
     plain.shutdown().await;
 }
+
+/// The local endpoint forwards both ways without Nagle's algorithm, as the client and the
+/// server send: with it on, the last short piece of a reply waited for the client's delayed
+/// ACK, and a query of 2,000 rows took 53 ms through the endpoint against 2.4 ms direct, which
+/// no real endpoint adds.
+#[tokio::test]
+async fn the_local_endpoint_forwards_without_nagle_delay() {
+    let pg = dsql_cluster().await;
+    let endpoint = LocalDsqlEndpoint::start(&pg).await.unwrap();
+    let connector = Connector::new(endpoint.config(&pg, "app", "dsql").unwrap())
+        .await
+        .unwrap();
+    let (client, connection) = connector.connect().await.unwrap();
+    let connection = tokio::spawn(connection);
+    client.batch_execute("SELECT 1").await.unwrap();
+
+    let sockets: Vec<_> = [endpoint.port(), pg.port()]
+        .into_iter()
+        .flat_map(crate::pools::sockets_at)
+        .collect();
+    // The client's socket to the endpoint, and the endpoint's two: from the client, to the
+    // server.
+    assert!(sockets.len() >= 3, "{sockets:?}");
+    let delayed = sockets.iter().filter(|(_, nodelay)| !nodelay).count();
+    assert_eq!(
+        delayed,
+        0,
+        "{delayed} of {} sockets through the endpoint have Nagle's algorithm on",
+        sockets.len()
+    );
+    drop(client);
+    connection.await.unwrap().unwrap();
+}

@@ -909,7 +909,7 @@ async fn every_pool_opens_its_connections_without_nagle_delay() {
     let connector = Connector::new(pg.config("nodelay", "nodelay", &password))
         .await
         .unwrap();
-    let mut seen = sockets_to(pg.port());
+    let mut seen = sockets_at(pg.port());
 
     let db = connector.seaorm().await.unwrap();
     db.execute_unprepared("SELECT 1").await.unwrap();
@@ -942,9 +942,9 @@ async fn every_pool_opens_its_connections_without_nagle_delay() {
     connector.shutdown().await;
 }
 
-/// This process's TCP sockets connected to `port`: each one's `/proc/self/fd` link (which
-/// names its inode) and whether it has `TCP_NODELAY`.
-fn sockets_to(port: u16) -> Vec<(String, bool)> {
+/// This process's connected TCP sockets with `port` at either end: each one's `/proc/self/fd` link
+/// (which names its inode) and whether it has `TCP_NODELAY`.
+pub(crate) fn sockets_at(port: u16) -> Vec<(String, bool)> {
     use std::os::fd::BorrowedFd;
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
@@ -960,15 +960,22 @@ fn sockets_to(port: u16) -> Vec<(String, bool)> {
         }
         // SAFETY: the descriptor was listed open a moment ago and is only read here. The pools
         // are idle, so none closes it meanwhile; if one did and the number were reused, the
-        // calls below would read another socket, whose peer would not match.
+        // calls below would read another socket, whose ports would not match.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let socket = socket2::SockRef::from(&fd);
-        let to_server = socket
-            .peer_addr()
-            .ok()
-            .and_then(|addr| addr.as_socket())
-            .is_some_and(|addr| addr.port() == port);
-        if let (true, Ok(nodelay)) = (to_server, socket.tcp_nodelay()) {
+        let port_of = |addr: std::io::Result<socket2::SockAddr>| {
+            addr.ok()
+                .and_then(|addr| addr.as_socket())
+                .map(|a| a.port())
+        };
+        // Connected sockets only: a listener has no peer.
+        let Some(peer) = port_of(socket.peer_addr()) else {
+            continue;
+        };
+        if peer != port && port_of(socket.local_addr()) != Some(port) {
+            continue;
+        }
+        if let Ok(nodelay) = socket.tcp_nodelay() {
             found.push((link, nodelay));
         }
     }
@@ -978,7 +985,7 @@ fn sockets_to(port: u16) -> Vec<(String, bool)> {
 /// Asserts that `pool` opened connections to `port` since `seen` was taken, each without
 /// Nagle's algorithm, and adds them to `seen`.
 fn assert_new_sockets_without_delay(pool: &str, port: u16, seen: &mut Vec<(String, bool)>) {
-    let new: Vec<_> = sockets_to(port)
+    let new: Vec<_> = sockets_at(port)
         .into_iter()
         .filter(|(link, _)| seen.iter().all(|(known, _)| known != link))
         .collect();
