@@ -95,6 +95,9 @@ struct Shared {
     /// The sqlx pools built here, which follow the active endpoint.
     #[cfg(feature = "seaorm")]
     sqlx_pools: std::sync::Mutex<Vec<PgPool>>,
+    /// sqlx's options for this endpoint, once built (see [`Connector::sqlx_options`]).
+    #[cfg(feature = "seaorm")]
+    sqlx_options: std::sync::OnceLock<PgConnectOptions>,
     /// The host of the read-only endpoint ([`Config::read_only_host`]).
     read_only_host: Option<String>,
     /// Whether every session is read-only (`default_transaction_read_only`).
@@ -261,6 +264,8 @@ impl Connector {
                 active: Arc::new(AtomicUsize::new(0)),
                 #[cfg(feature = "seaorm")]
                 sqlx_pools: std::sync::Mutex::new(Vec::new()),
+                #[cfg(feature = "seaorm")]
+                sqlx_options: std::sync::OnceLock::new(),
                 read_only_host: config.read_only_host,
                 read_only: false,
                 replica: std::sync::OnceLock::new(),
@@ -312,6 +317,8 @@ impl Connector {
                 active: Arc::new(AtomicUsize::new(0)),
                 #[cfg(feature = "seaorm")]
                 sqlx_pools: std::sync::Mutex::new(Vec::new()),
+                #[cfg(feature = "seaorm")]
+                sqlx_options: std::sync::OnceLock::new(),
                 read_only_host: None,
                 read_only: true,
                 replica: std::sync::OnceLock::new(),
@@ -449,12 +456,18 @@ impl Connector {
         options
     }
 
-    /// Options for sqlx, without the password (the token cache supplies it). sqlx has no
-    /// `hostaddr`: it connects to the address as its host, which only `verify-full` (the one
-    /// mode that checks the name) cannot accept.
+    /// Options for sqlx, without the password (the token cache supplies it), built once per
+    /// endpoint and cloned for each connection: sqlx builds its TLS configuration (the CA
+    /// file read, the root store) once per set of options, and the clones share it, as the
+    /// Diesel and tokio-postgres pools share theirs. sqlx has no `hostaddr`: it connects to
+    /// the address as its host, which only `verify-full` (the one mode that checks the name)
+    /// cannot accept.
     #[cfg(feature = "seaorm")]
     fn sqlx_options(&self) -> Result<PgConnectOptions> {
         let s = &self.shared;
+        if let Some(options) = s.sqlx_options.get() {
+            return Ok(options.clone());
+        }
         let host = match s.hostaddr {
             Some(_) if s.tls.mode == SslMode::VerifyFull => {
                 return Err(Error::config(
@@ -482,7 +495,7 @@ impl Connector {
         if !startup.is_empty() {
             options = options.options(startup);
         }
-        Ok(options)
+        Ok(s.sqlx_options.get_or_init(|| options).clone())
     }
 
     /// Opens one connection with a cached token. When the server refuses the token, the

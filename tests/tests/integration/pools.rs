@@ -1000,3 +1000,35 @@ fn assert_new_sockets_without_delay(pool: &str, port: u16, seen: &mut Vec<(Strin
     );
     seen.extend(new);
 }
+
+/// The SeaORM pool reads its CA file once, when the connector is built, as the Diesel and
+/// tokio-postgres pools do: its connections share one TLS configuration instead of each
+/// reading the file again and building a root store of its own (CPU at every login, and
+/// memory held by every connection). A CA file removed afterwards, or replaced by one that
+/// does not parse, leaves the pools as they were.
+#[tokio::test]
+async fn the_seaorm_pool_reads_its_ca_file_once() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "caonce").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::copy(pg.ca_cert_path(), &ca).unwrap();
+    let connector = Connector::new(pg.config("caonce", "caonce", &password).ssl_root_cert(&ca))
+        .await
+        .unwrap();
+    let db = connector.seaorm().await.unwrap();
+    db.execute_unprepared("SELECT 1").await.unwrap();
+
+    std::fs::write(&ca, "not a certificate").unwrap();
+    // Four at once: three connections more than the pool holds.
+    let held = futures_util::future::try_join_all((0..4).map(|_| {
+        use sea_orm::TransactionTrait;
+        db.begin()
+    }))
+    .await
+    .expect("connections open with the CA read when the connector was built");
+    for txn in held {
+        txn.rollback().await.unwrap();
+    }
+    connector.shutdown().await;
+}
