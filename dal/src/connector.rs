@@ -457,39 +457,29 @@ impl Connector {
     }
 
     /// Options for sqlx, without the password (the token cache supplies it), built once per
-    /// endpoint and cloned for each connection: sqlx builds its TLS configuration (the CA
-    /// file read, the root store) once per set of options, and the clones share it, as the
-    /// Diesel and tokio-postgres pools share theirs. sqlx has no `hostaddr`: it connects to
-    /// the address as its host, which only `verify-full` (the one mode that checks the name)
-    /// cannot accept.
+    /// endpoint and cloned for each connection: sqlx builds its TLS configuration (the root
+    /// store) once per set of options, and the clones share it, as the Diesel and
+    /// tokio-postgres pools share theirs. It trusts the CA read when the connector was built.
+    /// sqlx connects to `hostaddr` and verifies the server as the host, as libpq does.
     #[cfg(feature = "seaorm")]
     fn sqlx_options(&self) -> Result<PgConnectOptions> {
         let s = &self.shared;
         if let Some(options) = s.sqlx_options.get() {
             return Ok(options.clone());
         }
-        let host = match s.hostaddr {
-            Some(_) if s.tls.mode == SslMode::VerifyFull => {
-                return Err(Error::config(
-                    Setting::HostAddr,
-                    "cannot be used by the SeaORM (sqlx) pool with sslmode=verify-full: sqlx \
-                     would verify the certificate against the address instead of the host \
-                     name; remove PGHOSTADDR, use sslmode=verify-ca, or use the Diesel or \
-                     tokio-postgres pool",
-                ));
-            }
-            Some(addr) => addr.to_string(),
-            None => s.host.clone(),
-        };
+        let hostaddr = sqlx_hostaddr(s.hostaddr, std::env::var("PGHOSTADDR").ok(), &s.host)?;
         let mut options = PgConnectOptions::new_without_pgpass()
-            .host(&host)
+            .host(&s.host)
             .port(s.port)
             .username(&s.user)
             .database(&s.database)
             .application_name(&s.application_name)
             .ssl_mode(s.tls.mode.for_sqlx());
-        if let Some(root) = &s.tls.root_cert {
-            options = options.ssl_root_cert(root);
+        if let Some(addr) = hostaddr {
+            options = options.hostaddr(addr);
+        }
+        if let Some(pem) = &s.tls.root_pem {
+            options = options.ssl_root_cert_from_pem(pem.clone());
         }
         let startup = self.startup_options();
         if !startup.is_empty() {
@@ -813,8 +803,9 @@ impl Connector {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for [`Setting::HostAddr`] when `hostaddr` is set under
-    /// `verify-full` (see [`Config::hostaddr`](crate::Config::hostaddr)).
+    /// [`Error::Config`] for [`Setting::HostAddr`] when `PGHOSTADDR` is set in the
+    /// environment and the configuration names no address (see
+    /// [`Config::hostaddr`](crate::Config::hostaddr)).
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool_with(&self, settings: &PoolSettings) -> Result<PgPool> {
         self.refuse_if_shut_down()?;
@@ -839,8 +830,9 @@ impl Connector {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for [`Setting::HostAddr`] when `hostaddr` is set under
-    /// `verify-full`: sqlx would verify the certificate against the address.
+    /// [`Error::Config`] for [`Setting::HostAddr`] when `PGHOSTADDR` is set in the
+    /// environment and the configuration names no address (see
+    /// [`Config::hostaddr`](crate::Config::hostaddr)).
     #[cfg(feature = "seaorm")]
     pub async fn seaorm(&self) -> Result<SeaOrmPool> {
         self.seaorm_with(&self.shared.pool).await
@@ -1059,6 +1051,31 @@ fn escape_option(value: &str) -> String {
     value.replace('\\', "\\\\").replace(' ', "\\ ")
 }
 
+/// The address the sqlx connections of an endpoint go to: the configured `hostaddr`. sqlx
+/// reads `PGHOSTADDR` from the environment into its options and connects there instead of to
+/// the host (sqlx-postgres 0.9.1, `PgConnectOptions::new_without_pgpass`), and its options
+/// cannot unset it: an address in the environment that the configuration does not name (one
+/// built in code, a read-only endpoint, a failover peer) is refused, so that no pool kind
+/// alone goes elsewhere.
+#[cfg(feature = "seaorm")]
+fn sqlx_hostaddr(
+    configured: Option<std::net::IpAddr>,
+    from_env: Option<String>,
+    host: &str,
+) -> Result<Option<std::net::IpAddr>> {
+    let stray = from_env.and_then(|v| v.parse::<std::net::IpAddr>().ok());
+    match (configured, stray) {
+        (Some(addr), _) => Ok(Some(addr)),
+        (None, None) => Ok(None),
+        (None, Some(stray)) => Err(Error::config(
+            Setting::HostAddr,
+            format!(
+                "PGHOSTADDR={stray} is set in this process's environment but not in this                  endpoint's configuration, and sqlx (the SeaORM and sqlx pools) would connect                  there instead of to {host}: unset PGHOSTADDR, or name the address in the                  configuration (Config::hostaddr, or Config::from_env) so that every pool uses it"
+            ),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1197,27 +1214,45 @@ mod tests {
 
     #[cfg(feature = "seaorm")]
     #[test]
-    fn sqlx_connects_to_hostaddr_unless_it_would_verify_the_address_as_the_name() {
+    fn sqlx_connects_to_hostaddr_and_verifies_the_host_in_every_mode() {
         let addr = std::net::IpAddr::from([192, 0, 2, 7]);
-        let with = |mode| {
-            let config = Config::new("db.example.com", "u")
-                .password("p")
-                .hostaddr(addr)
-                .ssl_mode(mode);
-            Connector::build(config).unwrap().sqlx_options()
-        };
         for mode in [
             SslMode::Disable,
             SslMode::Prefer,
             SslMode::Require,
             SslMode::VerifyCa,
+            SslMode::VerifyFull,
         ] {
-            assert_eq!(with(mode).unwrap().get_host(), "192.0.2.7", "{mode:?}");
+            let config = Config::new("db.example.com", "u")
+                .password("p")
+                .hostaddr(addr)
+                .ssl_mode(mode);
+            let options = Connector::build(config).unwrap().sqlx_options().unwrap();
+            assert_eq!(options.get_host(), "db.example.com", "{mode:?}");
+            let shown = format!("{options:?}");
+            assert!(shown.contains("hostaddr: Some(192.0.2.7)"), "{shown}");
         }
-        match with(SslMode::VerifyFull) {
+    }
+
+    /// An address in the environment names where sqlx connects unless the configuration names
+    /// one: followed only when it is the configuration's own, refused otherwise.
+    #[cfg(feature = "seaorm")]
+    #[test]
+    fn a_pghostaddr_the_configuration_does_not_name_is_refused() {
+        let configured = std::net::IpAddr::from([192, 0, 2, 7]);
+        let env = Some("198.51.100.9".to_owned());
+        assert_eq!(
+            sqlx_hostaddr(Some(configured), env.clone(), "db").unwrap(),
+            Some(configured)
+        );
+        assert_eq!(sqlx_hostaddr(None, None, "db").unwrap(), None);
+        // sqlx ignores what does not parse as an address.
+        assert_eq!(sqlx_hostaddr(None, Some("db2".into()), "db").unwrap(), None);
+        match sqlx_hostaddr(None, env, "replica.example.com") {
             Err(Error::Config { setting, reason }) => {
                 assert_eq!(setting, Setting::HostAddr);
-                assert!(reason.contains("verify-full"), "{reason}");
+                assert!(reason.contains("198.51.100.9"), "{reason}");
+                assert!(reason.contains("replica.example.com"), "{reason}");
             }
             other => panic!("expected a refusal, got {other:?}"),
         }

@@ -81,6 +81,11 @@ impl SslMode {
 pub(crate) struct Tls {
     pub(crate) mode: SslMode,
     pub(crate) root_cert: Option<PathBuf>,
+    /// The CA file's contents (PEM), read once when the connector was built, under the modes
+    /// that verify the server: the SeaORM pool's connections (sqlx's) trust what was read
+    /// then, as the others' rustls configuration does.
+    #[cfg(feature = "seaorm")]
+    pub(crate) root_pem: Option<Vec<u8>>,
     pub(crate) config: Arc<ClientConfig>,
 }
 
@@ -95,6 +100,17 @@ impl std::fmt::Debug for Tls {
 
 impl Tls {
     pub(crate) fn new(mode: SslMode, root_cert: Option<&Path>) -> Result<Self> {
+        let verifies = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull);
+        let root_pem = match root_cert {
+            Some(path) if verifies => Some(std::fs::read(path).map_err(|e| {
+                Error::config(
+                    Setting::SslRootCert,
+                    format!("cannot read CA certificates from {}: {e}", path.display()),
+                )
+            })?),
+            _ => None,
+        };
+        let ca = root_cert.zip(root_pem.as_deref());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
@@ -108,7 +124,7 @@ impl Tls {
                 .with_no_client_auth(),
             SslMode::VerifyCa => {
                 let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots(root_cert)?),
+                    Arc::new(roots(ca)?),
                     provider,
                 )
                 .build()
@@ -119,12 +135,14 @@ impl Tls {
                     .with_no_client_auth()
             }
             SslMode::VerifyFull => builder
-                .with_root_certificates(roots(root_cert)?)
+                .with_root_certificates(roots(ca)?)
                 .with_no_client_auth(),
         };
         Ok(Self {
             mode,
             root_cert: root_cert.map(Path::to_owned),
+            #[cfg(feature = "seaorm")]
+            root_pem,
             config: Arc::new(config),
         })
     }
@@ -242,14 +260,14 @@ impl<S: AsyncWrite + Unpin> Drop for CloseNotifyStream<S> {
 }
 
 /// The CA certificates of `path` (PEM), or the Mozilla roots when there is none.
-fn roots(path: Option<&Path>) -> Result<RootCertStore> {
+fn roots(ca: Option<(&Path, &[u8])>) -> Result<RootCertStore> {
     use rustls::pki_types::pem::PemObject;
     let mut store = RootCertStore::empty();
-    match path {
+    match ca {
         None => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+        Some((path, pem)) => {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| {
                     Error::config(
                         Setting::SslRootCert,

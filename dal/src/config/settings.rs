@@ -548,10 +548,10 @@ pub struct Config {
     /// The server's host name. Required.
     pub host: String,
     /// Connect to this address instead of resolving `host`, which still names the server for
-    /// TLS verification (libpq's `hostaddr`). Used by the Diesel and tokio-postgres
-    /// connections. The SeaORM and plain sqlx pools (sqlx connections) connect to it by
-    /// address too, except under `verify-full`, where sqlx would check the certificate against
-    /// the address: those pools are then refused. Defaults to none.
+    /// TLS verification (libpq's `hostaddr`), by every pool. sqlx (the SeaORM and plain sqlx
+    /// pools) also reads `PGHOSTADDR` from the environment: with none configured here, a
+    /// `PGHOSTADDR` in the environment makes those pools fail to build rather than connect
+    /// elsewhere than the others. Defaults to none.
     pub hostaddr: Option<std::net::IpAddr>,
     /// The server's port. Defaults to 5432.
     pub port: u16,
