@@ -467,7 +467,13 @@ impl Connector {
         if let Some(options) = s.sqlx_options.get() {
             return Ok(options.clone());
         }
-        let hostaddr = sqlx_hostaddr(s.hostaddr, std::env::var("PGHOSTADDR").ok(), &s.host)?;
+        let hostaddr = sqlx_environment(
+            s.hostaddr,
+            s.tls.root_pem.is_some(),
+            s.tls.mode,
+            &s.host,
+            &|name| std::env::var(name).ok(),
+        )?;
         let mut options = PgConnectOptions::new_without_pgpass()
             .host(&s.host)
             .port(s.port)
@@ -803,9 +809,10 @@ impl Connector {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for [`Setting::HostAddr`] when `PGHOSTADDR` is set in the
-    /// environment and the configuration names no address (see
-    /// [`Config::hostaddr`](crate::Config::hostaddr)).
+    /// [`Error::Config`] when this process's environment holds what sqlx would take and the
+    /// other pools do not: [`Setting::HostAddr`] or [`Setting::SslRootCert`] where the
+    /// configuration names no address or CA, [`Setting::PgOptions`], [`Setting::SslCert`]
+    /// (see [`Config::hostaddr`](crate::Config::hostaddr)).
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool_with(&self, settings: &PoolSettings) -> Result<PgPool> {
         self.refuse_if_shut_down()?;
@@ -830,9 +837,10 @@ impl Connector {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for [`Setting::HostAddr`] when `PGHOSTADDR` is set in the
-    /// environment and the configuration names no address (see
-    /// [`Config::hostaddr`](crate::Config::hostaddr)).
+    /// [`Error::Config`] when this process's environment holds what sqlx would take and the
+    /// other pools do not: [`Setting::HostAddr`] or [`Setting::SslRootCert`] where the
+    /// configuration names no address or CA, [`Setting::PgOptions`], [`Setting::SslCert`]
+    /// (see [`Config::hostaddr`](crate::Config::hostaddr)).
     #[cfg(feature = "seaorm")]
     pub async fn seaorm(&self) -> Result<SeaOrmPool> {
         self.seaorm_with(&self.shared.pool).await
@@ -1051,29 +1059,67 @@ fn escape_option(value: &str) -> String {
     value.replace('\\', "\\\\").replace(' ', "\\ ")
 }
 
-/// The address the sqlx connections of an endpoint go to: the configured `hostaddr`. sqlx
-/// reads `PGHOSTADDR` from the environment into its options and connects there instead of to
-/// the host (sqlx-postgres 0.9.1, `PgConnectOptions::new_without_pgpass`), and its options
-/// cannot unset it: an address in the environment that the configuration does not name (one
-/// built in code, a read-only endpoint, a failover peer) is refused, so that no pool kind
-/// alone goes elsewhere.
+/// What sqlx takes from this process's environment into every set of options it builds
+/// (sqlx-postgres 0.9.1, `PgConnectOptions::new_without_pgpass`) and that dal cannot take back
+/// through its options, checked against the endpoint's configuration: the address to connect
+/// to (`PGHOSTADDR`), settings for every session (`PGOPTIONS`), a client certificate
+/// (`PGSSLCERT`, `PGSSLKEY`) and a CA trusted besides the configured roots (`PGSSLROOTCERT`).
+/// The configuration's own address and CA replace the environment's; anything else the
+/// environment holds is refused, so that the SeaORM and sqlx pools connect as the Diesel and
+/// tokio-postgres pools do or not at all. `env` reads a variable; sqlx reads no certificate
+/// under `sslmode=disable`, and no CA unless the mode verifies the server. Returns the address
+/// sqlx is to connect to.
 #[cfg(feature = "seaorm")]
-fn sqlx_hostaddr(
-    configured: Option<std::net::IpAddr>,
-    from_env: Option<String>,
+fn sqlx_environment(
+    hostaddr: Option<std::net::IpAddr>,
+    has_root_cert: bool,
+    mode: SslMode,
     host: &str,
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<std::net::IpAddr>> {
-    let stray = from_env.and_then(|v| v.parse::<std::net::IpAddr>().ok());
-    match (configured, stray) {
-        (Some(addr), _) => Ok(Some(addr)),
-        (None, None) => Ok(None),
-        (None, Some(stray)) => Err(Error::config(
-            Setting::HostAddr,
+    let verifies = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull);
+    let stray = |setting: Setting, name: &str, value: &str, what: &str| {
+        Error::config(
+            setting,
             format!(
-                "PGHOSTADDR={stray} is set in this process's environment but not in this                  endpoint's configuration, and sqlx (the SeaORM and sqlx pools) would connect                  there instead of to {host}: unset PGHOSTADDR, or name the address in the                  configuration (Config::hostaddr, or Config::from_env) so that every pool uses it"
+                "{name}={value:?} is set in this process's environment but not in the \
+                 configuration of {host}, and sqlx (the SeaORM and sqlx pools) would {what}, \
+                 unlike the other pools: unset {name}, or set it through the configuration \
+                 (Config::from_env reads it) where dal supports it"
             ),
-        )),
+        )
+    };
+    if hostaddr.is_none()
+        && let Some(addr) = env("PGHOSTADDR").and_then(|v| v.parse::<std::net::IpAddr>().ok())
+    {
+        let what = format!("connect to {addr} instead of to {host}");
+        return Err(stray(
+            Setting::HostAddr,
+            "PGHOSTADDR",
+            &addr.to_string(),
+            &what,
+        ));
     }
+    if let Some(options) = env("PGOPTIONS").filter(|v| !v.trim().is_empty()) {
+        let what = "pass them to the server at every login";
+        return Err(stray(Setting::PgOptions, "PGOPTIONS", &options, what));
+    }
+    for name in ["PGSSLCERT", "PGSSLKEY"] {
+        if mode != SslMode::Disable
+            && let Some(path) = env(name)
+        {
+            let what = "present a client certificate";
+            return Err(stray(Setting::SslCert, name, &path, what));
+        }
+    }
+    if verifies
+        && !has_root_cert
+        && let Some(path) = env("PGSSLROOTCERT")
+    {
+        let what = "trust the certificates it holds";
+        return Err(stray(Setting::SslRootCert, "PGSSLROOTCERT", &path, what));
+    }
+    Ok(hostaddr)
 }
 
 #[cfg(test)]
@@ -1234,27 +1280,90 @@ mod tests {
         }
     }
 
-    /// An address in the environment names where sqlx connects unless the configuration names
-    /// one: followed only when it is the configuration's own, refused otherwise.
+    /// What the environment holds for sqlx: the configuration's address and CA replace the
+    /// environment's; anything else it holds for sqlx alone is refused, naming the variable.
     #[cfg(feature = "seaorm")]
     #[test]
-    fn a_pghostaddr_the_configuration_does_not_name_is_refused() {
+    fn sqlx_takes_nothing_from_the_environment_that_the_other_pools_do_not() {
         let configured = std::net::IpAddr::from([192, 0, 2, 7]);
-        let env = Some("198.51.100.9".to_owned());
+        let only = |name: &'static str, value: &'static str| {
+            move |n: &str| (n == name).then(|| value.to_owned())
+        };
+        let check = |hostaddr, has_root_cert, mode, env: &dyn Fn(&str) -> Option<String>| {
+            sqlx_environment(hostaddr, has_root_cert, mode, "db.example.com", env)
+        };
+        let refused = |result: Result<Option<std::net::IpAddr>>, setting, name: &str| match result {
+            Err(Error::Config { setting: s, reason }) => {
+                assert_eq!(s, setting, "{reason}");
+                assert!(reason.contains(name), "{reason}");
+                assert!(reason.contains("db.example.com"), "{reason}");
+            }
+            other => panic!("expected {name} to be refused, got {other:?}"),
+        };
+        let nothing = |_: &str| None;
         assert_eq!(
-            sqlx_hostaddr(Some(configured), env.clone(), "db").unwrap(),
+            check(None, false, SslMode::VerifyFull, &nothing).unwrap(),
+            None
+        );
+        assert_eq!(
+            check(Some(configured), false, SslMode::VerifyFull, &nothing).unwrap(),
             Some(configured)
         );
-        assert_eq!(sqlx_hostaddr(None, None, "db").unwrap(), None);
+
+        let addr = only("PGHOSTADDR", "198.51.100.9");
+        assert_eq!(
+            check(Some(configured), false, SslMode::VerifyFull, &addr).unwrap(),
+            Some(configured)
+        );
+        refused(
+            check(None, false, SslMode::VerifyFull, &addr),
+            Setting::HostAddr,
+            "198.51.100.9",
+        );
         // sqlx ignores what does not parse as an address.
-        assert_eq!(sqlx_hostaddr(None, Some("db2".into()), "db").unwrap(), None);
-        match sqlx_hostaddr(None, env, "replica.example.com") {
-            Err(Error::Config { setting, reason }) => {
-                assert_eq!(setting, Setting::HostAddr);
-                assert!(reason.contains("198.51.100.9"), "{reason}");
-                assert!(reason.contains("replica.example.com"), "{reason}");
-            }
-            other => panic!("expected a refusal, got {other:?}"),
+        let name = only("PGHOSTADDR", "db2");
+        assert_eq!(
+            check(None, false, SslMode::VerifyFull, &name).unwrap(),
+            None
+        );
+
+        let options = only("PGOPTIONS", "-c statement_timeout=0");
+        refused(
+            check(None, true, SslMode::VerifyFull, &options),
+            Setting::PgOptions,
+            "PGOPTIONS",
+        );
+        let blank = only("PGOPTIONS", " ");
+        assert_eq!(
+            check(None, false, SslMode::VerifyFull, &blank).unwrap(),
+            None
+        );
+
+        for name in ["PGSSLCERT", "PGSSLKEY"] {
+            let cert = only(name, "/home/me/.postgresql/postgresql.crt");
+            refused(
+                check(None, true, SslMode::Require, &cert),
+                Setting::SslCert,
+                name,
+            );
+            assert_eq!(check(None, true, SslMode::Disable, &cert).unwrap(), None);
         }
+
+        let ca = only("PGSSLROOTCERT", "/etc/ca.pem");
+        refused(
+            check(None, false, SslMode::VerifyFull, &ca),
+            Setting::SslRootCert,
+            "PGSSLROOTCERT",
+        );
+        assert_eq!(
+            check(None, true, SslMode::VerifyFull, &ca).unwrap(),
+            None,
+            "the configured CA"
+        );
+        assert_eq!(
+            check(None, false, SslMode::Require, &ca).unwrap(),
+            None,
+            "no verification"
+        );
     }
 }

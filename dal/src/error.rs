@@ -119,6 +119,12 @@ pub enum Setting {
     DsqlRegion,
     /// The life of an Aurora DSQL token, `DSQL_TOKEN_EXPIRES_IN`.
     DsqlTokenExpiresIn,
+    /// libpq's settings for every session, `PGOPTIONS`, which dal does not take (it sets
+    /// `search_path` and `statement_timeout` itself) and sqlx would.
+    PgOptions,
+    /// A client certificate, `PGSSLCERT` (and its key, `PGSSLKEY`), which dal does not
+    /// present and sqlx would.
+    SslCert,
 }
 
 impl Setting {
@@ -179,6 +185,8 @@ impl Setting {
             Setting::DsqlEndpoint => "DSQL_ENDPOINT",
             Setting::DsqlRegion => "AWS_REGION",
             Setting::DsqlTokenExpiresIn => "DSQL_TOKEN_EXPIRES_IN",
+            Setting::PgOptions => "PGOPTIONS",
+            Setting::SslCert => "PGSSLCERT",
         }
     }
 }
