@@ -1078,11 +1078,14 @@ fn sqlx_environment(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<std::net::IpAddr>> {
     let verifies = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull);
-    let stray = |setting: Setting, name: &str, value: &str, what: &str| {
+    // The value is shown for an address or a path, never for session settings, which may
+    // hold anything.
+    let stray = |setting: Setting, name: &str, value: Option<&str>, what: &str| {
+        let shown = value.map_or_else(String::new, |v| format!("={v:?}"));
         Error::config(
             setting,
             format!(
-                "{name}={value:?} is set in this process's environment but not in the \
+                "{name}{shown} is set in this process's environment but not in the \
                  configuration of {host}, and sqlx (the SeaORM and sqlx pools) would {what}, \
                  unlike the other pools: unset {name}, or set it through the configuration \
                  (Config::from_env reads it) where dal supports it"
@@ -1096,20 +1099,20 @@ fn sqlx_environment(
         return Err(stray(
             Setting::HostAddr,
             "PGHOSTADDR",
-            &addr.to_string(),
+            Some(&addr.to_string()),
             &what,
         ));
     }
-    if let Some(options) = env("PGOPTIONS").filter(|v| !v.trim().is_empty()) {
-        let what = "pass them to the server at every login";
-        return Err(stray(Setting::PgOptions, "PGOPTIONS", &options, what));
+    if env("PGOPTIONS").is_some_and(|v| !v.trim().is_empty()) {
+        let what = "pass its settings to the server at every login";
+        return Err(stray(Setting::PgOptions, "PGOPTIONS", None, what));
     }
     for name in ["PGSSLCERT", "PGSSLKEY"] {
         if mode != SslMode::Disable
             && let Some(path) = env(name)
         {
             let what = "present a client certificate";
-            return Err(stray(Setting::SslCert, name, &path, what));
+            return Err(stray(Setting::SslCert, name, Some(&path), what));
         }
     }
     if verifies
@@ -1117,7 +1120,12 @@ fn sqlx_environment(
         && let Some(path) = env("PGSSLROOTCERT")
     {
         let what = "trust the certificates it holds";
-        return Err(stray(Setting::SslRootCert, "PGSSLROOTCERT", &path, what));
+        return Err(stray(
+            Setting::SslRootCert,
+            "PGSSLROOTCERT",
+            Some(&path),
+            what,
+        ));
     }
     Ok(hostaddr)
 }
@@ -1327,7 +1335,11 @@ mod tests {
             None
         );
 
-        let options = only("PGOPTIONS", "-c statement_timeout=0");
+        let options = only("PGOPTIONS", "-c app.secret=s3cr3t");
+        match check(None, true, SslMode::VerifyFull, &options) {
+            Err(e) => assert!(!e.to_string().contains("s3cr3t"), "{e}"),
+            Ok(_) => panic!("PGOPTIONS was not refused"),
+        }
         refused(
             check(None, true, SslMode::VerifyFull, &options),
             Setting::PgOptions,
