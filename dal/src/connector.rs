@@ -1077,7 +1077,6 @@ fn sqlx_environment(
     host: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<std::net::IpAddr>> {
-    let verifies = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull);
     // The value is shown for an address or a path, never for session settings, which may
     // hold anything.
     let stray = |setting: Setting, name: &str, value: Option<&str>, what: &str| {
@@ -1115,7 +1114,7 @@ fn sqlx_environment(
             return Err(stray(Setting::SslCert, name, Some(&path), what));
         }
     }
-    if verifies
+    if mode.verifies()
         && !has_root_cert
         && let Some(path) = env("PGSSLROOTCERT")
     {

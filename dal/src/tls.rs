@@ -54,6 +54,12 @@ impl std::str::FromStr for SslMode {
 }
 
 impl SslMode {
+    /// Whether the mode checks the server's certificate (`verify-ca`, `verify-full`): the
+    /// modes that read a CA.
+    pub(crate) fn verifies(self) -> bool {
+        matches!(self, Self::VerifyCa | Self::VerifyFull)
+    }
+
     pub(crate) fn for_tokio_postgres(self) -> tokio_postgres::config::SslMode {
         use tokio_postgres::config::SslMode as Pg;
         match self {
@@ -100,9 +106,8 @@ impl std::fmt::Debug for Tls {
 
 impl Tls {
     pub(crate) fn new(mode: SslMode, root_cert: Option<&Path>) -> Result<Self> {
-        let verifies = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull);
         let root_pem = match root_cert {
-            Some(path) if verifies => Some(std::fs::read(path).map_err(|e| {
+            Some(path) if mode.verifies() => Some(std::fs::read(path).map_err(|e| {
                 Error::config(
                     Setting::SslRootCert,
                     format!("cannot read CA certificates from {}: {e}", path.display()),
