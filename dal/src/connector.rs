@@ -467,6 +467,15 @@ impl Connector {
         if let Some(options) = s.sqlx_options.get() {
             return Ok(options.clone());
         }
+        if s.tls.mode == SslMode::VerifyCa {
+            return Err(Error::config(
+                Setting::SslMode,
+                "sqlx (the SeaORM and sqlx pools) trusts the public (Mozilla) roots besides \
+                 sslrootcert, and verify-ca checks no name, so a certificate any public CA \
+                 issued for any name would pass: use verify-full, or the Diesel or \
+                 tokio-postgres pool, which trust sslrootcert alone",
+            ));
+        }
         let hostaddr = sqlx_environment(
             s.hostaddr,
             s.tls.root_pem.is_some(),
@@ -812,7 +821,8 @@ impl Connector {
     /// [`Error::Config`] when this process's environment holds what sqlx would take and the
     /// other pools do not: [`Setting::HostAddr`] or [`Setting::SslRootCert`] where the
     /// configuration names no address or CA, [`Setting::PgOptions`], [`Setting::SslCert`]
-    /// (see [`Config::hostaddr`](crate::Config::hostaddr)).
+    /// (see [`Config::hostaddr`](crate::Config::hostaddr)); [`Setting::SslMode`] under
+    /// `verify-ca`, which sqlx cannot keep (see [`SslMode::VerifyCa`]).
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool_with(&self, settings: &PoolSettings) -> Result<PgPool> {
         self.refuse_if_shut_down()?;
@@ -840,7 +850,8 @@ impl Connector {
     /// [`Error::Config`] when this process's environment holds what sqlx would take and the
     /// other pools do not: [`Setting::HostAddr`] or [`Setting::SslRootCert`] where the
     /// configuration names no address or CA, [`Setting::PgOptions`], [`Setting::SslCert`]
-    /// (see [`Config::hostaddr`](crate::Config::hostaddr)).
+    /// (see [`Config::hostaddr`](crate::Config::hostaddr)); [`Setting::SslMode`] under
+    /// `verify-ca`, which sqlx cannot keep (see [`SslMode::VerifyCa`]).
     #[cfg(feature = "seaorm")]
     pub async fn seaorm(&self) -> Result<SeaOrmPool> {
         self.seaorm_with(&self.shared.pool).await
@@ -1273,7 +1284,6 @@ mod tests {
             SslMode::Disable,
             SslMode::Prefer,
             SslMode::Require,
-            SslMode::VerifyCa,
             SslMode::VerifyFull,
         ] {
             let config = Config::new("db.example.com", "u")

@@ -27,10 +27,17 @@ pub enum SslMode {
     Prefer,
     /// TLS always, certificate not verified.
     Require,
-    /// TLS always, certificate chain verified, host name not checked.
+    /// TLS always, certificate chain verified, host name not checked. Needs a CA of its own
+    /// ([`Config::ssl_root_cert`](crate::Config::ssl_root_cert)): anyone can get a certificate
+    /// from a public CA for a name they hold, so against the public roots this mode would
+    /// verify nothing, and it is refused, as libpq refuses it with `sslrootcert=system`.
+    /// The SeaORM and sqlx pools refuse it in any case: sqlx trusts the public roots besides
+    /// the configured CA.
     VerifyCa,
     /// TLS always, certificate chain and host name verified. The default for Lakebase and
-    /// Aurora DSQL.
+    /// Aurora DSQL. With a configured CA, the SeaORM and sqlx pools' connections (sqlx's)
+    /// also accept a certificate a public CA issued for the host name; the others trust the
+    /// configured CA alone.
     VerifyFull,
 }
 
@@ -115,6 +122,16 @@ impl Tls {
             })?),
             _ => None,
         };
+        if mode == SslMode::VerifyCa && root_cert.is_none() {
+            return Err(Error::config(
+                Setting::SslMode,
+                "verify-ca checks a certificate's chain but not the name it was issued for, \
+                 and with no sslrootcert (PGSSLROOTCERT) the chain would lead to the public \
+                 (Mozilla) roots, from which anyone can get a certificate for a name they \
+                 hold: use verify-full, or set sslrootcert to the CA that signed the server's \
+                 certificate (libpq refuses verify-ca with sslrootcert=system alike)",
+            ));
+        }
         let ca = root_cert.zip(root_pem.as_deref());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -399,6 +416,19 @@ mod tests {
         assert_eq!("require".parse::<SslMode>(), Ok(SslMode::Require));
         let err = "verify_full".parse::<SslMode>().unwrap_err();
         assert!(err.contains("verify-full"), "{err}");
+    }
+
+    /// libpq refuses `verify-ca` against the public roots (`sslrootcert=system`): anyone can
+    /// get a publicly trusted certificate for a name they hold, and the mode checks no name.
+    #[test]
+    fn verify_ca_needs_a_ca_of_its_own() {
+        let err = Tls::new(SslMode::VerifyCa, None).unwrap_err();
+        let shown = err.to_string();
+        assert!(shown.starts_with("invalid setting PGSSLMODE"), "{shown}");
+        assert!(
+            shown.contains("verify-full") && shown.contains("sslrootcert"),
+            "{shown}"
+        );
     }
 
     #[test]

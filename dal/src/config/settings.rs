@@ -569,7 +569,8 @@ pub struct Config {
     pub target: Option<Target>,
     /// TLS use. Defaults to `verify-full` for Lakebase and DSQL, `prefer` otherwise.
     pub ssl_mode: Option<SslMode>,
-    /// CA certificates (PEM) to verify the server with. Defaults to the Mozilla roots.
+    /// CA certificates (PEM) to verify the server with. Defaults to the Mozilla roots, which
+    /// only `verify-full` may use (see [`SslMode::VerifyCa`]).
     pub ssl_root_cert: Option<PathBuf>,
     /// Sent in the startup packet. Defaults to the [product](Self::product) when there is
     /// one, else [`DEFAULT_APPLICATION_NAME`].
