@@ -471,9 +471,11 @@ impl Connector {
             return Err(Error::config(
                 Setting::SslMode,
                 "sqlx (the SeaORM and sqlx pools) trusts the public (Mozilla) roots besides \
-                 sslrootcert, and verify-ca checks no name, so a certificate any public CA \
-                 issued for any name would pass: use verify-full, or the Diesel or \
-                 tokio-postgres pool, which trust sslrootcert alone",
+                 sslrootcert, and verify-ca checks no name (nor does require with sslrootcert, \
+                 which libpq verifies as verify-ca), so a certificate any public CA issued for \
+                 any name would pass: use verify-full, or the Diesel or tokio-postgres pool, \
+                 which trust sslrootcert alone, or (for unverified TLS) require without \
+                 sslrootcert",
             ));
         }
         let hostaddr = sqlx_environment(

@@ -25,7 +25,10 @@ pub enum SslMode {
     Disable,
     /// TLS when the server offers it, unverified; plain otherwise.
     Prefer,
-    /// TLS always, certificate not verified.
+    /// TLS always, certificate not verified; but with a CA configured
+    /// ([`Config::ssl_root_cert`](crate::Config::ssl_root_cert)), verified as under
+    /// [`VerifyCa`](Self::VerifyCa), as libpq does (its documentation, "SSL Support": with a
+    /// root CA file, `require` behaves as `verify-ca`).
     Require,
     /// TLS always, certificate chain verified, host name not checked. Needs a CA of its own
     /// ([`Config::ssl_root_cert`](crate::Config::ssl_root_cert)): anyone can get a certificate
@@ -113,6 +116,10 @@ impl std::fmt::Debug for Tls {
 
 impl Tls {
     pub(crate) fn new(mode: SslMode, root_cert: Option<&Path>) -> Result<Self> {
+        let mode = match (mode, root_cert) {
+            (SslMode::Require, Some(_)) => SslMode::VerifyCa,
+            _ => mode,
+        };
         let root_pem = match root_cert {
             Some(path) if mode.verifies() => Some(std::fs::read(path).map_err(|e| {
                 Error::config(

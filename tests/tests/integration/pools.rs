@@ -456,6 +456,48 @@ async fn tls_modes_verify_what_they_promise() {
     );
 }
 
+/// libpq verifies the chain under `require` when given a CA ("the same as verify-ca"), and
+/// so does dal: a CA named for nothing would let a user think the server was verified.
+#[tokio::test]
+async fn require_with_a_ca_verifies_the_chain_as_libpq_does() {
+    let pg = tests::server().await;
+    let config = |ca: &std::path::Path| {
+        let mut config = pg
+            .superuser_config("postgres")
+            .ssl_mode(SslMode::Require)
+            .ssl_root_cert(ca);
+        config.host = "db.invalid".into();
+        config.hostaddr(Ipv4Addr::LOCALHOST.into())
+    };
+    // The server's CA, under a name its certificate does not hold: the chain alone counts.
+    let connector = Connector::new(config(&pg.ca_cert_path())).await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    raw.get()
+        .await
+        .expect("the chain leads to the configured CA");
+    let refused = connector.seaorm().await.unwrap_err().to_string();
+    assert!(
+        refused.starts_with("invalid setting PGSSLMODE") && refused.contains("require"),
+        "{refused}"
+    );
+    connector.shutdown().await;
+    // Another CA: refused, where TLS left unverified would connect.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, params.self_signed(&key).unwrap().pem()).unwrap();
+    let connector = Connector::new(config(&other)).await.unwrap();
+    let err = connector.connect().await.map(|_| ()).unwrap_err();
+    let chain = anyhow_chain(&err);
+    assert!(
+        chain.contains("UnknownIssuer") || chain.contains("unknown issuer"),
+        "{chain}"
+    );
+    connector.shutdown().await;
+}
+
 fn anyhow_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
