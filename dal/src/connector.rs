@@ -205,11 +205,31 @@ impl Connector {
                 ));
             }
         };
+        // libpq's `sslrootcert=system`: the public roots, from which anyone can get a
+        // certificate for a name they hold, so only `verify-full` (the default it brings) may
+        // use them (libpq: "weak sslmode may not be used with sslrootcert=system").
+        let system = config
+            .ssl_root_cert
+            .as_deref()
+            .is_some_and(|path| path.as_os_str() == "system");
         let ssl_mode = config.ssl_mode.unwrap_or(match target {
+            _ if system => SslMode::VerifyFull,
             Target::Postgres => SslMode::Prefer,
             Target::Lakebase | Target::Dsql => SslMode::VerifyFull,
         });
-        let tls = Tls::new(ssl_mode, config.ssl_root_cert.as_deref())?;
+        if system && ssl_mode != SslMode::VerifyFull {
+            return Err(Error::config(
+                Setting::SslMode,
+                format!(
+                    "{ssl_mode} may not be used with sslrootcert=system: anyone can get a \
+                     publicly trusted certificate for a name they hold, so only verify-full \
+                     verifies the server against the public roots; use verify-full, or set \
+                     sslrootcert to the CA that signed the server's certificate"
+                ),
+            ));
+        }
+        let root_cert = config.ssl_root_cert.as_deref().filter(|_| !system);
+        let tls = Tls::new(ssl_mode, root_cert)?;
         // A DSQL role's own schema: quoted, since the server folds an unquoted name to lower
         // case (role `AppUser` owns schema "AppUser", not appuser).
         let search_path = config.search_path.or_else(|| {
@@ -478,13 +498,9 @@ impl Connector {
                  sslrootcert",
             ));
         }
-        let hostaddr = sqlx_environment(
-            s.hostaddr,
-            s.tls.root_pem.is_some(),
-            s.tls.mode,
-            &s.host,
-            &|name| std::env::var(name).ok(),
-        )?;
+        let hostaddr = sqlx_environment(s.hostaddr, s.tls.mode, &s.host, &|name| {
+            std::env::var(name).ok()
+        })?;
         let mut options = PgConnectOptions::new_without_pgpass()
             .host(&s.host)
             .port(s.port)
@@ -495,8 +511,10 @@ impl Connector {
         if let Some(addr) = hostaddr {
             options = options.hostaddr(addr);
         }
-        if let Some(pem) = &s.tls.root_pem {
-            options = options.ssl_root_cert_from_pem(pem.clone());
+        if s.tls.mode.verifies() {
+            // In place of any PGSSLROOTCERT, which sqlx reads on its own: the CA read at build,
+            // or none, so that sqlx adds nothing to the Mozilla roots it always trusts.
+            options = options.ssl_root_cert_from_pem(s.tls.root_pem.clone().unwrap_or_default());
         }
         let startup = self.startup_options();
         if !startup.is_empty() {
@@ -821,8 +839,8 @@ impl Connector {
     /// # Errors
     ///
     /// [`Error::Config`] when this process's environment holds what sqlx would take and the
-    /// other pools do not: [`Setting::HostAddr`] or [`Setting::SslRootCert`] where the
-    /// configuration names no address or CA, [`Setting::PgOptions`], [`Setting::SslCert`]
+    /// other pools do not: [`Setting::HostAddr`] where the configuration names no address,
+    /// [`Setting::PgOptions`], [`Setting::SslCert`]
     /// (see [`Config::hostaddr`](crate::Config::hostaddr)); [`Setting::SslMode`] under
     /// `verify-ca`, which sqlx cannot keep (see [`SslMode::VerifyCa`]).
     #[cfg(feature = "seaorm")]
@@ -850,8 +868,8 @@ impl Connector {
     /// # Errors
     ///
     /// [`Error::Config`] when this process's environment holds what sqlx would take and the
-    /// other pools do not: [`Setting::HostAddr`] or [`Setting::SslRootCert`] where the
-    /// configuration names no address or CA, [`Setting::PgOptions`], [`Setting::SslCert`]
+    /// other pools do not: [`Setting::HostAddr`] where the configuration names no address,
+    /// [`Setting::PgOptions`], [`Setting::SslCert`]
     /// (see [`Config::hostaddr`](crate::Config::hostaddr)); [`Setting::SslMode`] under
     /// `verify-ca`, which sqlx cannot keep (see [`SslMode::VerifyCa`]).
     #[cfg(feature = "seaorm")]
@@ -1075,17 +1093,16 @@ fn escape_option(value: &str) -> String {
 /// What sqlx takes from this process's environment into every set of options it builds
 /// (sqlx-postgres 0.9.1, `PgConnectOptions::new_without_pgpass`) and that dal cannot take back
 /// through its options, checked against the endpoint's configuration: the address to connect
-/// to (`PGHOSTADDR`), settings for every session (`PGOPTIONS`), a client certificate
-/// (`PGSSLCERT`, `PGSSLKEY`) and a CA trusted besides the configured roots (`PGSSLROOTCERT`).
-/// The configuration's own address and CA replace the environment's; anything else the
-/// environment holds is refused, so that the SeaORM and sqlx pools connect as the Diesel and
-/// tokio-postgres pools do or not at all. `env` reads a variable; sqlx reads no certificate
-/// under `sslmode=disable`, and no CA unless the mode verifies the server. Returns the address
-/// sqlx is to connect to.
+/// to (`PGHOSTADDR`), settings for every session (`PGOPTIONS`) and a client certificate
+/// (`PGSSLCERT`, `PGSSLKEY`). The configuration's own address replaces the environment's
+/// (and its CA, or none, the environment's `PGSSLROOTCERT`: see
+/// [`sqlx_options`](Connector::sqlx_options)); anything else the environment holds is
+/// refused, so that the SeaORM and sqlx pools connect as the Diesel and tokio-postgres pools
+/// do or not at all. `env` reads a variable; sqlx reads no certificate under
+/// `sslmode=disable`. Returns the address sqlx is to connect to.
 #[cfg(feature = "seaorm")]
 fn sqlx_environment(
     hostaddr: Option<std::net::IpAddr>,
-    has_root_cert: bool,
     mode: SslMode,
     host: &str,
     env: &dyn Fn(&str) -> Option<String>,
@@ -1127,18 +1144,6 @@ fn sqlx_environment(
             return Err(stray(Setting::SslCert, name, Some(&path), what));
         }
     }
-    if mode.verifies()
-        && !has_root_cert
-        && let Some(path) = env("PGSSLROOTCERT")
-    {
-        let what = "trust the certificates it holds";
-        return Err(stray(
-            Setting::SslRootCert,
-            "PGSSLROOTCERT",
-            Some(&path),
-            what,
-        ));
-    }
     Ok(hostaddr)
 }
 
@@ -1150,6 +1155,26 @@ mod tests {
         match result {
             Err(Error::Config { setting, .. }) => setting,
             other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    /// libpq's `sslrootcert=system`: the public roots, under `verify-full` only (the default
+    /// it brings); a weaker mode is refused with libpq's reason.
+    #[test]
+    fn sslrootcert_system_means_the_public_roots_and_verify_full() {
+        let config = || {
+            Config::new("db.example.com", "u")
+                .password("p")
+                .ssl_root_cert("system")
+        };
+        let connector = Connector::build(config()).unwrap();
+        assert_eq!(connector.shared.tls.mode, SslMode::VerifyFull);
+        assert_eq!(connector.shared.tls.root_cert, None);
+        for mode in [SslMode::Require, SslMode::VerifyCa, SslMode::Prefer] {
+            let refused = Connector::build(config().ssl_mode(mode));
+            let shown = format!("{:?}", refused.as_ref().err());
+            assert!(shown.contains("sslrootcert=system"), "{shown}");
+            assert_eq!(setting_of(refused), Setting::SslMode);
         }
     }
 
@@ -1299,7 +1324,24 @@ mod tests {
         }
     }
 
-    /// What the environment holds for sqlx: the configuration's address and CA replace the
+    /// sqlx trusts what `PGSSLROOTCERT` names on its own; dal gives it the CA read at build
+    /// instead, or, with none configured (or libpq's `system`), an empty one: the Mozilla
+    /// roots alone, as the other pools.
+    #[cfg(feature = "seaorm")]
+    #[test]
+    fn sqlx_trusts_no_ca_but_the_configured_one() {
+        for root in [None, Some("system")] {
+            let mut config = Config::new("db.example.com", "u")
+                .password("p")
+                .ssl_mode(SslMode::VerifyFull);
+            config.ssl_root_cert = root.map(Into::into);
+            let options = Connector::build(config).unwrap().sqlx_options().unwrap();
+            let shown = format!("{options:?}");
+            assert!(shown.contains("ssl_root_cert: Some(Inline([]))"), "{shown}");
+        }
+    }
+
+    /// What the environment holds for sqlx: the configuration's address replaces the
     /// environment's; anything else it holds for sqlx alone is refused, naming the variable.
     #[cfg(feature = "seaorm")]
     #[test]
@@ -1308,8 +1350,8 @@ mod tests {
         let only = |name: &'static str, value: &'static str| {
             move |n: &str| (n == name).then(|| value.to_owned())
         };
-        let check = |hostaddr, has_root_cert, mode, env: &dyn Fn(&str) -> Option<String>| {
-            sqlx_environment(hostaddr, has_root_cert, mode, "db.example.com", env)
+        let check = |hostaddr, mode, env: &dyn Fn(&str) -> Option<String>| {
+            sqlx_environment(hostaddr, mode, "db.example.com", env)
         };
         let refused = |result: Result<Option<std::net::IpAddr>>, setting, name: &str| match result {
             Err(Error::Config { setting: s, reason }) => {
@@ -1320,73 +1362,43 @@ mod tests {
             other => panic!("expected {name} to be refused, got {other:?}"),
         };
         let nothing = |_: &str| None;
+        assert_eq!(check(None, SslMode::VerifyFull, &nothing).unwrap(), None);
         assert_eq!(
-            check(None, false, SslMode::VerifyFull, &nothing).unwrap(),
-            None
-        );
-        assert_eq!(
-            check(Some(configured), false, SslMode::VerifyFull, &nothing).unwrap(),
+            check(Some(configured), SslMode::VerifyFull, &nothing).unwrap(),
             Some(configured)
         );
 
         let addr = only("PGHOSTADDR", "198.51.100.9");
         assert_eq!(
-            check(Some(configured), false, SslMode::VerifyFull, &addr).unwrap(),
+            check(Some(configured), SslMode::VerifyFull, &addr).unwrap(),
             Some(configured)
         );
         refused(
-            check(None, false, SslMode::VerifyFull, &addr),
+            check(None, SslMode::VerifyFull, &addr),
             Setting::HostAddr,
             "198.51.100.9",
         );
         // sqlx ignores what does not parse as an address.
         let name = only("PGHOSTADDR", "db2");
-        assert_eq!(
-            check(None, false, SslMode::VerifyFull, &name).unwrap(),
-            None
-        );
+        assert_eq!(check(None, SslMode::VerifyFull, &name).unwrap(), None);
 
         let options = only("PGOPTIONS", "-c app.secret=s3cr3t");
-        match check(None, true, SslMode::VerifyFull, &options) {
+        match check(None, SslMode::VerifyFull, &options) {
             Err(e) => assert!(!e.to_string().contains("s3cr3t"), "{e}"),
             Ok(_) => panic!("PGOPTIONS was not refused"),
         }
         refused(
-            check(None, true, SslMode::VerifyFull, &options),
+            check(None, SslMode::VerifyFull, &options),
             Setting::PgOptions,
             "PGOPTIONS",
         );
         let blank = only("PGOPTIONS", " ");
-        assert_eq!(
-            check(None, false, SslMode::VerifyFull, &blank).unwrap(),
-            None
-        );
+        assert_eq!(check(None, SslMode::VerifyFull, &blank).unwrap(), None);
 
         for name in ["PGSSLCERT", "PGSSLKEY"] {
             let cert = only(name, "/home/me/.postgresql/postgresql.crt");
-            refused(
-                check(None, true, SslMode::Require, &cert),
-                Setting::SslCert,
-                name,
-            );
-            assert_eq!(check(None, true, SslMode::Disable, &cert).unwrap(), None);
+            refused(check(None, SslMode::Require, &cert), Setting::SslCert, name);
+            assert_eq!(check(None, SslMode::Disable, &cert).unwrap(), None);
         }
-
-        let ca = only("PGSSLROOTCERT", "/etc/ca.pem");
-        refused(
-            check(None, false, SslMode::VerifyFull, &ca),
-            Setting::SslRootCert,
-            "PGSSLROOTCERT",
-        );
-        assert_eq!(
-            check(None, true, SslMode::VerifyFull, &ca).unwrap(),
-            None,
-            "the configured CA"
-        );
-        assert_eq!(
-            check(None, false, SslMode::Require, &ca).unwrap(),
-            None,
-            "no verification"
-        );
     }
 }

@@ -44,6 +44,19 @@ pub enum SslMode {
     VerifyFull,
 }
 
+/// libpq's name of the mode, as `sslmode` takes it (`verify-full`).
+impl std::fmt::Display for SslMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        })
+    }
+}
+
 impl std::str::FromStr for SslMode {
     type Err = String;
 
@@ -416,6 +429,19 @@ impl ServerCertVerifier for Unverified {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sslmode_shows_as_it_parses() {
+        for mode in [
+            SslMode::Disable,
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ] {
+            assert_eq!(mode.to_string().parse::<SslMode>(), Ok(mode));
+        }
+    }
 
     #[test]
     fn sslmode_parses_libpq_names_and_names_the_choices_on_a_typo() {

@@ -570,7 +570,8 @@ pub struct Config {
     /// TLS use. Defaults to `verify-full` for Lakebase and DSQL, `prefer` otherwise.
     pub ssl_mode: Option<SslMode>,
     /// CA certificates (PEM) to verify the server with. Defaults to the Mozilla roots, which
-    /// only `verify-full` may use (see [`SslMode::VerifyCa`]).
+    /// only `verify-full` may use (see [`SslMode::VerifyCa`]); libpq's `system` names them
+    /// too, and makes `verify-full` the default mode, as in libpq.
     pub ssl_root_cert: Option<PathBuf>,
     /// Sent in the startup packet. Defaults to the [product](Self::product) when there is
     /// one, else [`DEFAULT_APPLICATION_NAME`].
