@@ -551,9 +551,8 @@ pub struct Config {
     /// TLS verification (libpq's `hostaddr`), by every pool. sqlx (the SeaORM and plain sqlx
     /// pools) also reads `PGHOSTADDR` from the environment: with none configured here, a
     /// `PGHOSTADDR` in the environment makes those pools fail to build rather than connect
-    /// elsewhere than the others (so does a `PGSSLROOTCERT` when no CA is configured and the
-    /// mode verifies the server, and any `PGOPTIONS`, `PGSSLCERT` or `PGSSLKEY`). Defaults
-    /// to none.
+    /// elsewhere than the others (so does any `PGOPTIONS`, `PGSSLCERT` or `PGSSLKEY`; a
+    /// `PGSSLROOTCERT` gives way to the configured CA, or to none). Defaults to none.
     pub hostaddr: Option<std::net::IpAddr>,
     /// The server's port. Defaults to 5432.
     pub port: u16,
