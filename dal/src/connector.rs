@@ -417,6 +417,12 @@ impl Connector {
         self.shared.target
     }
 
+    /// The TLS mode in effect: the configured one or the target's default, with `require`
+    /// given a CA read as `verify-ca`, as libpq reads it (see [`SslMode::Require`]).
+    pub fn ssl_mode(&self) -> SslMode {
+        self.shared.tls.mode
+    }
+
     /// The database user.
     pub fn user(&self) -> &str {
         &self.shared.user
@@ -490,12 +496,12 @@ impl Connector {
         if s.tls.mode == SslMode::VerifyCa {
             return Err(Error::config(
                 Setting::SslMode,
-                "sqlx (the SeaORM and sqlx pools) trusts the public (Mozilla) roots besides \
-                 sslrootcert, and verify-ca checks no name (nor does require with sslrootcert, \
-                 which libpq verifies as verify-ca), so a certificate any public CA issued for \
-                 any name would pass: use verify-full, or the Diesel or tokio-postgres pool, \
-                 which trust sslrootcert alone, or (for unverified TLS) require without \
-                 sslrootcert",
+                "verify-ca checks a certificate's chain but no name (and so does require with \
+                 sslrootcert, which libpq verifies as verify-ca), and sqlx (the SeaORM and sqlx \
+                 pools, and migrations) trusts the public (Mozilla) roots besides sslrootcert, \
+                 so a certificate any public CA issued for any name would pass: use \
+                 verify-full, or require without sslrootcert (TLS unverified); the Diesel and \
+                 tokio-postgres pools, which trust sslrootcert alone, keep verify-ca",
             ));
         }
         let hostaddr = sqlx_environment(s.hostaddr, s.tls.mode, &s.host, &|name| {
@@ -842,7 +848,8 @@ impl Connector {
     /// other pools do not: [`Setting::HostAddr`] where the configuration names no address,
     /// [`Setting::PgOptions`], [`Setting::SslCert`]
     /// (see [`Config::hostaddr`](crate::Config::hostaddr)); [`Setting::SslMode`] under
-    /// `verify-ca`, which sqlx cannot keep (see [`SslMode::VerifyCa`]).
+    /// `verify-ca`, or `require` with a CA (verified as `verify-ca`), which sqlx cannot keep
+    /// (see [`SslMode::VerifyCa`]).
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool_with(&self, settings: &PoolSettings) -> Result<PgPool> {
         self.refuse_if_shut_down()?;
@@ -871,7 +878,8 @@ impl Connector {
     /// other pools do not: [`Setting::HostAddr`] where the configuration names no address,
     /// [`Setting::PgOptions`], [`Setting::SslCert`]
     /// (see [`Config::hostaddr`](crate::Config::hostaddr)); [`Setting::SslMode`] under
-    /// `verify-ca`, which sqlx cannot keep (see [`SslMode::VerifyCa`]).
+    /// `verify-ca`, or `require` with a CA (verified as `verify-ca`), which sqlx cannot keep
+    /// (see [`SslMode::VerifyCa`]).
     #[cfg(feature = "seaorm")]
     pub async fn seaorm(&self) -> Result<SeaOrmPool> {
         self.seaorm_with(&self.shared.pool).await
@@ -1305,7 +1313,7 @@ mod tests {
 
     #[cfg(feature = "seaorm")]
     #[test]
-    fn sqlx_connects_to_hostaddr_and_verifies_the_host_in_every_mode() {
+    fn sqlx_connects_to_hostaddr_in_every_mode_it_keeps() {
         let addr = std::net::IpAddr::from([192, 0, 2, 7]);
         for mode in [
             SslMode::Disable,
@@ -1339,6 +1347,26 @@ mod tests {
             let shown = format!("{options:?}");
             assert!(shown.contains("ssl_root_cert: Some(Inline([]))"), "{shown}");
         }
+    }
+
+    /// With a CA configured, sqlx gets the CA's PEM as read when the connector was built.
+    #[cfg(all(feature = "seaorm", feature = "local"))]
+    #[test]
+    fn sqlx_trusts_the_configured_ca_as_read_at_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        let pem = crate::local::certs::generate().unwrap().ca_pem;
+        std::fs::write(&path, &pem).unwrap();
+        let config = Config::new("db.example.com", "u")
+            .password("p")
+            .ssl_mode(SslMode::VerifyFull)
+            .ssl_root_cert(&path);
+        let connector = Connector::build(config).unwrap();
+        // Replaced after the build: what sqlx trusts does not change with it.
+        std::fs::write(&path, "not a certificate").unwrap();
+        let shown = format!("{:?}", connector.sqlx_options().unwrap());
+        let read = format!("ssl_root_cert: Some(Inline({:?}))", pem.as_bytes());
+        assert!(shown.contains(&read), "{shown}");
     }
 
     /// What the environment holds for sqlx: the configuration's address replaces the

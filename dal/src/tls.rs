@@ -28,7 +28,10 @@ pub enum SslMode {
     /// TLS always, certificate not verified; but with a CA configured
     /// ([`Config::ssl_root_cert`](crate::Config::ssl_root_cert)), verified as under
     /// [`VerifyCa`](Self::VerifyCa), as libpq does (its documentation, "SSL Support": with a
-    /// root CA file, `require` behaves as `verify-ca`).
+    /// root CA file, `require` behaves as `verify-ca`), and refused by the SeaORM and sqlx
+    /// pools as `verify-ca` is. A configured CA file that cannot be read is an error
+    /// ([`Setting::SslRootCert`](crate::Setting::SslRootCert)), where libpq would fall back
+    /// to no verification: a CA that was named is one the user meant to verify with.
     Require,
     /// TLS always, certificate chain verified, host name not checked. Needs a CA of its own
     /// ([`Config::ssl_root_cert`](crate::Config::ssl_root_cert)): anyone can get a certificate

@@ -566,7 +566,8 @@ pub struct Config {
     /// credentials mean [`Target::Lakebase`], DSQL tokens [`Target::Dsql`]), otherwise
     /// [`Target::Postgres`]. A target that contradicts the credentials is refused.
     pub target: Option<Target>,
-    /// TLS use. Defaults to `verify-full` for Lakebase and DSQL, `prefer` otherwise.
+    /// TLS use. Defaults to `verify-full` for Lakebase and DSQL, and with `sslrootcert=system`
+    /// (see [`ssl_root_cert`](Self::ssl_root_cert)); `prefer` otherwise.
     pub ssl_mode: Option<SslMode>,
     /// CA certificates (PEM) to verify the server with. Defaults to the Mozilla roots, which
     /// only `verify-full` may use (see [`SslMode::VerifyCa`]); libpq's `system` names them

@@ -22,7 +22,7 @@
 //! ```
 
 mod binaries;
-mod certs;
+pub(crate) mod certs;
 mod dsql_checks;
 #[cfg(feature = "dsql")]
 mod dsql_endpoint;

@@ -120,9 +120,7 @@ async fn checks(report: &mut Report, config: &Config, connector: &Connector, tar
             format_args!("{} source, no expiry", cache.source_kind()),
         ),
     }
-    let ssl_mode = config
-        .ssl_mode
-        .map_or_else(|| "the target's default".to_owned(), |m| format!("{m:?}"));
+    let ssl_mode = connector.ssl_mode();
     match certificate(connector).await {
         Ok(Some(subject)) => report.ok("certificate", subject),
         Ok(None) => report.ok("certificate", "none: no TLS"),

@@ -769,7 +769,7 @@ async fn doctor_checks_a_deployment_in_one_step() {
     for line in [
         "ok    target: Databricks Lakebase",
         "ok    credentials: lakebase source, token valid for",
-        "ok    TLS: sslmode",
+        "ok    TLS: sslmode verify-full; the server reports TLSv1.3",
         "ok    certificate: subject ",
         "ok    server: PostgreSQL 15",
         "ok    search_path:",

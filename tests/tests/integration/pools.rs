@@ -407,20 +407,28 @@ async fn tls_modes_verify_what_they_promise() {
     };
     // verify-ca, and require with a CA (libpq verifies the chain then, "the same as
     // verify-ca"), check the chain alone. sqlx trusts the public roots besides the configured
-    // CA, so any publicly trusted certificate would pass: the SeaORM pool refuses both.
+    // CA, so any publicly trusted certificate would pass: the SeaORM and sqlx pools (and so
+    // the migration command) refuse both.
     for mode in [SslMode::VerifyCa, SslMode::Require] {
         let connector = Connector::new(by_address(mode, "db.invalid"))
             .await
             .unwrap();
+        assert_eq!(connector.ssl_mode(), SslMode::VerifyCa);
         let raw = connector.postgres_pool().await.unwrap();
         raw.get()
             .await
             .unwrap_or_else(|e| panic!("{mode} by address ignores the name: {e}"));
-        let refused = connector.seaorm().await.unwrap_err().to_string();
-        assert!(
-            refused.starts_with("invalid setting PGSSLMODE") && refused.contains(&mode.to_string()),
-            "{refused}"
-        );
+        let refusals = [
+            connector.seaorm().await.err().map(|e| e.to_string()),
+            connector.sqlx_pool().await.err().map(|e| e.to_string()),
+        ];
+        for refused in refusals {
+            let refused = refused.unwrap_or_else(|| panic!("{mode}: a sqlx pool was built"));
+            assert!(
+                refused.starts_with("invalid setting PGSSLMODE") && refused.contains("verify-full"),
+                "{refused}"
+            );
+        }
         connector.shutdown().await;
     }
     let connector = Connector::new(by_address(SslMode::VerifyFull, "localhost"))
