@@ -1264,6 +1264,36 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
 
+    /// A fetch slower than the connect timeout goes on after the connect that started it
+    /// gave up: its token serves the next connect, which asks the service nothing more.
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_outlives_the_connect_that_stopped_waiting_for_it() {
+        let fetches = Arc::new(AtomicU64::new(0));
+        let (answer, answered) = tokio::sync::watch::channel(false);
+        let slow = Credentials::source({
+            let fetches = Arc::clone(&fetches);
+            move || {
+                fetches.fetch_add(1, Ordering::Relaxed);
+                let mut answered = answered.clone();
+                async move {
+                    answered.wait_for(|&now| now).await?;
+                    Ok::<_, tokio::sync::watch::error::RecvError>(Token::new("t", None))
+                }
+            }
+        });
+        let config = Config::new("db.example.com", "u")
+            .credentials(slow)
+            .strategy(crate::TokenStrategy::Lazy)
+            .connect_timeout(Duration::from_secs(2));
+        let connector = Connector::build(config).unwrap();
+        let err = connector.connect().await.map(drop).unwrap_err();
+        assert!(matches!(err, Error::ConnectTimeout { .. }), "{err:?}");
+        answer.send(true).unwrap();
+        let token = connector.token().await.unwrap();
+        assert_eq!(token.expose(), "t");
+        assert_eq!(fetches.load(Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn startup_values_cannot_carry_another_setting() {
         let config = || Config::new("db.example.com", "u").password("p");

@@ -38,7 +38,8 @@ struct Inner {
     /// Milliseconds since the epoch before which a failed refresh is not tried again while
     /// the current token is still valid.
     retry_after_ms: AtomicU64,
-    flight: tokio::sync::Mutex<()>,
+    /// Held by the one fetch in flight (see [`TokenCache::refresh`]).
+    flight: Arc<tokio::sync::Mutex<()>>,
     listeners: Mutex<Vec<Listener>>,
     refresher: Mutex<Option<JoinHandle<()>>>,
     fetches: AtomicU64,
@@ -91,7 +92,7 @@ impl TokenCache {
                 clock,
                 current: ArcSwapOption::empty(),
                 retry_after_ms: AtomicU64::new(0),
-                flight: tokio::sync::Mutex::new(()),
+                flight: Arc::default(),
                 listeners: Mutex::new(Vec::new()),
                 refresher: Mutex::new(None),
                 fetches: AtomicU64::new(0),
@@ -248,15 +249,21 @@ impl TokenCache {
         }
     }
 
-    /// Fetches a new token unless another caller just did; `force` skips that check.
+    /// Fetches a new token unless another caller just did; `force` fetches one even when the
+    /// current token needs no refresh yet, unless another fetch replaced it meanwhile.
     ///
     /// A caller that finds a fetch in flight waits for it only when it has no valid token to
     /// use meanwhile: a slow or failing service (retries, `Retry-After` pauses) never holds up
     /// connections while the current token still logs in.
+    ///
+    /// The fetch runs on a task of its own, which holds the single-flight lock: a caller that
+    /// stops waiting (its connect timed out, its future was dropped) leaves it to finish, so
+    /// that its token, or its failure and the service's `Retry-After`, serves the callers
+    /// after it, and a slow service is not asked again from the start by every new connect.
     async fn refresh(&self, force: bool) -> Result<Arc<Token>> {
         let inner = &self.inner;
         let seen = inner.current.load_full();
-        let _flight = match inner.flight.try_lock() {
+        let flight = match Arc::clone(&inner.flight).try_lock_owned() {
             Ok(flight) => flight,
             Err(_) => {
                 if !force
@@ -266,20 +273,43 @@ impl TokenCache {
                 {
                     return Ok(Arc::clone(&entry.token));
                 }
-                inner.flight.lock().await
+                Arc::clone(&inner.flight).lock_owned().await
             }
         };
-        if !force && inner.strategy != TokenStrategy::Uncached {
+        if inner.strategy != TokenStrategy::Uncached {
             let now_entry = inner.current.load_full();
             let replaced = match (&seen, &now_entry) {
                 (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
                 (None, Some(_)) => true,
                 _ => false,
             };
-            if replaced && let Some(token) = self.cached_fresh() {
-                return Ok(token);
+            // Another fetch installed a token while this caller waited for it: a forced
+            // refresh wanted no more than a new one.
+            match now_entry {
+                Some(entry) if replaced && force => return Ok(Arc::clone(&entry.token)),
+                _ if replaced && let Some(token) = self.cached_fresh() => return Ok(token),
+                _ => {}
             }
         }
+        let cache = self.clone();
+        let fetch = tokio::spawn(async move {
+            let _flight = flight;
+            cache.fetch_and_keep().await
+        });
+        match fetch.await {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Error::Credential {
+                source_kind: inner.source.kind(),
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// Fetches a token (with retries) and installs it; after a failure, notes when to try
+    /// again and returns the current token while it is still valid.
+    async fn fetch_and_keep(&self) -> Result<Arc<Token>> {
+        let inner = &self.inner;
         match self.fetch_with_retries().await {
             Ok((token, took)) => Ok(self.install(token, took)),
             Err(e) => {
@@ -452,6 +482,11 @@ async fn refresh_loop(weak: Weak<Inner>) {
         tokio::time::sleep(wait).await;
         let Some(inner) = weak.upgrade() else { return };
         let cache = TokenCache { inner };
+        // Another caller fetched meanwhile (the token was invalidated, say): nothing is due.
+        if cache.cached_fresh_by_schedule() {
+            failed_rounds = 0;
+            continue;
+        }
         match cache.refresh(true).await {
             Ok(_) if cache.cached_fresh_by_schedule() => failed_rounds = 0,
             // Either the refresh failed outright, or it kept serving the old token.
