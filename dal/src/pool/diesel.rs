@@ -77,6 +77,13 @@ fn has_broken(conn: &mut AsyncPgConnection) -> bool {
     std::thread::panicking() || untracked_or_stale || PoolableConnection::is_broken(conn)
 }
 
+/// Whether the transaction open on `conn` may be aborted: a statement failed in it (or the
+/// pool's record of `conn` is gone). PostgreSQL answers the `COMMIT` of an aborted
+/// transaction with a `ROLLBACK` and no error, so such a commit is checked first.
+pub(crate) fn may_have_aborted(conn: &mut AsyncPgConnection) -> bool {
+    timer(conn).is_none_or(|timer| timer.failed)
+}
+
 fn timer(conn: &mut AsyncPgConnection) -> Option<&mut QueryTimer> {
     AsyncConnection::instrumentation(conn).downcast_mut::<QueryTimer>()
 }
@@ -102,6 +109,7 @@ where
             open: 0,
             wire,
             stale: false,
+            failed: false,
             // Just opened: as good as one that came back now.
             lifespan: Lifespan::returned_now(),
             times: telemetry::QueryTimes::new("diesel"),
@@ -124,6 +132,9 @@ struct QueryTimer {
     /// `0A000` after `ALTER TABLE`): every statement this connection prepared may be stale, and
     /// diesel-async cannot forget them, so the pool drops the connection when it comes back.
     stale: bool,
+    /// The server refused a statement since the last top-level `BEGIN`, which aborts the
+    /// transaction (unless a savepoint rolled back over it): see [`may_have_aborted`].
+    failed: bool,
     /// What the pool notes of it: when it came back, when it retires.
     lifespan: Lifespan,
     times: telemetry::QueryTimes,
@@ -151,6 +162,7 @@ impl diesel::connection::Instrumentation for QueryTimer {
 
                 let elapsed = self.started.take().map(|t| t.elapsed()).unwrap_or_default();
                 self.times.record(elapsed, error.is_some());
+                self.failed |= matches!(error, Some(diesel::result::Error::DatabaseError(..)));
                 if let Some(diesel::result::Error::DatabaseError(_, info)) = error
                     && info.message() == STALE_PLAN
                 {
@@ -161,6 +173,7 @@ impl diesel::connection::Instrumentation for QueryTimer {
                 }
             }
             Event::BeginTransaction { depth, .. } => {
+                self.failed &= depth.get() > 1;
                 tracing::trace!(orm = "diesel", depth = depth.get(), "begin")
             }
             Event::CommitTransaction { depth, .. } => {

@@ -66,6 +66,10 @@ pub(crate) struct Conn {
     broken: bool,
     /// Transactions open: 0 outside one, 1 in one, more in savepoints.
     depth: u32,
+    /// The server refused a statement since the transaction began, which aborts it (unless
+    /// a savepoint rolled back over it): its `COMMIT` is checked first (see
+    /// [`end_level`](Self::end_level)).
+    failed: bool,
     /// The depth to roll back to before the next statement: a savepoint was dropped unfinished.
     unwind: Option<u32>,
     /// What the pool notes of it: when it came back, when it retires.
@@ -83,6 +87,7 @@ impl Conn {
             stale: false,
             broken: false,
             depth: 0,
+            failed: false,
             unwind: None,
             // Checked at its first checkout: sqlx reads the socket only when asked to, so
             // unlike the other kinds it cannot tell that the server closed a connection that
@@ -122,6 +127,7 @@ impl Conn {
     }
 
     fn note(&mut self, e: &sqlx::Error) {
+        self.failed |= self.depth > 0 && matches!(e, sqlx::Error::Database(_));
         match e {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("0A000") if db.message() == STALE_PLAN => {
@@ -155,9 +161,20 @@ impl Conn {
     }
 
     /// Ends the innermost transaction: `COMMIT` or `ROLLBACK`, or their savepoint forms.
+    ///
+    /// PostgreSQL answers the `COMMIT` of an aborted transaction (a statement in it failed,
+    /// SQLSTATE `25P02` for every statement after) with a `ROLLBACK` and no error, which
+    /// sqlx reports as a success. So after a refused statement, a `SELECT 1` goes first: in
+    /// an aborted transaction it fails with `25P02`, the transaction is rolled back, and
+    /// that error is the commit's.
     async fn end_level(&mut self, commit: bool) -> std::result::Result<(), sqlx::Error> {
         let depth = self.depth;
-        let sql = match (commit, depth) {
+        let aborted = if commit && depth == 1 && self.failed {
+            self.simple("SELECT 1").await.err()
+        } else {
+            None
+        };
+        let sql = match (commit && aborted.is_none(), depth) {
             (true, 1) => "COMMIT".to_owned(),
             (false, 1) => ROLLBACK.to_owned(),
             (true, n) => format!("RELEASE SAVEPOINT dal_{}", n - 1),
@@ -171,8 +188,12 @@ impl Conn {
         // rolls back); after any other error the connection is broken anyway.
         if matches!(&done, Ok(()) | Err(sqlx::Error::Database(_))) {
             self.depth = depth - 1;
+            self.failed &= self.depth > 0;
         }
-        done
+        match aborted {
+            Some(aborted) => Err(aborted),
+            None => done,
+        }
     }
 
     /// Rolls back the transactions deeper than `depth`.
@@ -429,6 +450,7 @@ impl SeaOrmPool {
             let mut checkout = pool.get_owned().await.map_err(acquire_err)?;
             checkout.simple(&sql).await.map_err(exec_err)?;
             checkout.depth = 1;
+            checkout.failed = false;
             Ok(SeaOrmTransaction {
                 conn: Arc::new(Mutex::new(Some(checkout))),
                 level: 1,

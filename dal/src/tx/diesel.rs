@@ -1,12 +1,15 @@
 //! Diesel transactions: retried with a [`TxMode`], and savepoints.
 
-use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
+use diesel_async::{
+    AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
+};
 use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
 use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back};
 use crate::error::{Error, Result};
 use crate::pool::DieselPool;
+use crate::pool::diesel::may_have_aborted;
 
 impl Transactions {
     /// Runs `work` in a Diesel transaction of `mode` on a connection of `pool`, retried as
@@ -88,7 +91,17 @@ where
         .await
         .map_err(|e| Failure::Begin(Error::Diesel(e)))?;
     tracing::debug!("transaction begun");
-    match work(conn).await {
+    let done = match work(conn).await {
+        // PostgreSQL would answer COMMIT with a ROLLBACK, and no error, if a statement failed
+        // and aborted the transaction: a `SELECT 1` fails then (SQLSTATE 25P02), and that
+        // failure is the attempt's.
+        Ok(value) if may_have_aborted(conn) => match conn.batch_execute("SELECT 1").await {
+            Ok(()) => Ok(value),
+            Err(aborted) => Err(Error::Diesel(aborted)),
+        },
+        done => done,
+    };
+    match done {
         Ok(value) => {
             AnsiTransactionManager::commit_transaction(conn)
                 .await

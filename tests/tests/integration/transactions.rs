@@ -387,6 +387,79 @@ async fn notes(connector: &Connector) {
         .unwrap();
 }
 
+/// PostgreSQL answers the COMMIT of a transaction a failed statement aborted with a ROLLBACK
+/// and no error. Work that swallows such a failure gets it back from the commit (SQLSTATE
+/// `25P02`), not a success for writes that were rolled back; the connection serves on.
+#[tokio::test]
+async fn committing_after_a_swallowed_failure_fails_in_both_orms() {
+    let pg = tests::server().await;
+    let connector = bank(&pg, "swallowed", Target::Postgres).await;
+    let tx = connector.transactions();
+    notes(&connector).await;
+    let db = connector.seaorm_with(&one_connection()).await.unwrap();
+    let err = tx
+        .seaorm(&db, TxMode::new(), |txn| {
+            Box::pin(async move {
+                txn.execute_unprepared("INSERT INTO notes VALUES ('written')")
+                    .await?;
+                let duplicate = txn
+                    .execute_unprepared("INSERT INTO notes VALUES ('written')")
+                    .await;
+                assert!(duplicate.is_err());
+                Ok(())
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate(), Some("25P02"), "{err:?}");
+    let txn = sea_orm::TransactionTrait::begin(&db).await.unwrap();
+    txn.execute_unprepared("INSERT INTO notes VALUES ('written')")
+        .await
+        .unwrap();
+    assert!(txn.execute_unprepared("SELECT 1/0").await.is_err());
+    let err = dal::Error::SeaOrm(txn.commit().await.unwrap_err());
+    assert_eq!(err.sqlstate(), Some("25P02"), "{err:?}");
+    assert!(names(&connector).await.is_empty());
+    db.execute_unprepared("INSERT INTO notes VALUES ('seaorm')")
+        .await
+        .unwrap();
+
+    let diesel = connector.diesel_pool_with(&one_connection()).await.unwrap();
+    let err = tx
+        .diesel(&diesel, TxMode::new(), |conn| {
+            Box::pin(async move {
+                diesel::sql_query("INSERT INTO notes VALUES ('written')")
+                    .execute(conn)
+                    .await?;
+                let duplicate = diesel::sql_query("INSERT INTO notes VALUES ('written')")
+                    .execute(conn)
+                    .await;
+                assert!(duplicate.is_err());
+                Ok(())
+            })
+        })
+        .await
+        .unwrap_err();
+    match &err {
+        dal::Error::Diesel(diesel::result::Error::DatabaseError(_, info)) => assert!(
+            info.message().starts_with("current transaction is aborted"),
+            "{err:?}"
+        ),
+        other => panic!("expected the server's refusal, got {other:?}"),
+    }
+    let mut conn = diesel.get().await.unwrap();
+    diesel::sql_query("INSERT INTO notes VALUES ('diesel')")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(names(&connector).await, ["diesel", "seaorm"]);
+    connector.shutdown().await;
+}
+
+fn one_connection() -> PoolSettings {
+    PoolSettings::builder().max_size(1).build().unwrap()
+}
+
 #[tokio::test]
 async fn a_rolled_back_savepoint_keeps_the_outer_work_in_both_orms() {
     let pg = tests::server().await;
