@@ -112,25 +112,31 @@ impl PoolHandle for SqlxPool {
 }
 
 /// Ends the transaction the server has open on `conn`, if any, in one round trip as cheap as
-/// sqlx's ping: an empty query, after which sqlx knows the server's transaction status and
+/// sqlx's ping: a `SELECT 1`, after which sqlx knows the server's transaction status and
 /// `begin_with` reports it (it fails when the statement left no transaction open).
 ///
-/// sqlx reports an aborted transaction block as no transaction. One is reachable only through
-/// a single string that begins a transaction and fails inside it (`BEGIN; SELECT 1/0`), since
-/// sqlx queues a ROLLBACK for every transaction of its own that is dropped. Such a connection
-/// is handed out again, but it answers SQLSTATE `25P02` to every statement: no write through
-/// it is acknowledged, so none is lost.
+/// sqlx reports an aborted transaction block as no transaction. One is left by a single
+/// string that begins a transaction and fails inside it (`BEGIN; SELECT 1/0`), since sqlx
+/// queues a ROLLBACK for every transaction of its own that is dropped; there the `SELECT 1`
+/// fails with SQLSTATE `25P02`, and sqlx queues the ROLLBACK of the transaction it meant
+/// to begin, which the ping then sends.
 async fn end_transaction(conn: &mut PgConnection) -> std::result::Result<(), SqlxError> {
     use sea_orm::sqlx::Connection;
-    match conn.begin_with("").await {
+    match conn.begin_with("SELECT 1").await {
         Ok(open) => {
             tracing::debug!(
                 pool = "sqlx",
                 "a connection came back inside a transaction; rolling back"
             );
-            open.rollback().await
+            return open.rollback().await;
         }
-        Err(SqlxError::BeginFailed) => Ok(()),
-        Err(e) => Err(e),
-    }
+        Err(SqlxError::BeginFailed) => return Ok(()),
+        Err(SqlxError::Database(e)) if e.code().as_deref() == Some("25P02") => {}
+        Err(e) => return Err(e),
+    };
+    tracing::debug!(
+        pool = "sqlx",
+        "a connection came back inside an aborted transaction; rolling back"
+    );
+    conn.ping().await
 }

@@ -293,6 +293,30 @@ async fn the_seaorm_pool_ends_a_transaction_a_raw_begin_left_open() {
     connector.shutdown().await;
 }
 
+/// A string that begins a transaction and fails inside it leaves an aborted transaction
+/// block (SQLSTATE `25P02` for every statement after), which sqlx reports as no transaction:
+/// the sqlx and SeaORM pools end it before the next caller's statement.
+#[tokio::test]
+async fn a_connection_left_in_an_aborted_transaction_serves_the_next_caller() {
+    let pg = tests::server().await;
+    let connector = one_connection(&pg).await;
+    let sqlx = connector.sqlx_pool().await.unwrap();
+    let aborting = sea_orm::sqlx::raw_sql("BEGIN; SELECT 1/0")
+        .execute(&sqlx)
+        .await;
+    assert!(aborting.is_err());
+    sea_orm::sqlx::raw_sql(OUTSIDE_TRANSACTION)
+        .execute(&sqlx)
+        .await
+        .expect("the sqlx pool's next statement runs outside any transaction");
+    let db = connector.seaorm().await.unwrap();
+    assert!(db.execute_unprepared("BEGIN; SELECT 1/0").await.is_err());
+    db.execute_unprepared(OUTSIDE_TRANSACTION)
+        .await
+        .expect("the SeaORM pool's next statement runs outside any transaction");
+    connector.shutdown().await;
+}
+
 /// A Diesel connection whose instrumentation its user replaced comes back without the
 /// pool's record of it (its lifetime, its queries in flight, stale statements): the pool
 /// closes it, and the next checkout gets another connection (another server process).
