@@ -516,9 +516,23 @@ impl Error {
         #[cfg(feature = "seaorm")]
         use sea_orm::sqlx::Error as Sqlx;
         // The server ended the session: `57P01` admin_shutdown (`pg_terminate_backend`, a fast
-        // shutdown), `57P02` crash_shutdown. Or it refused a new one for a limit: `53300`
-        // too_many_connections, `53400` (Aurora DSQL: connection rate exceeded).
-        if matches!(self.sqlstate(), Some("57P01" | "57P02" | "53300" | "53400")) {
+        // shutdown), `57P02` crash_shutdown, `57P05` idle_session_timeout. Or it refused a new
+        // one for a limit: `53300` too_many_connections, `53400` (Aurora DSQL: connection rate
+        // exceeded).
+        if matches!(
+            self.sqlstate(),
+            Some("57P01" | "57P02" | "57P05" | "53300" | "53400")
+        ) {
+            return true;
+        }
+        // diesel-async gives no SQLSTATE for those (kind `Unknown`): PostgreSQL's messages
+        // for them begin "terminating connection" (its `postgres.c`), as the SQLSTATE-less
+        // conflicts above are told by theirs.
+        if self.is_diesel()
+            && self
+                .db_message()
+                .is_some_and(|m| m.starts_with("terminating connection"))
+        {
             return true;
         }
         match self {

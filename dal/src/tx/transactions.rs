@@ -502,6 +502,20 @@ mod tests {
             matches!(ambiguous, Error::AmbiguousCommit { .. }),
             "{ambiguous:?}"
         );
+        // The server ended the session (57P01: diesel-async gives its message, no SQLSTATE):
+        // a BEGIN is run again, a COMMIT is ambiguous, as through SeaORM.
+        let ended = || {
+            Error::Diesel(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::Unknown,
+                Box::new("terminating connection due to administrator command".to_owned()),
+            ))
+        };
+        assert!(Failure::Begin(ended()).classify().is_ok());
+        let ambiguous = Failure::Commit(ended()).classify().unwrap_err();
+        assert!(
+            matches!(ambiguous, Error::AmbiguousCommit { .. }),
+            "{ambiguous:?}"
+        );
         let own = Failure::Work(Error::abort("insufficient funds"))
             .classify()
             .unwrap_err();
