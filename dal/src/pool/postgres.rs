@@ -168,8 +168,10 @@ fn has_broken(conn: &mut PgClient) -> bool {
 /// tokio-postgres ends the session of a dropped client only once every reply it is owed has
 /// come: one dropped with a query unanswered (its future dropped, a check that gave up on a
 /// server that stopped answering) kept its socket, and its server backend, for as long as the
-/// server stayed silent, minutes for a flow a firewall dropped. The task closes it [`LOG_OUT`]
-/// after the client is dropped.
+/// server stayed silent, minutes for a flow a firewall dropped. Once the client is dropped,
+/// the task closes it after [`LOG_OUT`] with no progress: no reply read, no row taken by a
+/// row stream still open (which keeps getting its rows however slowly it reads; under TLS,
+/// replies held back for such a stream do not count as silence at all).
 pub(crate) fn from_parts<S>(
     client: Client,
     connection: Connection<Socket, S>,
@@ -181,10 +183,18 @@ where
     let attached = wire.attached();
     let connection = Watched::new(connection, Arc::clone(&wire));
     let (hang_up, dropped) = tokio::sync::oneshot::channel::<()>();
+    let watched = Arc::clone(&wire);
     tokio::spawn(async move {
         let given_up = async {
             let _ = dropped.await;
-            tokio::time::sleep(LOG_OUT).await;
+            loop {
+                let wakes = watched.wakes();
+                tokio::time::sleep(LOG_OUT).await;
+                let held_back = attached && watched.session() == Session::HeldBack;
+                if watched.wakes() == wakes && !held_back {
+                    break;
+                }
+            }
         };
         tokio::select! {
             biased;

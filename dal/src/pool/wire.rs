@@ -63,6 +63,9 @@ pub(crate) struct Wire {
     woken: AtomicBool,
     /// The connection task is being polled.
     busy: AtomicBool,
+    /// Wakes of the connection task so far: socket readiness (a reply to read), a row taken
+    /// by its reader, a request to send.
+    wakes: AtomicU64,
     /// A statement failed because a prepared statement is stale (see [`STALE_PLAN`]).
     stale: AtomicBool,
     /// The last read of the connection task found the socket empty: everything read before
@@ -106,6 +109,12 @@ impl Wire {
     /// What the wire tells of the session: a request queued by a dropped future counts as in
     /// flight. Waits out a poll of the connection task in progress for a few microseconds;
     /// longer, the answer is [`Session::Unknown`].
+    /// How many times the connection task was woken: unchanged over a while, nothing came
+    /// from the server nor was taken by a reader meanwhile.
+    pub(crate) fn wakes(&self) -> u64 {
+        self.wakes.load(SeqCst)
+    }
+
     pub(crate) fn session(&self) -> Session {
         for _ in 0..1_000 {
             if !self.busy.load(SeqCst) {
@@ -417,6 +426,7 @@ impl Wake for WakeFlag {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
+        self.wire.wakes.fetch_add(1, SeqCst);
         self.wire.woken.store(true, SeqCst);
         self.task.wake();
     }

@@ -347,7 +347,8 @@ async fn a_diesel_connection_whose_instrumentation_was_replaced_is_not_reused() 
 
 /// A client given back while a row stream it started is still open: the stream's replies
 /// wait for their reader, so the next request on that connection would wait behind them.
-/// The pool hands out another connection instead, and the stream still gets every row.
+/// The pool hands out another connection instead, and the stream still gets every row, even
+/// read slowly.
 #[tokio::test]
 async fn a_client_given_back_with_an_open_row_stream_is_not_handed_out_again() {
     use futures_util::StreamExt as _;
@@ -381,6 +382,9 @@ async fn a_client_given_back_with_an_open_row_stream_is_not_handed_out_again() {
         Some(2),
         "the next request waited behind the stream"
     );
+    // A slow reader: the pool dropped the client it could not hand out, and the connection
+    // is closed only after 5 s without progress; the stream, still open, keeps it.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let mut rest = 0;
     while let Some(row) = rows.next().await {
         row.unwrap();
