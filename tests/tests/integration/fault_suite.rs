@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use dal::diesel_async::RunQueryDsl;
 use dal::local::{LocalLakebase, LocalPostgres};
-use dal::{Config, Connector, PoolSettings};
+use dal::{Config, Connector, PoolSettings, TxMode};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
 /// Writes through SeaORM and Diesel by turns, each a row of `acks` with a new id.
@@ -88,29 +88,63 @@ impl Workload {
         })
     }
 
+    /// One write: even ids through SeaORM, odd ones through Diesel; every other one of each
+    /// in a transaction of [`Transactions`](dal::Transactions), which runs it again after a
+    /// failure that certainly rolled it back (a `BEGIN` on a lost connection, say), so that
+    /// a retry of a write that did commit would show as a duplicate.
     async fn write(&self) {
         let id = self.next.fetch_add(1, Ordering::SeqCst);
-        let outcome = if id % 2 == 0 {
-            self.seaorm
-                .execute_raw(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    "INSERT INTO acks (id) VALUES ($1)",
-                    [id.into()],
-                ))
+        let insert = move || {
+            Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "INSERT INTO acks (id) VALUES ($1)",
+                [id.into()],
+            )
+        };
+        let diesel_insert = move || {
+            dal::diesel::sql_query("INSERT INTO acks (id) VALUES ($1)")
+                .bind::<dal::diesel::sql_types::BigInt, _>(id)
+        };
+        let in_transaction = id / 2 % 2 == 1;
+        let tx = self.connector.transactions();
+        let outcome = match (id % 2 == 0, in_transaction) {
+            (true, false) => self
+                .seaorm
+                .execute_raw(insert())
                 .await
                 .map(drop)
-                .map_err(|e| format!("seaorm {id}: {e}"))
-        } else {
-            match self.diesel.get().await {
-                Ok(mut conn) => dal::diesel::sql_query("INSERT INTO acks (id) VALUES ($1)")
-                    .bind::<dal::diesel::sql_types::BigInt, _>(id)
+                .map_err(dal::Error::from),
+            (true, true) => {
+                tx.seaorm(&self.seaorm, TxMode::new(), |txn| {
+                    Box::pin(async move { Ok(txn.execute_raw(insert()).await.map(drop)?) })
+                })
+                .await
+            }
+            (false, false) => match self.diesel.get().await {
+                Ok(mut conn) => diesel_insert()
                     .execute(&mut *conn)
                     .await
                     .map(drop)
-                    .map_err(|e| format!("diesel {id}: {e}")),
-                Err(e) => Err(format!("diesel {id}: {e}")),
+                    .map_err(dal::Error::from),
+                Err(e) => Err(e),
+            },
+            (false, true) => {
+                tx.diesel(&self.diesel, TxMode::new(), |conn| {
+                    Box::pin(async move { Ok(diesel_insert().execute(conn).await.map(drop)?) })
+                })
+                .await
             }
         };
+        let orm = if id % 2 == 0 { "seaorm" } else { "diesel" };
+        let outcome = outcome.map_err(|e| {
+            let mut shown = format!("{orm} {id}: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                shown.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            shown
+        });
         match outcome {
             Ok(()) => {
                 self.acked.lock().unwrap().push((id, Instant::now()));
