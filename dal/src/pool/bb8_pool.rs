@@ -963,6 +963,10 @@ impl<C: Send + 'static> Pool<C> {
         }
         let started = Instant::now();
         let waiting = Waiting::enter(core);
+        // One bound for the turn and bb8's wait together: each had its own, and a caller given
+        // its turn late then waited in bb8 up to the acquire timeout again.
+        let deadline = tokio::time::Instant::now() + core.acquire_timeout;
+        let timed_out = || Error::PoolTimeout(core.acquire_timeout);
         let got = async {
             let turns = Arc::clone(&core.turns);
             let turn = match turns.try_acquire_owned() {
@@ -970,9 +974,9 @@ impl<C: Send + 'static> Pool<C> {
                 Err(tokio::sync::TryAcquireError::Closed) => return Err(Error::PoolClosed),
                 Err(tokio::sync::TryAcquireError::NoPermits) => {
                     let turns = Arc::clone(&core.turns).acquire_owned();
-                    tokio::time::timeout(core.acquire_timeout, turns)
+                    tokio::time::timeout_at(deadline, turns)
                         .await
-                        .map_err(|_| Error::PoolTimeout(core.acquire_timeout))?
+                        .map_err(|_| timed_out())?
                         .map_err(|_| Error::PoolClosed)?
                 }
             };
@@ -981,12 +985,13 @@ impl<C: Send + 'static> Pool<C> {
             let mut conn = tokio::select! {
                 biased;
                 got = get => got.map_err(|e| match e {
-                    bb8::RunError::TimedOut => Error::PoolTimeout(core.acquire_timeout),
+                    bb8::RunError::TimedOut => timed_out(),
                     bb8::RunError::User(e) => e,
                 })?,
                 cause = core.failures.next(since) => {
                     return Err(Error::Connect { source: cause });
                 }
+                () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
             };
             if let Some(span) = core.lifespan.and_then(|lifespan| lifespan(&mut **conn)) {
                 span.turn = Some(turn);
@@ -1337,6 +1342,42 @@ mod tests {
                 "10,000 checkouts and the other task has not run"
             );
         }
+    }
+
+    /// The acquire timeout bounds a checkout's whole wait: a caller given its turn late
+    /// (another caller's connect failed) waited in bb8 the whole timeout again.
+    #[tokio::test(start_paused = true)]
+    async fn a_checkout_waits_no_longer_than_the_acquire_timeout_in_all() {
+        let open: Open<Probe> = Arc::new(|| Box::pin(std::future::pending()));
+        let timeout = Duration::from_secs(1);
+        let settings = PoolSettings::builder()
+            .max_size(1)
+            .acquire_timeout(timeout)
+            .build()
+            .unwrap();
+        let pool = build(
+            PROBE,
+            open,
+            &settings,
+            &Registry::default(),
+            CONNECT_TIMEOUT,
+        );
+        // Takes the only turn, then waits for a connection that never opens.
+        let first = pool.get();
+        let second = async {
+            tokio::time::sleep(timeout / 2).await;
+            let started = tokio::time::Instant::now();
+            let got = pool.get().await.map(drop);
+            (got, started.elapsed())
+        };
+        let (first, (second, waited)) = tokio::join!(first, second);
+        assert!(
+            matches!(first, Err(Error::PoolTimeout(_))),
+            "{:?}",
+            first.err()
+        );
+        assert!(matches!(second, Err(Error::PoolTimeout(_))), "{second:?}");
+        assert_eq!(waited, timeout);
     }
 
     /// A caller whose checkout is dropped while it waits (a timeout, a `select!`, a client
