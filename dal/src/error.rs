@@ -391,6 +391,21 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// The server answered COMMIT with ROLLBACK, as PostgreSQL does for a transaction a failed
+    /// statement aborted: nothing was committed. The work saw no error: the failure came after
+    /// the rows it read (Diesel's `get_result` takes a statement's first row and leaves the
+    /// rest, an error among them, unread). Retried when `sqlstate` is a
+    /// [conflict](Self::is_conflict)'s.
+    #[error(
+        "the server answered COMMIT with ROLLBACK: a statement failed in the transaction{}, \
+         so nothing was committed",
+        sqlstate.as_ref().map_or(String::new(), |code| format!(" (SQLSTATE {code})"))
+    )]
+    RolledBackAtCommit {
+        /// The SQLSTATE of the failed statement, when the pool saw it.
+        sqlstate: Option<String>,
+    },
+
     /// A nested transaction was asked of an Aurora DSQL target. Nothing was sent.
     #[error("Aurora DSQL has no SAVEPOINT, so nested transactions are not supported")]
     SavepointUnsupported,
@@ -426,6 +441,7 @@ impl Error {
             #[cfg(feature = "diesel")]
             Error::Diesel(e) => diesel_sqlstate(e),
             Error::RetriesExhausted { last, .. } => last.sqlstate(),
+            Error::RolledBackAtCommit { sqlstate } => sqlstate.as_deref(),
             _ => None,
         }
     }

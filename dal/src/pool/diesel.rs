@@ -77,11 +77,22 @@ fn has_broken(conn: &mut AsyncPgConnection) -> bool {
     std::thread::panicking() || untracked_or_stale || PoolableConnection::is_broken(conn)
 }
 
-/// Whether the transaction open on `conn` may be aborted: a statement failed in it (or the
-/// pool's record of `conn` is gone). PostgreSQL answers the `COMMIT` of an aborted
-/// transaction with a `ROLLBACK` and no error, so such a commit is checked first.
+/// Whether the transaction open on `conn` may be aborted and its commit cannot be checked
+/// afterwards: a statement failed in it, or the pool does not follow the wire (no TLS, or
+/// its record of `conn` is gone), where a statement may have failed after the rows its
+/// caller read. PostgreSQL answers the `COMMIT` of an aborted transaction with a `ROLLBACK`
+/// and no error, so such a commit is checked first.
 pub(crate) fn may_have_aborted(conn: &mut AsyncPgConnection) -> bool {
-    timer(conn).is_none_or(|timer| timer.failed)
+    timer(conn).is_none_or(|timer| timer.failed || timer.wire.is_none())
+}
+
+/// The error for the `COMMIT` that just returned on `conn`, if the server answered it with
+/// `ROLLBACK` (see [`Wire::rolled_back`]).
+pub(crate) fn rolled_back_at_commit(conn: &mut AsyncPgConnection) -> Option<Error> {
+    let wire = timer(conn)?.wire.as_ref()?;
+    wire.rolled_back().then(|| Error::RolledBackAtCommit {
+        sqlstate: wire.last_error(),
+    })
 }
 
 fn timer(conn: &mut AsyncPgConnection) -> Option<&mut QueryTimer> {

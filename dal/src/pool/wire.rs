@@ -15,7 +15,9 @@
 //! (a type byte, then a 32-bit length that counts itself; the startup message has no type
 //! byte). `ReadyForQuery` (`Z`) follows every simple query (`Q`) and every `Sync` (`S`), and
 //! the startup; its one byte is `I` (idle), `T` (in a transaction block) or `E` (in a failed
-//! one).
+//! one). `CommandComplete` (`C`) carries the command tag, `ROLLBACK` for a `COMMIT` of a
+//! transaction an error aborted (PostgreSQL's `EndTransactionBlock`, in `xact.c`); the
+//! `C` field of `ErrorResponse` (`E`), the SQLSTATE.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,6 +70,10 @@ pub(crate) struct Wire {
     wakes: AtomicU64,
     /// A statement failed because a prepared statement is stale (see [`STALE_PLAN`]).
     stale: AtomicBool,
+    /// The tag of the last `CommandComplete` was `ROLLBACK`.
+    rolled_back: AtomicBool,
+    /// The SQLSTATE of the last `ErrorResponse`, its five bytes in the low bytes; 0 for none.
+    last_error: AtomicU64,
     /// The last read of the connection task found the socket empty: everything read before
     /// was handed on to its readers.
     drained: AtomicBool,
@@ -94,6 +100,8 @@ impl Wire {
         }
         self.status.store(0, SeqCst);
         self.stale.store(false, SeqCst);
+        self.rolled_back.store(false, SeqCst);
+        self.last_error.store(0, SeqCst);
     }
 
     /// The status of the last `ReadyForQuery`: `b'I'`, `b'T'` or `b'E'`.
@@ -104,6 +112,19 @@ impl Wire {
     /// Whether a statement failed on a stale prepared statement.
     pub(crate) fn stale(&self) -> bool {
         self.stale.load(SeqCst)
+    }
+
+    /// Whether the last statement answered was completed as `ROLLBACK`: right after a
+    /// `COMMIT` returned, the server rolled the transaction back instead, for a statement
+    /// failed in it, and [`last_error`](Self::last_error) is that statement's SQLSTATE.
+    pub(crate) fn rolled_back(&self) -> bool {
+        self.rolled_back.load(SeqCst)
+    }
+
+    /// The SQLSTATE of the last error the server sent on this session, if any.
+    pub(crate) fn last_error(&self) -> Option<String> {
+        let code = self.last_error.load(SeqCst).to_be_bytes();
+        (code[3] != 0).then(|| String::from_utf8_lossy(&code[3..]).into_owned())
     }
 
     /// What the wire tells of the session: a request queued by a dropped future counts as in
@@ -287,20 +308,29 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
             let wire = &this.wire;
             this.read.feed(
                 &buf.filled()[before..],
-                |kind| matches!(kind, b'Z' | b'E'),
+                |kind| matches!(kind, b'Z' | b'E' | b'C'),
                 |kind, body| match kind {
                     b'Z' => {
                         wire.status.store(body.first().copied().unwrap_or(0), SeqCst);
                         wire.answered.fetch_add(1, SeqCst);
                     }
-                    b'E' if error_field(body, b'C') == Some(b"0A000")
-                        && (error_field(body, b'R') == Some(STALE_PLAN_ROUTINE)
-                            || error_field(body, b'M') == Some(STALE_PLAN.as_bytes())) =>
-                    {
-                        tracing::debug!(
-                            "a prepared statement is stale after a schema change; the connection will be replaced"
-                        );
-                        wire.stale.store(true, SeqCst);
+                    b'C' => wire.rolled_back.store(body == b"ROLLBACK\0", SeqCst),
+                    b'E' => {
+                        let code = error_field(body, b'C').unwrap_or_default();
+                        if let Ok(code) = <[u8; 5]>::try_from(code) {
+                            let mut packed = [0; 8];
+                            packed[3..].copy_from_slice(&code);
+                            wire.last_error.store(u64::from_be_bytes(packed), SeqCst);
+                        }
+                        if code == b"0A000"
+                            && (error_field(body, b'R') == Some(STALE_PLAN_ROUTINE)
+                                || error_field(body, b'M') == Some(STALE_PLAN.as_bytes()))
+                        {
+                            tracing::debug!(
+                                "a prepared statement is stale after a schema change; the connection will be replaced"
+                            );
+                            wire.stale.store(true, SeqCst);
+                        }
                     }
                     _ => {}
                 },

@@ -9,7 +9,7 @@ use tracing::Instrument;
 use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back};
 use crate::error::{Error, Result};
 use crate::pool::DieselPool;
-use crate::pool::diesel::may_have_aborted;
+use crate::pool::diesel::{may_have_aborted, rolled_back_at_commit};
 
 impl Transactions {
     /// Runs `work` in a Diesel transaction of `mode` on a connection of `pool`, retried as
@@ -106,6 +106,10 @@ where
             AnsiTransactionManager::commit_transaction(conn)
                 .await
                 .map_err(|e| Failure::Commit(Error::Diesel(e)))?;
+            if let Some(e) = rolled_back_at_commit(conn) {
+                rolled_back("diesel");
+                return Err(Failure::Work(e));
+            }
             committed("diesel");
             Ok(value)
         }

@@ -112,7 +112,8 @@ impl TxMode {
 /// # What is retried
 ///
 /// - conflicts: SQLSTATE `40001` (serialization failures, Aurora DSQL's `OC000`/`OC001`) and
-///   `40P01` (deadlocks), raised by any statement or by COMMIT;
+///   `40P01` (deadlocks), raised by any statement or by COMMIT, or by a statement whose error
+///   the work left unread, which aborted the transaction ([`Error::RolledBackAtCommit`]);
 /// - connection failures before the transaction's first statement (acquiring the
 ///   connection, `BEGIN`);
 /// - a prepared statement gone stale after a schema change (SQLSTATE `0A000`, "cached plan

@@ -456,6 +456,131 @@ async fn committing_after_a_swallowed_failure_fails_in_both_orms() {
     connector.shutdown().await;
 }
 
+/// Rows 1 and 2, then a division by zero: the first row comes back before the error, which
+/// a caller that takes one row (Diesel's `get_result`) never reads.
+const FAILS_AFTER_TWO_ROWS: &str =
+    "SELECT CASE WHEN g < 3 THEN g ELSE 1 / (g - g) END AS n FROM generate_series(1::bigint, 5) g";
+
+#[derive(diesel::QueryableByName)]
+struct N {
+    #[diesel(sql_type = BigInt)]
+    #[allow(dead_code)]
+    n: i64,
+}
+
+/// A statement that fails after its first rows aborts the transaction even when its caller
+/// took the first row and never read the error; PostgreSQL then answers COMMIT with ROLLBACK
+/// and no error. dal reports that commit as failed, with the SQLSTATE of the failure that
+/// aborted the transaction over TLS (where the pool follows the wire), and checks before
+/// the commit without it.
+#[tokio::test]
+async fn a_commit_after_an_error_nobody_read_fails_in_both_orms() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "unread").await;
+    let config = pg
+        .config("unread", "unread", &password)
+        .search_path("public");
+    let connector = Connector::new(config.clone()).await.expect("connector");
+    let plain = Connector::new(config.ssl_mode(dal::SslMode::Disable))
+        .await
+        .expect("connector without TLS");
+    notes(&connector).await;
+    for (connector, name) in [(&connector, "tls"), (&plain, "plain")] {
+        let diesel = connector.diesel_pool_with(&one_connection()).await.unwrap();
+        let err = connector
+            .transactions()
+            .diesel(&diesel, TxMode::new(), |conn| {
+                Box::pin(async move {
+                    diesel::sql_query(format!("INSERT INTO notes VALUES ('{name}')"))
+                        .execute(conn)
+                        .await?;
+                    let first: N = diesel::sql_query(FAILS_AFTER_TWO_ROWS)
+                        .get_result(conn)
+                        .await?;
+                    assert_eq!(first.n, 1);
+                    Ok(())
+                })
+            })
+            .await
+            .expect_err("a commit the server answered with ROLLBACK must fail");
+        match (name, &err) {
+            // Over TLS the commit's answer tells, with the failed statement's SQLSTATE.
+            ("tls", dal::Error::RolledBackAtCommit { .. }) => {
+                assert_eq!(err.sqlstate(), Some("22012"), "{err}")
+            }
+            // Without, a statement before the commit finds the transaction aborted.
+            ("plain", dal::Error::Diesel(diesel::result::Error::DatabaseError(_, info))) => {
+                assert!(
+                    info.message().starts_with("current transaction is aborted"),
+                    "{err:?}"
+                )
+            }
+            _ => panic!("{name}: expected the commit to fail, got {err:?}"),
+        }
+        assert!(!names(connector).await.iter().any(|n| n == name), "{name}");
+        let mut conn = diesel.get().await.unwrap();
+        diesel::sql_query(format!("INSERT INTO notes VALUES ('{name}')"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+
+    // A serialization failure so hidden is retried like any other.
+    let diesel = connector.diesel_pool_with(&one_connection()).await.unwrap();
+    let mut conn = diesel.get().await.unwrap();
+    dal::diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut *conn,
+        "CREATE SEQUENCE calls;
+         CREATE FUNCTION conflict_once(g bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+         BEGIN
+           IF nextval('calls') = 1 THEN
+             RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+           END IF;
+           RETURN g;
+         END $$",
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    connector
+        .transactions()
+        .diesel(&diesel, TxMode::new(), |conn| {
+            Box::pin(async move {
+                diesel::sql_query("INSERT INTO notes VALUES ('retried')")
+                    .execute(conn)
+                    .await?;
+                let sql = "SELECT CASE WHEN g < 2 THEN g ELSE conflict_once(g) END AS n \
+                           FROM generate_series(1::bigint, 3) g";
+                let _: N = diesel::sql_query(sql).get_result(conn).await?;
+                Ok(())
+            })
+        })
+        .await
+        .expect("retried after the conflict");
+
+    let db = connector.seaorm_with(&one_connection()).await.unwrap();
+    let err = connector
+        .transactions()
+        .seaorm(&db, TxMode::new(), |txn| {
+            Box::pin(async move {
+                txn.execute_unprepared("INSERT INTO notes VALUES ('seaorm')")
+                    .await?;
+                txn.query_one_raw(Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    FAILS_AFTER_TWO_ROWS,
+                ))
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate(), Some("22012"), "{err:?}");
+    assert_eq!(names(&connector).await, ["plain", "retried", "tls"]);
+    plain.shutdown().await;
+    connector.shutdown().await;
+}
+
 fn one_connection() -> PoolSettings {
     PoolSettings::builder().max_size(1).build().unwrap()
 }
