@@ -10,6 +10,8 @@ use migration::MigratorTrait;
 /// connection, closed before returning; the token is the connector's own, so a program's
 /// summary counts every fetch). Returns how many migrations it applied.
 pub async fn up(connector: &Connector) -> anyhow::Result<usize> {
+    // Another program may be migrating the same database: it finishes first.
+    let lock = migration::MigrationLock::acquire(connector).await?;
     let one = PoolSettings::builder().max_size(1).build()?;
     // sea-orm-migration takes SeaORM's own connection: one over a plain sqlx pool.
     let db = dal::sea_orm::DatabaseConnection::from(connector.sqlx_pool_with(&one).await?);
@@ -36,6 +38,7 @@ pub async fn up(connector: &Connector) -> anyhow::Result<usize> {
     .await
     .context("migrating the sample schema");
     let _ = db.close().await;
+    drop(lock);
     result
 }
 

@@ -3,6 +3,7 @@
 //! [`Migrator`] runs each migration in a transaction, as usual on PostgreSQL. [`DsqlMigrator`]
 //! runs the same migrations the way Aurora DSQL needs: outside a transaction, one DDL statement
 //! at a time, indexes built with `CREATE INDEX ASYNC`, and no foreign keys (DSQL has none).
+//! Runs that may overlap (replicas that migrate as they start) take a [`MigrationLock`] first.
 //!
 //! ```no_run
 //! use migration::{Migrator, MigratorTrait};
@@ -21,11 +22,13 @@
 pub use sea_orm_migration::prelude::*;
 
 mod ddl;
+mod lock;
 mod m20260101_000001_create_customers;
 mod m20260101_000002_create_orders;
 mod m20260101_000003_create_order_items;
 
 pub use ddl::Flavor;
+pub use lock::MigrationLock;
 
 /// Every migration, oldest first, written for `flavor`.
 fn migrations_for(flavor: Flavor) -> Vec<Box<dyn MigrationTrait>> {

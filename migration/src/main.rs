@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use dal::{Config, Connector, PoolSettings, Target};
+use migration::MigrationLock;
 use sea_orm_migration::cli::run_cli_with_custom_connection;
 use sea_orm_migration::sea_orm::DatabaseConnection;
 
@@ -31,9 +32,14 @@ async fn main() {
         "{}:{} (database {}, user {})",
         config.host, config.port, config.database, config.user
     );
-    let connect = async move || -> Result<DatabaseConnection, sea_orm_migration::DbErr> {
+    // Held until the command is done.
+    let lock = std::sync::Mutex::new(None);
+    let connect = async || -> Result<DatabaseConnection, sea_orm_migration::DbErr> {
         match connect(config).await {
-            Ok(db) => Ok(db),
+            Ok((db, held)) => {
+                *lock.lock().unwrap_or_else(|e| e.into_inner()) = held;
+                Ok(db)
+            }
             Err(e) => fail(&Unreachable { server, source: e }),
         }
     };
@@ -42,6 +48,7 @@ async fn main() {
     } else {
         run_cli_with_custom_connection(migration::Migrator, connect).await;
     }
+    drop(lock);
     drop(stack);
 }
 
@@ -55,13 +62,20 @@ async fn load(configured: bool) -> Result<(Config, Option<dal::local::DevStack>)
     Ok((stack.config()?, Some(stack)))
 }
 
-async fn connect(config: Config) -> dal::Result<DatabaseConnection> {
+/// The connection the command runs on, and the migration lock, taken first (see
+/// [`MigrationLock`]): every command that connects holds it, so `status` waits for a run in
+/// progress too.
+async fn connect(config: Config) -> dal::Result<(DatabaseConnection, Option<MigrationLock>)> {
     // One connection: migrations run one statement at a time.
     let config = config.pool(PoolSettings::builder().max_size(1).build()?);
     let connector = Connector::new(config).await?;
-    // Fail now, with the cause, rather than with a pool timeout inside the first migration.
-    drop(connector.connect().await?);
-    Ok(DatabaseConnection::from(connector.sqlx_pool().await?))
+    // Connects at once: a server that cannot be reached fails now, with the cause, rather
+    // than with a pool timeout inside the first migration.
+    let lock = MigrationLock::acquire(&connector).await?;
+    if lock.is_none() {
+        drop(connector.connect().await?);
+    }
+    Ok((DatabaseConnection::from(connector.sqlx_pool().await?), lock))
 }
 
 /// A connection that could not be opened, with the server it was for.

@@ -504,6 +504,84 @@ async fn background_task_fetches_tokens_only_when_it_connects() {
     );
 }
 
+/// Two runs of the migration command, or two web apps that migrate as they start, at once on
+/// a new database (two replicas deploying): both read what is pending before either has
+/// applied anything, and without a lock the second fails on a table the first created
+/// (`pg_type_typname_nsp_index`). Each holds the migration lock from before that read, so
+/// the second waits for the first and then finds nothing pending: both succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_migration_runs_at_once_both_succeed() {
+    let pg = tests::server().await;
+    for (database, program, args) in [
+        ("twice_cli", "migration", &["up"][..]),
+        ("twice_app", "web_app", &[][..]),
+    ] {
+        let password = format!("pw-{}", uuid::Uuid::new_v4());
+        pg.create_role(database, &password, None).await.unwrap();
+        pg.create_database(database, Some(database)).await.unwrap();
+        let url = format!(
+            "postgres://{database}:{password}@localhost:{}/{database}?sslmode=verify-full&sslrootcert={}",
+            pg.port(),
+            pg.ca_cert_path().display()
+        );
+        let env = [("DATABASE_URL", url), ("PORT", "0".to_owned())];
+        let mut status = Program::start_with_args("migration", &env, &["status"]);
+        assert!(
+            status.wait(Duration::from_secs(120)).await.success(),
+            "{}",
+            status.output()
+        );
+
+        // The migration table held, so that a run that read what is pending stops at its
+        // first record, with its first migration's tables created and not committed.
+        let admin = pg.admin(database).await.unwrap();
+        admin
+            .batch_execute("BEGIN; LOCK TABLE seaql_migrations IN EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let mut runs = [
+            Program::start_with_args(program, &env, args),
+            Program::start_with_args(program, &env, args),
+        ];
+        // Both runs wait: one for the table, the other for the first (its lock, or without
+        // one, the first's uncommitted table). Read from another session: one in a
+        // transaction sees the same statistics throughout.
+        let watch = pg.admin(database).await.unwrap();
+        let waiting = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE datname = current_database() AND usename = current_database() \
+                       AND wait_event_type = 'Lock'";
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while watch
+            .query_one(waiting, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            < 2
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{program}: the two runs never both waited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        admin.batch_execute("COMMIT").await.unwrap();
+        for run in &mut runs {
+            if program == "web_app" {
+                run.line("listening on ", Duration::from_secs(120)).await;
+            } else {
+                let status = run.wait(Duration::from_secs(120)).await;
+                assert!(status.success(), "{}", run.output());
+            }
+        }
+        let applied: i64 = admin
+            .query_one("SELECT count(*) FROM seaql_migrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(applied, 3, "{program}");
+    }
+}
+
 /// The migration command names the server it could not reach, and the error line says
 /// what to fix: a wrong port, a private CA without `PGSSLROOTCERT`.
 #[tokio::test(flavor = "multi_thread")]
@@ -1316,7 +1394,7 @@ async fn a_user_logs_in_with_a_browser_once() {
     // One run that logs in through the printed address.
     let login = async |env: &[(&str, String)]| {
         let mut doctor = Program::start("doctor", env);
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_secs(20);
         let address = loop {
             let stderr = doctor.stderr();
             if let Some(line) = stderr.lines().find(|l| l.contains("/oidc/v1/authorize?")) {

@@ -1,0 +1,51 @@
+//! One migration run at a time on a database.
+
+use dal::{Connector, Error, Target};
+
+/// The key of the advisory lock migration runs take: any 64-bit number, the same in every
+/// run (PostgreSQL keeps advisory locks per database). "dal_migr" in ASCII.
+const KEY: i64 = 0x6461_6c5f_6d69_6772;
+
+/// PostgreSQL's session advisory lock on migrations, held on a connection of its own until
+/// dropped (or until the process ends, when the server releases it with the session).
+///
+/// sea-orm-migration reads the pending migrations, then applies them one by one: two runs
+/// at once (two replicas migrating as they start, two deploys) both read the same list, and
+/// the second fails halfway (`relation "customers" already exists`). Taken before that read,
+/// the lock makes the second wait for the first, then find nothing pending, as Rails,
+/// Flyway and sqlx's migrations do.
+#[derive(Debug)]
+pub struct MigrationLock {
+    _session: dal::tokio_postgres::Client,
+}
+
+impl MigrationLock {
+    /// Takes the lock through `connector`, waiting while another run holds it (logged at
+    /// info level). `None` on Aurora DSQL, which has no advisory locks: run migrations there
+    /// from one place at a time.
+    ///
+    /// # Errors
+    ///
+    /// The connection's, or the server's (a `statement_timeout` shorter than the other
+    /// run's migrations ends the wait with SQLSTATE `57014`).
+    pub async fn acquire(connector: &Connector) -> dal::Result<Option<Self>> {
+        if connector.target() == Target::Dsql {
+            return Ok(None);
+        }
+        let (session, connection) = connector.connect().await?;
+        tokio::spawn(connection);
+        let taken: bool = session
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&KEY])
+            .await
+            .map_err(Error::Database)?
+            .get(0);
+        if !taken {
+            tracing::info!("another migration run holds the migration lock; waiting for it");
+            session
+                .execute("SELECT pg_advisory_lock($1)", &[&KEY])
+                .await
+                .map_err(Error::Database)?;
+        }
+        Ok(Some(Self { _session: session }))
+    }
+}
