@@ -71,6 +71,11 @@ impl Config {
     /// - `DSQL_ENDPOINT`: Aurora DSQL IAM tokens (needs the `dsql` feature).
     ///
     /// Conflicting settings (say a static password and Lakebase credentials) are an error.
+    /// As in libpq, what `DATABASE_URL` gives wins, and the `PG*` variables fill only what
+    /// it leaves out; a URL parameter dal does not apply (`options`, `channel_binding`,
+    /// `keepalives`, ...) is refused, not ignored. `PGHOST` and `PGUSER` apply to a static
+    /// password and to Lakebase, never to DSQL, whose endpoint is the host its tokens are
+    /// signed for.
     pub fn from_env() -> Result<Self> {
         Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
     }
@@ -107,7 +112,13 @@ impl Config {
             if dsql {
                 return Err(conflict(Setting::DatabaseUrl, "DSQL_ENDPOINT"));
             }
-            return env.common(from_url(&url, env.get("PGPASSWORD"))?);
+            // libpq reads a variable only for what the URL leaves out: the URL's host, user,
+            // port and TLS settings win over PGHOST, PGUSER, PGPORT, PGSSLMODE...
+            let mut defaults = env.libpq(Config::new(String::new(), String::new()))?;
+            if let Some(database) = env.get("PGDATABASE") {
+                defaults.database = database;
+            }
+            return env.dal(from_url(&url, env.get("PGPASSWORD"), defaults)?);
         }
         if (lakebase || dsql) && env.get("PGPASSWORD").is_some() {
             let other = if dsql {
@@ -135,7 +146,7 @@ impl Config {
             }
             config
         };
-        env.common(config)
+        env.dal(env.libpq(config)?)
     }
 }
 
@@ -161,20 +172,15 @@ impl Env<'_> {
             .transpose()
     }
 
-    /// The settings that apply whatever the credentials: libpq's connection variables and
-    /// dal's own.
-    fn common(&self, mut config: Config) -> Result<Config> {
-        if let Some(host) = self.get("PGHOST") {
-            config.host = host;
-        }
+    /// libpq's connection variables that apply whatever the credentials. `PGHOST` and
+    /// `PGUSER` are read by each kind of credentials where they apply: an IAM token is
+    /// signed for the DSQL endpoint's host, and goes to no other.
+    fn libpq(&self, mut config: Config) -> Result<Config> {
         if let Some(addr) = self.parse(Setting::HostAddr, "an IP address")? {
             config.hostaddr = Some(addr);
         }
         if let Some(port) = self.parse::<u16>(Setting::Port, "a port number (1-65535)")? {
             config.port = port;
-        }
-        if let Some(user) = self.get("PGUSER") {
-            config.user = user;
         }
         if let Some(mode) = self.get("PGSSLMODE") {
             config.ssl_mode = Some(
@@ -188,6 +194,11 @@ impl Env<'_> {
         if let Some(name) = self.get("PGAPPNAME") {
             config.application_name = name;
         }
+        Ok(config)
+    }
+
+    /// dal's own settings, and the pool's defaults for the target.
+    fn dal(&self, mut config: Config) -> Result<Config> {
         if let Some(product) = self.get("DAL_PRODUCT") {
             let product = product.trim();
             super::settings::check_product(product)?;
@@ -733,6 +744,73 @@ mod tests {
             format!("{:?}", c.credentials),
             "Some(Password(** redacted **))"
         );
+    }
+
+    /// libpq reads a variable only for what the connection string leaves out: leftover
+    /// `PG*` variables neither redirect a URL's password nor weaken its TLS.
+    #[test]
+    fn a_database_url_wins_over_the_libpq_variables() {
+        let leftovers = [
+            ("PGHOST", "elsewhere"),
+            ("PGPORT", "7000"),
+            ("PGUSER", "someone"),
+            ("PGDATABASE", "other"),
+            ("PGSSLMODE", "disable"),
+            ("PGSSLROOTCERT", "/tmp/other.pem"),
+            ("PGAPPNAME", "other"),
+            ("PGHOSTADDR", "10.9.9.9"),
+        ];
+        let mut vars = vec![(
+            "DATABASE_URL",
+            "postgres://app:pw@db.example.com:6543/shop?sslmode=verify-full\
+             &sslrootcert=%2Fetc%2Fca.pem&application_name=x&hostaddr=10.0.0.1",
+        )];
+        vars.extend(leftovers);
+        let c = config(&vars).unwrap();
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.port,
+                c.user.as_str(),
+                c.database.as_str()
+            ),
+            ("db.example.com", 6543, "app", "shop")
+        );
+        assert_eq!(c.ssl_mode, Some(SslMode::VerifyFull));
+        assert_eq!(c.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(c.application_name, "x");
+        assert_eq!(c.hostaddr, Some([10, 0, 0, 1].into()));
+        // What the URL leaves out, they give.
+        vars[0].1 = "postgres://app:pw@db.example.com";
+        let c = config(&vars).unwrap();
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.port,
+                c.user.as_str(),
+                c.database.as_str()
+            ),
+            ("db.example.com", 7000, "app", "other")
+        );
+        assert_eq!(c.ssl_mode, Some(SslMode::Disable));
+        assert_eq!(c.application_name, "other");
+        assert_eq!(c.hostaddr, Some([10, 9, 9, 9].into()));
+    }
+
+    /// An IAM token is signed for the DSQL endpoint's host and goes to no other: a leftover
+    /// `PGHOST` does not redirect it.
+    #[cfg(feature = "dsql")]
+    #[test]
+    fn a_leftover_pghost_does_not_redirect_dsql_tokens() {
+        let c = config(&[
+            (
+                "DSQL_ENDPOINT",
+                "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws",
+            ),
+            ("PGHOST", "elsewhere"),
+        ])
+        .unwrap();
+        assert_eq!(c.host, "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws");
     }
 
     #[test]

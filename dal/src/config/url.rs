@@ -10,9 +10,10 @@ use tokio_postgres::config::Host;
 use super::settings::Config;
 use crate::error::{Error, Result, Setting};
 
-/// A static-password configuration from `url`; `password` (`PGPASSWORD`) when the URL has
-/// none, as libpq does. No error repeats the URL: it holds a password.
-pub(super) fn from_url(url: &str, password: Option<String>) -> Result<Config> {
+/// A static-password configuration from `url` over `defaults` (libpq's environment
+/// variables): what the URL gives wins, and `password` (`PGPASSWORD`) and the defaults fill
+/// what it leaves out, as in libpq. No error repeats the URL: it holds a password.
+pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) -> Result<Config> {
     let bad = |reason: &str| {
         Error::config(
             Setting::DatabaseUrl,
@@ -26,8 +27,8 @@ pub(super) fn from_url(url: &str, password: Option<String>) -> Result<Config> {
         return Err(bad("must start with postgres:// or postgresql://"));
     }
     check_userinfo(url).map_err(|e| bad(&e))?;
-    check_port(url).map_err(|e| bad(&e))?;
-    let (rest, ours) = take_tls_params(url).map_err(|e| bad(&e))?;
+    let port = check_port(url).map_err(|e| bad(&e))?;
+    let (rest, ours) = split_params(url).map_err(|e| bad(&e))?;
     let parsed: tokio_postgres::Config = rest
         .parse()
         .map_err(|e: tokio_postgres::Error| bad(&format!("is not a valid connection URL ({e})")))?;
@@ -52,14 +53,20 @@ pub(super) fn from_url(url: &str, password: Option<String>) -> Result<Config> {
             ));
         }
     };
-    let mut config = Config::new(host, user).password(password);
-    match parsed.get_ports() {
-        [] => {}
-        [port] => config.port = *port,
-        _ => return Err(bad("names several ports; dal connects to one")),
+    let mut config = Config {
+        host,
+        user: user.to_owned(),
+        ..defaults
     }
-    if let [addr] = parsed.get_hostaddrs() {
-        config.hostaddr = Some(*addr);
+    .password(password);
+    // tokio-postgres reports its default port for a URL without one.
+    if let Some(port) = port {
+        config.port = port;
+    }
+    match parsed.get_hostaddrs() {
+        [] => {}
+        [addr] => config.hostaddr = Some(*addr),
+        _ => return Err(bad("names several hostaddrs; dal connects to one")),
     }
     if let Some(db) = parsed.get_dbname().filter(|d| !d.is_empty()) {
         config.database = db.to_owned();
@@ -75,7 +82,9 @@ pub(super) fn from_url(url: &str, password: Option<String>) -> Result<Config> {
             Error::config(Setting::DatabaseUrl, format!("sslmode: {reason}"))
         })?);
     }
-    config.ssl_root_cert = ours.ssl_root_cert.map(PathBuf::from);
+    if let Some(path) = ours.ssl_root_cert {
+        config.ssl_root_cert = Some(PathBuf::from(path));
+    }
     Ok(config)
 }
 
@@ -113,7 +122,7 @@ fn check_userinfo(url: &str) -> std::result::Result<(), String> {
 }
 
 /// The port, if the URL has one: a number from 1 to 65535.
-fn check_port(url: &str) -> std::result::Result<(), String> {
+fn check_port(url: &str) -> std::result::Result<Option<u16>, String> {
     let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
     let after_user = after_scheme
         .rsplit_once('@')
@@ -124,10 +133,10 @@ fn check_port(url: &str) -> std::result::Result<(), String> {
         Some((_, rest)) => rest.strip_prefix(':'),
         None => hostport.rsplit_once(':').map(|(_, p)| p),
     };
-    match port {
-        None => Ok(()),
-        Some(p) if p.parse::<u16>().is_ok_and(|n| n > 0) => Ok(()),
-        Some(p) => Err(format!(
+    match port.map(|p| (p, p.parse::<u16>())) {
+        None => Ok(None),
+        Some((_, Ok(n))) if n > 0 => Ok(Some(n)),
+        Some((p, _)) => Err(format!(
             "has port {p:?}: a port is a number from 1 to 65535"
         )),
     }
@@ -140,8 +149,23 @@ struct TlsParams {
     ssl_root_cert: Option<String>,
 }
 
-/// Splits `sslmode` and `sslrootcert` off the query string of `url`.
-fn take_tls_params(url: &str) -> std::result::Result<(String, TlsParams), String> {
+/// Parameters left to tokio-postgres, which dal reads back from its parse: every other one
+/// it would parse and dal would not apply, so they are refused.
+const PARSED: [&str; 8] = [
+    "host",
+    "hostaddr",
+    "port",
+    "user",
+    "password",
+    "dbname",
+    "application_name",
+    "connect_timeout",
+];
+
+/// Splits `sslmode` and `sslrootcert` off the query string of `url`; refuses a parameter
+/// dal does not apply (libpq's `options`, `channel_binding`, `keepalives`, ...), which would
+/// otherwise be accepted and have no effect.
+fn split_params(url: &str) -> std::result::Result<(String, TlsParams), String> {
     let Some((base, query)) = url.split_once('?') else {
         return Ok((url.to_owned(), TlsParams::default()));
     };
@@ -158,7 +182,21 @@ fn take_tls_params(url: &str) -> std::result::Result<(String, TlsParams), String
         match key {
             "sslmode" => ours.ssl_mode = Some(decoded()?),
             "sslrootcert" => ours.ssl_root_cert = Some(decoded()?),
-            _ => rest.push(pair),
+            _ if PARSED.contains(&key) => rest.push(pair),
+            "options" => {
+                return Err(
+                    "has the parameter options, which dal does not pass on: set \
+                            DAL_SEARCH_PATH or DAL_STATEMENT_TIMEOUT_MS (Config::search_path, \
+                            Config::statement_timeout) instead"
+                        .to_owned(),
+                );
+            }
+            _ => {
+                let key: String = key.chars().take(40).collect();
+                return Err(format!(
+                    "has the parameter {key:?}, which dal does not apply: remove it"
+                ));
+            }
         }
     }
     let rest = if rest.is_empty() {
@@ -174,8 +212,12 @@ mod tests {
     use super::*;
     use crate::tls::SslMode;
 
+    fn parse(url: &str, password: Option<String>) -> Result<Config> {
+        from_url(url, password, Config::new(String::new(), String::new()))
+    }
+
     fn reason(url: &str) -> String {
-        match from_url(url, None) {
+        match parse(url, None) {
             Err(Error::Config { setting, reason }) => {
                 assert_eq!(setting, Setting::DatabaseUrl);
                 reason
@@ -186,7 +228,7 @@ mod tests {
 
     #[test]
     fn every_part_is_read() {
-        let c = from_url(
+        let c = parse(
             "postgresql://app:p%40ss%3A%2F@db.example.com:6543/shop?sslmode=verify-ca\
              &sslrootcert=%2Fetc%2Fca.pem&application_name=svc&connect_timeout=3",
             None,
@@ -209,14 +251,14 @@ mod tests {
 
     #[test]
     fn a_url_without_a_password_takes_pgpassword_as_libpq_does() {
-        let c = from_url("postgres://u@h/db", Some("from-env".into())).unwrap();
+        let c = parse("postgres://u@h/db", Some("from-env".into())).unwrap();
         assert!(matches!(
             c.credentials,
             Some(crate::config::Credentials::Password(ref p))
                 if secrecy::ExposeSecret::expose_secret(p) == "from-env"
         ));
         // The URL's own password wins, and a raw ':' in a password is libpq's too.
-        let c = from_url("postgres://u:a:b@h/db", Some("from-env".into())).unwrap();
+        let c = parse("postgres://u:a:b@h/db", Some("from-env".into())).unwrap();
         assert!(matches!(
             c.credentials,
             Some(crate::config::Credentials::Password(ref p))
@@ -227,7 +269,7 @@ mod tests {
     #[test]
     fn ipv6_hosts_lose_their_brackets() {
         assert_eq!(
-            from_url("postgres://u:p@[::1]:5433/db", None).unwrap().host,
+            parse("postgres://u:p@[::1]:5433/db", None).unwrap().host,
             "::1"
         );
     }
@@ -269,7 +311,19 @@ mod tests {
             ("postgres://u:secret@h/db?sslmode=sometimes", "sslmode:"),
             (
                 "postgres://u:secret@h/db?bogus=1",
-                "is not a valid connection URL",
+                "has the parameter \"bogus\", which dal does not apply: remove it",
+            ),
+            (
+                "postgres://u:secret@h/db?channel_binding=require",
+                "has the parameter \"channel_binding\"",
+            ),
+            (
+                "postgres://u:secret@h/db?options=-c%20search_path%3Dt1",
+                "set DAL_SEARCH_PATH",
+            ),
+            (
+                "postgres://u:secret@h/db?hostaddr=10.0.0.1,10.0.0.2",
+                "several hostaddrs",
             ),
             ("postgres://u:secret@h1,h2/db", "several hosts"),
         ] {
