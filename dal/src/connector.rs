@@ -154,7 +154,7 @@ impl Connector {
         Ok(connector)
     }
 
-    fn build(mut config: Config) -> Result<Self> {
+    pub(crate) fn build(mut config: Config) -> Result<Self> {
         let peers = std::mem::take(&mut config.failover)
             .into_iter()
             .map(|peer| {
@@ -241,6 +241,22 @@ impl Connector {
             if application_name == crate::config::DEFAULT_APPLICATION_NAME {
                 application_name = product.clone();
             }
+        }
+        if config.port == 0 {
+            return Err(Error::config(
+                Setting::Port,
+                "is 0: a port is a number from 1 to 65535",
+            ));
+        }
+        // PostgreSQL takes whole milliseconds up to i32::MAX, and 0 turns the timeout off.
+        if let Some(timeout) = config.statement_timeout
+            && !(Duration::from_millis(1)..=Duration::from_millis(i32::MAX as u64))
+                .contains(&timeout)
+        {
+            return Err(Error::config(
+                Setting::StatementTimeout,
+                "must be from 1 ms to 2147483647 ms (about 24.8 days), such as 30000",
+            ));
         }
         for (setting, value) in [
             (Setting::User, Some(&config.user)),
@@ -1326,6 +1342,26 @@ mod tests {
             options.as_deref(),
             Some("-c search_path=\"my\\ schema\",\\ public")
         );
+    }
+
+    /// Values out of PostgreSQL's range are refused when the connector is built, not met at
+    /// every login (or, for a statement timeout under a millisecond, sent as 0: none).
+    #[test]
+    fn settings_out_of_range_are_refused() {
+        let config = || Config::new("db.example.com", "u").password("p");
+        for (bad, setting) in [
+            (config().port(0), Setting::Port),
+            (
+                config().statement_timeout(Duration::from_micros(500)),
+                Setting::StatementTimeout,
+            ),
+            (
+                config().statement_timeout(Duration::from_millis(i32::MAX as u64 + 1)),
+                Setting::StatementTimeout,
+            ),
+        ] {
+            assert_eq!(setting_of(Connector::build(bad)), setting);
+        }
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub enum Setting {
     Target,
     /// Where passwords come from: `Config::credentials`.
     Credentials,
+    /// The token cache's `refresh_margin`.
+    CacheRefreshMargin,
     /// The token cache's `jitter`.
     CacheJitter,
     /// The token cache's `attempts`.
@@ -167,6 +169,7 @@ impl Setting {
             Setting::ReadOnlyHost => "DAL_READ_ONLY_HOST",
             Setting::Target => "target",
             Setting::Credentials => "credentials",
+            Setting::CacheRefreshMargin => "cache refresh margin",
             Setting::CacheJitter => "cache jitter",
             Setting::CacheAttempts => "cache attempts",
             Setting::CacheBackoff => "cache backoff",

@@ -410,7 +410,8 @@ impl TokenCache {
     ///
     /// The refresh starts ahead of expiry by the margin, and by at least twice what this fetch
     /// took (within half the token's life): a slow service still answers before the token
-    /// runs out.
+    /// runs out. With the jitter, it starts no earlier than a quarter into the token's life:
+    /// a margin as long as the token's life would have it fetched again at once, without end.
     fn install(&self, token: Token, took: Duration) -> Arc<Token> {
         let inner = &self.inner;
         let now = inner.clock.now();
@@ -422,8 +423,9 @@ impl TokenCache {
                 .unwrap_or_else(|| (life / 5).min(Duration::from_secs(300)))
                 .max((took * 2).min(life / 2));
             let jitter = life.mul_f64(inner.settings.jitter * fastrand::f64());
+            let lead = (margin + jitter).min(life - life / 4);
             expires
-                .checked_sub(margin + jitter)
+                .checked_sub(lead)
                 .filter(|at| *at > now)
                 .unwrap_or(now)
         });
@@ -638,6 +640,28 @@ mod tests {
         assert_eq!(calls(&source), 2);
     }
 
+    /// A margin as long as the token's life (a custom source's tokens shorter than the margin
+    /// set for another's) would make each token due as it arrives, and the refresher fetch
+    /// again at once, without end: each is used for a quarter of its life at least.
+    #[tokio::test(start_paused = true)]
+    async fn a_margin_as_long_as_the_token_life_does_not_fetch_without_end() {
+        let (_, source) = setup(TokenStrategy::Eager, Duration::from_secs(100));
+        let settings = CacheSettings::builder()
+            .refresh_margin(Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        let clock = Arc::clone(&source.clock);
+        let cache = TokenCache::with_clock(source.clone(), TokenStrategy::Eager, settings, clock);
+        cache.start().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(
+            (4..=5).contains(&calls(&source)),
+            "{} fetches",
+            calls(&source)
+        );
+        cache.shutdown();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_refresher_ends_when_the_cache_is_dropped() {
         let (cache, source) = setup(TokenStrategy::Eager, Duration::from_secs(100));
@@ -717,7 +741,7 @@ mod tests {
             Arc::new(source),
             TokenStrategy::Lazy,
             CacheSettings::builder()
-                .retries(1, Duration::ZERO, Duration::ZERO)
+                .retries(1, Duration::from_millis(1), Duration::from_millis(1))
                 .build()
                 .unwrap(),
             clock,
@@ -811,6 +835,18 @@ mod tests {
             (
                 CacheSettings::builder().retries(3, Duration::from_secs(2), Duration::from_secs(1)),
                 Setting::CacheBackoff,
+            ),
+            (
+                CacheSettings::builder().retries(3, Duration::ZERO, Duration::ZERO),
+                Setting::CacheBackoff,
+            ),
+            (
+                CacheSettings::builder().retries(3, Duration::from_secs(1), Duration::MAX),
+                Setting::CacheBackoff,
+            ),
+            (
+                CacheSettings::builder().refresh_margin(Duration::MAX),
+                Setting::CacheRefreshMargin,
             ),
         ];
         for (builder, expected) in cases {

@@ -46,8 +46,7 @@ impl crate::credentials::Lakebase {
     ///
     /// [`Error::Config`] naming the setting that is missing or malformed.
     pub fn from_env() -> Result<Self> {
-        let get = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        Env(&get).lakebase_source().map(|(source, _)| source)
+        Env(&var).lakebase_source().map(|(source, _)| source)
     }
 }
 
@@ -77,7 +76,7 @@ impl Config {
     /// password and to Lakebase, never to DSQL, whose endpoint is the host its tokens are
     /// signed for.
     pub fn from_env() -> Result<Self> {
-        Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        Self::from_lookup(var)
     }
 
     /// Like [`from_env`](Self::from_env), reading variables through `get`.
@@ -150,6 +149,20 @@ impl Config {
     }
 }
 
+/// A variable of the process environment, unless empty. A value that is not UTF-8 is read
+/// with U+FFFD for its invalid bytes, so that it fails as that setting's value (a file not
+/// found, a mode not known, a password refused), never as if it were not set: a
+/// `PGSSLROOTCERT` so skipped would leave `require` unverified.
+fn var(name: &str) -> Option<String> {
+    text(std::env::var_os(name))
+}
+
+fn text(value: Option<std::ffi::OsString>) -> Option<String> {
+    value
+        .map(|v| v.to_string_lossy().into_owned())
+        .filter(|v| !v.is_empty())
+}
+
 struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
 
 impl Env<'_> {
@@ -179,8 +192,10 @@ impl Env<'_> {
         if let Some(addr) = self.parse(Setting::HostAddr, "an IP address")? {
             config.hostaddr = Some(addr);
         }
-        if let Some(port) = self.parse::<u16>(Setting::Port, "a port number (1-65535)")? {
-            config.port = port;
+        if let Some(port) =
+            self.parse::<std::num::NonZeroU16>(Setting::Port, "a port number (1-65535)")?
+        {
+            config.port = port.get();
         }
         if let Some(mode) = self.get("PGSSLMODE") {
             config.ssl_mode = Some(
@@ -843,6 +858,29 @@ mod tests {
         assert!(!format!("{c:?}").contains("sp-secret"));
     }
 
+    /// A value that is not UTF-8 fails as that setting's value, never as if it were unset:
+    /// an unreadable `PGSSLROOTCERT` so skipped left `require` unverified.
+    #[test]
+    fn a_value_that_is_not_utf8_is_not_taken_for_unset() {
+        use std::os::unix::ffi::OsStringExt;
+        let path = text(Some(std::ffi::OsString::from_vec(
+            b"/etc/ca-\xff.pem".to_vec(),
+        )));
+        assert_eq!(path.as_deref(), Some("/etc/ca-\u{fffd}.pem"));
+        let c = config(&[
+            ("PGHOST", "h"),
+            ("PGUSER", "u"),
+            ("PGPASSWORD", "p"),
+            ("PGSSLMODE", "require"),
+            ("PGSSLROOTCERT", path.as_deref().unwrap()),
+        ])
+        .unwrap();
+        match crate::Connector::build(c) {
+            Err(Error::Config { setting, .. }) => assert_eq!(setting, Setting::SslRootCert),
+            other => panic!("expected PGSSLROOTCERT refused, got {:?}", other.map(drop)),
+        }
+    }
+
     #[test]
     fn malformed_values_name_their_variable() {
         let base = [("PGHOST", "h"), ("PGUSER", "u"), ("PGPASSWORD", "p")];
@@ -852,6 +890,7 @@ mod tests {
             setting(&v)
         };
         assert_eq!(with(("PGPORT", "54x32")), "PGPORT");
+        assert_eq!(with(("PGPORT", "0")), "PGPORT");
         assert_eq!(with(("PGSSLMODE", "verify_full")), "PGSSLMODE");
         assert_eq!(
             with(("DAL_TOKEN_STRATEGY", "sometimes")),

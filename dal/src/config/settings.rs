@@ -140,7 +140,9 @@ impl CacheSettings {
 
     /// Refresh this long before expiry. `None` (the default): five minutes or a fifth of the
     /// token's life, whichever is shorter (a one-hour Lakebase credential is refreshed after
-    /// 55 minutes, a 15-minute DSQL token after 12).
+    /// 55 minutes, a 15-minute DSQL token after 12). A margin (with the jitter) as long as
+    /// the token's life or longer is shortened to three quarters of it: a token is used for a
+    /// quarter of its life at least.
     pub fn refresh_margin(&self) -> Option<Duration> {
         self.refresh_margin
     }
@@ -173,7 +175,7 @@ impl CacheSettings {
 pub struct CacheSettingsBuilder(CacheSettings);
 
 impl CacheSettingsBuilder {
-    /// Sets [`refresh_margin`](CacheSettings::refresh_margin).
+    /// Sets [`refresh_margin`](CacheSettings::refresh_margin), at most 365 days.
     #[must_use]
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
         self.0.refresh_margin = Some(margin);
@@ -188,8 +190,9 @@ impl CacheSettingsBuilder {
     }
 
     /// Sets [`attempts`](CacheSettings::attempts) (at least 1),
-    /// [`min_backoff`](CacheSettings::min_backoff) and
-    /// [`max_backoff`](CacheSettings::max_backoff) (not below `min_backoff`).
+    /// [`min_backoff`](CacheSettings::min_backoff) (more than zero) and
+    /// [`max_backoff`](CacheSettings::max_backoff) (not below `min_backoff`, at most 365
+    /// days).
     #[must_use]
     pub fn retries(mut self, attempts: u32, min_backoff: Duration, max_backoff: Duration) -> Self {
         self.0.attempts = attempts;
@@ -209,6 +212,21 @@ impl CacheSettingsBuilder {
         }
         if s.attempts == 0 {
             return Err(Error::config(Setting::CacheAttempts, "must be at least 1"));
+        }
+        if s.refresh_margin
+            .is_some_and(|margin| margin > LONGEST_LIMIT)
+        {
+            return Err(Error::config(
+                Setting::CacheRefreshMargin,
+                "must be at most 365 days, such as 5 minutes",
+            ));
+        }
+        if s.min_backoff.is_zero() || s.max_backoff > LONGEST_LIMIT {
+            return Err(Error::config(
+                Setting::CacheBackoff,
+                "min_backoff must be more than zero (a failing service would be asked again at \
+                 once, without end) and max_backoff at most 365 days, such as 200 ms and 10 s",
+            ));
         }
         if s.min_backoff > s.max_backoff {
             return Err(Error::config(
@@ -452,7 +470,8 @@ impl PoolSettingsBuilder {
         self
     }
 
-    /// Sets [`acquire_timeout`](PoolSettings::acquire_timeout), more than zero.
+    /// Sets [`acquire_timeout`](PoolSettings::acquire_timeout), more than zero and at most 365
+    /// days.
     #[must_use]
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
         self.0.acquire_timeout = timeout;
@@ -496,10 +515,10 @@ impl PoolSettingsBuilder {
                 format!("must not exceed max_size ({})", s.max_size),
             ));
         }
-        if s.acquire_timeout.is_zero() {
+        if s.acquire_timeout.is_zero() || s.acquire_timeout > LONGEST_LIMIT {
             return Err(Error::config(
                 Setting::PoolAcquireTimeout,
-                "must be more than zero, such as 10 s",
+                "must be more than zero and at most 365 days, such as 10 s",
             ));
         }
         for (setting, limit) in [
@@ -554,7 +573,7 @@ pub struct Config {
     /// elsewhere than the others (so does any `PGOPTIONS`, `PGSSLCERT` or `PGSSLKEY`; a
     /// `PGSSLROOTCERT` gives way to the configured CA, or to none). Defaults to none.
     pub hostaddr: Option<std::net::IpAddr>,
-    /// The server's port. Defaults to 5432.
+    /// The server's port, from 1 to 65535 (the connector refuses 0). Defaults to 5432.
     pub port: u16,
     /// The database. Defaults to `postgres`.
     pub database: String,
@@ -586,7 +605,8 @@ pub struct Config {
     /// The schema search path of every connection, sent in the startup packet. Defaults to
     /// none (the server's), except for non-admin DSQL roles: their own schema.
     pub search_path: Option<String>,
-    /// Statement timeout of every connection. Defaults to none (the server's).
+    /// Statement timeout of every connection, from 1 ms to `i32::MAX` ms (PostgreSQL's
+    /// range; the connector refuses others). Defaults to none (the server's).
     pub statement_timeout: Option<Duration>,
     /// Time allowed to open one connection, TLS and login included. Defaults to 10 s.
     pub connect_timeout: Duration,
@@ -946,10 +966,13 @@ mod tests {
             setting_of(b().max_size(2).min_idle(3).build()),
             Setting::PoolMinIdle
         );
-        assert_eq!(
-            setting_of(b().acquire_timeout(Duration::ZERO).build()),
-            Setting::PoolAcquireTimeout
-        );
+        // Duration::MAX, "wait forever", overflowed the deadline at the first checkout.
+        for timeout in [Duration::ZERO, Duration::MAX] {
+            assert_eq!(
+                setting_of(b().acquire_timeout(timeout).build()),
+                Setting::PoolAcquireTimeout
+            );
+        }
         for jitter in [-0.1, 1.0, f64::NAN] {
             assert_eq!(
                 setting_of(b().lifetime_jitter(jitter).build()),

@@ -223,7 +223,8 @@ impl Management {
     /// [`Error::HttpTransport`] naming the operation when it failed (with the service's code
     /// and message) or is still running after `timeout`; the errors of the read itself.
     pub async fn wait(&self, operation: Operation, timeout: Duration) -> Result<Value> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // A timeout past the clock's range is none.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         let mut pause = Duration::from_millis(50);
         let mut current = operation;
         loop {
@@ -236,7 +237,7 @@ impl Management {
                     )),
                 };
             }
-            if tokio::time::Instant::now() + pause > deadline {
+            if deadline.is_some_and(|deadline| tokio::time::Instant::now() + pause > deadline) {
                 return Err(self.failed(
                     &current.name,
                     format!("the operation is still running after {timeout:?}"),
