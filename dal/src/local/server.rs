@@ -224,6 +224,7 @@ impl LocalPostgres {
             move || lock_dev(&root)
         })
         .await?;
+        check_dev_root(&root, user)?;
         let (port, password) = blocking({
             let (bindir, root) = (bindir.clone(), root.clone());
             move || open_or_create_dev(&bindir, &root, user)
@@ -1069,6 +1070,31 @@ fn dev_root_from(
     }
 }
 
+/// Refuses a development cluster's directory that another user owns, or that others may
+/// write: its state (the superuser's password, the port, the token signing key) would be
+/// theirs to plant, and a directory under the shared temporary one can be made by anyone
+/// before this process makes it. (The files that hold secrets are the owner's alone.)
+fn check_dev_root(root: &Path, user: ServerUser) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(root) else {
+        return Ok(()); // created below, 0700
+    };
+    let own = nix::unistd::geteuid().as_raw();
+    let server = user.switch_to.map(|(uid, _)| uid);
+    if (meta.uid() == own || Some(meta.uid()) == server) && meta.mode() & 0o022 == 0 {
+        return Ok(());
+    }
+    Err(Error::config(
+        "DAL_DEV_DIR",
+        format!(
+            "{} belongs to another user or others may write to it (mode {:o}): remove it, or \
+             set DAL_DEV_DIR to a directory of your own",
+            root.display(),
+            meta.mode() & 0o777
+        ),
+    ))
+}
+
 /// Serializes concurrent starts of the development cluster.
 fn lock_dev(root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     let parent = root.parent().unwrap_or(root);
@@ -1154,6 +1180,38 @@ fn is_postgres(pid: nix::unistd::Pid) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory someone else made first (under the shared temporary directory, say) is
+    /// not taken for the development cluster's.
+    #[test]
+    fn a_dev_directory_others_own_or_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let me = ServerUser { switch_to: None };
+        let root = dir.path().join("dal-dev");
+        assert!(
+            check_dev_root(&root, me).is_ok(),
+            "not there yet: created 0700"
+        );
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_dev_root(&root, me).is_ok());
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_dev_root(&root, me).unwrap_err().to_string();
+        assert!(err.contains("DAL_DEV_DIR") && err.contains("777"), "{err}");
+        if nix::unistd::geteuid().is_root() {
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(&root, Some(65534), Some(65534)).unwrap();
+            assert!(check_dev_root(&root, me).is_err(), "owned by nobody");
+            let as_server = ServerUser {
+                switch_to: Some((65534, 65534)),
+            };
+            assert!(
+                check_dev_root(&root, as_server).is_ok(),
+                "the server user's own"
+            );
+        }
+    }
 
     #[test]
     fn the_dev_cluster_is_found_the_same_way_from_any_working_directory() {
