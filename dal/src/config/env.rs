@@ -209,6 +209,9 @@ impl Env<'_> {
         if let Some(name) = self.get("PGAPPNAME") {
             config.application_name = name;
         }
+        if let Some(secs) = self.parse::<u64>(Setting::ConnectTimeout, "a number of seconds")? {
+            config.connect_timeout = Duration::from_secs(secs);
+        }
         Ok(config)
     }
 
@@ -891,6 +894,7 @@ mod tests {
         };
         assert_eq!(with(("PGPORT", "54x32")), "PGPORT");
         assert_eq!(with(("PGPORT", "0")), "PGPORT");
+        assert_eq!(with(("PGCONNECT_TIMEOUT", "soon")), "PGCONNECT_TIMEOUT");
         assert_eq!(with(("PGSSLMODE", "verify_full")), "PGSSLMODE");
         assert_eq!(
             with(("DAL_TOKEN_STRATEGY", "sometimes")),

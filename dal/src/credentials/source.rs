@@ -48,11 +48,25 @@ impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Token")
             .field("secret", &"** redacted **")
-            .field(
-                "expires_at",
-                &self.expires_at.map(chrono::DateTime::<chrono::Utc>::from),
-            )
+            .field("expires_at", &self.expires_at.map(Utc))
             .finish()
+    }
+}
+
+/// A time shown as UTC, as chrono shows it; one past chrono's range (a custom source's
+/// "never", say) as the standard library does, where chrono's conversion would panic.
+struct Utc(SystemTime);
+
+impl fmt::Debug for Utc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let since_epoch = self.0.duration_since(SystemTime::UNIX_EPOCH).ok();
+        let utc = since_epoch.and_then(|d| {
+            chrono::DateTime::from_timestamp(i64::try_from(d.as_secs()).ok()?, d.subsec_nanos())
+        });
+        match utc {
+            Some(utc) => write!(f, "{utc:?}"),
+            None => write!(f, "{:?}", self.0),
+        }
     }
 }
 
@@ -131,5 +145,9 @@ mod tests {
             format!("{token:?}"),
             "Token { secret: \"** redacted **\", expires_at: Some(1970-01-01T00:00:00Z) }"
         );
+        // Past chrono's range: shown, not a panic.
+        let far = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 60);
+        let shown = format!("{:?}", Token::new("hunter2", Some(far)));
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 }
