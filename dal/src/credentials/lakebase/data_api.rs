@@ -169,21 +169,23 @@ impl DataApi {
             }
             let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if !status.is_success() {
-                let text = |k: &str| json.get(k).and_then(Value::as_str).map(str::to_owned);
+                // Flattened, bounded and without the token: an HTML error page is no
+                // message, and a service may echo what it was sent.
+                let text = |k: &str, most: usize| {
+                    json.get(k).and_then(Value::as_str).map(|v| {
+                        v.replace(token.expose(), "** redacted **")
+                            .chars()
+                            .map(|c| if c.is_control() { ' ' } else { c })
+                            .take(most)
+                            .collect::<String>()
+                    })
+                };
                 let reason = status.canonical_reason().unwrap_or("unknown").to_owned();
-                // Flattened and bounded: an HTML error page is no message.
-                let message: String = text("message")
-                    .unwrap_or_default()
-                    .replace(token.expose(), "** redacted **")
-                    .chars()
-                    .map(|c| if c.is_control() { ' ' } else { c })
-                    .take(300)
-                    .collect();
                 return Err(Error::Http {
                     endpoint: shown,
                     status: status.as_u16(),
-                    code: text("code").unwrap_or(reason),
-                    message,
+                    code: text("code", 40).unwrap_or(reason),
+                    message: text("message", 300).unwrap_or_default(),
                     retry_after: None,
                 });
             }

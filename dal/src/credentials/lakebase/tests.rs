@@ -1269,3 +1269,32 @@ async fn the_database_host_comes_from_the_endpoint_or_instance_api() {
     let err = instance("missing").endpoint_host().await.unwrap_err();
     assert!(matches!(err, Error::Http { status: 404, .. }), "{err:?}");
 }
+
+/// A service that echoes the bearer token in its error's code and message: the error dal
+/// returns carries neither (its `Display` and `Debug` reach logs).
+#[tokio::test]
+async fn a_data_api_error_that_echoes_the_token_does_not_carry_it() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/rest", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let token = headers["authorization"].to_str().unwrap()["Bearer ".len()..].to_owned();
+        let body = json!({ "code": token, "message": format!("refused {token}") });
+        (axum::http::StatusCode::BAD_REQUEST, axum::Json(body))
+    });
+    let _server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let source = || async { Ok::<_, std::io::Error>(Token::new("s3cr3t-token", None)) };
+    let cache = crate::TokenCache::new(
+        Arc::new(source),
+        crate::TokenStrategy::Lazy,
+        crate::CacheSettings::default(),
+    );
+    let err = DataApi::new(&base, cache)
+        .unwrap()
+        .from("notes")
+        .get()
+        .await
+        .unwrap_err();
+    let shown = format!("{err} / {err:?}");
+    assert!(shown.contains("refused"), "{shown}");
+    assert!(!shown.contains("s3cr3t-token"), "{shown}");
+}
