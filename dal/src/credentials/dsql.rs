@@ -244,6 +244,10 @@ impl Dsql {
             };
             provider.provide_credentials().await
         };
+        // The providers' HTTP clients (STS, instance and container metadata, SSO) trace what
+        // they receive, and those answers hold the keys: as with the signer, nothing they
+        // emit may reach the application's subscriber. Their errors come back in ours.
+        let load = load.with_subscriber(tracing::subscriber::NoSubscriber::default());
         let keys = tokio::time::timeout(CREDENTIALS_TIMEOUT, load)
             .await
             .map_err(|_| {

@@ -1145,11 +1145,21 @@ async fn dsql_tokens_are_signed_with_aws_profile_keys_sso_included() {
             ("PGPORT", pg.port().to_string()),
             ("PGDATABASE", "dsql".to_owned()),
             ("PGSSLROOTCERT", pg.ca_cert_path().display().to_string()),
+            // Everything the SDK's credential providers trace, with the answers they read.
+            ("RUST_LOG", "trace".to_owned()),
         ];
         let mut doctor = Program::start("doctor", &env);
         let lines = doctor.rest(Duration::from_secs(120)).await;
         let status = doctor.wait(Duration::from_secs(60)).await;
         assert!(status.success(), "profile {profile}: {}", doctor.output());
+        let output = doctor.output();
+        for (secret, what) in [
+            (keys.1.as_str(), "the secret access key"),
+            ("local-session-token", "the session token"),
+            ("local-sso-bearer", "the SSO bearer token"),
+        ] {
+            assert!(!output.contains(secret), "profile {profile} logged {what}");
+        }
         assert!(
             lines
                 .iter()
