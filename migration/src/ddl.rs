@@ -31,9 +31,30 @@ pub(crate) struct Ddl<'a, 'm> {
     flavor: Flavor,
 }
 
+/// How long a migration's statement waits for a lock before the migration gives up
+/// (SQLSTATE `55P03`, "canceling statement due to lock timeout"). A DDL statement that waits
+/// for a lock holds up every later statement that needs a conflicting one: run under a
+/// service, a migration waiting on a long transaction would stall the service's writes to
+/// that table for as long as the transaction stays open. Giving up bounds that stall; the
+/// migration runs again once the transaction has ended.
+pub const LOCK_TIMEOUT: &str = "2s";
+
 impl<'a, 'm> Ddl<'a, 'm> {
-    pub(crate) fn new(manager: &'a SchemaManager<'m>, flavor: Flavor) -> Self {
-        Self { manager, flavor }
+    /// Starts a migration's statements: on PostgreSQL, whose migrations each run in a
+    /// transaction, bounds their lock waits by [`LOCK_TIMEOUT`] (`SET LOCAL`, for this
+    /// migration's transaction alone). Aurora DSQL takes no locks: it aborts conflicting
+    /// transactions at commit instead.
+    pub(crate) async fn begin(
+        manager: &'a SchemaManager<'m>,
+        flavor: Flavor,
+    ) -> Result<Self, DbErr> {
+        if flavor == Flavor::Postgres {
+            manager
+                .get_connection()
+                .execute_unprepared(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+                .await?;
+        }
+        Ok(Self { manager, flavor })
     }
 
     pub(crate) async fn create_table(&self, stmt: TableCreateStatement) -> Result<(), DbErr> {

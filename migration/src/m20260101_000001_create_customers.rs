@@ -27,7 +27,8 @@ impl MigrationTrait for Migration {
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        Ddl::new(manager, self.flavor)
+        Ddl::begin(manager, self.flavor)
+            .await?
             .create_table(
                 Table::create()
                     .table(Customers::Table)
@@ -45,7 +46,8 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        Ddl::new(manager, self.flavor)
+        Ddl::begin(manager, self.flavor)
+            .await?
             .drop_table(Table::drop().table(Customers::Table).if_exists().to_owned())
             .await
     }

@@ -32,7 +32,7 @@ impl MigrationTrait for Migration {
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let ddl = Ddl::new(manager, self.flavor);
+        let ddl = Ddl::begin(manager, self.flavor).await?;
         ddl.create_table(
             Table::create()
                 .table(Orders::Table)
@@ -69,7 +69,8 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        Ddl::new(manager, self.flavor)
+        Ddl::begin(manager, self.flavor)
+            .await?
             .drop_table(Table::drop().table(Orders::Table).if_exists().to_owned())
             .await
     }

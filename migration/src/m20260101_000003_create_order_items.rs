@@ -29,7 +29,7 @@ impl MigrationTrait for Migration {
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let ddl = Ddl::new(manager, self.flavor);
+        let ddl = Ddl::begin(manager, self.flavor).await?;
         ddl.create_table(
             Table::create()
                 .table(OrderItems::Table)
@@ -63,7 +63,8 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        Ddl::new(manager, self.flavor)
+        Ddl::begin(manager, self.flavor)
+            .await?
             .drop_table(
                 Table::drop()
                     .table(OrderItems::Table)
