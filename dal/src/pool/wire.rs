@@ -117,11 +117,13 @@ impl Wire {
     /// Whether the last statement answered was completed as `ROLLBACK`: right after a
     /// `COMMIT` returned, the server rolled the transaction back instead, for a statement
     /// failed in it, and [`last_error`](Self::last_error) is that statement's SQLSTATE.
+    #[cfg(feature = "diesel")]
     pub(crate) fn rolled_back(&self) -> bool {
         self.rolled_back.load(SeqCst)
     }
 
     /// The SQLSTATE of the last error the server sent on this session, if any.
+    #[cfg(feature = "diesel")]
     pub(crate) fn last_error(&self) -> Option<String> {
         let code = self.last_error.load(SeqCst).to_be_bytes();
         (code[3] != 0).then(|| String::from_utf8_lossy(&code[3..]).into_owned())
