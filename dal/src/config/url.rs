@@ -27,8 +27,17 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
         return Err(bad("must start with postgres:// or postgresql://"));
     }
     check_userinfo(url).map_err(|e| bad(&e))?;
-    let port = check_port(url).map_err(|e| bad(&e))?;
     let (rest, ours) = split_params(url).map_err(|e| bad(&e))?;
+    let port = match (check_port(url).map_err(|e| bad(&e))?, ours.port) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "gives the port twice, after the host and as port=: keep one",
+            ));
+        }
+        (Some(port), None) => Some(port),
+        (None, Some(port)) => Some(parse_port(&port).map_err(|e| bad(&e))?),
+        (None, None) => None,
+    };
     let parsed: tokio_postgres::Config = rest
         .parse()
         .map_err(|e: tokio_postgres::Error| bad(&format!("is not a valid connection URL ({e})")))?;
@@ -59,7 +68,8 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
         ..defaults
     }
     .password(password);
-    // tokio-postgres reports its default port for a URL without one.
+    // tokio-postgres reports its default port for a URL without one, which would hide
+    // PGPORT.
     if let Some(port) = port {
         config.port = port;
     }
@@ -133,28 +143,34 @@ fn check_port(url: &str) -> std::result::Result<Option<u16>, String> {
         Some((_, rest)) => rest.strip_prefix(':'),
         None => hostport.rsplit_once(':').map(|(_, p)| p),
     };
-    match port.map(|p| (p, p.parse::<u16>())) {
-        None => Ok(None),
-        Some((_, Ok(n))) if n > 0 => Ok(Some(n)),
-        Some((p, _)) => Err(format!(
-            "has port {p:?}: a port is a number from 1 to 65535"
+    port.map(parse_port).transpose()
+}
+
+/// A port as the URL spells it: a number from 1 to 65535.
+fn parse_port(port: &str) -> std::result::Result<u16, String> {
+    match port.parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "has port {port:?}: a port is a number from 1 to 65535"
         )),
     }
 }
 
 /// The query parameters dal reads itself.
 #[derive(Default)]
-struct TlsParams {
+struct OwnParams {
     ssl_mode: Option<String>,
     ssl_root_cert: Option<String>,
+    /// libpq's `port=`, for a URL with no port after its host (tokio-postgres would add it to
+    /// the host's, default or not, as a second port).
+    port: Option<String>,
 }
 
 /// Parameters left to tokio-postgres, which dal reads back from its parse: every other one
 /// it would parse and dal would not apply, so they are refused.
-const PARSED: [&str; 8] = [
+const PARSED: [&str; 7] = [
     "host",
     "hostaddr",
-    "port",
     "user",
     "password",
     "dbname",
@@ -162,14 +178,14 @@ const PARSED: [&str; 8] = [
     "connect_timeout",
 ];
 
-/// Splits `sslmode` and `sslrootcert` off the query string of `url`; refuses a parameter
+/// Splits `sslmode`, `sslrootcert` and `port` off the query string of `url`; refuses a parameter
 /// dal does not apply (libpq's `options`, `channel_binding`, `keepalives`, ...), which would
 /// otherwise be accepted and have no effect.
-fn split_params(url: &str) -> std::result::Result<(String, TlsParams), String> {
+fn split_params(url: &str) -> std::result::Result<(String, OwnParams), String> {
     let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_owned(), TlsParams::default()));
+        return Ok((url.to_owned(), OwnParams::default()));
     };
-    let mut ours = TlsParams::default();
+    let mut ours = OwnParams::default();
     let mut rest = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -182,6 +198,7 @@ fn split_params(url: &str) -> std::result::Result<(String, TlsParams), String> {
         match key {
             "sslmode" => ours.ssl_mode = Some(decoded()?),
             "sslrootcert" => ours.ssl_root_cert = Some(decoded()?),
+            "port" => ours.port = Some(decoded()?),
             _ if PARSED.contains(&key) => rest.push(pair),
             "options" => {
                 return Err(
@@ -264,6 +281,23 @@ mod tests {
             Some(crate::config::Credentials::Password(ref p))
                 if secrecy::ExposeSecret::expose_secret(p) == "a:b"
         ));
+    }
+
+    #[test]
+    fn a_port_parameter_is_the_port_of_a_host_without_one() {
+        let c = parse("postgres://u:p@h/db?port=6543", None).unwrap();
+        assert_eq!(c.port, 6543);
+        for (url, expected) in [
+            ("postgres://u:p@h:5433/db?port=6543", "gives the port twice"),
+            ("postgres://u:p@h/db?port=0", "has port \"0\""),
+            (
+                "postgres://u:p@h/db?port=5432,5433",
+                "has port \"5432,5433\"",
+            ),
+        ] {
+            let reason = reason(url);
+            assert!(reason.contains(expected), "{url}: {reason}");
+        }
     }
 
     #[test]
