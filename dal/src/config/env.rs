@@ -72,9 +72,8 @@ impl Config {
     /// Conflicting settings (say a static password and Lakebase credentials) are an error.
     /// As in libpq, what `DATABASE_URL` gives wins, and the `PG*` variables fill only what
     /// it leaves out; a URL parameter dal does not apply (`options`, `channel_binding`,
-    /// `keepalives`, ...) is refused, not ignored. `PGHOST` and `PGUSER` apply to a static
-    /// password and to Lakebase, never to DSQL, whose endpoint is the host its tokens are
-    /// signed for.
+    /// `keepalives`, ...) is refused, not ignored. `PGHOST` applies to a static password and
+    /// to Lakebase, never to DSQL, whose endpoint is the host its tokens are signed for.
     pub fn from_env() -> Result<Self> {
         Self::from_lookup(var)
     }
@@ -209,8 +208,18 @@ impl Env<'_> {
         if let Some(name) = self.get("PGAPPNAME") {
             config.application_name = name;
         }
-        if let Some(secs) = self.parse::<u64>(Setting::ConnectTimeout, "a number of seconds")? {
-            config.connect_timeout = Duration::from_secs(secs);
+        match self.parse::<u64>(Setting::ConnectTimeout, "a number of seconds")? {
+            // libpq reads 0 as no limit, under which a connect to a host that drops packets
+            // would wait for ever.
+            Some(0) => {
+                return Err(Error::config(
+                    Setting::ConnectTimeout,
+                    "is 0, which libpq reads as no limit and dal does not allow (a connect \
+                     could hang): set a number of seconds, such as 10, or leave it unset",
+                ));
+            }
+            Some(secs) => config.connect_timeout = Duration::from_secs(secs),
+            None => {}
         }
         Ok(config)
     }
@@ -228,8 +237,10 @@ impl Env<'_> {
         if let Some(path) = self.get("DAL_SEARCH_PATH") {
             config.search_path = Some(path);
         }
-        if let Some(ms) =
-            self.parse::<u64>(Setting::StatementTimeout, "a number of milliseconds")?
+        // 0, PostgreSQL's "no timeout", sends none: the server's own setting applies.
+        if let Some(ms) = self
+            .parse::<u64>(Setting::StatementTimeout, "a number of milliseconds")?
+            .filter(|&ms| ms > 0)
         {
             config.statement_timeout = Some(Duration::from_millis(ms));
         }
@@ -885,6 +896,18 @@ mod tests {
     }
 
     #[test]
+    fn a_statement_timeout_of_zero_sends_none() {
+        let base = [("PGHOST", "h"), ("PGUSER", "u"), ("PGPASSWORD", "p")];
+        let timeout = |ms| {
+            let mut v = base.to_vec();
+            v.push(("DAL_STATEMENT_TIMEOUT_MS", ms));
+            config(&v).unwrap().statement_timeout
+        };
+        assert_eq!(timeout("0"), None);
+        assert_eq!(timeout("1500"), Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
     fn malformed_values_name_their_variable() {
         let base = [("PGHOST", "h"), ("PGUSER", "u"), ("PGPASSWORD", "p")];
         let with = |extra: (&'static str, &'static str)| {
@@ -895,6 +918,8 @@ mod tests {
         assert_eq!(with(("PGPORT", "54x32")), "PGPORT");
         assert_eq!(with(("PGPORT", "0")), "PGPORT");
         assert_eq!(with(("PGCONNECT_TIMEOUT", "soon")), "PGCONNECT_TIMEOUT");
+        // libpq's "no limit" would let a connect hang.
+        assert_eq!(with(("PGCONNECT_TIMEOUT", "0")), "PGCONNECT_TIMEOUT");
         assert_eq!(with(("PGSSLMODE", "verify_full")), "PGSSLMODE");
         assert_eq!(
             with(("DAL_TOKEN_STRATEGY", "sometimes")),
