@@ -328,7 +328,9 @@ impl LocalPostgres {
 
     /// Whether the development cluster's server is running, without starting it.
     pub fn dev_is_running() -> Result<bool> {
-        let root = dev_root(ServerUser::detect()?)?;
+        let user = ServerUser::detect()?;
+        let root = dev_root(user)?;
+        check_dev_root(&root, user)?;
         Ok(read_pid(&root.join("data").join("postmaster.pid")).is_some_and(is_alive))
     }
 
@@ -346,6 +348,8 @@ impl LocalPostgres {
     }
 
     fn signal_dev_in(root: &Path, signal: nix::sys::signal::Signal) -> Result<bool> {
+        // A process id planted by another user would be signalled as this one.
+        check_dev_root(root, ServerUser::detect()?)?;
         let pid_file = root.join("data").join("postmaster.pid");
         let Some(pid) = read_pid(&pid_file) else {
             return Ok(false);
@@ -862,7 +866,15 @@ fn drain_log(stderr: impl std::io::Read, log: &Mutex<VecDeque<String>>) {
 
 /// Runs `initdb` in `root/data` and writes the TLS files; returns the superuser's password.
 fn create_cluster(bindir: &Path, root: &Path, user: ServerUser) -> Result<SecretString> {
-    std::fs::create_dir_all(root).map_err(Error::io(root))?;
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = root.parent() {
+        std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+    }
+    // Made here, or made by someone else since it was checked: checked again then.
+    match std::fs::DirBuilder::new().mode(0o700).create(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => check_dev_root(root, user)?,
+        made => made.map_err(Error::io(root))?,
+    }
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
         .map_err(Error::io(root))?;
     user.own(root)?;
@@ -1211,6 +1223,35 @@ mod tests {
                 "the server user's own"
             );
         }
+    }
+
+    #[test]
+    fn a_pid_planted_in_a_dev_directory_others_may_write_is_not_signalled() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("dal-dev");
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        // A process of this user's that the planted file names.
+        let mut victim = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        std::fs::write(
+            root.join("data").join("postmaster.pid"),
+            format!("{}\n", victim.id()),
+        )
+        .unwrap();
+        let stopped = LocalPostgres::stop_dev_in(&root);
+        let crashed = LocalPostgres::crash_dev_in(&root);
+        let alive = victim.try_wait().unwrap().is_none();
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        for outcome in [stopped, crashed] {
+            let err = outcome.unwrap_err().to_string();
+            assert!(err.contains("DAL_DEV_DIR"), "{err}");
+        }
+        assert!(alive, "the planted process was signalled");
     }
 
     #[test]
