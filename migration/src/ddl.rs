@@ -35,8 +35,9 @@ pub(crate) struct Ddl<'a, 'm> {
 /// (SQLSTATE `55P03`, "canceling statement due to lock timeout"). A DDL statement that waits
 /// for a lock holds up every later statement that needs a conflicting one: run under a
 /// service, a migration waiting on a long transaction would stall the service's writes to
-/// that table for as long as the transaction stays open. Giving up bounds that stall; the
-/// migration runs again once the transaction has ended.
+/// that table for as long as the transaction stays open. Giving up bounds that stall: the
+/// migration is rolled back and its run fails with that error; run again once the
+/// transaction has ended, it completes.
 pub const LOCK_TIMEOUT: &str = "2s";
 
 impl<'a, 'm> Ddl<'a, 'm> {

@@ -113,7 +113,9 @@ impl TxMode {
 ///
 /// - conflicts: SQLSTATE `40001` (serialization failures, Aurora DSQL's `OC000`/`OC001`) and
 ///   `40P01` (deadlocks), raised by any statement or by COMMIT, or by a statement whose error
-///   the work left unread, which aborted the transaction ([`Error::RolledBackAtCommit`]);
+///   the work left unread, which aborted the transaction (sqlx reads that error at COMMIT;
+///   the Diesel pool follows the wire over TLS, [`Error::RolledBackAtCommit`], and without
+///   TLS such a transaction fails with SQLSTATE `25P02` and is not retried);
 /// - connection failures before the transaction's first statement (acquiring the
 ///   connection, `BEGIN`);
 /// - a prepared statement gone stale after a schema change (SQLSTATE `0A000`, "cached plan

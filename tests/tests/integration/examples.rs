@@ -1404,7 +1404,7 @@ async fn a_user_logs_in_with_a_browser_once() {
     // One run that logs in through the printed address.
     let login = async |env: &[(&str, String)]| {
         let mut doctor = Program::start("doctor", env);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(120);
         let address = loop {
             let stderr = doctor.stderr();
             if let Some(line) = stderr.lines().find(|l| l.contains("/oidc/v1/authorize?")) {
