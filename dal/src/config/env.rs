@@ -758,15 +758,7 @@ mod tests {
             "postgres://app:p%40ss@db.example.com:6543/shop?sslmode=verify-full&application_name=x",
         )])
         .unwrap();
-        assert_eq!(
-            (
-                c.host.as_str(),
-                c.port,
-                c.user.as_str(),
-                c.database.as_str()
-            ),
-            ("db.example.com", 6543, "app", "shop")
-        );
+        assert_eq!(c.address(), ("db.example.com", 6543, "app", "shop"));
         assert_eq!(c.ssl_mode, Some(SslMode::VerifyFull));
         assert_eq!(c.application_name, "x");
         assert_eq!(
@@ -796,15 +788,7 @@ mod tests {
         )];
         vars.extend(leftovers);
         let c = config(&vars).unwrap();
-        assert_eq!(
-            (
-                c.host.as_str(),
-                c.port,
-                c.user.as_str(),
-                c.database.as_str()
-            ),
-            ("db.example.com", 6543, "app", "shop")
-        );
+        assert_eq!(c.address(), ("db.example.com", 6543, "app", "shop"));
         assert_eq!(c.ssl_mode, Some(SslMode::VerifyFull));
         assert_eq!(c.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
         assert_eq!(c.application_name, "x");
@@ -812,15 +796,7 @@ mod tests {
         // What the URL leaves out, they give.
         vars[0].1 = "postgres://app:pw@db.example.com";
         let c = config(&vars).unwrap();
-        assert_eq!(
-            (
-                c.host.as_str(),
-                c.port,
-                c.user.as_str(),
-                c.database.as_str()
-            ),
-            ("db.example.com", 7000, "app", "other")
-        );
+        assert_eq!(c.address(), ("db.example.com", 7000, "app", "other"));
         assert_eq!(c.ssl_mode, Some(SslMode::Disable));
         assert_eq!(c.application_name, "other");
         assert_eq!(c.hostaddr, Some([10, 9, 9, 9].into()));

@@ -903,6 +903,14 @@ impl Config {
 }
 
 #[cfg(test)]
+impl Config {
+    /// Host, port, user and database, for a test to compare at once.
+    pub(crate) fn address(&self) -> (&str, u16, &str, &str) {
+        (&self.host, self.port, &self.user, &self.database)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::credentials::{BoxFuture, Token};

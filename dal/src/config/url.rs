@@ -251,15 +251,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(
-            (
-                c.host.as_str(),
-                c.port,
-                c.user.as_str(),
-                c.database.as_str()
-            ),
-            ("db.example.com", 6543, "app", "shop")
-        );
+        assert_eq!(c.address(), ("db.example.com", 6543, "app", "shop"));
         assert_eq!(c.ssl_mode, Some(SslMode::VerifyCa));
         assert_eq!(c.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
         assert_eq!(c.application_name, "svc");
