@@ -102,8 +102,7 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
 /// there, and the usual mistake (a raw `#`, `/`, `?`, `@` or `%` in a password) otherwise
 /// surfaces as a wrong host or port. Names the character, never the password.
 fn check_userinfo(url: &str) -> std::result::Result<(), String> {
-    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let Some((userinfo, _)) = after_scheme.rsplit_once('@') else {
+    let (Some(userinfo), _) = split_userinfo(url) else {
         return Ok(());
     };
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
@@ -131,12 +130,28 @@ fn check_userinfo(url: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The URL after its scheme, split at the `@` that ends the user name and password, if it
+/// has one: the last `@` before the query (whose values, `application_name=team@example`,
+/// may hold one), or, with none there, the last one at all (a raw `?` in the password, which
+/// [`check_userinfo`] names).
+fn split_userinfo(url: &str) -> (Option<&str>, &str) {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let before_query = after_scheme
+        .split_once('?')
+        .map_or(after_scheme, |(b, _)| b);
+    match before_query
+        .rsplit_once('@')
+        .map(|(userinfo, _)| userinfo.len())
+        .or_else(|| after_scheme.rfind('@'))
+    {
+        Some(at) => (Some(&after_scheme[..at]), &after_scheme[at + 1..]),
+        None => (None, after_scheme),
+    }
+}
+
 /// The port, if the URL has one: a number from 1 to 65535.
 fn check_port(url: &str) -> std::result::Result<Option<u16>, String> {
-    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let after_user = after_scheme
-        .rsplit_once('@')
-        .map_or(after_scheme, |(_, h)| h);
+    let (_, after_user) = split_userinfo(url);
     let hostport = after_user.split(['/', '?']).next().unwrap_or_default();
     // An IPv6 host is bracketed: its colons are not the port's.
     let port = match hostport.rsplit_once(']') {
@@ -289,6 +304,24 @@ mod tests {
         ] {
             let reason = reason(url);
             assert!(reason.contains(expected), "{url}: {reason}");
+        }
+    }
+
+    #[test]
+    fn an_at_sign_in_the_query_is_not_read_as_part_of_the_password() {
+        let c = parse(
+            "postgres://u:p@h:5433/db?application_name=team@example",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.address(), ("h", 5433, "u", "db"));
+        assert_eq!(c.application_name, "team@example");
+        // A raw '?' in the password is still named, with an '@' in the query or not.
+        for url in [
+            "postgres://u:p?w@h/db",
+            "postgres://u:p?w@h/db?application_name=a@b",
+        ] {
+            assert!(reason(url).contains("the password has a raw '?'"), "{url}");
         }
     }
 
