@@ -3,8 +3,10 @@
 //! Migrations send every statement through [`Ddl`], one statement at a time, so that a DSQL
 //! target can run them outside a transaction and swap in what DSQL supports.
 
+use std::time::Duration;
+
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::ConnectionTrait;
+use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseConnection};
 
 /// The kind of server the migrations are written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,9 +38,60 @@ pub(crate) struct Ddl<'a, 'm> {
 /// for a lock holds up every later statement that needs a conflicting one: run under a
 /// service, a migration waiting on a long transaction would stall the service's writes to
 /// that table for as long as the transaction stays open. Giving up bounds that stall: the
-/// migration is rolled back and its run fails with that error; run again once the
-/// transaction has ended, it completes.
+/// migration is rolled back, and [`Migrator::up`](crate::Migrator) tries it again after each
+/// of the [`LOCK_RETRY_PAUSES`]; after the last, the run fails with that error, and run
+/// again once the transaction has ended, it completes.
 pub const LOCK_TIMEOUT: &str = "2s";
+
+/// The pauses before each new try of a migration that gave up on a lock ([`LOCK_TIMEOUT`]):
+/// four more tries over 15 s, during which the transaction in the way may end. Between
+/// tries the migration holds no lock, so the writes queued behind it go on; each try
+/// stalls them for [`LOCK_TIMEOUT`] at most.
+pub const LOCK_RETRY_PAUSES: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
+
+/// PostgreSQL's `lock_not_available`: a statement gave up on a lock after `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// Applies `M`'s pending migrations on `db` (all, or `steps` of them), trying again, after
+/// each of the [`LOCK_RETRY_PAUSES`], when a migration gave up on a lock. The migrations
+/// applied before it stay applied, and count against `steps`.
+pub(crate) async fn up_retrying_lock_timeouts<M: MigratorTrait>(
+    db: &DatabaseConnection,
+    steps: Option<u32>,
+) -> Result<(), DbErr> {
+    let pending_before = match steps {
+        Some(_) => M::get_pending_migrations(db).await?.len(),
+        None => 0,
+    };
+    let mut left = steps;
+    let mut pauses = LOCK_RETRY_PAUSES.iter().enumerate();
+    loop {
+        let e = match M::up(db, left).await {
+            Err(e) if sqlstate(&e).as_deref() == Some(LOCK_NOT_AVAILABLE) => e,
+            done => return done,
+        };
+        let Some((tried, pause)) = pauses.next() else {
+            return Err(e);
+        };
+        tracing::warn!(
+            error = %e,
+            "a migration gave up on a lock another transaction holds (lock_timeout {LOCK_TIMEOUT}); \
+             trying again in {pause:?} (try {} of {})",
+            tried + 2,
+            LOCK_RETRY_PAUSES.len() + 1
+        );
+        tokio::time::sleep(*pause).await;
+        if let Some(steps) = steps {
+            let applied = pending_before.saturating_sub(M::get_pending_migrations(db).await?.len());
+            left = Some(steps.saturating_sub(applied as u32));
+        }
+    }
+}
 
 impl<'a, 'm> Ddl<'a, 'm> {
     /// Starts a migration's statements: on PostgreSQL, whose migrations each run in a

@@ -27,7 +27,7 @@ mod m20260101_000001_create_customers;
 mod m20260101_000002_create_orders;
 mod m20260101_000003_create_order_items;
 
-pub use ddl::{Flavor, LOCK_TIMEOUT};
+pub use ddl::{Flavor, LOCK_RETRY_PAUSES, LOCK_TIMEOUT};
 pub use lock::MigrationLock;
 
 /// Every migration, oldest first, written for `flavor`.
@@ -39,7 +39,9 @@ fn migrations_for(flavor: Flavor) -> Vec<Box<dyn MigrationTrait>> {
     ]
 }
 
-/// The migrator for PostgreSQL and Lakebase: each migration runs in its own transaction.
+/// The migrator for PostgreSQL and Lakebase: each migration runs in its own transaction,
+/// and one that gave up on a lock ([`LOCK_TIMEOUT`]) is tried again (see
+/// [`up`](MigratorTrait::up)).
 #[derive(Debug, Clone, Copy)]
 pub struct Migrator;
 
@@ -47,6 +49,37 @@ pub struct Migrator;
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         migrations_for(Flavor::Postgres)
+    }
+
+    /// Applies the pending migrations (all, or `steps` of them), each in its own transaction.
+    /// A migration that gave up on a lock (SQLSTATE `55P03` after [`LOCK_TIMEOUT`]) is rolled
+    /// back and tried again after each of the [`LOCK_RETRY_PAUSES`] (logged at warn level);
+    /// after the last, the run fails with that error. Given a transaction
+    /// (`&DatabaseTransaction`), which that error aborts, each migration is tried once.
+    ///
+    /// # Errors
+    ///
+    /// The first error of a migration or of the server; `55P03` after the last try.
+    async fn up<'c, C>(db: C, steps: Option<u32>) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        match db.into_database_executor() {
+            sea_orm::DatabaseExecutor::Connection(db) => {
+                ddl::up_retrying_lock_timeouts::<OneTry>(db, steps).await
+            }
+            db => OneTry::up(db, steps).await,
+        }
+    }
+}
+
+/// [`Migrator`]'s migrations, each tried once: what its `up` runs, and runs again.
+struct OneTry;
+
+#[async_trait::async_trait]
+impl MigratorTrait for OneTry {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        Migrator::migrations()
     }
 }
 

@@ -108,101 +108,205 @@ async fn constraints_hold() {
     );
 }
 
-/// A migration under a running service. The orders migration's foreign key needs a lock on
-/// `customers` that an open transaction writing to it holds (a slow request, a batch job);
-/// waiting for it, the migration would queue every later write to `customers` behind it, and
-/// the service would stall for as long as that transaction stays open. Each migration bounds
-/// its lock waits (`lock_timeout`): it gives up instead (SQLSTATE `55P03`), the service's
-/// writes go on, and run again once the transaction has ended, it succeeds.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_migration_that_cannot_take_its_lock_gives_up_instead_of_stalling_the_service() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::time::Duration;
+/// A service writing to `customers` while a transaction that wrote to it stays open (a slow
+/// request, a batch job), on a database migrated up to the customers table: the orders
+/// migration's foreign key needs a lock on `customers` that the open transaction holds.
+struct Busy {
+    pg: dal::local::LocalPostgres,
+    connector: dal::Connector,
+    db: DatabaseConnection,
+    open: dal::tokio_postgres::Client,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    worst_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    service: tokio::task::JoinHandle<()>,
+}
 
-    let pg = tests::server().await;
-    let password = format!("pw-{}", uuid::Uuid::new_v4());
-    pg.create_role("busy", &password, None).await.unwrap();
-    pg.create_database("busy", Some("busy")).await.unwrap();
-    let connector = dal::Connector::new(pg.config("busy", "busy", &password))
+impl Busy {
+    async fn start(database: &str) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+        let pg = tests::server().await;
+        let password = format!("pw-{}", uuid::Uuid::new_v4());
+        pg.create_role(database, &password, None).await.unwrap();
+        pg.create_database(database, Some(database)).await.unwrap();
+        let connector = dal::Connector::new(pg.config(database, database, &password))
+            .await
+            .unwrap();
+        let db = tests::migration_db(&connector).await;
+        Migrator::up(&db, Some(1)).await.expect("customers");
+
+        // The service: writes to customers, one after another.
+        let pool = connector.postgres_pool().await.unwrap();
+        let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let worst_us = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let service = tokio::spawn({
+            let (done, failed, stop) = (done.clone(), failed.clone(), stop.clone());
+            let worst_us = worst_us.clone();
+            async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let started = std::time::Instant::now();
+                    let written = async {
+                        pool.get()
+                            .await?
+                            .execute(
+                                "INSERT INTO customers (id, email, name) \
+                                 VALUES (gen_random_uuid(), gen_random_uuid()::text, 'service')",
+                                &[],
+                            )
+                            .await
+                            .map_err(dal::Error::Database)
+                    }
+                    .await;
+                    worst_us.fetch_max(started.elapsed().as_micros() as u64, Ordering::SeqCst);
+                    match written {
+                        Ok(_) => done.fetch_add(1, Ordering::SeqCst),
+                        Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                    };
+                }
+            }
+        });
+
+        // The open transaction, holding its write lock on customers.
+        let (open, connection) = connector.connect().await.unwrap();
+        tokio::spawn(connection);
+        open.batch_execute(
+            "BEGIN; INSERT INTO customers (id, email, name) \
+             VALUES (gen_random_uuid(), 'open@example.com', 'open')",
+        )
         .await
         .unwrap();
-    let db = tests::migration_db(&connector).await;
-    Migrator::up(&db, Some(1)).await.expect("customers");
-
-    // The service: writes to customers, one after another.
-    let pool = connector.postgres_pool().await.unwrap();
-    let (done, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let worst_us = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let service = tokio::spawn({
-        let (pool, done, failed, stop) = (pool.clone(), done.clone(), failed.clone(), stop.clone());
-        let worst_us = worst_us.clone();
-        async move {
-            while !stop.load(Ordering::SeqCst) {
-                let started = std::time::Instant::now();
-                let written = async {
-                    pool.get()
-                        .await?
-                        .execute(
-                            "INSERT INTO customers (id, email, name) \
-                             VALUES (gen_random_uuid(), gen_random_uuid()::text, 'service')",
-                            &[],
-                        )
-                        .await
-                        .map_err(dal::Error::Database)
-                }
-                .await;
-                worst_us.fetch_max(started.elapsed().as_micros() as u64, Ordering::SeqCst);
-                match written {
-                    Ok(_) => done.fetch_add(1, Ordering::SeqCst),
-                    Err(_) => failed.fetch_add(1, Ordering::SeqCst),
-                };
-            }
+        Busy {
+            pg,
+            connector,
+            db,
+            open,
+            done,
+            failed,
+            worst_us,
+            stop,
+            service,
         }
-    });
+    }
 
-    // The open transaction, holding its write lock on customers.
-    let (open, connection) = connector.connect().await.unwrap();
-    tokio::spawn(connection);
-    open.batch_execute(
-        "BEGIN; INSERT INTO customers (id, email, name) \
-         VALUES (gen_random_uuid(), 'open@example.com', 'open')",
+    /// Waits until the service has written `n` more rows.
+    async fn writes_on(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        let before = self.done.load(Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while self.done.load(Ordering::SeqCst) < before + n {
+            assert!(std::time::Instant::now() < deadline, "the service stalled");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the service; asserts that none of its writes failed and that none waited
+    /// longer than `most` (each try of the migration stalls them for its lock timeout at most).
+    async fn finish(self, most: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::SeqCst);
+        self.service.await.unwrap();
+        let worst = std::time::Duration::from_micros(self.worst_us.load(Ordering::SeqCst));
+        println!(
+            "service writes {}, failed {}, worst write {} ms (lock_timeout {})",
+            self.done.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+            worst.as_millis(),
+            migration::LOCK_TIMEOUT
+        );
+        assert_eq!(self.failed.load(Ordering::SeqCst), 0);
+        assert!(worst < most, "a write waited {worst:?}");
+        self.connector.shutdown().await;
+        drop(self.pg);
+    }
+}
+
+/// A migration under a running service whose open transaction never ends. Waiting for its
+/// lock, the migration would queue every later write to `customers` behind it, and the
+/// service would stall for as long as that transaction stays open. Each try of a migration
+/// bounds its lock waits (`lock_timeout`): it gives up instead (SQLSTATE `55P03`), tries
+/// again after a pause (`migration::LOCK_RETRY_PAUSES`), and after the last try the run fails
+/// with that error; the service's writes go on throughout, and run again once the
+/// transaction has ended, the migration succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_that_cannot_take_its_lock_gives_up_instead_of_stalling_the_service() {
+    let busy = Busy::start("busy").await;
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(300),
+        Migrator::up(&busy.db, None),
     )
     .await
-    .unwrap();
-
-    let err = tokio::time::timeout(Duration::from_secs(120), Migrator::up(&db, None))
-        .await
-        .expect("the migration waited on the lock, and the service's writes behind it")
-        .expect_err("the lock is held");
+    .expect("the migration waited on the lock, and the service's writes behind it")
+    .expect_err("the lock is held");
     assert!(err.to_string().contains("lock timeout"), "{err}");
     // The transaction is still open, and the service writes on.
-    let before = done.load(Ordering::SeqCst);
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while done.load(Ordering::SeqCst) < before + 10 {
-        assert!(std::time::Instant::now() < deadline, "the service stalled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    open.batch_execute("COMMIT").await.unwrap();
-    Migrator::up(&db, None)
+    busy.writes_on(10).await;
+    busy.open.batch_execute("COMMIT").await.unwrap();
+    Migrator::up(&busy.db, None)
         .await
         .expect("once the transaction ended");
     assert!(
-        Migrator::get_pending_migrations(&db)
+        Migrator::get_pending_migrations(&busy.db)
             .await
             .unwrap()
             .is_empty()
     );
-    stop.store(true, Ordering::SeqCst);
-    service.await.unwrap();
-    println!(
-        "service writes {}, failed {}, worst write {} ms (lock_timeout {})",
-        done.load(Ordering::SeqCst),
-        failed.load(Ordering::SeqCst),
-        worst_us.load(Ordering::SeqCst) / 1000,
-        migration::LOCK_TIMEOUT
+    busy.finish(std::time::Duration::from_secs(60)).await;
+}
+
+/// The same, with the transaction ending after the migration's first try gave up: the run
+/// tries again after a pause and completes, with no command to run again and no write of
+/// the service failed. Before, the run failed with `55P03` at its first try.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_that_gave_up_on_its_lock_tries_again_and_completes() {
+    use std::time::Duration;
+
+    let busy = Busy::start("busy_retry").await;
+    let migrating = tokio::spawn({
+        let db = busy.db.clone();
+        async move { Migrator::up(&db, None).await }
+    });
+    // The migration's backend: waiting for its lock, then, once its lock timeout has fired,
+    // not waiting (its pause before the next try; a poll that misses one pause sees the next).
+    let (watch, connection) = busy.connector.connect().await.unwrap();
+    tokio::spawn(connection);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let waiting = "SELECT pid, wait_event_type = 'Lock' FROM pg_stat_activity \
+                   WHERE datname = current_database() AND query LIKE 'ALTER TABLE%'";
+    let mut seen_waiting = None;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the migration never waited on its lock, or never gave up on it"
+        );
+        assert!(!migrating.is_finished(), "{:?}", migrating.await);
+        let rows = watch.query(waiting, &[]).await.unwrap();
+        let backend = rows
+            .iter()
+            .map(|row| (row.get::<_, i32>(0), row.get::<_, Option<bool>>(1)))
+            .find(|(pid, _)| seen_waiting.is_none_or(|seen| seen == *pid));
+        match (seen_waiting, backend) {
+            (None, Some((pid, Some(true)))) => seen_waiting = Some(pid),
+            (Some(_), None | Some((_, Some(false) | None))) => break,
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    busy.open.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(120), migrating)
+        .await
+        .expect("the migration's next try")
+        .unwrap()
+        .expect("the run completes once the transaction ended");
+    assert!(
+        Migrator::get_pending_migrations(&busy.db)
+            .await
+            .unwrap()
+            .is_empty()
     );
-    assert_eq!(failed.load(Ordering::SeqCst), 0);
-    connector.shutdown().await;
+    busy.writes_on(10).await;
+    busy.finish(Duration::from_secs(60)).await;
 }
