@@ -174,6 +174,20 @@ impl Connector {
                 "the database host is required",
             ));
         }
+        // libpq reads both as something other than one TCP host; dal would only fail at
+        // connect, looking up the whole text as a name.
+        if config.host.contains(',') {
+            return Err(Error::config(
+                Setting::Host,
+                "names several hosts (libpq's comma-separated list); dal connects to one: give                  one host, and the others as failover endpoints (Config::failover)",
+            ));
+        }
+        if config.host.starts_with(['/', '@']) {
+            return Err(Error::config(
+                Setting::Host,
+                "names a Unix socket directory; dal connects over TCP with TLS: give a host                  name or IP address",
+            ));
+        }
         if config.user.trim().is_empty() {
             return Err(Error::config(
                 Setting::User,
@@ -1224,6 +1238,13 @@ mod tests {
             setting_of(Connector::build(Config::new("", "u").password("p"))),
             Setting::Host
         );
+        for host in ["db1.example.com,db2.example.com", "/var/run/postgresql", "@abstract"] {
+            assert_eq!(
+                setting_of(Connector::build(Config::new(host, "u").password("p"))),
+                Setting::Host,
+                "{host}"
+            );
+        }
         assert_eq!(
             setting_of(Connector::build(Config::new("db", "u"))),
             Setting::Credentials
