@@ -1238,7 +1238,11 @@ mod tests {
             setting_of(Connector::build(Config::new("", "u").password("p"))),
             Setting::Host
         );
-        for host in ["db1.example.com,db2.example.com", "/var/run/postgresql", "@abstract"] {
+        for host in [
+            "db1.example.com,db2.example.com",
+            "/var/run/postgresql",
+            "@abstract",
+        ] {
             assert_eq!(
                 setting_of(Connector::build(Config::new(host, "u").password("p"))),
                 Setting::Host,

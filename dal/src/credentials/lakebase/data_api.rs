@@ -173,7 +173,7 @@ impl DataApi {
                 // message, and a service may echo what it was sent.
                 let text = |k: &str, most: usize| {
                     json.get(k).and_then(Value::as_str).map(|v| {
-                        v.replace(token.expose(), "** redacted **")
+                        super::mask_secrets(v, &[token.expose()])
                             .chars()
                             .map(|c| if c.is_control() { ' ' } else { c })
                             .take(most)

@@ -1231,7 +1231,6 @@ impl Lakebase {
     /// misbehaving proxy may echo a request back), control characters flattened, and the
     /// length bounded.
     fn scrub(&self, text: &str, token: Option<&SecretString>) -> String {
-        let mut text = text.to_owned();
         let mut secrets: Vec<&str> = Vec::new();
         let basic;
         match &self.auth {
@@ -1256,10 +1255,7 @@ impl Lakebase {
         if let Some(token) = token {
             secrets.push(token.expose_secret());
         }
-        for secret in secrets.into_iter().filter(|s| !s.is_empty()) {
-            text = text.replace(secret, REDACTED);
-        }
-        let mut text: String = text
+        let mut text: String = mask_secrets(text, &secrets)
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect::<String>()
@@ -1272,6 +1268,46 @@ impl Lakebase {
         }
         text
     }
+}
+
+/// The shortest run of a secret's characters that [`mask_secrets`] masks on its own.
+const SHORTEST_ECHO: usize = 12;
+
+/// `text` with each of `secrets` replaced by [`REDACTED`], and with it every run of
+/// [`SHORTEST_ECHO`] or more bytes of a secret: a service or proxy may echo a token cut
+/// short, or one part of a JWT. A secret shorter than that is masked where it appears whole.
+pub(crate) fn mask_secrets(text: &str, secrets: &[&str]) -> String {
+    let bytes = text.as_bytes();
+    let mut masked = vec![false; bytes.len()];
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        if secret.len() < SHORTEST_ECHO {
+            for (at, _) in text.match_indices(secret) {
+                masked[at..at + secret.len()].fill(true);
+            }
+            continue;
+        }
+        let parts: std::collections::HashSet<&[u8]> =
+            secret.as_bytes().windows(SHORTEST_ECHO).collect();
+        for (at, window) in bytes.windows(SHORTEST_ECHO).enumerate() {
+            if parts.contains(window) {
+                masked[at..at + SHORTEST_ECHO].fill(true);
+            }
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut in_secret = false;
+    for (at, c) in text.char_indices() {
+        if masked[at..at + c.len_utf8()].contains(&true) {
+            if !in_secret {
+                out.push_str(REDACTED);
+            }
+            in_secret = true;
+        } else {
+            out.push(c);
+            in_secret = false;
+        }
+    }
+    out
 }
 
 impl CredentialSource for Lakebase {

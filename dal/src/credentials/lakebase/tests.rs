@@ -1278,11 +1278,18 @@ async fn a_data_api_error_that_echoes_the_token_does_not_carry_it() {
     let base = format!("http://{}/rest", listener.local_addr().unwrap());
     let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
         let token = headers["authorization"].to_str().unwrap()["Bearer ".len()..].to_owned();
-        let body = json!({ "code": token, "message": format!("refused {token}") });
+        // The whole token, its start cut short, and its middle part alone (a JWT's claims).
+        let claims = token.split('.').nth(1).unwrap().to_owned();
+        let body = json!({
+            "code": token[..24].to_owned(),
+            "message": format!("refused {token}, claims {claims} (sent {}...)", &token[..30]),
+        });
         (axum::http::StatusCode::BAD_REQUEST, axum::Json(body))
     });
     let _server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let source = || async { Ok::<_, std::io::Error>(Token::new("s3cr3t-token", None)) };
+    const JWT: &str =
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEyMyIsImV4cCI6OTl9.c2lnbmF0dXJlLXNpZ25hdHVyZQ";
+    let source = || async { Ok::<_, std::io::Error>(Token::new(JWT, None)) };
     let cache = crate::TokenCache::new(
         Arc::new(source),
         crate::TokenStrategy::Lazy,
@@ -1296,5 +1303,27 @@ async fn a_data_api_error_that_echoes_the_token_does_not_carry_it() {
         .unwrap_err();
     let shown = format!("{err} / {err:?}");
     assert!(shown.contains("refused"), "{shown}");
-    assert!(!shown.contains("s3cr3t-token"), "{shown}");
+    assert!(
+        shown.contains("claims ** redacted ** (sent ** redacted **...)"),
+        "{shown}"
+    );
+    for part in JWT.as_bytes().windows(12) {
+        let part = std::str::from_utf8(part).unwrap();
+        assert!(!shown.contains(part), "{part} of the token leaked: {shown}");
+    }
+}
+
+#[test]
+fn masking_leaves_other_text_and_short_secrets_elsewhere_alone() {
+    assert_eq!(
+        super::mask_secrets("user pw1 pw12 café", &["pw1", ""]),
+        "user ** redacted ** ** redacted **2 café"
+    );
+    assert_eq!(
+        super::mask_secrets(
+            "id 0123456789abcdefXYZ, é0123456789ab",
+            &["0123456789abcdef"]
+        ),
+        "id ** redacted **XYZ, é** redacted **"
+    );
 }
