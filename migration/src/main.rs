@@ -5,6 +5,8 @@
 //! `.env.example`). With none of them set, it uses the embedded default: the local
 //! development PostgreSQL with Lakebase-style tokens from the local credential service.
 //! On a DSQL target, each migration runs outside a transaction, one DDL statement at a time.
+//! Elsewhere `up` tries a migration that gave up on a lock again (see
+//! [`migration::LOCK_RETRY_PAUSES`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 

@@ -233,13 +233,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     kind.name(),
                     round + 1
                 ));
-                let sample = match stacks.iter().find(|(k, _)| *k == kind) {
+                let before = measure::CpuClock::read();
+                let mut sample = match stacks.iter().find(|(k, _)| *k == kind) {
                     Some((_, stack)) => measure::run(stack, n, period).await?,
                     None => {
                         let threads = kind.pgbench_threads(n).context("a stack or pgbench")?;
                         measure::pgbench(&server, n, threads, period).await?
                     }
                 };
+                sample.cpu = measure::CpuClock::read()
+                    .zip(before)
+                    .and_then(|(after, before)| after.per_request_since(before, sample.requests));
                 samples[i].push(sample);
                 progress.inc(1);
             }

@@ -21,6 +21,69 @@ pub struct Sample {
     pub max_us: Option<u64>,
     pub requests: u64,
     pub errors: u64,
+    /// CPU time per request, when the cell could read it (see [`CpuClock`]).
+    pub cpu: Option<CpuPerRequest>,
+}
+
+/// CPU time per request over a cell, in microseconds: the benchmark process's (the callers,
+/// pools and drivers; for pgbench, pgbench's, a child it waited for) and the rest of the
+/// machine's (PostgreSQL, the kernel's work not charged to this process). On two cores the
+/// two share the same CPU, so the client's share is taken from the server's.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuPerRequest {
+    pub client_us: f64,
+    pub rest_us: f64,
+}
+
+/// CPU time read from `/proc` (Linux), in clock ticks (`USER_HZ`, 100 per second on Linux).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuClock {
+    /// This process's user and system time, with that of the children it waited for.
+    process: u64,
+    /// The machine's time neither idle, waiting for I/O nor stolen, over all cores.
+    busy: u64,
+}
+
+impl CpuClock {
+    const TICKS_PER_SECOND: f64 = 100.0;
+
+    pub fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // After the command name in parentheses: utime, stime, cutime and cstime are the
+        // 12th to 15th fields.
+        let fields: Vec<&str> = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .collect();
+        let process = fields
+            .get(11..15)?
+            .iter()
+            .map(|t| t.parse::<u64>().ok())
+            .sum::<Option<u64>>()?;
+        let machine = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<u64> = machine
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .take(8)
+            .map(|t| t.parse().ok())
+            .collect::<Option<_>>()?;
+        // Less idle, I/O wait and the time stolen by the hypervisor.
+        let busy = ticks.iter().sum::<u64>() - ticks.get(3)? - ticks.get(4)? - ticks.get(7)?;
+        Some(Self { process, busy })
+    }
+
+    /// The CPU time per request since `before`, over `requests` requests.
+    pub fn per_request_since(self, before: Self, requests: u64) -> Option<CpuPerRequest> {
+        let us = |ticks: u64| ticks as f64 / Self::TICKS_PER_SECOND * 1e6 / requests as f64;
+        let client = self.process.checked_sub(before.process)?;
+        let busy = self.busy.checked_sub(before.busy)?;
+        (requests > 0).then(|| CpuPerRequest {
+            client_us: us(client),
+            rest_us: us(busy.saturating_sub(client)),
+        })
+    }
 }
 
 /// Runs `clients` callers of `stack` for `period` (on the stack's own runtimes, spread evenly,
@@ -54,6 +117,7 @@ pub async fn run(stack: &Arc<Stack>, clients: usize, period: Duration) -> anyhow
         max_us: latencies.last().copied(),
         requests: latencies.len() as u64,
         errors,
+        cpu: None,
     })
 }
 
@@ -148,6 +212,7 @@ pub async fn pgbench(
         max_us: None,
         requests: processed as u64,
         errors: failed as u64,
+        cpu: None,
     })
 }
 

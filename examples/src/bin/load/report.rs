@@ -126,14 +126,17 @@ pub fn text(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| Stack | Clients | Requests/s | p50 µs | p99 µs | max µs | Errors |"
+        "| Stack | Clients | Requests/s | p50 µs | p99 µs | max µs | Errors | CPU µs per request: client / rest of machine |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for c in &r.cells {
         let m = &c.median;
+        let cpu = m.cpu.map_or_else(String::new, |cpu| {
+            format!("{:.1} / {:.1}", cpu.client_us, cpu.rest_us)
+        });
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {cpu} |",
             c.stack.name(),
             c.clients,
             m.throughput,
