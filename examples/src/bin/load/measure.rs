@@ -60,17 +60,9 @@ impl CpuClock {
             .iter()
             .map(|t| t.parse::<u64>().ok())
             .sum::<Option<u64>>()?;
-        let machine = std::fs::read_to_string("/proc/stat").ok()?;
-        let ticks: Vec<u64> = machine
-            .lines()
-            .next()?
-            .strip_prefix("cpu ")?
-            .split_whitespace()
-            .take(8)
-            .map(|t| t.parse().ok())
-            .collect::<Option<_>>()?;
+        let ticks = machine_ticks()?;
         // Less idle, I/O wait and the time stolen by the hypervisor.
-        let busy = ticks.iter().sum::<u64>() - ticks.get(3)? - ticks.get(4)? - ticks.get(7)?;
+        let busy = ticks.iter().sum::<u64>() - ticks[3] - ticks[4] - ticks[7];
         Some(Self { process, busy })
     }
 
@@ -249,6 +241,13 @@ async fn run_pgbench(server: &Server, args: &[&str]) -> anyhow::Result<Vec<u8>> 
 /// The machine's CPU time so far, from the first line of `/proc/stat` (Linux): ticks stolen
 /// by the hypervisor for other guests, and all ticks; `None` where it cannot be read.
 pub fn cpu_ticks() -> Option<(u64, u64)> {
+    let ticks = machine_ticks()?;
+    Some((ticks[7], ticks.iter().sum()))
+}
+
+/// The first eight figures of `/proc/stat`'s first line, summed over all cores: user, nice,
+/// system, idle, I/O wait, IRQ, soft IRQ and steal ticks.
+fn machine_ticks() -> Option<[u64; 8]> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let ticks: Vec<u64> = stat
         .lines()
@@ -258,7 +257,7 @@ pub fn cpu_ticks() -> Option<(u64, u64)> {
         .take(8)
         .map(|t| t.parse().ok())
         .collect::<Option<_>>()?;
-    Some((*ticks.get(7)?, ticks.iter().sum()))
+    ticks.try_into().ok()
 }
 
 /// The share of CPU time stolen between two [`cpu_ticks`] readings, in percent.
