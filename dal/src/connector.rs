@@ -179,13 +179,15 @@ impl Connector {
         if config.host.contains(',') {
             return Err(Error::config(
                 Setting::Host,
-                "names several hosts (libpq's comma-separated list); dal connects to one: give                  one host, and the others as failover endpoints (Config::failover)",
+                "names several hosts (libpq's comma-separated list); dal connects to one: give \
+                 one host, and the others as failover endpoints (Config::failover)",
             ));
         }
         if config.host.starts_with(['/', '@']) {
             return Err(Error::config(
                 Setting::Host,
-                "names a Unix socket directory; dal connects over TCP with TLS: give a host                  name or IP address",
+                "names a Unix socket directory; dal connects over TCP with TLS: give a host \
+                 name or IP address",
             ));
         }
         if config.user.trim().is_empty() {
@@ -1249,6 +1251,13 @@ mod tests {
                 "{host}"
             );
         }
+        let several = Connector::build(Config::new("a,b", "u").password("p")).map(drop);
+        assert!(
+            several
+                .unwrap_err()
+                .to_string()
+                .contains("give one host, and the others as failover endpoints"),
+        );
         assert_eq!(
             setting_of(Connector::build(Config::new("db", "u"))),
             Setting::Credentials
