@@ -243,21 +243,12 @@ pub fn median(samples: &[Sample]) -> Sample {
         max_us: samples.iter().filter_map(|s| s.max_us).max(),
         requests: samples.iter().map(|s| s.requests).sum(),
         errors: samples.iter().map(|s| s.errors).sum(),
-        cpu: middle(
-            samples
-                .iter()
-                .filter_map(|s| s.cpu)
-                .map(|c| c.client_us)
-                .collect(),
-        )
-        .zip(middle(
-            samples
-                .iter()
-                .filter_map(|s| s.cpu)
-                .map(|c| c.rest_us)
-                .collect(),
-        ))
-        .map(|(client_us, rest_us)| measure::CpuPerRequest { client_us, rest_us }),
+        cpu: {
+            let cpu: Vec<_> = samples.iter().filter_map(|s| s.cpu).collect();
+            middle(cpu.iter().map(|c| c.client_us).collect())
+                .zip(middle(cpu.iter().map(|c| c.rest_us).collect()))
+                .map(|(client_us, rest_us)| measure::CpuPerRequest { client_us, rest_us })
+        },
     }
 }
 
