@@ -66,7 +66,10 @@ impl Config {
     ///
     /// - `DATABASE_URL`, or `PGHOST` with `PGPASSWORD`: a static password;
     /// - `DATABRICKS_HOST` (or a `~/.databrickscfg` profile) with `LAKEBASE_ENDPOINT` or
-    ///   `LAKEBASE_INSTANCE`: Lakebase credentials;
+    ///   `LAKEBASE_INSTANCE`: Lakebase credentials. As in the Databricks SDKs, the profile
+    ///   `DATABRICKS_CONFIG_PROFILE` names fills what the environment leaves unset; with
+    ///   none named, `[DEFAULT]` is read only when the environment has no workspace host or
+    ///   credential;
     /// - `DSQL_ENDPOINT`: Aurora DSQL IAM tokens (needs the `dsql` feature).
     ///
     /// Conflicting settings (say a static password and Lakebase credentials) are an error.
@@ -515,9 +518,22 @@ impl Env<'_> {
 
     #[cfg(feature = "lakebase")]
     /// The `~/.databrickscfg` profile named by `DATABRICKS_CONFIG_PROFILE` (or `DEFAULT`),
-    /// when the file exists.
+    /// when the file exists. With no profile named, a workspace host or credential in the
+    /// environment means the file is not read, as the Databricks SDKs do (Python's
+    /// `Config._known_file_config_loader`): a `[DEFAULT]` token never goes to a host from
+    /// the environment, nor a token from the environment to the file's host.
     fn databricks_profile(&self) -> Result<Profile> {
+        const DIRECT: [&str; 5] = [
+            "DATABRICKS_HOST",
+            "DATABRICKS_TOKEN",
+            "DATABRICKS_CLIENT_ID",
+            "DATABRICKS_CLIENT_SECRET",
+            "DATABRICKS_OIDC_TOKEN_ENV",
+        ];
         let named = self.get("DATABRICKS_CONFIG_PROFILE");
+        if named.is_none() && DIRECT.iter().any(|var| self.get(var).is_some()) {
+            return Ok(Profile::default());
+        }
         let path = self
             .get("DATABRICKS_CONFIG_FILE")
             .map(PathBuf::from)
@@ -978,6 +994,46 @@ mod tests {
             ("LAKEBASE_INSTANCE", "inst"),
         ]);
         assert_eq!(missing, "DATABRICKS_CONFIG_PROFILE");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// As the Databricks SDKs do (Python's `_known_file_config_loader`): with no profile
+    /// named, a host or a credential in the environment means the config file is not read,
+    /// so a `[DEFAULT]` token never goes to a host from the environment, nor an environment
+    /// token to the file's host.
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn the_default_profile_is_not_mixed_with_a_host_or_credential_from_the_environment() {
+        let dir = tempfile_dir();
+        let path = dir.join("databrickscfg");
+        std::fs::write(
+            &path,
+            "[DEFAULT]\nhost = https://prod.cloud.databricks.com\ntoken = dapi-from-file\n",
+        )
+        .unwrap();
+        let file = ("DATABRICKS_CONFIG_FILE", path.to_str().unwrap());
+        let instance = ("LAKEBASE_INSTANCE", "inst");
+        // The file's token is not sent to the environment's host.
+        let other_host = ("DATABRICKS_HOST", "https://other.example");
+        assert_eq!(
+            setting(&[file, instance, other_host]),
+            "DATABRICKS_CLIENT_ID"
+        );
+        // Nor an environment token to the file's host.
+        let env_token = ("DATABRICKS_TOKEN", "dapi-from-env");
+        assert_eq!(setting(&[file, instance, env_token]), "DATABRICKS_HOST");
+        // With nothing in the environment, [DEFAULT] serves; named, it fills what the
+        // environment left unset.
+        assert!(config(&[file, instance]).is_ok());
+        assert!(
+            config(&[
+                file,
+                instance,
+                other_host,
+                ("DATABRICKS_CONFIG_PROFILE", "DEFAULT")
+            ])
+            .is_ok()
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
