@@ -174,21 +174,11 @@ impl Connector {
                 "the database host is required",
             ));
         }
-        // libpq reads both as something other than one TCP host; dal would only fail at
-        // connect, looking up the whole text as a name.
-        if config.host.contains(',') {
-            return Err(Error::config(
-                Setting::Host,
-                "names several hosts (libpq's comma-separated list); dal connects to one: give \
-                 one host, and the others as failover endpoints (Config::failover)",
-            ));
-        }
-        if config.host.starts_with(['/', '@']) {
-            return Err(Error::config(
-                Setting::Host,
-                "names a Unix socket directory; dal connects over TCP with TLS: give a host \
-                 name or IP address",
-            ));
+        check_host(Setting::Host, &config.host)?;
+        if let Some(host) = config.read_only_host.as_deref().map(str::trim)
+            && !host.is_empty()
+        {
+            check_host(Setting::ReadOnlyHost, host)?;
         }
         if config.user.trim().is_empty() {
             return Err(Error::config(
@@ -209,6 +199,15 @@ impl Connector {
             ));
         }
         let target = config.resolved_target()?;
+        if target == Target::Dsql && config.read_only_host.is_some() {
+            return Err(Error::config(
+                Setting::ReadOnlyHost,
+                "is set for Aurora DSQL, whose IAM tokens are signed for the cluster endpoint's \
+                 host and would be sent to the read-only one: DSQL has no read-only endpoint; \
+                 unset it, and give another cluster's endpoint as a failover endpoint \
+                 (Config::failover) with credentials of its own",
+            ));
+        }
         let source: Arc<dyn CredentialSource> = match config.credentials {
             Some(Credentials::Password(p)) => Arc::new(StaticPassword::new(p.expose_secret())),
             Some(Credentials::Source(s)) => s,
@@ -1187,6 +1186,34 @@ fn sqlx_environment(
     Ok(hostaddr)
 }
 
+/// Refuses a host that libpq reads as something other than one TCP host (a list, a Unix
+/// socket), or that cannot be a host name at all: dal would only fail at connect, looking the
+/// whole text up as a name.
+fn check_host(setting: Setting, host: &str) -> Result<()> {
+    if host.contains(',') {
+        return Err(Error::config(
+            setting,
+            "names several hosts (libpq's comma-separated list); dal connects to one: give \
+             one host, and the others as failover endpoints (Config::failover)",
+        ));
+    }
+    if host.starts_with(['/', '@']) {
+        return Err(Error::config(
+            setting,
+            "names a Unix socket directory; dal connects over TCP with TLS: give a host name \
+             or IP address",
+        ));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::config(
+            setting,
+            "contains white space or a control character, which no host name or IP address \
+             has: give the host alone",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1293,6 +1320,41 @@ mod tests {
             setting_of(Connector::build(lakebase.target(Target::Postgres))),
             Setting::Target
         );
+    }
+
+    /// The read-only endpoint's host is checked as the main one is, when the connector is
+    /// built; white space in either is no host name; and a DSQL token, signed for the
+    /// cluster's endpoint, is never sent to another host.
+    #[test]
+    fn hosts_are_one_tcp_host_each_and_dsql_tokens_stay_on_theirs() {
+        let config = || Config::new("db.example.com", "u").password("p");
+        for host in [
+            "/tmp",
+            "@abstract",
+            "r1,r2",
+            "replica .example.com",
+            "rep\nlica",
+        ] {
+            assert_eq!(
+                setting_of(Connector::build(config().read_only_host(host))),
+                Setting::ReadOnlyHost,
+                "{host:?}"
+            );
+        }
+        for host in [" db.example.com", "db.example.com\t", "db\u{0}x"] {
+            assert_eq!(
+                setting_of(Connector::build(Config::new(host, "u").password("p"))),
+                Setting::Host,
+                "{host:?}"
+            );
+        }
+        assert!(Connector::build(config().read_only_host("replica.example.com")).is_ok());
+        let dsql = config()
+            .target(Target::Dsql)
+            .read_only_host("replica.example.com");
+        let refused = Connector::build(dsql).map(drop).unwrap_err();
+        assert!(refused.to_string().contains("signed for"), "{refused}");
+        assert_eq!(setting_of(Err(refused)), Setting::ReadOnlyHost);
     }
 
     /// A credential service slower than the connect timeout fails the connection at the

@@ -621,7 +621,8 @@ pub struct Config {
     /// The host of a read-only endpoint beside this one (a Lakebase read replica, a PostgreSQL
     /// standby): [`Connector::read_only`](crate::Connector::read_only) connects there, with
     /// the same port, database, user, TLS and token cache (`DAL_READ_ONLY_HOST`). Defaults to
-    /// none.
+    /// none. Refused for [`Target::Dsql`], whose tokens are signed for the cluster endpoint's
+    /// host and which has no read-only endpoint.
     pub read_only_host: Option<String>,
     /// Other endpoints of the same database, such as the peers of an Aurora DSQL
     /// multi-region cluster ([`Config::dsql_multi_region`]): when this endpoint cannot be
