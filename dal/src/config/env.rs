@@ -75,7 +75,7 @@ impl Config {
     /// Conflicting settings (say a static password and Lakebase credentials) are an error.
     /// As in libpq, what `DATABASE_URL` gives wins, and the `PG*` variables fill only what
     /// it leaves out; a URL parameter dal does not apply (`options`, `channel_binding`,
-    /// `keepalives`, ...) is refused, not ignored. `PGHOST` applies to a static password and
+    /// `keepalives`, ...) is refused, not ignored, and so is one given twice. `PGHOST` applies to a static password and
     /// to Lakebase, never to DSQL, whose endpoint is the host its tokens are signed for.
     pub fn from_env() -> Result<Self> {
         Self::from_lookup(var)

@@ -193,6 +193,9 @@ const PARSED: [&str; 7] = [
     "connect_timeout",
 ];
 
+/// Parameters dal reads itself.
+const OWN: [&str; 3] = ["sslmode", "sslrootcert", "port"];
+
 /// Splits `sslmode`, `sslrootcert` and `port` off the query string of `url`; refuses a parameter
 /// dal does not apply (libpq's `options`, `channel_binding`, `keepalives`, ...), which would
 /// otherwise be accepted and have no effect.
@@ -202,6 +205,7 @@ fn split_params(url: &str) -> std::result::Result<(String, OwnParams), String> {
     };
     let mut ours = OwnParams::default();
     let mut rest = Vec::new();
+    let mut seen = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let decoded = || {
@@ -210,10 +214,25 @@ fn split_params(url: &str) -> std::result::Result<(String, OwnParams), String> {
                 .map(|v| v.into_owned())
                 .map_err(|_| format!("has a {key} that is not valid percent-encoded UTF-8"))
         };
+        // libpq keeps the last of a parameter given twice; an `&sslmode=disable` added to a
+        // URL would then turn its verification off without a word.
+        if seen.contains(&key) && (PARSED.contains(&key) || OWN.contains(&key)) {
+            return Err(format!("gives {key} twice: keep one"));
+        }
+        seen.push(key);
         match key {
             "sslmode" => ours.ssl_mode = Some(decoded()?),
             "sslrootcert" => ours.ssl_root_cert = Some(decoded()?),
             "port" => ours.port = Some(decoded()?),
+            // tokio-postgres drops a timeout of 0 or below, leaving PGCONNECT_TIMEOUT's or
+            // the default in force.
+            "connect_timeout" if !decoded()?.parse::<u64>().is_ok_and(|s| s > 0) => {
+                return Err(
+                    "has connect_timeout out of range: connect_timeout must be a whole number \
+                     of seconds above 0, such as 10"
+                        .to_owned(),
+                );
+            }
             _ if PARSED.contains(&key) => rest.push(pair),
             "options" => {
                 return Err(
@@ -385,6 +404,33 @@ mod tests {
                 "several hostaddrs",
             ),
             ("postgres://u:secret@h1,h2/db", "several hosts"),
+            // A parameter given twice is not settled by the last one: an `&sslmode=` added
+            // to a URL would otherwise turn its verification off without a word.
+            (
+                "postgres://u:secret@h/db?sslmode=verify-full&sslmode=disable",
+                "gives sslmode twice: keep one",
+            ),
+            (
+                "postgres://u:secret@h/db?sslrootcert=a.pem&sslrootcert=b.pem",
+                "gives sslrootcert twice",
+            ),
+            (
+                "postgres://u:secret@h/db?application_name=a&application_name=b",
+                "gives application_name twice",
+            ),
+            // tokio-postgres drops a timeout of 0 or below, which would leave another in force.
+            (
+                "postgres://u:secret@h/db?connect_timeout=0",
+                "connect_timeout must be a whole number of seconds above 0",
+            ),
+            (
+                "postgres://u:secret@h/db?connect_timeout=-5",
+                "connect_timeout must be",
+            ),
+            (
+                "postgres://u:secret@h/db?connect_timeout=ten",
+                "connect_timeout must be",
+            ),
         ] {
             let reason = reason(url);
             assert!(reason.contains(expected), "{url}: {reason}");
