@@ -62,6 +62,21 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
             ));
         }
     };
+    // Checked here as well as by the connector, so that the error names the URL, not the PG*
+    // variable that would give the same value.
+    for (part, value, spaces) in [
+        ("host", Some(host.as_str()), false),
+        ("user name", Some(user), true),
+        ("database name", parsed.get_dbname(), true),
+        ("application_name", parsed.get_application_name(), true),
+    ] {
+        let unsendable = |c: &char| c.is_control() || (c.is_whitespace() && !(spaces && *c == ' '));
+        if let Some(c) = value.and_then(|v| v.chars().find(unsendable)) {
+            return Err(bad(&format!(
+                "the {part} has the character {c:?}, which cannot be sent to the server"
+            )));
+        }
+    }
     let mut config = Config {
         host,
         user: user.to_owned(),
@@ -430,6 +445,23 @@ mod tests {
             (
                 "postgres://u:secret@h/db?connect_timeout=ten",
                 "connect_timeout must be",
+            ),
+            // Named as the URL's, not as the PG* variable's that would give the same value.
+            (
+                "postgres://u:secret@h/db?application_name=a%0Ab",
+                "the application_name has the character '\\n'",
+            ),
+            (
+                "postgres://u:secret@h/d%09b",
+                "the database name has the character '\\t'",
+            ),
+            (
+                "postgres://u%0A:secret@h/db",
+                "the user name has the character '\\n'",
+            ),
+            (
+                "postgres://u:secret@db%20x/db",
+                "the host has the character ' '",
             ),
         ] {
             let reason = reason(url);
