@@ -1524,9 +1524,16 @@ fn parse_base_url(raw: &str, setting: Setting) -> Result<Url> {
     Ok(url)
 }
 
+/// Refuses a target that is not one resource: a name that is empty, holds `/`, white space
+/// or a control character, or is a dot segment (`.` or `..`, which a URL path resolves to
+/// another resource, escaped or not).
 fn validate_target(target: &LakebaseTarget) -> Result<()> {
     let is_name = |s: &str| {
-        !s.is_empty() && !s.contains('/') && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && !s.contains('/')
+            && !s.chars().any(|c| c.is_whitespace() || c.is_control())
     };
     match target {
         LakebaseTarget::Autoscaling { endpoint } => {
@@ -1547,7 +1554,8 @@ fn validate_target(target: &LakebaseTarget) -> Result<()> {
             if !is_name(instance) {
                 return Err(Error::config(
                     Setting::LakebaseInstance,
-                    "must be a database instance name: not empty, without '/' or spaces",
+                    "must be a database instance name: not empty, not . or .., without '/' or \
+                     spaces",
                 ));
             }
         }

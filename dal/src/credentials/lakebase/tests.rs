@@ -1035,6 +1035,9 @@ fn bad_settings_are_config_errors_naming_the_setting() {
         "/projects/shop/branches/main/endpoints/primary",
         "projects/shop/branch/main/endpoints/primary",
         "projects/sh op/branches/main/endpoints/primary",
+        // A dot segment would move the API path to another resource.
+        "projects/shop/branches/../endpoints/primary",
+        "projects/./branches/main/endpoints/primary",
     ] {
         let target = LakebaseTarget::Autoscaling {
             endpoint: endpoint.into(),
@@ -1045,7 +1048,7 @@ fn bad_settings_are_config_errors_naming_the_setting() {
             "{endpoint:?}"
         );
     }
-    for instance in ["", "a/b", "a b"] {
+    for instance in ["", "a/b", "a b", ".", ".."] {
         let target = LakebaseTarget::Provisioned {
             instance: instance.into(),
         };
