@@ -857,6 +857,8 @@ impl Connector {
     /// A sqlx pool whose connections log in with the cached token. sqlx cannot ask for a
     /// password when it opens a connection, so from now on the cache keeps the token fresh
     /// ahead of expiry and pushes each new one into the pool before the refresh returns.
+    /// The pool's `connect_options()` hold that token, and sqlx's `Debug` of them shows it:
+    /// do not log them.
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool(&self) -> Result<PgPool> {
         self.sqlx_pool_with(&self.shared.pool).await
