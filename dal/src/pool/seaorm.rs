@@ -72,6 +72,12 @@ pub(crate) struct Conn {
     failed: bool,
     /// The depth to roll back to before the next statement: a savepoint was dropped unfinished.
     unwind: Option<u32>,
+    /// The numbers of the savepoints open, outermost first (the one at depth `d` is at
+    /// `d - 2`): a handle whose savepoint ended with the one around it finds another number
+    /// at its depth, or none.
+    savepoints: Vec<u64>,
+    /// The number of the last savepoint opened on this connection.
+    savepoints_opened: u64,
     /// What the pool notes of it: when it came back, when it retires.
     lifespan: Lifespan,
     times: telemetry::QueryTimes,
@@ -89,6 +95,8 @@ impl Conn {
             depth: 0,
             failed: false,
             unwind: None,
+            savepoints: Vec::new(),
+            savepoints_opened: 0,
             // Checked at its first checkout: sqlx reads the socket only when asked to, so
             // unlike the other kinds it cannot tell that the server closed a connection that
             // has not been used yet.
@@ -189,6 +197,8 @@ impl Conn {
         if matches!(&done, Ok(()) | Err(sqlx::Error::Database(_))) {
             self.depth = depth - 1;
             self.failed &= self.depth > 0;
+            self.savepoints
+                .truncate(self.depth.saturating_sub(1) as usize);
         }
         match aborted {
             Some(aborted) => Err(aborted),
@@ -451,9 +461,11 @@ impl SeaOrmPool {
             checkout.simple(&sql).await.map_err(exec_err)?;
             checkout.depth = 1;
             checkout.failed = false;
+            checkout.savepoints.clear();
             Ok(SeaOrmTransaction {
                 conn: Arc::new(Mutex::new(Some(checkout))),
                 level: 1,
+                number: 0,
                 open: true,
                 unwind_within: pool.check_timeout(),
             })
@@ -606,6 +618,9 @@ pub struct SeaOrmTransaction {
     /// The connection's depth inside this transaction: 1 for a transaction, more for a
     /// savepoint.
     level: u32,
+    /// A savepoint's number on its connection (see [`Conn::savepoints`]); 0 for a
+    /// transaction.
+    number: u64,
     /// Not yet committed or rolled back.
     open: bool,
     /// How long the `ROLLBACK` of a transaction dropped while open may take before its
@@ -629,6 +644,14 @@ fn ended() -> DbErr {
 }
 
 impl SeaOrmTransaction {
+    /// Whether this transaction or savepoint is still open on `conn`. A savepoint ends with
+    /// the one around it (`RELEASE` and `ROLLBACK TO` end those inside), and its handle may
+    /// live on: it must then neither run statements in the transaction around it nor end
+    /// that one, or a newer savepoint at its depth.
+    fn holds(level: u32, number: u64, conn: &Conn) -> bool {
+        level == 1 || conn.savepoints.get(level as usize - 2) == Some(&number)
+    }
+
     /// Runs `op` on the transaction's connection, once the statements a dropped savepoint
     /// left to do are done (owned and boxed, as the pool's own `run`).
     fn run<T, F>(&self, op: F) -> BoxFuture<'static, std::result::Result<T, DbErr>>
@@ -638,11 +661,14 @@ impl SeaOrmTransaction {
             + 'static,
         T: Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
+        let (conn, level, number) = (Arc::clone(&self.conn), self.level, self.number);
         Box::pin(async move {
             let mut guard = conn.lock().await;
             let conn = guard.as_mut().ok_or_else(ended)?;
             conn.settle().await?;
+            if !Self::holds(level, number, conn) {
+                return Err(ended());
+            }
             op(conn).await
         })
     }
@@ -719,6 +745,9 @@ impl Drop for SeaOrmTransaction {
             return;
         };
         if self.level > 1 {
+            if !Self::holds(self.level, self.number, conn) {
+                return;
+            }
             let depth = self.level - 1;
             conn.unwind = Some(conn.unwind.map_or(depth, |d| d.min(depth)));
             return;
@@ -769,7 +798,7 @@ impl TransactionTrait for SeaOrmTransaction {
 
     /// A savepoint.
     async fn begin(&self) -> std::result::Result<SeaOrmTransaction, DbErr> {
-        let level = self
+        let (level, number) = self
             .run(|conn| {
                 Box::pin(async move {
                     let depth = conn.depth;
@@ -777,13 +806,16 @@ impl TransactionTrait for SeaOrmTransaction {
                         .await
                         .map_err(exec_err)?;
                     conn.depth = depth + 1;
-                    Ok(depth + 1)
+                    conn.savepoints_opened += 1;
+                    conn.savepoints.push(conn.savepoints_opened);
+                    Ok((depth + 1, conn.savepoints_opened))
                 })
             })
             .await?;
         Ok(Self {
             conn: Arc::clone(&self.conn),
             level,
+            number,
             open: true,
             unwind_within: self.unwind_within,
         })

@@ -585,6 +585,57 @@ fn one_connection() -> PoolSettings {
     PoolSettings::builder().max_size(1).build().unwrap()
 }
 
+/// SeaORM's transaction handles are owned, so a savepoint can outlive the one around it,
+/// whose end rolls back the savepoints still open inside it. Such a handle is ended: what it
+/// runs fails, and ending it ends nothing else, not the whole transaction, nor a newer
+/// savepoint at the same depth.
+#[tokio::test]
+async fn a_savepoint_ended_with_the_one_around_it_touches_nothing_after() {
+    use sea_orm::TransactionTrait;
+    let pg = tests::server().await;
+    let connector = bank(&pg, "out_of_order", Target::Postgres).await;
+    notes(&connector).await;
+    let db = connector.seaorm().await.unwrap();
+    let insert = |name: &str| format!("INSERT INTO notes VALUES ('{name}')");
+    let is_ended = |e: sea_orm::DbErr| assert!(e.to_string().contains("has ended"), "{e}");
+
+    let txn = db.begin().await.unwrap();
+    txn.execute_unprepared(&insert("outer")).await.unwrap();
+    let s1 = txn.begin().await.unwrap();
+    let s2 = s1.begin().await.unwrap();
+    s2.execute_unprepared(&insert("never committed"))
+        .await
+        .unwrap();
+    s1.commit().await.unwrap();
+    is_ended(s2.execute_unprepared(&insert("stray")).await.unwrap_err());
+    // Ended out of order: the transaction stays open around the work that follows.
+    is_ended(s2.rollback().await.unwrap_err());
+    txn.execute_unprepared(&insert("after")).await.unwrap();
+
+    // A newer savepoint at the depth of an ended one is not taken for it.
+    let stale = {
+        let s1 = txn.begin().await.unwrap();
+        let s2 = s1.begin().await.unwrap();
+        s1.rollback().await.unwrap();
+        s2
+    };
+    let s1 = txn.begin().await.unwrap();
+    let s2 = s1.begin().await.unwrap();
+    is_ended(
+        stale
+            .execute_unprepared(&insert("stray"))
+            .await
+            .unwrap_err(),
+    );
+    drop(stale);
+    s2.execute_unprepared(&insert("newer")).await.unwrap();
+    s2.commit().await.unwrap();
+    s1.commit().await.unwrap();
+    txn.commit().await.unwrap();
+    assert_eq!(names(&connector).await, ["after", "newer", "outer"]);
+    connector.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_rolled_back_savepoint_keeps_the_outer_work_in_both_orms() {
     let pg = tests::server().await;
