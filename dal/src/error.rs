@@ -523,10 +523,24 @@ impl Error {
 
     /// Whether a prepared statement went stale after a schema change changed its result type
     /// (SQLSTATE `0A000`, "cached plan must not change result type"): running the statement
-    /// again on a connection that prepares it anew succeeds.
+    /// again on a connection that prepares it anew succeeds. Told by the routine that raised
+    /// it, which the server does not translate; a Diesel error keeps only the message, so
+    /// Diesel's [transactions](crate::Transactions) ask the connection's wire.
     #[cfg(any(feature = "seaorm", feature = "diesel"))]
     pub(crate) fn is_stale_statement(&self) -> bool {
-        self.db_message() == Some("cached plan must not change result type")
+        match self {
+            Error::Database(e) => e.as_db_error().is_some_and(|e| {
+                e.code().code() == "0A000"
+                    && (e.routine() == Some(STALE_PLAN_ROUTINE) || e.message() == STALE_PLAN)
+            }),
+            #[cfg(feature = "seaorm")]
+            Error::SeaOrm(e) => sqlx_error(e)
+                .and_then(sea_orm::sqlx::Error::as_database_error)
+                .is_some_and(|e| e.code().as_deref() == Some("0A000") && is_stale_plan(e)),
+            Error::Connect { source } => source.is_stale_statement(),
+            Error::RetriesExhausted { last, .. } => last.is_stale_statement(),
+            _ => self.db_message() == Some(STALE_PLAN),
+        }
     }
 
     /// Whether the connection failed or could not be opened (as opposed to the server
@@ -683,6 +697,22 @@ fn sqlx_error(e: &sea_orm::DbErr) -> Option<&sea_orm::sqlx::Error> {
         | DbErr::Query(RuntimeErr::SqlxError(e)) => Some(e),
         _ => None,
     }
+}
+
+/// PostgreSQL's message for SQLSTATE `0A000` on a stale prepared statement (a schema change
+/// altered its result type), in English.
+pub(crate) const STALE_PLAN: &str = "cached plan must not change result type";
+
+/// The routine that raises it, the `R` field of the error, which the server does not
+/// translate (`lc_messages`): `src/backend/utils/cache/plancache.c`.
+pub(crate) const STALE_PLAN_ROUTINE: &str = "RevalidateCachedQuery";
+
+/// Whether sqlx's database error `e` (SQLSTATE `0A000`) is a stale prepared statement's.
+#[cfg(feature = "seaorm")]
+pub(crate) fn is_stale_plan(e: &dyn sea_orm::sqlx::error::DatabaseError) -> bool {
+    e.try_downcast_ref::<sea_orm::sqlx::postgres::PgDatabaseError>()
+        .is_some_and(|e| e.routine() == Some(STALE_PLAN_ROUTINE))
+        || e.message() == STALE_PLAN
 }
 
 #[cfg(feature = "seaorm")]

@@ -97,7 +97,19 @@ impl LocalPostgres {
     /// process exits. Fails with [`Error::ServerBinariesNotFound`] when PostgreSQL is not
     /// installed.
     pub async fn start() -> Result<Self> {
-        Self::start_with(false).await
+        Self::start_with(false, None).await
+    }
+
+    /// Like [`start`](Self::start), a cluster whose messages are in `language` (gettext's
+    /// `LANGUAGE`, such as `de`), as a server installed under a non-English locale sends
+    /// them: for code that must not read the server's English. The SQLSTATEs are the same.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start). A language the installation has no translations for
+    /// leaves the messages in English.
+    pub async fn start_localized(language: &str) -> Result<Self> {
+        Self::start_with(false, Some(language)).await
     }
 
     /// Like [`start`](Self::start), a cluster that passes for Lakebase the way the Lakebase
@@ -111,7 +123,7 @@ impl LocalPostgres {
     /// As [`start`](Self::start); [`Error::LocalServer`] when the installation has no
     /// `auto_explain` module.
     pub async fn start_lakebase_like() -> Result<Self> {
-        let pg = Self::start_with(true).await?;
+        let pg = Self::start_with(true, None).await?;
         let admin = pg.admin("postgres").await?;
         let sql: String = admin
             .query_one(
@@ -126,13 +138,13 @@ impl LocalPostgres {
         Ok(pg)
     }
 
-    async fn start_with(lakebase_like: bool) -> Result<Self> {
+    async fn start_with(lakebase_like: bool, language: Option<&str>) -> Result<Self> {
         let bindir = find_bindir()?;
         let user = ServerUser::detect()?;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::start_ephemeral(&bindir, user, lakebase_like).await {
+            match Self::start_ephemeral(&bindir, user, lakebase_like, language).await {
                 Err(Started::PortTaken(_)) if attempt < PORT_ATTEMPTS => continue,
                 Err(Started::PortTaken(e) | Started::Failed(e)) => return Err(e),
                 Ok(pg) => return Ok(pg),
@@ -144,6 +156,7 @@ impl LocalPostgres {
         bindir: &Path,
         user: ServerUser,
         lakebase_like: bool,
+        language: Option<&str>,
     ) -> Result<Self, Started> {
         let dir = tempfile::Builder::new()
             .prefix("dal-pg-")
@@ -164,8 +177,14 @@ impl LocalPostgres {
         if lakebase_like {
             args.extend(lakebase_libraries(bindir, &root, user)?);
         }
-        let mut shell = user
-            .command("/bin/sh")
+        let mut shell = user.command("/bin/sh");
+        if let Some(language) = language {
+            // gettext reads LANGUAGE under any locale but C, which initdb's `--locale=C`
+            // gives lc_messages; C.UTF-8 is C with UTF-8, built into glibc.
+            args.extend(["-c".into(), "lc_messages=C.UTF-8".into()]);
+            shell.env("LANGUAGE", language);
+        }
+        let mut shell = shell
             .args(args)
             .current_dir(&root)
             .stdin(Stdio::piped())

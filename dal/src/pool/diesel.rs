@@ -12,8 +12,8 @@ use tokio_postgres::{Client, Connection, Socket};
 use super::bb8_pool::{Kind, Lifespan, Pool};
 use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
 // diesel-async keeps the message but not the code of errors it has no kind for.
-use super::wire::{STALE_PLAN, Wire};
-use crate::error::{Error, Result};
+use super::wire::Wire;
+use crate::error::{Error, Result, STALE_PLAN};
 use crate::telemetry;
 
 /// A pool of Diesel connections.
@@ -73,8 +73,15 @@ fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
 /// past its lifetime and keep its stale statements. Called as the connection comes back to
 /// the pool (the pool notes when, in its `Lifespan`).
 fn has_broken(conn: &mut AsyncPgConnection) -> bool {
-    let untracked_or_stale = timer(conn).is_none_or(|timer| timer.stale);
-    std::thread::panicking() || untracked_or_stale || PoolableConnection::is_broken(conn)
+    let untracked = timer(conn).is_none();
+    std::thread::panicking() || untracked || went_stale(conn) || PoolableConnection::is_broken(conn)
+}
+
+/// Whether a statement on `conn` failed on a stale prepared statement: as the wire tells, by
+/// the error's routine whatever the language of the server's messages, or, on a connection
+/// whose wire is not followed (no TLS), by the server's English message.
+pub(crate) fn went_stale(conn: &mut AsyncPgConnection) -> bool {
+    timer(conn).is_some_and(|timer| timer.stale || timer.wire.as_ref().is_some_and(|w| w.stale()))
 }
 
 /// Whether the transaction open on `conn` may be aborted and its commit cannot be checked

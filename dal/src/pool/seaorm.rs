@@ -43,10 +43,6 @@ pub(crate) const KIND: Kind<Conn> = Kind {
     lifespan: Some(|conn| Some(&mut conn.lifespan)),
 };
 
-/// PostgreSQL's message for SQLSTATE `0A000` on a prepared statement whose result type
-/// changed under it (`ALTER TABLE`).
-const STALE_PLAN: &str = "cached plan must not change result type";
-
 /// One physical connection of the SeaORM pool, and what the pool knows of it.
 pub(crate) struct Conn {
     /// Present until the connection is dropped (see its `Drop`).
@@ -138,7 +134,7 @@ impl Conn {
         self.failed |= self.depth > 0 && matches!(e, sqlx::Error::Database(_));
         match e {
             sqlx::Error::Database(db) => match db.code().as_deref() {
-                Some("0A000") if db.message() == STALE_PLAN => {
+                Some("0A000") if crate::error::is_stale_plan(&**db) => {
                     tracing::debug!(
                         "a prepared statement is stale after a schema change; the connection will forget its statements"
                     );

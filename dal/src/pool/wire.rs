@@ -30,13 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::Socket;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
-/// PostgreSQL's message for SQLSTATE `0A000` on a stale prepared statement (a schema change
-/// altered its result type).
-pub(crate) const STALE_PLAN: &str = "cached plan must not change result type";
-
-/// The routine that raises it (the `R` field of the error, which `lc_messages` does not
-/// translate): `src/backend/utils/cache/plancache.c`.
-const STALE_PLAN_ROUTINE: &[u8] = b"RevalidateCachedQuery";
+use crate::error::{STALE_PLAN, STALE_PLAN_ROUTINE};
 
 /// What a pool can tell of a session without a round trip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,7 +319,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
                             wire.last_error.store(u64::from_be_bytes(packed), SeqCst);
                         }
                         if code == b"0A000"
-                            && (error_field(body, b'R') == Some(STALE_PLAN_ROUTINE)
+                            && (error_field(body, b'R') == Some(STALE_PLAN_ROUTINE.as_bytes())
                                 || error_field(body, b'M') == Some(STALE_PLAN.as_bytes()))
                         {
                             tracing::debug!(

@@ -9,7 +9,7 @@ use tracing::Instrument;
 use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back};
 use crate::error::{Error, Result};
 use crate::pool::DieselPool;
-use crate::pool::diesel::{may_have_aborted, rolled_back_at_commit};
+use crate::pool::diesel::{may_have_aborted, rolled_back_at_commit, went_stale};
 
 impl Transactions {
     /// Runs `work` in a Diesel transaction of `mode` on a connection of `pool`, retried as
@@ -114,11 +114,16 @@ where
             Ok(value)
         }
         Err(e) => {
+            let stale = went_stale(conn);
             if let Err(rollback) = AnsiTransactionManager::rollback_transaction(conn).await {
                 tracing::debug!(error = %rollback, "rollback failed; the connection is dropped");
             }
             rolled_back("diesel");
-            Err(Failure::Work(e))
+            Err(if stale {
+                Failure::Stale(e)
+            } else {
+                Failure::Work(e)
+            })
         }
     }
 }

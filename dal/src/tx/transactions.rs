@@ -148,6 +148,11 @@ pub(super) enum Failure {
     /// In work that is safe to run again whatever it did (see
     /// [`Transactions::idempotent`]).
     Repeatable(Error),
+    /// In the work, on a prepared statement a schema change made stale, as the session's
+    /// wire tells whatever the language of the server's message: the pool replaces the
+    /// connection, and the work runs again.
+    #[cfg(feature = "diesel")]
+    Stale(Error),
 }
 
 impl Failure {
@@ -159,6 +164,8 @@ impl Failure {
             Failure::Work(e) | Failure::Commit(e) if e.is_conflict() => Ok(e),
             // The pool makes the connection forget (or replaces) its stale statements.
             Failure::Work(e) if e.is_stale_statement() => Ok(e),
+            #[cfg(feature = "diesel")]
+            Failure::Stale(e) => Ok(e),
             Failure::Commit(e) if e.is_connection_failure() => Err(Error::AmbiguousCommit {
                 source: Box::new(e),
             }),

@@ -700,6 +700,105 @@ impl Drop for Stopped {
     }
 }
 
+/// The same schema change on a server whose messages are in German, as one installed under a
+/// German locale sends them: the pools tell a stale statement by the error's routine, not its
+/// message, so one query fails on the Diesel connection before it is replaced, and
+/// transactions of both ORMs run their work again, as in English.
+#[tokio::test]
+async fn a_stale_statement_is_told_whatever_the_language_of_the_servers_messages() {
+    use dal::diesel::{QueryDsl, TextExpressionMethods};
+    use entity::schema::customers;
+    let pg = match LocalPostgres::start_localized("de").await {
+        Ok(pg) => pg,
+        Err(e) => panic!("cannot start the test PostgreSQL server: {e}"),
+    };
+    let password = tests::app_database(&pg, "altered").await;
+    let admin = pg.admin("altered").await.unwrap();
+    let missing = admin
+        .batch_execute("SELECT * FROM no_such_table")
+        .await
+        .unwrap_err();
+    let message = missing.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("existiert nicht")),
+        "the server's messages are not in German ({message:?}): the test needs PostgreSQL's \
+         German translations (postgres-15.mo in /usr/share/locale/de/LC_MESSAGES)"
+    );
+    let one = PoolSettings::builder().max_size(1).build().unwrap();
+    let connector = Connector::new(pg.config("altered", "altered", &password).pool(one))
+        .await
+        .unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let db = connector.seaorm().await.unwrap();
+    tests::diesel_round_trip(&diesel, "before").await;
+    let query = || async {
+        let mut conn = diesel.get().await.unwrap();
+        customers::table
+            .filter(customers::email.like("before%"))
+            .select(customers::name)
+            .load::<String>(&mut *conn)
+            .await
+            .map(|rows| rows.len())
+    };
+    let rows = query().await.unwrap();
+    let alter = |to: u32| {
+        let admin = &admin;
+        async move {
+            admin
+                .batch_execute(&format!(
+                    "ALTER TABLE customers ALTER COLUMN name TYPE varchar({to})"
+                ))
+                .await
+                .unwrap()
+        }
+    };
+    alter(200).await;
+    let mut failed = Vec::new();
+    for round in 0..4 {
+        match query().await {
+            Ok(n) => assert_eq!(n, rows),
+            Err(e) => failed.push((round, e.to_string())),
+        }
+    }
+    println!("after ALTER TABLE, German messages: Diesel failed {failed:?} of 4");
+    assert!(
+        matches!(failed.as_slice(), [(0, _)]),
+        "one query fails, then the connection is replaced: {failed:?}"
+    );
+
+    let tx = connector.transactions();
+    let in_transactions = || async {
+        let diesel = tx
+            .diesel(&diesel, TxMode::new(), |conn| {
+                Box::pin(async move {
+                    Ok(customers::table
+                        .select(customers::name)
+                        .load::<String>(conn)
+                        .await?
+                        .len())
+                })
+            })
+            .await;
+        let seaorm = tx
+            .seaorm(&db, TxMode::new(), |t| {
+                use sea_orm::EntityTrait;
+                Box::pin(async move { Ok(entity::customer::Entity::find().all(t).await?.len()) })
+            })
+            .await;
+        (
+            diesel.map_err(|e| e.to_string()),
+            seaorm.map_err(|e| e.to_string()),
+        )
+    };
+    let all = in_transactions().await;
+    assert!(matches!(all, (Ok(_), Ok(_))), "{all:?}");
+    alter(300).await;
+    assert_eq!(in_transactions().await, all);
+    connector.shutdown().await;
+}
+
 /// A migration under a running service: a column's type changes while pooled connections hold
 /// prepared statements of the old shape. PostgreSQL refuses such a statement (SQLSTATE 0A000,
 /// "cached plan must not change result type"); the ORMs cannot retry it, but the pools make the
