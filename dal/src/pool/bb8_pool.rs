@@ -247,7 +247,7 @@ struct Core<C: Send + 'static> {
     max_size: u32,
     waiting: AtomicU64,
     closed: Arc<AtomicBool>,
-    sweeping: Arc<AtomicBool>,
+    sweeping: Arc<SweepKey>,
     renewal: Option<Arc<Renewal<C>>>,
     /// Opens connections for [`fill`](Core::fill), and checks them as they open.
     open: Open<C>,
@@ -295,7 +295,7 @@ pub struct Manager<C> {
     closed: Arc<AtomicBool>,
     /// A sweep holds every idle connection (see [`Core::sweep`]): its checkouts are neither
     /// checked nor counted as uses, and what comes back is kept unless the sweep marked it.
-    sweeping: Arc<AtomicBool>,
+    sweeping: Arc<SweepKey>,
     renewal: Option<Arc<Renewal<C>>>,
     /// Bounds the check of a replacement opened ahead (see [`checked`]).
     connect_timeout: Duration,
@@ -630,7 +630,7 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     }
 
     fn is_valid(&self, conn: &mut Box<C>) -> impl std::future::Future<Output = Result<()>> + Send {
-        let sweeping = self.sweeping.load(Ordering::Relaxed);
+        let sweeping = Sweeping::is_on(&self.sweeping);
         let expired = !sweeping && self.renew(conn, false);
         let test = !sweeping && !expired && !(self.kind.is_settled)(conn);
         let (is_valid, lifespan) = (self.kind.is_valid, self.kind.lifespan);
@@ -661,7 +661,7 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
         if self.closed.load(Ordering::Relaxed) || (self.kind.has_broken)(conn) {
             return true;
         }
-        if self.sweeping.load(Ordering::Relaxed) {
+        if Sweeping::is_on(&self.sweeping) {
             let lifespan = self.kind.lifespan.and_then(|f| f(conn));
             return lifespan.is_some_and(|span| span.failed);
         }
@@ -752,7 +752,7 @@ pub(crate) fn build<C: Send + 'static>(
         keep: settings.acquire_timeout,
     });
     let closed = Arc::new(AtomicBool::new(false));
-    let sweeping = Arc::new(AtomicBool::new(false));
+    let sweeping = Arc::new(SweepKey);
     let (name, lifespan, is_valid) = (kind.name, kind.lifespan, kind.is_valid);
     let renewal = match (kind.lifespan, settings.max_lifetime()) {
         (Some(_), Some(lifetime)) => Some(Arc::new(Renewal::new(
@@ -830,19 +830,37 @@ pub(crate) fn build<C: Send + 'static>(
     Pool { core }
 }
 
-/// The sweeping mode of a pool's manager (see [`Manager::sweeping`]), left as the guard drops.
-struct Sweeping<'a>(&'a AtomicBool);
+/// A pool, to the sweeping mode of its manager (see [`Manager::sweeping`]).
+#[derive(Debug)]
+struct SweepKey;
+
+thread_local! {
+    /// The pool whose idle connections this thread is taking out (the address of its
+    /// [`SweepKey`]), or 0.
+    static SWEEPING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The sweeping mode of a pool's manager (see [`Manager::sweeping`]) on this thread, left as
+/// the guard drops. A sweep takes its connections out, and gives them back, in one
+/// synchronous pass on its own thread: a checkout on another thread meanwhile (a caller that
+/// had its turn before the pool closed, say) is checked and renewed as always.
+struct Sweeping<'a>(std::marker::PhantomData<&'a SweepKey>);
 
 impl<'a> Sweeping<'a> {
-    fn start(flag: &'a AtomicBool) -> Self {
-        flag.store(true, Ordering::Relaxed);
-        Self(flag)
+    fn start(key: &'a Arc<SweepKey>) -> Self {
+        SWEEPING.set(Arc::as_ptr(key) as usize);
+        Self(std::marker::PhantomData)
+    }
+
+    /// Whether this thread is sweeping the pool of `key`.
+    fn is_on(key: &Arc<SweepKey>) -> bool {
+        SWEEPING.get() == Arc::as_ptr(key) as usize
     }
 }
 
 impl Drop for Sweeping<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
+        SWEEPING.set(0);
     }
 }
 
@@ -1305,7 +1323,7 @@ mod tests {
             open: Arc::new(|| Box::pin(async { Err(Error::PoolClosed) })),
             kind: PROBE,
             closed: Arc::new(AtomicBool::new(false)),
-            sweeping: Arc::new(AtomicBool::new(false)),
+            sweeping: Arc::new(SweepKey),
             renewal: Some(Arc::clone(renewal)),
             connect_timeout: CONNECT_TIMEOUT,
             check_timeout: CONNECT_TIMEOUT,
@@ -1755,6 +1773,41 @@ mod tests {
     fn probe_check(probe: &mut Probe) -> BoxFuture<'_, Result<()>> {
         probe.checked = true;
         Box::pin(async { Ok(()) })
+    }
+
+    /// A sweep (or a pool closing) takes the idle connections out without their checks, in
+    /// one synchronous pass on its own thread. A caller checking out on another thread at
+    /// that moment (it had its turn before the pool closed) gets its connection checked all
+    /// the same: one left inside a transaction by a cancelled `BEGIN` is rolled back before
+    /// the caller's write, not after it was acknowledged.
+    #[tokio::test]
+    async fn a_checkout_on_another_thread_during_a_sweep_is_checked() {
+        let kind = Kind {
+            is_settled: |_| false,
+            is_valid: probe_check,
+            ..PROBE
+        };
+        let open: Open<Probe> = Arc::new(|| {
+            Box::pin(async { Ok(Probe::ending_in(1, Duration::from_secs(600), None).0) })
+        });
+        let settings = PoolSettings::builder().max_size(1).build().unwrap();
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT);
+        pool.get().await.unwrap().checked = false;
+        let checked = {
+            let _sweeping = Sweeping::start(&pool.core.sweeping);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    runtime.block_on(async { pool.get().await.unwrap().checked })
+                })
+                .join()
+                .unwrap()
+            })
+        };
+        assert!(checked, "the checkout went out unchecked during the sweep");
     }
 
     /// A connection opened to keep `min_idle` is checked as it opens, as a replacement is:
