@@ -483,7 +483,8 @@ impl Error {
     /// optimistic-concurrency conflicts `OC000` and `OC001`) or a deadlock (`40P01`).
     ///
     /// diesel-async keeps the SQLSTATE of serialization failures only, so a Diesel deadlock is
-    /// recognised by the server's (English) message.
+    /// recognised here by the server's (English) message; Diesel's
+    /// [transactions](crate::Transactions) read its SQLSTATE off the wire as well.
     pub fn is_conflict(&self) -> bool {
         match self {
             Error::RetriesExhausted { last, .. } => return last.is_conflict(),

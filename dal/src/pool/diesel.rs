@@ -84,6 +84,16 @@ pub(crate) fn went_stale(conn: &mut AsyncPgConnection) -> bool {
     timer(conn).is_some_and(|timer| timer.stale || timer.wire.as_ref().is_some_and(|w| w.stale()))
 }
 
+/// The SQLSTATE of `e`, the server's answer to a statement on `conn`, as the wire saw it
+/// (diesel-async keeps it for serialization failures only); `None` for any other error, or
+/// when the wire is not followed (no TLS).
+pub(crate) fn sqlstate_of(conn: &mut AsyncPgConnection, e: &Error) -> Option<String> {
+    if !matches!(e, Error::Diesel(diesel::result::Error::DatabaseError(..))) {
+        return None;
+    }
+    timer(conn)?.wire.as_ref()?.last_error()
+}
+
 /// Whether the transaction open on `conn` may be aborted and its commit cannot be checked
 /// afterwards: a statement failed in it, or the pool does not follow the wire (no TLS, or
 /// its record of `conn` is gone), where a statement may have failed after the rows its

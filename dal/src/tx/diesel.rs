@@ -9,7 +9,7 @@ use tracing::Instrument;
 use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back};
 use crate::error::{Error, Result};
 use crate::pool::DieselPool;
-use crate::pool::diesel::{may_have_aborted, rolled_back_at_commit, went_stale};
+use crate::pool::diesel::{may_have_aborted, rolled_back_at_commit, sqlstate_of, went_stale};
 
 impl Transactions {
     /// Runs `work` in a Diesel transaction of `mode` on a connection of `pool`, retried as
@@ -114,13 +114,14 @@ where
             Ok(value)
         }
         Err(e) => {
-            let stale = went_stale(conn);
+            let conflict = matches!(sqlstate_of(conn, &e).as_deref(), Some("40001" | "40P01"));
+            let again = conflict || went_stale(conn);
             if let Err(rollback) = AnsiTransactionManager::rollback_transaction(conn).await {
                 tracing::debug!(error = %rollback, "rollback failed; the connection is dropped");
             }
             rolled_back("diesel");
-            Err(if stale {
-                Failure::Stale(e)
+            Err(if again {
+                Failure::Again(e)
             } else {
                 Failure::Work(e)
             })

@@ -148,11 +148,11 @@ pub(super) enum Failure {
     /// In work that is safe to run again whatever it did (see
     /// [`Transactions::idempotent`]).
     Repeatable(Error),
-    /// In the work, on a prepared statement a schema change made stale, as the session's
-    /// wire tells whatever the language of the server's message: the pool replaces the
-    /// connection, and the work runs again.
+    /// In the work, in a way another attempt overcomes, as the session's wire tells whatever
+    /// the language of the server's message: a conflict (SQLSTATE `40001`, `40P01`), or a
+    /// prepared statement a schema change made stale (the pool replaces the connection).
     #[cfg(feature = "diesel")]
-    Stale(Error),
+    Again(Error),
 }
 
 impl Failure {
@@ -165,7 +165,7 @@ impl Failure {
             // The pool makes the connection forget (or replaces) its stale statements.
             Failure::Work(e) if e.is_stale_statement() => Ok(e),
             #[cfg(feature = "diesel")]
-            Failure::Stale(e) => Ok(e),
+            Failure::Again(e) => Ok(e),
             Failure::Commit(e) if e.is_connection_failure() => Err(Error::AmbiguousCommit {
                 source: Box::new(e),
             }),

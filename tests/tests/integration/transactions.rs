@@ -585,6 +585,52 @@ fn one_connection() -> PoolSettings {
     PoolSettings::builder().max_size(1).build().unwrap()
 }
 
+/// Two transactions that write the same two rows in opposite orders deadlock: PostgreSQL
+/// ends one with SQLSTATE `40P01`, and it runs again. Here on a server whose messages are in
+/// German: diesel-async keeps no SQLSTATE for a deadlock, so dal reads it off the wire, not
+/// from the translated message.
+#[tokio::test]
+async fn a_diesel_deadlock_runs_again_whatever_the_language_of_the_servers_messages() {
+    let pg = LocalPostgres::start_localized("de")
+        .await
+        .unwrap_or_else(|e| panic!("cannot start the test PostgreSQL server: {e}"));
+    let connector = bank(&pg, "deadlock", Target::Postgres).await;
+    let diesel = connector.diesel_pool().await.unwrap();
+    let tx = connector.transactions();
+    let barrier = Arc::new(Barrier::new(2));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let run = |first: i64, second: i64| {
+        let (tx, diesel, gate) = (tx.clone(), diesel.clone(), Gate::new(&barrier));
+        let attempts = Arc::clone(&attempts);
+        async move {
+            tx.diesel(&diesel, TxMode::new(), move |conn| {
+                let (gate, attempts) = (gate.clone(), Arc::clone(&attempts));
+                Box::pin(async move {
+                    attempts.fetch_add(1, Ordering::SeqCst);
+                    let update = |id: i64, by: i64| {
+                        format!("UPDATE accounts SET balance = balance + {by} WHERE id = {id}")
+                    };
+                    diesel::sql_query(update(first, -1)).execute(conn).await?;
+                    // Each holds its first row when it asks for its second.
+                    gate.pass().await;
+                    diesel::sql_query(update(second, 1)).execute(conn).await?;
+                    Ok(())
+                })
+            })
+            .await
+        }
+    };
+    let (a, b) = tokio::join!(run(1, 2), run(2, 1));
+    assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    assert_eq!(
+        AtomicU64::load(&attempts, Ordering::SeqCst),
+        3,
+        "one of the two ran again"
+    );
+    assert_eq!(books(&connector).await.0, ACCOUNTS * OPENING);
+    connector.shutdown().await;
+}
+
 /// SeaORM's transaction handles are owned, so a savepoint can outlive the one around it,
 /// whose end rolls back the savepoints still open inside it. Such a handle is ended: what it
 /// runs fails, and ending it ends nothing else, not the whole transaction, nor a newer
