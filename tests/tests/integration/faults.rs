@@ -700,14 +700,56 @@ impl Drop for Stopped {
     }
 }
 
+/// The customers whose email starts with `before`, through a Diesel checkout.
+async fn diesel_customers_before(pool: &dal::DieselPool) -> diesel::QueryResult<usize> {
+    use dal::diesel::{QueryDsl, TextExpressionMethods};
+    use entity::schema::customers;
+    let mut conn = pool.get().await.unwrap();
+    customers::table
+        .filter(customers::email.like("before%"))
+        .select(customers::name)
+        .load::<String>(&mut *conn)
+        .await
+        .map(|rows| rows.len())
+}
+
+/// The customers counted in a transaction of each ORM: SeaORM's, then Diesel's.
+async fn customers_in_transactions(
+    tx: &dal::Transactions,
+    db: &dal::SeaOrmPool,
+    diesel: &dal::DieselPool,
+) -> (Result<usize, String>, Result<usize, String>) {
+    use dal::diesel::QueryDsl;
+    use entity::schema::customers;
+    use sea_orm::EntityTrait;
+    let seaorm = tx
+        .seaorm(db, TxMode::new(), |t| {
+            Box::pin(async move { Ok(entity::customer::Entity::find().all(t).await?.len()) })
+        })
+        .await;
+    let diesel = tx
+        .diesel(diesel, TxMode::new(), |conn| {
+            Box::pin(async move {
+                Ok(customers::table
+                    .select(customers::name)
+                    .load::<String>(conn)
+                    .await?
+                    .len())
+            })
+        })
+        .await;
+    (
+        seaorm.map_err(|e| e.to_string()),
+        diesel.map_err(|e| e.to_string()),
+    )
+}
+
 /// The same schema change on a server whose messages are in German, as one installed under a
 /// German locale sends them: the pools tell a stale statement by the error's routine, not its
 /// message, so one query fails on the Diesel connection before it is replaced, and
 /// transactions of both ORMs run their work again, as in English.
 #[tokio::test]
 async fn a_stale_statement_is_told_whatever_the_language_of_the_servers_messages() {
-    use dal::diesel::{QueryDsl, TextExpressionMethods};
-    use entity::schema::customers;
     let pg = match LocalPostgres::start_localized("de").await {
         Ok(pg) => pg,
         Err(e) => panic!("cannot start the test PostgreSQL server: {e}"),
@@ -733,15 +775,7 @@ async fn a_stale_statement_is_told_whatever_the_language_of_the_servers_messages
     let diesel = connector.diesel_pool().await.unwrap();
     let db = connector.seaorm().await.unwrap();
     tests::diesel_round_trip(&diesel, "before").await;
-    let query = || async {
-        let mut conn = diesel.get().await.unwrap();
-        customers::table
-            .filter(customers::email.like("before%"))
-            .select(customers::name)
-            .load::<String>(&mut *conn)
-            .await
-            .map(|rows| rows.len())
-    };
+    let query = || diesel_customers_before(&diesel);
     let rows = query().await.unwrap();
     let alter = |to: u32| {
         let admin = &admin;
@@ -769,33 +803,10 @@ async fn a_stale_statement_is_told_whatever_the_language_of_the_servers_messages
     );
 
     let tx = connector.transactions();
-    let in_transactions = || async {
-        let diesel = tx
-            .diesel(&diesel, TxMode::new(), |conn| {
-                Box::pin(async move {
-                    Ok(customers::table
-                        .select(customers::name)
-                        .load::<String>(conn)
-                        .await?
-                        .len())
-                })
-            })
-            .await;
-        let seaorm = tx
-            .seaorm(&db, TxMode::new(), |t| {
-                use sea_orm::EntityTrait;
-                Box::pin(async move { Ok(entity::customer::Entity::find().all(t).await?.len()) })
-            })
-            .await;
-        (
-            diesel.map_err(|e| e.to_string()),
-            seaorm.map_err(|e| e.to_string()),
-        )
-    };
-    let all = in_transactions().await;
+    let all = customers_in_transactions(&tx, &db, &diesel).await;
     assert!(matches!(all, (Ok(_), Ok(_))), "{all:?}");
     alter(300).await;
-    assert_eq!(in_transactions().await, all);
+    assert_eq!(customers_in_transactions(&tx, &db, &diesel).await, all);
     connector.shutdown().await;
 }
 
@@ -806,8 +817,6 @@ async fn a_stale_statement_is_told_whatever_the_language_of_the_servers_messages
 /// `prepare_cached`), so at most one query per connection fails.
 #[tokio::test]
 async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transaction() {
-    use dal::diesel::{QueryDsl, TextExpressionMethods};
-    use entity::schema::customers;
     use sea_orm::EntityTrait;
     let pg = tests::server().await;
     let password = tests::app_database(&pg, "altered").await;
@@ -820,15 +829,7 @@ async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transacti
     let raw = connector.postgres_pool().await.unwrap();
     tests::seaorm_round_trip(&db, "before").await;
     tests::diesel_round_trip(&diesel, "before").await;
-    let diesel_query = || async {
-        let mut conn = diesel.get().await.unwrap();
-        customers::table
-            .filter(customers::email.like("before%"))
-            .select(customers::name)
-            .load::<String>(&mut *conn)
-            .await
-            .map(|rows| rows.len())
-    };
+    let diesel_query = || diesel_customers_before(&diesel);
     let seaorm_query = || async {
         entity::customer::Entity::find()
             .all(&db)
@@ -895,28 +896,7 @@ async fn a_schema_change_fails_at_most_one_query_per_connection_and_no_transacti
     // Transactions retry such a statement: none fails. Each runs once first, so that its
     // statements are prepared on the pooled connection when the schema changes.
     let tx = connector.transactions();
-    let in_transactions = || async {
-        let seaorm = tx
-            .seaorm(&db, TxMode::new(), |t| {
-                Box::pin(async move { Ok(entity::customer::Entity::find().all(t).await?.len()) })
-            })
-            .await;
-        let diesel = tx
-            .diesel(&diesel, TxMode::new(), |conn| {
-                Box::pin(async move {
-                    Ok(customers::table
-                        .select(customers::name)
-                        .load::<String>(conn)
-                        .await?
-                        .len())
-                })
-            })
-            .await;
-        (
-            seaorm.map_err(|e| e.to_string()),
-            diesel.map_err(|e| e.to_string()),
-        )
-    };
+    let in_transactions = || customers_in_transactions(&tx, &db, &diesel);
     assert_eq!(in_transactions().await, (Ok(2), Ok(2)));
     pg.admin("altered")
         .await
