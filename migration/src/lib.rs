@@ -93,4 +93,34 @@ impl MigratorTrait for DsqlMigrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         migrations_for(Flavor::Dsql)
     }
+
+    /// Drops every table of the current schema, each in a transaction of its own (DSQL runs
+    /// one DDL statement per transaction, where sea-orm-migration drops them all in one),
+    /// then applies every migration.
+    ///
+    /// # Errors
+    ///
+    /// The first error of the server, or of a migration.
+    async fn fresh<'c, C>(db: C) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        let db = db.into_database_executor();
+        let tables = db
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT table_name::text FROM information_schema.tables \
+                 WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'",
+            ))
+            .await?;
+        for row in tables {
+            let table: String = row.try_get("", "table_name")?;
+            let drop = Table::drop()
+                .table(Alias::new(table))
+                .if_exists()
+                .to_owned();
+            db.execute(&drop).await?;
+        }
+        Self::up(db, None).await
+    }
 }

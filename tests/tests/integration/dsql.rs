@@ -422,7 +422,7 @@ async fn what_dsql_refuses_is_refused_locally() {
     connector.shutdown().await;
 }
 
-/// The sample schema migrates on a checked database with `DsqlMigrator`; the plain
+/// The sample schema migrates on a checked database with `DsqlMigrator`, `fresh` included; the plain
 /// `Migrator` (one transaction per migration) is refused with a message that names the fix.
 #[tokio::test]
 async fn the_sample_schema_migrates_on_checked_dsql_only_with_the_dsql_migrator() {
@@ -442,6 +442,11 @@ async fn the_sample_schema_migrates_on_checked_dsql_only_with_the_dsql_migrator(
         .await
         .expect("DsqlMigrator runs clean under DSQL's rules");
     tests::seaorm_round_trip(&db, "checked").await;
+    // `fresh` drops every table, each in a transaction of its own, and migrates again.
+    migration::DsqlMigrator::fresh(&db)
+        .await
+        .expect("DsqlMigrator's fresh runs clean under DSQL's rules");
+    tests::seaorm_round_trip(&db, "after fresh").await;
     dsql.shutdown().await;
 
     let plain =
