@@ -78,7 +78,9 @@ pub(crate) async fn up_retrying_lock_timeouts<M: MigratorTrait>(
         let Some((tried, pause)) = pauses.next() else {
             return Err(e);
         };
+        // In sea-orm-migration's target, the one its command line shows.
         tracing::warn!(
+            target: "sea_orm_migration",
             error = %e,
             "a migration gave up on a lock another transaction holds (lock_timeout {LOCK_TIMEOUT}); \
              trying again in {pause:?} (try {} of {})",

@@ -21,26 +21,35 @@ pub struct MigrationLock {
 
 impl MigrationLock {
     /// Takes the lock through `connector`, waiting while another run holds it (logged at
-    /// info level). `None` on Aurora DSQL, which has no advisory locks: run migrations there
-    /// from one place at a time.
+    /// info level), for as long as that run takes: the lock's session has no
+    /// `statement_timeout` (the connector's, `DAL_STATEMENT_TIMEOUT_MS`, ended the wait with
+    /// SQLSTATE `57014` while the other run still migrated). `None` on Aurora DSQL, which has
+    /// no advisory locks: run migrations there from one place at a time.
     ///
     /// # Errors
     ///
-    /// The connection's, or the server's (a `statement_timeout` shorter than the other
-    /// run's migrations ends the wait with SQLSTATE `57014`).
+    /// The connection's.
     pub async fn acquire(connector: &Connector) -> dal::Result<Option<Self>> {
         if connector.target() == Target::Dsql {
             return Ok(None);
         }
         let (session, connection) = connector.connect().await?;
         tokio::spawn(connection);
+        session
+            .batch_execute("SET statement_timeout = 0")
+            .await
+            .map_err(Error::Database)?;
         let taken: bool = session
             .query_one("SELECT pg_try_advisory_lock($1)", &[&KEY])
             .await
             .map_err(Error::Database)?
             .get(0);
         if !taken {
-            tracing::info!("another migration run holds the migration lock; waiting for it");
+            // In sea-orm-migration's target, the one its command line shows.
+            tracing::info!(
+                target: "sea_orm_migration",
+                "another migration run holds the migration lock; waiting for it"
+            );
             session
                 .execute("SELECT pg_advisory_lock($1)", &[&KEY])
                 .await

@@ -21,6 +21,16 @@ use sea_orm_migration::sea_orm::DatabaseConnection;
 async fn main() {
     // sea-orm-migration reads `.env` too, but only once it parsed the command line.
     let _ = dotenvy::dotenv();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(refused) = unapplied(&args) {
+        fail(&*BoxError::from(refused));
+    }
+    if !needs_database(&args) {
+        // Help, the version, or scaffolding a migration: nothing to connect to, so no
+        // configuration is read and no local service starts.
+        let unused = async || Err(sea_orm_migration::DbErr::Custom("no connection".into()));
+        return run_cli_with_custom_connection(migration::Migrator, unused).await;
+    }
     let configured = Config::env_names_a_database();
     let (config, stack) = match load(configured).await {
         Ok(pair) => pair,
@@ -52,6 +62,45 @@ async fn main() {
     }
     drop(lock);
     drop(stack);
+}
+
+/// sea-orm-migration's options that this command does not apply (it connects with dal's
+/// settings), and why, if `args` or the environment give one.
+fn unapplied(args: &[String]) -> Option<String> {
+    let given = |short: &str, long: &str| {
+        args.iter().any(|a| {
+            a == long
+                || a.starts_with(&format!("{long}="))
+                || (a.starts_with(short) && !a.starts_with("--"))
+        })
+    };
+    if given("-u", "--database-url") {
+        return Some(
+            "-u/--database-url is not applied: this command connects with dal's settings; \
+             set DATABASE_URL (or the PG*, Lakebase or DSQL variables) instead"
+                .into(),
+        );
+    }
+    if given("-s", "--database-schema") || std::env::var_os("DATABASE_SCHEMA").is_some() {
+        return Some(
+            "-s/--database-schema (DATABASE_SCHEMA) is not applied: this command connects with \
+             dal's settings; set DAL_SEARCH_PATH to the schema instead"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Whether the command line asks for something that needs the database: not help, the
+/// version, nor sea-orm-migration's `init` and `generate`.
+fn needs_database(args: &[String]) -> bool {
+    let asks = |flag: &str| args.iter().any(|a| a == flag);
+    let first = args
+        .iter()
+        .find(|a| !a.starts_with('-'))
+        .map(String::as_str);
+    !(["-h", "--help", "-V", "--version"].into_iter().any(asks)
+        || matches!(first, Some("help" | "init" | "generate")))
 }
 
 /// The configuration, and the embedded default's services when they are used.

@@ -38,3 +38,46 @@ fn an_unreachable_database_is_reported_without_the_password() {
     assert!(!stderr.contains("s3cret-pw"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+fn migrate(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_migration"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the migration binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// sea-orm-migration's `-u` and `-s` (and `DATABASE_SCHEMA`) are refused rather than ignored:
+/// the command connects with dal's settings, so `-u <dev> fresh` with a production
+/// `DATABASE_URL` in the environment would have dropped production.
+#[test]
+fn options_this_command_does_not_apply_are_refused() {
+    let prod = ("DATABASE_URL", "postgres://app:pw@127.0.0.1:1/prod");
+    for args in [
+        &["-u", "postgres://app:pw@127.0.0.1:1/dev", "fresh"][..],
+        &["--database-url=postgres://app:pw@127.0.0.1:1/dev", "fresh"],
+        &["fresh", "-s", "other"],
+    ] {
+        let (code, _, stderr) = migrate(args, &[prod]);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: -"), "{args:?}: {stderr}");
+        assert!(stderr.contains("is not applied"), "{args:?}: {stderr}");
+    }
+    let (code, _, stderr) = migrate(&["status"], &[prod, ("DATABASE_SCHEMA", "other")]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("DAL_SEARCH_PATH"), "{stderr}");
+}
+
+/// Help needs no database: it is printed whatever the settings, and nothing starts.
+#[test]
+fn help_reads_no_configuration() {
+    let (code, stdout, stderr) = migrate(&["--help"], &[("DATABASE_URL", "not a url")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("Usage: migration"), "{stdout}");
+    assert!(stderr.is_empty(), "{stderr}");
+}

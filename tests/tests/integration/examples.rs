@@ -108,6 +108,13 @@ impl Program {
         errors[0].to_owned()
     }
 
+    /// Takes in the stdout lines the program printed so far.
+    fn read_stdout(&mut self) {
+        while let Ok((_, line)) = self.stdout.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
     fn output(&self) -> String {
         format!(
             "{} stdout:\n{}\nstderr:\n{}",
@@ -572,6 +579,17 @@ async fn two_migration_runs_at_once_both_succeed() {
                 let status = run.wait(Duration::from_secs(120)).await;
                 assert!(status.success(), "{}", run.output());
             }
+        }
+        // The command line says why a run waits.
+        if program == "migration" {
+            runs.iter_mut().for_each(Program::read_stdout);
+            assert!(
+                runs.iter()
+                    .any(|run| run.output().contains("holds the migration lock; waiting")),
+                "{}\n---\n{}",
+                runs[0].output(),
+                runs[1].output()
+            );
         }
         let applied: i64 = admin
             .query_one("SELECT count(*) FROM seaql_migrations", &[])

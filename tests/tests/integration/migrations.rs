@@ -310,3 +310,36 @@ async fn a_migration_that_gave_up_on_its_lock_tries_again_and_completes() {
     busy.writes_on(10).await;
     busy.finish(Duration::from_secs(60)).await;
 }
+
+/// A run waits for the migration lock however long the other run migrates: the connector's
+/// `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`) ended the wait with SQLSTATE `57014`.
+#[tokio::test]
+async fn the_migration_lock_waits_past_the_statement_timeout() {
+    use std::time::{Duration, Instant};
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "lock_wait").await;
+    let config = || pg.config("lock_wait", "lock_wait", &password);
+    let first = dal::Connector::new(config()).await.unwrap();
+    let held = migration::MigrationLock::acquire(&first).await.unwrap();
+    let impatient = dal::Connector::new(config().statement_timeout(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        migration::MigrationLock::acquire(&impatient)
+            .await
+            .map(|lock| lock.is_some())
+    });
+    let watch = pg.admin("lock_wait").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let waits = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    while watch.query_one(waits, &[]).await.unwrap().get::<_, i64>(0) < 1 {
+        assert!(Instant::now() < deadline, "the second run never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past its statement timeout, it still waits.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!waiting.is_finished(), "{:?}", waiting.await);
+    drop(held);
+    assert!(waiting.await.unwrap().unwrap());
+    first.shutdown().await;
+}
