@@ -252,9 +252,10 @@ impl TokenCache {
     /// Fetches a new token unless another caller just did; `force` fetches one even when the
     /// current token needs no refresh yet, unless another fetch replaced it meanwhile.
     ///
-    /// A caller that finds a fetch in flight waits for it only when it has no valid token to
-    /// use meanwhile: a slow or failing service (retries, `Retry-After` pauses) never holds up
-    /// connections while the current token still logs in.
+    /// A caller waits for a fetch, its own or one in flight, only when it has no valid token
+    /// to use meanwhile: a slow or failing service (retries, `Retry-After` pauses) never holds
+    /// up connections while the current token still logs in. The caller that finds the token
+    /// due starts the fetch and goes on with the token it has.
     ///
     /// The fetch runs on a task of its own, which holds the single-flight lock: a caller that
     /// stops waiting (its connect timed out, its future was dropped) leaves it to finish, so
@@ -285,9 +286,10 @@ impl TokenCache {
             };
             // Another fetch installed a token while this caller waited for it: a forced
             // refresh wanted no more than a new one.
+            // Or installed one before this caller looked (`seen` is already the new one).
             match now_entry {
                 Some(entry) if replaced && force => return Ok(Arc::clone(&entry.token)),
-                _ if replaced && let Some(token) = self.cached_fresh() => return Ok(token),
+                _ if !force && let Some(token) = self.cached_fresh() => return Ok(token),
                 _ => {}
             }
         }
@@ -296,6 +298,13 @@ impl TokenCache {
             let _flight = flight;
             cache.fetch_and_keep().await
         });
+        if !force
+            && inner.strategy != TokenStrategy::Uncached
+            && let Some(entry) = inner.current.load_full()
+            && is_valid(&entry.token, inner.clock.now())
+        {
+            return Ok(Arc::clone(&entry.token));
+        }
         match fetch.await {
             Ok(done) => done,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -545,18 +554,21 @@ mod tests {
         }
     }
 
-    /// Issues numbered tokens living `ttl`; fails while `failing` is set.
+    /// Issues numbered tokens living `ttl`, each after `took_ms` (10 ms unless changed);
+    /// fails while `failing` is set.
     struct Counter {
         clock: Arc<TokioClock>,
         ttl: Duration,
         calls: AtomicUsize,
         failing: std::sync::atomic::AtomicBool,
+        took_ms: std::sync::atomic::AtomicU64,
     }
 
     impl CredentialSource for Counter {
         fn fetch(&self) -> BoxFuture<'_, Result<Token>> {
             Box::pin(async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                let took = Duration::from_millis(self.took_ms.load(Ordering::SeqCst));
+                tokio::time::sleep(took).await;
                 let n = self.calls.fetch_add(1, Ordering::SeqCst);
                 if self.failing.load(Ordering::SeqCst) {
                     return Err(Error::HttpTransport {
@@ -583,6 +595,7 @@ mod tests {
             ttl,
             calls: AtomicUsize::new(0),
             failing: false.into(),
+            took_ms: 10.into(),
         });
         let settings = CacheSettings::builder()
             .jitter(0.0)
@@ -595,6 +608,29 @@ mod tests {
 
     fn calls(source: &Counter) -> usize {
         source.calls.load(Ordering::SeqCst)
+    }
+
+    /// The caller that finds the token due starts the fetch and goes on with the token it
+    /// has, still valid: a credential service that takes 30 s to answer (three attempts
+    /// of 10 s) held that caller's connect for all of it, past its connect timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_due_token_still_valid_serves_while_a_slow_fetch_runs() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        assert_eq!(cache.token().await.unwrap().expose(), "t0");
+        tokio::time::sleep(Duration::from_secs(81)).await;
+        source.took_ms.store(30_000, Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        assert_eq!(cache.token().await.unwrap().expose(), "t0");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        // One fetch for all: the callers meanwhile do not start their own.
+        assert_eq!(cache.token().await.unwrap().expose(), "t0");
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(cache.token().await.unwrap().expose(), "t1");
+        assert_eq!(calls(&source), 2);
     }
 
     #[tokio::test(start_paused = true)]
@@ -620,6 +656,9 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(79)).await;
         assert_eq!(cache.token().await.unwrap().expose(), "t0");
         tokio::time::sleep(Duration::from_secs(2)).await;
+        // Due: the fetch starts, and the caller logs in with the token still valid.
+        assert_eq!(cache.token().await.unwrap().expose(), "t0");
+        tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(cache.token().await.unwrap().expose(), "t1");
         // Idle for several lives: nothing fetched meanwhile.
         tokio::time::sleep(Duration::from_secs(1000)).await;
@@ -677,8 +716,10 @@ mod tests {
         cache.token().await.unwrap();
         source.failing.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(85)).await;
-        // Due for refresh; the source fails; the old token is still valid and served.
+        // Due for refresh; the old token is still valid and served while the source fails
+        // (three attempts, 0.33 s in all).
         assert_eq!(cache.token().await.unwrap().expose(), "t0");
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(cache.failures(), 1);
         // Soon after, callers are not held up by another attempt.
         let before = calls(&source);
