@@ -769,9 +769,33 @@ impl From<tokio_postgres::Error> for Error {
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A time as RFC 3339, to the second, in UTC.
+/// A time as RFC 3339, to the second, in UTC; one outside chrono's range (a custom source's
+/// "never", say) as the seconds since the Unix epoch.
 fn rfc3339(t: SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    match utc(t) {
+        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        None => format!(
+            "{:?} after the Unix epoch",
+            t.duration_since(std::time::UNIX_EPOCH)
+        ),
+    }
+}
+
+/// `t` in UTC, if chrono can hold it (its `From<SystemTime>` panics on a time past the year
+/// 262,143 or before 1970 minus as much).
+pub(crate) fn utc(t: SystemTime) -> Option<chrono::DateTime<chrono::Utc>> {
+    let (secs, nanos) = match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => (i64::try_from(d.as_secs()).ok()?, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            let secs = -i64::try_from(d.as_secs()).ok()?;
+            match d.subsec_nanos() {
+                0 => (secs, 0),
+                n => (secs - 1, 1_000_000_000 - n),
+            }
+        }
+    };
+    chrono::DateTime::from_timestamp(secs, nanos)
 }
 
 /// Displays an error with its causes, for log lines.

@@ -57,10 +57,7 @@ impl std::fmt::Debug for TokenCache {
         f.debug_struct("TokenCache")
             .field("source", &self.inner.source.kind())
             .field("strategy", &self.inner.strategy)
-            .field(
-                "expires_at",
-                &self.expires_at().map(chrono::DateTime::<chrono::Utc>::from),
-            )
+            .field("expires_at", &self.expires_at().map(crate::error::utc))
             .field("fetches", &self.fetches())
             .finish()
     }
@@ -481,8 +478,15 @@ async fn refresh_loop(weak: Weak<Inner>) {
             let now = inner.clock.now();
             let backoff = match failed_rounds {
                 0 => Duration::ZERO,
+                // No sooner than the service's `Retry-After`, as noted by the failed round.
                 n => Backoff::new(inner.settings.min_backoff, inner.settings.max_backoff, 0.0)
-                    .delay(n),
+                    .delay(n)
+                    .max(Duration::from_millis(
+                        inner
+                            .retry_after_ms
+                            .load(Ordering::Relaxed)
+                            .saturating_sub(millis(now)),
+                    )),
             };
             match inner.current.load().as_ref().map(|e| e.refresh_at) {
                 Some(None) => return, // never expires
@@ -490,7 +494,10 @@ async fn refresh_loop(weak: Weak<Inner>) {
                 None => backoff,
             }
         };
-        tokio::time::sleep(wait).await;
+        // The schedule is by the wall clock, the sleep by the monotonic one, which stops while
+        // the machine is suspended: a long sleep is cut into pieces, each followed by a look
+        // at the wall clock, so that a refresh due during a suspension happens on waking.
+        tokio::time::sleep(wait.min(WALL_CLOCK_CHECK)).await;
         let Some(inner) = weak.upgrade() else { return };
         let cache = TokenCache { inner };
         // Another caller fetched meanwhile (the token was invalidated, say): nothing is due.
@@ -505,6 +512,9 @@ async fn refresh_loop(weak: Weak<Inner>) {
         }
     }
 }
+
+/// The longest the background refresher sleeps before it looks at the wall clock again.
+const WALL_CLOCK_CHECK: Duration = Duration::from_secs(30);
 
 impl TokenCache {
     /// Whether the current token is not yet due for refresh (ignores retry back-off).
@@ -542,15 +552,19 @@ mod tests {
     use crate::error::Setting;
     use std::sync::atomic::AtomicUsize;
 
-    /// Wall-clock time that follows tokio's (paused) clock.
+    /// Wall-clock time that follows tokio's (paused) clock, plus the seconds it was set
+    /// ahead by (a suspended machine's wall clock goes on, its monotonic clock does not).
     struct TokioClock {
         base: SystemTime,
         start: tokio::time::Instant,
+        ahead_s: std::sync::atomic::AtomicU64,
     }
 
     impl Clock for TokioClock {
         fn now(&self) -> SystemTime {
-            self.base + self.start.elapsed()
+            self.base
+                + self.start.elapsed()
+                + Duration::from_secs(self.ahead_s.load(Ordering::SeqCst))
         }
     }
 
@@ -589,6 +603,7 @@ mod tests {
         let clock = Arc::new(TokioClock {
             base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
             start: tokio::time::Instant::now(),
+            ahead_s: 0.into(),
         });
         let source = Arc::new(Counter {
             clock: Arc::clone(&clock),
@@ -677,6 +692,80 @@ mod tests {
         cache.shutdown();
         tokio::time::sleep(Duration::from_secs(1000)).await;
         assert_eq!(calls(&source), 2);
+    }
+
+    /// A refresh that came due while the machine was suspended happens as it wakes: the
+    /// refresher slept by the monotonic clock, which stops in a suspension, for the whole
+    /// wait, and woke (here) 60 s after the token had expired.
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_due_during_a_suspension_happens_on_waking() {
+        let (cache, source) = setup(TokenStrategy::Eager, Duration::from_secs(100));
+        cache.start().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // Suspended for 80 s: the wall clock is at 90 s, the refresh was due at 80 s.
+        source.clock.ahead_s.store(80, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        assert_eq!(calls(&source), 2, "refreshed on waking");
+    }
+
+    /// The refresher waits as long as the service's `Retry-After` says before its next round.
+    #[tokio::test(start_paused = true)]
+    async fn the_refresher_waits_as_long_as_retry_after_says() {
+        let clock = Arc::new(TokioClock {
+            base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            start: tokio::time::Instant::now(),
+            ahead_s: 0.into(),
+        });
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let (at, log) = (Arc::clone(&clock), Arc::clone(&asked));
+        let source = move || {
+            let mut log = log.lock().unwrap();
+            log.push(tokio::time::Instant::now());
+            let first = log.len() == 1;
+            let expires = at.now() + Duration::from_secs(100);
+            async move {
+                if first {
+                    return Ok(Token::new("t", Some(expires)));
+                }
+                Err(Error::Http {
+                    endpoint: "/api/2.0/postgres/credentials".into(),
+                    status: 429,
+                    code: "RESOURCE_EXHAUSTED".into(),
+                    message: "slow down".into(),
+                    retry_after: Some(Duration::from_secs(5)),
+                })
+            }
+        };
+        let settings = CacheSettings::builder()
+            .jitter(0.0)
+            .retries(1, Duration::from_millis(100), Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let cache = TokenCache::with_clock(Arc::new(source), TokenStrategy::Eager, settings, clock);
+        cache.start().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(95)).await;
+        let asked = asked.lock().unwrap().clone();
+        assert!(asked.len() >= 3, "{asked:?}");
+        for pair in asked[1..].windows(2) {
+            assert!(pair[1] - pair[0] >= Duration::from_secs(5), "{asked:?}");
+        }
+    }
+
+    /// Debug shows a far expiry (a custom source's "never") instead of panicking in chrono.
+    #[tokio::test]
+    async fn debug_shows_an_expiry_past_what_chrono_holds() {
+        let never = SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 60);
+        let source = move || async move { Ok::<_, Error>(Token::new("t", Some(never))) };
+        let cache = TokenCache::new(
+            Arc::new(source),
+            TokenStrategy::Lazy,
+            CacheSettings::default(),
+        );
+        cache.token().await.unwrap();
+        assert!(
+            format!("{cache:?}").contains("expires_at: Some(None)"),
+            "{cache:?}"
+        );
     }
 
     /// A margin as long as the token's life (a custom source's tokens shorter than the margin
@@ -833,6 +922,7 @@ mod tests {
         let clock = Arc::new(TokioClock {
             base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
             start: tokio::time::Instant::now(),
+            ahead_s: 0.into(),
         });
         let fetched_at = Arc::new(Mutex::new(Vec::new()));
         let (log, source_clock) = (Arc::clone(&fetched_at), Arc::clone(&clock));
