@@ -14,8 +14,9 @@
 //! says whether one can be opened now. Messages are fixed: never a driver's or a parser's
 //! text. Text fields are counted in characters, bounded, and refuse control characters;
 //! e-mail addresses are compared without case. `GET /metrics` serves dal's metrics in the
-//! Prometheus text format. SIGINT or SIGTERM drains the requests in flight, stops the token
-//! refresher and closes the pools.
+//! Prometheus text format. SIGINT or SIGTERM drains the requests in flight for up to
+//! `SHUTDOWN_GRACE_SECS` (20 s by default; a second signal ends the wait), then stops the
+//! token refresher and closes the pools.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
@@ -49,10 +50,26 @@ async fn main() {
 
 async fn run() -> anyhow::Result<()> {
     let addr = listen_addr()?;
+    let grace = shutdown_grace()?;
     let database = examples::Database::from_env().await?;
-    let result = serve(&database, addr).await;
+    let result = serve(&database, addr, grace).await;
     database.close().await;
     result
+}
+
+/// How long the requests in flight may take to finish once the app is told to stop:
+/// `SHUTDOWN_GRACE_SECS`, 20 s by default (within the 30 s Kubernetes waits before it kills
+/// a pod). A client that sent half a request, or a query on a connection that died without a
+/// word, would otherwise hold the app open without end.
+fn shutdown_grace() -> anyhow::Result<Duration> {
+    match std::env::var("SHUTDOWN_GRACE_SECS") {
+        Err(_) => Ok(Duration::from_secs(20)),
+        Ok(secs) => secs.trim().parse().map(Duration::from_secs).map_err(|_| {
+            anyhow::anyhow!(
+                "invalid setting SHUTDOWN_GRACE_SECS: {secs:?} is not a whole number of seconds"
+            )
+        }),
+    }
 }
 
 /// `BIND` (an address, or an address and port) and `PORT`; 127.0.0.1:3000 by default.
@@ -87,7 +104,11 @@ fn listen_addr() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn serve(database: &examples::Database, addr: SocketAddr) -> anyhow::Result<()> {
+async fn serve(
+    database: &examples::Database,
+    addr: SocketAddr,
+    grace: Duration,
+) -> anyhow::Result<()> {
     // dal's counters, gauges and histograms, rendered by `GET /metrics`.
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -109,21 +130,34 @@ async fn serve(database: &examples::Database, addr: SocketAddr) -> anyhow::Resul
     let local = listener
         .local_addr()
         .context("reading the listening address")?;
+    let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+    let told = std::sync::Arc::clone(&stopping);
+    // Listening for the signals before the address is shown, so that no signal sent once it
+    // is ends the program without its drain.
+    let stopped = examples::signal::stopped();
     println!("listening on http://{local}");
-    let result = axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP");
+    let serving = axum::serve(listener, router(app)).with_graceful_shutdown(async move {
+        stopped.await;
+        println!("shutting down: draining requests");
+        told.notify_one();
+    });
+    let result = tokio::select! {
+        served = serving.into_future() => served.context("serving HTTP"),
+        () = async {
+            stopping.notified().await;
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                () = examples::signal::stopped() => {}
+            }
+        } => {
+            println!("requests still open after {grace:?}: stopping without them");
+            Ok(())
+        }
+    };
     // Requests are drained and the router with its pools is dropped: stop the rest.
     connector.shutdown().await;
     println!("stopped");
     result
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    examples::signal::stopped().await;
-    println!("shutting down: draining requests");
 }
 
 #[derive(Clone)]

@@ -419,6 +419,43 @@ async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
     );
 }
 
+/// SIGTERM drains the requests in flight for `SHUTDOWN_GRACE_SECS`, then stops without the
+/// rest: a client that sent half a request held the app (and its pools) open for as long as
+/// it kept its connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn web_app_stops_after_its_grace_whatever_a_client_holds_open() {
+    use tokio::io::AsyncWriteExt;
+    let pg = tests::server().await;
+    let lb = tests::lakebase(&pg, "grace", Duration::from_secs(30)).await;
+    let mut env = lakebase_env(&pg, &lb, "grace");
+    env.extend([("PORT", "0".into()), ("SHUTDOWN_GRACE_SECS", "1".into())]);
+    let mut app = Program::start("web_app", &env);
+    let (_, line) = app.line("listening on ", Duration::from_secs(60)).await;
+    let address = line["listening on http://".len()..].trim().to_owned();
+    let mut half = tokio::net::TcpStream::connect(&address).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(app.child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = app.wait(Duration::from_secs(60)).await;
+    let out = app.rest(Duration::from_secs(5)).await;
+    assert!(status.success(), "{status}: {}", app.output());
+    assert!(
+        out.iter()
+            .any(|l| l.starts_with("requests still open after 1s")),
+        "{}",
+        app.output()
+    );
+    assert_eq!(
+        out.last().map(String::as_str),
+        Some("stopped"),
+        "{}",
+        app.output()
+    );
+    drop(half);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_shot_exits_at_once_after_its_result() {
     let pg = tests::server().await;
