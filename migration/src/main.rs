@@ -44,12 +44,13 @@ async fn main() {
         "{}:{} (database {}, user {})",
         config.host, config.port, config.database, config.user
     );
-    // Held until the command is done.
+    // Held until the command is done: the lock, and the connector, whose token cache keeps
+    // the sqlx pool's token fresh should it open its connection again.
     let lock = std::sync::Mutex::new(None);
     let connect = async || -> Result<DatabaseConnection, sea_orm_migration::DbErr> {
         match connect(config).await {
             Ok((db, held)) => {
-                *lock.lock().unwrap_or_else(|e| e.into_inner()) = held;
+                *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(held);
                 Ok(db)
             }
             Err(e) => fail(&Unreachable { server, source: e }),
@@ -113,10 +114,12 @@ async fn load(configured: bool) -> Result<(Config, Option<dal::local::DevStack>)
     Ok((stack.config()?, Some(stack)))
 }
 
-/// The connection the command runs on, and the migration lock, taken first (see
-/// [`MigrationLock`]): every command that connects holds it, so `status` waits for a run in
-/// progress too.
-async fn connect(config: Config) -> dal::Result<(DatabaseConnection, Option<MigrationLock>)> {
+/// The connection the command runs on; the migration lock, taken first (see
+/// [`MigrationLock`]: every command that connects holds it, so `status` waits for a run in
+/// progress too); and the connector.
+async fn connect(
+    config: Config,
+) -> dal::Result<(DatabaseConnection, (Option<MigrationLock>, Connector))> {
     // One connection: migrations run one statement at a time.
     let config = config.pool(PoolSettings::builder().max_size(1).build()?);
     let connector = Connector::new(config).await?;
@@ -126,7 +129,8 @@ async fn connect(config: Config) -> dal::Result<(DatabaseConnection, Option<Migr
     if lock.is_none() {
         drop(connector.connect().await?);
     }
-    Ok((DatabaseConnection::from(connector.sqlx_pool().await?), lock))
+    let db = DatabaseConnection::from(connector.sqlx_pool().await?);
+    Ok((db, (lock, connector)))
 }
 
 /// A connection that could not be opened, with the server it was for.
