@@ -419,6 +419,20 @@ async fn web_app_serves_both_orms_and_its_errors_while_tokens_rotate() {
     );
 }
 
+/// The bytes waiting in the receive queue of the server's end of the loopback TCP connection
+/// from `client_port` to `server_port`, as Linux's `/proc/net/tcp` shows them.
+fn unread_by_server(server_port: u16, client_port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |address: &str| u16::from_str_radix(address.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, queues) = (fields.get(1)?, fields.get(2)?, fields.get(4)?);
+        (port(local)? == server_port && port(remote)? == client_port)
+            .then(|| u64::from_str_radix(queues.split(':').nth(1)?, 16).ok())
+            .flatten()
+    })
+}
+
 /// SIGTERM drains the requests in flight for `SHUTDOWN_GRACE_SECS`, then stops without the
 /// rest: a client that sent half a request held the app (and its pools) open for as long as
 /// it kept its connection.
@@ -436,6 +450,20 @@ async fn web_app_stops_after_its_grace_whatever_a_client_holds_open() {
     half.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
         .await
         .unwrap();
+    // Signalled only once the app has read those bytes: before, the connection is idle,
+    // and the drain closes it at once.
+    let (app_port, our_port) = (
+        half.peer_addr().unwrap().port(),
+        half.local_addr().unwrap().port(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while unread_by_server(app_port, our_port) != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the app never read the half request"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let pid = nix::unistd::Pid::from_raw(app.child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = app.wait(Duration::from_secs(60)).await;
