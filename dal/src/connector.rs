@@ -1094,10 +1094,7 @@ fn is_refused_login(e: &tokio_postgres::Error) -> bool {
 /// drivers escape only for the space (sqlx escapes space and backslash, nothing else). A tab
 /// in `search_path` would otherwise set any other parameter (`-c work_mem=...`).
 fn check_startup_value(setting: Setting, value: &str) -> Result<()> {
-    match value
-        .chars()
-        .find(|c| c.is_control() || (c.is_whitespace() && *c != ' '))
-    {
+    match crate::config::unsendable(value, true) {
         Some(c) => Err(Error::config(
             setting,
             format!(
@@ -1206,7 +1203,7 @@ fn check_host(setting: Setting, host: &str) -> Result<()> {
              or IP address",
         ));
     }
-    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if crate::config::unsendable(host, false).is_some() {
         return Err(Error::config(
             setting,
             "contains white space or a control character, which no host name or IP address \

@@ -64,14 +64,13 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
     };
     // Checked here as well as by the connector, so that the error names the URL, not the PG*
     // variable that would give the same value.
-    for (part, value, spaces) in [
+    for (part, value, space) in [
         ("host", Some(host.as_str()), false),
         ("user name", Some(user), true),
         ("database name", parsed.get_dbname(), true),
         ("application_name", parsed.get_application_name(), true),
     ] {
-        let unsendable = |c: &char| c.is_control() || (c.is_whitespace() && !(spaces && *c == ' '));
-        if let Some(c) = value.and_then(|v| v.chars().find(unsendable)) {
+        if let Some(c) = value.and_then(|v| super::unsendable(v, space)) {
             return Err(bad(&format!(
                 "the {part} has the character {c:?}, which cannot be sent to the server"
             )));
