@@ -73,15 +73,15 @@ fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
 /// past its lifetime and keep its stale statements. Called as the connection comes back to
 /// the pool (the pool notes when, in its `Lifespan`).
 fn has_broken(conn: &mut AsyncPgConnection) -> bool {
-    let untracked = timer(conn).is_none();
-    std::thread::panicking() || untracked || went_stale(conn) || PoolableConnection::is_broken(conn)
+    let tracked_and_current = timer(conn).is_some_and(|timer| !timer.went_stale());
+    std::thread::panicking() || !tracked_and_current || PoolableConnection::is_broken(conn)
 }
 
 /// Whether a statement on `conn` failed on a stale prepared statement: as the wire tells, by
 /// the error's routine whatever the language of the server's messages, or, on a connection
 /// whose wire is not followed (no TLS), by the server's English message.
 pub(crate) fn went_stale(conn: &mut AsyncPgConnection) -> bool {
-    timer(conn).is_some_and(|timer| timer.stale || timer.wire.as_ref().is_some_and(|w| w.stale()))
+    timer(conn).is_some_and(|timer| timer.went_stale())
 }
 
 /// The SQLSTATE of `e`, the server's answer to a statement on `conn`, as the wire saw it
@@ -169,6 +169,11 @@ struct QueryTimer {
 }
 
 impl QueryTimer {
+    /// See [`went_stale`].
+    fn went_stale(&self) -> bool {
+        self.stale || self.wire.as_ref().is_some_and(|wire| wire.stale())
+    }
+
     /// Back to the pool moments ago, with nothing in flight and outside any transaction.
     fn settled(&self) -> bool {
         self.open == 0
