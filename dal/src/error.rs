@@ -784,18 +784,11 @@ fn rfc3339(t: SystemTime) -> String {
 /// `t` in UTC, if chrono can hold it (its `From<SystemTime>` panics on a time past the year
 /// 262,143 or before 1970 minus as much).
 pub(crate) fn utc(t: SystemTime) -> Option<chrono::DateTime<chrono::Utc>> {
-    let (secs, nanos) = match t.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => (i64::try_from(d.as_secs()).ok()?, d.subsec_nanos()),
-        Err(e) => {
-            let d = e.duration();
-            let secs = -i64::try_from(d.as_secs()).ok()?;
-            match d.subsec_nanos() {
-                0 => (secs, 0),
-                n => (secs - 1, 1_000_000_000 - n),
-            }
-        }
-    };
-    chrono::DateTime::from_timestamp(secs, nanos)
+    use chrono::{DateTime, TimeDelta};
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(after) => DateTime::UNIX_EPOCH.checked_add_signed(TimeDelta::from_std(after).ok()?),
+        Err(e) => DateTime::UNIX_EPOCH.checked_sub_signed(TimeDelta::from_std(e.duration()).ok()?),
+    }
 }
 
 /// Displays an error with its causes, for log lines.
