@@ -560,6 +560,17 @@ mod tests {
         ahead_s: std::sync::atomic::AtomicU64,
     }
 
+    impl TokioClock {
+        /// A clock at a fixed date, from tokio's present instant on.
+        fn starting_now() -> Arc<Self> {
+            Arc::new(Self {
+                base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+                start: tokio::time::Instant::now(),
+                ahead_s: 0.into(),
+            })
+        }
+    }
+
     impl Clock for TokioClock {
         fn now(&self) -> SystemTime {
             self.base
@@ -600,11 +611,7 @@ mod tests {
     }
 
     fn setup(strategy: TokenStrategy, ttl: Duration) -> (TokenCache, Arc<Counter>) {
-        let clock = Arc::new(TokioClock {
-            base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-            start: tokio::time::Instant::now(),
-            ahead_s: 0.into(),
-        });
+        let clock = TokioClock::starting_now();
         let source = Arc::new(Counter {
             clock: Arc::clone(&clock),
             ttl,
@@ -711,11 +718,7 @@ mod tests {
     /// The refresher waits as long as the service's `Retry-After` says before its next round.
     #[tokio::test(start_paused = true)]
     async fn the_refresher_waits_as_long_as_retry_after_says() {
-        let clock = Arc::new(TokioClock {
-            base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-            start: tokio::time::Instant::now(),
-            ahead_s: 0.into(),
-        });
+        let clock = TokioClock::starting_now();
         let asked = Arc::new(Mutex::new(Vec::new()));
         let (at, log) = (Arc::clone(&clock), Arc::clone(&asked));
         let source = move || {
@@ -919,11 +922,7 @@ mod tests {
     /// 2 s (twice the fetch) before expiry, not at the default fifth of the life (0.6 s).
     #[tokio::test(start_paused = true)]
     async fn the_refresh_lead_covers_how_long_a_fetch_takes() {
-        let clock = Arc::new(TokioClock {
-            base: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-            start: tokio::time::Instant::now(),
-            ahead_s: 0.into(),
-        });
+        let clock = TokioClock::starting_now();
         let fetched_at = Arc::new(Mutex::new(Vec::new()));
         let (log, source_clock) = (Arc::clone(&fetched_at), Arc::clone(&clock));
         let source = move || {
