@@ -515,9 +515,7 @@ impl Error {
             Error::Http { retry_after, .. } => *retry_after,
             Error::Connect { source } => source.retry_after(),
             // A custom source that answers with dal's own error.
-            Error::Credential { source, .. } => {
-                source.downcast_ref::<Error>().and_then(Error::retry_after)
-            }
+            Error::Credential { .. } => self.in_credential().and_then(Error::retry_after),
             _ => None,
         }
     }
@@ -622,7 +620,7 @@ impl Error {
     }
 
     /// Whether the server refused the credentials, or the credential service refused ours
-    /// (HTTP 401 or 403).
+    /// (HTTP 401 or 403, also as a custom source's answer inside [`Error::Credential`]).
     ///
     /// A refused login carries SQLSTATE `28P01` (`invalid_password`: password and SCRAM
     /// logins) or `28000` (`invalid_authorization_specification`: PostgreSQL's external
@@ -631,21 +629,25 @@ impl Error {
         match self {
             Error::Http { status, .. } => matches!(status, 401 | 403),
             Error::Connect { source } => source.is_auth_failure(),
+            Error::Credential { .. } => self.in_credential().is_some_and(Error::is_auth_failure),
             _ => matches!(self.sqlstate(), Some("28P01" | "28000")),
         }
     }
 
     /// Whether trying again may succeed: timeouts, connection failures, HTTP 408, 429 and
     /// 5xx, and database errors that are [conflicts](Self::is_conflict). Bad settings and
-    /// refused credentials are not retryable. For callers with a retry library of their own;
-    /// [`Transactions`](crate::Transactions) decides the same way.
+    /// refused credentials are not retryable. A credential source's failure is, unless it is
+    /// dal's own error that is not (a custom source answering [`Error::Http`] 403, say). For
+    /// callers with a retry library of their own; [`Transactions`](crate::Transactions)
+    /// decides the same way.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
-            Error::HttpTransport { .. }
-            | Error::Credential { .. }
-            | Error::PoolTimeout(_)
-            | Error::ConnectTimeout { .. } => true,
+            // A custom source's failure is retried unless it says otherwise with dal's error.
+            Error::Credential { .. } => self.in_credential().is_none_or(Error::is_retryable),
+            Error::HttpTransport { .. } | Error::PoolTimeout(_) | Error::ConnectTimeout { .. } => {
+                true
+            }
             Error::Database(e) => {
                 is_connection_lost(e) || self.is_connection_failure() || self.is_conflict()
             }
@@ -665,6 +667,73 @@ impl Error {
     #[cfg(any(feature = "seaorm", feature = "diesel"))]
     fn is_orm_retryable(&self) -> bool {
         self.is_conflict() || (self.is_connection_failure() && !self.is_auth_failure())
+    }
+
+    /// A copy of a credential source's failure, for the callers that waited on the fetch
+    /// that met it: the same variant and fields, with causes that cannot be copied kept as
+    /// their messages. A failure of another kind becomes an [`Error::Credential`] of
+    /// `source_kind`.
+    pub(crate) fn duplicate(&self, source_kind: &'static str) -> Error {
+        let said =
+            |e: &(dyn std::error::Error + 'static)| -> Box<dyn std::error::Error + Send + Sync> {
+                ErrorChain(e).to_string().into()
+            };
+        match self {
+            Error::Config { setting, reason } => Error::config(*setting, reason.clone()),
+            Error::Credential {
+                source_kind,
+                source,
+            } => Error::Credential {
+                source_kind,
+                source: match source.downcast_ref::<Error>() {
+                    Some(e) => Box::new(e.duplicate(source_kind)),
+                    None => said(&**source),
+                },
+            },
+            Error::TokenExpired {
+                source_kind,
+                expires_at,
+                now,
+            } => Error::TokenExpired {
+                source_kind,
+                expires_at: *expires_at,
+                now: *now,
+            },
+            Error::Http {
+                endpoint,
+                status,
+                code,
+                message,
+                retry_after,
+            } => Error::Http {
+                endpoint: endpoint.clone(),
+                status: *status,
+                code: code.clone(),
+                message: message.clone(),
+                retry_after: *retry_after,
+            },
+            Error::HttpTransport {
+                endpoint,
+                what,
+                source,
+            } => Error::HttpTransport {
+                endpoint: endpoint.clone(),
+                what: what.clone(),
+                source: source.as_ref().map(|e| said(&**e)),
+            },
+            other => Error::Credential {
+                source_kind,
+                source: said(other),
+            },
+        }
+    }
+
+    /// dal's own error inside an [`Error::Credential`]: a custom source's answer.
+    fn in_credential(&self) -> Option<&Error> {
+        match self {
+            Error::Credential { source, .. } => source.downcast_ref::<Error>(),
+            _ => None,
+        }
     }
 
     pub(crate) fn config(setting: Setting, reason: impl Into<String>) -> Self {

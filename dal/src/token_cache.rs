@@ -41,6 +41,8 @@ struct Inner {
     /// Held by the one fetch in flight (see [`TokenCache::refresh`]).
     flight: Arc<tokio::sync::Mutex<()>>,
     listeners: Mutex<Vec<Listener>>,
+    /// A copy of the last failed fetch's error, for the callers that waited on it.
+    failed: Mutex<Option<Error>>,
     refresher: Mutex<Option<JoinHandle<()>>>,
     fetches: AtomicU64,
     failures: AtomicU64,
@@ -91,6 +93,7 @@ impl TokenCache {
                 retry_after_ms: AtomicU64::new(0),
                 flight: Arc::default(),
                 listeners: Mutex::new(Vec::new()),
+                failed: Mutex::new(None),
                 refresher: Mutex::new(None),
                 fetches: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
@@ -120,8 +123,10 @@ impl TokenCache {
 
     /// A token for a new connection: the cached one while it is fresh, else a new one.
     ///
-    /// Concurrent callers share one fetch. When a refresh fails but the cached token is still
-    /// valid, the cached token is returned (and the refresh tried again later).
+    /// Concurrent callers share one fetch, and its failure: a caller that waited on a fetch
+    /// that failed gets a copy of its error, not a fetch of its own. When a refresh fails but
+    /// the cached token is still valid, the cached token is returned (and the refresh tried
+    /// again later).
     pub async fn token(&self) -> Result<Arc<Token>> {
         if self.inner.strategy != TokenStrategy::Uncached
             && let Some(token) = self.cached_fresh()
@@ -261,6 +266,7 @@ impl TokenCache {
     async fn refresh(&self, force: bool) -> Result<Arc<Token>> {
         let inner = &self.inner;
         let seen = inner.current.load_full();
+        let failures = inner.failures.load(Ordering::Relaxed);
         let flight = match Arc::clone(&inner.flight).try_lock_owned() {
             Ok(flight) => flight,
             Err(_) => {
@@ -289,6 +295,13 @@ impl TokenCache {
                 _ if !force && let Some(token) = self.cached_fresh() => return Ok(token),
                 _ => {}
             }
+        }
+        // A fetch failed while this caller waited: its failure, not another call to a
+        // failing service (200 connects waiting on a refusal made 200 calls, one by one).
+        if inner.failures.load(Ordering::Relaxed) != failures
+            && let Some(failed) = &*inner.failed.lock().unwrap_or_else(|e| e.into_inner())
+        {
+            return Err(failed.duplicate(inner.source.kind()));
         }
         let cache = self.clone();
         let fetch = tokio::spawn(async move {
@@ -319,6 +332,8 @@ impl TokenCache {
         match self.fetch_with_retries().await {
             Ok((token, took)) => Ok(self.install(token, took)),
             Err(e) => {
+                *inner.failed.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(e.duplicate(inner.source.kind()));
                 inner.failures.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(telemetry::TOKEN_REFRESH_FAILURES, "source" => inner.source.kind())
                     .increment(1);
@@ -668,6 +683,78 @@ mod tests {
             assert_eq!(task.await.unwrap(), "t0");
         }
         assert_eq!(calls(&source), 1);
+    }
+
+    /// Callers with no valid token wait for the fetch in flight; when it fails, they get its
+    /// failure, not a fetch of their own: 200 cold connects against a failing service made
+    /// 200 fetches, one after another, each with its retries.
+    #[tokio::test(start_paused = true)]
+    async fn callers_waiting_on_a_failed_fetch_share_its_failure() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(60));
+        source.failing.store(true, Ordering::SeqCst);
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.token().await.unwrap_err() })
+            })
+            .collect();
+        for task in tasks {
+            let err = task.await.unwrap();
+            // The same error for every caller: its kind, its message, what it means.
+            assert!(matches!(err, Error::HttpTransport { .. }), "{err:?}");
+            assert_eq!(ErrorChain(&err).to_string(), "/test: down");
+            assert!(err.is_retryable() && err.is_connection_failure());
+        }
+        // One fetch: its two attempts.
+        assert_eq!(calls(&source), 2);
+        assert_eq!(cache.failures(), 1);
+        // A caller after the failure asks the service again, and the service is back.
+        source.failing.store(false, Ordering::SeqCst);
+        assert_eq!(cache.token().await.unwrap().expose(), "t2");
+    }
+
+    /// A refused credential (HTTP 403 from a custom source) is shared as it is: callers that
+    /// waited on it see the same refusal, not a retryable failure of their own.
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_refusal_stays_a_refusal() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let source = move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Err::<Token, _>(Error::Http {
+                    endpoint: "/api/2.0/postgres/credentials".into(),
+                    status: 403,
+                    code: "PERMISSION_DENIED".into(),
+                    message: "no access".into(),
+                    retry_after: Some(Duration::from_secs(7)),
+                })
+            }
+        };
+        let cache = TokenCache::new(
+            Arc::new(source),
+            TokenStrategy::Lazy,
+            CacheSettings::default(),
+        );
+        let errors = futures_util::future::join_all((0..50).map(|_| cache.token())).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        for err in errors.into_iter().map(Result::unwrap_err) {
+            let Error::Credential { source, .. } = &err else {
+                panic!("{err:?}")
+            };
+            let inner = source.downcast_ref::<Error>().expect("dal's error, kept");
+            assert!(
+                matches!(inner, Error::Http { status: 403, .. }),
+                "{inner:?}"
+            );
+            assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
+            assert_eq!(
+                ErrorChain(&err).to_string(),
+                "the custom credential source failed: /api/2.0/postgres/credentials answered \
+                 HTTP 403: PERMISSION_DENIED: no access"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

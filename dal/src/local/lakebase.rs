@@ -314,6 +314,7 @@ struct Shared {
     fail_remaining: AtomicUsize,
     fail_status: AtomicU16,
     down: AtomicBool,
+    requests: AtomicUsize,
     oauth_requests: AtomicUsize,
     credential_requests: AtomicUsize,
     stopping: watch::Receiver<bool>,
@@ -366,6 +367,7 @@ impl LocalLakebase {
             fail_remaining: AtomicUsize::new(0),
             fail_status: AtomicU16::new(503),
             down: AtomicBool::new(false),
+            requests: AtomicUsize::new(0),
             oauth_requests: AtomicUsize::new(0),
             credential_requests: AtomicUsize::new(0),
             stopping: stopping.clone(),
@@ -555,6 +557,11 @@ impl LocalLakebase {
         }
     }
 
+    /// How many requests arrived, on any path, answered or failed.
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
     /// How many workspace OAuth tokens were issued.
     pub fn oauth_requests(&self) -> usize {
         self.shared.oauth_requests.load(Ordering::SeqCst)
@@ -588,12 +595,12 @@ impl Drop for LocalLakebase {
     }
 }
 
-/// Creates `role` as a login role without a password, unless it exists.
 /// Latency, outages and injected failures, in front of every route; and the request log.
 async fn misbehave(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let method = request.method().clone();
     // The path only: a query string could carry anything.
     let path = request.uri().path().to_owned();
+    shared.requests.fetch_add(1, Ordering::SeqCst);
     let latency = Duration::from_nanos(shared.latency_nanos.load(Ordering::Relaxed));
     if !latency.is_zero() {
         let mut stopping = shared.stopping.clone();

@@ -85,6 +85,51 @@ async fn a_hundred_cold_connects_cause_one_oauth_and_one_credential_fetch() {
     );
 }
 
+/// A hundred cold connects against a credential service that refuses the workspace's
+/// credentials (HTTP 403): as many requests as one connect makes alone (endpoint discovery
+/// falls back, then the token request), and every connect gets the refusal. Each connect
+/// waiting on the failed fetch made a fetch of its own, one after another.
+#[tokio::test]
+async fn a_hundred_cold_connects_against_a_refusing_service_make_one_fetch() {
+    let pg = tests::server().await;
+    let lb = lakebase(&pg, "refused", Duration::from_secs(60)).await;
+    let connector = || async {
+        let mut config = lb
+            .client_config(&pg, "refused")
+            .unwrap()
+            .strategy(TokenStrategy::Lazy);
+        config.connect_timeout = Duration::from_secs(300);
+        Connector::new(config).await.unwrap()
+    };
+    lb.fail_next(usize::MAX, 403);
+    let alone = connector().await;
+    let before = lb.requests();
+    alone.connect().await.err().expect("refused");
+    let one_fetch = lb.requests() - before;
+
+    let many = connector().await;
+    let before = lb.requests();
+    let connects = (0..100).map(|_| {
+        let connector = many.clone();
+        tokio::spawn(async move { connector.connect().await.err().expect("refused") })
+    });
+    let errors = futures_join_all(connects).await;
+    let requests = lb.requests() - before;
+    println!(
+        "cold connects against a refusing service | connects 100 | failed {} | requests {requests} \
+         (one connect alone: {one_fetch})",
+        errors.len()
+    );
+    assert_eq!(requests, one_fetch, "requests to the credential service");
+    for err in &errors {
+        assert!(err.is_auth_failure() && !err.is_retryable(), "{err:?}");
+        assert!(err.to_string().contains("403"), "{err}");
+    }
+    lb.fail_next(0, 403);
+    alone.shutdown().await;
+    many.shutdown().await;
+}
+
 /// A service that runs a single-threaded runtime per core (as actix-web's workers do) builds
 /// one connector and its pools on each runtime: the runtimes' first connects, racing on a
 /// cold cache, cause one OAuth and one credential fetch in all; each runtime's pools serve on
