@@ -77,7 +77,9 @@ pub enum TokenStrategy {
     /// fetched while the program is idle. For background jobs.
     Lazy,
     /// Fetch a fresh token for every new connection (the JavaScript examples' `none`).
-    /// Cheap for Aurora DSQL, whose tokens are signed locally.
+    /// Cheap for Aurora DSQL, whose tokens are signed locally. The fetches run one at a
+    /// time, as all of a cache's do: with a credential service over the network (Lakebase),
+    /// connections opened together wait for each other's fetches.
     Uncached,
 }
 
