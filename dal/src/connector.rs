@@ -1042,9 +1042,14 @@ impl Connector {
     /// drops, with `close_notify`. This waits for the SeaORM pools' logouts of the
     /// connections closed so far (at most 5 s), which run on tasks of their own, so that a
     /// program may end its runtime as soon as this returns.
+    ///
+    /// A [read-only connector](Self::read_only) closes its own pools only: the token cache
+    /// it shares stops with the connector that made it.
     pub async fn shutdown(&self) {
         self.shared.shut_down.store(true, Ordering::Relaxed);
-        self.shared.cache.shutdown();
+        if !self.shared.read_only {
+            self.shared.cache.shutdown();
+        }
         for peer in &self.shared.peers {
             peer.shared.cache.shutdown();
         }

@@ -761,6 +761,42 @@ async fn a_read_only_connector_reads_with_the_same_token_and_refuses_writes() {
     ));
 }
 
+/// The read-only connector shares its connector's token cache: its shutdown closes its own
+/// pools and leaves the cache alone. It stopped the refresher and dropped the listeners, a
+/// plain sqlx pool's among them, so that pool's connections logged in with an expired token
+/// once its last one ran out.
+#[tokio::test]
+async fn shutting_down_the_read_only_connector_leaves_the_token_refresh_running() {
+    let pg = tests::server().await;
+    let ttl = Duration::from_secs(3);
+    let lb = tests::lakebase(&pg, "replica_down", ttl).await;
+    let config = lb
+        .client_config(&pg, "replica_down")
+        .unwrap()
+        .strategy(TokenStrategy::Eager)
+        .read_only_host("127.0.0.1");
+    let connector = Connector::new(config).await.unwrap();
+    let _sqlx = connector.sqlx_pool().await.unwrap();
+    let listeners = connector.cache().listeners();
+    assert!(listeners >= 1, "the plain sqlx pool listens for new tokens");
+    let replica = connector.read_only().unwrap();
+    replica.seaorm().await.unwrap();
+    replica.shutdown().await;
+    assert_eq!(connector.cache().listeners(), listeners);
+    // The refresher fetches the next token before this one expires, with no caller asking.
+    let fetched = connector.cache().fetches();
+    let deadline = Instant::now() + ttl * 10;
+    while connector.cache().fetches() == fetched {
+        assert!(
+            Instant::now() < deadline,
+            "no token was fetched in {:?} of 3 s tokens: the refresher stopped",
+            ttl * 10
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    connector.shutdown().await;
+}
+
 /// Callers waiting for a connection get one in the order they asked: with more callers than
 /// connections, one that just gave a connection back does not take it again ahead of those
 /// already waiting. Every caller gets its share; and each checkout of the Diesel and
