@@ -41,7 +41,8 @@ struct Inner {
     /// Held by the one fetch in flight (see [`TokenCache::refresh`]).
     flight: Arc<tokio::sync::Mutex<()>>,
     listeners: Mutex<Vec<Listener>>,
-    /// A copy of the last failed fetch's error, for the callers that waited on it.
+    /// A copy of the last failed fetch's error, for the callers that waited on it, if it
+    /// was a refusal.
     failed: Mutex<Option<Error>>,
     refresher: Mutex<Option<JoinHandle<()>>>,
     fetches: AtomicU64,
@@ -123,8 +124,9 @@ impl TokenCache {
 
     /// A token for a new connection: the cached one while it is fresh, else a new one.
     ///
-    /// Concurrent callers share one fetch, and its failure: a caller that waited on a fetch
-    /// that failed gets a copy of its error, not a fetch of its own. When a refresh fails but
+    /// Concurrent callers share one fetch, and its refusal: a caller that waited on a fetch
+    /// that failed for good (HTTP 403, say: not [retryable](Error::is_retryable)) gets a copy
+    /// of its error, not a fetch of its own. When a refresh fails but
     /// the cached token is still valid, the cached token is returned (and the refresh tried
     /// again later).
     pub async fn token(&self) -> Result<Arc<Token>> {
@@ -296,10 +298,12 @@ impl TokenCache {
                 _ => {}
             }
         }
-        // A fetch failed while this caller waited: its failure, not another call to a
-        // failing service (200 connects waiting on a refusal made 200 calls, one by one).
+        // A fetch was refused while this caller waited: its refusal, not another call to the
+        // service (200 connects waiting on a refusal made 200 calls, one by one). A failure
+        // that may pass (a timeout, HTTP 503) is tried again, one fetch at a time.
         if inner.failures.load(Ordering::Relaxed) != failures
             && let Some(failed) = &*inner.failed.lock().unwrap_or_else(|e| e.into_inner())
+            && !failed.is_retryable()
         {
             return Err(failed.duplicate(inner.source.kind()));
         }
@@ -685,32 +689,37 @@ mod tests {
         assert_eq!(calls(&source), 1);
     }
 
-    /// Callers with no valid token wait for the fetch in flight; when it fails, they get its
-    /// failure, not a fetch of their own: 200 cold connects against a failing service made
-    /// 200 fetches, one after another, each with its retries.
+    /// A fetch that fails for a passing reason (a timeout, HTTP 503) is not shared: the next
+    /// caller waiting tries again, and those after it get its token. Sharing it failed every
+    /// request that needed a login through an outage, however long their connect timeout.
     #[tokio::test(start_paused = true)]
-    async fn callers_waiting_on_a_failed_fetch_share_its_failure() {
-        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(60));
-        source.failing.store(true, Ordering::SeqCst);
-        let tasks: Vec<_> = (0..200)
-            .map(|_| {
-                let cache = cache.clone();
-                tokio::spawn(async move { cache.token().await.unwrap_err() })
-            })
-            .collect();
-        for task in tasks {
-            let err = task.await.unwrap();
-            // The same error for every caller: its kind, its message, what it means.
-            assert!(matches!(err, Error::HttpTransport { .. }), "{err:?}");
-            assert_eq!(ErrorChain(&err).to_string(), "/test: down");
-            assert!(err.is_retryable() && err.is_connection_failure());
-        }
-        // One fetch: its two attempts.
-        assert_eq!(calls(&source), 2);
-        assert_eq!(cache.failures(), 1);
-        // A caller after the failure asks the service again, and the service is back.
-        source.failing.store(false, Ordering::SeqCst);
-        assert_eq!(cache.token().await.unwrap().expose(), "t2");
+    async fn callers_waiting_on_a_fetch_that_failed_for_a_passing_reason_try_again() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let source = move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if n < 3 {
+                    return Err(Error::HttpTransport {
+                        endpoint: "/test".into(),
+                        what: "down".into(),
+                        source: None,
+                    });
+                }
+                Ok(Token::new(format!("t{n}"), None))
+            }
+        };
+        let cache = TokenCache::new(
+            Arc::new(source),
+            TokenStrategy::Lazy,
+            CacheSettings::default(),
+        );
+        let outcomes = futures_util::future::join_all((0..200).map(|_| cache.token())).await;
+        // The first fetch's three attempts failed, and its caller got the failure.
+        assert_eq!(outcomes.iter().filter(|o| o.is_err()).count(), 1);
+        assert!(outcomes.iter().flatten().all(|t| t.expose() == "t3"));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 
     /// A refused credential (HTTP 403 from a custom source) is shared as it is: callers that
