@@ -307,21 +307,28 @@ async fn rotation_with_connection_churn() {
 }
 
 /// What an outage run leaves: the server and the service (alive until dropped), the workload,
-/// its figures, and its recovery time after the service came back.
+/// its figures, its recovery time after the service came back, and how many requests the
+/// service refused while down.
 type Outage = (
     LocalPostgres,
     LocalLakebase,
     Arc<Workload>,
     Figures,
     Duration,
+    usize,
 );
 
-/// Writes while the credential service (tokens living `ttl`) is down for `down`, from one
-/// second into the life of the first token, until both ORMs write again after it.
-async fn outage(database: &str, ttl: Duration, down: Duration) -> Outage {
+/// Writes while the credential service (tokens living `ttl`, refreshed `margin` ahead of
+/// expiry) is down for `down`, from one second into the life of the first token, until both
+/// ORMs write again after it.
+async fn outage(database: &str, ttl: Duration, margin: Duration, down: Duration) -> Outage {
     let pg = tests::server().await;
     let lb = tests::lakebase(&pg, database, ttl).await;
-    let w = Workload::new(lb.client_config(&pg, database).unwrap()).await;
+    let cache = dal::CacheSettings::builder()
+        .refresh_margin(margin)
+        .build()
+        .unwrap();
+    let w = Workload::new(lb.client_config(&pg, database).unwrap().cache(cache)).await;
     // Timed from the token, not from the writers, so that a slow start takes nothing from
     // the token's life left after the outage.
     let expires = w.connector.cache().expires_at().expect("a token");
@@ -331,20 +338,33 @@ async fn outage(database: &str, ttl: Duration, down: Duration) -> Outage {
     let minted = tokio::time::Instant::now() + left - ttl;
     let writers = w.start(WRITE_PAUSE);
     tokio::time::sleep_until(minted + Duration::from_secs(1)).await;
+    let before = lb.requests();
     lb.set_down(true);
     tokio::time::sleep(down).await;
+    let refused = lb.requests() - before;
     lb.set_down(false);
     let recovery = w.recover(writers, Instant::now()).await;
     let figures = w.figures(&pg.admin(database).await.unwrap()).await;
-    (pg, lb, w, figures, recovery)
+    (pg, lb, w, figures, recovery, refused)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_outage_shorter_than_the_token_life() {
-    let (_pg, _lb, w, figures, _) =
-        outage("f_outage", Duration::from_secs(6), Duration::from_secs(3)).await;
-    report("credential service down 3 s (6 s tokens)", &figures, "");
+    // The refresh is due 2.7 to 3 s into the token's life, in the outage (1 to 4 s).
+    let (_pg, _lb, w, figures, _, refused) = outage(
+        "f_outage",
+        Duration::from_secs(6),
+        Duration::from_secs(3),
+        Duration::from_secs(3),
+    )
+    .await;
+    report(
+        "credential service down 3 s (6 s tokens)",
+        &figures,
+        &format!("| refused {refused}"),
+    );
     w.assert_clean(&figures);
+    assert!(refused >= 1, "the outage met no refresh");
     w.connector.shutdown().await;
 }
 
@@ -421,9 +441,10 @@ async fn terminated_idle_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_outage_longer_than_the_token_life() {
     // The token expires during the outage: new connections cannot log in until it ends.
-    let (_pg, _lb, w, figures, recovery) = outage(
+    let (_pg, _lb, w, figures, recovery, _) = outage(
         "f_long_outage",
         Duration::from_secs(3),
+        Duration::from_millis(600),
         Duration::from_secs(5),
     )
     .await;
