@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use secrecy::ExposeSecret;
+use tokio::time::Instant;
 use tokio_postgres::Socket;
 use tokio_postgres::tls::MakeTlsConnect;
 
@@ -638,16 +639,19 @@ impl Connector {
         }
     }
 
-    /// One connection to this endpoint: limits and a refused token handled, no failover.
+    /// One connection to this endpoint: limits and a refused token handled, no failover. The
+    /// connect timeout bounds all of it (the wait for this process's own
+    /// [connection rate](Config::connection_rate) aside): the token, each login, the pauses
+    /// after a server's limit.
     async fn connect_here<T>(&self, open: OpenWith<T>) -> Result<T> {
-        let started = Instant::now();
+        let mut deadline = Instant::now() + self.shared.connect_timeout;
         let mut attempt = 0;
         loop {
-            match self.connect_once(open).await {
+            match self.connect_once(open, &mut deadline).await {
                 Err(e) if matches!(e.sqlstate(), Some("53300" | "53400")) => {
                     attempt += 1;
                     let delay = SERVER_LIMIT_BACKOFF.delay(attempt);
-                    if started.elapsed() + delay > self.shared.connect_timeout {
+                    if Instant::now() + delay >= deadline {
                         return Err(e);
                     }
                     let sqlstate = e.sqlstate().unwrap_or_default().to_owned();
@@ -661,11 +665,12 @@ impl Connector {
         }
     }
 
-    /// One connection: a refused token is replaced once, nothing else is retried.
-    async fn connect_once<T>(&self, open: OpenWith<T>) -> Result<T> {
+    /// One connection by `deadline`: a refused token is replaced once, nothing else is
+    /// retried.
+    async fn connect_once<T>(&self, open: OpenWith<T>, deadline: &mut Instant) -> Result<T> {
         let cache = &self.shared.cache;
-        let token = self.token().await?;
-        match self.connect_with(&token, open).await {
+        let token = self.token_by(*deadline).await?;
+        match self.connect_with(&token, open, deadline).await {
             Err(e) if e.is_auth_failure() => {
                 tracing::warn!(
                     source = cache.source_kind(),
@@ -673,8 +678,8 @@ impl Connector {
                     "the server refused the token; fetching a fresh one"
                 );
                 cache.invalidate(&token);
-                let token = self.token().await?;
-                self.connect_with(&token, open).await
+                let token = self.token_by(*deadline).await?;
+                self.connect_with(&token, open, deadline).await
             }
             other => other,
         }
@@ -738,27 +743,33 @@ impl Connector {
         )
     }
 
-    /// The cached token, waiting for a fetch (one at a time, with its retries) no longer than
-    /// the connect timeout: a slow credential service fails this connection with
+    /// The cached token, waiting for a fetch (one at a time, with its retries) no later than
+    /// `deadline`: a slow credential service fails this connection with
     /// [`Error::ConnectTimeout`] instead of holding it without bound.
-    async fn token(&self) -> Result<std::sync::Arc<Token>> {
-        let timeout = self.shared.connect_timeout;
-        tokio::time::timeout(timeout, self.shared.cache.token())
+    async fn token_by(&self, deadline: Instant) -> Result<std::sync::Arc<Token>> {
+        tokio::time::timeout_at(deadline, self.shared.cache.token())
             .await
             .map_err(|_| Error::ConnectTimeout {
                 endpoint: format!("the {} credential source", self.shared.cache.source_kind()),
-                timeout,
+                timeout: self.shared.connect_timeout,
             })?
     }
 
-    /// One connection opened by `open`, after its place under the connection rate and within
-    /// the connect timeout.
-    async fn connect_with<T>(&self, token: &Token, open: OpenWith<T>) -> Result<T> {
+    /// One connection opened by `open`, after its place under the connection rate, by
+    /// `deadline`, which moves on by the wait for that place.
+    async fn connect_with<T>(
+        &self,
+        token: &Token,
+        open: OpenWith<T>,
+        deadline: &mut Instant,
+    ) -> Result<T> {
         if let Some(limiter) = &self.shared.limiter {
+            let waiting = Instant::now();
             limiter.until_ready().await;
+            *deadline += waiting.elapsed();
         }
         let timeout = self.shared.connect_timeout;
-        let conn = tokio::time::timeout(timeout, open(self, token))
+        let conn = tokio::time::timeout_at(*deadline, open(self, token))
             .await
             .map_err(|_| Error::ConnectTimeout {
                 endpoint: format!("{}:{}", self.shared.host, self.shared.port),
@@ -1374,7 +1385,7 @@ mod tests {
             .strategy(crate::TokenStrategy::Lazy)
             .connect_timeout(Duration::from_secs(2));
         let connector = Connector::build(config).unwrap();
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let err = connector.connect().await.map(drop).unwrap_err();
         assert!(matches!(err, Error::ConnectTimeout { .. }), "{err:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(2));
@@ -1405,7 +1416,7 @@ mod tests {
         let err = connector.connect().await.map(drop).unwrap_err();
         assert!(matches!(err, Error::ConnectTimeout { .. }), "{err:?}");
         answer.send(true).unwrap();
-        let token = connector.token().await.unwrap();
+        let token = connector.cache().token().await.unwrap();
         assert_eq!(token.expose(), "t");
         assert_eq!(fetches.load(Ordering::Relaxed), 1);
     }
