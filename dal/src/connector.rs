@@ -1095,14 +1095,12 @@ fn is_unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Whether the server refused the login itself: SQLSTATE `28P01`, or `28000` from
-/// PostgreSQL's external methods (LDAP, PAM, ...) that token services use.
+/// Whether the server refused the login's credentials: SQLSTATE `28P01`, or `28000` from
+/// PostgreSQL's external methods (LDAP, PAM, ...) that token services use (see
+/// [`refuses_credentials`](crate::error::refuses_credentials)).
 fn is_refused_login(e: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    matches!(
-        e.code(),
-        Some(&SqlState::INVALID_PASSWORD | &SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
-    )
+    e.as_db_error()
+        .is_some_and(|e| crate::error::refuses_credentials(e.code().code(), e.routine()))
 }
 
 /// Refuses what no driver can send safely in the startup packet: NUL ends a value early, and

@@ -462,6 +462,22 @@ impl Error {
             .to_owned()
     }
 
+    /// The routine of the server's code that raised a database error, if the server named
+    /// one (PostgreSQL does; its translations leave it as it is).
+    fn routine(&self) -> Option<&str> {
+        match self {
+            Error::Database(e) => e.as_db_error().and_then(|e| e.routine()),
+            Error::AuthFailed { source, .. } => source.as_db_error().and_then(|e| e.routine()),
+            #[cfg(feature = "seaorm")]
+            Error::SeaOrm(e) => sqlx_error(e)
+                .and_then(pg_database_error)
+                .and_then(|e| e.routine()),
+            Error::Connect { source } => source.routine(),
+            Error::RetriesExhausted { last, .. } => last.routine(),
+            _ => None,
+        }
+    }
+
     /// The server's message of a database error, if there is one.
     fn db_message(&self) -> Option<&str> {
         match self {
@@ -624,13 +640,19 @@ impl Error {
     ///
     /// A refused login carries SQLSTATE `28P01` (`invalid_password`: password and SCRAM
     /// logins) or `28000` (`invalid_authorization_specification`: PostgreSQL's external
-    /// methods such as LDAP, and token services built on them); both count.
+    /// methods such as LDAP, and token services built on them); both count. PostgreSQL's
+    /// other `28000` refusals do not, since a new token cannot mend them: no `pg_hba.conf`
+    /// line for the connection (an `sslmode` the server does not accept, say), a role that
+    /// does not exist or may not log in. They are told apart by the routine that raised them
+    /// (`auth_failed` for credentials), which the server does not translate.
     pub fn is_auth_failure(&self) -> bool {
         match self {
             Error::Http { status, .. } => matches!(status, 401 | 403),
             Error::Connect { source } => source.is_auth_failure(),
             Error::Credential { .. } => self.in_credential().is_some_and(Error::is_auth_failure),
-            _ => matches!(self.sqlstate(), Some("28P01" | "28000")),
+            _ => self
+                .sqlstate()
+                .is_some_and(|code| refuses_credentials(code, self.routine())),
         }
     }
 
@@ -776,6 +798,20 @@ pub(crate) const STALE_PLAN: &str = "cached plan must not change result type";
 /// The routine that raises it, the `R` field of the error, which the server does not
 /// translate (`lc_messages`): `src/backend/utils/cache/plancache.c`.
 pub(crate) const STALE_PLAN_ROUTINE: &str = "RevalidateCachedQuery";
+
+/// The routine of PostgreSQL's `auth.c` that refuses a login whose credentials failed their
+/// check (password, LDAP, PAM and the other methods), with SQLSTATE `28P01` or `28000`.
+const AUTH_FAILED_ROUTINE: &str = "auth_failed";
+
+/// Whether a server's error with SQLSTATE `code`, raised by `routine`, refused the
+/// credentials: `28P01`, or `28000` from [`AUTH_FAILED_ROUTINE`]. PostgreSQL gives `28000`
+/// as well to a connection `pg_hba.conf` has no line for (`ClientAuthentication`) and to a
+/// role that does not exist or may not log in (`InitializeSessionUserId`), which no new
+/// token mends. A server that names no routine (one that is not PostgreSQL's own code) is
+/// taken at its code.
+pub(crate) fn refuses_credentials(code: &str, routine: Option<&str>) -> bool {
+    code == "28P01" || (code == "28000" && routine.is_none_or(|r| r == AUTH_FAILED_ROUTINE))
+}
 
 /// Whether sqlx's database error `e` (SQLSTATE `0A000`) is a stale prepared statement's.
 #[cfg(feature = "seaorm")]

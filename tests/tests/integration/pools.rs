@@ -1181,3 +1181,43 @@ async fn one_connect_with_a_refused_token_ends_within_the_connect_timeout() {
     );
     connector.shutdown().await;
 }
+
+/// A login the server refuses for another reason than its credentials (SQLSTATE `28000`
+/// from a role that may not log in, as from a `pg_hba.conf` with no line for the connection)
+/// is not taken for a refused token: no new token is fetched, and the error says what the
+/// server said. Before, each connect fetched a second token and reported "the token or
+/// password is wrong or has expired".
+#[tokio::test]
+async fn a_role_that_may_not_log_in_is_not_a_refused_token() {
+    let pg = Arc::new(tests::server().await);
+    tests::app_database(&pg, "nologin").await;
+    pg.create_token_role("nologin").await.unwrap();
+    pg.admin("postgres")
+        .await
+        .unwrap()
+        .batch_execute("ALTER ROLE nologin NOLOGIN")
+        .await
+        .unwrap();
+    let minted = Arc::new(AtomicU64::new(0));
+    let config = pg
+        .config("nologin", "nologin", "unused")
+        .credentials(rotating_source(
+            Arc::clone(&pg),
+            "nologin",
+            Duration::from_secs(60),
+            Arc::clone(&minted),
+        ))
+        .strategy(TokenStrategy::Lazy);
+    let connector = Connector::new(config).await.unwrap();
+    let err = connector.connect().await.err().expect("no login");
+    assert!(!err.is_auth_failure(), "{err:?}");
+    assert_eq!(err.sqlstate(), Some("28000"));
+    let said = format!("{:#}", anyhow::Error::new(err));
+    assert!(said.contains("is not permitted to log in"), "{said}");
+    assert_eq!(
+        AtomicU64::load(&minted, Ordering::Relaxed),
+        1,
+        "tokens fetched"
+    );
+    connector.shutdown().await;
+}
