@@ -881,6 +881,11 @@ impl Connector {
     /// back while its server does not answer holds its place until the server does (sqlx
     /// issue #4349). [`seaorm`](Self::seaorm) bounds them.
     ///
+    /// sqlx opens its connections itself, so this pool does not fail over on its own: with
+    /// [several endpoints](crate::Config::failover), it moves to the next endpoint when
+    /// another of this connector's pools or [`connect`](Self::connect) fails over. A program
+    /// whose only pool is this one does not move.
+    ///
     /// sqlx tells nothing of a refused login: with a source whose tokens stop working before
     /// the expiry they claim (a revoked token, a skewed clock), its new connections fail until
     /// a fresh token is pushed: at the next refresh, or as soon as another pool of this

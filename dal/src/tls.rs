@@ -17,7 +17,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 
 use crate::error::{Error, Result, Setting};
 
-/// How a connection uses TLS, with libpq's meanings.
+/// How a connection uses TLS, with libpq's meanings. libpq's `allow` is not offered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SslMode {
@@ -43,7 +43,9 @@ pub enum SslMode {
     /// TLS always, certificate chain and host name verified. The default for Lakebase and
     /// Aurora DSQL. With a configured CA, the SeaORM and sqlx pools' connections (sqlx's)
     /// also accept a certificate a public CA issued for the host name; the others trust the
-    /// configured CA alone.
+    /// configured CA alone. The host name is looked for in the certificate's subject
+    /// alternative names only (RFC 6125): a certificate that holds it in its Common Name
+    /// alone, which libpq accepts, is refused; issue it with a `subjectAltName`.
     VerifyFull,
 }
 
@@ -70,6 +72,13 @@ impl std::str::FromStr for SslMode {
             "require" => Self::Require,
             "verify-ca" => Self::VerifyCa,
             "verify-full" => Self::VerifyFull,
+            "allow" => {
+                return Err(
+                    "\"allow\" (plain first, TLS only if the server insists) is not \
+                     offered: use prefer, or a mode that always uses TLS"
+                        .to_owned(),
+                );
+            }
             _ => {
                 return Err(format!(
                     "{s:?} is not one of disable, prefer, require, verify-ca, verify-full"
@@ -452,6 +461,9 @@ mod tests {
         assert_eq!("require".parse::<SslMode>(), Ok(SslMode::Require));
         let err = "verify_full".parse::<SslMode>().unwrap_err();
         assert!(err.contains("verify-full"), "{err}");
+        // libpq's `allow` is named as what it is, with what to use instead.
+        let err = "allow".parse::<SslMode>().unwrap_err();
+        assert!(err.contains("not offered") && err.contains("prefer"), "{err}");
     }
 
     /// libpq refuses `verify-ca` against the public roots (`sslrootcert=system`): anyone can

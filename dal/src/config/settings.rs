@@ -592,7 +592,10 @@ pub struct Config {
     pub ssl_mode: Option<SslMode>,
     /// CA certificates (PEM) to verify the server with. Defaults to the Mozilla roots, which
     /// only `verify-full` may use (see [`SslMode::VerifyCa`]); libpq's `system` names them
-    /// too, and makes `verify-full` the default mode, as in libpq.
+    /// too, and makes `verify-full` the default mode, as in libpq. Two differences from
+    /// libpq: `system` means the Mozilla roots built into dal, not the operating system's
+    /// store (a CA installed there alone is not trusted: name its PEM file), and libpq's
+    /// default file `~/.postgresql/root.crt` is not read.
     pub ssl_root_cert: Option<PathBuf>,
     /// Sent in the startup packet. Defaults to the [product](Self::product) when there is
     /// one, else [`DEFAULT_APPLICATION_NAME`].
