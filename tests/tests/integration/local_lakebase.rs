@@ -313,14 +313,15 @@ async fn every_minted_token_logs_in_until_its_own_expiry() {
 async fn a_credential_expires_but_open_sessions_go_on() {
     let pg = tests::server().await;
     let lb = start(&pg, LocalLakebaseConfig::default()).await;
-    lb.set_token_ttl(Duration::from_secs(2));
-    assert_eq!(lb.token_ttl(), Duration::from_secs(2));
+    // Long enough for a login on a busy machine before expiry.
+    lb.set_token_ttl(Duration::from_secs(4));
+    assert_eq!(lb.token_ttl(), Duration::from_secs(4));
     let bearer = workspace_token(&lb).await;
     let role = lb.config().role.clone();
 
     let (token, expiry) = database_token(&lb, &bearer).await;
     let lifetime = expiry - Utc::now();
-    assert!(lifetime <= chrono::Duration::seconds(2), "{lifetime}");
+    assert!(lifetime <= chrono::Duration::seconds(4), "{lifetime}");
     let session = tests::login(&pg, &role, &token)
         .await
         .expect("log in before expiry");
@@ -337,7 +338,7 @@ async fn a_credential_expires_but_open_sessions_go_on() {
 async fn credential_calls_need_a_valid_bearer_token() {
     let pg = tests::server().await;
     let config = LocalLakebaseConfig::default()
-        .with_oauth_ttl(Duration::from_secs(1))
+        .with_oauth_ttl(Duration::from_secs(3))
         .with_pat("dapi-local-pat");
     let lb = start(&pg, config).await;
     let body = || json!({ "endpoint": lb.config().endpoint });
@@ -369,11 +370,12 @@ async fn credential_calls_need_a_valid_bearer_token() {
     .await;
     unauthenticated(&json_of(provisioned, StatusCode::UNAUTHORIZED).await);
 
-    // The workspace token works until its expiry, one second here.
+    // The workspace token works until its expiry, three seconds here (long enough for a
+    // call on a busy machine), and not after.
     let bearer = workspace_token(&lb).await;
     let ok = credential_call(&lb, AUTOSCALING, Some(&bearer), body()).await;
     assert_eq!(ok.status(), StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let expired = credential_call(&lb, AUTOSCALING, Some(&bearer), body()).await;
     unauthenticated(&json_of(expired, StatusCode::UNAUTHORIZED).await);
 
