@@ -463,7 +463,10 @@ mod tests {
         assert!(err.contains("verify-full"), "{err}");
         // libpq's `allow` is named as what it is, with what to use instead.
         let err = "allow".parse::<SslMode>().unwrap_err();
-        assert!(err.contains("not offered") && err.contains("prefer"), "{err}");
+        assert!(
+            err.contains("not offered") && err.contains("prefer"),
+            "{err}"
+        );
     }
 
     /// libpq refuses `verify-ca` against the public roots (`sslrootcert=system`): anyone can

@@ -9,6 +9,10 @@
 //! is a knob ([`LocalDsqlEndpoint::limit_connection_rate`]), off at start. So is an outage of
 //! the endpoint ([`LocalDsqlEndpoint::set_down`]), for the failover of a multi-region cluster,
 //! whose peer the cluster also serves ([`LocalDsqlEndpoint::start_peer`]).
+//!
+//! Each endpoint accepts only tokens signed for its host, as DSQL's do (the SigV4 signature
+//! covers it): it connects to the server from a loopback address of its own (`127.0.0.2`,
+//! `127.0.0.3`), by which `pg_hba.conf` names the endpoint to the cluster's token verifier.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +58,9 @@ pub struct LocalDsqlEndpoint {
 
 struct Shared {
     upstream: SocketAddr,
+    /// The loopback address this endpoint connects to the server from, which tells the
+    /// cluster's verifier the endpoint (see `DSQL_ENDPOINT_SOURCES`).
+    source: std::net::Ipv4Addr,
     tls: TlsAcceptor,
     rate: Mutex<Option<Arc<DefaultDirectRateLimiter>>>,
     accepted: AtomicU64,
@@ -113,8 +120,13 @@ impl LocalDsqlEndpoint {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::local(format!("cannot bind the DSQL endpoint: {e}")))?;
+        let source = super::token_login::DSQL_ENDPOINT_SOURCES
+            .iter()
+            .find_map(|(name, from)| (*name == host).then_some(*from))
+            .ok_or_else(|| Error::local(format!("no local DSQL endpoint is named {host}")))?;
         let shared = Arc::new(Shared {
             upstream: SocketAddr::from(([127, 0, 0, 1], pg.port())),
+            source,
             tls: TlsAcceptor::from(tls),
             rate: Mutex::new(None),
             accepted: AtomicU64::new(0),
@@ -235,7 +247,7 @@ fn admit(client: TcpStream, shared: &Arc<Shared>) {
     shared.accepted.fetch_add(1, Ordering::Relaxed);
     let mut down = shared.down.subscribe();
     tokio::spawn(async move {
-        let Ok(mut server) = TcpStream::connect(shared.upstream).await else {
+        let Ok(mut server) = connect_from(shared.source, shared.upstream).await else {
             return;
         };
         // Each piece goes on as it comes, as both ends send it (libpq, tokio-postgres and
@@ -251,6 +263,13 @@ fn admit(client: TcpStream, shared: &Arc<Shared>) {
             _ = down.wait_for(|down| *down) => {}
         }
     });
+}
+
+/// A connection to `to` from the loopback address `from`.
+async fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((from, 0)))?;
+    socket.connect(to).await
 }
 
 /// Answers a client's startup with a `FATAL` error, over TLS when the client asks for it.

@@ -60,6 +60,20 @@ pub const LOCAL_DSQL_PEER_HOST: &str = "127.0.0.1";
 #[cfg(feature = "dsql")]
 pub const LOCAL_DSQL_PEER_REGION: &str = "us-east-2";
 
+/// The loopback address each local DSQL endpoint connects to the server from, by the host
+/// it serves: `pg_hba.conf` names the endpoint to the verifier by that address, so that
+/// each endpoint accepts only tokens signed for it, as DSQL's do.
+#[cfg(feature = "dsql")]
+pub(crate) const DSQL_ENDPOINT_SOURCES: [(&str, std::net::Ipv4Addr); 2] = [
+    (LOCAL_DSQL_HOST, std::net::Ipv4Addr::new(127, 0, 0, 2)),
+    (LOCAL_DSQL_PEER_HOST, std::net::Ipv4Addr::new(127, 0, 0, 3)),
+];
+
+/// What follows the role in the bind DN of a login through a DSQL endpoint, before
+/// [`DN_SUFFIX`]: the endpoint's host.
+#[cfg(feature = "dsql")]
+const DN_ENDPOINT: &str = ",ou=";
+
 type HmacSha256 = Hmac<sha2::Sha256>;
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -142,7 +156,13 @@ impl Tokens {
 
     /// Why the DSQL token `token` may not log in as `role` at `now`, if it may not.
     #[cfg(feature = "dsql")]
-    async fn dsql_refusal(&self, role: &str, token: &str, now: SystemTime) -> Option<&'static str> {
+    async fn dsql_refusal(
+        &self,
+        role: &str,
+        token: &str,
+        endpoint: Option<&str>,
+        now: SystemTime,
+    ) -> Option<&'static str> {
         use crate::credentials::{Clock, CredentialSource, Dsql};
         struct At(SystemTime);
         impl Clock for At {
@@ -158,6 +178,9 @@ impl Tokens {
             LOCAL_DSQL_PEER_HOST => LOCAL_DSQL_PEER_REGION,
             _ => return Some("signed for another endpoint"),
         };
+        if endpoint.is_some_and(|endpoint| endpoint != host) {
+            return Some("signed for another endpoint than the one connected to");
+        }
         let param = |name: &str| {
             query.split('&').find_map(|pair| {
                 let (k, v) = pair.split_once('=')?;
@@ -213,13 +236,15 @@ impl Tokens {
         }
     }
 
-    /// Why `token` may not log in as `role` now, whichever kind of token it is.
-    async fn check(&self, role: &str, token: &str) -> Option<&'static str> {
+    /// Why `token` may not log in as `role` now, whichever kind of token it is, through
+    /// `endpoint` (the host of the DSQL endpoint connected through, if any).
+    async fn check(&self, role: &str, endpoint: Option<&str>, token: &str) -> Option<&'static str> {
         let now = SystemTime::now();
         #[cfg(feature = "dsql")]
         if token.contains("/?Action=") {
-            return self.dsql_refusal(role, token, now).await;
+            return self.dsql_refusal(role, token, endpoint, now).await;
         }
+        let _ = endpoint;
         self.refusal(role, token, now)
     }
 
@@ -229,8 +254,15 @@ impl Tokens {
             .dn
             .strip_prefix(DN_PREFIX)
             .and_then(|rest| rest.strip_suffix(DN_SUFFIX));
+        #[cfg(feature = "dsql")]
+        let role = role.map(|r| match r.rsplit_once(DN_ENDPOINT) {
+            Some((role, host)) => (role, Some(host)),
+            None => (r, None),
+        });
+        #[cfg(not(feature = "dsql"))]
+        let role = role.map(|r| (r, None));
         let refusal = match role {
-            Some(role) => self.check(role, &request.pw).await,
+            Some((role, endpoint)) => self.check(role, endpoint, &request.pw).await,
             None => Some("unexpected bind DN"),
         };
         match refusal {
@@ -329,15 +361,24 @@ impl TokenLogins {
     pub(crate) fn write_hba(&self, data: &Path) -> Result<bool> {
         let path = data.join("pg_hba.conf");
         let old = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
-        let rule = format!(
-            "hostssl all +{TOKEN_GROUP} 127.0.0.1/32 ldap ldapserver=127.0.0.1 ldapport={} \
-             ldapprefix=\"{DN_PREFIX}\" ldapsuffix=\"{DN_SUFFIX}\"",
-            self.port
+        let rule = |from: &str, endpoint: &str| {
+            format!(
+                "hostssl all +{TOKEN_GROUP} {from}/32 ldap ldapserver=127.0.0.1 ldapport={} \
+                 ldapprefix=\"{DN_PREFIX}\" ldapsuffix=\"{endpoint}{DN_SUFFIX}\"",
+                self.port
+            )
+        };
+        let mut lines = vec![HBA_MARK.to_owned(), rule("127.0.0.1", "")];
+        #[cfg(feature = "dsql")]
+        lines.extend(
+            DSQL_ENDPOINT_SOURCES
+                .iter()
+                .map(|(host, from)| rule(&from.to_string(), &format!("{DN_ENDPOINT}{host}"))),
         );
-        let mut lines: Vec<&str> = vec![HBA_MARK, &rule];
         lines.extend(
             old.lines()
-                .filter(|l| *l != HBA_MARK && !l.contains(&format!("+{TOKEN_GROUP} "))),
+                .filter(|l| *l != HBA_MARK && !l.contains(&format!("+{TOKEN_GROUP} ")))
+                .map(str::to_owned),
         );
         let new = lines.join("\n") + "\n";
         if new == old {

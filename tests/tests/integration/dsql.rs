@@ -497,3 +497,31 @@ async fn the_local_endpoint_forwards_without_nagle_delay() {
     drop(client);
     connection.await.unwrap().unwrap();
 }
+
+/// Each endpoint of a multi-region cluster accepts only tokens signed for it, as DSQL's do
+/// (the SigV4 signature covers the host): a pool that went on signing for the endpoint it
+/// failed over from is refused at the other. Both local endpoints accepted both endpoints'
+/// tokens, so such a pool passed.
+#[tokio::test]
+async fn each_endpoint_of_a_cluster_accepts_only_tokens_signed_for_it() {
+    let pg = dsql_cluster().await;
+    let near = LocalDsqlEndpoint::start(&pg).await.unwrap();
+    let peer = LocalDsqlEndpoint::start_peer(&pg).await.unwrap();
+    for (at, other) in [(&near, &peer), (&peer, &near)] {
+        let own = Connector::new(at.config(&pg, "admin", "dsql").unwrap())
+            .await
+            .unwrap();
+        own.connect().await.map(drop).expect("its own token");
+        own.shutdown().await;
+        let others = other
+            .config(&pg, "admin", "dsql")
+            .unwrap()
+            .credentials
+            .expect("the other endpoint's source");
+        let config = at.config(&pg, "admin", "dsql").unwrap().credentials(others);
+        let wrong = Connector::new(config).await.unwrap();
+        let err = wrong.connect().await.map(drop).unwrap_err();
+        assert!(err.is_auth_failure(), "{at:?}: {err:?}");
+        wrong.shutdown().await;
+    }
+}
