@@ -562,6 +562,20 @@ impl LocalLakebase {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
+    /// The workspace OAuth access tokens issued that have not expired: secrets a test can
+    /// look for where none may appear (logs, errors).
+    pub fn workspace_tokens(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.shared
+            .workspace_tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, expiry)| **expiry > now)
+            .map(|(token, _)| token.clone())
+            .collect()
+    }
+
     /// How many workspace OAuth tokens were issued.
     pub fn oauth_requests(&self) -> usize {
         self.shared.oauth_requests.load(Ordering::SeqCst)

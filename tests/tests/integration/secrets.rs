@@ -195,8 +195,52 @@ async fn no_secret_appears_in_logs_debug_display_or_errors() {
     secrets.push(token.expose().to_owned());
     shown.push(format!("{dsql:?} {token:?}"));
 
+    // DSQL tokens through a connector: a login, and one refused (a token signed for
+    // another region), with what the connector logs and answers for each.
+    pg.create_token_role("sec_dsql").await.unwrap();
+    let (key_id, key) = pg.dsql_access_keys();
+    secrets.push(key.expose_secret().to_owned());
+    let dsql_tokens = Arc::new(Mutex::new(Vec::new()));
+    for (region, accepted) in [(dal::local::LOCAL_DSQL_REGION, true), ("eu-west-1", false)] {
+        let source = Dsql::new(dal::local::LOCAL_DSQL_HOST, "sec_dsql", Some(region))
+            .unwrap()
+            .with_static_credentials(key_id.clone(), key.expose_secret(), None);
+        let config = Config::new(dal::local::LOCAL_DSQL_HOST, "sec_dsql")
+            .port(pg.port())
+            .database("postgres")
+            .ssl_root_cert(pg.ca_cert_path())
+            .credentials(dal::Credentials::source(source))
+            .strategy(TokenStrategy::Lazy);
+        let dsql_connector = Connector::new(config).await.unwrap();
+        let seen = Arc::clone(&dsql_tokens);
+        dsql_connector.cache().on_refresh(move |t| {
+            seen.lock().unwrap().push(t.expose().to_owned());
+            true
+        });
+        match dsql_connector.connect().await {
+            Ok((client, connection)) => {
+                assert!(accepted, "a token signed for {region} logged in");
+                tokio::spawn(connection);
+                client.simple_query("SELECT 1").await.unwrap();
+            }
+            Err(e) => {
+                assert!(!accepted && e.is_auth_failure(), "{e:?}");
+                shown.push(format!("{e} {e:?}{}", chain(&e)));
+            }
+        }
+        shown.push(format!("{dsql_connector:?}"));
+        dsql_connector.shutdown().await;
+    }
+    let dsql_tokens = dsql_tokens.lock().unwrap().clone();
+    assert!(dsql_tokens.len() >= 2, "{} DSQL tokens", dsql_tokens.len());
+    secrets.extend(dsql_tokens);
+
     connector.shutdown().await;
     static_connector.shutdown().await;
+    // The workspace token the connector called the credential API with.
+    let workspace = lb.workspace_tokens();
+    assert!(!workspace.is_empty(), "a workspace token was issued");
+    secrets.extend(workspace);
     drop(lb);
 
     secrets.extend(tokens.lock().unwrap().iter().cloned());
