@@ -41,8 +41,8 @@ struct Inner {
     /// Held by the one fetch in flight (see [`TokenCache::refresh`]).
     flight: Arc<tokio::sync::Mutex<()>>,
     listeners: Mutex<Vec<Listener>>,
-    /// A copy of the last failed fetch's error, for the callers that waited on it, if it
-    /// was a refusal.
+    /// A copy of the last fetch's error, if it failed and left no valid token, for the
+    /// callers that waited on it (when it was a refusal).
     failed: Mutex<Option<Error>>,
     refresher: Mutex<Option<JoinHandle<()>>>,
     fetches: AtomicU64,
@@ -336,8 +336,6 @@ impl TokenCache {
         match self.fetch_with_retries().await {
             Ok((token, took)) => Ok(self.install(token, took)),
             Err(e) => {
-                *inner.failed.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(e.duplicate(inner.source.kind()));
                 inner.failures.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(telemetry::TOKEN_REFRESH_FAILURES, "source" => inner.source.kind())
                     .increment(1);
@@ -350,8 +348,16 @@ impl TokenCache {
                 inner
                     .retry_after_ms
                     .store(millis(now + backoff), Ordering::Relaxed);
-                match inner.current.load_full() {
-                    Some(entry) if is_valid(&entry.token, now) => {
+                let kept = inner
+                    .current
+                    .load_full()
+                    .filter(|entry| is_valid(&entry.token, now));
+                // The callers that waited on this fetch share its failure only when it leaves
+                // them no token: with one still valid, they get that (as this caller does).
+                *inner.failed.lock().unwrap_or_else(|e| e.into_inner()) =
+                    kept.is_none().then(|| e.duplicate(inner.source.kind()));
+                match kept {
+                    Some(entry) => {
                         tracing::warn!(
                             source = inner.source.kind(),
                             error = %ErrorChain(&e),
@@ -460,6 +466,7 @@ impl TokenCache {
             refresh_at,
         })));
         inner.retry_after_ms.store(0, Ordering::Relaxed);
+        *inner.failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
         inner
             .listeners
             .lock()
@@ -720,6 +727,42 @@ mod tests {
         assert_eq!(outcomes.iter().filter(|o| o.is_err()).count(), 1);
         assert!(outcomes.iter().flatten().all(|t| t.expose() == "t3"));
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    /// A refusal that leaves a valid token is not shared: under the uncached strategy, the
+    /// caller that waited gets that token, as the caller whose fetch was refused does.
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_that_leaves_a_valid_token_is_not_shared() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let source = move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if n > 0 {
+                    return Err(Error::Http {
+                        endpoint: "/api/2.0/postgres/credentials".into(),
+                        status: 403,
+                        code: "PERMISSION_DENIED".into(),
+                        message: "no access".into(),
+                        retry_after: None,
+                    });
+                }
+                Ok(Token::new(
+                    "t0",
+                    Some(SystemTime::now() + Duration::from_secs(3600)),
+                ))
+            }
+        };
+        let cache = TokenCache::new(
+            Arc::new(source),
+            TokenStrategy::Uncached,
+            CacheSettings::default(),
+        );
+        cache.token().await.unwrap();
+        let (a, b) = tokio::join!(cache.token(), cache.token());
+        assert_eq!(a.unwrap().expose(), "t0");
+        assert_eq!(b.unwrap().expose(), "t0");
     }
 
     /// A refused credential (HTTP 403 from a custom source) is shared as it is: callers that
