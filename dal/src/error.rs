@@ -644,7 +644,8 @@ impl Error {
     /// other `28000` refusals do not, since a new token cannot mend them: no `pg_hba.conf`
     /// line for the connection (an `sslmode` the server does not accept, say), a role that
     /// does not exist or may not log in. They are told apart by the routine that raised them
-    /// (`auth_failed` for credentials), which the server does not translate.
+    /// (`ClientAuthentication`, `InitializeSessionUserId`), which the server does not
+    /// translate.
     pub fn is_auth_failure(&self) -> bool {
         match self {
             Error::Http { status, .. } => matches!(status, 401 | 403),
@@ -799,18 +800,20 @@ pub(crate) const STALE_PLAN: &str = "cached plan must not change result type";
 /// translate (`lc_messages`): `src/backend/utils/cache/plancache.c`.
 pub(crate) const STALE_PLAN_ROUTINE: &str = "RevalidateCachedQuery";
 
-/// The routine of PostgreSQL's `auth.c` that refuses a login whose credentials failed their
-/// check (password, LDAP, PAM and the other methods), with SQLSTATE `28P01` or `28000`.
-const AUTH_FAILED_ROUTINE: &str = "auth_failed";
+/// The routines of PostgreSQL that refuse a login with SQLSTATE `28000` for another reason
+/// than its credentials, which no new token mends: `ClientAuthentication` (`auth.c`: no
+/// `pg_hba.conf` line for the connection, or one that rejects it) and
+/// `InitializeSessionUserId` (`miscinit.c`: a role that does not exist or may not log in).
+const NOT_CREDENTIAL_ROUTINES: [&str; 2] = ["ClientAuthentication", "InitializeSessionUserId"];
 
 /// Whether a server's error with SQLSTATE `code`, raised by `routine`, refused the
-/// credentials: `28P01`, or `28000` from [`AUTH_FAILED_ROUTINE`]. PostgreSQL gives `28000`
-/// as well to a connection `pg_hba.conf` has no line for (`ClientAuthentication`) and to a
-/// role that does not exist or may not log in (`InitializeSessionUserId`), which no new
-/// token mends. A server that names no routine (one that is not PostgreSQL's own code) is
-/// taken at its code.
+/// credentials: `28P01`, or `28000` unless one of [`NOT_CREDENTIAL_ROUTINES`] raised it.
+/// PostgreSQL's own refusal of credentials comes from `auth.c`'s `auth_failed`; a token
+/// service may refuse from code of its own (an authentication hook), with a routine of
+/// its own, and a server that is not PostgreSQL may name none: both count.
 pub(crate) fn refuses_credentials(code: &str, routine: Option<&str>) -> bool {
-    code == "28P01" || (code == "28000" && routine.is_none_or(|r| r == AUTH_FAILED_ROUTINE))
+    code == "28P01"
+        || (code == "28000" && !routine.is_some_and(|r| NOT_CREDENTIAL_ROUTINES.contains(&r)))
 }
 
 /// Whether sqlx's database error `e` (SQLSTATE `0A000`) is a stale prepared statement's.
