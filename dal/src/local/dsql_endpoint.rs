@@ -124,6 +124,16 @@ impl LocalDsqlEndpoint {
             .iter()
             .find_map(|(name, from)| (*name == host).then_some(*from))
             .ok_or_else(|| Error::local(format!("no local DSQL endpoint is named {host}")))?;
+        // Linux has all of 127.0.0.0/8 on its loopback interface; other systems may not.
+        tokio::net::TcpSocket::new_v4()
+            .and_then(|socket| socket.bind(SocketAddr::from((source, 0))))
+            .map_err(|e| {
+                Error::local(format!(
+                    "the local DSQL endpoint {host} connects to the server from {source}, which \
+                     this machine does not have on its loopback interface ({e}); add it (on \
+                     macOS: `sudo ifconfig lo0 alias {source}`)"
+                ))
+            })?;
         let shared = Arc::new(Shared {
             upstream: SocketAddr::from(([127, 0, 0, 1], pg.port())),
             source,
@@ -247,8 +257,13 @@ fn admit(client: TcpStream, shared: &Arc<Shared>) {
     shared.accepted.fetch_add(1, Ordering::Relaxed);
     let mut down = shared.down.subscribe();
     tokio::spawn(async move {
-        let Ok(mut server) = connect_from(shared.source, shared.upstream).await else {
-            return;
+        let mut server = match connect_from(shared.source, shared.upstream).await {
+            Ok(server) => server,
+            Err(e) => {
+                let from = shared.source;
+                tracing::warn!(error = %e, %from, "the DSQL endpoint cannot reach the server");
+                return;
+            }
         };
         // Each piece goes on as it comes, as both ends send it (libpq, tokio-postgres and
         // PostgreSQL all turn Nagle's algorithm off): held for an ACK, the last short piece of

@@ -44,6 +44,8 @@ const STATE_FILE: &str = "token-logins.json";
 const DN_PREFIX: &str = "cn=";
 const DN_SUFFIX: &str = ",dc=dal";
 const HBA_MARK: &str = "# dal: token logins, checked by the local LDAP verifier";
+/// Ends each `pg_hba.conf` line for the other logins through a local DSQL endpoint.
+const ENDPOINT_LOGINS_MARK: &str = "# dal: other logins through a local DSQL endpoint";
 const TOKEN_PREFIX: &str = "dal1";
 
 /// The endpoint name the local Aurora DSQL tokens are signed for (and clients connect to).
@@ -370,14 +372,24 @@ impl TokenLogins {
         };
         let mut lines = vec![HBA_MARK.to_owned(), rule("127.0.0.1", "")];
         #[cfg(feature = "dsql")]
-        lines.extend(
-            DSQL_ENDPOINT_SOURCES
-                .iter()
-                .map(|(host, from)| rule(&from.to_string(), &format!("{DN_ENDPOINT}{host}"))),
-        );
+        {
+            lines.extend(
+                DSQL_ENDPOINT_SOURCES
+                    .iter()
+                    .map(|(host, from)| rule(&from.to_string(), &format!("{DN_ENDPOINT}{host}"))),
+            );
+            // Other logins through an endpoint, as the server's own lines for 127.0.0.1.
+            lines.extend(DSQL_ENDPOINT_SOURCES.iter().map(|(_, from)| {
+                format!("host all all {from}/32 scram-sha-256 {ENDPOINT_LOGINS_MARK}")
+            }));
+        }
         lines.extend(
             old.lines()
-                .filter(|l| *l != HBA_MARK && !l.contains(&format!("+{TOKEN_GROUP} ")))
+                .filter(|l| {
+                    *l != HBA_MARK
+                        && !l.contains(&format!("+{TOKEN_GROUP} "))
+                        && !l.ends_with(ENDPOINT_LOGINS_MARK)
+                })
                 .map(str::to_owned),
         );
         let new = lines.join("\n") + "\n";

@@ -525,3 +525,22 @@ async fn each_endpoint_of_a_cluster_accepts_only_tokens_signed_for_it() {
         wrong.shutdown().await;
     }
 }
+
+/// A login with a password goes through a local DSQL endpoint as straight to the server:
+/// the endpoints connect from addresses of their own, which `pg_hba.conf` names for token
+/// logins, and for the others as for 127.0.0.1.
+#[tokio::test]
+async fn a_password_login_goes_through_each_endpoint() {
+    let pg = dsql_cluster().await;
+    for endpoint in [
+        LocalDsqlEndpoint::start(&pg).await.unwrap(),
+        LocalDsqlEndpoint::start_peer(&pg).await.unwrap(),
+    ] {
+        let config = pg.superuser_config("postgres").port(endpoint.port());
+        let connector = Connector::new(config).await.unwrap();
+        let (client, connection) = connector.connect().await.expect("a password login");
+        tokio::spawn(connection);
+        client.simple_query("SELECT 1").await.unwrap();
+        connector.shutdown().await;
+    }
+}
