@@ -666,7 +666,7 @@ impl Connector {
     }
 
     /// One connection by `deadline`: a refused token is replaced once, nothing else is
-    /// retried.
+    /// retried; when the deadline comes first, the refusal is the answer.
     async fn connect_once<T>(&self, open: OpenWith<T>, deadline: &mut Instant) -> Result<T> {
         let cache = &self.shared.cache;
         let token = self.token_by(*deadline).await?;
@@ -678,8 +678,16 @@ impl Connector {
                     "the server refused the token; fetching a fresh one"
                 );
                 cache.invalidate(&token);
-                let token = self.token_by(*deadline).await?;
-                self.connect_with(&token, open, deadline).await
+                let again = async {
+                    let token = self.token_by(*deadline).await?;
+                    self.connect_with(&token, open, deadline).await
+                };
+                match again.await {
+                    // Out of time after a refusal: the refusal is the answer. A timeout would
+                    // read as an unreachable server, to retry or fail over from.
+                    Err(Error::ConnectTimeout { .. }) => Err(e),
+                    other => other,
+                }
             }
             other => other,
         }

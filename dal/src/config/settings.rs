@@ -613,9 +613,10 @@ pub struct Config {
     /// Statement timeout of every connection, from 1 ms to `i32::MAX` ms (PostgreSQL's
     /// range; the connector refuses others). Defaults to none (the server's).
     pub statement_timeout: Option<Duration>,
-    /// Time allowed to open one connection: its token, TLS and login, and a second login
-    /// after a refused token or a server's connection limit, all included (the wait for the
-    /// [`connection_rate`](Self::connection_rate) aside). Defaults to 10 s.
+    /// Time allowed to open one connection at one endpoint: its token, TLS and login, and a
+    /// second login after a refused token or a server's connection limit, all included (the
+    /// wait for the [`connection_rate`](Self::connection_rate) aside). With
+    /// [failover](Self::failover), each endpoint tried has as long. Defaults to 10 s.
     pub connect_timeout: Duration,
     /// How fast this process opens new connections to this host and port, across every
     /// connector and pool: each connection waits for its place. Defaults to `None`: no limit,
