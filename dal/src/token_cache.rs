@@ -696,32 +696,51 @@ mod tests {
         assert_eq!(calls(&source), 1);
     }
 
+    /// A cache of `strategy` in front of a source that answers its `n`th call (from 0) with
+    /// `answer(n)`, 10 ms after it is asked; and the count of its calls.
+    fn scripted(
+        strategy: TokenStrategy,
+        answer: impl Fn(usize) -> Result<Token> + Send + Sync + 'static,
+    ) -> (TokenCache, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let answer = Arc::new(answer);
+        let source = move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let answer = Arc::clone(&answer);
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                answer(n)
+            }
+        };
+        let cache = TokenCache::new(Arc::new(source), strategy, CacheSettings::default());
+        (cache, calls)
+    }
+
+    /// The credential API's refusal (HTTP 403), asking for `retry_after`.
+    fn refusal(retry_after: Option<Duration>) -> Error {
+        Error::Http {
+            endpoint: "/api/2.0/postgres/credentials".into(),
+            status: 403,
+            code: "PERMISSION_DENIED".into(),
+            message: "no access".into(),
+            retry_after,
+        }
+    }
+
     /// A fetch that fails for a passing reason (a timeout, HTTP 503) is not shared: the next
     /// caller waiting tries again, and those after it get its token. Sharing it failed every
     /// request that needed a login through an outage, however long their connect timeout.
     #[tokio::test(start_paused = true)]
     async fn callers_waiting_on_a_fetch_that_failed_for_a_passing_reason_try_again() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&calls);
-        let source = move || {
-            let n = counter.fetch_add(1, Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                if n < 3 {
-                    return Err(Error::HttpTransport {
-                        endpoint: "/test".into(),
-                        what: "down".into(),
-                        source: None,
-                    });
-                }
-                Ok(Token::new(format!("t{n}"), None))
-            }
-        };
-        let cache = TokenCache::new(
-            Arc::new(source),
-            TokenStrategy::Lazy,
-            CacheSettings::default(),
-        );
+        let (cache, calls) = scripted(TokenStrategy::Lazy, |n| match n {
+            0..3 => Err(Error::HttpTransport {
+                endpoint: "/test".into(),
+                what: "down".into(),
+                source: None,
+            }),
+            _ => Ok(Token::new(format!("t{n}"), None)),
+        });
         let outcomes = futures_util::future::join_all((0..200).map(|_| cache.token())).await;
         // The first fetch's three attempts failed, and its caller got the failure.
         assert_eq!(outcomes.iter().filter(|o| o.is_err()).count(), 1);
@@ -733,32 +752,13 @@ mod tests {
     /// caller that waited gets that token, as the caller whose fetch was refused does.
     #[tokio::test(start_paused = true)]
     async fn a_refusal_that_leaves_a_valid_token_is_not_shared() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&calls);
-        let source = move || {
-            let n = counter.fetch_add(1, Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                if n > 0 {
-                    return Err(Error::Http {
-                        endpoint: "/api/2.0/postgres/credentials".into(),
-                        status: 403,
-                        code: "PERMISSION_DENIED".into(),
-                        message: "no access".into(),
-                        retry_after: None,
-                    });
-                }
-                Ok(Token::new(
-                    "t0",
-                    Some(SystemTime::now() + Duration::from_secs(3600)),
-                ))
-            }
-        };
-        let cache = TokenCache::new(
-            Arc::new(source),
-            TokenStrategy::Uncached,
-            CacheSettings::default(),
-        );
+        let (cache, _) = scripted(TokenStrategy::Uncached, |n| match n {
+            0 => Ok(Token::new(
+                "t0",
+                Some(SystemTime::now() + Duration::from_secs(3600)),
+            )),
+            _ => Err(refusal(None)),
+        });
         cache.token().await.unwrap();
         let (a, b) = tokio::join!(cache.token(), cache.token());
         assert_eq!(a.unwrap().expose(), "t0");
@@ -769,26 +769,9 @@ mod tests {
     /// waited on it see the same refusal, not a retryable failure of their own.
     #[tokio::test(start_paused = true)]
     async fn a_shared_refusal_stays_a_refusal() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&calls);
-        let source = move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                Err::<Token, _>(Error::Http {
-                    endpoint: "/api/2.0/postgres/credentials".into(),
-                    status: 403,
-                    code: "PERMISSION_DENIED".into(),
-                    message: "no access".into(),
-                    retry_after: Some(Duration::from_secs(7)),
-                })
-            }
-        };
-        let cache = TokenCache::new(
-            Arc::new(source),
-            TokenStrategy::Lazy,
-            CacheSettings::default(),
-        );
+        let (cache, calls) = scripted(TokenStrategy::Lazy, |_| {
+            Err(refusal(Some(Duration::from_secs(7))))
+        });
         let errors = futures_util::future::join_all((0..50).map(|_| cache.token())).await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         for err in errors.into_iter().map(Result::unwrap_err) {
