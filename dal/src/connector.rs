@@ -738,6 +738,15 @@ impl Connector {
         }
     }
 
+    /// The error for a connection that failed before the server answered, TLS aside (its
+    /// errors say what to fix themselves): `source` says why.
+    fn unreachable(&self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Unreachable {
+            endpoint: format!("{}:{}", self.shared.host, self.shared.port),
+            source: Box::new(source),
+        }
+    }
+
     /// The error for a certificate no trusted CA signed, naming the setting that fixes it.
     fn unknown_issuer(&self) -> Error {
         Error::config(
@@ -836,6 +845,9 @@ impl Connector {
                 }))
             }
             Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
+            Err(e) if e.as_db_error().is_none() && rustls_error(&e).is_none() => {
+                Err(self.unreachable(e))
+            }
             Err(e) => Err(Error::Database(e)),
         }
     }
@@ -852,6 +864,9 @@ impl Connector {
             match sea_orm::sqlx::PgConnection::connect_with(&options).await {
                 Ok(conn) => Ok(conn),
                 Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
+                Err(e @ sea_orm::sqlx::Error::Io(_)) if rustls_error(&e).is_none() => {
+                    Err(self.unreachable(e))
+                }
                 Err(e) => {
                     let e = Error::SeaOrm(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(
                         Arc::new(e),
@@ -1091,6 +1106,16 @@ pub(crate) type OpenWith<T> = for<'a> fn(&'a Connector, &'a Token) -> BoxFuture<
 /// Whether TLS failed because no trusted CA signed the server's certificate, anywhere in
 /// `e`'s chain.
 fn is_unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
+    rustls_error(e).is_some_and(|e| {
+        matches!(
+            e,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+        )
+    })
+}
+
+/// The rustls error anywhere in `e`'s chain, if TLS failed.
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut cause = Some(e);
     while let Some(c) = cause {
         // tokio-rustls wraps rustls' error in an io::Error, whose `source` skips it.
@@ -1098,14 +1123,12 @@ fn is_unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
             .map_or(c, |inner| inner as &(dyn std::error::Error + 'static));
-        if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) =
-            inner.downcast_ref::<rustls::Error>()
-        {
-            return true;
+        if let Some(e) = inner.downcast_ref::<rustls::Error>() {
+            return Some(e);
         }
         cause = c.source();
     }
-    false
+    None
 }
 
 /// Whether the server refused the login's credentials: SQLSTATE `28P01`, or `28000` from
@@ -1400,6 +1423,36 @@ mod tests {
         let err = connector.connect().await.map(drop).unwrap_err();
         assert!(matches!(err, Error::ConnectTimeout { .. }), "{err:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    /// A server nothing answers for (no listener at the port) is named, with the settings
+    /// that name it, by each kind of connection. The tokio-postgres connections said
+    /// "database error", naming neither the host nor the port.
+    #[tokio::test]
+    async fn an_unreachable_server_is_named_with_its_settings() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap()
+            .port();
+        let config = Config::new("127.0.0.1", "u").port(port).password("p");
+        let connector = Connector::build(config).unwrap();
+        #[cfg_attr(not(feature = "seaorm"), allow(unused_mut))]
+        let mut errors = vec![connector.connect().await.map(drop).unwrap_err()];
+        #[cfg(feature = "seaorm")]
+        errors.push(
+            connector
+                .connect_by(Connector::open_sqlx)
+                .await
+                .map(drop)
+                .unwrap_err(),
+        );
+        for err in errors {
+            assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
+            let said = err.to_string();
+            assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
+            assert!(said.contains("PGHOST and PGPORT"), "{said}");
+            assert!(err.is_connection_failure() && err.is_retryable());
+        }
     }
 
     /// A fetch slower than the connect timeout goes on after the connect that started it

@@ -298,6 +298,22 @@ pub enum Error {
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
+    /// A connection could not be opened, before the server answered anything: the host name
+    /// did not resolve, nothing listened at the port, the network failed (a failed TLS
+    /// handshake is reported as the driver reports it). The endpoint comes from `PGHOST` and
+    /// `PGPORT` (or `DATABASE_URL`); the cause says what failed.
+    #[error(
+        "cannot open a connection to {endpoint}: check the host and port (PGHOST and PGPORT, \
+         or DATABASE_URL)"
+    )]
+    Unreachable {
+        /// `host:port` of the server.
+        endpoint: String,
+        /// What failed, as the driver reported it.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// A database connection was not open within the connect timeout (TCP, TLS and login).
     #[error("no connection to {endpoint} within {timeout:?}")]
     ConnectTimeout {
@@ -585,9 +601,10 @@ impl Error {
         }
         match self {
             Error::Database(e) => is_connection_lost(e),
-            Error::HttpTransport { .. } | Error::PoolTimeout(_) | Error::ConnectTimeout { .. } => {
-                true
-            }
+            Error::HttpTransport { .. }
+            | Error::PoolTimeout(_)
+            | Error::ConnectTimeout { .. }
+            | Error::Unreachable { .. } => true,
             Error::Connect { source } => source.is_connection_failure(),
             #[cfg(feature = "seaorm")]
             Error::SeaOrm(sea_orm::DbErr::ConnectionAcquire(_)) => true,
@@ -668,9 +685,10 @@ impl Error {
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
             // A custom source's failure is retried unless it says otherwise with dal's error.
             Error::Credential { .. } => self.in_credential().is_none_or(Error::is_retryable),
-            Error::HttpTransport { .. } | Error::PoolTimeout(_) | Error::ConnectTimeout { .. } => {
-                true
-            }
+            Error::HttpTransport { .. }
+            | Error::PoolTimeout(_)
+            | Error::ConnectTimeout { .. }
+            | Error::Unreachable { .. } => true,
             Error::Database(e) => {
                 is_connection_lost(e) || self.is_connection_failure() || self.is_conflict()
             }

@@ -107,7 +107,7 @@ fn token_ttl() -> anyhow::Result<Duration> {
 /// service or the database failed, and where.
 pub fn explain(config: &Config, e: dal::Error) -> anyhow::Error {
     let what = match &e {
-        dal::Error::Config { .. } => return e.into(),
+        dal::Error::Config { .. } | dal::Error::Unreachable { .. } => return e.into(),
         dal::Error::Credential { .. } | dal::Error::Http { .. } => {
             "cannot get a database credential".to_owned()
         }

@@ -88,7 +88,8 @@ fn an_unreachable_database_is_named() {
     for program in PROGRAMS {
         let line = fails(program, &[("DATABASE_URL", &url)]);
         assert!(
-            line.contains("cannot connect to the database at 127.0.0.1"),
+            line.contains("cannot open a connection to 127.0.0.1")
+                && line.contains("PGHOST and PGPORT, or DATABASE_URL"),
             "{line}"
         );
         assert!(!line.contains("secret-pw"), "{line}");
