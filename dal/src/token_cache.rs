@@ -41,8 +41,8 @@ struct Inner {
     /// Held by the one fetch in flight (see [`TokenCache::refresh`]).
     flight: Arc<tokio::sync::Mutex<()>>,
     listeners: Mutex<Vec<Listener>>,
-    /// A copy of the last fetch's error, if it failed and left no valid token, for the
-    /// callers that waited on it (when it was a refusal).
+    /// A copy of the last fetch's error, if it was a refusal that left no valid token, for
+    /// the callers that waited on it.
     failed: Mutex<Option<Error>>,
     refresher: Mutex<Option<JoinHandle<()>>>,
     fetches: AtomicU64,
@@ -125,8 +125,8 @@ impl TokenCache {
     /// A token for a new connection: the cached one while it is fresh, else a new one.
     ///
     /// Concurrent callers share one fetch, and its refusal: a caller that waited on a fetch
-    /// that failed for good (HTTP 403, say: not [retryable](Error::is_retryable)) gets a copy
-    /// of its error, not a fetch of its own. When a refresh fails but
+    /// that failed for good (HTTP 403, say: not [retryable](Error::is_retryable)) and left no
+    /// valid token gets a copy of its error, not a fetch of its own. When a refresh fails but
     /// the cached token is still valid, the cached token is returned (and the refresh tried
     /// again later).
     pub async fn token(&self) -> Result<Arc<Token>> {
@@ -303,7 +303,6 @@ impl TokenCache {
         // that may pass (a timeout, HTTP 503) is tried again, one fetch at a time.
         if inner.failures.load(Ordering::Relaxed) != failures
             && let Some(failed) = &*inner.failed.lock().unwrap_or_else(|e| e.into_inner())
-            && !failed.is_retryable()
         {
             return Err(failed.duplicate(inner.source.kind()));
         }
@@ -352,10 +351,11 @@ impl TokenCache {
                     .current
                     .load_full()
                     .filter(|entry| is_valid(&entry.token, now));
-                // The callers that waited on this fetch share its failure only when it leaves
-                // them no token: with one still valid, they get that (as this caller does).
+                // The callers that waited on this fetch share its failure only when it is a
+                // refusal and leaves them no token: with one still valid, they get that (as
+                // this caller does); after a failure that may pass, they ask again.
                 *inner.failed.lock().unwrap_or_else(|e| e.into_inner()) =
-                    kept.is_none().then(|| e.duplicate(inner.source.kind()));
+                    (kept.is_none() && !e.is_retryable()).then(|| e.duplicate(inner.source.kind()));
                 match kept {
                     Some(entry) => {
                         tracing::warn!(
