@@ -726,7 +726,7 @@ impl Error {
                 source,
             } => Error::Credential {
                 source_kind,
-                source: match source.downcast_ref::<Error>() {
+                source: match self.in_credential() {
                     Some(e) => Box::new(e.duplicate(source_kind)),
                     None => said(&**source),
                 },
