@@ -86,9 +86,12 @@ pub async fn run(stack: &Arc<Stack>, clients: usize, period: Duration) -> anyhow
     let outcomes = match &**stack {
         Stack::PerCore(cores) => {
             let n = cores.cores();
+            // Each core's callers are numbered from 0, so that a driver alone gives each its
+            // own of the core's connections.
             cores
                 .on_each(move |core, stack| {
-                    Box::pin(callers(stack, (core..clients).step_by(n).collect(), until))
+                    let here = (core..clients).step_by(n).count();
+                    Box::pin(callers(stack, (0..here).collect(), until))
                 })
                 .await?
                 .concat()

@@ -50,7 +50,7 @@ pub struct Ratio {
 }
 
 /// The ratios reported, with their goals at 8 clients.
-const RATIOS: [(Kind, Kind, Option<f64>); 15] = [
+const RATIOS: [(Kind, Kind, Option<f64>); 19] = [
     (Kind::SeaOrmDal, Kind::SeaOrmPlain, Some(1.5)),
     (Kind::SeaOrmDal, Kind::DieselDal, Some(0.9)),
     (Kind::DieselDal, Kind::DieselPlainLike, Some(0.97)),
@@ -60,6 +60,12 @@ const RATIOS: [(Kind, Kind, Option<f64>); 15] = [
     // arrangement, a runtime and pool per core, against pgbench with as many threads.
     (Kind::DieselDalPerCore, Kind::Pgbench, Some(0.9)),
     (Kind::PgDalPerCore, Kind::Pgbench, Some(0.9)),
+    // The drivers alone in that arrangement: how near pgbench the driver itself comes, and
+    // what the pool costs over it.
+    (Kind::DieselNoPoolPerCore, Kind::Pgbench, None),
+    (Kind::PgNoPoolPerCore, Kind::Pgbench, None),
+    (Kind::DieselDalPerCore, Kind::DieselNoPoolPerCore, None),
+    (Kind::PgDalPerCore, Kind::PgNoPoolPerCore, None),
     // The same pools on one runtime for all cores (tokio's default, work-stealing), and the
     // drivers alone on it: what the runtime's arrangement costs, pool or none.
     (Kind::DieselDal, Kind::Pgbench, None),

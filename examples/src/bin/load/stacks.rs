@@ -120,7 +120,7 @@ pub enum Stack {
     DieselNoPool(Vec<tokio::sync::Mutex<AsyncPgConnection>>),
     /// A client per caller, with the query prepared on it once.
     PgNoPool(Vec<(tokio_postgres::Client, tokio_postgres::Statement)>),
-    /// A dal stack on each of a set of single-threaded runtimes.
+    /// A stack (a dal pool, or a driver alone) on each of a set of single-threaded runtimes.
     PerCore(PerCore),
 }
 
@@ -139,12 +139,14 @@ pub enum Kind {
     PgDalPerCore,
     DieselNoPool,
     PgNoPool,
+    DieselNoPoolPerCore,
+    PgNoPoolPerCore,
     Pgbench,
     PgbenchOneThread,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 15] = [
         Kind::SeaOrmDal,
         Kind::SeaOrmPlain,
         Kind::DieselDal,
@@ -156,6 +158,8 @@ impl Kind {
         Kind::PgDalPerCore,
         Kind::DieselNoPool,
         Kind::PgNoPool,
+        Kind::DieselNoPoolPerCore,
+        Kind::PgNoPoolPerCore,
         Kind::Pgbench,
         Kind::PgbenchOneThread,
     ];
@@ -173,6 +177,8 @@ impl Kind {
             Kind::PgDalPerCore => "tokio-postgres via dal, a runtime and pool per core",
             Kind::DieselNoPool => "Diesel, no pool (a connection per caller)",
             Kind::PgNoPool => "tokio-postgres, no pool (a client per caller)",
+            Kind::DieselNoPoolPerCore => "Diesel, no pool, a runtime per core",
+            Kind::PgNoPoolPerCore => "tokio-postgres, no pool, a runtime per core",
             Kind::Pgbench => "pgbench -S -M prepared (a thread per runtime worker)",
             Kind::PgbenchOneThread => "pgbench -S -M prepared (one thread, its default)",
         }
@@ -180,7 +186,10 @@ impl Kind {
 
     /// Whether the stack is a driver with no pool.
     pub fn driver_alone(self) -> bool {
-        matches!(self, Kind::DieselNoPool | Kind::PgNoPool)
+        matches!(
+            self,
+            Kind::DieselNoPool | Kind::PgNoPool | Kind::DieselNoPoolPerCore | Kind::PgNoPoolPerCore
+        )
     }
 
     /// pgbench's threads for `clients` clients, if the stack is pgbench: as many as the
@@ -197,12 +206,14 @@ impl Kind {
         }
     }
 
-    /// The dal stack each core runs, if the stack is one runtime and pool per core (as
-    /// pgbench's threads each keep their own connections).
+    /// The stack each core runs, if the stack is one runtime per core (as pgbench's threads
+    /// each keep their own connections).
     pub fn per_core(self) -> Option<Kind> {
         match self {
             Kind::DieselDalPerCore => Some(Kind::DieselDal),
             Kind::PgDalPerCore => Some(Kind::PgDal),
+            Kind::DieselNoPoolPerCore => Some(Kind::DieselNoPool),
+            Kind::PgNoPoolPerCore => Some(Kind::PgNoPool),
             _ => None,
         }
     }
@@ -319,7 +330,10 @@ impl Stack {
                 }
                 return Ok(Stack::PgNoPool(clients));
             }
-            Kind::DieselDalPerCore | Kind::PgDalPerCore => {
+            Kind::DieselDalPerCore
+            | Kind::PgDalPerCore
+            | Kind::DieselNoPoolPerCore
+            | Kind::PgNoPoolPerCore => {
                 let cores = tokio::runtime::Handle::current().metrics().num_workers();
                 return Ok(Stack::PerCore(
                     PerCore::start(kind, server, dal()?, cores, warm).await?,
@@ -436,8 +450,9 @@ impl Stack {
     }
 }
 
-/// A dal stack on each of `cores` threads, each a single-threaded tokio runtime with a pool
-/// of its own, from one connector, sized to its share of the connector's pool settings:
+/// A stack on each of `cores` threads, each a single-threaded tokio runtime with a pool
+/// of its own, from one connector, sized to its share of the connector's pool settings (or
+/// with its share of the connections, for a driver alone):
 /// pgbench's arrangement, whose threads each keep their own connections, and that of servers
 /// that run a runtime per core. The runtimes run the work sent to them ([`on_each`]).
 ///
@@ -456,7 +471,7 @@ struct Core {
 type Job = Box<dyn FnOnce(Arc<Stack>) -> BoxFuture<'static, ()> + Send>;
 
 impl PerCore {
-    /// Starts `cores` threads, each with the dal stack of `kind` (a per-core kind) from
+    /// Starts `cores` threads, each with the stack of `kind` (a per-core kind) from
     /// `connector`, and opens `warm` connections across them.
     async fn start(
         kind: Kind,
@@ -473,12 +488,13 @@ impl PerCore {
             .max_size(share(all.max_size()))
             .min_idle(share(all.min_idle()))
             .build()?;
-        // Threads named for their driver (`diesel-core-0`), so that `perf report --comms` and
-        // `top -H` tell the two stacks' threads apart.
-        let driver = if each == Kind::DieselDal {
-            "diesel"
-        } else {
-            "postgres"
+        // Threads named for their stack (`diesel-core-0`), so that `perf report --comms` and
+        // `top -H` tell the stacks' threads apart.
+        let driver = match each {
+            Kind::DieselDal => "diesel",
+            Kind::PgDal => "postgres",
+            Kind::DieselNoPool => "diesel-alone",
+            _ => "pg-alone",
         };
         let mut started = Vec::with_capacity(cores);
         for core in 0..cores {
