@@ -5,8 +5,9 @@
 //! cargo run --release -p examples --bin load -- [--quick] [--json FILE] [--svg FILE]
 //! ```
 //!
-//! At 1, 8 and 32 clients, in interleaved rounds (every stack once per round, in a rotating
-//! order, so that a machine growing busier slows all of them alike), each client sends
+//! At 1, 8 and 32 clients, in interleaved rounds (every stack once per round, in an order
+//! drawn at random for each round, so that a machine growing busier slows all of them alike
+//! and no stack always follows the same one), each client sends
 //! pgbench's select-only query back to back through one checkout per request (the drivers
 //! with no pool, the references, through a connection of its own). dal's Diesel and
 //! tokio-postgres pools run on the clients' runtime, and again as pgbench's threads do: a
@@ -224,9 +225,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for &n in &clients {
         let mut samples: Vec<Vec<measure::Sample>> = vec![Vec::new(); kinds.len()];
         for round in 0..rounds {
-            // Each round starts with a different stack.
-            for step in 0..kinds.len() {
-                let i = (step + round) % kinds.len();
+            // An order of its own for each round: in a fixed rotation each stack always
+            // followed the same one, and met whatever that one left behind (pgbench's
+            // server processes exiting, say).
+            let mut order: Vec<usize> = (0..kinds.len()).collect();
+            fastrand::shuffle(&mut order);
+            for i in order {
                 let kind = kinds[i];
                 progress.set_message(format!(
                     "{} at {n} clients, round {}",
