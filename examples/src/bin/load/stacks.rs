@@ -187,8 +187,8 @@ impl Kind {
     /// Whether the stack is a driver with no pool.
     pub fn driver_alone(self) -> bool {
         matches!(
-            self,
-            Kind::DieselNoPool | Kind::PgNoPool | Kind::DieselNoPoolPerCore | Kind::PgNoPoolPerCore
+            self.per_core().unwrap_or(self),
+            Kind::DieselNoPool | Kind::PgNoPool
         )
     }
 
