@@ -845,9 +845,7 @@ impl Connector {
                 }))
             }
             Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
-            Err(e) if e.as_db_error().is_none() && rustls_error(&e).is_none() => {
-                Err(self.unreachable(e))
-            }
+            Err(e) if is_socket_failure(&e) => Err(self.unreachable(e)),
             Err(e) => Err(Error::Database(e)),
         }
     }
@@ -1129,6 +1127,16 @@ fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rust
         cause = c.source();
     }
     None
+}
+
+/// Whether tokio-postgres failed to open the socket: the host name did not resolve, nothing
+/// listened, the network failed. Its failures after the server answered (a method of
+/// authentication it does not implement, a SCRAM exchange that went wrong, a connection
+/// closed during login) are not. tokio-postgres tells them apart by a private error kind
+/// (`Kind::Connect`), whose message is only "error connecting to server", the cause aside
+/// (its `error/mod.rs`).
+fn is_socket_failure(e: &tokio_postgres::Error) -> bool {
+    e.to_string() == "error connecting to server"
 }
 
 /// Whether the server refused the login's credentials: SQLSTATE `28P01`, or `28000` from

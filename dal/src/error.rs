@@ -608,6 +608,14 @@ impl Error {
             Error::Connect { source } => source.is_connection_failure(),
             #[cfg(feature = "seaorm")]
             Error::SeaOrm(sea_orm::DbErr::ConnectionAcquire(_)) => true,
+            // A login that broke off on a message the driver cannot read (a method of
+            // authentication it does not implement): every new connection meets it again.
+            #[cfg(feature = "seaorm")]
+            Error::SeaOrm(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e)))
+                if matches!(**e, Sqlx::Protocol(_)) =>
+            {
+                false
+            }
             #[cfg(feature = "seaorm")]
             Error::SeaOrm(e) => matches!(
                 sqlx_error(e),

@@ -1230,3 +1230,57 @@ async fn a_role_that_may_not_log_in_is_not_a_refused_token() {
     );
     connector.shutdown().await;
 }
+
+/// A server whose `pg_hba.conf` line for the user asks for a method the drivers cannot
+/// speak (here `gss`: GSSAPI) answered: its error says so, and is neither an unreachable
+/// server ("check the host and port") nor worth retrying, for every kind of connection.
+/// Before, the tokio-postgres connections reported it as `Unreachable`, and SeaORM's as a
+/// lost connection: both to be retried.
+#[tokio::test]
+async fn a_login_method_the_drivers_cannot_speak_is_not_an_unreachable_server() {
+    let pg = tests::server().await;
+    pg.create_role("kerberized", "pw", None).await.unwrap();
+    let hba = pg.root().join("data").join("pg_hba.conf");
+    let lines = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("host all kerberized 0.0.0.0/0 gss\n{lines}")).unwrap();
+    pg.admin("postgres")
+        .await
+        .unwrap()
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let config = pg.config("postgres", "kerberized", "pw").pool(
+        PoolSettings::builder()
+            .acquire_timeout(Duration::from_secs(600))
+            .build()
+            .unwrap(),
+    );
+    let connector = Connector::new(config).await.unwrap();
+
+    let mut errors = vec![connector.connect().await.map(drop).unwrap_err()];
+    let diesel = connector.diesel_pool().await.unwrap();
+    errors.push(diesel.get().await.map(drop).unwrap_err());
+    let raw = connector.postgres_pool().await.unwrap();
+    errors.push(raw.get().await.map(drop).unwrap_err());
+    let db = connector.seaorm().await.unwrap();
+    errors.push(dal::Error::SeaOrm(
+        customer::Entity::find().all(&db).await.unwrap_err(),
+    ));
+    for err in errors {
+        let said = format!("{:#}", anyhow::Error::new(err));
+        assert!(said.contains("authentication method"), "{said}");
+        assert!(!said.contains("check the host and port"), "{said}");
+    }
+    for err in [
+        connector.connect().await.map(drop).unwrap_err(),
+        diesel.get().await.map(drop).unwrap_err(),
+        raw.get().await.map(drop).unwrap_err(),
+        dal::Error::SeaOrm(customer::Entity::find().all(&db).await.unwrap_err()),
+    ] {
+        assert!(
+            !err.is_retryable() && !err.is_auth_failure() && !err.is_connection_failure(),
+            "{err:?}"
+        );
+    }
+    connector.shutdown().await;
+}
