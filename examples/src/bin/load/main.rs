@@ -283,6 +283,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let report = Report {
         cores: std::thread::available_parallelism().map_or(1, usize::from),
         stolen_percent,
+        autogroup: measure::autogroup(),
         ratios: report::ratios(&cells, &clients),
         clients,
         rounds,

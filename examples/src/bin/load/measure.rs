@@ -263,6 +263,17 @@ fn machine_ticks() -> Option<[u64; 8]> {
     ticks.try_into().ok()
 }
 
+/// `kernel.sched_autogroup_enabled`: whether Linux divides CPU time between sessions before
+/// it divides it between processes. PostgreSQL gives each backend a session of its own
+/// (`setsid` in `InitPostmasterChild`), so that with it on, each backend weighs as much as
+/// this whole process, and a new backend's first statements waited for a core for up to a few
+/// hundred milliseconds (see examples/load.md, "The kernel's autogroups"). `None` where the
+/// kernel has no such setting.
+pub fn autogroup() -> Option<bool> {
+    let setting = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled").ok()?;
+    Some(setting.trim() != "0")
+}
+
 /// The share of CPU time stolen between two [`cpu_ticks`] readings, in percent.
 pub fn stolen_percent(from: Option<(u64, u64)>, to: Option<(u64, u64)>) -> Option<f64> {
     let ((steal0, total0), (steal1, total1)) = (from?, to?);

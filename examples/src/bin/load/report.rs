@@ -17,6 +17,9 @@ pub struct Report {
     /// and the storm), in percent of all: a figure above a few percent marks a run whose
     /// numbers the machine's neighbours moved. `None` off Linux.
     pub stolen_percent: Option<f64>,
+    /// Whether the kernel's autogroups were on ([`crate::measure::autogroup`]); `None` where
+    /// the kernel has no such setting.
+    pub autogroup: Option<bool>,
     pub clients: Vec<usize>,
     pub rounds: usize,
     /// Rounds of each churn measurement (one in a quick run).
@@ -122,11 +125,16 @@ pub fn text(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{} cores{}; median of {} interleaved rounds of {} s per cell\n",
+        "{} cores{}{}; median of {} interleaved rounds of {} s per cell\n",
         r.cores,
         r.stolen_percent.map_or_else(String::new, |p| format!(
             ", {p:.1} % of CPU time stolen by the hypervisor"
         )),
+        r.autogroup.map_or("", |on| if on {
+            ", kernel.sched_autogroup_enabled = 1"
+        } else {
+            ", kernel.sched_autogroup_enabled = 0"
+        }),
         r.rounds,
         r.seconds_per_round
     );
