@@ -130,11 +130,10 @@ pub fn text(r: &Report) -> String {
         r.stolen_percent.map_or_else(String::new, |p| format!(
             ", {p:.1} % of CPU time stolen by the hypervisor"
         )),
-        r.autogroup.map_or("", |on| if on {
-            ", kernel.sched_autogroup_enabled = 1"
-        } else {
-            ", kernel.sched_autogroup_enabled = 0"
-        }),
+        r.autogroup.map_or_else(String::new, |on| format!(
+            ", kernel.sched_autogroup_enabled = {}",
+            u8::from(on)
+        )),
         r.rounds,
         r.seconds_per_round
     );
