@@ -123,15 +123,15 @@ impl Wire {
         (code[3] != 0).then(|| String::from_utf8_lossy(&code[3..]).into_owned())
     }
 
-    /// What the wire tells of the session: a request queued by a dropped future counts as in
-    /// flight. Waits out a poll of the connection task in progress for a few microseconds;
-    /// longer, the answer is [`Session::Unknown`].
     /// How many times the connection task was woken: unchanged over a while, nothing came
     /// from the server nor was taken by a reader meanwhile.
     pub(crate) fn wakes(&self) -> u64 {
         self.wakes.load(SeqCst)
     }
 
+    /// What the wire tells of the session: a request queued by a dropped future counts as in
+    /// flight. Waits out a poll of the connection task in progress for a few microseconds;
+    /// longer, the answer is [`Session::Unknown`].
     pub(crate) fn session(&self) -> Session {
         for _ in 0..1_000 {
             if !self.busy.load(SeqCst) {
