@@ -115,7 +115,11 @@ impl Config {
             }
             // libpq reads a variable only for what the URL leaves out: the URL's host, user,
             // port and TLS settings win over PGHOST, PGUSER, PGPORT, PGSSLMODE...
-            let mut defaults = env.libpq(Config::new(String::new(), String::new()))?;
+            let (host, user) = (env.get("PGHOST"), env.get("PGUSER"));
+            let mut defaults = env.libpq(Config::new(
+                host.unwrap_or_default(),
+                user.unwrap_or_default(),
+            ))?;
             if let Some(database) = env.get("PGDATABASE") {
                 defaults.database = database;
             }
@@ -816,6 +820,35 @@ mod tests {
         assert_eq!(c.ssl_mode, Some(SslMode::Disable));
         assert_eq!(c.application_name, "other");
         assert_eq!(c.hostaddr, Some([10, 9, 9, 9].into()));
+    }
+
+    /// As in libpq, `PGHOST` and `PGUSER` give the host and the user a URL leaves out.
+    #[test]
+    fn pghost_and_pguser_fill_what_a_database_url_leaves_out() {
+        let c = config(&[
+            ("DATABASE_URL", "postgres://db.example.com/shop"),
+            ("PGUSER", "app"),
+            ("PGPASSWORD", "pw"),
+        ])
+        .unwrap();
+        assert_eq!(c.address(), ("db.example.com", 5432, "app", "shop"));
+        let c = config(&[
+            ("DATABASE_URL", "postgres://:pw@/shop"),
+            ("PGHOST", "db.example.com"),
+            ("PGUSER", "app"),
+        ])
+        .unwrap();
+        assert_eq!(c.address(), ("db.example.com", 5432, "app", "shop"));
+        for (url, missing) in [
+            ("postgres:///shop", "has no host, and PGHOST is not set"),
+            (
+                "postgres://db.example.com/shop",
+                "has no user name, and PGUSER is not set",
+            ),
+        ] {
+            let e = config(&[("DATABASE_URL", url), ("PGPASSWORD", "pw")]).unwrap_err();
+            assert!(e.to_string().contains(missing), "{url}: {e}");
+        }
     }
 
     /// An IAM token is signed for the DSQL endpoint's host and goes to no other: a leftover

@@ -43,14 +43,16 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
         .map_err(|e: tokio_postgres::Error| bad(&format!("is not a valid connection URL ({e})")))?;
     let host = match parsed.get_hosts() {
         [Host::Tcp(host)] if !host.is_empty() => host.clone(),
-        [] => return Err(bad("has no host")),
+        [] if !defaults.host.is_empty() => defaults.host.clone(),
+        [] => return Err(bad("has no host, and PGHOST is not set")),
         [_] => return Err(bad("names a Unix socket; dal connects over TCP")),
         _ => return Err(bad("names several hosts; dal connects to one")),
     };
-    let user = parsed
-        .get_user()
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| bad("has no user name"))?;
+    let user = match parsed.get_user().filter(|u| !u.is_empty()) {
+        Some(user) => user,
+        None if !defaults.user.is_empty() => &defaults.user,
+        None => return Err(bad("has no user name, and PGUSER is not set")),
+    };
     let password = match (parsed.get_password(), password) {
         (Some(p), _) => String::from_utf8(p.to_vec())
             .map_err(|_| bad("has a password that is not valid UTF-8"))?,
@@ -76,9 +78,10 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
             )));
         }
     }
+    let user = user.to_owned();
     let mut config = Config {
         host,
-        user: user.to_owned(),
+        user,
         ..defaults
     }
     .password(password);
@@ -374,7 +377,10 @@ mod tests {
                 "postgres://u@h/db",
                 "has no password, and PGPASSWORD is not set",
             ),
-            ("postgres://:secret@h/db", "has no user name"),
+            (
+                "postgres://:secret@h/db",
+                "has no user name, and PGUSER is not set",
+            ),
             (
                 "postgres://u:secret@h:99999/db",
                 "has port \"99999\": a port is a number from 1 to 65535",
