@@ -574,10 +574,17 @@ impl Env<'_> {
     fn dsql(&self) -> Result<Config> {
         let endpoint = self.require(Setting::DsqlEndpoint, "the cluster endpoint")?;
         let user = self.get("PGUSER").unwrap_or_else(|| "admin".into());
-        let region = self
-            .get("DSQL_REGION")
-            .or_else(|| self.get("AWS_REGION"))
-            .or_else(|| self.get("AWS_DEFAULT_REGION"));
+        // A full endpoint names its region, which signs its tokens: the service's own
+        // AWS_REGION fills in only for a bare cluster id. DSQL_REGION, set for DSQL alone,
+        // must agree with the endpoint.
+        let region = self.get("DSQL_REGION").or_else(|| {
+            (!endpoint.contains(".dsql."))
+                .then(|| {
+                    self.get("AWS_REGION")
+                        .or_else(|| self.get("AWS_DEFAULT_REGION"))
+                })
+                .flatten()
+        });
         if region.is_none() && !endpoint.contains(".dsql.") {
             return Err(Error::config(
                 Setting::DsqlEndpoint,
@@ -1093,6 +1100,22 @@ mod tests {
         assert_eq!(
             (c.user.as_str(), c.resolved_target().unwrap()),
             ("admin", Target::Dsql)
+        );
+    }
+
+    /// A service's own `AWS_REGION` does not contradict a full endpoint in another region:
+    /// the endpoint's region signs its tokens. `DSQL_REGION`, set for DSQL alone, must match.
+    #[cfg(feature = "dsql")]
+    #[test]
+    fn the_endpoints_region_wins_over_aws_region() {
+        let endpoint = "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws";
+        for ambient in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
+            let c = config(&[("DSQL_ENDPOINT", endpoint), (ambient, "us-east-1")]).unwrap();
+            assert_eq!(c.host, endpoint);
+        }
+        assert_eq!(
+            setting(&[("DSQL_ENDPOINT", endpoint), ("DSQL_REGION", "us-east-1")]),
+            "AWS_REGION"
         );
     }
 
