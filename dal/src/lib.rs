@@ -44,6 +44,7 @@
 //! | `diesel` (default) | [`Connector::diesel_pool`], [`DieselPool`], Diesel transactions |
 //! | `lakebase` (default) | [`credentials::Lakebase`]: Databricks OAuth and database credentials over HTTPS |
 //! | `dsql` | [`credentials::Dsql`]: Aurora DSQL IAM tokens, signed locally |
+//! | `dsql-sso` | `dsql`, and AWS profiles that sign in through IAM Identity Center (SSO) |
 //! | `local` | [`local`]: a PostgreSQL server and a Lakebase-compatible service on this machine |
 //!
 //! The tokio-postgres pool ([`Connector::postgres_pool`]) and custom credential sources are

@@ -2,7 +2,7 @@
 //! against `pgbench`, on a PostgreSQL it starts itself.
 //!
 //! ```text
-//! cargo run --release -p examples --bin load -- [--quick] [--json FILE] [--svg FILE]
+//! cargo run --release -p examples --bin load -- [--quick] [--clients 1,8,32] [--json FILE] [--svg FILE]
 //! ```
 //!
 //! At 1, 8 and 32 clients, in interleaved rounds (every stack once per round, in an order
