@@ -640,8 +640,10 @@ pub struct Config {
     /// region); their own `failover` must be empty. Defaults to none.
     pub failover: Vec<Config>,
     /// Pool sizes and lifetimes. Defaults to [`PoolSettings::for_target`] of the
-    /// [target](Self::resolved_target): settings left at [`PoolSettings::default`] are
-    /// replaced by the target's.
+    /// [target](Self::resolved_target): a `pool` equal to [`PoolSettings::default`] as a
+    /// whole is replaced by the target's; any other is used as it is. To change one setting
+    /// of a target's, start from them:
+    /// `PoolSettings::for_target(Target::Dsql).to_builder().max_size(20).build()`.
     pub pool: PoolSettings,
 }
 
