@@ -117,7 +117,8 @@ pub enum Setting {
     LakebaseInstance,
     /// An Aurora DSQL cluster endpoint, `DSQL_ENDPOINT`.
     DsqlEndpoint,
-    /// The AWS region of an Aurora DSQL cluster, `AWS_REGION`.
+    /// The AWS region of an Aurora DSQL cluster, `DSQL_REGION`; for a bare cluster id, else
+    /// `AWS_REGION` or `AWS_DEFAULT_REGION`.
     DsqlRegion,
     /// The life of an Aurora DSQL token, `DSQL_TOKEN_EXPIRES_IN`.
     DsqlTokenExpiresIn,
@@ -186,7 +187,7 @@ impl Setting {
             Setting::LakebaseEndpoint => "LAKEBASE_ENDPOINT",
             Setting::LakebaseInstance => "LAKEBASE_INSTANCE",
             Setting::DsqlEndpoint => "DSQL_ENDPOINT",
-            Setting::DsqlRegion => "AWS_REGION",
+            Setting::DsqlRegion => "DSQL_REGION",
             Setting::DsqlTokenExpiresIn => "DSQL_TOKEN_EXPIRES_IN",
             Setting::PgOptions => "PGOPTIONS",
             Setting::SslCert => "PGSSLCERT",

@@ -577,22 +577,20 @@ impl Env<'_> {
         // A full endpoint names its region, which signs its tokens: the service's own
         // AWS_REGION fills in only for a bare cluster id. DSQL_REGION, set for DSQL alone,
         // must agree with the endpoint.
-        let region = self.get("DSQL_REGION").or_else(|| {
-            (!endpoint.contains(".dsql."))
-                .then(|| {
-                    self.get("AWS_REGION")
-                        .or_else(|| self.get("AWS_DEFAULT_REGION"))
-                })
-                .flatten()
-        });
-        if region.is_none() && !endpoint.contains(".dsql.") {
+        let region = self.get("DSQL_REGION");
+        let ambient = self
+            .get("AWS_REGION")
+            .or_else(|| self.get("AWS_DEFAULT_REGION"));
+        if region.is_none() && ambient.is_none() && !endpoint.contains(".dsql.") {
             return Err(Error::config(
                 Setting::DsqlEndpoint,
                 "has no region in it: use the full endpoint (<id>.dsql.<region>.on.aws) or set \
                  AWS_REGION",
             ));
         }
-        let mut source = crate::credentials::Dsql::new(&endpoint, &user, region.as_deref())?;
+        let lookup = |name: &str| self.get(name);
+        let mut source =
+            crate::credentials::Dsql::with_env(&endpoint, &user, region.as_deref(), &lookup)?;
         if let Some(secs) = self.parse::<u64>(Setting::DsqlTokenExpiresIn, "a number of seconds")? {
             source = source.with_expires_in(Duration::from_secs(secs))?;
         }
@@ -1115,7 +1113,17 @@ mod tests {
         }
         assert_eq!(
             setting(&[("DSQL_ENDPOINT", endpoint), ("DSQL_REGION", "us-east-1")]),
-            "AWS_REGION"
+            "DSQL_REGION"
+        );
+        // For a bare cluster id the region comes from AWS_REGION, and a bad one says so.
+        let bare = [
+            ("DSQL_ENDPOINT", "abcdefghijklmnopqrstuvwxyz"),
+            ("AWS_REGION", "Mars 1"),
+        ];
+        let e = config(&bare).unwrap_err().to_string();
+        assert!(
+            e.contains("`mars 1` (from AWS_REGION) is not an AWS region"),
+            "{e}"
         );
     }
 

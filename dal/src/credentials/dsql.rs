@@ -88,9 +88,9 @@ impl Dsql {
         Self::with_env(host, user, region, &|name| std::env::var(name).ok())
     }
 
-    /// [`Dsql::new`] with the environment lookup passed in, so that tests do not depend on the
-    /// machine's variables.
-    fn with_env(
+    /// [`Dsql::new`] with the environment lookup passed in: `Config::from_lookup`'s, or a
+    /// test's, so that it does not depend on the machine's variables.
+    pub(crate) fn with_env(
         host: &str,
         user: &str,
         region: Option<&str>,
@@ -370,26 +370,31 @@ fn resolve_endpoint(
             ),
         ));
     }
-    let region = given
-        .or_else(|| in_host.map(str::to_owned))
-        .or_else(|| {
-            ["AWS_REGION", "AWS_DEFAULT_REGION"]
-                .into_iter()
-                .filter_map(env)
-                .map(|r| r.trim().to_ascii_lowercase())
-                .find(|r| !r.is_empty())
-        })
-        .ok_or_else(|| {
-            Error::config(
-                Setting::DsqlRegion,
-                "no region: use the endpoint `{cluster-id}.dsql.{region}.on.aws` as host, \
-                 pass the region, or set AWS_REGION",
-            )
-        })?;
+    let (region, from) = match given.or_else(|| in_host.map(str::to_owned)) {
+        Some(region) => (region, ""),
+        None => ["AWS_REGION", "AWS_DEFAULT_REGION"]
+            .into_iter()
+            .find_map(|var| {
+                let region = env(var)?.trim().to_ascii_lowercase();
+                (!region.is_empty()).then_some((region, var))
+            })
+            .ok_or_else(|| {
+                Error::config(
+                    Setting::DsqlRegion,
+                    "no region: use the endpoint `{cluster-id}.dsql.{region}.on.aws` as host, \
+                     pass the region, or set AWS_REGION",
+                )
+            })?,
+    };
     if !is_region(&region) {
+        let from = if from.is_empty() {
+            String::new()
+        } else {
+            format!(" (from {from})")
+        };
         return Err(Error::config(
             Setting::DsqlRegion,
-            format!("`{region}` is not an AWS region name such as `us-east-1`"),
+            format!("`{region}`{from} is not an AWS region name such as `us-east-1`"),
         ));
     }
     let host = if is_cluster_id(&host) {
@@ -686,7 +691,7 @@ mod tests {
         let err = Dsql::with_env("abcdefghijklmnopqrstuvwxyz", "app", None, &no_env).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "invalid setting AWS_REGION: no region: use the endpoint \
+            "invalid setting DSQL_REGION: no region: use the endpoint \
              `{cluster-id}.dsql.{region}.on.aws` as host, pass the region, or set AWS_REGION"
         );
         let err = Dsql::with_env("proxy.internal", "app", None, &no_env).unwrap_err();
