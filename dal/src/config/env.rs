@@ -115,10 +115,9 @@ impl Config {
             }
             // libpq reads a variable only for what the URL leaves out: the URL's host, user,
             // port and TLS settings win over PGHOST, PGUSER, PGPORT, PGSSLMODE...
-            let (host, user) = (env.get("PGHOST"), env.get("PGUSER"));
             let mut defaults = env.libpq(Config::new(
-                host.unwrap_or_default(),
-                user.unwrap_or_default(),
+                env.get("PGHOST").unwrap_or_default(),
+                env.get("PGUSER").unwrap_or_default(),
             ))?;
             if let Some(database) = env.get("PGDATABASE") {
                 defaults.database = database;

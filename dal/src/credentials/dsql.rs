@@ -371,12 +371,12 @@ fn resolve_endpoint(
         ));
     }
     let (region, from) = match given.or_else(|| in_host.map(str::to_owned)) {
-        Some(region) => (region, ""),
+        Some(region) => (region, None),
         None => ["AWS_REGION", "AWS_DEFAULT_REGION"]
             .into_iter()
             .find_map(|var| {
                 let region = env(var)?.trim().to_ascii_lowercase();
-                (!region.is_empty()).then_some((region, var))
+                (!region.is_empty()).then_some((region, Some(var)))
             })
             .ok_or_else(|| {
                 Error::config(
@@ -387,11 +387,7 @@ fn resolve_endpoint(
             })?,
     };
     if !is_region(&region) {
-        let from = if from.is_empty() {
-            String::new()
-        } else {
-            format!(" (from {from})")
-        };
+        let from = from.map(|var| format!(" (from {var})")).unwrap_or_default();
         return Err(Error::config(
             Setting::DsqlRegion,
             format!("`{region}`{from} is not an AWS region name such as `us-east-1`"),
