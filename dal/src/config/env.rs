@@ -855,6 +855,26 @@ mod tests {
         }
     }
 
+    /// A URL's empty host (`@:6543`) is a host left out, and a bad value that `PGHOST` or
+    /// `PGUSER` fills in is named by that variable, not by the URL.
+    #[tokio::test]
+    async fn what_pghost_and_pguser_fill_in_is_theirs() {
+        let c = config(&[
+            ("DATABASE_URL", "postgres://app:pw@:6543/shop"),
+            ("PGHOST", "db.example.com"),
+        ])
+        .unwrap();
+        assert_eq!(c.address(), ("db.example.com", 6543, "app", "shop"));
+        let c = config(&[
+            ("DATABASE_URL", "postgres://db.example.com/shop"),
+            ("PGUSER", "app\tadmin"),
+            ("PGPASSWORD", "pw"),
+        ])
+        .unwrap();
+        let e = crate::Connector::new(c).await.unwrap_err();
+        assert!(e.to_string().starts_with("invalid setting PGUSER"), "{e}");
+    }
+
     /// An IAM token is signed for the DSQL endpoint's host and goes to no other: a leftover
     /// `PGHOST` does not redirect it.
     #[cfg(feature = "dsql")]

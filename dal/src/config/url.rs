@@ -1,4 +1,5 @@
-//! `DATABASE_URL`: a libpq connection URI (or `key=value` string), parsed by tokio-postgres.
+//! `DATABASE_URL`: a libpq connection URI (`postgres://` or `postgresql://`), parsed by
+//! tokio-postgres.
 //!
 //! tokio-postgres knows `sslmode` only up to `require` and has no `sslrootcert`; those two
 //! are taken out of the query string first and read here, with libpq's full set of values.
@@ -41,16 +42,35 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
     let parsed: tokio_postgres::Config = rest
         .parse()
         .map_err(|e: tokio_postgres::Error| bad(&format!("is not a valid connection URL ({e})")))?;
-    let host = match parsed.get_hosts() {
-        [Host::Tcp(host)] if !host.is_empty() => host.clone(),
-        [] if !defaults.host.is_empty() => defaults.host.clone(),
-        [] => return Err(bad("has no host, and PGHOST is not set")),
+    let url_host = match parsed.get_hosts() {
+        [] => None,
+        [Host::Tcp(host)] => Some(host.as_str()).filter(|h| !h.is_empty()),
         [_] => return Err(bad("names a Unix socket; dal connects over TCP")),
         _ => return Err(bad("names several hosts; dal connects to one")),
     };
-    let user = match parsed.get_user().filter(|u| !u.is_empty()) {
-        Some(user) => user,
-        None if !defaults.user.is_empty() => &defaults.user,
+    let url_user = parsed.get_user().filter(|u| !u.is_empty());
+    // Checked here as well as by the connector, so that the error names the URL, not the PG*
+    // variable that would give the same value; what a PG* variable fills in is its own.
+    for (part, value, space) in [
+        ("host", url_host, false),
+        ("user name", url_user, true),
+        ("database name", parsed.get_dbname(), true),
+        ("application_name", parsed.get_application_name(), true),
+    ] {
+        if let Some(c) = value.and_then(|v| super::unsendable(v, space)) {
+            return Err(bad(&format!(
+                "the {part} has the character {c:?}, which cannot be sent to the server"
+            )));
+        }
+    }
+    let host = match url_host {
+        Some(host) => host.to_owned(),
+        None if !defaults.host.is_empty() => defaults.host.clone(),
+        None => return Err(bad("has no host, and PGHOST is not set")),
+    };
+    let user = match url_user {
+        Some(user) => user.to_owned(),
+        None if !defaults.user.is_empty() => defaults.user.clone(),
         None => return Err(bad("has no user name, and PGUSER is not set")),
     };
     let password = match (parsed.get_password(), password) {
@@ -64,21 +84,6 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
             ));
         }
     };
-    // Checked here as well as by the connector, so that the error names the URL, not the PG*
-    // variable that would give the same value.
-    for (part, value, space) in [
-        ("host", Some(host.as_str()), false),
-        ("user name", Some(user), true),
-        ("database name", parsed.get_dbname(), true),
-        ("application_name", parsed.get_application_name(), true),
-    ] {
-        if let Some(c) = value.and_then(|v| super::unsendable(v, space)) {
-            return Err(bad(&format!(
-                "the {part} has the character {c:?}, which cannot be sent to the server"
-            )));
-        }
-    }
-    let user = user.to_owned();
     let mut config = Config {
         host,
         user,
