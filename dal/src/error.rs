@@ -117,8 +117,8 @@ pub enum Setting {
     LakebaseInstance,
     /// An Aurora DSQL cluster endpoint, `DSQL_ENDPOINT`.
     DsqlEndpoint,
-    /// The AWS region of an Aurora DSQL cluster, `DSQL_REGION`; for a bare cluster id, else
-    /// `AWS_REGION` or `AWS_DEFAULT_REGION`.
+    /// The AWS region of an Aurora DSQL cluster, `DSQL_REGION`; for a host without one (a bare
+    /// cluster id), else `AWS_REGION` or `AWS_DEFAULT_REGION`.
     DsqlRegion,
     /// The life of an Aurora DSQL token, `DSQL_TOKEN_EXPIRES_IN`.
     DsqlTokenExpiresIn,

@@ -574,19 +574,9 @@ impl Env<'_> {
         let endpoint = self.require(Setting::DsqlEndpoint, "the cluster endpoint")?;
         let user = self.get("PGUSER").unwrap_or_else(|| "admin".into());
         // A full endpoint names its region, which signs its tokens: the service's own
-        // AWS_REGION fills in only for a bare cluster id. DSQL_REGION, set for DSQL alone,
-        // must agree with the endpoint.
+        // AWS_REGION fills in only for a host without one (a bare cluster id). DSQL_REGION,
+        // set for DSQL alone, must agree with the endpoint.
         let region = self.get("DSQL_REGION");
-        let ambient = self
-            .get("AWS_REGION")
-            .or_else(|| self.get("AWS_DEFAULT_REGION"));
-        if region.is_none() && ambient.is_none() && !endpoint.contains(".dsql.") {
-            return Err(Error::config(
-                Setting::DsqlEndpoint,
-                "has no region in it: use the full endpoint (<id>.dsql.<region>.on.aws) or set \
-                 AWS_REGION",
-            ));
-        }
         let lookup = |name: &str| self.get(name);
         let mut source =
             crate::credentials::Dsql::with_env(&endpoint, &user, region.as_deref(), &lookup)?;
@@ -1106,8 +1096,15 @@ mod tests {
     fn dsql_needs_a_region() {
         assert_eq!(
             setting(&[("DSQL_ENDPOINT", "abcdefghijklmnopqrstuvwxyz")]),
-            "DSQL_ENDPOINT"
+            "DSQL_REGION"
         );
+        // Host names are case-insensitive: a full endpoint in capitals still names its region.
+        let c = config(&[(
+            "DSQL_ENDPOINT",
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZ.DSQL.EU-WEST-1.ON.AWS",
+        )])
+        .unwrap();
+        assert_eq!(c.host, "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws");
         let c = config(&[
             ("DSQL_ENDPOINT", "abcdefghijklmnopqrstuvwxyz"),
             ("AWS_REGION", "eu-west-1"),

@@ -44,9 +44,9 @@ const CREDENTIALS_REFRESH_MARGIN: Duration = Duration::from_secs(300);
 /// [`with_expires_in`](Dsql::with_expires_in), 900 seconds by default. The signing keys come from
 /// the standard AWS credential chain: the environment (`AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), profiles in `~/.aws` (including
-/// `credential_process`; SSO profiles are not supported), web identity, and container or instance
-/// metadata. The chain is loaded on the first fetch and its keys are reused until five minutes
-/// before they expire.
+/// `credential_process`, and SSO profiles with the `dsql-sso` feature), web identity, and
+/// container or instance metadata. The chain is loaded on the first fetch and its keys are
+/// reused until five minutes before they expire.
 ///
 /// ```no_run
 /// use dal::credentials::{CredentialSource, Dsql};
@@ -381,8 +381,8 @@ fn resolve_endpoint(
             .ok_or_else(|| {
                 Error::config(
                     Setting::DsqlRegion,
-                    "no region: use the endpoint `{cluster-id}.dsql.{region}.on.aws` as host, \
-                     pass the region, or set AWS_REGION",
+                    "no region: give the full endpoint `{cluster-id}.dsql.{region}.on.aws` \
+                     as host (DSQL_ENDPOINT), the region (DSQL_REGION), or set AWS_REGION",
                 )
             })?,
     };
@@ -687,8 +687,9 @@ mod tests {
         let err = Dsql::with_env("abcdefghijklmnopqrstuvwxyz", "app", None, &no_env).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "invalid setting DSQL_REGION: no region: use the endpoint \
-             `{cluster-id}.dsql.{region}.on.aws` as host, pass the region, or set AWS_REGION"
+            "invalid setting DSQL_REGION: no region: give the full endpoint \
+             `{cluster-id}.dsql.{region}.on.aws` as host (DSQL_ENDPOINT), the region \
+             (DSQL_REGION), or set AWS_REGION"
         );
         let err = Dsql::with_env("proxy.internal", "app", None, &no_env).unwrap_err();
         assert_eq!(config_setting(err), Setting::DsqlRegion);
