@@ -75,8 +75,9 @@ impl Config {
     /// Conflicting settings (say a static password and Lakebase credentials) are an error.
     /// As in libpq, what `DATABASE_URL` gives wins, and the `PG*` variables fill only what
     /// it leaves out; a URL parameter dal does not apply (`options`, `channel_binding`,
-    /// `keepalives`, ...) is refused, not ignored, and so is one given twice. `PGHOST` applies to a static password and
-    /// to Lakebase, never to DSQL, whose endpoint is the host its tokens are signed for.
+    /// `keepalives`, ...) is refused, not ignored, and so is one given twice. `PGHOST` applies
+    /// to a static password and to Lakebase, never to DSQL, whose endpoint is the host its
+    /// tokens are signed for.
     pub fn from_env() -> Result<Self> {
         Self::from_lookup(var)
     }
@@ -192,7 +193,8 @@ impl Env<'_> {
 
     /// libpq's connection variables that apply whatever the credentials. `PGHOST` and
     /// `PGUSER` are read by each kind of credentials where they apply: an IAM token is
-    /// signed for the DSQL endpoint's host, and goes to no other.
+    /// signed for the DSQL endpoint's host. `PGHOSTADDR` changes only the address dialled,
+    /// as in libpq: TLS is still checked against the host name.
     fn libpq(&self, mut config: Config) -> Result<Config> {
         if let Some(addr) = self.parse(Setting::HostAddr, "an IP address")? {
             config.hostaddr = Some(addr);

@@ -643,7 +643,7 @@ pub struct Config {
     /// [target](Self::resolved_target): a `pool` equal to [`PoolSettings::default`] as a
     /// whole is replaced by the target's; any other is used as it is. To change one setting
     /// of a target's, start from them:
-    /// `PoolSettings::for_target(Target::Dsql).to_builder().max_size(20).build()`.
+    /// `PoolSettings::for_target(Target::Dsql).to_builder().max_size(20).build()?`.
     pub pool: PoolSettings,
 }
 
