@@ -76,6 +76,56 @@ impl Registry {
             pool.close().await;
         }
         #[cfg(feature = "seaorm")]
-        super::seaorm::logged_out().await;
+        logged_out().await;
+    }
+}
+
+#[cfg(feature = "seaorm")]
+pub(crate) use logouts::{LoggingOut, logged_out};
+
+/// The SeaORM pool's logouts, which run on tasks of their own after its connections are
+/// dropped (see its `Conn`).
+#[cfg(feature = "seaorm")]
+mod logouts {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::super::reset::LOG_OUT;
+
+    /// Logouts under way in this process, which a connector's shutdown waits for.
+    static LOGGING_OUT: AtomicUsize = AtomicUsize::new(0);
+    static LOGGED_OUT: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+    /// One logout under way, until dropped (done, or its task dropped with its runtime).
+    pub(crate) struct LoggingOut;
+
+    impl LoggingOut {
+        pub(crate) fn start() -> Self {
+            LOGGING_OUT.fetch_add(1, Ordering::SeqCst);
+            LoggingOut
+        }
+    }
+
+    impl Drop for LoggingOut {
+        fn drop(&mut self) {
+            if LOGGING_OUT.fetch_sub(1, Ordering::SeqCst) == 1 {
+                LOGGED_OUT.notify_waiters();
+            }
+        }
+    }
+
+    /// Waits, at most [`LOG_OUT`], until the connections dropped so far have logged out: a
+    /// program that ends its runtime right after a connector's shutdown would otherwise drop
+    /// their logouts with it.
+    pub(crate) async fn logged_out() {
+        let all = async {
+            loop {
+                let notified = LOGGED_OUT.notified();
+                if LOGGING_OUT.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(LOG_OUT, all).await;
     }
 }

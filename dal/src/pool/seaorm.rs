@@ -15,7 +15,6 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -30,6 +29,7 @@ use sea_query_sqlx::SqlxValues;
 use tokio::sync::Mutex;
 
 use super::bb8_pool::{Kind, Lifespan, Manager, Pool};
+use super::registry::LoggingOut;
 use super::reset::{LOG_OUT, OUTSIDE_TRANSACTION, ROLLBACK, keeps_transaction};
 use crate::error::{Error, ErrorChain, Result};
 use crate::telemetry::{self, PoolHealth};
@@ -287,44 +287,6 @@ impl Drop for Conn {
             }));
         }
     }
-}
-
-/// Logouts under way in this process, which a connector's shutdown waits for.
-static LOGGING_OUT: AtomicUsize = AtomicUsize::new(0);
-static LOGGED_OUT: tokio::sync::Notify = tokio::sync::Notify::const_new();
-
-/// One logout under way, until dropped (done, or its task dropped with its runtime).
-struct LoggingOut;
-
-impl LoggingOut {
-    fn start() -> Self {
-        LOGGING_OUT.fetch_add(1, Ordering::SeqCst);
-        LoggingOut
-    }
-}
-
-impl Drop for LoggingOut {
-    fn drop(&mut self) {
-        if LOGGING_OUT.fetch_sub(1, Ordering::SeqCst) == 1 {
-            LOGGED_OUT.notify_waiters();
-        }
-    }
-}
-
-/// Waits, at most [`LOG_OUT`], until the connections dropped so far have logged out: a
-/// program that ends its runtime right after a connector's shutdown would otherwise drop
-/// their logouts with it.
-pub(crate) async fn logged_out() {
-    let all = async {
-        loop {
-            let notified = LOGGED_OUT.notified();
-            if LOGGING_OUT.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    };
-    let _ = tokio::time::timeout(LOG_OUT, all).await;
 }
 
 fn values(stmt: &Statement) -> SqlxValues {
