@@ -253,7 +253,7 @@ impl Connector {
         });
         let mut application_name = config.application_name;
         if let Some(product) = &config.product {
-            crate::config::check_product(product)?;
+            crate::telemetry::check_product(product)?;
             if application_name == crate::config::DEFAULT_APPLICATION_NAME {
                 application_name = product.clone();
             }

@@ -57,17 +57,17 @@
 //!
 //! ```text
 //!  tx/{transactions, seaorm, diesel}    pool/{bb8_pool, seaorm, diesel, postgres, wire, sqlx,
-//!       |                                    |   registry}  (a pool takes a closure that opens
-//!       |                                    |   a connection)
-//!  connector (Connector: builds pools, connect, health, shutdown)
+//!       |                                    |   reset, registry}  (a pool takes a closure
+//!       |                                    |   that opens a connection)
+//!  connector (Connector: builds pools, connect, health, shutdown)    lakebase/ (platform APIs)
 //!       |
 //!  token_cache (TokenCache: single-flight, refresh ahead, keep the last good token)
 //!       |
-//!  config/{settings, env, url}
+//!  rate_limit    config/{settings, env, url}
 //!       |
 //!  credentials/{source, static_password, custom, lakebase/, dsql}    tls    telemetry
 //!       |
-//!  error (Error, Setting)    retry (Backoff, RetryPolicy)    target (Target)
+//!  error (Error, Setting)    retry (Backoff, RetryPolicy)    target (Target)    expect
 //! ```
 //!
 //! Behind the `local` feature, [`local`] starts a PostgreSQL server and a Lakebase-compatible
@@ -83,18 +83,10 @@
 mod config;
 mod connector;
 pub mod credentials;
-/// Lakebase's platform APIs beside its credentials: the Management API of projects,
-/// branches and endpoints ([`Management`](lakebase::Management)), a branch per test
-/// ([`TemporaryBranch`](lakebase::TemporaryBranch)), and the PostgREST-compatible Data API
-/// ([`DataApi`](lakebase::DataApi)).
-#[cfg(feature = "lakebase")]
-pub mod lakebase {
-    pub use crate::credentials::lakebase::{
-        Branch, DataApi, DataQuery, Endpoint, Management, Operation, TemporaryBranch,
-    };
-}
 mod error;
 pub mod expect;
+#[cfg(feature = "lakebase")]
+pub mod lakebase;
 #[cfg(feature = "local")]
 pub mod local;
 mod pool;

@@ -1108,4 +1108,35 @@ mod tests {
             }
         }
     }
+
+    /// A closure that never answers fails its attempt after a bound, and the cache tries
+    /// again: it held the cache's one fetch at a time, so once the token expired every new
+    /// connection waited for it (failing after the connect timeout) until the process
+    /// restarted, however soon the service behind the closure came back.
+    #[tokio::test(start_paused = true)]
+    async fn a_closure_that_never_answers_gives_up_and_is_tried_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&calls);
+        let source = move || {
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, std::io::Error>(Token::new("second", None))
+            }
+        };
+        let cache = TokenCache::new(
+            std::sync::Arc::new(source),
+            crate::TokenStrategy::Lazy,
+            crate::CacheSettings::default(),
+        );
+        let token = tokio::time::timeout(std::time::Duration::from_secs(600), cache.token())
+            .await
+            .expect("a token within ten minutes")
+            .unwrap();
+        assert_eq!(token.expose(), "second");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
 }

@@ -236,7 +236,7 @@ impl Env<'_> {
     fn dal(&self, mut config: Config) -> Result<Config> {
         if let Some(product) = self.get("DAL_PRODUCT") {
             let product = product.trim();
-            super::settings::check_product(product)?;
+            crate::telemetry::check_product(product)?;
             config.product = Some(product.to_owned());
         }
         if let Some(host) = self.get("DAL_READ_ONLY_HOST") {

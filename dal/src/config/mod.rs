@@ -8,7 +8,6 @@ mod settings;
 mod url;
 
 pub use env::DATABASE_VARIABLES;
-pub(crate) use settings::check_product;
 pub use settings::{
     CacheSettings, CacheSettingsBuilder, Config, ConnectionRate, Credentials,
     DEFAULT_APPLICATION_NAME, PoolSettings, PoolSettingsBuilder, TokenStrategy,

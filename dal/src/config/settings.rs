@@ -294,30 +294,6 @@ impl ConnectionRate {
     }
 }
 
-/// Checks a product name: `<name>/<version>`, the name of letters, digits, `_`, `.` and `-`
-/// (the Lakebase partner guide's `<isv-name_product-name>`), the version of those and `+`.
-///
-/// # Errors
-///
-/// [`Error::Config`] for [`Setting::Product`] naming the expected shape.
-pub(crate) fn check_product(product: &str) -> Result<()> {
-    let word = |s: &str, extra: &[char]| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c) || extra.contains(&c))
-    };
-    match product.split_once('/') {
-        Some((name, version)) if word(name, &[]) && word(version, &['+']) => Ok(()),
-        _ => Err(Error::config(
-            Setting::Product,
-            format!(
-                "{product:?} is not <isv-name_product-name>/<version>, such as acme_orders/2.1 \
-                 (letters, digits, '_', '.' and '-')"
-            ),
-        )),
-    }
-}
-
 /// Pool sizes and lifetimes.
 ///
 /// Built by [`PoolSettings::builder`], which checks every value, or [`Default`]; so a

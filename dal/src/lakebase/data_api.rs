@@ -12,7 +12,9 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use reqwest::{Method, Url};
 use serde_json::Value;
 
-use super::{build_client, endpoint_of, is_loopback, parse_url, read_reply, sensitive_header};
+use crate::credentials::lakebase::{
+    build_client, endpoint_of, is_loopback, mask_secrets, parse_url, read_reply, sensitive_header,
+};
 use crate::error::{Error, Result, Setting};
 use crate::token_cache::TokenCache;
 
@@ -95,14 +97,14 @@ impl DataApi {
     }
 
     /// Names the product in the `User-Agent` of every request, as
-    /// [`Lakebase::with_product`](super::Lakebase::with_product) does.
+    /// [`Lakebase::with_product`](crate::credentials::Lakebase::with_product) does.
     ///
     /// # Errors
     ///
     /// [`Error::Config`] for [`Setting::Product`] when `product` is not
     /// `<isv-name_product-name>/<product-version>`.
     pub fn with_product(mut self, product: &str) -> Result<Self> {
-        crate::config::check_product(product)?;
+        crate::telemetry::check_product(product)?;
         self.user_agent = format!("{product} {}", concat!("dal/", env!("CARGO_PKG_VERSION")));
         Ok(self)
     }
@@ -173,7 +175,7 @@ impl DataApi {
                 // message, and a service may echo what it was sent.
                 let text = |k: &str, most: usize| {
                     json.get(k).and_then(Value::as_str).map(|v| {
-                        super::mask_secrets(v, &[token.expose()])
+                        mask_secrets(v, &[token.expose()])
                             .chars()
                             .map(|c| if c.is_control() { ' ' } else { c })
                             .take(most)
@@ -299,5 +301,55 @@ impl DataQuery<'_> {
         self.api
             .send(Method::DELETE, &self.table, &self.params, None)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A service that echoes the bearer token in its error's code and message: the error dal
+    /// returns carries neither (its `Display` and `Debug` reach logs).
+    #[tokio::test]
+    async fn a_data_api_error_that_echoes_the_token_does_not_carry_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/rest", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+            let token = headers["authorization"].to_str().unwrap()["Bearer ".len()..].to_owned();
+            // The whole token, its start cut short, and its middle part alone (a JWT's claims).
+            let claims = token.split('.').nth(1).unwrap().to_owned();
+            let body = json!({
+                "code": token[..24].to_owned(),
+                "message": format!("refused {token}, claims {claims} (sent {}...)", &token[..30]),
+            });
+            (axum::http::StatusCode::BAD_REQUEST, axum::Json(body))
+        });
+        let _server = tokio::spawn(async move { axum::serve(listener, app).await });
+        const JWT: &str =
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEyMyIsImV4cCI6OTl9.c2lnbmF0dXJlLXNpZ25hdHVyZQ";
+        let source =
+            || async { Ok::<_, std::io::Error>(crate::credentials::Token::new(JWT, None)) };
+        let cache = crate::TokenCache::new(
+            std::sync::Arc::new(source),
+            crate::TokenStrategy::Lazy,
+            crate::CacheSettings::default(),
+        );
+        let err = DataApi::new(&base, cache)
+            .unwrap()
+            .from("notes")
+            .get()
+            .await
+            .unwrap_err();
+        let shown = format!("{err} / {err:?}");
+        assert!(shown.contains("refused"), "{shown}");
+        assert!(
+            shown.contains("claims ** redacted ** (sent ** redacted **...)"),
+            "{shown}"
+        );
+        for part in JWT.as_bytes().windows(12) {
+            let part = std::str::from_utf8(part).unwrap();
+            assert!(!shown.contains(part), "{part} of the token leaked: {shown}");
+        }
     }
 }

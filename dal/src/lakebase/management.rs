@@ -15,8 +15,11 @@ use reqwest::Method;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{Value, json};
 
-use super::{Lakebase, LakebaseTarget, WORKSPACE_ID_HEADER, endpoint_of, parse_json, parse_url};
 use crate::config::{Config, Credentials};
+use crate::credentials::lakebase::{
+    Lakebase, LakebaseTarget, WORKSPACE_ID_HEADER, endpoint_of, malformed, parse_json, parse_url,
+    resource_path,
+};
 use crate::error::{Error, Result, Setting};
 
 /// Lists are read a page at a time, following `next_page_token`, up to this many pages.
@@ -291,11 +294,7 @@ impl Management {
     ) -> Result<Value> {
         let lakebase = &self.lakebase;
         let mut url = parse_url(
-            &format!(
-                "{}/api/2.0/postgres/{}",
-                lakebase.host,
-                super::resource_path(path)
-            ),
+            &format!("{}/api/2.0/postgres/{}", lakebase.host, resource_path(path)),
             Setting::DatabricksHost,
         )?;
         if !query.is_empty() {
@@ -372,8 +371,8 @@ fn endpoint(value: &Value) -> Endpoint {
 }
 
 fn operation(path: &str, value: &Value) -> Result<Operation> {
-    let name = text(value, "/name")
-        .ok_or_else(|| super::malformed(path, "the answer is not an operation"))?;
+    let name =
+        text(value, "/name").ok_or_else(|| malformed(path, "the answer is not an operation"))?;
     let error = value.get("error").filter(|e| !e.is_null()).map(|e| {
         (
             text(e, "/error_code").unwrap_or_else(|| "UNKNOWN".into()),

@@ -20,13 +20,9 @@ use crate::credentials::source::{BoxFuture, Clock, CredentialSource, SystemClock
 use crate::error::{Error, Result, Setting};
 
 mod browser;
-mod data_api;
 mod federation;
-mod management;
 
-pub use data_api::{DataApi, DataQuery};
 pub use federation::IdTokenSource;
-pub use management::{Branch, Endpoint, Management, Operation, TemporaryBranch};
 
 const KIND: &str = "lakebase";
 const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,7 +41,7 @@ const HOST_OIDC_METADATA_PATH: &str = "/oidc/.well-known/oauth-authorization-ser
 const DEFAULT_TOKEN_PATH: &str = "/oidc/v1/token";
 const AUTOSCALING_PATH: &str = "/api/2.0/postgres/credentials";
 const PROVISIONED_PATH: &str = "/api/2.0/database/credentials";
-const WORKSPACE_ID_HEADER: &str = "x-databricks-workspace-id";
+pub(crate) const WORKSPACE_ID_HEADER: &str = "x-databricks-workspace-id";
 const TOKEN_REQUEST_BODY: &str = "grant_type=client_credentials&scope=all-apis";
 
 /// How this source authenticates to the Databricks workspace before asking for a database
@@ -229,7 +225,7 @@ pub enum LakebaseTarget {
 /// token endpoint discovery.
 pub struct Lakebase {
     /// `scheme://host[:port]`, without a trailing slash.
-    host: String,
+    pub(crate) host: String,
     auth: WorkspaceAuth,
     target: LakebaseTarget,
     token_url: Option<Url>,
@@ -254,7 +250,7 @@ pub struct Lakebase {
     redirect_port: u16,
     /// Shows the address of a user login; `None`: printed on stderr.
     login_prompt: Option<LoginPrompt>,
-    client: reqwest::Client,
+    pub(crate) client: reqwest::Client,
     /// Held across discovery and the token call, so that concurrent callers wait for one
     /// refresh instead of each starting their own.
     state: Arc<Mutex<AuthState>>,
@@ -311,17 +307,17 @@ struct WorkspaceToken {
 type LoginPrompt = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// What a credential call is authorized with.
-struct Authorization {
-    header: HeaderValue,
+pub(crate) struct Authorization {
+    pub(crate) header: HeaderValue,
     /// `None` for a personal access token, which is never evicted.
     generation: Option<u64>,
-    workspace_id: Option<String>,
-    access_token: Option<SecretString>,
+    pub(crate) workspace_id: Option<String>,
+    pub(crate) access_token: Option<SecretString>,
 }
 
-struct Reply {
-    status: StatusCode,
-    body: Vec<u8>,
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) body: Vec<u8>,
     /// `Retry-After` in seconds (the HTTP-date form is not used by the services).
     retry_after: Option<Duration>,
 }
@@ -458,7 +454,7 @@ impl Lakebase {
     ///
     /// [`Error::Config`] for [`Setting::Product`] when `product` is not of that shape.
     pub fn with_product(mut self, product: &str) -> Result<Self> {
-        crate::config::check_product(product)?;
+        crate::telemetry::check_product(product)?;
         self.user_agent = user_agent(Some(product), &self.auth);
         Ok(self)
     }
@@ -775,7 +771,7 @@ impl Lakebase {
     }
 
     /// The workspace authorization, from the cache when it is fresh enough.
-    async fn authorization(&self) -> Result<Authorization> {
+    pub(crate) async fn authorization(&self) -> Result<Authorization> {
         let (client_id, client_secret) = match &self.auth {
             WorkspaceAuth::Pat(pat) => {
                 let header = sensitive_header(&format!("Bearer {}", pat.expose_secret()))
@@ -1189,13 +1185,18 @@ impl Lakebase {
 
     /// Sends one request within the HTTP timeout, with the source's `User-Agent`, and reads
     /// the whole answer.
-    async fn send(&self, path: &str, request: reqwest::RequestBuilder) -> Result<Reply> {
+    pub(crate) async fn send(&self, path: &str, request: reqwest::RequestBuilder) -> Result<Reply> {
         let request = request.header(USER_AGENT, &self.user_agent);
         read_reply(path, request, self.http_timeout, MAX_BODY).await
     }
 
     /// Maps a vendor error answer, whichever of the Databricks error shapes it has.
-    fn http_error(&self, path: &str, reply: &Reply, token: Option<&SecretString>) -> Error {
+    pub(crate) fn http_error(
+        &self,
+        path: &str,
+        reply: &Reply,
+        token: Option<&SecretString>,
+    ) -> Error {
         const SHAPES: [(&str, &str); 3] = [
             ("error", "error_description"),
             ("errorCode", "errorSummary"),
@@ -1343,7 +1344,7 @@ impl CredentialSource for Lakebase {
 
 /// Sends one request within `timeout` and reads the whole answer, of at most `max_body`
 /// bytes; a failure names `path` (no query string) and says what went wrong.
-async fn read_reply(
+pub(crate) async fn read_reply(
     path: &str,
     request: reqwest::RequestBuilder,
     timeout: Duration,
@@ -1410,7 +1411,7 @@ async fn read_reply(
 }
 
 /// A resource name as a URL path: each segment escaped, so that none can reach another path.
-fn resource_path(name: &str) -> String {
+pub(crate) fn resource_path(name: &str) -> String {
     const KEEP: &percent_encoding::AsciiSet =
         &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_');
     let segments: Vec<String> = name
@@ -1432,13 +1433,13 @@ fn basic_credentials(id: &str, secret: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
 }
 
-fn sensitive_header(value: &str) -> Option<HeaderValue> {
+pub(crate) fn sensitive_header(value: &str) -> Option<HeaderValue> {
     let mut header = HeaderValue::from_str(value).ok()?;
     header.set_sensitive(true);
     Some(header)
 }
 
-fn parse_json(path: &str, body: &[u8]) -> Result<Value> {
+pub(crate) fn parse_json(path: &str, body: &[u8]) -> Result<Value> {
     // Parsing into a `Value` first keeps serde's messages to positions: a typed struct's
     // "invalid type" message would quote the offending value, which may be a secret.
     match serde_json::from_slice::<Value>(body) {
@@ -1452,7 +1453,7 @@ fn parse_json(path: &str, body: &[u8]) -> Result<Value> {
     }
 }
 
-fn malformed(path: &str, what: &str) -> Error {
+pub(crate) fn malformed(path: &str, what: &str) -> Error {
     Error::HttpTransport {
         endpoint: path.to_owned(),
         what: what.to_owned(),
@@ -1461,7 +1462,7 @@ fn malformed(path: &str, what: &str) -> Error {
 }
 
 /// What errors name of an HTTP call: scheme, host, port and path; never a query string.
-fn endpoint_of(url: &Url) -> String {
+pub(crate) fn endpoint_of(url: &Url) -> String {
     let mut shown = url.clone();
     shown.set_query(None);
     shown.set_fragment(None);
@@ -1476,12 +1477,12 @@ fn metadata_path(url: &str) -> String {
         .unwrap_or_default()
 }
 
-fn is_loopback(url: &Url) -> bool {
+pub(crate) fn is_loopback(url: &Url) -> bool {
     matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
 }
 
 /// An absolute http(s) URL that may carry credentials: https, or http on loopback only.
-fn parse_url(raw: &str, setting: Setting) -> Result<Url> {
+pub(crate) fn parse_url(raw: &str, setting: Setting) -> Result<Url> {
     // The parse error never quotes the input, which could hold a password in its userinfo.
     let url = Url::parse(raw.trim())
         .map_err(|e| Error::config(setting, format!("not an absolute URL ({e})")))?;
@@ -1563,7 +1564,7 @@ fn validate_target(target: &LakebaseTarget) -> Result<()> {
     Ok(())
 }
 
-fn build_client(loopback: bool) -> Result<reqwest::Client> {
+pub(crate) fn build_client(loopback: bool) -> Result<reqwest::Client> {
     let client_error = |e: Box<dyn std::error::Error + Send + Sync>| Error::Credential {
         source_kind: KIND,
         source: e,
