@@ -1115,9 +1115,9 @@ mod tests {
     /// restarted, however soon the service behind the closure came back.
     #[tokio::test(start_paused = true)]
     async fn a_closure_that_never_answers_gives_up_and_is_tried_again() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let calls = std::sync::Arc::new(AtomicUsize::new(0));
-        let counted = std::sync::Arc::clone(&calls);
+        use std::sync::atomic::Ordering;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
         let source = move || {
             let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
             async move {
@@ -1128,11 +1128,11 @@ mod tests {
             }
         };
         let cache = TokenCache::new(
-            std::sync::Arc::new(source),
-            crate::TokenStrategy::Lazy,
-            crate::CacheSettings::default(),
+            Arc::new(source),
+            TokenStrategy::Lazy,
+            CacheSettings::default(),
         );
-        let token = tokio::time::timeout(std::time::Duration::from_secs(600), cache.token())
+        let token = tokio::time::timeout(Duration::from_secs(600), cache.token())
             .await
             .expect("a token within ten minutes")
             .unwrap();
