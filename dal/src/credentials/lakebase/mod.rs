@@ -1564,13 +1564,20 @@ fn validate_target(target: &LakebaseTarget) -> Result<()> {
     Ok(())
 }
 
+/// The HTTP client of the platform's APIs, trusting the public roots; `loopback` (a local
+/// emulator) bypasses any proxy.
 pub(crate) fn build_client(loopback: bool) -> Result<reqwest::Client> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    client_trusting(roots, loopback)
+}
+
+/// The HTTP client, trusting `roots`.
+fn client_trusting(roots: rustls::RootCertStore, loopback: bool) -> Result<reqwest::Client> {
     let client_error = |e: Box<dyn std::error::Error + Send + Sync>| Error::Credential {
         source_kind: KIND,
         source: e,
     };
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     // An explicit provider, so that no other crate can switch the process to another backend.
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -1579,8 +1586,9 @@ pub(crate) fn build_client(loopback: bool) -> Result<reqwest::Client> {
     .map_err(|e| client_error(Box::new(e)))?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    // reqwest leaves ALPN of a preconfigured config alone.
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // reqwest leaves ALPN of a preconfigured config alone. HTTP/1.1 only: the client is built
+    // without HTTP/2, and hyper panics on a connection a server switched to it.
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let mut builder = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         // A redirect would carry the credentials somewhere nobody configured.

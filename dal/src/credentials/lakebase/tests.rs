@@ -1287,3 +1287,64 @@ fn masking_leaves_other_text_and_short_secrets_elsewhere_alone() {
         "id ** redacted **XYZ, é** redacted **"
     );
 }
+
+/// The platform's HTTPS front ends offer HTTP/2 as well as HTTP/1.1: the client, built
+/// without HTTP/2 (one request at a time, a few per token life), must settle on HTTP/1.1 at
+/// the TLS handshake. Offering `h2` there made a server that picks it fail every request
+/// (with hyper's HTTP/2 compiled in by another crate) or panic in hyper (without it).
+#[cfg(feature = "local")]
+#[tokio::test]
+async fn the_client_asks_for_http_1_1_of_a_server_that_speaks_http_2() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = crate::local::certs::generate().unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from_pem_slice(certs.cert_pem.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(certs.key_pem.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = tokio::spawn(async move {
+        let (socket, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(socket).await.unwrap();
+        let protocol = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        if protocol.as_deref() == Some(b"http/1.1") {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(tls.read_u8().await.unwrap());
+            }
+            tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                .await
+                .unwrap();
+            tls.shutdown().await.unwrap();
+        }
+        protocol
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(certs.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let client = client_trusting(roots, true).unwrap();
+    let answer = client
+        .get(format!("https://localhost:{port}/"))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map(drop);
+    let protocol = served.await.unwrap();
+    assert_eq!(
+        protocol.as_deref().map(String::from_utf8_lossy).as_deref(),
+        Some("http/1.1")
+    );
+    answer.unwrap();
+}
