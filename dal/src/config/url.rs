@@ -180,7 +180,15 @@ fn check_port(url: &str) -> std::result::Result<Option<u16>, String> {
         Some((_, rest)) => rest.strip_prefix(':'),
         None => hostport.rsplit_once(':').map(|(_, p)| p),
     };
-    port.map(parse_port).transpose()
+    // One after the host that is not a number is not shown: in `postgres://u:pa%40ss/db`,
+    // with no `@` before the host, it is the password's end.
+    port.map(|port| {
+        parse_port(port).map_err(|shown| match port.bytes().all(|b| b.is_ascii_digit()) {
+            true => shown,
+            false => "has a port that is not a number from 1 to 65535".to_owned(),
+        })
+    })
+    .transpose()
 }
 
 /// A port as the URL spells it: a number from 1 to 65535.
@@ -263,6 +271,13 @@ fn split_params(url: &str) -> std::result::Result<(String, OwnParams), String> {
                             Config::statement_timeout) instead"
                         .to_owned(),
                 );
+            }
+            // After a password, what looks like a parameter may be the password's own end.
+            _ if seen.contains(&"password") => {
+                return Err("has a parameter dal does not apply after the password: \
+                            percent-encode an '&' in the password as %26, or remove the \
+                            parameter"
+                    .to_owned());
             }
             _ => {
                 let key: String = key.chars().take(40).collect();
@@ -390,7 +405,10 @@ mod tests {
                 "postgres://u:secret@h:99999/db",
                 "has port \"99999\": a port is a number from 1 to 65535",
             ),
-            ("postgres://u:secret@h:abc/db", "has port \"abc\""),
+            (
+                "postgres://u:secret@h:abc/db",
+                "has a port that is not a number from 1 to 65535",
+            ),
             (
                 "postgres://u:sec#ret@h/db",
                 "the password has a raw '#': percent-encode it as %23",
@@ -477,6 +495,24 @@ mod tests {
             let reason = reason(url);
             assert!(reason.contains(expected), "{url}: {reason}");
             assert!(!reason.contains("secret"), "{url}: {reason}");
+        }
+        // A password cut short by a raw character lands where a parameter's name or the
+        // port would be: neither is echoed.
+        for (url, rest, expected) in [
+            (
+                "postgres://u@h/db?password=s3cr&et99",
+                "et99",
+                "after the password: percent-encode an '&' in the password as %26",
+            ),
+            (
+                "postgres://u:s3cret%40h/db",
+                "s3cret",
+                "has a port that is not a number",
+            ),
+        ] {
+            let reason = reason(url);
+            assert!(reason.contains(expected), "{url}: {reason}");
+            assert!(!reason.contains(rest), "{url}: {reason}");
         }
     }
 }
