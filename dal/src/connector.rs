@@ -16,7 +16,7 @@ use diesel_async::AsyncPgConnection;
 #[cfg(feature = "seaorm")]
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool};
 
-use crate::config::{Config, ConnectionRate, Credentials, PoolSettings};
+use crate::config::{Config, ConnectionRate, Credentials, LONGEST_LIMIT, PoolSettings};
 use crate::credentials::{CredentialSource, StaticPassword, Token};
 use crate::error::{Error, ErrorChain, Result, Setting};
 #[cfg(feature = "diesel")]
@@ -193,10 +193,10 @@ impl Connector {
                 "the database name is required",
             ));
         }
-        if config.connect_timeout.is_zero() {
+        if config.connect_timeout.is_zero() || config.connect_timeout > LONGEST_LIMIT {
             return Err(Error::config(
                 Setting::ConnectTimeout,
-                "must be more than zero, such as 10 s",
+                "must be more than zero and at most 365 days, such as 10 s",
             ));
         }
         let target = config.resolved_target()?;
@@ -1280,6 +1280,24 @@ mod tests {
             Err(Error::Config { setting, .. }) => setting,
             other => panic!("expected a config error, got {other:?}"),
         }
+    }
+
+    /// A connect timeout too long to count from now ("wait forever") is refused when built,
+    /// as the pool's limits are, not met as a panic at the first connect.
+    #[test]
+    fn a_connect_timeout_past_a_year_is_refused() {
+        let config = |timeout| {
+            Config::new("db.example.com", "u")
+                .password("p")
+                .connect_timeout(timeout)
+        };
+        for timeout in [Duration::MAX, Duration::from_secs(366 * 24 * 3600)] {
+            assert_eq!(
+                setting_of(Connector::build(config(timeout))),
+                Setting::ConnectTimeout
+            );
+        }
+        assert!(Connector::build(config(Duration::from_secs(365 * 24 * 3600))).is_ok());
     }
 
     /// libpq's `sslrootcert=system`: the public roots, under `verify-full` only (the default

@@ -28,7 +28,8 @@ impl Backoff {
             return base;
         }
         let factor = 1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0);
-        base.mul_f64(factor.max(0.0))
+        // A delay near `Duration::MAX` ("no cap") times more than 1 is as long as can be.
+        Duration::try_from_secs_f64(base.as_secs_f64() * factor.max(0.0)).unwrap_or(Duration::MAX)
     }
 }
 
@@ -96,7 +97,7 @@ impl RetryPolicy {
         }
         let delay = self.delay(attempt);
         match self.max_elapsed {
-            Some(budget) if elapsed + delay > budget => None,
+            Some(budget) if elapsed.saturating_add(delay) > budget => None,
             _ => Some(delay),
         }
     }

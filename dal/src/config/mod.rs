@@ -8,6 +8,7 @@ mod settings;
 mod url;
 
 pub use env::DATABASE_VARIABLES;
+pub(crate) use settings::LONGEST_LIMIT;
 pub use settings::{
     CacheSettings, CacheSettingsBuilder, Config, ConnectionRate, Credentials,
     DEFAULT_APPLICATION_NAME, PoolSettings, PoolSettingsBuilder, TokenStrategy,

@@ -425,9 +425,9 @@ impl PoolSettings {
     }
 }
 
-/// The longest `max_lifetime` and `idle_timeout`: a year, far past any server's limit, and
-/// near enough that an instant that far ahead can always be counted.
-const LONGEST_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest `max_lifetime`, `idle_timeout` and `connect_timeout`: a year, far past any
+/// server's limit, and near enough that an instant that far ahead can always be counted.
+pub(crate) const LONGEST_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Builds [`PoolSettings`]; [`build`](Self::build) checks them.
 #[derive(Debug, Clone)]
@@ -592,7 +592,8 @@ pub struct Config {
     /// Time allowed to open one connection at one endpoint: its token, TLS and login, and a
     /// second login after a refused token or a server's connection limit, all included (the
     /// wait for the [`connection_rate`](Self::connection_rate) aside). With
-    /// [failover](Self::failover), each endpoint tried has as long. Defaults to 10 s.
+    /// [failover](Self::failover), each endpoint tried has as long. More than zero and at
+    /// most 365 days (the connector refuses others). Defaults to 10 s.
     pub connect_timeout: Duration,
     /// How fast this process opens new connections to this host and port, across every
     /// connector and pool: each connection waits for its place. Defaults to `None`: no limit,

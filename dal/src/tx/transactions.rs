@@ -445,6 +445,30 @@ mod tests {
         assert_eq!(p.delay(u32::MAX), Duration::from_millis(50));
     }
 
+    /// Delays from user input may be as long as a `Duration` holds ("no cap"): a pause is
+    /// then as long as can be counted, and never a panic.
+    #[test]
+    fn the_longest_delays_saturate() {
+        let p = RetryPolicy::builder()
+            .delays_secs(1.8e19, 1.8e19)
+            .unwrap()
+            .build()
+            .unwrap();
+        // With full jitter, half the pauses are longer than the longest delay.
+        let pauses: Vec<Duration> = (1..100).map(|attempt| p.delay(attempt)).collect();
+        assert!(pauses.contains(&Duration::MAX), "{pauses:?}");
+        for attempt in 1..100 {
+            p.next_delay(attempt, Duration::from_secs(1));
+        }
+        let untimed = RetryPolicy::builder()
+            .delays(Duration::MAX, Duration::MAX)
+            .attempts(3)
+            .max_elapsed(None)
+            .build()
+            .unwrap();
+        assert!(untimed.next_delay(1, Duration::MAX).is_some());
+    }
+
     #[test]
     fn bad_policies_are_rejected_when_built() {
         let builds = [
