@@ -1481,6 +1481,64 @@ mod tests {
         }
     }
 
+    /// A server starting up, shutting down or in recovery refuses each login with SQLSTATE
+    /// `57P03` (cannot_connect_now): a connection failure, retried and failed over as an
+    /// unreachable server is, not a database error, by each kind of connection.
+    #[tokio::test]
+    async fn a_server_that_cannot_take_connections_now_is_a_connection_failure() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn refuse(mut socket: tokio::net::TcpStream) -> std::io::Result<()> {
+            loop {
+                let mut length = [0; 4];
+                socket.read_exact(&mut length).await?;
+                let mut body = vec![0; u32::from_be_bytes(length) as usize - 4];
+                socket.read_exact(&mut body).await?;
+                // SSLRequest (80877103): no TLS here.
+                if body[..4] == 80_877_103u32.to_be_bytes() {
+                    socket.write_all(b"N").await?;
+                    continue;
+                }
+                let fields = b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0";
+                let mut message = vec![b'E'];
+                message.extend((fields.len() as u32 + 4).to_be_bytes());
+                message.extend(fields);
+                return socket.write_all(&message).await;
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(refuse(socket));
+            }
+        });
+        let config = Config::new("127.0.0.1", "u").port(port).password("p");
+        let connector = Connector::build(config).unwrap();
+        #[cfg_attr(not(any(feature = "seaorm", feature = "diesel")), allow(unused_mut))]
+        let mut errors = vec![connector.connect().await.map(drop).unwrap_err()];
+        #[cfg(feature = "seaorm")]
+        errors.push(
+            connector
+                .connect_by(Connector::open_sqlx)
+                .await
+                .map(drop)
+                .unwrap_err(),
+        );
+        #[cfg(feature = "diesel")]
+        errors.push(
+            connector
+                .connect_by(Connector::open_diesel)
+                .await
+                .map(drop)
+                .unwrap_err(),
+        );
+        for err in errors {
+            assert_eq!(err.sqlstate(), Some("57P03"), "{err:?}");
+            assert!(err.is_connection_failure() && err.is_retryable(), "{err:?}");
+            assert!(!err.is_auth_failure(), "{err:?}");
+        }
+    }
+
     /// A fetch slower than the connect timeout goes on after the connect that started it
     /// gave up: its token serves the next connect, which asks the service nothing more.
     #[tokio::test(start_paused = true)]

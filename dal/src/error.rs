@@ -527,11 +527,10 @@ impl Error {
         if matches!(self.sqlstate(), Some("40001" | "40P01")) {
             return true;
         }
-        self.db_message().is_some_and(|m| {
-            m.contains("OC000")
-                || m.contains("OC001")
-                || (self.is_diesel() && m.starts_with("deadlock detected"))
-        })
+        self.is_diesel()
+            && self
+                .db_message()
+                .is_some_and(|m| m.starts_with("deadlock detected"))
     }
 
     fn is_diesel(&self) -> bool {
@@ -582,11 +581,12 @@ impl Error {
         use sea_orm::sqlx::Error as Sqlx;
         // The server ended the session: `57P01` admin_shutdown (`pg_terminate_backend`, a fast
         // shutdown), `57P02` crash_shutdown, `57P05` idle_session_timeout. Or it refused a new
-        // one for a limit: `53300` too_many_connections, `53400` (Aurora DSQL: connection rate
+        // one for now, `57P03` cannot_connect_now (starting up, shutting down, in recovery),
+        // or for a limit: `53300` too_many_connections, `53400` (Aurora DSQL: connection rate
         // exceeded).
         if matches!(
             self.sqlstate(),
-            Some("57P01" | "57P02" | "57P05" | "53300" | "53400")
+            Some("57P01" | "57P02" | "57P03" | "57P05" | "53300" | "53400")
         ) {
             return true;
         }
@@ -607,8 +607,11 @@ impl Error {
             | Error::ConnectTimeout { .. }
             | Error::Unreachable { .. } => true,
             Error::Connect { source } => source.is_connection_failure(),
+            // A pool shut down stays shut.
             #[cfg(feature = "seaorm")]
-            Error::SeaOrm(sea_orm::DbErr::ConnectionAcquire(_)) => true,
+            Error::SeaOrm(sea_orm::DbErr::ConnectionAcquire(reason)) => {
+                !matches!(reason, sea_orm::error::ConnAcquireErr::ConnectionClosed)
+            }
             // A login that broke off on a message the driver cannot read (a method of
             // authentication it does not implement): every new connection meets it again.
             #[cfg(feature = "seaorm")]
@@ -625,7 +628,6 @@ impl Error {
                         | Sqlx::Tls(_)
                         | Sqlx::Protocol(_)
                         | Sqlx::PoolTimedOut
-                        | Sqlx::PoolClosed
                         | Sqlx::WorkerCrashed
                 )
             ),

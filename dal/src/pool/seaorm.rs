@@ -432,7 +432,7 @@ impl SeaOrmPool {
 }
 
 /// The error SeaORM gives for a connection its pool could not hand out.
-fn acquire_err(e: Error) -> DbErr {
+pub(crate) fn acquire_err(e: Error) -> DbErr {
     match e {
         Error::PoolTimeout(_) => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
         Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
@@ -440,6 +440,11 @@ fn acquire_err(e: Error) -> DbErr {
             Error::SeaOrm(DbErr::Conn(RuntimeErr::SqlxError(e))) => {
                 DbErr::Conn(RuntimeErr::SqlxError(Arc::clone(e)))
             }
+            // A server out of reach, or a login past the connect timeout: an I/O error, as
+            // sqlx gives, so that a transaction retries it as one through Diesel.
+            other if other.is_connection_failure() => DbErr::Conn(RuntimeErr::SqlxError(Arc::new(
+                sea_orm::sqlx::Error::Io(std::io::Error::other(ErrorChain(other).to_string())),
+            ))),
             other => DbErr::Conn(RuntimeErr::Internal(ErrorChain(other).to_string())),
         },
         other => DbErr::Conn(RuntimeErr::Internal(ErrorChain(&other).to_string())),

@@ -550,10 +550,60 @@ mod tests {
             matches!(ambiguous, Error::AmbiguousCommit { .. }),
             "{ambiguous:?}"
         );
+        // A message that quotes user data is not a conflict: DSQL's OC000 and OC001 come
+        // with SQLSTATE 40001, which diesel-async keeps.
+        let quoted = Error::Diesel(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new(r#"invalid input syntax for type uuid: "OC000""#.to_owned()),
+        ));
+        assert!(!quoted.is_conflict());
+        assert!(Failure::Work(quoted).classify().is_err());
         let own = Failure::Work(Error::abort("insufficient funds"))
             .classify()
             .unwrap_err();
         assert!(matches!(own, Error::Aborted(_)), "{own:?}");
+    }
+
+    /// SeaORM's checkouts fail as Diesel's do: a server that cannot be reached, or a login
+    /// that timed out, is retried before the transaction began; a pool shut down fails at
+    /// once rather than after the whole retry budget.
+    #[cfg(feature = "seaorm")]
+    #[test]
+    fn seaorm_checkouts_that_failed_are_classified_as_diesels_are() {
+        use crate::pool::seaorm::acquire_err;
+        let connect = |source| Error::Connect {
+            source: std::sync::Arc::new(source),
+        };
+        let refused = || {
+            connect(Error::Unreachable {
+                endpoint: "db.example.com:5432".to_owned(),
+                source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            })
+        };
+        let timed_out = || {
+            connect(Error::ConnectTimeout {
+                endpoint: "db.example.com:5432".to_owned(),
+                timeout: Duration::from_secs(10),
+            })
+        };
+        let begin = |e| Failure::Begin(Error::SeaOrm(acquire_err(e)));
+        let pool_timeout = || Error::PoolTimeout(Duration::from_secs(1));
+        for failed in [&refused as &dyn Fn() -> Error, &timed_out, &pool_timeout] {
+            let shown = failed().to_string();
+            let seaorm = Error::SeaOrm(acquire_err(failed()));
+            assert!(seaorm.is_connection_failure(), "{shown}");
+            assert!(begin(failed()).classify().is_ok(), "{shown}");
+        }
+        assert!(
+            acquire_err(refused())
+                .to_string()
+                .contains("db.example.com:5432"),
+            "{}",
+            acquire_err(refused())
+        );
+        let closed = Error::SeaOrm(acquire_err(Error::PoolClosed));
+        assert!(!closed.is_connection_failure() && !closed.is_retryable());
+        assert!(begin(Error::PoolClosed).classify().is_err());
     }
 
     #[cfg(feature = "diesel")]
