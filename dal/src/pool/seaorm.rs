@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -66,14 +67,10 @@ pub(crate) struct Conn {
     /// a savepoint rolled back over it): its `COMMIT` is checked first (see
     /// [`end_level`](Self::end_level)).
     failed: bool,
-    /// The depth to roll back to before the next statement: a savepoint was dropped unfinished.
-    unwind: Option<u32>,
     /// The numbers of the savepoints open, outermost first (the one at depth `d` is at
-    /// `d - 2`): a handle whose savepoint ended with the one around it finds another number
-    /// at its depth, or none.
+    /// `d - 2`), each named `dal_{number}`: a handle whose savepoint ended with the one
+    /// around it finds its number gone.
     savepoints: Vec<u64>,
-    /// The number of the last savepoint opened on this connection.
-    savepoints_opened: u64,
     /// What the pool notes of it: when it came back, when it retires.
     lifespan: Lifespan,
     times: telemetry::QueryTimes,
@@ -90,9 +87,7 @@ impl Conn {
             broken: false,
             depth: 0,
             failed: false,
-            unwind: None,
             savepoints: Vec::new(),
-            savepoints_opened: 0,
             // Checked at its first checkout: sqlx reads the socket only when asked to, so
             // unlike the other kinds it cannot tell that the server closed a connection that
             // has not been used yet.
@@ -178,14 +173,12 @@ impl Conn {
         } else {
             None
         };
-        let sql = match (commit && aborted.is_none(), depth) {
-            (true, 1) => "COMMIT".to_owned(),
-            (false, 1) => ROLLBACK.to_owned(),
-            (true, n) => format!("RELEASE SAVEPOINT dal_{}", n - 1),
-            (false, n) => format!(
-                "ROLLBACK TO SAVEPOINT dal_{0}; RELEASE SAVEPOINT dal_{0}",
-                n - 1
-            ),
+        let savepoint = (depth > 1).then(|| self.savepoints[depth as usize - 2]);
+        let sql = match (commit && aborted.is_none(), savepoint) {
+            (true, None) => "COMMIT".to_owned(),
+            (false, None) => ROLLBACK.to_owned(),
+            (true, Some(n)) => format!("RELEASE SAVEPOINT dal_{n}"),
+            (false, Some(n)) => format!("ROLLBACK TO SAVEPOINT dal_{n}; RELEASE SAVEPOINT dal_{n}"),
         };
         let done = self.simple(&sql).await;
         // A statement the server answered with an error still ends its level (a failed COMMIT
@@ -210,16 +203,7 @@ impl Conn {
         Ok(())
     }
 
-    /// Does what a dropped savepoint left to do, before the next statement.
-    async fn settle(&mut self) -> std::result::Result<(), DbErr> {
-        if let Some(depth) = self.unwind.take() {
-            self.unwind_to(depth).await.map_err(exec_err)?;
-        }
-        Ok(())
-    }
-
     async fn execute(&mut self, stmt: &Statement) -> std::result::Result<ExecResult, DbErr> {
-        self.settle().await?;
         let started = self.start_user(&stmt.sql);
         let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
             .execute(self.raw())
@@ -230,7 +214,6 @@ impl Conn {
     }
 
     async fn execute_unprepared(&mut self, sql: &str) -> std::result::Result<ExecResult, DbErr> {
-        self.settle().await?;
         let started = self.start_user(sql);
         let done = self.raw().execute(AssertSqlSafe(sql.to_owned())).await;
         self.finish(started, done)
@@ -242,7 +225,6 @@ impl Conn {
         &mut self,
         stmt: &Statement,
     ) -> std::result::Result<Option<QueryResult>, DbErr> {
-        self.settle().await?;
         let started = self.start_user(&stmt.sql);
         let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
             .fetch_optional(self.raw())
@@ -256,7 +238,6 @@ impl Conn {
         &mut self,
         stmt: &Statement,
     ) -> std::result::Result<Vec<QueryResult>, DbErr> {
-        self.settle().await?;
         let started = self.start_user(&stmt.sql);
         let done = sqlx::query_with(AssertSqlSafe(stmt.sql.as_str()), values(stmt))
             .fetch_all(self.raw())
@@ -421,8 +402,11 @@ impl SeaOrmPool {
             checkout.failed = false;
             checkout.savepoints.clear();
             Ok(SeaOrmTransaction {
-                conn: Arc::new(Mutex::new(Some(checkout))),
-                level: 1,
+                shared: Arc::new(Shared {
+                    conn: Mutex::new(Some(checkout)),
+                    dropped: std::sync::Mutex::new(Vec::new()),
+                    begun: AtomicU64::new(0),
+                }),
                 number: 0,
                 open: true,
                 unwind_within: pool.check_timeout(),
@@ -577,11 +561,8 @@ impl TransactionTrait for SeaOrmPool {
 /// statement of the transaction around it. Outside a Tokio runtime the connection is closed
 /// instead, which rolls back on the server.
 pub struct SeaOrmTransaction {
-    conn: Arc<Mutex<Option<Checkout>>>,
-    /// The connection's depth inside this transaction: 1 for a transaction, more for a
-    /// savepoint.
-    level: u32,
-    /// A savepoint's number on its connection (see [`Conn::savepoints`]); 0 for a
+    shared: Arc<Shared>,
+    /// A savepoint's number in its transaction (see [`Conn::savepoints`]); 0 for the
     /// transaction.
     number: u64,
     /// Not yet committed or rolled back.
@@ -594,7 +575,7 @@ pub struct SeaOrmTransaction {
 impl std::fmt::Debug for SeaOrmTransaction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SeaOrmTransaction")
-            .field("level", &self.level)
+            .field("savepoint", &self.number)
             .field("open", &self.open)
             .finish()
     }
@@ -606,17 +587,71 @@ fn ended() -> DbErr {
     ))
 }
 
-impl SeaOrmTransaction {
-    /// Whether this transaction or savepoint is still open on `conn`. A savepoint ends with
-    /// the one around it (`RELEASE` and `ROLLBACK TO` end those inside), and its handle may
-    /// live on: it must then neither run statements in the transaction around it nor end
-    /// that one, or a newer savepoint at its depth.
-    fn holds(level: u32, number: u64, conn: &Conn) -> bool {
-        level == 1 || conn.savepoints.get(level as usize - 2) == Some(&number)
+/// What the handles of one transaction and its savepoints share.
+struct Shared {
+    /// The connection, until the transaction ends.
+    conn: Mutex<Option<Checkout>>,
+    /// The numbers of savepoints whose handles were dropped before their end: each still
+    /// open (or opened after) is rolled back before the transaction's next statement. Kept
+    /// apart from the connection, so that a handle dropped while a statement holds it still
+    /// says so.
+    dropped: std::sync::Mutex<Vec<u64>>,
+    /// The number of the last savepoint begun.
+    begun: AtomicU64,
+}
+
+impl Shared {
+    fn dropped(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.dropped.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `op` on the transaction's connection, once the statements a dropped savepoint
-    /// left to do are done (owned and boxed, as the pool's own `run`).
+    /// Rolls back the savepoints whose handles were dropped, and those inside them.
+    async fn settle(&self, conn: &mut Conn) -> std::result::Result<(), DbErr> {
+        let outermost = {
+            let dropped = self.dropped();
+            conn.savepoints.iter().position(|n| dropped.contains(n))
+        };
+        if let Some(i) = outermost {
+            // The savepoint at `savepoints[i]` is at depth `i + 2`.
+            conn.unwind_to(i as u32 + 1).await.map_err(exec_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `op` to its end on a task of its own: a caller that stops waiting (a cancelled
+/// future) cannot leave a `SAVEPOINT`, `RELEASE` or `ROLLBACK TO` sent but unaccounted for,
+/// which would make the connection's savepoints differ from the server's.
+async fn to_the_end<T: Send + 'static>(
+    op: BoxFuture<'static, std::result::Result<T, DbErr>>,
+) -> std::result::Result<T, DbErr> {
+    match tokio::spawn(op).await {
+        Ok(done) => done,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(DbErr::Conn(RuntimeErr::Internal(
+            "the runtime shut down during a savepoint's statement".to_owned(),
+        ))),
+    }
+}
+
+impl SeaOrmTransaction {
+    /// The depth of this transaction (1) or savepoint (2 and more) on `conn`, if it is still
+    /// open there. A savepoint ends with the one around it (`RELEASE` and `ROLLBACK TO` end
+    /// those inside), and its handle may live on: it must then neither run statements in
+    /// the transaction around it nor end that one.
+    fn level(number: u64, conn: &Conn) -> Option<u32> {
+        match number {
+            0 => Some(1),
+            n => conn
+                .savepoints
+                .iter()
+                .position(|&open| open == n)
+                .map(|i| i as u32 + 2),
+        }
+    }
+
+    /// Runs `op` on the transaction's connection, once the savepoints of dropped handles
+    /// are rolled back (owned and boxed, as the pool's own `run`).
     fn run<T, F>(&self, op: F) -> BoxFuture<'static, std::result::Result<T, DbErr>>
     where
         F: for<'c> FnOnce(&'c mut Conn) -> BoxFuture<'c, std::result::Result<T, DbErr>>
@@ -624,15 +659,24 @@ impl SeaOrmTransaction {
             + 'static,
         T: Send + 'static,
     {
-        let (conn, level, number) = (Arc::clone(&self.conn), self.level, self.number);
+        self.run_at(move |conn, _| op(conn))
+    }
+
+    /// [`run`](Self::run), given this handle's depth.
+    fn run_at<T, F>(&self, op: F) -> BoxFuture<'static, std::result::Result<T, DbErr>>
+    where
+        F: for<'c> FnOnce(&'c mut Conn, u32) -> BoxFuture<'c, std::result::Result<T, DbErr>>
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let (shared, number) = (Arc::clone(&self.shared), self.number);
         Box::pin(async move {
-            let mut guard = conn.lock().await;
+            let mut guard = shared.conn.lock().await;
             let conn = guard.as_mut().ok_or_else(ended)?;
-            conn.settle().await?;
-            if !Self::holds(level, number, conn) {
-                return Err(ended());
-            }
-            op(conn).await
+            shared.settle(conn).await?;
+            let level = Self::level(number, conn).ok_or_else(ended)?;
+            op(conn, level).await
         })
     }
 
@@ -656,20 +700,21 @@ impl SeaOrmTransaction {
     }
 
     async fn end(&mut self, commit: bool) -> std::result::Result<(), DbErr> {
-        let level = self.level;
-        let done = self
-            .run(move |conn| {
-                Box::pin(async move {
-                    conn.unwind_to(level).await.map_err(exec_err)?;
-                    conn.end_level(commit).await.map_err(exec_err)
-                })
+        let ending = self.run_at(move |conn, level| {
+            Box::pin(async move {
+                conn.unwind_to(level).await.map_err(exec_err)?;
+                conn.end_level(commit).await.map_err(exec_err)
             })
-            .await;
-        self.open = false;
-        if level == 1 {
-            // Back to the pool now (closed if the transaction could not be ended).
-            self.conn.lock().await.take();
+        });
+        if self.number > 0 {
+            let done = to_the_end(ending).await;
+            self.open = false;
+            return done;
         }
+        let done = ending.await;
+        self.open = false;
+        // Back to the pool now (closed if the transaction could not be ended).
+        self.shared.conn.lock().await.take();
         done
     }
 
@@ -699,22 +744,15 @@ impl Drop for SeaOrmTransaction {
         if !self.open {
             return;
         }
-        // Held only by a statement of this transaction in progress elsewhere: the connection
-        // then comes back inside the transaction, and the pool closes it.
-        let Ok(mut guard) = self.conn.try_lock() else {
-            return;
-        };
-        let Some(conn) = guard.as_mut() else {
-            return;
-        };
-        if self.level > 1 {
-            if !Self::holds(self.level, self.number, conn) {
-                return;
-            }
-            let depth = self.level - 1;
-            conn.unwind = Some(conn.unwind.map_or(depth, |d| d.min(depth)));
+        if self.number > 0 {
+            self.shared.dropped().push(self.number);
             return;
         }
+        // Held only by a statement of this transaction in progress elsewhere: the connection
+        // then comes back inside the transaction, and the pool closes it.
+        let Ok(mut guard) = self.shared.conn.try_lock() else {
+            return;
+        };
         let Some(mut conn) = guard.take() else {
             return;
         };
@@ -759,29 +797,33 @@ impl TransactionSession for SeaOrmTransaction {
 impl TransactionTrait for SeaOrmTransaction {
     type Transaction = SeaOrmTransaction;
 
-    /// A savepoint.
+    /// A savepoint, inside the innermost one open.
     async fn begin(&self) -> std::result::Result<SeaOrmTransaction, DbErr> {
-        let (level, number) = self
-            .run(|conn| {
-                Box::pin(async move {
-                    let depth = conn.depth;
-                    conn.simple(&format!("SAVEPOINT dal_{depth}"))
-                        .await
-                        .map_err(exec_err)?;
-                    conn.depth = depth + 1;
-                    conn.savepoints_opened += 1;
-                    conn.savepoints.push(conn.savepoints_opened);
-                    Ok((depth + 1, conn.savepoints_opened))
-                })
-            })
-            .await?;
-        Ok(Self {
-            conn: Arc::clone(&self.conn),
-            level,
+        // The handle comes first: dropped with the future that waits for its `SAVEPOINT`, it
+        // has its savepoint rolled back whenever that opens.
+        let number = self.shared.begun.fetch_add(1, Ordering::Relaxed) + 1;
+        let savepoint = Self {
+            shared: Arc::clone(&self.shared),
             number,
             open: true,
             unwind_within: self.unwind_within,
-        })
+        };
+        let shared = Arc::clone(&self.shared);
+        to_the_end(self.run(move |conn| {
+            Box::pin(async move {
+                if shared.dropped().contains(&number) {
+                    return Ok(());
+                }
+                conn.simple(&format!("SAVEPOINT dal_{number}"))
+                    .await
+                    .map_err(exec_err)?;
+                conn.depth += 1;
+                conn.savepoints.push(number);
+                Ok(())
+            })
+        }))
+        .await?;
+        Ok(savepoint)
     }
 
     /// A savepoint: PostgreSQL sets isolation and access for whole transactions only.

@@ -232,6 +232,52 @@ async fn a_dropped_seaorm_transaction_lets_go_of_its_locks_at_once() {
     assert_eq!(connector.connections_opened(), 1, "the connection was kept");
 }
 
+/// A savepoint's `SAVEPOINT`, `RELEASE` or `ROLLBACK TO` cancelled at any await point
+/// leaves the transaction around it as it was: its acknowledged writes, before and after,
+/// commit with it. A savepoint the server had opened for a cancelled `begin` swallowed the
+/// outer transaction's later writes when a later savepoint of the same name was undone.
+#[tokio::test]
+async fn a_cancelled_seaorm_savepoint_never_undoes_the_transaction_around_it() {
+    let (_pg, connector, admin) = setup("cancel_savepoint").await;
+    let db = connector.seaorm().await.unwrap();
+    let insert = |id: i64| {
+        Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO acks (id) VALUES ($1)",
+            [id.into()],
+        )
+    };
+    let (mut cancelled, mut lost) = (0, Vec::new());
+    for pendings in 0..4 {
+        let id = |n: i64| 10 * pendings as i64 + n;
+        let txn = db.begin().await.unwrap();
+        cancelled += usize::from(cancel_after(pendings, txn.begin()).await.is_none());
+        txn.execute_raw(insert(id(1))).await.unwrap();
+        let released = txn.begin().await.unwrap();
+        released.execute_raw(insert(id(2))).await.unwrap();
+        cancelled += usize::from(cancel_after(pendings, released.commit()).await.is_none());
+        txn.execute_raw(insert(id(3))).await.unwrap();
+        let undone = txn.begin().await.unwrap();
+        undone.execute_raw(insert(id(4))).await.unwrap();
+        cancelled += usize::from(cancel_after(pendings, undone.rollback()).await.is_none());
+        txn.execute_raw(insert(id(5))).await.unwrap();
+        txn.commit().await.unwrap();
+        for n in [1, 3, 5] {
+            if !visible(&admin, id(n)).await {
+                lost.push(id(n));
+            }
+        }
+        assert!(
+            !visible(&admin, id(4)).await,
+            "a rolled back savepoint's write"
+        );
+    }
+    println!("SeaORM savepoints: cancelled {cancelled}, lost {lost:?}");
+    assert!(cancelled >= 3, "cancelled {cancelled}");
+    assert_eq!(lost, Vec::<i64>::new(), "acknowledged writes lost");
+    no_session_left_in_a_transaction(&admin, "cancel_savepoint").await;
+}
+
 #[tokio::test]
 async fn a_cancelled_diesel_transaction_never_swallows_the_next_write() {
     let (_pg, connector, admin) = setup("cancel_diesel").await;
