@@ -369,7 +369,11 @@ impl PoolSettings {
         PoolSettingsBuilder(self.clone())
     }
 
-    /// Most connections open at once. Defaults to 10.
+    /// Most connections in the pool at once. Defaults to 10.
+    ///
+    /// A connection near its [`max_lifetime`](Self::max_lifetime) has its replacement opened
+    /// ahead, beside it: while connections are renewed, the server sees more sessions of the
+    /// pool, up to about twice as many (the README's "Logins off the request path").
     pub fn max_size(&self) -> u32 {
         self.max_size
     }
