@@ -328,10 +328,17 @@ impl TokenCache {
         }
     }
 
-    /// Fetches a token (with retries) and installs it; after a failure, notes when to try
-    /// again and returns the current token while it is still valid.
+    /// Fetches a token (with retries), once the pause the last failure asked for is over, and
+    /// installs it; after a failure, notes when to try again and returns the current token
+    /// while it is still valid.
     async fn fetch_and_keep(&self) -> Result<Arc<Token>> {
         let inner = &self.inner;
+        // The pause the last failure asked for (the service's `Retry-After`, or the backoff),
+        // whoever starts the next fetch: a caller with no token waits it out too.
+        let pause = self.retry_after().saturating_sub(millis(inner.clock.now()));
+        if pause > 0 {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
         match self.fetch_with_retries().await {
             Ok((token, took)) => Ok(self.install(token, took)),
             Err(e) => {
@@ -1037,6 +1044,51 @@ mod tests {
             started.elapsed() >= Duration::from_secs(3),
             "{:?}",
             started.elapsed()
+        );
+    }
+
+    /// A service that answered 429 with `Retry-After` is not asked again before then by the
+    /// next caller with no token either (capped at the longest backoff, as within a fetch):
+    /// callers that came after the failed fetch waited for nothing and asked at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_fetch_after_a_429_waits_as_long_as_retry_after_says() {
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let source = {
+            let asked = Arc::clone(&asked);
+            move || {
+                let n = {
+                    let mut asked = asked.lock().unwrap();
+                    asked.push(tokio::time::Instant::now());
+                    asked.len()
+                };
+                async move {
+                    if n <= 2 {
+                        return Err(Error::Http {
+                            endpoint: "/api/2.0/postgres/credentials".into(),
+                            status: 429,
+                            code: "RESOURCE_EXHAUSTED".into(),
+                            message: "slow down".into(),
+                            retry_after: Some(Duration::from_secs(30)),
+                        });
+                    }
+                    Ok(Token::new("t", None))
+                }
+            }
+        };
+        let settings = CacheSettings::builder()
+            .retries(2, Duration::from_millis(100), Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let cache = TokenCache::new(Arc::new(source), TokenStrategy::Lazy, settings);
+        let err = cache.token().await.unwrap_err();
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
+        cache.token().await.unwrap();
+        let asked = asked.lock().unwrap();
+        assert_eq!(asked.len(), 3);
+        assert!(
+            asked[2] - asked[1] >= Duration::from_secs(10),
+            "asked again {:?} after the 429",
+            asked[2] - asked[1]
         );
     }
 
