@@ -164,7 +164,7 @@ impl DataApi {
                 request = request.header("Prefer", "return=representation");
             }
             let reply = read_reply(&shown, request, self.timeout, MAX_ANSWER).await?;
-            let (status, bytes) = (reply.status, reply.body);
+            let (status, bytes, retry_after) = (reply.status, reply.body, reply.retry_after);
             if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
                 self.cache.invalidate(&token);
                 continue;
@@ -188,7 +188,7 @@ impl DataApi {
                     status: status.as_u16(),
                     code: text("code", 40).unwrap_or(reason),
                     message: text("message", 300).unwrap_or_default(),
-                    retry_after: None,
+                    retry_after,
                 });
             }
             return Ok(match json {
@@ -351,5 +351,40 @@ mod tests {
             let part = std::str::from_utf8(part).unwrap();
             assert!(!shown.contains(part), "{part} of the token leaked: {shown}");
         }
+    }
+
+    /// A service that asks for a pause (HTTP 429 or 503 with `Retry-After`) says how long in
+    /// the error, as the credential sources' errors do.
+    #[tokio::test]
+    async fn a_data_api_busy_answer_keeps_its_retry_after() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/rest", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(|| async {
+            (
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                [(axum::http::header::RETRY_AFTER, "5")],
+                axum::Json(json!({ "code": "RATE_LIMITED", "message": "slow down" })),
+            )
+        });
+        let _server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let source =
+            || async { Ok::<_, std::io::Error>(crate::credentials::Token::new("t", None)) };
+        let cache = crate::TokenCache::new(
+            std::sync::Arc::new(source),
+            crate::TokenStrategy::Lazy,
+            crate::CacheSettings::default(),
+        );
+        let err = DataApi::new(&base, cache)
+            .unwrap()
+            .from("notes")
+            .get()
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        assert_eq!(
+            err.retry_after(),
+            Some(std::time::Duration::from_secs(5)),
+            "{err:?}"
+        );
     }
 }

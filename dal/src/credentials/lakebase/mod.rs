@@ -319,7 +319,7 @@ pub(crate) struct Reply {
     pub(crate) status: StatusCode,
     pub(crate) body: Vec<u8>,
     /// `Retry-After` in seconds (the HTTP-date form is not used by the services).
-    retry_after: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
 }
 
 impl Lakebase {
@@ -1167,7 +1167,8 @@ impl Lakebase {
     }
 
     /// A discovery document: `None` when it is absent or not a JSON object, so that the next
-    /// mechanism is tried; an error only when the server cannot be reached.
+    /// mechanism is tried; an error when the server cannot be reached or cannot serve it for
+    /// now (HTTP 5xx, 429), since what is found is kept.
     async fn get_json(&self, url: &str) -> Result<Option<Value>> {
         let Ok(parsed) = parse_url(url, Setting::DatabricksHost) else {
             return Ok(None);
@@ -1175,6 +1176,9 @@ impl Lakebase {
         let path = endpoint_of(&parsed);
         let request = self.client.get(parsed).header(ACCEPT, "application/json");
         let reply = self.send(&path, request).await?;
+        if reply.status.is_server_error() || reply.status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(self.http_error(&path, &reply, None));
+        }
         if !reply.status.is_success() {
             return Ok(None);
         }

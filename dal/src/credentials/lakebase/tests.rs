@@ -312,6 +312,35 @@ async fn discovery_follows_the_databricks_config_first() {
     );
 }
 
+/// A discovery document the server could not serve for now (HTTP 503, 429) fails the fetch,
+/// to be tried again, rather than being taken as absent: the fallback endpoint found instead
+/// was kept for the life of the process, without the workspace id.
+#[tokio::test]
+async fn a_discovery_document_unavailable_for_now_is_asked_for_again() {
+    let config_calls = Arc::new(AtomicUsize::new(0));
+    let server = Server::start({
+        let config_calls = config_calls.clone();
+        move |r: &Request, base: &str| match r.path.as_str() {
+            DATABRICKS_CONFIG_PATH if config_calls.fetch_add(1, Ordering::SeqCst) == 0 => {
+                Reply::Json(
+                    503,
+                    json!({ "error_code": "TEMPORARILY_UNAVAILABLE", "message": "try later" }),
+                )
+            }
+            DATABRICKS_CONFIG_PATH => Reply::Json(200, json!({ "workspace_id": "42" })),
+            _ => workspace(r, base),
+        }
+    })
+    .await;
+    let lakebase = source(&server);
+    let err = lakebase.fetch().await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    lakebase.fetch().await.unwrap();
+    let credential = server.requests().pop().unwrap();
+    assert_eq!(credential.path, AUTOSCALING_PATH);
+    assert_eq!(credential.header("x-databricks-workspace-id"), Some("42"));
+}
+
 #[tokio::test]
 async fn discovery_falls_back_to_the_workspace_oauth_metadata() {
     let server = Server::start(|r: &Request, base: &str| match r.path.as_str() {
