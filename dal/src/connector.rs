@@ -158,7 +158,7 @@ impl Connector {
     pub(crate) fn build(mut config: Config) -> Result<Self> {
         let peers = std::mem::take(&mut config.failover)
             .into_iter()
-            .map(|peer| {
+            .map(|mut peer| {
                 if !peer.failover.is_empty() {
                     return Err(Error::config(
                         Setting::Failover,
@@ -166,6 +166,7 @@ impl Connector {
                          endpoint once, on the first",
                     ));
                 }
+                take_session_settings(&mut peer, &config);
                 Self::build(peer)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -1271,6 +1272,28 @@ fn check_host(setting: Setting, host: &str) -> Result<()> {
     Ok(())
 }
 
+/// Gives a failover endpoint the session settings of the first that it leaves at their
+/// defaults: it serves the same database, and settings chained onto
+/// [`Config::dsql_multi_region`] reach the first endpoint only.
+fn take_session_settings(peer: &mut Config, first: &Config) {
+    let blank = Config::new("", "");
+    if peer.database == blank.database {
+        peer.database.clone_from(&first.database);
+    }
+    if peer.application_name == blank.application_name {
+        peer.application_name.clone_from(&first.application_name);
+    }
+    if peer.connect_timeout == blank.connect_timeout {
+        peer.connect_timeout = first.connect_timeout;
+    }
+    peer.product = peer.product.take().or_else(|| first.product.clone());
+    peer.search_path = peer
+        .search_path
+        .take()
+        .or_else(|| first.search_path.clone());
+    peer.statement_timeout = peer.statement_timeout.or(first.statement_timeout);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1280,6 +1303,49 @@ mod tests {
             Err(Error::Config { setting, .. }) => setting,
             other => panic!("expected a config error, got {other:?}"),
         }
+    }
+
+    /// A failover endpoint serves the same database: the session settings it leaves at their
+    /// defaults are the first endpoint's (a setter chained on `Config::dsql_multi_region`
+    /// reaches the first only), and those it sets are its own.
+    #[test]
+    fn failover_endpoints_take_the_session_settings_they_leave_unset() {
+        let first = || {
+            Config::new("a.example.com", "u")
+                .password("p")
+                .database("shop")
+                .search_path("shop")
+                .statement_timeout(Duration::from_secs(30))
+                .product("acme_orders/2.1")
+                .connect_timeout(Duration::from_secs(3))
+        };
+        let peer = || Config::new("b.example.com", "u").password("q");
+        let token = Token::new("t", None);
+        let c = Connector::build(first().failover(peer())).unwrap();
+        let (one, two) = (
+            c.endpoint(0).pg_config(&token),
+            c.endpoint(1).pg_config(&token),
+        );
+        assert_eq!(
+            two.get_hosts(),
+            [tokio_postgres::config::Host::Tcp("b.example.com".into())]
+        );
+        assert_eq!(two.get_dbname(), Some("shop"));
+        assert_eq!(two.get_options(), one.get_options());
+        assert!(
+            two.get_options()
+                .is_some_and(|o| o.contains("search_path=shop"))
+        );
+        assert_eq!(two.get_application_name(), Some("acme_orders/2.1"));
+        assert_eq!(two.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        let own = peer().database("shop_eu").search_path("eu");
+        let c = Connector::build(first().failover(own)).unwrap();
+        let two = c.endpoint(1).pg_config(&token);
+        assert_eq!(two.get_dbname(), Some("shop_eu"));
+        assert!(
+            two.get_options()
+                .is_some_and(|o| o.contains("search_path=eu"))
+        );
     }
 
     /// A connect timeout too long to count from now ("wait forever") is refused when built,

@@ -617,8 +617,10 @@ pub struct Config {
     /// multi-region cluster ([`Config::dsql_multi_region`]): when this endpoint cannot be
     /// reached, each new connection tries them in order, and the first that answers becomes
     /// the endpoint of every pool (SeaORM's included) until it fails in turn. Each has its own
-    /// host, port, TLS and credentials (a DSQL token is signed for one endpoint and its
-    /// region); their own `failover` must be empty. Defaults to none.
+    /// host, port, user, TLS and credentials (a DSQL token is signed for one endpoint and its
+    /// region); their own `failover` must be empty. The session settings each leaves at their
+    /// defaults (`database`, `application_name`, `product`, `search_path`,
+    /// `statement_timeout`, `connect_timeout`) are this one's. Defaults to none.
     pub failover: Vec<Config>,
     /// Pool sizes and lifetimes. Defaults to [`PoolSettings::for_target`] of the
     /// [target](Self::resolved_target): a `pool` equal to [`PoolSettings::default`] as a
