@@ -127,6 +127,13 @@ fn check_userinfo(url: &str) -> std::result::Result<(), String> {
     let (Some(userinfo), _) = split_userinfo(url) else {
         return Ok(());
     };
+    // A path and a parameter before the `@`: it is a parameter's.
+    if let Some((path, parameter)) = userinfo.split_once('?')
+        && path.contains('/')
+        && parameter.contains('=')
+    {
+        return Err("has an '@' in its parameters: percent-encode it as %40".to_owned());
+    }
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
     for (part, text) in [("user name", user), ("password", password)] {
         let bytes = text.as_bytes();
@@ -153,17 +160,21 @@ fn check_userinfo(url: &str) -> std::result::Result<(), String> {
 }
 
 /// The URL after its scheme, split at the `@` that ends the user name and password, if it
-/// has one: the last `@` before the query (whose values, `application_name=team@example`,
-/// may hold one), or, with none there, the last one at all (a raw `?` in the password, which
-/// [`check_userinfo`] names).
+/// has one: the last `@` before the path, as libpq reads it (an `@` of the database name or
+/// of a parameter, `application_name=team@example`, is theirs); with none there, the last
+/// before the query (a raw `/` in the password), or the last one at all (a raw `?` in the
+/// password, or an `@` in a parameter with no user name before the host, which
+/// tokio-postgres would take for one's end): [`check_userinfo`] names those.
 fn split_userinfo(url: &str) -> (Option<&str>, &str) {
     let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let before_query = after_scheme
-        .split_once('?')
-        .map_or(after_scheme, |(b, _)| b);
-    match before_query
-        .rsplit_once('@')
-        .map(|(userinfo, _)| userinfo.len())
+    let before = |end: char| {
+        after_scheme
+            .split_once(end)
+            .map_or(after_scheme, |(b, _)| b)
+    };
+    match before('/')
+        .rfind('@')
+        .or_else(|| before('?').rfind('@'))
         .or_else(|| after_scheme.rfind('@'))
     {
         Some(at) => (Some(&after_scheme[..at]), &after_scheme[at + 1..]),
@@ -379,6 +390,21 @@ mod tests {
         ] {
             assert!(reason(url).contains("the password has a raw '?'"), "{url}");
         }
+    }
+
+    /// The user name and password end at an `@` before the path, as in libpq and
+    /// tokio-postgres: an `@` in the database name is the database's. One in the query with
+    /// no user name in the URL would be read by tokio-postgres as the end of one, which the
+    /// message says.
+    #[test]
+    fn an_at_sign_after_the_host_is_not_read_as_part_of_the_password() {
+        let c = parse("postgres://u:p@h/team@db", None).unwrap();
+        assert_eq!(c.address(), ("h", 5432, "u", "team@db"));
+        let said = reason("postgres://db.example.com/shop?application_name=ops@acme");
+        assert!(
+            said.contains("has an '@' in its parameters: percent-encode it as %40"),
+            "{said}"
+        );
     }
 
     #[test]
