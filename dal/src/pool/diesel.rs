@@ -67,13 +67,15 @@ fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
 }
 
 /// Broken: diesel-async's own test (a transaction left half done), a prepared statement
-/// the server no longer accepts after a schema change (see [`QueryTimer::stale`]), or a
+/// the server no longer accepts after a schema change (see [`QueryTimer::stale`]), a
+/// savepoint left unfinished (see [`QueryTimer::savepoints`]), or a
 /// connection whose instrumentation its user replaced (`set_instrumentation`): the pool's
 /// record of it went with the [`QueryTimer`], and without it the connection would serve
 /// past its lifetime and keep its stale statements. Called as the connection comes back to
 /// the pool (the pool notes when, in its `Lifespan`).
 fn has_broken(conn: &mut AsyncPgConnection) -> bool {
-    let tracked_and_current = timer(conn).is_some_and(|timer| !timer.went_stale());
+    let tracked_and_current =
+        timer(conn).is_some_and(|timer| !timer.went_stale() && timer.savepoints == 0);
     std::thread::panicking() || !tracked_and_current || PoolableConnection::is_broken(conn)
 }
 
@@ -92,6 +94,22 @@ pub(crate) fn sqlstate_of(conn: &mut AsyncPgConnection, e: &Error) -> Option<Str
         return None;
     }
     timer(conn)?.wire.as_ref()?.last_error()
+}
+
+/// Counts a savepoint of [`Transactions::diesel_savepoint`](crate::Transactions) as begun
+/// (`+1`) or ended (`-1`) on `conn`.
+pub(crate) fn count_savepoint(conn: &mut AsyncPgConnection, change: i32) {
+    if let Some(timer) = timer(conn) {
+        timer.savepoints = timer.savepoints.saturating_add_signed(change);
+    }
+}
+
+/// Whether a savepoint begun on `conn` was left unfinished: the future of the work inside it
+/// was dropped (a timeout or `select!` around it). Its `SAVEPOINT`, `RELEASE` or `ROLLBACK TO`
+/// may have been sent or not, and diesel-async counts it as open (its `COMMIT` would then be
+/// the savepoint's `RELEASE`), so the transaction around it cannot be ended as it stands.
+pub(crate) fn savepoint_left_unfinished(conn: &mut AsyncPgConnection) -> bool {
+    timer(conn).is_some_and(|timer| timer.savepoints > 0)
 }
 
 /// Whether the transaction open on `conn` may be aborted and its commit cannot be checked
@@ -138,6 +156,7 @@ where
             wire,
             stale: false,
             failed: false,
+            savepoints: 0,
             // Just opened: as good as one that came back now.
             lifespan: Lifespan::returned_now(),
             times: telemetry::QueryTimes::new("diesel"),
@@ -163,6 +182,9 @@ struct QueryTimer {
     /// The server refused a statement since the last top-level `BEGIN`, which aborts the
     /// transaction (unless a savepoint rolled back over it): see [`may_have_aborted`].
     failed: bool,
+    /// Savepoints begun and not ended: see [`savepoint_left_unfinished`]. The pool closes a
+    /// connection that comes back with one, which rolls its transaction back.
+    savepoints: u32,
     /// What the pool notes of it: when it came back, when it retires.
     lifespan: Lifespan,
     times: telemetry::QueryTimes,

@@ -9,7 +9,10 @@ use tracing::Instrument;
 use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back};
 use crate::error::{Error, Result};
 use crate::pool::DieselPool;
-use crate::pool::diesel::{may_have_aborted, rolled_back_at_commit, sqlstate_of, went_stale};
+use crate::pool::diesel::{
+    count_savepoint, may_have_aborted, rolled_back_at_commit, savepoint_left_unfinished,
+    sqlstate_of, went_stale,
+};
 
 impl Transactions {
     /// Runs `work` in a Diesel transaction of `mode` on a connection of `pool`, retried as
@@ -48,6 +51,12 @@ impl Transactions {
     /// what it did is rolled back and the outer transaction goes on. Fails when no
     /// transaction is open, and on an Aurora DSQL target with
     /// [`Error::SavepointUnsupported`], before anything is sent.
+    ///
+    /// Dropped before its end (a timeout around it), the savepoint's state on the server is
+    /// unknown: the transaction around it can then no longer commit. Through
+    /// [`diesel`](Self::diesel) it fails with [`Error::Aborted`] and is rolled back, its
+    /// connection closed; in a transaction of diesel-async's own, whose `COMMIT` would be the
+    /// savepoint's `RELEASE`, do not let it be dropped.
     pub async fn diesel_savepoint<T, F>(&self, conn: &mut AsyncPgConnection, work: F) -> Result<T>
     where
         F: for<'c> FnOnce(&'c mut AsyncPgConnection) -> BoxFuture<'c, Result<T>>,
@@ -59,17 +68,23 @@ impl Transactions {
         if depth.is_none() {
             return Err(Error::Diesel(diesel::result::Error::NotInTransaction));
         }
-        AnsiTransactionManager::begin_transaction(conn).await?;
-        match work(conn).await {
-            Ok(value) => {
-                AnsiTransactionManager::commit_transaction(conn).await?;
-                Ok(value)
-            }
-            Err(e) => {
-                AnsiTransactionManager::rollback_transaction(conn).await?;
-                Err(e)
+        count_savepoint(conn, 1);
+        let done = async {
+            AnsiTransactionManager::begin_transaction(conn).await?;
+            match work(conn).await {
+                Ok(value) => {
+                    AnsiTransactionManager::commit_transaction(conn).await?;
+                    Ok(value)
+                }
+                Err(e) => {
+                    AnsiTransactionManager::rollback_transaction(conn).await?;
+                    Err(e)
+                }
             }
         }
+        .await;
+        count_savepoint(conn, -1);
+        done
     }
 }
 
@@ -91,7 +106,19 @@ where
         .await
         .map_err(|e| Failure::Begin(Error::Diesel(e)))?;
     tracing::debug!("transaction begun");
-    let done = match work(conn).await {
+    let done = work(conn).await;
+    if savepoint_left_unfinished(conn) {
+        // Neither committed nor rolled back here: diesel-async's `COMMIT` would be the
+        // savepoint's `RELEASE`. The pool closes the connection as it comes back, which
+        // rolls the transaction back on the server.
+        rolled_back("diesel");
+        return Err(Failure::Work(Error::abort(
+            "a savepoint's future was dropped before its end (a timeout or select! around \
+             diesel_savepoint?), leaving its state on the server unknown: the transaction is \
+             rolled back",
+        )));
+    }
+    let done = match done {
         // PostgreSQL would answer COMMIT with a ROLLBACK, and no error, if a statement failed
         // and aborted the transaction: a `SELECT 1` fails then (SQLSTATE 25P02), and that
         // failure is the attempt's.

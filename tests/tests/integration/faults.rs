@@ -278,6 +278,71 @@ async fn a_cancelled_seaorm_savepoint_never_undoes_the_transaction_around_it() {
     no_session_left_in_a_transaction(&admin, "cancel_savepoint").await;
 }
 
+/// A Diesel savepoint whose future was dropped inside the transaction's work (a timeout
+/// around it) never turns the transaction's commit into the savepoint's `RELEASE`: the
+/// transaction then either commits every write its work was told succeeded, or fails.
+/// Diesel counted the savepoint as still open, and its `COMMIT` became a `RELEASE`, reported
+/// as a commit, while the transaction stayed open and was rolled back by the pool.
+#[tokio::test]
+async fn a_cancelled_diesel_savepoint_never_turns_a_commit_into_a_release() {
+    let (_pg, connector, admin) = setup("cancel_diesel_savepoint").await;
+    let pool = connector.diesel_pool().await.unwrap();
+    let tx = connector.transactions();
+    async fn insert(
+        conn: &mut dal::diesel_async::AsyncPgConnection,
+        id: i64,
+    ) -> dal::diesel::QueryResult<usize> {
+        dal::diesel::sql_query("INSERT INTO acks (id) VALUES ($1)")
+            .bind::<dal::diesel::sql_types::BigInt, _>(id)
+            .execute(conn)
+            .await
+    }
+    let (mut cancelled, mut lost) = (0, Vec::new());
+    for pendings in 0..3 {
+        let [before, inside, after] = [1, 2, 3].map(|n| 10 * pendings as i64 + n);
+        let was_cancelled = Arc::new(AtomicBool::new(false));
+        let done = tx
+            .diesel(&pool, TxMode::new(), |conn| {
+                let (tx, was_cancelled) = (tx.clone(), Arc::clone(&was_cancelled));
+                Box::pin(async move {
+                    insert(conn, before).await?;
+                    let savepoint = tx.diesel_savepoint(conn, |sp| {
+                        Box::pin(async move {
+                            insert(sp, inside).await?;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            Ok(())
+                        })
+                    });
+                    if cancel_after(pendings, savepoint).await.is_none() {
+                        was_cancelled.store(true, Ordering::SeqCst);
+                    }
+                    insert(conn, after).await?;
+                    Ok(())
+                })
+            })
+            .await;
+        cancelled += usize::from(AtomicBool::load(&was_cancelled, Ordering::SeqCst));
+        match done {
+            Ok(()) => {
+                for id in [before, after] {
+                    if !visible(&admin, id).await {
+                        lost.push(id);
+                    }
+                }
+            }
+            // Rolled back as a whole, and said so.
+            Err(e) => {
+                assert!(matches!(e, dal::Error::Aborted(_)), "{e:?}");
+                assert!(!visible(&admin, before).await && !visible(&admin, after).await);
+            }
+        }
+    }
+    println!("Diesel savepoints: cancelled {cancelled}, lost {lost:?}");
+    assert_eq!(cancelled, 3);
+    assert_eq!(lost, Vec::<i64>::new(), "acknowledged writes lost");
+    no_session_left_in_a_transaction(&admin, "cancel_diesel_savepoint").await;
+}
+
 #[tokio::test]
 async fn a_cancelled_diesel_transaction_never_swallows_the_next_write() {
     let (_pg, connector, admin) = setup("cancel_diesel").await;
