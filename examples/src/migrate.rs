@@ -10,7 +10,8 @@ use migration::MigratorTrait;
 /// connection, closed before returning; the token is the connector's own, so a program's
 /// summary counts every fetch). Returns how many migrations it applied.
 pub async fn up(connector: &Connector) -> anyhow::Result<usize> {
-    // Another program may be migrating the same database: it finishes first.
+    // Another program may be migrating the same database: it finishes first (on DSQL, which
+    // has no lock to take, the DSQL migrator goes on after its statements).
     let lock = migration::MigrationLock::acquire(connector).await?;
     let one = PoolSettings::builder().max_size(1).build()?;
     // sea-orm-migration takes SeaORM's own connection: one over a plain sqlx pool.

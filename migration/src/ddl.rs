@@ -57,12 +57,35 @@ pub const LOCK_RETRY_PAUSES: [Duration; 4] = [
 /// PostgreSQL's `lock_not_available`: a statement gave up on a lock after `lock_timeout`.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
-/// Applies `M`'s pending migrations on `db` (all, or `steps` of them), trying again, after
-/// each of the [`LOCK_RETRY_PAUSES`], when a migration gave up on a lock. The migrations
-/// applied before it stay applied, and count against `steps`.
-pub(crate) async fn up_retrying_lock_timeouts<M: MigratorTrait>(
+/// Why a migration run is tried again: the SQLSTATEs, and what they mean for the log.
+pub(crate) struct Retried {
+    pub(crate) sqlstates: &'static [&'static str],
+    pub(crate) reason: &'static str,
+}
+
+/// A migration gave up on a lock another transaction holds ([`LOCK_TIMEOUT`]).
+pub(crate) const LOCK_TIMED_OUT: Retried = Retried {
+    sqlstates: &[LOCK_NOT_AVAILABLE],
+    reason: "a migration gave up on a lock another transaction holds (LOCK_TIMEOUT)",
+};
+
+/// Another run changed the schema at the same time (Aurora DSQL has no lock to take first):
+/// a conflict (`40001`, DSQL's `OC001`), or the other's row in `seaql_migrations`, or its
+/// table, there first (`23505`: PostgreSQL raises it for two `CREATE TABLE IF NOT EXISTS` at
+/// once as well; `42P07`).
+pub(crate) const RAN_AT_ONCE: Retried = Retried {
+    sqlstates: &["40001", "23505", "42P07"],
+    reason: "another migration run changed the schema at the same time",
+};
+
+/// Applies `M`'s pending migrations on `db` (all, or `steps` of them), reading what is still
+/// pending and trying again, after each of the [`LOCK_RETRY_PAUSES`], when a migration
+/// failed for a reason in `retried`. The migrations applied before it stay applied, and
+/// count against `steps`.
+pub(crate) async fn up_retrying<M: MigratorTrait>(
     db: &DatabaseConnection,
     steps: Option<u32>,
+    retried: &Retried,
 ) -> Result<(), DbErr> {
     let pending_before = match steps {
         Some(_) => M::get_pending_migrations(db).await?.len(),
@@ -72,7 +95,7 @@ pub(crate) async fn up_retrying_lock_timeouts<M: MigratorTrait>(
     let mut pauses = LOCK_RETRY_PAUSES.iter().enumerate();
     loop {
         let e = match M::up(db, left).await {
-            Err(e) if sqlstate(&e).as_deref() == Some(LOCK_NOT_AVAILABLE) => e,
+            Err(e) if sqlstate(&e).is_some_and(|code| retried.sqlstates.contains(&&*code)) => e,
             done => return done,
         };
         let Some((tried, pause)) = pauses.next() else {
@@ -82,8 +105,8 @@ pub(crate) async fn up_retrying_lock_timeouts<M: MigratorTrait>(
         tracing::warn!(
             target: "sea_orm_migration",
             error = %e,
-            "a migration gave up on a lock another transaction holds (lock_timeout {LOCK_TIMEOUT}); \
-             trying again in {pause:?} (try {} of {})",
+            "{}; trying again in {pause:?} (try {} of {})",
+            retried.reason,
             tried + 2,
             LOCK_RETRY_PAUSES.len() + 1
         );

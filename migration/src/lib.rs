@@ -66,7 +66,7 @@ impl MigratorTrait for Migrator {
     {
         match db.into_database_executor() {
             sea_orm::DatabaseExecutor::Connection(db) => {
-                ddl::up_retrying_lock_timeouts::<OneTry>(db, steps).await
+                ddl::up_retrying::<OneTry>(db, steps, &ddl::LOCK_TIMED_OUT).await
             }
             db => OneTry::up(db, steps).await,
         }
@@ -83,6 +83,16 @@ impl MigratorTrait for OneTry {
     }
 }
 
+/// [`DsqlMigrator`]'s migrations, each tried once: what its `up` runs, and runs again.
+struct DsqlOneTry;
+
+#[async_trait::async_trait]
+impl MigratorTrait for DsqlOneTry {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        DsqlMigrator::migrations()
+    }
+}
+
 /// The migrator for Aurora DSQL: no transaction around a migration, one DDL per statement,
 /// `CREATE INDEX ASYNC`, no foreign keys.
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +102,29 @@ pub struct DsqlMigrator;
 impl MigratorTrait for DsqlMigrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         migrations_for(Flavor::Dsql)
+    }
+
+    /// Applies the pending migrations (all, or `steps` of them), one statement at a time.
+    /// DSQL has no advisory lock for a [`MigrationLock`]: two runs at once (two replicas
+    /// migrating as they start) race on the same statements, and the one that loses (a
+    /// conflict, SQLSTATE `40001`; the other's table or row in `seaql_migrations` first,
+    /// `23505` or `42P07`) reads what is still pending and goes on, after each of the
+    /// [`LOCK_RETRY_PAUSES`]: every statement is `IF NOT EXISTS`, so one run again changes
+    /// nothing. Given a transaction, each migration is tried once.
+    ///
+    /// # Errors
+    ///
+    /// The first error of a migration or of the server; the race's after the last try.
+    async fn up<'c, C>(db: C, steps: Option<u32>) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        match db.into_database_executor() {
+            sea_orm::DatabaseExecutor::Connection(db) => {
+                ddl::up_retrying::<DsqlOneTry>(db, steps, &ddl::RAN_AT_ONCE).await
+            }
+            db => DsqlOneTry::up(db, steps).await,
+        }
     }
 
     /// Drops every table of the current schema, each in a transaction of its own (DSQL runs

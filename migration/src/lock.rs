@@ -24,7 +24,8 @@ impl MigrationLock {
     /// info level), for as long as that run takes: the lock's session has no
     /// `statement_timeout` (the connector's, `DAL_STATEMENT_TIMEOUT_MS`, ended the wait with
     /// SQLSTATE `57014` while the other run still migrated). `None` on Aurora DSQL, which has
-    /// no advisory locks: run migrations there from one place at a time.
+    /// no advisory locks: there [`DsqlMigrator::up`](crate::DsqlMigrator) goes on after the
+    /// statements of a run at the same time.
     ///
     /// # Errors
     ///
