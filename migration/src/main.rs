@@ -40,10 +40,15 @@ async fn main() {
         Ok(target) => target == Target::Dsql,
         Err(e) => fail(&e),
     };
-    let server = format!(
-        "{}:{} (database {}, user {})",
-        config.host, config.port, config.database, config.user
-    );
+    // A Lakebase endpoint's host, and an OAuth login's user, are looked up as it connects.
+    let server = match (config.host.is_empty(), config.user.is_empty()) {
+        (false, _) => format!(
+            "{}:{} (database {}, user {})",
+            config.host, config.port, config.database, config.user
+        ),
+        (true, false) => format!("database {} (user {})", config.database, config.user),
+        (true, true) => format!("database {}", config.database),
+    };
     // Held until the command is done: the lock, and the connector, whose token cache keeps
     // the sqlx pool's token fresh should it open its connection again.
     let lock = std::sync::Mutex::new(None);

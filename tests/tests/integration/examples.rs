@@ -710,6 +710,36 @@ async fn errors_name_the_server_and_the_fix() {
     }
 }
 
+/// Without `PGHOST` and `PGUSER`, a Lakebase endpoint's host and the signed-in user are
+/// looked up as the migration command connects: one that cannot sign in names the
+/// database, not an empty `:5432` and user.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lakebase_migration_that_cannot_sign_in_names_the_database() {
+    let pg = tests::server().await;
+    let lb = tests::lakebase(&pg, "nameless", Duration::from_secs(30)).await;
+    let env: Vec<(&str, String)> = lakebase_env(&pg, &lb, "nameless")
+        .into_iter()
+        .filter(|(k, _)| !matches!(*k, "PGHOST" | "PGUSER"))
+        .map(|(k, v)| match k {
+            "DATABRICKS_CLIENT_SECRET" => (k, "dose-wrong-secret".to_owned()),
+            _ => (k, v),
+        })
+        .collect();
+    let mut p = Program::start_with_args("migration", &env, &["status"]);
+    let status = p.wait(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(1), "{}", p.output());
+    let error = p.the_error_line();
+    // The user is the service principal's client id, filled in from the credentials.
+    assert!(
+        error.contains(&format!(
+            "cannot migrate database nameless (user {}): ",
+            lb.config().client_id
+        )),
+        "{}",
+        p.output()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_credentials_end_with_one_line() {
     let pg = tests::server().await;
