@@ -195,6 +195,18 @@ impl Conn {
         }
     }
 
+    /// Ends the transaction or savepoint at depth `level`, and those inside it.
+    fn end_at(
+        &mut self,
+        level: u32,
+        commit: bool,
+    ) -> BoxFuture<'_, std::result::Result<(), DbErr>> {
+        Box::pin(async move {
+            self.unwind_to(level).await.map_err(exec_err)?;
+            self.end_level(commit).await.map_err(exec_err)
+        })
+    }
+
     /// Rolls back the transactions deeper than `depth`.
     async fn unwind_to(&mut self, depth: u32) -> std::result::Result<(), sqlx::Error> {
         while self.depth > depth {
@@ -403,11 +415,12 @@ impl SeaOrmPool {
             checkout.savepoints.clear();
             Ok(SeaOrmTransaction {
                 shared: Arc::new(Shared {
-                    conn: Mutex::new(Some(checkout)),
+                    conn: Arc::new(Mutex::new(Some(checkout))),
                     dropped: std::sync::Mutex::new(Vec::new()),
                     begun: AtomicU64::new(0),
                 }),
                 number: 0,
+                alive: Arc::new(()),
                 open: true,
                 unwind_within: pool.check_timeout(),
             })
@@ -565,6 +578,9 @@ pub struct SeaOrmTransaction {
     /// A savepoint's number in its transaction (see [`Conn::savepoints`]); 0 for the
     /// transaction.
     number: u64,
+    /// Held while the handle lives: the task that opens its savepoint rolls it back at once
+    /// if the handle is gone by then.
+    alive: Arc<()>,
     /// Not yet committed or rolled back.
     open: bool,
     /// How long the `ROLLBACK` of a transaction dropped while open may take before its
@@ -590,7 +606,7 @@ fn ended() -> DbErr {
 /// What the handles of one transaction and its savepoints share.
 struct Shared {
     /// The connection, until the transaction ends.
-    conn: Mutex<Option<Checkout>>,
+    conn: Arc<Mutex<Option<Checkout>>>,
     /// The numbers of savepoints whose handles were dropped before their end: each still
     /// open (or opened after) is rolled back before the transaction's next statement. Kept
     /// apart from the connection, so that a handle dropped while a statement holds it still
@@ -603,6 +619,14 @@ struct Shared {
 impl Shared {
     fn dropped(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
         self.dropped.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the savepoint of a dropped handle is open on `conn`; forgets those that are
+    /// not (ended, or rolled back by the task that opened them, which found the handle gone).
+    fn to_settle(&self, conn: &Conn) -> bool {
+        let mut dropped = self.dropped();
+        dropped.retain(|n| conn.savepoints.contains(n));
+        !dropped.is_empty()
     }
 
     /// Rolls back the savepoints whose handles were dropped, and those inside them.
@@ -619,9 +643,7 @@ impl Shared {
     }
 }
 
-/// Runs `op` to its end on a task of its own: a caller that stops waiting (a cancelled
-/// future) cannot leave a `SAVEPOINT`, `RELEASE` or `ROLLBACK TO` sent but unaccounted for,
-/// which would make the connection's savepoints differ from the server's.
+/// Runs `op` to its end on a task of its own, whatever becomes of the caller that waits.
 async fn to_the_end<T: Send + 'static>(
     op: BoxFuture<'static, std::result::Result<T, DbErr>>,
 ) -> std::result::Result<T, DbErr> {
@@ -672,11 +694,50 @@ impl SeaOrmTransaction {
     {
         let (shared, number) = (Arc::clone(&self.shared), self.number);
         Box::pin(async move {
-            let mut guard = shared.conn.lock().await;
+            let mut guard = Arc::clone(&shared.conn).lock_owned().await;
+            if guard.as_ref().is_some_and(|conn| shared.to_settle(conn)) {
+                // On a task of its own, as a savepoint's own statements: cancelled midway, the
+                // rollback would leave the savepoint ended on the server and open here.
+                let settling = Arc::clone(&shared);
+                let (back, settled) = to_the_end(Box::pin(async move {
+                    let settled = match guard.as_mut() {
+                        Some(conn) => settling.settle(conn).await,
+                        None => Ok(()),
+                    };
+                    Ok((guard, settled))
+                }))
+                .await?;
+                settled?;
+                guard = back;
+            }
             let conn = guard.as_mut().ok_or_else(ended)?;
-            shared.settle(conn).await?;
             let level = Self::level(number, conn).ok_or_else(ended)?;
             op(conn, level).await
+        })
+    }
+
+    /// [`run_at`](Self::run_at), with `op` run to its end on a task of its own once the
+    /// connection is this caller's (taken first, so that no later statement of the
+    /// transaction goes before it): a caller that stops waiting cannot leave a `SAVEPOINT`,
+    /// `RELEASE` or `ROLLBACK TO` sent but unaccounted for, which would make the connection's
+    /// savepoints differ from the server's.
+    fn run_at_to_the_end<T, F>(&self, op: F) -> BoxFuture<'static, std::result::Result<T, DbErr>>
+    where
+        F: for<'c> FnOnce(&'c mut Conn, u32) -> BoxFuture<'c, std::result::Result<T, DbErr>>
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let (shared, number) = (Arc::clone(&self.shared), self.number);
+        Box::pin(async move {
+            let mut guard = Arc::clone(&shared.conn).lock_owned().await;
+            to_the_end(Box::pin(async move {
+                let conn = guard.as_mut().ok_or_else(ended)?;
+                shared.settle(conn).await?;
+                let level = Self::level(number, conn).ok_or_else(ended)?;
+                op(conn, level).await
+            }))
+            .await
         })
     }
 
@@ -700,18 +761,16 @@ impl SeaOrmTransaction {
     }
 
     async fn end(&mut self, commit: bool) -> std::result::Result<(), DbErr> {
-        let ending = self.run_at(move |conn, level| {
-            Box::pin(async move {
-                conn.unwind_to(level).await.map_err(exec_err)?;
-                conn.end_level(commit).await.map_err(exec_err)
-            })
-        });
         if self.number > 0 {
-            let done = to_the_end(ending).await;
+            let done = self
+                .run_at_to_the_end(move |conn, level| Conn::end_at(conn, level, commit))
+                .await;
             self.open = false;
             return done;
         }
-        let done = ending.await;
+        let done = self
+            .run_at(move |conn, level| Conn::end_at(conn, level, commit))
+            .await;
         self.open = false;
         // Back to the pool now (closed if the transaction could not be ended).
         self.shared.conn.lock().await.take();
@@ -800,18 +859,19 @@ impl TransactionTrait for SeaOrmTransaction {
     /// A savepoint, inside the innermost one open.
     async fn begin(&self) -> std::result::Result<SeaOrmTransaction, DbErr> {
         // The handle comes first: dropped with the future that waits for its `SAVEPOINT`, it
-        // has its savepoint rolled back whenever that opens.
+        // has its savepoint rolled back as soon as that opens, before any other statement.
         let number = self.shared.begun.fetch_add(1, Ordering::Relaxed) + 1;
         let savepoint = Self {
             shared: Arc::clone(&self.shared),
             number,
+            alive: Arc::new(()),
             open: true,
             unwind_within: self.unwind_within,
         };
-        let shared = Arc::clone(&self.shared);
-        to_the_end(self.run(move |conn| {
+        let alive = Arc::downgrade(&savepoint.alive);
+        self.run_at_to_the_end(move |conn, _| {
             Box::pin(async move {
-                if shared.dropped().contains(&number) {
+                if alive.strong_count() == 0 {
                     return Ok(());
                 }
                 conn.simple(&format!("SAVEPOINT dal_{number}"))
@@ -819,9 +879,12 @@ impl TransactionTrait for SeaOrmTransaction {
                     .map_err(exec_err)?;
                 conn.depth += 1;
                 conn.savepoints.push(number);
+                if alive.strong_count() == 0 {
+                    conn.unwind_to(conn.depth - 1).await.map_err(exec_err)?;
+                }
                 Ok(())
             })
-        }))
+        })
         .await?;
         Ok(savepoint)
     }

@@ -261,8 +261,19 @@ async fn a_cancelled_seaorm_savepoint_never_undoes_the_transaction_around_it() {
         undone.execute_raw(insert(id(4))).await.unwrap();
         cancelled += usize::from(cancel_after(pendings, undone.rollback()).await.is_none());
         txn.execute_raw(insert(id(5))).await.unwrap();
+        // A dropped savepoint is rolled back before the next statement, which is cancelled.
+        let dropped = txn.begin().await.unwrap();
+        dropped.execute_raw(insert(id(6))).await.unwrap();
+        drop(dropped);
+        cancelled += usize::from(
+            cancel_after(pendings, txn.execute_raw(insert(id(7))))
+                .await
+                .is_none(),
+        );
+        txn.execute_raw(insert(id(8))).await.unwrap();
         txn.commit().await.unwrap();
-        for n in [1, 3, 5] {
+        assert!(!visible(&admin, id(6)).await, "a dropped savepoint's write");
+        for n in [1, 3, 5, 8] {
             if !visible(&admin, id(n)).await {
                 lost.push(id(n));
             }
@@ -273,7 +284,7 @@ async fn a_cancelled_seaorm_savepoint_never_undoes_the_transaction_around_it() {
         );
     }
     println!("SeaORM savepoints: cancelled {cancelled}, lost {lost:?}");
-    assert!(cancelled >= 3, "cancelled {cancelled}");
+    assert!(cancelled >= 4, "cancelled {cancelled}");
     assert_eq!(lost, Vec::<i64>::new(), "acknowledged writes lost");
     no_session_left_in_a_transaction(&admin, "cancel_savepoint").await;
 }
