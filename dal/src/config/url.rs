@@ -127,12 +127,16 @@ fn check_userinfo(url: &str) -> std::result::Result<(), String> {
     let (Some(userinfo), _) = split_userinfo(url) else {
         return Ok(());
     };
-    // A path and a parameter before the `@`: it is a parameter's.
-    if let Some((path, parameter)) = userinfo.split_once('?')
-        && path.contains('/')
-        && parameter.contains('=')
+    // A parameter before the `@`: it is the parameter's, or the password has a raw `?`.
+    if userinfo
+        .split_once('?')
+        .is_some_and(|(_, parameter)| parameter.contains('='))
     {
-        return Err("has an '@' in its parameters: percent-encode it as %40".to_owned());
+        return Err(
+            "has an '@' after a '?': percent-encode an '@' in a parameter as %40 \
+                    (and a '?' in the password as %3F)"
+                .to_owned(),
+        );
     }
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
     for (part, text) in [("user name", user), ("password", password)] {
@@ -160,22 +164,18 @@ fn check_userinfo(url: &str) -> std::result::Result<(), String> {
 }
 
 /// The URL after its scheme, split at the `@` that ends the user name and password, if it
-/// has one: the last `@` before the path, as libpq reads it (an `@` of the database name or
-/// of a parameter, `application_name=team@example`, is theirs); with none there, the last
-/// before the query (a raw `/` in the password), or the last one at all (a raw `?` in the
-/// password, or an `@` in a parameter with no user name before the host, which
-/// tokio-postgres would take for one's end): [`check_userinfo`] names those.
+/// has one: the last `@` before the path or the query, as libpq reads it (an `@` of the
+/// database name or of a parameter, `application_name=team@example`, is theirs); with none
+/// there, the last before the query (a raw `/` in the password), or the first one at all,
+/// where tokio-postgres ends a user name (a raw `?` in the password, or an `@` in a
+/// parameter with no user name before the host): [`check_userinfo`] names those.
 fn split_userinfo(url: &str) -> (Option<&str>, &str) {
     let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let before = |end: char| {
-        after_scheme
-            .split_once(end)
-            .map_or(after_scheme, |(b, _)| b)
-    };
-    match before('/')
+    let before = |ends: &[char]| after_scheme.split(ends).next().unwrap_or_default();
+    match before(&['/', '?'])
         .rfind('@')
-        .or_else(|| before('?').rfind('@'))
-        .or_else(|| after_scheme.rfind('@'))
+        .or_else(|| before(&['?']).rfind('@'))
+        .or_else(|| after_scheme.find('@'))
     {
         Some(at) => (Some(&after_scheme[..at]), &after_scheme[at + 1..]),
         None => (None, after_scheme),
@@ -400,11 +400,25 @@ mod tests {
     fn an_at_sign_after_the_host_is_not_read_as_part_of_the_password() {
         let c = parse("postgres://u:p@h/team@db", None).unwrap();
         assert_eq!(c.address(), ("h", 5432, "u", "team@db"));
-        let said = reason("postgres://db.example.com/shop?application_name=ops@acme");
-        assert!(
-            said.contains("has an '@' in its parameters: percent-encode it as %40"),
-            "{said}"
-        );
+        // With no path, an `@` of a parameter is still the parameter's.
+        for url in [
+            "postgres://u:p@h?application_name=svc@team",
+            "postgres://u:p@h:5432?application_name=svc@team",
+        ] {
+            let c = parse(url, None).unwrap();
+            assert_eq!((c.user.as_str(), c.host.as_str()), ("u", "h"), "{url}");
+            assert_eq!(c.application_name, "svc@team", "{url}");
+        }
+        for url in [
+            "postgres://db.example.com/shop?application_name=ops@acme",
+            "postgres://db.example.com?application_name=ops@acme",
+        ] {
+            let said = reason(url);
+            assert!(
+                said.contains("has an '@' after a '?': percent-encode an '@' in a parameter"),
+                "{url}: {said}"
+            );
+        }
     }
 
     #[test]
