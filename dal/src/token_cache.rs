@@ -40,6 +40,8 @@ struct Inner {
     retry_after_ms: AtomicU64,
     /// Held by the one fetch in flight (see [`TokenCache::refresh`]).
     flight: Arc<tokio::sync::Mutex<()>>,
+    /// Wakes a fetch waiting out a failure's pause when the server refused the token.
+    invalidated: tokio::sync::Notify,
     listeners: Mutex<Vec<Listener>>,
     /// A copy of the last fetch's error, if it was a refusal that left no valid token, for
     /// the callers that waited on it.
@@ -93,6 +95,7 @@ impl TokenCache {
                 current: ArcSwapOption::empty(),
                 retry_after_ms: AtomicU64::new(0),
                 flight: Arc::default(),
+                invalidated: tokio::sync::Notify::new(),
                 listeners: Mutex::new(Vec::new()),
                 failed: Mutex::new(None),
                 refresher: Mutex::new(None),
@@ -196,6 +199,7 @@ impl TokenCache {
         {
             self.inner.current.compare_and_swap(&*current, None);
             self.inner.retry_after_ms.store(0, Ordering::Relaxed);
+            self.inner.invalidated.notify_waiters();
         }
     }
 
@@ -334,10 +338,15 @@ impl TokenCache {
     async fn fetch_and_keep(&self) -> Result<Arc<Token>> {
         let inner = &self.inner;
         // The pause the last failure asked for (the service's `Retry-After`, or the backoff),
-        // whoever starts the next fetch: a caller with no token waits it out too.
+        // whoever starts the next fetch: a caller with no token waits it out too. Unless the
+        // server refuses the token meanwhile: a new one is wanted at once.
+        let invalidated = inner.invalidated.notified();
         let pause = self.retry_after().saturating_sub(millis(inner.clock.now()));
         if pause > 0 {
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(pause)) => {}
+                () = invalidated => {}
+            }
         }
         match self.fetch_with_retries().await {
             Ok((token, took)) => Ok(self.install(token, took)),
@@ -1079,7 +1088,12 @@ mod tests {
             .retries(2, Duration::from_millis(100), Duration::from_secs(10))
             .build()
             .unwrap();
-        let cache = TokenCache::new(Arc::new(source), TokenStrategy::Lazy, settings);
+        let cache = TokenCache::with_clock(
+            Arc::new(source),
+            TokenStrategy::Lazy,
+            settings,
+            TokioClock::starting_now(),
+        );
         let err = cache.token().await.unwrap_err();
         assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
         cache.token().await.unwrap();
@@ -1090,6 +1104,56 @@ mod tests {
             "asked again {:?} after the 429",
             asked[2] - asked[1]
         );
+    }
+
+    /// A token the server refused is replaced at once, even while a fetch waits out the
+    /// pause a 429 asked for: the waiting fetch would otherwise hold every connect until then.
+    #[tokio::test(start_paused = true)]
+    async fn an_invalidated_token_cuts_short_the_pause_a_429_asked_for() {
+        let clock = TokioClock::starting_now();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let source = {
+            let (clock, calls) = (Arc::clone(&clock), Arc::clone(&calls));
+            move || {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                let expires = clock.now() + Duration::from_secs(600);
+                async move {
+                    if n == 1 {
+                        return Err(Error::Http {
+                            endpoint: "/api/2.0/postgres/credentials".into(),
+                            status: 429,
+                            code: "RESOURCE_EXHAUSTED".into(),
+                            message: "slow down".into(),
+                            retry_after: Some(Duration::from_secs(60)),
+                        });
+                    }
+                    Ok(Token::new(format!("t{n}"), Some(expires)))
+                }
+            }
+        };
+        let settings = CacheSettings::builder()
+            .retries(1, Duration::from_millis(100), Duration::from_secs(120))
+            .build()
+            .unwrap();
+        let cache = TokenCache::with_clock(Arc::new(source), TokenStrategy::Lazy, settings, clock);
+        let first = cache.token().await.unwrap();
+        // The 429: the token still valid is kept, the next fetch waits 60 s.
+        assert_eq!(cache.refresh(true).await.unwrap().expose(), "t0");
+        let waiting = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.refresh(true).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cache.invalidate(&first);
+        let started = tokio::time::Instant::now();
+        let next = cache.token().await.unwrap();
+        assert_eq!(next.expose(), "t2");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "waited {:?}",
+            started.elapsed()
+        );
+        waiting.await.unwrap().unwrap();
     }
 
     /// A 3 s token from a service that takes 1 s to answer: the next fetch starts at least
