@@ -166,7 +166,7 @@ impl Connector {
                          endpoint once, on the first",
                     ));
                 }
-                take_session_settings(&mut peer, &config);
+                take_shared_settings(&mut peer, &config);
                 Self::build(peer)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -1272,10 +1272,11 @@ fn check_host(setting: Setting, host: &str) -> Result<()> {
     Ok(())
 }
 
-/// Gives a failover endpoint the session settings of the first that it leaves at their
-/// defaults: it serves the same database, and settings chained onto
-/// [`Config::dsql_multi_region`] reach the first endpoint only.
-fn take_session_settings(peer: &mut Config, first: &Config) {
+/// Gives a failover endpoint the settings of the first that it leaves at their defaults: all
+/// but where it is and who logs in (host, address, port, user, credentials, target). It
+/// serves the same database, and settings chained onto [`Config::dsql_multi_region`] reach
+/// the first endpoint only.
+fn take_shared_settings(peer: &mut Config, first: &Config) {
     let blank = Config::new("", "");
     if peer.database == blank.database {
         peer.database.clone_from(&first.database);
@@ -1286,12 +1287,24 @@ fn take_session_settings(peer: &mut Config, first: &Config) {
     if peer.connect_timeout == blank.connect_timeout {
         peer.connect_timeout = first.connect_timeout;
     }
+    if peer.strategy == blank.strategy {
+        peer.strategy = first.strategy;
+    }
+    if peer.cache == blank.cache {
+        peer.cache = first.cache.clone();
+    }
     peer.product = peer.product.take().or_else(|| first.product.clone());
     peer.search_path = peer
         .search_path
         .take()
         .or_else(|| first.search_path.clone());
     peer.statement_timeout = peer.statement_timeout.or(first.statement_timeout);
+    peer.ssl_mode = peer.ssl_mode.or(first.ssl_mode);
+    peer.ssl_root_cert = peer
+        .ssl_root_cert
+        .take()
+        .or_else(|| first.ssl_root_cert.clone());
+    peer.connection_rate = peer.connection_rate.or(first.connection_rate);
 }
 
 #[cfg(test)]
@@ -1305,11 +1318,11 @@ mod tests {
         }
     }
 
-    /// A failover endpoint serves the same database: the session settings it leaves at their
+    /// A failover endpoint serves the same database: the settings it leaves at their
     /// defaults are the first endpoint's (a setter chained on `Config::dsql_multi_region`
     /// reaches the first only), and those it sets are its own.
     #[test]
-    fn failover_endpoints_take_the_session_settings_they_leave_unset() {
+    fn failover_endpoints_take_the_settings_they_leave_unset() {
         let first = || {
             Config::new("a.example.com", "u")
                 .password("p")
@@ -1318,6 +1331,8 @@ mod tests {
                 .statement_timeout(Duration::from_secs(30))
                 .product("acme_orders/2.1")
                 .connect_timeout(Duration::from_secs(3))
+                .ssl_mode(SslMode::VerifyFull)
+                .strategy(crate::TokenStrategy::Lazy)
         };
         let peer = || Config::new("b.example.com", "u").password("q");
         let token = Token::new("t", None);
@@ -1338,6 +1353,11 @@ mod tests {
         );
         assert_eq!(two.get_application_name(), Some("acme_orders/2.1"));
         assert_eq!(two.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(c.endpoint(1).shared.tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            c.endpoint(1).shared.cache.strategy(),
+            crate::TokenStrategy::Lazy
+        );
         let own = peer().database("shop_eu").search_path("eu");
         let c = Connector::build(first().failover(own)).unwrap();
         let two = c.endpoint(1).pg_config(&token);

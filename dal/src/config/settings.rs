@@ -113,7 +113,7 @@ impl std::str::FromStr for TokenStrategy {
 /// assert_eq!(err.to_string(), "invalid setting cache jitter: must be a fraction between 0 and 0.5, such as 0.05");
 /// # Ok::<(), dal::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheSettings {
     pub(crate) refresh_margin: Option<Duration>,
     pub(crate) jitter: f64,
@@ -617,10 +617,10 @@ pub struct Config {
     /// multi-region cluster ([`Config::dsql_multi_region`]): when this endpoint cannot be
     /// reached, each new connection tries them in order, and the first that answers becomes
     /// the endpoint of every pool (SeaORM's included) until it fails in turn. Each has its own
-    /// host, port, user, TLS and credentials (a DSQL token is signed for one endpoint and its
-    /// region); their own `failover` must be empty. The session settings each leaves at their
-    /// defaults (`database`, `application_name`, `product`, `search_path`,
-    /// `statement_timeout`, `connect_timeout`) are this one's. Defaults to none.
+    /// host, port, user and credentials (a DSQL token is signed for one endpoint and its
+    /// region); their own `failover` must be empty. Every other setting each leaves at its
+    /// default (the database, the session's settings, TLS, the token cache's, the connection
+    /// rate) is this one's. Defaults to none.
     pub failover: Vec<Config>,
     /// Pool sizes and lifetimes. Defaults to [`PoolSettings::for_target`] of the
     /// [target](Self::resolved_target): a `pool` equal to [`PoolSettings::default`] as a
