@@ -40,14 +40,13 @@ async fn main() {
         Ok(target) => target == Target::Dsql,
         Err(e) => fail(&e),
     };
-    // A Lakebase endpoint's host, and an OAuth login's user, are looked up as it connects.
-    let server = match (config.host.is_empty(), config.user.is_empty()) {
-        (false, _) => format!(
-            "{}:{} (database {}, user {})",
-            config.host, config.port, config.database, config.user
-        ),
-        (true, false) => format!("database {} (user {})", config.database, config.user),
-        (true, true) => format!("database {}", config.database),
+    // A Lakebase endpoint's host, and a browser login's user, are looked up as it connects.
+    let (database, port) = (&config.database, config.port);
+    let server = match (config.host.as_str(), config.user.as_str()) {
+        ("", "") => format!("database {database}"),
+        ("", user) => format!("database {database} (user {user})"),
+        (host, "") => format!("{host}:{port} (database {database})"),
+        (host, user) => format!("{host}:{port} (database {database}, user {user})"),
     };
     // Held until the command is done: the lock, and the connector, whose token cache keeps
     // the sqlx pool's token fresh should it open its connection again.
