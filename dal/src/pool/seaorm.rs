@@ -167,6 +167,7 @@ impl Conn {
     /// an aborted transaction it fails with `25P02`, the transaction is rolled back, and
     /// that error is the commit's.
     async fn end_level(&mut self, commit: bool) -> std::result::Result<(), sqlx::Error> {
+        self.drain().await?;
         let depth = self.depth;
         let aborted = if commit && depth == 1 && self.failed {
             self.simple("SELECT 1").await.err()
@@ -180,9 +181,20 @@ impl Conn {
             (true, Some(n)) => format!("RELEASE SAVEPOINT dal_{n}"),
             (false, Some(n)) => format!("ROLLBACK TO SAVEPOINT dal_{n}; RELEASE SAVEPOINT dal_{n}"),
         };
-        let done = self.simple(&sql).await;
+        let done = match (self.simple(&sql).await, savepoint) {
+            // A savepoint a failed statement aborted cannot be released, and stays open: it
+            // is rolled back instead, which lets the transaction around it go on.
+            (Err(e @ sqlx::Error::Database(_)), Some(n)) if commit => self
+                .simple(&format!(
+                    "ROLLBACK TO SAVEPOINT dal_{n}; RELEASE SAVEPOINT dal_{n}"
+                ))
+                .await
+                .and(Err(e)),
+            (done, _) => done,
+        };
         // A statement the server answered with an error still ends its level (a failed COMMIT
-        // rolls back); after any other error the connection is broken anyway.
+        // rolls back, a failed RELEASE is rolled back); after any other error the connection
+        // is broken anyway.
         if matches!(&done, Ok(()) | Err(sqlx::Error::Database(_))) {
             self.depth = depth - 1;
             self.failed &= self.depth > 0;
@@ -205,6 +217,27 @@ impl Conn {
             self.unwind_to(level).await.map_err(exec_err)?;
             self.end_level(commit).await.map_err(exec_err)
         })
+    }
+
+    /// Reads the answers still owed to statements whose futures were dropped: sqlx hands such
+    /// a statement's error to the next statement, which it then does not send, and a
+    /// savepoint's end must be sent.
+    async fn drain(&mut self) -> std::result::Result<(), sqlx::Error> {
+        let mut owed = self.open;
+        while owed > 0 {
+            match self.raw().ping().await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.note(&e);
+                    if !matches!(e, sqlx::Error::Database(_)) {
+                        return Err(e);
+                    }
+                }
+            }
+            owed -= 1;
+        }
+        self.open = 0;
+        Ok(())
     }
 
     /// Rolls back the transactions deeper than `depth`.
@@ -807,37 +840,53 @@ impl Drop for SeaOrmTransaction {
             self.shared.dropped().push(self.number);
             return;
         }
-        // Held only by a statement of this transaction in progress elsewhere: the connection
-        // then comes back inside the transaction, and the pool closes it.
-        let Ok(mut guard) = self.shared.conn.try_lock() else {
-            return;
-        };
-        let Some(mut conn) = guard.take() else {
-            return;
-        };
         let within = self.unwind_within;
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                // Bounded: the connection holds its place in the pool until it comes back,
-                // and a server that stopped answering would otherwise keep that place taken
-                // for as long as it does not answer.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Closed instead, which rolls back on the server.
+            if let Ok(mut guard) = self.shared.conn.try_lock()
+                && let Some(conn) = guard.as_mut()
+            {
+                conn.broken = true;
+            }
+            return;
+        };
+        match self.shared.conn.try_lock() {
+            Ok(mut guard) => {
+                if let Some(conn) = guard.take() {
+                    runtime.spawn(roll_back(conn, within));
+                }
+            }
+            // Held by a statement in progress (a savepoint's, on a task of its own): the
+            // rollback follows it, if it ends in time.
+            Err(_) => {
+                let conn = Arc::clone(&self.shared.conn);
                 runtime.spawn(async move {
-                    match tokio::time::timeout(within, conn.unwind_to(0)).await {
-                        // Whatever a dropped statement left in flight was answered first.
-                        Ok(Ok(())) => conn.open = 0,
-                        Ok(Err(_)) => {}
-                        Err(_) => {
-                            conn.broken = true;
-                            tracing::debug!(
-                                pool = KIND.name,
-                                "the rollback of a dropped transaction had no answer in time; its connection is closed"
-                            );
-                        }
+                    let taken = match tokio::time::timeout(within, conn.lock()).await {
+                        Ok(mut guard) => guard.take(),
+                        Err(_) => None,
+                    };
+                    if let Some(conn) = taken {
+                        roll_back(conn, within).await;
                     }
                 });
             }
-            Err(_) => conn.broken = true,
         }
+    }
+}
+
+/// Rolls back the transaction of a dropped handle, within `within`: the connection holds its
+/// place in the pool until it comes back, and a server that stopped answering would otherwise
+/// keep that place taken for as long as it does not answer.
+async fn roll_back(mut conn: Checkout, within: Duration) {
+    if tokio::time::timeout(within, conn.unwind_to(0))
+        .await
+        .is_err()
+    {
+        conn.broken = true;
+        tracing::debug!(
+            pool = KIND.name,
+            "the rollback of a dropped transaction had no answer in time; its connection is closed"
+        );
     }
 }
 

@@ -289,6 +289,61 @@ async fn a_cancelled_seaorm_savepoint_never_undoes_the_transaction_around_it() {
     no_session_left_in_a_transaction(&admin, "cancel_savepoint").await;
 }
 
+/// A statement that fails in a SeaORM savepoint, its answer read or its future dropped
+/// after it was sent, leaves the transaction around it going once the savepoint ends: sqlx
+/// hands a dropped statement's error to the next statement, which it then does not send, and
+/// a `RELEASE` after a failure fails too; the savepoint stayed open on the server, aborted,
+/// while dal counted it ended, and every later statement failed with 25P02.
+#[tokio::test]
+async fn a_failed_statement_in_a_seaorm_savepoint_leaves_the_transaction_going() {
+    let (_pg, connector, admin) = setup("failed_savepoint").await;
+    let db = connector.seaorm().await.unwrap();
+    let insert = |id: i64| {
+        Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO acks (id) VALUES ($1)",
+            [id.into()],
+        )
+    };
+    db.execute_raw(insert(0)).await.unwrap();
+    let txn = db.begin().await.unwrap();
+    txn.execute_raw(insert(1)).await.unwrap();
+    // Its error read, the savepoint committed: the commit fails, and the savepoint is undone.
+    let sp = txn.begin().await.unwrap();
+    assert!(sp.execute_raw(insert(0)).await.is_err());
+    assert!(sp.commit().await.is_err());
+    txn.execute_raw(insert(2)).await.unwrap();
+    // Its future dropped after the statement was sent (unless a busy machine had the answer
+    // there by the first poll), the savepoint dropped.
+    let refused = |done: Option<Result<_, _>>| assert!(done.is_none_or(|done| done.is_err()));
+    let sp = txn.begin().await.unwrap();
+    sp.execute_raw(insert(3)).await.unwrap();
+    refused(cancel_after(0, sp.execute_raw(insert(0))).await);
+    drop(sp);
+    txn.execute_raw(insert(4)).await.unwrap();
+    // The same, the savepoint rolled back.
+    let sp = txn.begin().await.unwrap();
+    refused(cancel_after(0, sp.execute_raw(insert(0))).await);
+    sp.rollback().await.unwrap();
+    txn.execute_raw(insert(5)).await.unwrap();
+    txn.commit().await.unwrap();
+    for (id, kept) in [(1, true), (2, true), (3, false), (4, true), (5, true)] {
+        assert_eq!(visible(&admin, id).await, kept, "row {id}");
+    }
+    assert_eq!(connector.connections_opened(), 1, "the connection was kept");
+
+    // Dropped while a savepoint's statement holds the connection on a task of its own (on
+    // this one-thread runtime, not yet run): rolled back once that ends, the connection kept
+    // (it was closed, a login more each time).
+    let txn = db.begin().await.unwrap();
+    txn.execute_raw(insert(6)).await.unwrap();
+    assert!(cancel_after(0, txn.begin()).await.is_none());
+    drop(txn);
+    db.execute_raw(insert(7)).await.unwrap();
+    assert!(!visible(&admin, 6).await && visible(&admin, 7).await);
+    assert_eq!(connector.connections_opened(), 1, "the connection was kept");
+}
+
 /// A Diesel savepoint whose future was dropped inside the transaction's work (a timeout
 /// around it) never turns the transaction's commit into the savepoint's `RELEASE`: the
 /// transaction then either commits every write its work was told succeeded, or fails.
@@ -318,8 +373,11 @@ async fn a_cancelled_diesel_savepoint_never_turns_a_commit_into_a_release() {
                 Box::pin(async move {
                     insert(conn, before).await?;
                     let savepoint = tx.diesel_savepoint(conn, |sp| {
+                        // Three pauses at least, however fast the round trips come back.
                         Box::pin(async move {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
                             insert(sp, inside).await?;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             Ok(())
                         })
