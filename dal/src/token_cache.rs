@@ -341,7 +341,12 @@ impl TokenCache {
         // whoever starts the next fetch: a caller with no token waits it out too. Unless the
         // server refuses the token meanwhile: a new one is wanted at once.
         let invalidated = inner.invalidated.notified();
-        let pause = self.retry_after().saturating_sub(millis(inner.clock.now()));
+        // At most the longest backoff, which is all a failure asks for: a wall clock stepped
+        // back would otherwise lengthen it.
+        let pause = self
+            .retry_after()
+            .saturating_sub(millis(inner.clock.now()))
+            .min(u64::try_from(inner.settings.max_backoff.as_millis()).unwrap_or(u64::MAX));
         if pause > 0 {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(pause)) => {}
