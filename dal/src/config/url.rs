@@ -191,12 +191,14 @@ fn check_port(url: &str) -> std::result::Result<Option<u16>, String> {
         Some((_, rest)) => rest.strip_prefix(':'),
         None => hostport.rsplit_once(':').map(|(_, p)| p),
     };
-    // One after the host that is not a number is not shown: in `postgres://u:pa%40ss/db`,
-    // with no `@` before the host, it is the password's end.
+    // One after the host that is not a port's few digits is not shown: in
+    // `postgres://u:pa%40ss/db`, with no `@` before the host, it is the password's end.
     port.map(|port| {
-        parse_port(port).map_err(|shown| match port.bytes().all(|b| b.is_ascii_digit()) {
-            true => shown,
-            false => "has a port that is not a number from 1 to 65535".to_owned(),
+        parse_port(port).map_err(|shown| {
+            match port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()) {
+                true => shown,
+                false => "has a port that is not a number from 1 to 65535".to_owned(),
+            }
         })
     })
     .transpose()
@@ -547,6 +549,11 @@ mod tests {
             (
                 "postgres://u:s3cret%40h/db",
                 "s3cret",
+                "has a port that is not a number",
+            ),
+            (
+                "postgres://admin:1234567/db",
+                "1234567",
                 "has a port that is not a number",
             ),
         ] {
