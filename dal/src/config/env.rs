@@ -539,13 +539,15 @@ impl Env<'_> {
         if named.is_none() && DIRECT.iter().any(|var| self.get(var).is_some()) {
             return Ok(Profile::default());
         }
-        let path = self
-            .get("DATABRICKS_CONFIG_FILE")
-            .map(PathBuf::from)
-            .or_else(|| {
-                self.get("HOME")
-                    .map(|h| PathBuf::from(h).join(".databrickscfg"))
-            });
+        let home = self.get("HOME").map(PathBuf::from);
+        let path = match self.get("DATABRICKS_CONFIG_FILE") {
+            // `~/` is the home directory, as the Databricks SDKs expand it.
+            Some(file) => match (file.strip_prefix("~/"), &home) {
+                (Some(rest), Some(home)) => Some(home.join(rest)),
+                _ => Some(PathBuf::from(file)),
+            },
+            None => home.map(|home| home.join(".databrickscfg")),
+        };
         let text = match path.as_ref().map(std::fs::read_to_string) {
             Some(Ok(text)) => text,
             _ if named.is_some() => {
@@ -1043,6 +1045,17 @@ mod tests {
             ("LAKEBASE_INSTANCE", "inst"),
         ]);
         assert_eq!(missing, "DATABRICKS_CONFIG_PROFILE");
+        // `~/` is the home directory, as the Databricks SDKs expand it (`.env.example` writes
+        // it so, and a `.env` file is not read by a shell).
+        let c = config(&[
+            ("HOME", dir.to_str().unwrap()),
+            ("DATABRICKS_CONFIG_FILE", "~/databrickscfg"),
+            ("DATABRICKS_CONFIG_PROFILE", "prod"),
+            ("LAKEBASE_INSTANCE", "inst"),
+            ("PGHOST", "instance-1.database.cloud.databricks.com"),
+        ])
+        .unwrap();
+        assert_eq!(c.user, "from-file");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
