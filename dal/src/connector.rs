@@ -1537,18 +1537,11 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
 
-    /// A server nothing answers for (no listener at the port) is named, with the settings
-    /// that name it, by each kind of connection. The tokio-postgres connections said
-    /// "database error", naming neither the host nor the port.
-    #[tokio::test]
-    async fn an_unreachable_server_is_named_with_its_settings() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .unwrap()
-            .port();
+    /// The error of a connection of each kind to the server on loopback at `port`.
+    async fn errors_of_each_kind(port: u16) -> Vec<Error> {
         let config = Config::new("127.0.0.1", "u").port(port).password("p");
         let connector = Connector::build(config).unwrap();
-        #[cfg_attr(not(feature = "seaorm"), allow(unused_mut))]
+        #[cfg_attr(not(any(feature = "seaorm", feature = "diesel")), allow(unused_mut))]
         let mut errors = vec![connector.connect().await.map(drop).unwrap_err()];
         #[cfg(feature = "seaorm")]
         errors.push(
@@ -1558,7 +1551,27 @@ mod tests {
                 .map(drop)
                 .unwrap_err(),
         );
-        for err in errors {
+        #[cfg(feature = "diesel")]
+        errors.push(
+            connector
+                .connect_by(Connector::open_diesel)
+                .await
+                .map(drop)
+                .unwrap_err(),
+        );
+        errors
+    }
+
+    /// A server nothing answers for (no listener at the port) is named, with the settings
+    /// that name it, by each kind of connection. The tokio-postgres connections said
+    /// "database error", naming neither the host nor the port.
+    #[tokio::test]
+    async fn an_unreachable_server_is_named_with_its_settings() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap()
+            .port();
+        for err in errors_of_each_kind(port).await {
             assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
             let said = err.to_string();
             assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
@@ -1598,27 +1611,7 @@ mod tests {
                 tokio::spawn(refuse(socket));
             }
         });
-        let config = Config::new("127.0.0.1", "u").port(port).password("p");
-        let connector = Connector::build(config).unwrap();
-        #[cfg_attr(not(any(feature = "seaorm", feature = "diesel")), allow(unused_mut))]
-        let mut errors = vec![connector.connect().await.map(drop).unwrap_err()];
-        #[cfg(feature = "seaorm")]
-        errors.push(
-            connector
-                .connect_by(Connector::open_sqlx)
-                .await
-                .map(drop)
-                .unwrap_err(),
-        );
-        #[cfg(feature = "diesel")]
-        errors.push(
-            connector
-                .connect_by(Connector::open_diesel)
-                .await
-                .map(drop)
-                .unwrap_err(),
-        );
-        for err in errors {
+        for err in errors_of_each_kind(port).await {
             assert_eq!(err.sqlstate(), Some("57P03"), "{err:?}");
             assert!(err.is_connection_failure() && err.is_retryable(), "{err:?}");
             assert!(!err.is_auth_failure(), "{err:?}");

@@ -309,6 +309,19 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// `GET {base}/notes` with `token` as the bearer.
+    async fn get_notes(base: &str, token: &'static str) -> Result<Vec<Value>> {
+        let source = move || async move {
+            Ok::<_, std::io::Error>(crate::credentials::Token::new(token, None))
+        };
+        let cache = crate::TokenCache::new(
+            std::sync::Arc::new(source),
+            crate::TokenStrategy::Lazy,
+            crate::CacheSettings::default(),
+        );
+        DataApi::new(base, cache).unwrap().from("notes").get().await
+    }
+
     /// A service that echoes the bearer token in its error's code and message: the error dal
     /// returns carries neither (its `Display` and `Debug` reach logs).
     #[tokio::test]
@@ -328,19 +341,7 @@ mod tests {
         let _server = tokio::spawn(async move { axum::serve(listener, app).await });
         const JWT: &str =
             "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEyMyIsImV4cCI6OTl9.c2lnbmF0dXJlLXNpZ25hdHVyZQ";
-        let source =
-            || async { Ok::<_, std::io::Error>(crate::credentials::Token::new(JWT, None)) };
-        let cache = crate::TokenCache::new(
-            std::sync::Arc::new(source),
-            crate::TokenStrategy::Lazy,
-            crate::CacheSettings::default(),
-        );
-        let err = DataApi::new(&base, cache)
-            .unwrap()
-            .from("notes")
-            .get()
-            .await
-            .unwrap_err();
+        let err = get_notes(&base, JWT).await.unwrap_err();
         let shown = format!("{err} / {err:?}");
         assert!(shown.contains("refused"), "{shown}");
         assert!(
@@ -367,19 +368,7 @@ mod tests {
             )
         });
         let _server = tokio::spawn(async move { axum::serve(listener, app).await });
-        let source =
-            || async { Ok::<_, std::io::Error>(crate::credentials::Token::new("t", None)) };
-        let cache = crate::TokenCache::new(
-            std::sync::Arc::new(source),
-            crate::TokenStrategy::Lazy,
-            crate::CacheSettings::default(),
-        );
-        let err = DataApi::new(&base, cache)
-            .unwrap()
-            .from("notes")
-            .get()
-            .await
-            .unwrap_err();
+        let err = get_notes(&base, "t").await.unwrap_err();
         assert!(err.is_retryable(), "{err:?}");
         assert_eq!(
             err.retry_after(),
