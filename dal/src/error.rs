@@ -439,8 +439,9 @@ pub enum Error {
         actual: usize,
     },
 
-    /// The work of a transaction gave up with its own error; the transaction was rolled back
-    /// and not retried.
+    /// The work of a transaction gave up with its own error, or dropped a
+    /// [Diesel savepoint](crate::Transactions::diesel_savepoint) before its end (a timeout
+    /// around it), leaving its state unknown; the transaction was rolled back and not retried.
     #[error("the transaction's work gave up")]
     Aborted(#[source] Box<dyn std::error::Error + Send + Sync>),
 
