@@ -640,10 +640,10 @@ fn ended() -> DbErr {
 struct Shared {
     /// The connection, until the transaction ends.
     conn: Arc<Mutex<Option<Checkout>>>,
-    /// The numbers of savepoints whose handles were dropped before their end: each still
-    /// open (or opened after) is rolled back before the transaction's next statement. Kept
-    /// apart from the connection, so that a handle dropped while a statement holds it still
-    /// says so.
+    /// The numbers of savepoints whose handles were dropped before their end: each open is
+    /// rolled back before the transaction's next statement (one not open yet, by the task
+    /// that opens it). Kept apart from the connection, so that a handle dropped while a
+    /// statement holds it still says so.
     dropped: std::sync::Mutex<Vec<u64>>,
     /// The number of the last savepoint begun.
     begun: AtomicU64,
@@ -857,7 +857,8 @@ impl Drop for SeaOrmTransaction {
                 }
             }
             // Held by a statement in progress (a savepoint's, on a task of its own): the
-            // rollback follows it, if it ends in time.
+            // rollback follows it, if it ends in time (twice the bound in all); otherwise the
+            // connection is closed as it comes back, inside its transaction.
             Err(_) => {
                 let conn = Arc::clone(&self.shared.conn);
                 runtime.spawn(async move {
