@@ -71,6 +71,26 @@ async fn setup(name: &str) -> (LocalPostgres, Connector, tokio_postgres::Client)
     (pg, connector, admin)
 }
 
+/// SeaORM's write of the row `id`.
+fn insert_ack(id: i64) -> Statement {
+    Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "INSERT INTO acks (id) VALUES ($1)",
+        [id.into()],
+    )
+}
+
+/// Diesel's write of the row `id`.
+async fn insert_ack_through_diesel(
+    conn: &mut dal::diesel_async::AsyncPgConnection,
+    id: i64,
+) -> dal::diesel::QueryResult<usize> {
+    dal::diesel::sql_query("INSERT INTO acks (id) VALUES ($1)")
+        .bind::<dal::diesel::sql_types::BigInt, _>(id)
+        .execute(conn)
+        .await
+}
+
 /// Whether another session sees the row `id`: an acknowledged write that it does not see
 /// was never committed.
 async fn visible(admin: &tokio_postgres::Client, id: i64) -> bool {
@@ -170,17 +190,7 @@ async fn a_cancelled_seaorm_transaction_never_swallows_the_next_write() {
             });
             Box::pin(async move { cancel_after(pendings, work).await.is_some() })
         },
-        |id| {
-            Box::pin(async move {
-                db.execute_raw(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    "INSERT INTO acks (id) VALUES ($1)",
-                    [id.into()],
-                ))
-                .await
-                .is_ok()
-            })
-        },
+        |id| Box::pin(async move { db.execute_raw(insert_ack(id)).await.is_ok() }),
     )
     .await;
     nothing_lost("SeaORM", &figures, &connector, &admin, "cancel_seaorm").await;
@@ -193,13 +203,7 @@ async fn a_cancelled_seaorm_transaction_never_swallows_the_next_write() {
 async fn a_dropped_seaorm_transaction_lets_go_of_its_locks_at_once() {
     let (_pg, connector, admin) = setup("dropped_seaorm").await;
     let db = connector.seaorm().await.unwrap();
-    let insert = |id: i64| {
-        Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "INSERT INTO acks (id) VALUES ($1)",
-            [id.into()],
-        )
-    };
+    let insert = insert_ack;
     db.execute_raw(insert(1)).await.unwrap();
     let txn = db.begin().await.unwrap();
     txn.execute_unprepared("SELECT id FROM acks WHERE id = 1 FOR UPDATE")
@@ -240,13 +244,7 @@ async fn a_dropped_seaorm_transaction_lets_go_of_its_locks_at_once() {
 async fn a_cancelled_seaorm_savepoint_never_undoes_the_transaction_around_it() {
     let (_pg, connector, admin) = setup("cancel_savepoint").await;
     let db = connector.seaorm().await.unwrap();
-    let insert = |id: i64| {
-        Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "INSERT INTO acks (id) VALUES ($1)",
-            [id.into()],
-        )
-    };
+    let insert = insert_ack;
     let (mut cancelled, mut lost) = (0, Vec::new());
     for pendings in 0..4 {
         let id = |n: i64| 10 * pendings as i64 + n;
@@ -298,13 +296,7 @@ async fn a_cancelled_seaorm_savepoint_never_undoes_the_transaction_around_it() {
 async fn a_failed_statement_in_a_seaorm_savepoint_leaves_the_transaction_going() {
     let (_pg, connector, admin) = setup("failed_savepoint").await;
     let db = connector.seaorm().await.unwrap();
-    let insert = |id: i64| {
-        Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "INSERT INTO acks (id) VALUES ($1)",
-            [id.into()],
-        )
-    };
+    let insert = insert_ack;
     db.execute_raw(insert(0)).await.unwrap();
     let txn = db.begin().await.unwrap();
     txn.execute_raw(insert(1)).await.unwrap();
@@ -354,15 +346,7 @@ async fn a_cancelled_diesel_savepoint_never_turns_a_commit_into_a_release() {
     let (_pg, connector, admin) = setup("cancel_diesel_savepoint").await;
     let pool = connector.diesel_pool().await.unwrap();
     let tx = connector.transactions();
-    async fn insert(
-        conn: &mut dal::diesel_async::AsyncPgConnection,
-        id: i64,
-    ) -> dal::diesel::QueryResult<usize> {
-        dal::diesel::sql_query("INSERT INTO acks (id) VALUES ($1)")
-            .bind::<dal::diesel::sql_types::BigInt, _>(id)
-            .execute(conn)
-            .await
-    }
+    let insert = insert_ack_through_diesel;
     let (mut cancelled, mut lost) = (0, Vec::new());
     for pendings in 0..3 {
         let [before, inside, after] = [1, 2, 3].map(|n| 10 * pendings as i64 + n);
@@ -434,11 +418,7 @@ async fn a_cancelled_diesel_transaction_never_swallows_the_next_write() {
         |id| {
             Box::pin(async move {
                 let mut conn = pool.get().await.unwrap();
-                dal::diesel::sql_query("INSERT INTO acks (id) VALUES ($1)")
-                    .bind::<dal::diesel::sql_types::BigInt, _>(id)
-                    .execute(&mut *conn)
-                    .await
-                    .is_ok()
+                insert_ack_through_diesel(&mut conn, id).await.is_ok()
             })
         },
     )
