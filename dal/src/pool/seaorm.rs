@@ -453,7 +453,6 @@ impl SeaOrmPool {
                     begun: AtomicU64::new(0),
                 }),
                 number: 0,
-                alive: Arc::new(()),
                 open: true,
                 unwind_within: pool.check_timeout(),
             })
@@ -611,9 +610,6 @@ pub struct SeaOrmTransaction {
     /// A savepoint's number in its transaction (see [`Conn::savepoints`]); 0 for the
     /// transaction.
     number: u64,
-    /// Held while the handle lives: the task that opens its savepoint rolls it back at once
-    /// if the handle is gone by then.
-    alive: Arc<()>,
     /// Not yet committed or rolled back.
     open: bool,
     /// How long the `ROLLBACK` of a transaction dropped while open may take before its
@@ -641,9 +637,9 @@ struct Shared {
     /// The connection, until the transaction ends.
     conn: Arc<Mutex<Option<Checkout>>>,
     /// The numbers of savepoints whose handles were dropped before their end: each open is
-    /// rolled back before the transaction's next statement (one not open yet, by the task
-    /// that opens it). Kept apart from the connection, so that a handle dropped while a
-    /// statement holds it still says so.
+    /// rolled back before the transaction's next statement (one not open yet is not opened).
+    /// Kept apart from the connection, so that a handle dropped while a statement holds it
+    /// still says so.
     dropped: std::sync::Mutex<Vec<u64>>,
     /// The number of the last savepoint begun.
     begun: AtomicU64,
@@ -655,7 +651,8 @@ impl Shared {
     }
 
     /// Whether the savepoint of a dropped handle is open on `conn`; forgets those that are
-    /// not (ended, or rolled back by the task that opened them, which found the handle gone).
+    /// not (ended, or never opened: the task that opens one holds the connection from
+    /// before its handle can be dropped unnoticed).
     fn to_settle(&self, conn: &Conn) -> bool {
         let mut dropped = self.dropped();
         dropped.retain(|n| conn.savepoints.contains(n));
@@ -909,19 +906,18 @@ impl TransactionTrait for SeaOrmTransaction {
     /// A savepoint, inside the innermost one open.
     async fn begin(&self) -> std::result::Result<SeaOrmTransaction, DbErr> {
         // The handle comes first: dropped with the future that waits for its `SAVEPOINT`, it
-        // has its savepoint rolled back as soon as that opens, before any other statement.
+        // is noted, and its savepoint is not opened, or rolled back before the next statement.
         let number = self.shared.begun.fetch_add(1, Ordering::Relaxed) + 1;
         let savepoint = Self {
             shared: Arc::clone(&self.shared),
             number,
-            alive: Arc::new(()),
             open: true,
             unwind_within: self.unwind_within,
         };
-        let alive = Arc::downgrade(&savepoint.alive);
+        let shared = Arc::clone(&self.shared);
         self.run_at_to_the_end(move |conn, _| {
             Box::pin(async move {
-                if alive.strong_count() == 0 {
+                if shared.dropped().contains(&number) {
                     return Ok(());
                 }
                 conn.simple(&format!("SAVEPOINT dal_{number}"))
@@ -929,9 +925,6 @@ impl TransactionTrait for SeaOrmTransaction {
                     .map_err(exec_err)?;
                 conn.depth += 1;
                 conn.savepoints.push(number);
-                if alive.strong_count() == 0 {
-                    conn.unwind_to(conn.depth - 1).await.map_err(exec_err)?;
-                }
                 Ok(())
             })
         })
