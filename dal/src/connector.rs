@@ -365,7 +365,8 @@ impl Connector {
                 cache: s.cache.clone(),
                 pools: Registry::default(),
                 opened: AtomicU64::new(0),
-                shut_down: AtomicBool::new(false),
+                // Asked for after a shutdown, it is shut down too.
+                shut_down: AtomicBool::new(self.is_shut_down()),
                 peers: Vec::new(),
                 active: Arc::new(AtomicUsize::new(0)),
                 #[cfg(feature = "seaorm")]
@@ -978,13 +979,14 @@ impl Connector {
                 Ok(pool::seaorm::Conn::new(raw))
             })
         });
-        Ok(SeaOrmPool::new(pool::build(
+        pool::build(
             pool::seaorm::KIND,
             open,
             settings,
             &self.shared.pools,
             self.shared.connect_timeout,
-        )))
+        )
+        .map(SeaOrmPool::new)
     }
 
     /// A Diesel pool: each new physical connection opens with a token from the cache, TLS and
@@ -1003,13 +1005,13 @@ impl Connector {
             let connector = connector.clone();
             Box::pin(async move { connector.connect_by(Connector::open_diesel).await })
         });
-        Ok(pool::build(
+        pool::build(
             pool::diesel::KIND,
             open,
             settings,
             &self.shared.pools,
             self.shared.connect_timeout,
-        ))
+        )
     }
 
     /// A pool of tokio-postgres clients for raw SQL ([`PgClient`](crate::PgClient), which
@@ -1029,13 +1031,13 @@ impl Connector {
             let connector = connector.clone();
             Box::pin(async move { connector.connect_by(Connector::open_pg_client).await })
         });
-        Ok(pool::build(
+        pool::build(
             pool::postgres::KIND,
             open,
             settings,
             &self.shared.pools,
             self.shared.connect_timeout,
-        ))
+        )
     }
 
     fn refuse_if_shut_down(&self) -> Result<()> {
@@ -1072,7 +1074,10 @@ impl Connector {
     /// sqlx pools at once (waiting for connections in use to come back, at most each pool's
     /// acquire timeout; the others close when they come back), the SeaORM, Diesel and
     /// tokio-postgres pools by closing their idle connections now and the others when they
-    /// are returned. Pools refuse new checkouts afterwards, and no new pool can be built.
+    /// are returned. Pools refuse new checkouts afterwards, and no new pool can be built (one
+    /// whose build was under way fails with [`Error::PoolClosed`]). Every pool is closed as
+    /// this is first polled: dropped before it returns (a timeout around it), it has cut
+    /// short only its waits.
     ///
     /// Every pool ends the sessions it closes so that the server logs no error for them: the
     /// SeaORM and tokio-postgres pools as libpq's `PQfinish` does (the protocol's
@@ -1091,11 +1096,17 @@ impl Connector {
         for peer in &self.shared.peers {
             peer.shared.cache.shutdown();
         }
-        if let Some(replica) = self.shared.replica.get() {
+        let replica = self.shared.replica.get();
+        if let Some(replica) = replica {
             replica.shared.shut_down.store(true, Ordering::Relaxed);
-            replica.shared.pools.close_all().await;
         }
-        self.shared.pools.close_all().await;
+        // Both at once: each closes all its pools before it waits for any.
+        let replica_pools = replica.map(|replica| replica.shared.pools.close_all());
+        futures_util::future::join(
+            self.shared.pools.close_all(),
+            futures_util::future::OptionFuture::from(replica_pools),
+        )
+        .await;
     }
 }
 
@@ -1832,5 +1843,91 @@ mod tests {
             refused(check(None, SslMode::Require, &cert), Setting::SslCert, name);
             assert_eq!(check(None, SslMode::Disable, &cert).unwrap(), None);
         }
+    }
+
+    /// A pool whose build waits for a token while the connector shuts down is refused, and
+    /// leaves the token cache as the shutdown left it: no listener, so nothing pushes tokens
+    /// into a pool nobody closes.
+    #[cfg(feature = "seaorm")]
+    #[tokio::test]
+    async fn a_pool_built_while_the_connector_shuts_down_is_refused() {
+        let (asked, mut was_asked) = tokio::sync::mpsc::unbounded_channel();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let source = Credentials::source({
+            let gate = Arc::clone(&gate);
+            move || {
+                let (gate, asked) = (Arc::clone(&gate), asked.clone());
+                async move {
+                    asked.send(()).ok();
+                    gate.notified().await;
+                    Ok::<_, std::io::Error>(Token::new("t", None))
+                }
+            }
+        });
+        let config = Config::new("db.example.com", "u")
+            .credentials(source)
+            .strategy(crate::TokenStrategy::Lazy);
+        let connector = Connector::build(config).unwrap();
+        let building = tokio::spawn({
+            let connector = connector.clone();
+            async move { connector.sqlx_pool().await }
+        });
+        was_asked.recv().await.unwrap();
+        connector.shutdown().await;
+        gate.notify_one();
+        let built = building.await.unwrap();
+        assert!(matches!(built, Err(Error::PoolClosed)), "{built:?}");
+        assert_eq!(connector.cache().listeners(), 0);
+    }
+
+    /// The read-only endpoint of a connector already shut down builds no pool either.
+    #[tokio::test]
+    async fn a_read_only_endpoint_asked_for_after_shutdown_builds_no_pool() {
+        let config = Config::new("db.example.com", "u")
+            .password("p")
+            .read_only_host("replica.example.com");
+        let connector = Connector::build(config).unwrap();
+        connector.shutdown().await;
+        let replica = connector.read_only().unwrap();
+        assert!(replica.is_shut_down());
+        let built = replica.postgres_pool().await.map(drop);
+        assert!(matches!(built, Err(Error::PoolClosed)), "{built:?}");
+    }
+
+    /// A shutdown dropped at its first wait (a timeout around it) has closed every pool all
+    /// the same: a sqlx pool closes at once and then waits for its connections in use, and
+    /// the pools after one that waits were left open, and out of reach of the next shutdown.
+    #[cfg(feature = "seaorm")]
+    #[tokio::test]
+    async fn a_shutdown_dropped_at_its_first_wait_has_closed_every_pool() {
+        use futures_util::FutureExt;
+        // A server that takes connections and never answers: a connect holds its pool's
+        // permit until the acquire times out.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (accepted, mut was_accepted) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+                accepted.send(()).ok();
+            }
+        });
+        let config = Config::new("127.0.0.1", "u")
+            .port(port)
+            .password("p")
+            .ssl_mode(SslMode::Disable);
+        let connector = Connector::build(config).unwrap();
+        let first = connector.sqlx_pool().await.unwrap();
+        let second = connector.sqlx_pool().await.unwrap();
+        let connecting = tokio::spawn({
+            let first = first.clone();
+            async move { drop(first.acquire().await) }
+        });
+        was_accepted.recv().await.unwrap();
+        assert!(connector.shutdown().now_or_never().is_none());
+        assert!(first.is_closed());
+        assert!(second.is_closed());
+        connecting.abort();
     }
 }

@@ -4,7 +4,7 @@
 //! Reading a cached token is one atomic load and a clock read (no lock); only a refresh takes
 //! the single-flight lock, so a thousand connections opening at once cause one fetch.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +47,8 @@ struct Inner {
     /// the callers that waited on it.
     failed: Mutex<Option<Error>>,
     refresher: Mutex<Option<JoinHandle<()>>>,
+    /// Set by [`TokenCache::shutdown`], for good.
+    shut_down: AtomicBool,
     fetches: AtomicU64,
     failures: AtomicU64,
 }
@@ -99,6 +101,7 @@ impl TokenCache {
                 listeners: Mutex::new(Vec::new()),
                 failed: Mutex::new(None),
                 refresher: Mutex::new(None),
+                shut_down: AtomicBool::new(false),
                 fetches: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
             }),
@@ -204,14 +207,18 @@ impl TokenCache {
     }
 
     /// Calls `listener` with every new token, before the refresh that fetched it returns,
-    /// until it answers `false` (its pool closed, say) or the cache [shuts down](Self::shutdown).
-    /// This is how pools that cannot ask for a password (sqlx) are kept up to date.
+    /// until it answers `false` (its pool closed, say) or the cache [shuts down](Self::shutdown);
+    /// not at all once it has. This is how pools that cannot ask for a password (sqlx) are
+    /// kept up to date.
     pub fn on_refresh(&self, listener: impl Fn(&Token) -> bool + Send + Sync + 'static) {
-        self.inner
+        let mut listeners = self
+            .inner
             .listeners
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Box::new(listener));
+            .unwrap_or_else(|e| e.into_inner());
+        if !self.inner.shut_down.load(Ordering::SeqCst) {
+            listeners.push(Box::new(listener));
+        }
     }
 
     /// How many listeners are registered.
@@ -224,23 +231,28 @@ impl TokenCache {
     }
 
     /// Keeps the token fresh in the background from now on, whatever the strategy: for pools
-    /// that open connections with whatever token they were last given.
+    /// that open connections with whatever token they were last given. Does nothing once the
+    /// cache has [shut down](Self::shutdown).
     pub fn keep_fresh(&self) {
         let mut slot = self
             .inner
             .refresher
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if slot.as_ref().is_some_and(|task| !task.is_finished()) {
+        if self.inner.shut_down.load(Ordering::SeqCst)
+            || slot.as_ref().is_some_and(|task| !task.is_finished())
+        {
             return;
         }
         let weak = Arc::downgrade(&self.inner);
         *slot = Some(tokio::spawn(refresh_loop(weak)));
     }
 
-    /// Stops the background refresher and forgets the listeners. Tokens can still be fetched
-    /// on demand.
+    /// Stops the background refresher and forgets the listeners, for good: a pool built as
+    /// its connector shuts down must not start them again. Tokens can still be fetched on
+    /// demand.
     pub fn shutdown(&self) {
+        self.inner.shut_down.store(true, Ordering::SeqCst);
         self.inner
             .listeners
             .lock()

@@ -736,7 +736,8 @@ impl bb8::ErrorSink<Error> for FailureSink {
     }
 }
 
-/// Builds a bb8 pool of `kind` whose connections `open` opens, and registers it. The
+/// Builds a bb8 pool of `kind` whose connections `open` opens, and registers it; a closed
+/// registry (its connector shut down meanwhile) refuses it with [`Error::PoolClosed`]. The
 /// connections it opens in the background, ahead of need, must answer their check within
 /// `connect_timeout` too (the connector's, which bounds each login).
 pub(crate) fn build<C: Send + 'static>(
@@ -745,7 +746,7 @@ pub(crate) fn build<C: Send + 'static>(
     settings: &PoolSettings,
     registry: &Registry,
     connect_timeout: Duration,
-) -> Pool<C> {
+) -> Result<Pool<C>> {
     let failures = Arc::new(Failures {
         queue: Mutex::new(VecDeque::new()),
         arrived: Notify::new(),
@@ -826,8 +827,12 @@ pub(crate) fn build<C: Send + 'static>(
         ));
     }
     let handle: Arc<dyn PoolHandle> = core.clone();
-    registry.add(Arc::downgrade(&handle));
-    Pool { core }
+    if !registry.add(Arc::downgrade(&handle)) {
+        // The connector shut down meanwhile.
+        drop(handle.close());
+        return Err(Error::PoolClosed);
+    }
+    Ok(Pool { core })
 }
 
 /// A pool, to the sweeping mode of its manager (see [`Manager::sweeping`]).
@@ -1249,14 +1254,13 @@ impl<C: Send + 'static> PoolHandle for Core<C> {
     /// Refuses new checkouts, closes the idle connections now and the others when they
     /// come back.
     fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            self.open_no_more();
-            self.turns.close();
-            // Taken out as a sweep takes them: at once, with no check and no renewal. Each
-            // returns to the pool broken (closed), so the pool drops it.
-            let sweeping = Sweeping::start(&self.sweeping);
-            drop(self.take_idle(&sweeping));
-        })
+        self.open_no_more();
+        self.turns.close();
+        // Taken out as a sweep takes them: at once, with no check and no renewal. Each
+        // returns to the pool broken (closed), so the pool drops it.
+        let sweeping = Sweeping::start(&self.sweeping);
+        drop(self.take_idle(&sweeping));
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -1346,7 +1350,8 @@ mod tests {
             &settings,
             &Registry::default(),
             CONNECT_TIMEOUT,
-        );
+        )
+        .unwrap();
         drop(pool.get().await.unwrap());
         let other_ran = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&other_ran);
@@ -1379,7 +1384,8 @@ mod tests {
             &settings,
             &Registry::default(),
             CONNECT_TIMEOUT,
-        );
+        )
+        .unwrap();
         // Takes the only turn, then waits for a connection that never opens.
         let first = pool.get();
         let second = async {
@@ -1411,7 +1417,8 @@ mod tests {
             &settings,
             &Registry::default(),
             CONNECT_TIMEOUT,
-        );
+        )
+        .unwrap();
         let held = pool.get().await.unwrap();
         for _ in 0..3 {
             let mut waiting = Box::pin(pool.get());
@@ -1449,7 +1456,7 @@ mod tests {
         };
         let settings = PoolSettings::builder().max_size(3).build().unwrap();
         let registry = Registry::default();
-        let pool = build(kind, open, &settings, &registry, CONNECT_TIMEOUT);
+        let pool = build(kind, open, &settings, &registry, CONNECT_TIMEOUT).unwrap();
         let held = [pool.get(), pool.get(), pool.get()];
         let held = futures_util::future::join_all(held).await;
         assert!(held.iter().all(Result::is_ok));
@@ -1666,7 +1673,8 @@ mod tests {
             &settings,
             &Registry::default(),
             CONNECT_TIMEOUT,
-        );
+        )
+        .unwrap();
         drop([pool.get().await.unwrap(), pool.get().await.unwrap()]);
         let before: Vec<ClosedOn> = closed.lock().unwrap().clone();
 
@@ -1692,7 +1700,7 @@ mod tests {
             .max_lifetime(Some(Duration::from_secs(60)))
             .build()
             .unwrap();
-        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT);
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
         eventually("min_idle open", || pool.state().idle_connections == 1).await;
         (pool, closed)
     }
@@ -1791,7 +1799,7 @@ mod tests {
             Box::pin(async { Ok(Probe::ending_in(1, Duration::from_secs(600), None).0) })
         });
         let settings = PoolSettings::builder().max_size(1).build().unwrap();
-        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT);
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
         pool.get().await.unwrap().checked = false;
         let checked = {
             let _sweeping = Sweeping::start(&pool.core.sweeping);
@@ -1849,7 +1857,7 @@ mod tests {
             is_valid: first_check_hangs,
             ..PROBE
         };
-        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT);
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
         eventually("min_idle open", || pool.state().idle_connections == 1).await;
         assert_eq!(pool.get().await.unwrap().name, 2, "the second one opened");
         assert!(
@@ -1875,7 +1883,8 @@ mod tests {
             &settings,
             &Registry::default(),
             CONNECT_TIMEOUT,
-        );
+        )
+        .unwrap();
         drop([pool.get().await.unwrap(), pool.get().await.unwrap()]);
         // Paused: tokio's clock runs the sweeps; the connections' lifetimes stand still.
         tokio::time::sleep(Duration::from_secs(10)).await;

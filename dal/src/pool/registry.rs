@@ -1,6 +1,6 @@
 //! Every pool built from one connector, for its health report and its shutdown.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use futures_util::future::BoxFuture;
 
@@ -9,6 +9,8 @@ use crate::telemetry::PoolHealth;
 /// What the registry keeps of each pool, without keeping a bb8 pool alive.
 pub(crate) trait PoolHandle: Send + Sync {
     fn health(&self) -> PoolHealth;
+    /// Closes the pool as it is called (no checkout, no new connection from then on); the
+    /// future waits for what is left to end, such as connections in use.
     fn close(&self) -> BoxFuture<'_, ()>;
 }
 
@@ -16,35 +18,48 @@ pub(crate) trait PoolHandle: Send + Sync {
 /// are held weakly (they live as long as their users keep them); sqlx pools strongly, since
 /// the token cache pushes into them anyway.
 #[derive(Default)]
-pub(crate) struct Registry {
-    bb8: Mutex<Vec<Weak<dyn PoolHandle>>>,
-    sqlx: Mutex<Vec<Arc<dyn PoolHandle>>>,
+pub(crate) struct Registry(Mutex<Pools>);
+
+#[derive(Default)]
+struct Pools {
+    bb8: Vec<Weak<dyn PoolHandle>>,
+    sqlx: Vec<Arc<dyn PoolHandle>>,
+    /// Set by [`Registry::close_all`]: no pool is taken in after it.
+    closed: bool,
 }
 
 impl Registry {
-    pub(super) fn add(&self, pool: Weak<dyn PoolHandle>) {
-        let mut pools = self.bb8.lock().unwrap_or_else(|e| e.into_inner());
-        pools.retain(|p| p.strong_count() > 0);
-        pools.push(pool);
+    fn pools(&self) -> MutexGuard<'_, Pools> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes `pool` in; `false` once the registry has closed (its connector shut down while
+    /// the pool was built), and the caller closes the pool.
+    #[must_use]
+    pub(super) fn add(&self, pool: Weak<dyn PoolHandle>) -> bool {
+        let mut pools = self.pools();
+        pools.bb8.retain(|p| p.strong_count() > 0);
+        if !pools.closed {
+            pools.bb8.push(pool);
+        }
+        !pools.closed
+    }
+
+    /// As [`add`](Self::add), for a pool the registry keeps alive.
     #[cfg(feature = "seaorm")]
-    pub(super) fn add_strong(&self, pool: Arc<dyn PoolHandle>) {
-        self.sqlx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(pool);
+    #[must_use]
+    pub(super) fn add_strong(&self, pool: Arc<dyn PoolHandle>) -> bool {
+        let mut pools = self.pools();
+        if !pools.closed {
+            pools.sqlx.push(pool);
+        }
+        !pools.closed
     }
 
     fn live(&self) -> Vec<Arc<dyn PoolHandle>> {
-        let mut live: Vec<_> = self.sqlx.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        live.extend(
-            self.bb8
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .filter_map(Weak::upgrade),
-        );
+        let pools = self.pools();
+        let mut live = pools.sqlx.clone();
+        live.extend(pools.bb8.iter().filter_map(Weak::upgrade));
         live
     }
 
@@ -53,28 +68,19 @@ impl Registry {
         self.live().iter().map(|p| p.health()).collect()
     }
 
-    /// Closes every pool: bb8 pools first, then the sqlx pools (which wait for their
-    /// connections in use to come back).
+    /// Closes every pool, and every pool taken in later as it comes, then waits for the sqlx
+    /// pools' connections in use to come back. Every pool is closed before the first wait, so
+    /// a shutdown dropped there (a timeout around it) leaves none open.
     pub(crate) async fn close_all(&self) {
-        let bb8: Vec<_> = self
-            .bb8
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for pool in bb8 {
-            pool.close().await;
-        }
-        let sqlx: Vec<_> = self
-            .sqlx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .collect();
-        for pool in sqlx {
-            pool.close().await;
-        }
+        let pools = {
+            let mut pools = self.pools();
+            pools.closed = true;
+            let mut all: Vec<_> = pools.bb8.iter().filter_map(Weak::upgrade).collect();
+            all.append(&mut pools.sqlx);
+            all
+        };
+        let closing: Vec<_> = pools.iter().map(|pool| pool.close()).collect();
+        futures_util::future::join_all(closing).await;
         #[cfg(feature = "seaorm")]
         logged_out().await;
     }

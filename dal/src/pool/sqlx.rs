@@ -12,7 +12,7 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOpti
 use super::registry::{PoolHandle, Registry};
 use super::reset::RECENTLY_USED;
 use crate::config::PoolSettings;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::telemetry::PoolHealth;
 use crate::token_cache::TokenCache;
 
@@ -56,6 +56,15 @@ pub(crate) async fn build(
             })
         })
         .connect_lazy_with(base.clone().password(token.expose()));
+    let handle = Arc::new(SqlxPool {
+        pool: pool.clone(),
+        close_within: settings.acquire_timeout,
+    });
+    if !registry.add_strong(handle) {
+        // The connector shut down while the token was fetched.
+        drop(pool.close());
+        return Err(Error::PoolClosed);
+    }
     for (i, (cache, options)) in endpoints.iter().enumerate() {
         let (pushed, options, active) = (pool.clone(), options.clone(), Arc::clone(&active));
         // Until the pool closes: then the cache lets go of it.
@@ -71,10 +80,6 @@ pub(crate) async fn build(
     if let Some(current) = cache.current() {
         pool.set_connect_options(base.clone().password(current.expose()));
     }
-    registry.add_strong(Arc::new(SqlxPool {
-        pool: pool.clone(),
-        close_within: settings.acquire_timeout,
-    }));
     Ok(pool)
 }
 
@@ -97,8 +102,9 @@ impl PoolHandle for SqlxPool {
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
+        let closing = self.pool.close();
         Box::pin(async move {
-            if tokio::time::timeout(self.close_within, self.pool.close())
+            if tokio::time::timeout(self.close_within, closing)
                 .await
                 .is_err()
             {
