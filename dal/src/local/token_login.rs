@@ -540,8 +540,12 @@ async fn serve(listener: tokio::net::TcpListener, tokens: Arc<Tokens>) {
 
 /// One LDAP session of PostgreSQL: a simple bind, then an unbind.
 async fn session(socket: tokio::net::TcpStream, tokens: Arc<Tokens>) {
+    use tracing::instrument::WithSubscriber;
     let mut framed = Framed::new(socket, LdapCodec::default());
-    while let Some(Ok(message)) = framed.next().await {
+    // The codec traces each message it reads, a bind's password (the token) included as
+    // bytes: nothing it emits may reach the application's subscriber.
+    let silent = tracing::subscriber::NoSubscriber::default;
+    while let Some(Ok(message)) = framed.next().with_subscriber(silent()).await {
         let reply = match ServerOps::try_from(message) {
             Ok(ServerOps::SimpleBind(request)) => tokens.bind(&request).await,
             Ok(ServerOps::Unbind(_)) => return,
