@@ -104,10 +104,19 @@ impl ServerUser {
         ))
     }
 
-    /// A command that runs as the server user.
+    /// A command that runs as the server user, with only the environment PostgreSQL needs
+    /// (the search path, the locale, the time zone, where temporary files and libraries go):
+    /// the server user can read its processes' environment, and the program's holds its
+    /// credentials (`AWS_SECRET_ACCESS_KEY`, `DATABRICKS_CLIENT_SECRET`, `PGPASSWORD`, ...).
     pub(crate) fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(program);
+        cmd.env_clear()
+            .envs(std::env::vars_os().filter(|(name, _)| {
+                let name = name.to_string_lossy();
+                ["PATH", "LANG", "TZ", "TMPDIR", "LD_LIBRARY_PATH"].contains(&name.as_ref())
+                    || name.starts_with("LC_")
+            }));
         if let Some((uid, gid)) = self.switch_to {
             cmd.uid(uid).gid(gid);
         }

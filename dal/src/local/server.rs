@@ -921,7 +921,6 @@ fn create_cluster(bindir: &Path, root: &Path, user: ServerUser) -> Result<Secret
             "--no-instructions",
         ])
         .current_dir(root)
-        .env_remove("PGDATA")
         .output();
     let _ = std::fs::remove_file(&pwfile);
     let out = out.map_err(|e| Error::LocalServer {

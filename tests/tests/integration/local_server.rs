@@ -65,6 +65,43 @@ async fn the_superuser_password_is_never_printed() {
     assert!(!debug.contains(&password), "{debug}");
 }
 
+/// The server's processes run as another OS user when the program runs as root, and that user
+/// can read their environment (`/proc/PID/environ`): they get only what PostgreSQL needs, none
+/// of the program's credentials (`AWS_SECRET_ACCESS_KEY`, `DATABRICKS_CLIENT_SECRET`, ...).
+#[tokio::test]
+async fn the_server_inherits_no_environment_beyond_what_it_needs() {
+    let pg = tests::server().await;
+    let pid_file = pg.root().join("data").join("postmaster.pid");
+    let pids = std::fs::read_to_string(&pid_file).unwrap();
+    let pid = pids.lines().next().unwrap().trim();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let names: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let entry = String::from_utf8_lossy(entry);
+            entry.split('=').next().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert!(names.iter().any(|name| name == "PATH"), "{names:?}");
+    // PWD: set by the shell that watches the server.
+    let needed = |name: &str| {
+        [
+            "PATH",
+            "LANG",
+            "LANGUAGE",
+            "TZ",
+            "TMPDIR",
+            "LD_LIBRARY_PATH",
+            "PWD",
+        ]
+        .contains(&name)
+            || name.starts_with("LC_")
+    };
+    let more: Vec<_> = names.iter().filter(|name| !needed(name)).collect();
+    assert!(more.is_empty(), "the server inherited {more:?}");
+}
+
 #[tokio::test]
 async fn the_dev_cluster_persists_restarts_and_recovers() {
     use std::os::unix::fs::PermissionsExt;
