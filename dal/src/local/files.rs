@@ -6,23 +6,19 @@ use super::binaries::ServerUser;
 use super::error::{Error, Result};
 
 /// Writes `contents` to `path` with mode 0600, owned by `owner` (the server user, or the
-/// invoking user with `ServerUser { switch_to: None }`). A file that existed keeps no wider
-/// mode: the mode given at opening applies only to a file the opening creates, so it is set
-/// again before anything is written.
+/// invoking user with `ServerUser { switch_to: None }`), whole or not at all: to a new file
+/// beside it (created 0600), then renamed over it, so a crash leaves the old contents or the
+/// new, and no file that existed keeps a wider mode.
 pub(crate) fn write_private(path: &Path, contents: &[u8], owner: ServerUser) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(Error::io(dir))?;
+    file.write_all(contents)
+        .and_then(|()| file.as_file().sync_all())
         .map_err(Error::io(path))?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(Error::io(path))?;
-    file.write_all(contents).map_err(Error::io(path))?;
-    owner.own(path)
+    owner.own(file.path())?;
+    file.persist(path).map_err(|e| Error::io(path)(e.error))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1146,9 +1146,24 @@ fn lock_dev(root: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
 
 fn open_or_create_dev(bindir: &Path, root: &Path, user: ServerUser) -> Result<(u16, SecretString)> {
     let state_path = root.join(DEV_STATE);
-    let state = std::fs::read(&state_path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<DevState>(&bytes).ok())
+    // Written last, and whole (see `write_private`): a cluster without one never finished
+    // its creation. One that cannot be read is not a reason to delete the data beside it.
+    let state =
+        match std::fs::read(&state_path) {
+            Ok(bytes) => Some(serde_json::from_slice::<DevState>(&bytes).map_err(|e| {
+                Error::LocalServer {
+                    what: format!(
+                        "cannot read the development cluster's state {}: repair it, or remove {} \
+                     to start afresh without its data",
+                        state_path.display(),
+                        root.display()
+                    ),
+                    source: Some(Box::new(e)),
+                }
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io(&state_path)(e)),
+        }
         .filter(|_| root.join("data").join("PG_VERSION").is_file());
     if let Some(state) = state {
         let pid_file = root.join("data").join("postmaster.pid");

@@ -139,6 +139,17 @@ async fn the_dev_cluster_persists_restarts_and_recovers() {
     drop(squatter);
     assert!(LocalPostgres::stop_dev_in(&root).unwrap());
 
+    // A state file that cannot be read (a crash in the middle of rewriting it, say) is named,
+    // and the cluster's data is kept.
+    let state = root.join("dal-dev.json");
+    std::fs::write(&state, b"").unwrap();
+    let err = LocalPostgres::dev_in(&root).await.map(drop).unwrap_err();
+    assert!(err.to_string().contains("dal-dev.json"), "{err}");
+    assert!(
+        root.join("data").join("PG_VERSION").is_file(),
+        "the data is gone"
+    );
+
     // A cluster whose creation never finished (no state file) is created afresh.
     std::fs::remove_file(root.join("dal-dev.json")).unwrap();
     let pg = LocalPostgres::dev_in(&root)
