@@ -608,14 +608,22 @@ struct Profile(Vec<(String, String)>);
 
 #[cfg(feature = "lakebase")]
 impl Profile {
+    /// The keys of `section` in `text`, read as the Databricks SDKs read the file (Python's
+    /// `configparser`): a header's name stands up to its last `]`, whatever follows it, and a
+    /// leading byte order mark is no part of the first line.
     fn parse(text: &str, section: &str) -> Self {
         let mut current = String::new();
         let mut keys = Vec::new();
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for line in text.lines().map(str::trim) {
             if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
                 continue;
             }
-            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            if let Some(name) = line
+                .strip_prefix('[')
+                .and_then(|l| l.rsplit_once(']'))
+                .map(|(name, _)| name)
+            {
                 current = name.trim().to_owned();
             } else if current == section
                 && let Some((k, v)) = line.split_once('=')
@@ -1057,6 +1065,25 @@ mod tests {
         .unwrap();
         assert_eq!(c.user, "from-file");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A section header is read as the Databricks SDKs read it (Python's `configparser`, Go's
+    /// `go-ini`): the name is what stands up to its last `]`, with a comment after it, and a
+    /// file may begin with a byte order mark (as PowerShell writes one). Read as a line that
+    /// is no header, `[prod] ; production` put prod's token in the section above it, the
+    /// `[DEFAULT]` of another workspace's host.
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn a_section_header_is_read_with_a_comment_after_it_and_a_byte_order_mark_before() {
+        let text = "[DEFAULT]\nhost = https://dev\n[prod] ; production\nhost = https://prod\ntoken = dapi-prod\n";
+        let default = Profile::parse(text, "DEFAULT");
+        assert_eq!(default.get("token"), None);
+        assert_eq!(default.get("host").as_deref(), Some("https://dev"));
+        let prod = Profile::parse(text, "prod");
+        assert_eq!(prod.get("token").as_deref(), Some("dapi-prod"));
+        assert_eq!(prod.get("host").as_deref(), Some("https://prod"));
+        let marked = Profile::parse("\u{feff}[DEFAULT]\nhost = h\n", "DEFAULT");
+        assert_eq!(marked.get("host").as_deref(), Some("h"));
     }
 
     /// As the Databricks SDKs do (Python's `_known_file_config_loader`): with no profile
