@@ -62,6 +62,8 @@ pub enum Setting {
     LakebaseClaims,
     /// How to authenticate to the Databricks workspace, `DATABRICKS_AUTH_TYPE`.
     DatabricksAuthType,
+    /// The workspace's number, sent with credential calls, `DATABRICKS_WORKSPACE_ID`.
+    DatabricksWorkspaceId,
     /// The Databricks CLI, `DATABRICKS_CLI_PATH`.
     DatabricksCliPath,
     /// The OIDC ID token of workload identity federation, `DATABRICKS_OIDC_TOKEN` (or the
@@ -160,6 +162,7 @@ impl Setting {
             Setting::LakebaseCredentialTtl => "LAKEBASE_CREDENTIAL_TTL_SECS",
             Setting::LakebaseClaims => "Lakebase claims",
             Setting::DatabricksAuthType => "DATABRICKS_AUTH_TYPE",
+            Setting::DatabricksWorkspaceId => "DATABRICKS_WORKSPACE_ID",
             Setting::DatabricksCliPath => "DATABRICKS_CLI_PATH",
             Setting::DatabricksOidcToken => "DATABRICKS_OIDC_TOKEN",
             Setting::DatabricksOidcTokenFilepath => "DATABRICKS_OIDC_TOKEN_FILEPATH",

@@ -487,7 +487,7 @@ impl Env<'_> {
         };
         let mut source = Lakebase::new(&host, auth, target)?;
         if let Some(id) = self.get("DATABRICKS_WORKSPACE_ID") {
-            source = source.with_workspace_id(id);
+            source = source.with_workspace_id(&id)?;
         }
         if let Some(product) = self.get("DAL_PRODUCT") {
             source = source.with_product(product.trim())?;
@@ -679,6 +679,22 @@ mod tests {
         ("LAKEBASE_ENDPOINT", "projects/p/branches/b/endpoints/e"),
         ("PGHOST", "ep-x.database.us-east-1.cloud.databricks.com"),
     ];
+
+    /// `DATABRICKS_WORKSPACE_ID` goes into a header of every credential call: a value that
+    /// is not a workspace's number (a newline from a secret made from a file, say) is named
+    /// at startup, where it made every call fail as an unreachable service.
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn a_workspace_id_that_is_no_number_is_named() {
+        for id in ["1234\n5", "12 34", "ws-1234"] {
+            let mut v = LAKEBASE.to_vec();
+            v.push(("DATABRICKS_WORKSPACE_ID", id));
+            assert_eq!(setting(&v), "DATABRICKS_WORKSPACE_ID", "{id:?}");
+        }
+        let mut v = LAKEBASE.to_vec();
+        v.push(("DATABRICKS_WORKSPACE_ID", " 1234567890123456 "));
+        config(&v).unwrap();
+    }
 
     /// `DATABRICKS_AUTH_TYPE` chooses among configured credentials, or the CLI's login.
     #[cfg(feature = "lakebase")]

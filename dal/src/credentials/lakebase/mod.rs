@@ -412,13 +412,24 @@ impl Lakebase {
         })
     }
 
-    /// Sends `X-Databricks-Workspace-Id: <id>` on credential calls. Defaults to the
+    /// Sends `X-Databricks-Workspace-Id: <id>` on credential calls; `id` is the workspace's
+    /// number (`DATABRICKS_WORKSPACE_ID`), white space around it ignored. Defaults to the
     /// `workspace_id` of the workspace's `/.well-known/databricks-config` when token endpoint
     /// discovery ran, and to no header otherwise.
-    #[must_use]
-    pub fn with_workspace_id(mut self, id: impl Into<String>) -> Self {
-        self.workspace_id = Some(id.into());
-        self
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for [`Setting::DatabricksWorkspaceId`] when `id` is not all digits.
+    pub fn with_workspace_id(mut self, id: &str) -> Result<Self> {
+        let id = id.trim();
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Error::config(
+                Setting::DatabricksWorkspaceId,
+                "must be the workspace's number, digits only, such as 1234567890123456",
+            ));
+        }
+        self.workspace_id = Some(id.to_owned());
+        Ok(self)
     }
 
     /// The longest any single HTTP call may take, from connecting to the last byte of the

@@ -713,6 +713,7 @@ async fn an_explicit_workspace_id_is_sent_and_wins() {
     .await;
     source(&server)
         .with_workspace_id("222")
+        .unwrap()
         .fetch()
         .await
         .unwrap();
@@ -731,7 +732,8 @@ async fn a_pat_calls_the_credential_api_directly() {
     let server = Server::start(workspace).await;
     let lakebase = Lakebase::new(&server.base, WorkspaceAuth::Pat(PAT.into()), autoscaling())
         .unwrap()
-        .with_workspace_id("42");
+        .with_workspace_id("42")
+        .unwrap();
     assert_eq!(lakebase.fetch().await.unwrap().expose(), DB_TOKEN);
     assert_eq!(server.paths(), [AUTOSCALING_PATH]);
     let call = server.requests().pop().unwrap();
@@ -1150,7 +1152,8 @@ fn debug_redacts_every_secret() {
     );
     let lakebase = Lakebase::new("my.cloud.databricks.com", m2m(), autoscaling())
         .unwrap()
-        .with_workspace_id("42");
+        .with_workspace_id("42")
+        .unwrap();
     assert_eq!(
         format!("{lakebase:?}"),
         format!(
