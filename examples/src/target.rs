@@ -28,7 +28,12 @@ impl Database {
         match dotenvy::dotenv() {
             Ok(_) => {}
             Err(e) if e.not_found() => {}
-            Err(e) => return Err(e).context("reading .env"),
+            // dotenvy's message quotes the line, which may hold a password.
+            Err(dotenvy::Error::LineParse(..)) => anyhow::bail!(
+                "cannot read .env: a line is malformed; quote a value that holds spaces, \
+                 quotes or `#` (KEY=\"a b\")"
+            ),
+            Err(e) => return Err(e).context("cannot read .env"),
         }
         let database = if Config::env_names_a_database() {
             Self {

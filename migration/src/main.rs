@@ -19,9 +19,18 @@ use sea_orm_migration::sea_orm::DatabaseConnection;
 
 #[tokio::main]
 async fn main() {
-    // sea-orm-migration reads `.env` too, but only once it parsed the command line.
-    let _ = dotenvy::dotenv();
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // sea-orm-migration reads `.env` too, but only once it parsed the command line, and
+    // goes on after a malformed one, with every setting after its bad line unset.
+    match dotenvy::dotenv() {
+        Ok(_) => {}
+        Err(e) if e.not_found() => {}
+        Err(e) => fail(&*BoxError::from(unreadable_env_file(&e))),
+    }
+    // Not UTF-8: clap, which runs the command, refuses it with its usage.
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
     if let Some(refused) = unapplied(&args) {
         fail(&*BoxError::from(refused));
     }
@@ -158,6 +167,17 @@ impl std::error::Error for Unreachable {
 
 /// Any error of dal or of its local services.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What stopped `.env` from being read, without the line dotenvy quotes: it may hold a
+/// password.
+fn unreadable_env_file(e: &dotenvy::Error) -> String {
+    match e {
+        dotenvy::Error::LineParse(..) => "cannot read .env: a line is malformed; quote a value \
+            that holds spaces, quotes or `#` (KEY=\"a b\")"
+            .to_owned(),
+        other => format!("cannot read .env: {other}"),
+    }
+}
 
 fn fail(e: &(dyn std::error::Error + 'static)) -> ! {
     let mut message = format!("error: {e}");

@@ -81,3 +81,39 @@ fn help_reads_no_configuration() {
     assert!(stdout.starts_with("Usage: migration"), "{stdout}");
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+/// A `.env` that cannot be read stops the command, naming the file and never the line, which
+/// may hold a password. Ignored, it left every setting after its bad line unset: the
+/// command went on without them (no `sslmode`, another schema, or the embedded database).
+#[test]
+fn a_malformed_env_file_stops_the_command_without_showing_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "DATABASE_URL=postgres://app@127.0.0.1:1/app\nPGPASSWORD=s3cret pw\nDAL_SEARCH_PATH=app\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_migration"))
+        .arg("status")
+        .current_dir(dir.path())
+        .output()
+        .expect("run the migration binary");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: cannot read .env"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+}
+
+/// An argument that is not UTF-8 is clap's to refuse, with its usage, not a panic.
+#[test]
+fn an_argument_that_is_not_utf8_is_refused_without_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_migration"))
+        .arg("generate")
+        .arg(std::ffi::OsStr::from_bytes(b"\xff"))
+        .output()
+        .expect("run the migration binary");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

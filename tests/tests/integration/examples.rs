@@ -53,7 +53,24 @@ impl Program {
 
     /// Like [`start`](Self::start), with command-line arguments.
     fn start_with_args(name: &'static str, vars: &[(&str, String)], args: &[&str]) -> Self {
+        Self::launch(name, vars, args, None)
+    }
+
+    /// Like [`start`](Self::start), with a `.env` file of `contents` in its directory.
+    fn start_with_env_file(name: &'static str, contents: &str) -> Self {
+        Self::launch(name, &[], &[], Some(contents))
+    }
+
+    fn launch(
+        name: &'static str,
+        vars: &[(&str, String)],
+        args: &[&str],
+        env_file: Option<&str>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        if let Some(contents) = env_file {
+            std::fs::write(dir.path().join(".env"), contents).unwrap();
+        }
         let mut child = tokio::process::Command::new(program(name))
             .args(args)
             .env_clear()
@@ -738,6 +755,26 @@ async fn a_lakebase_migration_that_cannot_sign_in_names_the_database() {
         "{}",
         p.output()
     );
+}
+
+/// A `.env` that cannot be read ends each program with one line that names it, and never
+/// shows the line dotenvy quotes, which may hold a password.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_env_file_ends_with_one_line_that_shows_no_value() {
+    let env_file = "PGHOST=127.0.0.1\nPGPASSWORD=s3cret pw\nPGUSER=app\n";
+    for name in ["one_shot", "web_app", "background_task", "tour"] {
+        let mut p = Program::start_with_env_file(name, env_file);
+        let status = p.wait(Duration::from_secs(30)).await;
+        p.rest(Duration::from_secs(5)).await;
+        assert_eq!(status.code(), Some(1), "{}", p.output());
+        let error = p.the_error_line();
+        assert!(error.contains("cannot read .env"), "{error}");
+        let stderr = p.stderr();
+        assert!(
+            !stderr.contains("s3cret") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
