@@ -109,7 +109,8 @@ impl DataApi {
         Ok(self)
     }
 
-    /// A request on `table`.
+    /// A request on `table`. Sending it fails with [`Error::Config`] for
+    /// [`Setting::DataApiUrl`] when `table` is empty, `.` or `..`.
     pub fn from(&self, table: &str) -> DataQuery<'_> {
         DataQuery {
             api: self,
@@ -125,6 +126,14 @@ impl DataApi {
         params: &[(String, String)],
         body: Option<&Value>,
     ) -> Result<Vec<Value>> {
+        // Resolved away by the URL's path (to the Data API's own URL, or the one above it),
+        // and the token would go there.
+        if matches!(table, "" | "." | "..") {
+            return Err(Error::config(
+                Setting::DataApiUrl,
+                format!("{table:?} names no table: give the table's name, such as \"customers\""),
+            ));
+        }
         let mut url = self
             .url
             .join(

@@ -60,6 +60,16 @@ async fn the_data_api_reads_and_writes_with_the_pools_tokens() {
     assert_eq!(code(duplicate), (409, "23505".to_owned()));
     let missing = api.from("nothing_here").get().await.unwrap_err();
     assert_eq!(code(missing), (404, "42P01".to_owned()));
+    // A name that a URL path resolves away (to the Data API's own URL or the one above it)
+    // is refused before the token is sent anywhere.
+    for name in ["", ".", ".."] {
+        match api.from(name).get().await {
+            Err(dal::Error::Config { setting, .. }) => {
+                assert_eq!(setting, dal::Setting::DataApiUrl, "{name:?}")
+            }
+            other => panic!("{name:?}: {other:?}"),
+        }
+    }
     let column = api
         .from("customers")
         .eq("nope", "1")
