@@ -390,8 +390,9 @@ fn operation(path: &str, value: &Value) -> Result<Operation> {
 /// A branch (with a read-write endpoint) that lives as long as a test: created from a source
 /// branch, ready when [`create`](Self::create) returns, deleted by [`delete`](Self::delete).
 ///
-/// Dropped without `delete`, it starts the deletion in the background (within a Tokio
-/// runtime) and logs a warning: call `delete` to know it happened.
+/// Dropped without `delete`, or with its creation or deletion dropped half way (a timeout
+/// around it, a test that panicked), it deletes the branch on a thread of its own, which
+/// outlives the runtime, and logs a warning: call `delete` to know it happened.
 ///
 /// ```no_run
 /// # async fn demo(source: dal::credentials::Lakebase, base: dal::Config) -> dal::Result<()> {
@@ -406,9 +407,16 @@ fn operation(path: &str, value: &Value) -> Result<Operation> {
 /// ```
 #[derive(Debug)]
 pub struct TemporaryBranch {
+    owned: Owned,
+    endpoint: Endpoint,
+}
+
+/// A branch this process asked for, deleted when dropped unless its deletion is under way.
+#[derive(Debug)]
+struct Owned {
     api: Management,
     branch: String,
-    endpoint: Endpoint,
+    /// The service took the deletion (or never created the branch).
     deleted: bool,
 }
 
@@ -431,8 +439,22 @@ impl TemporaryBranch {
         source_branch: Option<&str>,
     ) -> Result<Self> {
         let id = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let created = api.create_branch(project, &id, source_branch).await?;
         let branch = format!("{project}/branches/{id}");
+        // From before the request: one that fails on the way back, or is dropped, may have
+        // created the branch.
+        let mut owned = Owned {
+            api: api.clone(),
+            branch: branch.clone(),
+            deleted: false,
+        };
+        let created = match api.create_branch(project, &id, source_branch).await {
+            Ok(created) => created,
+            Err(e) => {
+                // The service answered: it created nothing.
+                owned.deleted = matches!(e, Error::Http { .. });
+                return Err(e);
+            }
+        };
         let endpoint = async {
             api.wait(created, BRANCH_TIMEOUT).await?;
             let created = api.create_endpoint(&branch, "primary", true).await?;
@@ -442,16 +464,10 @@ impl TemporaryBranch {
         }
         .await;
         match endpoint {
-            Ok(endpoint) => Ok(Self {
-                api: api.clone(),
-                branch,
-                endpoint,
-                deleted: false,
-            }),
+            Ok(endpoint) => Ok(Self { owned, endpoint }),
             Err(e) => {
-                if let Ok(op) = api.delete_branch(&branch).await {
-                    let _ = api.wait(op, BRANCH_TIMEOUT).await;
-                }
+                // Whatever the deletion's outcome, the error to report is the creation's.
+                let _ = owned.delete().await;
                 Err(e)
             }
         }
@@ -459,7 +475,7 @@ impl TemporaryBranch {
 
     /// The branch's resource name.
     pub fn branch(&self) -> &str {
-        &self.branch
+        &self.owned.branch
     }
 
     /// Its read-write endpoint.
@@ -475,11 +491,12 @@ impl TemporaryBranch {
     ///
     /// [`Error::HttpTransport`] when the endpoint has no host yet.
     pub fn config(&self, base: &Config) -> Result<Config> {
-        let host = self.endpoint.host.clone().ok_or_else(|| {
-            self.api
-                .failed(&self.endpoint.name, "the endpoint has no host".into())
-        })?;
-        let source = self.api.lakebase.for_target(LakebaseTarget::Autoscaling {
+        let api = &self.owned.api;
+        let host =
+            self.endpoint.host.clone().ok_or_else(|| {
+                api.failed(&self.endpoint.name, "the endpoint has no host".into())
+            })?;
+        let source = api.lakebase.for_target(LakebaseTarget::Autoscaling {
             endpoint: self.endpoint.name.clone(),
         })?;
         let mut config = base.clone();
@@ -495,26 +512,46 @@ impl TemporaryBranch {
     ///
     /// Those of [`Management::delete_branch`] and [`Management::wait`].
     pub async fn delete(mut self) -> Result<()> {
-        self.deleted = true;
+        self.owned.delete().await
+    }
+}
+
+impl Owned {
+    async fn delete(&mut self) -> Result<()> {
         let op = self.api.delete_branch(&self.branch).await?;
+        // Under way: the service finishes it however this future ends.
+        self.deleted = true;
         self.api.wait(op, BRANCH_TIMEOUT).await.map(drop)
     }
 }
 
-impl Drop for TemporaryBranch {
+impl Drop for Owned {
     fn drop(&mut self) {
         if self.deleted {
             return;
         }
-        tracing::warn!(branch = %self.branch, "a temporary branch was dropped without delete(); deleting it in the background");
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let api = self.api.clone();
-            let branch = self.branch.clone();
-            runtime.spawn(async move {
+        tracing::warn!(branch = %self.branch, "a temporary branch was left without delete(); deleting it in the background");
+        let (api, branch) = (self.api.clone(), self.branch.clone());
+        // A thread with a runtime of its own: the caller's may be ending (a test that
+        // panicked), and would drop a task spawned on it.
+        let deleting = move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
                 if let Ok(op) = api.delete_branch(&branch).await {
                     let _ = api.wait(op, BRANCH_TIMEOUT).await;
                 }
             });
+        };
+        let spawned = std::thread::Builder::new()
+            .name("dal-branch-delete".into())
+            .spawn(deleting);
+        if let Err(e) = spawned {
+            tracing::warn!(branch = %self.branch, error = %e, "cannot start the deletion of a temporary branch");
         }
     }
 }

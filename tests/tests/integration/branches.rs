@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
 use dal::lakebase::{Management, TemporaryBranch};
 use dal::local::{LocalLakebase, LocalLakebaseConfig};
 use sea_orm::{ConnectionTrait, Statement};
@@ -98,4 +100,70 @@ async fn a_test_gets_a_branch_of_its_own_and_leaves_nothing_behind() {
         );
         tokio::task::yield_now().await;
     }
+}
+
+/// The local service with a `trunk` default branch, and its management API.
+async fn trunk(pg: &dal::local::LocalPostgres) -> (LocalLakebase, Management) {
+    let lb = LocalLakebase::start(
+        pg,
+        LocalLakebaseConfig::new()
+            .with_database("trunk")
+            .with_token_ttl(Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
+    pg.create_database("trunk", Some(&lb.config().role))
+        .await
+        .unwrap();
+    let api = Management::new(lb.source().unwrap());
+    (lb, api)
+}
+
+/// Waits until the project's branches are `want`, for at most a minute.
+async fn wait_for_branches(api: &Management, want: &[dal::lakebase::Branch], why: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = api.list_branches("projects/local").await.unwrap();
+        if now == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{why}: {now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A branch whose creation, or deletion, was dropped half way (a timeout around it, a test
+/// that failed) is deleted all the same: nothing is left behind to pay for.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_branch_whose_creation_or_deletion_was_dropped_is_deleted() {
+    let pg = tests::server().await;
+    let (_lb, api) = trunk(&pg).await;
+    let before = api.list_branches("projects/local").await.unwrap();
+
+    // A session on the source holds the copy back (`CREATE DATABASE ... TEMPLATE` waits for
+    // it), so the creation is dropped while it waits for the branch to get ready.
+    let session = pg.admin("trunk").await.unwrap();
+    let creating = tokio::spawn({
+        let api = api.clone();
+        async move { TemporaryBranch::create(&api, "projects/local", None).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while api.list_branches("projects/local").await.unwrap().len() == before.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no branch was asked for"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    creating.abort();
+    assert!(creating.await.unwrap_err().is_cancelled());
+    drop(session);
+    wait_for_branches(&api, &before, "the branch of a dropped creation is left").await;
+
+    // A deletion dropped before its request went out.
+    let branch = TemporaryBranch::create(&api, "projects/local", None)
+        .await
+        .unwrap();
+    assert!(branch.delete().now_or_never().is_none());
+    wait_for_branches(&api, &before, "the branch of a dropped deletion is left").await;
 }
