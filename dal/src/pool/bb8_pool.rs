@@ -835,6 +835,24 @@ pub(crate) fn build<C: Send + 'static>(
     Ok(Pool { core })
 }
 
+/// One connection counted in its pool's [`Core::filling`] while it opens: until the pool has
+/// it (a sweep in between would open another), or its opening ended otherwise (failed,
+/// panicked, as a custom credential source may, or dropped with its runtime).
+struct Filling<C: Send + 'static>(Arc<Core<C>>);
+
+impl<C: Send + 'static> Filling<C> {
+    fn start(core: &Arc<Core<C>>) -> Self {
+        core.filling.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(core))
+    }
+}
+
+impl<C: Send + 'static> Drop for Filling<C> {
+    fn drop(&mut self) {
+        self.0.filling.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A pool, to the sweeping mode of its manager (see [`Manager::sweeping`]).
 #[derive(Debug)]
 struct SweepKey;
@@ -1159,8 +1177,7 @@ impl<C: Send + 'static> Core<C> {
             .saturating_sub(open + filling)
             .min(self.max_size.saturating_sub(state.connections + filling));
         for _ in 0..wanted {
-            self.filling.fetch_add(1, Ordering::Relaxed);
-            let core = Arc::clone(self);
+            let counted = Filling::start(self);
             let opening = open_stamped(
                 Arc::clone(&self.open),
                 self.kind,
@@ -1169,11 +1186,11 @@ impl<C: Send + 'static> Core<C> {
             );
             let opening = checked(opening, self.is_valid, self.lifespan, self.connect_timeout);
             tokio::spawn(async move {
-                let opened = opening.await;
-                // Counted as opening until the pool has it: a sweep in between would open
-                // another.
-                let added = opened.map(|conn| drop(core.pool.add(Box::new(conn))));
-                core.filling.fetch_sub(1, Ordering::Relaxed);
+                let core = Arc::clone(&counted.0);
+                let added = opening
+                    .await
+                    .map(|conn| drop(core.pool.add(Box::new(conn))));
+                drop(counted);
                 match added {
                     // Refused, and closed, if the pool closed or filled up meanwhile.
                     Ok(()) => {}
@@ -1864,6 +1881,33 @@ mod tests {
             closed.lock().unwrap()[0].lock().unwrap().is_some(),
             "the one whose check never ended is closed"
         );
+    }
+
+    /// Panics checking the first connection it is given; passes the others.
+    fn first_check_panics(probe: &mut Probe) -> BoxFuture<'_, Result<()>> {
+        assert_ne!(probe.name, 1, "a check that panics");
+        Box::pin(async { Ok(()) })
+    }
+
+    /// A connection opened for `min_idle` whose opening panics (a custom credential source's
+    /// panic, which the token cache passes on) no longer counts as opening, and the next sweep
+    /// opens another: it stayed counted, so the pool never kept `min_idle` again.
+    #[tokio::test(start_paused = true)]
+    async fn an_opening_that_panics_stops_counting_and_another_opens() {
+        let (open, _) = counted_probes();
+        let settings = PoolSettings::builder()
+            .max_size(4)
+            .min_idle(1)
+            .max_lifetime(Some(Duration::from_secs(60)))
+            .build()
+            .unwrap();
+        let kind = Kind {
+            is_valid: first_check_panics,
+            ..PROBE
+        };
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
+        eventually("min_idle open", || pool.state().idle_connections == 1).await;
+        assert_eq!(pool.get().await.unwrap().name, 2, "the second one opened");
     }
 
     /// A sweep takes every idle connection out for a moment: bb8 opens one whenever its idle
