@@ -132,6 +132,13 @@ impl Connector {
     /// ([`CredentialSource::database_host`]: a Lakebase endpoint's or instance's); one
     /// without a user, the user its source looks up ([`CredentialSource::database_user`]:
     /// the Databricks user a workspace token belongs to).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the setting that is missing, out of range or contradicts
+    /// another: on Aurora DSQL, which ends every connection after 60 minutes, a pool lifetime
+    /// of none or over 3570 s, say. The source's errors when the eager strategy's first fetch
+    /// fails.
     pub async fn new(mut config: Config) -> Result<Self> {
         if config.host.trim().is_empty()
             && let Some(Credentials::Source(source)) = &config.credentials
@@ -285,6 +292,12 @@ impl Connector {
                 check_startup_value(setting, value)?;
             }
         }
+        let pool = if config.pool == PoolSettings::default() {
+            PoolSettings::for_target(target)
+        } else {
+            config.pool
+        };
+        check_pool_lifetime(target, &pool)?;
         let cache = TokenCache::new(source, config.strategy, config.cache);
         let rate = config
             .connection_rate
@@ -304,11 +317,7 @@ impl Connector {
                 statement_timeout: config.statement_timeout,
                 connect_timeout: config.connect_timeout,
                 limiter,
-                pool: if config.pool == PoolSettings::default() {
-                    PoolSettings::for_target(target)
-                } else {
-                    config.pool
-                },
+                pool,
                 cache,
                 pools: Registry::default(),
                 opened: AtomicU64::new(0),
@@ -898,7 +907,8 @@ impl Connector {
         self.sqlx_pool_with(&self.shared.pool).await
     }
 
-    /// Like [`sqlx_pool`](Self::sqlx_pool), with its own sizes and lifetimes.
+    /// Like [`sqlx_pool`](Self::sqlx_pool), with its own sizes and lifetimes: on Aurora DSQL, a
+    /// lifetime of at most 3570 s ([`Error::Config`] for [`Setting::PoolMaxLifetime`]).
     ///
     /// sqlx returns a connection to its pool with no bound on its round trips: one that comes
     /// back while its server does not answer holds its place until the server does (sqlx
@@ -925,6 +935,7 @@ impl Connector {
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool_with(&self, settings: &PoolSettings) -> Result<PgPool> {
         self.refuse_if_shut_down()?;
+        self.check_pool_settings(settings)?;
         let s = &self.shared;
         let endpoints = (0..=s.peers.len())
             .map(|i| {
@@ -968,6 +979,7 @@ impl Connector {
     #[cfg(feature = "seaorm")]
     pub async fn seaorm_with(&self, settings: &PoolSettings) -> Result<SeaOrmPool> {
         self.refuse_if_shut_down()?;
+        self.check_pool_settings(settings)?;
         for i in 0..=self.shared.peers.len() {
             self.endpoint(i).sqlx_options()?;
         }
@@ -996,10 +1008,12 @@ impl Connector {
         self.diesel_pool_with(self.pool_settings()).await
     }
 
-    /// Like [`diesel_pool`](Self::diesel_pool), with its own sizes and lifetimes.
+    /// Like [`diesel_pool`](Self::diesel_pool), with its own sizes and lifetimes: on Aurora DSQL, a
+    /// lifetime of at most 3570 s ([`Error::Config`] for [`Setting::PoolMaxLifetime`]).
     #[cfg(feature = "diesel")]
     pub async fn diesel_pool_with(&self, settings: &PoolSettings) -> Result<DieselPool> {
         self.refuse_if_shut_down()?;
+        self.check_pool_settings(settings)?;
         let connector = self.clone();
         let open: Open<AsyncPgConnection> = Arc::new(move || {
             let connector = connector.clone();
@@ -1023,9 +1037,11 @@ impl Connector {
         self.postgres_pool_with(self.pool_settings()).await
     }
 
-    /// Like [`postgres_pool`](Self::postgres_pool), with its own sizes and lifetimes.
+    /// Like [`postgres_pool`](Self::postgres_pool), with its own sizes and lifetimes: on Aurora DSQL, a
+    /// lifetime of at most 3570 s ([`Error::Config`] for [`Setting::PoolMaxLifetime`]).
     pub async fn postgres_pool_with(&self, settings: &PoolSettings) -> Result<PgClientPool> {
         self.refuse_if_shut_down()?;
+        self.check_pool_settings(settings)?;
         let connector = self.clone();
         let open: Open<pool::PgClient> = Arc::new(move || {
             let connector = connector.clone();
@@ -1038,6 +1054,11 @@ impl Connector {
             &self.shared.pools,
             self.shared.connect_timeout,
         )
+    }
+
+    /// Refuses a pool's own `settings` as [`Connector::new`] refuses the connector's.
+    fn check_pool_settings(&self, settings: &PoolSettings) -> Result<()> {
+        check_pool_lifetime(self.shared.target, settings)
     }
 
     fn refuse_if_shut_down(&self) -> Result<()> {
@@ -1108,6 +1129,27 @@ impl Connector {
         )
         .await;
     }
+}
+
+/// The longest pool lifetime on Aurora DSQL, which ends every connection after 60 minutes
+/// (reference: the vendor's connection limits): a connection whose replacement is still
+/// logging in serves up to 30 s past its lifetime (see the pools' renewal).
+const DSQL_LONGEST_LIFETIME: Duration = Duration::from_secs(3570);
+
+/// Refuses a lifetime that would keep connections longer than `target` does.
+fn check_pool_lifetime(target: Target, settings: &PoolSettings) -> Result<()> {
+    if target == Target::Dsql
+        && settings
+            .max_lifetime()
+            .is_none_or(|lifetime| lifetime > DSQL_LONGEST_LIFETIME)
+    {
+        return Err(Error::config(
+            Setting::PoolMaxLifetime,
+            "Aurora DSQL ends every connection after 60 minutes: set a lifetime of at most \
+             3570 s (59.5 minutes; the default is 55 minutes, shortened at random by up to 5)",
+        ));
+    }
+    Ok(())
 }
 
 /// Opens one physical connection at an endpoint with a token.
@@ -1527,6 +1569,54 @@ mod tests {
         let refused = Connector::build(dsql).map(drop).unwrap_err();
         assert!(refused.to_string().contains("signed for"), "{refused}");
         assert_eq!(setting_of(Err(refused)), Setting::ReadOnlyHost);
+    }
+
+    /// Aurora DSQL ends every connection after 60 minutes: a pool lifetime that would keep
+    /// one longer (none, or over 59.5 minutes, since a connection whose replacement is still
+    /// logging in serves up to 30 s past its lifetime) is named at once, for the connector
+    /// and for each pool built with settings of its own.
+    #[tokio::test]
+    async fn a_dsql_pool_lifetime_beyond_the_servers_hour_is_named() {
+        let dsql = || {
+            Config::new("db.example.com", "u")
+                .password("p")
+                .target(Target::Dsql)
+        };
+        let lifetime = |lifetime| {
+            PoolSettings::builder()
+                .max_lifetime(lifetime)
+                .build()
+                .unwrap()
+        };
+        for too_long in [
+            None,
+            Some(Duration::from_secs(3600)),
+            Some(Duration::from_secs(3571)),
+        ] {
+            let refused = Connector::build(dsql().pool(lifetime(too_long)));
+            assert_eq!(
+                setting_of(refused),
+                Setting::PoolMaxLifetime,
+                "{too_long:?}"
+            );
+            let connector = Connector::build(dsql()).unwrap();
+            let refused = connector.postgres_pool_with(&lifetime(too_long)).await;
+            assert!(
+                matches!(
+                    &refused,
+                    Err(Error::Config {
+                        setting: Setting::PoolMaxLifetime,
+                        ..
+                    })
+                ),
+                "{too_long:?}: {:?}",
+                refused.map(drop)
+            );
+        }
+        let kept = lifetime(Some(Duration::from_secs(3570)));
+        Connector::build(dsql().pool(kept.clone())).unwrap();
+        let postgres = Config::new("db.example.com", "u").password("p");
+        Connector::build(postgres.pool(lifetime(None))).unwrap();
     }
 
     /// A credential service slower than the connect timeout fails the connection at the

@@ -469,8 +469,8 @@ impl PoolSettingsBuilder {
     }
 
     /// Sets [`max_lifetime`](PoolSettings::max_lifetime), more than zero and at most 365
-    /// days; `None` keeps connections forever (not on Aurora DSQL, which closes them after 60
-    /// minutes).
+    /// days; `None` keeps connections forever. Aurora DSQL ends every connection after 60
+    /// minutes: its connectors refuse a lifetime of none or over 3570 s.
     #[must_use]
     pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
         self.0.max_lifetime = lifetime;
