@@ -169,7 +169,9 @@ pub enum DsqlChecks {
 impl LocalPostgres {
     /// Makes `database` refuse what Aurora DSQL refuses ([`DSQL_UNSUPPORTED`]), or report it
     /// (`checks`). Installs schema `dal_dsql`, two event triggers, and a statement trigger on
-    /// every table, present and future. Safe to run again (to change the mode).
+    /// every table, present and future, and runs its transactions at repeatable read, as DSQL
+    /// does (a write that conflicts fails with SQLSTATE `40001`). Safe to run again (to
+    /// change the mode).
     ///
     /// # Errors
     ///
@@ -210,9 +212,14 @@ impl LocalPostgres {
             DsqlChecks::Enforce => "enforce",
             DsqlChecks::Report => "report",
         };
+        // DSQL runs every transaction at repeatable read: a write to a row changed since the
+        // transaction began fails with SQLSTATE 40001 (optimistic concurrency), where read
+        // committed, PostgreSQL's default, waits and overwrites.
         let sql: String = tx
             .query_one(
-                "SELECT format('ALTER DATABASE %I SET dal_dsql.mode = %L', $1::text, $2::text)",
+                "SELECT format('ALTER DATABASE %1$I SET dal_dsql.mode = %2$L; \
+                 ALTER DATABASE %1$I SET default_transaction_isolation = %3$L', \
+                 $1::text, $2::text, 'repeatable read')",
                 &[&database, &mode],
             )
             .await?

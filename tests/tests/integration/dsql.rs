@@ -316,6 +316,48 @@ async fn a_connection_storm_under_the_rate_limit_has_no_failures() {
     );
 }
 
+/// Aurora DSQL runs every transaction at repeatable read, with optimistic concurrency: a write
+/// to a row changed since the transaction began fails with SQLSTATE 40001. A checked local
+/// database does the same. At PostgreSQL's default, read committed, the second writer
+/// overwrote the first: a conflict that dal's retries never met in a test.
+#[tokio::test]
+async fn a_write_that_conflicts_fails_with_40001_as_on_dsql() {
+    use dal::local::DsqlChecks;
+    let pg = dsql_cluster().await;
+    pg.enable_dsql_checks("dsql", DsqlChecks::Enforce)
+        .await
+        .unwrap();
+    let connector = Connector::new(config(&pg, "admin", pg.dsql_source("admin").unwrap()))
+        .await
+        .unwrap();
+    let (first, connection) = connector.connect().await.unwrap();
+    tokio::spawn(connection);
+    let (second, connection) = connector.connect().await.unwrap();
+    tokio::spawn(connection);
+    first
+        .batch_execute("CREATE TABLE kv (k text PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    first
+        .batch_execute("INSERT INTO kv VALUES ('a', '0')")
+        .await
+        .unwrap();
+    first
+        .batch_execute("BEGIN; SELECT v FROM kv WHERE k = 'a'")
+        .await
+        .unwrap();
+    second
+        .batch_execute("UPDATE kv SET v = '1' WHERE k = 'a'")
+        .await
+        .unwrap();
+    let err = first
+        .batch_execute("UPDATE kv SET v = '2' WHERE k = 'a'")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("40001"), "{err:?}");
+    first.batch_execute("ROLLBACK").await.unwrap();
+}
+
 /// Each PostgreSQL feature DSQL refuses is refused by a checked local database, with SQLSTATE
 /// 0A000 and a message naming it, while what DSQL accepts goes through.
 #[tokio::test]
