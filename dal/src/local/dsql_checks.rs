@@ -340,7 +340,7 @@ BEGIN
 {commands}
   IF n > 0 THEN
     {two_ddl}
-  ELSIF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+  ELSIF current_setting('dal_dsql.dml', true) = 'on' THEN
     {mixed}
   END IF;
   PERFORM set_config('dal_dsql.ddl', (n + 1)::text, true);
@@ -380,6 +380,8 @@ BEGIN
   ELSIF dal_dsql.ddl_count() > 0 THEN
     {mixed}
   END IF;
+  -- A write, whether or not it matches a row: DDL may not follow in this transaction.
+  PERFORM set_config('dal_dsql.dml', 'on', true);
   RETURN NULL;
 END $f$;
 

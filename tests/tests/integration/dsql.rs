@@ -432,6 +432,11 @@ async fn what_dsql_refuses_is_refused_locally() {
             "BEGIN; INSERT INTO p (v) VALUES ('e'); CREATE TABLE b2 (x int); COMMIT",
             "DDL and DML in one transaction",
         ),
+        // A write that matched no row is a write all the same.
+        (
+            "BEGIN; DELETE FROM e WHERE x = -1; CREATE TABLE b3 (x int); COMMIT",
+            "DDL and DML in one transaction",
+        ),
         ("TRUNCATE e", "TRUNCATE"),
     ];
     for (sql, feature) in refused {
@@ -454,7 +459,7 @@ async fn what_dsql_refuses_is_refused_locally() {
     // Nothing that was refused is left behind.
     let left: i64 = client
         .query_one(
-            "SELECT count(*) FROM pg_class WHERE relname IN ('c', 's', 'j', 'a1', 'a2', 'b1', 'b2', 'pt', 'copy')",
+            "SELECT count(*) FROM pg_class WHERE relname IN ('c', 's', 'j', 'a1', 'a2', 'b1', 'b2', 'b3', 'pt', 'copy')",
             &[],
         )
         .await
