@@ -680,6 +680,19 @@ mod tests {
         ("PGHOST", "ep-x.database.us-east-1.cloud.databricks.com"),
     ];
 
+    /// A service principal's id, which is also the database user, holds no white space or
+    /// control character: one (a newline from a secret made from a file) is named as
+    /// `DATABRICKS_CLIENT_ID`, where it was reported as `PGUSER`, a variable never set.
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn a_client_id_with_white_space_in_it_is_named() {
+        for id in ["sp-id\n", "sp id", "sp-id\r"] {
+            let mut v = LAKEBASE.to_vec();
+            v[1] = ("DATABRICKS_CLIENT_ID", id);
+            assert_eq!(setting(&v), "DATABRICKS_CLIENT_ID", "{id:?}");
+        }
+    }
+
     /// `DATABRICKS_WORKSPACE_ID` goes into a header of every credential call: a value that
     /// is not a workspace's number (a newline from a secret made from a file, say) is named
     /// at startup, where it made every call fail as an unreachable service.

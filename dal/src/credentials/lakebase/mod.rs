@@ -336,12 +336,7 @@ impl Lakebase {
                 client_secret,
                 token_url,
             } => {
-                if client_id.trim().is_empty() {
-                    return Err(Error::config(
-                        Setting::DatabricksClientId,
-                        "must not be empty",
-                    ));
-                }
+                check_client_id(client_id)?;
                 if client_secret.expose_secret().is_empty() {
                     return Err(Error::config(
                         Setting::DatabricksClientSecret,
@@ -357,22 +352,12 @@ impl Lakebase {
                 client_id,
                 id_token,
             } => {
-                if client_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
-                    return Err(Error::config(
-                        Setting::DatabricksClientId,
-                        "must not be empty",
-                    ));
-                }
+                client_id.as_deref().map(check_client_id).transpose()?;
                 id_token.validate()?;
                 None
             }
             WorkspaceAuth::ExternalBrowser { client_id, .. } => {
-                if client_id.as_deref().is_some_and(|id| id.trim().is_empty()) {
-                    return Err(Error::config(
-                        Setting::DatabricksClientId,
-                        "must not be empty",
-                    ));
-                }
+                client_id.as_deref().map(check_client_id).transpose()?;
                 None
             }
             WorkspaceAuth::Pat(_) | WorkspaceAuth::DatabricksCli { .. } => None,
@@ -1538,6 +1523,27 @@ fn parse_base_url(raw: &str, setting: Setting) -> Result<Url> {
         ));
     }
     Ok(url)
+}
+
+/// Refuses an OAuth client id that is empty or holds white space or a control character:
+/// none has any, and a service principal's is also the database user, where a newline (from
+/// a secret made from a file) would be reported as the user's.
+fn check_client_id(id: &str) -> Result<()> {
+    if id.trim().is_empty() {
+        return Err(Error::config(
+            Setting::DatabricksClientId,
+            "must not be empty",
+        ));
+    }
+    match id.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        Some(c) => Err(Error::config(
+            Setting::DatabricksClientId,
+            format!(
+                "contains the white-space or control character {c:?}: an OAuth client id has none"
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Refuses a target that is not one resource: a name that is empty, holds `/`, white space
