@@ -342,10 +342,19 @@ fn resolve_endpoint(
              or the cluster id",
         ));
     }
-    if host.contains(['/', '?', '#', '@', ':', ' ']) {
+    if host.contains(['/', '?', '#', '@', ':'])
+        || host.contains(|c: char| c.is_whitespace() || c.is_control())
+    {
         return Err(Error::config(
             Setting::DsqlEndpoint,
-            "give the bare host name, without scheme, port, path or user",
+            "give the bare host name, without scheme, port, path, user or white space",
+        ));
+    }
+    if host.contains(',') {
+        return Err(Error::config(
+            Setting::DsqlEndpoint,
+            "names several endpoints: give one; a multi-region cluster's endpoints go to \
+             Config::dsql_multi_region",
         ));
     }
     let given = match region.map(str::trim) {
@@ -705,6 +714,17 @@ mod tests {
         assert_eq!(config_setting(err), Setting::DsqlEndpoint);
         let err = Dsql::with_env("", "app", Some("us-east-1"), &no_env).unwrap_err();
         assert_eq!(config_setting(err), Setting::DsqlEndpoint);
+        // Two endpoints, or white space inside one: named as given, whether or not a region
+        // is found (with one, the connector named PGHOST, which never applies to DSQL).
+        let two = format!("{CLUSTER},abcdefghijklmnopqrstuvwxyz.dsql.us-east-2.on.aws");
+        for (host, region) in [
+            (two.as_str(), None),
+            (two.as_str(), Some("us-east-1")),
+            ("a\tb", Some("us-east-1")),
+        ] {
+            let err = Dsql::with_env(host, "app", region, &no_env).unwrap_err();
+            assert_eq!(config_setting(err), Setting::DsqlEndpoint, "{host:?}");
+        }
         let err = Dsql::with_env(CLUSTER, "", None, &no_env).unwrap_err();
         assert_eq!(config_setting(err), Setting::User);
     }
