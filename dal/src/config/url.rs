@@ -153,8 +153,16 @@ fn check_userinfo(url: &str) -> std::result::Result<(), String> {
                 _ => false,
             };
             if raw {
+                // An '@' after the host is the only other reading of a '/' before it.
+                let or_database = match c {
+                    '/' => {
+                        "; or, if the '@' after it is the database name's, percent-encode \
+                            that as %40"
+                    }
+                    _ => "",
+                };
                 return Err(format!(
-                    "the {part} has a raw '{c}': percent-encode it as %{:02X}",
+                    "the {part} has a raw '{c}': percent-encode it as %{:02X}{or_database}",
                     c as u32
                 ));
             }
@@ -458,6 +466,12 @@ mod tests {
             (
                 "postgres://u:sec/ret@h/db",
                 "the password has a raw '/': percent-encode it as %2F",
+            ),
+            // No user at all: the '@' is the database name's, as likely as the user's '/'.
+            (
+                "postgres://db.example.com/team@db",
+                "the user name has a raw '/': percent-encode it as %2F; or, if the '@' after \
+                 it is the database name's, percent-encode that as %40",
             ),
             (
                 "postgres://u:sec%ret@h/db",
