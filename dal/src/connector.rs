@@ -998,7 +998,7 @@ impl Connector {
             &self.shared.pools,
             self.shared.connect_timeout,
         )
-        .map(SeaOrmPool::new)
+        .map(|pool| SeaOrmPool::new(pool, self.shared.target != Target::Dsql))
     }
 
     /// A Diesel pool: each new physical connection opens with a token from the cache, TLS and

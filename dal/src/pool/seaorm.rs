@@ -393,6 +393,8 @@ type Checkout = bb8::PooledConnection<'static, Manager<Conn>>;
 #[derive(Clone)]
 pub struct SeaOrmPool {
     pool: Pool<Conn>,
+    /// The server has savepoints (not Aurora DSQL), which nested transactions are.
+    savepoints: bool,
 }
 
 impl std::fmt::Debug for SeaOrmPool {
@@ -402,8 +404,9 @@ impl std::fmt::Debug for SeaOrmPool {
 }
 
 impl SeaOrmPool {
-    pub(crate) fn new(pool: Pool<Conn>) -> Self {
-        Self { pool }
+    /// A pool of `pool`'s connections, to a server that has savepoints or not.
+    pub(crate) fn new(pool: Pool<Conn>, savepoints: bool) -> Self {
+        Self { pool, savepoints }
     }
 
     /// This pool's state, as [`Connector::health`](crate::Connector::health) reports it.
@@ -438,7 +441,7 @@ impl SeaOrmPool {
         &self,
         modes: Option<&str>,
     ) -> BoxFuture<'static, std::result::Result<SeaOrmTransaction, DbErr>> {
-        let pool = self.pool.clone();
+        let (pool, savepoints) = (self.pool.clone(), self.savepoints);
         let sql = modes.map_or_else(|| "BEGIN".to_owned(), |m| format!("BEGIN {m}"));
         Box::pin(async move {
             let mut checkout = pool.get_owned().await.map_err(acquire_err)?;
@@ -451,6 +454,7 @@ impl SeaOrmPool {
                     conn: Arc::new(Mutex::new(Some(checkout))),
                     dropped: std::sync::Mutex::new(Vec::new()),
                     begun: AtomicU64::new(0),
+                    savepoints,
                 }),
                 number: 0,
                 open: true,
@@ -643,6 +647,8 @@ struct Shared {
     dropped: std::sync::Mutex<Vec<u64>>,
     /// The number of the last savepoint begun.
     begun: AtomicU64,
+    /// See [`SeaOrmPool::savepoints`].
+    savepoints: bool,
 }
 
 impl Shared {
@@ -903,8 +909,12 @@ impl TransactionSession for SeaOrmTransaction {
 impl TransactionTrait for SeaOrmTransaction {
     type Transaction = SeaOrmTransaction;
 
-    /// A savepoint, inside the innermost one open.
+    /// A savepoint, inside the innermost one open; on Aurora DSQL, which has none, an error
+    /// (that of [`Error::SavepointUnsupported`]), with nothing sent.
     async fn begin(&self) -> std::result::Result<SeaOrmTransaction, DbErr> {
+        if !self.shared.savepoints {
+            return Err(DbErr::Custom(Error::SavepointUnsupported.to_string()));
+        }
         // The handle comes first: dropped with the future that waits for its `SAVEPOINT`, it
         // is noted, and its savepoint is not opened, or rolled back before the next statement.
         let number = self.shared.begun.fetch_add(1, Ordering::Relaxed) + 1;

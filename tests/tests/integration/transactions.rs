@@ -820,6 +820,12 @@ async fn on_a_dsql_target_nested_transactions_fail_before_anything_is_sent() {
                 .unwrap_err();
             assert!(matches!(err, dal::Error::SavepointUnsupported), "{err:?}");
             assert!(err.to_string().contains("DSQL has no SAVEPOINT"), "{err}");
+            // SeaORM's own nesting (`begin`, `transaction`) as well.
+            let err = sea_orm::TransactionTrait::begin(txn)
+                .await
+                .map(drop)
+                .unwrap_err();
+            assert!(err.to_string().contains("DSQL has no SAVEPOINT"), "{err}");
             Ok(())
         })
     })
