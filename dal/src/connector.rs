@@ -901,7 +901,10 @@ impl Connector {
     /// password when it opens a connection, so from now on the cache keeps the token fresh
     /// ahead of expiry and pushes each new one into the pool before the refresh returns.
     /// The pool's `connect_options()` hold that token, and sqlx's `Debug` of them shows it:
-    /// do not log them.
+    /// do not log them. sqlx opens its connections itself, outside this connector: they
+    /// follow no [connection rate](crate::Config::connection_rate), and a login refused with
+    /// SQLSTATE `53400` (Aurora DSQL's rate) fails at once (sqlx tries `53300` again).
+    /// The SeaORM pool ([`seaorm`](Self::seaorm)) has neither limit.
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool(&self) -> Result<PgPool> {
         self.sqlx_pool_with(&self.shared.pool).await
