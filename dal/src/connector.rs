@@ -904,7 +904,7 @@ impl Connector {
     /// do not log them. sqlx opens its connections itself, outside this connector: they
     /// follow no [connection rate](crate::Config::connection_rate), and a login refused with
     /// SQLSTATE `53400` (Aurora DSQL's rate) fails at once (sqlx tries `53300` again).
-    /// The SeaORM pool ([`seaorm`](Self::seaorm)) has neither limit.
+    /// The SeaORM pool ([`seaorm`](Self::seaorm)) opens its connections through the connector.
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool(&self) -> Result<PgPool> {
         self.sqlx_pool_with(&self.shared.pool).await
