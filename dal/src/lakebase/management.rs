@@ -20,7 +20,7 @@ use crate::credentials::lakebase::{
     Lakebase, LakebaseTarget, WORKSPACE_ID_HEADER, endpoint_of, malformed, parse_json, parse_url,
     resource_path,
 };
-use crate::error::{Error, Result, Setting};
+use crate::error::{Error, ErrorChain, Result, Setting};
 
 /// Lists are read a page at a time, following `next_page_token`, up to this many pages.
 const MAX_PAGES: usize = 100;
@@ -423,6 +423,30 @@ struct Owned {
 /// How long creating or deleting a branch may take.
 const BRANCH_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Deletes `branch`, trying again for up to [`BRANCH_TIMEOUT`] while the service cannot take
+/// the deletion yet (a branch still being created, say) or cannot be reached; gone already
+/// (HTTP 404) is done.
+async fn delete_in_time(api: &Management, branch: &str) {
+    let deadline = tokio::time::Instant::now() + BRANCH_TIMEOUT;
+    let mut pause = Duration::from_secs(1);
+    loop {
+        let failed = match api.delete_branch(branch).await {
+            Ok(op) => match api.wait(op, BRANCH_TIMEOUT).await {
+                Ok(_) => return,
+                Err(e) => e,
+            },
+            Err(Error::Http { status: 404, .. }) => return,
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + pause > deadline {
+            tracing::warn!(%branch, error = %ErrorChain(&failed), "a temporary branch could not be deleted; delete it by hand");
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
 impl TemporaryBranch {
     /// Creates `test-<random>` in `project` from `source_branch` (the default branch when
     /// `None`) with a read-write endpoint `primary`, and waits until both are ready (up to
@@ -438,6 +462,10 @@ impl TemporaryBranch {
         project: &str,
         source_branch: Option<&str>,
     ) -> Result<Self> {
+        // What fails before the request is sent fails here, with no branch to delete.
+        check(project, 2)?;
+        source_branch.map(|source| check(source, 4)).transpose()?;
+        api.lakebase.authorization().await?;
         let id = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let branch = format!("{project}/branches/{id}");
         // From before the request: one that fails on the way back, or is dropped, may have
@@ -450,8 +478,9 @@ impl TemporaryBranch {
         let created = match api.create_branch(project, &id, source_branch).await {
             Ok(created) => created,
             Err(e) => {
-                // The service answered: it created nothing.
-                owned.deleted = matches!(e, Error::Http { .. });
+                // Only a request lost on the way may have created it: the service's answer
+                // says it did not.
+                owned.deleted = !matches!(e, Error::HttpTransport { .. });
                 return Err(e);
             }
         };
@@ -530,7 +559,7 @@ impl Drop for Owned {
         if self.deleted {
             return;
         }
-        tracing::warn!(branch = %self.branch, "a temporary branch was left without delete(); deleting it in the background");
+        tracing::warn!(branch = %self.branch, "a temporary branch was not deleted; deleting it in the background");
         let (api, branch) = (self.api.clone(), self.branch.clone());
         // A thread with a runtime of its own: the caller's may be ending (a test that
         // panicked), and would drop a task spawned on it.
@@ -541,11 +570,7 @@ impl Drop for Owned {
             else {
                 return;
             };
-            runtime.block_on(async {
-                if let Ok(op) = api.delete_branch(&branch).await {
-                    let _ = api.wait(op, BRANCH_TIMEOUT).await;
-                }
-            });
+            runtime.block_on(delete_in_time(&api, &branch));
         };
         let spawned = std::thread::Builder::new()
             .name("dal-branch-delete".into())

@@ -13,18 +13,7 @@ use sea_orm::{ConnectionTrait, Statement};
 #[tokio::test(flavor = "multi_thread")]
 async fn a_test_gets_a_branch_of_its_own_and_leaves_nothing_behind() {
     let pg = tests::server().await;
-    let lb = LocalLakebase::start(
-        &pg,
-        LocalLakebaseConfig::new()
-            .with_database("trunk")
-            .with_token_ttl(Duration::from_secs(60)),
-    )
-    .await
-    .unwrap();
-    pg.create_database("trunk", Some(&lb.config().role))
-        .await
-        .unwrap();
-    let api = Management::new(lb.source().unwrap());
+    let (lb, api) = trunk(&pg).await;
     let project = "projects/local";
     let before = api.list_branches(project).await.unwrap();
     assert_eq!(before.len(), 1, "{before:?}");
@@ -78,16 +67,7 @@ async fn a_test_gets_a_branch_of_its_own_and_leaves_nothing_behind() {
     let after = api.list_branches(project).await.unwrap();
     assert_eq!(after, before, "the branch is gone");
     assert!(api.get_branch(&name).await.is_err());
-    let admin = pg.admin("postgres").await.unwrap();
-    let left: i64 = admin
-        .query_one(
-            "SELECT count(*)::bigint FROM pg_database WHERE datname <> ALL($1)",
-            &[&vec!["postgres", "template0", "template1", "trunk"]],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "no database is left behind");
+    assert_eq!(databases_left(&pg).await, 0, "no database is left behind");
     // The endpoint's listener ends with its task, which the deletion aborted.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect((host.as_str(), pg.port()))
@@ -117,6 +97,19 @@ async fn trunk(pg: &dal::local::LocalPostgres) -> (LocalLakebase, Management) {
         .unwrap();
     let api = Management::new(lb.source().unwrap());
     (lb, api)
+}
+
+/// The databases beside the cluster's own and `trunk`: the branches' copies.
+async fn databases_left(pg: &dal::local::LocalPostgres) -> i64 {
+    let admin = pg.admin("postgres").await.unwrap();
+    admin
+        .query_one(
+            "SELECT count(*)::bigint FROM pg_database WHERE datname <> ALL($1)",
+            &[&vec!["postgres", "template0", "template1", "trunk"]],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Waits until the project's branches are `want`, for at most a minute.
@@ -157,8 +150,31 @@ async fn a_branch_whose_creation_or_deletion_was_dropped_is_deleted() {
     }
     creating.abort();
     assert!(creating.await.unwrap_err().is_cancelled());
-    drop(session);
     wait_for_branches(&api, &before, "the branch of a dropped creation is left").await;
+    // Its copy of the database too, made after the deletion: once the session that makes
+    // the copy (its last statement a `CREATE DATABASE`) is gone, no database is left.
+    drop(session);
+    let admin = pg.admin("postgres").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let copying: i64 = admin
+            .query_one(
+                "SELECT count(*)::bigint FROM pg_stat_activity \
+                 WHERE query LIKE 'CREATE DATABASE%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if copying == 0 && databases_left(&pg).await == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a database is left behind"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // A deletion dropped before its request went out.
     let branch = TemporaryBranch::create(&api, "projects/local", None)

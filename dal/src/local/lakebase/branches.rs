@@ -374,11 +374,26 @@ fn create_branch(shared: &Arc<Shared>, project_branches: &str, id: &str, body: &
         let outcome = copy_database(&task_shared.cluster.admin, &source_db, &database).await;
         let outcome = match outcome {
             Ok(()) => {
-                let mut model = lock(&task_shared);
-                if let Some(b) = model.branches.get_mut(&name) {
-                    b.state = "READY";
+                let ready = {
+                    let mut model = lock(&task_shared);
+                    match model.branches.get_mut(&name) {
+                        Some(b) if b.state == "INIT" => {
+                            b.state = "READY";
+                            model.branch_json(&name)
+                        }
+                        _ => None,
+                    }
+                };
+                match ready {
+                    Some(branch) => Ok(branch),
+                    // Deleted while its copy was made: the copy goes too.
+                    None => {
+                        let dropped = drop_database(&task_shared, &database).await;
+                        Err(dropped.err().unwrap_or_else(|| {
+                            format!("the branch {name} was deleted while it was created")
+                        }))
+                    }
                 }
-                Ok(model.branch_json(&name).unwrap_or_default())
             }
             Err(message) => {
                 lock(&task_shared).branches.remove(&name);
@@ -450,30 +465,32 @@ fn delete_branch(shared: &Arc<Shared>, name: &str) -> Response {
     let task_op = op.clone();
     let name = name.to_owned();
     tokio::spawn(async move {
-        let dropped = async {
-            let client = task_shared
-                .cluster
-                .admin
-                .connect("postgres")
-                .await
-                .map_err(|e| e.to_string())?;
-            let sql: String = client
-                .query_one(
-                    "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE)', $1::text)",
-                    &[&database],
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            client.batch_execute(&sql).await.map_err(|e| e.to_string())
-        }
-        .await;
+        let dropped = drop_database(&task_shared, &database).await;
         if dropped.is_ok() {
             lock(&task_shared).branches.remove(&name);
         }
         finish(&task_shared, &task_op, dropped.map(|()| json!({})));
     });
     Json(lock(shared).operations[&op].clone()).into_response()
+}
+
+/// `DROP DATABASE IF EXISTS <database> WITH (FORCE)`.
+async fn drop_database(shared: &Shared, database: &str) -> Result<(), String> {
+    let client = shared
+        .cluster
+        .admin
+        .connect("postgres")
+        .await
+        .map_err(|e| e.to_string())?;
+    let sql: String = client
+        .query_one(
+            "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE)', $1::text)",
+            &[&database],
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    client.batch_execute(&sql).await.map_err(|e| e.to_string())
 }
 
 async fn create_endpoint(
