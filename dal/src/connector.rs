@@ -387,6 +387,10 @@ impl Connector {
                 replica: std::sync::OnceLock::new(),
             }),
         });
+        // Made as this connector shut down (its shutdown found none): shut down too.
+        if self.shared.shut_down.load(Ordering::SeqCst) {
+            replica.shared.shut_down.store(true, Ordering::SeqCst);
+        }
         Ok(replica.clone())
     }
 
@@ -971,7 +975,8 @@ impl Connector {
         self.seaorm_with(&self.shared.pool).await
     }
 
-    /// Like [`seaorm`](Self::seaorm), with its own pool sizes and lifetimes.
+    /// Like [`seaorm`](Self::seaorm), with its own pool sizes and lifetimes: on Aurora DSQL, a
+    /// lifetime of at most 3570 s ([`Error::Config`] for [`Setting::PoolMaxLifetime`]).
     ///
     /// Each statement is timed for a `tracing` event and the
     /// [`QUERY_SECONDS`](telemetry::QUERY_SECONDS) histogram. A statement refused because a
@@ -1073,7 +1078,7 @@ impl Connector {
 
     /// Whether [`shutdown`](Self::shutdown) was called.
     pub fn is_shut_down(&self) -> bool {
-        self.shared.shut_down.load(Ordering::Relaxed)
+        self.shared.shut_down.load(Ordering::SeqCst)
     }
 
     /// Pool state and token expiry, never the token.
@@ -1113,7 +1118,7 @@ impl Connector {
     /// A [read-only connector](Self::read_only) closes its own pools only: the token cache
     /// it shares stops with the connector that made it.
     pub async fn shutdown(&self) {
-        self.shared.shut_down.store(true, Ordering::Relaxed);
+        self.shared.shut_down.store(true, Ordering::SeqCst);
         if !self.shared.read_only {
             self.shared.cache.shutdown();
         }
@@ -1122,7 +1127,7 @@ impl Connector {
         }
         let replica = self.shared.replica.get();
         if let Some(replica) = replica {
-            replica.shared.shut_down.store(true, Ordering::Relaxed);
+            replica.shared.shut_down.store(true, Ordering::SeqCst);
         }
         // Both at once: each closes all its pools before it waits for any.
         let replica_pools = replica.map(|replica| replica.shared.pools.close_all());

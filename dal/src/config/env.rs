@@ -487,7 +487,7 @@ impl Env<'_> {
         };
         let mut source = Lakebase::new(&host, auth, target)?;
         if let Some(id) = self.get("DATABRICKS_WORKSPACE_ID") {
-            source = source.with_workspace_id(&id)?;
+            source = source.with_workspace_id(id)?;
         }
         if let Some(product) = self.get("DAL_PRODUCT") {
             source = source.with_product(product.trim())?;
@@ -609,8 +609,9 @@ struct Profile(Vec<(String, String)>);
 #[cfg(feature = "lakebase")]
 impl Profile {
     /// The keys of `section` in `text`, read as the Databricks SDKs read the file (Python's
-    /// `configparser`): a header's name stands up to its last `]`, whatever follows it, and a
-    /// leading byte order mark is no part of the first line.
+    /// `configparser`, Go's `go-ini`): a header's name stands up to its last `]`, whatever
+    /// follows it. A leading byte order mark is no part of the first line, as in `go-ini`
+    /// (Python's reader, with its default encoding, refuses such a file).
     fn parse(text: &str, section: &str) -> Self {
         let mut current = String::new();
         let mut keys = Vec::new();
@@ -1097,8 +1098,9 @@ mod tests {
     }
 
     /// A section header is read as the Databricks SDKs read it (Python's `configparser`, Go's
-    /// `go-ini`): the name is what stands up to its last `]`, with a comment after it, and a
-    /// file may begin with a byte order mark (as PowerShell writes one). Read as a line that
+    /// `go-ini`): the name is what stands up to its last `]`, with a comment after it; and, as
+    /// `go-ini` reads it, a file may begin with a byte order mark (as PowerShell writes one).
+    /// Read as a line that
     /// is no header, `[prod] ; production` put prod's token in the section above it, the
     /// `[DEFAULT]` of another workspace's host.
     #[cfg(feature = "lakebase")]

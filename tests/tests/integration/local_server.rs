@@ -84,21 +84,27 @@ async fn the_server_inherits_no_environment_beyond_what_it_needs() {
         })
         .collect();
     assert!(names.iter().any(|name| name == "PATH"), "{names:?}");
-    // PWD: set by the shell that watches the server.
+    // Of this program's environment: the shell that watches the server sets some of its own
+    // (PWD; bash, SHLVL and _ as well).
     let needed = |name: &str| {
-        [
+        let shell = ["PWD", "SHLVL", "_"];
+        let server = [
             "PATH",
             "LANG",
             "LANGUAGE",
             "TZ",
             "TMPDIR",
             "LD_LIBRARY_PATH",
-            "PWD",
-        ]
-        .contains(&name)
-            || name.starts_with("LC_")
+        ];
+        shell.contains(&name) || server.contains(&name) || name.starts_with("LC_")
     };
-    let more: Vec<_> = names.iter().filter(|name| !needed(name)).collect();
+    let ours: Vec<String> = std::env::vars_os()
+        .map(|(name, _)| name.to_string_lossy().into_owned())
+        .collect();
+    let more: Vec<_> = names
+        .iter()
+        .filter(|name| ours.contains(name) && !needed(name))
+        .collect();
     assert!(more.is_empty(), "the server inherited {more:?}");
 }
 

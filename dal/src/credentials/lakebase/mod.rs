@@ -405,8 +405,8 @@ impl Lakebase {
     /// # Errors
     ///
     /// [`Error::Config`] for [`Setting::DatabricksWorkspaceId`] when `id` is not all digits.
-    pub fn with_workspace_id(mut self, id: &str) -> Result<Self> {
-        let id = id.trim();
+    pub fn with_workspace_id(mut self, id: impl AsRef<str>) -> Result<Self> {
+        let id = id.as_ref().trim();
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
             return Err(Error::config(
                 Setting::DatabricksWorkspaceId,
