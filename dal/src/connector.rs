@@ -685,7 +685,11 @@ impl Connector {
     async fn connect_once<T>(&self, open: OpenWith<T>, deadline: &mut Instant) -> Result<T> {
         let cache = &self.shared.cache;
         let token = self.token_by(*deadline).await?;
-        match self.connect_with(&token, open, deadline).await {
+        let opened = self.connect_with(&token, open, deadline).await;
+        if opened.is_ok() {
+            cache.accepted();
+        }
+        match opened {
             Err(e) if e.is_auth_failure() => {
                 tracing::warn!(
                     source = cache.source_kind(),
@@ -701,6 +705,10 @@ impl Connector {
                     // Out of time after a refusal: the refusal is the answer. A timeout would
                     // read as an unreachable server, to retry or fail over from.
                     Err(Error::ConnectTimeout { .. }) => Err(e),
+                    Ok(opened) => {
+                        cache.accepted();
+                        Ok(opened)
+                    }
                     other => other,
                 }
             }

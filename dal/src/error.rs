@@ -693,8 +693,13 @@ impl Error {
     /// 5xx, and database errors that are [conflicts](Self::is_conflict). Bad settings and
     /// refused credentials are not retryable. A credential source's failure is, unless it is
     /// dal's own error that is not (a custom source answering [`Error::Http`] 403, say). For
-    /// callers with a retry library of their own; [`Transactions`](crate::Transactions)
-    /// decides the same way.
+    /// callers with a retry library of their own.
+    ///
+    /// It cannot tell where an error happened: a connection lost under a `COMMIT`, or under
+    /// a single write outside a transaction, is retryable here, yet the write may have been
+    /// applied; retry such work only when it is idempotent. [`Transactions`](crate::Transactions)
+    /// tells them apart: it tries again after a lost connection only when the transaction
+    /// had not begun, and reports one under the `COMMIT` as [`Error::AmbiguousCommit`].
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),

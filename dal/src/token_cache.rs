@@ -4,7 +4,7 @@
 //! Reading a cached token is one atomic load and a clock read (no lock); only a refresh takes
 //! the single-flight lock, so a thousand connections opening at once cause one fetch.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,6 +49,8 @@ struct Inner {
     refresher: Mutex<Option<JoinHandle<()>>>,
     /// Set by [`TokenCache::shutdown`], for good.
     shut_down: AtomicBool,
+    /// Tokens the server refused since it last accepted one (see [`TokenCache::invalidate`]).
+    refused_in_a_row: AtomicU32,
     fetches: AtomicU64,
     failures: AtomicU64,
 }
@@ -102,6 +104,7 @@ impl TokenCache {
                 failed: Mutex::new(None),
                 refresher: Mutex::new(None),
                 shut_down: AtomicBool::new(false),
+                refused_in_a_row: AtomicU32::new(0),
                 fetches: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
             }),
@@ -195,14 +198,44 @@ impl TokenCache {
 
     /// Forgets `token` (when the server refused it), so the next caller fetches a new one.
     /// Does nothing if a newer token has replaced it already.
+    ///
+    /// A token refused right after a refusal (no login [accepted](Self::accepted) between)
+    /// is not the token's fault: the server's LDAP back end is down, say, or the role may no
+    /// longer log in. That one is kept, and the next fetch waits a pause that doubles with
+    /// each such refusal, from the cache's shortest backoff to its longest, so that the
+    /// connects meanwhile get the server's refusal without a fetch each.
     pub fn invalidate(&self, token: &Arc<Token>) {
-        let current = self.inner.current.load();
-        if let Some(entry) = current.as_ref()
-            && Arc::ptr_eq(&entry.token, token)
-        {
-            self.inner.current.compare_and_swap(&*current, None);
-            self.inner.retry_after_ms.store(0, Ordering::Relaxed);
-            self.inner.invalidated.notify_waiters();
+        let inner = &self.inner;
+        let current = inner.current.load();
+        let Some(entry) = current.as_ref().filter(|e| Arc::ptr_eq(&e.token, token)) else {
+            return;
+        };
+        let refused = inner.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
+        if refused == 0 {
+            inner.current.compare_and_swap(&*current, None);
+            inner.retry_after_ms.store(0, Ordering::Relaxed);
+            inner.invalidated.notify_waiters();
+            return;
+        }
+        let now = inner.clock.now();
+        let backoff = Backoff::new(inner.settings.min_backoff, inner.settings.max_backoff, 0.0);
+        let due = Entry {
+            token: Arc::clone(&entry.token),
+            refresh_at: Some(now),
+        };
+        inner
+            .current
+            .compare_and_swap(&*current, Some(Arc::new(due)));
+        inner
+            .retry_after_ms
+            .store(millis(now + backoff.delay(refused)), Ordering::Relaxed);
+    }
+
+    /// Notes that the server accepted a login: the next refusal is met with a fetch at once
+    /// (see [`invalidate`](Self::invalidate)). Cheap: one atomic load when nothing was refused.
+    pub fn accepted(&self) {
+        if self.inner.refused_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.inner.refused_in_a_row.store(0, Ordering::Relaxed);
         }
     }
 
@@ -992,6 +1025,43 @@ mod tests {
         cache.invalidate(&t0);
         assert_eq!(cache.token().await.unwrap().expose(), "t1");
         assert_eq!(calls(&source), 2);
+    }
+
+    /// A fresh token refused too is not the token's fault (the server's LDAP back end down,
+    /// the role's login revoked): the cache keeps it, and asks the source again only after a
+    /// pause that doubles up to the longest backoff, where each connect had made a fetch of
+    /// its own. A login the server accepts ends the pauses.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_refused_right_after_a_refusal_waits_before_the_next_fetch() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        let t0 = cache.token().await.unwrap();
+        cache.invalidate(&t0);
+        assert_eq!(
+            cache.token().await.unwrap().expose(),
+            "t1",
+            "a first refusal: at once"
+        );
+        for _ in 0..20 {
+            let refused = cache.token().await.unwrap();
+            cache.invalidate(&refused);
+        }
+        assert_eq!(calls(&source), 2, "no fetch within the pause");
+        // Refused on, once a second: a fetch per pause at most (100 ms, 200, 400, then 1 s).
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let refused = cache.token().await.unwrap();
+            cache.invalidate(&refused);
+        }
+        let fetched = calls(&source);
+        assert!((3..=12).contains(&fetched), "{fetched} fetches");
+        // Accepted: the next refusal is met with a fetch at once.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let accepted = cache.token().await.unwrap();
+        cache.accepted();
+        let fetched = calls(&source);
+        cache.invalidate(&accepted);
+        assert_ne!(cache.token().await.unwrap().expose(), accepted.expose());
+        assert_eq!(calls(&source), fetched + 1);
     }
 
     #[tokio::test(start_paused = true)]

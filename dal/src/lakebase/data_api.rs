@@ -178,6 +178,9 @@ impl DataApi {
                 self.cache.invalidate(&token);
                 continue;
             }
+            if status != reqwest::StatusCode::UNAUTHORIZED {
+                self.cache.accepted();
+            }
             let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if !status.is_success() {
                 // Flattened, bounded and without the token: an HTML error page is no
