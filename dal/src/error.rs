@@ -838,6 +838,13 @@ pub(crate) const STALE_PLAN: &str = "cached plan must not change result type";
 /// translate (`lc_messages`): `src/backend/utils/cache/plancache.c`.
 pub(crate) const STALE_PLAN_ROUTINE: &str = "RevalidateCachedQuery";
 
+/// The start of PostgreSQL's message for SQLSTATE `XX000` when a statement names a type that
+/// is gone: a type recreated by a migration, where a statement prepared with the old one, or
+/// Diesel's lookup of the type by name (kept for the connection's life), holds its id. An
+/// internal error (`elog`, in `lsyscache.c` among others), never translated. A connection
+/// that meets it is replaced, as one with a stale statement is.
+pub(crate) const STALE_TYPE: &str = "cache lookup failed for type ";
+
 /// The routines of PostgreSQL that refuse a login with SQLSTATE `28000` for another reason
 /// than its credentials, which no new token mends: `ClientAuthentication` (`auth.c`: no
 /// `pg_hba.conf` line for the connection, or one that rejects it) and

@@ -13,7 +13,7 @@ use super::bb8_pool::{Kind, Lifespan, Pool};
 use super::reset::{OUTSIDE_TRANSACTION, ROLLBACK};
 // diesel-async keeps the message but not the code of errors it has no kind for.
 use super::wire::Wire;
-use crate::error::{Error, Result, STALE_PLAN};
+use crate::error::{Error, Result, STALE_PLAN, STALE_TYPE};
 use crate::telemetry;
 
 /// A pool of Diesel connections.
@@ -219,7 +219,7 @@ impl diesel::connection::Instrumentation for QueryTimer {
                 self.times.record(elapsed, error.is_some());
                 self.failed |= matches!(error, Some(diesel::result::Error::DatabaseError(..)));
                 if let Some(diesel::result::Error::DatabaseError(_, info)) = error
-                    && info.message() == STALE_PLAN
+                    && (info.message() == STALE_PLAN || info.message().starts_with(STALE_TYPE))
                 {
                     tracing::debug!(
                         "a prepared statement is stale after a schema change; the connection will be replaced"

@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::Socket;
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
-use crate::error::{STALE_PLAN, STALE_PLAN_ROUTINE};
+use crate::error::{STALE_PLAN, STALE_PLAN_ROUTINE, STALE_TYPE};
 
 /// What a pool can tell of a session without a round trip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,8 @@ pub(crate) struct Wire {
     /// Wakes of the connection task so far: socket readiness (a reply to read), a row taken
     /// by its reader, a request to send.
     wakes: AtomicU64,
-    /// A statement failed because a prepared statement is stale (see [`STALE_PLAN`]).
+    /// A statement failed because a prepared statement is stale (see [`STALE_PLAN`]), or named
+    /// a type that is gone (see [`STALE_TYPE`]).
     stale: AtomicBool,
     /// The tag of the last `CommandComplete` was `ROLLBACK`.
     rolled_back: AtomicBool,
@@ -318,10 +319,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
                             packed[3..].copy_from_slice(&code);
                             wire.last_error.store(u64::from_be_bytes(packed), SeqCst);
                         }
-                        if code == b"0A000"
+                        let message = error_field(body, b'M').unwrap_or_default();
+                        let stale_plan = code == b"0A000"
                             && (error_field(body, b'R') == Some(STALE_PLAN_ROUTINE.as_bytes())
-                                || error_field(body, b'M') == Some(STALE_PLAN.as_bytes()))
-                        {
+                                || message == STALE_PLAN.as_bytes());
+                        let stale_type =
+                            code == b"XX000" && message.starts_with(STALE_TYPE.as_bytes());
+                        if stale_plan || stale_type {
                             tracing::debug!(
                                 "a prepared statement is stale after a schema change; the connection will be replaced"
                             );

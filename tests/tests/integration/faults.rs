@@ -970,6 +970,140 @@ async fn a_stale_statement_is_told_whatever_the_language_of_the_servers_messages
     connector.shutdown().await;
 }
 
+/// An enum type of the schema, to Diesel: looked up by name once per connection.
+#[derive(diesel::sql_types::SqlType, diesel::query_builder::QueryId)]
+#[diesel(postgres_type(name = "mood"))]
+struct MoodType;
+
+/// A value of `mood`, to Diesel and to tokio-postgres: its label, as PostgreSQL sends an enum.
+#[derive(Debug, diesel::expression::AsExpression)]
+#[diesel(sql_type = MoodType)]
+struct Mood(&'static str);
+
+impl diesel::serialize::ToSql<MoodType, diesel::pg::Pg> for Mood {
+    fn to_sql<'b>(
+        &'b self,
+        out: &mut diesel::serialize::Output<'b, '_, diesel::pg::Pg>,
+    ) -> diesel::serialize::Result {
+        std::io::Write::write_all(out, self.0.as_bytes())?;
+        Ok(diesel::serialize::IsNull::No)
+    }
+}
+
+impl tokio_postgres::types::ToSql for Mood {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        ty.name() == "mood"
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// A migration under a running service that recreates a type (the usual way to drop a value
+/// of an enum): statements prepared with the old type, and Diesel's lookup of the type by
+/// name, which it keeps for the connection's life, name a type that is gone. PostgreSQL
+/// answers each with SQLSTATE XX000 ("cache lookup failed for type"): every write that binds
+/// the type failed on every connection from before, until it retired. The pools replace such
+/// a connection as they do one with a stale statement, so at most one write per connection
+/// fails, and none in a transaction.
+#[tokio::test]
+async fn a_type_recreated_under_a_running_service_fails_at_most_one_write_per_connection() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "retyped").await;
+    let one = PoolSettings::builder().max_size(1).build().unwrap();
+    let connector = Connector::new(pg.config("retyped", "retyped", &password).pool(one))
+        .await
+        .unwrap();
+    let admin = pg.admin("retyped").await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE TYPE mood AS ENUM ('calm', 'glad'); CREATE TABLE moods (m mood); \
+             ALTER TABLE moods OWNER TO retyped; ALTER TYPE mood OWNER TO retyped",
+        )
+        .await
+        .unwrap();
+    let diesel = connector.diesel_pool().await.unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    let insert = "INSERT INTO moods (m) VALUES ($1)";
+    let diesel_write = || async {
+        let mut conn = diesel.get().await.unwrap();
+        diesel::sql_query(insert)
+            .bind::<MoodType, _>(Mood("calm"))
+            .execute(&mut conn)
+            .await
+    };
+    let raw_write = || async {
+        let pooled = raw.get().await.unwrap();
+        let statement = pooled.prepare_cached(insert).await?;
+        let client: &tokio_postgres::Client = &pooled;
+        client.execute(&statement, &[&Mood("calm")]).await
+    };
+    diesel_write().await.unwrap();
+    raw_write().await.unwrap();
+
+    admin
+        .batch_execute(
+            "ALTER TYPE mood RENAME TO mood_old; CREATE TYPE mood AS ENUM ('calm'); \
+             ALTER TYPE mood OWNER TO retyped; \
+             ALTER TABLE moods ALTER COLUMN m TYPE mood USING m::text::mood; DROP TYPE mood_old",
+        )
+        .await
+        .unwrap();
+    let (mut diesel_failed, mut raw_failed) = (0, 0);
+    for _ in 0..4 {
+        if let Err(e) = diesel_write().await {
+            assert!(e.to_string().contains("cache lookup failed"), "{e}");
+            diesel_failed += 1;
+        }
+        if let Err(e) = raw_write().await {
+            assert!(
+                e.to_string().contains("cache lookup failed")
+                    || format!("{e:?}").contains("cache lookup failed"),
+                "{e:?}"
+            );
+            raw_failed += 1;
+        }
+    }
+    println!(
+        "after the type was recreated: Diesel {diesel_failed} failed of 4, tokio-postgres \
+         {raw_failed} failed of 4"
+    );
+    assert!(diesel_failed <= 1, "Diesel: {diesel_failed} of 4 failed");
+    assert!(raw_failed <= 1, "tokio-postgres: {raw_failed} of 4 failed");
+
+    // A transaction tries again on a connection of its own: none fails.
+    admin
+        .batch_execute(
+            "ALTER TYPE mood RENAME TO mood_old; CREATE TYPE mood AS ENUM ('calm'); \
+             ALTER TYPE mood OWNER TO retyped; \
+             ALTER TABLE moods ALTER COLUMN m TYPE mood USING m::text::mood; DROP TYPE mood_old",
+        )
+        .await
+        .unwrap();
+    let written = connector
+        .transactions()
+        .diesel(&diesel, TxMode::new(), |conn| {
+            Box::pin(async move {
+                diesel::sql_query(insert)
+                    .bind::<MoodType, _>(Mood("calm"))
+                    .execute(conn)
+                    .await
+                    .map_err(dal::Error::Diesel)
+            })
+        })
+        .await;
+    assert_eq!(written.unwrap(), 1);
+    connector.shutdown().await;
+}
+
 /// A migration under a running service: a column's type changes while pooled connections hold
 /// prepared statements of the old shape. PostgreSQL refuses such a statement (SQLSTATE 0A000,
 /// "cached plan must not change result type"); the ORMs cannot retry it, but the pools make the
