@@ -61,9 +61,9 @@ impl PgClient {
     /// connection.
     ///
     /// A schema change that alters a cached statement's result type fails its next run with
-    /// SQLSTATE `0A000` ("cached plan must not change result type"); the pool then drops the
-    /// connection, and its cache with it, as it comes back. Without TLS the pool cannot see
-    /// that error, so this prepares each time.
+    /// SQLSTATE `0A000` ("cached plan must not change result type"); from then on this
+    /// prepares each time, and the pool drops the connection, and its cache with it, as it
+    /// comes back. Without TLS the pool cannot see that error, so this prepares each time.
     ///
     /// # Errors
     ///
@@ -72,7 +72,9 @@ impl PgClient {
         &self,
         query: &str,
     ) -> std::result::Result<Statement, tokio_postgres::Error> {
-        if self.wire.is_none() {
+        // A client held across a schema change (a queue consumer, say) would fail on each run
+        // of a statement cached before it.
+        if self.wire.as_ref().is_none_or(|wire| wire.stale()) {
             return self.client.prepare(query).await;
         }
         let cached = self.statements().get(query).cloned();

@@ -970,6 +970,41 @@ async fn a_stale_statement_is_told_whatever_the_language_of_the_servers_messages
     connector.shutdown().await;
 }
 
+/// A client held across a schema change (a queue consumer, a batch job) fails one query:
+/// once its connection has met a stale statement, `prepare_cached` prepares anew, where it
+/// handed out the stale statement again until the client went back to the pool.
+#[tokio::test]
+async fn a_client_held_across_a_schema_change_fails_one_query() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "held").await;
+    let connector = Connector::new(pg.config("held", "held", &password))
+        .await
+        .unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    let pooled = raw.get().await.unwrap();
+    let client: &tokio_postgres::Client = &pooled;
+    let select = "SELECT name FROM customers";
+    let statement = pooled.prepare_cached(select).await.unwrap();
+    client.query(&statement, &[]).await.unwrap();
+    pg.admin("held")
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE customers ALTER COLUMN name TYPE varchar(300)")
+        .await
+        .unwrap();
+    let mut failed = 0;
+    for _ in 0..3 {
+        let statement = pooled.prepare_cached(select).await.unwrap();
+        if let Err(e) = client.query(&statement, &[]).await {
+            assert!(format!("{e:?}").contains("cached plan"), "{e:?}");
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 1, "queries failed on the stale statement");
+    drop(pooled);
+    connector.shutdown().await;
+}
+
 /// An enum type of the schema, to Diesel: looked up by name once per connection.
 #[derive(diesel::sql_types::SqlType, diesel::query_builder::QueryId)]
 #[diesel(postgres_type(name = "mood"))]
