@@ -316,20 +316,26 @@ async fn a_connection_storm_under_the_rate_limit_has_no_failures() {
     );
 }
 
+/// A cluster whose database `dsql` refuses what DSQL refuses, and a connector to it as
+/// `admin`.
+async fn checked_cluster() -> (LocalPostgres, Connector) {
+    let pg = dsql_cluster().await;
+    pg.enable_dsql_checks("dsql", dal::local::DsqlChecks::Enforce)
+        .await
+        .unwrap();
+    let connector = Connector::new(config(&pg, "admin", pg.dsql_source("admin").unwrap()))
+        .await
+        .unwrap();
+    (pg, connector)
+}
+
 /// Aurora DSQL runs every transaction at repeatable read, with optimistic concurrency: a write
 /// to a row changed since the transaction began fails with SQLSTATE 40001. A checked local
 /// database does the same. At PostgreSQL's default, read committed, the second writer
 /// overwrote the first: a conflict that dal's retries never met in a test.
 #[tokio::test]
 async fn a_write_that_conflicts_fails_with_40001_as_on_dsql() {
-    use dal::local::DsqlChecks;
-    let pg = dsql_cluster().await;
-    pg.enable_dsql_checks("dsql", DsqlChecks::Enforce)
-        .await
-        .unwrap();
-    let connector = Connector::new(config(&pg, "admin", pg.dsql_source("admin").unwrap()))
-        .await
-        .unwrap();
+    let (_pg, connector) = checked_cluster().await;
     let (first, connection) = connector.connect().await.unwrap();
     tokio::spawn(connection);
     let (second, connection) = connector.connect().await.unwrap();
@@ -362,14 +368,7 @@ async fn a_write_that_conflicts_fails_with_40001_as_on_dsql() {
 /// 0A000 and a message naming it, while what DSQL accepts goes through.
 #[tokio::test]
 async fn what_dsql_refuses_is_refused_locally() {
-    use dal::local::DsqlChecks;
-    let pg = dsql_cluster().await;
-    pg.enable_dsql_checks("dsql", DsqlChecks::Enforce)
-        .await
-        .unwrap();
-    let connector = Connector::new(config(&pg, "admin", pg.dsql_source("admin").unwrap()))
-        .await
-        .unwrap();
+    let (_pg, connector) = checked_cluster().await;
     let (client, connection) = connector.connect().await.unwrap();
     tokio::spawn(connection);
     let accepted = [
