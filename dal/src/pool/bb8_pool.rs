@@ -1848,24 +1848,6 @@ mod tests {
         assert!(pool.get().await.unwrap().checked);
     }
 
-    /// A pool that keeps one connection idle, checked with `is_valid`, once it has one; and
-    /// how each connection it opened was closed.
-    async fn min_idle_after_the_first_check(
-        is_valid: IsValid<Probe>,
-    ) -> (Pool<Probe>, Arc<Mutex<Vec<ClosedOn>>>) {
-        let (open, closed) = counted_probes();
-        let settings = PoolSettings::builder()
-            .max_size(4)
-            .min_idle(1)
-            .max_lifetime(Some(Duration::from_secs(60)))
-            .build()
-            .unwrap();
-        let kind = Kind { is_valid, ..PROBE };
-        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
-        eventually("min_idle open", || pool.state().idle_connections == 1).await;
-        (pool, closed)
-    }
-
     /// Checks the first connection it is given without end, as a server that stopped
     /// answering between the login and the check would; passes the others.
     fn first_check_hangs(probe: &mut Probe) -> BoxFuture<'_, Result<()>> {
@@ -1881,7 +1863,11 @@ mod tests {
     /// sweep ever opened one again, and it held its server connection until TCP gave up.
     #[tokio::test(start_paused = true)]
     async fn a_check_after_login_that_never_ends_gives_up_and_another_opens() {
-        let (pool, closed) = min_idle_after_the_first_check(first_check_hangs).await;
+        let (pool, closed) = one_idle(Kind {
+            is_valid: first_check_hangs,
+            ..PROBE
+        })
+        .await;
         assert_eq!(pool.get().await.unwrap().name, 2, "the second one opened");
         assert!(
             closed.lock().unwrap()[0].lock().unwrap().is_some(),
@@ -1900,7 +1886,11 @@ mod tests {
     /// opens another: it stayed counted, so the pool never kept `min_idle` again.
     #[tokio::test(start_paused = true)]
     async fn an_opening_that_panics_stops_counting_and_another_opens() {
-        let (pool, _) = min_idle_after_the_first_check(first_check_panics).await;
+        let (pool, _) = one_idle(Kind {
+            is_valid: first_check_panics,
+            ..PROBE
+        })
+        .await;
         assert_eq!(pool.get().await.unwrap().name, 2, "the second one opened");
     }
 
