@@ -210,22 +210,31 @@ impl TokenCache {
         let Some(entry) = current.as_ref().filter(|e| Arc::ptr_eq(&e.token, token)) else {
             return;
         };
-        let refused = inner.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
+        // Decided by the swap: of several connects refused with one token at once, the
+        // first to swap counts the refusal, and the others find the token gone.
+        let refused = inner.refused_in_a_row.load(Ordering::Relaxed);
+        let now = inner.clock.now();
+        let kept = (refused > 0).then(|| {
+            Arc::new(Entry {
+                token: Arc::clone(&entry.token),
+                refresh_at: Some(now),
+            })
+        });
+        let before = inner.current.compare_and_swap(&*current, kept);
+        let swapped = match (&*before, &*current) {
+            (Some(before), Some(current)) => Arc::ptr_eq(before, current),
+            _ => false,
+        };
+        if !swapped {
+            return;
+        }
+        inner.refused_in_a_row.fetch_add(1, Ordering::Relaxed);
         if refused == 0 {
-            inner.current.compare_and_swap(&*current, None);
             inner.retry_after_ms.store(0, Ordering::Relaxed);
             inner.invalidated.notify_waiters();
             return;
         }
-        let now = inner.clock.now();
         let backoff = Backoff::new(inner.settings.min_backoff, inner.settings.max_backoff, 0.0);
-        let due = Entry {
-            token: Arc::clone(&entry.token),
-            refresh_at: Some(now),
-        };
-        inner
-            .current
-            .compare_and_swap(&*current, Some(Arc::new(due)));
         inner
             .retry_after_ms
             .store(millis(now + backoff.delay(refused)), Ordering::Relaxed);
@@ -1062,6 +1071,46 @@ mod tests {
         cache.invalidate(&accepted);
         assert_ne!(cache.token().await.unwrap().expose(), accepted.expose());
         assert_eq!(calls(&source), fetched + 1);
+    }
+
+    /// Two connects refused with one token at the same moment are one refusal of it: the
+    /// token is dropped and the next fetch goes at once. Before, the second could count as a
+    /// refusal after a refusal, keep the token and pause the fetch the first one asked for.
+    #[tokio::test]
+    async fn two_refusals_of_one_token_at_once_count_once() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        source.took_ms.store(0, Ordering::SeqCst);
+        for round in 0..2000 {
+            let token = cache.token().await.unwrap();
+            let ready = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        ready.fetch_add(1, Ordering::SeqCst);
+                        while ready.load(Ordering::SeqCst) < 2 {
+                            std::hint::spin_loop();
+                        }
+                        cache.invalidate(&token);
+                    });
+                }
+            });
+            let inner = &cache.inner;
+            assert_eq!(
+                inner.refused_in_a_row.load(Ordering::SeqCst),
+                1,
+                "round {round}"
+            );
+            assert_eq!(
+                inner.retry_after_ms.load(Ordering::SeqCst),
+                0,
+                "round {round}"
+            );
+            assert!(
+                inner.current.load().is_none(),
+                "round {round}: the token was kept"
+            );
+            cache.accepted();
+        }
     }
 
     #[tokio::test(start_paused = true)]
