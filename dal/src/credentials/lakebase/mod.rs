@@ -688,9 +688,9 @@ impl Lakebase {
             .ok_or_else(|| malformed(url, &format!("the answer has no {pointer}")))
     }
 
-    async fn database_credential(&self) -> Result<Token> {
-        let auth = self.authorization().await?;
-        let (path, body) = match &self.target {
+    /// The credential API's path for the target and the body to send it.
+    fn credential_path(&self) -> (&'static str, Value) {
+        match &self.target {
             LakebaseTarget::Autoscaling { endpoint } => {
                 let mut body = serde_json::json!({ "endpoint": endpoint });
                 if let Some(ttl) = self.ttl {
@@ -708,19 +708,32 @@ impl Lakebase {
                     "request_id": uuid::Uuid::new_v4().to_string(),
                 }),
             ),
-        };
+        }
+    }
+
+    /// One call of the credential API with the workspace authorization `auth`: its URL and
+    /// the answer.
+    async fn credential_call(&self, auth: &Authorization) -> Result<(String, Reply)> {
+        let (path, body) = self.credential_path();
         let url = format!("{}{path}", self.host);
-        let path = url.as_str();
         let mut request = self
             .client
-            .post(path)
-            .header(AUTHORIZATION, auth.header)
+            .post(&url)
+            .header(AUTHORIZATION, auth.header.clone())
             .header(ACCEPT, "application/json")
             .json(&body);
         if let Some(id) = &auth.workspace_id {
             request = request.header(WORKSPACE_ID_HEADER, id);
         }
-        let reply = self.send(path, request).await?;
+        let reply = self.send(&url, request).await?;
+        Ok((url, reply))
+    }
+
+    async fn database_credential(&self) -> Result<Token> {
+        // A 401 with a workspace token that can be renewed (revoked, or ended before the
+        // time it gave) is asked once more with a new one.
+        let mut auth = self.authorization().await?;
+        let (url, mut reply) = self.credential_call(&auth).await?;
         if reply.status == StatusCode::UNAUTHORIZED
             && let Some(generation) = auth.generation
         {
@@ -728,7 +741,11 @@ impl Lakebase {
             if state.token.as_ref().map(|t| t.generation) == Some(generation) {
                 state.token = None;
             }
+            drop(state);
+            auth = self.authorization().await?;
+            reply = self.credential_call(&auth).await?.1;
         }
+        let path = url.as_str();
         if !reply.status.is_success() {
             return Err(self.http_error(path, &reply, auth.access_token.as_ref()));
         }

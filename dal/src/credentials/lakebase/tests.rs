@@ -1008,8 +1008,11 @@ async fn a_closed_port_is_a_transport_error() {
     );
 }
 
+/// A workspace token the service stopped taking (revoked, or ended early) while it still
+/// looked fresh: the fetch that meets the 401 signs in anew and asks once more, so the
+/// callers waiting on it get a credential.
 #[tokio::test]
-async fn a_401_from_the_credential_api_drops_the_workspace_token() {
+async fn a_401_from_the_credential_api_signs_in_anew_and_asks_once_more() {
     let calls = Arc::new(AtomicUsize::new(0));
     let server = Server::start({
         let calls = calls.clone();
@@ -1024,6 +1027,25 @@ async fn a_401_from_the_credential_api_drops_the_workspace_token() {
     .await;
     let lakebase = source(&server);
     lakebase.fetch().await.unwrap();
+    lakebase.fetch().await.unwrap();
+    assert_eq!(server.count(AUTOSCALING_PATH), 3);
+    assert_eq!(server.count(DEFAULT_TOKEN_PATH), 2);
+    assert_eq!(server.count(DATABRICKS_CONFIG_PATH), 1);
+}
+
+/// A 401 that a new workspace token does not cure is the caller's to see, after one more
+/// try; a personal access token, which cannot be renewed, is not tried again.
+#[tokio::test]
+async fn a_401_that_persists_fails_after_one_more_try() {
+    let server = Server::start(|r: &Request, base: &str| match r.path.as_str() {
+        AUTOSCALING_PATH => Reply::Json(
+            401,
+            json!({ "error_code": "UNAUTHENTICATED", "message": "Token expired" }),
+        ),
+        _ => workspace(r, base),
+    })
+    .await;
+    let lakebase = source(&server);
     let err = lakebase.fetch().await.unwrap_err();
     assert_http(
         err,
@@ -1032,10 +1054,11 @@ async fn a_401_from_the_credential_api_drops_the_workspace_token() {
         "UNAUTHENTICATED",
         "Token expired",
     );
-    assert_eq!(server.count(DEFAULT_TOKEN_PATH), 1);
-    lakebase.fetch().await.unwrap();
+    assert_eq!(server.count(AUTOSCALING_PATH), 2);
     assert_eq!(server.count(DEFAULT_TOKEN_PATH), 2);
-    assert_eq!(server.count(DATABRICKS_CONFIG_PATH), 1);
+    let pat = Lakebase::new(&server.base, WorkspaceAuth::Pat(PAT.into()), autoscaling()).unwrap();
+    pat.fetch().await.unwrap_err();
+    assert_eq!(server.count(AUTOSCALING_PATH), 3);
 }
 
 #[tokio::test]
