@@ -327,8 +327,8 @@ pub enum Error {
         timeout: Duration,
     },
 
-    /// The server refused the password at login (SQLSTATE `28P01`): for a token, it is
-    /// wrong or expired. The cache was invalidated and one fresh token tried already.
+    /// The server refused the password at login (SQLSTATE `28P01`, or `28000` from an
+    /// external login method such as LDAP or PAM): for a token, it is wrong or expired. The cache was invalidated and one fresh token tried already.
     #[error(
         "the server refused the credentials of user {user} (SQLSTATE {}): the token or \
          password is wrong or has expired",
@@ -556,17 +556,20 @@ impl Error {
         }
     }
 
-    /// Whether a prepared statement went stale after a schema change changed its result type
-    /// (SQLSTATE `0A000`, "cached plan must not change result type"): running the statement
-    /// again on a connection that prepares it anew succeeds. Told by the routine that raised
-    /// it, which the server does not translate; a Diesel error keeps only the message, so
-    /// Diesel's [transactions](crate::Transactions) ask the connection's wire.
+    /// Whether a prepared statement went stale after a schema change: one whose result type
+    /// changed (SQLSTATE `0A000`, "cached plan must not change result type"), or one that
+    /// names a type that was dropped and created anew (`XX000`, [`STALE_TYPE`]). Running it
+    /// again on a connection that prepares it anew succeeds; the pools replace such a
+    /// connection. Told by the routine that raised it, which the server does not translate;
+    /// a Diesel error keeps only the message, so Diesel's [transactions](crate::Transactions)
+    /// ask the connection's wire.
     #[cfg(any(feature = "seaorm", feature = "diesel"))]
     pub(crate) fn is_stale_statement(&self) -> bool {
         match self {
             Error::Database(e) => e.as_db_error().is_some_and(|e| {
-                e.code().code() == "0A000"
-                    && (e.routine() == Some(STALE_PLAN_ROUTINE) || e.message() == STALE_PLAN)
+                (e.code().code() == "0A000"
+                    && (e.routine() == Some(STALE_PLAN_ROUTINE) || e.message() == STALE_PLAN))
+                    || (e.code().code() == "XX000" && e.message().starts_with(STALE_TYPE))
             }),
             #[cfg(feature = "seaorm")]
             Error::SeaOrm(e) => sqlx_error(e)
@@ -574,7 +577,9 @@ impl Error {
                 .is_some_and(|e| e.code().as_deref() == Some("0A000") && is_stale_plan(e)),
             Error::Connect { source } => source.is_stale_statement(),
             Error::RetriesExhausted { last, .. } => last.is_stale_statement(),
-            _ => self.db_message() == Some(STALE_PLAN),
+            _ => self
+                .db_message()
+                .is_some_and(|m| m == STALE_PLAN || m.starts_with(STALE_TYPE)),
         }
     }
 

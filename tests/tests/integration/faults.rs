@@ -1047,7 +1047,7 @@ impl tokio_postgres::types::ToSql for Mood {
 /// answers each with SQLSTATE XX000 ("cache lookup failed for type"): every write that binds
 /// the type failed on every connection from before, until it retired. The pools replace such
 /// a connection as they do one with a stale statement, so at most one write per connection
-/// fails, and none in a transaction.
+/// fails, and none in a transaction or in work marked idempotent.
 #[tokio::test]
 async fn a_type_recreated_under_a_running_service_fails_at_most_one_write_per_connection() {
     let one = PoolSettings::builder().max_size(1).build().unwrap();
@@ -1105,6 +1105,18 @@ async fn a_type_recreated_under_a_running_service_fails_at_most_one_write_per_co
     );
     assert!(diesel_failed <= 1, "Diesel: {diesel_failed} of 4 failed");
     assert!(raw_failed <= 1, "tokio-postgres: {raw_failed} of 4 failed");
+
+    // Work the caller marked idempotent is tried again on the replaced connection.
+    recreate().await.unwrap();
+    let retried = connector.transactions();
+    let raw_written = retried
+        .idempotent(|| async { raw_write().await.map_err(dal::Error::Database) })
+        .await;
+    assert_eq!(raw_written.unwrap(), 1, "tokio-postgres, idempotent");
+    let diesel_written = retried
+        .idempotent(|| async { diesel_write().await.map_err(dal::Error::Diesel) })
+        .await;
+    assert_eq!(diesel_written.unwrap(), 1, "Diesel, idempotent");
 
     // A transaction tries again on a connection of its own: none fails.
     recreate().await.unwrap();
