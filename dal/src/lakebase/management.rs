@@ -478,9 +478,13 @@ impl TemporaryBranch {
         let created = match api.create_branch(project, &id, source_branch).await {
             Ok(created) => created,
             Err(e) => {
-                // Only a request lost on the way may have created it: the service's answer
-                // says it did not.
-                owned.deleted = !matches!(e, Error::HttpTransport { .. });
+                // A request lost on the way may have created it, and so may one answered with
+                // a server error (a gateway that gave up waiting answers 504 for a request
+                // the service went on to carry out); any other answer says it did not.
+                owned.deleted = !matches!(
+                    e,
+                    Error::HttpTransport { .. } | Error::Http { status: 500.., .. }
+                );
                 return Err(e);
             }
         };

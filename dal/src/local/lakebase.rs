@@ -313,6 +313,8 @@ struct Shared {
     latency_nanos: AtomicU64,
     fail_remaining: AtomicUsize,
     fail_status: AtomicU16,
+    fail_after_remaining: AtomicUsize,
+    fail_after_status: AtomicU16,
     down: AtomicBool,
     requests: AtomicUsize,
     oauth_requests: AtomicUsize,
@@ -366,6 +368,8 @@ impl LocalLakebase {
             latency_nanos: AtomicU64::new(0),
             fail_remaining: AtomicUsize::new(0),
             fail_status: AtomicU16::new(503),
+            fail_after_remaining: AtomicUsize::new(0),
+            fail_after_status: AtomicU16::new(504),
             down: AtomicBool::new(false),
             requests: AtomicUsize::new(0),
             oauth_requests: AtomicUsize::new(0),
@@ -543,6 +547,25 @@ impl LocalLakebase {
         self.shared.fail_remaining.store(n, Ordering::SeqCst);
     }
 
+    /// Carries out the next `n` requests, on any path, then answers each with HTTP `status`
+    /// and a vendor-shaped error body instead of its result, as a gateway that gave up
+    /// waiting does (`504`): the caller cannot tell whether its request took effect.
+    /// `fail_after_next(0, _)` cancels those still pending.
+    ///
+    /// # Panics
+    ///
+    /// When `status` is not an error status (400 to 599).
+    pub fn fail_after_next(&self, n: usize, status: u16) {
+        assert!(
+            (400..=599).contains(&status),
+            "fail_after_next needs an HTTP error status (400-599), not {status}"
+        );
+        self.shared
+            .fail_after_status
+            .store(status, Ordering::SeqCst);
+        self.shared.fail_after_remaining.store(n, Ordering::SeqCst);
+    }
+
     /// While `true`, every request is answered 503 with a vendor-shaped error body.
     pub fn set_down(&self, down: bool) {
         self.shared.down.store(down, Ordering::SeqCst);
@@ -634,7 +657,18 @@ async fn misbehave(State(shared): State<Arc<Shared>>, request: Request, next: Ne
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         vendor_error(&path, status)
     } else {
-        next.run(request).await
+        let response = next.run(request).await;
+        match shared
+            .fail_after_remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        {
+            Ok(_) => {
+                let status = StatusCode::from_u16(shared.fail_after_status.load(Ordering::SeqCst))
+                    .unwrap_or(StatusCode::GATEWAY_TIMEOUT);
+                vendor_error(&path, status)
+            }
+            Err(_) => response,
+        }
     };
     tracing::debug!(%method, %path, status = response.status().as_u16(), "local Lakebase");
     response

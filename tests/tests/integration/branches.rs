@@ -125,6 +125,28 @@ async fn wait_for_branches(api: &Management, want: &[dal::lakebase::Branch], why
     }
 }
 
+/// A branch whose creation was carried out but answered with an error, as a gateway that gave
+/// up waiting answers (HTTP 504): the branch may exist, so it is deleted. Before, the error
+/// was taken for the service's word that nothing was created, and the branch was left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_branch_whose_creation_met_a_gateway_error_is_deleted() {
+    let pg = tests::server().await;
+    let (lb, api) = trunk(&pg).await;
+    let before = api.list_branches("projects/local").await.unwrap();
+    lb.fail_after_next(1, 504);
+    let err = TemporaryBranch::create(&api, "projects/local", None)
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert!(err.to_string().contains("504"), "{err}");
+    wait_for_branches(
+        &api,
+        &before,
+        "the branch of a creation answered 504 is left",
+    )
+    .await;
+}
+
 /// A branch whose creation, or deletion, was dropped half way (a timeout around it, a test
 /// that failed) is deleted all the same: nothing is left behind to pay for.
 #[tokio::test(flavor = "multi_thread")]
