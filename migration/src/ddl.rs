@@ -43,6 +43,14 @@ pub(crate) struct Ddl<'a, 'm> {
 /// again once the transaction has ended, it completes.
 pub const LOCK_TIMEOUT: &str = "2s";
 
+/// How long a migration's transaction may sit idle between its statements before the server
+/// ends it (`idle_in_transaction_session_timeout`, SQLSTATE `25P03`), releasing its locks: a
+/// migration whose client stops answering midway (a frozen container, a debugger, a network
+/// cut without a reset) would otherwise hold the service's tables for as long as the client
+/// stays away. A migration's statements follow each other at once, so it never waits this
+/// long on its own.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
+
 /// The pauses before each new try of a migration that gave up on a lock ([`LOCK_TIMEOUT`]):
 /// four more tries over 15 s, during which the transaction in the way may end. Between
 /// tries the migration holds no lock, so the writes queued behind it go on; each try
@@ -120,9 +128,13 @@ pub(crate) async fn up_retrying<M: MigratorTrait>(
 
 impl<'a, 'm> Ddl<'a, 'm> {
     /// Starts a migration's statements: on PostgreSQL, whose migrations each run in a
-    /// transaction, bounds their lock waits by [`LOCK_TIMEOUT`] (`SET LOCAL`, for this
-    /// migration's transaction alone). Aurora DSQL takes no locks: it aborts conflicting
-    /// transactions at commit instead.
+    /// transaction, bounds their lock waits by [`LOCK_TIMEOUT`] and the time the transaction
+    /// may sit idle by [`IDLE_IN_TRANSACTION_TIMEOUT`], and lifts the connector's
+    /// `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`, the service's bound for its queries:
+    /// it ended lock waits before [`LOCK_TIMEOUT`] could, with SQLSTATE `57014`, which is not
+    /// tried again, and it would end an index build on a large table every time); all with
+    /// `SET LOCAL`, for this migration's transaction alone. Aurora DSQL takes no locks: it
+    /// aborts conflicting transactions at commit instead.
     pub(crate) async fn begin(
         manager: &'a SchemaManager<'m>,
         flavor: Flavor,
@@ -130,7 +142,11 @@ impl<'a, 'm> Ddl<'a, 'm> {
         if flavor == Flavor::Postgres {
             manager
                 .get_connection()
-                .execute_unprepared(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+                .execute_unprepared(&format!(
+                    "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; \
+                     SET LOCAL idle_in_transaction_session_timeout = \
+                     '{IDLE_IN_TRANSACTION_TIMEOUT}'; SET LOCAL statement_timeout = 0"
+                ))
                 .await?;
         }
         Ok(Self { manager, flavor })

@@ -27,7 +27,7 @@ mod m20260101_000001_create_customers;
 mod m20260101_000002_create_orders;
 mod m20260101_000003_create_order_items;
 
-pub use ddl::{Flavor, LOCK_RETRY_PAUSES, LOCK_TIMEOUT};
+pub use ddl::{Flavor, IDLE_IN_TRANSACTION_TIMEOUT, LOCK_RETRY_PAUSES, LOCK_TIMEOUT};
 pub use lock::MigrationLock;
 
 /// Every migration, oldest first, written for `flavor`.

@@ -21,9 +21,13 @@ pub struct MigrationLock {
 
 impl MigrationLock {
     /// Takes the lock through `connector`, waiting while another run holds it (logged at
-    /// info level), for as long as that run takes: the lock's session has no
+    /// info level), for as long as that run takes. The lock's session has no
     /// `statement_timeout` (the connector's, `DAL_STATEMENT_TIMEOUT_MS`, ended the wait with
-    /// SQLSTATE `57014` while the other run still migrated). `None` on Aurora DSQL, which has
+    /// SQLSTATE `57014` while the other run still migrated), no `lock_timeout` (a role's
+    /// ended it with `55P03`), and no `idle_session_timeout` or
+    /// `idle_in_transaction_session_timeout` (a role's ended the idle session that holds the
+    /// lock, and let the next run in while this one still migrated); PostgreSQL before 14
+    /// has no `idle_session_timeout`, and nothing to lift. `None` on Aurora DSQL, which has
     /// no advisory locks: there [`DsqlMigrator::up`](crate::DsqlMigrator) goes on after the
     /// statements of a run at the same time.
     ///
@@ -37,7 +41,11 @@ impl MigrationLock {
         let (session, connection) = connector.connect().await?;
         tokio::spawn(connection);
         session
-            .batch_execute("SET statement_timeout = 0")
+            .batch_execute(
+                "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN \
+                 ('statement_timeout', 'lock_timeout', 'idle_session_timeout', \
+                 'idle_in_transaction_session_timeout')",
+            )
             .await
             .map_err(Error::Database)?;
         let taken: bool = session

@@ -816,6 +816,97 @@ async fn bad_credentials_end_with_one_line() {
     assert!(error.contains("503"), "{error}");
 }
 
+/// A migration whose client stops midway (a frozen container, a debugger, a network cut
+/// without a reset) while its transaction holds locks on the service's tables: the server
+/// ends that transaction after a bound, so the service's writes wait seconds, not until the
+/// client comes back. Before, a write to `customers` waited as long as the client was stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_whose_client_stops_midway_holds_the_service_up_for_seconds_only() {
+    use migration::MigratorTrait;
+    use nix::sys::signal::{Signal, kill};
+    let pg = tests::server().await;
+    let database = "frozen";
+    let password = format!("pw-{}", uuid::Uuid::new_v4());
+    pg.create_role(database, &password, None).await.unwrap();
+    pg.create_database(database, Some(database)).await.unwrap();
+    let connector = dal::Connector::new(pg.config(database, database, &password))
+        .await
+        .unwrap();
+    let db = tests::migration_db(&connector).await;
+    migration::Migrator::up(&db, Some(1))
+        .await
+        .expect("customers");
+    connector.shutdown().await;
+    let url = format!(
+        "postgres://{database}:{password}@localhost:{}/{database}?sslmode=verify-full&sslrootcert={}",
+        pg.port(),
+        pg.ca_cert_path().display()
+    );
+    let admin = pg.admin(database).await.unwrap();
+    let watch = pg.admin(database).await.unwrap();
+    // The migration table held: the run creates the orders tables (its foreign key locks
+    // `customers`), then waits to record the migration.
+    let hold = "BEGIN; LOCK TABLE seaql_migrations IN EXCLUSIVE MODE";
+    admin.batch_execute(hold).await.unwrap();
+    let mut run = Program::start_with_args("migration", &[("DATABASE_URL", url)], &["up"]);
+    let pid = nix::unistd::Pid::from_raw(run.child.id().unwrap() as i32);
+    let state = "SELECT coalesce(wait_event_type, ''), state FROM pg_stat_activity \
+                 WHERE datname = current_database() AND usename = current_database() \
+                 AND state <> 'idle'";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Stopped while it waits, then let through: its backend takes the lock, records the
+    // migration and waits for the client's COMMIT. A try whose lock timeout fired first has
+    // nothing locked: the client goes on to its next try, and is stopped again.
+    loop {
+        assert!(Instant::now() < deadline, "{}", run.output());
+        let rows = watch.query(state, &[]).await.unwrap();
+        let waiting = rows.iter().any(|row| row.get::<_, String>(0) == "Lock");
+        if !waiting {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        kill(pid, Signal::SIGSTOP).unwrap();
+        admin.batch_execute("COMMIT").await.unwrap();
+        let holding = loop {
+            let rows = watch.query(state, &[]).await.unwrap();
+            let states: Vec<String> = rows.iter().map(|row| row.get(1)).collect();
+            if states.iter().any(|s| s == "idle in transaction") {
+                break true;
+            }
+            if states.iter().any(|s| s == "idle in transaction (aborted)") || states.is_empty() {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        if holding {
+            break;
+        }
+        admin.batch_execute(hold).await.unwrap();
+        kill(pid, Signal::SIGCONT).unwrap();
+    }
+    // The service writes to `customers` while the client stays stopped.
+    let started = Instant::now();
+    let written = tokio::time::timeout(
+        Duration::from_secs(60),
+        admin.execute(
+            "INSERT INTO customers (id, email, name) \
+             VALUES (gen_random_uuid(), 'after@example.com', 'after')",
+            &[],
+        ),
+    )
+    .await;
+    let waited = started.elapsed();
+    kill(pid, Signal::SIGCONT).unwrap();
+    println!(
+        "a write waited {} ms behind the stopped migration",
+        waited.as_millis()
+    );
+    written
+        .expect("the write waited a minute behind the stopped migration")
+        .unwrap();
+    run.wait(Duration::from_secs(120)).await;
+}
+
 /// Programs on the embedded default at once, each with its own credential service: none
 /// refuses another's tokens, because every token logs in until its own expiry.
 #[tokio::test(flavor = "multi_thread")]

@@ -124,7 +124,9 @@ struct Busy {
 }
 
 impl Busy {
-    async fn start(database: &str) -> Self {
+    /// The service and its open transaction on `database`; the migration's connections end
+    /// each statement after `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`), if given.
+    async fn start(database: &str, statement_timeout: Option<std::time::Duration>) -> Self {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -132,10 +134,15 @@ impl Busy {
         let password = format!("pw-{}", uuid::Uuid::new_v4());
         pg.create_role(database, &password, None).await.unwrap();
         pg.create_database(database, Some(database)).await.unwrap();
-        let connector = dal::Connector::new(pg.config(database, database, &password))
-            .await
-            .unwrap();
-        let db = tests::migration_db(&connector).await;
+        let config = pg.config(database, database, &password);
+        let connector = dal::Connector::new(config.clone()).await.unwrap();
+        let migrating = match statement_timeout {
+            Some(timeout) => dal::Connector::new(config.statement_timeout(timeout))
+                .await
+                .unwrap(),
+            None => connector.clone(),
+        };
+        let db = tests::migration_db(&migrating).await;
         Migrator::up(&db, Some(1)).await.expect("customers");
 
         // The service: writes to customers, one after another.
@@ -230,10 +237,12 @@ impl Busy {
 /// bounds its lock waits (`lock_timeout`): it gives up instead (SQLSTATE `55P03`), tries
 /// again after a pause (`migration::LOCK_RETRY_PAUSES`), and after the last try the run fails
 /// with that error; the service's writes go on throughout, and run again once the
-/// transaction has ended, the migration succeeds.
+/// transaction has ended, the migration succeeds. A `statement_timeout` shorter than the
+/// lock timeout, the service's own (`DAL_STATEMENT_TIMEOUT_MS` in its `.env`), does not end
+/// the migration's statements: before, the first try failed with SQLSTATE `57014`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_migration_that_cannot_take_its_lock_gives_up_instead_of_stalling_the_service() {
-    let busy = Busy::start("busy").await;
+    let busy = Busy::start("busy", Some(std::time::Duration::from_secs(1))).await;
     let err = tokio::time::timeout(
         std::time::Duration::from_secs(300),
         Migrator::up(&busy.db, None),
@@ -264,7 +273,7 @@ async fn a_migration_that_cannot_take_its_lock_gives_up_instead_of_stalling_the_
 async fn a_migration_that_gave_up_on_its_lock_tries_again_and_completes() {
     use std::time::Duration;
 
-    let busy = Busy::start("busy_retry").await;
+    let busy = Busy::start("busy_retry", None).await;
     let migrating = tokio::spawn({
         let db = busy.db.clone();
         async move { Migrator::up(&db, None).await }
@@ -312,12 +321,24 @@ async fn a_migration_that_gave_up_on_its_lock_tries_again_and_completes() {
 }
 
 /// A run waits for the migration lock however long the other run migrates: the connector's
-/// `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`) ended the wait with SQLSTATE `57014`.
+/// `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`) ended the wait with SQLSTATE `57014`, and
+/// a role's `lock_timeout` with `55P03`. And the run that holds it keeps it while its lock's
+/// session sits idle: a role's `idle_session_timeout` ended that session, which let the
+/// waiting run in to apply the same migrations.
 #[tokio::test]
 async fn the_migration_lock_waits_past_the_statement_timeout() {
     use std::time::{Duration, Instant};
     let pg = tests::server().await;
     let password = tests::app_database(&pg, "lock_wait").await;
+    pg.admin("postgres")
+        .await
+        .unwrap()
+        .batch_execute(
+            "ALTER ROLE lock_wait SET lock_timeout = '1s'; \
+             ALTER ROLE lock_wait SET idle_session_timeout = '1s'",
+        )
+        .await
+        .unwrap();
     let config = || pg.config("lock_wait", "lock_wait", &password);
     let first = dal::Connector::new(config()).await.unwrap();
     let held = migration::MigrationLock::acquire(&first).await.unwrap();
