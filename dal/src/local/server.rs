@@ -522,8 +522,12 @@ impl LocalPostgres {
             .await?
             .get(0);
         match admin.batch_execute(&sql).await {
-            // Created meanwhile by someone else: just as good.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+            // Created meanwhile by someone else: just as good. Two at once that both found
+            // none meet in the catalog's unique index instead (`23505`).
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+                    || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+            {
                 Ok(())
             }
             other => other.map_err(Error::from),

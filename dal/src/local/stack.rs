@@ -19,6 +19,10 @@ pub const DEV_DSQL_ROLE: &str = "dal_app";
 /// The variable that chooses the flavour: `lakebase` (the default) or `dsql`.
 pub const FLAVOR_VAR: &str = "DAL_LOCAL";
 
+/// The key of the session advisory lock under which programs set up the development
+/// cluster's databases, roles and schemas: "dal_setu" in ASCII.
+const SETUP_LOCK: i64 = 0x6461_6c5f_7365_7475;
+
 /// Which cloud database the embedded default behaves like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -86,6 +90,12 @@ impl DevStack {
     /// [`Error::Config`] for the DSQL flavour without the `dsql` feature.
     pub async fn start_flavor(flavor: Flavor, token_ttl: Duration) -> Result<Self> {
         let postgres = LocalPostgres::dev().await?;
+        // Programs started together (a service and its migration) set up the same
+        // databases, roles and schemas: one at a time, each finding what the one before made.
+        let setup = postgres.admin("postgres").await?;
+        setup
+            .execute("SELECT pg_advisory_lock($1)", &[&SETUP_LOCK])
+            .await?;
         let lakebase = match flavor {
             Flavor::Lakebase => {
                 let config = LocalLakebaseConfig::new()
@@ -103,6 +113,8 @@ impl DevStack {
                 None
             }
         };
+        // Released with the session.
+        drop(setup);
         Ok(Self {
             postgres,
             lakebase,

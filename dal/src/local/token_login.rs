@@ -16,9 +16,10 @@
 //! Roles in the group [`TOKEN_GROUP`] log in this way (over TLS only); every other role,
 //! the superuser included, keeps `scram-sha-256`. The key and the verifier's port live in
 //! the cluster's directory (`token-logins.json`, readable by its owner only), so every process
-//! that opens the same cluster verifies the same tokens. On the development cluster one
-//! process answers at a time and the others stand by on the same port (`SO_REUSEPORT`), taking
-//! over when it exits: logins go on while any of those processes runs.
+//! that opens the same cluster verifies the same tokens. On the development cluster each
+//! process answers on an address of its own, all on the same port, and `pg_hba.conf` names
+//! them all: PostgreSQL tries them in order, so logins go on while any of those processes
+//! runs, with no wait when one exits.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -288,6 +289,8 @@ impl Tokens {
 pub(crate) struct TokenLogins {
     tokens: Arc<Tokens>,
     port: u16,
+    /// Whether other processes verify for the same cluster (see [`SHARED_ADDRESSES`]).
+    shared: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -341,6 +344,7 @@ impl TokenLogins {
         Ok(Self {
             tokens,
             port,
+            shared,
             stop: Some(stop),
         })
     }
@@ -363,9 +367,18 @@ impl TokenLogins {
     pub(crate) fn write_hba(&self, data: &Path) -> Result<bool> {
         let path = data.join("pg_hba.conf");
         let old = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
+        let servers = SHARED_ADDRESSES[..if self.shared {
+            SHARED_ADDRESSES.len()
+        } else {
+            1
+        }]
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ");
         let rule = |from: &str, endpoint: &str| {
             format!(
-                "hostssl all +{TOKEN_GROUP} {from}/32 ldap ldapserver=127.0.0.1 ldapport={} \
+                "hostssl all +{TOKEN_GROUP} {from}/32 ldap ldapserver=\"{servers}\" ldapport={} \
                  ldapprefix=\"{DN_PREFIX}\" ldapsuffix=\"{endpoint}{DN_SUFFIX}\"",
                 self.port
             )
@@ -410,7 +423,24 @@ impl Drop for TokenLogins {
     }
 }
 
-/// Starts the LDAP listener on 127.0.0.1:`port` (0: any free port) on a thread of its own.
+/// The addresses the verifiers of a shared cluster listen on, one process each, all on the
+/// cluster's one port; `pg_hba.conf` names them all, and PostgreSQL's LDAP client tries them
+/// in order until one answers. A program that exits takes its address with it, and the
+/// others go on answering at theirs: no login waits for another process to take over.
+const SHARED_ADDRESSES: [std::net::Ipv4Addr; 8] = [
+    std::net::Ipv4Addr::LOCALHOST,
+    std::net::Ipv4Addr::new(127, 0, 1, 1),
+    std::net::Ipv4Addr::new(127, 0, 1, 2),
+    std::net::Ipv4Addr::new(127, 0, 1, 3),
+    std::net::Ipv4Addr::new(127, 0, 1, 4),
+    std::net::Ipv4Addr::new(127, 0, 1, 5),
+    std::net::Ipv4Addr::new(127, 0, 1, 6),
+    std::net::Ipv4Addr::new(127, 0, 1, 7),
+];
+
+/// Starts the LDAP listener on `port` (0: any free port) on a thread of its own: on
+/// 127.0.0.1, or for a `shared` cluster on the first free one of the [`SHARED_ADDRESSES`]
+/// (with all of them taken, it waits for one to come free).
 fn listen(
     port: u16,
     shared: bool,
@@ -432,37 +462,25 @@ fn listen(
                 }
             };
             runtime.block_on(async move {
-                if shared && port != 0 {
-                    // The port is known: serve it now when no other process does (before
-                    // this program's first login), else stand by.
-                    let now = if served(port).await {
-                        None
-                    } else {
-                        bind(port, true).ok()
-                    };
+                let serving = if shared && port != 0 {
                     let _ = bound.send(Ok(port));
-                    let serving = async move {
-                        match now {
-                            Some(listener) => serve(listener, tokens).await,
-                            None => standby(port, tokens).await,
+                    futures_util::future::Either::Left(async move {
+                        let listener = free_address(port).await;
+                        serve(listener, tokens).await;
+                    })
+                } else {
+                    let listener = match bind(std::net::Ipv4Addr::LOCALHOST, port) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = bound.send(Err(e));
+                            return;
                         }
                     };
-                    tokio::select! {
-                        () = serving => {}
-                        _ = stopped => {}
-                    }
-                    return;
-                }
-                let listener = match bind(port, shared) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = bound.send(Err(e));
-                        return;
-                    }
+                    let _ = bound.send(listener.local_addr().map(|a| a.port()));
+                    futures_util::future::Either::Right(serve(listener, tokens))
                 };
-                let _ = bound.send(listener.local_addr().map(|a| a.port()));
                 tokio::select! {
-                    () = serve(listener, tokens) => {}
+                    () = serving => {}
                     _ = stopped => {}
                 }
             });
@@ -487,40 +505,34 @@ fn listen(
     Ok((port, stop))
 }
 
-/// Serves `port` once no other process does, and from then on.
-///
-/// On a shared cluster one verifier answers at a time: the first process to open the cluster
-/// (they open it one after another) listens, the later ones stand by and take over within a
-/// tenth of a second when it exits. Were they all to listen at once (`SO_REUSEPORT`), a login
-/// that the kernel queued on the socket of a program just exiting would be reset, and refused.
-async fn standby(port: u16, tokens: Arc<Tokens>) {
+/// A listener on `port` at the first of the [`SHARED_ADDRESSES`] no other process holds,
+/// once there is one.
+async fn free_address(port: u16) -> tokio::net::TcpListener {
     loop {
-        if !served(port).await {
-            match bind(port, true) {
+        for address in SHARED_ADDRESSES {
+            match bind(address, port) {
                 Ok(listener) => {
-                    tracing::debug!(port, "this process now answers token logins");
-                    return serve(listener, tokens).await;
+                    tracing::debug!(%address, port, "this process answers token logins");
+                    return listener;
                 }
-                Err(e) => tracing::debug!(port, error = %e, "cannot take over token logins yet"),
+                Err(e) => tracing::trace!(%address, port, error = %e, "taken"),
             }
         }
+        tracing::debug!(
+            port,
+            "every address for token logins is taken; waiting for one"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
-/// Whether some process listens on 127.0.0.1:`port`.
-async fn served(port: u16) -> bool {
-    let probe = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port));
-    matches!(
-        tokio::time::timeout(std::time::Duration::from_secs(1), probe).await,
-        Ok(Ok(_))
-    )
-}
-
-fn bind(port: u16, shared: bool) -> std::io::Result<tokio::net::TcpListener> {
+fn bind(address: std::net::Ipv4Addr, port: u16) -> std::io::Result<tokio::net::TcpListener> {
     let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseport(shared)?;
-    socket.bind((std::net::Ipv4Addr::LOCALHOST, port).into())?;
+    // Not `SO_REUSEPORT`: a second listener on an address must fail, and the addresses
+    // decide which process answers. `SO_REUSEADDR` lets a new one bind past connections of
+    // an exited process that linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind((address, port).into())?;
     socket.listen(1024)
 }
 

@@ -907,6 +907,25 @@ async fn a_migration_whose_client_stops_midway_holds_the_service_up_for_seconds_
     run.wait(Duration::from_secs(120)).await;
 }
 
+/// Two programs started at the same moment on a new embedded default (a service and its
+/// migration, say), in each flavour: both find it ready. The first to set up its database
+/// and roles must not fail the second, which sets up the same ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn programs_started_together_on_a_new_embedded_default_both_run() {
+    for flavor in ["lakebase", "dsql"] {
+        let dev = tests::DevCluster::new();
+        let env = vec![
+            ("DAL_DEV_DIR", dev.path().display().to_string()),
+            ("DAL_LOCAL", flavor.into()),
+        ];
+        let mut programs: Vec<_> = (0..3).map(|_| Program::start("one_shot", &env)).collect();
+        for program in &mut programs {
+            let status = program.wait(Duration::from_secs(300)).await;
+            assert!(status.success(), "DAL_LOCAL={flavor}: {}", program.output());
+        }
+    }
+}
+
 /// Programs on the embedded default at once, each with its own credential service: none
 /// refuses another's tokens, because every token logs in until its own expiry.
 #[tokio::test(flavor = "multi_thread")]
