@@ -61,7 +61,8 @@ pub const CONNECTS_LIMITED: &str = "dal_connects_limited_total";
 /// Counter: moves to another endpoint of the database after the active one could not be
 /// reached (`Config::failover`).
 pub const FAILOVERS: &str = "dal_failovers_total";
-/// Counter: logins the server refused (SQLSTATE `28P01`).
+/// Counter: logins the server refused (SQLSTATE `28P01`, or `28000` from an external login
+/// method such as LDAP or PAM, which is how the local services refuse a token).
 pub const AUTH_FAILURES: &str = "dal_auth_failures_total";
 /// Gauge: connections of a pool, open and idle, after each checkout. Label `pool`.
 pub const POOL_CONNECTIONS: &str = "dal_pool_connections";

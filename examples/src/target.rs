@@ -21,8 +21,9 @@ pub struct Database {
 }
 
 impl Database {
-    /// Reads `.env` and the environment: the configured database when any of
-    /// [`dal::DATABASE_VARIABLES`] is set, else starts the embedded default. Prints which one on stdout.
+    /// Reads `.env` and the environment: the configured database when it names one
+    /// ([`dal::Config::env_names_a_database`]: any of [`dal::DATABASE_VARIABLES`], or
+    /// Databricks credentials), else starts the embedded default. Prints which one on stdout.
     pub async fn from_env() -> anyhow::Result<Self> {
         // A missing .env is normal; a malformed one is not.
         match dotenvy::dotenv() {

@@ -13,7 +13,11 @@ use super::url::from_url;
 use crate::error::{Error, Result, Setting};
 
 /// The variables that name a database. When none of them is set, programs may fall back to a
-/// local database (the examples and the migration command use the embedded default).
+/// local database (the examples and the migration command use the embedded default), unless
+/// Databricks credentials are set (`DATABRICKS_AUTH_TYPE`, `DATABRICKS_TOKEN`,
+/// `DATABRICKS_CLIENT_ID`, `DATABRICKS_CLIENT_SECRET`, `DATABRICKS_OIDC_TOKEN_FILEPATH`,
+/// `DATABRICKS_CONFIG_PROFILE`): they mean Lakebase, and the error names what is missing
+/// (see [`Config::env_names_a_database`]).
 pub const DATABASE_VARIABLES: [&str; 6] = [
     "DATABASE_URL",
     "PGHOST",

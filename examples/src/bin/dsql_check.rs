@@ -1,8 +1,8 @@
 //! Checks the project's migrations against Aurora DSQL's rules without a cloud account: starts
 //! a scratch PostgreSQL with the local DSQL endpoint in front of it, makes its database
 //! report what DSQL refuses ([`dal::local::DSQL_UNSUPPORTED`]), migrates it as the `admin`
-//! role with an IAM token, and lists every incompatibility it met. Exit code 1 if any, so
-//! that CI can run it.
+//! role with an IAM token, and lists every incompatibility it met. Exit code 1 if any, 2 if
+//! it could not run (the error on stderr), so that CI can run it.
 //!
 //! ```text
 //! cargo run -p examples --bin dsql_check            # migration::DsqlMigrator
