@@ -31,6 +31,10 @@ const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REFRESH_MARGIN: Duration = Duration::from_secs(60);
 /// Every answer of these APIs is a few hundred bytes; a larger one is not theirs.
 const MAX_BODY: usize = 1 << 20;
+/// The longest a database credential lasts: an hour (Lakebase's documentation of the
+/// credential APIs). An answer with a later expiry (a clock far behind the service's, an
+/// expiry the service did not mean) is held to an hour from the request.
+const MAX_CREDENTIAL_LIFE: Duration = Duration::from_secs(3600);
 const MAX_ERROR_MESSAGE: usize = 300;
 const REDACTED: &str = "** redacted **";
 const PAT_HEADER_REASON: &str = "holds characters not allowed in an HTTP header";
@@ -733,6 +737,7 @@ impl Lakebase {
         // A 401 with a workspace token that can be renewed (revoked, or ended before the
         // time it gave) is asked once more with a new one.
         let mut auth = self.authorization().await?;
+        let mut requested_at = self.clock.now();
         let (url, mut reply) = self.credential_call(&auth).await?;
         if reply.status == StatusCode::UNAUTHORIZED
             && let Some(generation) = auth.generation
@@ -743,6 +748,7 @@ impl Lakebase {
             }
             drop(state);
             auth = self.authorization().await?;
+            requested_at = self.clock.now();
             reply = self.credential_call(&auth).await?.1;
         }
         let path = url.as_str();
@@ -775,11 +781,13 @@ impl Lakebase {
                 now,
             });
         }
-        // The shorter life: the one asked for, or the one answered.
+        // The shortest life: the one asked for, the one answered, or the longest there is.
+        let longest = requested_at + MAX_CREDENTIAL_LIFE;
         let expires_at = match self.ttl.and_then(|ttl| now.checked_add(ttl)) {
             Some(asked) => asked.min(expires_at.into()),
             None => expires_at.into(),
-        };
+        }
+        .min(longest);
         Ok(Token::new(token, Some(expires_at)))
     }
 

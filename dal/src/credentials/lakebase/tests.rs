@@ -552,13 +552,15 @@ async fn concurrent_fetches_on_a_cold_source_share_one_token_call() {
 #[tokio::test]
 async fn autoscaling_credential_request_and_answer() {
     let server = Server::start(workspace).await;
+    let before = SystemTime::now();
     let token = source(&server).fetch().await.unwrap();
     assert_eq!(token.expose(), DB_TOKEN);
-    assert_eq!(
-        token.expires_at(),
-        Some(SystemTime::from(
-            chrono::DateTime::parse_from_rfc3339(FAR).unwrap()
-        ))
+    // Answered for 2099: a credential lasts an hour at most, counted from the request.
+    let expires = token.expires_at().expect("an expiry");
+    assert!(
+        expires >= before + MAX_CREDENTIAL_LIFE
+            && expires <= SystemTime::now() + MAX_CREDENTIAL_LIFE,
+        "{expires:?}"
     );
     let call = server.requests().pop().unwrap();
     assert_eq!(
@@ -605,17 +607,28 @@ async fn provisioned_credential_request_carries_a_uuid4_request_id() {
 
 #[tokio::test]
 async fn either_expiry_field_name_is_accepted() {
-    let server = Server::start(|r: &Request, base: &str| match r.path.as_str() {
+    // Half an hour ahead, written in another time zone with a fraction of a second.
+    let in_half_an_hour = chrono::Utc::now() + chrono::Duration::minutes(30);
+    let written = in_half_an_hour
+        .with_timezone(&chrono::FixedOffset::east_opt(3600).unwrap())
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, false);
+    let server = Server::start(move |r: &Request, base: &str| match r.path.as_str() {
         AUTOSCALING_PATH => Reply::Json(
             200,
-            json!({ "token": DB_TOKEN, "expiration_time": "2099-01-01T00:00:00.5+01:00" }),
+            json!({ "token": DB_TOKEN, "expiration_time": written }),
         ),
         PROVISIONED_PATH => Reply::Json(200, json!({ "token": DB_TOKEN, "expire_time": FAR })),
         _ => workspace(r, base),
     })
     .await;
-    let expected =
-        SystemTime::from(chrono::DateTime::parse_from_rfc3339("2098-12-31T23:00:00.5Z").unwrap());
+    let expected = SystemTime::from(
+        in_half_an_hour
+            .with_timezone(&chrono::Utc)
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string()
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap(),
+    );
     let token = source(&server).fetch().await.unwrap();
     assert_eq!(token.expires_at(), Some(expected));
     let target = LakebaseTarget::Provisioned {
