@@ -52,9 +52,10 @@ pub const LOCK_TIMEOUT: &str = "2s";
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 
 /// The pauses before each new try of a migration that gave up on a lock ([`LOCK_TIMEOUT`]):
-/// four more tries over 15 s, during which the transaction in the way may end. Between
-/// tries the migration holds no lock, so the writes queued behind it go on; each try
-/// stalls them for [`LOCK_TIMEOUT`] at most.
+/// four more tries over 15 s, during which the transaction in the way may end; each is
+/// moved at random by up to half. Between tries the migration holds no lock, so the writes
+/// queued behind it go on; each try stalls them for [`LOCK_TIMEOUT`] at most. A try that
+/// applied a migration before it failed starts them over.
 pub const LOCK_RETRY_PAUSES: [Duration; 4] = [
     Duration::from_secs(1),
     Duration::from_secs(2),
@@ -88,8 +89,12 @@ pub(crate) const RAN_AT_ONCE: Retried = Retried {
 
 /// Applies `M`'s pending migrations on `db` (all, or `steps` of them), reading what is still
 /// pending and trying again, after each of the [`LOCK_RETRY_PAUSES`], when a migration
-/// failed for a reason in `retried`. The migrations applied before it stay applied, and
-/// count against `steps`.
+/// failed for a reason in `retried`. A try that applied a migration before it failed starts
+/// the pauses over: a run that loses a race at every migration (replicas starting together,
+/// each ahead on one migration and behind on the next) goes on while it moves forward. Each
+/// pause is moved at random by up to half, so that runs that lost together do not all try
+/// again together. The migrations applied before it stay applied, and count against
+/// `steps`.
 pub(crate) async fn up_retrying<M: MigratorTrait>(
     db: &DatabaseConnection,
     steps: Option<u32>,
@@ -99,6 +104,9 @@ pub(crate) async fn up_retrying<M: MigratorTrait>(
         Some(_) => M::get_pending_migrations(db).await?.len(),
         None => 0,
     };
+    // What was pending at the last failure (read then, not before the first try: runs that
+    // start together would race to create `seaql_migrations` in that read).
+    let mut pending = None;
     let mut left = steps;
     let mut pauses = LOCK_RETRY_PAUSES.iter().enumerate();
     loop {
@@ -106,19 +114,27 @@ pub(crate) async fn up_retrying<M: MigratorTrait>(
             Err(e) if sqlstate(&e).is_some_and(|code| retried.sqlstates.contains(&&*code)) => e,
             done => return done,
         };
+        let pending_now = M::get_pending_migrations(db).await.ok().map(|p| p.len());
+        if let (Some(before), Some(now)) = (pending, pending_now)
+            && now < before
+        {
+            pauses = LOCK_RETRY_PAUSES.iter().enumerate();
+        }
+        pending = pending_now.or(pending);
         let Some((tried, pause)) = pauses.next() else {
             return Err(e);
         };
+        let pause = pause.mul_f64(0.5 + fastrand::f64());
         // In sea-orm-migration's target, the one its command line shows.
         tracing::warn!(
             target: "sea_orm_migration",
             error = %e,
-            "{}; trying again in {pause:?} (try {} of {})",
+            "{}; trying again in {pause:.1?} (try {} of {})",
             retried.reason,
             tried + 2,
             LOCK_RETRY_PAUSES.len() + 1
         );
-        tokio::time::sleep(*pause).await;
+        tokio::time::sleep(pause).await;
         if let Some(steps) = steps {
             let applied = pending_before.saturating_sub(M::get_pending_migrations(db).await?.len());
             left = Some(steps.saturating_sub(applied as u32));

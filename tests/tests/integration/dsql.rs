@@ -544,6 +544,67 @@ async fn two_dsql_migration_runs_at_once_both_succeed() {
     two.shutdown().await;
 }
 
+/// A DSQL migration run that loses a race at every migration (replicas starting together,
+/// each ahead on one migration and behind on the next) goes on as long as each retry moves
+/// it forward: the pauses start over after progress. Before, the four pauses were one
+/// budget for the whole run, and it failed at its third migration (six lost races). Here
+/// each migration's record in `seaql_migrations` conflicts twice (SQLSTATE `40001`, as
+/// another run's commit would make it) before it goes in.
+#[tokio::test]
+async fn a_dsql_migration_run_losing_a_race_at_every_migration_completes() {
+    let pg = dsql_cluster().await;
+    pg.create_database("raced", Some("admin")).await.unwrap();
+    let admin = pg.admin("raced").await.unwrap();
+    let versions = [
+        "m20260101_000001_create_customers",
+        "m20260101_000002_create_orders",
+        "m20260101_000003_create_order_items",
+    ];
+    for version in versions {
+        admin
+            .batch_execute(&format!("CREATE SEQUENCE \"lost_{version}\""))
+            .await
+            .unwrap();
+    }
+    admin
+        .batch_execute(
+            "CREATE TABLE seaql_migrations (version varchar NOT NULL PRIMARY KEY, \
+             applied_at bigint NOT NULL); ALTER TABLE seaql_migrations OWNER TO admin; \
+             CREATE FUNCTION lose_twice() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ \
+             BEGIN \
+               IF nextval(format('%I', 'lost_' || NEW.version)) <= 2 THEN \
+                 RAISE EXCEPTION 'change conflicts with another transaction' \
+                   USING ERRCODE = '40001'; \
+               END IF; \
+               RETURN NEW; \
+             END $$; \
+             CREATE TRIGGER lose_twice BEFORE INSERT ON seaql_migrations \
+               FOR EACH ROW EXECUTE FUNCTION lose_twice()",
+        )
+        .await
+        .unwrap();
+    let connector =
+        Connector::new(config(&pg, "admin", pg.dsql_source("admin").unwrap()).database("raced"))
+            .await
+            .unwrap();
+    let db = tests::migration_db(&connector).await;
+    migration::DsqlMigrator::up(&db, None)
+        .await
+        .expect("a run that moves forward at every retry completes");
+    for version in versions {
+        let lost: i64 = admin
+            .query_one(&format!("SELECT last_value FROM \"lost_{version}\""), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            lost, 3,
+            "{version}: two lost races and the insert that went in"
+        );
+    }
+    connector.shutdown().await;
+}
+
 /// The local endpoint forwards both ways without Nagle's algorithm, as the client and the
 /// server send: with it on, the last short piece of a reply waited for the client's delayed
 /// ACK, and a query of 2,000 rows took 53 ms through the endpoint against 2.4 ms direct, which
