@@ -3,12 +3,23 @@
 //! [`Migrator`] runs each migration in a transaction, as usual on PostgreSQL. [`DsqlMigrator`]
 //! runs the same migrations the way Aurora DSQL needs: outside a transaction, one DDL statement
 //! at a time, indexes built with `CREATE INDEX ASYNC`, and no foreign keys (DSQL has none).
-//! Runs that may overlap (replicas that migrate as they start) take a [`MigrationLock`] first.
+//! Runs that may overlap (replicas that migrate as they start) take a [`MigrationLock`] first:
+//! without it, two runs read the same pending migrations and the second fails on the first's
+//! tables.
 //!
 //! ```no_run
-//! use migration::{Migrator, MigratorTrait};
-//! # async fn run(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Result<(), sea_orm_migration::sea_orm::DbErr> {
-//! Migrator::up(db, None).await?;
+//! use migration::{DsqlMigrator, MigrationLock, Migrator, MigratorTrait};
+//! # async fn run(connector: &dal::Connector) -> Result<(), Box<dyn std::error::Error>> {
+//! // Held until dropped; `None` on Aurora DSQL, which has no advisory locks.
+//! let lock = MigrationLock::acquire(connector).await?;
+//! // sea-orm-migration takes SeaORM's own connection: one over a plain sqlx pool.
+//! let db = dal::sea_orm::DatabaseConnection::from(connector.sqlx_pool().await?);
+//! if connector.target() == dal::Target::Dsql {
+//!     DsqlMigrator::up(&db, None).await?;
+//! } else {
+//!     Migrator::up(&db, None).await?;
+//! }
+//! drop(lock);
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]

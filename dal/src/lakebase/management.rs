@@ -392,7 +392,11 @@ fn operation(path: &str, value: &Value) -> Result<Operation> {
 ///
 /// Dropped without `delete`, or with its creation or deletion dropped half way (a timeout
 /// around it, a test that panicked), it deletes the branch on a thread of its own, which
-/// outlives the runtime, and logs a warning: call `delete` to know it happened.
+/// outlives the runtime but not the process, and logs a warning: call `delete` to know it
+/// happened. A test binary whose last test leaves its branch so may end before the deletion
+/// is sent (the test harness exits once the tests are done): delete the branches a run left
+/// by their name, `test-<12 hex digits>` ([`Management::list_branches`],
+/// [`Management::delete_branch`]).
 ///
 /// ```no_run
 /// # async fn demo(source: dal::credentials::Lakebase, base: dal::Config) -> dal::Result<()> {
