@@ -51,11 +51,17 @@ pub const LOCK_TIMEOUT: &str = "2s";
 /// long on its own.
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 
+/// Puts back, for the rest of a transaction, the settings [`Ddl::begin`] set for it: a
+/// caller's transaction that ran the migrations goes on as it was.
+pub(crate) const RESET_SETTINGS: &str = "SET LOCAL lock_timeout TO DEFAULT; \
+     SET LOCAL idle_in_transaction_session_timeout TO DEFAULT; \
+     SET LOCAL statement_timeout TO DEFAULT";
+
 /// The pauses before each new try of a migration that gave up on a lock ([`LOCK_TIMEOUT`]):
 /// four more tries over 15 s, during which the transaction in the way may end; each is
 /// moved at random by up to half. Between tries the migration holds no lock, so the writes
-/// queued behind it go on; each try stalls them for [`LOCK_TIMEOUT`] at most. A try that
-/// applied a migration before it failed starts them over.
+/// queued behind it go on; each try stalls them for [`LOCK_TIMEOUT`] at most. A failure with
+/// fewer migrations pending than at the one before starts them over.
 pub const LOCK_RETRY_PAUSES: [Duration; 4] = [
     Duration::from_secs(1),
     Duration::from_secs(2),
@@ -89,9 +95,10 @@ pub(crate) const RAN_AT_ONCE: Retried = Retried {
 
 /// Applies `M`'s pending migrations on `db` (all, or `steps` of them), reading what is still
 /// pending and trying again, after each of the [`LOCK_RETRY_PAUSES`], when a migration
-/// failed for a reason in `retried`. A try that applied a migration before it failed starts
-/// the pauses over: a run that loses a race at every migration (replicas starting together,
-/// each ahead on one migration and behind on the next) goes on while it moves forward. Each
+/// failed for a reason in `retried`. A failure with fewer migrations pending than at the one
+/// before (this run or another applied some in between) starts the pauses over: a run that
+/// loses a race at every migration (replicas starting together, each ahead on one migration
+/// and behind on the next) goes on while the schema moves forward. Each
 /// pause is moved at random by up to half, so that runs that lost together do not all try
 /// again together. The migrations applied before it stay applied, and count against
 /// `steps`.

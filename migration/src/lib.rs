@@ -66,7 +66,9 @@ impl MigratorTrait for Migrator {
     /// A migration that gave up on a lock (SQLSTATE `55P03` after [`LOCK_TIMEOUT`]) is rolled
     /// back and tried again after each of the [`LOCK_RETRY_PAUSES`] (logged at warn level);
     /// after the last, the run fails with that error. Given a transaction
-    /// (`&DatabaseTransaction`), which that error aborts, each migration is tried once.
+    /// (`&DatabaseTransaction`), which that error aborts, each migration is tried once, and
+    /// the transaction's `lock_timeout`, `statement_timeout` and
+    /// `idle_in_transaction_session_timeout` are as they were before when it returns `Ok`.
     ///
     /// # Errors
     ///
@@ -78,6 +80,12 @@ impl MigratorTrait for Migrator {
         match db.into_database_executor() {
             sea_orm::DatabaseExecutor::Connection(db) => {
                 ddl::up_retrying::<OneTry>(db, steps, &ddl::LOCK_TIMED_OUT).await
+            }
+            sea_orm::DatabaseExecutor::Transaction(tx) => {
+                OneTry::up(tx, steps).await?;
+                // The migrations' settings were for their transaction: here the caller's,
+                // which goes on.
+                tx.execute_unprepared(ddl::RESET_SETTINGS).await.map(drop)
             }
             db => OneTry::up(db, steps).await,
         }

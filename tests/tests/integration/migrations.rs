@@ -364,3 +364,43 @@ async fn the_migration_lock_waits_past_the_statement_timeout() {
     assert!(waiting.await.unwrap().unwrap());
     first.shutdown().await;
 }
+
+/// Migrations run in a caller's transaction leave its settings as they were: each migration
+/// bounds its lock waits and idle time and lifts `statement_timeout` for its transaction,
+/// which here is the caller's, so before, the caller's work after the migrations ran with no
+/// statement timeout and lost its session after 10 s idle (SQLSTATE `25P03`).
+#[tokio::test]
+async fn migrations_in_a_callers_transaction_leave_its_settings_as_they_were() {
+    use sea_orm::TransactionTrait;
+    let pg = tests::server().await;
+    let password = format!("pw-{}", uuid::Uuid::new_v4());
+    pg.create_role("in_tx", &password, None).await.unwrap();
+    pg.create_database("in_tx", Some("in_tx")).await.unwrap();
+    let config = pg
+        .config("in_tx", "in_tx", &password)
+        .statement_timeout(std::time::Duration::from_secs(30));
+    let connector = dal::Connector::new(config).await.unwrap();
+    let db = tests::migration_db(&connector).await;
+    let tx = db.begin().await.unwrap();
+    Migrator::up(&tx, None)
+        .await
+        .expect("migrations in a transaction");
+    for (name, was) in [
+        ("statement_timeout", "30s"),
+        ("lock_timeout", "0"),
+        ("idle_in_transaction_session_timeout", "0"),
+    ] {
+        let row = tx
+            .query_one_raw(Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                format!("SELECT current_setting('{name}') AS value"),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        let now: String = row.try_get("", "value").unwrap();
+        assert_eq!(now, was, "{name} after the migrations");
+    }
+    tx.commit().await.unwrap();
+    connector.shutdown().await;
+}
