@@ -463,9 +463,16 @@ fn listen(
             };
             runtime.block_on(async move {
                 let serving = if shared && port != 0 {
+                    // Listening, if an address is free, before this program's first login.
+                    let now = SHARED_ADDRESSES
+                        .iter()
+                        .find_map(|address| bind(*address, port).ok());
                     let _ = bound.send(Ok(port));
                     futures_util::future::Either::Left(async move {
-                        let listener = free_address(port).await;
+                        let listener = match now {
+                            Some(listener) => listener,
+                            None => free_address(port).await,
+                        };
                         serve(listener, tokens).await;
                     })
                 } else {

@@ -168,6 +168,66 @@ async fn the_dev_cluster_persists_restarts_and_recovers() {
     assert!(LocalPostgres::stop_dev_in(&root).unwrap());
 }
 
+/// Two programs on one development cluster each answer token logins, at an address of its
+/// own: when the first ends, the next login is checked by the second at once. Before, the
+/// second stood by and took over within a tenth of a second, and a login in between was
+/// refused (SQLSTATE 28000).
+#[tokio::test]
+async fn token_logins_go_on_at_once_when_the_program_answering_them_ends() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::SystemTime;
+    let parent = tempfile::tempdir().unwrap();
+    // As root the server runs as another user, who must be able to reach the directory.
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = parent.path().join("cluster");
+    let first = LocalPostgres::dev_in(&root).await.expect("the dev cluster");
+    let second = LocalPostgres::dev_in(&root)
+        .await
+        .expect("the dev cluster, again");
+    second.create_token_role("taker").await.unwrap();
+    let login = |pg: &LocalPostgres| {
+        let token = pg.mint_token("taker", SystemTime::now() + Duration::from_secs(60));
+        let config = pg.config("postgres", "taker", &token);
+        async move {
+            let connector = dal::Connector::new(config).await?;
+            let (client, connection) = connector.connect().await?;
+            tokio::spawn(connection);
+            client
+                .batch_execute("SELECT 1")
+                .await
+                .map_err(dal::Error::Database)
+        }
+    };
+    login(&second).await.expect("a login while both answer");
+    // The first program's verifier ends with it: wait until its address refuses.
+    let port = ldap_port(&root);
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first verifier never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for _ in 0..5 {
+        login(&second)
+            .await
+            .expect("a login right after the first program ended");
+    }
+    assert!(LocalPostgres::stop_dev_in(&root).unwrap());
+}
+
+/// The port the token verifiers of the cluster in `root` listen on.
+fn ldap_port(root: &std::path::Path) -> u16 {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("token-logins.json")).unwrap()).unwrap();
+    state["ldap_port"].as_u64().unwrap() as u16
+}
+
 /// The platforms' limits as knobs: a connection limit answered with SQLSTATE 53300, and a
 /// maximum connection age after which the server closes the connection (DSQL's 60 minutes).
 #[tokio::test]
