@@ -464,9 +464,7 @@ fn listen(
             runtime.block_on(async move {
                 let serving = if shared && port != 0 {
                     // Listening, if an address is free, before this program's first login.
-                    let now = SHARED_ADDRESSES
-                        .iter()
-                        .find_map(|address| bind(*address, port).ok());
+                    let now = free_address_now(port);
                     let _ = bound.send(Ok(port));
                     futures_util::future::Either::Left(async move {
                         let listener = match now {
@@ -516,14 +514,8 @@ fn listen(
 /// once there is one.
 async fn free_address(port: u16) -> tokio::net::TcpListener {
     loop {
-        for address in SHARED_ADDRESSES {
-            match bind(address, port) {
-                Ok(listener) => {
-                    tracing::debug!(%address, port, "this process answers token logins");
-                    return listener;
-                }
-                Err(e) => tracing::trace!(%address, port, error = %e, "taken"),
-            }
+        if let Some(listener) = free_address_now(port) {
+            return listener;
         }
         tracing::debug!(
             port,
@@ -531,6 +523,23 @@ async fn free_address(port: u16) -> tokio::net::TcpListener {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// A listener on `port` at the first of the [`SHARED_ADDRESSES`] no other process holds, if
+/// one is free now.
+fn free_address_now(port: u16) -> Option<tokio::net::TcpListener> {
+    SHARED_ADDRESSES
+        .into_iter()
+        .find_map(|address| match bind(address, port) {
+            Ok(listener) => {
+                tracing::debug!(%address, port, "this process answers token logins");
+                Some(listener)
+            }
+            Err(e) => {
+                tracing::trace!(%address, port, error = %e, "taken");
+                None
+            }
+        })
 }
 
 fn bind(address: std::net::Ipv4Addr, port: u16) -> std::io::Result<tokio::net::TcpListener> {
