@@ -661,6 +661,9 @@ impl Connector {
     async fn connect_here<T>(&self, open: OpenWith<T>) -> Result<T> {
         let mut deadline = Instant::now() + self.shared.connect_timeout;
         let mut attempt = 0;
+        // The server's last refusal for a limit: the answer when the timeout cuts a later
+        // try short, since it says why.
+        let mut limited = None;
         loop {
             match self.connect_once(open, &mut deadline).await {
                 Err(e) if matches!(e.sqlstate(), Some("53300" | "53400")) => {
@@ -673,8 +676,10 @@ impl Connector {
                     tracing::debug!(%sqlstate, attempt, "the server refused a connection for a limit; trying again");
                     metrics::counter!(telemetry::CONNECTS_LIMITED, "sqlstate" => sqlstate)
                         .increment(1);
+                    limited = Some(e);
                     tokio::time::sleep(delay).await;
                 }
+                Err(e @ Error::ConnectTimeout { .. }) => return Err(limited.unwrap_or(e)),
                 other => return other,
             }
         }
@@ -1733,6 +1738,56 @@ mod tests {
             assert!(err.is_connection_failure() && err.is_retryable(), "{err:?}");
             assert!(!err.is_auth_failure(), "{err:?}");
         }
+    }
+
+    /// A connection the server refused for a limit (`53300`) and whose next try the connect
+    /// timeout cut short fails with the server's refusal, which says why, not with the
+    /// timeout. Before, a login slowed by a busy machine on the last try turned the answer
+    /// into `ConnectTimeout`. Here the server refuses the first login and never answers the
+    /// next.
+    #[tokio::test]
+    async fn a_limit_whose_last_try_the_timeout_cut_short_fails_with_the_limit() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn answer(mut socket: tokio::net::TcpStream, refuse: bool) -> std::io::Result<()> {
+            loop {
+                let mut length = [0; 4];
+                socket.read_exact(&mut length).await?;
+                let mut body = vec![0; u32::from_be_bytes(length) as usize - 4];
+                socket.read_exact(&mut body).await?;
+                // SSLRequest (80877103): no TLS here.
+                if body[..4] == 80_877_103u32.to_be_bytes() {
+                    socket.write_all(b"N").await?;
+                    continue;
+                }
+                if !refuse {
+                    // Holds the login until the client goes.
+                    let mut rest = Vec::new();
+                    socket.read_to_end(&mut rest).await?;
+                    return Ok(());
+                }
+                let fields = b"SFATAL\0VFATAL\0C53300\0Mtoo many connections for role \"u\"\0\0";
+                let mut message = vec![b'E'];
+                message.extend((fields.len() as u32 + 4).to_be_bytes());
+                message.extend(fields);
+                return socket.write_all(&message).await;
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(answer(socket, std::mem::take(&mut first)));
+            }
+        });
+        let config = Config::new("127.0.0.1", "u")
+            .port(port)
+            .password("p")
+            .ssl_mode(SslMode::Disable)
+            .connect_timeout(Duration::from_secs(3));
+        let connector = Connector::build(config).unwrap();
+        let err = connector.connect().await.map(drop).unwrap_err();
+        assert_eq!(err.sqlstate(), Some("53300"), "{err:?}");
     }
 
     /// A fetch slower than the connect timeout goes on after the connect that started it
