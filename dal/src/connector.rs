@@ -1702,13 +1702,16 @@ mod tests {
         }
     }
 
-    /// A server starting up, shutting down or in recovery refuses each login with SQLSTATE
-    /// `57P03` (cannot_connect_now): a connection failure, retried and failed over as an
-    /// unreachable server is, not a database error, by each kind of connection.
-    #[tokio::test]
-    async fn a_server_that_cannot_take_connections_now_is_a_connection_failure() {
+    /// A server that speaks just enough of the protocol to answer logins, on a port it
+    /// returns: no TLS, then for the login of its connection `n` (from 0) an ErrorResponse
+    /// with the fields `answer(n)` gives, or none at all (the login waits until the client
+    /// goes).
+    async fn answering_logins(answer: fn(usize) -> Option<&'static [u8]>) -> u16 {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        async fn refuse(mut socket: tokio::net::TcpStream) -> std::io::Result<()> {
+        async fn login(
+            mut socket: tokio::net::TcpStream,
+            fields: Option<&'static [u8]>,
+        ) -> std::io::Result<()> {
             loop {
                 let mut length = [0; 4];
                 socket.read_exact(&mut length).await?;
@@ -1719,7 +1722,11 @@ mod tests {
                     socket.write_all(b"N").await?;
                     continue;
                 }
-                let fields = b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0";
+                let Some(fields) = fields else {
+                    let mut rest = Vec::new();
+                    socket.read_to_end(&mut rest).await?;
+                    return Ok(());
+                };
                 let mut message = vec![b'E'];
                 message.extend((fields.len() as u32 + 4).to_be_bytes());
                 message.extend(fields);
@@ -1729,10 +1736,24 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
+            let mut n = 0;
             while let Ok((socket, _)) = listener.accept().await {
-                tokio::spawn(refuse(socket));
+                tokio::spawn(login(socket, answer(n)));
+                n += 1;
             }
         });
+        port
+    }
+
+    /// A server starting up, shutting down or in recovery refuses each login with SQLSTATE
+    /// `57P03` (cannot_connect_now): a connection failure, retried and failed over as an
+    /// unreachable server is, not a database error, by each kind of connection.
+    #[tokio::test]
+    async fn a_server_that_cannot_take_connections_now_is_a_connection_failure() {
+        let port = answering_logins(|_| {
+            Some(b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0")
+        })
+        .await;
         for err in errors_of_each_kind(port).await {
             assert_eq!(err.sqlstate(), Some("57P03"), "{err:?}");
             assert!(err.is_connection_failure() && err.is_retryable(), "{err:?}");
@@ -1747,39 +1768,12 @@ mod tests {
     /// next.
     #[tokio::test]
     async fn a_limit_whose_last_try_the_timeout_cut_short_fails_with_the_limit() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        async fn answer(mut socket: tokio::net::TcpStream, refuse: bool) -> std::io::Result<()> {
-            loop {
-                let mut length = [0; 4];
-                socket.read_exact(&mut length).await?;
-                let mut body = vec![0; u32::from_be_bytes(length) as usize - 4];
-                socket.read_exact(&mut body).await?;
-                // SSLRequest (80877103): no TLS here.
-                if body[..4] == 80_877_103u32.to_be_bytes() {
-                    socket.write_all(b"N").await?;
-                    continue;
-                }
-                if !refuse {
-                    // Holds the login until the client goes.
-                    let mut rest = Vec::new();
-                    socket.read_to_end(&mut rest).await?;
-                    return Ok(());
-                }
-                let fields = b"SFATAL\0VFATAL\0C53300\0Mtoo many connections for role \"u\"\0\0";
-                let mut message = vec![b'E'];
-                message.extend((fields.len() as u32 + 4).to_be_bytes());
-                message.extend(fields);
-                return socket.write_all(&message).await;
-            }
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            let mut first = true;
-            while let Ok((socket, _)) = listener.accept().await {
-                tokio::spawn(answer(socket, std::mem::take(&mut first)));
-            }
-        });
+        let port = answering_logins(|n| {
+            (n == 0).then_some(
+                b"SFATAL\0VFATAL\0C53300\0Mtoo many connections for role \"u\"\0\0".as_slice(),
+            )
+        })
+        .await;
         let config = Config::new("127.0.0.1", "u")
             .port(port)
             .password("p")
