@@ -90,13 +90,10 @@ pub(crate) fn server_tls(
 }
 
 /// The TLS configuration of a client of the cluster that trusts its CA only.
-pub(crate) fn client_tls(
-    pg: &super::LocalPostgres,
-) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+pub(crate) fn client_tls(ca: &std::path::Path) -> Result<std::sync::Arc<rustls::ClientConfig>> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    let path = pg.ca_cert_path();
-    let pem = std::fs::read(&path).map_err(Error::io(&path))?;
+    let pem = std::fs::read(ca).map_err(Error::io(ca))?;
     let bad = |e: &dyn std::fmt::Display| Error::local(format!("cannot use the cluster's CA: {e}"));
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {

@@ -378,7 +378,7 @@ impl LocalLakebase {
             oauth: oauth::OAuthState::new(),
             model: Mutex::new(branches::Model::new(&config.endpoint, &config.database)),
             cluster: {
-                let client_config = super::certs::client_tls(pg)?;
+                let client_config = super::certs::client_tls(&pg.ca_cert_path())?;
                 branches::Cluster {
                     admin: pg.admin_access(),
                     port: pg.port(),

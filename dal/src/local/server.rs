@@ -29,6 +29,8 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 const PORT_ATTEMPTS: usize = 3;
 /// The state file of the persistent development cluster.
 const DEV_STATE: &str = "dal-dev.json";
+/// The cluster's CA certificate, in its directory.
+const CA_FILE: &str = "ca.crt";
 
 /// Runs the server as a child of a small shell that stops it and removes the cluster's
 /// directory as soon as its standard input closes: when the handle is dropped, or when the
@@ -62,6 +64,8 @@ pub struct LocalPostgres {
     user: ServerUser,
     logins: TokenLogins,
     watchdog: Option<Watchdog>,
+    /// The TLS of administrative connections: the cluster's CA only.
+    admin_tls: Arc<rustls::ClientConfig>,
 }
 
 /// The shell that owns an ephemeral server, and what the server printed.
@@ -207,6 +211,7 @@ impl LocalPostgres {
         let pg = Self {
             port,
             password,
+            admin_tls: certs::client_tls(&root.join(CA_FILE))?,
             root,
             user,
             logins,
@@ -255,6 +260,7 @@ impl LocalPostgres {
         let mut pg = Self {
             port,
             password,
+            admin_tls: certs::client_tls(&root.join(CA_FILE))?,
             root,
             user,
             logins,
@@ -438,7 +444,7 @@ impl LocalPostgres {
 
     /// The PEM file of the CA that signed the server certificate, for `sslrootcert`.
     pub fn ca_cert_path(&self) -> PathBuf {
-        self.root.join("ca.crt")
+        self.root.join(CA_FILE)
     }
 
     /// The cluster's directory (data, CA, logs).
@@ -460,7 +466,7 @@ impl LocalPostgres {
             .unwrap_or_default()
     }
 
-    /// A connection as superuser to `database`, without TLS (for administration over loopback).
+    /// A connection as superuser to `database`, over TLS verified against the cluster's CA.
     pub async fn admin(&self, database: &str) -> Result<tokio_postgres::Client> {
         self.admin_access().connect(database).await
     }
@@ -470,6 +476,7 @@ impl LocalPostgres {
         AdminAccess {
             port: self.port,
             password: self.password.clone(),
+            tls: Arc::clone(&self.admin_tls),
         }
     }
 
@@ -756,6 +763,7 @@ impl Drop for ConnectionAgeLimit {
 pub(crate) struct AdminAccess {
     port: u16,
     password: SecretString,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl std::fmt::Debug for AdminAccess {
@@ -768,8 +776,11 @@ impl std::fmt::Debug for AdminAccess {
 }
 
 impl AdminAccess {
-    /// A connection as superuser to `database`, without TLS.
+    /// A connection as superuser to `database`, over TLS verified against the cluster's CA
+    /// and with SCRAM channel binding: the password goes to no program but the cluster's
+    /// server, whatever holds the port (the cluster's old port after a restart, say).
     pub(crate) async fn connect(&self, database: &str) -> Result<tokio_postgres::Client> {
+        use tokio_postgres::config::{ChannelBinding, SslMode};
         let mut config = tokio_postgres::Config::new();
         config
             .host("127.0.0.1")
@@ -777,8 +788,12 @@ impl AdminAccess {
             .user(SUPERUSER)
             .password(self.password.expose_secret())
             .dbname(database)
+            .ssl_mode(SslMode::Require)
+            .channel_binding(ChannelBinding::Require)
             .application_name("dal-local-admin");
-        let connect = config.connect(tokio_postgres::NoTls);
+        let tls =
+            tokio_postgres_rustls::MakeRustlsConnect::new(rustls::ClientConfig::clone(&self.tls));
+        let connect = config.connect(tls);
         // The whole handshake is bounded, not only the TCP connect: a program squatting on
         // the port could accept and never answer.
         let (client, connection) = tokio::time::timeout(ADMIN_TIMEOUT, connect)
@@ -942,7 +957,7 @@ fn create_cluster(bindir: &Path, root: &Path, user: ServerUser) -> Result<Secret
     let certs = certs::generate()?;
     write_private(&data.join("server.crt"), certs.cert_pem.as_bytes(), user)?;
     write_private(&data.join("server.key"), certs.key_pem.as_bytes(), user)?;
-    let ca = root.join("ca.crt");
+    let ca = root.join(CA_FILE);
     std::fs::write(&ca, certs.ca_pem).map_err(Error::io(&ca))?;
     std::fs::set_permissions(&ca, std::fs::Permissions::from_mode(0o644))
         .map_err(Error::io(&ca))?;
@@ -1260,6 +1275,120 @@ mod tests {
                 "the server user's own"
             );
         }
+    }
+
+    /// A program holding the cluster's port (its old port after a restart, or a port free a
+    /// moment before the server took it) is never sent the superuser's password: the
+    /// administrative connections stop at a server that will not do TLS, or whose certificate
+    /// the cluster's CA did not sign. Without TLS, tokio-postgres answers a request for the
+    /// password in clear text.
+    #[tokio::test]
+    async fn a_program_holding_the_clusters_port_is_never_sent_the_superuser_password() {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, certs::generate().unwrap().ca_pem).unwrap();
+        // A certificate for 127.0.0.1 from another CA, which anyone can make.
+        let other = certs::generate().unwrap();
+        let other = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(other.cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(other.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        for tls in [None, Some(Arc::new(other))] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let admin = AdminAccess {
+                port: listener.local_addr().unwrap().port(),
+                password: SecretString::from("hunter2-superuser"),
+                tls: certs::client_tls(&ca).unwrap(),
+            };
+            let with_tls = tls.is_some();
+            let heard = tokio::spawn(squat(listener, tls));
+            let outcome = admin.connect("postgres").await;
+            let heard = String::from_utf8_lossy(&heard.await.unwrap()).into_owned();
+            assert!(
+                !heard.contains("hunter2"),
+                "the program (TLS: {with_tls}) was sent the password"
+            );
+            assert!(
+                outcome.is_err(),
+                "connected to the program (TLS: {with_tls})"
+            );
+        }
+    }
+
+    /// Answers one connection as a server that asks for the password in clear text, with TLS
+    /// if `tls` is given; what the client sent after the request.
+    async fn squat(
+        listener: tokio::net::TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Vec<u8> {
+        use tokio::io::AsyncWriteExt;
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let Some(first) = untyped_message(&mut socket).await else {
+            return Vec::new();
+        };
+        // SSLRequest's code, 80877103.
+        if first != [0x04, 0xd2, 0x16, 0x2f] {
+            return ask_for_password(socket, false).await;
+        }
+        match tls {
+            None => {
+                socket.write_all(b"N").await.unwrap();
+                ask_for_password(socket, true).await
+            }
+            Some(config) => {
+                socket.write_all(b"S").await.unwrap();
+                match tokio_rustls::TlsAcceptor::from(config).accept(socket).await {
+                    Ok(stream) => ask_for_password(stream, true).await,
+                    Err(_) => Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// Reads the startup message if `startup` is still to come, asks for the password in
+    /// clear text, and returns the client's next message.
+    async fn ask_for_password<S>(mut stream: S, startup: bool) -> Vec<u8>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if startup && untyped_message(&mut stream).await.is_none() {
+            return Vec::new();
+        }
+        // AuthenticationCleartextPassword.
+        if stream
+            .write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3])
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        let mut head = [0; 5];
+        if stream.read_exact(&mut head).await.is_err() {
+            return Vec::new();
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0; len.saturating_sub(4).min(1 << 16)];
+        let _ = stream.read_exact(&mut body).await;
+        body
+    }
+
+    /// A message without a type byte (the startup message, SSLRequest): its body.
+    async fn untyped_message<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Option<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let len = stream.read_u32().await.ok()? as usize;
+        let mut body = vec![0; len.saturating_sub(4).min(1 << 16)];
+        stream.read_exact(&mut body).await.ok()?;
+        Some(body)
     }
 
     #[test]
