@@ -482,10 +482,13 @@ impl LocalPostgres {
 
     /// Connection options for sqlx (and so SeaORM) as superuser to `database`, over TLS
     /// verified against the cluster's CA (`verify-full`).
+    ///
+    /// sqlx's `Debug` of the options shows the password: keep them out of logs. No password
+    /// file is read (sqlx logs a malformed line of one whole).
     #[cfg(feature = "seaorm")]
     pub fn sqlx_options(&self, database: &str) -> sea_orm::sqlx::postgres::PgConnectOptions {
         use sea_orm::sqlx::postgres::{PgConnectOptions, PgSslMode};
-        PgConnectOptions::new()
+        PgConnectOptions::new_without_pgpass()
             .host(self.host())
             .port(self.port)
             .username(SUPERUSER)

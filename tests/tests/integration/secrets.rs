@@ -286,3 +286,35 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// The local server's sqlx options read no password file, as the connector's do not: sqlx
+/// logs a malformed line of `~/.pgpass` whole, with the password in it.
+#[test]
+fn the_local_servers_sqlx_options_read_no_password_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let passfile = dir.path().join("pgpass");
+    std::fs::write(&passfile, "*:*:*:hunter2-in-pgpass\n").unwrap();
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // SAFETY: before any runtime starts; nothing else of this test's process reads the
+    // environment meanwhile.
+    unsafe {
+        std::env::set_var("PGPASSFILE", &passfile);
+        std::env::remove_var("PGPASSWORD");
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let pg = runtime.block_on(tests::server());
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || drop(pg.sqlx_options("postgres")));
+    let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    assert!(
+        !log.contains("hunter2"),
+        "the password file's line was logged: {log}"
+    );
+}
