@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseConnection};
+use sea_orm_migration::sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, Statement,
+};
 
 /// The kind of server the migrations are written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,11 +53,47 @@ pub const LOCK_TIMEOUT: &str = "2s";
 /// long on its own.
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 
-/// Puts back, for the rest of a transaction, the settings [`Ddl::begin`] set for it: a
-/// caller's transaction that ran the migrations goes on as it was.
-pub(crate) const RESET_SETTINGS: &str = "SET LOCAL lock_timeout TO DEFAULT; \
-     SET LOCAL idle_in_transaction_session_timeout TO DEFAULT; \
-     SET LOCAL statement_timeout TO DEFAULT";
+/// The values in a transaction of the settings [`Ddl::begin`] sets for it, to put back once
+/// migrations ran in a caller's transaction: it goes on as it was, its own `SET LOCAL`
+/// values included.
+pub(crate) struct Settings(Vec<sea_orm_migration::sea_orm::Value>);
+
+impl Settings {
+    const NAMES: [&str; 3] = [
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+        "statement_timeout",
+    ];
+
+    /// The values in `tx`, now.
+    pub(crate) async fn of(tx: &DatabaseTransaction) -> Result<Self, DbErr> {
+        let mut values = Vec::with_capacity(Self::NAMES.len());
+        for name in Self::NAMES {
+            let row = tx
+                .query_one_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("SELECT current_setting('{name}') AS value"),
+                ))
+                .await?
+                .ok_or_else(|| DbErr::Custom(format!("no value of {name}")))?;
+            values.push(row.try_get::<String>("", "value")?.into());
+        }
+        Ok(Self(values))
+    }
+
+    /// Sets them again in `tx`, for the rest of the transaction.
+    pub(crate) async fn put_back(self, tx: &DatabaseTransaction) -> Result<(), DbErr> {
+        tx.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT set_config('lock_timeout', $1, true), \
+             set_config('idle_in_transaction_session_timeout', $2, true), \
+             set_config('statement_timeout', $3, true)",
+            self.0,
+        ))
+        .await
+        .map(drop)
+    }
+}
 
 /// The pauses before each new try of a migration that gave up on a lock ([`LOCK_TIMEOUT`]):
 /// four more tries over 15 s, during which the transaction in the way may end; each is

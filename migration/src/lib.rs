@@ -82,14 +82,96 @@ impl MigratorTrait for Migrator {
                 ddl::up_retrying::<OneTry>(db, steps, &ddl::LOCK_TIMED_OUT).await
             }
             sea_orm::DatabaseExecutor::Transaction(tx) => {
-                OneTry::up(tx, steps).await?;
-                // The migrations' settings were for their transaction: here the caller's,
-                // which goes on.
-                tx.execute_unprepared(ddl::RESET_SETTINGS).await.map(drop)
+                keeping_settings(tx, OneTry::up(tx, steps)).await
             }
             db => OneTry::up(db, steps).await,
         }
     }
+
+    /// Rolls back the applied migrations (all, or the last `steps`); given a transaction, its
+    /// settings are as they were before when it returns `Ok` (see [`up`](Self::up)).
+    ///
+    /// # Errors
+    ///
+    /// The first error of a migration or of the server.
+    async fn down<'c, C>(db: C, steps: Option<u32>) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        match db.into_database_executor() {
+            sea_orm::DatabaseExecutor::Transaction(tx) => {
+                keeping_settings(tx, OneTry::down(tx, steps)).await
+            }
+            db => OneTry::down(db, steps).await,
+        }
+    }
+
+    /// Drops every table, then applies every migration; given a transaction, its settings are
+    /// as they were before when it returns `Ok` (see [`up`](Self::up)).
+    ///
+    /// # Errors
+    ///
+    /// The first error of a migration or of the server.
+    async fn fresh<'c, C>(db: C) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        match db.into_database_executor() {
+            sea_orm::DatabaseExecutor::Transaction(tx) => {
+                keeping_settings(tx, OneTry::fresh(tx)).await
+            }
+            db => OneTry::fresh(db).await,
+        }
+    }
+
+    /// Rolls back every applied migration, then applies every migration; given a
+    /// transaction, its settings are as they were before when it returns `Ok` (see
+    /// [`up`](Self::up)).
+    ///
+    /// # Errors
+    ///
+    /// The first error of a migration or of the server.
+    async fn refresh<'c, C>(db: C) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        match db.into_database_executor() {
+            sea_orm::DatabaseExecutor::Transaction(tx) => {
+                keeping_settings(tx, OneTry::refresh(tx)).await
+            }
+            db => OneTry::refresh(db).await,
+        }
+    }
+
+    /// Rolls back every applied migration and drops the migrations' table; given a
+    /// transaction, its settings are as they were before when it returns `Ok` (see
+    /// [`up`](Self::up)).
+    ///
+    /// # Errors
+    ///
+    /// The first error of a migration or of the server.
+    async fn reset<'c, C>(db: C) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        match db.into_database_executor() {
+            sea_orm::DatabaseExecutor::Transaction(tx) => {
+                keeping_settings(tx, OneTry::reset(tx)).await
+            }
+            db => OneTry::reset(db).await,
+        }
+    }
+}
+
+/// Runs `migrations` in `tx`, a caller's transaction, and puts back the settings each
+/// migration set for its transaction (see [`ddl::Settings`]): the caller's goes on as it was.
+async fn keeping_settings(
+    tx: &sea_orm::DatabaseTransaction,
+    migrations: impl std::future::Future<Output = Result<(), DbErr>> + Send,
+) -> Result<(), DbErr> {
+    let settings = ddl::Settings::of(tx).await?;
+    migrations.await?;
+    settings.put_back(tx).await
 }
 
 /// [`Migrator`]'s migrations, each tried once: what its `up` runs, and runs again.

@@ -368,7 +368,9 @@ async fn the_migration_lock_waits_past_the_statement_timeout() {
 /// Migrations run in a caller's transaction leave its settings as they were: each migration
 /// bounds its lock waits and idle time and lifts `statement_timeout` for its transaction,
 /// which here is the caller's, so before, the caller's work after the migrations ran with no
-/// statement timeout and lost its session after 10 s idle (SQLSTATE `25P03`).
+/// statement timeout and lost its session after 10 s idle (SQLSTATE `25P03`). The
+/// transaction's own `SET LOCAL` values come back too, not the session's, after every command
+/// that runs migrations.
 #[tokio::test]
 async fn migrations_in_a_callers_transaction_leave_its_settings_as_they_were() {
     use sea_orm::TransactionTrait;
@@ -385,10 +387,36 @@ async fn migrations_in_a_callers_transaction_leave_its_settings_as_they_were() {
     Migrator::up(&tx, None)
         .await
         .expect("migrations in a transaction");
-    for (name, was) in [
-        ("statement_timeout", "30s"),
-        ("lock_timeout", "0"),
-        ("idle_in_transaction_session_timeout", "0"),
+    // The session's own: the connector's statement timeout, the server's defaults.
+    assert_eq!(settings_in(&tx).await, ["30s", "0", "0"]);
+    // The transaction's own, through every command that runs migrations.
+    tx.execute_unprepared(
+        "SET LOCAL statement_timeout = '7s'; SET LOCAL lock_timeout = '5s'; \
+         SET LOCAL idle_in_transaction_session_timeout = '20s'",
+    )
+    .await
+    .unwrap();
+    Migrator::down(&tx, Some(1)).await.expect("down");
+    assert_eq!(settings_in(&tx).await, ["7s", "5s", "20s"], "after down");
+    Migrator::up(&tx, None).await.expect("up");
+    assert_eq!(settings_in(&tx).await, ["7s", "5s", "20s"], "after up");
+    Migrator::refresh(&tx).await.expect("refresh");
+    assert_eq!(settings_in(&tx).await, ["7s", "5s", "20s"], "after refresh");
+    Migrator::fresh(&tx).await.expect("fresh");
+    assert_eq!(settings_in(&tx).await, ["7s", "5s", "20s"], "after fresh");
+    Migrator::reset(&tx).await.expect("reset");
+    assert_eq!(settings_in(&tx).await, ["7s", "5s", "20s"], "after reset");
+    tx.commit().await.unwrap();
+    connector.shutdown().await;
+}
+
+/// `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` in `tx`.
+async fn settings_in(tx: &sea_orm::DatabaseTransaction) -> Vec<String> {
+    let mut values = Vec::new();
+    for name in [
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
     ] {
         let row = tx
             .query_one_raw(Statement::from_string(
@@ -398,9 +426,7 @@ async fn migrations_in_a_callers_transaction_leave_its_settings_as_they_were() {
             .await
             .unwrap()
             .unwrap();
-        let now: String = row.try_get("", "value").unwrap();
-        assert_eq!(now, was, "{name} after the migrations");
+        values.push(row.try_get::<String>("", "value").unwrap());
     }
-    tx.commit().await.unwrap();
-    connector.shutdown().await;
+    values
 }
