@@ -599,6 +599,11 @@ impl LocalLakebase {
             .collect()
     }
 
+    /// How many of the failures [`fail_next`](Self::fail_next) asked for are still to come.
+    pub fn failures_pending(&self) -> usize {
+        self.shared.fail_remaining.load(Ordering::SeqCst)
+    }
+
     /// How many workspace OAuth tokens were issued.
     pub fn oauth_requests(&self) -> usize {
         self.shared.oauth_requests.load(Ordering::SeqCst)

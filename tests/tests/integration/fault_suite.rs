@@ -159,6 +159,17 @@ impl Workload {
         self.run_paced(period, WRITE_PAUSE).await;
     }
 
+    /// Runs the writers a second at a time until `done`; fails after a minute, naming `what`.
+    async fn run_until(self: &Arc<Self>, what: &str, done: impl Fn() -> bool) {
+        for _ in 0..60 {
+            if done() {
+                return;
+            }
+            self.run_for(Duration::from_secs(1)).await;
+        }
+        panic!("not so after a minute of writes: {what}");
+    }
+
     /// Four writers for `period`, each pausing up to `pause` (at random) after each write.
     async fn run_paced(self: &Arc<Self>, period: Duration, pause: Duration) {
         let writers = self.start(pause);
@@ -382,15 +393,18 @@ async fn slow_and_failing_credential_service() {
     let config = lb.client_config(&pg, "f_flaky").unwrap().cache(cache);
     let w = Workload::new(config).await;
     lb.set_latency(Duration::from_millis(400));
+    let fetched = w.connector.cache().fetches();
     lb.fail_next(2, 500);
-    w.run_for(Duration::from_secs(5)).await;
+    w.run_until("the refresh met the 500s", || lb.failures_pending() == 0)
+        .await;
     lb.fail_next(2, 429);
-    w.run_for(Duration::from_secs(5)).await;
-    let fetches = w.connector.cache().fetches();
-    assert!(
-        fetches >= 2,
-        "a refresh should have met the failures: {fetches} fetches"
-    );
+    w.run_until("the refresh met the 429s", || lb.failures_pending() == 0)
+        .await;
+    // The refresh that met the 429s completes with the writers on.
+    w.run_until("the refresh after the 429s completed", || {
+        w.connector.cache().fetches() >= fetched + 2
+    })
+    .await;
     let figures = w.figures(&pg.admin("f_flaky").await.unwrap()).await;
     report(
         "credential service 400 ms slow, 2 x 500 then 2 x 429 + Retry-After (8 s tokens)",
@@ -441,7 +455,7 @@ async fn terminated_idle_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_outage_longer_than_the_token_life() {
     // The token expires during the outage: new connections cannot log in until it ends.
-    let (_pg, _lb, w, figures, recovery, _) = outage(
+    let (_pg, _lb, w, figures, recovery, refused) = outage(
         "f_long_outage",
         Duration::from_secs(3),
         Duration::from_millis(600),
@@ -451,8 +465,9 @@ async fn credential_outage_longer_than_the_token_life() {
     report(
         "credential service down 5 s (3 s tokens)",
         &figures,
-        &format!("| recovery {} ms", recovery.as_millis()),
+        &format!("| refused {refused} | recovery {} ms", recovery.as_millis()),
     );
+    assert!(refused >= 1, "the outage met no refresh");
     assert_eq!((figures.lost, figures.duplicates), (0, 0));
     // The refresher keeps trying through the outage and every pool uses its first new token:
     // failures stop within a retry interval (500 ms at most).

@@ -263,7 +263,7 @@ async fn a_migration_that_cannot_take_its_lock_gives_up_instead_of_stalling_the_
             .unwrap()
             .is_empty()
     );
-    busy.finish(std::time::Duration::from_secs(60)).await;
+    busy.finish(std::time::Duration::from_secs(10)).await;
 }
 
 /// The same, with the transaction ending after the migration's first try gave up: the run
@@ -317,7 +317,7 @@ async fn a_migration_that_gave_up_on_its_lock_tries_again_and_completes() {
             .is_empty()
     );
     busy.writes_on(10).await;
-    busy.finish(Duration::from_secs(60)).await;
+    busy.finish(Duration::from_secs(10)).await;
 }
 
 /// A run waits for the migration lock however long the other run migrates: the connector's
