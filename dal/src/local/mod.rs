@@ -8,7 +8,9 @@
 //!
 //! Both listen on a free loopback port with `scram-sha-256` authentication, a superuser with a
 //! generated password, and TLS on with a certificate for `localhost` and `127.0.0.1` signed by
-//! a CA generated at creation, so that clients can test `sslmode=verify-full`.
+//! a CA generated at creation, so that clients can test `sslmode=verify-full`. The handle's
+//! own superuser logins go over that TLS, verified against that CA, with SCRAM channel
+//! binding: a program holding the port (the old one, after a restart) never sees the password.
 //!
 //! When started by root, the server runs as the `postgres` OS user (`initdb` refuses root).
 //!
