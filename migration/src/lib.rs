@@ -81,10 +81,7 @@ impl MigratorTrait for Migrator {
             sea_orm::DatabaseExecutor::Connection(db) => {
                 ddl::up_retrying::<OneTry>(db, steps, &ddl::LOCK_TIMED_OUT).await
             }
-            sea_orm::DatabaseExecutor::Transaction(tx) => {
-                keeping_settings(tx, OneTry::up(tx, steps)).await
-            }
-            db => OneTry::up(db, steps).await,
+            db => keeping_settings(db, |db| OneTry::up(db, steps)).await,
         }
     }
 
@@ -98,12 +95,7 @@ impl MigratorTrait for Migrator {
     where
         C: IntoSchemaManagerConnection<'c>,
     {
-        match db.into_database_executor() {
-            sea_orm::DatabaseExecutor::Transaction(tx) => {
-                keeping_settings(tx, OneTry::down(tx, steps)).await
-            }
-            db => OneTry::down(db, steps).await,
-        }
+        keeping_settings(db.into_database_executor(), |db| OneTry::down(db, steps)).await
     }
 
     /// Drops every table, then applies every migration; given a transaction, its settings are
@@ -116,12 +108,7 @@ impl MigratorTrait for Migrator {
     where
         C: IntoSchemaManagerConnection<'c>,
     {
-        match db.into_database_executor() {
-            sea_orm::DatabaseExecutor::Transaction(tx) => {
-                keeping_settings(tx, OneTry::fresh(tx)).await
-            }
-            db => OneTry::fresh(db).await,
-        }
+        keeping_settings(db.into_database_executor(), OneTry::fresh).await
     }
 
     /// Rolls back every applied migration, then applies every migration; given a
@@ -135,12 +122,7 @@ impl MigratorTrait for Migrator {
     where
         C: IntoSchemaManagerConnection<'c>,
     {
-        match db.into_database_executor() {
-            sea_orm::DatabaseExecutor::Transaction(tx) => {
-                keeping_settings(tx, OneTry::refresh(tx)).await
-            }
-            db => OneTry::refresh(db).await,
-        }
+        keeping_settings(db.into_database_executor(), OneTry::refresh).await
     }
 
     /// Rolls back every applied migration and drops the migrations' table; given a
@@ -154,23 +136,24 @@ impl MigratorTrait for Migrator {
     where
         C: IntoSchemaManagerConnection<'c>,
     {
-        match db.into_database_executor() {
-            sea_orm::DatabaseExecutor::Transaction(tx) => {
-                keeping_settings(tx, OneTry::reset(tx)).await
-            }
-            db => OneTry::reset(db).await,
-        }
+        keeping_settings(db.into_database_executor(), OneTry::reset).await
     }
 }
 
-/// Runs `migrations` in `tx`, a caller's transaction, and puts back the settings each
+/// Runs `migrations` on `db`; on a caller's transaction, then puts back the settings each
 /// migration set for its transaction (see [`ddl::Settings`]): the caller's goes on as it was.
-async fn keeping_settings(
-    tx: &sea_orm::DatabaseTransaction,
-    migrations: impl std::future::Future<Output = Result<(), DbErr>> + Send,
-) -> Result<(), DbErr> {
+async fn keeping_settings<'c, F>(
+    db: sea_orm::DatabaseExecutor<'c>,
+    migrations: impl FnOnce(sea_orm::DatabaseExecutor<'c>) -> F,
+) -> Result<(), DbErr>
+where
+    F: std::future::Future<Output = Result<(), DbErr>> + Send,
+{
+    let sea_orm::DatabaseExecutor::Transaction(tx) = db else {
+        return migrations(db).await;
+    };
     let settings = ddl::Settings::of(tx).await?;
-    migrations.await?;
+    migrations(db).await?;
     settings.put_back(tx).await
 }
 
