@@ -60,33 +60,47 @@ pub(crate) fn generate() -> Result<ServerCerts> {
     })
 }
 
+impl ServerCerts {
+    /// The TLS configuration of a server that answers with this certificate.
+    #[cfg(test)]
+    pub(crate) fn server_config(&self) -> Result<rustls::ServerConfig> {
+        server_config(self.cert_pem.as_bytes(), self.key_pem.as_bytes())
+    }
+}
+
 /// The TLS configuration of a front that answers with the cluster's own certificate.
 pub(crate) fn server_tls(
     pg: &super::LocalPostgres,
 ) -> Result<std::sync::Arc<rustls::ServerConfig>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let data = pg.root().join("data");
     let read = |name: &str| {
         let path = data.join(name);
         std::fs::read(&path).map_err(Error::io(&path))
     };
+    let tls = server_config(&read("server.crt")?, &read("server.key")?)?;
+    Ok(std::sync::Arc::new(tls))
+}
+
+/// The TLS configuration of a server that answers with the certificates of `cert_pem` and
+/// the key of `key_pem`.
+fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let bad = |e: &dyn std::fmt::Display| {
         Error::local(format!("cannot use the server's certificate: {e}"))
     };
-    let certs = CertificateDer::pem_slice_iter(&read("server.crt")?)
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| bad(&e))?;
-    let key = PrivateKeyDer::from_pem_slice(&read("server.key")?).map_err(|e| bad(&e))?;
-    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad(&e))?;
+    rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| bad(&e))?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| bad(&e))?;
-    Ok(std::sync::Arc::new(tls))
+    .map_err(|e| bad(&e))
 }
 
 /// The TLS configuration of a client of the cluster that trusts its CA only.

@@ -1287,24 +1287,11 @@ mod tests {
     /// password in clear text.
     #[tokio::test]
     async fn a_program_holding_the_clusters_port_is_never_sent_the_superuser_password() {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.crt");
         std::fs::write(&ca, certs::generate().unwrap().ca_pem).unwrap();
         // A certificate for 127.0.0.1 from another CA, which anyone can make.
-        let other = certs::generate().unwrap();
-        let other = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from_pem_slice(other.cert_pem.as_bytes()).unwrap()],
-            PrivateKeyDer::from_pem_slice(other.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
+        let other = certs::generate().unwrap().server_config().unwrap();
         for tls in [None, Some(Arc::new(other))] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let admin = AdminAccess {

@@ -1363,21 +1363,11 @@ fn masking_leaves_other_text_and_short_secrets_elsewhere_alone() {
 #[cfg(feature = "local")]
 #[tokio::test]
 async fn the_client_asks_for_http_1_1_of_a_server_that_speaks_http_2() {
+    use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let certs = crate::local::certs::generate().unwrap();
-    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![CertificateDer::from_pem_slice(certs.cert_pem.as_bytes()).unwrap()],
-        PrivateKeyDer::from_pem_slice(certs.key_pem.as_bytes()).unwrap(),
-    )
-    .unwrap();
+    let mut server = certs.server_config().unwrap();
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
