@@ -124,10 +124,11 @@ pub(crate) const LOCK_TIMED_OUT: Retried = Retried {
 
 /// Another run changed the schema at the same time (Aurora DSQL has no lock to take first):
 /// a conflict (`40001`, DSQL's `OC001`), or the other's row in `seaql_migrations`, or its
-/// table, there first (`23505`: PostgreSQL raises it for two `CREATE TABLE IF NOT EXISTS` at
-/// once as well; `42P07`).
+/// table, there first. PostgreSQL raises any of three for two `CREATE TABLE IF NOT EXISTS`
+/// at once, by where the second meets the first: the table (`42P07`), its row type
+/// (`42710`), or the catalog's unique index (`23505`, as for a row).
 pub(crate) const RAN_AT_ONCE: Retried = Retried {
-    sqlstates: &["40001", "23505", "42P07"],
+    sqlstates: &["40001", "23505", "42P07", "42710"],
     reason: "another migration run changed the schema at the same time",
 };
 

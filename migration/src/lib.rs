@@ -192,7 +192,7 @@ impl MigratorTrait for DsqlMigrator {
     /// DSQL has no advisory lock for a [`MigrationLock`]: two runs at once (two replicas
     /// migrating as they start) race on the same statements, and the one that loses (a
     /// conflict, SQLSTATE `40001`; the other's table or row in `seaql_migrations` first,
-    /// `23505` or `42P07`) reads what is still pending and goes on, after each of the
+    /// `23505`, `42P07` or `42710`) reads what is still pending and goes on, after each of the
     /// [`LOCK_RETRY_PAUSES`]: every statement is `IF NOT EXISTS`, so one run again changes
     /// nothing. Given a transaction, each migration is tried once.
     ///

@@ -544,6 +544,53 @@ async fn two_dsql_migration_runs_at_once_both_succeed() {
     two.shutdown().await;
 }
 
+/// A DSQL migration run whose `CREATE TABLE` meets another run's table first goes on, with
+/// each of the errors PostgreSQL raises for two `CREATE TABLE IF NOT EXISTS` at once: the
+/// table (`42P07`), its row type (`42710`, from `TypeCreate`), or the catalog's unique
+/// index (`23505`). Here an event trigger raises the code at the run's first `CREATE TABLE`,
+/// as the race does. Before, `42710` ended the run: `type "seaql_migrations" already
+/// exists`, seen when two runs started together.
+#[tokio::test]
+async fn a_dsql_migration_run_meeting_another_runs_table_goes_on() {
+    let pg = dsql_cluster().await;
+    for code in ["42P07", "42710", "23505"] {
+        let database = format!("met_{}", code.to_lowercase());
+        pg.create_database(&database, Some("admin")).await.unwrap();
+        let admin = pg.admin(&database).await.unwrap();
+        admin
+            .batch_execute(&format!(
+                "CREATE SEQUENCE met; \
+                 CREATE FUNCTION meet_once() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ \
+                 BEGIN \
+                   IF nextval('met') = 1 THEN \
+                     RAISE EXCEPTION 'another run created it first' USING ERRCODE = '{code}'; \
+                   END IF; \
+                 END $$; \
+                 CREATE EVENT TRIGGER meet_once ON ddl_command_start \
+                   WHEN TAG IN ('CREATE TABLE') EXECUTE FUNCTION meet_once()"
+            ))
+            .await
+            .unwrap();
+        let connector = Connector::new(
+            config(&pg, "admin", pg.dsql_source("admin").unwrap()).database(&database),
+        )
+        .await
+        .unwrap();
+        let db = tests::migration_db(&connector).await;
+        migration::DsqlMigrator::up(&db, None)
+            .await
+            .unwrap_or_else(|e| panic!("{code}: a run that met another's table goes on: {e}"));
+        let met: i64 = admin
+            .query_one("SELECT last_value FROM met", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(met > 1, "{code}: the run never tried again ({met})");
+        tests::seaorm_round_trip(&db, code).await;
+        connector.shutdown().await;
+    }
+}
+
 /// A DSQL migration run that loses a race at every migration (replicas starting together,
 /// each ahead on one migration and behind on the next) goes on as long as each retry moves
 /// it forward: the pauses start over after progress. Before, the four pauses were one
