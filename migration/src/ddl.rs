@@ -146,17 +146,26 @@ pub(crate) async fn up_retrying<M: MigratorTrait>(
     steps: Option<u32>,
     retried: &Retried,
 ) -> Result<(), DbErr> {
-    let pending_before = match steps {
-        Some(_) => M::get_pending_migrations(db).await?.len(),
-        None => 0,
-    };
-    // What was pending at the last failure (read then, not before the first try: runs that
-    // start together would race to create `seaql_migrations` in that read).
+    // What was pending before this run's first try, when it applies a number of steps: read
+    // in the try itself, whose failure is tried again (runs that start together race to
+    // create `seaql_migrations` in that read).
+    let mut pending_before = None;
+    // What was pending at the last failure.
     let mut pending = None;
-    let mut left = steps;
     let mut pauses = LOCK_RETRY_PAUSES.iter().enumerate();
     loop {
-        let e = match M::up(db, left).await {
+        let tried = async {
+            let left = match steps {
+                None => None,
+                Some(steps) => {
+                    let now = M::get_pending_migrations(db).await?.len();
+                    let applied = pending_before.get_or_insert(now).saturating_sub(now);
+                    Some(steps.saturating_sub(applied as u32))
+                }
+            };
+            M::up(db, left).await
+        };
+        let e = match tried.await {
             Err(e) if sqlstate(&e).is_some_and(|code| retried.sqlstates.contains(&&*code)) => e,
             done => return done,
         };
@@ -181,10 +190,6 @@ pub(crate) async fn up_retrying<M: MigratorTrait>(
             LOCK_RETRY_PAUSES.len() + 1
         );
         tokio::time::sleep(pause).await;
-        if let Some(steps) = steps {
-            let applied = pending_before.saturating_sub(M::get_pending_migrations(db).await?.len());
-            left = Some(steps.saturating_sub(applied as u32));
-        }
     }
 }
 

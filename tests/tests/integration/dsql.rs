@@ -548,13 +548,19 @@ async fn two_dsql_migration_runs_at_once_both_succeed() {
 /// each of the errors PostgreSQL raises for two `CREATE TABLE IF NOT EXISTS` at once: the
 /// table (`42P07`), its row type (`42710`, from `TypeCreate`), or the catalog's unique
 /// index (`23505`). Here an event trigger raises the code at the run's first `CREATE TABLE`,
-/// as the race does. Before, `42710` ended the run: `type "seaql_migrations" already
-/// exists`, seen when two runs started together.
+/// as the race does, in a run of all pending migrations and in one of a number of steps
+/// (which reads what is pending first, and so creates `seaql_migrations` there). Before,
+/// `42710` ended the run (`type "seaql_migrations" already exists`, seen when two runs
+/// started together), and in a run of steps so did every code.
 #[tokio::test]
 async fn a_dsql_migration_run_meeting_another_runs_table_goes_on() {
     let pg = dsql_cluster().await;
-    for code in ["42P07", "42710", "23505"] {
-        let database = format!("met_{}", code.to_lowercase());
+    let runs = ["42P07", "42710", "23505"]
+        .into_iter()
+        .flat_map(|code| [(code, None), (code, Some(3))]);
+    for (code, steps) in runs {
+        let database = format!("met_{}_{}", code.to_lowercase(), steps.unwrap_or(0));
+        let run = format!("{code}, steps {steps:?}");
         pg.create_database(&database, Some("admin")).await.unwrap();
         let admin = pg.admin(&database).await.unwrap();
         admin
@@ -577,16 +583,16 @@ async fn a_dsql_migration_run_meeting_another_runs_table_goes_on() {
         .await
         .unwrap();
         let db = tests::migration_db(&connector).await;
-        migration::DsqlMigrator::up(&db, None)
+        migration::DsqlMigrator::up(&db, steps)
             .await
-            .unwrap_or_else(|e| panic!("{code}: a run that met another's table goes on: {e}"));
+            .unwrap_or_else(|e| panic!("{run}: a run that met another's table goes on: {e}"));
         let met: i64 = admin
             .query_one("SELECT last_value FROM met", &[])
             .await
             .unwrap()
             .get(0);
-        assert!(met > 1, "{code}: the run never tried again ({met})");
-        tests::seaorm_round_trip(&db, code).await;
+        assert!(met > 1, "{run}: the run never tried again ({met})");
+        tests::seaorm_round_trip(&db, &database).await;
         connector.shutdown().await;
     }
 }
