@@ -132,6 +132,27 @@ pub(crate) const RAN_AT_ONCE: Retried = Retried {
     reason: "another migration run changed the schema at the same time",
 };
 
+/// Creates the table of applied migrations (`table`, sea-orm-migration's `seaql_migrations`)
+/// when it is missing, as sea-orm-migration's own `install` does, for runs that take no lock
+/// first (Aurora DSQL has none). Of two runs that create it at once, the one that loses gets
+/// one of [`RAN_AT_ONCE`]'s errors with the table in place, and a second try finds it. The
+/// first error is returned when the second try fails too (on a transaction, which the first
+/// error aborts).
+pub(crate) async fn install_beside_others<C: ConnectionTrait>(
+    db: &C,
+    table: DynIden,
+) -> Result<(), DbErr> {
+    let mut create = sea_orm_migration::sea_orm::Schema::new(db.get_database_backend())
+        .create_table_from_entity(sea_orm_migration::seaql_migrations::Entity);
+    create.table(table).if_not_exists();
+    match db.execute(&create).await {
+        Err(e) if sqlstate(&e).is_some_and(|code| RAN_AT_ONCE.sqlstates.contains(&&*code)) => {
+            db.execute(&create).await.map(drop).map_err(|_| e)
+        }
+        created => created.map(drop),
+    }
+}
+
 /// Applies `M`'s pending migrations on `db` (all, or `steps` of them), reading what is still
 /// pending and trying again, after each of the [`LOCK_RETRY_PAUSES`], when a migration
 /// failed for a reason in `retried`. A failure with fewer migrations pending than at the one

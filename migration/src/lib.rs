@@ -175,6 +175,13 @@ impl MigratorTrait for DsqlOneTry {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         DsqlMigrator::migrations()
     }
+
+    async fn install<C>(db: &C) -> Result<(), DbErr>
+    where
+        C: sea_orm::ConnectionTrait,
+    {
+        DsqlMigrator::install(db).await
+    }
 }
 
 /// The migrator for Aurora DSQL: no transaction around a migration, one DDL per statement,
@@ -186,6 +193,21 @@ pub struct DsqlMigrator;
 impl MigratorTrait for DsqlMigrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         migrations_for(Flavor::Dsql)
+    }
+
+    /// Creates `seaql_migrations` when it is missing. DSQL has no lock to take first: of two
+    /// runs that create it at once (replicas migrating, or reading what is pending, as they
+    /// start), the one that loses (SQLSTATE `40001`, `23505`, `42P07` or `42710`) finds it in
+    /// place at a second try. Every read of what is applied or pending does this first.
+    ///
+    /// # Errors
+    ///
+    /// The server's first error, when the second try fails too.
+    async fn install<C>(db: &C) -> Result<(), DbErr>
+    where
+        C: sea_orm::ConnectionTrait,
+    {
+        ddl::install_beside_others(db, Self::migration_table_name()).await
     }
 
     /// Applies the pending migrations (all, or `steps` of them), one statement at a time.

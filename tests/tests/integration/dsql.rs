@@ -548,19 +548,21 @@ async fn two_dsql_migration_runs_at_once_both_succeed() {
 /// each of the errors PostgreSQL raises for two `CREATE TABLE IF NOT EXISTS` at once: the
 /// table (`42P07`), its row type (`42710`, from `TypeCreate`), or the catalog's unique
 /// index (`23505`). Here an event trigger raises the code at the run's first `CREATE TABLE`,
-/// as the race does, in a run of all pending migrations and in one of a number of steps
-/// (which reads what is pending first, and so creates `seaql_migrations` there). Before,
-/// `42710` ended the run (`type "seaql_migrations" already exists`, seen when two runs
-/// started together), and in a run of steps so did every code.
+/// as the race does: in a run of all pending migrations, in one of a number of steps (which
+/// reads what is pending first), and in a program that reads what is pending before its run
+/// (as `examples::migrate` does, to say how many it applied); each read creates
+/// `seaql_migrations` when it is missing. Before, `42710` ended the run (`type
+/// "seaql_migrations" already exists`, seen when two runs started together), and a read
+/// before the run failed with every code.
 #[tokio::test]
 async fn a_dsql_migration_run_meeting_another_runs_table_goes_on() {
     let pg = dsql_cluster().await;
     let runs = ["42P07", "42710", "23505"]
         .into_iter()
-        .flat_map(|code| [(code, None), (code, Some(3))]);
-    for (code, steps) in runs {
-        let database = format!("met_{}_{}", code.to_lowercase(), steps.unwrap_or(0));
-        let run = format!("{code}, steps {steps:?}");
+        .flat_map(|code| [(code, "all"), (code, "steps"), (code, "read")]);
+    for (code, run) in runs {
+        let database = format!("met_{}_{run}", code.to_lowercase());
+        let run = format!("{code}, {run}");
         pg.create_database(&database, Some("admin")).await.unwrap();
         let admin = pg.admin(&database).await.unwrap();
         admin
@@ -583,7 +585,16 @@ async fn a_dsql_migration_run_meeting_another_runs_table_goes_on() {
         .await
         .unwrap();
         let db = tests::migration_db(&connector).await;
-        migration::DsqlMigrator::up(&db, steps)
+        let migrated = async {
+            use migration::DsqlMigrator;
+            if run.ends_with("read") {
+                let pending = DsqlMigrator::get_pending_migrations(&db).await?;
+                assert_eq!(pending.len(), 3, "{run}");
+            }
+            let steps = run.ends_with("steps").then_some(3);
+            DsqlMigrator::up(&db, steps).await
+        };
+        migrated
             .await
             .unwrap_or_else(|e| panic!("{run}: a run that met another's table goes on: {e}"));
         let met: i64 = admin
