@@ -110,16 +110,22 @@ pub const LOCK_RETRY_PAUSES: [Duration; 4] = [
 /// PostgreSQL's `lock_not_available`: a statement gave up on a lock after `lock_timeout`.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
+/// PostgreSQL's `deadlock_detected`: the transaction was rolled back to end a lock cycle.
+const DEADLOCK_DETECTED: &str = "40P01";
+
 /// Why a migration run is tried again: the SQLSTATEs, and what they mean for the log.
 pub(crate) struct Retried {
     pub(crate) sqlstates: &'static [&'static str],
     pub(crate) reason: &'static str,
 }
 
-/// A migration gave up on a lock another transaction holds ([`LOCK_TIMEOUT`]).
-pub(crate) const LOCK_TIMED_OUT: Retried = Retried {
-    sqlstates: &[LOCK_NOT_AVAILABLE],
-    reason: "a migration gave up on a lock another transaction holds (LOCK_TIMEOUT)",
+/// A migration gave up on a lock another transaction holds ([`LOCK_TIMEOUT`]), or was rolled
+/// back to end a deadlock with one: PostgreSQL's `deadlock_timeout` (1 s by default) is
+/// under [`LOCK_TIMEOUT`], so a migration in a lock cycle often meets that first.
+pub(crate) const LOCK_CONFLICT: Retried = Retried {
+    sqlstates: &[LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED],
+    reason: "a migration gave up on a lock another transaction holds (LOCK_TIMEOUT), \
+             or was rolled back to end a deadlock",
 };
 
 /// Another run changed the schema at the same time (Aurora DSQL has no lock to take first):

@@ -51,7 +51,7 @@ fn migrations_for(flavor: Flavor) -> Vec<Box<dyn MigrationTrait>> {
 }
 
 /// The migrator for PostgreSQL and Lakebase: each migration runs in its own transaction,
-/// and one that gave up on a lock ([`LOCK_TIMEOUT`]) is tried again (see
+/// and one that gave up on a lock ([`LOCK_TIMEOUT`]), or ended a deadlock, is tried again (see
 /// [`up`](MigratorTrait::up)).
 #[derive(Debug, Clone, Copy)]
 pub struct Migrator;
@@ -63,8 +63,9 @@ impl MigratorTrait for Migrator {
     }
 
     /// Applies the pending migrations (all, or `steps` of them), each in its own transaction.
-    /// A migration that gave up on a lock (SQLSTATE `55P03` after [`LOCK_TIMEOUT`]) is rolled
-    /// back and tried again after each of the [`LOCK_RETRY_PAUSES`] (logged at warn level);
+    /// A migration that gave up on a lock (SQLSTATE `55P03` after [`LOCK_TIMEOUT`]), or was
+    /// rolled back to end a deadlock (`40P01`), is rolled back and tried again after each of
+    /// the [`LOCK_RETRY_PAUSES`] (logged at warn level);
     /// after the last, the run fails with that error. Given a transaction
     /// (`&DatabaseTransaction`), which that error aborts, each migration is tried once, and
     /// the transaction's `lock_timeout`, `statement_timeout` and
@@ -72,14 +73,14 @@ impl MigratorTrait for Migrator {
     ///
     /// # Errors
     ///
-    /// The first error of a migration or of the server; `55P03` after the last try.
+    /// The first error of a migration or of the server; `55P03` or `40P01` after the last try.
     async fn up<'c, C>(db: C, steps: Option<u32>) -> Result<(), DbErr>
     where
         C: IntoSchemaManagerConnection<'c>,
     {
         match db.into_database_executor() {
             sea_orm::DatabaseExecutor::Connection(db) => {
-                ddl::up_retrying::<OneTry>(db, steps, &ddl::LOCK_TIMED_OUT).await
+                ddl::up_retrying::<OneTry>(db, steps, &ddl::LOCK_CONFLICT).await
             }
             db => keeping_settings(db, |db| OneTry::up(db, steps)).await,
         }

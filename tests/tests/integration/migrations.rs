@@ -320,6 +320,47 @@ async fn a_migration_that_gave_up_on_its_lock_tries_again_and_completes() {
     busy.finish(Duration::from_secs(10)).await;
 }
 
+/// A migration chosen to end a deadlock is tried again, as one that gave up on its lock is:
+/// PostgreSQL rolls back one transaction of a lock cycle (SQLSTATE `40P01`), and with
+/// `deadlock_timeout` (1 s by default) under the migration's `lock_timeout`
+/// (`migration::LOCK_TIMEOUT`, 2 s), that is often the migration. Here a trigger on
+/// `seaql_migrations` raises `40P01` at the first migration's record, as the deadlock
+/// detector would in its transaction. Before, the run failed at its first migration.
+#[tokio::test]
+async fn a_migration_ended_by_a_deadlock_tries_again_and_completes() {
+    let pg = tests::server().await;
+    pg.create_database("deadlocked", None).await.unwrap();
+    let admin = pg.admin("deadlocked").await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE TABLE seaql_migrations (version varchar NOT NULL PRIMARY KEY, \
+             applied_at bigint NOT NULL); \
+             CREATE SEQUENCE records; \
+             CREATE FUNCTION end_the_first() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF nextval('records') = 1 THEN \
+                 RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; \
+               END IF; \
+               RETURN NEW; \
+             END $$; \
+             CREATE TRIGGER end_the_first BEFORE INSERT ON seaql_migrations \
+               FOR EACH ROW EXECUTE FUNCTION end_the_first()",
+        )
+        .await
+        .unwrap();
+    let db = tests::seaorm(&pg, "deadlocked").await;
+    Migrator::up(&db, None)
+        .await
+        .expect("a run whose migration ended a deadlock completes");
+    assert_eq!(applied(&db).await.len(), 3);
+    let records: i64 = admin
+        .query_one("SELECT last_value FROM records", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(records, 4, "one record rolled back, then three");
+}
+
 /// A run waits for the migration lock however long the other run migrates: the connector's
 /// `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`) ended the wait with SQLSTATE `57014`, and
 /// a role's `lock_timeout` with `55P03`. And the run that holds it keeps it while its lock's
