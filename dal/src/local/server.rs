@@ -550,12 +550,7 @@ impl LocalPostgres {
     /// does not exist. Safe to call from several processes at once.
     pub async fn create_token_role(&self, role: &str) -> Result<()> {
         let mut client = self.admin("postgres").await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
-            &[&TOKEN_GROUP],
-        )
-        .await?;
+        let tx = changing_roles(&mut client).await?;
         for (name, attributes) in [(TOKEN_GROUP, "NOLOGIN"), (role, "LOGIN")] {
             let exists = tx
                 .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
@@ -680,29 +675,29 @@ impl LocalPostgres {
     }
 
     /// Creates the login role `role`, or updates it when it exists, with `password` valid
-    /// until `valid_until` (forever when `None`).
+    /// until `valid_until` (forever when `None`). Safe to call from several processes at
+    /// once: the last call's password holds.
     pub async fn create_role(
         &self,
         role: &str,
         password: &str,
         valid_until: Option<DateTime<Utc>>,
     ) -> Result<()> {
-        let admin = self.admin("postgres").await?;
-        let exists = admin
+        let mut admin = self.admin("postgres").await?;
+        let tx = changing_roles(&mut admin).await?;
+        let exists = tx
             .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
             .await?
             .is_some();
         if !exists {
-            let sql: String = admin
+            let sql: String = tx
                 .query_one("SELECT format('CREATE ROLE %I LOGIN', $1::text)", &[&role])
                 .await?
                 .get(0);
-            match admin.batch_execute(&sql).await {
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
-                other => other?,
-            }
+            tx.batch_execute(&sql).await?;
         }
-        set_password(&admin, role, password, valid_until).await
+        set_password(&tx, role, password, valid_until).await?;
+        Ok(tx.commit().await?)
     }
 
     /// Rotates `role`'s password: logins with the old one fail from now on, logins with the
@@ -821,8 +816,10 @@ impl AdminAccess {
         password: &str,
         valid_until: Option<DateTime<Utc>>,
     ) -> Result<()> {
-        let admin = self.connect("postgres").await?;
-        set_password(&admin, role, password, valid_until).await
+        let mut admin = self.connect("postgres").await?;
+        let tx = changing_roles(&mut admin).await?;
+        set_password(&tx, role, password, valid_until).await?;
+        Ok(tx.commit().await?)
     }
 }
 
@@ -1035,8 +1032,24 @@ fn free_port() -> Result<u16> {
     Ok(port)
 }
 
+/// A transaction on `admin` that changes roles, one such at a time on the cluster (programs
+/// sharing it create roles at once): two `CREATE ROLE` of one name that both found none
+/// meet in the catalog's unique index (SQLSTATE `23505`), and two `ALTER ROLE` of one role
+/// may fail with `tuple concurrently updated`.
+async fn changing_roles(
+    admin: &mut tokio_postgres::Client,
+) -> Result<tokio_postgres::Transaction<'_>> {
+    let tx = admin.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&TOKEN_GROUP],
+    )
+    .await?;
+    Ok(tx)
+}
+
 async fn set_password(
-    admin: &tokio_postgres::Client,
+    admin: &tokio_postgres::Transaction<'_>,
     role: &str,
     password: &str,
     valid_until: Option<DateTime<Utc>>,

@@ -56,6 +56,38 @@ async fn a_rotated_password_behaves_like_a_short_lived_token() {
     assert_eq!(one, 1);
 }
 
+/// Programs that create the same login role, or set its password, at once all succeed,
+/// and the role ends with one of their passwords. Two `CREATE ROLE` of one name that both
+/// found none meet in the catalog's unique index (SQLSTATE `23505`), and two `ALTER ROLE`
+/// of one role may fail with `tuple concurrently updated`. Before, such runs failed with
+/// the first.
+#[tokio::test]
+async fn the_same_role_created_or_given_a_password_at_once_succeeds_for_all() {
+    let pg = tests::server().await;
+    for round in 0..4 {
+        let role = format!("together_{round}");
+        let passwords: Vec<_> = (0..8).map(|i| format!("pw-{round}-{i}")).collect();
+        let created = futures_util::future::join_all(
+            passwords.iter().map(|pw| pg.create_role(&role, pw, None)),
+        )
+        .await;
+        let rotated = futures_util::future::join_all(
+            passwords
+                .iter()
+                .map(|pw| pg.rotate_password(&role, pw, None)),
+        )
+        .await;
+        for (i, result) in created.into_iter().chain(rotated).enumerate() {
+            result.unwrap_or_else(|e| panic!("{role}, call {i}: {e}"));
+        }
+        let mut logged_in = 0;
+        for pw in &passwords {
+            logged_in += usize::from(tests::login(&pg, &role, pw).await.is_ok());
+        }
+        assert_eq!(logged_in, 1, "{role}: one of the passwords holds");
+    }
+}
+
 #[tokio::test]
 async fn the_superuser_password_is_never_printed() {
     let pg = tests::server().await;
