@@ -1709,13 +1709,18 @@ async fn a_user_logs_in_with_a_browser_once() {
         "{output}"
     );
     let dir = home.path().join(".cache/dal");
-    let files: Vec<_> = std::fs::read_dir(&dir)
+    // The token cache file, and the lock programs sharing it take in turn (empty).
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(files.len(), 1, "{files:?}");
+    files.sort();
+    let extensions: Vec<_> = files.iter().map(|f| f.extension().unwrap()).collect();
+    assert_eq!(extensions, ["json", "lock"], "{files:?}");
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&files[0]), 0o600);
+    assert_eq!(mode(&files[1]), 0o600);
+    assert_eq!(std::fs::metadata(&files[1]).unwrap().len(), 0);
     assert_eq!(mode(&dir), 0o700);
     let cached: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
     let refresh_token = cached["refresh_token"].as_str().unwrap().to_owned();

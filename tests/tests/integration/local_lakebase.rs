@@ -750,3 +750,73 @@ async fn a_login_outlives_a_cancelled_caller() {
     assert!(!token.expose().is_empty());
     assert!(addresses.try_recv().is_err(), "a second login was started");
 }
+
+/// Programs sharing a user login's token cache file, started together, each trade its
+/// refresh token without logging in again. Databricks' refresh tokens are single-use by
+/// default, and so are the local service's: of two programs that traded the same one, one
+/// was refused, and found the file not yet rewritten by the other; it showed a new login
+/// address. Each round here starts four such programs (sources of their own, one file).
+#[tokio::test(flavor = "multi_thread")]
+async fn programs_sharing_a_login_refresh_together_without_logging_in_again() {
+    use dal::credentials::{CredentialSource, Lakebase, LakebaseTarget, WorkspaceAuth};
+    let pg = tests::server().await;
+    let lb = LocalLakebase::start(&pg, LocalLakebaseConfig::new())
+        .await
+        .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let program = |prompt: Box<dyn Fn(&str) + Send + Sync>| {
+        Lakebase::new(
+            &lb.url(),
+            WorkspaceAuth::ExternalBrowser {
+                client_id: None,
+                open_browser: false,
+            },
+            LakebaseTarget::Autoscaling {
+                endpoint: lb.config().endpoint.clone(),
+            },
+        )
+        .unwrap()
+        .with_token_cache_dir(cache.path().join("dal"))
+        .with_redirect_port(0)
+        .with_login_prompt(prompt)
+    };
+    // The user's one login.
+    let (shown, mut addresses) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let first = std::sync::Arc::new(program(Box::new(move |url| {
+        let _ = shown.send(url.to_owned());
+    })));
+    let login = tokio::spawn({
+        let first = std::sync::Arc::clone(&first);
+        async move { first.fetch().await }
+    });
+    let address = addresses.recv().await.unwrap();
+    let page = tests::http().get(&address).send().await.unwrap();
+    assert!(page.status().is_success(), "{:?}", page.text().await);
+    login.await.unwrap().unwrap();
+
+    for round in 0..10 {
+        let logins = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let together: Vec<_> = (0..4)
+            .map(|_| {
+                let logins = std::sync::Arc::clone(&logins);
+                program(Box::new(move |_| {
+                    logins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }))
+            })
+            .collect();
+        // A program that had to log in waits for a browser: the round's bound.
+        let fetched = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            futures_util::future::join_all(together.iter().map(|p| p.fetch())),
+        )
+        .await;
+        assert_eq!(
+            logins.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "round {round}: a program had to log in again"
+        );
+        for token in fetched.expect("no login was shown, and yet a program waited") {
+            token.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+}

@@ -30,6 +30,8 @@ const LOGIN_WAIT: Duration = Duration::from_secs(300);
 const REQUEST_WAIT: Duration = Duration::from_secs(30);
 /// The largest request head the redirect listener reads.
 const MAX_REQUEST: usize = 16 * 1024;
+/// How often a program waiting for the token cache file's lock tries it again.
+const LOCK_POLL: Duration = Duration::from_millis(10);
 
 /// What a login's listener found: the code, or why there is none.
 type LoginOutcome = Option<std::result::Result<SecretString, String>>;
@@ -65,18 +67,30 @@ impl Lakebase {
             return Ok(self.authorization_from(&state, token));
         }
         let cache = self.token_cache_file(client_id);
-        if state.refresh_token.is_none()
-            && let Some(path) = &cache
-        {
-            state.refresh_token = read_cache(path, &self.host, client_id)?;
-        }
         let (token_url, authorize_url) = self.oauth_endpoints(&mut state).await?;
         let requested_at = self.clock.now();
+        // Programs sharing the token cache file trade its refresh token one at a time, each
+        // starting from the file's: Databricks' refresh tokens are single-use by default
+        // (https://docs.databricks.com/aws/en/integrations/single-use-tokens), so one that
+        // another program has just traded is refused, and its successor is in the file.
+        let mut held = match &cache {
+            Some(path) => lock_cache(path, self.http_timeout * 2).await,
+            None => None,
+        };
+        let on_file = match &cache {
+            Some(path) => read_cache(path, &self.host, client_id)?,
+            None => None,
+        };
+        let mut tried: Vec<SecretString> = Vec::new();
+        let mut refused = None;
         let mut issued = None;
-        // The one in memory, then at most one other from the file.
-        let mut tries = 0;
-        while let Some(refresh_token) = state.refresh_token.clone().filter(|_| tries < 2) {
-            tries += 1;
+        for refresh_token in on_file.into_iter().chain(state.refresh_token.clone()) {
+            if tried
+                .iter()
+                .any(|t| t.expose_secret() == refresh_token.expose_secret())
+            {
+                continue;
+            }
             let request = self.client.post(token_url.clone()).form(&[
                 ("grant_type", "refresh_token"),
                 ("refresh_token", refresh_token.expose_secret()),
@@ -88,26 +102,27 @@ impl Lakebase {
             {
                 Ok(new) => {
                     issued = Some(new);
+                    state.refresh_token = Some(refresh_token);
                     break;
                 }
-                // Revoked or expired, or rotated by another process or source sharing the
-                // file: the file's, when it holds another one, else a login.
+                // Revoked or expired: the other one, else a login.
                 Err(Error::Http {
                     status: 400 | 401,
                     code,
                     ..
                 }) => {
-                    let on_file = cache
-                        .as_ref()
-                        .and_then(|path| read_cache(path, &self.host, client_id).ok().flatten())
-                        .filter(|t| t.expose_secret() != refresh_token.expose_secret());
-                    if on_file.is_none() {
-                        tracing::info!(%code, "the refresh token was refused; logging in again");
-                    }
-                    state.refresh_token = on_file;
+                    refused = Some(code);
+                    tried.push(refresh_token);
                 }
                 Err(e) => return Err(e),
             }
+        }
+        if issued.is_none() {
+            if let Some(code) = refused {
+                tracing::info!(%code, "the refresh token was refused; logging in again");
+            }
+            state.refresh_token = None;
+            drop(held.take());
         }
         let issued = match issued {
             Some(issued) => issued,
@@ -132,6 +147,7 @@ impl Lakebase {
             // The login holds for this process; the next one logs in again.
             tracing::warn!(error = %e, "the refresh token cannot be kept");
         }
+        drop(held);
         Ok(self.keep_token(&mut state, issued, requested_at))
     }
 
@@ -435,15 +451,9 @@ fn read_cache(path: &Path, host: &str, client_id: &str) -> Result<Option<SecretS
         .map(SecretString::from))
 }
 
-/// Writes the refresh token to `path`, mode 0600 from the start (a new, exclusively created
-/// temporary file, then renamed), in a directory of mode 0700 that no one else can read.
-fn write_cache(
-    path: &Path,
-    host: &str,
-    client_id: &str,
-    refresh_token: &SecretString,
-) -> Result<()> {
-    use std::io::Write as _;
+/// The directory of the token cache file `path`, created mode 0700 when missing, and
+/// refused when others can read it.
+fn cache_dir(path: &Path) -> Result<&Path> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     let file_error = |what: String| Error::config(Setting::DatabricksTokenCache, what);
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -462,6 +472,68 @@ fn write_cache(
             dir.display()
         )));
     }
+    Ok(dir)
+}
+
+/// The lock of the token cache file `path` (an exclusive `flock` of `<file>.lock`, released
+/// when the file is dropped or its program ends), taken within `wait`. `None` when it was
+/// not: a program stopped while holding it holds up the others for `wait` at most, which
+/// then go on as without a lock.
+async fn lock_cache(path: &Path, wait: Duration) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let lock_path = path.with_extension("lock");
+    let opened = cache_dir(path).and_then(|_| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| {
+                Error::config(
+                    Setting::DatabricksTokenCache,
+                    format!("cannot open {}: {e}", lock_path.display()),
+                )
+            })
+    });
+    let file = match opened {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::warn!(error = %e, "the token cache file is used without its lock");
+            return None;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Some(file),
+            Err(std::fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(LOCK_POLL).await;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    path = %lock_path.display(),
+                    "the token cache file is used without its lock"
+                );
+                return None;
+            }
+        }
+    }
+}
+
+/// Writes the refresh token to `path`, mode 0600 from the start (a new, exclusively created
+/// temporary file, then renamed), in a directory of mode 0700 that no one else can read.
+fn write_cache(
+    path: &Path,
+    host: &str,
+    client_id: &str,
+    refresh_token: &SecretString,
+) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let file_error = |what: String| Error::config(Setting::DatabricksTokenCache, what);
+    let dir = cache_dir(path)?;
     let body = json!({
         "host": host,
         "client_id": client_id,
