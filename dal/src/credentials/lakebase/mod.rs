@@ -504,7 +504,9 @@ impl Lakebase {
 
     /// Keeps a user login's refresh token in `dir` (created with mode 0700; the file is
     /// `oauth-<host>-<client id>.json`, mode 0600). Defaults to `$XDG_CACHE_HOME/dal`, else
-    /// `$HOME/.cache/dal`; without either, the refresh token lives in memory only.
+    /// `$HOME/.cache/dal`; without either, the refresh token lives in memory only. Programs
+    /// sharing the file trade its refresh token (single-use on Databricks by default) one at
+    /// a time, under an empty `oauth-<host>-<client id>.lock` beside it.
     #[must_use]
     pub fn with_token_cache_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.token_cache_dir = Some(dir.into());
