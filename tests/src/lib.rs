@@ -331,5 +331,7 @@ impl Default for DevCluster {
 impl Drop for DevCluster {
     fn drop(&mut self) {
         let _ = LocalPostgres::stop_dev_in(self.0.path());
+        // The cluster's lock, beside its directory.
+        let _ = std::fs::remove_file(self.0.path().with_extension("lock"));
     }
 }

@@ -347,6 +347,8 @@ impl LocalPostgres {
     }
 
     /// Stops the persistent development cluster. Returns `false` when it was not running.
+    /// Blocks while a program is starting it (until its server is ready), and until the
+    /// server has stopped.
     pub fn stop_dev() -> Result<bool> {
         Self::stop_dev_in(&dev_root(ServerUser::detect()?)?)
     }
@@ -376,12 +378,16 @@ impl LocalPostgres {
         // A process id planted by another user would be signalled as this one.
         check_dev_root(root, ServerUser::detect()?)?;
         let pid_file = root.join("data").join("postmaster.pid");
-        let Some(pid) = read_pid(&pid_file) else {
-            return Ok(false);
-        };
-        if !is_alive(pid) {
+        let running = || read_pid(&pid_file).filter(|pid| is_alive(*pid));
+        if running().is_none() {
             return Ok(false);
         }
+        // Not while a program starts it: that program holds the lock until the server is
+        // ready, and would fail on a server stopped as it started.
+        let _lock = lock_dev(root)?;
+        let Some(pid) = running() else {
+            return Ok(false);
+        };
         nix::sys::signal::kill(pid, signal).map_err(|e| Error::LocalServer {
             what: format!("cannot stop the development cluster (pid {pid})"),
             source: Some(Box::new(e)),
@@ -1291,6 +1297,37 @@ mod tests {
                 "the server user's own"
             );
         }
+    }
+
+    /// A stop of the development cluster waits for a program that is starting it, which holds
+    /// the cluster's lock until the server is ready. Before, the stop signalled a server that
+    /// was starting, and the program failed with "the development cluster ... did not start
+    /// ...; if it cannot recover, delete that directory".
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stop_waits_for_a_program_starting_the_development_cluster() {
+        struct StoppedAtLast(PathBuf);
+        impl Drop for StoppedAtLast {
+            fn drop(&mut self) {
+                let _ = LocalPostgres::stop_dev_in(&self.0);
+                let _ = std::fs::remove_file(self.0.with_extension("lock"));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let _stopped = StoppedAtLast(root.clone());
+        drop(LocalPostgres::dev_in(&root).await.unwrap());
+        let starting = lock_dev(&root).unwrap();
+        let stop = std::thread::spawn({
+            let root = root.clone();
+            move || LocalPostgres::stop_dev_in(&root)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !stop.is_finished(),
+            "the stop went ahead of the program starting the cluster"
+        );
+        drop(starting);
+        assert!(stop.join().unwrap().unwrap(), "then it stops the server");
     }
 
     /// A program holding the cluster's port (its old port after a restart, or a port free a
