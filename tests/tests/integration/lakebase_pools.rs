@@ -312,11 +312,11 @@ async fn an_outage_shorter_than_the_token_life_fails_no_query() {
 /// Two programs (two connectors, two caches) on one role, each minting its own tokens, with
 /// every pool's connections renewed all the time: neither's tokens end the other's logins.
 /// Each token is refreshed half its life ahead of expiry, so that a login that read it just
-/// before has a second to finish even on a busy machine.
+/// before (or while its successor was fetched) has 1.5 s to finish even on a busy machine.
 #[tokio::test]
 async fn two_connectors_on_one_role_never_refuse_each_others_tokens() {
     let pg = tests::server().await;
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_secs(3);
     let lb = lakebase(&pg, "two", ttl).await;
     let churn = dal::PoolSettings::builder()
         .max_size(2)
