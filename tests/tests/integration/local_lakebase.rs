@@ -820,3 +820,76 @@ async fn programs_sharing_a_login_refresh_together_without_logging_in_again() {
         }
     }
 }
+
+/// A program logged in goes on with the refresh token it holds when the token cache file
+/// can no longer be read (made readable by others, here): the file's fault is logged, and
+/// the token in memory is traded. Before, every refresh failed on the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_goes_on_with_its_refresh_token_when_the_cache_file_cannot_be_read() {
+    use dal::credentials::{Clock, CredentialSource, Lakebase, LakebaseTarget, WorkspaceAuth};
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// The system's clock, moved on by the seconds held.
+    struct Later(Arc<AtomicU64>);
+    impl Clock for Later {
+        fn now(&self) -> std::time::SystemTime {
+            std::time::SystemTime::now() + Duration::from_secs(self.0.load(Ordering::SeqCst))
+        }
+    }
+
+    let pg = tests::server().await;
+    let lb = LocalLakebase::start(
+        &pg,
+        LocalLakebaseConfig::new()
+            .with_oauth_ttl(Duration::from_secs(60))
+            .with_token_ttl(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let later = Arc::new(AtomicU64::new(0));
+    let (shown, mut addresses) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let source = Arc::new(
+        Lakebase::new(
+            &lb.url(),
+            WorkspaceAuth::ExternalBrowser {
+                client_id: None,
+                open_browser: false,
+            },
+            LakebaseTarget::Autoscaling {
+                endpoint: lb.config().endpoint.clone(),
+            },
+        )
+        .unwrap()
+        .with_token_cache_dir(cache.path().join("dal"))
+        .with_redirect_port(0)
+        .with_clock(Arc::new(Later(Arc::clone(&later))))
+        .with_login_prompt(move |url| {
+            let _ = shown.send(url.to_owned());
+        }),
+    );
+    let login = tokio::spawn({
+        let source = Arc::clone(&source);
+        async move { source.fetch().await }
+    });
+    let address = addresses.recv().await.unwrap();
+    let page = tests::http().get(&address).send().await.unwrap();
+    assert!(page.status().is_success(), "{:?}", page.text().await);
+    login.await.unwrap().unwrap();
+
+    let file = std::fs::read_dir(cache.path().join("dal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // The workspace token's life gone by: the next fetch trades the refresh token.
+    later.store(120, Ordering::SeqCst);
+    source
+        .fetch()
+        .await
+        .expect("the refresh token in memory is traded");
+    assert!(addresses.try_recv().is_err(), "a second login was started");
+}

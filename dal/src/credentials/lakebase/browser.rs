@@ -32,6 +32,9 @@ const REQUEST_WAIT: Duration = Duration::from_secs(30);
 const MAX_REQUEST: usize = 16 * 1024;
 /// How often a program waiting for the token cache file's lock tries it again.
 const LOCK_POLL: Duration = Duration::from_millis(10);
+/// How long a program waits for the token cache file's lock, in HTTP timeouts: the holder
+/// makes two token calls at most (the file's refresh token, then its own), then writes.
+const LOCK_WAIT_CALLS: u32 = 3;
 
 /// What a login's listener found: the code, or why there is none.
 type LoginOutcome = Option<std::result::Result<SecretString, String>>;
@@ -74,11 +77,20 @@ impl Lakebase {
         // (https://docs.databricks.com/aws/en/integrations/single-use-tokens), so one that
         // another program has just traded is refused, and its successor is in the file.
         let mut held = match &cache {
-            Some(path) => lock_cache(path, self.http_timeout * 2).await,
+            Some(path) => lock_cache(path, self.http_timeout * LOCK_WAIT_CALLS).await,
             None => None,
         };
-        let on_file = match &cache {
-            Some(path) => read_cache(path, &self.host, client_id)?,
+        let on_file = match cache
+            .as_ref()
+            .map(|path| read_cache(path, &self.host, client_id))
+        {
+            Some(Ok(on_file)) => on_file,
+            // One in memory goes on; the file's fault is shown for the next program.
+            Some(Err(e)) if state.refresh_token.is_some() => {
+                tracing::warn!(error = %e, "the token cache file is not read");
+                None
+            }
+            Some(Err(e)) => return Err(e),
             None => None,
         };
         let mut tried: Vec<SecretString> = Vec::new();
