@@ -347,8 +347,9 @@ impl LocalPostgres {
     }
 
     /// Stops the persistent development cluster. Returns `false` when it was not running.
-    /// Blocks while a program is starting it (until its server is ready), and until the
-    /// server has stopped.
+    /// Blocks the calling thread while a program is starting it (until its server is ready,
+    /// so not on the thread of a runtime driving that start), and until the server has
+    /// stopped.
     pub fn stop_dev() -> Result<bool> {
         Self::stop_dev_in(&dev_root(ServerUser::detect()?)?)
     }
@@ -377,15 +378,14 @@ impl LocalPostgres {
     fn signal_dev_in(root: &Path, signal: nix::sys::signal::Signal) -> Result<bool> {
         // A process id planted by another user would be signalled as this one.
         check_dev_root(root, ServerUser::detect()?)?;
-        let pid_file = root.join("data").join("postmaster.pid");
-        let running = || read_pid(&pid_file).filter(|pid| is_alive(*pid));
-        if running().is_none() {
+        if !root.exists() {
             return Ok(false);
         }
         // Not while a program starts it: that program holds the lock until the server is
         // ready, and would fail on a server stopped as it started.
         let _lock = lock_dev(root)?;
-        let Some(pid) = running() else {
+        let pid_file = root.join("data").join("postmaster.pid");
+        let Some(pid) = read_pid(&pid_file).filter(|pid| is_alive(*pid)) else {
             return Ok(false);
         };
         nix::sys::signal::kill(pid, signal).map_err(|e| Error::LocalServer {
