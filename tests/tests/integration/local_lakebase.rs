@@ -703,36 +703,40 @@ async fn a_credential_lives_the_ttl_asked_for() {
     assert!(left > std::time::Duration::from_secs(590), "{left:?}");
 }
 
+/// A user login (`external-browser`) to `lb`'s workspace, which keeps its refresh token under
+/// `cache` and takes the login's redirect on any free port.
+fn user_login(lb: &LocalLakebase, cache: &std::path::Path) -> dal::credentials::Lakebase {
+    use dal::credentials::{Lakebase, LakebaseTarget, WorkspaceAuth};
+    Lakebase::new(
+        &lb.url(),
+        WorkspaceAuth::ExternalBrowser {
+            client_id: None,
+            open_browser: false,
+        },
+        LakebaseTarget::Autoscaling {
+            endpoint: lb.config().endpoint.clone(),
+        },
+    )
+    .unwrap()
+    .with_token_cache_dir(cache.join("dal"))
+    .with_redirect_port(0)
+}
+
 /// A user login outlives a caller cancelled while it waits (as a connect timeout cancels
 /// one): the next caller waits for the same login at the address already shown, instead of
 /// showing a new one whose redirect the first address would miss.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_login_outlives_a_cancelled_caller() {
-    use dal::credentials::{CredentialSource, Lakebase, LakebaseTarget, WorkspaceAuth};
+    use dal::credentials::CredentialSource;
     let pg = tests::server().await;
     let lb = LocalLakebase::start(&pg, LocalLakebaseConfig::new())
         .await
         .unwrap();
     let cache = tempfile::tempdir().unwrap();
     let (shown, mut addresses) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let source = std::sync::Arc::new(
-        Lakebase::new(
-            &lb.url(),
-            WorkspaceAuth::ExternalBrowser {
-                client_id: None,
-                open_browser: false,
-            },
-            LakebaseTarget::Autoscaling {
-                endpoint: lb.config().endpoint.clone(),
-            },
-        )
-        .unwrap()
-        .with_token_cache_dir(cache.path().join("dal"))
-        .with_redirect_port(0)
-        .with_login_prompt(move |url| {
-            let _ = shown.send(url.to_owned());
-        }),
-    );
+    let source = std::sync::Arc::new(user_login(&lb, cache.path()).with_login_prompt(move |url| {
+        let _ = shown.send(url.to_owned());
+    }));
     let first = tokio::spawn({
         let source = std::sync::Arc::clone(&source);
         async move { source.fetch().await }
@@ -758,27 +762,14 @@ async fn a_login_outlives_a_cancelled_caller() {
 /// address. Each round here starts four such programs (sources of their own, one file).
 #[tokio::test(flavor = "multi_thread")]
 async fn programs_sharing_a_login_refresh_together_without_logging_in_again() {
-    use dal::credentials::{CredentialSource, Lakebase, LakebaseTarget, WorkspaceAuth};
+    use dal::credentials::CredentialSource;
     let pg = tests::server().await;
     let lb = LocalLakebase::start(&pg, LocalLakebaseConfig::new())
         .await
         .unwrap();
     let cache = tempfile::tempdir().unwrap();
     let program = |prompt: Box<dyn Fn(&str) + Send + Sync>| {
-        Lakebase::new(
-            &lb.url(),
-            WorkspaceAuth::ExternalBrowser {
-                client_id: None,
-                open_browser: false,
-            },
-            LakebaseTarget::Autoscaling {
-                endpoint: lb.config().endpoint.clone(),
-            },
-        )
-        .unwrap()
-        .with_token_cache_dir(cache.path().join("dal"))
-        .with_redirect_port(0)
-        .with_login_prompt(prompt)
+        user_login(&lb, cache.path()).with_login_prompt(prompt)
     };
     // The user's one login.
     let (shown, mut addresses) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -826,7 +817,7 @@ async fn programs_sharing_a_login_refresh_together_without_logging_in_again() {
 /// the token in memory is traded. Before, every refresh failed on the file.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_login_goes_on_with_its_refresh_token_when_the_cache_file_cannot_be_read() {
-    use dal::credentials::{Clock, CredentialSource, Lakebase, LakebaseTarget, WorkspaceAuth};
+    use dal::credentials::{Clock, CredentialSource};
     use std::os::unix::fs::PermissionsExt as _;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -852,23 +843,11 @@ async fn a_login_goes_on_with_its_refresh_token_when_the_cache_file_cannot_be_re
     let later = Arc::new(AtomicU64::new(0));
     let (shown, mut addresses) = tokio::sync::mpsc::unbounded_channel::<String>();
     let source = Arc::new(
-        Lakebase::new(
-            &lb.url(),
-            WorkspaceAuth::ExternalBrowser {
-                client_id: None,
-                open_browser: false,
-            },
-            LakebaseTarget::Autoscaling {
-                endpoint: lb.config().endpoint.clone(),
-            },
-        )
-        .unwrap()
-        .with_token_cache_dir(cache.path().join("dal"))
-        .with_redirect_port(0)
-        .with_clock(Arc::new(Later(Arc::clone(&later))))
-        .with_login_prompt(move |url| {
-            let _ = shown.send(url.to_owned());
-        }),
+        user_login(&lb, cache.path())
+            .with_clock(Arc::new(Later(Arc::clone(&later))))
+            .with_login_prompt(move |url| {
+                let _ = shown.send(url.to_owned());
+            }),
     );
     let login = tokio::spawn({
         let source = Arc::clone(&source);
