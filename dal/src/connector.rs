@@ -1689,10 +1689,10 @@ mod tests {
     /// "database error", naming neither the host nor the port.
     #[tokio::test]
     async fn an_unreachable_server_is_named_with_its_settings() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .unwrap()
-            .port();
+        // Bound, never listening: connections are refused, and nothing else takes the port.
+        let closed = tokio::net::TcpSocket::new_v4().unwrap();
+        closed.bind(([127, 0, 0, 1], 0).into()).unwrap();
+        let port = closed.local_addr().unwrap().port();
         for err in errors_of_each_kind(port).await {
             assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
             let said = err.to_string();

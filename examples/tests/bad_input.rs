@@ -4,7 +4,6 @@
 //! Being an integration test of this package also makes `cargo test --workspace` build the
 //! programs, which the `tests` crate then runs against real servers.
 
-use std::net::TcpListener;
 use std::process::Command;
 
 const PROGRAMS: [&str; 6] = [
@@ -16,13 +15,13 @@ const PROGRAMS: [&str; 6] = [
     env!("CARGO_BIN_EXE_background_task"),
 ];
 
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback port nothing listens on, for as long as the socket returned is held: bound
+/// and never listening, so connections to it are refused, and no other program takes it.
+fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 /// Runs `program` with only `vars` set, away from any `.env`; returns its stderr.
@@ -84,7 +83,8 @@ fn malformed_variables_are_named() {
 
 #[test]
 fn an_unreachable_database_is_named() {
-    let url = format!("postgres://u:secret-pw@127.0.0.1:{}/db", closed_port());
+    let (_closed, port) = closed_port();
+    let url = format!("postgres://u:secret-pw@127.0.0.1:{port}/db");
     for program in PROGRAMS {
         let line = fails(program, &[("DATABASE_URL", &url)]);
         assert!(
@@ -98,7 +98,8 @@ fn an_unreachable_database_is_named() {
 
 #[test]
 fn an_unreachable_credential_service_is_named() {
-    let host = format!("http://127.0.0.1:{}", closed_port());
+    let (_closed, port) = closed_port();
+    let host = format!("http://127.0.0.1:{port}");
     for program in PROGRAMS {
         let line = fails(
             program,

@@ -305,6 +305,17 @@ pub async fn lakebase(pg: &LocalPostgres, name: &str, ttl: Duration) -> dal::loc
     lb
 }
 
+/// A loopback port nothing listens on, for as long as the socket returned is held: bound
+/// and never listening, so connections to it are refused, and no other program takes it.
+pub fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(([127, 0, 0, 1], 0).into())
+        .expect("a loopback port");
+    let port = socket.local_addr().expect("its address").port();
+    (socket, port)
+}
+
 /// A development cluster in a temporary directory, stopped when dropped (even when the test
 /// fails).
 #[derive(Debug)]

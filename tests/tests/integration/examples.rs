@@ -688,11 +688,7 @@ async fn two_migration_runs_at_once_both_succeed() {
 async fn errors_name_the_server_and_the_fix() {
     let pg = tests::server().await;
     let password = tests::app_database(&pg, "errs").await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (_closed, closed) = tests::closed_port();
     let url = |port: u16, query: &str| {
         format!("postgres://errs:{password}@localhost:{port}/errs?{query}")
     };
@@ -1126,11 +1122,7 @@ async fn doctor_checks_a_deployment_in_one_step() {
 
     let pg = tests::server().await;
     let password = tests::app_database(&pg, "doc").await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (_closed, closed) = tests::closed_port();
     let url = |password: &str, port: u16, ca: bool| {
         let mut url = format!("postgres://doc:{password}@localhost:{port}/doc?sslmode=verify-full");
         if ca {

@@ -1009,9 +1009,10 @@ async fn a_slow_body_counts_against_the_timeout() {
 
 #[tokio::test]
 async fn a_closed_port_is_a_transport_error() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    drop(listener);
+    // Bound, never listening: connections are refused, and nothing else takes the port.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let base = format!("http://{}", closed.local_addr().unwrap());
     let lakebase = Lakebase::new(&base, WorkspaceAuth::Pat(PAT.into()), autoscaling()).unwrap();
     let err = lakebase.fetch().await.unwrap_err();
     assert_transport(&err, AUTOSCALING_PATH);
