@@ -722,6 +722,27 @@ fn user_login(lb: &LocalLakebase, cache: &std::path::Path) -> dal::credentials::
     .with_redirect_port(0)
 }
 
+/// Logs `source` in as its user would: its fetch shows the login's address (to `addresses`,
+/// through its login prompt), which is then opened in place of a browser.
+async fn log_in(
+    source: &std::sync::Arc<dal::credentials::Lakebase>,
+    addresses: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use dal::credentials::CredentialSource;
+    let login = tokio::spawn({
+        let source = std::sync::Arc::clone(source);
+        async move { source.fetch().await }
+    });
+    open_in_browser(&addresses.recv().await.unwrap()).await;
+    login.await.unwrap().unwrap();
+}
+
+/// Opens a login's address as a browser would, for a user already signed in.
+async fn open_in_browser(address: &str) {
+    let page = tests::http().get(address).send().await.unwrap();
+    assert!(page.status().is_success(), "{:?}", page.text().await);
+}
+
 /// A user login outlives a caller cancelled while it waits (as a connect timeout cancels
 /// one): the next caller waits for the same login at the address already shown, instead of
 /// showing a new one whose redirect the first address would miss.
@@ -748,8 +769,7 @@ async fn a_login_outlives_a_cancelled_caller() {
         let source = std::sync::Arc::clone(&source);
         async move { source.fetch().await }
     });
-    let page = tests::http().get(&address).send().await.unwrap();
-    assert!(page.status().is_success(), "{:?}", page.text().await);
+    open_in_browser(&address).await;
     let token = second.await.unwrap().unwrap();
     assert!(!token.expose().is_empty());
     assert!(addresses.try_recv().is_err(), "a second login was started");
@@ -776,14 +796,7 @@ async fn programs_sharing_a_login_refresh_together_without_logging_in_again() {
     let first = std::sync::Arc::new(program(Box::new(move |url| {
         let _ = shown.send(url.to_owned());
     })));
-    let login = tokio::spawn({
-        let first = std::sync::Arc::clone(&first);
-        async move { first.fetch().await }
-    });
-    let address = addresses.recv().await.unwrap();
-    let page = tests::http().get(&address).send().await.unwrap();
-    assert!(page.status().is_success(), "{:?}", page.text().await);
-    login.await.unwrap().unwrap();
+    log_in(&first, &mut addresses).await;
 
     for round in 0..10 {
         let logins = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -849,14 +862,7 @@ async fn a_login_goes_on_with_its_refresh_token_when_the_cache_file_cannot_be_re
                 let _ = shown.send(url.to_owned());
             }),
     );
-    let login = tokio::spawn({
-        let source = Arc::clone(&source);
-        async move { source.fetch().await }
-    });
-    let address = addresses.recv().await.unwrap();
-    let page = tests::http().get(&address).send().await.unwrap();
-    assert!(page.status().is_success(), "{:?}", page.text().await);
-    login.await.unwrap().unwrap();
+    log_in(&source, &mut addresses).await;
 
     let file = std::fs::read_dir(cache.path().join("dal"))
         .unwrap()
