@@ -92,6 +92,7 @@ pub mod local;
 mod pool;
 mod rate_limit;
 mod retry;
+mod setting_file;
 mod target;
 pub mod telemetry;
 mod tls;

@@ -146,12 +146,14 @@ impl Tls {
             _ => mode,
         };
         let root_pem = match root_cert {
-            Some(path) if mode.verifies() => Some(std::fs::read(path).map_err(|e| {
-                Error::config(
-                    Setting::SslRootCert,
-                    format!("cannot read CA certificates from {}: {e}", path.display()),
-                )
-            })?),
+            Some(path) if mode.verifies() => {
+                Some(crate::setting_file::read(path).map_err(|e| {
+                    Error::config(
+                        Setting::SslRootCert,
+                        format!("cannot read CA certificates from {}: {e}", path.display()),
+                    )
+                })?)
+            }
             _ => None,
         };
         if mode == SslMode::VerifyCa && root_cert.is_none() {
@@ -441,6 +443,20 @@ impl ServerCertVerifier for Unverified {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA file larger than any (a setting pointed at a disk image, or at `/dev/zero`, which
+    /// never ends) is refused as `PGSSLROOTCERT`'s, and read no further than the bound.
+    #[test]
+    fn a_root_cert_file_larger_than_any_is_refused() {
+        let file = crate::setting_file::tests::Sized::too_large();
+        match Tls::new(SslMode::VerifyFull, Some(&file.0)) {
+            Err(Error::Config { setting, reason }) => {
+                assert_eq!(setting, Setting::SslRootCert);
+                assert!(reason.contains("more than 16 MiB"), "{reason}");
+            }
+            other => panic!("expected PGSSLROOTCERT refused, got {:?}", other.map(drop)),
+        }
+    }
 
     #[test]
     fn sslmode_shows_as_it_parses() {

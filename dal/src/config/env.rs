@@ -552,13 +552,17 @@ impl Env<'_> {
             },
             None => home.map(|home| home.join(".databrickscfg")),
         };
-        let text = match path.as_ref().map(std::fs::read_to_string) {
+        let text = match path.as_deref().map(crate::setting_file::read_to_string) {
             Some(Ok(text)) => text,
-            _ if named.is_some() => {
+            read if named.is_some() => {
+                let why = match read {
+                    Some(Err(e)) => format!(" ({e})"),
+                    _ => String::new(),
+                };
                 return Err(Error::config(
                     Setting::DatabricksConfigProfile,
                     format!(
-                        "names a profile, but the config file {} cannot be read; set \
+                        "names a profile, but the config file {} cannot be read{why}; set \
                          DATABRICKS_CONFIG_FILE",
                         path.map(|p| p.display().to_string()).unwrap_or_default()
                     ),
@@ -1159,6 +1163,25 @@ mod tests {
             .is_ok()
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A Databricks config file larger than any is refused, its size named, and read no
+    /// further than the bound.
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn a_config_file_larger_than_any_is_refused() {
+        let file = crate::setting_file::tests::Sized::too_large();
+        let err = config(&[
+            ("DATABRICKS_CONFIG_FILE", file.0.to_str().unwrap()),
+            ("DATABRICKS_CONFIG_PROFILE", "dev"),
+            ("LAKEBASE_INSTANCE", "inst"),
+        ])
+        .unwrap_err();
+        let Error::Config { setting, reason } = &err else {
+            panic!("expected a config error, got {err:?}");
+        };
+        assert_eq!(*setting, Setting::DatabricksConfigProfile);
+        assert!(reason.contains("more than 16 MiB"), "{reason}");
     }
 
     #[cfg(feature = "lakebase")]

@@ -451,7 +451,7 @@ fn read_cache(path: &Path, host: &str, client_id: &str) -> Result<Option<SecretS
             path.display()
         )));
     }
-    let text = std::fs::read(path)
+    let text = crate::setting_file::read(path)
         .map_err(|e| file_error(format!("cannot read {}: {e}", path.display())))?;
     // A damaged file, or one of another workspace or client, is a missing one: the login
     // writes it again.

@@ -25,8 +25,8 @@ pub enum IdTokenSource {
     /// The environment variable of this name (`DATABRICKS_OIDC_TOKEN`, or the one
     /// `DATABRICKS_OIDC_TOKEN_ENV` names): Databricks' `env-oidc`.
     Env(String),
-    /// This file, read whole and trimmed (`DATABRICKS_OIDC_TOKEN_FILEPATH`): `file-oidc`,
-    /// such as a Kubernetes projected service account token.
+    /// This file, read whole (at most 16 MiB) and trimmed (`DATABRICKS_OIDC_TOKEN_FILEPATH`):
+    /// `file-oidc`, such as a Kubernetes projected service account token.
     File(PathBuf),
     /// The GitHub Actions ID token service: `GET <ACTIONS_ID_TOKEN_REQUEST_URL>&audience=<aud>`
     /// with `Authorization: Bearer <ACTIONS_ID_TOKEN_REQUEST_TOKEN>`, answering
@@ -126,12 +126,18 @@ impl Lakebase {
                     format!("{name} is not set (or not Unicode): it must hold the OIDC ID token"),
                 )
             })?,
-            IdTokenSource::File(path) => tokio::fs::read_to_string(path).await.map_err(|e| {
-                Error::config(
-                    Setting::DatabricksOidcTokenFilepath,
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?,
+            IdTokenSource::File(path) => {
+                let file = path.clone();
+                tokio::task::spawn_blocking(move || crate::setting_file::read_to_string(&file))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                    .map_err(|e| {
+                        Error::config(
+                            Setting::DatabricksOidcTokenFilepath,
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?
+            }
             IdTokenSource::GitHubActions {
                 request_url,
                 request_token,
@@ -185,6 +191,32 @@ impl Lakebase {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An ID token file larger than any (swapped for another file after the start) is
+    /// refused as `DATABRICKS_OIDC_TOKEN_FILEPATH`'s, and read no further than the bound.
+    #[tokio::test]
+    async fn an_id_token_file_larger_than_any_is_refused() {
+        let file = crate::setting_file::tests::Sized::too_large();
+        let source = IdTokenSource::File(file.0.clone());
+        let lakebase = Lakebase::new(
+            "https://ws.example",
+            super::super::WorkspaceAuth::Federated {
+                client_id: Some("sp".into()),
+                id_token: source.clone(),
+            },
+            super::super::LakebaseTarget::Provisioned {
+                instance: "inst".into(),
+            },
+        )
+        .unwrap();
+        match lakebase.id_token(&source, "aud").await {
+            Err(Error::Config { setting, reason }) => {
+                assert_eq!(setting, Setting::DatabricksOidcTokenFilepath);
+                assert!(reason.contains("more than 16 MiB"), "{reason}");
+            }
+            other => panic!("expected the file refused, got {:?}", other.map(drop)),
+        }
+    }
 
     #[test]
     fn debug_shows_neither_the_request_token_nor_the_query() {

@@ -966,7 +966,7 @@ impl Lakebase {
             source_kind: KIND,
             source: what.into(),
         };
-        let output = match tokio::time::timeout(self.http_timeout, command.output()).await {
+        let output = match tokio::time::timeout(self.http_timeout, bounded_output(command)).await {
             Err(_) => {
                 return Err(failed(format!(
                     "{endpoint} did not answer within {} s",
@@ -982,6 +982,11 @@ impl Lakebase {
                         self.host
                     ),
                 ));
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                return Err(failed(format!(
+                    "{endpoint} printed more than {MAX_BODY} bytes"
+                )));
             }
             Ok(Err(e)) => return Err(failed(format!("cannot run {endpoint}: {e}"))),
             Ok(Ok(output)) => output,
@@ -1367,6 +1372,36 @@ impl CredentialSource for Lakebase {
             }
         })
     }
+}
+
+/// Runs `command` to its end, as `Command::output` does, but reads at most [`MAX_BODY`] bytes
+/// of its standard output and of its error output, as of an HTTP answer: past that, an error
+/// of kind `FileTooLarge`, and the command is killed (it must be `kill_on_drop`).
+async fn bounded_output(
+    mut command: tokio::process::Command,
+) -> std::io::Result<std::process::Output> {
+    use tokio::io::{AsyncRead, AsyncReadExt as _};
+    async fn read(stream: Option<impl AsyncRead + Unpin>) -> std::io::Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        if let Some(stream) = stream {
+            stream
+                .take(MAX_BODY as u64 + 1)
+                .read_to_end(&mut bytes)
+                .await?;
+        }
+        if bytes.len() > MAX_BODY {
+            return Err(std::io::ErrorKind::FileTooLarge.into());
+        }
+        Ok(bytes)
+    }
+    let mut child = command.spawn()?;
+    let (stdout, stderr) = tokio::try_join!(read(child.stdout.take()), read(child.stderr.take()))?;
+    let status = child.wait().await?;
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 /// Sends one request within `timeout` and reads the whole answer, of at most `max_body`

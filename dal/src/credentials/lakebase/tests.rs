@@ -1407,3 +1407,45 @@ async fn the_client_asks_for_http_1_1_of_a_server_that_speaks_http_2() {
     );
     answer.unwrap();
 }
+
+/// The Databricks CLI's answer is read no further than an HTTP answer is: a CLI that prints
+/// more (a wrapper gone wrong, printing on and on) fails the sign-in at once, naming the
+/// command, instead of filling the memory until the timeout.
+#[tokio::test]
+async fn the_databricks_clis_answer_is_read_no_further_than_a_bound() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = Server::start(workspace).await;
+    let cli = std::env::temp_dir().join(format!("dal-cli-{}", uuid::Uuid::new_v4()));
+    // Valid JSON after white space, but more than an answer may hold.
+    std::fs::write(
+        &cli,
+        format!(
+            "#!/bin/sh\nhead -c {} /dev/zero | tr '\\0' ' '\n\
+             printf '{{\"access_token\": \"{PAT}\", \"token_type\": \"Bearer\", \"expiry\": \"{FAR}\"}}'\n",
+            MAX_BODY + 1
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let lakebase = Lakebase::new(
+        &server.base,
+        WorkspaceAuth::DatabricksCli { profile: None },
+        autoscaling(),
+    )
+    .unwrap()
+    .with_workspace_id("42")
+    .unwrap()
+    .with_cli_path(cli.to_str().unwrap());
+    let err = lakebase.fetch().await.map(drop).unwrap_err();
+    let _ = std::fs::remove_file(&cli);
+    let Error::Credential { source, .. } = &err else {
+        panic!("expected a credential error, got {err:?}");
+    };
+    assert!(
+        source
+            .to_string()
+            .contains(&format!("printed more than {MAX_BODY} bytes")),
+        "{source}"
+    );
+    assert!(server.paths().is_empty(), "{:?}", server.paths());
+}
