@@ -272,9 +272,12 @@ impl TokenCache {
             .len()
     }
 
-    /// Keeps the token fresh in the background from now on, whatever the strategy: for pools
-    /// that open connections with whatever token they were last given. Does nothing once the
-    /// cache has [shut down](Self::shutdown).
+    /// Keeps the token fresh in the background, whatever the strategy: for pools that open
+    /// connections with whatever token they were last given, each of which registers a
+    /// listener ([`on_refresh`](Self::on_refresh)). Under the lazy and uncached strategies
+    /// it stops at the first refresh that finds no listener left (their pools closed); the
+    /// eager strategy's refresher runs on. Does nothing once the cache has
+    /// [shut down](Self::shutdown).
     pub fn keep_fresh(&self) {
         let mut slot = self
             .inner
@@ -610,6 +613,20 @@ async fn refresh_loop(weak: Weak<Inner>) {
             Ok(_) if cache.cached_fresh_by_schedule() => failed_rounds = 0,
             // Either the refresh failed outright, or it kept serving the old token.
             _ => failed_rounds += 1,
+        }
+        // Asked for by pools only (see `keep_fresh`), and their listeners all let go. Under
+        // the slot's lock, which `keep_fresh` takes too: a pool registering meanwhile either
+        // is seen here or finds the slot empty and starts another refresher.
+        if cache.inner.strategy != TokenStrategy::Eager {
+            let mut slot = cache
+                .inner
+                .refresher
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if cache.listeners() == 0 {
+                slot.take();
+                return;
+            }
         }
     }
 }
@@ -988,6 +1005,30 @@ mod tests {
             calls(&source)
         );
         cache.shutdown();
+    }
+
+    /// The refresher that a pool's listener asked for under the lazy strategy (a SeaORM
+    /// pool's) ends with the last listener: a cache whose pools all closed fetched a token
+    /// in the background every 80 s of a 100 s life for as long as the program ran.
+    #[tokio::test(start_paused = true)]
+    async fn a_lazy_caches_refresher_ends_with_its_last_listener() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        let open = Arc::new(AtomicBool::new(true));
+        let listening = Arc::clone(&open);
+        cache.on_refresh(move |_| listening.load(Ordering::SeqCst));
+        cache.token().await.unwrap();
+        cache.keep_fresh();
+        tokio::time::sleep(Duration::from_secs(250)).await;
+        let while_open = calls(&source);
+        assert!(while_open >= 3, "{while_open} fetches with the pool open");
+        open.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(1000)).await;
+        // The next refresh finds the listener gone, and is the last.
+        assert!(
+            calls(&source) <= while_open + 1,
+            "{} fetches after the pool closed",
+            calls(&source) - while_open
+        );
     }
 
     #[tokio::test(start_paused = true)]
