@@ -79,6 +79,21 @@ fn malformed_variables_are_named() {
         line.contains("invalid setting BACKGROUND_IDLE_MS"),
         "{line}"
     );
+    // Past the pool's longest lifetime: named as the program's own variable, and before
+    // any connection is tried (the port is closed).
+    let (_closed, port) = closed_port();
+    let url = format!("postgres://u:p@127.0.0.1:{port}/db");
+    let line = fails(
+        env!("CARGO_BIN_EXE_background_task"),
+        &[
+            ("DATABASE_URL", &url),
+            ("BACKGROUND_CONNECTION_LIFETIME_SECS", "31536001"),
+        ],
+    );
+    assert!(
+        line.contains("invalid setting BACKGROUND_CONNECTION_LIFETIME_SECS"),
+        "{line}"
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use tokio_postgres::config::Host;
 
-use super::settings::Config;
+use super::settings::{Config, LONGEST_LIMIT};
 use crate::error::{Error, Result, Setting};
 
 /// A static-password configuration from `url` over `defaults` (libpq's environment
@@ -277,12 +277,16 @@ fn split_params(url: &str) -> std::result::Result<(String, OwnParams), String> {
             "port" => ours.port = Some(decoded()?),
             // tokio-postgres drops a timeout of 0 or below, leaving PGCONNECT_TIMEOUT's or
             // the default in force.
-            "connect_timeout" if !decoded()?.parse::<u64>().is_ok_and(|s| s > 0) => {
-                return Err(
+            "connect_timeout"
+                if !decoded()?
+                    .parse::<u64>()
+                    .is_ok_and(|s| (1..=LONGEST_LIMIT.as_secs()).contains(&s)) =>
+            {
+                return Err(format!(
                     "has connect_timeout out of range: connect_timeout must be a whole number \
-                     of seconds above 0, such as 10"
-                        .to_owned(),
-                );
+                     of seconds from 1 to {} (365 days), such as 10",
+                    LONGEST_LIMIT.as_secs()
+                ));
             }
             _ if PARSED.contains(&key) => rest.push(pair),
             "options" => {
@@ -520,7 +524,7 @@ mod tests {
             // tokio-postgres drops a timeout of 0 or below, which would leave another in force.
             (
                 "postgres://u:secret@h/db?connect_timeout=0",
-                "connect_timeout must be a whole number of seconds above 0",
+                "connect_timeout must be a whole number of seconds from 1",
             ),
             (
                 "postgres://u:secret@h/db?connect_timeout=-5",
@@ -529,6 +533,11 @@ mod tests {
             (
                 "postgres://u:secret@h/db?connect_timeout=ten",
                 "connect_timeout must be",
+            ),
+            // Past dal's longest limit: named as the URL's, not as PGCONNECT_TIMEOUT's.
+            (
+                "postgres://u:secret@h/db?connect_timeout=31536001",
+                "connect_timeout must be a whole number of seconds from 1 to 31536000",
             ),
             // Named as the URL's, not as the PG* variable's that would give the same value.
             (

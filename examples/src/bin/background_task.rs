@@ -40,7 +40,19 @@ async fn main() {
 struct Settings {
     queries: Option<u64>,
     idle: Range<u64>,
-    lifetime: Duration,
+    /// One connection, closed at `BACKGROUND_CONNECTION_LIFETIME_SECS`.
+    pool: PoolSettings,
+}
+
+/// `e`, named as the variable of this program that set the pool's lifetime.
+fn named(e: dal::Error) -> anyhow::Error {
+    match e {
+        dal::Error::Config {
+            setting: dal::Setting::PoolMaxLifetime,
+            reason,
+        } => anyhow::anyhow!("invalid setting BACKGROUND_CONNECTION_LIFETIME_SECS: {reason}"),
+        e => e.into(),
+    }
 }
 
 fn settings() -> anyhow::Result<Settings> {
@@ -85,10 +97,16 @@ fn settings() -> anyhow::Result<Settings> {
         .map(|v| number("BACKGROUND_CONNECTION_LIFETIME_SECS", &v))
         .transpose()?
         .unwrap_or(60);
+    let pool = PoolSettings::builder()
+        .max_size(1)
+        .max_lifetime(Some(Duration::from_secs(lifetime)))
+        .idle_timeout(None)
+        .build()
+        .map_err(named)?;
     Ok(Settings {
         queries,
         idle,
-        lifetime: Duration::from_secs(lifetime),
+        pool,
     })
 }
 
@@ -112,15 +130,13 @@ async fn work(database: &examples::Database, settings: &Settings) -> anyhow::Res
     .await;
     migrator.shutdown().await;
     migrated?;
-    let pool_settings = PoolSettings::builder()
-        .max_size(1)
-        .max_lifetime(Some(settings.lifetime))
-        .idle_timeout(None)
-        .build()?;
     let config = config.strategy(TokenStrategy::Lazy);
     let connector = examples::target::connector(config.clone()).await?;
     let result = async {
-        let pool = connector.diesel_pool_with(&pool_settings).await?;
+        let pool = connector
+            .diesel_pool_with(&settings.pool)
+            .await
+            .map_err(named)?;
         println!(
             "background task: lazy tokens, one connection, pauses of {}..{} ms",
             settings.idle.start, settings.idle.end
