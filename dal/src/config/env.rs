@@ -286,8 +286,10 @@ impl Env<'_> {
         let Some(secs) = self.parse::<f64>(setting, expected)? else {
             return Ok(None);
         };
-        let duration = Duration::try_from_secs_f64(secs)
-            .map_err(|_| Error::config(setting, format!("{secs} is not {expected}")))?;
+        let duration = Duration::try_from_secs_f64(secs).map_err(|_| {
+            let given = self.get(setting.name()).unwrap_or_default();
+            Error::config(setting, format!("{given:?} is not {expected}"))
+        })?;
         Ok(Some((!duration.is_zero()).then_some(duration)))
     }
 
@@ -1016,7 +1018,7 @@ mod tests {
         );
         assert_eq!(with(("DAL_POOL_MAX_SIZE", "0")), "DAL_POOL_MAX_SIZE");
         assert_eq!(with(("DAL_POOL_MIN_IDLE", "11")), "DAL_POOL_MIN_IDLE");
-        for bad in ["-1", "soon", "NaN", "inf"] {
+        for bad in ["-1", "soon", "NaN", "inf", "1e300"] {
             assert_eq!(
                 with(("DAL_POOL_MAX_LIFETIME_SECS", bad)),
                 "DAL_POOL_MAX_LIFETIME_SECS"
@@ -1026,6 +1028,19 @@ mod tests {
                 "DAL_POOL_IDLE_TIMEOUT_SECS"
             );
         }
+        // Quoted as given, not as 301 digits.
+        let err = config(&[
+            ("PGHOST", "h"),
+            ("PGUSER", "u"),
+            ("PGPASSWORD", "p"),
+            ("DAL_POOL_MAX_LIFETIME_SECS", "1e300"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("\"1e300\" is not a number of seconds"),
+            "{err}"
+        );
         assert_eq!(setting(&[("PGHOST", "h"), ("PGUSER", "u")]), "PGPASSWORD");
         assert_eq!(
             setting(&[("DATABASE_URL", "mysql://u:p@h/db")]),
