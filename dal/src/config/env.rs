@@ -704,6 +704,33 @@ mod tests {
         }
     }
 
+    /// Basic authentication ends the client id at its first ':', and the secret's newline
+    /// (a secret made from a file) went to the token endpoint, whose `invalid_client` named
+    /// neither: both are named, and the secret is not shown.
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn a_client_id_with_a_colon_or_a_secret_with_white_space_is_named() {
+        let mut v = LAKEBASE.to_vec();
+        v[1] = ("DATABRICKS_CLIENT_ID", "sp:id");
+        assert_eq!(setting(&v), "DATABRICKS_CLIENT_ID");
+        for secret in ["sp-secret\n", "sp secret", "\tsp-secret"] {
+            let mut v = LAKEBASE.to_vec();
+            v[2] = ("DATABRICKS_CLIENT_SECRET", secret);
+            let err = config(&v).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Config {
+                        setting: Setting::DatabricksClientSecret,
+                        ..
+                    }
+                ),
+                "{secret:?}: {err}"
+            );
+            assert!(!err.to_string().contains("sp-secret"), "{err}");
+        }
+    }
+
     /// `DATABRICKS_WORKSPACE_ID` goes into a header of every credential call: a value that
     /// is not a workspace's number (a newline from a secret made from a file, say) is named
     /// at startup, where it made every call fail as an unreachable service.

@@ -341,12 +341,7 @@ impl Lakebase {
                 token_url,
             } => {
                 check_client_id(client_id)?;
-                if client_secret.expose_secret().is_empty() {
-                    return Err(Error::config(
-                        Setting::DatabricksClientSecret,
-                        "must not be empty",
-                    ));
-                }
+                check_client_secret(client_secret)?;
                 token_url
                     .as_deref()
                     .map(|url| parse_url(url, Setting::DatabricksTokenUrl))
@@ -1602,6 +1597,34 @@ fn check_client_id(id: &str) -> Result<()> {
             Setting::DatabricksClientId,
             format!(
                 "contains the white-space or control character {c:?}: an OAuth client id has none"
+            ),
+        )),
+        // HTTP Basic authentication (RFC 7617) ends the user id at its first ':'.
+        None if id.contains(':') => Err(Error::config(
+            Setting::DatabricksClientId,
+            "contains ':', which HTTP Basic authentication reads as the end of the client id: \
+             a Databricks OAuth client id has none",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Refuses an empty OAuth client secret, or one with white space or a control character (a
+/// secret made from a file keeps its newline), naming the character but never the secret.
+fn check_client_secret(secret: &SecretString) -> Result<()> {
+    let secret = secret.expose_secret();
+    if secret.is_empty() {
+        return Err(Error::config(
+            Setting::DatabricksClientSecret,
+            "must not be empty",
+        ));
+    }
+    match secret.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        Some(c) => Err(Error::config(
+            Setting::DatabricksClientSecret,
+            format!(
+                "contains the white-space or control character {c:?} (a secret read from a \
+                 file keeps its last newline): remove it; an OAuth secret has none"
             ),
         )),
         None => Ok(()),
