@@ -79,6 +79,8 @@ pub enum Setting {
     DatabricksTokenCache,
     /// The Lakebase Data API's URL: `DataApi::new`.
     DataApiUrl,
+    /// The longest a Lakebase HTTP call may take: `Lakebase::with_http_timeout`.
+    LakebaseHttpTimeout,
     /// The host of a read-only endpoint beside the primary, `DAL_READ_ONLY_HOST`.
     ReadOnlyHost,
     /// The kind of server: `Config::target`.
@@ -170,6 +172,7 @@ impl Setting {
             Setting::ActionsIdTokenRequestToken => "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
             Setting::DatabricksTokenCache => "the Databricks token cache file",
             Setting::DataApiUrl => "the Data API URL",
+            Setting::LakebaseHttpTimeout => "Lakebase http_timeout",
             Setting::ReadOnlyHost => "DAL_READ_ONLY_HOST",
             Setting::Target => "target",
             Setting::Credentials => "credentials",

@@ -418,10 +418,18 @@ impl Lakebase {
 
     /// The longest any single HTTP call may take, from connecting to the last byte of the
     /// answer. Defaults to 10 s.
-    #[must_use]
-    pub fn with_http_timeout(mut self, d: Duration) -> Self {
+    ///
+    /// # Errors
+    /// [`Error::Config`] for [`Setting::LakebaseHttpTimeout`] outside 1 ms to 1 day.
+    pub fn with_http_timeout(mut self, d: Duration) -> Result<Self> {
+        if d < Duration::from_millis(1) || d > Duration::from_secs(24 * 3600) {
+            return Err(Error::config(
+                Setting::LakebaseHttpTimeout,
+                format!("{d:?} is not a wait from 1 ms to 1 day, such as 10 s"),
+            ));
+        }
         self.http_timeout = d;
-        self
+        Ok(self)
     }
 
     /// The clock that decides when the workspace token is renewed and whether a credential

@@ -975,7 +975,9 @@ async fn a_hanging_endpoint_times_out_quickly_on_every_call() {
             }
         })
         .await;
-        let lakebase = source(&server).with_http_timeout(Duration::from_millis(200));
+        let lakebase = source(&server)
+            .with_http_timeout(Duration::from_millis(200))
+            .unwrap();
         let started = Instant::now();
         let err = lakebase.fetch().await.unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(2), "{hanging}");
@@ -1000,7 +1002,8 @@ async fn a_slow_body_counts_against_the_timeout() {
     let _server = tokio::spawn(async move { axum::serve(listener, app).await });
     let lakebase = Lakebase::new(&base, WorkspaceAuth::Pat(PAT.into()), autoscaling())
         .unwrap()
-        .with_http_timeout(Duration::from_millis(200));
+        .with_http_timeout(Duration::from_millis(200))
+        .unwrap();
     let started = Instant::now();
     let err = lakebase.fetch().await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(2));
@@ -1448,4 +1451,37 @@ async fn the_databricks_clis_answer_is_read_no_further_than_a_bound() {
         "{source}"
     );
     assert!(server.paths().is_empty(), "{:?}", server.paths());
+}
+
+/// The HTTP timeout is a wait, from 1 ms to 1 day: zero failed every call ("no complete
+/// answer within 0ns"), and `Duration::MAX` ("no timeout") panicked on the first browser
+/// login, in the wait for the token cache's lock.
+#[test]
+fn an_http_timeout_of_zero_or_past_any_clock_is_named() {
+    for timeout in [
+        Duration::ZERO,
+        Duration::MAX,
+        Duration::from_secs(24 * 3600 + 1),
+    ] {
+        let lakebase = Lakebase::new(
+            "https://ws.example",
+            WorkspaceAuth::Pat(PAT.into()),
+            autoscaling(),
+        )
+        .unwrap();
+        match lakebase.with_http_timeout(timeout) {
+            Err(Error::Config { setting, .. }) => assert_eq!(setting, Setting::LakebaseHttpTimeout),
+            other => panic!(
+                "{timeout:?}: expected it refused, got {:?}",
+                other.map(drop)
+            ),
+        }
+    }
+    let lakebase = Lakebase::new(
+        "https://ws.example",
+        WorkspaceAuth::Pat(PAT.into()),
+        autoscaling(),
+    )
+    .unwrap();
+    assert!(lakebase.with_http_timeout(Duration::from_millis(1)).is_ok());
 }
