@@ -423,9 +423,24 @@ impl Env<'_> {
                         ));
                     }
                 },
-                "databricks-cli" => WorkspaceAuth::DatabricksCli {
-                    profile: self.get("DATABRICKS_CONFIG_PROFILE"),
-                },
+                "databricks-cli" => {
+                    let named = self.get("DATABRICKS_CONFIG_PROFILE");
+                    // `databricks auth token --profile <p>` signs in to the profile's own
+                    // workspace, whose token must go to no other.
+                    if let (Some(name), Some(theirs)) = (&named, profile.get("host"))
+                        && workspace_of(&theirs) != workspace_of(&host)
+                    {
+                        return Err(Error::config(
+                            Setting::DatabricksHost,
+                            format!(
+                                "is {host}, but the Databricks CLI signs in with profile \
+                                 [{name}], which is for {theirs}: its token would go to another \
+                                 workspace; unset DATABRICKS_HOST, or name the profile of {host}"
+                            ),
+                        ));
+                    }
+                    WorkspaceAuth::DatabricksCli { profile: named }
+                }
                 "external-browser" => WorkspaceAuth::ExternalBrowser {
                     client_id: client_id.clone(),
                     open_browser: self.get("BROWSER").as_deref() != Some("none"),
@@ -615,6 +630,15 @@ impl Env<'_> {
 #[cfg(feature = "lakebase")]
 #[derive(Default)]
 struct Profile(Vec<(String, String)>);
+
+/// A workspace URL as written in a setting or a profile, reduced to what names the
+/// workspace: no scheme (`https://` is the default), no trailing `/`, in lower case.
+#[cfg(feature = "lakebase")]
+fn workspace_of(url: &str) -> String {
+    let url = url.trim().to_ascii_lowercase();
+    let url = url.strip_prefix("https://").unwrap_or(&url);
+    url.trim_end_matches('/').to_owned()
+}
 
 #[cfg(feature = "lakebase")]
 impl Profile {
@@ -1204,6 +1228,49 @@ mod tests {
             ])
             .is_ok()
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// `databricks auth token --profile prod` answers with prod's token, which went to
+    /// `DATABRICKS_HOST` when that named another workspace: the two must agree.
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn the_cli_profiles_token_goes_to_no_other_host() {
+        let dir = tempfile_dir();
+        let path = dir.join("databrickscfg");
+        std::fs::write(&path, "[prod]\nhost = https://prod.cloud.databricks.com/\n").unwrap();
+        let with_host = |host| {
+            config(&[
+                ("DATABRICKS_CONFIG_FILE", path.to_str().unwrap()),
+                ("DATABRICKS_CONFIG_PROFILE", "prod"),
+                ("DATABRICKS_AUTH_TYPE", "databricks-cli"),
+                ("DATABRICKS_HOST", host),
+                ("LAKEBASE_INSTANCE", "inst"),
+                ("PGHOST", "instance-1.database.cloud.databricks.com"),
+                ("PGUSER", "me@example.com"),
+            ])
+        };
+        match with_host("https://dev.cloud.databricks.com") {
+            Err(Error::Config { setting, reason }) => {
+                assert_eq!(setting, Setting::DatabricksHost);
+                assert!(
+                    reason.contains("https://prod.cloud.databricks.com"),
+                    "{reason}"
+                );
+            }
+            other => panic!(
+                "expected DATABRICKS_HOST refused, got {:?}",
+                other.map(drop)
+            ),
+        }
+        // The same workspace, written another way.
+        for same in [
+            "https://prod.cloud.databricks.com",
+            "prod.cloud.databricks.com",
+            "https://PROD.cloud.databricks.com/",
+        ] {
+            assert!(with_host(same).is_ok(), "{same}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
