@@ -428,7 +428,8 @@ impl Env<'_> {
                     // `databricks auth token --profile <p>` signs in to the profile's own
                     // workspace, whose token must go to no other.
                     if let (Some(name), Some(theirs)) = (&named, profile.get("host"))
-                        && workspace_of(&theirs) != workspace_of(&host)
+                        && let (Some(a), Some(b)) = (workspace_of(&theirs), workspace_of(&host))
+                        && a != b
                     {
                         return Err(Error::config(
                             Setting::DatabricksHost,
@@ -631,13 +632,22 @@ impl Env<'_> {
 #[derive(Default)]
 struct Profile(Vec<(String, String)>);
 
-/// A workspace URL as written in a setting or a profile, reduced to what names the
-/// workspace: no scheme (`https://` is the default), no trailing `/`, in lower case.
+/// What names the workspace in a URL as written in a setting or a profile: its scheme
+/// (`https` when it has none, as the Databricks SDKs add), host and port, without path or
+/// query (an Azure profile's `/?o=<workspace id>`, say); `None` for no URL.
 #[cfg(feature = "lakebase")]
-fn workspace_of(url: &str) -> String {
-    let url = url.trim().to_ascii_lowercase();
-    let url = url.strip_prefix("https://").unwrap_or(&url);
-    url.trim_end_matches('/').to_owned()
+fn workspace_of(url: &str) -> Option<(String, String, u16)> {
+    let url = url.trim();
+    let url = match url.contains("://") {
+        true => reqwest::Url::parse(url),
+        false => reqwest::Url::parse(&format!("https://{url}")),
+    }
+    .ok()?;
+    Some((
+        url.scheme().to_owned(),
+        url.host_str()?.to_owned(),
+        url.port_or_known_default()?,
+    ))
 }
 
 #[cfg(feature = "lakebase")]
@@ -751,7 +761,7 @@ mod tests {
                 ),
                 "{secret:?}: {err}"
             );
-            assert!(!err.to_string().contains("sp-secret"), "{err}");
+            assert!(!err.to_string().contains(secret.trim()), "{err}");
         }
     }
 
@@ -1238,7 +1248,12 @@ mod tests {
     fn the_cli_profiles_token_goes_to_no_other_host() {
         let dir = tempfile_dir();
         let path = dir.join("databrickscfg");
-        std::fs::write(&path, "[prod]\nhost = https://prod.cloud.databricks.com/\n").unwrap();
+        // As an Azure workspace's profile may be written, with the workspace id.
+        std::fs::write(
+            &path,
+            "[prod]\nhost = https://prod.cloud.databricks.com/?o=123\n",
+        )
+        .unwrap();
         let with_host = |host| {
             config(&[
                 ("DATABRICKS_CONFIG_FILE", path.to_str().unwrap()),
@@ -1268,6 +1283,7 @@ mod tests {
             "https://prod.cloud.databricks.com",
             "prod.cloud.databricks.com",
             "https://PROD.cloud.databricks.com/",
+            "https://prod.cloud.databricks.com:443",
         ] {
             assert!(with_host(same).is_ok(), "{same}");
         }
