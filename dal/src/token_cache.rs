@@ -47,6 +47,8 @@ struct Inner {
     /// the callers that waited on it.
     failed: Mutex<Option<Error>>,
     refresher: Mutex<Option<JoinHandle<()>>>,
+    /// [`TokenCache::keep_fresh`] was called: the refresher runs for good.
+    kept_fresh: AtomicBool,
     /// Set by [`TokenCache::shutdown`], for good.
     shut_down: AtomicBool,
     /// Tokens the server refused since it last accepted one (see [`TokenCache::invalidate`]).
@@ -103,6 +105,7 @@ impl TokenCache {
                 listeners: Mutex::new(Vec::new()),
                 failed: Mutex::new(None),
                 refresher: Mutex::new(None),
+                kept_fresh: AtomicBool::new(false),
                 shut_down: AtomicBool::new(false),
                 refused_in_a_row: AtomicU32::new(0),
                 fetches: AtomicU64::new(0),
@@ -272,13 +275,24 @@ impl TokenCache {
             .len()
     }
 
-    /// Keeps the token fresh in the background, whatever the strategy: for pools that open
-    /// connections with whatever token they were last given, each of which registers a
-    /// listener ([`on_refresh`](Self::on_refresh)). Under the lazy and uncached strategies
-    /// it stops at the first refresh that finds no listener left (their pools closed); the
-    /// eager strategy's refresher runs on. Does nothing once the cache has
-    /// [shut down](Self::shutdown).
+    /// Keeps the token fresh in the background from now on, whatever the strategy: for pools
+    /// that open connections with whatever token they were last given. Does nothing once the
+    /// cache has [shut down](Self::shutdown).
     pub fn keep_fresh(&self) {
+        self.inner.kept_fresh.store(true, Ordering::SeqCst);
+        self.start_refresher();
+    }
+
+    /// Keeps the token fresh in the background while a listener
+    /// ([`on_refresh`](Self::on_refresh)) is registered, for a pool that registered one: under
+    /// the lazy and uncached strategies, the refresher stops at the first refresh that finds
+    /// none left (their pools closed), unless [`keep_fresh`](Self::keep_fresh) was called.
+    #[cfg(any(feature = "seaorm", test))]
+    pub(crate) fn keep_fresh_while_listened(&self) {
+        self.start_refresher();
+    }
+
+    fn start_refresher(&self) {
         let mut slot = self
             .inner
             .refresher
@@ -614,10 +628,12 @@ async fn refresh_loop(weak: Weak<Inner>) {
             // Either the refresh failed outright, or it kept serving the old token.
             _ => failed_rounds += 1,
         }
-        // Asked for by pools only (see `keep_fresh`), and their listeners all let go. Under
-        // the slot's lock, which `keep_fresh` takes too: a pool registering meanwhile either
-        // is seen here or finds the slot empty and starts another refresher.
-        if cache.inner.strategy != TokenStrategy::Eager {
+        // Asked for by pools only (`keep_fresh_while_listened`), and their listeners all let
+        // go. Under the slot's lock, which starting a refresher takes too: a pool registering
+        // meanwhile either is seen here or finds the slot empty and starts another.
+        if cache.inner.strategy != TokenStrategy::Eager
+            && !cache.inner.kept_fresh.load(Ordering::SeqCst)
+        {
             let mut slot = cache
                 .inner
                 .refresher
@@ -1017,18 +1033,36 @@ mod tests {
         let listening = Arc::clone(&open);
         cache.on_refresh(move |_| listening.load(Ordering::SeqCst));
         cache.token().await.unwrap();
-        cache.keep_fresh();
+        cache.keep_fresh_while_listened();
         tokio::time::sleep(Duration::from_secs(250)).await;
         let while_open = calls(&source);
         assert!(while_open >= 3, "{while_open} fetches with the pool open");
         open.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(1000)).await;
         // The next refresh finds the listener gone, and is the last.
+        let closed = calls(&source);
         assert!(
-            calls(&source) <= while_open + 1,
+            closed <= while_open + 1,
             "{} fetches after the pool closed",
-            calls(&source) - while_open
+            closed - while_open
         );
+        // A pool built afterwards has its token kept fresh again.
+        cache.on_refresh(|_| true);
+        cache.keep_fresh_while_listened();
+        tokio::time::sleep(Duration::from_secs(250)).await;
+        assert!(calls(&source) >= closed + 2, "{} fetches", calls(&source));
+    }
+
+    /// A refresher asked for with the public `keep_fresh` runs for good, listeners or not.
+    #[tokio::test(start_paused = true)]
+    async fn keep_fresh_keeps_a_lazy_caches_token_fresh_for_good() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        cache.on_refresh(|_| false);
+        cache.token().await.unwrap();
+        cache.keep_fresh();
+        tokio::time::sleep(Duration::from_secs(1000)).await;
+        assert!(calls(&source) >= 10, "{} fetches", calls(&source));
+        cache.shutdown();
     }
 
     #[tokio::test(start_paused = true)]

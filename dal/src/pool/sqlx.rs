@@ -74,7 +74,7 @@ pub(crate) async fn build(
             }
             !pushed.is_closed()
         });
-        cache.keep_fresh();
+        cache.keep_fresh_while_listened();
     }
     // The token may have been replaced while the pool was built.
     if let Some(current) = cache.current() {
