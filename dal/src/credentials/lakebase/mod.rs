@@ -340,8 +340,7 @@ impl Lakebase {
                 client_secret,
                 token_url,
             } => {
-                check_client_id(client_id)?;
-                check_client_secret(client_secret)?;
+                check_client_credentials(client_id, client_secret)?;
                 token_url
                     .as_deref()
                     .map(|url| parse_url(url, Setting::DatabricksTokenUrl))
@@ -1607,19 +1606,24 @@ fn check_client_id(id: &str) -> Result<()> {
                 "contains the white-space or control character {c:?}: an OAuth client id has none"
             ),
         )),
-        // HTTP Basic authentication (RFC 7617) ends the user id at its first ':'.
-        None if id.contains(':') => Err(Error::config(
-            Setting::DatabricksClientId,
-            "contains ':', which HTTP Basic authentication reads as the end of the client id: \
-             a Databricks OAuth client id has none",
-        )),
         None => Ok(()),
     }
 }
 
-/// Refuses an empty OAuth client secret, or one with white space or a control character (a
-/// secret made from a file keeps its newline), naming the character but never the secret.
-fn check_client_secret(secret: &SecretString) -> Result<()> {
+/// Refuses client credentials that HTTP Basic authentication (RFC 7617) cannot carry as
+/// given: a client id that [`check_client_id`] refuses or that holds `:` (where Basic
+/// authentication ends the id), or a client secret that is empty or holds white space or a
+/// control character (a secret made from a file keeps its newline), naming the character but
+/// never the secret.
+fn check_client_credentials(id: &str, secret: &SecretString) -> Result<()> {
+    check_client_id(id)?;
+    if id.contains(':') {
+        return Err(Error::config(
+            Setting::DatabricksClientId,
+            "contains ':', which HTTP Basic authentication reads as the end of the client id: \
+             a Databricks OAuth client id has none",
+        ));
+    }
     let secret = secret.expose_secret();
     if secret.is_empty() {
         return Err(Error::config(

@@ -1439,7 +1439,15 @@ async fn the_databricks_clis_answer_is_read_no_further_than_a_bound() {
     .with_workspace_id("42")
     .unwrap()
     .with_cli_path(cli.to_str().unwrap());
-    let err = lakebase.fetch().await.map(drop).unwrap_err();
+    // A process forked by another test thread before the script was closed holds it open
+    // for writing until it execs, and Linux refuses to run it meanwhile (ETXTBSY).
+    let err = loop {
+        let err = lakebase.fetch().await.map(drop).unwrap_err();
+        if !format!("{err:?}").contains("Text file busy") {
+            break err;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let _ = std::fs::remove_file(&cli);
     let Error::Credential { source, .. } = &err else {
         panic!("expected a credential error, got {err:?}");
