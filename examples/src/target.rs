@@ -32,7 +32,8 @@ impl Database {
             // dotenvy's message quotes the line, which may hold a password.
             Err(dotenvy::Error::LineParse(..)) => anyhow::bail!(
                 "cannot read .env: a line is malformed; quote a value that holds spaces, \
-                 quotes, `#` or `$` in single quotes (KEY='a b')"
+                 quotes, `#` or `$` in single quotes (KEY='a b'), or one that holds `'` in \
+                 double quotes, writing `$` as `\\$`"
             ),
             Err(e) => return Err(e).context("cannot read .env"),
         }

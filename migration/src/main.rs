@@ -173,7 +173,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 fn unreadable_env_file(e: &dotenvy::Error) -> String {
     match e {
         dotenvy::Error::LineParse(..) => "cannot read .env: a line is malformed; quote a value \
-            that holds spaces, quotes, `#` or `$` in single quotes (KEY='a b')"
+            that holds spaces, quotes, `#` or `$` in single quotes (KEY='a b'), or one that \
+            holds `'` in double quotes, writing `$` as `\\$`"
             .to_owned(),
         other => format!("cannot read .env: {other}"),
     }

@@ -36,6 +36,9 @@ async fn main() {
     examples::exit::on_error(run().await);
 }
 
+/// The longest connection lifetime a pool takes: 365 days.
+const LONGEST_LIFETIME_SECS: u64 = 365 * 24 * 3600;
+
 /// The job's settings, from its environment variables.
 struct Settings {
     queries: Option<u64>,
@@ -97,6 +100,12 @@ fn settings() -> anyhow::Result<Settings> {
         .map(|v| number("BACKGROUND_CONNECTION_LIFETIME_SECS", &v))
         .transpose()?
         .unwrap_or(60);
+    if lifetime > LONGEST_LIFETIME_SECS {
+        anyhow::bail!(
+            "invalid setting BACKGROUND_CONNECTION_LIFETIME_SECS: {lifetime} s is more than \
+             {LONGEST_LIFETIME_SECS} s (365 days)"
+        );
+    }
     let pool = PoolSettings::builder()
         .max_size(1)
         .max_lifetime(Some(Duration::from_secs(lifetime)))
