@@ -1593,18 +1593,23 @@ fn parse_base_url(raw: &str, setting: Setting) -> Result<Url> {
 /// none has any, and a service principal's is also the database user, where a newline (from
 /// a secret made from a file) would be reported as the user's.
 fn check_client_id(id: &str) -> Result<()> {
-    if id.trim().is_empty() {
-        return Err(Error::config(
-            Setting::DatabricksClientId,
-            "must not be empty",
-        ));
+    check_oauth_value(
+        Setting::DatabricksClientId,
+        id,
+        ": an OAuth client id has none",
+    )
+}
+
+/// Refuses an OAuth value of `setting` that is empty or holds white space or a control
+/// character, naming the character (never the value) and then `why`.
+fn check_oauth_value(setting: Setting, value: &str, why: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(Error::config(setting, "must not be empty"));
     }
-    match id.chars().find(|c| c.is_control() || c.is_whitespace()) {
+    match value.chars().find(|c| c.is_control() || c.is_whitespace()) {
         Some(c) => Err(Error::config(
-            Setting::DatabricksClientId,
-            format!(
-                "contains the white-space or control character {c:?}: an OAuth client id has none"
-            ),
+            setting,
+            format!("contains the white-space or control character {c:?}{why}"),
         )),
         None => Ok(()),
     }
@@ -1624,23 +1629,12 @@ fn check_client_credentials(id: &str, secret: &SecretString) -> Result<()> {
              a Databricks OAuth client id has none",
         ));
     }
-    let secret = secret.expose_secret();
-    if secret.is_empty() {
-        return Err(Error::config(
-            Setting::DatabricksClientSecret,
-            "must not be empty",
-        ));
-    }
-    match secret.chars().find(|c| c.is_control() || c.is_whitespace()) {
-        Some(c) => Err(Error::config(
-            Setting::DatabricksClientSecret,
-            format!(
-                "contains the white-space or control character {c:?} (a secret read from a \
-                 file keeps its last newline): remove it; an OAuth secret has none"
-            ),
-        )),
-        None => Ok(()),
-    }
+    check_oauth_value(
+        Setting::DatabricksClientSecret,
+        secret.expose_secret(),
+        " (a secret read from a file keeps its last newline): remove it; an OAuth secret has \
+         none",
+    )
 }
 
 /// Refuses a target that is not one resource: a name that is empty, holds `/`, white space
