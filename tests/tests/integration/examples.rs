@@ -773,6 +773,28 @@ async fn a_malformed_env_file_ends_with_one_line_that_shows_no_value() {
     }
 }
 
+/// What `.env.example` says of a value holding `$`: in single quotes it is kept as written;
+/// in double quotes, `$s1word` is taken for a variable (unset here, so empty) and the login
+/// is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_password_with_a_dollar_in_single_quotes_in_env_logs_in() {
+    let pg = tests::server().await;
+    pg.create_role("dollar", "pa$s1word", None).await.unwrap();
+    pg.create_database("dollar", Some("dollar")).await.unwrap();
+    for (quoted, logs_in) in [("'pa$s1word'", true), ("\"pa$s1word\"", false)] {
+        let env_file = format!(
+            "PGHOST=localhost\nPGPORT={}\nPGUSER=dollar\nPGDATABASE=dollar\n\
+             PGSSLMODE=verify-full\nPGSSLROOTCERT='{}'\nPGPASSWORD={quoted}\n",
+            pg.port(),
+            pg.ca_cert_path().display()
+        );
+        let mut doctor = Program::start_with_env_file("doctor", &env_file);
+        doctor.rest(Duration::from_secs(120)).await;
+        let status = doctor.wait(Duration::from_secs(60)).await;
+        assert_eq!(status.success(), logs_in, "{quoted}: {}", doctor.output());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_credentials_end_with_one_line() {
     let pg = tests::server().await;
