@@ -428,8 +428,7 @@ impl Env<'_> {
                     // `databricks auth token --profile <p>` signs in to the profile's own
                     // workspace, whose token must go to no other.
                     if let (Some(name), Some(theirs)) = (&named, profile.get("host"))
-                        && let (Some(a), Some(b)) = (workspace_of(&theirs), workspace_of(&host))
-                        && a != b
+                        && crate::credentials::lakebase::other_workspaces(&theirs, &host)
                     {
                         return Err(Error::config(
                             Setting::DatabricksHost,
@@ -631,24 +630,6 @@ impl Env<'_> {
 #[cfg(feature = "lakebase")]
 #[derive(Default)]
 struct Profile(Vec<(String, String)>);
-
-/// What names the workspace in a URL as written in a setting or a profile: its scheme
-/// (`https` when it has none, as the Databricks SDKs add), host and port, without path or
-/// query (an Azure profile's `/?o=<workspace id>`, say); `None` for no URL.
-#[cfg(feature = "lakebase")]
-fn workspace_of(url: &str) -> Option<(String, String, u16)> {
-    let url = url.trim();
-    let url = match url.contains("://") {
-        true => reqwest::Url::parse(url),
-        false => reqwest::Url::parse(&format!("https://{url}")),
-    }
-    .ok()?;
-    Some((
-        url.scheme().to_owned(),
-        url.host_str()?.to_owned(),
-        url.port_or_known_default()?,
-    ))
-}
 
 #[cfg(feature = "lakebase")]
 impl Profile {
@@ -1295,7 +1276,7 @@ mod tests {
     #[cfg(feature = "lakebase")]
     #[test]
     fn a_config_file_larger_than_any_is_refused() {
-        let file = crate::setting_file::tests::Sized::too_large();
+        let file = crate::setting_file::tests::SparseFile::too_large();
         let err = config(&[
             ("DATABRICKS_CONFIG_FILE", file.0.to_str().unwrap()),
             ("DATABRICKS_CONFIG_PROFILE", "dev"),

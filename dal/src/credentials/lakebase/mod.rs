@@ -1571,15 +1571,7 @@ pub(crate) fn parse_url(raw: &str, setting: Setting) -> Result<Url> {
 }
 
 fn parse_base_url(raw: &str, setting: Setting) -> Result<Url> {
-    let raw = raw.trim();
-    let with_scheme;
-    let raw = if raw.contains("://") {
-        raw
-    } else {
-        with_scheme = format!("https://{raw}");
-        &with_scheme
-    };
-    let url = parse_url(raw, setting)?;
+    let url = parse_url(&with_scheme(raw), setting)?;
     if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
         return Err(Error::config(
             setting,
@@ -1587,6 +1579,32 @@ fn parse_base_url(raw: &str, setting: Setting) -> Result<Url> {
         ));
     }
     Ok(url)
+}
+
+/// `raw`, a workspace URL as written, trimmed, with `https://` when it names no scheme, as
+/// the Databricks SDKs add it.
+fn with_scheme(raw: &str) -> std::borrow::Cow<'_, str> {
+    let raw = raw.trim();
+    match raw.contains("://") {
+        true => raw.into(),
+        false => format!("https://{raw}").into(),
+    }
+}
+
+/// Whether two workspace URLs as written in settings or profiles both parse and name
+/// different workspaces: another scheme, host or port, whatever the path or query (an Azure
+/// profile's `/?o=<workspace id>`, say). A URL that does not parse is left to the check
+/// that reads it.
+pub(crate) fn other_workspaces(a: &str, b: &str) -> bool {
+    let origin = |raw: &str| {
+        let url = Url::parse(&with_scheme(raw)).ok()?;
+        Some((
+            url.scheme().to_owned(),
+            url.host_str()?.to_owned(),
+            url.port_or_known_default()?,
+        ))
+    };
+    matches!((origin(a), origin(b)), (Some(a), Some(b)) if a != b)
 }
 
 /// Refuses an OAuth client id that is empty or holds white space or a control character:
