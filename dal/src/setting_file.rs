@@ -42,9 +42,9 @@ pub(crate) mod tests {
     use std::path::PathBuf;
 
     /// A file of `len` zero bytes (sparse: it takes no disk), removed when dropped.
-    pub(crate) struct Sized(pub(crate) PathBuf);
+    pub(crate) struct SparseFile(pub(crate) PathBuf);
 
-    impl Sized {
+    impl SparseFile {
         pub(crate) fn new(len: u64) -> Self {
             let path = std::env::temp_dir().join(format!("dal-sized-{}", uuid::Uuid::new_v4()));
             std::fs::File::create(&path).unwrap().set_len(len).unwrap();
@@ -57,7 +57,7 @@ pub(crate) mod tests {
         }
     }
 
-    impl Drop for Sized {
+    impl Drop for SparseFile {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
@@ -65,9 +65,9 @@ pub(crate) mod tests {
 
     #[test]
     fn a_file_is_read_whole_up_to_the_bound_and_refused_past_it() {
-        let largest = Sized::new(MAX_BYTES);
+        let largest = SparseFile::new(MAX_BYTES);
         assert_eq!(read(&largest.0).unwrap().len() as u64, MAX_BYTES);
-        let err = read(&Sized::too_large().0).unwrap_err();
+        let err = read(&SparseFile::too_large().0).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::FileTooLarge);
         assert_eq!(
             err.to_string(),

@@ -448,7 +448,7 @@ mod tests {
     /// never ends) is refused as `PGSSLROOTCERT`'s, and read no further than the bound.
     #[test]
     fn a_root_cert_file_larger_than_any_is_refused() {
-        let file = crate::setting_file::tests::Sized::too_large();
+        let file = crate::setting_file::tests::SparseFile::too_large();
         match Tls::new(SslMode::VerifyFull, Some(&file.0)) {
             Err(Error::Config { setting, reason }) => {
                 assert_eq!(setting, Setting::SslRootCert);

@@ -110,8 +110,7 @@ fn settings() -> anyhow::Result<Settings> {
         .max_size(1)
         .max_lifetime(Some(Duration::from_secs(lifetime)))
         .idle_timeout(None)
-        .build()
-        .map_err(named)?;
+        .build()?;
     Ok(Settings {
         queries,
         idle,

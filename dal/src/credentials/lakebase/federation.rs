@@ -196,7 +196,7 @@ mod tests {
     /// refused as `DATABRICKS_OIDC_TOKEN_FILEPATH`'s, and read no further than the bound.
     #[tokio::test]
     async fn an_id_token_file_larger_than_any_is_refused() {
-        let file = crate::setting_file::tests::Sized::too_large();
+        let file = crate::setting_file::tests::SparseFile::too_large();
         let source = IdTokenSource::File(file.0.clone());
         let lakebase = Lakebase::new(
             "https://ws.example",
