@@ -93,7 +93,8 @@ struct Shared {
     peers: Vec<Connector>,
     /// The endpoint new connections go to first: 0 for this one, `i` for `peers[i - 1]`.
     active: Arc<AtomicUsize>,
-    /// The sqlx pools built here, which follow the active endpoint.
+    /// The sqlx pools built here, which follow the active endpoint (see
+    /// [`Connector::sqlx_pools`]).
     #[cfg(feature = "seaorm")]
     sqlx_pools: std::sync::Mutex<Vec<PgPool>>,
     /// sqlx's options for this endpoint, once built (see [`Connector::sqlx_options`]).
@@ -647,8 +648,7 @@ impl Connector {
         metrics::counter!(telemetry::FAILOVERS).increment(1);
         #[cfg(feature = "seaorm")]
         if let (Ok(options), Some(token)) = (new.sqlx_options(), new.shared.cache.current()) {
-            let pools = s.sqlx_pools.lock().unwrap_or_else(|e| e.into_inner());
-            for pool in pools.iter() {
+            for pool in self.sqlx_pools().iter() {
                 pool.set_connect_options(options.clone().password(token.expose()));
             }
         }
@@ -922,6 +922,12 @@ impl Connector {
     /// follow no [connection rate](crate::Config::connection_rate), and a login refused with
     /// SQLSTATE `53400` (Aurora DSQL's rate) fails at once (sqlx tries `53300` again).
     /// The SeaORM pool ([`seaorm`](Self::seaorm)) opens its connections through the connector.
+    ///
+    /// The pool lives until it is closed (`PgPool::close`) or the connector
+    /// [shuts down](Self::shutdown), not until its last clone is dropped as sqlx's own do:
+    /// the token cache holds it to push each new token in, and sqlx has no weak handle to a
+    /// pool. Close each one you are done with; it then leaves the connector's
+    /// [`health`](Self::health) report and the cache's listeners.
     #[cfg(feature = "seaorm")]
     pub async fn sqlx_pool(&self) -> Result<PgPool> {
         self.sqlx_pool_with(&self.shared.pool).await
@@ -964,11 +970,20 @@ impl Connector {
             })
             .collect::<Result<Vec<_>>>()?;
         let pool = pool::sqlx::build(&endpoints, Arc::clone(&s.active), settings, &s.pools).await?;
-        s.sqlx_pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(pool.clone());
+        self.sqlx_pools().push(pool.clone());
         Ok(pool)
+    }
+
+    /// The sqlx pools built by this connector that are still open.
+    #[cfg(feature = "seaorm")]
+    fn sqlx_pools(&self) -> std::sync::MutexGuard<'_, Vec<PgPool>> {
+        let mut pools = self
+            .shared
+            .sqlx_pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pools.retain(|pool| !pool.is_closed());
+        pools
     }
 
     /// SeaORM over a pool of this connector: each new physical connection (sqlx's) opens with
@@ -2047,6 +2062,26 @@ mod tests {
         assert!(replica.is_shut_down());
         let built = replica.postgres_pool().await.map(drop);
         assert!(matches!(built, Err(Error::PoolClosed)), "{built:?}");
+    }
+
+    /// A sqlx pool its user closed leaves the connector: a program that builds one per job
+    /// (a migration run, say) and closes it kept every such pool in its health report, in
+    /// the list failover reaches and among the token cache's listeners, for as long as it ran.
+    #[cfg(feature = "seaorm")]
+    #[tokio::test]
+    async fn sqlx_pools_closed_by_their_user_leave_the_connector() {
+        let connector = Connector::build(Config::new("db.example.com", "u").password("p")).unwrap();
+        let kept = connector.sqlx_pool().await.unwrap();
+        for _ in 0..20 {
+            connector.sqlx_pool().await.unwrap().close().await;
+        }
+        let last = connector.sqlx_pool().await.unwrap();
+        last.close().await;
+        assert_eq!(connector.health().pools.len(), 1, "pools in the report");
+        assert_eq!(connector.cache().listeners(), 1, "listeners");
+        let reached = connector.sqlx_pools().len();
+        assert_eq!(reached, 1, "pools failover reaches");
+        assert!(!kept.is_closed());
     }
 
     /// A shutdown dropped at its first wait (a timeout around it) has closed every pool all

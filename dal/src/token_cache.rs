@@ -17,8 +17,9 @@ use crate::error::{Error, ErrorChain, Result};
 use crate::retry::Backoff;
 use crate::telemetry;
 
-/// A called-back function that receives every new token before the refresh returns.
-type Listener = Box<dyn Fn(&Token) -> bool + Send + Sync>;
+/// A called-back function that receives every new token before the refresh returns, and
+/// answers whether it still listens; called with `None`, it only answers.
+type Listener = Box<dyn Fn(Option<&Token>) -> bool + Send + Sync>;
 
 /// Caches the tokens of one [`CredentialSource`]. Cheap to clone: clones share the cache.
 ///
@@ -256,11 +257,22 @@ impl TokenCache {
     /// not at all once it has. This is how pools that cannot ask for a password (sqlx) are
     /// kept up to date.
     pub fn on_refresh(&self, listener: impl Fn(&Token) -> bool + Send + Sync + 'static) {
-        let mut listeners = self
-            .inner
-            .listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        self.listen(move |token| token.is_none_or(&listener));
+    }
+
+    /// Like [`on_refresh`](Self::on_refresh), for a listener that can tell whether it still
+    /// listens without a token (`None`): one that no longer does leaves at once, not at the
+    /// next token, which a static password never brings.
+    #[cfg(feature = "seaorm")]
+    pub(crate) fn on_refresh_while(
+        &self,
+        listener: impl Fn(Option<&Token>) -> bool + Send + Sync + 'static,
+    ) {
+        self.listen(listener);
+    }
+
+    fn listen(&self, listener: impl Fn(Option<&Token>) -> bool + Send + Sync + 'static) {
+        let mut listeners = self.live_listeners();
         if !self.inner.shut_down.load(Ordering::SeqCst) {
             listeners.push(Box::new(listener));
         }
@@ -268,11 +280,18 @@ impl TokenCache {
 
     /// How many listeners are registered.
     pub fn listeners(&self) -> usize {
-        self.inner
+        self.live_listeners().len()
+    }
+
+    /// The listeners, less those that no longer listen.
+    fn live_listeners(&self) -> std::sync::MutexGuard<'_, Vec<Listener>> {
+        let mut listeners = self
+            .inner
             .listeners
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+            .unwrap_or_else(|e| e.into_inner());
+        listeners.retain(|listener| listener(None));
+        listeners
     }
 
     /// Keeps the token fresh in the background from now on, whatever the strategy: for pools
@@ -563,7 +582,7 @@ impl TokenCache {
             .listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|listener| listener(&token));
+            .retain(|listener| listener(Some(&token)));
         token
     }
 

@@ -12,11 +12,15 @@ pub(crate) trait PoolHandle: Send + Sync {
     /// Closes the pool as it is called (no checkout, no new connection from then on); the
     /// future waits for what is left to end, such as connections in use.
     fn close(&self) -> BoxFuture<'_, ()>;
+    /// Closed by its user, for a pool the registry keeps alive: then it leaves the registry.
+    fn is_closed(&self) -> bool {
+        false
+    }
 }
 
 /// Every pool built from one connector, for its health report and its shutdown. bb8 pools
 /// are held weakly (they live as long as their users keep them); sqlx pools strongly, since
-/// the token cache pushes into them anyway.
+/// the token cache pushes into them anyway, until they are closed.
 #[derive(Default)]
 pub(crate) struct Registry(Mutex<Pools>);
 
@@ -50,6 +54,7 @@ impl Registry {
     #[must_use]
     pub(super) fn add_strong(&self, pool: Arc<dyn PoolHandle>) -> bool {
         let mut pools = self.pools();
+        pools.sqlx.retain(|p| !p.is_closed());
         if !pools.closed {
             pools.sqlx.push(pool);
         }
@@ -57,7 +62,8 @@ impl Registry {
     }
 
     fn live(&self) -> Vec<Arc<dyn PoolHandle>> {
-        let pools = self.pools();
+        let mut pools = self.pools();
+        pools.sqlx.retain(|p| !p.is_closed());
         let mut live = pools.sqlx.clone();
         live.extend(pools.bb8.iter().filter_map(Weak::upgrade));
         live

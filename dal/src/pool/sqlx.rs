@@ -68,8 +68,10 @@ pub(crate) async fn build(
     for (i, (cache, options)) in endpoints.iter().enumerate() {
         let (pushed, options, active) = (pool.clone(), options.clone(), Arc::clone(&active));
         // Until the pool closes: then the cache lets go of it.
-        cache.on_refresh(move |token| {
-            if active.load(Ordering::Relaxed) == i {
+        cache.on_refresh_while(move |token| {
+            if let Some(token) = token
+                && active.load(Ordering::Relaxed) == i
+            {
                 pushed.set_connect_options(options.clone().password(token.expose()));
             }
             !pushed.is_closed()
@@ -91,6 +93,10 @@ struct SqlxPool {
 }
 
 impl PoolHandle for SqlxPool {
+    fn is_closed(&self) -> bool {
+        self.pool.is_closed()
+    }
+
     fn health(&self) -> PoolHealth {
         PoolHealth {
             kind: "sqlx",
