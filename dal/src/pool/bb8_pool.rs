@@ -678,6 +678,10 @@ struct Failures {
     arrived: Notify,
     /// Failures older than this have no caller left to fail (the acquire timeout).
     keep: Duration,
+    /// At most as many are kept as callers can wait in bb8 at once (one per turn, the pool's
+    /// size): each caller takes the first that came after it started waiting, so a newer
+    /// failure serves any caller an older one would.
+    most: usize,
 }
 
 impl Failures {
@@ -688,6 +692,9 @@ impl Failures {
             .front()
             .is_some_and(|(at, _)| now.duration_since(*at) > self.keep)
         {
+            queue.pop_front();
+        }
+        if queue.len() >= self.most {
             queue.pop_front();
         }
         queue.push_back((now, Arc::new(error)));
@@ -751,6 +758,7 @@ pub(crate) fn build<C: Send + 'static>(
         queue: Mutex::new(VecDeque::new()),
         arrived: Notify::new(),
         keep: settings.acquire_timeout,
+        most: settings.max_size as usize,
     });
     let closed = Arc::new(AtomicBool::new(false));
     let sweeping = Arc::new(SweepKey);
@@ -1419,6 +1427,26 @@ mod tests {
         );
         assert!(matches!(second, Err(Error::PoolTimeout(_))), "{second:?}");
         assert_eq!(waited, timeout);
+    }
+
+    /// Failures no caller took are kept no more than callers can wait for them: with a long
+    /// acquire timeout, an outage under checkouts that their callers gave up on (each
+    /// connect failing for nobody) kept every failure until it aged out.
+    #[test]
+    fn failures_no_caller_took_are_kept_no_more_than_callers_can_wait() {
+        let failures = Failures {
+            queue: Mutex::new(VecDeque::new()),
+            arrived: Notify::new(),
+            keep: Duration::from_secs(3600),
+            most: 4,
+        };
+        let since = Instant::now();
+        for _ in 0..1000 {
+            failures.push(Error::PoolClosed);
+        }
+        let kept = failures.queue.lock().unwrap().len();
+        assert!(kept <= 4, "{kept} failures kept for a pool of 4");
+        assert!(failures.take(since).is_some());
     }
 
     /// A caller whose checkout is dropped while it waits (a timeout, a `select!`, a client
