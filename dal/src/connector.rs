@@ -685,8 +685,9 @@ impl Connector {
         }
     }
 
-    /// One connection by `deadline`: a refused token is replaced once, nothing else is
-    /// retried; when the deadline comes first, the refusal is the answer.
+    /// One connection by `deadline`: a refused token is replaced once (unless the source
+    /// gives the same one again, as a static password does), nothing else is retried; when
+    /// the deadline comes first, the refusal is the answer.
     async fn connect_once<T>(&self, open: OpenWith<T>, deadline: &mut Instant) -> Result<T> {
         let cache = &self.shared.cache;
         let token = self.token_by(*deadline).await?;
@@ -696,25 +697,30 @@ impl Connector {
         }
         match opened {
             Err(e) if e.is_auth_failure() => {
-                tracing::warn!(
-                    source = cache.source_kind(),
-                    user = %self.shared.user,
-                    "the server refused the token; fetching a fresh one"
-                );
                 cache.invalidate(&token);
                 let again = async {
-                    let token = self.token_by(*deadline).await?;
-                    self.connect_with(&token, open, deadline).await
+                    let fresh = self.token_by(*deadline).await?;
+                    if fresh.expose() == token.expose() {
+                        return Ok(None);
+                    }
+                    tracing::warn!(
+                        source = cache.source_kind(),
+                        user = %self.shared.user,
+                        "the server refused the token; logging in with a fresh one"
+                    );
+                    self.connect_with(&fresh, open, deadline).await.map(Some)
                 };
                 match again.await {
+                    // The same secret again: the refusal is the answer.
+                    Ok(None) => Err(e),
                     // Out of time after a refusal: the refusal is the answer. A timeout would
                     // read as an unreachable server, to retry or fail over from.
                     Err(Error::ConnectTimeout { .. }) => Err(e),
-                    Ok(opened) => {
+                    Ok(Some(opened)) => {
                         cache.accepted();
                         Ok(opened)
                     }
-                    other => other,
+                    Err(other) => Err(other),
                 }
             }
             other => other,
@@ -1758,6 +1764,30 @@ mod tests {
             }
         });
         port
+    }
+
+    /// A refused password that the source gives again unchanged (a static one) is not sent
+    /// again: each connect logged in twice with it, doubling the refusals a server's
+    /// directory may count towards locking the account out, under a warning that a fresh
+    /// token was being fetched.
+    #[tokio::test]
+    async fn a_refused_password_the_source_gives_again_is_sent_once() {
+        static LOGINS: AtomicUsize = AtomicUsize::new(0);
+        let port = answering_logins(|_| {
+            LOGINS.fetch_add(1, Ordering::SeqCst);
+            Some(b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed for user \"u\"\0\0")
+        })
+        .await;
+        let config = Config::new("127.0.0.1", "u")
+            .port(port)
+            .password("p")
+            .ssl_mode(SslMode::Disable);
+        let connector = Connector::build(config).unwrap();
+        for connects in 1..=2 {
+            let err = connector.connect().await.map(drop).unwrap_err();
+            assert!(err.is_auth_failure(), "{err:?}");
+            assert_eq!(LOGINS.load(Ordering::SeqCst), connects, "logins");
+        }
     }
 
     /// A server starting up, shutting down or in recovery refuses each login with SQLSTATE
