@@ -433,15 +433,6 @@ impl Connector {
         Ok(Target::is_lakebase_preload(&preload))
     }
 
-    /// The token cache of the active endpoint.
-    #[cfg(feature = "seaorm")]
-    pub(crate) fn active_cache(&self) -> &TokenCache {
-        &self
-            .endpoint(self.shared.active.load(Ordering::Relaxed))
-            .shared
-            .cache
-    }
-
     /// Whether there are [failover](Config::failover) endpoints.
     #[cfg(feature = "seaorm")]
     pub(crate) fn has_failover(&self) -> bool {

@@ -34,19 +34,11 @@ impl Transactions {
         T: Send,
     {
         let (mut attempt, started) = (1, std::time::Instant::now());
-        let mut replaced_token = false;
         loop {
             let span = tracing::debug_span!("dal.transaction", orm = "seaorm", attempt);
-            let token = self.current_token();
             let outcome = seaorm_once(db, mode, &mut work).instrument(span).await;
             match outcome {
                 Ok(value) => return Ok(value),
-                // sqlx tells the pool's owner nothing of a refused login: this is where dal
-                // learns of one.
-                Err(failure)
-                    if self
-                        .replace_refused(&failure, token.as_ref(), &mut replaced_token)
-                        .await => {}
                 Err(failure) => {
                     self.follow_failover(&failure).await;
                     self.after("seaorm", attempt, started, failure).await?;

@@ -295,52 +295,11 @@ impl Transactions {
         }
     }
 
-    /// The token connections log in with now, to [`replace_refused`](Self::replace_refused)
-    /// if the server refuses it.
-    #[cfg(feature = "seaorm")]
-    pub(super) fn current_token(&self) -> Option<std::sync::Arc<crate::credentials::Token>> {
-        self.connector
-            .as_ref()
-            .and_then(|c| c.active_cache().current())
-    }
-
-    /// After the server refused `token` at login: forgets it and fetches a fresh one, which
-    /// the cache pushes into every sqlx pool before this returns. Returns whether the
-    /// attempt may run again (once: a fresh token refused too is an answer).
-    #[cfg(feature = "seaorm")]
-    pub(super) async fn replace_refused(
-        &self,
-        failure: &Failure,
-        token: Option<&std::sync::Arc<crate::credentials::Token>>,
-        replaced_before: &mut bool,
-    ) -> bool {
-        let (Failure::Begin(e), Some(connector), Some(token)) = (failure, &self.connector, token)
-        else {
-            return false;
-        };
-        if *replaced_before || !e.is_auth_failure() {
-            return false;
-        }
-        *replaced_before = true;
-        let cache = connector.active_cache();
-        cache.invalidate(token);
-        match cache.token().await {
-            Ok(_) => {
-                tracing::info!("the server refused the token at login; retrying with a fresh one");
-                true
-            }
-            Err(error) => {
-                tracing::warn!(error = %ErrorChain(&error), "no fresh token after a refused login");
-                false
-            }
-        }
-    }
-
     /// After a SeaORM transaction could not begin for a connection failure: when the
     /// connector has [failover](crate::Config::failover) endpoints, opens one connection
     /// through it, which moves every pool (this SeaORM pool included) to the first endpoint
-    /// that answers. sqlx tells the pool's owner nothing of a failed connect: this is where
-    /// dal learns of one.
+    /// that answers. A `BEGIN` that failed on a connection the pool held (its server gone)
+    /// tells the connector nothing: this moves at once, not at the pool's next connect.
     #[cfg(feature = "seaorm")]
     pub(super) async fn follow_failover(&self, failure: &Failure) {
         let (Failure::Begin(e), Some(connector)) = (failure, &self.connector) else {
