@@ -380,7 +380,9 @@ pub enum Error {
     #[error("database error")]
     Database(#[source] tokio_postgres::Error),
 
-    /// A SeaORM operation failed.
+    /// A SeaORM operation failed. Made from a `DbErr` with `From` (`?`), which gives a
+    /// [`SeaOrmPool`](crate::SeaOrmPool) checkout that could not open a connection back as
+    /// the pool's [`Error::Connect`], with its cause, rather than as this variant.
     #[cfg(feature = "seaorm")]
     #[error("SeaORM operation failed")]
     SeaOrm(#[source] sea_orm::DbErr),
@@ -815,10 +817,39 @@ impl Error {
 
 #[cfg(feature = "seaorm")]
 impl From<sea_orm::DbErr> for Error {
+    /// A checkout of the SeaORM pool that failed gives back the pool's own error,
+    /// [`Error::Connect`] with its cause, as the Diesel pool's does (see [`CheckoutFailure`]).
     fn from(e: sea_orm::DbErr) -> Self {
-        Error::SeaOrm(e)
+        let carried = sqlx_error(&e).and_then(|e| match e {
+            sea_orm::sqlx::Error::Io(io) => io.get_ref()?.downcast_ref::<CheckoutFailure>(),
+            _ => None,
+        });
+        match carried {
+            Some(CheckoutFailure(source)) => Error::Connect {
+                source: Arc::clone(source),
+            },
+            None => Error::SeaOrm(e),
+        }
     }
 }
+
+/// The cause of a SeaORM pool checkout that could not open a connection, carried through
+/// SeaORM's error (inside sqlx's I/O error, the kind sqlx gives for a connection it could
+/// not open) so that converting it back gives the cause whole: a credential service's
+/// answer stays an auth failure, or retryable with its `Retry-After`. Shows the cause's chain.
+#[cfg(feature = "seaorm")]
+#[derive(Debug)]
+pub(crate) struct CheckoutFailure(pub(crate) Arc<Error>);
+
+#[cfg(feature = "seaorm")]
+impl fmt::Display for CheckoutFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        ErrorChain(&*self.0).fmt(f)
+    }
+}
+
+#[cfg(feature = "seaorm")]
+impl std::error::Error for CheckoutFailure {}
 
 #[cfg(feature = "diesel")]
 impl From<diesel::result::Error> for Error {

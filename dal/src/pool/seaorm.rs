@@ -32,7 +32,7 @@ use tokio::sync::Mutex;
 use super::bb8_pool::{Kind, Lifespan, Manager, Pool};
 use super::registry::LoggingOut;
 use super::reset::{LOG_OUT, OUTSIDE_TRANSACTION, ROLLBACK, keeps_transaction};
-use crate::error::{Error, ErrorChain, Result};
+use crate::error::{CheckoutFailure, Error, ErrorChain, Result};
 use crate::telemetry::{self, PoolHealth};
 
 /// SeaORM connections in a bb8 pool.
@@ -473,12 +473,12 @@ pub(crate) fn acquire_err(e: Error) -> DbErr {
             Error::SeaOrm(DbErr::Conn(RuntimeErr::SqlxError(e))) => {
                 DbErr::Conn(RuntimeErr::SqlxError(Arc::clone(e)))
             }
-            // A server out of reach, or a login past the connect timeout: an I/O error, as
-            // sqlx gives, so that a transaction retries it as one through Diesel.
-            other if other.is_connection_failure() => DbErr::Conn(RuntimeErr::SqlxError(Arc::new(
-                sea_orm::sqlx::Error::Io(std::io::Error::other(ErrorChain(other).to_string())),
-            ))),
-            other => DbErr::Conn(RuntimeErr::Internal(ErrorChain(other).to_string())),
+            // A server out of reach, a login past the connect timeout, a credential service's
+            // answer: an I/O error, as sqlx gives for a connection it could not open, which
+            // gives the cause back whole as dal's error.
+            _ => DbErr::Conn(RuntimeErr::SqlxError(Arc::new(sea_orm::sqlx::Error::Io(
+                std::io::Error::other(CheckoutFailure(source)),
+            )))),
         },
         other => DbErr::Conn(RuntimeErr::Internal(ErrorChain(&other).to_string())),
     }

@@ -78,7 +78,7 @@ async fn seaorm_once<T, F>(
 where
     F: for<'c> FnMut(&'c SeaOrmTransaction) -> BoxFuture<'c, Result<T>> + Send,
 {
-    let begin = |e: sea_orm::DbErr| Failure::Begin(Error::SeaOrm(e));
+    let begin = |e: sea_orm::DbErr| Failure::Begin(Error::from(e));
     let txn = db
         .begin_as(mode.characteristics().as_deref())
         .await
@@ -88,7 +88,7 @@ where
         Ok(value) => {
             txn.commit()
                 .await
-                .map_err(|e| Failure::Commit(Error::SeaOrm(e)))?;
+                .map_err(|e| Failure::Commit(Error::from(e)))?;
             committed("seaorm");
             Ok(value)
         }

@@ -545,11 +545,11 @@ mod tests {
                 timeout: Duration::from_secs(10),
             })
         };
-        let begin = |e| Failure::Begin(Error::SeaOrm(acquire_err(e)));
+        let begin = |e| Failure::Begin(Error::from(acquire_err(e)));
         let pool_timeout = || Error::PoolTimeout(Duration::from_secs(1));
         for failed in [&refused as &dyn Fn() -> Error, &timed_out, &pool_timeout] {
             let shown = failed().to_string();
-            let seaorm = Error::SeaOrm(acquire_err(failed()));
+            let seaorm = Error::from(acquire_err(failed()));
             assert!(seaorm.is_connection_failure(), "{shown}");
             assert!(begin(failed()).classify().is_ok(), "{shown}");
         }
@@ -560,9 +560,41 @@ mod tests {
             "{}",
             acquire_err(refused())
         );
-        let closed = Error::SeaOrm(acquire_err(Error::PoolClosed));
+        let closed = Error::from(acquire_err(Error::PoolClosed));
         assert!(!closed.is_connection_failure() && !closed.is_retryable());
         assert!(begin(Error::PoolClosed).classify().is_err());
+    }
+
+    /// A SeaORM checkout that failed for the credential service's answer keeps its meaning,
+    /// as Diesel's does: a refused client secret (HTTP 401) is an auth failure, not to be
+    /// retried, and a 429 is retryable after its `Retry-After`. Both were flattened into
+    /// text, neither refused nor retryable.
+    #[cfg(feature = "seaorm")]
+    #[test]
+    fn seaorm_checkouts_keep_the_credential_services_answer() {
+        use crate::pool::seaorm::acquire_err;
+        let answered = |status, retry_after| Error::Connect {
+            source: std::sync::Arc::new(Error::Http {
+                endpoint: "https://example.cloud.databricks.com/oidc/v1/token".to_owned(),
+                status,
+                code: "code".to_owned(),
+                message: "message".to_owned(),
+                retry_after,
+            }),
+        };
+        let refused = Error::from(acquire_err(answered(401, None)));
+        assert!(refused.is_auth_failure(), "{refused:?}");
+        assert!(!refused.is_retryable(), "{refused:?}");
+        assert!(
+            ErrorChain(&refused).to_string().contains("HTTP 401"),
+            "{refused:?}"
+        );
+        let busy = Error::from(acquire_err(answered(429, Some(Duration::from_secs(30)))));
+        assert!(busy.is_retryable(), "{busy:?}");
+        assert_eq!(busy.retry_after(), Some(Duration::from_secs(30)));
+        // A transaction that could not begin for it is not run again.
+        let begin = Failure::Begin(Error::from(acquire_err(answered(401, None))));
+        assert!(begin.classify().is_err());
     }
 
     #[cfg(feature = "diesel")]

@@ -1263,7 +1263,7 @@ async fn a_login_method_the_drivers_cannot_speak_is_not_an_unreachable_server() 
     let raw = connector.postgres_pool().await.unwrap();
     errors.push(raw.get().await.map(drop).unwrap_err());
     let db = connector.seaorm().await.unwrap();
-    errors.push(dal::Error::SeaOrm(
+    errors.push(dal::Error::from(
         customer::Entity::find().all(&db).await.unwrap_err(),
     ));
     for err in errors {

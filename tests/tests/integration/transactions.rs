@@ -417,7 +417,7 @@ async fn committing_after_a_swallowed_failure_fails_in_both_orms() {
         .await
         .unwrap();
     assert!(txn.execute_unprepared("SELECT 1/0").await.is_err());
-    let err = dal::Error::SeaOrm(txn.commit().await.unwrap_err());
+    let err = dal::Error::from(txn.commit().await.unwrap_err());
     assert_eq!(err.sqlstate(), Some("25P02"), "{err:?}");
     assert!(names(&connector).await.is_empty());
     db.execute_unprepared("INSERT INTO notes VALUES ('seaorm')")
