@@ -787,13 +787,21 @@ impl Connector {
 
     /// The cached token, waiting for a fetch (one at a time, with its retries) no later than
     /// `deadline`: a slow credential service fails this connection with
-    /// [`Error::ConnectTimeout`] instead of holding it without bound.
+    /// [`Error::ConnectTimeout`] instead of holding it without bound, and one whose failed
+    /// answer (or the pause it asked for) held the fetch up, with that answer.
     async fn token_by(&self, deadline: Instant) -> Result<std::sync::Arc<Token>> {
-        tokio::time::timeout_at(deadline, self.shared.cache.token())
+        let cache = &self.shared.cache;
+        let since = tokio::time::Instant::now();
+        tokio::time::timeout_at(deadline, cache.token())
             .await
-            .map_err(|_| Error::ConnectTimeout {
-                endpoint: format!("the {} credential source", self.shared.cache.source_kind()),
-                timeout: self.shared.connect_timeout,
+            .map_err(|_| {
+                // The service's last answer, when it gave one, says why better than the time.
+                cache
+                    .failure_holding_up(since)
+                    .unwrap_or_else(|| Error::ConnectTimeout {
+                        endpoint: format!("the {} credential source", cache.source_kind()),
+                        timeout: self.shared.connect_timeout,
+                    })
             })?
     }
 
@@ -1755,6 +1763,36 @@ mod tests {
             }
         });
         port
+    }
+
+    /// A connect that ran out of time waiting for a token fails with what the credential
+    /// service last answered, when it answered: a 429 whose `Retry-After` outlasts the
+    /// connect timeout read as a service that never answered ("no connection to the lakebase
+    /// credential source"), neither its status nor its pause in the error.
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_out_of_time_for_a_token_fails_with_the_services_last_answer() {
+        let source = Credentials::source(|| async {
+            Err::<Token, _>(Error::Http {
+                endpoint: "https://example.cloud.databricks.com/oidc/v1/token".to_owned(),
+                status: 429,
+                code: "TOO_MANY_REQUESTS".to_owned(),
+                message: "slow down".to_owned(),
+                retry_after: Some(Duration::from_secs(30)),
+            })
+        });
+        let config = Config::new("db.example.com", "u")
+            .credentials(source)
+            .strategy(crate::TokenStrategy::Lazy)
+            .connect_timeout(Duration::from_secs(2));
+        let connector = Connector::build(config).unwrap();
+        let err = connector.connect().await.map(drop).unwrap_err();
+        assert!(
+            ErrorChain(&err).to_string().contains("HTTP 429"),
+            "{}",
+            ErrorChain(&err)
+        );
+        assert!(err.is_retryable(), "{err:?}");
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
     }
 
     /// A refused password that the source gives again unchanged (a static one) is not sent

@@ -47,6 +47,9 @@ struct Inner {
     /// A copy of the last fetch's error, if it was a refusal that left no valid token, for
     /// the callers that waited on it.
     failed: Mutex<Option<Error>>,
+    /// A copy of the last failed attempt of a fetch, and when it failed, until a token is
+    /// fetched: what a caller that ran out of time waiting for a token is told.
+    last_failure: Mutex<Option<(tokio::time::Instant, Error)>>,
     refresher: Mutex<Option<JoinHandle<()>>>,
     /// [`TokenCache::keep_fresh`] was called: the refresher runs for good.
     kept_fresh: AtomicBool,
@@ -105,6 +108,7 @@ impl TokenCache {
                 invalidated: tokio::sync::Notify::new(),
                 listeners: Mutex::new(Vec::new()),
                 failed: Mutex::new(None),
+                last_failure: Mutex::new(None),
                 refresher: Mutex::new(None),
                 kept_fresh: AtomicBool::new(false),
                 shut_down: AtomicBool::new(false),
@@ -276,6 +280,20 @@ impl TokenCache {
         if !self.inner.shut_down.load(Ordering::SeqCst) {
             listeners.push(Box::new(listener));
         }
+    }
+
+    /// What the credential source last answered, if a fetch attempt failed since the last
+    /// token and late enough to hold up a caller waiting since `since`: during its wait, or
+    /// just before, the pause it asked for (at most the longest backoff) still running.
+    pub(crate) fn failure_holding_up(&self, since: tokio::time::Instant) -> Option<Error> {
+        let last = self
+            .inner
+            .last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (at, failure) = last.as_ref()?;
+        (*at + self.inner.settings.max_backoff >= since)
+            .then(|| failure.duplicate(self.inner.source.kind()))
     }
 
     /// How many listeners are registered.
@@ -501,6 +519,12 @@ impl TokenCache {
                     _ => Ok(token),
                 }
             });
+            if let Err(e) = &result {
+                *inner.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+                    tokio::time::Instant::now(),
+                    e.duplicate(inner.source.kind()),
+                ));
+            }
             match result {
                 Ok(token) => {
                     inner.fetches.fetch_add(1, Ordering::Relaxed);
@@ -578,6 +602,7 @@ impl TokenCache {
         })));
         inner.retry_after_ms.store(0, Ordering::Relaxed);
         *inner.failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *inner.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
         inner
             .listeners
             .lock()
