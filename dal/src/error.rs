@@ -504,6 +504,29 @@ impl Error {
         }
     }
 
+    /// Whether a database error ended the session (severity `FATAL` or `PANIC`, which the
+    /// server does not translate); `None` when the driver does not say.
+    fn ended_session(&self) -> Option<bool> {
+        use tokio_postgres::error::Severity;
+        let pg = |e: &tokio_postgres::Error| {
+            e.as_db_error()
+                .and_then(|e| e.parsed_severity())
+                .map(|s| matches!(s, Severity::Fatal | Severity::Panic))
+        };
+        match self {
+            Error::Database(e) => pg(e),
+            Error::AuthFailed { source, .. } => pg(source),
+            #[cfg(feature = "seaorm")]
+            Error::SeaOrm(e) => sqlx_error(e).and_then(pg_database_error).map(|e| {
+                use sea_orm::sqlx::postgres::PgSeverity;
+                matches!(e.severity(), PgSeverity::Fatal | PgSeverity::Panic)
+            }),
+            Error::Connect { source } => source.ended_session(),
+            Error::RetriesExhausted { last, .. } => last.ended_session(),
+            _ => None,
+        }
+    }
+
     /// The server's message of a database error, if there is one.
     fn db_message(&self) -> Option<&str> {
         match self {
@@ -598,11 +621,13 @@ impl Error {
         // one for now, `57P03` cannot_connect_now (starting up, shutting down, in recovery),
         // or for a limit: `53300` too_many_connections, `53400` (Aurora DSQL: connection rate
         // exceeded).
-        if matches!(
-            self.sqlstate(),
-            Some("57P01" | "57P02" | "57P03" | "57P05" | "53300" | "53400")
-        ) {
-            return true;
+        // A limit's code counts only on an error that ended the session (`FATAL`): a login's.
+        // PostgreSQL raises `53400` for a statement too (past `temp_file_limit`, say), which
+        // fails that statement alone and is no connection failure.
+        match self.sqlstate() {
+            Some("57P01" | "57P02" | "57P03" | "57P05") => return true,
+            Some("53300" | "53400") if self.ended_session() != Some(false) => return true,
+            _ => {}
         }
         // diesel-async gives no SQLSTATE for those (kind `Unknown`): PostgreSQL's messages
         // for them begin "terminating connection" (its `postgres.c`), as the SQLSTATE-less

@@ -1348,3 +1348,57 @@ async fn idempotent_statements_are_run_again_after_occ_conflicts() {
     assert_eq!(AtomicU64::load(&attempts, Ordering::SeqCst), 1);
     connector.shutdown().await;
 }
+
+/// A statement past a limit of the server fails with SQLSTATE `53400`, the code Aurora DSQL
+/// refuses logins over its rate with; only such a login (a `FATAL` error: the session is
+/// gone) is a connection failure. The statement counted as one: `idempotent` ran it again
+/// for the whole retry budget, and callers' own retries would too.
+#[tokio::test]
+async fn a_statement_past_a_server_limit_is_no_connection_failure() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "limited").await;
+    // A superuser's setting: every session of the database gets it.
+    pg.admin("limited")
+        .await
+        .unwrap()
+        .batch_execute("ALTER DATABASE limited SET temp_file_limit = '64kB'")
+        .await
+        .unwrap();
+    let connector = Connector::new(pg.config("limited", "limited", &password))
+        .await
+        .unwrap();
+    const SORT: &str = "SELECT count(*) FROM (SELECT g FROM generate_series(1, 200000) g \
+                        ORDER BY g DESC OFFSET 0) sorted";
+    let clients = connector.postgres_pool().await.unwrap();
+    let db = connector.seaorm().await.unwrap();
+    let tx = connector.transactions();
+    let attempts = AtomicU64::new(0);
+    for orm in ["tokio-postgres", "seaorm"] {
+        attempts.store(0, Ordering::SeqCst);
+        let err = tx
+            .idempotent(|| async {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                if orm == "seaorm" {
+                    db.execute_unprepared(&format!("SET work_mem = '64kB'; {SORT}"))
+                        .await?;
+                } else {
+                    let client = clients.get().await?;
+                    client
+                        .batch_execute(&format!("SET work_mem = '64kB'; {SORT}"))
+                        .await?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.sqlstate(), Some("53400"), "{orm}: {err:?}");
+        assert!(!err.is_connection_failure(), "{orm}: {err:?}");
+        assert!(!err.is_retryable(), "{orm}: {err:?}");
+        assert_eq!(
+            AtomicU64::load(&attempts, Ordering::SeqCst),
+            1,
+            "{orm}: attempts"
+        );
+    }
+    connector.shutdown().await;
+}
