@@ -1300,15 +1300,14 @@ fn sqlx_environment(
 ) -> Result<Option<std::net::IpAddr>> {
     // The value is shown for an address or a path, never for session settings, which may
     // hold anything.
-    let stray = |setting: Setting, name: &str, value: Option<&str>, what: &str| {
+    let stray = |setting: Setting, name: &str, value: Option<&str>, what: &str, fix: &str| {
         let shown = value.map_or_else(String::new, |v| format!("={v:?}"));
         Error::config(
             setting,
             format!(
                 "{name}{shown} is set in this process's environment but not in the \
                  configuration of {host}, and sqlx (the SeaORM and sqlx pools) would {what}, \
-                 unlike the other pools: unset {name}, or set it through the configuration \
-                 (Config::from_env reads it) where dal supports it"
+                 unlike the other pools: unset {name}{fix}"
             ),
         )
     };
@@ -1321,18 +1320,23 @@ fn sqlx_environment(
             "PGHOSTADDR",
             Some(&addr.to_string()),
             &what,
+            ", or set it through the configuration (Config::from_env reads it)",
         ));
     }
     if env("PGOPTIONS").is_some_and(|v| !v.trim().is_empty()) {
         let what = "pass its settings to the server at every login";
-        return Err(stray(Setting::PgOptions, "PGOPTIONS", None, what));
+        let fix = ": dal takes no session settings from it; set them through the \
+                   configuration (DAL_SEARCH_PATH, DAL_STATEMENT_TIMEOUT_MS), or with SET";
+        return Err(stray(Setting::PgOptions, "PGOPTIONS", None, what, fix));
     }
     for name in ["PGSSLCERT", "PGSSLKEY"] {
         if mode != SslMode::Disable
             && let Some(path) = env(name)
         {
             let what = "present a client certificate";
-            return Err(stray(Setting::SslCert, name, Some(&path), what));
+            let fix = ": dal presents no client certificate (it logs in with the password or \
+                       token)";
+            return Err(stray(Setting::SslCert, name, Some(&path), what, fix));
         }
     }
     Ok(hostaddr)
@@ -2064,12 +2068,24 @@ mod tests {
             Setting::PgOptions,
             "PGOPTIONS",
         );
+        // The fix offered is one dal has: it takes no session settings from PGOPTIONS, and
+        // presents no client certificate.
+        refused(
+            check(None, SslMode::VerifyFull, &options),
+            Setting::PgOptions,
+            "DAL_SEARCH_PATH",
+        );
         let blank = only("PGOPTIONS", " ");
         assert_eq!(check(None, SslMode::VerifyFull, &blank).unwrap(), None);
 
         for name in ["PGSSLCERT", "PGSSLKEY"] {
             let cert = only(name, "/home/me/.postgresql/postgresql.crt");
             refused(check(None, SslMode::Require, &cert), Setting::SslCert, name);
+            refused(
+                check(None, SslMode::Require, &cert),
+                Setting::SslCert,
+                "no client certificate",
+            );
             assert_eq!(check(None, SslMode::Disable, &cert).unwrap(), None);
         }
     }
