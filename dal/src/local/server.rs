@@ -573,14 +573,26 @@ impl LocalPostgres {
                 tx.batch_execute(&sql).await?;
             }
         }
-        let grant: String = tx
-            .query_one(
-                "SELECT format('GRANT %I TO %I', $1::text, $2::text)",
+        // Granted once: again, the server's notice that it is already a member is noise in
+        // the output of every program after the first.
+        let member = tx
+            .query_opt(
+                "SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid \
+                 JOIN pg_roles r ON r.oid = m.member WHERE g.rolname = $1 AND r.rolname = $2",
                 &[&TOKEN_GROUP, &role],
             )
             .await?
-            .get(0);
-        tx.batch_execute(&grant).await?;
+            .is_some();
+        if !member {
+            let grant: String = tx
+                .query_one(
+                    "SELECT format('GRANT %I TO %I', $1::text, $2::text)",
+                    &[&TOKEN_GROUP, &role],
+                )
+                .await?
+                .get(0);
+            tx.batch_execute(&grant).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
