@@ -753,8 +753,9 @@ async fn a_lakebase_migration_that_cannot_sign_in_names_the_database() {
     );
 }
 
-/// A `.env` that cannot be read ends each program with one line that names it, and never
-/// shows the line dotenvy quotes, which may hold a password.
+/// A `.env` that cannot be read ends each program with one line that names it and the
+/// variable whose line is malformed, and never shows the line dotenvy quotes, which may hold
+/// a password.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_env_file_ends_with_one_line_that_shows_no_value() {
     let env_file = "PGHOST=127.0.0.1\nPGPASSWORD=s3cret pw\nPGUSER=app\n";
@@ -765,6 +766,7 @@ async fn a_malformed_env_file_ends_with_one_line_that_shows_no_value() {
         assert_eq!(status.code(), Some(1), "{}", p.output());
         let error = p.the_error_line();
         assert!(error.contains("cannot read .env"), "{error}");
+        assert!(error.contains("PGPASSWORD"), "{error}");
         let stderr = p.stderr();
         assert!(
             !stderr.contains("s3cret") && !stderr.contains("panicked"),
