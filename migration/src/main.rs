@@ -34,9 +34,16 @@ async fn main() {
     if let Some(refused) = unapplied(&args) {
         fail(&*BoxError::from(refused));
     }
+    // What clap refuses (a misspelt command) is refused with its usage before anything
+    // starts: help and the version are printed the same way, reading no configuration.
+    if let Err(e) = <sea_orm_migration::cli::Cli as clap::Parser>::try_parse_from(
+        std::iter::once("migration".to_owned()).chain(args.iter().cloned()),
+    ) {
+        e.exit();
+    }
     if !needs_database(&args) {
-        // Help, the version, or scaffolding a migration: nothing to connect to, so no
-        // configuration is read and no local service starts.
+        // Scaffolding a migration: nothing to connect to, so no configuration is read and
+        // no local service starts.
         let unused = async || Err(sea_orm_migration::DbErr::Custom("no connection".into()));
         return run_cli_with_custom_connection(migration::Migrator, unused).await;
     }
@@ -105,16 +112,14 @@ fn unapplied(args: &[String]) -> Option<String> {
     None
 }
 
-/// Whether the command line asks for something that needs the database: not help, the
-/// version, nor sea-orm-migration's `init` and `generate`.
+/// Whether the command line asks for something that needs the database: not
+/// sea-orm-migration's `init` and `generate` (help and the version never get here).
 fn needs_database(args: &[String]) -> bool {
-    let asks = |flag: &str| args.iter().any(|a| a == flag);
     let first = args
         .iter()
         .find(|a| !a.starts_with('-'))
         .map(String::as_str);
-    !(["-h", "--help", "-V", "--version"].into_iter().any(asks)
-        || matches!(first, Some("help" | "init" | "generate")))
+    !matches!(first, Some("init" | "generate"))
 }
 
 /// The configuration, and the embedded default's services when they are used.

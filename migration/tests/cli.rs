@@ -82,6 +82,16 @@ fn help_reads_no_configuration() {
     assert!(stderr.is_empty(), "{stderr}");
 }
 
+/// A command line clap refuses (a misspelt command) is refused before anything is read or
+/// started: `upp` started the embedded database first, and only then printed the usage.
+#[test]
+fn a_misspelt_command_is_refused_before_any_database() {
+    let (code, _, stderr) = migrate(&["upp"], &[("DATABASE_URL", "not a url")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("unrecognized subcommand 'upp'"), "{stderr}");
+    assert!(!stderr.contains("DATABASE_URL"), "{stderr}");
+}
+
 /// A `.env` that cannot be read stops the command, naming the file and never the line, which
 /// may hold a password. Ignored, it left every setting after its bad line unset: the
 /// command went on without them (no `sslmode`, another schema, or the embedded database).
