@@ -1722,6 +1722,8 @@ mod tests {
             let said = err.to_string();
             assert!(said.contains(&format!("127.0.0.1:{port}")), "{said}");
             assert!(said.contains("PGHOST and PGPORT"), "{said}");
+            // The host may come from the other settings that name one too.
+            assert!(said.contains("DSQL_ENDPOINT"), "{said}");
             assert!(err.is_connection_failure() && err.is_retryable());
         }
     }

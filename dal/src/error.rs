@@ -307,11 +307,13 @@ pub enum Error {
 
     /// A connection could not be opened, before the server answered anything: the host name
     /// did not resolve, nothing listened at the port, the network failed (a failed TLS
-    /// handshake is reported as the driver reports it). The endpoint comes from `PGHOST` and
-    /// `PGPORT` (or `DATABASE_URL`); the cause says what failed.
+    /// handshake is reported as the driver reports it). The endpoint comes from whichever
+    /// setting named it: `PGHOST` and `PGPORT`, `DATABASE_URL`, `DSQL_ENDPOINT`,
+    /// `LAKEBASE_ENDPOINT` (looked up), `DAL_READ_ONLY_HOST`, or the configuration built in
+    /// code; the cause says what failed.
     #[error(
         "cannot open a connection to {endpoint}: check the host and port (PGHOST and PGPORT, \
-         or DATABASE_URL)"
+         DATABASE_URL, DSQL_ENDPOINT or LAKEBASE_ENDPOINT, whichever named it)"
     )]
     Unreachable {
         /// `host:port` of the server.

@@ -104,7 +104,7 @@ fn an_unreachable_database_is_named() {
         let line = fails(program, &[("DATABASE_URL", &url)]);
         assert!(
             line.contains("cannot open a connection to 127.0.0.1")
-                && line.contains("PGHOST and PGPORT, or DATABASE_URL"),
+                && line.contains("PGHOST and PGPORT, DATABASE_URL"),
             "{line}"
         );
         assert!(!line.contains("secret-pw"), "{line}");
