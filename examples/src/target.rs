@@ -152,20 +152,31 @@ fn token_ttl() -> anyhow::Result<Duration> {
 /// Puts a connection or token error in words a reader can act on: whether the credential
 /// service or the database failed, and where.
 pub fn explain(config: &Config, e: dal::Error) -> anyhow::Error {
-    let what = match &e {
-        dal::Error::Config { .. } | dal::Error::Unreachable { .. } => return e.into(),
+    // A pool's connect wraps its cause.
+    let cause = match &e {
+        dal::Error::Connect { source } => &**source,
+        other => other,
+    };
+    // A host looked up as the connector connects (a Lakebase endpoint's) is not named here.
+    let at = if config.host.is_empty() {
+        String::new()
+    } else {
+        format!(" at {}:{}", config.host, config.port)
+    };
+    let what = match cause {
+        // Their own words are clear; a pool's wrapping is not.
+        dal::Error::Config { .. } | dal::Error::Unreachable { .. } if std::ptr::eq(cause, &e) => {
+            return e.into();
+        }
+        dal::Error::Config { .. } | dal::Error::Unreachable { .. } => cause.to_string(),
         dal::Error::Credential { .. } | dal::Error::Http { .. } => {
             "cannot get a database credential".to_owned()
         }
         dal::Error::HttpTransport { .. } => "cannot reach the credential service".to_owned(),
-        dal::Error::AuthFailed { .. } => format!(
-            "the database at {}:{} refused to log in user {}",
-            config.host, config.port, config.user
-        ),
-        _ => format!(
-            "cannot connect to the database at {}:{}",
-            config.host, config.port
-        ),
+        dal::Error::AuthFailed { user, .. } => {
+            format!("the database{at} refused to log in user {user}")
+        }
+        _ => format!("cannot connect to the database{at}"),
     };
     anyhow::Error::new(e).context(what)
 }
@@ -186,4 +197,53 @@ pub async fn check(connector: &dal::Connector, config: &Config) -> anyhow::Resul
     drop(client);
     let _ = connection.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use dal::Config;
+
+    use super::explain;
+
+    /// What a connect says went wrong, with a pool's wrapping or without, and for a
+    /// configuration whose host and user are looked up as it connects (a Lakebase endpoint,
+    /// a browser login): a credential service's refusal behind a pool was "cannot connect to
+    /// the database at :5432".
+    #[test]
+    fn explanations_see_through_a_pools_wrapping_and_name_no_empty_host() {
+        let looked_up = Config::new("", "");
+        let refused = || dal::Error::Http {
+            endpoint: "https://example.cloud.databricks.com/oidc/v1/token".to_owned(),
+            status: 401,
+            code: "invalid_client".to_owned(),
+            message: "bad secret".to_owned(),
+            retry_after: None,
+        };
+        let by_pool = dal::Error::Connect {
+            source: Arc::new(refused()),
+        };
+        for e in [refused(), by_pool] {
+            let said = explain(&looked_up, e).to_string();
+            assert_eq!(said, "cannot get a database credential");
+        }
+        let late = dal::Error::ConnectTimeout {
+            endpoint: "ep.example.com:5432".to_owned(),
+            timeout: Duration::from_secs(10),
+        };
+        let said = explain(&looked_up, late).to_string();
+        assert_eq!(said, "cannot connect to the database");
+        let named = Config::new("db.example.com", "app");
+        let late = dal::Error::ConnectTimeout {
+            endpoint: "db.example.com:5432".to_owned(),
+            timeout: Duration::from_secs(10),
+        };
+        let said = explain(&named, late).to_string();
+        assert_eq!(
+            said,
+            "cannot connect to the database at db.example.com:5432"
+        );
+    }
 }
