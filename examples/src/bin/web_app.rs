@@ -11,7 +11,8 @@
 //! Errors are JSON, `{"error": "<code>", "message": "..."}`: 400 for bad input, 404 for a
 //! missing row, 409 for a duplicate, 503 when the database cannot be reached or refuses the
 //! service's credentials (code `credentials_refused`). `/healthz` opens a new connection, so it
-//! says whether one can be opened now. Messages are fixed: never a driver's or a parser's
+//! says whether one can be opened now: its `database` is `reachable`, `unreachable`,
+//! `credentials_refused` or `failing` (any other refusal, logged). Messages are fixed: never a driver's or a parser's
 //! text. Text fields are counted in characters, bounded, and refuse control characters;
 //! e-mail addresses are compared without case. `GET /metrics` serves dal's metrics in the
 //! Prometheus text format. SIGINT or SIGTERM drains the requests in flight for up to
@@ -381,8 +382,22 @@ async fn healthz(State(app): State<App>) -> Response {
     };
     let database = match tokio::time::timeout(Duration::from_secs(15), probe).await {
         Ok(Ok(())) => "reachable",
-        Ok(Err(e)) if e.is_auth_failure() => "credentials_refused",
-        _ => "unreachable",
+        Ok(Err(e)) => {
+            tracing::warn!(error = %examples::exit::one_line(&e), "health check failed");
+            if e.is_auth_failure() {
+                "credentials_refused"
+            } else if e.is_connection_failure() {
+                "unreachable"
+            } else {
+                // Answered, and refused otherwise: no such database, a credential service
+                // failing, a role that may not log in.
+                "failing"
+            }
+        }
+        Err(_) => {
+            tracing::warn!("health check failed: no answer within 15 s");
+            "unreachable"
+        }
     };
     let reachable = database == "reachable";
     let cache = app.connector.cache();
