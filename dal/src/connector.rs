@@ -1801,6 +1801,23 @@ mod tests {
         assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
     }
 
+    /// A connect that runs out of time names the setting that bounds it: a port where
+    /// something else listens and never answers as PostgreSQL does (an HTTP server waiting
+    /// for a request line) said only "no connection to 127.0.0.1:3001 within 10s".
+    #[tokio::test]
+    async fn a_connect_out_of_time_names_the_connect_timeout() {
+        let port = answering_logins(|_| None).await;
+        let config = Config::new("127.0.0.1", "u")
+            .port(port)
+            .password("p")
+            .ssl_mode(SslMode::Disable)
+            .connect_timeout(Duration::from_millis(300));
+        let connector = Connector::build(config).unwrap();
+        let err = connector.connect().await.map(drop).unwrap_err();
+        assert!(matches!(err, Error::ConnectTimeout { .. }), "{err:?}");
+        assert!(err.to_string().contains("PGCONNECT_TIMEOUT"), "{err}");
+    }
+
     /// A refused password that the source gives again unchanged (a static one) is not sent
     /// again: each connect logged in twice with it, doubling the refusals a server's
     /// directory may count towards locking the account out, under a warning that a fresh

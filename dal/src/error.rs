@@ -324,7 +324,10 @@ pub enum Error {
     },
 
     /// A database connection was not open within the connect timeout (TCP, TLS and login).
-    #[error("no connection to {endpoint} within {timeout:?}")]
+    #[error(
+        "no connection to {endpoint} within {timeout:?} (the connect timeout: \
+         PGCONNECT_TIMEOUT, or connect_timeout in DATABASE_URL)"
+    )]
     ConnectTimeout {
         /// `host:port` of the server.
         endpoint: String,
