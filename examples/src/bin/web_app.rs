@@ -127,7 +127,7 @@ async fn serve(
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+        .with_context(|| format!("cannot listen on {addr} (set by PORT and BIND)"))?;
     let local = listener
         .local_addr()
         .context("reading the listening address")?;
