@@ -268,7 +268,13 @@ impl Dsql {
                          AWS_SECRET_ACCESS_KEY, configure a profile in ~/.aws, run with an IAM \
                          role, or call Dsql::with_static_credentials"
                     }
-                    _ => "the AWS credential provider failed",
+                    // The default chain ends with instance metadata: on a machine with none,
+                    // its failure is what the chain reports.
+                    _ => {
+                        "the AWS credential provider failed; without an IAM role on this \
+                         machine, set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
+                         AWS_PROFILE to a profile in ~/.aws"
+                    }
                 };
                 failure(what, Some(Box::new(e)))
             })?;
@@ -621,6 +627,29 @@ mod tests {
              Dsql::with_static_credentials"
         );
         assert!(std::error::Error::source(cause).is_some());
+    }
+
+    /// A provider that failed (the chain's last, instance metadata, on a machine with none)
+    /// says what would give keys, as none found does: it said only that the provider failed.
+    #[tokio::test]
+    async fn a_failed_provider_says_what_would_give_keys() {
+        #[derive(Debug)]
+        struct Failing;
+        impl ProvideCredentials for Failing {
+            fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+            where
+                Self: 'a,
+            {
+                future::ProvideCredentials::ready(Err(CredentialsError::provider_error(
+                    "failed to load IMDS session token",
+                )))
+            }
+        }
+        let source = vector_source("app").with_provider(SharedCredentialsProvider::new(Failing));
+        let err = source.fetch().await.unwrap_err();
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("AWS_ACCESS_KEY_ID"), "{cause}");
+        assert!(cause.contains("AWS_PROFILE"), "{cause}");
     }
 
     #[tokio::test]
