@@ -772,6 +772,15 @@ impl Connector {
         }
     }
 
+    /// The error for a certificate refused for another reason than its CA (see
+    /// [`is_refused_certificate`]): a TLS failure, not retried.
+    fn refused_certificate(&self, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Tls {
+            endpoint: format!("{}:{}", self.shared.host, self.shared.port),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        }
+    }
+
     /// The error for a certificate no trusted CA signed, naming the setting that fixes it.
     fn unknown_issuer(&self) -> Error {
         Error::config(
@@ -878,6 +887,7 @@ impl Connector {
                 }))
             }
             Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
+            Err(e) if is_refused_certificate(&e) => Err(self.refused_certificate(e)),
             Err(e) if is_socket_failure(&e) => Err(self.unreachable(e)),
             Err(e) => Err(Error::Database(e)),
         }
@@ -895,6 +905,7 @@ impl Connector {
             match sea_orm::sqlx::PgConnection::connect_with(&options).await {
                 Ok(conn) => Ok(conn),
                 Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
+                Err(e) if is_refused_certificate(&e) => Err(self.refused_certificate(e)),
                 Err(e @ sea_orm::sqlx::Error::Io(_)) if rustls_error(&e).is_none() => {
                     Err(self.unreachable(e))
                 }
@@ -1205,6 +1216,13 @@ fn is_unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
         )
     })
+}
+
+/// Whether the client refused the server's certificate (not issued for the host name,
+/// expired, revoked, badly signed): nothing a retry or another try mends. A certificate no
+/// trusted CA signed is told apart first ([`is_unknown_issuer`]), for its own advice.
+fn is_refused_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    rustls_error(e).is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
 }
 
 /// The rustls error anywhere in `e`'s chain, if TLS failed.

@@ -351,7 +351,9 @@ pub enum Error {
     },
 
     /// A TLS handshake with the server failed (see
-    /// [`Connector::server_certificates`](crate::Connector::server_certificates)).
+    /// [`Connector::server_certificates`](crate::Connector::server_certificates)), or a
+    /// connection refused the server's certificate for another reason than its CA (not
+    /// issued for the host name, expired): neither a connection failure nor retryable.
     #[error("TLS with {endpoint} failed")]
     Tls {
         /// `host:port` of the server.

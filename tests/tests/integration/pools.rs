@@ -1277,3 +1277,42 @@ async fn a_login_method_the_drivers_cannot_speak_is_not_an_unreachable_server() 
     }
     connector.shutdown().await;
 }
+
+/// A certificate the client refuses for another reason than its CA (here, one not issued for
+/// the host name the configuration names) is a TLS failure, named as one, and not worth
+/// retrying or failing over from, for every kind of connection: a name or a date does not
+/// mend itself. Before, it was a "database error" or a lost connection, both retried.
+#[tokio::test]
+async fn a_certificate_refused_for_its_name_is_a_tls_failure_not_retried() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "misnamed").await;
+    let mut config = pg.config("misnamed", "misnamed", &password).pool(
+        PoolSettings::builder()
+            .acquire_timeout(Duration::from_secs(600))
+            .build()
+            .unwrap(),
+    );
+    config.host = "not-the-server.example".to_owned();
+    let config = config.hostaddr(std::net::IpAddr::from([127, 0, 0, 1]));
+    let connector = Connector::new(config).await.unwrap();
+
+    let mut errors = vec![connector.connect().await.map(drop).unwrap_err()];
+    let diesel = connector.diesel_pool().await.unwrap();
+    errors.push(diesel.get().await.map(drop).unwrap_err());
+    let raw = connector.postgres_pool().await.unwrap();
+    errors.push(raw.get().await.map(drop).unwrap_err());
+    let db = connector.seaorm().await.unwrap();
+    errors.push(dal::Error::from(
+        customer::Entity::find().all(&db).await.unwrap_err(),
+    ));
+    for err in errors {
+        let said = anyhow_chain(&err);
+        assert!(said.contains("NotValidForName"), "{said}");
+        assert!(said.contains("not-the-server.example"), "{said}");
+        assert!(
+            !err.is_retryable() && !err.is_connection_failure() && !err.is_auth_failure(),
+            "{said}: {err:?}"
+        );
+    }
+    connector.shutdown().await;
+}
