@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use tokio_postgres::config::Host;
 
 use super::settings::{Config, LONGEST_LIMIT};
-use crate::error::{Error, Result, Setting};
+use crate::error::{Error, ErrorChain, Result, Setting};
 
 /// A static-password configuration from `url` over `defaults` (libpq's environment
 /// variables): what the URL gives wins, and `password` (`PGPASSWORD`) and the defaults fill
@@ -39,9 +39,11 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
         (None, Some(port)) => Some(parse_port(&port).map_err(|e| bad(&e))?),
         (None, None) => None,
     };
-    let parsed: tokio_postgres::Config = rest
-        .parse()
-        .map_err(|e: tokio_postgres::Error| bad(&format!("is not a valid connection URL ({e})")))?;
+    let parsed: tokio_postgres::Config = rest.parse().map_err(|e: tokio_postgres::Error| {
+        // Its cause says which part, and names no value.
+        let why = ErrorChain(&e);
+        bad(&format!("is not a valid connection URL ({why})"))
+    })?;
     let url_host = match parsed.get_hosts() {
         [] => None,
         [Host::Tcp(host)] => Some(host.as_str()).filter(|h| !h.is_empty()),
@@ -507,6 +509,11 @@ mod tests {
                 "several hostaddrs",
             ),
             ("postgres://u:secret@h1,h2/db", "several hosts"),
+            // tokio-postgres's own refusal says which part, in its cause.
+            (
+                "postgres://u:secret@h/db?hostaddr=not-an-address",
+                "invalid value for option `hostaddr`",
+            ),
             // A parameter given twice is not settled by the last one: an `&sslmode=` added
             // to a URL would otherwise turn its verification off without a word.
             (
