@@ -789,7 +789,13 @@ impl Error {
             } => Error::Credential {
                 source_kind,
                 source: match self.in_credential() {
-                    Some(e) => Box::new(e.duplicate(source_kind)),
+                    // dal's own error of a kind copied as its words: those words, not another
+                    // `Credential` around them.
+                    Some(e @ Error::Credential { .. }) => Box::new(e.duplicate(source_kind)),
+                    Some(e) => match e.duplicate(source_kind) {
+                        Error::Credential { source, .. } => source,
+                        copy => Box::new(copy),
+                    },
                     None => said(&**source),
                 },
             },
@@ -1027,5 +1033,28 @@ impl fmt::Display for ErrorChain<'_> {
             source = cause.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The copy of a custom source's failure that the callers waiting on its fetch get says
+    /// what failed once: a dal error of a kind the copy keeps only as words came back as "the
+    /// custom credential source failed: the custom credential source failed: ...".
+    #[test]
+    fn a_copied_failure_of_a_custom_source_names_it_once() {
+        let failed = Error::Credential {
+            source_kind: "custom",
+            source: Box::new(Error::abort("the vault is sealed")),
+        };
+        let copy = ErrorChain(&failed.duplicate("custom")).to_string();
+        assert_eq!(
+            copy.matches("credential source failed").count(),
+            1,
+            "{copy}"
+        );
+        assert!(copy.contains("the vault is sealed"), "{copy}");
     }
 }
