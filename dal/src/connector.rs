@@ -756,6 +756,7 @@ impl Connector {
             Err(_) => Err(Error::ConnectTimeout {
                 endpoint,
                 timeout: s.connect_timeout,
+                last_answer: None,
             }),
             Ok(Ok(chain)) => Ok(chain),
             Ok(Err(e)) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
@@ -796,21 +797,19 @@ impl Connector {
 
     /// The cached token, waiting for a fetch (one at a time, with its retries) no later than
     /// `deadline`: a slow credential service fails this connection with
-    /// [`Error::ConnectTimeout`] instead of holding it without bound, and one whose failed
-    /// answer (or the pause it asked for) held the fetch up, with that answer.
+    /// [`Error::ConnectTimeout`] instead of holding it without bound, with the source's
+    /// failed answer as its cause when that answer (or the pause it asked for) held the
+    /// fetch up.
     async fn token_by(&self, deadline: Instant) -> Result<std::sync::Arc<Token>> {
         let cache = &self.shared.cache;
         let since = tokio::time::Instant::now();
         tokio::time::timeout_at(deadline, cache.token())
             .await
-            .map_err(|_| {
-                // The service's last answer, when it gave one, says why better than the time.
-                cache
-                    .failure_holding_up(since)
-                    .unwrap_or_else(|| Error::ConnectTimeout {
-                        endpoint: format!("the {} credential source", cache.source_kind()),
-                        timeout: self.shared.connect_timeout,
-                    })
+            .map_err(|_| Error::ConnectTimeout {
+                endpoint: format!("the {} credential source", cache.source_kind()),
+                timeout: self.shared.connect_timeout,
+                // The service's last answer, when it gave one, says why.
+                last_answer: cache.failure_holding_up(since).map(Box::new),
             })?
     }
 
@@ -833,6 +832,7 @@ impl Connector {
             .map_err(|_| Error::ConnectTimeout {
                 endpoint: format!("{}:{}", self.shared.host, self.shared.port),
                 timeout,
+                last_answer: None,
             })??;
         self.shared.opened.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(telemetry::CONNECTIONS_OPENED).increment(1);
@@ -1789,12 +1789,13 @@ mod tests {
         port
     }
 
-    /// A connect that ran out of time waiting for a token fails with what the credential
+    /// A connect that ran out of time waiting for a token carries what the credential
     /// service last answered, when it answered: a 429 whose `Retry-After` outlasts the
     /// connect timeout read as a service that never answered ("no connection to the lakebase
-    /// credential source"), neither its status nor its pause in the error.
+    /// credential source"), neither its status nor its pause in the error. It stays a
+    /// timeout, a connection failure that another endpoint may not meet.
     #[tokio::test(start_paused = true)]
-    async fn a_connect_out_of_time_for_a_token_fails_with_the_services_last_answer() {
+    async fn a_connect_out_of_time_for_a_token_carries_the_services_last_answer() {
         let source = Credentials::source(|| async {
             Err::<Token, _>(Error::Http {
                 endpoint: "https://example.cloud.databricks.com/oidc/v1/token".to_owned(),
@@ -1815,7 +1816,8 @@ mod tests {
             "{}",
             ErrorChain(&err)
         );
-        assert!(err.is_retryable(), "{err:?}");
+        assert!(matches!(err, Error::ConnectTimeout { .. }), "{err:?}");
+        assert!(err.is_connection_failure() && err.is_retryable(), "{err:?}");
         assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
     }
 

@@ -323,16 +323,22 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    /// A database connection was not open within the connect timeout (TCP, TLS and login).
+    /// A database connection was not open within the connect timeout (TCP, TLS and login),
+    /// or its token was not there in time.
     #[error(
         "no connection to {endpoint} within {timeout:?} (the connect timeout: \
          PGCONNECT_TIMEOUT, or connect_timeout in DATABASE_URL)"
     )]
     ConnectTimeout {
-        /// `host:port` of the server.
+        /// `host:port` of the server, or the credential source that had no token in time.
         endpoint: String,
         /// The connect timeout.
         timeout: Duration,
+        /// What the credential source last answered, when the wait was for a token and it
+        /// had answered with a failure (an HTTP 429 whose `Retry-After` outlasts the timeout,
+        /// say): the cause, whose [`retry_after`](Error::retry_after) this error gives.
+        #[source]
+        last_answer: Option<Box<Error>>,
     },
 
     /// The server refused the password at login (SQLSTATE `28P01`, or `28000` from an
@@ -585,6 +591,10 @@ impl Error {
         match self {
             Error::Http { retry_after, .. } => *retry_after,
             Error::Connect { source } => source.retry_after(),
+            Error::ConnectTimeout {
+                last_answer: Some(answer),
+                ..
+            } => answer.retry_after(),
             // A custom source that answers with dal's own error.
             Error::Credential { .. } => self.in_credential().and_then(Error::retry_after),
             _ => None,

@@ -232,6 +232,7 @@ mod tests {
         let late = dal::Error::ConnectTimeout {
             endpoint: "ep.example.com:5432".to_owned(),
             timeout: Duration::from_secs(10),
+            last_answer: None,
         };
         let said = explain(&looked_up, late).to_string();
         assert_eq!(said, "cannot connect to the database");
@@ -239,6 +240,7 @@ mod tests {
         let late = dal::Error::ConnectTimeout {
             endpoint: "db.example.com:5432".to_owned(),
             timeout: Duration::from_secs(10),
+            last_answer: None,
         };
         let said = explain(&named, late).to_string();
         assert_eq!(

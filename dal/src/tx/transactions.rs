@@ -543,6 +543,7 @@ mod tests {
             connect(Error::ConnectTimeout {
                 endpoint: "db.example.com:5432".to_owned(),
                 timeout: Duration::from_secs(10),
+                last_answer: None,
             })
         };
         let begin = |e| Failure::Begin(Error::from(acquire_err(e)));
