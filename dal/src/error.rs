@@ -393,9 +393,12 @@ pub enum Error {
     #[error("database error")]
     Database(#[source] tokio_postgres::Error),
 
-    /// A SeaORM operation failed. Made from a `DbErr` with `From` (`?`), which gives a
-    /// [`SeaOrmPool`](crate::SeaOrmPool) checkout that could not open a connection back as
-    /// the pool's [`Error::Connect`], with its cause, rather than as this variant.
+    /// A SeaORM operation failed. Made from a `DbErr` with `From` (`?`), a
+    /// [`SeaOrmPool`](crate::SeaOrmPool) checkout that could not open a connection for
+    /// another reason than the driver's own error (a credential service's answer, a server
+    /// out of reach, a timeout) comes back as the pool's [`Error::Connect`] with that cause,
+    /// as the Diesel pool's does; made by hand, this variant's classifications read that
+    /// cause all the same. A login the server refused stays the driver's error, here.
     #[cfg(feature = "seaorm")]
     #[error("SeaORM operation failed")]
     SeaOrm(#[source] sea_orm::DbErr),
@@ -472,8 +475,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// The cause of a failed SeaORM pool checkout in an [`Error::SeaOrm`] made by hand (not
+    /// through `From`), which every classification reads in its place.
+    fn carried(&self) -> Option<&Error> {
+        match self {
+            #[cfg(feature = "seaorm")]
+            Error::SeaOrm(e) => checkout_failure(e).map(|source| &**source),
+            _ => None,
+        }
+    }
+
     /// The SQLSTATE code of a database error, such as `28P01` for a failed password.
     pub fn sqlstate(&self) -> Option<&str> {
+        if let Some(cause) = self.carried() {
+            return cause.sqlstate();
+        }
         match self {
             Error::Database(e) => e.code().map(|c| c.code()),
             Error::AuthFailed { source, .. } => source.code().map(|c| c.code()),
@@ -564,6 +580,9 @@ impl Error {
     /// recognised here by the server's (English) message; Diesel's
     /// [transactions](crate::Transactions) read its SQLSTATE off the wire as well.
     pub fn is_conflict(&self) -> bool {
+        if let Some(cause) = self.carried() {
+            return cause.is_conflict();
+        }
         match self {
             Error::RetriesExhausted { last, .. } => return last.is_conflict(),
             Error::Connect { source } => return source.is_conflict(),
@@ -588,6 +607,9 @@ impl Error {
 
     /// How long the service asked to wait before trying again, if it did (`Retry-After`).
     pub fn retry_after(&self) -> Option<Duration> {
+        if let Some(cause) = self.carried() {
+            return cause.retry_after();
+        }
         match self {
             Error::Http { retry_after, .. } => *retry_after,
             Error::Connect { source } => source.retry_after(),
@@ -610,6 +632,9 @@ impl Error {
     /// ask the connection's wire.
     #[cfg(any(feature = "seaorm", feature = "diesel"))]
     pub(crate) fn is_stale_statement(&self) -> bool {
+        if let Some(cause) = self.carried() {
+            return cause.is_stale_statement();
+        }
         match self {
             Error::Database(e) => e.as_db_error().is_some_and(|e| {
                 (e.code().code() == "0A000"
@@ -631,6 +656,9 @@ impl Error {
     /// Whether the connection failed or could not be opened (as opposed to the server
     /// answering with an error). A refused login is not a connection failure.
     pub fn is_connection_failure(&self) -> bool {
+        if let Some(cause) = self.carried() {
+            return cause.is_connection_failure();
+        }
         #[cfg(feature = "seaorm")]
         use sea_orm::sqlx::Error as Sqlx;
         // The server ended the session: `57P01` admin_shutdown (`pg_terminate_backend`, a fast
@@ -731,6 +759,9 @@ impl Error {
     /// (`ClientAuthentication`, `InitializeSessionUserId`), which the server does not
     /// translate.
     pub fn is_auth_failure(&self) -> bool {
+        if let Some(cause) = self.carried() {
+            return cause.is_auth_failure();
+        }
         match self {
             Error::Http { status, .. } => matches!(status, 401 | 403),
             Error::Connect { source } => source.is_auth_failure(),
@@ -753,6 +784,9 @@ impl Error {
     /// tells them apart: it tries again after a lost connection only when the transaction
     /// had not begun, and reports one under the `COMMIT` as [`Error::AmbiguousCommit`].
     pub fn is_retryable(&self) -> bool {
+        if let Some(cause) = self.carried() {
+            return cause.is_retryable();
+        }
         match self {
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
             // A custom source's failure is retried unless it says otherwise with dal's error.
@@ -865,19 +899,28 @@ impl Error {
 
 #[cfg(feature = "seaorm")]
 impl From<sea_orm::DbErr> for Error {
-    /// A checkout of the SeaORM pool that failed gives back the pool's own error,
-    /// [`Error::Connect`] with its cause, as the Diesel pool's does (see [`CheckoutFailure`]).
+    /// A checkout of the SeaORM pool that failed for another reason than the driver's own
+    /// error gives back the pool's own error, [`Error::Connect`] with its cause, as the
+    /// Diesel pool's does.
     fn from(e: sea_orm::DbErr) -> Self {
-        let carried = sqlx_error(&e).and_then(|e| match e {
-            sea_orm::sqlx::Error::Io(io) => io.get_ref()?.downcast_ref::<CheckoutFailure>(),
-            _ => None,
-        });
-        match carried {
-            Some(CheckoutFailure(source)) => Error::Connect {
+        match checkout_failure(&e) {
+            Some(source) => Error::Connect {
                 source: Arc::clone(source),
             },
             None => Error::SeaOrm(e),
         }
+    }
+}
+
+/// The cause a failed checkout of the SeaORM pool carries in `e` (see [`CheckoutFailure`]).
+#[cfg(feature = "seaorm")]
+fn checkout_failure(e: &sea_orm::DbErr) -> Option<&Arc<Error>> {
+    match sqlx_error(e)? {
+        sea_orm::sqlx::Error::Io(io) => io
+            .get_ref()?
+            .downcast_ref::<CheckoutFailure>()
+            .map(|CheckoutFailure(source)| source),
+        _ => None,
     }
 }
 

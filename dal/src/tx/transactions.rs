@@ -593,6 +593,12 @@ mod tests {
         let busy = Error::from(acquire_err(answered(429, Some(Duration::from_secs(30)))));
         assert!(busy.is_retryable(), "{busy:?}");
         assert_eq!(busy.retry_after(), Some(Duration::from_secs(30)));
+        // The same, made by hand rather than through `From`.
+        let by_hand = Error::SeaOrm(acquire_err(answered(401, None)));
+        assert!(by_hand.is_auth_failure(), "{by_hand:?}");
+        assert!(!by_hand.is_retryable() && !by_hand.is_connection_failure());
+        let by_hand = Error::SeaOrm(acquire_err(answered(429, Some(Duration::from_secs(30)))));
+        assert_eq!(by_hand.retry_after(), Some(Duration::from_secs(30)));
         // A transaction that could not begin for it is not run again.
         let begin = Failure::Begin(Error::from(acquire_err(answered(401, None))));
         assert!(begin.classify().is_err());
