@@ -18,7 +18,7 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgPool};
 
 use crate::config::{Config, ConnectionRate, Credentials, LONGEST_LIMIT, PoolSettings};
 use crate::credentials::{CredentialSource, StaticPassword, Token};
-use crate::error::{Error, ErrorChain, Result, Setting};
+use crate::error::{Error, ErrorChain, Result, Setting, refuses_certificate, rustls_error};
 #[cfg(feature = "diesel")]
 use crate::pool::DieselPool;
 #[cfg(feature = "seaorm")]
@@ -773,8 +773,9 @@ impl Connector {
         }
     }
 
-    /// The error for a certificate refused for another reason than its CA (see
-    /// [`is_refused_certificate`]): a TLS failure, not retried.
+    /// The error for a certificate refused for another reason than its CA (told apart first,
+    /// for its own advice: [`unknown_issuer`](Self::unknown_issuer)): a TLS failure, not
+    /// retried, since nothing but a setting or a new certificate mends it.
     fn refused_certificate(&self, e: impl std::error::Error + Send + Sync + 'static) -> Error {
         Error::Tls {
             endpoint: format!("{}:{}", self.shared.host, self.shared.port),
@@ -887,7 +888,7 @@ impl Connector {
                 }))
             }
             Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
-            Err(e) if is_refused_certificate(&e) => Err(self.refused_certificate(e)),
+            Err(e) if refuses_certificate(&e) => Err(self.refused_certificate(e)),
             Err(e) if is_socket_failure(&e) => Err(self.unreachable(e)),
             Err(e) => Err(Error::Database(e)),
         }
@@ -905,7 +906,7 @@ impl Connector {
             match sea_orm::sqlx::PgConnection::connect_with(&options).await {
                 Ok(conn) => Ok(conn),
                 Err(e) if is_unknown_issuer(&e) => Err(self.unknown_issuer()),
-                Err(e) if is_refused_certificate(&e) => Err(self.refused_certificate(e)),
+                Err(e) if refuses_certificate(&e) => Err(self.refused_certificate(e)),
                 Err(e @ sea_orm::sqlx::Error::Io(_)) if rustls_error(&e).is_none() => {
                     Err(self.unreachable(e))
                 }
@@ -1216,30 +1217,6 @@ fn is_unknown_issuer(e: &(dyn std::error::Error + 'static)) -> bool {
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
         )
     })
-}
-
-/// Whether the client refused the server's certificate (not issued for the host name,
-/// expired, revoked, badly signed): nothing a retry or another try mends. A certificate no
-/// trusted CA signed is told apart first ([`is_unknown_issuer`]), for its own advice.
-fn is_refused_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
-    rustls_error(e).is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
-}
-
-/// The rustls error anywhere in `e`'s chain, if TLS failed.
-fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        // tokio-rustls wraps rustls' error in an io::Error, whose `source` skips it.
-        let inner = c
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .map_or(c, |inner| inner as &(dyn std::error::Error + 'static));
-        if let Some(e) = inner.downcast_ref::<rustls::Error>() {
-            return Some(e);
-        }
-        cause = c.source();
-    }
-    None
 }
 
 /// Whether tokio-postgres failed to open the socket: the host name did not resolve, nothing

@@ -696,6 +696,10 @@ impl Error {
             Error::SeaOrm(sea_orm::DbErr::ConnectionAcquire(reason)) => {
                 !matches!(reason, sea_orm::error::ConnAcquireErr::ConnectionClosed)
             }
+            // A certificate refused (a plain sqlx pool's, which the connector does not open):
+            // no retry mends it.
+            #[cfg(feature = "seaorm")]
+            Error::SeaOrm(e) if sqlx_error(e).is_some_and(|e| refuses_certificate(e)) => false,
             // A login that broke off on a message the driver cannot read (a method of
             // authentication it does not implement): every new connection meets it again.
             #[cfg(feature = "seaorm")]
@@ -960,6 +964,31 @@ fn sqlx_error(e: &sea_orm::DbErr) -> Option<&sea_orm::sqlx::Error> {
     }
 }
 
+/// The rustls error anywhere in `e`'s chain, if TLS failed.
+pub(crate) fn rustls_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        // tokio-rustls wraps rustls' error in an io::Error, whose `source` skips it.
+        let inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map_or(c, |inner| inner as &(dyn std::error::Error + 'static));
+        if let Some(e) = inner.downcast_ref::<rustls::Error>() {
+            return Some(e);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// Whether the client refused the server's certificate (not issued for the host name,
+/// expired, revoked, badly signed), as rustls says anywhere in `e`'s chain.
+pub(crate) fn refuses_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    rustls_error(e).is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
+}
+
 /// PostgreSQL's message for SQLSTATE `0A000` on a stale prepared statement (a schema change
 /// altered its result type), in English.
 pub(crate) const STALE_PLAN: &str = "cached plan must not change result type";
@@ -1109,5 +1138,20 @@ mod tests {
             "{copy}"
         );
         assert!(copy.contains("the vault is sealed"), "{copy}");
+    }
+
+    /// A certificate that a plain sqlx pool (or a migration) refused for its date or name
+    /// is no connection failure, as the connector's own connections' is not: nothing a retry
+    /// mends.
+    #[cfg(feature = "seaorm")]
+    #[test]
+    fn a_certificate_sqlx_refused_is_no_connection_failure() {
+        let refused = sea_orm::sqlx::Error::Tls(Box::new(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired,
+        )));
+        let e = Error::SeaOrm(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(
+            Arc::new(refused),
+        )));
+        assert!(!e.is_connection_failure() && !e.is_retryable(), "{e:?}");
     }
 }
