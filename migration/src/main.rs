@@ -35,10 +35,9 @@ async fn main() {
         fail(&*BoxError::from(refused));
     }
     // What clap refuses (a misspelt command) is refused with its usage before anything
-    // starts: help and the version are printed the same way, reading no configuration.
-    if let Err(e) = <sea_orm_migration::cli::Cli as clap::Parser>::try_parse_from(
-        std::iter::once("migration".to_owned()).chain(args.iter().cloned()),
-    ) {
+    // starts; help and the version are printed the same way, and show no setting's value
+    // (sea-orm-migration's options read DATABASE_URL, password and all).
+    if let Err(e) = parse(&args) {
         e.exit();
     }
     if !needs_database(&args) {
@@ -83,6 +82,21 @@ async fn main() {
     }
     drop(lock);
     drop(stack);
+}
+
+/// Parses `args` as sea-orm-migration's command line does, with the values of the variables
+/// its options read hidden from the help.
+fn parse(args: &[String]) -> Result<(), clap::Error> {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    use sea_orm_migration::cli::Cli;
+    let hidden = |arg: clap::Arg| arg.hide_env_values(true);
+    let matches = Cli::command()
+        .mut_args(hidden)
+        .mut_subcommands(|command| command.mut_args(hidden))
+        .try_get_matches_from(
+            std::iter::once("migration".to_owned()).chain(args.iter().cloned()),
+        )?;
+    Cli::from_arg_matches(&matches).map(drop)
 }
 
 /// sea-orm-migration's options that this command does not apply (it connects with dal's

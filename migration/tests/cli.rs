@@ -92,6 +92,19 @@ fn a_misspelt_command_is_refused_before_any_database() {
     assert!(!stderr.contains("DATABASE_URL"), "{stderr}");
 }
 
+/// Help shows no setting's value: sea-orm-migration's options read `DATABASE_URL`, and the
+/// usage printed it, password and all (`[env: DATABASE_URL=postgres://u:pw@...]`).
+#[test]
+fn help_shows_no_password() {
+    for args in [&["--help"][..], &["up", "--help"], &["help"]] {
+        let (code, stdout, stderr) =
+            migrate(args, &[("DATABASE_URL", "postgres://u:s3cret-pw@h/db")]);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        assert!(!stdout.contains("s3cret-pw"), "{args:?}: {stdout}");
+        assert!(!stderr.contains("s3cret-pw"), "{args:?}: {stderr}");
+    }
+}
+
 /// A `.env` that cannot be read stops the command, naming the file and never the line, which
 /// may hold a password. Ignored, it left every setting after its bad line unset: the
 /// command went on without them (no `sslmode`, another schema, or the embedded database).
