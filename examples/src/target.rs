@@ -34,11 +34,14 @@ fn malformed_at(value: &str) -> Option<(usize, String)> {
         .map(|dir| dir.join(".env"))
         .find(|path| path.is_file())?;
     let text = std::fs::read_to_string(path).ok()?;
-    text.lines().enumerate().find_map(|(i, line)| {
+    // The line whose whole value it is; none named when several are.
+    let mut found = text.lines().enumerate().filter_map(|(i, line)| {
         let (_, after) = line.split_once('=')?;
-        let name = after.contains(value).then(|| variable_of(line))??;
+        let name = (after.trim() == value).then(|| variable_of(line))??;
         Some((i + 1, name.to_owned()))
-    })
+    });
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 /// The name a `.env` line sets (`NAME=...`, or `export NAME=...`), if it has the shape of
