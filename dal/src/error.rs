@@ -313,7 +313,8 @@ pub enum Error {
     /// code; the cause says what failed.
     #[error(
         "cannot open a connection to {endpoint}: check the host and port (PGHOST and PGPORT, \
-         DATABASE_URL, DSQL_ENDPOINT or LAKEBASE_ENDPOINT, whichever named it)"
+         DATABASE_URL, DSQL_ENDPOINT, LAKEBASE_ENDPOINT or DAL_READ_ONLY_HOST, whichever \
+         named it)"
     )]
     Unreachable {
         /// `host:port` of the server.
@@ -537,19 +538,25 @@ impl Error {
     /// server does not translate); `None` when the driver does not say.
     fn ended_session(&self) -> Option<bool> {
         use tokio_postgres::error::Severity;
-        let pg = |e: &tokio_postgres::Error| {
-            e.as_db_error()
-                .and_then(|e| e.parsed_severity())
-                .map(|s| matches!(s, Severity::Fatal | Severity::Panic))
+        // An error's own severities; any other is the driver's fill-in for one it could not
+        // read, which says nothing.
+        let pg = |e: &tokio_postgres::Error| match e.as_db_error()?.parsed_severity()? {
+            Severity::Fatal | Severity::Panic => Some(true),
+            Severity::Error => Some(false),
+            _ => None,
         };
         match self {
             Error::Database(e) => pg(e),
             Error::AuthFailed { source, .. } => pg(source),
             #[cfg(feature = "seaorm")]
-            Error::SeaOrm(e) => sqlx_error(e).and_then(pg_database_error).map(|e| {
+            Error::SeaOrm(e) => {
                 use sea_orm::sqlx::postgres::PgSeverity;
-                matches!(e.severity(), PgSeverity::Fatal | PgSeverity::Panic)
-            }),
+                match sqlx_error(e).and_then(pg_database_error)?.severity() {
+                    PgSeverity::Fatal | PgSeverity::Panic => Some(true),
+                    PgSeverity::Error => Some(false),
+                    _ => None,
+                }
+            }
             Error::Connect { source } => source.ended_session(),
             Error::RetriesExhausted { last, .. } => last.ended_session(),
             _ => None,

@@ -265,8 +265,9 @@ impl TokenCache {
     }
 
     /// Like [`on_refresh`](Self::on_refresh), for a listener that can tell whether it still
-    /// listens without a token (`None`): one that no longer does leaves at once, not at the
-    /// next token, which a static password never brings.
+    /// listens without a token (`None`): one that no longer does leaves at the next
+    /// registration or count ([`listeners`](Self::listeners)), not only at the next token,
+    /// which a static password never brings.
     #[cfg(feature = "seaorm")]
     pub(crate) fn on_refresh_while(
         &self,
