@@ -1231,6 +1231,21 @@ async fn a_role_that_may_not_log_in_is_not_a_refused_token() {
     connector.shutdown().await;
 }
 
+/// The error of one connection of every kind `connector` opens, for a server that refuses
+/// them all: its own connection, a Diesel and a tokio-postgres checkout, a SeaORM statement.
+async fn errors_of_every_kind(connector: &Connector) -> Vec<dal::Error> {
+    let mut errors = vec![connector.connect().await.map(drop).unwrap_err()];
+    let diesel = connector.diesel_pool().await.unwrap();
+    errors.push(diesel.get().await.map(drop).unwrap_err());
+    let raw = connector.postgres_pool().await.unwrap();
+    errors.push(raw.get().await.map(drop).unwrap_err());
+    let db = connector.seaorm().await.unwrap();
+    errors.push(dal::Error::from(
+        customer::Entity::find().all(&db).await.unwrap_err(),
+    ));
+    errors
+}
+
 /// A server whose `pg_hba.conf` line for the user asks for a method the drivers cannot
 /// speak (here `gss`: GSSAPI) answered: its error says so, and is neither an unreachable
 /// server ("check the host and port") nor worth retrying, for every kind of connection.
@@ -1257,16 +1272,7 @@ async fn a_login_method_the_drivers_cannot_speak_is_not_an_unreachable_server() 
     );
     let connector = Connector::new(config).await.unwrap();
 
-    let mut errors = vec![connector.connect().await.map(drop).unwrap_err()];
-    let diesel = connector.diesel_pool().await.unwrap();
-    errors.push(diesel.get().await.map(drop).unwrap_err());
-    let raw = connector.postgres_pool().await.unwrap();
-    errors.push(raw.get().await.map(drop).unwrap_err());
-    let db = connector.seaorm().await.unwrap();
-    errors.push(dal::Error::from(
-        customer::Entity::find().all(&db).await.unwrap_err(),
-    ));
-    for err in errors {
+    for err in errors_of_every_kind(&connector).await {
         let said = anyhow_chain(&err);
         assert!(said.contains("authentication method"), "{said}");
         assert!(!said.contains("check the host and port"), "{said}");
@@ -1296,16 +1302,7 @@ async fn a_certificate_refused_for_its_name_is_a_tls_failure_not_retried() {
     let config = config.hostaddr(std::net::IpAddr::from([127, 0, 0, 1]));
     let connector = Connector::new(config).await.unwrap();
 
-    let mut errors = vec![connector.connect().await.map(drop).unwrap_err()];
-    let diesel = connector.diesel_pool().await.unwrap();
-    errors.push(diesel.get().await.map(drop).unwrap_err());
-    let raw = connector.postgres_pool().await.unwrap();
-    errors.push(raw.get().await.map(drop).unwrap_err());
-    let db = connector.seaorm().await.unwrap();
-    errors.push(dal::Error::from(
-        customer::Entity::find().all(&db).await.unwrap_err(),
-    ));
-    for err in errors {
+    for err in errors_of_every_kind(&connector).await {
         let said = anyhow_chain(&err);
         assert!(said.contains("NotValidForName"), "{said}");
         assert!(said.contains("not-the-server.example"), "{said}");
