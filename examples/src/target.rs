@@ -20,65 +20,13 @@ pub struct Database {
     stack: Option<DevStack>,
 }
 
-/// Where in the `.env` that dotenvy read (the first in this directory or above it) the
-/// malformed `value` stands, by what dotenvy quotes of it: the line's number and the name it
-/// sets, never any of the value.
-fn malformed_at(value: &str) -> Option<(usize, String)> {
-    let value = value.trim_end();
-    if value.is_empty() {
-        return None;
-    }
-    let path = std::env::current_dir()
-        .ok()?
-        .ancestors()
-        .map(|dir| dir.join(".env"))
-        .find(|path| path.is_file())?;
-    let text = std::fs::read_to_string(path).ok()?;
-    // The line whose whole value it is; none named when several are.
-    let mut found = text.lines().enumerate().filter_map(|(i, line)| {
-        let (_, after) = line.split_once('=')?;
-        let name = (after.trim() == value).then(|| variable_of(line))??;
-        Some((i + 1, name.to_owned()))
-    });
-    let first = found.next()?;
-    found.next().is_none().then_some(first)
-}
-
-/// The name a `.env` line sets (`NAME=...`, or `export NAME=...`), if it has the shape of
-/// one: never any of its value.
-fn variable_of(line: &str) -> Option<&str> {
-    let (name, _) = line.split_once('=')?;
-    let name = name.trim();
-    let name = name.strip_prefix("export ").unwrap_or(name).trim();
-    let mut chars = name.chars();
-    let first = chars.next()?;
-    ((first.is_ascii_alphabetic() || first == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.'))
-    .then_some(name)
-}
-
 impl Database {
     /// Reads `.env` and the environment: the configured database when it names one
     /// ([`dal::Config::env_names_a_database`]: any of [`dal::DATABASE_VARIABLES`], or
     /// Databricks credentials), else starts the embedded default. Prints which one on stdout.
     pub async fn from_env() -> anyhow::Result<Self> {
         // A missing .env is normal; a malformed one is not.
-        match dotenvy::dotenv() {
-            Ok(_) => {}
-            Err(e) if e.not_found() => {}
-            // dotenvy's message quotes the line, which may hold a password: its variable's
-            // name alone is shown.
-            Err(dotenvy::Error::LineParse(value, _)) => anyhow::bail!(
-                "cannot read .env: {} is malformed; quote a value that holds spaces, \
-                 quotes, `#` or `$` in single quotes (KEY='a b'), or one that holds `'` in \
-                 double quotes, writing `$` as `\\$`",
-                malformed_at(&value).map_or_else(
-                    || "a line".to_owned(),
-                    |(number, name)| format!("line {number} ({name})")
-                )
-            ),
-            Err(e) => return Err(e).context("cannot read .env"),
-        }
+        migration::env_file::load().map_err(anyhow::Error::msg)?;
         let database = if Config::env_names_a_database() {
             Self {
                 config: Config::from_env()?,

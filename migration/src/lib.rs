@@ -33,6 +33,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod ddl;
+pub mod env_file;
 mod lock;
 mod m20260101_000001_create_customers;
 mod m20260101_000002_create_orders;

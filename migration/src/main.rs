@@ -21,10 +21,8 @@ use sea_orm_migration::sea_orm::DatabaseConnection;
 async fn main() {
     // sea-orm-migration reads `.env` too, but only once it parsed the command line, and
     // goes on after a malformed one, with every setting after its bad line unset.
-    match dotenvy::dotenv() {
-        Ok(_) => {}
-        Err(e) if e.not_found() => {}
-        Err(e) => fail(&*BoxError::from(unreadable_env_file(&e))),
+    if let Err(unreadable) = migration::env_file::load() {
+        fail(&*BoxError::from(unreadable));
     }
     // Not UTF-8: clap, which runs the command, refuses it with its usage.
     let args: Vec<String> = std::env::args_os()
@@ -186,18 +184,6 @@ impl std::error::Error for Unreachable {
 
 /// Any error of dal or of its local services.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// What stopped `.env` from being read, without the line dotenvy quotes: it may hold a
-/// password.
-fn unreadable_env_file(e: &dotenvy::Error) -> String {
-    match e {
-        dotenvy::Error::LineParse(..) => "cannot read .env: a line is malformed; quote a value \
-            that holds spaces, quotes, `#` or `$` in single quotes (KEY='a b'), or one that \
-            holds `'` in double quotes, writing `$` as `\\$`"
-            .to_owned(),
-        other => format!("cannot read .env: {other}"),
-    }
-}
 
 fn fail(e: &(dyn std::error::Error + 'static)) -> ! {
     let mut message = format!("error: {e}");

@@ -105,8 +105,8 @@ fn help_shows_no_password() {
     }
 }
 
-/// A `.env` that cannot be read stops the command, naming the file and never the line, which
-/// may hold a password. Ignored, it left every setting after its bad line unset: the
+/// A `.env` that cannot be read stops the command, naming the file, the line's number and its
+/// variable, and never the value, which may hold a password. Ignored, it left every setting after its bad line unset: the
 /// command went on without them (no `sslmode`, another schema, or the embedded database).
 #[test]
 fn a_malformed_env_file_stops_the_command_without_showing_its_line() {
@@ -124,6 +124,7 @@ fn a_malformed_env_file_stops_the_command_without_showing_its_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.starts_with("error: cannot read .env"), "{stderr}");
+    assert!(stderr.contains("line 2 (PGPASSWORD)"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
 }
 
