@@ -378,11 +378,22 @@ pub enum Error {
         source: Arc<Error>,
     },
 
-    /// No connection became available within the pool's acquire timeout.
-    #[error(
-        "no connection became available within {0:?}; the pool is exhausted or the database is slow"
-    )]
-    PoolTimeout(Duration),
+    /// No connection became available within the pool's acquire timeout. The message says
+    /// why, as far as the pool knows: its last attempt to open a connection failed (the
+    /// source; HikariCP's timeout carries its last connection failure the same way), it was
+    /// still opening connections (a server out of reach, or logins slower than the acquire
+    /// timeout: the connect timeout bounds them), or neither (every connection in use).
+    #[error("no connection became available within {timeout:?}; {}", timeout_reason(connect_failure.is_some(), *opening))]
+    PoolTimeout {
+        /// The pool's acquire timeout.
+        timeout: Duration,
+        /// Connections the pool was opening when the caller gave up.
+        opening: u32,
+        /// Why the pool's last attempt to open a connection failed, if it failed and the
+        /// pool has opened none since.
+        #[source]
+        connect_failure: Option<Arc<Error>>,
+    },
 
     /// A pooled connection failed the test it gets before it is handed out again (the server
     /// closed it, say); the pool drops it and tries another. bb8 reports it to its error sink;
@@ -694,7 +705,7 @@ impl Error {
         match self {
             Error::Database(e) => is_connection_lost(e),
             Error::HttpTransport { .. }
-            | Error::PoolTimeout(_)
+            | Error::PoolTimeout { .. }
             | Error::ConnectTimeout { .. }
             | Error::Unreachable { .. } => true,
             Error::Connect { source } => source.is_connection_failure(),
@@ -803,7 +814,7 @@ impl Error {
             // A custom source's failure is retried unless it says otherwise with dal's error.
             Error::Credential { .. } => self.in_credential().is_none_or(Error::is_retryable),
             Error::HttpTransport { .. }
-            | Error::PoolTimeout(_)
+            | Error::PoolTimeout { .. }
             | Error::ConnectTimeout { .. }
             | Error::Unreachable { .. } => true,
             Error::Database(e) => {
@@ -908,14 +919,39 @@ impl Error {
     }
 }
 
+/// Why no connection became available (see [`Error::PoolTimeout`]).
+fn timeout_reason(failed: bool, opening: u32) -> std::borrow::Cow<'static, str> {
+    match (failed, opening) {
+        (true, _) => "the pool's last attempt to open one failed".into(),
+        (false, 0) => "the pool is exhausted or the database is slow".into(),
+        (false, n) => format!(
+            "the pool was still opening {n} (a server out of reach or a slow login; \
+             its error comes at the connect timeout)"
+        )
+        .into(),
+    }
+}
+
 #[cfg(feature = "seaorm")]
 impl From<sea_orm::DbErr> for Error {
     /// A checkout of the SeaORM pool that failed for another reason than the driver's own
-    /// error gives back the pool's own error, [`Error::Connect`] with its cause, as the
-    /// Diesel pool's does.
+    /// error gives back the pool's own error, as the Diesel pool's does: [`Error::Connect`]
+    /// with its cause, or [`Error::PoolTimeout`] that has one.
     fn from(e: sea_orm::DbErr) -> Self {
-        match checkout_failure(&e) {
-            Some(source) => Error::Connect {
+        match checkout_failure(&e).map(|source| (&**source, source)) {
+            Some((
+                Error::PoolTimeout {
+                    timeout,
+                    opening,
+                    connect_failure,
+                },
+                _,
+            )) => Error::PoolTimeout {
+                timeout: *timeout,
+                opening: *opening,
+                connect_failure: connect_failure.clone(),
+            },
+            Some((_, source)) => Error::Connect {
                 source: Arc::clone(source),
             },
             None => Error::SeaOrm(e),

@@ -301,6 +301,8 @@ pub struct Manager<C> {
     connect_timeout: Duration,
     /// Bounds the check of a connection at checkout (see [`check_timeout`]).
     check_timeout: Duration,
+    /// Counts the connections it opens for callers (see [`Error::PoolTimeout`]).
+    failures: Arc<Failures>,
 }
 
 impl<C> std::fmt::Debug for Manager<C> {
@@ -621,7 +623,9 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     /// at any time, and a login at shutdown can wake a database scaled to zero).
     fn connect(&self) -> impl std::future::Future<Output = Result<Box<C>>> + Send {
         let open = (!self.closed.load(Ordering::Relaxed)).then(|| self.open());
+        let opening = Opening::start(&self.failures);
         async move {
+            let _opening = opening;
             match open {
                 Some(open) => open.await.map(Box::new),
                 None => Err(Error::PoolClosed),
@@ -676,6 +680,11 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
 struct Failures {
     queue: Mutex<VecDeque<(Instant, Arc<Error>)>>,
     arrived: Notify,
+    /// The newest failure, kept (whoever took it) until a connection opens: what a caller
+    /// that times out is told (see [`Error::PoolTimeout`]).
+    last: Mutex<Option<Arc<Error>>>,
+    /// Connections bb8 is opening for callers.
+    opening: AtomicU32,
     /// Failures older than this have no caller left to fail (the acquire timeout).
     keep: Duration,
     /// At most as many are kept as callers can wait in bb8 at once (one per turn, the pool's
@@ -685,6 +694,17 @@ struct Failures {
 }
 
 impl Failures {
+    fn new(keep: Duration, most: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            arrived: Notify::new(),
+            last: Mutex::new(None),
+            opening: AtomicU32::new(0),
+            keep,
+            most,
+        }
+    }
+
     fn push(&self, error: Error) {
         let now = Instant::now();
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -697,9 +717,25 @@ impl Failures {
         if queue.len() >= self.most {
             queue.pop_front();
         }
-        queue.push_back((now, Arc::new(error)));
+        let error = Arc::new(error);
+        queue.push_back((now, Arc::clone(&error)));
         drop(queue);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
         self.arrived.notify_one();
+    }
+
+    /// A connection opened: the pool's failures no longer tell why a caller times out.
+    fn opened(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// What a caller that waited `timeout` in vain is told.
+    fn timed_out(&self, timeout: Duration) -> Error {
+        Error::PoolTimeout {
+            timeout,
+            opening: self.opening.load(Ordering::Relaxed),
+            connect_failure: self.last.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
     }
 
     /// The first failure that came after `since`, taken so that no other caller gets it.
@@ -721,6 +757,39 @@ impl Failures {
             arrived.await;
         }
     }
+}
+
+/// One connection bb8 is opening for callers, counted in [`Failures::opening`] until its
+/// opening ends (or is dropped).
+struct Opening(Arc<Failures>);
+
+impl Opening {
+    fn start(failures: &Arc<Failures>) -> Self {
+        failures.opening.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(failures))
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        self.0.opening.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `open`, noting in `failures` each connection it opens (for bb8, for `min_idle` or as a
+/// replacement alike).
+fn noting_success<C: Send + 'static>(open: Open<C>, failures: &Arc<Failures>) -> Open<C> {
+    let failures = Arc::clone(failures);
+    Arc::new(move || {
+        let (opening, failures) = (open(), Arc::clone(&failures));
+        Box::pin(async move {
+            let opened = opening.await;
+            if opened.is_ok() {
+                failures.opened();
+            }
+            opened
+        })
+    })
 }
 
 /// Hands each failure of a background connect to one waiting caller.
@@ -754,12 +823,11 @@ pub(crate) fn build<C: Send + 'static>(
     registry: &Registry,
     connect_timeout: Duration,
 ) -> Result<Pool<C>> {
-    let failures = Arc::new(Failures {
-        queue: Mutex::new(VecDeque::new()),
-        arrived: Notify::new(),
-        keep: settings.acquire_timeout,
-        most: settings.max_size as usize,
-    });
+    let failures = Arc::new(Failures::new(
+        settings.acquire_timeout,
+        settings.max_size as usize,
+    ));
+    let open = noting_success(open, &failures);
     let closed = Arc::new(AtomicBool::new(false));
     let sweeping = Arc::new(SweepKey);
     let (name, lifespan, is_valid) = (kind.name, kind.lifespan, kind.is_valid);
@@ -785,6 +853,7 @@ pub(crate) fn build<C: Send + 'static>(
         renewal: renewal.clone(),
         connect_timeout,
         check_timeout: check_timeout(settings.acquire_timeout),
+        failures: Arc::clone(&failures),
     };
     let every = reaper_rate(settings.max_lifetime(), settings.idle_timeout);
     // bb8 opens a connection whenever its idle ones drop below its `min_idle`, a sweep's
@@ -1015,7 +1084,7 @@ impl<C: Send + 'static> Pool<C> {
         // One bound for the turn and bb8's wait together: each had its own, and a caller given
         // its turn late then waited in bb8 up to the acquire timeout again.
         let deadline = tokio::time::Instant::now() + core.acquire_timeout;
-        let timed_out = || Error::PoolTimeout(core.acquire_timeout);
+        let timed_out = || core.failures.timed_out(core.acquire_timeout);
         let got = async {
             let turns = Arc::clone(&core.turns);
             let turn = match turns.try_acquire_owned() {
@@ -1356,6 +1425,7 @@ mod tests {
             renewal: Some(Arc::clone(renewal)),
             connect_timeout: CONNECT_TIMEOUT,
             check_timeout: CONNECT_TIMEOUT,
+            failures: Arc::new(Failures::new(CONNECT_TIMEOUT, 1)),
         }
     }
 
@@ -1421,12 +1491,104 @@ mod tests {
         };
         let (first, (second, waited)) = tokio::join!(first, second);
         assert!(
-            matches!(first, Err(Error::PoolTimeout(_))),
+            matches!(first, Err(Error::PoolTimeout { .. })),
             "{:?}",
             first.err()
         );
-        assert!(matches!(second, Err(Error::PoolTimeout(_))), "{second:?}");
+        assert!(
+            matches!(second, Err(Error::PoolTimeout { .. })),
+            "{second:?}"
+        );
         assert_eq!(waited, timeout);
+    }
+
+    /// A caller that times out while the pool's connects fail, each failure going to a caller
+    /// ahead of it, learns why: it got only "the pool is exhausted or the database is slow",
+    /// as if the pool's connections were all in use. One that times out with no connect
+    /// failing meanwhile gets no cause.
+    #[tokio::test(start_paused = true)]
+    async fn a_checkout_that_times_out_while_connects_fail_carries_the_last_failure() {
+        let open: Open<Probe> = Arc::new(|| {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                Err(Error::Unreachable {
+                    endpoint: "db.internal:5432".into(),
+                    source: "connection refused".into(),
+                })
+            })
+        });
+        let settings = PoolSettings::builder()
+            .max_size(1)
+            .acquire_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let pool = build(
+            PROBE,
+            open,
+            &settings,
+            &Registry::default(),
+            CONNECT_TIMEOUT,
+        )
+        .unwrap();
+        let get = || async { pool.get().await.map(drop) };
+        let (first, second, third) = tokio::join!(get(), get(), get());
+        for got in [&first, &second] {
+            assert!(matches!(got, Err(Error::Connect { .. })), "{got:?}");
+        }
+        let third = third.unwrap_err();
+        let chain = ErrorChain(&third).to_string();
+        assert!(matches!(third, Error::PoolTimeout { .. }), "{chain}");
+        assert!(
+            chain.contains("db.internal:5432") && chain.contains("connection refused"),
+            "a timeout while connects failed tells no cause: {chain}"
+        );
+        assert!(!chain.contains("exhausted"), "{chain}");
+
+        let pending: Open<Probe> = Arc::new(|| Box::pin(std::future::pending()));
+        let pool = build(
+            PROBE,
+            pending,
+            &settings,
+            &Registry::default(),
+            CONNECT_TIMEOUT,
+        )
+        .unwrap();
+        let timed_out = pool.get().await.map(drop).unwrap_err();
+        let chain = ErrorChain(&timed_out).to_string();
+        assert!(
+            std::error::Error::source(&timed_out).is_none() && chain.contains("still opening 1"),
+            "{chain}"
+        );
+
+        // A connection opened since the failure: the pool is exhausted, not failing.
+        let attempts = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&attempts);
+        let fails_once: Open<Probe> = Arc::new(move || {
+            let first = counted.fetch_add(1, Ordering::Relaxed) == 0;
+            Box::pin(async move {
+                match first {
+                    true => Err(Error::PoolClosed),
+                    false => Ok(Probe::ending_in(2, Duration::from_secs(600), None).0),
+                }
+            })
+        });
+        let pool = build(
+            PROBE,
+            fails_once,
+            &settings,
+            &Registry::default(),
+            CONNECT_TIMEOUT,
+        )
+        .unwrap();
+        assert!(matches!(pool.get().await, Err(Error::Connect { .. })));
+        let _held = pool.get().await.unwrap();
+        let timed_out = pool.get().await.map(drop).unwrap_err();
+        assert!(
+            std::error::Error::source(&timed_out).is_none(),
+            "{}",
+            ErrorChain(&timed_out)
+        );
+        assert!(timed_out.to_string().contains("exhausted"), "{timed_out}");
     }
 
     /// Failures no caller took are kept no more than callers can wait for them: with a long
@@ -1434,12 +1596,7 @@ mod tests {
     /// connect failing for nobody) kept every failure until it aged out.
     #[test]
     fn failures_no_caller_took_are_kept_no_more_than_callers_can_wait() {
-        let failures = Failures {
-            queue: Mutex::new(VecDeque::new()),
-            arrived: Notify::new(),
-            keep: Duration::from_secs(3600),
-            most: 4,
-        };
+        let failures = Failures::new(Duration::from_secs(3600), 4);
         let since = Instant::now();
         for _ in 0..1000 {
             failures.push(Error::PoolClosed);

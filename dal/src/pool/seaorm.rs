@@ -388,8 +388,10 @@ type Checkout = bb8::PooledConnection<'static, Manager<Conn>>;
 /// `db.begin()`, `db.transaction(..)`); streams are not offered. Each statement runs with
 /// the prepared-statement cache of its connection, as SeaORM's own pool does. Errors are
 /// SeaORM's: [`DbErr::ConnectionAcquire`] when no connection is free within the acquire
-/// timeout or after shutdown, [`DbErr::Conn`] with the cause when none can be opened
-/// (SQLx's error with its SQLSTATE for a refused login).
+/// timeout (every one in use) or after shutdown, [`DbErr::Conn`] with the cause when none
+/// can be opened (SQLx's error with its SQLSTATE for a refused login), or none opened
+/// within the acquire timeout ([`Error::PoolTimeout`] with its cause, which
+/// `dal::Error::from` gives back).
 #[derive(Clone)]
 pub struct SeaOrmPool {
     pool: Pool<Conn>,
@@ -467,21 +469,32 @@ impl SeaOrmPool {
 /// The error SeaORM gives for a connection its pool could not hand out.
 pub(crate) fn acquire_err(e: Error) -> DbErr {
     match e {
-        Error::PoolTimeout(_) => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
+        Error::PoolTimeout {
+            opening: 0,
+            connect_failure: None,
+            ..
+        } => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
         Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
+        // Timed out while the pool could not open a connection: the cause goes with it.
+        timed_out @ Error::PoolTimeout { .. } => carried(Arc::new(timed_out)),
         Error::Connect { source } => match &*source {
             Error::SeaOrm(DbErr::Conn(RuntimeErr::SqlxError(e))) => {
                 DbErr::Conn(RuntimeErr::SqlxError(Arc::clone(e)))
             }
             // A server out of reach, a login past the connect timeout, a credential service's
-            // answer: an I/O error, as sqlx gives for a connection it could not open, which
-            // gives the cause back whole as dal's error.
-            _ => DbErr::Conn(RuntimeErr::SqlxError(Arc::new(sea_orm::sqlx::Error::Io(
-                std::io::Error::other(CheckoutFailure(source)),
-            )))),
+            // answer.
+            _ => carried(source),
         },
         other => DbErr::Conn(RuntimeErr::Internal(ErrorChain(&other).to_string())),
     }
+}
+
+/// `cause` as an I/O error, as sqlx gives for a connection it could not open, which gives
+/// the cause back whole as dal's error.
+fn carried(cause: Arc<Error>) -> DbErr {
+    DbErr::Conn(RuntimeErr::SqlxError(Arc::new(sea_orm::sqlx::Error::Io(
+        std::io::Error::other(CheckoutFailure(cause)),
+    ))))
 }
 
 /// The transaction modes of `options`, as `BEGIN` takes them.

@@ -547,13 +547,40 @@ mod tests {
             })
         };
         let begin = |e| Failure::Begin(Error::from(acquire_err(e)));
-        let pool_timeout = || Error::PoolTimeout(Duration::from_secs(1));
-        for failed in [&refused as &dyn Fn() -> Error, &timed_out, &pool_timeout] {
+        let pool_timeout = || Error::PoolTimeout {
+            timeout: Duration::from_secs(1),
+            opening: 0,
+            connect_failure: None,
+        };
+        let pool_timeout_refused = || Error::PoolTimeout {
+            timeout: Duration::from_secs(1),
+            opening: 0,
+            connect_failure: Some(std::sync::Arc::new(refused())),
+        };
+        for failed in [
+            &refused as &dyn Fn() -> Error,
+            &timed_out,
+            &pool_timeout,
+            &pool_timeout_refused,
+        ] {
             let shown = failed().to_string();
             let seaorm = Error::from(acquire_err(failed()));
             assert!(seaorm.is_connection_failure(), "{shown}");
             assert!(begin(failed()).classify().is_ok(), "{shown}");
         }
+        let seaorm = Error::from(acquire_err(pool_timeout_refused()));
+        assert!(
+            matches!(
+                &seaorm,
+                Error::PoolTimeout {
+                    connect_failure: Some(_),
+                    ..
+                }
+            ) && ErrorChain(&seaorm)
+                .to_string()
+                .contains("db.example.com:5432"),
+            "a SeaORM checkout that timed out while connects failed lost the cause: {seaorm:?}"
+        );
         assert!(
             acquire_err(refused())
                 .to_string()
