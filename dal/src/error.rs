@@ -383,21 +383,22 @@ pub enum Error {
     /// source; HikariCP's timeout carries its last connection failure the same way), it was
     /// still opening connections (a server out of reach, or logins slower than the acquire
     /// timeout: the connect timeout bounds them), or neither (every connection in use).
-    #[error("no connection became available within {timeout:?}; {}", timeout_reason(connect_failure.is_some(), *opening))]
+    #[error("no connection became available within {timeout:?}; {}", timeout_reason(last_failure.is_some(), *opening))]
     PoolTimeout {
         /// The pool's acquire timeout.
         timeout: Duration,
         /// Connections the pool was opening when the caller gave up.
         opening: u32,
-        /// Why the pool's last attempt to open a connection failed, if it failed and the
-        /// pool has opened none since.
+        /// Why the pool's last attempt to open a connection, or the check of an idle one
+        /// before it went out, failed, if the pool has opened none since.
         #[source]
-        connect_failure: Option<Arc<Error>>,
+        last_failure: Option<Arc<Error>>,
     },
 
     /// A pooled connection failed the test it gets before it is handed out again (the server
     /// closed it, say); the pool drops it and tries another. bb8 reports it to its error sink;
-    /// [`Pool::get`](crate::Pool::get) never returns it.
+    /// [`Pool::get`](crate::Pool::get) returns it only as the cause of an
+    /// [`Error::PoolTimeout`].
     #[error("a pooled connection failed its checkout test: {0}")]
     Pool(String),
 
@@ -922,11 +923,11 @@ impl Error {
 /// Why no connection became available (see [`Error::PoolTimeout`]).
 fn timeout_reason(failed: bool, opening: u32) -> std::borrow::Cow<'static, str> {
     match (failed, opening) {
-        (true, _) => "the pool's last attempt to open one failed".into(),
+        (true, _) => "the pool's last attempt to open or check one failed".into(),
         (false, 0) => "the pool is exhausted or the database is slow".into(),
         (false, n) => format!(
-            "the pool was still opening {n} (a server out of reach or a slow login; \
-             its error comes at the connect timeout)"
+            "the pool was still opening {n} (a server out of reach, a slow login or a slow \
+             credential service; its error comes at the connect timeout)"
         )
         .into(),
     }
@@ -943,13 +944,13 @@ impl From<sea_orm::DbErr> for Error {
                 Error::PoolTimeout {
                     timeout,
                     opening,
-                    connect_failure,
+                    last_failure,
                 },
                 _,
             )) => Error::PoolTimeout {
                 timeout: *timeout,
                 opening: *opening,
-                connect_failure: connect_failure.clone(),
+                last_failure: last_failure.clone(),
             },
             Some((_, source)) => Error::Connect {
                 source: Arc::clone(source),

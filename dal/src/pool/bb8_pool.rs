@@ -641,8 +641,14 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
         let within = self.check_timeout;
         async move {
             let checked = if expired {
-                Err(Error::Pool("past its lifetime".to_owned()))
+                Err(Error::Pool(PAST_ITS_LIFETIME.to_owned()))
             } else if test {
+                // Counted as failed until its check passes: one whose check is cut off (its
+                // caller gave up) may have gone silent, or have an answer still to come, and
+                // is closed as it goes back instead of being checked again by the next caller.
+                if let Some(span) = lifespan.and_then(|f| f(conn)) {
+                    span.failed = true;
+                }
                 match tokio::time::timeout(within, is_valid(conn)).await {
                     Ok(checked) => checked.map_err(|e| Error::Pool(ErrorChain(&e).to_string())),
                     Err(_) => Err(Error::Pool(format!(
@@ -652,10 +658,12 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
             } else {
                 Ok(())
             };
-            if checked.is_err()
-                && let Some(span) = lifespan.and_then(|f| f(conn))
-            {
-                span.failed = true;
+            if let Some(span) = lifespan.and_then(|f| f(conn)) {
+                match checked {
+                    Err(_) => span.failed = true,
+                    Ok(()) if test => span.failed = false,
+                    Ok(()) => {}
+                }
             }
             checked
         }
@@ -673,6 +681,9 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     }
 }
 
+/// Why [`Manager::is_valid`] fails a connection that reached its end: no failure of the pool.
+const PAST_ITS_LIFETIME: &str = "past its lifetime";
+
 /// The failures of background connects, each for one caller: bb8 opens one connection per
 /// caller it cannot serve, so one failed attempt fails one caller (the longest waiting), not
 /// every caller waiting at that moment.
@@ -680,8 +691,9 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
 struct Failures {
     queue: Mutex<VecDeque<(Instant, Arc<Error>)>>,
     arrived: Notify,
-    /// The newest failure, kept (whoever took it) until a connection opens: what a caller
-    /// that times out is told (see [`Error::PoolTimeout`]).
+    /// The newest failure to open a connection (whoever took it) or of a pooled one's
+    /// check, kept until a connection opens: what a caller that times out is told (see
+    /// [`Error::PoolTimeout`]).
     last: Mutex<Option<Arc<Error>>>,
     /// Connections bb8 is opening for callers.
     opening: AtomicU32,
@@ -724,6 +736,12 @@ impl Failures {
         self.arrived.notify_one();
     }
 
+    /// Notes a failure that fails no caller (a pooled connection's check), for one that
+    /// times out.
+    fn note(&self, error: Error) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(error));
+    }
+
     /// A connection opened: the pool's failures no longer tell why a caller times out.
     fn opened(&self) {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -734,7 +752,7 @@ impl Failures {
         Error::PoolTimeout {
             timeout,
             opening: self.opening.load(Ordering::Relaxed),
-            connect_failure: self.last.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            last_failure: self.last.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 
@@ -798,9 +816,13 @@ struct FailureSink(Arc<Failures>);
 
 impl bb8::ErrorSink<Error> for FailureSink {
     fn sink(&self, error: Error) {
-        if let Error::Pool(_) = error {
-            // A dead connection bb8 dropped at checkout: it tries another, so no caller fails.
+        if let Error::Pool(why) = &error {
+            // A dead connection bb8 dropped at checkout: it tries another, so no caller fails,
+            // but one that times out is told why.
             tracing::debug!(error = %error, "a pooled connection was dropped at checkout");
+            if why != PAST_ITS_LIFETIME {
+                self.0.note(error);
+            }
             return;
         }
         tracing::debug!(error = %ErrorChain(&error), "a pool could not open a connection");
@@ -2058,6 +2080,67 @@ mod tests {
             closed.lock().unwrap()[0].lock().unwrap().is_some(),
             "the one whose check never ended is closed"
         );
+    }
+
+    /// Never ends the check of a connection checked once before (at checkout, not after
+    /// its login).
+    fn second_check_hangs(probe: &mut Probe) -> BoxFuture<'_, Result<()>> {
+        if std::mem::replace(&mut probe.checked, true) {
+            Box::pin(std::future::pending())
+        } else {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A connection whose checkout check was cut off (its caller gave up, or was dropped)
+    /// is closed: it went back to the pool as idle, and the next caller spent the check
+    /// timeout on it again (5 s by default), as each caller after would while its server
+    /// stays silent.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_whose_check_was_cut_off_is_closed() {
+        let (pool, closed) = one_idle(Kind {
+            is_settled: |_| false,
+            is_valid: second_check_hangs,
+            ..PROBE
+        })
+        .await;
+        let cut = tokio::time::timeout(Duration::from_millis(100), pool.get()).await;
+        assert!(cut.is_err(), "its check never ends");
+        let started = tokio::time::Instant::now();
+        let conn = pool.get().await.unwrap();
+        assert_eq!(
+            (conn.name, started.elapsed()),
+            (2, Duration::ZERO),
+            "the next checkout checked the same silent connection again"
+        );
+        assert!(closed.lock().unwrap()[0].lock().unwrap().is_some());
+    }
+
+    /// A caller that times out because the pool's connections failed their checks (a
+    /// server that went silent) learns that: it was told the pool was exhausted, or still
+    /// opening one, and nothing of the checks.
+    #[tokio::test(start_paused = true)]
+    async fn a_checkout_that_times_out_on_failed_checks_says_so() {
+        let opened = Arc::new(AtomicBool::new(false));
+        let open: Open<Probe> = Arc::new(move || match opened.swap(true, Ordering::Relaxed) {
+            false => Box::pin(async { Ok(Probe::ending_in(1, Duration::from_secs(600), None).0) }),
+            true => Box::pin(std::future::pending()),
+        });
+        let settings = PoolSettings::builder()
+            .max_size(1)
+            .acquire_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let kind = Kind {
+            is_settled: |_| false,
+            is_valid: second_check_hangs,
+            ..PROBE
+        };
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
+        drop(pool.get().await.unwrap());
+        let timed_out = pool.get().await.map(drop).unwrap_err();
+        let chain = ErrorChain(&timed_out).to_string();
+        assert!(chain.contains("no answer to its check"), "{chain}");
     }
 
     /// Panics checking the first connection it is given; passes the others.

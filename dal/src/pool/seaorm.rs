@@ -471,7 +471,7 @@ pub(crate) fn acquire_err(e: Error) -> DbErr {
     match e {
         Error::PoolTimeout {
             opening: 0,
-            connect_failure: None,
+            last_failure: None,
             ..
         } => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
         Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),

@@ -550,12 +550,12 @@ mod tests {
         let pool_timeout = || Error::PoolTimeout {
             timeout: Duration::from_secs(1),
             opening: 0,
-            connect_failure: None,
+            last_failure: None,
         };
         let pool_timeout_refused = || Error::PoolTimeout {
             timeout: Duration::from_secs(1),
             opening: 0,
-            connect_failure: Some(std::sync::Arc::new(refused())),
+            last_failure: Some(std::sync::Arc::new(refused())),
         };
         for failed in [
             &refused as &dyn Fn() -> Error,
@@ -573,7 +573,7 @@ mod tests {
             matches!(
                 &seaorm,
                 Error::PoolTimeout {
-                    connect_failure: Some(_),
+                    last_failure: Some(_),
                     ..
                 }
             ) && ErrorChain(&seaorm)
