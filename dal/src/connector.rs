@@ -596,7 +596,7 @@ impl Connector {
     pub(crate) async fn connect_by<T>(&self, open: OpenWith<T>) -> Result<T> {
         let count = 1 + self.shared.peers.len();
         let start = self.shared.active.load(Ordering::Relaxed);
-        let mut first_failure = None;
+        let mut failures = Vec::new();
         for k in 0..count {
             let i = (start + k) % count;
             let endpoint = self.endpoint(i);
@@ -613,12 +613,12 @@ impl Connector {
                         error = %ErrorChain(&e),
                         "cannot open a connection; trying the next endpoint"
                     );
-                    first_failure.get_or_insert(e);
+                    failures.push(e);
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(first_failure.expect("one endpoint at least"))
+        Err(Error::AllEndpointsFailed { failures })
     }
 
     /// Makes endpoint `to` the active one, if `from` still is, and points the sqlx pools at it.
@@ -1853,6 +1853,30 @@ mod tests {
             assert!(err.is_connection_failure() && err.is_retryable(), "{err:?}");
             assert!(!err.is_auth_failure(), "{err:?}");
         }
+    }
+
+    /// A connection that no endpoint of a failover list can open says why each failed, as
+    /// libpq lists each host's error: only the first endpoint's failure came back, and a
+    /// peer that answered "starting up" (`57P03`) showed in a warning alone.
+    #[tokio::test]
+    async fn a_connection_no_endpoint_can_open_names_each_ones_failure() {
+        let closed = tokio::net::TcpSocket::new_v4().unwrap();
+        closed.bind(([127, 0, 0, 1], 0).into()).unwrap();
+        let port = closed.local_addr().unwrap().port();
+        let starting = answering_logins(|_| {
+            Some(b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0")
+        })
+        .await;
+        let endpoint = |port| Config::new("127.0.0.1", "u").port(port).password("p");
+        let connector = Connector::build(endpoint(port).failover(endpoint(starting))).unwrap();
+        let err = connector.connect().await.map(drop).unwrap_err();
+        let said = ErrorChain(&err).to_string();
+        assert!(
+            said.contains(&format!("127.0.0.1:{port}")) && said.contains("starting up"),
+            "{said}"
+        );
+        assert!(err.is_connection_failure() && err.is_retryable(), "{err:?}");
+        assert!(!err.is_auth_failure(), "{err:?}");
     }
 
     /// A connection the server refused for a limit (`53300`) and whose next try the connect

@@ -324,6 +324,16 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// No endpoint of a [failover](crate::Config::failover) list could open a connection:
+    /// each one's failure, in the order tried (the active endpoint first), as libpq lists
+    /// each host's. Always a [connection failure](Error::is_connection_failure), retryable
+    /// when one of them is.
+    #[error("no endpoint could open a connection: {}", each_failure(failures))]
+    AllEndpointsFailed {
+        /// Each endpoint's failure, in the order tried.
+        failures: Vec<Error>,
+    },
+
     /// A database connection was not open within the connect timeout (TCP, TLS and login),
     /// or its token was not there in time.
     #[error(
@@ -632,6 +642,9 @@ impl Error {
         match self {
             Error::Http { retry_after, .. } => *retry_after,
             Error::Connect { source } => source.retry_after(),
+            Error::AllEndpointsFailed { failures } => {
+                failures.iter().filter_map(Error::retry_after).min()
+            }
             Error::ConnectTimeout {
                 last_answer: Some(answer),
                 ..
@@ -710,6 +723,7 @@ impl Error {
             | Error::ConnectTimeout { .. }
             | Error::Unreachable { .. } => true,
             Error::Connect { source } => source.is_connection_failure(),
+            Error::AllEndpointsFailed { .. } => true,
             // A pool shut down stays shut.
             #[cfg(feature = "seaorm")]
             Error::SeaOrm(sea_orm::DbErr::ConnectionAcquire(reason)) => {
@@ -822,6 +836,7 @@ impl Error {
                 is_connection_lost(e) || self.is_connection_failure() || self.is_conflict()
             }
             Error::Connect { source } => source.is_retryable(),
+            Error::AllEndpointsFailed { failures } => failures.iter().any(Error::is_retryable),
             #[cfg(feature = "diesel")]
             Error::DieselSetup(_) => true,
             #[cfg(feature = "seaorm")]
@@ -918,6 +933,12 @@ impl Error {
             reason: reason.into(),
         }
     }
+}
+
+/// Each failure of [`Error::AllEndpointsFailed`], with its causes, in the order tried.
+fn each_failure(failures: &[Error]) -> String {
+    let each: Vec<String> = failures.iter().map(|e| ErrorChain(e).to_string()).collect();
+    each.join("; then ")
 }
 
 /// Why no connection became available (see [`Error::PoolTimeout`]).
