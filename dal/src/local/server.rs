@@ -732,35 +732,48 @@ impl LocalPostgres {
             .await
     }
 
-    /// Waits until the server accepts connections, or `exited` says it stopped.
+    /// Waits until the server lets the superuser in, or `exited` says it stopped.
     async fn wait_ready(
         &self,
-        mut exited: impl FnMut() -> bool,
+        exited: impl FnMut() -> bool,
         log_tail: impl Fn() -> String,
     ) -> Result<(), Started> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if exited() {
-                let tail = log_tail();
-                let e = Error::local(format!("the server exited at start: {}", tail.trim()));
-                return Err(if is_port_conflict(&tail) {
-                    Started::PortTaken(e)
-                } else {
-                    Started::Failed(e)
-                });
-            }
-            if self.admin("postgres").await.is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(Started::Failed(Error::local(format!(
-                    "the server did not accept connections within {}s: {}",
-                    READY_TIMEOUT.as_secs(),
-                    log_tail().trim()
-                ))));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let admin = async || self.admin("postgres").await.map(drop);
+        await_ready(admin, exited, log_tail).await
+    }
+}
+
+/// Waits until `ready` succeeds, or `exited` says the server stopped, for [`READY_TIMEOUT`]
+/// at most; a server still not ready is reported with `ready`'s last error.
+async fn await_ready(
+    mut ready: impl AsyncFnMut() -> Result<()>,
+    mut exited: impl FnMut() -> bool,
+    log_tail: impl Fn() -> String,
+) -> Result<(), Started> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if exited() {
+            let tail = log_tail();
+            let e = Error::local(format!("the server exited at start: {}", tail.trim()));
+            return Err(if is_port_conflict(&tail) {
+                Started::PortTaken(e)
+            } else {
+                Started::Failed(e)
+            });
         }
+        let last = match ready().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() > deadline {
+            return Err(Started::Failed(Error::local(format!(
+                "the server did not let the superuser in within {}s ({}): {}",
+                READY_TIMEOUT.as_secs(),
+                crate::error::ErrorChain(&last),
+                log_tail().trim()
+            ))));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -1278,6 +1291,27 @@ fn is_postgres(pid: nix::unistd::Pid) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that never lets the superuser in (a wrong password, another program on the
+    /// port) is reported with the last login's error: the message gave only the server's
+    /// log, which may well say "ready to accept connections".
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_lets_the_superuser_in_says_why() {
+        let refused = async || {
+            Err(Error::local(
+                "password authentication failed for user \"postgres\" (28P01)",
+            ))
+        };
+        let log = || "LOG:  database system is ready to accept connections".to_owned();
+        let Err(Started::Failed(e)) = await_ready(refused, || false, log).await else {
+            panic!("a server that lets no one in was ready");
+        };
+        let said = e.to_string();
+        assert!(
+            said.contains("28P01") && said.contains("ready to accept"),
+            "{said}"
+        );
+    }
 
     /// A directory someone else made first (under the shared temporary directory, say) is
     /// not taken for the development cluster's.
