@@ -738,15 +738,15 @@ impl LocalPostgres {
         exited: impl FnMut() -> bool,
         log_tail: impl Fn() -> String,
     ) -> Result<(), Started> {
-        let admin = async || self.admin("postgres").await.map(drop);
+        let admin = move || async move { self.admin("postgres").await.map(drop) };
         await_ready(admin, exited, log_tail).await
     }
 }
 
 /// Waits until `ready` succeeds, or `exited` says the server stopped, for [`READY_TIMEOUT`]
 /// at most; a server still not ready is reported with `ready`'s last error.
-async fn await_ready(
-    mut ready: impl AsyncFnMut() -> Result<()>,
+async fn await_ready<F: std::future::Future<Output = Result<()>>>(
+    mut ready: impl FnMut() -> F,
     mut exited: impl FnMut() -> bool,
     log_tail: impl Fn() -> String,
 ) -> Result<(), Started> {
@@ -1297,7 +1297,7 @@ mod tests {
     /// log, which may well say "ready to accept connections".
     #[tokio::test(start_paused = true)]
     async fn a_server_that_never_lets_the_superuser_in_says_why() {
-        let refused = async || {
+        let refused = || async {
             Err(Error::local(
                 "password authentication failed for user \"postgres\" (28P01)",
             ))

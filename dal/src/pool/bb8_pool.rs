@@ -2,6 +2,7 @@
 //! failure of a background connect to one caller waiting at that moment through one
 //! [`ErrorSink`](bb8::ErrorSink), and closes on shutdown.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -649,6 +650,7 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
                 if let Some(span) = lifespan.and_then(|f| f(conn)) {
                     span.failed = true;
                 }
+                let _in_check = InCheck::start();
                 match tokio::time::timeout(within, is_valid(conn)).await {
                     Ok(checked) => checked.map_err(|e| Error::Pool(ErrorChain(&e).to_string())),
                     Err(_) => Err(Error::Pool(format!(
@@ -756,15 +758,26 @@ impl Failures {
         }
     }
 
-    /// The first failure that came after `since`, taken so that no other caller gets it.
-    fn take(&self, since: Instant) -> Option<Arc<Error>> {
+    /// The first failure that came after `since`, and when, taken so that no other caller
+    /// gets it.
+    fn take(&self, since: Instant) -> Option<(Instant, Arc<Error>)> {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let index = queue.iter().position(|(at, _)| *at >= since)?;
-        queue.remove(index).map(|(_, e)| e)
+        queue.remove(index)
     }
 
-    /// Waits for a failure meant for a caller that started waiting at `since`.
-    async fn next(&self, since: Instant) -> Arc<Error> {
+    /// Puts back a failure taken at `at` that its taker could not use, for another caller.
+    fn give_back(&self, at: Instant, error: Arc<Error>) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let index = queue.partition_point(|(other, _)| *other <= at);
+        queue.insert(index, (at, error));
+        drop(queue);
+        self.arrived.notify_one();
+    }
+
+    /// Waits for a failure meant for a caller that started waiting at `since`, and when it
+    /// came.
+    async fn next(&self, since: Instant) -> (Instant, Arc<Error>) {
         loop {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
@@ -774,6 +787,29 @@ impl Failures {
             }
             arrived.await;
         }
+    }
+}
+
+tokio::task_local! {
+    /// Whether the caller whose checkout runs has a connection in its check: set by
+    /// [`Manager::is_valid`], which bb8 runs within the caller's checkout, and read by
+    /// [`Pool::checkout`] (see [`InCheck`]).
+    static CHECKING: Cell<bool>;
+}
+
+/// Marks the checkout that runs as one with a connection in its check, until dropped.
+struct InCheck;
+
+impl InCheck {
+    fn start() -> Self {
+        let _ = CHECKING.try_with(|checking| checking.set(true));
+        Self
+    }
+}
+
+impl Drop for InCheck {
+    fn drop(&mut self) {
+        let _ = CHECKING.try_with(|checking| checking.set(false));
     }
 }
 
@@ -1120,25 +1156,37 @@ impl<C: Send + 'static> Pool<C> {
                         .map_err(|_| Error::PoolClosed)?
                 }
             };
-            // Only callers with a turn wait in bb8, so a failed connect goes to one of them.
+            // Only callers with a turn wait in bb8, so a failed connect goes to one of them,
+            // unless it has a connection in its check: then it gives the failure back for
+            // another, and waits for its checkout alone (cut off, the check would close a
+            // working connection, and fail this caller with another's error).
             let since = Instant::now();
-            let mut conn = tokio::select! {
-                biased;
-                got = get => got.map_err(|e| match e {
-                    bb8::RunError::TimedOut => timed_out(),
-                    bb8::RunError::User(e) => e,
-                })?,
-                cause = core.failures.next(since) => {
-                    return Err(Error::Connect { source: cause });
+            tokio::pin!(get);
+            let mut takes_failures = true;
+            let got = loop {
+                tokio::select! {
+                    biased;
+                    got = &mut get => break got,
+                    (at, cause) = core.failures.next(since), if takes_failures => {
+                        if !CHECKING.with(Cell::get) {
+                            return Err(Error::Connect { source: cause });
+                        }
+                        core.failures.give_back(at, cause);
+                        takes_failures = false;
+                    }
+                    () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
                 }
-                () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
             };
+            let mut conn = got.map_err(|e| match e {
+                bb8::RunError::TimedOut => timed_out(),
+                bb8::RunError::User(e) => e,
+            })?;
             if let Some(span) = core.lifespan.and_then(|lifespan| lifespan(&mut **conn)) {
                 span.turn = Some(turn);
             }
             Ok(conn)
-        }
-        .await;
+        };
+        let got = CHECKING.scope(Cell::new(false), got).await;
         drop(waiting);
         let waited = started.elapsed();
         let state = core.pool.state();
@@ -2141,6 +2189,48 @@ mod tests {
         let timed_out = pool.get().await.map(drop).unwrap_err();
         let chain = ErrorChain(&timed_out).to_string();
         assert!(chain.contains("no answer to its check"), "{chain}");
+    }
+
+    /// Passes every check after 100 ms.
+    fn slow_check(_: &mut Probe) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(())
+        })
+    }
+
+    /// A failed connect goes to a caller waiting for a connection, not to one whose
+    /// connection is being checked: that caller failed with another's connect error though it
+    /// had a working connection in hand, the connection was closed (its check cut off), and
+    /// the caller the connect was for waited out the acquire timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_connect_goes_to_a_waiting_caller_not_to_one_checking() {
+        let (open, closed) = counted_probes();
+        let opened = Arc::new(AtomicBool::new(false));
+        let open: Open<Probe> = Arc::new(move || match opened.swap(true, Ordering::Relaxed) {
+            false => open(),
+            true => Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(Error::Unreachable {
+                    endpoint: "db.internal:5432".into(),
+                    source: "connection refused".into(),
+                })
+            }),
+        });
+        let settings = PoolSettings::builder().max_size(2).build().unwrap();
+        let kind = Kind {
+            is_settled: |_| false,
+            is_valid: slow_check,
+            ..PROBE
+        };
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
+        drop(pool.get().await.unwrap());
+        let (checking, waiting) = tokio::join!(pool.get(), pool.get());
+        let checking = checking.map(|conn| conn.name);
+        assert!(matches!(checking, Ok(1)), "{checking:?}");
+        let waiting = waiting.map(|conn| conn.name);
+        assert!(matches!(waiting, Err(Error::Connect { .. })), "{waiting:?}");
+        assert!(closed.lock().unwrap()[0].lock().unwrap().is_none());
     }
 
     /// Panics checking the first connection it is given; passes the others.
