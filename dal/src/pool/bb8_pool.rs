@@ -414,14 +414,19 @@ impl<C: Send + 'static> Manager<C> {
             conn: None,
         });
         runtime.spawn(async move {
+            let mut login = SpareLogin {
+                renewal: Arc::clone(&renewal),
+                number,
+                logged_in: false,
+            };
             let conn = match checked(open, is_valid, lifespan, within).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::debug!(error = %ErrorChain(&e), "a replacement connection could not be opened ahead");
-                    drop(renewal.take_numbered(number));
                     return;
                 }
             };
+            login.logged_in = true;
             if !renewal.logged_in_spare(number, conn) {
                 return;
             }
@@ -438,6 +443,23 @@ impl<C: Send + 'static> Manager<C> {
             }
         });
         Some(number)
+    }
+}
+
+/// A replacement's place in [`Renewal::spares`] while it logs in: given up if its opening
+/// ends without a connection (failed, panicked, or dropped with its runtime), so that it does
+/// not stay "still logging in" for the connection it is for.
+struct SpareLogin<C> {
+    renewal: Arc<Renewal<C>>,
+    number: u64,
+    logged_in: bool,
+}
+
+impl<C> Drop for SpareLogin<C> {
+    fn drop(&mut self) {
+        if !self.logged_in {
+            drop(self.renewal.take_numbered(self.number));
+        }
     }
 }
 
@@ -2189,6 +2211,24 @@ mod tests {
         let timed_out = pool.get().await.map(drop).unwrap_err();
         let chain = ErrorChain(&timed_out).to_string();
         assert!(chain.contains("no answer to its check"), "{chain}");
+    }
+
+    /// A replacement whose opening panics (a custom credential source's panic, which the
+    /// token cache passes on) leaves the pool's list of replacements: it stayed there as
+    /// one still logging in, and the connection it was for served on past its end for the
+    /// grace, then was retired with a login on the request path.
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_whose_opening_panics_leaves_the_list() {
+        let renewal = Arc::new(Renewal::new("probe", Duration::from_secs(60), 0.0));
+        let manager = Manager {
+            open: Arc::new(|| Box::pin(async { panic!("a credential source that panics") })),
+            ..probe_manager(&renewal)
+        };
+        assert!(manager.open_spare(&renewal).is_some());
+        eventually("the replacement leaves the list", || {
+            renewal.spares().is_empty()
+        })
+        .await;
     }
 
     /// Passes every check after 100 ms.
