@@ -165,14 +165,17 @@ impl Conn {
     /// SQLSTATE `25P02` for every statement after) with a `ROLLBACK` and no error, which
     /// sqlx reports as a success. So after a refused statement, a `SELECT 1` goes first: in
     /// an aborted transaction it fails with `25P02`, the transaction is rolled back, and
-    /// that error is the commit's.
+    /// that error is the commit's; or, when a statement whose future was dropped failed,
+    /// that statement's error (a serialization failure that a retry mends, say), which no
+    /// caller has read.
     async fn end_level(&mut self, commit: bool) -> std::result::Result<(), sqlx::Error> {
-        self.drain().await?;
+        let unread = self.drain().await?;
         let depth = self.depth;
-        let aborted = if commit && depth == 1 && self.failed {
-            self.simple("SELECT 1").await.err()
-        } else {
-            None
+        let commits = commit && depth == 1;
+        let (aborted, unread) = match unread {
+            Some(e) if commits => (Some(e), None),
+            None if commits && self.failed => (self.simple("SELECT 1").await.err(), None),
+            unread => (None, unread),
         };
         let savepoint = (depth > 1).then(|| self.savepoints[depth as usize - 2]);
         let sql = match (commit && aborted.is_none(), savepoint) {
@@ -201,9 +204,11 @@ impl Conn {
             self.savepoints
                 .truncate(self.depth.saturating_sub(1) as usize);
         }
-        match aborted {
-            Some(aborted) => Err(aborted),
-            None => done,
+        match (aborted, done, unread) {
+            (Some(aborted), _, _) => Err(aborted),
+            // A savepoint that the unread error aborted: that error says why.
+            (None, Err(sqlx::Error::Database(_)), Some(unread)) if commit => Err(unread),
+            (None, done, _) => done,
         }
     }
 
@@ -219,11 +224,11 @@ impl Conn {
         })
     }
 
-    /// Reads the answers still owed to statements whose futures were dropped: sqlx hands such
-    /// a statement's error to the next statement, which it then does not send, and a
-    /// savepoint's end must be sent.
-    async fn drain(&mut self) -> std::result::Result<(), sqlx::Error> {
-        let mut owed = self.open;
+    /// Reads the answers still owed to statements whose futures were dropped, and returns the
+    /// first error the server answered one with: sqlx hands such a statement's error to the
+    /// next statement, which it then does not send, and a savepoint's end must be sent.
+    async fn drain(&mut self) -> std::result::Result<Option<sqlx::Error>, sqlx::Error> {
+        let (mut owed, mut unread) = (self.open, None);
         while owed > 0 {
             match self.raw().ping().await {
                 Ok(()) => break,
@@ -232,12 +237,13 @@ impl Conn {
                     if !matches!(e, sqlx::Error::Database(_)) {
                         return Err(e);
                     }
+                    unread.get_or_insert(e);
                 }
             }
             owed -= 1;
         }
         self.open = 0;
-        Ok(())
+        Ok(unread)
     }
 
     /// Rolls back the transactions deeper than `depth`.

@@ -581,6 +581,90 @@ async fn a_commit_after_an_error_nobody_read_fails_in_both_orms() {
     connector.shutdown().await;
 }
 
+/// A SeaORM statement whose future was dropped (the work gave up on it) and which then
+/// failed with a serialization failure is read at COMMIT, and the transaction runs again, as
+/// through Diesel: the conflict was read and dropped before the commit, which then failed
+/// with `25P02` ("current transaction is aborted"), not retried. The statement waits for an
+/// advisory lock the test holds, so that it is dropped while it waits and fails only after.
+#[tokio::test]
+async fn a_conflict_in_a_dropped_seaorm_statement_is_read_at_commit_and_retried() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "dropped").await;
+    let config = pg
+        .config("dropped", "dropped", &password)
+        .search_path("public");
+    let connector = Connector::new(config).await.expect("connector");
+    notes(&connector).await;
+    let raw = connector.postgres_pool().await.unwrap();
+    raw.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE SEQUENCE calls;
+             CREATE FUNCTION conflict_once() RETURNS bigint LANGUAGE plpgsql AS $$
+             BEGIN
+               IF nextval('calls') = 1 THEN
+                 RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001';
+               END IF;
+               RETURN 0;
+             END $$",
+        )
+        .await
+        .unwrap();
+    let (holder, connection) = connector.connect().await.unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    let holder = Arc::new(std::sync::Mutex::new(Some(holder)));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let db = connector.seaorm_with(&one_connection()).await.unwrap();
+    connector
+        .transactions()
+        .seaorm(&db, TxMode::new(), |txn| {
+            let (holder, attempts) = (Arc::clone(&holder), Arc::clone(&attempts));
+            Box::pin(async move {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                txn.execute_unprepared("INSERT INTO notes VALUES ('dropped')")
+                    .await?;
+                let held = holder.lock().unwrap().take();
+                let statement =
+                    txn.execute_unprepared("SELECT pg_advisory_xact_lock(4242), conflict_once()");
+                let Some(held) = held else {
+                    statement.await?;
+                    return Ok(());
+                };
+                // Given up once it waits for the lock; the lock goes with the session.
+                tokio::select! {
+                    done = statement => panic!("ran while the lock was held: {done:?}"),
+                    () = waits_for_a_lock(&held) => {}
+                }
+                drop(held);
+                Ok(())
+            })
+        })
+        .await
+        .expect("run again after the conflict read at commit");
+    assert_eq!(AtomicU64::load(&attempts, Ordering::Relaxed), 2);
+    assert_eq!(names(&connector).await, ["dropped"]);
+    connector.shutdown().await;
+}
+
+/// Returns once some session waits for an advisory lock.
+async fn waits_for_a_lock(client: &dal::tokio_postgres::Client) {
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    while client
+        .query_one(waiting, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn one_connection() -> PoolSettings {
     PoolSettings::builder().max_size(1).build().unwrap()
 }
