@@ -837,6 +837,7 @@ impl Error {
             }
             Error::Connect { source } => source.is_retryable(),
             Error::AllEndpointsFailed { failures } => failures.iter().any(Error::is_retryable),
+            Error::RolledBackAtCommit { .. } => self.is_conflict(),
             #[cfg(feature = "diesel")]
             Error::DieselSetup(_) => true,
             #[cfg(feature = "seaorm")]
@@ -1186,6 +1187,19 @@ impl fmt::Display for ErrorChain<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A COMMIT the server answered with ROLLBACK after a conflict is retryable, as its docs
+    /// and `is_conflict` say: `is_retryable` answered false, so a caller retrying with its
+    /// own policy gave up on a serialization failure.
+    #[test]
+    fn a_commit_rolled_back_for_a_conflict_is_retryable() {
+        let rolled_back = |code: &str| Error::RolledBackAtCommit {
+            sqlstate: Some(code.to_owned()),
+        };
+        assert!(rolled_back("40001").is_conflict() && rolled_back("40001").is_retryable());
+        assert!(!rolled_back("22012").is_retryable());
+        assert!(!Error::RolledBackAtCommit { sqlstate: None }.is_retryable());
+    }
 
     /// The copy of a custom source's failure that the callers waiting on its fetch get says
     /// what failed once: a dal error of a kind the copy keeps only as words came back as "the
