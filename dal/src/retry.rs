@@ -131,7 +131,7 @@ impl RetryPolicyBuilder {
     }
 
     /// The delays from seconds, which may come from user input: a negative or non-finite
-    /// value is rejected by [`build`](Self::build).
+    /// value is rejected here, with [`Error::Config`] for [`Setting::RetryDelays`].
     pub fn delays_secs(self, min: f64, max: f64) -> Result<Self> {
         let parse = |v: f64, what: &str| {
             Duration::try_from_secs_f64(v).map_err(|_| {

@@ -552,7 +552,8 @@ pub struct Config {
     /// TLS verification (libpq's `hostaddr`), by every pool. sqlx (the SeaORM and plain sqlx
     /// pools) also reads `PGHOSTADDR` from the environment: with none configured here, a
     /// `PGHOSTADDR` in the environment makes those pools fail to build rather than connect
-    /// elsewhere than the others (so does any `PGOPTIONS`, `PGSSLCERT` or `PGSSLKEY`; a
+    /// elsewhere than the others (so does any `PGOPTIONS`, and with TLS on any `PGSSLCERT`
+    /// or `PGSSLKEY`; a
     /// `PGSSLROOTCERT` gives way to the configured CA, or to none). Defaults to none.
     pub hostaddr: Option<std::net::IpAddr>,
     /// The server's port, from 1 to 65535 (the connector refuses 0). Defaults to 5432.

@@ -119,10 +119,10 @@ impl TxMode {
 /// - connection failures before the transaction's first statement (acquiring the
 ///   connection, `BEGIN`);
 /// - a prepared statement gone stale after a schema change (SQLSTATE `0A000`, "cached plan
-///   must not change result type"): the pools prepare it anew on the next attempt;
-/// - on the SeaORM pool, a login the server refused (SQLSTATE `28P01`/`28000`) while opening
-///   the connection: once, after fetching a fresh token and pushing it into the pool (the
-///   Diesel and tokio-postgres pools do this themselves for every connection they open).
+///   must not change result type"): the pools prepare it anew on the next attempt.
+///
+/// A login the server refused (SQLSTATE `28P01`/`28000`) is not retried here: every pool's
+/// connect has already tried one fresh token (see [`Connector::connect`](crate::Connector::connect)).
 ///
 /// A connection lost while COMMIT was in flight is never retried, since the transaction may
 /// have committed: it ends with [`Error::AmbiguousCommit`]. When the attempts run out, the
