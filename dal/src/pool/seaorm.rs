@@ -246,6 +246,21 @@ impl Conn {
         Ok(unread)
     }
 
+    /// What stops the transaction at `level` from committing, found before any COMMIT is
+    /// sent: the levels inside it are rolled back, the answers owed to statements whose
+    /// futures were dropped are read (the first error among them fails it), and an aborted
+    /// transaction fails with `25P02`.
+    async fn ready_to_commit(&mut self, level: u32) -> std::result::Result<(), sqlx::Error> {
+        self.unwind_to(level).await?;
+        if let Some(unread) = self.drain().await? {
+            return Err(unread);
+        }
+        if self.depth == 1 && self.failed {
+            self.simple("SELECT 1").await?;
+        }
+        Ok(())
+    }
+
     /// Rolls back the transactions deeper than `depth`.
     async fn unwind_to(&mut self, depth: u32) -> std::result::Result<(), sqlx::Error> {
         while self.depth > depth {
@@ -794,6 +809,16 @@ impl SeaOrmTransaction {
             }))
             .await
         })
+    }
+
+    /// Fails with what would stop [`commit`](Self::commit), with no COMMIT sent: an error the
+    /// server gave a statement whose future was dropped, an aborted transaction (`25P02`), a
+    /// connection lost. The transaction stays open for a rollback.
+    pub(crate) async fn ready_to_commit(&self) -> std::result::Result<(), DbErr> {
+        self.run_at(|conn, level| {
+            Box::pin(async move { conn.ready_to_commit(level).await.map_err(exec_err) })
+        })
+        .await
     }
 
     /// Commits the transaction, or releases the savepoint.

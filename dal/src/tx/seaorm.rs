@@ -84,7 +84,17 @@ where
         .await
         .map_err(begin)?;
     tracing::debug!("transaction begun");
-    match work(&txn).await {
+    let done = match work(&txn).await {
+        // What stops the commit, found before COMMIT is sent, fails the work: nothing can have
+        // been committed.
+        Ok(value) => txn
+            .ready_to_commit()
+            .await
+            .map(|()| value)
+            .map_err(Error::from),
+        failed => failed,
+    };
+    match done {
         Ok(value) => {
             txn.commit()
                 .await

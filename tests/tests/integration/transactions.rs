@@ -651,6 +651,58 @@ async fn a_conflict_in_a_dropped_seaorm_statement_is_read_at_commit_and_retried(
     connector.shutdown().await;
 }
 
+/// A SeaORM transaction whose connection was lost before its COMMIT was sent (here while
+/// reading the answer owed to a statement the work dropped) fails with the lost connection,
+/// not [`dal::Error::AmbiguousCommit`]: nothing can have been committed, and the ambiguity
+/// sent its caller to check for writes that cannot be there.
+#[tokio::test]
+async fn a_seaorm_connection_lost_before_its_commit_is_no_ambiguous_commit() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "lost").await;
+    let config = pg.config("lost", "lost", &password).search_path("public");
+    let connector = Connector::new(config).await.expect("connector");
+    notes(&connector).await;
+    let (holder, connection) = connector.connect().await.unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("SELECT pg_advisory_lock(4243)")
+        .await
+        .unwrap();
+    let db = connector.seaorm_with(&one_connection()).await.unwrap();
+    let holder = Arc::new(holder);
+    let err = connector
+        .transactions()
+        .seaorm(&db, TxMode::new(), |txn| {
+            let holder = Arc::clone(&holder);
+            Box::pin(async move {
+                txn.execute_unprepared("INSERT INTO notes VALUES ('lost')")
+                    .await?;
+                tokio::select! {
+                    done = txn.execute_unprepared("SELECT pg_advisory_xact_lock(4243)") => {
+                        panic!("ran while the lock was held: {done:?}")
+                    }
+                    () = waits_for_a_lock(&holder) => {}
+                }
+                holder
+                    .batch_execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+                         WHERE locktype = 'advisory' AND NOT granted",
+                    )
+                    .await
+                    .unwrap();
+                Ok(())
+            })
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        !matches!(err, dal::Error::AmbiguousCommit { .. }) && err.is_connection_failure(),
+        "{err:?}"
+    );
+    assert!(names(&connector).await.is_empty());
+    connector.shutdown().await;
+}
+
 /// Returns once some session waits for an advisory lock.
 async fn waits_for_a_lock(client: &dal::tokio_postgres::Client) {
     let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
