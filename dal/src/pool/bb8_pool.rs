@@ -58,8 +58,10 @@ pub(crate) struct Lifespan {
     replacement: Option<u64>,
     /// The turn its current user waited for (see [`Pool::get`]), given up as it comes back.
     turn: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Its checkout test failed: bb8 closes it as it comes back, whatever `has_broken`
-    /// answers, so it leaves its replacement where it is (for one past its end to take).
+    /// Its checkout test failed, or has not passed yet (one cut off is closed as it comes
+    /// back: its server may have gone silent): bb8 closes it as it comes back, whatever
+    /// `has_broken` answers, so it leaves its replacement where it is (for one past its end
+    /// to take).
     failed: bool,
     /// A replacement that took the place of a connection that came back moments ago, itself
     /// last checked longer ago than [`RECENTLY_USED`] (it waited for its connection to pass
@@ -413,12 +415,15 @@ impl<C: Send + 'static> Manager<C> {
             owner: number,
             conn: None,
         });
+        // Made before the task, which a runtime shutting down drops unpolled.
+        let login = SpareLogin {
+            renewal: Arc::clone(&renewal),
+            number,
+            logged_in: false,
+        };
         runtime.spawn(async move {
-            let mut login = SpareLogin {
-                renewal: Arc::clone(&renewal),
-                number,
-                logged_in: false,
-            };
+            // The whole guard moves into the task, not the one field it sets.
+            let mut login = login;
             let conn = match checked(open, is_valid, lifespan, within).await {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -674,7 +679,10 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
                 }
                 let _in_check = InCheck::start();
                 match tokio::time::timeout(within, is_valid(conn)).await {
-                    Ok(checked) => checked.map_err(|e| Error::Pool(ErrorChain(&e).to_string())),
+                    Ok(checked) => checked.map_err(|e| match e {
+                        failed @ Error::Pool(_) => failed,
+                        e => Error::Pool(ErrorChain(&e).to_string()),
+                    }),
                     Err(_) => Err(Error::Pool(format!(
                         "no answer to its check within {within:?}"
                     ))),
@@ -709,8 +717,9 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
 const PAST_ITS_LIFETIME: &str = "past its lifetime";
 
 /// The failures of background connects, each for one caller: bb8 opens one connection per
-/// caller it cannot serve, so one failed attempt fails one caller (the longest waiting), not
-/// every caller waiting at that moment.
+/// caller it cannot serve, so one failed attempt fails one caller (the longest waiting for a
+/// connection; one whose connection is in its check gives it back), not every caller waiting
+/// at that moment.
 #[derive(Debug)]
 struct Failures {
     queue: Mutex<VecDeque<(Instant, Arc<Error>)>>,
@@ -1180,21 +1189,22 @@ impl<C: Send + 'static> Pool<C> {
             };
             // Only callers with a turn wait in bb8, so a failed connect goes to one of them,
             // unless it has a connection in its check: then it gives the failure back for
-            // another, and waits for its checkout alone (cut off, the check would close a
-            // working connection, and fail this caller with another's error).
-            let since = Instant::now();
+            // another (cut off, the check would close a working connection, and fail this
+            // caller with another's error).
+            let mut since = Instant::now();
             tokio::pin!(get);
-            let mut takes_failures = true;
             let got = loop {
                 tokio::select! {
                     biased;
                     got = &mut get => break got,
-                    (at, cause) = core.failures.next(since), if takes_failures => {
+                    (at, cause) = core.failures.next(since) => {
                         if !CHECKING.with(Cell::get) {
                             return Err(Error::Connect { source: cause });
                         }
+                        // Only failures after it from now on: that one is another's, and the
+                        // next may be its own, once its check failed.
+                        since = Instant::now().max(at + Duration::from_nanos(1));
                         core.failures.give_back(at, cause);
-                        takes_failures = false;
                     }
                     () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
                 }
@@ -2211,6 +2221,57 @@ mod tests {
         let timed_out = pool.get().await.map(drop).unwrap_err();
         let chain = ErrorChain(&timed_out).to_string();
         assert!(chain.contains("no answer to its check"), "{chain}");
+    }
+
+    /// Passes the first check of a connection; fails the next after 100 ms, as a server gone
+    /// silent would.
+    fn second_check_fails_slowly(probe: &mut Probe) -> BoxFuture<'_, Result<()>> {
+        let first = !std::mem::replace(&mut probe.checked, true);
+        Box::pin(async move {
+            if first {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(Error::Pool("no answer".to_owned()))
+        })
+    }
+
+    /// A caller that gave back another's failure while its connection was in its check, and
+    /// whose check then failed, takes the failure of the connect bb8 then runs for it: it no
+    /// longer took any failure, and waited out the acquire timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_gave_a_failure_back_takes_its_own() {
+        let (open, _) = counted_probes();
+        let opened = Arc::new(AtomicBool::new(false));
+        let open: Open<Probe> = Arc::new(move || match opened.swap(true, Ordering::Relaxed) {
+            false => open(),
+            true => Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(Error::Unreachable {
+                    endpoint: "db.internal:5432".into(),
+                    source: "connection refused".into(),
+                })
+            }),
+        });
+        let settings = PoolSettings::builder().max_size(2).build().unwrap();
+        let kind = Kind {
+            is_settled: |_| false,
+            is_valid: second_check_fails_slowly,
+            ..PROBE
+        };
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
+        drop(pool.get().await.unwrap());
+        let started = tokio::time::Instant::now();
+        let timed = || async {
+            let got = pool.get().await.map(|conn| conn.name);
+            (got, started.elapsed())
+        };
+        let ((checking, waited), (waiting, _)) = tokio::join!(timed(), timed());
+        assert!(matches!(waiting, Err(Error::Connect { .. })), "{waiting:?}");
+        assert!(
+            matches!(checking, Err(Error::Connect { .. })) && waited < Duration::from_secs(1),
+            "{checking:?} after {waited:?}"
+        );
     }
 
     /// A replacement whose opening panics (a custom credential source's panic, which the

@@ -256,7 +256,9 @@ impl Conn {
             return Err(unread);
         }
         if self.depth == 1 && self.failed {
+            // Not aborted (a savepoint rolled back what failed): the commit need not ask again.
             self.simple("SELECT 1").await?;
+            self.failed = false;
         }
         Ok(())
     }
@@ -371,8 +373,8 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
             conn.stale = false;
         }
         // Counted in flight until the check and its `ROLLBACK` are answered: a check whose
-        // future is dropped (a cancelled checkout) leaves the connection to be checked again,
-        // not taken for one that came back moments ago.
+        // future is dropped (a cancelled checkout) leaves the connection unsettled, and the
+        // pool closes it as it comes back.
         conn.open += 1;
         let checked = sqlx::raw_sql(OUTSIDE_TRANSACTION).execute(conn.raw()).await;
         if checked.is_err() {
