@@ -2223,6 +2223,34 @@ mod tests {
         assert!(chain.contains("no answer to its check"), "{chain}");
     }
 
+    /// A pool of two whose one idle connection (named 1) `is_valid` checks at every checkout,
+    /// and whose later connects are refused after 50 ms.
+    async fn one_idle_then_refused(
+        is_valid: IsValid<Probe>,
+    ) -> (Pool<Probe>, Arc<Mutex<Vec<ClosedOn>>>) {
+        let (open, closed) = counted_probes();
+        let opened = Arc::new(AtomicBool::new(false));
+        let open: Open<Probe> = Arc::new(move || match opened.swap(true, Ordering::Relaxed) {
+            false => open(),
+            true => Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(Error::Unreachable {
+                    endpoint: "db.internal:5432".into(),
+                    source: "connection refused".into(),
+                })
+            }),
+        });
+        let settings = PoolSettings::builder().max_size(2).build().unwrap();
+        let kind = Kind {
+            is_settled: |_| false,
+            is_valid,
+            ..PROBE
+        };
+        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
+        drop(pool.get().await.unwrap());
+        (pool, closed)
+    }
+
     /// Passes the first check of a connection; fails the next after 100 ms, as a server gone
     /// silent would.
     fn second_check_fails_slowly(probe: &mut Probe) -> BoxFuture<'_, Result<()>> {
@@ -2241,26 +2269,7 @@ mod tests {
     /// longer took any failure, and waited out the acquire timeout.
     #[tokio::test(start_paused = true)]
     async fn a_caller_that_gave_a_failure_back_takes_its_own() {
-        let (open, _) = counted_probes();
-        let opened = Arc::new(AtomicBool::new(false));
-        let open: Open<Probe> = Arc::new(move || match opened.swap(true, Ordering::Relaxed) {
-            false => open(),
-            true => Box::pin(async {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Err(Error::Unreachable {
-                    endpoint: "db.internal:5432".into(),
-                    source: "connection refused".into(),
-                })
-            }),
-        });
-        let settings = PoolSettings::builder().max_size(2).build().unwrap();
-        let kind = Kind {
-            is_settled: |_| false,
-            is_valid: second_check_fails_slowly,
-            ..PROBE
-        };
-        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
-        drop(pool.get().await.unwrap());
+        let (pool, _) = one_idle_then_refused(second_check_fails_slowly).await;
         let started = tokio::time::Instant::now();
         let timed = || async {
             let got = pool.get().await.map(|conn| conn.name);
@@ -2306,26 +2315,7 @@ mod tests {
     /// the caller the connect was for waited out the acquire timeout.
     #[tokio::test(start_paused = true)]
     async fn a_failed_connect_goes_to_a_waiting_caller_not_to_one_checking() {
-        let (open, closed) = counted_probes();
-        let opened = Arc::new(AtomicBool::new(false));
-        let open: Open<Probe> = Arc::new(move || match opened.swap(true, Ordering::Relaxed) {
-            false => open(),
-            true => Box::pin(async {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Err(Error::Unreachable {
-                    endpoint: "db.internal:5432".into(),
-                    source: "connection refused".into(),
-                })
-            }),
-        });
-        let settings = PoolSettings::builder().max_size(2).build().unwrap();
-        let kind = Kind {
-            is_settled: |_| false,
-            is_valid: slow_check,
-            ..PROBE
-        };
-        let pool = build(kind, open, &settings, &Registry::default(), CONNECT_TIMEOUT).unwrap();
-        drop(pool.get().await.unwrap());
+        let (pool, closed) = one_idle_then_refused(slow_check).await;
         let (checking, waiting) = tokio::join!(pool.get(), pool.get());
         let checking = checking.map(|conn| conn.name);
         assert!(matches!(checking, Ok(1)), "{checking:?}");
