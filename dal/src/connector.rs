@@ -1051,6 +1051,7 @@ impl Connector {
             &self.shared.pools,
             self.shared.connect_timeout,
         )
+        .map(|pool| pool.held_up_by(self.holding_up()))
         .map(|pool| SeaOrmPool::new(pool, self.shared.target != Target::Dsql))
     }
 
@@ -1079,6 +1080,7 @@ impl Connector {
             &self.shared.pools,
             self.shared.connect_timeout,
         )
+        .map(|pool| pool.held_up_by(self.holding_up()))
     }
 
     /// A pool of tokio-postgres clients for raw SQL ([`PgClient`](crate::PgClient), which
@@ -1107,6 +1109,18 @@ impl Connector {
             &self.shared.pools,
             self.shared.connect_timeout,
         )
+        .map(|pool| pool.held_up_by(self.holding_up()))
+    }
+
+    /// What holds up a pool's connections: the active endpoint's credential source, when
+    /// its last answer failed (see [`Error::PoolTimeout`]).
+    fn holding_up(&self) -> pool::HoldingUp {
+        let connector = self.clone();
+        Box::new(move |since| {
+            let active = connector.shared.active.load(Ordering::Relaxed);
+            let endpoint = connector.endpoint(active);
+            endpoint.shared.cache.failure_holding_up(since)
+        })
     }
 
     /// Refuses a pool's own `settings` as [`Connector::new`] refuses the connector's.
@@ -1796,6 +1810,37 @@ mod tests {
         assert!(matches!(err, Error::ConnectTimeout { .. }), "{err:?}");
         assert!(err.is_connection_failure() && err.is_retryable(), "{err:?}");
         assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
+    }
+
+    /// A checkout that times out while the pool's connection waits for a token carries what
+    /// the credential service last answered: with the acquire timeout shorter than the
+    /// connect timeout (or equal, the defaults, and a little earlier), the caller was told only
+    /// that the pool "was still opening 1", the 429 that held it up nowhere.
+    #[tokio::test(start_paused = true)]
+    async fn a_checkout_out_of_time_while_the_token_is_held_up_carries_the_services_answer() {
+        let source = Credentials::source(|| async {
+            Err::<Token, _>(Error::Http {
+                endpoint: "https://example.cloud.databricks.com/oidc/v1/token".to_owned(),
+                status: 429,
+                code: "TOO_MANY_REQUESTS".to_owned(),
+                message: "slow down".to_owned(),
+                retry_after: Some(Duration::from_secs(30)),
+            })
+        });
+        let config = Config::new("db.example.com", "u")
+            .credentials(source)
+            .strategy(crate::TokenStrategy::Lazy);
+        let connector = Connector::build(config).unwrap();
+        let settings = PoolSettings::builder()
+            .acquire_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let pool = connector.postgres_pool_with(&settings).await.unwrap();
+        let err = pool.get().await.map(drop).unwrap_err();
+        let chain = ErrorChain(&err).to_string();
+        assert!(matches!(err, Error::PoolTimeout { .. }), "{chain}");
+        assert!(chain.contains("HTTP 429"), "{chain}");
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(30)), "{chain}");
     }
 
     /// A connect that runs out of time names the setting that bounds it: a port where

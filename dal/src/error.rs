@@ -392,7 +392,9 @@ pub enum Error {
     /// why, as far as the pool knows: its last attempt to open a connection failed (the
     /// source; HikariCP's timeout carries its last connection failure the same way), it was
     /// still opening connections (a server out of reach, or logins slower than the acquire
-    /// timeout: the connect timeout bounds them), or neither (every connection in use).
+    /// timeout: the connect timeout bounds them; the source is then the credential
+    /// service's last failed answer, when one holds up the token they wait for), or neither
+    /// (every connection in use).
     #[error("no connection became available within {timeout:?}; {}", timeout_reason(last_failure.is_some(), *opening))]
     PoolTimeout {
         /// The pool's acquire timeout.
@@ -400,7 +402,8 @@ pub enum Error {
         /// Connections the pool was opening when the caller gave up.
         opening: u32,
         /// Why the pool's last attempt to open a connection, or the check of an idle one
-        /// before it went out, failed, if the pool has opened none since.
+        /// before it went out, failed, if the pool has opened none since; else what holds up
+        /// the connections it is opening (the credential service's last failed answer).
         #[source]
         last_failure: Option<Arc<Error>>,
     },
@@ -642,6 +645,10 @@ impl Error {
         match self {
             Error::Http { retry_after, .. } => *retry_after,
             Error::Connect { source } => source.retry_after(),
+            Error::PoolTimeout {
+                last_failure: Some(cause),
+                ..
+            } => cause.retry_after(),
             Error::AllEndpointsFailed { failures } => {
                 failures.iter().filter_map(Error::retry_after).min()
             }

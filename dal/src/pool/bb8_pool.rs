@@ -21,6 +21,11 @@ use crate::telemetry::{self, PoolHealth};
 /// Opens one physical connection of type `C`.
 pub(crate) type Open<C> = Arc<dyn Fn() -> BoxFuture<'static, Result<C>> + Send + Sync>;
 
+/// What holds up the connections a pool is opening, if anything it knows of has failed
+/// late enough to hold up a caller waiting since the instant given: the credential
+/// source's last failed answer (see [`Pool::held_up_by`]).
+pub(crate) type HoldingUp = Box<dyn Fn(tokio::time::Instant) -> Option<Error> + Send + Sync>;
+
 /// What a bb8 pool needs to know of its connection type besides how to open one.
 pub(crate) struct Kind<C> {
     /// `diesel` or `postgres`, for metrics and health.
@@ -720,7 +725,6 @@ const PAST_ITS_LIFETIME: &str = "past its lifetime";
 /// caller it cannot serve, so one failed attempt fails one caller (the longest waiting for a
 /// connection; one whose connection is in its check gives it back), not every caller waiting
 /// at that moment.
-#[derive(Debug)]
 struct Failures {
     queue: Mutex<VecDeque<(Instant, Arc<Error>)>>,
     arrived: Notify,
@@ -730,12 +734,24 @@ struct Failures {
     last: Mutex<Option<Arc<Error>>>,
     /// Connections bb8 is opening for callers.
     opening: AtomicU32,
+    /// What may hold up those openings, asked when a caller times out while they go on.
+    holding_up: std::sync::OnceLock<HoldingUp>,
     /// Failures older than this have no caller left to fail (the acquire timeout).
     keep: Duration,
     /// At most as many are kept as callers can wait in bb8 at once (one per turn, the pool's
     /// size): each caller takes the first that came after it started waiting, so a newer
     /// failure serves any caller an older one would.
     most: usize,
+}
+
+impl std::fmt::Debug for Failures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Failures")
+            .field("queue", &self.queue)
+            .field("last", &self.last)
+            .field("opening", &self.opening)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Failures {
@@ -745,6 +761,7 @@ impl Failures {
             arrived: Notify::new(),
             last: Mutex::new(None),
             opening: AtomicU32::new(0),
+            holding_up: std::sync::OnceLock::new(),
             keep,
             most,
         }
@@ -780,12 +797,21 @@ impl Failures {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// What a caller that waited `timeout` in vain is told.
+    /// What a caller that waited `timeout` in vain is told: the last failure, or else what
+    /// holds up the connections still opening (a token the credential service has not
+    /// given yet, whose own timeout comes only at the connect timeout).
     fn timed_out(&self, timeout: Duration) -> Error {
+        let opening = self.opening.load(Ordering::Relaxed);
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let last_failure = last.or_else(|| {
+            let since = tokio::time::Instant::now().checked_sub(timeout)?;
+            let holding_up = self.holding_up.get().filter(|_| opening > 0)?;
+            holding_up(since).map(Arc::new)
+        });
         Error::PoolTimeout {
             timeout,
-            opening: self.opening.load(Ordering::Relaxed),
-            last_failure: self.last.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            opening,
+            last_failure,
         }
     }
 
@@ -1133,6 +1159,14 @@ impl<C: Send + 'static> Pool<C> {
     /// to `C`: method calls and Diesel's `&mut conn` reach the connection either way.
     pub async fn get(&self) -> Result<bb8::PooledConnection<'_, Manager<C>>> {
         self.checkout(self.core.pool.get()).await
+    }
+
+    /// The pool, whose callers that time out while it opens connections are told what
+    /// `holding_up` says holds those up (see [`Error::PoolTimeout`]).
+    pub(crate) fn held_up_by(self, holding_up: HoldingUp) -> Self {
+        // Set once, here, as the pool is built.
+        let _ = self.core.failures.holding_up.set(holding_up);
+        self
     }
 
     /// Like [`get`](Self::get), for a connection that does not borrow the pool; boxed, so that

@@ -21,8 +21,8 @@ pub(crate) mod wire;
 
 #[cfg(feature = "diesel")]
 pub use self::diesel::DieselPool;
+pub(crate) use bb8_pool::{HoldingUp, Open, build};
 pub use bb8_pool::{Manager, Pool};
-pub(crate) use bb8_pool::{Open, build};
 pub use postgres::{PgClient, PgClientPool};
 pub(crate) use registry::Registry;
 #[cfg(feature = "seaorm")]
