@@ -449,6 +449,23 @@ pub enum Error {
         last: Box<Error>,
     },
 
+    /// The server ended the session while its transaction sat idle, past
+    /// `idle_in_transaction_session_timeout` (SQLSTATE `25P03`): it ends only a session that
+    /// waits for a command that way, so no COMMIT reached it, and the transaction was rolled
+    /// back. Diesel's driver reports only a closed connection (the source); the pool reads
+    /// the SQLSTATE off the session's wire (over TLS). SeaORM gives the server's own error,
+    /// with the same SQLSTATE.
+    #[error(
+        "the server ended the session while its transaction sat idle (SQLSTATE 25P03, past \
+         idle_in_transaction_session_timeout), so nothing was committed: shorten the work \
+         between the transaction's statements, or raise the setting"
+    )]
+    IdleInTransactionTimeout {
+        /// What the driver reported.
+        #[source]
+        source: Box<Error>,
+    },
+
     /// The connection failed while COMMIT was in flight: the transaction may or may not have
     /// committed, so it was not retried. Check the data before running it again.
     #[error(
@@ -526,6 +543,7 @@ impl Error {
             Error::Diesel(e) => diesel_sqlstate(e),
             Error::RetriesExhausted { last, .. } => last.sqlstate(),
             Error::RolledBackAtCommit { sqlstate } => sqlstate.as_deref(),
+            Error::IdleInTransactionTimeout { .. } => Some("25P03"),
             _ => None,
         }
     }

@@ -130,6 +130,14 @@ pub(crate) fn rolled_back_at_commit(conn: &mut AsyncPgConnection) -> Option<Erro
     })
 }
 
+/// Whether the server ended the session on `conn` for sitting idle in its transaction
+/// (SQLSTATE `25P03`, a `FATAL` error), as the wire saw: before any COMMIT reached it.
+pub(crate) fn ended_idle_in_transaction(conn: &mut AsyncPgConnection) -> bool {
+    timer(conn)
+        .and_then(|timer| timer.wire.as_ref())
+        .is_some_and(|wire| wire.last_error().as_deref() == Some("25P03"))
+}
+
 fn timer(conn: &mut AsyncPgConnection) -> Option<&mut QueryTimer> {
     AsyncConnection::instrumentation(conn).downcast_mut::<QueryTimer>()
 }

@@ -10,8 +10,8 @@ use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back}
 use crate::error::{Error, Result};
 use crate::pool::DieselPool;
 use crate::pool::diesel::{
-    count_savepoint, may_have_aborted, rolled_back_at_commit, savepoint_left_unfinished,
-    sqlstate_of, went_stale,
+    count_savepoint, ended_idle_in_transaction, may_have_aborted, rolled_back_at_commit,
+    savepoint_left_unfinished, sqlstate_of, went_stale,
 };
 
 impl Transactions {
@@ -130,9 +130,16 @@ where
     };
     match done {
         Ok(value) => {
-            AnsiTransactionManager::commit_transaction(conn)
-                .await
-                .map_err(|e| Failure::Commit(Error::Diesel(e)))?;
+            if let Err(e) = AnsiTransactionManager::commit_transaction(conn).await {
+                let e = Error::Diesel(e);
+                if !ended_idle_in_transaction(conn) {
+                    return Err(Failure::Commit(e));
+                }
+                rolled_back("diesel");
+                return Err(Failure::Work(Error::IdleInTransactionTimeout {
+                    source: Box::new(e),
+                }));
+            }
             if let Some(e) = rolled_back_at_commit(conn) {
                 rolled_back("diesel");
                 return Err(Failure::Work(e));

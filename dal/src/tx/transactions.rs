@@ -125,7 +125,9 @@ impl TxMode {
 /// connect has already tried one fresh token (see [`Connector::connect`](crate::Connector::connect)).
 ///
 /// A connection lost while COMMIT was in flight is never retried, since the transaction may
-/// have committed: it ends with [`Error::AmbiguousCommit`]. When the attempts run out, the
+/// have committed: it ends with [`Error::AmbiguousCommit`]. A session the server ended while
+/// the transaction sat idle in it (SQLSTATE `25P03`) committed nothing: that failure comes
+/// back as it is (Diesel's as [`Error::IdleInTransactionTimeout`]). When the attempts run out, the
 /// last error comes back inside [`Error::RetriesExhausted`] with the attempt count.
 #[derive(Debug, Clone)]
 pub struct Transactions {

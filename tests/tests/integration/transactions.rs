@@ -703,6 +703,94 @@ async fn a_seaorm_connection_lost_before_its_commit_is_no_ambiguous_commit() {
     connector.shutdown().await;
 }
 
+/// A transaction whose session the server ended while it sat idle in it
+/// (`idle_in_transaction_session_timeout`, SQLSTATE `25P03`: a slow call between two
+/// statements) fails with that cause in both ORMs, not [`dal::Error::AmbiguousCommit`]: the
+/// server ends only an idle session that way, before any COMMIT reached it, so nothing can
+/// have been committed. Diesel's COMMIT met a connection its driver had already closed, and
+/// was called ambiguous.
+#[tokio::test]
+async fn a_session_ended_idle_in_its_transaction_is_no_ambiguous_commit_in_both_orms() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "idled").await;
+    let config = pg.config("idled", "idled", &password).search_path("public");
+    let connector = Connector::new(config).await.expect("connector");
+    notes(&connector).await;
+    let (watcher, connection) = connector.connect().await.unwrap();
+    tokio::spawn(connection);
+    let watcher = Arc::new(watcher);
+    let tx = connector.transactions();
+    let idle = "SET LOCAL idle_in_transaction_session_timeout = 50";
+
+    let db = connector.seaorm_with(&one_connection()).await.unwrap();
+    let seaorm = tx
+        .seaorm(&db, TxMode::new(), |txn| {
+            let watcher = Arc::clone(&watcher);
+            Box::pin(async move {
+                txn.execute_unprepared("INSERT INTO notes VALUES ('seaorm')")
+                    .await?;
+                let pid = txn
+                    .query_one_raw(Statement::from_string(
+                        txn.get_database_backend(),
+                        "SELECT pg_backend_pid()",
+                    ))
+                    .await?
+                    .expect("a row")
+                    .try_get_by_index::<i32>(0)?;
+                txn.execute_unprepared(idle).await?;
+                ended(&watcher, pid).await;
+                Ok(())
+            })
+        })
+        .await
+        .unwrap_err();
+
+    let diesel = connector.diesel_pool_with(&one_connection()).await.unwrap();
+    let diesel = tx
+        .diesel(&diesel, TxMode::new(), |conn| {
+            let watcher = Arc::clone(&watcher);
+            Box::pin(async move {
+                diesel::sql_query("INSERT INTO notes VALUES ('diesel')")
+                    .execute(conn)
+                    .await?;
+                let pid = diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>(
+                    "pg_backend_pid()",
+                ))
+                .get_result::<i32>(conn)
+                .await?;
+                diesel::sql_query(idle).execute(conn).await?;
+                ended(&watcher, pid).await;
+                Ok(())
+            })
+        })
+        .await
+        .unwrap_err();
+
+    for err in [seaorm, diesel] {
+        assert!(
+            !matches!(err, dal::Error::AmbiguousCommit { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.sqlstate(), Some("25P03"), "{err:?}");
+    }
+    assert!(names(&connector).await.is_empty());
+    connector.shutdown().await;
+}
+
+/// Returns once the session of backend `pid` has ended.
+async fn ended(client: &dal::tokio_postgres::Client, pid: i32) {
+    let alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1";
+    while client
+        .query_one(alive, &[&pid])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Returns once some session waits for an advisory lock.
 async fn waits_for_a_lock(client: &dal::tokio_postgres::Client) {
     let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
