@@ -1112,14 +1112,18 @@ impl Connector {
         .map(|pool| pool.held_up_by(self.holding_up()))
     }
 
-    /// What holds up a pool's connections: the active endpoint's credential source, when
-    /// its last answer failed (see [`Error::PoolTimeout`]).
+    /// What holds up a pool's connections: the credential source of an endpoint with no
+    /// valid token, the active one first, when its last answer failed (see
+    /// [`Error::PoolTimeout`]).
     fn holding_up(&self) -> pool::HoldingUp {
         let connector = self.clone();
         Box::new(move |since| {
+            let count = 1 + connector.shared.peers.len();
             let active = connector.shared.active.load(Ordering::Relaxed);
-            let endpoint = connector.endpoint(active);
-            endpoint.shared.cache.failure_holding_up(since)
+            (0..count).find_map(|k| {
+                let endpoint = connector.endpoint((active + k) % count);
+                endpoint.shared.cache.failure_holding_up_connects(since)
+            })
         })
     }
 
@@ -1839,7 +1843,10 @@ mod tests {
         let err = pool.get().await.map(drop).unwrap_err();
         let chain = ErrorChain(&err).to_string();
         assert!(matches!(err, Error::PoolTimeout { .. }), "{chain}");
-        assert!(chain.contains("HTTP 429"), "{chain}");
+        assert!(
+            chain.contains("still opening 1") && chain.contains("HTTP 429"),
+            "{chain}"
+        );
         assert_eq!(err.retry_after(), Some(Duration::from_secs(30)), "{chain}");
     }
 

@@ -970,7 +970,8 @@ fn each_failure(failures: &[Error]) -> String {
 /// Why no connection became available (see [`Error::PoolTimeout`]).
 fn timeout_reason(failed: bool, opening: u32) -> std::borrow::Cow<'static, str> {
     match (failed, opening) {
-        (true, _) => "the pool's last attempt to open or check one failed".into(),
+        (true, 0) => "the pool's last attempt to open or check one failed".into(),
+        (true, n) => format!("the pool was still opening {n}, held up by its last failure").into(),
         (false, 0) => "the pool is exhausted or the database is slow".into(),
         (false, n) => format!(
             "the pool was still opening {n} (a server out of reach, a slow login or a slow \

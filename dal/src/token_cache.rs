@@ -297,6 +297,20 @@ impl TokenCache {
             .then(|| failure.duplicate(self.inner.source.kind()))
     }
 
+    /// What holds up a connection that needs a token now, as
+    /// [`failure_holding_up`](Self::failure_holding_up) tells, unless a valid token is
+    /// cached: a connection then opens with it while the refresh fails.
+    pub(crate) fn failure_holding_up_connects(&self, since: tokio::time::Instant) -> Option<Error> {
+        let cached = self.inner.strategy != TokenStrategy::Uncached
+            && self
+                .current()
+                .is_some_and(|token| is_valid(&token, self.inner.clock.now()));
+        if cached {
+            return None;
+        }
+        self.failure_holding_up(since)
+    }
+
     /// How many listeners are registered.
     pub fn listeners(&self) -> usize {
         self.live_listeners().len()
@@ -1142,6 +1156,29 @@ mod tests {
         source.failing.store(false, Ordering::SeqCst);
         let before = calls(&source);
         assert_eq!(cache.token().await.unwrap().expose(), format!("t{before}"));
+    }
+
+    /// A failed refresh holds up no connect while the token it would replace is valid:
+    /// connects open with that token, so a pool that timed out then blamed the credential
+    /// service (and its `Retry-After`) for a slow login. Past expiry, it does.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_holds_up_connects_only_once_the_token_is_invalid() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        cache.token().await.unwrap();
+        source.failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(85)).await;
+        let since = tokio::time::Instant::now();
+        assert_eq!(cache.token().await.unwrap().expose(), "t0");
+        // The refresh fails in the background (three attempts, 0.33 s in all).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(cache.failures(), 1);
+        assert!(cache.failure_holding_up(since).is_some());
+        let held_up = cache.failure_holding_up_connects(since);
+        assert!(held_up.is_none(), "{held_up:?}");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let since = tokio::time::Instant::now();
+        cache.token().await.unwrap_err();
+        assert!(cache.failure_holding_up_connects(since).is_some());
     }
 
     #[tokio::test(start_paused = true)]
