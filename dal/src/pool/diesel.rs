@@ -90,8 +90,16 @@ pub(crate) fn went_stale(conn: &mut AsyncPgConnection) -> bool {
 /// (diesel-async keeps it for serialization failures only); `None` for any other error, or
 /// when the wire is not followed (no TLS).
 pub(crate) fn sqlstate_of(conn: &mut AsyncPgConnection, e: &Error) -> Option<String> {
-    if !matches!(e, Error::Diesel(diesel::result::Error::DatabaseError(..))) {
-        return None;
+    use diesel::result::DatabaseErrorKind::{ClosedConnection, UnableToSendCommand};
+    // The driver's own errors for a lost connection: the wire's last error is an older
+    // statement's then.
+    match e {
+        Error::Diesel(diesel::result::Error::DatabaseError(
+            ClosedConnection | UnableToSendCommand,
+            _,
+        )) => return None,
+        Error::Diesel(diesel::result::Error::DatabaseError(..)) => {}
+        _ => return None,
     }
     timer(conn)?.wire.as_ref()?.last_error()
 }
@@ -131,11 +139,17 @@ pub(crate) fn rolled_back_at_commit(conn: &mut AsyncPgConnection) -> Option<Erro
 }
 
 /// Whether the server ended the session on `conn` for sitting idle in its transaction
-/// (SQLSTATE `25P03`, a `FATAL` error), as the wire saw: before any COMMIT reached it.
+/// (a `FATAL` error with SQLSTATE `25P03`), as the wire saw: before any COMMIT reached it.
 pub(crate) fn ended_idle_in_transaction(conn: &mut AsyncPgConnection) -> bool {
     timer(conn)
         .and_then(|timer| timer.wire.as_ref())
-        .is_some_and(|wire| wire.last_error().as_deref() == Some("25P03"))
+        .is_some_and(|wire| wire.ended_by().as_deref() == Some("25P03"))
+}
+
+/// How many requests `conn` has written whole, when its wire is followed (over TLS):
+/// unchanged across a statement that failed, that statement never left.
+pub(crate) fn requests_sent(conn: &mut AsyncPgConnection) -> Option<u64> {
+    Some(timer(conn)?.wire.as_ref()?.requests_sent())
 }
 
 fn timer(conn: &mut AsyncPgConnection) -> Option<&mut QueryTimer> {

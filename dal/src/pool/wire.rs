@@ -69,6 +69,8 @@ pub(crate) struct Wire {
     rolled_back: AtomicBool,
     /// The SQLSTATE of the last `ErrorResponse`, its five bytes in the low bytes; 0 for none.
     last_error: AtomicU64,
+    /// The SQLSTATE of the `ErrorResponse` that ended the session, packed as `last_error`.
+    ended_by: AtomicU64,
     /// The last read of the connection task found the socket empty: everything read before
     /// was handed on to its readers.
     drained: AtomicBool,
@@ -97,6 +99,7 @@ impl Wire {
         self.stale.store(false, SeqCst);
         self.rolled_back.store(false, SeqCst);
         self.last_error.store(0, SeqCst);
+        self.ended_by.store(0, SeqCst);
     }
 
     /// The status of the last `ReadyForQuery`: `b'I'`, `b'T'` or `b'E'`.
@@ -117,11 +120,52 @@ impl Wire {
         self.rolled_back.load(SeqCst)
     }
 
+    /// How many requests answered with a `ReadyForQuery` were written whole so far: one
+    /// that was not can have run no statement.
+    #[cfg(feature = "diesel")]
+    pub(crate) fn requests_sent(&self) -> u64 {
+        self.sent.load(SeqCst)
+    }
+
     /// The SQLSTATE of the last error the server sent on this session, if any.
     #[cfg(feature = "diesel")]
     pub(crate) fn last_error(&self) -> Option<String> {
-        let code = self.last_error.load(SeqCst).to_be_bytes();
-        (code[3] != 0).then(|| String::from_utf8_lossy(&code[3..]).into_owned())
+        unpacked(self.last_error.load(SeqCst))
+    }
+
+    /// The SQLSTATE of the error that ended the session (severity `FATAL` or `PANIC`), if
+    /// the server ended it with one.
+    #[cfg(feature = "diesel")]
+    pub(crate) fn ended_by(&self) -> Option<String> {
+        unpacked(self.ended_by.load(SeqCst))
+    }
+
+    /// Notes an `ErrorResponse` (its body): its SQLSTATE, whether it ended the session, and
+    /// whether it tells of a stale prepared statement.
+    fn note_error(&self, body: &[u8]) {
+        let code = error_field(body, b'C').unwrap_or_default();
+        if let Ok(code) = <[u8; 5]>::try_from(code) {
+            let mut packed = [0; 8];
+            packed[3..].copy_from_slice(&code);
+            let packed = u64::from_be_bytes(packed);
+            self.last_error.store(packed, SeqCst);
+            // `V`, the severity never translated (PostgreSQL 9.6 on), else `S`.
+            let severity = error_field(body, b'V').or_else(|| error_field(body, b'S'));
+            if matches!(severity, Some(b"FATAL" | b"PANIC")) {
+                self.ended_by.store(packed, SeqCst);
+            }
+        }
+        let message = error_field(body, b'M').unwrap_or_default();
+        let stale_plan = code == b"0A000"
+            && (error_field(body, b'R') == Some(STALE_PLAN_ROUTINE.as_bytes())
+                || message == STALE_PLAN.as_bytes());
+        let stale_type = code == b"XX000" && message.starts_with(STALE_TYPE.as_bytes());
+        if stale_plan || stale_type {
+            tracing::debug!(
+                "a prepared statement is stale after a schema change; the connection will be replaced"
+            );
+            self.stale.store(true, SeqCst);
+        }
     }
 
     /// How many times the connection task was woken: unchanged over a while, nothing came
@@ -274,6 +318,13 @@ impl<S> Tracked<S> {
     }
 }
 
+/// A SQLSTATE packed in the low five bytes of `packed`; `None` for 0.
+#[cfg(feature = "diesel")]
+fn unpacked(packed: u64) -> Option<String> {
+    let code = packed.to_be_bytes();
+    (code[3] != 0).then(|| String::from_utf8_lossy(&code[3..]).into_owned())
+}
+
 /// An error's field `code` (`C` for the SQLSTATE, `M` for the message), from the body of an
 /// `ErrorResponse`: fields of a type byte and a NUL-terminated string, ending with a NUL.
 fn error_field(body: &[u8], code: u8) -> Option<&[u8]> {
@@ -308,30 +359,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
                 |kind| matches!(kind, b'Z' | b'E' | b'C'),
                 |kind, body| match kind {
                     b'Z' => {
-                        wire.status.store(body.first().copied().unwrap_or(0), SeqCst);
+                        wire.status
+                            .store(body.first().copied().unwrap_or(0), SeqCst);
                         wire.answered.fetch_add(1, SeqCst);
                     }
                     b'C' => wire.rolled_back.store(body == b"ROLLBACK\0", SeqCst),
-                    b'E' => {
-                        let code = error_field(body, b'C').unwrap_or_default();
-                        if let Ok(code) = <[u8; 5]>::try_from(code) {
-                            let mut packed = [0; 8];
-                            packed[3..].copy_from_slice(&code);
-                            wire.last_error.store(u64::from_be_bytes(packed), SeqCst);
-                        }
-                        let message = error_field(body, b'M').unwrap_or_default();
-                        let stale_plan = code == b"0A000"
-                            && (error_field(body, b'R') == Some(STALE_PLAN_ROUTINE.as_bytes())
-                                || message == STALE_PLAN.as_bytes());
-                        let stale_type =
-                            code == b"XX000" && message.starts_with(STALE_TYPE.as_bytes());
-                        if stale_plan || stale_type {
-                            tracing::debug!(
-                                "a prepared statement is stale after a schema change; the connection will be replaced"
-                            );
-                            wire.stale.store(true, SeqCst);
-                        }
-                    }
+                    b'E' => wire.note_error(body),
                     _ => {}
                 },
             );
@@ -535,6 +568,24 @@ mod tests {
             assert_eq!(error_field(&seen[2].1, b'M'), Some(STALE_PLAN.as_bytes()));
             assert_eq!(seen[3].1, b"E");
         }
+    }
+
+    /// Only an error of severity `FATAL` (or `PANIC`) ended the session: an `ERROR` with the
+    /// same SQLSTATE (postgres_fdw passes a remote session's on) did not, and a COMMIT after
+    /// it may commit.
+    #[cfg(feature = "diesel")]
+    #[test]
+    fn only_a_fatal_error_ends_the_session() {
+        let wire = Wire::default();
+        wire.note_error(b"SERROR\0VERROR\0C25P03\0Mremote session ended\0\0");
+        assert_eq!(wire.last_error().as_deref(), Some("25P03"));
+        assert_eq!(wire.ended_by(), None);
+        // A server whose messages are in German: `S` translated, `V` not.
+        wire.note_error(b"SFATAL\0VFATAL\0C25P03\0Mterminating connection\0\0");
+        assert_eq!(wire.ended_by().as_deref(), Some("25P03"));
+        wire.note_error(b"SFEHLER\0VERROR\0C42601\0Msyntax\0\0");
+        assert_eq!(wire.last_error().as_deref(), Some("42601"));
+        assert_eq!(wire.ended_by().as_deref(), Some("25P03"));
     }
 
     /// The startup message has no type byte; the messages after it have one.

@@ -10,8 +10,8 @@ use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back}
 use crate::error::{Error, Result};
 use crate::pool::DieselPool;
 use crate::pool::diesel::{
-    count_savepoint, ended_idle_in_transaction, may_have_aborted, rolled_back_at_commit,
-    savepoint_left_unfinished, sqlstate_of, went_stale,
+    count_savepoint, ended_idle_in_transaction, may_have_aborted, requests_sent,
+    rolled_back_at_commit, savepoint_left_unfinished, sqlstate_of, went_stale,
 };
 
 impl Transactions {
@@ -130,15 +130,23 @@ where
     };
     match done {
         Ok(value) => {
+            let sent = requests_sent(conn);
             if let Err(e) = AnsiTransactionManager::commit_transaction(conn).await {
                 let e = Error::Diesel(e);
-                if !ended_idle_in_transaction(conn) {
+                // The server ended the session before the COMMIT (it ends only an idle one
+                // with 25P03), or the COMMIT never left (the driver had closed the
+                // connection): nothing can have been committed.
+                let failed = if ended_idle_in_transaction(conn) {
+                    Error::IdleInTransactionTimeout {
+                        source: Box::new(e),
+                    }
+                } else if sent.is_some() && requests_sent(conn) == sent {
+                    e
+                } else {
                     return Err(Failure::Commit(e));
-                }
+                };
                 rolled_back("diesel");
-                return Err(Failure::Work(Error::IdleInTransactionTimeout {
-                    source: Box::new(e),
-                }));
+                return Err(Failure::Work(failed));
             }
             if let Some(e) = rolled_back_at_commit(conn) {
                 rolled_back("diesel");
@@ -148,6 +156,15 @@ where
             Ok(value)
         }
         Err(e) => {
+            // Diesel's driver drops the server's error that ended the session, and its next
+            // statement meets only a closed connection.
+            let e = if e.is_connection_failure() && ended_idle_in_transaction(conn) {
+                Error::IdleInTransactionTimeout {
+                    source: Box::new(e),
+                }
+            } else {
+                e
+            };
             let conflict = matches!(sqlstate_of(conn, &e).as_deref(), Some("40001" | "40P01"));
             let again = conflict || went_stale(conn);
             if let Err(rollback) = AnsiTransactionManager::rollback_transaction(conn).await {

@@ -127,8 +127,10 @@ impl TxMode {
 /// A connection lost while COMMIT was in flight is never retried, since the transaction may
 /// have committed: it ends with [`Error::AmbiguousCommit`]. A session the server ended while
 /// the transaction sat idle in it (SQLSTATE `25P03`) committed nothing: that failure comes
-/// back as it is (Diesel's as [`Error::IdleInTransactionTimeout`]). When the attempts run out, the
-/// last error comes back inside [`Error::RetriesExhausted`] with the attempt count.
+/// back as it is (Diesel's, over TLS, as [`Error::IdleInTransactionTimeout`]), and so does
+/// the lost connection of a Diesel COMMIT that never left (over TLS, where the pool sees
+/// what was written). When the attempts run out, the last error comes back inside
+/// [`Error::RetriesExhausted`] with the attempt count.
 #[derive(Debug, Clone)]
 pub struct Transactions {
     target: Target,

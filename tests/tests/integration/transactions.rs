@@ -703,24 +703,44 @@ async fn a_seaorm_connection_lost_before_its_commit_is_no_ambiguous_commit() {
     connector.shutdown().await;
 }
 
-/// A transaction whose session the server ended while it sat idle in it
-/// (`idle_in_transaction_session_timeout`, SQLSTATE `25P03`: a slow call between two
-/// statements) fails with that cause in both ORMs, not [`dal::Error::AmbiguousCommit`]: the
-/// server ends only an idle session that way, before any COMMIT reached it, so nothing can
-/// have been committed. Diesel's COMMIT met a connection its driver had already closed, and
-/// was called ambiguous.
-#[tokio::test]
-async fn a_session_ended_idle_in_its_transaction_is_no_ambiguous_commit_in_both_orms() {
-    let pg = tests::server().await;
-    let password = tests::app_database(&pg, "idled").await;
-    let config = pg.config("idled", "idled", &password).search_path("public");
-    let connector = Connector::new(config).await.expect("connector");
-    notes(&connector).await;
+/// How a test ends the session of a transaction's connection while its work waits.
+#[derive(Clone, Copy, Debug)]
+enum SessionEnd {
+    /// `idle_in_transaction_session_timeout` (FATAL `25P03`).
+    IdleTimeout,
+    /// `pg_terminate_backend` (FATAL `57P01`).
+    Terminated,
+}
+
+/// The errors of a SeaORM and a Diesel transaction whose session `end` ended while the work
+/// waited, the work then running one more statement when `statement_after`, else
+/// committing. Each wrote a row first.
+async fn ended_in_the_work(
+    connector: &Connector,
+    end: SessionEnd,
+    statement_after: bool,
+) -> [dal::Error; 2] {
     let (watcher, connection) = connector.connect().await.unwrap();
     tokio::spawn(connection);
     let watcher = Arc::new(watcher);
     let tx = connector.transactions();
-    let idle = "SET LOCAL idle_in_transaction_session_timeout = 50";
+    // Ends the session of backend `pid` as `end` says, and returns once it has ended.
+    let end_session = move |watcher: Arc<dal::tokio_postgres::Client>, pid: i32| async move {
+        if let SessionEnd::Terminated = end {
+            dal::tokio_postgres::Client::execute(
+                &watcher,
+                "SELECT pg_terminate_backend($1)",
+                &[&pid],
+            )
+            .await
+            .unwrap();
+        }
+        ended(&watcher, pid).await;
+    };
+    let idle = match end {
+        SessionEnd::IdleTimeout => "SET LOCAL idle_in_transaction_session_timeout = 50",
+        SessionEnd::Terminated => "SELECT 1",
+    };
 
     let db = connector.seaorm_with(&one_connection()).await.unwrap();
     let seaorm = tx
@@ -738,7 +758,11 @@ async fn a_session_ended_idle_in_its_transaction_is_no_ambiguous_commit_in_both_
                     .expect("a row")
                     .try_get_by_index::<i32>(0)?;
                 txn.execute_unprepared(idle).await?;
-                ended(&watcher, pid).await;
+                end_session(watcher, pid).await;
+                if statement_after {
+                    txn.execute_unprepared("INSERT INTO notes VALUES ('seaorm after')")
+                        .await?;
+                }
                 Ok(())
             })
         })
@@ -759,21 +783,115 @@ async fn a_session_ended_idle_in_its_transaction_is_no_ambiguous_commit_in_both_
                 .get_result::<i32>(conn)
                 .await?;
                 diesel::sql_query(idle).execute(conn).await?;
-                ended(&watcher, pid).await;
+                end_session(watcher, pid).await;
+                if statement_after {
+                    diesel::sql_query("INSERT INTO notes VALUES ('diesel after')")
+                        .execute(conn)
+                        .await?;
+                }
                 Ok(())
             })
         })
         .await
         .unwrap_err();
+    [seaorm, diesel]
+}
 
-    for err in [seaorm, diesel] {
-        assert!(
-            !matches!(err, dal::Error::AmbiguousCommit { .. }),
-            "{err:?}"
-        );
-        assert_eq!(err.sqlstate(), Some("25P03"), "{err:?}");
+/// A transaction whose session the server ended while it sat idle in it
+/// (`idle_in_transaction_session_timeout`, SQLSTATE `25P03`: a slow call between two
+/// statements) fails with that SQLSTATE in both ORMs, at COMMIT or at the next statement,
+/// and not as [`dal::Error::AmbiguousCommit`]: the server ends only an idle session that
+/// way, before any COMMIT reached it, so nothing can have been committed. Diesel's driver
+/// drops the server's error: its COMMIT met a closed connection and was called ambiguous,
+/// and its next statement failed with "connection closed", a retryable connection failure
+/// with no SQLSTATE.
+#[tokio::test]
+async fn a_session_ended_idle_in_its_transaction_fails_with_25p03_in_both_orms() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "idled").await;
+    let config = pg.config("idled", "idled", &password).search_path("public");
+    let connector = Connector::new(config).await.expect("connector");
+    notes(&connector).await;
+    for statement_after in [false, true] {
+        for err in ended_in_the_work(&connector, SessionEnd::IdleTimeout, statement_after).await {
+            assert!(
+                !matches!(err, dal::Error::AmbiguousCommit { .. }),
+                "{err:?}"
+            );
+            assert_eq!(err.sqlstate(), Some("25P03"), "{err:?}");
+            assert!(!err.is_retryable(), "{err:?}");
+        }
     }
     assert!(names(&connector).await.is_empty());
+    connector.shutdown().await;
+}
+
+/// A Diesel transaction whose session was terminated (`pg_terminate_backend`) while its
+/// work waited fails at COMMIT with the lost connection, not [`dal::Error::AmbiguousCommit`]:
+/// the driver had closed the connection, so the COMMIT never left. (sqlx sends SeaORM's
+/// COMMIT and reads the server's FATAL as its answer: that one stays ambiguous, since a
+/// session can be terminated after its COMMIT committed.)
+#[tokio::test]
+async fn a_diesel_commit_that_never_left_is_no_ambiguous_commit() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "terminated").await;
+    let config = pg
+        .config("terminated", "terminated", &password)
+        .search_path("public");
+    let connector = Connector::new(config).await.expect("connector");
+    notes(&connector).await;
+    let [_, diesel] = ended_in_the_work(&connector, SessionEnd::Terminated, false).await;
+    assert!(
+        !matches!(diesel, dal::Error::AmbiguousCommit { .. }) && diesel.is_connection_failure(),
+        "{diesel:?}"
+    );
+    assert!(names(&connector).await.is_empty());
+    connector.shutdown().await;
+}
+
+/// A Diesel connection lost in the work (the driver's own "connection closed", with no
+/// answer from the server) runs once, whatever the server last answered on that connection:
+/// after a conflict retried on it, the pool read that old SQLSTATE off the wire for the lost
+/// connection, and ran the work again and again for as long as its retries allow.
+#[tokio::test]
+async fn a_diesel_connection_lost_in_the_work_is_not_taken_for_an_earlier_conflict() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "lostwork").await;
+    let config = pg.config("lostwork", "lostwork", &password);
+    let connector = Connector::new(config).await.expect("connector");
+    let tx = connector.transactions();
+    let pool = connector.diesel_pool_with(&one_connection()).await.unwrap();
+    let attempts = AtomicU64::new(0);
+    tx.diesel(&pool, TxMode::new(), |conn| {
+        let first = attempts.fetch_add(1, Ordering::Relaxed) == 0;
+        Box::pin(async move {
+            if first {
+                diesel::sql_query(
+                    "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
+                )
+                .execute(conn)
+                .await?;
+            }
+            Ok(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(AtomicU64::load(&attempts, Ordering::Relaxed), 2);
+    let runs = AtomicU64::new(0);
+    let err = tx
+        .diesel(&pool, TxMode::new(), |_conn| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async {
+                Err::<(), _>(dal::Error::Diesel(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::UnableToSendCommand,
+                    Box::new("connection closed".to_owned()),
+                )))
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(AtomicU64::load(&runs, Ordering::Relaxed), 1, "{err:?}");
     connector.shutdown().await;
 }
 
