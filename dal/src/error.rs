@@ -394,7 +394,8 @@ pub enum Error {
     /// still opening connections (a server out of reach, or logins slower than the acquire
     /// timeout: the connect timeout bounds them; the source is then the credential
     /// service's last failed answer, when one holds up the token they wait for), or neither
-    /// (every connection in use).
+    /// (every connection in use). Retryable, and an [auth failure](Self::is_auth_failure),
+    /// as its source is: refused credentials or a wrong setting make it not retryable.
     #[error("no connection became available within {timeout:?}; {}", timeout_reason(last_failure.is_some(), *opening))]
     PoolTimeout {
         /// The pool's acquire timeout.
@@ -827,6 +828,10 @@ impl Error {
         match self {
             Error::Http { status, .. } => matches!(status, 401 | 403),
             Error::Connect { source } => source.is_auth_failure(),
+            Error::PoolTimeout {
+                last_failure: Some(cause),
+                ..
+            } => cause.is_auth_failure(),
             Error::Credential { .. } => self.in_credential().is_some_and(Error::is_auth_failure),
             _ => self
                 .sqlstate()
@@ -836,7 +841,7 @@ impl Error {
 
     /// Whether trying again may succeed: timeouts, connection failures, HTTP 408, 429 and
     /// 5xx, and database errors that are [conflicts](Self::is_conflict). Bad settings and
-    /// refused credentials are not retryable. A credential source's failure is, unless it is
+    /// refused credentials are not retryable, nor a pool timeout they caused. A credential source's failure is, unless it is
     /// dal's own error that is not (a custom source answering [`Error::Http`] 403, say). For
     /// callers with a retry library of their own.
     ///
@@ -853,6 +858,12 @@ impl Error {
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
             // A custom source's failure is retried unless it says otherwise with dal's error.
             Error::Credential { .. } => self.in_credential().is_none_or(Error::is_retryable),
+            // A pool that could not open a connection for a reason no retry mends: refused
+            // credentials, a wrong setting.
+            Error::PoolTimeout {
+                last_failure: Some(cause),
+                ..
+            } => !cause.is_auth_failure() && !matches!(**cause, Error::Config { .. }),
             Error::HttpTransport { .. }
             | Error::PoolTimeout { .. }
             | Error::ConnectTimeout { .. }

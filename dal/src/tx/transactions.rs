@@ -527,6 +527,43 @@ mod tests {
         assert!(matches!(own, Error::Aborted(_)), "{own:?}");
     }
 
+    /// A pool timeout is retried, and retryable, as its cause is: one whose pool's logins
+    /// were refused (a credential service's 401, a password the server refuses) waited out
+    /// the acquire timeout once per attempt until the retry budget ran out, as if the pool
+    /// had been busy.
+    #[test]
+    fn a_pool_timeout_is_retried_as_its_cause_is() {
+        let timed_out = |cause: Option<Error>| Error::PoolTimeout {
+            timeout: Duration::from_secs(1),
+            opening: 0,
+            last_failure: cause.map(std::sync::Arc::new),
+        };
+        let refused = || Error::Http {
+            endpoint: "https://example.cloud.databricks.com/oidc/v1/token".to_owned(),
+            status: 401,
+            code: "invalid_client".to_owned(),
+            message: "Client authentication failed".to_owned(),
+            retry_after: None,
+        };
+        let unreachable = || Error::Unreachable {
+            endpoint: "db.internal:5432".to_owned(),
+            source: "connection refused".into(),
+        };
+        assert!(timed_out(None).is_retryable() && !timed_out(None).is_auth_failure());
+        assert!(Failure::Begin(timed_out(None)).classify().is_ok());
+        assert!(
+            Failure::Begin(timed_out(Some(unreachable())))
+                .classify()
+                .is_ok()
+        );
+        let refused = timed_out(Some(refused()));
+        assert!(
+            refused.is_auth_failure() && !refused.is_retryable(),
+            "{refused:?}"
+        );
+        assert!(Failure::Begin(refused).classify().is_err());
+    }
+
     /// SeaORM's checkouts fail as Diesel's do: a server that cannot be reached, or a login
     /// that timed out, is retried before the transaction began; a pool shut down fails at
     /// once rather than after the whole retry budget.
