@@ -87,6 +87,10 @@ struct Shared {
     cache: TokenCache,
     pools: Registry,
     opened: AtomicU64,
+    /// The server's last refusal of a connect for a limit (`53300`, `53400`), and when, while
+    /// connects wait to try again: what holds up a pool's openings (see
+    /// [`Error::PoolTimeout`]). Cleared when a connection opens.
+    limited: std::sync::Mutex<Option<(Instant, Arc<Error>)>>,
     shut_down: AtomicBool,
     /// The other endpoints of the database ([`Config::failover`]), each a connector of its
     /// own (without peers).
@@ -322,6 +326,7 @@ impl Connector {
                 cache,
                 pools: Registry::default(),
                 opened: AtomicU64::new(0),
+                limited: std::sync::Mutex::new(None),
                 shut_down: AtomicBool::new(false),
                 peers,
                 active: Arc::new(AtomicUsize::new(0)),
@@ -375,6 +380,7 @@ impl Connector {
                 cache: s.cache.clone(),
                 pools: Registry::default(),
                 opened: AtomicU64::new(0),
+                limited: std::sync::Mutex::new(None),
                 // Asked for after a shutdown, it is shut down too.
                 shut_down: AtomicBool::new(self.is_shut_down()),
                 peers: Vec::new(),
@@ -667,13 +673,56 @@ impl Connector {
                     tracing::debug!(%sqlstate, attempt, "the server refused a connection for a limit; trying again");
                     metrics::counter!(telemetry::CONNECTS_LIMITED, "sqlstate" => sqlstate)
                         .increment(1);
+                    let e = Arc::new(e);
+                    *self.limited() = Some((Instant::now(), Arc::clone(&e)));
                     limited = Some(e);
                     tokio::time::sleep(delay).await;
                 }
-                Err(e @ Error::ConnectTimeout { .. }) => return Err(limited.unwrap_or(e)),
-                other => return other,
+                Err(e @ Error::ConnectTimeout { .. }) => {
+                    return Err(limited.map_or(e, |refusal| self.unshared(refusal)));
+                }
+                other => {
+                    if other.is_ok() {
+                        *self.limited() = None;
+                    }
+                    return other;
+                }
             }
         }
+    }
+
+    /// [`Shared::limited`], poison or not.
+    fn limited(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Arc<Error>)>> {
+        self.shared
+            .limited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A limit's refusal noted in [`Shared::limited`], as an error of its own: no longer
+    /// noted there, it is unwrapped; still shared (a pool's timeout took it meanwhile), it
+    /// becomes the cause of an [`Error::Connect`], whose SQLSTATE is its own.
+    fn unshared(&self, refusal: Arc<Error>) -> Error {
+        let mut limited = self.limited();
+        if limited
+            .as_ref()
+            .is_some_and(|(_, noted)| Arc::ptr_eq(noted, &refusal))
+        {
+            *limited = None;
+        }
+        drop(limited);
+        Arc::try_unwrap(refusal).unwrap_or_else(|source| Error::Connect { source })
+    }
+
+    /// The server's limit refusal that holds up connects to this endpoint, if one came no
+    /// earlier than the longest pause before trying again ahead of `since`.
+    fn limit_holding_up(&self, since: Instant) -> Option<Arc<Error>> {
+        let limited = self.limited();
+        let (at, refusal) = limited.as_ref()?;
+        let longest = SERVER_LIMIT_BACKOFF
+            .max
+            .mul_f64(1.0 + SERVER_LIMIT_BACKOFF.jitter);
+        (*at + longest >= since).then(|| Arc::clone(refusal))
     }
 
     /// One connection by `deadline`: a refused token is replaced once (unless the source
@@ -1112,8 +1161,9 @@ impl Connector {
         .map(|pool| pool.held_up_by(self.holding_up()))
     }
 
-    /// What holds up a pool's connections: the credential source of an endpoint with no
-    /// valid token, the active one first, when its last answer failed (see
+    /// What holds up a pool's connections, the active endpoint first: the server's refusal
+    /// for a limit that its connects wait to try again after, or the credential source of an
+    /// endpoint with no valid token, when its last answer failed (see
     /// [`Error::PoolTimeout`]).
     fn holding_up(&self) -> pool::HoldingUp {
         let connector = self.clone();
@@ -1122,7 +1172,10 @@ impl Connector {
             let active = connector.shared.active.load(Ordering::Relaxed);
             (0..count).find_map(|k| {
                 let endpoint = connector.endpoint((active + k) % count);
-                endpoint.shared.cache.failure_holding_up_connects(since)
+                let cache = &endpoint.shared.cache;
+                endpoint
+                    .limit_holding_up(since)
+                    .or_else(|| cache.failure_holding_up_connects(since).map(Arc::new))
             })
         })
     }
@@ -1929,6 +1982,34 @@ mod tests {
         );
         assert!(err.is_connection_failure() && err.is_retryable(), "{err:?}");
         assert!(!err.is_auth_failure(), "{err:?}");
+    }
+
+    /// A checkout that times out while its connection is refused for a server's limit, and
+    /// tried again within the connect timeout, carries the server's refusal: with the
+    /// acquire timeout shorter (PGCONNECT_TIMEOUT raised for a server that wakes up slowly),
+    /// it was told only that the pool was "still opening 1", guessing at a server out of
+    /// reach or a slow login.
+    #[tokio::test]
+    async fn a_checkout_out_of_time_while_a_limit_refuses_its_connect_carries_the_refusal() {
+        let port = answering_logins(|_| {
+            Some(b"SFATAL\0VFATAL\0C53300\0Mtoo many connections for role \"u\"\0\0".as_slice())
+        })
+        .await;
+        let config = Config::new("127.0.0.1", "u")
+            .port(port)
+            .password("p")
+            .ssl_mode(SslMode::Disable)
+            .connect_timeout(Duration::from_secs(30));
+        let connector = Connector::build(config).unwrap();
+        let settings = PoolSettings::builder()
+            .acquire_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let pool = connector.postgres_pool_with(&settings).await.unwrap();
+        let err = pool.get().await.map(drop).unwrap_err();
+        let chain = ErrorChain(&err).to_string();
+        assert!(matches!(err, Error::PoolTimeout { .. }), "{chain}");
+        assert!(chain.contains("too many connections"), "{chain}");
     }
 
     /// A connection the server refused for a limit (`53300`) and whose next try the connect

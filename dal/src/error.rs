@@ -392,7 +392,8 @@ pub enum Error {
     /// why, as far as the pool knows: its last attempt to open a connection failed (the
     /// source; HikariCP's timeout carries its last connection failure the same way), it was
     /// still opening connections (a server out of reach, or logins slower than the acquire
-    /// timeout: the connect timeout bounds them; the source is then the credential
+    /// timeout: the connect timeout bounds them; the source is then the server's refusal for
+    /// a limit, `53300` or `53400`, that they wait to try again after, or the credential
     /// service's last failed answer, when one holds up the token they wait for), or neither
     /// (every connection in use). Retryable, and an [auth failure](Self::is_auth_failure),
     /// as its source is: refused credentials or a wrong setting make it not retryable.
@@ -404,7 +405,8 @@ pub enum Error {
         opening: u32,
         /// Why the pool's last attempt to open a connection, or the check of an idle one
         /// before it went out, failed, if the pool has opened none since; else what holds up
-        /// the connections it is opening (the credential service's last failed answer).
+        /// the connections it is opening (a server's limit, the credential service's last
+        /// failed answer).
         #[source]
         last_failure: Option<Arc<Error>>,
     },

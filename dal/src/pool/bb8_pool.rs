@@ -22,9 +22,9 @@ use crate::telemetry::{self, PoolHealth};
 pub(crate) type Open<C> = Arc<dyn Fn() -> BoxFuture<'static, Result<C>> + Send + Sync>;
 
 /// What holds up the connections a pool is opening, if anything it knows of has failed
-/// late enough to hold up a caller waiting since the instant given: the credential
-/// source's last failed answer (see [`Pool::held_up_by`]).
-pub(crate) type HoldingUp = Box<dyn Fn(tokio::time::Instant) -> Option<Error> + Send + Sync>;
+/// late enough to hold up a caller waiting since the instant given: a server's refusal for
+/// a limit, the credential source's last failed answer (see [`Pool::held_up_by`]).
+pub(crate) type HoldingUp = Box<dyn Fn(tokio::time::Instant) -> Option<Arc<Error>> + Send + Sync>;
 
 /// What a bb8 pool needs to know of its connection type besides how to open one.
 pub(crate) struct Kind<C> {
@@ -806,7 +806,7 @@ impl Failures {
         let last_failure = last.or_else(|| {
             let since = tokio::time::Instant::now().checked_sub(timeout)?;
             let holding_up = self.holding_up.get().filter(|_| opening > 0)?;
-            holding_up(since).map(Arc::new)
+            holding_up(since)
         });
         Error::PoolTimeout {
             timeout,
