@@ -223,7 +223,10 @@ impl Connector {
             ));
         }
         let source: Arc<dyn CredentialSource> = match config.credentials {
-            Some(Credentials::Password(p)) => Arc::new(StaticPassword::new(p.expose_secret())),
+            Some(Credentials::Password(p)) => {
+                check_password(p.expose_secret())?;
+                Arc::new(StaticPassword::new(p.expose_secret()))
+            }
             Some(Credentials::Source(s)) => s,
             None => {
                 return Err(Error::config(
@@ -1325,6 +1328,23 @@ fn check_startup_value(setting: Setting, value: &str) -> Result<()> {
     }
 }
 
+/// Refuses a password with a control character in it, naming the character but never the
+/// password: the server takes it as part of the password, and no password is meant to hold
+/// one; the last newline of a secret read whole from a file is the usual one.
+fn check_password(password: &str) -> Result<()> {
+    match password.chars().find(|c| c.is_control()) {
+        Some(c) => Err(Error::config(
+            Setting::Password,
+            format!(
+                "contains the control character {c:?} (a secret read from a file keeps its \
+                 last newline), which the server would take as part of the password: remove it \
+                 from PGPASSWORD, or from the password in DATABASE_URL"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `name` as an SQL identifier: as it is when the server would not fold or reject it
 /// (lower case letters, digits, `_`, `$`, not starting with a digit or `$`), else quoted.
 fn quote_ident(name: &str) -> String {
@@ -1479,6 +1499,33 @@ mod tests {
         match result {
             Err(Error::Config { setting, .. }) => setting,
             other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    /// A password with a line break or another control character in it (a secret read whole
+    /// from a file keeps its last newline) is refused where it is set, naming the character
+    /// but not the password: it was sent as it was, and the server's refusal (28P01, "the
+    /// token or password is wrong") sent its user to check a password that was right.
+    #[test]
+    fn a_password_with_a_control_character_is_refused_when_built() {
+        for password in ["s3cret\n", "s3cret\r\n", "s3\0cret", "\ts3cret"] {
+            let config = Config::new("db.example.com", "u").password(password);
+            let err = Connector::build(config).map(drop).unwrap_err();
+            let said = err.to_string();
+            assert!(
+                matches!(
+                    err,
+                    Error::Config {
+                        setting: Setting::Password,
+                        ..
+                    }
+                ),
+                "{password:?}: {said}"
+            );
+            assert!(!said.contains("s3"), "{said}");
+        }
+        for password in ["s3 cret", "pässwört", "\"'%;"] {
+            Connector::build(Config::new("db.example.com", "u").password(password)).unwrap();
         }
     }
 
