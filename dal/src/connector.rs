@@ -87,9 +87,10 @@ struct Shared {
     cache: TokenCache,
     pools: Registry,
     opened: AtomicU64,
-    /// The server's last refusal of a connect for a limit (`53300`, `53400`), and when, while
-    /// connects wait to try again: what holds up a pool's openings (see
-    /// [`Error::PoolTimeout`]). Cleared when a connection opens.
+    /// A recent refusal of a connect for the server's limit (`53300`, `53400`), and when,
+    /// while connects wait to try again: what holds up a pool's openings (see
+    /// [`Error::PoolTimeout`]). A connect that was refused again notes the refusal before
+    /// its last, which it keeps to return. Cleared when a connection opens.
     limited: std::sync::Mutex<Option<(Instant, Arc<Error>)>>,
     shut_down: AtomicBool,
     /// The other endpoints of the database ([`Config::failover`]), each a connector of its
@@ -676,14 +677,14 @@ impl Connector {
                     tracing::debug!(%sqlstate, attempt, "the server refused a connection for a limit; trying again");
                     metrics::counter!(telemetry::CONNECTS_LIMITED, "sqlstate" => sqlstate)
                         .increment(1);
-                    let e = Arc::new(e);
-                    *self.limited() = Some((Instant::now(), Arc::clone(&e)));
-                    limited = Some(e);
+                    // The refusal before this one is noted for the pools: this one stays the
+                    // answer should the timeout cut the next try short.
+                    if let Some(earlier) = limited.replace(e) {
+                        *self.limited() = Some((Instant::now(), Arc::new(earlier)));
+                    }
                     tokio::time::sleep(delay).await;
                 }
-                Err(e @ Error::ConnectTimeout { .. }) => {
-                    return Err(limited.map_or(e, |refusal| self.unshared(refusal)));
-                }
+                Err(e @ Error::ConnectTimeout { .. }) => return Err(limited.unwrap_or(e)),
                 other => {
                     if other.is_ok() {
                         *self.limited() = None;
@@ -700,21 +701,6 @@ impl Connector {
             .limited
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A limit's refusal noted in [`Shared::limited`], as an error of its own: no longer
-    /// noted there, it is unwrapped; still shared (a pool's timeout took it meanwhile), it
-    /// becomes the cause of an [`Error::Connect`], whose SQLSTATE is its own.
-    fn unshared(&self, refusal: Arc<Error>) -> Error {
-        let mut limited = self.limited();
-        if limited
-            .as_ref()
-            .is_some_and(|(_, noted)| Arc::ptr_eq(noted, &refusal))
-        {
-            *limited = None;
-        }
-        drop(limited);
-        Arc::try_unwrap(refusal).unwrap_or_else(|source| Error::Connect { source })
     }
 
     /// The server's limit refusal that holds up connects to this endpoint, if one came no
@@ -1164,22 +1150,20 @@ impl Connector {
         .map(|pool| pool.held_up_by(self.holding_up()))
     }
 
-    /// What holds up a pool's connections, the active endpoint first: the server's refusal
-    /// for a limit that its connects wait to try again after, or the credential source of an
-    /// endpoint with no valid token, when its last answer failed (see
-    /// [`Error::PoolTimeout`]).
+    /// What holds up a pool's connections at the active endpoint, the first they try: the
+    /// server's refusal for a limit that its connects wait to try again after, or, with no
+    /// valid token cached, its credential source's last failed answer (see
+    /// [`Error::PoolTimeout`]). A failover endpoint's are left out: its source may fail
+    /// while no connect waits on it.
     fn holding_up(&self) -> pool::HoldingUp {
         let connector = self.clone();
         Box::new(move |since| {
-            let count = 1 + connector.shared.peers.len();
             let active = connector.shared.active.load(Ordering::Relaxed);
-            (0..count).find_map(|k| {
-                let endpoint = connector.endpoint((active + k) % count);
-                let cache = &endpoint.shared.cache;
-                endpoint
-                    .limit_holding_up(since)
-                    .or_else(|| cache.failure_holding_up_connects(since).map(Arc::new))
-            })
+            let endpoint = connector.endpoint(active);
+            let cache = &endpoint.shared.cache;
+            endpoint
+                .limit_holding_up(since)
+                .or_else(|| cache.failure_holding_up_connects(since).map(Arc::new))
         })
     }
 

@@ -396,7 +396,9 @@ pub enum Error {
     /// a limit, `53300` or `53400`, that they wait to try again after, or the credential
     /// service's last failed answer, when one holds up the token they wait for), or neither
     /// (every connection in use). Retryable, and an [auth failure](Self::is_auth_failure),
-    /// as its source is: refused credentials or a wrong setting make it not retryable.
+    /// as its source is (a failed check of an idle connection aside, which leaves it
+    /// retryable): refused credentials or a wrong setting make it not retryable, and
+    /// [`Transactions`](crate::Transactions) do not try again after it.
     #[error("no connection became available within {timeout:?}; {}", timeout_reason(last_failure.is_some(), *opening))]
     PoolTimeout {
         /// The pool's acquire timeout.
@@ -860,12 +862,12 @@ impl Error {
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
             // A custom source's failure is retried unless it says otherwise with dal's error.
             Error::Credential { .. } => self.in_credential().is_none_or(Error::is_retryable),
-            // A pool that could not open a connection for a reason no retry mends: refused
-            // credentials, a wrong setting.
+            // As its cause is; idle connections that failed their checks (a server gone
+            // silent) may be followed by one that answers.
             Error::PoolTimeout {
                 last_failure: Some(cause),
                 ..
-            } => !cause.is_auth_failure() && !matches!(**cause, Error::Config { .. }),
+            } => matches!(**cause, Error::Pool(_)) || cause.is_retryable(),
             Error::HttpTransport { .. }
             | Error::PoolTimeout { .. }
             | Error::ConnectTimeout { .. }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use diesel::result::Error::DatabaseError;
 use diesel_async::pooled_connection::PoolableConnection;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::future::BoxFuture;
@@ -90,16 +91,10 @@ pub(crate) fn went_stale(conn: &mut AsyncPgConnection) -> bool {
 /// (diesel-async keeps it for serialization failures only); `None` for any other error, or
 /// when the wire is not followed (no TLS).
 pub(crate) fn sqlstate_of(conn: &mut AsyncPgConnection, e: &Error) -> Option<String> {
-    use diesel::result::DatabaseErrorKind::{ClosedConnection, UnableToSendCommand};
-    // The driver's own errors for a lost connection: the wire's last error is an older
+    // The driver's own error for a lost connection: the wire's last error is an older
     // statement's then.
-    match e {
-        Error::Diesel(diesel::result::Error::DatabaseError(
-            ClosedConnection | UnableToSendCommand,
-            _,
-        )) => return None,
-        Error::Diesel(diesel::result::Error::DatabaseError(..)) => {}
-        _ => return None,
+    if is_lost_connection(e) || !matches!(e, Error::Diesel(DatabaseError(..))) {
+        return None;
     }
     timer(conn)?.wire.as_ref()?.last_error()
 }
@@ -144,6 +139,16 @@ pub(crate) fn ended_idle_in_transaction(conn: &mut AsyncPgConnection) -> bool {
     timer(conn)
         .and_then(|timer| timer.wire.as_ref())
         .is_some_and(|wire| wire.ended_by().as_deref() == Some("25P03"))
+}
+
+/// Whether `e` is Diesel's driver's own error for a connection it lost (no answer from the
+/// server comes with it).
+pub(crate) fn is_lost_connection(e: &Error) -> bool {
+    use diesel::result::DatabaseErrorKind::{ClosedConnection, UnableToSendCommand};
+    matches!(
+        e,
+        Error::Diesel(DatabaseError(ClosedConnection | UnableToSendCommand, _))
+    )
 }
 
 /// How many requests `conn` has written whole, when its wire is followed (over TLS):

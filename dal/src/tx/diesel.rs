@@ -10,8 +10,8 @@ use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back}
 use crate::error::{Error, Result};
 use crate::pool::DieselPool;
 use crate::pool::diesel::{
-    count_savepoint, ended_idle_in_transaction, may_have_aborted, requests_sent,
-    rolled_back_at_commit, savepoint_left_unfinished, sqlstate_of, went_stale,
+    count_savepoint, ended_idle_in_transaction, is_lost_connection, may_have_aborted,
+    requests_sent, rolled_back_at_commit, savepoint_left_unfinished, sqlstate_of, went_stale,
 };
 
 impl Transactions {
@@ -158,7 +158,7 @@ where
         Err(e) => {
             // Diesel's driver drops the server's error that ended the session, and its next
             // statement meets only a closed connection.
-            let e = if e.is_connection_failure() && ended_idle_in_transaction(conn) {
+            let e = if is_lost_connection(&e) && ended_idle_in_transaction(conn) {
                 Error::IdleInTransactionTimeout {
                     source: Box::new(e),
                 }

@@ -164,7 +164,11 @@ impl Failure {
     fn classify(self) -> std::result::Result<Error, Error> {
         match self {
             Failure::Begin(e) if e.is_conflict() => Ok(e),
-            Failure::Begin(e) if e.is_connection_failure() && !e.is_auth_failure() => Ok(e),
+            Failure::Begin(e)
+                if e.is_connection_failure() && !e.is_auth_failure() && e.is_retryable() =>
+            {
+                Ok(e)
+            }
             Failure::Work(e) | Failure::Commit(e) if e.is_conflict() => Ok(e),
             // The pool makes the connection forget (or replaces) its stale statements.
             Failure::Work(e) if e.is_stale_statement() => Ok(e),
@@ -176,7 +180,7 @@ impl Failure {
             Failure::Repeatable(e)
                 if e.is_conflict()
                     || e.is_stale_statement()
-                    || (e.is_connection_failure() && !e.is_auth_failure()) =>
+                    || (e.is_connection_failure() && !e.is_auth_failure() && e.is_retryable()) =>
             {
                 Ok(e)
             }
@@ -562,6 +566,26 @@ mod tests {
             "{refused:?}"
         );
         assert!(Failure::Begin(refused).classify().is_err());
+        // A certificate no trusted CA signed, a missing database: no retry mends them.
+        let unknown_ca = Error::config(crate::Setting::SslRootCert, "signed by an unknown CA");
+        let missing = Error::Http {
+            endpoint: "https://example.cloud.databricks.com/api/2.0/database/credentials"
+                .to_owned(),
+            status: 404,
+            code: "NOT_FOUND".to_owned(),
+            message: "no such endpoint".to_owned(),
+            retry_after: None,
+        };
+        for cause in [unknown_ca, missing] {
+            let timed_out = timed_out(Some(cause));
+            assert!(!timed_out.is_retryable(), "{timed_out:?}");
+            assert!(Failure::Begin(timed_out).classify().is_err());
+        }
+        // Idle connections that failed their checks (a server gone silent): it may answer
+        // again.
+        let checked = timed_out(Some(Error::Pool("connection closed".to_owned())));
+        assert!(checked.is_retryable(), "{checked:?}");
+        assert!(Failure::Begin(checked).classify().is_ok());
     }
 
     /// SeaORM's checkouts fail as Diesel's do: a server that cannot be reached, or a login
