@@ -1868,14 +1868,10 @@ mod tests {
         port
     }
 
-    /// A connect that ran out of time waiting for a token carries what the credential
-    /// service last answered, when it answered: a 429 whose `Retry-After` outlasts the
-    /// connect timeout read as a service that never answered ("no connection to the lakebase
-    /// credential source"), neither its status nor its pause in the error. It stays a
-    /// timeout, a connection failure that another endpoint may not meet.
-    #[tokio::test(start_paused = true)]
-    async fn a_connect_out_of_time_for_a_token_carries_the_services_last_answer() {
-        let source = Credentials::source(|| async {
+    /// A credential source whose service answers every fetch with HTTP 429 and a
+    /// `Retry-After` of 30 s.
+    fn throttled() -> Credentials {
+        Credentials::source(|| async {
             Err::<Token, _>(Error::Http {
                 endpoint: "https://example.cloud.databricks.com/oidc/v1/token".to_owned(),
                 status: 429,
@@ -1883,9 +1879,18 @@ mod tests {
                 message: "slow down".to_owned(),
                 retry_after: Some(Duration::from_secs(30)),
             })
-        });
+        })
+    }
+
+    /// A connect that ran out of time waiting for a token carries what the credential
+    /// service last answered, when it answered: a 429 whose `Retry-After` outlasts the
+    /// connect timeout read as a service that never answered ("no connection to the lakebase
+    /// credential source"), neither its status nor its pause in the error. It stays a
+    /// timeout, a connection failure that another endpoint may not meet.
+    #[tokio::test(start_paused = true)]
+    async fn a_connect_out_of_time_for_a_token_carries_the_services_last_answer() {
         let config = Config::new("db.example.com", "u")
-            .credentials(source)
+            .credentials(throttled())
             .strategy(crate::TokenStrategy::Lazy)
             .connect_timeout(Duration::from_secs(2));
         let connector = Connector::build(config).unwrap();
@@ -1906,17 +1911,8 @@ mod tests {
     /// that the pool "was still opening 1", the 429 that held it up nowhere.
     #[tokio::test(start_paused = true)]
     async fn a_checkout_out_of_time_while_the_token_is_held_up_carries_the_services_answer() {
-        let source = Credentials::source(|| async {
-            Err::<Token, _>(Error::Http {
-                endpoint: "https://example.cloud.databricks.com/oidc/v1/token".to_owned(),
-                status: 429,
-                code: "TOO_MANY_REQUESTS".to_owned(),
-                message: "slow down".to_owned(),
-                retry_after: Some(Duration::from_secs(30)),
-            })
-        });
         let config = Config::new("db.example.com", "u")
-            .credentials(source)
+            .credentials(throttled())
             .strategy(crate::TokenStrategy::Lazy);
         let connector = Connector::build(config).unwrap();
         let settings = PoolSettings::builder()

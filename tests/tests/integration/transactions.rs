@@ -377,6 +377,15 @@ async fn names(connector: &Connector) -> Vec<String> {
         .collect()
 }
 
+/// A connector for a fresh database `name` whose search path holds `notes`, empty.
+async fn with_notes(pg: &LocalPostgres, name: &str) -> Connector {
+    let password = tests::app_database(pg, name).await;
+    let config = pg.config(name, name, &password).search_path("public");
+    let connector = Connector::new(config).await.expect("connector");
+    notes(&connector).await;
+    connector
+}
+
 async fn notes(connector: &Connector) {
     let raw = connector.postgres_pool().await.unwrap();
     raw.get()
@@ -589,12 +598,7 @@ async fn a_commit_after_an_error_nobody_read_fails_in_both_orms() {
 #[tokio::test]
 async fn a_conflict_in_a_dropped_seaorm_statement_is_read_at_commit_and_retried() {
     let pg = tests::server().await;
-    let password = tests::app_database(&pg, "dropped").await;
-    let config = pg
-        .config("dropped", "dropped", &password)
-        .search_path("public");
-    let connector = Connector::new(config).await.expect("connector");
-    notes(&connector).await;
+    let connector = with_notes(&pg, "dropped").await;
     let raw = connector.postgres_pool().await.unwrap();
     raw.get()
         .await
@@ -658,10 +662,7 @@ async fn a_conflict_in_a_dropped_seaorm_statement_is_read_at_commit_and_retried(
 #[tokio::test]
 async fn a_seaorm_connection_lost_before_its_commit_is_no_ambiguous_commit() {
     let pg = tests::server().await;
-    let password = tests::app_database(&pg, "lost").await;
-    let config = pg.config("lost", "lost", &password).search_path("public");
-    let connector = Connector::new(config).await.expect("connector");
-    notes(&connector).await;
+    let connector = with_notes(&pg, "lost").await;
     let (holder, connection) = connector.connect().await.unwrap();
     tokio::spawn(connection);
     holder
@@ -808,10 +809,7 @@ async fn ended_in_the_work(
 #[tokio::test]
 async fn a_session_ended_idle_in_its_transaction_fails_with_25p03_in_both_orms() {
     let pg = tests::server().await;
-    let password = tests::app_database(&pg, "idled").await;
-    let config = pg.config("idled", "idled", &password).search_path("public");
-    let connector = Connector::new(config).await.expect("connector");
-    notes(&connector).await;
+    let connector = with_notes(&pg, "idled").await;
     for statement_after in [false, true] {
         for err in ended_in_the_work(&connector, SessionEnd::IdleTimeout, statement_after).await {
             assert!(
@@ -834,12 +832,7 @@ async fn a_session_ended_idle_in_its_transaction_fails_with_25p03_in_both_orms()
 #[tokio::test]
 async fn a_diesel_commit_that_never_left_is_no_ambiguous_commit() {
     let pg = tests::server().await;
-    let password = tests::app_database(&pg, "terminated").await;
-    let config = pg
-        .config("terminated", "terminated", &password)
-        .search_path("public");
-    let connector = Connector::new(config).await.expect("connector");
-    notes(&connector).await;
+    let connector = with_notes(&pg, "terminated").await;
     let [_, diesel] = ended_in_the_work(&connector, SessionEnd::Terminated, false).await;
     assert!(
         !matches!(diesel, dal::Error::AmbiguousCommit { .. }) && diesel.is_connection_failure(),
