@@ -1486,6 +1486,37 @@ mod tests {
         }
     }
 
+    /// A static password for a Lakebase or Aurora DSQL host (a Postgres role there, or a
+    /// token pasted in, as the vendors' psql guides do) gets that target's defaults: it got
+    /// plain PostgreSQL's, `sslmode=prefer`, which sends the password over TLS that checks
+    /// no certificate, and none of DSQL's guards. An `sslmode` set stays as set.
+    #[test]
+    fn a_password_for_a_vendors_host_gets_the_vendors_defaults() {
+        for (host, target) in [
+            (
+                "ep-a.database.us-east-1.cloud.databricks.com",
+                Target::Lakebase,
+            ),
+            (
+                "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws",
+                Target::Dsql,
+            ),
+        ] {
+            let connector = Connector::build(Config::new(host, "admin").password("t")).unwrap();
+            assert_eq!(connector.target(), target, "{host}");
+            assert_eq!(connector.ssl_mode(), SslMode::VerifyFull, "{host}");
+            let chosen = Config::new(host, "admin")
+                .password("t")
+                .ssl_mode(SslMode::Require);
+            assert_eq!(
+                Connector::build(chosen).unwrap().ssl_mode(),
+                SslMode::Require
+            );
+        }
+        let elsewhere = Connector::build(Config::new("db.example.com", "u").password("t"));
+        assert_eq!(elsewhere.unwrap().ssl_mode(), SslMode::Prefer);
+    }
+
     /// A password with a line break or another control character in it (a secret read whole
     /// from a file keeps its last newline) is refused where it is set, naming the character
     /// but not the password: it was sent as it was, and the server's refusal (28P01, "the

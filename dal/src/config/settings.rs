@@ -728,7 +728,10 @@ impl Config {
     }
 
     /// The kind of server: [`target`](Self::target) if set, else the credentials' own
-    /// ([`CredentialSource::target`]), else [`Target::Postgres`].
+    /// ([`CredentialSource::target`]), else the host's ([`Target::of_host`]: a static
+    /// password for a Lakebase or Aurora DSQL host, a Postgres role there or a token pasted
+    /// in), else [`Target::Postgres`]. The target brings its defaults: `verify-full` TLS
+    /// on Lakebase and DSQL, and DSQL's guards.
     ///
     /// # Errors
     ///
@@ -747,6 +750,9 @@ impl Config {
     ///
     /// let contradiction = config.target(Target::Lakebase).resolved_target().unwrap_err();
     /// assert!(contradiction.to_string().starts_with("invalid setting target: Databricks Lakebase"));
+    ///
+    /// let pasted = Config::new("ep-a.database.us-east-1.cloud.databricks.com", "me").password("t");
+    /// assert_eq!(pasted.resolved_target()?, Target::Lakebase);
     /// # Ok::<(), dal::Error>(())
     /// ```
     pub fn resolved_target(&self) -> Result<Target> {
@@ -760,7 +766,9 @@ impl Config {
                 ),
             )),
             (Some(set), _) => Ok(set),
-            (None, implied) => Ok(implied.unwrap_or(Target::Postgres)),
+            (None, implied) => Ok(implied
+                .or_else(|| Target::of_host(&self.host))
+                .unwrap_or(Target::Postgres)),
         }
     }
 
