@@ -1,6 +1,8 @@
 //! A web service on the eager token strategy: customers through SeaORM, orders with their
-//! items through Diesel (in a transaction), a sales report in raw SQL through a
-//! tokio-postgres pool, and `GET /healthz` with pool state and token expiry.
+//! items through Diesel, each write in a transaction of dal's (`connector.transactions()`:
+//! run again after a conflict, SQLSTATE `40001`, which Aurora DSQL raises at COMMIT under a
+//! concurrent write or a migration), a sales report in raw SQL through a tokio-postgres
+//! pool, and `GET /healthz` with pool state and token expiry.
 //!
 //! ```text
 //! cargo run -p examples --bin web_app            # PORT=3000 BIND=127.0.0.1 by default
@@ -31,8 +33,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dal::diesel::prelude::{BelongingToDsl, ExpressionMethods, QueryDsl, SelectableHelper};
-use dal::diesel_async::{AsyncConnection, RunQueryDsl};
-use dal::{Connector, DieselPool, PgClientPool, TokenStrategy};
+use dal::diesel_async::RunQueryDsl;
+use dal::{Connector, DieselPool, PgClientPool, TokenStrategy, TxMode};
 use entity::models::{NewOrder, Order, OrderItem};
 use entity::schema::{customers, order_items, orders};
 use entity::{customer, order};
@@ -473,20 +475,29 @@ async fn create_customer(
             "email must be an e-mail address".into(),
         ));
     }
-    let created = customer::ActiveModel {
+    let new = customer::ActiveModel {
         id: Set(Uuid::now_v7()),
         email: Set(email),
         name: Set(name.to_owned()),
         ..Default::default()
-    }
-    .insert(&app.db)
-    .await
-    .map_err(|e| match e.sql_err() {
-        Some(SqlErr::UniqueConstraintViolation(_)) => {
-            ApiError::Conflict("a customer with this email exists already")
-        }
-        _ => e.into(),
-    })?;
+    };
+    let created = app
+        .connector
+        .transactions()
+        .seaorm(&app.db, TxMode::new(), |txn| {
+            let new = new.clone();
+            Box::pin(async move { Ok(new.insert(txn).await?) })
+        })
+        .await
+        .map_err(|e| match e {
+            dal::Error::SeaOrm(e) => match e.sql_err() {
+                Some(SqlErr::UniqueConstraintViolation(_)) => {
+                    ApiError::Conflict("a customer with this email exists already")
+                }
+                _ => e.into(),
+            },
+            e => e.into(),
+        })?;
     Ok((StatusCode::CREATED, Json(customer_json(&created))))
 }
 
@@ -545,6 +556,9 @@ fn order_json(o: &Order, items: &[OrderItem]) -> Value {
     })
 }
 
+/// Why an order was refused when its customer is not there.
+const NO_CUSTOMER: &str = "customer not found";
+
 async fn create_order(
     State(app): State<App>,
     Body(body): Body<NewOrderBody>,
@@ -576,35 +590,45 @@ async fn create_order(
             unit_price_cents: item.unit_price_cents,
         });
     }
-    let mut conn = app.diesel.get().await?;
-    let (order, items) = conn
-        .transaction::<_, ApiError, _>(async move |tx| {
-            let known: i64 = customers::table
-                .filter(customers::id.eq(customer_id))
-                .count()
-                .get_result(tx)
-                .await?;
-            if known == 0 {
-                return Err(ApiError::NotFound("customer not found"));
-            }
-            let order: Order = dal::diesel::insert_into(orders::table)
-                .values(NewOrder {
-                    id: order_id,
-                    customer_id,
-                    status: "pending",
-                    total_cents: total,
-                })
-                .returning(Order::as_returning())
-                .get_result(tx)
-                .await?;
-            let items: Vec<OrderItem> = dal::diesel::insert_into(order_items::table)
-                .values(&items)
-                .returning(OrderItem::as_returning())
-                .get_results(tx)
-                .await?;
-            Ok((order, items))
+    // Run again after a conflict: the same rows each time, the order's id chosen above.
+    let (order, items) = app
+        .connector
+        .transactions()
+        .diesel(&app.diesel, TxMode::new(), |tx| {
+            let items = items.clone();
+            Box::pin(async move {
+                let known: i64 = customers::table
+                    .filter(customers::id.eq(customer_id))
+                    .count()
+                    .get_result(tx)
+                    .await?;
+                if known == 0 {
+                    return Err(dal::Error::abort(NO_CUSTOMER));
+                }
+                let order: Order = dal::diesel::insert_into(orders::table)
+                    .values(NewOrder {
+                        id: order_id,
+                        customer_id,
+                        status: "pending",
+                        total_cents: total,
+                    })
+                    .returning(Order::as_returning())
+                    .get_result(tx)
+                    .await?;
+                let items: Vec<OrderItem> = dal::diesel::insert_into(order_items::table)
+                    .values(&items)
+                    .returning(OrderItem::as_returning())
+                    .get_results(tx)
+                    .await?;
+                Ok((order, items))
+            })
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            dal::Error::Aborted(_) => ApiError::NotFound(NO_CUSTOMER),
+            dal::Error::Diesel(e) => e.into(),
+            e => e.into(),
+        })?;
     Ok((StatusCode::CREATED, Json(order_json(&order, &items))))
 }
 
