@@ -565,8 +565,9 @@ pub struct Config {
     /// Where passwords come from. Required.
     pub credentials: Option<Credentials>,
     /// The kind of server. Defaults to `None`: the target of the credentials (Lakebase
-    /// credentials mean [`Target::Lakebase`], DSQL tokens [`Target::Dsql`]), otherwise
-    /// [`Target::Postgres`]. A target that contradicts the credentials is refused.
+    /// credentials mean [`Target::Lakebase`], DSQL tokens [`Target::Dsql`]), else the host
+    /// name's ([`Target::of_host`]), otherwise [`Target::Postgres`]. A target that
+    /// contradicts the credentials is refused.
     pub target: Option<Target>,
     /// TLS use. Defaults to `verify-full` for Lakebase and DSQL, and with `sslrootcert=system`
     /// (see [`ssl_root_cert`](Self::ssl_root_cert)); `prefer` otherwise.

@@ -98,7 +98,8 @@ pub trait CredentialSource: Send + Sync + 'static {
     /// [`Target::Lakebase`] for Lakebase credentials, [`Target::Dsql`] for DSQL tokens. The
     /// connector takes its target from here unless [`Config::target`](crate::Config::target)
     /// names it, and refuses a configuration where the two disagree. Defaults to `None`: any
-    /// server.
+    /// server (the host name then tells the target, see
+    /// [`Config::resolved_target`](crate::Config::resolved_target)).
     fn target(&self) -> Option<Target> {
         None
     }

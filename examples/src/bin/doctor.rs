@@ -71,10 +71,18 @@ async fn run(report: &mut Report) {
 }
 
 async fn check(report: &mut Report, config: &Config) {
+    let implied = match &config.credentials {
+        Some(dal::Credentials::Source(source)) => source.target(),
+        _ => None,
+    };
     let how = if config.target.is_some() {
         "set explicitly"
-    } else {
+    } else if implied.is_some() {
         "from the credential settings"
+    } else if Target::of_host(&config.host).is_some() {
+        "from the host name"
+    } else {
+        "the default"
     };
     let target = match config.resolved_target() {
         Ok(target) => target,

@@ -1,7 +1,7 @@
 //! A web service on the eager token strategy: customers through SeaORM, orders with their
 //! items through Diesel, each write in a transaction of dal's (`connector.transactions()`:
-//! run again after a conflict, SQLSTATE `40001`, which Aurora DSQL raises at COMMIT under a
-//! concurrent write or a migration), a sales report in raw SQL through a tokio-postgres
+//! run again for up to 5 s after a conflict, SQLSTATE `40001`, which Aurora DSQL raises at
+//! COMMIT under a concurrent write or a migration), a sales report in raw SQL through a tokio-postgres
 //! pool, and `GET /healthz` with pool state and token expiry.
 //!
 //! ```text
@@ -34,7 +34,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use dal::diesel::prelude::{BelongingToDsl, ExpressionMethods, QueryDsl, SelectableHelper};
 use dal::diesel_async::RunQueryDsl;
-use dal::{Connector, DieselPool, PgClientPool, TokenStrategy, TxMode};
+use dal::{Connector, DieselPool, PgClientPool, RetryPolicy, TokenStrategy, Transactions, TxMode};
 use entity::models::{NewOrder, Order, OrderItem};
 use entity::schema::{customers, order_items, orders};
 use entity::{customer, order};
@@ -124,6 +124,14 @@ async fn serve(
         db: connector.seaorm().await?,
         diesel: connector.diesel_pool().await?,
         pg: connector.postgres_pool().await?,
+        // A request's writes are tried again for up to 5 s: conflicts pass in milliseconds,
+        // and a database out of reach is answered 503 after one acquire timeout, not after
+        // the default 20 s of retries.
+        tx: connector.transactions().with_policy(
+            RetryPolicy::builder()
+                .max_elapsed(Some(Duration::from_secs(5)))
+                .build()?,
+        ),
         connector: connector.clone(),
         metrics,
     };
@@ -166,6 +174,7 @@ async fn serve(
 #[derive(Clone)]
 struct App {
     connector: Connector,
+    tx: Transactions,
     db: dal::SeaOrmPool,
     diesel: DieselPool,
     pg: PgClientPool,
@@ -482,8 +491,7 @@ async fn create_customer(
         ..Default::default()
     };
     let created = app
-        .connector
-        .transactions()
+        .tx
         .seaorm(&app.db, TxMode::new(), |txn| {
             let new = new.clone();
             Box::pin(async move { Ok(new.insert(txn).await?) })
@@ -592,8 +600,7 @@ async fn create_order(
     }
     // Run again after a conflict: the same rows each time, the order's id chosen above.
     let (order, items) = app
-        .connector
-        .transactions()
+        .tx
         .diesel(&app.diesel, TxMode::new(), |tx| {
             let items = items.clone();
             Box::pin(async move {
