@@ -1082,15 +1082,8 @@ impl Connector {
                 Ok(pool::seaorm::Conn::new(raw))
             })
         });
-        pool::build(
-            pool::seaorm::KIND,
-            open,
-            settings,
-            &self.shared.pools,
-            self.shared.connect_timeout,
-        )
-        .map(|pool| pool.held_up_by(self.holding_up()))
-        .map(|pool| SeaOrmPool::new(pool, self.shared.target != Target::Dsql))
+        self.pool_of(pool::seaorm::KIND, open, settings)
+            .map(|pool| SeaOrmPool::new(pool, self.shared.target != Target::Dsql))
     }
 
     /// A Diesel pool: each new physical connection opens with a token from the cache, TLS and
@@ -1111,14 +1104,7 @@ impl Connector {
             let connector = connector.clone();
             Box::pin(async move { connector.connect_by(Connector::open_diesel).await })
         });
-        pool::build(
-            pool::diesel::KIND,
-            open,
-            settings,
-            &self.shared.pools,
-            self.shared.connect_timeout,
-        )
-        .map(|pool| pool.held_up_by(self.holding_up()))
+        self.pool_of(pool::diesel::KIND, open, settings)
     }
 
     /// A pool of tokio-postgres clients for raw SQL ([`PgClient`](crate::PgClient), which
@@ -1140,8 +1126,19 @@ impl Connector {
             let connector = connector.clone();
             Box::pin(async move { connector.connect_by(Connector::open_pg_client).await })
         });
+        self.pool_of(pool::postgres::KIND, open, settings)
+    }
+
+    /// A pool of `kind` whose connections `open` opens, registered with this connector, and
+    /// told what holds its connections up (see [`holding_up`](Self::holding_up)).
+    fn pool_of<C: Send + 'static>(
+        &self,
+        kind: pool::Kind<C>,
+        open: Open<C>,
+        settings: &PoolSettings,
+    ) -> Result<pool::Pool<C>> {
         pool::build(
-            pool::postgres::KIND,
+            kind,
             open,
             settings,
             &self.shared.pools,

@@ -21,7 +21,7 @@ pub(crate) mod wire;
 
 #[cfg(feature = "diesel")]
 pub use self::diesel::DieselPool;
-pub(crate) use bb8_pool::{HoldingUp, Open, build};
+pub(crate) use bb8_pool::{HoldingUp, Kind, Open, build};
 pub use bb8_pool::{Manager, Pool};
 pub use postgres::{PgClient, PgClientPool};
 pub(crate) use registry::Registry;
