@@ -188,8 +188,30 @@ impl MigratorTrait for DsqlOneTry {
 
 /// The migrator for Aurora DSQL: no transaction around a migration, one DDL per statement,
 /// `CREATE INDEX ASYNC`, no foreign keys.
+///
+/// It takes a connection (`&DatabaseConnection`), never a transaction: DSQL allows one DDL
+/// statement per transaction, and no DDL with other statements (reference: the vendor's
+/// unsupported features), so every run that changes the schema fails inside one. Given a
+/// transaction, `up`, `down`, `fresh`, `refresh` and `reset` fail with [`DbErr::Custom`]
+/// before anything is sent, and the transaction goes on as it was.
 #[derive(Debug, Clone, Copy)]
 pub struct DsqlMigrator;
+
+/// The connection `db` is; for a transaction, the error that names the fix (see
+/// [`DsqlMigrator`]).
+fn outside_a_transaction<'c>(
+    db: sea_orm::DatabaseExecutor<'c>,
+    method: &str,
+) -> Result<&'c sea_orm::DatabaseConnection, DbErr> {
+    match db {
+        sea_orm::DatabaseExecutor::Connection(db) => Ok(db),
+        _ => Err(DbErr::Custom(format!(
+            "DsqlMigrator::{method} was given a transaction: Aurora DSQL allows one DDL \
+             statement per transaction and no DDL with other statements, so its migrations \
+             run outside one; give it the connection (a DatabaseConnection)"
+        ))),
+    }
+}
 
 #[async_trait::async_trait]
 impl MigratorTrait for DsqlMigrator {
@@ -218,21 +240,65 @@ impl MigratorTrait for DsqlMigrator {
     /// conflict, SQLSTATE `40001`; the other's table or row in `seaql_migrations` first,
     /// `23505`, `42P07` or `42710`) reads what is still pending and goes on, after each of the
     /// [`LOCK_RETRY_PAUSES`]: every statement is `IF NOT EXISTS`, so one run again changes
-    /// nothing. Given a transaction, each migration is tried once.
+    /// nothing.
     ///
     /// # Errors
     ///
     /// The first error of a migration or of the server; the race's after the last try.
+    /// Given a transaction, [`DbErr::Custom`] before anything is sent (see [`DsqlMigrator`]).
     async fn up<'c, C>(db: C, steps: Option<u32>) -> Result<(), DbErr>
     where
         C: IntoSchemaManagerConnection<'c>,
     {
-        match db.into_database_executor() {
-            sea_orm::DatabaseExecutor::Connection(db) => {
-                ddl::up_retrying::<DsqlOneTry>(db, steps, &ddl::RAN_AT_ONCE).await
-            }
-            db => DsqlOneTry::up(db, steps).await,
-        }
+        let db = outside_a_transaction(db.into_database_executor(), "up")?;
+        ddl::up_retrying::<DsqlOneTry>(db, steps, &ddl::RAN_AT_ONCE).await
+    }
+
+    /// Rolls back the applied migrations (all, or the last `steps`), one statement at a time.
+    ///
+    /// # Errors
+    ///
+    /// The first error of a migration or of the server. Given a transaction,
+    /// [`DbErr::Custom`] before anything is sent (see [`DsqlMigrator`]).
+    async fn down<'c, C>(db: C, steps: Option<u32>) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        DsqlOneTry::down(
+            outside_a_transaction(db.into_database_executor(), "down")?,
+            steps,
+        )
+        .await
+    }
+
+    /// Rolls back every applied migration, then applies every migration.
+    ///
+    /// # Errors
+    ///
+    /// The first error of a migration or of the server. Given a transaction,
+    /// [`DbErr::Custom`] before anything is sent (see [`DsqlMigrator`]).
+    async fn refresh<'c, C>(db: C) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        DsqlOneTry::refresh(outside_a_transaction(
+            db.into_database_executor(),
+            "refresh",
+        )?)
+        .await
+    }
+
+    /// Rolls back every applied migration and drops the migrations' table.
+    ///
+    /// # Errors
+    ///
+    /// The first error of a migration or of the server. Given a transaction,
+    /// [`DbErr::Custom`] before anything is sent (see [`DsqlMigrator`]).
+    async fn reset<'c, C>(db: C) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        DsqlOneTry::reset(outside_a_transaction(db.into_database_executor(), "reset")?).await
     }
 
     /// Drops every table of the current schema, each in a transaction of its own (DSQL runs
@@ -241,12 +307,13 @@ impl MigratorTrait for DsqlMigrator {
     ///
     /// # Errors
     ///
-    /// The first error of the server, or of a migration.
+    /// The first error of the server, or of a migration. Given a transaction,
+    /// [`DbErr::Custom`] before anything is sent (see [`DsqlMigrator`]).
     async fn fresh<'c, C>(db: C) -> Result<(), DbErr>
     where
         C: IntoSchemaManagerConnection<'c>,
     {
-        let db = db.into_database_executor();
+        let db = outside_a_transaction(db.into_database_executor(), "fresh")?;
         let tables = db
             .query_all_raw(sea_orm::Statement::from_string(
                 sea_orm::DbBackend::Postgres,

@@ -484,6 +484,27 @@ async fn the_sample_schema_migrates_on_checked_dsql_only_with_the_dsql_migrator(
         .await
         .unwrap();
     let db = tests::migration_db(&dsql).await;
+    // Given a transaction, where DSQL allows one DDL statement and no DDL with DML, each
+    // way of running the migrations is refused before it sends anything, naming the fix.
+    {
+        use sea_orm::TransactionTrait;
+        let tx = db.begin().await.unwrap();
+        for (method, run) in [
+            ("up", migration::DsqlMigrator::up(&tx, None)),
+            ("down", migration::DsqlMigrator::down(&tx, None)),
+            ("fresh", migration::DsqlMigrator::fresh(&tx)),
+            ("refresh", migration::DsqlMigrator::refresh(&tx)),
+            ("reset", migration::DsqlMigrator::reset(&tx)),
+        ] {
+            let message = run.await.expect_err("a transaction is refused").to_string();
+            assert!(
+                message.contains(&format!("DsqlMigrator::{method} was given a transaction"))
+                    && message.contains("give it the connection"),
+                "{method}: {message}"
+            );
+        }
+        tx.commit().await.expect("nothing was sent that aborted it");
+    }
     migration::DsqlMigrator::up(&db, None)
         .await
         .expect("DsqlMigrator runs clean under DSQL's rules");
