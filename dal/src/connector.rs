@@ -250,6 +250,18 @@ impl Connector {
             Target::Postgres => SslMode::Prefer,
             Target::Lakebase | Target::Dsql => SslMode::VerifyFull,
         });
+        // Lakebase and Aurora DSQL take TLS alone (reference: the vendors' connection guides):
+        // a mode that can go on without it sends the secret to whoever answers in plain text.
+        if target != Target::Postgres && matches!(ssl_mode, SslMode::Disable | SslMode::Prefer) {
+            return Err(Error::config(
+                Setting::SslMode,
+                format!(
+                    "{ssl_mode} may not be used with {target}, which takes TLS alone: {ssl_mode} \
+                     can send the token or password without TLS to whoever answers; leave \
+                     sslmode unset (it defaults to verify-full there), or set verify-full"
+                ),
+            ));
+        }
         if system && ssl_mode != SslMode::VerifyFull {
             return Err(Error::config(
                 Setting::SslMode,
@@ -1512,6 +1524,35 @@ mod tests {
         }
         let elsewhere = Connector::build(Config::new("db.example.com", "u").password("t"));
         assert_eq!(elsewhere.unwrap().ssl_mode(), SslMode::Prefer);
+    }
+
+    /// Lakebase and Aurora DSQL take TLS alone (reference: the vendors' connection guides), and
+    /// a mode that can go on without it (`disable`, or `prefer` when a server in the middle
+    /// offers none) would send the token, or a password, to whoever answers in plain text:
+    /// such a mode is refused for those targets, naming the setting and the fix.
+    #[test]
+    fn a_mode_that_can_send_the_secret_without_tls_is_refused_for_a_vendors_target() {
+        for host in [
+            "ep-a.database.us-east-1.cloud.databricks.com",
+            "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws",
+        ] {
+            for mode in [SslMode::Disable, SslMode::Prefer] {
+                let refused =
+                    Connector::build(Config::new(host, "admin").password("t").ssl_mode(mode));
+                let shown = refused
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                assert!(
+                    shown.contains("PGSSLMODE") && shown.contains("verify-full"),
+                    "{host} {mode}: {shown}"
+                );
+                assert_eq!(setting_of(refused), Setting::SslMode);
+            }
+        }
+        let plain = Config::new("db.example.com", "u").password("t");
+        assert!(Connector::build(plain.ssl_mode(SslMode::Disable)).is_ok());
     }
 
     /// A password with a line break or another control character in it (a secret read whole
