@@ -107,12 +107,20 @@ pub(crate) fn count_savepoint(conn: &mut AsyncPgConnection, change: i32) {
     }
 }
 
-/// Whether a savepoint begun on `conn` was left unfinished: the future of the work inside it
-/// was dropped (a timeout or `select!` around it). Its `SAVEPOINT`, `RELEASE` or `ROLLBACK TO`
-/// may have been sent or not, and diesel-async counts it as open (its `COMMIT` would then be
-/// the savepoint's `RELEASE`), so the transaction around it cannot be ended as it stands.
+/// Whether a savepoint begun on `conn` inside the transaction [`Transactions`] opened was left
+/// unfinished: dal's own, or one diesel-async nests (`conn.transaction(..)` inside the work),
+/// its future dropped (a timeout or `select!` around it). Its `SAVEPOINT`, `RELEASE` or
+/// `ROLLBACK TO` may have been sent or not, and diesel-async counts it as open (its `COMMIT`
+/// would then be the savepoint's `RELEASE`), or marks its transaction manager broken (and
+/// asserts, in a debug build, that no transaction statement follows), so the transaction
+/// around it cannot be ended as it stands.
+///
+/// [`Transactions`]: crate::Transactions
 pub(crate) fn savepoint_left_unfinished(conn: &mut AsyncPgConnection) -> bool {
-    timer(conn).is_some_and(|timer| timer.savepoints > 0)
+    use diesel_async::{AnsiTransactionManager, TransactionManager};
+    let depth = AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth();
+    !matches!(depth, Ok(Some(depth)) if depth.get() == 1)
+        || timer(conn).is_some_and(|timer| timer.savepoints > 0 || timer.ending.is_some())
 }
 
 /// Whether the transaction open on `conn` may be aborted and its commit cannot be checked
@@ -184,6 +192,7 @@ where
             stale: false,
             failed: false,
             savepoints: 0,
+            ending: None,
             // Just opened: as good as one that came back now.
             lifespan: Lifespan::returned_now(),
             times: telemetry::QueryTimes::new("diesel"),
@@ -214,6 +223,11 @@ struct QueryTimer {
     savepoints: u32,
     /// What the pool notes of it: when it came back, when it retires.
     lifespan: Lifespan,
+    /// A statement of diesel-async's transaction manager (`BEGIN`, `SAVEPOINT`, `COMMIT`,
+    /// `RELEASE`, `ROLLBACK`...) began and has not finished: the number of queries
+    /// [`open`](Self::open) before it. diesel-async then counts its transaction manager as
+    /// broken.
+    ending: Option<u32>,
     times: telemetry::QueryTimes,
 }
 
@@ -241,6 +255,9 @@ impl diesel::connection::Instrumentation for QueryTimer {
             }
             Event::FinishQuery { error, .. } => {
                 self.open = self.open.saturating_sub(1);
+                if self.ending == Some(self.open) {
+                    self.ending = None;
+                }
 
                 let elapsed = self.started.take().map(|t| t.elapsed()).unwrap_or_default();
                 self.times.record(elapsed, error.is_some());
@@ -254,14 +271,18 @@ impl diesel::connection::Instrumentation for QueryTimer {
                     self.stale = true;
                 }
             }
+            // Each comes right before its statement's `StartQuery`.
             Event::BeginTransaction { depth, .. } => {
                 self.failed &= depth.get() > 1;
+                self.ending = Some(self.open);
                 tracing::trace!(orm = "diesel", depth = depth.get(), "begin")
             }
             Event::CommitTransaction { depth, .. } => {
+                self.ending = Some(self.open);
                 tracing::trace!(orm = "diesel", depth = depth.get(), "commit")
             }
             Event::RollbackTransaction { depth, .. } => {
+                self.ending = Some(self.open);
                 tracing::trace!(orm = "diesel", depth = depth.get(), "rollback")
             }
             _ => {}

@@ -114,8 +114,8 @@ where
         rolled_back("diesel");
         return Err(Failure::Work(Error::abort(
             "a savepoint's future was dropped before its end (a timeout or select! around \
-             diesel_savepoint?), leaving its state on the server unknown: the transaction is \
-             rolled back",
+             diesel_savepoint, or around a transaction diesel-async nests in the work?), \
+             leaving its state on the server unknown: the transaction is rolled back",
         )));
     }
     let done = match done {

@@ -344,35 +344,54 @@ async fn a_failed_statement_in_a_seaorm_savepoint_leaves_the_transaction_going()
 }
 
 /// A Diesel savepoint whose future was dropped inside the transaction's work (a timeout
-/// around it) never turns the transaction's commit into the savepoint's `RELEASE`: the
-/// transaction then either commits every write its work was told succeeded, or fails.
-/// Diesel counted the savepoint as still open, and its `COMMIT` became a `RELEASE`, reported
-/// as a commit, while the transaction stayed open and was rolled back by the pool.
+/// around it), dal's own or one diesel-async nests (`conn.transaction(..)` inside the work),
+/// never turns the transaction's commit into the savepoint's `RELEASE`: the transaction then
+/// either commits every write its work was told succeeded, or fails. Diesel counted the
+/// savepoint as still open, and its `COMMIT` became a `RELEASE`, reported as a commit, while
+/// the transaction stayed open and was rolled back by the pool (for diesel-async's own
+/// savepoints, writes 111, 113, 121 and 123 were lost so).
 #[tokio::test]
 async fn a_cancelled_diesel_savepoint_never_turns_a_commit_into_a_release() {
+    use dal::diesel_async::AsyncConnection as _;
     let (_pg, connector, admin) = setup("cancel_diesel_savepoint").await;
     let pool = connector.diesel_pool().await.unwrap();
     let tx = connector.transactions();
     let insert = insert_ack_through_diesel;
     let (mut cancelled, mut lost) = (0, Vec::new());
-    for pendings in 0..3 {
-        let [before, inside, after] = [1, 2, 3].map(|n| 10 * pendings as i64 + n);
+    for (round, pendings) in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)] {
+        let [before, inside, after] = [1, 2, 3].map(|n| 100 * round + 10 * pendings as i64 + n);
         let was_cancelled = Arc::new(AtomicBool::new(false));
         let done = tx
             .diesel(&pool, TxMode::new(), |conn| {
                 let (tx, was_cancelled) = (tx.clone(), Arc::clone(&was_cancelled));
                 Box::pin(async move {
                     insert(conn, before).await?;
-                    let savepoint = tx.diesel_savepoint(conn, |sp| {
-                        // Three pauses at least, however fast the round trips come back.
-                        Box::pin(async move {
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                            insert(sp, inside).await?;
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            Ok(())
-                        })
-                    });
+                    // Three pauses at least, however fast the round trips come back.
+                    let savepoint: futures_util::future::BoxFuture<'_, dal::Result<()>> =
+                        if round == 0 {
+                            Box::pin(tx.diesel_savepoint(conn, |sp| {
+                                Box::pin(async move {
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                    insert(sp, inside).await?;
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                    Ok(())
+                                })
+                            }))
+                        } else {
+                            let conn = &mut *conn;
+                            Box::pin(async move {
+                                conn.transaction(async |sp| {
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                    insert(sp, inside).await?;
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                    dal::diesel::QueryResult::Ok(())
+                                })
+                                .await
+                                .map_err(dal::Error::Diesel)
+                            })
+                        };
                     if cancel_after(pendings, savepoint).await.is_none() {
                         was_cancelled.store(true, Ordering::SeqCst);
                     }
@@ -398,7 +417,7 @@ async fn a_cancelled_diesel_savepoint_never_turns_a_commit_into_a_release() {
         }
     }
     println!("Diesel savepoints: cancelled {cancelled}, lost {lost:?}");
-    assert_eq!(cancelled, 3);
+    assert_eq!(cancelled, 6);
     assert_eq!(lost, Vec::<i64>::new(), "acknowledged writes lost");
     no_session_left_in_a_transaction(&admin, "cancel_diesel_savepoint").await;
 }
