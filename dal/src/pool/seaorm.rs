@@ -128,6 +128,21 @@ impl Conn {
     fn note(&mut self, e: &sqlx::Error) {
         self.failed |= self.depth > 0 && matches!(e, sqlx::Error::Database(_));
         match e {
+            // The server ended the session: any error of severity FATAL or PANIC (which the
+            // server does not translate), such as 57P01 (terminated) or 25P03 (idle in a
+            // transaction too long), read as the answer to whatever was sent next.
+            sqlx::Error::Database(db)
+                if db
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some_and(|db| {
+                        matches!(
+                            db.severity(),
+                            sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                        )
+                    }) =>
+            {
+                self.broken = true;
+            }
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 Some("0A000") if crate::error::is_stale_plan(&**db) => {
                     tracing::debug!(

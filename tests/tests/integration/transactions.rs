@@ -739,7 +739,11 @@ async fn ended_in_the_work(
         ended(&watcher, pid).await;
     };
     let idle = match end {
-        SessionEnd::IdleTimeout => "SET LOCAL idle_in_transaction_session_timeout = 50",
+        // As a setting of the server's or the role's would: no statement of the work's own
+        // tells the pool that the session may have changed.
+        SessionEnd::IdleTimeout => {
+            "SELECT set_config('idle_in_transaction_session_timeout', '50', true)"
+        }
         SessionEnd::Terminated => "SELECT 1",
     };
 
@@ -769,10 +773,14 @@ async fn ended_in_the_work(
         })
         .await
         .unwrap_err();
+    // The next request never meets the ended session: its pool of one closed it.
+    db.execute_unprepared("SELECT 1")
+        .await
+        .unwrap_or_else(|e| panic!("SeaORM's next request after {seaorm}: {e}"));
 
-    let diesel = connector.diesel_pool_with(&one_connection()).await.unwrap();
+    let pool = connector.diesel_pool_with(&one_connection()).await.unwrap();
     let diesel = tx
-        .diesel(&diesel, TxMode::new(), |conn| {
+        .diesel(&pool, TxMode::new(), |conn| {
             let watcher = Arc::clone(&watcher);
             Box::pin(async move {
                 diesel::sql_query("INSERT INTO notes VALUES ('diesel')")
@@ -795,6 +803,11 @@ async fn ended_in_the_work(
         })
         .await
         .unwrap_err();
+    let mut conn = pool.get().await.unwrap();
+    diesel::sql_query("SELECT 1")
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("Diesel's next request after {diesel}: {e}"));
     [seaorm, diesel]
 }
 
@@ -805,7 +818,9 @@ async fn ended_in_the_work(
 /// way, before any COMMIT reached it, so nothing can have been committed. Diesel's driver
 /// drops the server's error: its COMMIT met a closed connection and was called ambiguous,
 /// and its next statement failed with "connection closed", a retryable connection failure
-/// with no SQLSTATE.
+/// with no SQLSTATE. The next request through either pool then opens a new connection:
+/// SeaORM's pool kept the ended one after the COMMIT that read the server's FATAL error,
+/// and its next request failed on the closed socket.
 #[tokio::test]
 async fn a_session_ended_idle_in_its_transaction_fails_with_25p03_in_both_orms() {
     let pg = tests::server().await;
