@@ -860,8 +860,12 @@ impl Error {
         }
         match self {
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
-            // A custom source's failure is retried unless it says otherwise with dal's error.
-            Error::Credential { .. } => self.in_credential().is_none_or(Error::is_retryable),
+            // A custom source's failure is retried unless it says otherwise with dal's error,
+            // or panicked.
+            Error::Credential { source, .. } => match self.in_credential() {
+                Some(e) => e.is_retryable(),
+                None => !source.is::<Panicked>(),
+            },
             // As its cause is; idle connections that failed their checks (a server gone
             // silent) may be followed by one that answers.
             Error::PoolTimeout {
@@ -965,6 +969,18 @@ impl Error {
         match self {
             Error::Credential { source, .. } => source.downcast_ref::<Error>(),
             _ => None,
+        }
+    }
+
+    /// A credential source's fetch that panicked with `payload`: its kind's
+    /// [`Error::Credential`], not retried.
+    pub(crate) fn source_panicked(
+        source_kind: &'static str,
+        payload: &(dyn std::any::Any + Send),
+    ) -> Self {
+        Error::Credential {
+            source_kind,
+            source: Box::new(Panicked(panic_message(payload))),
         }
     }
 
@@ -1141,6 +1157,28 @@ fn pg_database_error(
 ) -> Option<&sea_orm::sqlx::postgres::PgDatabaseError> {
     e.as_database_error()?.try_downcast_ref()
 }
+
+/// The message a panic was raised with (`panic!`'s text), from its payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned())
+}
+
+/// A credential source's fetch that panicked (a bug in the source, met again by a fetch at
+/// once), with the panic's message.
+#[derive(Debug)]
+struct Panicked(String);
+
+impl std::fmt::Display for Panicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the credential source panicked: {}", self.0)
+    }
+}
+
+impl std::error::Error for Panicked {}
 
 #[cfg(feature = "diesel")]
 /// diesel-async maps the SQLSTATEs it knows to error kinds and drops the rest.

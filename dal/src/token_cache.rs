@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
+use futures_util::FutureExt as _;
 use tokio::task::JoinHandle;
 
 use crate::config::{CacheSettings, TokenStrategy};
@@ -523,7 +524,18 @@ impl TokenCache {
         let mut attempt = 1;
         loop {
             let started = tokio::time::Instant::now();
-            let result = inner.source.fetch().await.and_then(|token| {
+            // A panic in the source fails this fetch, where the next is tried as after any
+            // failure: raised again, it ended the task that fetched (the refresher, or the
+            // pool's task opening a connection) for good.
+            let fetched = std::panic::AssertUnwindSafe(async { inner.source.fetch().await })
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    let e = Error::source_panicked(inner.source.kind(), &*panic);
+                    tracing::error!(error = %ErrorChain(&e), "token fetch failed");
+                    Err(e)
+                });
+            let result = fetched.and_then(|token| {
                 let now = inner.clock.now();
                 match token.expires_at() {
                     Some(at) if at <= now => Err(Error::TokenExpired {
@@ -882,6 +894,27 @@ mod tests {
         };
         let cache = TokenCache::new(Arc::new(source), strategy, CacheSettings::default());
         (cache, calls)
+    }
+
+    /// A credential source that panics (a bug in a custom source) fails that fetch with an
+    /// error that says so, and the next fetch is tried as after any failure. Raised again in
+    /// the caller, the panic ended the refresher that keeps tokens fresh (for good: nothing
+    /// starts another), and the pool task that had asked for a connection, whose count of
+    /// connections opening bb8 then never lowered.
+    #[tokio::test(start_paused = true)]
+    async fn a_credential_source_that_panics_fails_the_fetch_and_the_next_is_tried() {
+        let (cache, calls) = scripted(TokenStrategy::Lazy, |n| match n {
+            0 => panic!("a bug in the source"),
+            _ => Ok(Token::new(format!("t{n}"), None)),
+        });
+        let err = cache.token().await.unwrap_err();
+        assert!(!err.is_retryable(), "{err:?}");
+        assert_eq!(
+            ErrorChain(&err).to_string(),
+            "the custom credential source failed: the credential source panicked: a bug in the source"
+        );
+        assert_eq!(cache.token().await.unwrap().expose(), "t1");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     /// The credential API's refusal (HTTP 403), asking for `retry_after`.

@@ -86,7 +86,9 @@ pub trait CredentialSource: Send + Sync + 'static {
     /// Fetches a new token. Called by the cache, never more than once at a time, and waited
     /// for without a bound of its own: once the token expires every new connection waits for
     /// this fetch, so bound it (a closure's is bounded by
-    /// [`CUSTOM_FETCH_TIMEOUT`](crate::credentials::CUSTOM_FETCH_TIMEOUT)).
+    /// [`CUSTOM_FETCH_TIMEOUT`](crate::credentials::CUSTOM_FETCH_TIMEOUT)). A panic in it
+    /// fails that fetch with [`Error::Credential`](crate::Error::Credential), not retried
+    /// at once and logged at error level; the cache's next fetch calls it again.
     fn fetch(&self) -> BoxFuture<'_, Result<Token>>;
 
     /// A short name for logs and metrics, such as `lakebase`.

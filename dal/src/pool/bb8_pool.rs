@@ -653,14 +653,22 @@ impl<C: Send + 'static> bb8::ManageConnection for Manager<C> {
     type Error = Error;
 
     /// Opens a connection; none once the pool is closed (bb8 replaces a connection it closed
-    /// at any time, and a login at shutdown can wake a database scaled to zero).
+    /// at any time, and a login at shutdown can wake a database scaled to zero). A panic
+    /// while it opens fails the opening: raised in bb8's task, it would end the task before
+    /// bb8 counts the opening as done, and bb8 would open that many fewer for good.
     fn connect(&self) -> impl std::future::Future<Output = Result<Box<C>>> + Send {
         let open = (!self.closed.load(Ordering::Relaxed)).then(|| self.open());
         let opening = Opening::start(&self.failures);
         async move {
             let _opening = opening;
             match open {
-                Some(open) => open.await.map(Box::new),
+                Some(open) => match std::panic::AssertUnwindSafe(open).catch_unwind().await {
+                    Ok(opened) => opened.map(Box::new),
+                    Err(panic) => Err(Error::Pool(format!(
+                        "opening a connection panicked: {}",
+                        crate::error::panic_message(&*panic)
+                    ))),
+                },
                 None => Err(Error::PoolClosed),
             }
         }
@@ -1596,6 +1604,44 @@ mod tests {
                 "10,000 checkouts and the other task has not run"
             );
         }
+    }
+
+    /// A panic while a connection opens fails that opening, and the pool opens the next:
+    /// raised in bb8's task, it ended the task before bb8 counted the opening as done, and
+    /// a pool of one never opened a connection again (every checkout timed out).
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_while_opening_fails_that_opening_alone() {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&calls);
+        let open: Open<Probe> = Arc::new(move || {
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            Box::pin(async move {
+                assert!(!first, "a bug on the connect path");
+                Ok(Probe::ending_in(1, Duration::from_secs(600), None).0)
+            })
+        });
+        let settings = PoolSettings::builder()
+            .max_size(1)
+            .acquire_timeout(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let pool = build(
+            PROBE,
+            open,
+            &settings,
+            &Registry::default(),
+            CONNECT_TIMEOUT,
+        )
+        .unwrap();
+        let first = pool.get().await.map(drop).unwrap_err();
+        assert!(
+            ErrorChain(&first)
+                .to_string()
+                .contains("panicked: a bug on the connect path"),
+            "{first:?}"
+        );
+        pool.get().await.expect("the next opening");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     /// The acquire timeout bounds a checkout's whole wait: a caller given its turn late
