@@ -369,7 +369,8 @@ impl PoolSettings {
         PoolSettingsBuilder(self.clone())
     }
 
-    /// Most connections in the pool at once. Defaults to 10.
+    /// Most connections in the pool at once, from 1 to 262143 (the most sessions a
+    /// PostgreSQL server can hold). Defaults to 10.
     ///
     /// A connection near its [`max_lifetime`](Self::max_lifetime) has its replacement opened
     /// ahead, beside it: while connections are renewed, the server sees more sessions of the
@@ -437,8 +438,13 @@ pub(crate) const LONGEST_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
 #[derive(Debug, Clone)]
 pub struct PoolSettingsBuilder(PoolSettings);
 
+/// The most sessions a PostgreSQL server can hold (its `MAX_BACKENDS`, in
+/// `src/include/postmaster/postmaster.h`): a pool larger than that can never fill, and sqlx's
+/// pool takes memory for every connection it may hold when built.
+const MAX_BACKENDS: u32 = 0x3FFFF;
+
 impl PoolSettingsBuilder {
-    /// Sets [`max_size`](PoolSettings::max_size), at least 1.
+    /// Sets [`max_size`](PoolSettings::max_size), from 1 to 262143.
     #[must_use]
     pub fn max_size(mut self, n: u32) -> Self {
         self.0.max_size = n;
@@ -488,8 +494,14 @@ impl PoolSettingsBuilder {
     /// The settings, or an [`Error::Config`] naming the first one out of range.
     pub fn build(self) -> Result<PoolSettings> {
         let s = self.0;
-        if s.max_size == 0 {
-            return Err(Error::config(Setting::PoolMaxSize, "must be at least 1"));
+        if s.max_size == 0 || s.max_size > MAX_BACKENDS {
+            return Err(Error::config(
+                Setting::PoolMaxSize,
+                format!(
+                    "must be from 1 to {MAX_BACKENDS}, the most sessions a PostgreSQL server \
+                     can hold, such as 10"
+                ),
+            ));
         }
         if s.min_idle > s.max_size {
             return Err(Error::config(
@@ -978,6 +990,13 @@ mod tests {
     fn pool_settings_are_checked_when_built() {
         let b = PoolSettings::builder;
         assert_eq!(setting_of(b().max_size(0).build()), Setting::PoolMaxSize);
+        // sqlx's pool takes a slot for each at once: 4294967295 asked for about 200 GB.
+        let huge = b().max_size(u32::MAX).build().unwrap_err().to_string();
+        assert!(
+            huge.contains("DAL_POOL_MAX_SIZE") && huge.contains("262143"),
+            "{huge}"
+        );
+        assert_eq!(b().max_size(262_143).build().unwrap().max_size(), 262_143);
         assert_eq!(
             setting_of(b().max_size(2).min_idle(3).build()),
             Setting::PoolMinIdle
