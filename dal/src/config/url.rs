@@ -39,11 +39,47 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
         (None, Some(port)) => Some(parse_port(&port).map_err(|e| bad(&e))?),
         (None, None) => None,
     };
-    let parsed: tokio_postgres::Config = rest.parse().map_err(|e: tokio_postgres::Error| {
-        // Its cause says which part, and names no value.
-        let why = ErrorChain(&e);
-        bad(&format!("is not a valid connection URL ({why})"))
-    })?;
+    let parse = |url: &str| {
+        url.parse::<tokio_postgres::Config>()
+            .map_err(|e: tokio_postgres::Error| {
+                // Its cause says which part, and names no value.
+                let why = ErrorChain(&e);
+                bad(&format!("is not a valid connection URL ({why})"))
+            })
+    };
+    let parsed = parse(&rest)?;
+    // tokio-postgres lets a parameter override the part before the query, as libpq does.
+    if let Some((before, _)) = url.split_once('?')
+        && !ours.given.is_empty()
+    {
+        let before = parse(before)?;
+        for (key, part, place, given) in [
+            (
+                "user",
+                "user name",
+                "before",
+                before.get_user().is_some_and(|u| !u.is_empty()),
+            ),
+            (
+                "password",
+                "password",
+                "before",
+                before.get_password().is_some(),
+            ),
+            (
+                "dbname",
+                "database name",
+                "after",
+                before.get_dbname().is_some_and(|d| !d.is_empty()),
+            ),
+        ] {
+            if given && ours.given.contains(&key) {
+                return Err(bad(&format!(
+                    "gives the {part} twice, {place} the host and as {key}=: keep one"
+                )));
+            }
+        }
+    }
     let url_host = match parsed.get_hosts() {
         [] => None,
         [Host::Tcp(host)] => Some(host.as_str()).filter(|h| !h.is_empty()),
@@ -232,6 +268,9 @@ struct OwnParams {
     /// libpq's `port=`, for a URL with no port after its host (tokio-postgres would add it to
     /// the host's, default or not, as a second port).
     port: Option<String>,
+    /// Which of `user`, `password` and `dbname` the query gives, each of which the part
+    /// before it may give too.
+    given: Vec<&'static str>,
 }
 
 /// Parameters left to tokio-postgres, which dal reads back from its parse: every other one
@@ -273,6 +312,12 @@ fn split_params(url: &str) -> std::result::Result<(String, OwnParams), String> {
             return Err(format!("gives {key} twice: keep one"));
         }
         seen.push(key);
+        if let Some(part) = ["user", "password", "dbname"]
+            .into_iter()
+            .find(|p| *p == key)
+        {
+            ours.given.push(part);
+        }
         match key {
             "sslmode" => ours.ssl_mode = Some(decoded()?),
             "sslrootcert" => ours.ssl_root_cert = Some(decoded()?),
@@ -371,6 +416,37 @@ mod tests {
             Some(crate::config::Credentials::Password(ref p))
                 if secrecy::ExposeSecret::expose_secret(p) == "a:b"
         ));
+    }
+
+    /// A user name, password or database name given before the host and again as a
+    /// parameter is refused, as a port given twice is: the parameter won without a word, and
+    /// `?user=admin` appended to a URL logged in as someone else.
+    #[test]
+    fn a_user_password_or_database_given_twice_is_refused() {
+        for (url, expected) in [
+            (
+                "postgres://u:p@h/db?user=admin",
+                "gives the user name twice, before the host and as user=: keep one",
+            ),
+            (
+                "postgres://u:p@h/db?password=x",
+                "gives the password twice, before the host and as password=: keep one",
+            ),
+            (
+                "postgres://u:p@h/db?dbname=other",
+                "gives the database name twice, after the host and as dbname=: keep one",
+            ),
+        ] {
+            let reason = reason(url);
+            assert!(reason.contains(expected), "{url}: {reason}");
+            assert!(
+                !reason.contains("admin") && !reason.contains("other"),
+                "{reason}"
+            );
+        }
+        // Given once, either way, they stand.
+        let c = parse("postgres://h?user=u&password=p&dbname=db", None).unwrap();
+        assert_eq!((c.user.as_str(), c.database.as_str()), ("u", "db"));
     }
 
     #[test]
