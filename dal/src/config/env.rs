@@ -354,10 +354,20 @@ impl Env<'_> {
             self.get("ACTIONS_ID_TOKEN_REQUEST_URL"),
             self.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN"),
         );
-        // Chosen, as the Databricks SDKs let `auth_type` choose; else the first configured,
-        // in the SDKs' order.
+        // Chosen, as the Databricks SDKs let `auth_type` choose; else the one configured, in
+        // the SDKs' order. A token and a service principal both set are refused, as the SDKs
+        // refuse them ("more than one authorization method configured: oauth and pat").
         let auth_type = match pick("DATABRICKS_AUTH_TYPE", "auth_type") {
             Some(chosen) => chosen.trim().to_owned(),
+            None if token.is_some() && (client_id.is_some() || client_secret.is_some()) => {
+                return Err(Error::config(
+                    Setting::DatabricksAuthType,
+                    "is not set, and both a personal access token (DATABRICKS_TOKEN) and a \
+                     service principal (DATABRICKS_CLIENT_ID, DATABRICKS_CLIENT_SECRET) are: set \
+                     it to pat or oauth-m2m, or unset one (the Databricks SDKs refuse this too: \
+                     more than one authorization method configured)",
+                ));
+            }
             None if token.is_some() => "pat".to_owned(),
             None if client_id.is_some() && client_secret.is_some() => "oauth-m2m".to_owned(),
             None if self.get(&oidc_env).is_some() => "env-oidc".to_owned(),
@@ -788,6 +798,34 @@ mod tests {
         assert_eq!(setting(&v), "ACTIONS_ID_TOKEN_REQUEST_URL");
         v[last] = ("DATABRICKS_AUTH_TYPE", "external-browser");
         assert!(config(&v).is_ok());
+    }
+
+    /// A personal access token and a service principal's id both set, and no
+    /// `DATABRICKS_AUTH_TYPE` to choose, are refused, as the Databricks SDKs refuse them
+    /// ("validate: more than one authorization method configured: oauth and pat"): the token
+    /// won without a word, and the connection logged in as the token's owner instead of the
+    /// service principal.
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn a_token_and_a_service_principal_without_a_choice_are_refused() {
+        let mut v = LAKEBASE.to_vec();
+        v.push(("DATABRICKS_TOKEN", "dapi-token"));
+        let err = config(&v).unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid setting DATABRICKS_AUTH_TYPE")
+                && err.contains("pat")
+                && err.contains("oauth-m2m"),
+            "{err}"
+        );
+        assert!(!err.contains("dapi-token") && !err.contains("sp-secret"), "{err}");
+        for chosen in ["pat", "oauth-m2m"] {
+            let mut v = v.clone();
+            v.push(("DATABRICKS_AUTH_TYPE", chosen));
+            config(&v).unwrap();
+        }
+        // The id alone counts as the service principal's too.
+        v.retain(|(k, _)| *k != "DATABRICKS_CLIENT_SECRET");
+        assert_eq!(setting(&v), "DATABRICKS_AUTH_TYPE");
     }
 
     #[cfg(feature = "lakebase")]

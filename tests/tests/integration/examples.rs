@@ -1771,8 +1771,8 @@ async fn a_user_logs_in_with_a_browser_once() {
 }
 
 /// `pat` and `oauth-m2m` from the environment: a personal access token alone signs in as its
-/// user (looked up); with both configured, `DATABRICKS_AUTH_TYPE` picks, and without it the
-/// token wins, in the SDKs' order.
+/// user (looked up); with both configured, `DATABRICKS_AUTH_TYPE` picks, and without it they
+/// are refused, as the Databricks SDKs refuse them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_personal_access_token_or_a_service_principal_signs_in_as_chosen() {
     const PAT: &str = "dapi-personal-access-token-0123";
@@ -1788,8 +1788,15 @@ async fn a_personal_access_token_or_a_service_principal_signs_in_as_chosen() {
         .into_iter()
         .chain([("DATABRICKS_TOKEN", PAT.to_owned())])
         .collect();
-    // Both configured, nothing chosen: the personal access token, no OAuth call.
+    // Both configured, nothing chosen: refused, naming the choice, before any call.
     let (passed, output) = doctor(&both).await;
+    assert!(!passed && output.contains("DATABRICKS_AUTH_TYPE"), "{output}");
+    assert_eq!(lb.oauth_requests(), 0, "{output}");
+    assert!(!output.contains(PAT), "the token leaked: {output}");
+    // The personal access token, chosen: no OAuth call.
+    let mut chosen = both.clone();
+    chosen.push(("DATABRICKS_AUTH_TYPE", "pat".to_owned()));
+    let (passed, output) = doctor(&chosen).await;
     assert!(passed, "{output}");
     assert_eq!(lb.oauth_requests(), 0, "{output}");
     assert!(!output.contains(PAT), "the token leaked: {output}");
