@@ -772,19 +772,20 @@ impl Error {
                 false
             }
             #[cfg(feature = "seaorm")]
-            Error::SeaOrm(e) => matches!(
-                sqlx_error(e),
-                Some(
+            Error::SeaOrm(e) => sqlx_error(e).is_some_and(|e| {
+                matches!(
+                    e,
                     Sqlx::Io(_)
                         | Sqlx::Tls(_)
                         | Sqlx::Protocol(_)
                         | Sqlx::PoolTimedOut
                         | Sqlx::WorkerCrashed
-                )
-            ),
+                ) && !is_unsendable_sqlx(e)
+            }),
             #[cfg(feature = "diesel")]
-            Error::Diesel(diesel::result::Error::DatabaseError(kind, _)) => {
+            Error::Diesel(diesel::result::Error::DatabaseError(kind, info)) => {
                 matches!(kind, diesel::result::DatabaseErrorKind::UnableToSendCommand)
+                    && !is_unsendable_diesel(&**info)
             }
             #[cfg(feature = "diesel")]
             Error::Diesel(diesel::result::Error::BrokenTransactionManager) => true,
@@ -1209,12 +1210,35 @@ fn is_connection_lost(e: &tokio_postgres::Error) -> bool {
     }
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
-        if c.is::<std::io::Error>() || c.is::<rustls::Error>() {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            // The driver's refusal to write a message (see [`UNSENDABLE`]).
+            return io.kind() != std::io::ErrorKind::InvalidInput;
+        }
+        if c.is::<rustls::Error>() {
             return true;
         }
         cause = c.source();
     }
     false
+}
+
+/// How tokio-postgres begins its error for a message it refuses to write (`Kind::Encode`: a
+/// NUL byte in a statement's text, more than 65,535 parameters, a value over 1 GiB), before
+/// anything is sent; diesel-async keeps only that text. The connection is as it was.
+const UNSENDABLE: &str = "error encoding message to server";
+
+/// Whether sqlx refused to send a statement of more than 65,535 parameters (its
+/// `PgConnection::run`), before anything was sent.
+#[cfg(feature = "seaorm")]
+pub(crate) fn is_unsendable_sqlx(e: &sea_orm::sqlx::Error) -> bool {
+    matches!(e, sea_orm::sqlx::Error::Protocol(m) if m.contains("too many arguments for query"))
+}
+
+/// Whether diesel-async's error is tokio-postgres's refusal to write a message (see
+/// [`UNSENDABLE`]).
+#[cfg(feature = "diesel")]
+pub(crate) fn is_unsendable_diesel(info: &dyn diesel::result::DatabaseErrorInformation) -> bool {
+    info.message().starts_with(UNSENDABLE)
 }
 
 impl From<tokio_postgres::Error> for Error {

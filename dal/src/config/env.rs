@@ -817,7 +817,10 @@ mod tests {
                 && err.contains("oauth-m2m"),
             "{err}"
         );
-        assert!(!err.contains("dapi-token") && !err.contains("sp-secret"), "{err}");
+        assert!(
+            !err.contains("dapi-token") && !err.contains("sp-secret"),
+            "{err}"
+        );
         for chosen in ["pat", "oauth-m2m"] {
             let mut v = v.clone();
             v.push(("DATABRICKS_AUTH_TYPE", chosen));

@@ -153,10 +153,13 @@ pub(crate) fn ended_idle_in_transaction(conn: &mut AsyncPgConnection) -> bool {
 /// server comes with it).
 pub(crate) fn is_lost_connection(e: &Error) -> bool {
     use diesel::result::DatabaseErrorKind::{ClosedConnection, UnableToSendCommand};
-    matches!(
-        e,
-        Error::Diesel(DatabaseError(ClosedConnection | UnableToSendCommand, _))
-    )
+    match e {
+        Error::Diesel(DatabaseError(ClosedConnection, _)) => true,
+        Error::Diesel(DatabaseError(UnableToSendCommand, info)) => {
+            !crate::error::is_unsendable_diesel(&**info)
+        }
+        _ => false,
+    }
 }
 
 /// How many requests `conn` has written whole, when its wire is followed (over TLS):

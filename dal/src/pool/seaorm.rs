@@ -156,6 +156,8 @@ impl Conn {
                 }
                 _ => {}
             },
+            // A statement refused before it was sent leaves the connection as it was.
+            e if crate::error::is_unsendable_sqlx(e) => {}
             sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)

@@ -1790,7 +1790,10 @@ async fn a_personal_access_token_or_a_service_principal_signs_in_as_chosen() {
         .collect();
     // Both configured, nothing chosen: refused, naming the choice, before any call.
     let (passed, output) = doctor(&both).await;
-    assert!(!passed && output.contains("DATABRICKS_AUTH_TYPE"), "{output}");
+    assert!(
+        !passed && output.contains("DATABRICKS_AUTH_TYPE"),
+        "{output}"
+    );
     assert_eq!(lb.oauth_requests(), 0, "{output}");
     assert!(!output.contains(PAT), "the token leaked: {output}");
     // The personal access token, chosen: no OAuth call.

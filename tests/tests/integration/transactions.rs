@@ -1752,3 +1752,68 @@ async fn a_statement_past_a_server_limit_is_no_connection_failure() {
     }
     connector.shutdown().await;
 }
+
+/// A statement its driver refuses to send (a NUL byte in its text, more than 65,535
+/// parameters: refused before anything is written) is no lost connection, in any pool kind,
+/// and is not retried: each was called a connection failure and run again for the whole
+/// retry budget (20 s), and the SeaORM pool closed its healthy connection each time.
+#[tokio::test]
+async fn a_statement_the_driver_refuses_to_send_is_no_lost_connection() {
+    let pg = tests::server().await;
+    let connector = with_notes(&pg, "unsendable").await;
+    let tx = connector.transactions();
+    let one = one_connection();
+    let postgres = connector.postgres_pool_with(&one).await.unwrap();
+    let diesel = connector.diesel_pool_with(&one).await.unwrap();
+    let seaorm = connector.seaorm_with(&one).await.unwrap();
+    // Each pool's one connection, open.
+    drop(postgres.get().await.unwrap());
+    drop(diesel.get().await.unwrap());
+    seaorm.execute_unprepared("SELECT 1").await.unwrap();
+    let opened = connector.connections_opened();
+    let too_many = vec![sea_orm::Value::Int(Some(1)); 65_536];
+    for kind in ["tokio-postgres", "Diesel", "SeaORM"] {
+        let runs = AtomicU64::new(0);
+        let err = tx
+            .idempotent(|| async {
+                runs.fetch_add(1, Ordering::Relaxed);
+                match kind {
+                    "tokio-postgres" => {
+                        let client = postgres.get().await?;
+                        client.batch_execute("SELECT 1\0").await?;
+                    }
+                    "Diesel" => {
+                        let mut conn = diesel.get().await?;
+                        diesel::sql_query("SELECT 1\0").execute(&mut conn).await?;
+                    }
+                    _ => {
+                        let values = sea_orm::Values(too_many.clone());
+                        let statement = Statement::from_sql_and_values(
+                            sea_orm::DbBackend::Postgres,
+                            "SELECT 1",
+                            values,
+                        );
+                        seaorm.execute_raw(statement).await?;
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            AtomicU64::load(&runs, Ordering::Relaxed),
+            1,
+            "{kind}: {err:?}"
+        );
+        assert!(
+            !err.is_connection_failure() && !err.is_retryable(),
+            "{kind}: {err:?}"
+        );
+    }
+    assert_eq!(
+        connector.connections_opened(),
+        opened,
+        "every pool kept its connection"
+    );
+    connector.shutdown().await;
+}
