@@ -1851,7 +1851,11 @@ mod tests {
 
     /// The error of a connection of each kind to the server on loopback at `port`.
     async fn errors_of_each_kind(port: u16) -> Vec<Error> {
-        let config = Config::new("127.0.0.1", "u").port(port).password("p");
+        errors_of_each_kind_with(Config::new("127.0.0.1", "u").port(port).password("p")).await
+    }
+
+    /// The errors of each kind of connection opened with `config`.
+    async fn errors_of_each_kind_with(config: Config) -> Vec<Error> {
         let connector = Connector::build(config).unwrap();
         #[cfg_attr(not(any(feature = "seaorm", feature = "diesel")), allow(unused_mut))]
         let mut errors = vec![connector.connect().await.map(drop).unwrap_err()];
@@ -1872,6 +1876,26 @@ mod tests {
                 .unwrap_err(),
         );
         errors
+    }
+
+    /// A server that offers no TLS to connections that require it fails each kind of
+    /// connection alike: neither a connection failure nor retryable, since every new
+    /// connection meets it again. The SeaORM pool's (sqlx's) was retried as a lost connection
+    /// until the retries ran out, and failed over as an endpoint out of reach.
+    #[tokio::test]
+    async fn a_server_without_tls_fails_each_kind_alike_when_tls_is_required() {
+        let port = answering_logins(|_| None).await;
+        let config = Config::new("127.0.0.1", "u")
+            .port(port)
+            .password("p")
+            .ssl_mode(SslMode::Require);
+        for err in errors_of_each_kind_with(config).await {
+            assert!(
+                !err.is_connection_failure() && !err.is_retryable(),
+                "{err:?}"
+            );
+            assert!(ErrorChain(&err).to_string().contains("TLS"), "{err}");
+        }
     }
 
     /// A server nothing answers for (no listener at the port) is named, with the settings

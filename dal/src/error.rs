@@ -771,6 +771,16 @@ impl Error {
             {
                 false
             }
+            // A server that offers no TLS to a connection that requires it (sqlx's own
+            // words): every new connection meets it again, as tokio-postgres's does.
+            #[cfg(feature = "seaorm")]
+            Error::SeaOrm(e)
+                if sqlx_error(e).is_some_and(
+                    |e| matches!(e, Sqlx::Tls(tls) if tls.to_string() == "server does not support TLS"),
+                ) =>
+            {
+                false
+            }
             #[cfg(feature = "seaorm")]
             Error::SeaOrm(e) => sqlx_error(e).is_some_and(|e| {
                 matches!(
