@@ -706,7 +706,7 @@ impl Error {
             #[cfg(feature = "seaorm")]
             Error::SeaOrm(e) => sqlx_error(e)
                 .and_then(sea_orm::sqlx::Error::as_database_error)
-                .is_some_and(|e| e.code().as_deref() == Some("0A000") && is_stale_plan(e)),
+                .is_some_and(is_stale_sqlx),
             Error::Connect { source } => source.is_stale_statement(),
             Error::RetriesExhausted { last, .. } => last.is_stale_statement(),
             _ => self
@@ -1156,10 +1156,22 @@ pub(crate) fn refuses_credentials(code: &str, routine: Option<&str>) -> bool {
 
 /// Whether sqlx's database error `e` (SQLSTATE `0A000`) is a stale prepared statement's.
 #[cfg(feature = "seaorm")]
-pub(crate) fn is_stale_plan(e: &dyn sea_orm::sqlx::error::DatabaseError) -> bool {
+fn is_stale_plan(e: &dyn sea_orm::sqlx::error::DatabaseError) -> bool {
     e.try_downcast_ref::<sea_orm::sqlx::postgres::PgDatabaseError>()
         .is_some_and(|e| e.routine() == Some(STALE_PLAN_ROUTINE))
         || e.message() == STALE_PLAN
+}
+
+/// Whether sqlx's statement failed as stale: a prepared statement whose result type changed
+/// (`0A000`, see [`is_stale_plan`]), or one that names a type dropped and created anew
+/// (`XX000`, [`STALE_TYPE`]). Both run again on a connection that prepares them anew.
+#[cfg(feature = "seaorm")]
+pub(crate) fn is_stale_sqlx(e: &dyn sea_orm::sqlx::error::DatabaseError) -> bool {
+    match e.code().as_deref() {
+        Some("0A000") => is_stale_plan(e),
+        Some("XX000") => e.message().starts_with(STALE_TYPE),
+        _ => false,
+    }
 }
 
 #[cfg(feature = "seaorm")]

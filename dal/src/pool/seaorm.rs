@@ -144,7 +144,7 @@ impl Conn {
                 self.broken = true;
             }
             sqlx::Error::Database(db) => match db.code().as_deref() {
-                Some("0A000") if crate::error::is_stale_plan(&**db) => {
+                _ if crate::error::is_stale_sqlx(&**db) => {
                     tracing::debug!(
                         "a prepared statement is stale after a schema change; the connection will forget its statements"
                     );

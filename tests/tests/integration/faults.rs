@@ -1065,8 +1065,10 @@ impl tokio_postgres::types::ToSql for Mood {
 /// name, which it keeps for the connection's life, name a type that is gone. PostgreSQL
 /// answers each with SQLSTATE XX000 ("cache lookup failed for type"): every write that binds
 /// the type failed on every connection from before, until it retired. The pools replace such
-/// a connection as they do one with a stale statement, so at most one write per connection
-/// fails, and none in a transaction or in work marked idempotent.
+/// a connection (Diesel, tokio-postgres) or make it forget its statements (SeaORM, whose
+/// casts into the type failed so 4 times of 4) as they do one with a stale statement, so at
+/// most one write per connection fails, and none in a transaction or in work marked
+/// idempotent.
 #[tokio::test]
 async fn a_type_recreated_under_a_running_service_fails_at_most_one_write_per_connection() {
     let one = PoolSettings::builder().max_size(1).build().unwrap();
@@ -1095,8 +1097,18 @@ async fn a_type_recreated_under_a_running_service_fails_at_most_one_write_per_co
         let client: &tokio_postgres::Client = &pooled;
         client.execute(&statement, &[&Mood("calm")]).await
     };
+    // SeaORM's casts into the type: one that reads no table altered with it keeps its plan.
+    let db = connector.seaorm().await.unwrap();
+    let seaorm_write = || {
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT CAST($1 AS mood)::text",
+            ["calm".into()],
+        ))
+    };
     diesel_write().await.unwrap();
     raw_write().await.unwrap();
+    seaorm_write().await.unwrap();
 
     // The migration: the type recreated with the values it keeps.
     let recreate = || {
@@ -1107,7 +1119,7 @@ async fn a_type_recreated_under_a_running_service_fails_at_most_one_write_per_co
         )
     };
     recreate().await.unwrap();
-    let (mut diesel_failed, mut raw_failed) = (0, 0);
+    let (mut diesel_failed, mut raw_failed, mut seaorm_failed) = (0, 0, 0);
     for _ in 0..4 {
         if let Err(e) = diesel_write().await {
             assert!(e.to_string().contains("cache lookup failed"), "{e}");
@@ -1117,13 +1129,18 @@ async fn a_type_recreated_under_a_running_service_fails_at_most_one_write_per_co
             assert!(format!("{e:?}").contains("cache lookup failed"), "{e:?}");
             raw_failed += 1;
         }
+        if let Err(e) = seaorm_write().await {
+            assert!(e.to_string().contains("cache lookup failed"), "{e}");
+            seaorm_failed += 1;
+        }
     }
     println!(
         "after the type was recreated: Diesel {diesel_failed} failed of 4, tokio-postgres \
-         {raw_failed} failed of 4"
+         {raw_failed} failed of 4, SeaORM {seaorm_failed} failed of 4"
     );
     assert!(diesel_failed <= 1, "Diesel: {diesel_failed} of 4 failed");
     assert!(raw_failed <= 1, "tokio-postgres: {raw_failed} of 4 failed");
+    assert!(seaorm_failed <= 1, "SeaORM: {seaorm_failed} of 4 failed");
 
     // Work the caller marked idempotent is tried again on the replaced connection.
     recreate().await.unwrap();
@@ -1136,6 +1153,10 @@ async fn a_type_recreated_under_a_running_service_fails_at_most_one_write_per_co
         .idempotent(|| async { diesel_write().await.map_err(dal::Error::Diesel) })
         .await;
     assert_eq!(diesel_written.unwrap(), 1, "Diesel, idempotent");
+    let seaorm_read = retried
+        .idempotent(|| async { seaorm_write().await.map_err(dal::Error::SeaOrm) })
+        .await;
+    assert!(seaorm_read.is_ok(), "SeaORM, idempotent: {seaorm_read:?}");
 
     // A transaction tries again on a connection of its own: none fails.
     recreate().await.unwrap();
