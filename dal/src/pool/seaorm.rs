@@ -143,19 +143,14 @@ impl Conn {
             {
                 self.broken = true;
             }
-            sqlx::Error::Database(db) => match db.code().as_deref() {
-                _ if crate::error::is_stale_sqlx(&**db) => {
-                    tracing::debug!(
-                        "a prepared statement is stale after a schema change; the connection will forget its statements"
-                    );
-                    self.stale = true;
-                }
-                // The server ended the session (57P01-57P05) or the connection failed (08xxx).
-                Some(code) if code.starts_with("57P") || code.starts_with("08") => {
-                    self.broken = true;
-                }
-                _ => {}
-            },
+            // Any other error of the server's leaves the session as it was: an ERROR of
+            // class 08 too (08P01 for a NUL byte in a statement's text).
+            sqlx::Error::Database(db) if crate::error::is_stale_sqlx(&**db) => {
+                tracing::debug!(
+                    "a prepared statement is stale after a schema change; the connection will forget its statements"
+                );
+                self.stale = true;
+            }
             // A statement refused before it was sent leaves the connection as it was.
             e if crate::error::is_unsendable_sqlx(e) => {}
             sqlx::Error::Io(_)

@@ -1756,7 +1756,8 @@ async fn a_statement_past_a_server_limit_is_no_connection_failure() {
 /// A statement its driver refuses to send (a NUL byte in its text, more than 65,535
 /// parameters: refused before anything is written) is no lost connection, in any pool kind,
 /// and is not retried: each was called a connection failure and run again for the whole
-/// retry budget (20 s), and the SeaORM pool closed its healthy connection each time.
+/// retry budget (20 s), and the SeaORM pool closed its healthy connection each time, as it
+/// did after the server's refusal of a NUL byte that sqlx sends.
 #[tokio::test]
 async fn a_statement_the_driver_refuses_to_send_is_no_lost_connection() {
     let pg = tests::server().await;
@@ -1772,7 +1773,7 @@ async fn a_statement_the_driver_refuses_to_send_is_no_lost_connection() {
     seaorm.execute_unprepared("SELECT 1").await.unwrap();
     let opened = connector.connections_opened();
     let too_many = vec![sea_orm::Value::Int(Some(1)); 65_536];
-    for kind in ["tokio-postgres", "Diesel", "SeaORM"] {
+    for kind in ["tokio-postgres", "Diesel", "SeaORM, NUL", "SeaORM"] {
         let runs = AtomicU64::new(0);
         let err = tx
             .idempotent(|| async {
@@ -1785,6 +1786,11 @@ async fn a_statement_the_driver_refuses_to_send_is_no_lost_connection() {
                     "Diesel" => {
                         let mut conn = diesel.get().await?;
                         diesel::sql_query("SELECT 1\0").execute(&mut conn).await?;
+                    }
+                    // sqlx sends it, and the server refuses it (08P01, an ERROR that leaves
+                    // the session as it was).
+                    "SeaORM, NUL" => {
+                        seaorm.execute_unprepared("SELECT 1\0").await?;
                     }
                     _ => {
                         let values = sea_orm::Values(too_many.clone());
