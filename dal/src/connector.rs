@@ -250,15 +250,31 @@ impl Connector {
             Target::Postgres => SslMode::Prefer,
             Target::Lakebase | Target::Dsql => SslMode::VerifyFull,
         });
-        // Lakebase and Aurora DSQL take TLS alone (reference: the vendors' connection guides):
-        // a mode that can go on without it sends the secret to whoever answers in plain text.
-        if target != Target::Postgres && matches!(ssl_mode, SslMode::Disable | SslMode::Prefer) {
+        // Lakebase and Aurora DSQL take TLS alone (the Databricks and AWS connection
+        // documentation): a mode that can go on without it sends the secret to whoever answers
+        // in plain text. Not so over loopback, to a proxy on this machine that carries the
+        // connection on over TLS.
+        let loopback = match config.hostaddr {
+            Some(addr) => addr.is_loopback(),
+            None => {
+                config.host.eq_ignore_ascii_case("localhost")
+                    || config
+                        .host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|addr| addr.is_loopback())
+            }
+        };
+        if target != Target::Postgres
+            && !loopback
+            && matches!(ssl_mode, SslMode::Disable | SslMode::Prefer)
+        {
             return Err(Error::config(
                 Setting::SslMode,
                 format!(
                     "{ssl_mode} may not be used with {target}, which takes TLS alone: {ssl_mode} \
                      can send the token or password without TLS to whoever answers; leave \
-                     sslmode unset (it defaults to verify-full there), or set verify-full"
+                     sslmode unset (it defaults to verify-full there), or set verify-full \
+                     (a proxy on this machine may be reached without TLS over loopback)"
                 ),
             ));
         }
@@ -1252,7 +1268,7 @@ impl Connector {
 }
 
 /// The longest pool lifetime on Aurora DSQL, which ends every connection after 60 minutes
-/// (reference: the vendor's connection limits): a connection whose replacement is still
+/// (AWS's documented connection limits): a connection whose replacement is still
 /// logging in serves up to 30 s past its lifetime (see the pools' renewal).
 const DSQL_LONGEST_LIFETIME: Duration = Duration::from_secs(3570);
 
@@ -1526,10 +1542,11 @@ mod tests {
         assert_eq!(elsewhere.unwrap().ssl_mode(), SslMode::Prefer);
     }
 
-    /// Lakebase and Aurora DSQL take TLS alone (reference: the vendors' connection guides), and
-    /// a mode that can go on without it (`disable`, or `prefer` when a server in the middle
-    /// offers none) would send the token, or a password, to whoever answers in plain text:
-    /// such a mode is refused for those targets, naming the setting and the fix.
+    /// Lakebase and Aurora DSQL take TLS alone (the Databricks and AWS connection
+    /// documentation), and a mode that can go on without it (`disable`, or `prefer` when a
+    /// server in the middle offers none) would send the token, or a password, to whoever
+    /// answers in plain text: such a mode is refused for those targets, naming the setting
+    /// and the fix. Over loopback (a proxy on this machine) it stands.
     #[test]
     fn a_mode_that_can_send_the_secret_without_tls_is_refused_for_a_vendors_target() {
         for host in [
@@ -1553,6 +1570,24 @@ mod tests {
         }
         let plain = Config::new("db.example.com", "u").password("t");
         assert!(Connector::build(plain.ssl_mode(SslMode::Disable)).is_ok());
+        let dsql = || {
+            Config::new("abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws", "admin")
+                .password("t")
+                .ssl_mode(SslMode::Disable)
+        };
+        let mut proxied = dsql();
+        proxied.hostaddr = Some(std::net::Ipv4Addr::LOCALHOST.into());
+        assert!(Connector::build(proxied).is_ok(), "a proxy on this machine");
+        for host in ["127.0.0.1", "localhost", "::1"] {
+            let local = Config::new(host, "admin")
+                .password("t")
+                .target(Target::Dsql)
+                .ssl_mode(SslMode::Prefer);
+            assert!(Connector::build(local).is_ok(), "{host}");
+        }
+        let mut remote = dsql();
+        remote.hostaddr = Some(std::net::Ipv4Addr::new(192, 0, 2, 1).into());
+        assert_eq!(setting_of(Connector::build(remote)), Setting::SslMode);
     }
 
     /// A password with a line break or another control character in it (a secret read whole

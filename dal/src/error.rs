@@ -1245,8 +1245,9 @@ fn is_connection_lost(e: &tokio_postgres::Error) -> bool {
 }
 
 /// How tokio-postgres begins its error for a message it refuses to write (`Kind::Encode`: a
-/// NUL byte in a statement's text, more than 65,535 parameters, a value over 1 GiB), before
-/// anything is sent; diesel-async keeps only that text. The connection is as it was.
+/// NUL byte in a statement's text, more than 65,535 parameters, a value over `i32::MAX`
+/// bytes), before anything is sent; diesel-async keeps only that text. The connection is as
+/// it was.
 const UNSENDABLE: &str = "error encoding message to server";
 
 /// Whether sqlx refused to send a statement of more than 65,535 parameters (its

@@ -21,10 +21,12 @@ use crate::error::{Error, Result, Setting};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SslMode {
-    /// No TLS. Refused for Lakebase and Aurora DSQL, which take TLS alone.
+    /// No TLS. Refused for Lakebase and Aurora DSQL, which take TLS alone, but over loopback
+    /// (a proxy on this machine).
     Disable,
     /// TLS when the server offers it, unverified; plain otherwise. Refused for Lakebase and
-    /// Aurora DSQL: a server in the middle that offers no TLS would be sent the token.
+    /// Aurora DSQL, but over loopback: a server in the middle that offers no TLS would be
+    /// sent the token.
     Prefer,
     /// TLS always, certificate not verified; but with a CA configured
     /// ([`Config::ssl_root_cert`](crate::Config::ssl_root_cert)), verified as under

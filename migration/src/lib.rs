@@ -189,11 +189,11 @@ impl MigratorTrait for DsqlOneTry {
 /// The migrator for Aurora DSQL: no transaction around a migration, one DDL per statement,
 /// `CREATE INDEX ASYNC`, no foreign keys.
 ///
-/// It takes a connection (`&DatabaseConnection`), never a transaction: DSQL allows one DDL
-/// statement per transaction, and no DDL with other statements (reference: the vendor's
-/// unsupported features), so every run that changes the schema fails inside one. Given a
-/// transaction, `up`, `down`, `fresh`, `refresh` and `reset` fail with [`DbErr::Custom`]
-/// before anything is sent, and the transaction goes on as it was.
+/// It changes the schema through a connection (`&DatabaseConnection`), never a transaction:
+/// DSQL allows one DDL statement per transaction, and no DDL with other statements (AWS's
+/// list of unsupported PostgreSQL features), so every such run fails inside one. Given a
+/// transaction, `up`, `down`, `fresh`, `refresh`, `reset` and `uninstall` fail with
+/// [`DbErr::Custom`] before anything is sent, and the transaction goes on as it was.
 #[derive(Debug, Clone, Copy)]
 pub struct DsqlMigrator;
 
@@ -299,6 +299,23 @@ impl MigratorTrait for DsqlMigrator {
         C: IntoSchemaManagerConnection<'c>,
     {
         DsqlOneTry::reset(outside_a_transaction(db.into_database_executor(), "reset")?).await
+    }
+
+    /// Drops the migrations' table alone.
+    ///
+    /// # Errors
+    ///
+    /// The server's error. Given a transaction, [`DbErr::Custom`] before anything is sent
+    /// (see [`DsqlMigrator`]).
+    async fn uninstall<'c, C>(db: C) -> Result<(), DbErr>
+    where
+        C: IntoSchemaManagerConnection<'c>,
+    {
+        DsqlOneTry::uninstall(outside_a_transaction(
+            db.into_database_executor(),
+            "uninstall",
+        )?)
+        .await
     }
 
     /// Drops every table of the current schema, each in a transaction of its own (DSQL runs

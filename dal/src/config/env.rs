@@ -364,8 +364,9 @@ impl Env<'_> {
                     Setting::DatabricksAuthType,
                     "is not set, and both a personal access token (DATABRICKS_TOKEN) and a \
                      service principal (DATABRICKS_CLIENT_ID, DATABRICKS_CLIENT_SECRET) are: set \
-                     it to pat or oauth-m2m, or unset one (the Databricks SDKs refuse this too: \
-                     more than one authorization method configured)",
+                     it to pat, oauth-m2m (or env-oidc, file-oidc, github-oidc for a service \
+                     principal's federated token), or unset one (the Databricks SDKs refuse \
+                     this too: more than one authorization method configured)",
                 ));
             }
             None if token.is_some() => "pat".to_owned(),

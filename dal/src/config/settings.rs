@@ -583,8 +583,8 @@ pub struct Config {
     pub target: Option<Target>,
     /// TLS use. Defaults to `verify-full` for Lakebase and DSQL, and with `sslrootcert=system`
     /// (see [`ssl_root_cert`](Self::ssl_root_cert)); `prefer` otherwise. Lakebase and DSQL
-    /// refuse `disable` and `prefer` ([`Error::Config`](crate::Error::Config) for
-    /// [`Setting::SslMode`](crate::Setting::SslMode)).
+    /// refuse `disable` and `prefer` but over loopback ([`Error::Config`](crate::Error::Config)
+    /// for [`Setting::SslMode`](crate::Setting::SslMode)).
     pub ssl_mode: Option<SslMode>,
     /// CA certificates (PEM) to verify the server with. Defaults to the Mozilla roots, which
     /// only `verify-full` may use (see [`SslMode::VerifyCa`]); libpq's `system` names them

@@ -495,6 +495,7 @@ async fn the_sample_schema_migrates_on_checked_dsql_only_with_the_dsql_migrator(
             ("fresh", migration::DsqlMigrator::fresh(&tx)),
             ("refresh", migration::DsqlMigrator::refresh(&tx)),
             ("reset", migration::DsqlMigrator::reset(&tx)),
+            ("uninstall", migration::DsqlMigrator::uninstall(&tx)),
         ] {
             let message = run.await.expect_err("a transaction is refused").to_string();
             assert!(

@@ -707,8 +707,12 @@ async fn a_seaorm_connection_lost_before_its_commit_is_no_ambiguous_commit() {
 /// How a test ends the session of a transaction's connection while its work waits.
 #[derive(Clone, Copy, Debug)]
 enum SessionEnd {
-    /// `idle_in_transaction_session_timeout` (FATAL `25P03`).
+    /// `idle_in_transaction_session_timeout` (FATAL `25P03`), set as the server's or the
+    /// role's setting would be: no statement of the work's own tells the pool.
     IdleTimeout,
+    /// The same, set by a `SET LOCAL` of the work's own, after which the pool checks the
+    /// connection before it hands it out again.
+    IdleTimeoutBySet,
     /// `pg_terminate_backend` (FATAL `57P01`).
     Terminated,
 }
@@ -739,11 +743,10 @@ async fn ended_in_the_work(
         ended(&watcher, pid).await;
     };
     let idle = match end {
-        // As a setting of the server's or the role's would: no statement of the work's own
-        // tells the pool that the session may have changed.
         SessionEnd::IdleTimeout => {
             "SELECT set_config('idle_in_transaction_session_timeout', '50', true)"
         }
+        SessionEnd::IdleTimeoutBySet => "SET LOCAL idle_in_transaction_session_timeout = 50",
         SessionEnd::Terminated => "SELECT 1",
     };
 
@@ -825,8 +828,12 @@ async fn ended_in_the_work(
 async fn a_session_ended_idle_in_its_transaction_fails_with_25p03_in_both_orms() {
     let pg = tests::server().await;
     let connector = with_notes(&pg, "idled").await;
-    for statement_after in [false, true] {
-        for err in ended_in_the_work(&connector, SessionEnd::IdleTimeout, statement_after).await {
+    for (end, statement_after) in [
+        (SessionEnd::IdleTimeout, false),
+        (SessionEnd::IdleTimeout, true),
+        (SessionEnd::IdleTimeoutBySet, false),
+    ] {
+        for err in ended_in_the_work(&connector, end, statement_after).await {
             assert!(
                 !matches!(err, dal::Error::AmbiguousCommit { .. }),
                 "{err:?}"
