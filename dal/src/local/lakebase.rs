@@ -76,6 +76,11 @@ pub struct LocalLakebaseConfig {
     /// The bearer token of the GitHub Actions-like ID token service
     /// ([`LocalLakebase::github_actions_env`]). Defaults to a random string.
     pub actions_request_token: String,
+    /// Whether the user login of `external-browser` (`/oidc/v1/authorize`) is served. The
+    /// service takes whoever asks for it as the user, signed in and consenting, so any
+    /// program on this machine could then get workspace and database tokens: off by default
+    /// (answered with HTTP 403).
+    pub user_login: bool,
 }
 
 impl Default for LocalLakebaseConfig {
@@ -96,6 +101,7 @@ impl Default for LocalLakebaseConfig {
             oauth_ttl: Duration::from_secs(3600),
             federated_subject: "repo:local/app:ref:refs/heads/main".into(),
             actions_request_token: random_secret(),
+            user_login: false,
         }
     }
 }
@@ -115,6 +121,7 @@ impl fmt::Debug for LocalLakebaseConfig {
             .field("oauth_ttl", &self.oauth_ttl)
             .field("federated_subject", &self.federated_subject)
             .field("actions_request_token", &"** redacted **")
+            .field("user_login", &self.user_login)
             .finish()
     }
 }
@@ -130,6 +137,14 @@ impl LocalLakebaseConfig {
     pub fn with_client(mut self, id: impl Into<String>, secret: impl Into<String>) -> Self {
         self.client_id = id.into();
         self.client_secret = secret.into();
+        self
+    }
+
+    /// Serves the user login of `external-browser` (see
+    /// [`user_login`](Self::user_login)), to anyone on this machine who asks.
+    #[must_use]
+    pub fn with_user_login(mut self) -> Self {
+        self.user_login = true;
         self
     }
 
@@ -1113,7 +1128,7 @@ mod tests {
              endpoint: \"projects/local/branches/production/endpoints/primary\", \
              instance: \"local-instance\", database: \"databricks_postgres\", workspace_id: \"42\", token_ttl: 60s, oauth_ttl: 3600s, \
              federated_subject: \"repo:local/app:ref:refs/heads/main\", \
-             actions_request_token: \"** redacted **\" }"
+             actions_request_token: \"** redacted **\", user_login: false }"
         );
     }
 

@@ -1672,7 +1672,8 @@ async fn a_user_logs_in_with_a_browser_once() {
     let pg = tests::server().await;
     let config = dal::local::LocalLakebaseConfig::new()
         .with_role(USER)
-        .with_token_ttl(Duration::from_secs(60));
+        .with_token_ttl(Duration::from_secs(60))
+        .with_user_login();
     let lb = LocalLakebase::start(&pg, config).await.unwrap();
     pg.create_database("u2m", Some(USER)).await.unwrap();
     let home = tempfile::tempdir().unwrap();

@@ -574,6 +574,33 @@ async fn an_existing_role_served_by_the_service_logs_in_with_tokens_only() {
     tests::assert_auth_failure(tests::login(&pg, "app", "static-password").await);
 }
 
+/// The user login takes whoever asks as the user, signed in and consenting, so it is served
+/// only when asked for: on by default, any program on the machine got a login code for the
+/// price of a request, then workspace and database tokens with it.
+#[tokio::test]
+async fn the_user_login_is_served_only_when_asked_for() {
+    let pg = tests::server().await;
+    // Redirected back to the service itself, which knows no such page: the address shows
+    // whether a code came with the redirect.
+    let authorize = |lb: &LocalLakebase| {
+        let base = lb.url();
+        async move {
+            let url = format!(
+                "{base}/oidc/v1/authorize?client_id=databricks-cli&\
+                 redirect_uri={base}/callback&response_type=code&code_challenge=abc&\
+                 code_challenge_method=S256"
+            );
+            let response = tests::http().get(url).send().await.unwrap();
+            let coded = response.url().query_pairs().any(|(k, _)| k == "code");
+            (response.status(), coded)
+        }
+    };
+    let off = start(&pg, LocalLakebaseConfig::default()).await;
+    assert_eq!(authorize(&off).await, (StatusCode::FORBIDDEN, false));
+    let on = start(&pg, LocalLakebaseConfig::default().with_user_login()).await;
+    assert!(authorize(&on).await.1, "a code, with the user login on");
+}
+
 #[tokio::test]
 async fn debug_output_holds_no_secret() {
     let pg = tests::server().await;
@@ -750,7 +777,7 @@ async fn open_in_browser(address: &str) {
 async fn a_login_outlives_a_cancelled_caller() {
     use dal::credentials::CredentialSource;
     let pg = tests::server().await;
-    let lb = LocalLakebase::start(&pg, LocalLakebaseConfig::new())
+    let lb = LocalLakebase::start(&pg, LocalLakebaseConfig::new().with_user_login())
         .await
         .unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -784,7 +811,7 @@ async fn a_login_outlives_a_cancelled_caller() {
 async fn programs_sharing_a_login_refresh_together_without_logging_in_again() {
     use dal::credentials::CredentialSource;
     let pg = tests::server().await;
-    let lb = LocalLakebase::start(&pg, LocalLakebaseConfig::new())
+    let lb = LocalLakebase::start(&pg, LocalLakebaseConfig::new().with_user_login())
         .await
         .unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -848,7 +875,8 @@ async fn a_login_goes_on_with_its_refresh_token_when_the_cache_file_cannot_be_re
         &pg,
         LocalLakebaseConfig::new()
             .with_oauth_ttl(Duration::from_secs(60))
-            .with_token_ttl(Duration::from_secs(3600)),
+            .with_token_ttl(Duration::from_secs(3600))
+            .with_user_login(),
     )
     .await
     .unwrap();

@@ -215,11 +215,19 @@ pub(super) fn grant(
 }
 
 /// `GET /oidc/v1/authorize`: the user is taken as signed in and consenting, so the answer
-/// is the redirect with a code, as the real page gives after its login form.
+/// is the redirect with a code, as the real page gives after its login form; HTTP 403 unless
+/// the service was started with the user login on.
 pub(super) async fn authorize(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
+    if !shared.config.user_login {
+        return (
+            StatusCode::FORBIDDEN,
+            "the user login is off on this local service (LocalLakebaseConfig::with_user_login)",
+        )
+            .into_response();
+    }
     let param = |name: &str| {
         query
             .get(name)
