@@ -1248,6 +1248,7 @@ fn is_connection_lost(e: &tokio_postgres::Error) -> bool {
 /// NUL byte in a statement's text, more than 65,535 parameters, a value over `i32::MAX`
 /// bytes), before anything is sent; diesel-async keeps only that text. The connection is as
 /// it was.
+#[cfg(feature = "diesel")]
 const UNSENDABLE: &str = "error encoding message to server";
 
 /// Whether sqlx refused to send a statement of more than 65,535 parameters (its
