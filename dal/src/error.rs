@@ -1233,7 +1233,8 @@ fn is_connection_lost(e: &tokio_postgres::Error) -> bool {
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            // The driver's refusal to write a message (see [`UNSENDABLE`]).
+            // Its encoder's refusal to write a message (a NUL byte in a statement's text, too
+            // many parameters), before anything was sent, is of kind `InvalidInput`.
             return io.kind() != std::io::ErrorKind::InvalidInput;
         }
         if c.is::<rustls::Error>() {

@@ -1560,6 +1560,11 @@ mod tests {
         lifespan: Some(probe_span),
     };
 
+    /// A pool of [`PROBE`] connections that `open` opens.
+    fn probe_pool(open: Open<Probe>, settings: &PoolSettings) -> Pool<Probe> {
+        build(PROBE, open, settings, &Registry::default(), CONNECT_TIMEOUT).unwrap()
+    }
+
     fn probe_manager(renewal: &Arc<Renewal<Probe>>) -> Manager<Probe> {
         Manager {
             open: Arc::new(|| Box::pin(async { Err(Error::PoolClosed) })),
@@ -1583,14 +1588,7 @@ mod tests {
             Box::pin(async { Ok(Probe::ending_in(1, Duration::from_secs(600), None).0) })
         });
         let settings = PoolSettings::builder().max_size(1).build().unwrap();
-        let pool = build(
-            PROBE,
-            open,
-            &settings,
-            &Registry::default(),
-            CONNECT_TIMEOUT,
-        )
-        .unwrap();
+        let pool = probe_pool(open, &settings);
         drop(pool.get().await.unwrap());
         let other_ran = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&other_ran);
@@ -1625,14 +1623,7 @@ mod tests {
             .acquire_timeout(Duration::from_secs(1))
             .build()
             .unwrap();
-        let pool = build(
-            PROBE,
-            open,
-            &settings,
-            &Registry::default(),
-            CONNECT_TIMEOUT,
-        )
-        .unwrap();
+        let pool = probe_pool(open, &settings);
         let first = pool.get().await.map(drop).unwrap_err();
         assert!(
             ErrorChain(&first)
@@ -1655,14 +1646,7 @@ mod tests {
             .acquire_timeout(timeout)
             .build()
             .unwrap();
-        let pool = build(
-            PROBE,
-            open,
-            &settings,
-            &Registry::default(),
-            CONNECT_TIMEOUT,
-        )
-        .unwrap();
+        let pool = probe_pool(open, &settings);
         // Takes the only turn, then waits for a connection that never opens.
         let first = pool.get();
         let second = async {
@@ -1704,14 +1688,7 @@ mod tests {
             .acquire_timeout(Duration::from_secs(1))
             .build()
             .unwrap();
-        let pool = build(
-            PROBE,
-            open,
-            &settings,
-            &Registry::default(),
-            CONNECT_TIMEOUT,
-        )
-        .unwrap();
+        let pool = probe_pool(open, &settings);
         let get = || async { pool.get().await.map(drop) };
         let (first, second, third) = tokio::join!(get(), get(), get());
         for got in [&first, &second] {
@@ -1727,14 +1704,7 @@ mod tests {
         assert!(!chain.contains("exhausted"), "{chain}");
 
         let pending: Open<Probe> = Arc::new(|| Box::pin(std::future::pending()));
-        let pool = build(
-            PROBE,
-            pending,
-            &settings,
-            &Registry::default(),
-            CONNECT_TIMEOUT,
-        )
-        .unwrap();
+        let pool = probe_pool(pending, &settings);
         let timed_out = pool.get().await.map(drop).unwrap_err();
         let chain = ErrorChain(&timed_out).to_string();
         assert!(
@@ -1754,14 +1724,7 @@ mod tests {
                 }
             })
         });
-        let pool = build(
-            PROBE,
-            fails_once,
-            &settings,
-            &Registry::default(),
-            CONNECT_TIMEOUT,
-        )
-        .unwrap();
+        let pool = probe_pool(fails_once, &settings);
         assert!(matches!(pool.get().await, Err(Error::Connect { .. })));
         let _held = pool.get().await.unwrap();
         let timed_out = pool.get().await.map(drop).unwrap_err();
@@ -1795,14 +1758,7 @@ mod tests {
     async fn a_checkout_dropped_while_it_waits_no_longer_counts_as_waiting() {
         let (open, _) = counted_probes();
         let settings = PoolSettings::builder().max_size(1).build().unwrap();
-        let pool = build(
-            PROBE,
-            open,
-            &settings,
-            &Registry::default(),
-            CONNECT_TIMEOUT,
-        )
-        .unwrap();
+        let pool = probe_pool(open, &settings);
         let held = pool.get().await.unwrap();
         for _ in 0..3 {
             let mut waiting = Box::pin(pool.get());
@@ -2051,14 +2007,7 @@ mod tests {
             .idle_timeout(None)
             .build()
             .unwrap();
-        let pool = build(
-            PROBE,
-            open,
-            &settings,
-            &Registry::default(),
-            CONNECT_TIMEOUT,
-        )
-        .unwrap();
+        let pool = probe_pool(open, &settings);
         drop([pool.get().await.unwrap(), pool.get().await.unwrap()]);
         let before: Vec<ClosedOn> = closed.lock().unwrap().clone();
 
@@ -2434,14 +2383,7 @@ mod tests {
             .max_lifetime(Some(Duration::from_secs(1)))
             .build()
             .unwrap();
-        let pool = build(
-            PROBE,
-            open,
-            &settings,
-            &Registry::default(),
-            CONNECT_TIMEOUT,
-        )
-        .unwrap();
+        let pool = probe_pool(open, &settings);
         drop([pool.get().await.unwrap(), pool.get().await.unwrap()]);
         // Paused: tokio's clock runs the sweeps; the connections' lifetimes stand still.
         tokio::time::sleep(Duration::from_secs(10)).await;
