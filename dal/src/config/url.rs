@@ -36,7 +36,11 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
             ));
         }
         (Some(port), None) => Some(port),
-        (None, Some(port)) => Some(parse_port(&port).map_err(|e| bad(&e))?),
+        // Not shown: after a password with a raw `&`, it may be the password's end.
+        (None, Some(port)) => Some(
+            parse_port(&port)
+                .ok_or_else(|| bad("has a port= that is not a number from 1 to 65535"))?,
+        ),
         (None, None) => None,
     };
     let parse = |url: &str| {
@@ -148,8 +152,10 @@ pub(super) fn from_url(url: &str, password: Option<String>, defaults: Config) ->
         config.connect_timeout = *timeout;
     }
     if let Some(mode) = ours.ssl_mode {
-        config.ssl_mode = Some(mode.parse().map_err(|reason: String| {
-            Error::config(Setting::DatabaseUrl, format!("sslmode: {reason}"))
+        // A value that is no mode is not shown, as `port=`'s.
+        config.ssl_mode = Some(mode.parse().map_err(|reason: String| match mode.as_str() {
+            "allow" => bad(&format!("has sslmode={reason}")),
+            _ => bad("sslmode= is not one of disable, prefer, require, verify-ca, verify-full"),
         })?);
     }
     if let Some(path) = ours.ssl_root_cert {
@@ -239,25 +245,19 @@ fn check_port(url: &str) -> std::result::Result<Option<u16>, String> {
     };
     // One after the host that is not a port's few digits is not shown: in
     // `postgres://u:pa%40ss/db`, with no `@` before the host, it is the password's end.
-    port.map(|port| {
-        parse_port(port).map_err(|shown| {
-            match port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()) {
-                true => shown,
-                false => "has a port that is not a number from 1 to 65535".to_owned(),
-            }
-        })
+    port.map(|port| match parse_port(port) {
+        Some(n) => Ok(n),
+        None if port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()) => Err(format!(
+            "has port {port:?}: a port is a number from 1 to 65535"
+        )),
+        None => Err("has a port that is not a number from 1 to 65535".to_owned()),
     })
     .transpose()
 }
 
 /// A port as the URL spells it: a number from 1 to 65535.
-fn parse_port(port: &str) -> std::result::Result<u16, String> {
-    match port.parse::<u16>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!(
-            "has port {port:?}: a port is a number from 1 to 65535"
-        )),
-    }
+fn parse_port(port: &str) -> Option<u16> {
+    port.parse::<u16>().ok().filter(|n| *n > 0)
 }
 
 /// The query parameters dal reads itself.
@@ -455,10 +455,13 @@ mod tests {
         assert_eq!(c.port, 6543);
         for (url, expected) in [
             ("postgres://u:p@h:5433/db?port=6543", "gives the port twice"),
-            ("postgres://u:p@h/db?port=0", "has port \"0\""),
+            (
+                "postgres://u:p@h/db?port=0",
+                "has a port= that is not a number",
+            ),
             (
                 "postgres://u:p@h/db?port=5432,5433",
-                "has port \"5432,5433\"",
+                "has a port= that is not a number",
             ),
         ] {
             let reason = reason(url);
@@ -567,7 +570,14 @@ mod tests {
                 "postgres://u:sec@ret@h/db",
                 "the password has a raw '@': percent-encode it as %40",
             ),
-            ("postgres://u:secret@h/db?sslmode=sometimes", "sslmode:"),
+            (
+                "postgres://u:secret@h/db?sslmode=sometimes",
+                "sslmode= is not one of disable, prefer",
+            ),
+            (
+                "postgres://u:secret@h/db?sslmode=allow",
+                "has sslmode=\"allow\" (plain first, TLS only if the server insists) is not",
+            ),
             (
                 "postgres://u:secret@h/db?bogus=1",
                 "has the parameter \"bogus\", which dal does not apply: remove it",
@@ -651,6 +661,17 @@ mod tests {
                 "postgres://u@h/db?password=s3cr&et99",
                 "et99",
                 "after the password: percent-encode an '&' in the password as %26",
+            ),
+            // Or where the value of a parameter dal reads would be: no value in the URL is.
+            (
+                "postgres://u@h/db?password=s3cr&port=et99",
+                "et99",
+                "has a port= that is not a number from 1 to 65535",
+            ),
+            (
+                "postgres://u@h/db?password=s3cr&sslmode=et99",
+                "et99",
+                "sslmode= is not one of disable, prefer, require, verify-ca, verify-full",
             ),
             (
                 "postgres://u:s3cret%40h/db",
