@@ -71,9 +71,10 @@ impl Config {
     /// - `DATABASE_URL`, or `PGHOST` with `PGPASSWORD`: a static password;
     /// - `DATABRICKS_HOST` (or a `~/.databrickscfg` profile) with `LAKEBASE_ENDPOINT` or
     ///   `LAKEBASE_INSTANCE`: Lakebase credentials. As in the Databricks SDKs, the profile
-    ///   `DATABRICKS_CONFIG_PROFILE` names fills what the environment leaves unset; with
-    ///   none named, `[DEFAULT]` is read only when the environment has no workspace host or
-    ///   credential;
+    ///   `DATABRICKS_CONFIG_PROFILE` names fills what the environment leaves unset, except
+    ///   that its credential (token, OAuth secret, CLI login) goes to its own workspace
+    ///   alone, where the SDKs would send it to `DATABRICKS_HOST`; with none named,
+    ///   `[DEFAULT]` is read only when the environment has no workspace host or credential;
     /// - `DSQL_ENDPOINT`: Aurora DSQL IAM tokens (needs the `dsql` feature).
     ///
     /// Conflicting settings (say a static password and Lakebase credentials) are an error.
@@ -406,16 +407,42 @@ impl Env<'_> {
                 format!("is not set, but DATABRICKS_AUTH_TYPE={auth_type} needs it: {why}"),
             )
         };
+        // A named profile's credential is for the profile's own workspace, and must go to no
+        // other (the Databricks SDKs would send it to the environment's host).
+        let foreign_profile =
+            |whose: &str| match (self.get("DATABRICKS_CONFIG_PROFILE"), profile.get("host")) {
+                (Some(name), Some(theirs))
+                    if crate::credentials::lakebase::other_workspaces(&theirs, &host) =>
+                {
+                    Err(Error::config(
+                        Setting::DatabricksHost,
+                        format!(
+                            "is {host}, but {whose} profile [{name}], which is for {theirs}: the \
+                             credential would go to another workspace; unset DATABRICKS_HOST, \
+                             name the profile of {host}, or set its credential in the environment"
+                        ),
+                    ))
+                }
+                _ => Ok(()),
+            };
         let federated = |id_token: IdTokenSource| WorkspaceAuth::Federated {
             client_id: client_id.clone(),
             id_token,
         };
-        let auth =
-            match auth_type.as_str() {
-                "pat" => WorkspaceAuth::Pat(SecretString::from(token.ok_or_else(|| {
+        let auth = match auth_type.as_str() {
+            "pat" => {
+                if self.get("DATABRICKS_TOKEN").is_none() {
+                    foreign_profile("the personal access token is from")?;
+                }
+                WorkspaceAuth::Pat(SecretString::from(token.ok_or_else(|| {
                     missing(Setting::DatabricksToken, "a personal access token")
-                })?)),
-                "oauth-m2m" => match (client_id.clone(), client_secret) {
+                })?))
+            }
+            "oauth-m2m" => {
+                if self.get("DATABRICKS_CLIENT_SECRET").is_none() {
+                    foreign_profile("the OAuth secret is from")?;
+                }
+                match (client_id.clone(), client_secret) {
                     (Some(id), Some(secret)) => WorkspaceAuth::ClientCredentials {
                         client_id: id,
                         client_secret: SecretString::from(secret),
@@ -433,81 +460,72 @@ impl Env<'_> {
                             "the service principal's OAuth secret",
                         ));
                     }
-                },
-                "databricks-cli" => {
-                    let named = self.get("DATABRICKS_CONFIG_PROFILE");
-                    // `databricks auth token --profile <p>` signs in to the profile's own
-                    // workspace, whose token must go to no other.
-                    if let (Some(name), Some(theirs)) = (&named, profile.get("host"))
-                        && crate::credentials::lakebase::other_workspaces(&theirs, &host)
-                    {
-                        return Err(Error::config(
-                            Setting::DatabricksHost,
-                            format!(
-                                "is {host}, but the Databricks CLI signs in with profile \
-                                 [{name}], which is for {theirs}: its token would go to another \
-                                 workspace; unset DATABRICKS_HOST, or name the profile of {host}"
-                            ),
-                        ));
-                    }
-                    WorkspaceAuth::DatabricksCli { profile: named }
                 }
-                "external-browser" => WorkspaceAuth::ExternalBrowser {
-                    client_id: client_id.clone(),
-                    open_browser: self.get("BROWSER").as_deref() != Some("none"),
-                },
-                "env-oidc" => {
-                    if self.get(&oidc_env).is_none() {
-                        return Err(Error::config(
-                            Setting::DatabricksOidcToken,
-                            format!("{oidc_env} is not set: it must hold the OIDC ID token"),
-                        ));
-                    }
-                    federated(IdTokenSource::Env(oidc_env))
+            }
+            "databricks-cli" => {
+                // `databricks auth token --profile <p>` signs in to the profile's own
+                // workspace.
+                foreign_profile("the Databricks CLI signs in with")?;
+                WorkspaceAuth::DatabricksCli {
+                    profile: self.get("DATABRICKS_CONFIG_PROFILE"),
                 }
-                "file-oidc" => federated(IdTokenSource::File(
-                    oidc_file
-                        .ok_or_else(|| {
-                            missing(Setting::DatabricksOidcTokenFilepath, "the ID token's file")
-                        })?
-                        .into(),
-                )),
-                "github-oidc" => {
-                    if client_id.is_none() {
-                        return Err(missing(
-                            Setting::DatabricksClientId,
-                            "the service principal whose federation policy trusts the workflow",
-                        ));
-                    }
-                    let (request_url, request_token) = match github {
-                        (Some(url), Some(token)) => (url, token),
-                        (url, _) => {
-                            let setting = if url.is_none() {
-                                Setting::ActionsIdTokenRequestUrl
-                            } else {
-                                Setting::ActionsIdTokenRequestToken
-                            };
-                            return Err(missing(
-                                setting,
-                                "GitHub sets it in jobs with `permissions: id-token: write`",
-                            ));
-                        }
-                    };
-                    federated(IdTokenSource::GitHubActions {
-                        request_url,
-                        request_token: SecretString::from(request_token),
-                    })
-                }
-                other => {
+            }
+            "external-browser" => WorkspaceAuth::ExternalBrowser {
+                client_id: client_id.clone(),
+                open_browser: self.get("BROWSER").as_deref() != Some("none"),
+            },
+            "env-oidc" => {
+                if self.get(&oidc_env).is_none() {
                     return Err(Error::config(
-                        Setting::DatabricksAuthType,
-                        format!(
-                            "{other:?} is not supported: use pat, oauth-m2m, databricks-cli, \
-                         external-browser, env-oidc, file-oidc or github-oidc"
-                        ),
+                        Setting::DatabricksOidcToken,
+                        format!("{oidc_env} is not set: it must hold the OIDC ID token"),
                     ));
                 }
-            };
+                federated(IdTokenSource::Env(oidc_env))
+            }
+            "file-oidc" => federated(IdTokenSource::File(
+                oidc_file
+                    .ok_or_else(|| {
+                        missing(Setting::DatabricksOidcTokenFilepath, "the ID token's file")
+                    })?
+                    .into(),
+            )),
+            "github-oidc" => {
+                if client_id.is_none() {
+                    return Err(missing(
+                        Setting::DatabricksClientId,
+                        "the service principal whose federation policy trusts the workflow",
+                    ));
+                }
+                let (request_url, request_token) = match github {
+                    (Some(url), Some(token)) => (url, token),
+                    (url, _) => {
+                        let setting = if url.is_none() {
+                            Setting::ActionsIdTokenRequestUrl
+                        } else {
+                            Setting::ActionsIdTokenRequestToken
+                        };
+                        return Err(missing(
+                            setting,
+                            "GitHub sets it in jobs with `permissions: id-token: write`",
+                        ));
+                    }
+                };
+                federated(IdTokenSource::GitHubActions {
+                    request_url,
+                    request_token: SecretString::from(request_token),
+                })
+            }
+            other => {
+                return Err(Error::config(
+                    Setting::DatabricksAuthType,
+                    format!(
+                        "{other:?} is not supported: use pat, oauth-m2m, databricks-cli, \
+                         external-browser, env-oidc, file-oidc or github-oidc"
+                    ),
+                ));
+            }
+        };
         // A service principal logs in as its application id.
         let default_user = match &auth {
             WorkspaceAuth::ClientCredentials { client_id, .. }
@@ -696,7 +714,7 @@ mod tests {
 
     fn setting(vars: &[(&str, &str)]) -> String {
         match config(vars) {
-            Err(Error::Config { setting, .. }) => setting.to_string(),
+            Err(Error::Config { setting, .. }) => setting.name().to_owned(),
             other => panic!("expected a config error, got {other:?}"),
         }
     }
@@ -1250,66 +1268,85 @@ mod tests {
         let env_token = ("DATABRICKS_TOKEN", "dapi-from-env");
         assert_eq!(setting(&[file, instance, env_token]), "DATABRICKS_HOST");
         // With nothing in the environment, [DEFAULT] serves; named, it fills what the
-        // environment left unset.
+        // environment left unset, but its token goes to no other host.
         assert!(config(&[file, instance]).is_ok());
-        assert!(
-            config(&[
-                file,
-                instance,
-                other_host,
-                ("DATABRICKS_CONFIG_PROFILE", "DEFAULT")
-            ])
-            .is_ok()
+        let named = ("DATABRICKS_CONFIG_PROFILE", "DEFAULT");
+        assert_eq!(
+            setting(&[file, instance, other_host, named]),
+            "DATABRICKS_HOST"
         );
+        assert!(config(&[file, instance, other_host, named, env_token]).is_ok());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    /// `databricks auth token --profile prod` answers with prod's token, which went to
-    /// `DATABRICKS_HOST` when that named another workspace: the two must agree.
+    /// A named profile's credential is for the profile's own workspace: `databricks auth
+    /// token --profile prod` answers with prod's token, and prod's `token` or
+    /// `client_secret` is prod's. Each went to `DATABRICKS_HOST` when that named another
+    /// workspace: the two must agree, unless the environment gives the credential too.
     #[cfg(feature = "lakebase")]
     #[test]
-    fn the_cli_profiles_token_goes_to_no_other_host() {
+    fn a_named_profiles_credential_goes_to_no_other_host() {
         let dir = tempfile_dir();
         let path = dir.join("databrickscfg");
         // As an Azure workspace's profile may be written, with the workspace id.
         std::fs::write(
             &path,
-            "[prod]\nhost = https://prod.cloud.databricks.com/?o=123\n",
+            "[prod]\nhost = https://prod.cloud.databricks.com/?o=123\n\
+             [prod-pat]\nhost = https://prod.cloud.databricks.com\ntoken = dapi-prod\n\
+             [prod-m2m]\nhost = https://prod.cloud.databricks.com\nclient_id = sp\n\
+             client_secret = prod-secret\n",
         )
         .unwrap();
-        let with_host = |host| {
-            config(&[
+        let with = |profile, host, more: &[(&'static str, &'static str)]| {
+            let mut vars = vec![
                 ("DATABRICKS_CONFIG_FILE", path.to_str().unwrap()),
-                ("DATABRICKS_CONFIG_PROFILE", "prod"),
-                ("DATABRICKS_AUTH_TYPE", "databricks-cli"),
+                ("DATABRICKS_CONFIG_PROFILE", profile),
                 ("DATABRICKS_HOST", host),
                 ("LAKEBASE_INSTANCE", "inst"),
                 ("PGHOST", "instance-1.database.cloud.databricks.com"),
                 ("PGUSER", "me@example.com"),
-            ])
+            ];
+            vars.extend_from_slice(more);
+            config(&vars)
         };
-        match with_host("https://dev.cloud.databricks.com") {
-            Err(Error::Config { setting, reason }) => {
-                assert_eq!(setting, Setting::DatabricksHost);
-                assert!(
-                    reason.contains("https://prod.cloud.databricks.com"),
-                    "{reason}"
-                );
+        let cli = [("DATABRICKS_AUTH_TYPE", "databricks-cli")];
+        for (profile, more) in [("prod", &cli[..]), ("prod-pat", &[]), ("prod-m2m", &[])] {
+            match with(profile, "https://dev.cloud.databricks.com", more) {
+                Err(Error::Config { setting, reason }) => {
+                    assert_eq!(setting, Setting::DatabricksHost, "{profile}");
+                    assert!(
+                        reason.contains("https://prod.cloud.databricks.com")
+                            && reason.contains(&format!("[{profile}]")),
+                        "{profile}: {reason}"
+                    );
+                    assert!(!reason.contains("prod-secret") && !reason.contains("dapi-prod"));
+                }
+                other => panic!(
+                    "{profile}: expected DATABRICKS_HOST refused, got {:?}",
+                    other.map(drop)
+                ),
             }
-            other => panic!(
-                "expected DATABRICKS_HOST refused, got {:?}",
-                other.map(drop)
-            ),
+            // The same workspace, written another way.
+            for same in [
+                "https://prod.cloud.databricks.com",
+                "prod.cloud.databricks.com",
+                "https://PROD.cloud.databricks.com/",
+                "https://prod.cloud.databricks.com:443",
+            ] {
+                assert!(with(profile, same, more).is_ok(), "{profile}: {same}");
+            }
         }
-        // The same workspace, written another way.
-        for same in [
-            "https://prod.cloud.databricks.com",
-            "prod.cloud.databricks.com",
-            "https://PROD.cloud.databricks.com/",
-            "https://prod.cloud.databricks.com:443",
-        ] {
-            assert!(with_host(same).is_ok(), "{same}");
-        }
+        // A credential the environment gives is the environment's host's.
+        let dev = "https://dev.cloud.databricks.com";
+        assert!(with("prod-pat", dev, &[("DATABRICKS_TOKEN", "dapi-dev")]).is_ok());
+        assert!(
+            with(
+                "prod-m2m",
+                dev,
+                &[("DATABRICKS_CLIENT_SECRET", "dev-secret")]
+            )
+            .is_ok()
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
