@@ -1568,6 +1568,15 @@ mod tests {
                 assert_eq!(setting_of(refused), Setting::SslMode);
             }
         }
+        // Set in a URL, the mode is named as the URL spells it too.
+        let url =
+            "postgres://admin:t@ep-a.database.us-east-1.cloud.databricks.com/db?sslmode=prefer";
+        let from_url = Config::from_lookup(|k| (k == "DATABASE_URL").then(|| url.to_owned()));
+        let shown = Connector::build(from_url.unwrap())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(shown.contains("sslmode in DATABASE_URL"), "{shown}");
         let plain = Config::new("db.example.com", "u").password("t");
         assert!(Connector::build(plain.ssl_mode(SslMode::Disable)).is_ok());
         let dsql = || {

@@ -202,8 +202,15 @@ impl Setting {
 }
 
 impl fmt::Display for Setting {
+    /// The name, and for a TLS setting a URL may give too (and which is checked only when a
+    /// pool is built, not where the URL is read), the URL's parameter.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(self.name())?;
+        match self {
+            Setting::SslMode => f.write_str(" (sslmode in DATABASE_URL)"),
+            Setting::SslRootCert => f.write_str(" (sslrootcert in DATABASE_URL)"),
+            _ => Ok(()),
+        }
     }
 }
 
