@@ -68,15 +68,13 @@ fn is_valid(conn: &mut AsyncPgConnection) -> BoxFuture<'_, Result<()>> {
 }
 
 /// Broken: diesel-async's own test (a transaction left half done), a prepared statement
-/// the server no longer accepts after a schema change (see [`QueryTimer::stale`]), a
-/// savepoint left unfinished (see [`QueryTimer::savepoints`]), or a
+/// the server no longer accepts after a schema change (see [`QueryTimer::stale`]), or a
 /// connection whose instrumentation its user replaced (`set_instrumentation`): the pool's
 /// record of it went with the [`QueryTimer`], and without it the connection would serve
 /// past its lifetime and keep its stale statements. Called as the connection comes back to
 /// the pool (the pool notes when, in its `Lifespan`).
 fn has_broken(conn: &mut AsyncPgConnection) -> bool {
-    let tracked_and_current =
-        timer(conn).is_some_and(|timer| !timer.went_stale() && timer.savepoints == 0);
+    let tracked_and_current = timer(conn).is_some_and(|timer| !timer.went_stale());
     std::thread::panicking() || !tracked_and_current || PoolableConnection::is_broken(conn)
 }
 
@@ -99,14 +97,6 @@ pub(crate) fn sqlstate_of(conn: &mut AsyncPgConnection, e: &Error) -> Option<Str
     timer(conn)?.wire.as_ref()?.last_error()
 }
 
-/// Counts a savepoint of [`Transactions::diesel_savepoint`](crate::Transactions) as begun
-/// (`+1`) or ended (`-1`) on `conn`.
-pub(crate) fn count_savepoint(conn: &mut AsyncPgConnection, change: i32) {
-    if let Some(timer) = timer(conn) {
-        timer.savepoints = timer.savepoints.saturating_add_signed(change);
-    }
-}
-
 /// Whether a savepoint begun on `conn` inside the transaction [`Transactions`] opened was left
 /// unfinished: dal's own, or one diesel-async nests (`conn.transaction(..)` inside the work),
 /// its future dropped (a timeout or `select!` around it). Its `SAVEPOINT`, `RELEASE` or
@@ -120,7 +110,7 @@ pub(crate) fn savepoint_left_unfinished(conn: &mut AsyncPgConnection) -> bool {
     use diesel_async::{AnsiTransactionManager, TransactionManager};
     let depth = AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth();
     !matches!(depth, Ok(Some(depth)) if depth.get() == 1)
-        || timer(conn).is_some_and(|timer| timer.savepoints > 0 || timer.ending.is_some())
+        || timer(conn).is_some_and(|timer| timer.ending.is_some())
 }
 
 /// Whether the transaction open on `conn` may be aborted and its commit cannot be checked
@@ -194,7 +184,6 @@ where
             wire,
             stale: false,
             failed: false,
-            savepoints: 0,
             ending: None,
             // Just opened: as good as one that came back now.
             lifespan: Lifespan::returned_now(),
@@ -221,9 +210,6 @@ struct QueryTimer {
     /// The server refused a statement since the last top-level `BEGIN`, which aborts the
     /// transaction (unless a savepoint rolled back over it): see [`may_have_aborted`].
     failed: bool,
-    /// Savepoints begun and not ended: see [`savepoint_left_unfinished`]. The pool closes a
-    /// connection that comes back with one, which rolls its transaction back.
-    savepoints: u32,
     /// What the pool notes of it: when it came back, when it retires.
     lifespan: Lifespan,
     /// A statement of diesel-async's transaction manager (`BEGIN`, `SAVEPOINT`, `COMMIT`,

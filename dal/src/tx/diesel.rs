@@ -10,8 +10,8 @@ use super::transactions::{Failure, Transactions, TxMode, committed, rolled_back}
 use crate::error::{Error, Result};
 use crate::pool::DieselPool;
 use crate::pool::diesel::{
-    count_savepoint, ended_idle_in_transaction, is_lost_connection, may_have_aborted,
-    requests_sent, rolled_back_at_commit, savepoint_left_unfinished, sqlstate_of, went_stale,
+    ended_idle_in_transaction, is_lost_connection, may_have_aborted, requests_sent,
+    rolled_back_at_commit, savepoint_left_unfinished, sqlstate_of, went_stale,
 };
 
 impl Transactions {
@@ -68,23 +68,19 @@ impl Transactions {
         if depth.is_none() {
             return Err(Error::Diesel(diesel::result::Error::NotInTransaction));
         }
-        count_savepoint(conn, 1);
-        let done = async {
-            AnsiTransactionManager::begin_transaction(conn).await?;
-            match work(conn).await {
-                Ok(value) => {
-                    AnsiTransactionManager::commit_transaction(conn).await?;
-                    Ok(value)
-                }
-                Err(e) => {
-                    AnsiTransactionManager::rollback_transaction(conn).await?;
-                    Err(e)
-                }
+        // diesel-async notes its `SAVEPOINT` to dal's instrumentation before this future can
+        // first yield: a drop from then on is seen by `savepoint_left_unfinished`.
+        AnsiTransactionManager::begin_transaction(conn).await?;
+        match work(conn).await {
+            Ok(value) => {
+                AnsiTransactionManager::commit_transaction(conn).await?;
+                Ok(value)
+            }
+            Err(e) => {
+                AnsiTransactionManager::rollback_transaction(conn).await?;
+                Err(e)
             }
         }
-        .await;
-        count_savepoint(conn, -1);
-        done
     }
 }
 
