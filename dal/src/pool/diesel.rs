@@ -89,12 +89,15 @@ pub(crate) fn went_stale(conn: &mut AsyncPgConnection) -> bool {
 /// (diesel-async keeps it for serialization failures only); `None` for any other error, or
 /// when the wire is not followed (no TLS).
 pub(crate) fn sqlstate_of(conn: &mut AsyncPgConnection, e: &Error) -> Option<String> {
-    // The driver's own error for a lost connection: the wire's last error is an older
-    // statement's then.
-    if is_lost_connection(e) || !matches!(e, Error::Diesel(DatabaseError(..))) {
-        return None;
+    use diesel::result::DatabaseErrorKind::{ClosedConnection, UnableToSendCommand};
+    // diesel-async gives every error the server did not answer with (a lost connection, a
+    // statement the driver refused to send) one of these kinds: the wire's last error is an
+    // older statement's then.
+    match e {
+        Error::Diesel(DatabaseError(UnableToSendCommand | ClosedConnection, _)) => None,
+        Error::Diesel(DatabaseError(..)) => timer(conn)?.wire.as_ref()?.last_error(),
+        _ => None,
     }
-    timer(conn)?.wire.as_ref()?.last_error()
 }
 
 /// Whether a savepoint begun on `conn` inside the transaction [`Transactions`] opened was left

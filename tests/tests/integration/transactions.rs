@@ -865,7 +865,8 @@ async fn a_diesel_commit_that_never_left_is_no_ambiguous_commit() {
 }
 
 /// A Diesel connection lost in the work (the driver's own "connection closed", with no
-/// answer from the server) runs once, whatever the server last answered on that connection:
+/// answer from the server), or a statement the driver refused to send, runs once, whatever
+/// the server last answered on that connection:
 /// after a conflict retried on it, the pool read that old SQLSTATE off the wire for the lost
 /// connection, and ran the work again and again for as long as its retries allow.
 #[tokio::test]
@@ -907,6 +908,21 @@ async fn a_diesel_connection_lost_in_the_work_is_not_taken_for_an_earlier_confli
         .await
         .unwrap_err();
     assert_eq!(AtomicU64::load(&runs, Ordering::Relaxed), 1, "{err:?}");
+    // Nor a statement the driver refused to send (a NUL byte in its text), which no answer
+    // came for either.
+    let runs = AtomicU64::new(0);
+    let err = tx
+        .diesel(&pool, TxMode::new(), |conn| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async move {
+                diesel::sql_query("SELECT 1\0").execute(conn).await?;
+                Ok(())
+            })
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(AtomicU64::load(&runs, Ordering::Relaxed), 1, "{err:?}");
+    assert!(!err.is_retryable(), "{err:?}");
     connector.shutdown().await;
 }
 
