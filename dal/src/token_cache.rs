@@ -66,6 +66,8 @@ struct Entry {
     token: Arc<Token>,
     /// When to fetch the next one; `None` for tokens that never expire.
     refresh_at: Option<SystemTime>,
+    /// Kept after the server refused it (see [`TokenCache::invalidate`]): its pause is set.
+    refused: bool,
 }
 
 impl std::fmt::Debug for TokenCache {
@@ -216,17 +218,23 @@ impl TokenCache {
     pub fn invalidate(&self, token: &Arc<Token>) {
         let inner = &self.inner;
         let current = inner.current.load();
-        let Some(entry) = current.as_ref().filter(|e| Arc::ptr_eq(&e.token, token)) else {
-            return;
-        };
         // Decided by the swap: of several connects refused with one token at once, the
         // first to swap counts the refusal, and the others find the token gone.
         let refused = inner.refused_in_a_row.load(Ordering::Relaxed);
+        // Gone, replaced, or kept after a refusal with its pause set, and no login accepted
+        // since: a refusal of it then would only push the pause on.
+        let Some(entry) = current
+            .as_ref()
+            .filter(|e| Arc::ptr_eq(&e.token, token) && !(e.refused && refused > 0))
+        else {
+            return;
+        };
         let now = inner.clock.now();
         let kept = (refused > 0).then(|| {
             Arc::new(Entry {
                 token: Arc::clone(&entry.token),
                 refresh_at: Some(now),
+                refused: true,
             })
         });
         let before = inner.current.compare_and_swap(&*current, kept);
@@ -626,6 +634,7 @@ impl TokenCache {
         inner.current.store(Some(Arc::new(Entry {
             token: Arc::clone(&token),
             refresh_at,
+            refused: false,
         })));
         inner.retry_after_ms.store(0, Ordering::Relaxed);
         *inner.failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -1262,6 +1271,27 @@ mod tests {
         cache.invalidate(&accepted);
         assert_ne!(cache.token().await.unwrap().expose(), accepted.expose());
         assert_eq!(calls(&source), fetched + 1);
+    }
+
+    /// Refusals of the token kept through a pause (connects come more often than the pause
+    /// is long) do not push the pause on: each refusal of it set the next fetch its pause
+    /// again from then, and once the pause was longer than the time between connects, no
+    /// token was fetched again for as long as the connects went on (a rotated password the
+    /// source would have read by then was never fetched).
+    #[tokio::test(start_paused = true)]
+    async fn refusals_of_a_kept_token_do_not_push_its_pause_on() {
+        let (cache, source) = setup(TokenStrategy::Lazy, Duration::from_secs(100));
+        let t0 = cache.token().await.unwrap();
+        cache.invalidate(&t0);
+        // Refused every 300 ms for 6 s, with pauses that double up to 1 s: a fetch as each
+        // pause is over (7 in all; 3 when the refusals pushed the pauses on).
+        for _ in 0..20 {
+            let refused = cache.token().await.unwrap();
+            cache.invalidate(&refused);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let fetched = calls(&source);
+        assert!(fetched >= 6, "{fetched} fetches");
     }
 
     /// Two connects refused with one token at the same moment are one refusal of it: the
