@@ -150,12 +150,23 @@ impl TokenCache {
     /// the cached token is still valid, the cached token is returned (and the refresh tried
     /// again later).
     pub async fn token(&self) -> Result<Arc<Token>> {
-        if self.inner.strategy != TokenStrategy::Uncached
-            && let Some(token) = self.cached_fresh()
-        {
-            return Ok(token);
+        let cached = match self.inner.strategy {
+            // Uncached keeps a token only through the pause after a refusal (see
+            // `invalidate`).
+            TokenStrategy::Uncached => self.cached_fresh().filter(|_| self.refused_pausing()),
+            _ => self.cached_fresh(),
+        };
+        match cached {
+            Some(token) => Ok(token),
+            None => self.refresh(false).await,
         }
-        self.refresh(false).await
+    }
+
+    /// Whether the current token is one kept after a refusal, through the pause before the
+    /// next fetch.
+    fn refused_pausing(&self) -> bool {
+        let now = millis(self.inner.clock.now());
+        self.inner.current.load().as_ref().is_some_and(|e| e.refused) && now < self.retry_after()
     }
 
     /// The cached token if it needs no refresh now, without waiting: one atomic load and a
@@ -1341,6 +1352,31 @@ mod tests {
             cache.token().await.unwrap();
         }
         assert_eq!(calls(&source), 3);
+    }
+
+    /// Uncached too, a fresh token refused right after a refusal is kept through its pause,
+    /// and the connects meanwhile get it, and the server's refusal, at once: each waited out
+    /// the pause in its own fetch instead, longer in turn than its connect timeout, and
+    /// failed as a timeout (an unreachable server, to retry or fail over from).
+    #[tokio::test(start_paused = true)]
+    async fn uncached_connects_get_the_refused_token_through_its_pause() {
+        let (cache, source) = setup(TokenStrategy::Uncached, Duration::from_secs(100));
+        let t0 = cache.token().await.unwrap();
+        cache.invalidate(&t0);
+        let t1 = cache.token().await.unwrap();
+        cache.invalidate(&t1);
+        let fetched = calls(&source);
+        for _ in 0..5 {
+            let started = tokio::time::Instant::now();
+            let refused = cache.token().await.unwrap();
+            assert!(started.elapsed() < Duration::from_millis(50), "waited the pause");
+            assert_eq!(refused.expose(), t1.expose());
+            cache.invalidate(&refused);
+        }
+        assert_eq!(calls(&source), fetched);
+        // The pause over, the next connect fetches.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_ne!(cache.token().await.unwrap().expose(), t1.expose());
     }
 
     #[tokio::test(start_paused = true)]
