@@ -166,7 +166,12 @@ impl TokenCache {
     /// next fetch.
     fn refused_pausing(&self) -> bool {
         let now = millis(self.inner.clock.now());
-        self.inner.current.load().as_ref().is_some_and(|e| e.refused) && now < self.retry_after()
+        self.inner
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|e| e.refused)
+            && now < self.retry_after()
     }
 
     /// The cached token if it needs no refresh now, without waiting: one atomic load and a
@@ -1369,7 +1374,10 @@ mod tests {
         for _ in 0..5 {
             let started = tokio::time::Instant::now();
             let refused = cache.token().await.unwrap();
-            assert!(started.elapsed() < Duration::from_millis(50), "waited the pause");
+            assert!(
+                started.elapsed() < Duration::from_millis(50),
+                "waited the pause"
+            );
             assert_eq!(refused.expose(), t1.expose());
             cache.invalidate(&refused);
         }

@@ -128,7 +128,15 @@ where
         Ok(value) => {
             let sent = requests_sent(conn);
             if let Err(e) = AnsiTransactionManager::commit_transaction(conn).await {
-                let e = Error::Diesel(e);
+                // After a failed COMMIT, diesel-async rolls back when a conflict was met in
+                // the transaction (one a savepoint caught); when that fails too, the COMMIT's
+                // own answer is the one that tells what was committed.
+                let e = Error::Diesel(match e {
+                    diesel::result::Error::RollbackErrorOnCommit { commit_error, .. } => {
+                        *commit_error
+                    }
+                    e => e,
+                });
                 // The server ended the session before the COMMIT (it ends only an idle one
                 // with 25P03), or the COMMIT never left (the driver had closed the
                 // connection): nothing can have been committed.

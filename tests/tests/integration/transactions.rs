@@ -926,6 +926,69 @@ async fn a_diesel_connection_lost_in_the_work_is_not_taken_for_an_earlier_confli
     connector.shutdown().await;
 }
 
+/// A Diesel COMMIT whose connection was lost after it left is an ambiguous commit, also after
+/// a conflict the work caught in a savepoint: diesel-async then rolls back after the failed
+/// COMMIT, that fails as well on the lost connection, and its error
+/// (`RollbackErrorOnCommit`) hid the COMMIT's, so a write the server had committed read as
+/// a failure that committed nothing. The COMMIT waits here for a synchronous standby that
+/// never comes, and its session is ended while it waits: committed, and no answer.
+#[tokio::test]
+async fn a_diesel_commit_lost_after_it_left_is_ambiguous_after_a_caught_conflict() {
+    let pg = tests::server().await;
+    let admin = pg.admin("postgres").await.unwrap();
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let connector = with_notes(&pg, "syncrep").await;
+    let (watcher, connection) = connector.connect().await.unwrap();
+    tokio::spawn(connection);
+    let ender = tokio::spawn(async move {
+        let waiting = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                       WHERE wait_event = 'SyncRep'";
+        while watcher.query(waiting, &[]).await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let tx = connector.transactions();
+    let pool = connector.diesel_pool_with(&one_connection()).await.unwrap();
+    let inner = tx.clone();
+    let err = tx
+        .diesel(&pool, TxMode::new(), move |conn| {
+            let tx = inner.clone();
+            Box::pin(async move {
+                diesel::sql_query("INSERT INTO notes VALUES ('committed')")
+                    .execute(conn)
+                    .await?;
+                let caught = tx
+                    .diesel_savepoint(conn, |sp| {
+                        Box::pin(async move {
+                            diesel::sql_query(
+                                "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
+                            )
+                            .execute(sp)
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .await;
+                assert!(caught.is_err());
+                diesel::sql_query("SET LOCAL synchronous_commit = on")
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+        .unwrap_err();
+    ender.await.unwrap();
+    assert!(matches!(err, dal::Error::AmbiguousCommit { .. }), "{err:?}");
+    assert_eq!(names(&connector).await, ["committed"]);
+    connector.shutdown().await;
+}
+
 /// Returns once the session of backend `pid` has ended.
 async fn ended(client: &dal::tokio_postgres::Client, pid: i32) {
     let alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1";
