@@ -42,8 +42,14 @@ pub(crate) struct Ddl<'a, 'm> {
 /// that table for as long as the transaction stays open. Giving up bounds that stall: the
 /// migration is rolled back, and [`Migrator::up`](crate::Migrator) tries it again after each
 /// of the [`LOCK_RETRY_PAUSES`]; after the last, the run fails with that error, and run
-/// again once the transaction has ended, it completes.
+/// again once the transaction has ended, it completes. Shorter, a quarter of the connector's
+/// `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`) when that is under four times this: the
+/// service's statements queued behind the migration's wait end at their own timeout
+/// (SQLSTATE `57014`), the same when the service shares the migration's settings.
 pub const LOCK_TIMEOUT: &str = "2s";
+
+/// [`LOCK_TIMEOUT`] in milliseconds.
+const LOCK_MS: u64 = 2000;
 
 /// How long a migration's transaction may sit idle between its statements before the server
 /// ends it (`idle_in_transaction_session_timeout`, SQLSTATE `25P03`), releasing its locks: a
@@ -222,7 +228,8 @@ pub(crate) async fn up_retrying<M: MigratorTrait>(
 
 impl<'a, 'm> Ddl<'a, 'm> {
     /// Starts a migration's statements: on PostgreSQL, whose migrations each run in a
-    /// transaction, bounds their lock waits by [`LOCK_TIMEOUT`] and the time the transaction
+    /// transaction, bounds their lock waits by [`LOCK_TIMEOUT`] (or a quarter of the
+    /// connector's `statement_timeout`, if shorter) and the time the transaction
     /// may sit idle by [`IDLE_IN_TRANSACTION_TIMEOUT`], and lifts the connector's
     /// `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`, the service's bound for its queries:
     /// it ended lock waits before [`LOCK_TIMEOUT`] could, with SQLSTATE `57014`, which is not
@@ -234,10 +241,17 @@ impl<'a, 'm> Ddl<'a, 'm> {
         flavor: Flavor,
     ) -> Result<Self, DbErr> {
         if flavor == Flavor::Postgres {
+            // A quarter of the statement timeout, when that is shorter: the service's
+            // statements queued behind the lock the migration waits for have their own
+            // timeout, the same when the service and the migration share their settings, and
+            // would each end with 57014 while the migration waited; the rest of it is theirs.
             manager
                 .get_connection()
                 .execute_unprepared(&format!(
-                    "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; \
+                    "SELECT set_config('lock_timeout', CASE WHEN s > 0 AND s / 4 < {LOCK_MS} \
+                     THEN greatest(s / 4, 1) || 'ms' ELSE '{LOCK_TIMEOUT}' END, true) \
+                     FROM (SELECT setting::bigint AS s FROM pg_settings \
+                     WHERE name = 'statement_timeout') AS t; \
                      SET LOCAL idle_in_transaction_session_timeout = \
                      '{IDLE_IN_TRANSACTION_TIMEOUT}'; SET LOCAL statement_timeout = 0"
                 ))

@@ -124,8 +124,9 @@ struct Busy {
 }
 
 impl Busy {
-    /// The service and its open transaction on `database`; the migration's connections end
-    /// each statement after `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`), if given.
+    /// The service and its open transaction on `database`; the service's connections and
+    /// the migration's end each statement after `statement_timeout`
+    /// (`DAL_STATEMENT_TIMEOUT_MS` in the `.env` they share), if given.
     async fn start(database: &str, statement_timeout: Option<std::time::Duration>) -> Self {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -134,15 +135,12 @@ impl Busy {
         let password = format!("pw-{}", uuid::Uuid::new_v4());
         pg.create_role(database, &password, None).await.unwrap();
         pg.create_database(database, Some(database)).await.unwrap();
-        let config = pg.config(database, database, &password);
-        let connector = dal::Connector::new(config.clone()).await.unwrap();
-        let migrating = match statement_timeout {
-            Some(timeout) => dal::Connector::new(config.statement_timeout(timeout))
-                .await
-                .unwrap(),
-            None => connector.clone(),
-        };
-        let db = tests::migration_db(&migrating).await;
+        let mut config = pg.config(database, database, &password);
+        if let Some(timeout) = statement_timeout {
+            config = config.statement_timeout(timeout);
+        }
+        let connector = dal::Connector::new(config).await.unwrap();
+        let db = tests::migration_db(&connector).await;
         Migrator::up(&db, Some(1)).await.expect("customers");
 
         // The service: writes to customers, one after another.
@@ -239,7 +237,9 @@ impl Busy {
 /// with that error; the service's writes go on throughout, and run again once the
 /// transaction has ended, the migration succeeds. A `statement_timeout` shorter than the
 /// lock timeout, the service's own (`DAL_STATEMENT_TIMEOUT_MS` in its `.env`), does not end
-/// the migration's statements: before, the first try failed with SQLSTATE `57014`.
+/// the migration's statements: before, the first try failed with SQLSTATE `57014`. Nor does
+/// the migration wait for its lock for longer than a quarter of that timeout: the service's
+/// writes queued behind it were ended by their own timeout (`57014`), one at each try.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_migration_that_cannot_take_its_lock_gives_up_instead_of_stalling_the_service() {
     let busy = Busy::start("busy", Some(std::time::Duration::from_secs(1))).await;
