@@ -26,8 +26,10 @@ impl MigrationLock {
     /// SQLSTATE `57014` while the other run still migrated), no `lock_timeout` (a role's
     /// ended it with `55P03`), and no `idle_session_timeout` or
     /// `idle_in_transaction_session_timeout` (a role's ended the idle session that holds the
-    /// lock, and let the next run in while this one still migrated); PostgreSQL before 14
-    /// has no `idle_session_timeout`, and nothing to lift. `None` on Aurora DSQL, which has
+    /// lock, and let the next run in while this one still migrated), nor PostgreSQL 17's
+    /// `transaction_timeout` (a role's would end the wait, a transaction of its own);
+    /// PostgreSQL before 14 has no `idle_session_timeout`, before 17 no
+    /// `transaction_timeout`, and nothing to lift. `None` on Aurora DSQL, which has
     /// no advisory locks: there [`DsqlMigrator::up`](crate::DsqlMigrator) goes on after the
     /// statements of a run at the same time.
     ///
@@ -44,7 +46,7 @@ impl MigrationLock {
             .batch_execute(
                 "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN \
                  ('statement_timeout', 'lock_timeout', 'idle_session_timeout', \
-                 'idle_in_transaction_session_timeout')",
+                 'idle_in_transaction_session_timeout', 'transaction_timeout')",
             )
             .await
             .map_err(Error::Database)?;
