@@ -254,7 +254,12 @@ impl MigratorTrait for DsqlMigrator {
         ddl::up_retrying::<DsqlOneTry>(db, steps, &ddl::RAN_AT_ONCE).await
     }
 
-    /// Rolls back the applied migrations (all, or the last `steps`), one statement at a time.
+    /// Rolls back the applied migrations (all, or the last `steps`), one statement at a time,
+    /// each one's record deleted first: DSQL commits each statement on its own, and a run cut
+    /// off midway (the process killed, the connection lost) then leaves the migration pending,
+    /// for [`up`](MigratorTrait::up) to run again (every statement is `IF NOT EXISTS`), where
+    /// sea-orm-migration's order, its statements before its record, left it recorded as
+    /// applied with its tables gone.
     ///
     /// # Errors
     ///
@@ -264,14 +269,15 @@ impl MigratorTrait for DsqlMigrator {
     where
         C: IntoSchemaManagerConnection<'c>,
     {
-        DsqlOneTry::down(
+        roll_back(
             outside_a_transaction(db.into_database_executor(), "down")?,
             steps,
         )
         .await
     }
 
-    /// Rolls back every applied migration, then applies every migration.
+    /// Rolls back every applied migration, as [`down`](MigratorTrait::down) does, then
+    /// applies every migration.
     ///
     /// # Errors
     ///
@@ -281,14 +287,13 @@ impl MigratorTrait for DsqlMigrator {
     where
         C: IntoSchemaManagerConnection<'c>,
     {
-        DsqlOneTry::refresh(outside_a_transaction(
-            db.into_database_executor(),
-            "refresh",
-        )?)
-        .await
+        let db = outside_a_transaction(db.into_database_executor(), "refresh")?;
+        roll_back(db, None).await?;
+        Self::up(db, None).await
     }
 
-    /// Rolls back every applied migration and drops the migrations' table.
+    /// Rolls back every applied migration, as [`down`](MigratorTrait::down) does, and drops
+    /// the migrations' table.
     ///
     /// # Errors
     ///
@@ -298,7 +303,9 @@ impl MigratorTrait for DsqlMigrator {
     where
         C: IntoSchemaManagerConnection<'c>,
     {
-        DsqlOneTry::reset(outside_a_transaction(db.into_database_executor(), "reset")?).await
+        let db = outside_a_transaction(db.into_database_executor(), "reset")?;
+        roll_back(db, None).await?;
+        DsqlOneTry::uninstall(db).await
     }
 
     /// Drops the migrations' table alone.
@@ -319,8 +326,9 @@ impl MigratorTrait for DsqlMigrator {
     }
 
     /// Drops every table of the current schema, each in a transaction of its own (DSQL runs
-    /// one DDL statement per transaction, where sea-orm-migration drops them all in one),
-    /// then applies every migration.
+    /// one DDL statement per transaction, where sea-orm-migration drops them all in one), the
+    /// migrations' table first (cut off midway, no record stays of a table dropped), then
+    /// applies every migration.
     ///
     /// # Errors
     ///
@@ -338,8 +346,13 @@ impl MigratorTrait for DsqlMigrator {
                  WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'",
             ))
             .await?;
-        for row in tables {
-            let table: String = row.try_get("", "table_name")?;
+        let records = Self::migration_table_name().to_string();
+        let mut tables = tables
+            .iter()
+            .map(|row| row.try_get::<String>("", "table_name"))
+            .collect::<Result<Vec<_>, _>>()?;
+        tables.sort_by_key(|table| *table != records);
+        for table in tables {
             let drop = Table::drop()
                 .table(Alias::new(table))
                 .if_exists()
@@ -348,4 +361,27 @@ impl MigratorTrait for DsqlMigrator {
         }
         Self::up(db, None).await
     }
+}
+
+/// Rolls back the applied migrations on DSQL (all, or the last `steps`), each one's record
+/// deleted before its statements run (see [`DsqlMigrator::down`](MigratorTrait::down)).
+async fn roll_back(db: &sea_orm::DatabaseConnection, steps: Option<u32>) -> Result<(), DbErr> {
+    let applied = DsqlOneTry::get_applied_migrations(db).await?;
+    let migrations = DsqlOneTry::migrations();
+    let manager = SchemaManager::new(db);
+    let steps = steps.map_or(usize::MAX, |n| n as usize);
+    for name in applied.iter().rev().take(steps).map(|m| m.name()) {
+        let Some(migration) = migrations.iter().find(|m| m.name() == name) else {
+            return Err(DbErr::Custom(format!("no migration {name} to roll back")));
+        };
+        tracing::info!(target: "sea_orm_migration", "Rolling back migration '{name}'");
+        let record = Query::delete()
+            .from_table(DsqlOneTry::migration_table_name())
+            .and_where(Expr::col(Alias::new("version")).eq(name))
+            .to_owned();
+        db.execute(&record).await?;
+        migration.down(&manager).await?;
+        tracing::info!(target: "sea_orm_migration", "Migration '{name}' has been rolled back");
+    }
+    Ok(())
 }

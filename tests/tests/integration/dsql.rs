@@ -691,6 +691,84 @@ async fn a_dsql_migration_run_losing_a_race_at_every_migration_completes() {
     connector.shutdown().await;
 }
 
+/// A DSQL rollback cut off between a migration's statements and its record (the process
+/// killed, the connection lost; here a trigger fails the record's deletion once) leaves a
+/// state `up` repairs: each DDL statement commits on its own there, and the record, deleted
+/// after the tables were dropped, stayed, so `up` found nothing pending, and the service met
+/// a missing table. Nor does `fresh` cut off leave the record of a dropped table: it drops
+/// the record first, wherever the catalog lists it (here it lists it first either way).
+#[tokio::test]
+async fn a_dsql_rollback_cut_off_midway_leaves_what_up_repairs() {
+    let pg = dsql_cluster().await;
+    pg.create_database("cutoff", Some("admin")).await.unwrap();
+    let admin = pg.admin("cutoff").await.unwrap();
+    let connector =
+        Connector::new(config(&pg, "admin", pg.dsql_source("admin").unwrap()).database("cutoff"))
+            .await
+            .unwrap();
+    let db = tests::migration_db(&connector).await;
+    let tables = || async {
+        admin
+            .query(
+                "SELECT table_name::text FROM information_schema.tables \
+                 WHERE table_schema = 'public' ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    let all = ["customers", "order_items", "orders", "seaql_migrations"];
+    migration::DsqlMigrator::up(&db, None).await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE SEQUENCE cut; \
+             CREATE FUNCTION cut_once() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ \
+             BEGIN \
+               IF nextval('cut') = 1 THEN RAISE EXCEPTION 'cut off'; END IF; \
+               RETURN OLD; \
+             END $$; \
+             CREATE TRIGGER cut_once BEFORE DELETE ON seaql_migrations \
+               FOR EACH ROW EXECUTE FUNCTION cut_once()",
+        )
+        .await
+        .unwrap();
+    migration::DsqlMigrator::down(&db, Some(1))
+        .await
+        .expect_err("cut off");
+    migration::DsqlMigrator::up(&db, None).await.unwrap();
+    assert_eq!(tables().await, all);
+    // The rollback goes through once nothing cuts it off.
+    migration::DsqlMigrator::down(&db, Some(1)).await.unwrap();
+    assert_eq!(tables().await, ["customers", "orders", "seaql_migrations"]);
+    migration::DsqlMigrator::up(&db, None).await.unwrap();
+
+    // `fresh`, cut off at its second drop: what it dropped first is the record.
+    admin
+        .batch_execute(
+            "CREATE SEQUENCE drops; \
+             CREATE FUNCTION cut_second() RETURNS event_trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF nextval('drops') = 2 THEN RAISE EXCEPTION 'cut off'; END IF; \
+             END $$; \
+             CREATE EVENT TRIGGER cut_second ON sql_drop EXECUTE FUNCTION cut_second()",
+        )
+        .await
+        .unwrap();
+    migration::DsqlMigrator::fresh(&db)
+        .await
+        .expect_err("cut off");
+    admin
+        .batch_execute("DROP EVENT TRIGGER cut_second")
+        .await
+        .unwrap();
+    migration::DsqlMigrator::up(&db, None).await.unwrap();
+    assert_eq!(tables().await, all);
+    connector.shutdown().await;
+}
+
 /// The local endpoint forwards both ways without Nagle's algorithm, as the client and the
 /// server send: with it on, the last short piece of a reply waited for the client's delayed
 /// ACK, and a query of 2,000 rows took 53 ms through the endpoint against 2.4 ms direct, which
