@@ -290,7 +290,7 @@ const OWN: [&str; 3] = ["sslmode", "sslrootcert", "port"];
 
 /// Splits `sslmode`, `sslrootcert` and `port` off the query string of `url`; refuses a parameter
 /// dal does not apply (libpq's `options`, `channel_binding`, `keepalives`, ...), which would
-/// otherwise be accepted and have no effect.
+/// otherwise be accepted and have no effect, and any parameter after `password=`.
 fn split_params(url: &str) -> std::result::Result<(String, OwnParams), String> {
     let Some((base, query)) = url.split_once('?') else {
         return Ok((url.to_owned(), OwnParams::default()));
@@ -306,6 +306,16 @@ fn split_params(url: &str) -> std::result::Result<(String, OwnParams), String> {
                 .map(|v| v.into_owned())
                 .map_err(|_| format!("has a {key} that is not valid percent-encoded UTF-8"))
         };
+        // What follows a password may be its own end, cut at a raw `&`: read as a
+        // parameter, it would be shown in errors and logs, sent to the server
+        // (`application_name`) or used (`sslrootcert`, `host`).
+        if seen.contains(&"password") {
+            return Err(
+                "has a parameter after the password: percent-encode an '&' in the \
+                        password as %26, or give password= last"
+                    .to_owned(),
+            );
+        }
         // libpq keeps the last of a parameter given twice; an `&sslmode=disable` added to a
         // URL would then turn its verification off without a word.
         if seen.contains(&key) && (PARSED.contains(&key) || OWN.contains(&key)) {
@@ -343,13 +353,6 @@ fn split_params(url: &str) -> std::result::Result<(String, OwnParams), String> {
                             Config::statement_timeout) instead"
                         .to_owned(),
                 );
-            }
-            // After a password, what looks like a parameter may be the password's own end.
-            _ if seen.contains(&"password") => {
-                return Err("has a parameter dal does not apply after the password: \
-                            percent-encode an '&' in the password as %26, or remove the \
-                            parameter"
-                    .to_owned());
             }
             _ => {
                 let key: String = key.chars().take(40).collect();
@@ -445,7 +448,7 @@ mod tests {
             );
         }
         // Given once, either way, they stand.
-        let c = parse("postgres://h?user=u&password=p&dbname=db", None).unwrap();
+        let c = parse("postgres://h?user=u&dbname=db&password=p", None).unwrap();
         assert_eq!((c.user.as_str(), c.database.as_str()), ("u", "db"));
     }
 
@@ -662,14 +665,41 @@ mod tests {
                 "et99",
                 "after the password: percent-encode an '&' in the password as %26",
             ),
-            // Or where the value of a parameter dal reads would be: no value in the URL is.
+            // Or that of a parameter dal reads, which would be shown, sent or used where
+            // the password's end would: every parameter after the password is refused.
             (
                 "postgres://u@h/db?password=s3cr&port=et99",
+                "et99",
+                "has a parameter after the password",
+            ),
+            (
+                "postgres://u@h/db?password=s3cr&sslmode=et99",
+                "et99",
+                "has a parameter after the password",
+            ),
+            (
+                "postgres://u@h/db?sslmode=verify-full&password=s3cr&sslrootcert=et99",
+                "et99",
+                "has a parameter after the password",
+            ),
+            (
+                "postgres://u@h/db?password=s3cr&application_name=et99",
+                "et99",
+                "has a parameter after the password",
+            ),
+            (
+                "postgres://u@h/db?password=s3cr&host=et99",
+                "et99",
+                "has a parameter after the password",
+            ),
+            // Not shown either, before a password.
+            (
+                "postgres://u:s3cr@h/db?port=et99",
                 "et99",
                 "has a port= that is not a number from 1 to 65535",
             ),
             (
-                "postgres://u@h/db?password=s3cr&sslmode=et99",
+                "postgres://u:s3cr@h/db?sslmode=et99",
                 "et99",
                 "sslmode= is not one of disable, prefer, require, verify-ca, verify-full",
             ),
