@@ -350,6 +350,12 @@ impl Env<'_> {
         let oidc_env = self
             .get("DATABRICKS_OIDC_TOKEN_ENV")
             .unwrap_or_else(|| "DATABRICKS_OIDC_TOKEN".to_owned());
+        if !crate::credentials::lakebase::is_variable_name(&oidc_env) {
+            return Err(Error::config(
+                Setting::DatabricksOidcToken,
+                crate::credentials::lakebase::NOT_A_VARIABLE_NAME,
+            ));
+        }
         let oidc_file = pick("DATABRICKS_OIDC_TOKEN_FILEPATH", "oidc_token_filepath");
         let github = (
             self.get("ACTIONS_ID_TOKEN_REQUEST_URL"),
@@ -409,29 +415,36 @@ impl Env<'_> {
         };
         // A named profile's credential is for the profile's own workspace, and must go to no
         // other (the Databricks SDKs would send it to the environment's host).
-        let foreign_profile =
-            |whose: &str| match (self.get("DATABRICKS_CONFIG_PROFILE"), profile.get("host")) {
-                (Some(name), Some(theirs))
-                    if crate::credentials::lakebase::other_workspaces(&theirs, &host) =>
-                {
-                    Err(Error::config(
-                        Setting::DatabricksHost,
-                        format!(
-                            "is {host}, but {whose} profile [{name}], which is for {theirs}: the \
-                             credential would go to another workspace; unset DATABRICKS_HOST, \
-                             name the profile of {host}, or set its credential in the environment"
-                        ),
-                    ))
-                }
-                _ => Ok(()),
+        let foreign_profile = |whose: &str| {
+            let (Some(name), Some(theirs)) =
+                (self.get("DATABRICKS_CONFIG_PROFILE"), profile.get("host"))
+            else {
+                return Ok(());
             };
+            if !crate::credentials::lakebase::other_workspaces(&theirs, &host) {
+                return Ok(());
+            }
+            // Each as its scheme, host and port: a user name or password in either is not
+            // shown.
+            let shown =
+                |url: &str| crate::credentials::lakebase::workspace_origin(url).unwrap_or_default();
+            let (host, theirs) = (shown(&host), shown(&theirs));
+            Err(Error::config(
+                Setting::DatabricksHost,
+                format!(
+                    "is {host}, but {whose} profile [{name}], which is for {theirs}: the \
+                     credential would go to another workspace; unset DATABRICKS_HOST, name the \
+                     profile of {host}, or set its credential in the environment"
+                ),
+            ))
+        };
         let federated = |id_token: IdTokenSource| WorkspaceAuth::Federated {
             client_id: client_id.clone(),
             id_token,
         };
         let auth = match auth_type.as_str() {
             "pat" => {
-                if self.get("DATABRICKS_TOKEN").is_none() {
+                if self.get("DATABRICKS_TOKEN").is_none() && profile.get("token").is_some() {
                     foreign_profile("the personal access token is from")?;
                 }
                 WorkspaceAuth::Pat(SecretString::from(token.ok_or_else(|| {
@@ -439,7 +452,9 @@ impl Env<'_> {
                 })?))
             }
             "oauth-m2m" => {
-                if self.get("DATABRICKS_CLIENT_SECRET").is_none() {
+                if self.get("DATABRICKS_CLIENT_SECRET").is_none()
+                    && profile.get("client_secret").is_some()
+                {
                     foreign_profile("the OAuth secret is from")?;
                 }
                 match (client_id.clone(), client_secret) {
@@ -483,13 +498,20 @@ impl Env<'_> {
                 }
                 federated(IdTokenSource::Env(oidc_env))
             }
-            "file-oidc" => federated(IdTokenSource::File(
-                oidc_file
-                    .ok_or_else(|| {
-                        missing(Setting::DatabricksOidcTokenFilepath, "the ID token's file")
-                    })?
-                    .into(),
-            )),
+            "file-oidc" => {
+                if self.get("DATABRICKS_OIDC_TOKEN_FILEPATH").is_none()
+                    && profile.get("oidc_token_filepath").is_some()
+                {
+                    foreign_profile("the ID token's file is from")?;
+                }
+                federated(IdTokenSource::File(
+                    oidc_file
+                        .ok_or_else(|| {
+                            missing(Setting::DatabricksOidcTokenFilepath, "the ID token's file")
+                        })?
+                        .into(),
+                ))
+            }
             "github-oidc" => {
                 if client_id.is_none() {
                     return Err(missing(
@@ -1336,6 +1358,19 @@ mod tests {
                 assert!(with(profile, same, more).is_ok(), "{profile}: {same}");
             }
         }
+        // Neither host's user name or password, if one has any, is shown.
+        let err = with(
+            "prod-pat",
+            "https://me:dapiLEAK@dev.cloud.databricks.com",
+            &[],
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains("profile [prod-pat]") && !err.contains("dapiLEAK"),
+            "{err}"
+        );
         // A credential the environment gives is the environment's host's.
         let dev = "https://dev.cloud.databricks.com";
         assert!(with("prod-pat", dev, &[("DATABRICKS_TOKEN", "dapi-dev")]).is_ok());
@@ -1348,6 +1383,27 @@ mod tests {
             .is_ok()
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// `DATABRICKS_OIDC_TOKEN_ENV` names a variable: one that holds something else (the ID
+    /// token itself, put where its variable's name belongs) is refused without being shown.
+    #[cfg(feature = "lakebase")]
+    #[test]
+    fn an_id_token_where_its_variables_name_belongs_is_not_shown() {
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJyZXBvIn0.c2lnbmF0dXJl";
+        let err = config(&[
+            ("DATABRICKS_HOST", "https://ws.cloud.databricks.com"),
+            ("LAKEBASE_INSTANCE", "inst"),
+            ("DATABRICKS_CLIENT_ID", "sp"),
+            ("DATABRICKS_AUTH_TYPE", "env-oidc"),
+            ("DATABRICKS_OIDC_TOKEN_ENV", jwt),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("DATABRICKS_OIDC_TOKEN_ENV") && !err.contains("eyJzdWIi"),
+            "{err}"
+        );
     }
 
     /// A Databricks config file larger than any is refused, its size named, and read no

@@ -39,6 +39,22 @@ pub enum IdTokenSource {
     },
 }
 
+/// Why a name given for the variable that holds the ID token is refused; the name is not
+/// shown: in its place may be the ID token itself.
+pub(crate) const NOT_A_VARIABLE_NAME: &str = "DATABRICKS_OIDC_TOKEN_ENV must name the \
+    environment variable that holds the ID token (letters, digits and '_', not starting with a \
+    digit); what it holds is not shown, as it may be the token itself";
+
+/// Whether `name` has the shape of an environment variable's name, as shells write them.
+pub(crate) fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 255
+}
+
 impl IdTokenSource {
     /// Databricks' `auth_type` of federation with this source.
     pub(super) fn auth_type(&self) -> &'static str {
@@ -52,12 +68,10 @@ impl IdTokenSource {
     /// Checks what can be checked before the first call.
     pub(super) fn validate(&self) -> Result<()> {
         match self {
-            IdTokenSource::Env(name) if name.is_empty() || name.contains('=') => {
-                Err(Error::config(
-                    Setting::DatabricksOidcToken,
-                    "must name an environment variable",
-                ))
-            }
+            IdTokenSource::Env(name) if !is_variable_name(name) => Err(Error::config(
+                Setting::DatabricksOidcToken,
+                NOT_A_VARIABLE_NAME,
+            )),
             IdTokenSource::File(path) if path.as_os_str().is_empty() => Err(Error::config(
                 Setting::DatabricksOidcTokenFilepath,
                 "must not be empty",

@@ -23,6 +23,7 @@ mod browser;
 mod federation;
 
 pub use federation::IdTokenSource;
+pub(crate) use federation::{NOT_A_VARIABLE_NAME, is_variable_name};
 
 const KIND: &str = "lakebase";
 const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1605,6 +1606,13 @@ pub(crate) fn other_workspaces(a: &str, b: &str) -> bool {
         ))
     };
     matches!((origin(a), origin(b)), (Some(a), Some(b)) if a != b)
+}
+
+/// A workspace URL as settings and profiles write it, shown as its scheme, host and port
+/// alone (a user name or password in it is not); `None` when it does not parse.
+pub(crate) fn workspace_origin(raw: &str) -> Option<String> {
+    let url = Url::parse(&with_scheme(raw)).ok()?;
+    Some(url.origin().ascii_serialization())
 }
 
 /// Refuses an OAuth client id that is empty or holds white space or a control character:
