@@ -150,13 +150,7 @@ impl TokenCache {
     /// the cached token is still valid, the cached token is returned (and the refresh tried
     /// again later).
     pub async fn token(&self) -> Result<Arc<Token>> {
-        let cached = match self.inner.strategy {
-            // Uncached keeps a token only through the pause after a refusal (see
-            // `invalidate`).
-            TokenStrategy::Uncached => self.cached_fresh().filter(|_| self.refused_pausing()),
-            _ => self.cached_fresh(),
-        };
-        match cached {
+        match self.try_token() {
             Some(token) => Ok(token),
             None => self.refresh(false).await,
         }
@@ -175,12 +169,14 @@ impl TokenCache {
     }
 
     /// The cached token if it needs no refresh now, without waiting: one atomic load and a
-    /// clock read, no lock. `None` means [`token`](Self::token) would fetch.
+    /// clock read, no lock. `None` means [`token`](Self::token) would fetch. Uncached, a
+    /// token is kept only through the pause after a refusal (see
+    /// [`invalidate`](Self::invalidate)).
     pub fn try_token(&self) -> Option<Arc<Token>> {
-        if self.inner.strategy == TokenStrategy::Uncached {
-            return None;
+        match self.inner.strategy {
+            TokenStrategy::Uncached => self.cached_fresh().filter(|_| self.refused_pausing()),
+            _ => self.cached_fresh(),
         }
-        self.cached_fresh()
     }
 
     /// The cached token if it needs no refresh now: one atomic load, no lock.

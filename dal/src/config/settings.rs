@@ -76,8 +76,11 @@ pub enum TokenStrategy {
     /// Fetch on first use, and again on use once the token is near expiry: nothing is
     /// fetched while the program is idle. For background jobs.
     Lazy,
-    /// Fetch a fresh token for every new connection (the JavaScript examples' `none`).
-    /// Cheap for Aurora DSQL, whose tokens are signed locally. The fetches run one at a
+    /// Fetch a fresh token for every new connection (the JavaScript examples' `none`),
+    /// except through the pause after a fresh token was refused too (see
+    /// [`TokenCache::invalidate`](crate::TokenCache::invalidate)), when the connections get
+    /// that token, and the server's refusal, at once. Cheap for Aurora DSQL, whose tokens
+    /// are signed locally. The fetches run one at a
     /// time, as all of a cache's do: with a credential service over the network (Lakebase),
     /// connections opened together wait for each other's fetches.
     Uncached,
