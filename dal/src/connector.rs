@@ -1576,7 +1576,10 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(shown.contains("sslmode in DATABASE_URL"), "{shown}");
+        assert!(
+            shown.contains("PGSSLMODE (or sslmode in DATABASE_URL)"),
+            "{shown}"
+        );
         let plain = Config::new("db.example.com", "u").password("t");
         assert!(Connector::build(plain.ssl_mode(SslMode::Disable)).is_ok());
         let dsql = || {

@@ -207,8 +207,8 @@ impl fmt::Display for Setting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())?;
         match self {
-            Setting::SslMode => f.write_str(" (sslmode in DATABASE_URL)"),
-            Setting::SslRootCert => f.write_str(" (sslrootcert in DATABASE_URL)"),
+            Setting::SslMode => f.write_str(" (or sslmode in DATABASE_URL)"),
+            Setting::SslRootCert => f.write_str(" (or sslrootcert in DATABASE_URL)"),
             _ => Ok(()),
         }
     }
