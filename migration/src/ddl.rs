@@ -127,7 +127,8 @@ pub(crate) struct Retried {
 
 /// A migration gave up on a lock another transaction holds ([`LOCK_TIMEOUT`]), or was rolled
 /// back to end a deadlock with one: PostgreSQL's `deadlock_timeout` (1 s by default) is
-/// under [`LOCK_TIMEOUT`], so a migration in a lock cycle often meets that first.
+/// under [`LOCK_TIMEOUT`] (unless a short statement timeout shortened the lock's), so a
+/// migration in a lock cycle often meets that first.
 pub(crate) const LOCK_CONFLICT: Retried = Retried {
     sqlstates: &[LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED],
     reason: "a migration gave up on a lock another transaction holds (LOCK_TIMEOUT), \
@@ -245,13 +246,15 @@ impl<'a, 'm> Ddl<'a, 'm> {
             // statements queued behind the lock the migration waits for have their own
             // timeout, the same when the service and the migration share their settings, and
             // would each end with 57014 while the migration waited; the rest of it is theirs.
+            // The session's own when an earlier migration in the same transaction of the
+            // caller's lifted it (`SET LOCAL` outlives the savepoint it ran in).
             manager
                 .get_connection()
                 .execute_unprepared(&format!(
                     "SELECT set_config('lock_timeout', CASE WHEN s > 0 AND s / 4 < {LOCK_MS} \
                      THEN greatest(s / 4, 1) || 'ms' ELSE '{LOCK_TIMEOUT}' END, true) \
-                     FROM (SELECT setting::bigint AS s FROM pg_settings \
-                     WHERE name = 'statement_timeout') AS t; \
+                     FROM (SELECT coalesce(nullif(setting::bigint, 0), reset_val::bigint) \
+                     AS s FROM pg_settings WHERE name = 'statement_timeout') AS t; \
                      SET LOCAL idle_in_transaction_session_timeout = \
                      '{IDLE_IN_TRANSACTION_TIMEOUT}'; SET LOCAL statement_timeout = 0"
                 ))
