@@ -691,12 +691,11 @@ async fn a_dsql_migration_run_losing_a_race_at_every_migration_completes() {
     connector.shutdown().await;
 }
 
-/// A DSQL rollback cut off between a migration's statements and its record (the process
-/// killed, the connection lost; here a trigger fails the record's deletion once) leaves a
-/// state `up` repairs: each DDL statement commits on its own there, and the record, deleted
-/// after the tables were dropped, stayed, so `up` found nothing pending, and the service met
-/// a missing table. Nor does `fresh` cut off leave the record of a dropped table: it drops
-/// the record first, wherever the catalog lists it (here it lists it first either way).
+/// A DSQL rollback cut off midway (the process killed, the connection lost; here triggers
+/// fail a statement once) leaves a state `up` repairs: each DDL statement commits on its own
+/// there, and the record, deleted after the tables were dropped, stayed when its deletion
+/// was cut off, so `up` found nothing pending, and the service met a missing table. Nor does
+/// `fresh` cut off leave the record of a dropped table: it drops the record first.
 #[tokio::test]
 async fn a_dsql_rollback_cut_off_midway_leaves_what_up_repairs() {
     let pg = dsql_cluster().await;
@@ -721,49 +720,97 @@ async fn a_dsql_rollback_cut_off_midway_leaves_what_up_repairs() {
             .collect::<Vec<_>>()
     };
     let all = ["customers", "order_items", "orders", "seaql_migrations"];
+    let pending = || async {
+        migration::DsqlMigrator::get_pending_migrations(&db)
+            .await
+            .unwrap()
+            .len()
+    };
     migration::DsqlMigrator::up(&db, None).await.unwrap();
+    // Cuts: the record's deletion, once; the drop `cut_at` counts to (0: none).
     admin
         .batch_execute(
-            "CREATE SEQUENCE cut; \
-             CREATE FUNCTION cut_once() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ \
+            "CREATE SCHEMA cuts; CREATE SEQUENCE cuts.deletes; \
+             CREATE FUNCTION cuts.delete() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER \
+             AS $$ \
              BEGIN \
-               IF nextval('cut') = 1 THEN RAISE EXCEPTION 'cut off'; END IF; \
+               IF nextval('cuts.deletes') = 1 THEN RAISE EXCEPTION 'cut off'; END IF; \
                RETURN OLD; \
              END $$; \
-             CREATE TRIGGER cut_once BEFORE DELETE ON seaql_migrations \
-               FOR EACH ROW EXECUTE FUNCTION cut_once()",
+             CREATE TRIGGER cut_delete BEFORE DELETE ON seaql_migrations \
+               FOR EACH ROW EXECUTE FUNCTION cuts.delete(); \
+             CREATE TABLE cuts.at (n bigint); INSERT INTO cuts.at VALUES (0); \
+             CREATE SEQUENCE cuts.drops; \
+             CREATE FUNCTION cuts.drop() RETURNS event_trigger LANGUAGE plpgsql \
+             SECURITY DEFINER AS $$ \
+             BEGIN \
+               IF nextval('cuts.drops') = (SELECT n FROM cuts.at) THEN \
+                 RAISE EXCEPTION 'cut off'; \
+               END IF; \
+             END $$; \
+             CREATE EVENT TRIGGER cut_drop ON sql_drop EXECUTE FUNCTION cuts.drop()",
         )
         .await
         .unwrap();
+    let cut_at_drop = |n: i64| {
+        let admin = &admin;
+        async move {
+            admin
+                .execute("UPDATE cuts.at SET n = $1", &[&n])
+                .await
+                .unwrap();
+            admin
+                .batch_execute("SELECT setval('cuts.drops', 1, false)")
+                .await
+                .unwrap();
+        }
+    };
+
+    // Cut off at the record: nothing is dropped.
     migration::DsqlMigrator::down(&db, Some(1))
         .await
         .expect_err("cut off");
     migration::DsqlMigrator::up(&db, None).await.unwrap();
     assert_eq!(tables().await, all);
+    // Cut off at the drop after it: pending again, and `up` makes it anew.
+    cut_at_drop(1).await;
+    migration::DsqlMigrator::down(&db, Some(1))
+        .await
+        .expect_err("cut off");
+    assert_eq!(pending().await, 1);
+    cut_at_drop(0).await;
+    migration::DsqlMigrator::up(&db, None).await.unwrap();
+    assert_eq!(
+        (tables().await, pending().await),
+        (all.map(String::from).to_vec(), 0)
+    );
     // The rollback goes through once nothing cuts it off.
     migration::DsqlMigrator::down(&db, Some(1)).await.unwrap();
     assert_eq!(tables().await, ["customers", "orders", "seaql_migrations"]);
     migration::DsqlMigrator::up(&db, None).await.unwrap();
 
-    // `fresh`, cut off at its second drop: what it dropped first is the record.
-    admin
-        .batch_execute(
-            "CREATE SEQUENCE drops; \
-             CREATE FUNCTION cut_second() RETURNS event_trigger LANGUAGE plpgsql AS $$ \
-             BEGIN \
-               IF nextval('drops') = 2 THEN RAISE EXCEPTION 'cut off'; END IF; \
-             END $$; \
-             CREATE EVENT TRIGGER cut_second ON sql_drop EXECUTE FUNCTION cut_second()",
+    // `fresh`, cut off at its second drop: what it dropped first is the record, even where
+    // the catalog lists it after the others (made anew after them here).
+    migration::DsqlMigrator::uninstall(&db).await.unwrap();
+    migration::DsqlMigrator::up(&db, None).await.unwrap();
+    let listed = admin
+        .query(
+            "SELECT table_name::text FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'",
+            &[],
         )
         .await
         .unwrap();
+    assert_ne!(
+        listed[0].get::<_, String>(0),
+        "seaql_migrations",
+        "the catalog lists the records first: this test would not show their order"
+    );
+    cut_at_drop(2).await;
     migration::DsqlMigrator::fresh(&db)
         .await
         .expect_err("cut off");
-    admin
-        .batch_execute("DROP EVENT TRIGGER cut_second")
-        .await
-        .unwrap();
+    cut_at_drop(0).await;
     migration::DsqlMigrator::up(&db, None).await.unwrap();
     assert_eq!(tables().await, all);
     connector.shutdown().await;
