@@ -132,7 +132,11 @@ where
                 // the transaction (one a savepoint caught); when that fails too, the COMMIT's
                 // own answer is the one that tells what was committed.
                 let e = Error::Diesel(match e {
-                    diesel::result::Error::RollbackErrorOnCommit { commit_error, .. } => {
+                    diesel::result::Error::RollbackErrorOnCommit {
+                        commit_error,
+                        rollback_error,
+                    } => {
+                        tracing::debug!(error = %rollback_error, "rollback after the failed commit failed too");
                         *commit_error
                     }
                     e => e,

@@ -955,35 +955,38 @@ async fn a_diesel_commit_lost_after_it_left_is_ambiguous_after_a_caught_conflict
     let tx = connector.transactions();
     let pool = connector.diesel_pool_with(&one_connection()).await.unwrap();
     let inner = tx.clone();
-    let err = tx
-        .diesel(&pool, TxMode::new(), move |conn| {
-            let tx = inner.clone();
-            Box::pin(async move {
-                diesel::sql_query("INSERT INTO notes VALUES ('committed')")
-                    .execute(conn)
-                    .await?;
-                let caught = tx
-                    .diesel_savepoint(conn, |sp| {
-                        Box::pin(async move {
-                            diesel::sql_query(
-                                "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
-                            )
-                            .execute(sp)
-                            .await?;
-                            Ok(())
-                        })
+    let work = tx.diesel(&pool, TxMode::new(), move |conn| {
+        let tx = inner.clone();
+        Box::pin(async move {
+            diesel::sql_query("INSERT INTO notes VALUES ('committed')")
+                .execute(conn)
+                .await?;
+            let caught = tx
+                .diesel_savepoint(conn, |sp| {
+                    Box::pin(async move {
+                        diesel::sql_query(
+                            "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",
+                        )
+                        .execute(sp)
+                        .await?;
+                        Ok(())
                     })
-                    .await;
-                assert!(caught.is_err());
-                diesel::sql_query("SET LOCAL synchronous_commit = on")
-                    .execute(conn)
-                    .await?;
-                Ok(())
-            })
+                })
+                .await;
+            assert!(caught.is_err());
+            diesel::sql_query("SET LOCAL synchronous_commit = on")
+                .execute(conn)
+                .await?;
+            Ok(())
         })
+    });
+    // Ended by `ender` while its COMMIT waits; a work that failed before it, or a COMMIT
+    // that did not wait, fails the test here instead of waiting for ever.
+    let err = tokio::time::timeout(Duration::from_secs(120), work)
         .await
+        .expect("the COMMIT waited for the standby and its session was never ended")
         .unwrap_err();
-    ender.await.unwrap();
+    ender.abort();
     assert!(matches!(err, dal::Error::AmbiguousCommit { .. }), "{err:?}");
     assert_eq!(names(&connector).await, ["committed"]);
     connector.shutdown().await;
