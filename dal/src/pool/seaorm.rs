@@ -259,10 +259,20 @@ impl Conn {
     }
 
     /// What stops the transaction at `level` from committing, found before any COMMIT is
-    /// sent: the levels inside it are rolled back, the answers owed to statements whose
-    /// futures were dropped are read (the first error among them fails it), and an aborted
-    /// transaction fails with `25P02`.
+    /// sent: a connection already lost, the levels inside it are rolled back, the answers
+    /// owed to statements whose futures were dropped are read (the first error among them
+    /// fails it), and an aborted transaction fails with `25P02`.
     async fn ready_to_commit(&mut self, level: u32) -> std::result::Result<(), sqlx::Error> {
+        // Lost already (a statement met a closed socket, or the server ended the session):
+        // a COMMIT written now could not reach a server, and its failure would read as one
+        // that may have committed.
+        if self.broken {
+            return Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the connection was lost in the transaction, before its COMMIT: nothing was \
+                 committed",
+            )));
+        }
         self.unwind_to(level).await?;
         if let Some(unread) = self.drain().await? {
             return Err(unread);

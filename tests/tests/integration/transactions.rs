@@ -704,6 +704,52 @@ async fn a_seaorm_connection_lost_before_its_commit_is_no_ambiguous_commit() {
     connector.shutdown().await;
 }
 
+/// The same when the connection was lost with no word from the server, as a network cut
+/// looks (here its backend killed with `SIGKILL`): the work swallowed the statement's I/O
+/// error and returned, and the COMMIT, written to the dead connection, was called ambiguous.
+#[tokio::test]
+async fn a_seaorm_connection_lost_without_a_word_before_its_commit_is_no_ambiguous_commit() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let pg = tests::server().await;
+    let connector = with_notes(&pg, "killed").await;
+    let db = connector.seaorm_with(&one_connection()).await.unwrap();
+    let err = connector
+        .transactions()
+        .seaorm(&db, TxMode::new(), |txn| {
+            Box::pin(async move {
+                txn.execute_unprepared("INSERT INTO notes VALUES ('lost')")
+                    .await?;
+                let pid: i32 = txn
+                    .query_one_raw(Statement::from_string(
+                        sea_orm::DbBackend::Postgres,
+                        "SELECT pg_backend_pid() AS pid",
+                    ))
+                    .await?
+                    .unwrap()
+                    .try_get("", "pid")?;
+                let pid = Pid::from_raw(pid);
+                kill(pid, Signal::SIGKILL).unwrap();
+                while kill(pid, None).is_ok() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let lost = txn.execute_unprepared("SELECT 1").await;
+                assert!(lost.is_err(), "{lost:?}");
+                Ok(())
+            })
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        !matches!(err, dal::Error::AmbiguousCommit { .. }) && err.is_connection_failure(),
+        "{err:?}"
+    );
+    // The server restarts after a backend's crash, and its recovery, with the test servers'
+    // `synchronous_commit=off`, may lose what committed before: the rows are not checked.
+    connector.shutdown().await;
+}
+
 /// How a test ends the session of a transaction's connection while its work waits.
 #[derive(Clone, Copy, Debug)]
 enum SessionEnd {
