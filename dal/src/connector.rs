@@ -623,8 +623,9 @@ impl Connector {
     /// ```
     ///
     /// With [failover](Config::failover) endpoints, a connection the active endpoint cannot
-    /// open (a [connection failure](Error::is_connection_failure), not a refused login) is
-    /// opened at the next endpoint that answers, which becomes the active one for every pool.
+    /// open (a [connection failure](Error::is_connection_failure), not a refused login nor a
+    /// refusal for a limit, `53300` or `53400`, which say the endpoint answers) is opened at
+    /// the next endpoint that answers, which becomes the active one for every pool.
     pub async fn connect(&self) -> Result<(tokio_postgres::Client, Connection)> {
         self.connect_by(Self::open_postgres).await
     }
@@ -645,7 +646,7 @@ impl Connector {
                     }
                     return Ok(conn);
                 }
-                Err(e) if count > 1 && e.is_connection_failure() && !e.is_auth_failure() => {
+                Err(e) if count > 1 && e.is_unreachable() => {
                     tracing::warn!(
                         endpoint = %format!("{}:{}", endpoint.shared.host, endpoint.shared.port),
                         error = %ErrorChain(&e),

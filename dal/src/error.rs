@@ -722,6 +722,37 @@ impl Error {
         }
     }
 
+    /// Whether the endpoint a connection was opened at may be out of reach: a
+    /// [connection failure](Self::is_connection_failure) other than a refused login, a
+    /// server's refusal for a limit (`53300`, `53400`: busy, answering), or a pool that
+    /// timed out with every connection in use and none failing to open. What moves
+    /// connections to a [failover](crate::Config::failover) endpoint.
+    pub(crate) fn is_unreachable(&self) -> bool {
+        if let Some(cause) = self.carried() {
+            return cause.is_unreachable();
+        }
+        match self {
+            Error::PoolTimeout {
+                last_failure: Some(cause),
+                ..
+            } => cause.is_unreachable(),
+            Error::PoolTimeout {
+                opening: 0,
+                last_failure: None,
+                ..
+            } => false,
+            #[cfg(feature = "seaorm")]
+            Error::SeaOrm(sea_orm::DbErr::ConnectionAcquire(
+                sea_orm::error::ConnAcquireErr::Timeout,
+            )) => false,
+            _ => {
+                self.is_connection_failure()
+                    && !self.is_auth_failure()
+                    && !matches!(self.sqlstate(), Some("53300" | "53400"))
+            }
+        }
+    }
+
     /// Whether the connection failed or could not be opened (as opposed to the server
     /// answering with an error). A refused login is not a connection failure.
     pub fn is_connection_failure(&self) -> bool {

@@ -303,7 +303,8 @@ impl Transactions {
         }
     }
 
-    /// After a SeaORM transaction could not begin for a connection failure: when the
+    /// After a SeaORM transaction could not begin for a connection failure (not a full pool
+    /// nor a server's limit, whose endpoint answers): when the
     /// connector has [failover](crate::Config::failover) endpoints, opens one connection
     /// through it, which moves every pool (this SeaORM pool included) to the first endpoint
     /// that answers. A `BEGIN` that failed on a connection the pool held (its server gone)
@@ -313,7 +314,7 @@ impl Transactions {
         let (Failure::Begin(e), Some(connector)) = (failure, &self.connector) else {
             return;
         };
-        if connector.has_failover() && e.is_connection_failure() && !e.is_auth_failure() {
+        if connector.has_failover() && e.is_unreachable() {
             // The connection itself is not needed; the move is.
             drop(connector.connect().await);
         }

@@ -10,6 +10,7 @@ use dal::diesel_async::RunQueryDsl;
 use dal::local::{LOCAL_DSQL_HOST, LOCAL_DSQL_REGION, LocalDsqlEndpoint, LocalPostgres};
 use dal::{Config, ConnectionRate, Connector, Credentials, PoolSettings, Target};
 use migration::MigratorTrait;
+use sea_orm::TransactionTrait;
 
 struct Fixed(SystemTime);
 
@@ -813,6 +814,65 @@ async fn a_dsql_rollback_cut_off_midway_leaves_what_up_repairs() {
     cut_at_drop(0).await;
     migration::DsqlMigrator::up(&db, None).await.unwrap();
     assert_eq!(tables().await, all);
+    connector.shutdown().await;
+}
+
+/// An endpoint that refuses connections for a limit (a full server's `53300`; Aurora DSQL's
+/// connection rate, `53400`) is busy, not out of reach: the refusal is the answer, and
+/// nothing goes to the peer region. Before, the connect that met it tried the peer, and one
+/// that opened there moved every pool to it for good.
+#[tokio::test]
+async fn a_limit_refusal_is_no_reason_to_fail_over() {
+    use dal::local::LocalDsqlEndpoint;
+    let pg = dsql_cluster().await;
+    let near = LocalDsqlEndpoint::start(&pg).await.unwrap();
+    let peer = LocalDsqlEndpoint::start_peer(&pg).await.unwrap();
+    let config = near
+        .config(&pg, "admin", "dsql")
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .failover(peer.config(&pg, "admin", "dsql").unwrap());
+    let connector = Connector::new(config).await.unwrap();
+    let active = connector.active_endpoint();
+    pg.set_connection_limit("admin", Some(1)).await.unwrap();
+    let (_held, connection) = connector.connect().await.unwrap();
+    tokio::spawn(connection);
+    let refused = connector.connect().await.map(drop).unwrap_err();
+    assert_eq!(refused.sqlstate(), Some("53300"), "{refused:?}");
+    assert_eq!(peer.accepted(), 0, "the peer was tried");
+    assert_eq!(connector.active_endpoint(), active);
+
+    // Nor does a SeaORM transaction that found its pool full, whose `BEGIN` timed out.
+    pg.set_connection_limit("admin", None).await.unwrap();
+    let db = connector
+        .seaorm_with(
+            &PoolSettings::builder()
+                .max_size(1)
+                .acquire_timeout(Duration::from_millis(200))
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let open = db.begin().await.unwrap();
+    let opened = near.accepted();
+    let err = connector
+        .transactions()
+        .with_policy(dal::RetryPolicy::no_retries())
+        .seaorm(&db, dal::TxMode::new(), |_| Box::pin(async { Ok(()) }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, dal::Error::RetriesExhausted { last, .. } if last.is_connection_failure()),
+        "{err:?}"
+    );
+    assert_eq!(
+        near.accepted(),
+        opened,
+        "a connection opened to follow a failover"
+    );
+    assert_eq!((peer.accepted(), connector.active_endpoint()), (0, active));
+    drop(open);
     connector.shutdown().await;
 }
 
