@@ -694,8 +694,11 @@ impl Connector {
         // The server's last refusal for a limit: the answer when the timeout cuts a later
         // try short, since it says why.
         let mut limited = None;
+        // The token of the last try, which a limit says nothing against: the next try logs
+        // in with it (uncached, each would fetch one).
+        let mut token = None;
         loop {
-            match self.connect_once(open, &mut deadline).await {
+            match self.connect_once(open, &mut deadline, &mut token).await {
                 Err(e) if matches!(e.sqlstate(), Some("53300" | "53400")) => {
                     attempt += 1;
                     let delay = SERVER_LIMIT_BACKOFF.delay(attempt);
@@ -745,16 +748,32 @@ impl Connector {
 
     /// One connection by `deadline`: a refused token is replaced once (unless the source
     /// gives the same one again, as a static password does), nothing else is retried; when
-    /// the deadline comes first, the refusal is the answer.
-    async fn connect_once<T>(&self, open: OpenWith<T>, deadline: &mut Instant) -> Result<T> {
+    /// the deadline comes first, the refusal is the answer. Logs in with the token `kept`
+    /// while it is unexpired, else with the cache's, and keeps there the one it logged in
+    /// with, unless the server refused it.
+    async fn connect_once<T>(
+        &self,
+        open: OpenWith<T>,
+        deadline: &mut Instant,
+        kept: &mut Option<std::sync::Arc<Token>>,
+    ) -> Result<T> {
         let cache = &self.shared.cache;
-        let token = self.token_by(*deadline).await?;
+        let unexpired = |t: &std::sync::Arc<Token>| {
+            t.expires_at()
+                .is_none_or(|at| at > std::time::SystemTime::now())
+        };
+        let token = match kept.take().filter(unexpired) {
+            Some(token) => token,
+            None => self.token_by(*deadline).await?,
+        };
+        *kept = Some(token.clone());
         let opened = self.connect_with(&token, open, deadline).await;
         if opened.is_ok() {
             cache.accepted();
         }
         match opened {
             Err(e) if e.is_auth_failure() => {
+                *kept = None;
                 cache.invalidate(&token);
                 let again = async {
                     let fresh = self.token_by(*deadline).await?;

@@ -876,6 +876,27 @@ async fn a_limit_refusal_is_no_reason_to_fail_over() {
     connector.shutdown().await;
 }
 
+/// A connect refused for a limit tries again with the token it has: nothing about the limit
+/// makes the token suspect. Uncached, each try fetched a new one, some fifteen credential
+/// requests in a connect timeout of 10 s (for Lakebase, calls to a service that may answer
+/// 429, and then the connects fail for the token instead).
+#[tokio::test]
+async fn a_connect_refused_for_a_limit_tries_again_with_its_token() {
+    let pg = dsql_cluster().await;
+    let config = config(&pg, "admin", pg.dsql_source("admin").unwrap())
+        .strategy(dal::TokenStrategy::Uncached)
+        .connect_timeout(Duration::from_secs(2));
+    let connector = Connector::new(config).await.unwrap();
+    pg.set_connection_limit("admin", Some(1)).await.unwrap();
+    let (_held, connection) = connector.connect().await.unwrap();
+    tokio::spawn(connection);
+    let fetched = connector.cache().fetches();
+    let refused = connector.connect().await.map(drop).unwrap_err();
+    assert_eq!(refused.sqlstate(), Some("53300"), "{refused:?}");
+    assert_eq!(connector.cache().fetches(), fetched + 1);
+    connector.shutdown().await;
+}
+
 /// The local endpoint forwards both ways without Nagle's algorithm, as the client and the
 /// server send: with it on, the last short piece of a reply waited for the client's delayed
 /// ACK, and a query of 2,000 rows took 53 ms through the endpoint against 2.4 ms direct, which
