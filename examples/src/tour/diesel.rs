@@ -1,4 +1,4 @@
-//! The Diesel tour, on the `table!` schema and row types of `dal`.
+//! The Diesel tour, on the `table!` schema and row types of `entity`.
 
 use anyhow::Context as _;
 use dal::DieselPool;
