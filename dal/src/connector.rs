@@ -716,6 +716,10 @@ impl Connector {
                     }
                     tokio::time::sleep(delay).await;
                 }
+                // The timeout after a limit's refusal: the refusal says why (a login slowed by
+                // a busy machine would otherwise read as a server out of reach). One that went
+                // silent after it is failed over from at the next connect, which meets no
+                // refusal first.
                 Err(e @ Error::ConnectTimeout { .. }) => return Err(limited.unwrap_or(e)),
                 other => {
                     if other.is_ok() {
@@ -748,25 +752,26 @@ impl Connector {
 
     /// One connection by `deadline`: a refused token is replaced once (unless the source
     /// gives the same one again, as a static password does), nothing else is retried; when
-    /// the deadline comes first, the refusal is the answer. Logs in with the token `kept`
-    /// while it is unexpired, else with the cache's, and keeps there the one it logged in
-    /// with, unless the server refused it.
+    /// the deadline comes first, the refusal is the answer. Logs in with the cache's token
+    /// when it has one at hand, else with the token `kept` while it is unexpired, else with
+    /// a new one, and keeps there the last it logged in with, unless the server refused it.
     async fn connect_once<T>(
         &self,
         open: OpenWith<T>,
         deadline: &mut Instant,
-        kept: &mut Option<std::sync::Arc<Token>>,
+        kept: &mut Option<Arc<Token>>,
     ) -> Result<T> {
         let cache = &self.shared.cache;
-        let unexpired = |t: &std::sync::Arc<Token>| {
-            t.expires_at()
-                .is_none_or(|at| at > std::time::SystemTime::now())
-        };
-        let token = match kept.take().filter(unexpired) {
+        // The cache's own when it has one at hand (refreshed, or replaced after another
+        // connect's refusal, meanwhile); else the kept one, uncached.
+        let at_hand = cache
+            .try_token()
+            .or_else(|| kept.take().filter(|t| cache.unexpired(t)));
+        let token = match at_hand {
             Some(token) => token,
             None => self.token_by(*deadline).await?,
         };
-        *kept = Some(token.clone());
+        *kept = Some(Arc::clone(&token));
         let opened = self.connect_with(&token, open, deadline).await;
         if opened.is_ok() {
             cache.accepted();
@@ -785,6 +790,7 @@ impl Connector {
                         user = %self.shared.user,
                         "the server refused the token; logging in with a fresh one"
                     );
+                    *kept = Some(Arc::clone(&fresh));
                     self.connect_with(&fresh, open, deadline).await.map(Some)
                 };
                 match again.await {
@@ -2129,6 +2135,49 @@ mod tests {
             assert!(err.is_auth_failure(), "{err:?}");
             assert_eq!(LOGINS.load(Ordering::SeqCst), connects, "logins");
         }
+    }
+
+    /// What moves connections to a failover endpoint: an endpoint out of reach or not taking
+    /// connections now, by each kind of connection; not one that refused for a limit
+    /// (busy, but answering), nor a pool that timed out full, unless what it last met says
+    /// out of reach.
+    #[tokio::test]
+    async fn a_limit_or_a_full_pool_is_not_out_of_reach() {
+        let limited = answering_logins(|_| {
+            Some(b"SFATAL\0VFATAL\0C53300\0Mtoo many connections for role \"u\"\0\0")
+        })
+        .await;
+        let config = Config::new("127.0.0.1", "u")
+            .port(limited)
+            .password("p")
+            .connect_timeout(Duration::from_millis(300));
+        for err in errors_of_each_kind_with(config).await {
+            assert_eq!(err.sqlstate(), Some("53300"), "{err:?}");
+            assert!(
+                err.is_connection_failure() && !err.is_unreachable(),
+                "{err:?}"
+            );
+        }
+        let starting = answering_logins(|_| {
+            Some(b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0")
+        })
+        .await;
+        let mut out_of_reach = errors_of_each_kind(starting).await;
+        assert!(
+            out_of_reach.iter().all(Error::is_unreachable),
+            "{out_of_reach:?}"
+        );
+        let timed_out = |opening, last_failure| Error::PoolTimeout {
+            timeout: Duration::from_secs(1),
+            opening,
+            last_failure,
+        };
+        assert!(!timed_out(0, None).is_unreachable());
+        assert!(timed_out(1, None).is_unreachable(), "still opening");
+        let silent = Arc::new(Error::Pool("no answer to its check".to_owned()));
+        assert!(timed_out(0, Some(silent)).is_unreachable());
+        let gone = Arc::new(out_of_reach.pop().unwrap());
+        assert!(timed_out(0, Some(gone)).is_unreachable());
     }
 
     /// A server starting up, shutting down or in recovery refuses each login with SQLSTATE

@@ -722,20 +722,22 @@ impl Error {
         }
     }
 
-    /// Whether the endpoint a connection was opened at may be out of reach: a
-    /// [connection failure](Self::is_connection_failure) other than a refused login, a
-    /// server's refusal for a limit (`53300`, `53400`: busy, answering), or a pool that
-    /// timed out with every connection in use and none failing to open. What moves
-    /// connections to a [failover](crate::Config::failover) endpoint.
+    /// Whether the endpoint a connection was opened at may be out of reach, which moves
+    /// connections to a [failover](crate::Config::failover) endpoint: a
+    /// [connection failure](Self::is_connection_failure), except a refused login, a
+    /// server's refusal for a limit (`53300`, `53400`: busy, but answering), and a pool that
+    /// timed out with every connection in use and none failing to open or to answer its
+    /// check.
     pub(crate) fn is_unreachable(&self) -> bool {
         if let Some(cause) = self.carried() {
             return cause.is_unreachable();
         }
         match self {
+            // A connection that did not answer its check (`Error::Pool`) as well.
             Error::PoolTimeout {
                 last_failure: Some(cause),
                 ..
-            } => cause.is_unreachable(),
+            } => matches!(**cause, Error::Pool(_)) || cause.is_unreachable(),
             Error::PoolTimeout {
                 opening: 0,
                 last_failure: None,

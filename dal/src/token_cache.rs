@@ -754,6 +754,13 @@ impl TokenCache {
     }
 }
 
+impl TokenCache {
+    /// Whether `token` has not expired, by this cache's clock.
+    pub(crate) fn unexpired(&self, token: &Token) -> bool {
+        is_valid(token, self.inner.clock.now())
+    }
+}
+
 fn is_valid(token: &Token, now: SystemTime) -> bool {
     token.expires_at().is_none_or(|at| now < at)
 }
