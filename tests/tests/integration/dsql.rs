@@ -823,7 +823,6 @@ async fn a_dsql_rollback_cut_off_midway_leaves_what_up_repairs() {
 /// that opened there moved every pool to it for good.
 #[tokio::test]
 async fn a_limit_refusal_is_no_reason_to_fail_over() {
-    use dal::local::LocalDsqlEndpoint;
     let pg = dsql_cluster().await;
     let near = LocalDsqlEndpoint::start(&pg).await.unwrap();
     let peer = LocalDsqlEndpoint::start_peer(&pg).await.unwrap();
@@ -891,8 +890,14 @@ async fn a_connect_refused_for_a_limit_tries_again_with_its_token() {
     let (_held, connection) = connector.connect().await.unwrap();
     tokio::spawn(connection);
     let fetched = connector.cache().fetches();
+    let started = std::time::Instant::now();
     let refused = connector.connect().await.map(drop).unwrap_err();
     assert_eq!(refused.sqlstate(), Some("53300"), "{refused:?}");
+    // Tried again until the timeout (pauses of 20 ms doubling), with one token.
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "not tried again"
+    );
     assert_eq!(connector.cache().fetches(), fetched + 1);
     connector.shutdown().await;
 }

@@ -731,7 +731,9 @@ async fn a_seaorm_connection_lost_without_a_word_before_its_commit_is_no_ambiguo
                     .try_get("", "pid")?;
                 let pid = Pid::from_raw(pid);
                 kill(pid, Signal::SIGKILL).unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
                 while kill(pid, None).is_ok() {
+                    assert!(std::time::Instant::now() < deadline, "the backend lives on");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 let lost = txn.execute_unprepared("SELECT 1").await;
