@@ -752,9 +752,7 @@ impl TokenCache {
             .as_ref()
             .is_some_and(|e| e.refresh_at.is_none_or(|at| now < at))
     }
-}
 
-impl TokenCache {
     /// Whether `token` has not expired, by this cache's clock.
     pub(crate) fn unexpired(&self, token: &Token) -> bool {
         is_valid(token, self.inner.clock.now())
