@@ -625,7 +625,7 @@ impl Connector {
     /// With [failover](Config::failover) endpoints, a connection the active endpoint cannot
     /// open (a [connection failure](Error::is_connection_failure), not a refused login nor a
     /// refusal for a limit, `53300` or `53400`, which say the endpoint answers) is opened at
-    /// the next endpoint that answers, which becomes the active one for every pool.
+    /// the next endpoint where one opens, which becomes the active one for every pool.
     pub async fn connect(&self) -> Result<(tokio_postgres::Client, Connection)> {
         self.connect_by(Self::open_postgres).await
     }
@@ -646,7 +646,9 @@ impl Connector {
                     }
                     return Ok(conn);
                 }
-                Err(e) if count > 1 && e.is_unreachable() => {
+                // Once the active endpoint is out of reach, whatever a peer answers passes
+                // the search on: the next one may open.
+                Err(e) if count > 1 && (k > 0 || e.is_unreachable()) => {
                     tracing::warn!(
                         endpoint = %format!("{}:{}", endpoint.shared.host, endpoint.shared.port),
                         error = %ErrorChain(&e),

@@ -634,10 +634,12 @@ pub struct Config {
     pub read_only_host: Option<String>,
     /// Other endpoints of the same database, such as the peers of an Aurora DSQL
     /// multi-region cluster ([`Config::dsql_multi_region`]): when this endpoint cannot be
-    /// reached, each new connection tries them in order, and the first that answers becomes
-    /// the endpoint of every pool (SeaORM's included) until it fails in turn. An endpoint
-    /// that refuses a login, or refuses a connection for a limit (`53300`, `53400`: busy, but
-    /// answering), is no reason to move: its refusal is the connection's answer. Each has its own
+    /// reached, each new connection tries them in order, and the first where one opens
+    /// becomes the endpoint of every pool (SeaORM's included) until it fails in turn. An
+    /// active endpoint that refuses a login, or refuses a connection for a limit (`53300`,
+    /// `53400`: busy, but answering), is no reason to move: its refusal is the connection's
+    /// answer (a peer's refusal, met once the active endpoint is out of reach, passes the
+    /// search on to the next). Each has its own
     /// host, port, user and credentials (a DSQL token is signed for one endpoint and its
     /// region); their own `failover` must be empty. Every other setting each leaves at its
     /// default (the database, the session's settings, TLS, the token cache's, the connection

@@ -1658,3 +1658,39 @@ async fn a_token_refused_before_its_expiry_is_replaced_for_every_pool_kind() {
     }
     connector.shutdown().await;
 }
+
+/// With three endpoints and the active one out of reach, a peer that answers with a
+/// refusal (a limit, `53300`; a refused login, `28P01`) is passed over for the next one: the
+/// search ends where a connection opens. Before, the first peer's refusal ended it, and the
+/// third endpoint, which answered, was never tried; every connect failed so.
+#[tokio::test]
+async fn a_peers_refusal_passes_the_search_on_to_the_next_endpoint() {
+    let pg = tests::server().await;
+    let password = tests::app_database(&pg, "threeway").await;
+    pg.create_role("threeway_limited", &password, None)
+        .await
+        .unwrap();
+    pg.set_connection_limit("threeway_limited", Some(0))
+        .await
+        .unwrap();
+    let (_closed, closed) = tests::closed_port();
+    let answering = pg.config("threeway", "threeway", &password);
+    let answering_at = format!("{}:{}", pg.host(), pg.port());
+    for refusing in [
+        pg.config("threeway", "threeway_limited", &password),
+        pg.config("threeway", "threeway", "not-the-password"),
+    ] {
+        let config = pg
+            .config("threeway", "threeway", &password)
+            .port(closed)
+            .connect_timeout(Duration::from_secs(1))
+            .failover(refusing)
+            .failover(answering.clone());
+        let connector = Connector::new(config).await.unwrap();
+        let (client, connection) = connector.connect().await.unwrap();
+        tokio::spawn(connection);
+        client.simple_query("SELECT 1").await.unwrap();
+        assert_eq!(connector.active_endpoint(), answering_at);
+        connector.shutdown().await;
+    }
+}
