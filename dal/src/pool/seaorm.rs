@@ -344,10 +344,14 @@ impl Drop for Conn {
     /// connection's socket without them, which PostgreSQL logs over TLS as an error ("could
     /// not receive data from client: Connection reset by peer") at every connection the pool
     /// retires. A broken connection, or one dropped outside a runtime, is closed as it is.
-    /// A `Terminate` after a statement whose future was dropped half sent follows the rest
-    /// of it: sqlx keeps a message's unsent bytes in its buffer and sends them first.
+    /// So is one holding the unsent rest of a statement whose future was dropped as it was
+    /// written ([`has_broken`]): sqlx would send the rest before the `Terminate`.
     fn drop(&mut self) {
-        let Some(raw) = self.raw.take().filter(|_| !self.broken) else {
+        let Some(raw) = self
+            .raw
+            .take()
+            .filter(|raw| !self.broken && !raw.should_flush())
+        else {
             return;
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -419,7 +423,13 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
 /// could not be reached when it was dropped): the server rolls it back as the connection
 /// closes. Called as the connection comes back to the pool (the pool notes when, in its
 /// `Lifespan`).
+/// Broken as well: one holding the unsent rest of a statement whose future was dropped while
+/// it was being written (a large write on a full socket), which sqlx would send before
+/// anything else, the check of its next checkout or the `Terminate` of its close, and so run
+/// a write its caller gave up on, after whatever the caller did since. Closed without it, the
+/// server discards the part it has.
 fn has_broken(conn: &mut Conn) -> bool {
+    conn.broken |= conn.raw.as_ref().is_some_and(|raw| raw.should_flush());
     std::thread::panicking() || conn.broken || conn.depth > 0
 }
 

@@ -1694,3 +1694,59 @@ async fn a_peers_refusal_passes_the_search_on_to_the_next_endpoint() {
         connector.shutdown().await;
     }
 }
+
+/// A SeaORM statement whose future is dropped before all of it was written (a large write
+/// whose caller timed out while the socket was full) never runs: the rest of it is not sent
+/// later, by the check of the connection's next checkout or as the connection closes.
+/// Before, the check sent the rest, and the write its caller had given up on ran then, after
+/// whatever the caller had done since.
+#[tokio::test]
+async fn a_seaorm_statement_dropped_half_written_never_runs_later() {
+    let (_pg, connector, admin) = setup("halfwritten").await;
+    let db = connector.seaorm().await.unwrap();
+    // Larger than what the sockets of both sides hold while the backend is stopped.
+    let large = format!(
+        "INSERT INTO acks SELECT 1 WHERE length('{}') > 0",
+        "x".repeat(32 << 20)
+    );
+    for retired in [false, true] {
+        let pid: i32 = db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT pg_backend_pid() AS pid",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "pid")
+            .unwrap();
+        let stopped = Stopped::new(pid);
+        let written =
+            tokio::time::timeout(Duration::from_millis(500), db.execute_unprepared(&large)).await;
+        assert!(written.is_err(), "written whole: {written:?}");
+        drop(stopped);
+        if retired {
+            connector.shutdown().await;
+        } else {
+            db.execute_unprepared("SELECT 1").await.unwrap();
+        }
+        // Until it ran, or its backend is gone (whatever it was sent has run).
+        let ran = loop {
+            let gone = admin
+                .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
+                .await
+                .unwrap()
+                .is_none();
+            let ran: i64 = admin
+                .query_one("SELECT count(*) FROM acks", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if ran > 0 || gone {
+                break ran;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(ran, 0, "the write given up on ran (retired: {retired})");
+    }
+}
