@@ -10,6 +10,8 @@ use sea_orm_migration::sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, Statement,
 };
 
+use crate::lock::IN_TRANSACTION;
+
 /// The kind of server the migrations are written for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
@@ -235,7 +237,9 @@ impl<'a, 'm> Ddl<'a, 'm> {
     /// `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`, the service's bound for its queries:
     /// it ended lock waits before [`LOCK_TIMEOUT`] could, with SQLSTATE `57014`, which is not
     /// tried again, and it would end an index build on a large table every time); all with
-    /// `SET LOCAL`, for this migration's transaction alone. Aurora DSQL takes no locks: it
+    /// `SET LOCAL`, for this migration's transaction alone; and holds an advisory lock until
+    /// the transaction ends, which [`MigrationLock`](crate::MigrationLock) waits for before
+    /// it is handed on. Aurora DSQL takes no locks: it
     /// aborts conflicting transactions at commit instead.
     pub(crate) async fn begin(
         manager: &'a SchemaManager<'m>,
@@ -256,7 +260,8 @@ impl<'a, 'm> Ddl<'a, 'm> {
                      FROM (SELECT coalesce(nullif(setting::bigint, 0), reset_val::bigint) \
                      AS s FROM pg_settings WHERE name = 'statement_timeout') AS t; \
                      SET LOCAL idle_in_transaction_session_timeout = \
-                     '{IDLE_IN_TRANSACTION_TIMEOUT}'; SET LOCAL statement_timeout = 0"
+                     '{IDLE_IN_TRANSACTION_TIMEOUT}'; SET LOCAL statement_timeout = 0; \
+                     SELECT pg_advisory_xact_lock({IN_TRANSACTION})"
                 ))
                 .await?;
         }

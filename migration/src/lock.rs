@@ -6,6 +6,11 @@ use dal::{Connector, Error, Target};
 /// run (PostgreSQL keeps advisory locks per database). "dal_migr" in ASCII.
 const KEY: i64 = 0x6461_6c5f_6d69_6772;
 
+/// The key of the advisory lock each migration's transaction holds until it ends
+/// ([`Ddl::begin`](crate::ddl::Ddl)), which a run waits for once it has the migration lock:
+/// "dal_mtx" in ASCII.
+pub(crate) const IN_TRANSACTION: i64 = 0x0064_616c_5f6d_7478;
+
 /// PostgreSQL's session advisory lock on migrations, held on a connection of its own until
 /// dropped (or until the process ends, when the server releases it with the session).
 ///
@@ -29,7 +34,12 @@ impl MigrationLock {
     /// lock, and let the next run in while this one still migrated), nor PostgreSQL 17's
     /// `transaction_timeout` (a role's would end the wait, a transaction of its own);
     /// PostgreSQL before 14 has no `idle_session_timeout`, before 17 no
-    /// `transaction_timeout`, and nothing to lift. `None` on Aurora DSQL, which has
+    /// `transaction_timeout`, and nothing to lift. A run cut off while a migration's
+    /// transaction was still open on the server (its process killed or its future dropped
+    /// during a long statement or a `COMMIT`) gave up the lock with its session at once,
+    /// before the server had ended that transaction: the lock is handed on once it has
+    /// ended, so that the next run reads what is pending after it (for migrations that start
+    /// with `Ddl::begin`, as the sample's do). `None` on Aurora DSQL, which has
     /// no advisory locks: there [`DsqlMigrator::up`](crate::DsqlMigrator) goes on after the
     /// statements of a run at the same time.
     ///
@@ -66,6 +76,11 @@ impl MigrationLock {
                 .await
                 .map_err(Error::Database)?;
         }
+        // Taken and given back at once: a wait for the migration still in a transaction.
+        session
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&IN_TRANSACTION])
+            .await
+            .map_err(Error::Database)?;
         Ok(Some(Self { _session: session }))
     }
 }

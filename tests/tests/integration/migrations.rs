@@ -471,3 +471,102 @@ async fn settings_in(tx: &sea_orm::DatabaseTransaction) -> Vec<String> {
     }
     values
 }
+
+/// A run cut off while a migration's transaction is still open on the server (here its
+/// `COMMIT`, waiting for a synchronous standby, when the run's future is dropped; a process
+/// killed during a long statement is the same) hands the migration lock on only once that
+/// transaction has ended, and the next run then applies the rest. Before, the lock went with
+/// the run's own session at once, while the migration it guarded was still committing: the
+/// next run read that migration as pending, and would apply it a second time.
+#[tokio::test]
+async fn the_migration_lock_is_handed_on_once_a_cut_off_runs_transaction_has_ended() {
+    use std::time::{Duration, Instant};
+    let pg = tests::server().await;
+    let password = format!("pw-{}", uuid::Uuid::new_v4());
+    pg.create_role("cut_off", &password, None).await.unwrap();
+    pg.create_database("cut_off", Some("cut_off"))
+        .await
+        .unwrap();
+    let connector = || async {
+        dal::Connector::new(pg.config("cut_off", "cut_off", &password))
+            .await
+            .unwrap()
+    };
+    // The first migration, and `seaql_migrations`, whose creation is no migration's.
+    let setup = connector().await;
+    Migrator::up(&tests::migration_db(&setup).await, Some(1))
+        .await
+        .unwrap();
+    setup.shutdown().await;
+    let admin = pg.admin("postgres").await.unwrap();
+    for sql in [
+        "ALTER ROLE cut_off SET synchronous_commit = on",
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let connector = connector().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let until = |what: &'static str, sql: &'static str| {
+        let admin = &admin;
+        async move {
+            while admin.query(sql, &[]).await.unwrap().is_empty() {
+                assert!(Instant::now() < deadline, "{what}: never");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    let first = tokio::spawn({
+        let connector = connector.clone();
+        async move {
+            let _lock = migration::MigrationLock::acquire(&connector).await.unwrap();
+            Migrator::up(&tests::migration_db(&connector).await, None).await
+        }
+    });
+    until(
+        "the second migration's COMMIT waits for the standby",
+        "SELECT 1 FROM pg_stat_activity WHERE datname = 'cut_off' AND wait_event = 'SyncRep'",
+    )
+    .await;
+    first.abort();
+    let _ = first.await;
+    until(
+        "the cut-off run's lock is given up",
+        "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a \
+         USING (pid) WHERE l.locktype = 'advisory' AND a.state = 'idle')",
+    )
+    .await;
+
+    let next = tokio::spawn({
+        let connector = connector.clone();
+        async move {
+            migration::MigrationLock::acquire(&connector)
+                .await
+                .map(drop)
+        }
+    });
+    let waiting = "SELECT 1 FROM pg_stat_activity WHERE datname = 'cut_off' \
+                   AND wait_event_type = 'Lock' AND wait_event = 'advisory'";
+    while admin.query(waiting, &[]).await.unwrap().is_empty() {
+        assert!(
+            !next.is_finished(),
+            "the next run took the lock while the cut-off run's COMMIT was still waiting"
+        );
+        assert!(Instant::now() < deadline, "the next run never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for sql in [
+        "ALTER SYSTEM RESET synchronous_standby_names",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    next.await.unwrap().unwrap();
+    let _lock = migration::MigrationLock::acquire(&connector).await.unwrap();
+    let db = tests::migration_db(&connector).await;
+    Migrator::up(&db, None).await.unwrap();
+    assert_eq!(applied(&db).await.len(), 3);
+    connector.shutdown().await;
+}
