@@ -265,11 +265,13 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    /// A credential source produced a token that had expired already: the clocks of this
-    /// machine and of the source disagree. Not retried: fetching again cannot help.
+    /// A credential source produced a token that had expired already: by the source's own
+    /// clock, when its answer gives the time (the Lakebase credential API's HTTP `Date`), or
+    /// by this machine's, which may disagree with the source's. Not retried: fetching again
+    /// cannot help.
     #[error(
         "the {source_kind} credential source returned a token that expired at {} (now is {}); \
-         check this machine's clock",
+         check the clocks of this machine and of the source",
         rfc3339(*expires_at),
         rfc3339(*now)
     )]
@@ -278,7 +280,7 @@ pub enum Error {
         source_kind: &'static str,
         /// When the token expired.
         expires_at: SystemTime,
-        /// The time on this machine when it arrived.
+        /// The time when it arrived: the source's when it gave it, else this machine's.
         now: SystemTime,
     },
 

@@ -325,6 +325,9 @@ pub(crate) struct Reply {
     pub(crate) body: Vec<u8>,
     /// `Retry-After` in seconds (the HTTP-date form is not used by the services).
     pub(crate) retry_after: Option<Duration>,
+    /// The answer's `Date` (RFC 9110, section 6.6.1): when the service answered, by its own
+    /// clock, to the second.
+    pub(crate) date: Option<SystemTime>,
 }
 
 impl Lakebase {
@@ -432,8 +435,10 @@ impl Lakebase {
         Ok(self)
     }
 
-    /// The clock that decides when the workspace token is renewed and whether a credential
-    /// has already expired. Defaults to [`SystemClock`].
+    /// The clock that decides when the workspace token is renewed, and from when a database
+    /// credential's life counts (the life is the service's: its expiry less its answer's
+    /// `Date`; with no `Date`, the credential expires at its expiry by this clock). Defaults
+    /// to [`SystemClock`].
     #[must_use]
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -778,21 +783,40 @@ impl Lakebase {
                 source: Some(Box::new(e)),
             })?
             .with_timezone(&chrono::Utc);
-        let now = self.clock.now();
-        if SystemTime::from(expires_at) <= now {
+        let expires_at = SystemTime::from(expires_at);
+        // Its life by the service's clock, when the answer says what time it was there: a
+        // machine whose clock runs ahead by more than a credential's life would otherwise see
+        // each one expired on arrival, and open no connection. It counts from the request, on
+        // this machine's clock, less the second `Date` rounds off.
+        let (now, answered) = match reply.date {
+            Some(date) => {
+                let life = expires_at
+                    .duration_since(date)
+                    .ok()
+                    .filter(|l| !l.is_zero());
+                (
+                    date,
+                    life.map(|life| requested_at + life.saturating_sub(Duration::from_secs(1))),
+                )
+            }
+            None => {
+                let now = self.clock.now();
+                (now, (now < expires_at).then_some(expires_at))
+            }
+        };
+        let Some(answered) = answered else {
             return Err(Error::TokenExpired {
                 source_kind: KIND,
-                expires_at: expires_at.into(),
+                expires_at,
                 now,
             });
-        }
+        };
         // The shortest life: the one asked for, the one answered, or the longest there is.
-        let longest = requested_at + MAX_CREDENTIAL_LIFE;
-        let expires_at = match self.ttl.and_then(|ttl| now.checked_add(ttl)) {
-            Some(asked) => asked.min(expires_at.into()),
-            None => expires_at.into(),
+        let expires_at = match self.ttl.and_then(|ttl| requested_at.checked_add(ttl)) {
+            Some(asked) => asked.min(answered),
+            None => answered,
         }
-        .min(longest);
+        .min(requested_at + MAX_CREDENTIAL_LIFE);
         Ok(Token::new(token, Some(expires_at)))
     }
 
@@ -1429,6 +1453,12 @@ pub(crate) async fn read_reply(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let date = response
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| chrono::DateTime::parse_from_rfc2822(v).ok())
+            .map(SystemTime::from);
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(Failure::Http)? {
             if body.len() + chunk.len() > max_body {
@@ -1440,6 +1470,7 @@ pub(crate) async fn read_reply(
             status,
             body,
             retry_after,
+            date,
         })
     })
     .await;

@@ -629,8 +629,15 @@ async fn either_expiry_field_name_is_accepted() {
             .parse::<chrono::DateTime<chrono::Utc>>()
             .unwrap(),
     );
+    // By the service's clock, from the request: less the second its `Date` rounds off.
+    let asked = SystemTime::now();
     let token = source(&server).fetch().await.unwrap();
-    assert_eq!(token.expires_at(), Some(expected));
+    let took = asked.elapsed().unwrap();
+    let at = token.expires_at().unwrap();
+    assert!(
+        at <= expected && expected.duration_since(at).unwrap() <= took + Duration::from_secs(1),
+        "{at:?} against {expected:?}"
+    );
     let target = LakebaseTarget::Provisioned {
         instance: "orders-db".into(),
     };
@@ -933,13 +940,17 @@ async fn a_missing_token_or_expiry_is_a_transport_error() {
     assert_transport(&err, AUTOSCALING_PATH);
 }
 
+/// A credential the service answers already expired by its own clock (its answer's `Date`)
+/// is refused; this machine's clock does not come into it.
 #[tokio::test]
 async fn a_credential_that_already_expired_is_refused() {
-    let server = Server::start(workspace).await;
-    let clock = ManualClock::new();
-    // The injected clock says 2103; the answer says 2099.
-    clock.advance(Duration::from_secs(2_400_000_000));
-    let err = source(&server).with_clock(clock).fetch().await.unwrap_err();
+    const PAST: &str = "2000-01-01T00:00:00Z";
+    let server = Server::start(|r: &Request, base: &str| match r.path.as_str() {
+        AUTOSCALING_PATH => Reply::Json(200, json!({ "token": DB_TOKEN, "expire_time": PAST })),
+        _ => workspace(r, base),
+    })
+    .await;
+    let err = source(&server).fetch().await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -951,12 +962,44 @@ async fn a_credential_that_already_expired_is_refused() {
         "{err:?}"
     );
     assert!(!err.is_retryable(), "a clock that is wrong stays wrong");
-    assert_eq!(
-        err.to_string(),
-        "the lakebase credential source returned a token that expired at 2099-01-01T00:00:00Z \
-         (now is 2103-02-04T02:40:00Z); check this machine's clock"
+    let text = err.to_string();
+    assert!(
+        text.starts_with(
+            "the lakebase credential source returned a token that expired at \
+             2000-01-01T00:00:00Z (now is 20"
+        ) && text.ends_with("); check the clocks of this machine and of the source"),
+        "{text}"
     );
     assert!(!format!("{err:?}").contains(DB_TOKEN));
+}
+
+/// A machine whose clock runs ahead of the service's by more than a credential's life still
+/// uses its credentials: a credential's life is the service's (its expiry less its answer's
+/// `Date`), counted from the request by this machine's clock. Before, each arrived expired
+/// by this machine's clock (`TokenExpired`), and no connection opened.
+#[tokio::test]
+async fn a_clock_ahead_of_the_services_keeps_the_credentials_life() {
+    let server = Server::start(|r: &Request, base: &str| match r.path.as_str() {
+        AUTOSCALING_PATH => {
+            let expiry = chrono::Utc::now() + chrono::Duration::seconds(300);
+            Reply::Json(
+                200,
+                json!({ "token": DB_TOKEN, "expire_time": expiry.to_rfc3339() }),
+            )
+        }
+        _ => workspace(r, base),
+    })
+    .await;
+    let clock = ManualClock::new();
+    clock.advance(Duration::from_secs(2 * 3600));
+    let asked = clock.now();
+    assert!(asked > SystemTime::now() + Duration::from_secs(3600));
+    let token = source(&server).with_clock(clock).fetch().await.unwrap();
+    let life = token.expires_at().unwrap().duration_since(asked).unwrap();
+    assert!(
+        (Duration::from_secs(298)..=Duration::from_secs(300)).contains(&life),
+        "{life:?}"
+    );
 }
 
 #[tokio::test]
