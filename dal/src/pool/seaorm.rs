@@ -344,14 +344,10 @@ impl Drop for Conn {
     /// connection's socket without them, which PostgreSQL logs over TLS as an error ("could
     /// not receive data from client: Connection reset by peer") at every connection the pool
     /// retires. A broken connection, or one dropped outside a runtime, is closed as it is.
-    /// So is one holding the unsent rest of a statement whose future was dropped as it was
-    /// written ([`has_broken`]): sqlx would send the rest before the `Terminate`.
+    /// So is one with a statement unanswered ([`has_broken`]): the rest of it, if it was not
+    /// written whole, would go out before the `Terminate`.
     fn drop(&mut self) {
-        let Some(raw) = self
-            .raw
-            .take()
-            .filter(|raw| !self.broken && !raw.should_flush())
-        else {
+        let Some(raw) = self.raw.take().filter(|_| !self.broken && self.open == 0) else {
             return;
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -379,10 +375,10 @@ fn query_err(e: sqlx::Error) -> DbErr {
 /// Handed out without a check: came back within
 /// [`RECENTLY_USED`](super::reset::RECENTLY_USED) with every statement answered, none that
 /// may have begun or ended a transaction block, and no statement found stale since. Any
-/// other (idle longer, a statement whose future was dropped before its answer, a `BEGIN` of
-/// the user's own) is checked.
+/// other (idle longer, a `BEGIN` of the user's own) is checked. (One that came back with a
+/// statement unanswered is closed: [`has_broken`].)
 fn is_settled(conn: &mut Conn) -> bool {
-    !conn.stale && !conn.unsure && conn.open == 0 && conn.lifespan.recently_back()
+    !conn.stale && !conn.unsure && conn.lifespan.recently_back()
 }
 
 /// Checks a connection before it is handed out again: alive, and outside any transaction;
@@ -423,13 +419,14 @@ fn is_valid(conn: &mut Conn) -> BoxFuture<'_, Result<()>> {
 /// could not be reached when it was dropped): the server rolls it back as the connection
 /// closes. Called as the connection comes back to the pool (the pool notes when, in its
 /// `Lifespan`).
-/// Broken as well: one holding the unsent rest of a statement whose future was dropped while
-/// it was being written (a large write on a full socket), which sqlx would send before
-/// anything else, the check of its next checkout or the `Terminate` of its close, and so run
-/// a write its caller gave up on, after whatever the caller did since. Closed without it, the
-/// server discards the part it has.
+/// Broken as well: one that comes back with a statement unanswered, whose future was dropped.
+/// It may not have been written whole (a large write on a full socket): sqlx keeps the rest
+/// in its buffer, and over TLS rustls keeps up to 64 KiB more that sqlx counts as sent; either
+/// goes out before anything else, the check of its next checkout or the `Terminate` of its
+/// close, and so ran a write its caller had given up on, after whatever the caller did since.
+/// Closed without it, the server discards the part it has.
 fn has_broken(conn: &mut Conn) -> bool {
-    conn.broken |= conn.raw.as_ref().is_some_and(|raw| raw.should_flush());
+    conn.broken |= conn.open > 0;
     std::thread::panicking() || conn.broken || conn.depth > 0
 }
 

@@ -1710,17 +1710,25 @@ async fn a_seaorm_statement_dropped_half_written_never_runs_later() {
         "x".repeat(32 << 20)
     );
     for retired in [false, true] {
-        let pid: i32 = db
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT pg_backend_pid() AS pid",
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get("", "pid")
-            .unwrap();
-        let stopped = Stopped::new(pid);
+        // Stopped within the pool's window of 0.5 s, so that the next statement goes out with
+        // no check first (a check would wait on the stopped server in its place).
+        let (pid, stopped) = loop {
+            let pid: i32 = db
+                .query_one_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    "SELECT pg_backend_pid() AS pid",
+                ))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get("", "pid")
+                .unwrap();
+            let back = std::time::Instant::now();
+            let stopped = Stopped::new(pid);
+            if back.elapsed() < Duration::from_millis(100) {
+                break (pid, stopped);
+            }
+        };
         let written =
             tokio::time::timeout(Duration::from_millis(500), db.execute_unprepared(&large)).await;
         assert!(written.is_err(), "written whole: {written:?}");
@@ -1731,7 +1739,12 @@ async fn a_seaorm_statement_dropped_half_written_never_runs_later() {
             db.execute_unprepared("SELECT 1").await.unwrap();
         }
         // Until it ran, or its backend is gone (whatever it was sent has run).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let ran = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "its backend still there after a minute"
+            );
             let gone = admin
                 .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
                 .await
