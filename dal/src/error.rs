@@ -265,10 +265,9 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    /// A credential source produced a token that had expired already: by the source's own
-    /// clock, when its answer gives the time (the Lakebase credential API's HTTP `Date`), or
-    /// by this machine's, which may disagree with the source's. Not retried: fetching again
-    /// cannot help.
+    /// A credential source produced a token that had expired already: by this machine's
+    /// clock, or by the source's own when its answer gives the time and the clocks disagree
+    /// (the Lakebase credential API's HTTP `Date`). Not retried: fetching again cannot help.
     #[error(
         "the {source_kind} credential source returned a token that expired at {} (now is {}); \
          check the clocks of this machine and of the source",

@@ -36,6 +36,9 @@ const MAX_BODY: usize = 1 << 20;
 /// credential APIs). An answer with a later expiry (a clock far behind the service's, an
 /// expiry the service did not mean) is held to an hour from the request.
 const MAX_CREDENTIAL_LIFE: Duration = Duration::from_secs(3600);
+/// How far apart an answer's `Date` and this machine's clock may be and still be read as the
+/// same clock: `Date` is rounded down to the second, and the answer took its time to arrive.
+const CLOCKS_AGREE: Duration = Duration::from_secs(5);
 const MAX_ERROR_MESSAGE: usize = 300;
 const REDACTED: &str = "** redacted **";
 const PAT_HEADER_REASON: &str = "holds characters not allowed in an HTTP header";
@@ -435,10 +438,10 @@ impl Lakebase {
         Ok(self)
     }
 
-    /// The clock that decides when the workspace token is renewed, and from when a database
-    /// credential's life counts (the life is the service's: its expiry less its answer's
-    /// `Date`; with no `Date`, the credential expires at its expiry by this clock). Defaults
-    /// to [`SystemClock`].
+    /// The clock that decides when the workspace token is renewed and when a database
+    /// credential expires: at its expiry by this clock, unless the answer's `Date` is more
+    /// than 5 s away from it; then the credential's life is the service's, its expiry less
+    /// that `Date`, counted from the request by this clock. Defaults to [`SystemClock`].
     #[must_use]
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -784,11 +787,15 @@ impl Lakebase {
             })?
             .with_timezone(&chrono::Utc);
         let expires_at = SystemTime::from(expires_at);
-        // Its life by the service's clock, when the answer says what time it was there: a
-        // machine whose clock runs ahead by more than a credential's life would otherwise see
-        // each one expired on arrival, and open no connection. It counts from the request, on
-        // this machine's clock, less the second `Date` rounds off.
-        let (now, answered) = match reply.date {
+        // Its life by the service's clock, when the answer's `Date` says that clock is more
+        // than `Date`'s rounding and the trip away from this machine's: one ahead by more than
+        // a credential's life would otherwise see each one expired on arrival, and open no
+        // connection. It counts from the request, by this machine's clock, less the second
+        // `Date` rounds off.
+        let now = self.clock.now();
+        let apart =
+            |a: SystemTime, b: SystemTime| a.duration_since(b).unwrap_or_else(|e| e.duration());
+        let (now, answered) = match reply.date.filter(|&date| apart(date, now) > CLOCKS_AGREE) {
             Some(date) => {
                 let life = expires_at
                     .duration_since(date)
@@ -799,10 +806,7 @@ impl Lakebase {
                     life.map(|life| requested_at + life.saturating_sub(Duration::from_secs(1))),
                 )
             }
-            None => {
-                let now = self.clock.now();
-                (now, (now < expires_at).then_some(expires_at))
-            }
+            None => (now, (now < expires_at).then_some(expires_at)),
         };
         let Some(answered) = answered else {
             return Err(Error::TokenExpired {
