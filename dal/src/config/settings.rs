@@ -643,7 +643,7 @@ pub struct Config {
     /// host, port, user and credentials (a DSQL token is signed for one endpoint and its
     /// region); their own `failover` must be empty. Every other setting each leaves at its
     /// default (the database, the session's settings, TLS, the token cache's, the connection
-    /// rate) is this one's. When none answers, the connection fails with
+    /// rate) is this one's. When none opens one, the connection fails with
     /// [`Error::AllEndpointsFailed`](crate::Error::AllEndpointsFailed), each one's failure in
     /// it. Defaults to none.
     pub failover: Vec<Config>,

@@ -307,7 +307,7 @@ impl Transactions {
     /// nor a server's limit, whose endpoint answers): when the
     /// connector has [failover](crate::Config::failover) endpoints, opens one connection
     /// through it, which moves every pool (this SeaORM pool included) to the first endpoint
-    /// that answers. A `BEGIN` that failed on a connection the pool held (its server gone)
+    /// where one opens. A `BEGIN` that failed on a connection the pool held (its server gone)
     /// tells the connector nothing: this moves at once, not at the pool's next connect.
     #[cfg(feature = "seaorm")]
     pub(super) async fn follow_failover(&self, failure: &Failure) {

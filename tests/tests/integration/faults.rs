@@ -1674,7 +1674,11 @@ async fn a_peers_refusal_passes_the_search_on_to_the_next_endpoint() {
         .await
         .unwrap();
     let (_closed, closed) = tests::closed_port();
-    let answering = pg.config("threeway", "threeway", &password);
+    // Its own connect timeout, for a login on a busy machine: the others' 1 s bounds the
+    // limit's retries.
+    let answering = pg
+        .config("threeway", "threeway", &password)
+        .connect_timeout(Duration::from_secs(60));
     let answering_at = format!("{}:{}", pg.host(), pg.port());
     for refusing in [
         pg.config("threeway", "threeway_limited", &password),
