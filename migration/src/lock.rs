@@ -60,27 +60,46 @@ impl MigrationLock {
             )
             .await
             .map_err(Error::Database)?;
-        let taken: bool = session
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&KEY])
-            .await
-            .map_err(Error::Database)?
-            .get(0);
-        if !taken {
-            // In sea-orm-migration's target, the one its command line shows.
-            tracing::info!(
-                target: "sea_orm_migration",
-                "another migration run holds the migration lock; waiting for it"
-            );
-            session
-                .execute("SELECT pg_advisory_lock($1)", &[&KEY])
-                .await
-                .map_err(Error::Database)?;
-        }
+        take(
+            &session,
+            "advisory_lock",
+            KEY,
+            "another migration run holds the migration lock; waiting for it",
+        )
+        .await?;
         // Taken and given back at once: a wait for the migration still in a transaction.
-        session
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&IN_TRANSACTION])
-            .await
-            .map_err(Error::Database)?;
+        take(
+            &session,
+            "advisory_xact_lock",
+            IN_TRANSACTION,
+            "a migration of the run before is still in a transaction on the server; waiting \
+             for it to end",
+        )
+        .await?;
         Ok(Some(Self { _session: session }))
     }
+}
+
+/// Takes the advisory lock `key` with PostgreSQL's `pg_{function}`, after one try with
+/// `pg_try_{function}`; when that fails, logs `waiting` at info level, in sea-orm-migration's
+/// target (the one its command line shows), and waits.
+async fn take(
+    session: &dal::tokio_postgres::Client,
+    function: &str,
+    key: i64,
+    waiting: &str,
+) -> dal::Result<()> {
+    let taken: bool = session
+        .query_one(&format!("SELECT pg_try_{function}($1)"), &[&key])
+        .await
+        .map_err(Error::Database)?
+        .get(0);
+    if !taken {
+        tracing::info!(target: "sea_orm_migration", "{waiting}");
+        session
+            .execute(&format!("SELECT pg_{function}($1)"), &[&key])
+            .await
+            .map_err(Error::Database)?;
+    }
+    Ok(())
 }
