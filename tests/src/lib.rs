@@ -93,6 +93,19 @@ pub async fn migration_db(connector: &Connector) -> DatabaseConnection {
     DatabaseConnection::from(connector.sqlx_pool().await.expect("the sqlx pool"))
 }
 
+/// The server process of the connection that a SeaORM statement on `db` runs on.
+pub async fn seaorm_backend_pid(db: &impl sea_orm::ConnectionTrait) -> i32 {
+    db.query_one_raw(sea_orm::Statement::from_string(
+        sea_orm::DbBackend::Postgres,
+        "SELECT pg_backend_pid() AS pid",
+    ))
+    .await
+    .unwrap()
+    .unwrap()
+    .try_get("", "pid")
+    .unwrap()
+}
+
 /// Inserts a customer with SeaORM and reads it back.
 pub async fn seaorm_round_trip(db: &impl sea_orm::ConnectionTrait, tag: &str) {
     let email = format!("{tag}-{}@example.com", Uuid::now_v7());

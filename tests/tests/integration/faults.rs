@@ -638,13 +638,7 @@ async fn a_connection_whose_check_was_cancelled_is_checked_before_it_goes_out() 
     let mut failed = Vec::new();
     for kind in ["seaorm", "diesel", "postgres"] {
         let pid: i32 = match kind {
-            "seaorm" => db
-                .query_one_raw(Statement::from_string(DbBackend::Postgres, pid_sql))
-                .await
-                .unwrap()
-                .unwrap()
-                .try_get("", "pid")
-                .unwrap(),
+            "seaorm" => tests::seaorm_backend_pid(&db).await,
             "diesel" => {
                 let mut conn = diesel.get().await.unwrap();
                 dal::diesel::select(dal::diesel::dsl::sql::<Integer>("pg_backend_pid()"))
@@ -1717,16 +1711,7 @@ async fn a_seaorm_statement_dropped_half_written_never_runs_later() {
         // Stopped within the pool's window of 0.5 s, so that the next statement goes out with
         // no check first (a check would wait on the stopped server in its place).
         let (pid, stopped) = loop {
-            let pid: i32 = db
-                .query_one_raw(Statement::from_string(
-                    DbBackend::Postgres,
-                    "SELECT pg_backend_pid() AS pid",
-                ))
-                .await
-                .unwrap()
-                .unwrap()
-                .try_get("", "pid")
-                .unwrap();
+            let pid = tests::seaorm_backend_pid(&db).await;
             let back = std::time::Instant::now();
             let stopped = Stopped::new(pid);
             if back.elapsed() < Duration::from_millis(100) {

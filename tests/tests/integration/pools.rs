@@ -603,16 +603,7 @@ async fn no_pool_hands_out_a_connection_past_its_lifetime() {
     let dpool = connector.diesel_pool().await.unwrap();
     let raw = connector.postgres_pool().await.unwrap();
     let pids = || async {
-        let seaorm: i32 = db
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT pg_backend_pid() AS pid",
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get("", "pid")
-            .unwrap();
+        let seaorm = tests::seaorm_backend_pid(&db).await;
         let mut conn = dpool.get().await.unwrap();
         let diesel: Pid = dal::diesel::sql_query("SELECT pg_backend_pid() AS pid")
             .get_result(&mut *conn)
