@@ -1752,3 +1752,51 @@ async fn a_seaorm_statement_dropped_half_written_never_runs_later() {
         assert_eq!(ran, 0, "the write given up on ran (retired: {retired})");
     }
 }
+
+/// A tokio-postgres connection that ran a `COPY ... FROM STDIN` goes out again with no round
+/// trip, as after any other statement. The server ignores the `Sync` that tokio-postgres
+/// writes with the copy's `Execute` (it reads it in copy-in mode), so the pool counted one
+/// request more than was answered, for the connection's life, and checked it before every
+/// later checkout.
+#[tokio::test]
+async fn a_connection_that_copied_rows_in_goes_out_again_with_no_round_trip() {
+    use futures_util::SinkExt;
+    let (_pg, connector, _admin) = setup("copied").await;
+    let raw = connector.postgres_pool().await.unwrap();
+    for id in 0.. {
+        let client = raw.get().await.unwrap();
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let sink = client
+            .copy_in::<_, bytes::Bytes>("COPY acks (id) FROM STDIN")
+            .await
+            .unwrap();
+        futures_util::pin_mut!(sink);
+        sink.send(format!("{id}\n").into()).await.unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 1);
+        drop(client);
+        // Stopped within the pool's window of 0.5 s: a checkout with no round trip goes on,
+        // one that checks the connection waits on the stopped server.
+        let back = std::time::Instant::now();
+        let stopped = Stopped::new(pid);
+        if back.elapsed() > Duration::from_millis(100) {
+            assert!(id < 20, "never stopped within the window");
+            continue;
+        }
+        let got = tokio::time::timeout(Duration::from_secs(30), raw.get()).await;
+        drop(stopped);
+        let client = got
+            .expect("the checkout waited on the stopped server")
+            .unwrap();
+        let again: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(again, pid, "another connection");
+        break;
+    }
+}
