@@ -13,7 +13,8 @@
 //!
 //! Messages and their framing: PostgreSQL's frontend/backend protocol, "Message Formats"
 //! (a type byte, then a 32-bit length that counts itself; the startup message has no type
-//! byte). `ReadyForQuery` (`Z`) follows every simple query (`Q`) and every `Sync` (`S`), and
+//! byte). `ReadyForQuery` (`Z`) follows every simple query (`Q`) and every `Sync` (`S`) but
+//! one read in copy-in mode (after a `CopyInResponse`, `G`), which the server ignores, and
 //! the startup; its one byte is `I` (idle), `T` (in a transaction block) or `E` (in a failed
 //! one). `CommandComplete` (`C`) carries the command tag, `ROLLBACK` for a `COMMIT` of a
 //! transaction an error aborted (PostgreSQL's `EndTransactionBlock`, in `xact.c`); the
@@ -49,8 +50,13 @@ pub(crate) enum Session {
 pub(crate) struct Wire {
     /// Requests written that the server answers with a `ReadyForQuery`.
     sent: AtomicU64,
-    /// `ReadyForQuery` messages received.
+    /// `ReadyForQuery` messages received, and the `Sync`s they answer with them (below).
     answered: AtomicU64,
+    /// `Sync`s the server ignored in copy-in mode: tokio-postgres writes one with the
+    /// `Execute` of a `COPY ... FROM STDIN`, which the server reads after its
+    /// `CopyInResponse` (`G`), and another after `CopyDone` or `CopyFail`, whose
+    /// `ReadyForQuery` ends the copy and answers both.
+    copy_syncs: AtomicU64,
     /// The status byte of the last `ReadyForQuery`.
     status: AtomicU8,
     /// Bytes were written and not yet flushed.
@@ -361,7 +367,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
                     b'Z' => {
                         wire.status
                             .store(body.first().copied().unwrap_or(0), SeqCst);
-                        wire.answered.fetch_add(1, SeqCst);
+                        let ignored = wire.copy_syncs.swap(0, SeqCst);
+                        wire.answered.fetch_add(1 + ignored, SeqCst);
+                    }
+                    b'G' => {
+                        wire.copy_syncs.fetch_add(1, SeqCst);
                     }
                     b'C' => wire.rolled_back.store(body == b"ROLLBACK\0", SeqCst),
                     b'E' => wire.note_error(body),

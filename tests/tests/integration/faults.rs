@@ -1752,3 +1752,71 @@ async fn a_seaorm_statement_dropped_half_written_never_runs_later() {
         assert_eq!(ran, 0, "the write given up on ran (retired: {retired})");
     }
 }
+
+/// Whether a checkout of `pool`'s one connection, whose backend is `pid` and whose last
+/// statement was [`LAST`], hands it out within the pool's 0.5 s window without running a
+/// statement first; each try runs `LAST` again, prepared once (tokio-postgres closes a
+/// statement it prepared for one query with a request of its own, answered later). A few tries: on a busy machine one may come
+/// after the window, or before the connection task has read all the last statement left.
+/// The statements seen otherwise.
+async fn goes_out_unchecked(
+    pool: &dal::PgClientPool,
+    admin: &tokio_postgres::Client,
+    pid: i32,
+) -> Result<(), Vec<String>> {
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+        let client = pool.get().await.unwrap();
+        let query: String = admin
+            .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .await
+            .unwrap()
+            .get(0);
+        let last = client.prepare_cached(LAST).await.unwrap();
+        let again: i32 = client.query_one(&last, &[]).await.unwrap().get(0);
+        assert_eq!(again, pid, "another connection");
+        if query == LAST {
+            return Ok(());
+        }
+        seen.push(query);
+    }
+    Err(seen)
+}
+
+/// The statement [`goes_out_unchecked`] looks for.
+const LAST: &str = "SELECT pg_backend_pid()";
+
+/// A tokio-postgres connection that copied rows in (`COPY ... FROM STDIN`) goes out again with
+/// no round trip, as after any other statement. tokio-postgres writes a `Sync` with the copy's
+/// `Execute`, which the server reads in copy-in mode and ignores: the pool counted it as a
+/// request never answered, for the rest of the connection's life, and checked the connection
+/// before every later checkout. The server's record of each session's last statement
+/// (`pg_stat_activity.query`) tells whether a checkout ran the check.
+#[tokio::test]
+async fn a_connection_that_copied_rows_in_goes_out_again_with_no_round_trip() {
+    use futures_util::SinkExt;
+    let (_pg, connector, admin) = setup("copied").await;
+    let raw = connector.postgres_pool().await.unwrap();
+    let client = raw.get().await.unwrap();
+    let last = client.prepare_cached(LAST).await.unwrap();
+    let pid: i32 = client.query_one(&last, &[]).await.unwrap().get(0);
+    drop(client);
+    goes_out_unchecked(&raw, &admin, pid)
+        .await
+        .expect("a connection that ran a query went out checked");
+    let client = raw.get().await.unwrap();
+    let copy = client
+        .prepare_cached("COPY acks (id) FROM STDIN")
+        .await
+        .unwrap();
+    let sink = client.copy_in::<_, bytes::Bytes>(&copy).await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send("1\n".into()).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+    client.query_one(&last, &[]).await.unwrap();
+    drop(client);
+    if let Err(seen) = goes_out_unchecked(&raw, &admin, pid).await {
+        panic!("every checkout after the copy ran a statement first: {seen:?}");
+    }
+}
