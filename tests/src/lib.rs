@@ -73,11 +73,17 @@ pub async fn migrated(pg: &LocalPostgres, database: &str) -> DatabaseConnection 
     db
 }
 
-/// A database `name` owned by the login role `name`, migrated; returns the role's password.
-pub async fn app_database(pg: &LocalPostgres, name: &str) -> String {
+/// A role `name` with a fresh password, and an empty database `name` it owns; the password.
+pub async fn owned_database(pg: &LocalPostgres, name: &str) -> String {
     let password = format!("pw-{}", Uuid::new_v4());
     pg.create_role(name, &password, None).await.unwrap();
     pg.create_database(name, Some(name)).await.unwrap();
+    password
+}
+
+/// A database `name` owned by the login role `name`, migrated; returns the role's password.
+pub async fn app_database(pg: &LocalPostgres, name: &str) -> String {
+    let password = owned_database(pg, name).await;
     let connector = Connector::new(pg.config(name, name, &password))
         .await
         .unwrap();

@@ -605,9 +605,7 @@ async fn two_migration_runs_at_once_both_succeed() {
         ("twice_cli", "migration", &["up"][..]),
         ("twice_app", "web_app", &[][..]),
     ] {
-        let password = format!("pw-{}", uuid::Uuid::new_v4());
-        pg.create_role(database, &password, None).await.unwrap();
-        pg.create_database(database, Some(database)).await.unwrap();
+        let password = tests::owned_database(&pg, database).await;
         let url = format!(
             "postgres://{database}:{password}@localhost:{}/{database}?sslmode=verify-full&sslrootcert={}",
             pg.port(),
@@ -846,9 +844,7 @@ async fn a_migration_whose_client_stops_midway_holds_the_service_up_for_seconds_
     use nix::sys::signal::{Signal, kill};
     let pg = tests::server().await;
     let database = "frozen";
-    let password = format!("pw-{}", uuid::Uuid::new_v4());
-    pg.create_role(database, &password, None).await.unwrap();
-    pg.create_database(database, Some(database)).await.unwrap();
+    let password = tests::owned_database(&pg, database).await;
     let connector = dal::Connector::new(pg.config(database, database, &password))
         .await
         .unwrap();

@@ -132,9 +132,7 @@ impl Busy {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
         let pg = tests::server().await;
-        let password = format!("pw-{}", uuid::Uuid::new_v4());
-        pg.create_role(database, &password, None).await.unwrap();
-        pg.create_database(database, Some(database)).await.unwrap();
+        let password = tests::owned_database(&pg, database).await;
         let mut config = pg.config(database, database, &password);
         if let Some(timeout) = statement_timeout {
             config = config.statement_timeout(timeout);
@@ -416,9 +414,7 @@ async fn the_migration_lock_waits_past_the_statement_timeout() {
 async fn migrations_in_a_callers_transaction_leave_its_settings_as_they_were() {
     use sea_orm::TransactionTrait;
     let pg = tests::server().await;
-    let password = format!("pw-{}", uuid::Uuid::new_v4());
-    pg.create_role("in_tx", &password, None).await.unwrap();
-    pg.create_database("in_tx", Some("in_tx")).await.unwrap();
+    let password = tests::owned_database(&pg, "in_tx").await;
     let config = pg
         .config("in_tx", "in_tx", &password)
         .statement_timeout(std::time::Duration::from_secs(30));
@@ -482,11 +478,7 @@ async fn settings_in(tx: &sea_orm::DatabaseTransaction) -> Vec<String> {
 async fn the_migration_lock_is_handed_on_once_a_cut_off_runs_transaction_has_ended() {
     use std::time::{Duration, Instant};
     let pg = tests::server().await;
-    let password = format!("pw-{}", uuid::Uuid::new_v4());
-    pg.create_role("cut_off", &password, None).await.unwrap();
-    pg.create_database("cut_off", Some("cut_off"))
-        .await
-        .unwrap();
+    let password = tests::owned_database(&pg, "cut_off").await;
     let connector = || async {
         dal::Connector::new(pg.config("cut_off", "cut_off", &password))
             .await

@@ -1011,11 +1011,7 @@ async fn assert_logged_out(pg: &LocalPostgres, role: &str) {
 #[tokio::test]
 async fn every_pool_opens_its_connections_without_nagle_delay() {
     let pg = tests::server().await;
-    let password = format!("pw-{}", uuid::Uuid::new_v4());
-    pg.create_role("nodelay", &password, None).await.unwrap();
-    pg.create_database("nodelay", Some("nodelay"))
-        .await
-        .unwrap();
+    let password = tests::owned_database(&pg, "nodelay").await;
     let connector = Connector::new(pg.config("nodelay", "nodelay", &password))
         .await
         .unwrap();
