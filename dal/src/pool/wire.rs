@@ -14,11 +14,11 @@
 //! Messages and their framing: PostgreSQL's frontend/backend protocol, "Message Formats"
 //! (a type byte, then a 32-bit length that counts itself; the startup message has no type
 //! byte). `ReadyForQuery` (`Z`) follows every simple query (`Q`) and every `Sync` (`S`) but
-//! one read in copy-in mode (after a `CopyInResponse`, `G`), which the server ignores, and
-//! the startup; its one byte is `I` (idle), `T` (in a transaction block) or `E` (in a failed
-//! one). `CommandComplete` (`C`) carries the command tag, `ROLLBACK` for a `COMMIT` of a
-//! transaction an error aborted (PostgreSQL's `EndTransactionBlock`, in `xact.c`); the
-//! `C` field of `ErrorResponse` (`E`), the SQLSTATE.
+//! one read in copy-in mode, which the server ignores (see [`CopyIn`]), and the startup; its
+//! one byte is `I` (idle), `T` (in a transaction block) or `E` (in a failed one).
+//! `CommandComplete` (`C`) carries the command tag, `ROLLBACK` for a `COMMIT` of a
+//! transaction an error aborted (PostgreSQL's `EndTransactionBlock`, in `xact.c`); the `C`
+//! field of `ErrorResponse` (`E`), the SQLSTATE.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,18 +45,36 @@ pub(crate) enum Session {
     HeldBack,
 }
 
+/// Where a `COPY ... FROM STDIN` is. tokio-postgres writes `Bind`, `Execute` and `Sync`
+/// together, then the rows, then `CopyDone` (or `CopyFail`) and a second `Sync`. The server
+/// ignores a `Sync` it reads in copy-in mode, entered as it sends `CopyInResponse` (`G`), and
+/// the second `Sync`'s `ReadyForQuery` answers both. A copy that failed may have failed
+/// before the server read the first `Sync` (a check before the rows, such as a view with no
+/// `INSTEAD OF` trigger), which then has a `ReadyForQuery` of its own: a failed copy is
+/// counted as answering one `Sync` only, so that the session never reads as idle with a
+/// request unanswered (at worst, one the server ignored keeps it checked at each checkout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum CopyIn {
+    /// None in progress.
+    None,
+    /// `CopyInResponse` came: the server reads the rows.
+    Rows,
+    /// Its `CommandComplete` came: the server read `CopyDone`, after the first `Sync`, which
+    /// it ignored.
+    Done,
+}
+
 /// What one session's wire has shown, shared by its connection task and its pool.
 #[derive(Debug, Default)]
 pub(crate) struct Wire {
     /// Requests written that the server answers with a `ReadyForQuery`.
     sent: AtomicU64,
-    /// `ReadyForQuery` messages received, and the `Sync`s they answer with them (below).
+    /// `ReadyForQuery` messages received, and the `Sync` one of them answers with its own
+    /// after a copy (see [`CopyIn`]).
     answered: AtomicU64,
-    /// `Sync`s the server ignored in copy-in mode: tokio-postgres writes one with the
-    /// `Execute` of a `COPY ... FROM STDIN`, which the server reads after its
-    /// `CopyInResponse` (`G`), and another after `CopyDone` or `CopyFail`, whose
-    /// `ReadyForQuery` ends the copy and answers both.
-    copy_syncs: AtomicU64,
+    /// Where a `COPY ... FROM STDIN` is, as a [`CopyIn`].
+    copy: AtomicU8,
     /// The status byte of the last `ReadyForQuery`.
     status: AtomicU8,
     /// Bytes were written and not yet flushed.
@@ -101,6 +119,7 @@ impl Wire {
         for counter in [&self.sent, &self.answered] {
             counter.store(0, SeqCst);
         }
+        self.copy.store(CopyIn::None as u8, SeqCst);
         self.status.store(0, SeqCst);
         self.stale.store(false, SeqCst);
         self.rolled_back.store(false, SeqCst);
@@ -144,6 +163,41 @@ impl Wire {
     #[cfg(feature = "diesel")]
     pub(crate) fn ended_by(&self) -> Option<String> {
         unpacked(self.ended_by.load(SeqCst))
+    }
+
+    /// Notes a message the frontend wrote, of type `kind` (0 for the startup message).
+    fn wrote(&self, kind: u8) {
+        if matches!(kind, 0 | b'Q' | b'S') {
+            self.sent.fetch_add(1, SeqCst);
+        }
+    }
+
+    /// Notes a message the backend sent, of type `kind`, with `body` (its first bytes).
+    fn read(&self, kind: u8, body: &[u8]) {
+        // The end of a copy in progress, if one is: its `CommandComplete` or its error.
+        let copy_ends = |then: CopyIn| {
+            let rows = CopyIn::Rows as u8;
+            let _ = self.copy.compare_exchange(rows, then as u8, SeqCst, SeqCst);
+        };
+        match kind {
+            b'Z' => {
+                self.status
+                    .store(body.first().copied().unwrap_or(0), SeqCst);
+                let copy = self.copy.swap(CopyIn::None as u8, SeqCst);
+                let ignored = u64::from(copy == CopyIn::Done as u8);
+                self.answered.fetch_add(1 + ignored, SeqCst);
+            }
+            b'G' => self.copy.store(CopyIn::Rows as u8, SeqCst),
+            b'C' => {
+                copy_ends(CopyIn::Done);
+                self.rolled_back.store(body == b"ROLLBACK\0", SeqCst);
+            }
+            b'E' => {
+                copy_ends(CopyIn::None);
+                self.note_error(body);
+            }
+            _ => {}
+        }
     }
 
     /// Notes an `ErrorResponse` (its body): its SQLSTATE, whether it ended the session, and
@@ -363,20 +417,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
             this.read.feed(
                 &buf.filled()[before..],
                 |kind| matches!(kind, b'Z' | b'E' | b'C'),
-                |kind, body| match kind {
-                    b'Z' => {
-                        wire.status
-                            .store(body.first().copied().unwrap_or(0), SeqCst);
-                        let ignored = wire.copy_syncs.swap(0, SeqCst);
-                        wire.answered.fetch_add(1 + ignored, SeqCst);
-                    }
-                    b'G' => {
-                        wire.copy_syncs.fetch_add(1, SeqCst);
-                    }
-                    b'C' => wire.rolled_back.store(body == b"ROLLBACK\0", SeqCst),
-                    b'E' => wire.note_error(body),
-                    _ => {}
-                },
+                |kind, body| wire.read(kind, body),
             );
         }
         polled
@@ -394,15 +435,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         let polled = Pin::new(&mut this.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = polled {
             let wire = &this.wire;
-            this.written.feed(
-                &data[..n],
-                |_| false,
-                |kind, _| {
-                    if matches!(kind, 0 | b'Q' | b'S') {
-                        wire.sent.fetch_add(1, SeqCst);
-                    }
-                },
-            );
+            this.written
+                .feed(&data[..n], |_| false, |kind, _| wire.wrote(kind));
         }
         polled
     }
@@ -618,5 +652,63 @@ mod tests {
             }
             assert_eq!(kinds, [0, b'p', b'Q', b'P', b'S'], "split at {split}");
         }
+    }
+
+    /// A copy's two `Sync`s are answered by one `ReadyForQuery` when it succeeds; when it
+    /// fails, they may be answered by two (failed before the server read the first one),
+    /// and the session never reads as idle while the second is still to come.
+    #[test]
+    fn a_copy_is_counted_answered_only_when_it_is() {
+        let idle = |wire: &Wire| wire.answered_idle();
+        // Bind, Execute and Sync; the startup's answer, and the copy's start.
+        let copy = |wire: &Wire| {
+            for kind in [0, b'B', b'E', b'S'] {
+                wire.wrote(kind);
+            }
+            wire.read(b'Z', b"I");
+            wire.read(b'2', b"");
+            wire.read(b'G', b"");
+        };
+        let error = b"SERROR\0VERROR\0C55000\0Mcannot copy to view\0\0";
+
+        // The rows, CopyDone and Sync: one ReadyForQuery answers both Syncs.
+        let wire = Wire::default();
+        copy(&wire);
+        for kind in [b'd', b'c', b'S'] {
+            wire.wrote(kind);
+        }
+        assert!(!idle(&wire));
+        wire.read(b'C', b"COPY 1\0");
+        assert!(!idle(&wire));
+        wire.read(b'Z', b"I");
+        assert!(
+            idle(&wire),
+            "a copy that succeeded leaves a request unanswered"
+        );
+
+        // Failed before the rows: the first Sync has its own answer, the second is to come.
+        let wire = Wire::default();
+        copy(&wire);
+        wire.read(b'E', error);
+        wire.read(b'Z', b"I");
+        for kind in [b'c', b'S'] {
+            wire.wrote(kind);
+        }
+        assert!(!idle(&wire), "idle with the second Sync unanswered");
+        wire.read(b'Z', b"I");
+        assert!(idle(&wire));
+
+        // Failed on a row: the first Sync was ignored, and is counted unanswered.
+        let wire = Wire::default();
+        copy(&wire);
+        for kind in [b'd', b'c', b'S'] {
+            wire.wrote(kind);
+        }
+        wire.read(b'E', error);
+        wire.read(b'Z', b"I");
+        assert!(!idle(&wire));
+        wire.wrote(b'Q');
+        wire.read(b'Z', b"I");
+        assert!(!idle(&wire), "idle with a request unanswered");
     }
 }
