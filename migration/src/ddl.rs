@@ -61,16 +61,27 @@ const LOCK_MS: u64 = 2000;
 /// long on its own.
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 
+/// How often the server checks, while a migration's statement runs, that the client is still
+/// there (`client_connection_check_interval`, PostgreSQL 14 and later, on Linux): PostgreSQL
+/// reads a client's socket only between statements, so a migration whose process died
+/// during a long statement (killed, out of memory, a deployment's timeout) would hold the
+/// service's tables until the statement ended, an index build on a large table for as long
+/// as it takes. With it the server ends the statement and its transaction once it finds the
+/// client gone. Left as it is on a server without it (older, or on a platform that cannot
+/// tell, which refuses any value but 0).
+pub const CLIENT_CONNECTION_CHECK_INTERVAL: &str = "1s";
+
 /// The values in a transaction of the settings [`Ddl::begin`] sets for it, to put back once
 /// migrations ran in a caller's transaction: it goes on as it was, its own `SET LOCAL`
 /// values included.
 pub(crate) struct Settings(Vec<sea_orm_migration::sea_orm::Value>);
 
 impl Settings {
-    const NAMES: [&str; 3] = [
+    const NAMES: [&str; 4] = [
         "lock_timeout",
         "idle_in_transaction_session_timeout",
         "statement_timeout",
+        "client_connection_check_interval",
     ];
 
     /// The values in `tx`, now.
@@ -80,11 +91,12 @@ impl Settings {
             let row = tx
                 .query_one_raw(Statement::from_string(
                     DbBackend::Postgres,
-                    format!("SELECT current_setting('{name}') AS value"),
+                    // `NULL` for a setting the server does not have.
+                    format!("SELECT current_setting('{name}', true) AS value"),
                 ))
                 .await?
                 .ok_or_else(|| DbErr::Custom(format!("no value of {name}")))?;
-            values.push(row.try_get::<String>("", "value")?.into());
+            values.push(row.try_get::<Option<String>>("", "value")?.into());
         }
         Ok(Self(values))
     }
@@ -93,9 +105,10 @@ impl Settings {
     pub(crate) async fn put_back(self, tx: &DatabaseTransaction) -> Result<(), DbErr> {
         tx.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT set_config('lock_timeout', $1, true), \
-             set_config('idle_in_transaction_session_timeout', $2, true), \
-             set_config('statement_timeout', $3, true)",
+            "SELECT set_config(name, value, true) FROM (VALUES \
+             ('lock_timeout', $1::text), ('idle_in_transaction_session_timeout', $2::text), \
+             ('statement_timeout', $3::text), ('client_connection_check_interval', $4::text)) \
+             AS s (name, value) WHERE value IS NOT NULL",
             self.0,
         ))
         .await
@@ -236,7 +249,8 @@ impl<'a, 'm> Ddl<'a, 'm> {
     /// may sit idle by [`IDLE_IN_TRANSACTION_TIMEOUT`], and lifts the connector's
     /// `statement_timeout` (`DAL_STATEMENT_TIMEOUT_MS`, the service's bound for its queries:
     /// it ended lock waits before [`LOCK_TIMEOUT`] could, with SQLSTATE `57014`, which is not
-    /// tried again, and it would end an index build on a large table every time); all with
+    /// tried again, and it would end an index build on a large table every time), and has the
+    /// server check for a vanished client every [`CLIENT_CONNECTION_CHECK_INTERVAL`]; all with
     /// `SET LOCAL`, for this migration's transaction alone; and holds an advisory lock until
     /// the transaction ends, which [`MigrationLock`](crate::MigrationLock) waits for before
     /// it is handed on. Aurora DSQL takes no locks: it
@@ -261,6 +275,9 @@ impl<'a, 'm> Ddl<'a, 'm> {
                      AS s FROM pg_settings WHERE name = 'statement_timeout') AS t; \
                      SET LOCAL idle_in_transaction_session_timeout = \
                      '{IDLE_IN_TRANSACTION_TIMEOUT}'; SET LOCAL statement_timeout = 0; \
+                     DO $$ BEGIN PERFORM set_config('client_connection_check_interval', \
+                     '{CLIENT_CONNECTION_CHECK_INTERVAL}', true); EXCEPTION WHEN \
+                     undefined_object OR invalid_parameter_value THEN NULL; END $$; \
                      SELECT pg_advisory_xact_lock({IN_TRANSACTION})"
                 ))
                 .await?;

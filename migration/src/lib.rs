@@ -39,7 +39,10 @@ mod m20260101_000001_create_customers;
 mod m20260101_000002_create_orders;
 mod m20260101_000003_create_order_items;
 
-pub use ddl::{Flavor, IDLE_IN_TRANSACTION_TIMEOUT, LOCK_RETRY_PAUSES, LOCK_TIMEOUT};
+pub use ddl::{
+    CLIENT_CONNECTION_CHECK_INTERVAL, Flavor, IDLE_IN_TRANSACTION_TIMEOUT, LOCK_RETRY_PAUSES,
+    LOCK_TIMEOUT,
+};
 pub use lock::MigrationLock;
 
 /// Every migration, oldest first, written for `flavor`.
@@ -69,8 +72,9 @@ impl MigratorTrait for Migrator {
     /// the [`LOCK_RETRY_PAUSES`] (logged at warn level);
     /// after the last, the run fails with that error. Given a transaction
     /// (`&DatabaseTransaction`), which that error aborts, each migration is tried once, and
-    /// the transaction's `lock_timeout`, `statement_timeout` and
-    /// `idle_in_transaction_session_timeout` are as they were before when it returns `Ok`.
+    /// the transaction's `lock_timeout`, `statement_timeout`,
+    /// `idle_in_transaction_session_timeout` and `client_connection_check_interval` are as
+    /// they were before when it returns `Ok`.
     ///
     /// # Errors
     ///

@@ -834,17 +834,11 @@ async fn bad_credentials_end_with_one_line() {
     assert!(error.contains("503"), "{error}");
 }
 
-/// A migration whose client stops midway (a frozen container, a debugger, a network cut
-/// without a reset) while its transaction holds locks on the service's tables: the server
-/// ends that transaction after a bound, so the service's writes wait seconds, not until the
-/// client comes back. Before, a write to `customers` waited as long as the client was stopped.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_migration_whose_client_stops_midway_holds_the_service_up_for_seconds_only() {
+/// A new database `database`, owned by a role of that name, with the first migration
+/// (`customers`) applied; the URL the migration command reaches it by, over TLS.
+async fn customers_migrated(pg: &LocalPostgres, database: &str) -> String {
     use migration::MigratorTrait;
-    use nix::sys::signal::{Signal, kill};
-    let pg = tests::server().await;
-    let database = "frozen";
-    let password = tests::owned_database(&pg, database).await;
+    let password = tests::owned_database(pg, database).await;
     let connector = dal::Connector::new(pg.config(database, database, &password))
         .await
         .unwrap();
@@ -853,11 +847,23 @@ async fn a_migration_whose_client_stops_midway_holds_the_service_up_for_seconds_
         .await
         .expect("customers");
     connector.shutdown().await;
-    let url = format!(
+    format!(
         "postgres://{database}:{password}@localhost:{}/{database}?sslmode=verify-full&sslrootcert={}",
         pg.port(),
         pg.ca_cert_path().display()
-    );
+    )
+}
+
+/// A migration whose client stops midway (a frozen container, a debugger, a network cut
+/// without a reset) while its transaction holds locks on the service's tables: the server
+/// ends that transaction after a bound, so the service's writes wait seconds, not until the
+/// client comes back. Before, a write to `customers` waited as long as the client was stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_whose_client_stops_midway_holds_the_service_up_for_seconds_only() {
+    use nix::sys::signal::{Signal, kill};
+    let pg = tests::server().await;
+    let database = "frozen";
+    let url = customers_migrated(&pg, database).await;
     let admin = pg.admin(database).await.unwrap();
     let watch = pg.admin(database).await.unwrap();
     // The migration table held: the run creates the orders tables (its foreign key locks
@@ -926,6 +932,65 @@ async fn a_migration_whose_client_stops_midway_holds_the_service_up_for_seconds_
         "the write waited {waited:?} behind the stopped migration"
     );
     run.wait(Duration::from_secs(120)).await;
+}
+
+/// A migration whose process is killed during a long statement, its transaction holding a
+/// lock on the service's table: the server finds the client gone within seconds and ends the
+/// transaction, so the service's writes go on. PostgreSQL reads a client's socket only
+/// between statements: before, the statement ran to its end with the lock held (here an event
+/// trigger's ten-minute sleep after the `ALTER TABLE` that adds `orders`' foreign key,
+/// which locks `customers`; a large table's index build is the same).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_killed_during_a_long_statement_holds_the_service_up_for_seconds_only() {
+    use nix::sys::signal::{Signal, kill};
+    let pg = tests::server().await;
+    let database = "killed";
+    let url = customers_migrated(&pg, database).await;
+    let admin = pg.admin(database).await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE FUNCTION linger() RETURNS event_trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF current_user = 'killed' THEN PERFORM pg_sleep(600); END IF; END $$; \
+             CREATE EVENT TRIGGER linger ON ddl_command_end WHEN TAG IN ('ALTER TABLE') \
+             EXECUTE FUNCTION linger()",
+        )
+        .await
+        .unwrap();
+    let mut run = Program::start_with_args("migration", &[("DATABASE_URL", url)], &["up"]);
+    let sleeping = "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                    AND usename = current_database() AND wait_event = 'PgSleep'";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while admin.query(sleeping, &[]).await.unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline && run.child.try_wait().unwrap().is_none(),
+            "the migration never reached its long statement: {}",
+            run.output()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    kill(
+        nix::unistd::Pid::from_raw(run.child.id().unwrap() as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    run.wait(Duration::from_secs(60)).await;
+    let started = Instant::now();
+    let written = tokio::time::timeout(
+        Duration::from_secs(60),
+        admin.execute(
+            "INSERT INTO customers (id, email, name) \
+             VALUES (gen_random_uuid(), 'after@example.com', 'after')",
+            &[],
+        ),
+    )
+    .await;
+    println!(
+        "a write waited {} ms behind the killed migration",
+        started.elapsed().as_millis()
+    );
+    written
+        .expect("the write waited a minute behind the killed migration's statement")
+        .unwrap();
 }
 
 /// Two programs started at the same moment on a new embedded default (a service and its

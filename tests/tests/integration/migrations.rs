@@ -425,35 +425,58 @@ async fn migrations_in_a_callers_transaction_leave_its_settings_as_they_were() {
         .await
         .expect("migrations in a transaction");
     // The session's own: the connector's statement timeout, the server's defaults.
-    assert_eq!(settings_in(&tx).await, ["30s", "0", "0"]);
+    assert_eq!(settings_in(&tx).await, ["30s", "0", "0", "0"]);
     // The transaction's own, through every command that runs migrations.
     tx.execute_unprepared(
         "SET LOCAL statement_timeout = '7s'; SET LOCAL lock_timeout = '5s'; \
-         SET LOCAL idle_in_transaction_session_timeout = '20s'",
+         SET LOCAL idle_in_transaction_session_timeout = '20s'; \
+         SET LOCAL client_connection_check_interval = '3s'",
     )
     .await
     .unwrap();
     Migrator::down(&tx, Some(1)).await.expect("down");
-    assert_eq!(settings_in(&tx).await, ["7s", "5s", "20s"], "after down");
+    assert_eq!(
+        settings_in(&tx).await,
+        ["7s", "5s", "20s", "3s"],
+        "after down"
+    );
     Migrator::up(&tx, None).await.expect("up");
-    assert_eq!(settings_in(&tx).await, ["7s", "5s", "20s"], "after up");
+    assert_eq!(
+        settings_in(&tx).await,
+        ["7s", "5s", "20s", "3s"],
+        "after up"
+    );
     Migrator::refresh(&tx).await.expect("refresh");
-    assert_eq!(settings_in(&tx).await, ["7s", "5s", "20s"], "after refresh");
+    assert_eq!(
+        settings_in(&tx).await,
+        ["7s", "5s", "20s", "3s"],
+        "after refresh"
+    );
     Migrator::fresh(&tx).await.expect("fresh");
-    assert_eq!(settings_in(&tx).await, ["7s", "5s", "20s"], "after fresh");
+    assert_eq!(
+        settings_in(&tx).await,
+        ["7s", "5s", "20s", "3s"],
+        "after fresh"
+    );
     Migrator::reset(&tx).await.expect("reset");
-    assert_eq!(settings_in(&tx).await, ["7s", "5s", "20s"], "after reset");
+    assert_eq!(
+        settings_in(&tx).await,
+        ["7s", "5s", "20s", "3s"],
+        "after reset"
+    );
     tx.commit().await.unwrap();
     connector.shutdown().await;
 }
 
-/// `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` in `tx`.
+/// `statement_timeout`, `lock_timeout`, `idle_in_transaction_session_timeout` and
+/// `client_connection_check_interval` in `tx`.
 async fn settings_in(tx: &sea_orm::DatabaseTransaction) -> Vec<String> {
     let mut values = Vec::new();
     for name in [
         "statement_timeout",
         "lock_timeout",
         "idle_in_transaction_session_timeout",
+        "client_connection_check_interval",
     ] {
         let row = tx
             .query_one_raw(Statement::from_string(
