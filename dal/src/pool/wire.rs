@@ -52,7 +52,8 @@ pub(crate) enum Session {
 /// before the server read the first `Sync` (a check before the rows, such as a view with no
 /// `INSTEAD OF` trigger), which then has a `ReadyForQuery` of its own: a failed copy is
 /// counted as answering one `Sync` only, so that the session never reads as idle with a
-/// request unanswered (at worst, one the server ignored keeps it checked at each checkout).
+/// request unanswered (at worst, one the server ignored has its next checkout checked: see
+/// [`Wire::caught_up`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum CopyIn {
@@ -163,6 +164,13 @@ impl Wire {
     #[cfg(feature = "diesel")]
     pub(crate) fn ended_by(&self) -> Option<String> {
         unpacked(self.ended_by.load(SeqCst))
+    }
+
+    /// Notes that the server answered a request written after every other so far (the
+    /// pool's check): each of them was answered, the `Sync` a failed copy may have left
+    /// counted unanswered (see [`CopyIn`]) as well, so that the next checkout needs no check.
+    pub(crate) fn caught_up(&self) {
+        self.answered.store(self.sent.load(SeqCst), SeqCst);
     }
 
     /// Notes a message the frontend wrote, of type `kind` (0 for the startup message).
@@ -699,8 +707,8 @@ mod tests {
         assert!(idle(&wire));
 
         // Failed on a row: the first Sync was ignored, but the wire cannot tell this failure
-        // from the one above, so it stays counted unanswered (the safe way: the connection is
-        // checked at each checkout) for as long as the session lasts.
+        // from the one above, so it stays counted unanswered (the safe way: the next checkout
+        // checks), until the answer to a check, written after it, tells it was answered.
         let wire = Wire::default();
         copy(&wire);
         for kind in [b'd', b'c', b'S'] {
@@ -718,5 +726,7 @@ mod tests {
             !idle(&wire),
             "a failed copy counted as answering both Syncs"
         );
+        wire.caught_up();
+        assert!(idle(&wire), "still a request unanswered after a check");
     }
 }

@@ -1791,7 +1791,8 @@ const LAST: &str = "SELECT pg_backend_pid()";
 /// no round trip, as after any other statement. tokio-postgres writes a `Sync` with the copy's
 /// `Execute`, which the server reads in copy-in mode and ignores: the pool counted it as a
 /// request never answered, for the rest of the connection's life, and checked the connection
-/// before every later checkout. The server's record of each session's last statement
+/// before every later checkout. After a copy that failed on a row, whose ignored `Sync` the
+/// wire cannot count as answered, the first checkout checks, and none after it. The server's record of each session's last statement
 /// (`pg_stat_activity.query`) tells whether a checkout ran the check.
 #[tokio::test]
 async fn a_connection_that_copied_rows_in_goes_out_again_with_no_round_trip() {
@@ -1818,5 +1819,19 @@ async fn a_connection_that_copied_rows_in_goes_out_again_with_no_round_trip() {
     drop(client);
     if let Err(seen) = goes_out_unchecked(&raw, &admin, pid).await {
         panic!("every checkout after the copy ran a statement first: {seen:?}");
+    }
+    // A copy that fails on a row (a key already there): the server ignored one `Sync`, or
+    // answered it, which the wire cannot tell; the next checkout checks, and the check's
+    // answer tells that every request before it was answered.
+    let client = raw.get().await.unwrap();
+    let sink = client.copy_in::<_, bytes::Bytes>(&copy).await.unwrap();
+    futures_util::pin_mut!(sink);
+    // The server's error may come while the row is still being sent.
+    let sent = sink.send("1\n".into()).await;
+    assert!(sent.is_err() || sink.finish().await.is_err(), "a key twice");
+    client.query_one(&last, &[]).await.unwrap();
+    drop(client);
+    if let Err(seen) = goes_out_unchecked(&raw, &admin, pid).await {
+        panic!("every checkout after a failed copy ran a statement first: {seen:?}");
     }
 }
