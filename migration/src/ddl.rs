@@ -62,13 +62,14 @@ const LOCK_MS: u64 = 2000;
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 
 /// How often the server checks, while a migration's statement runs, that the client is still
-/// there (`client_connection_check_interval`, PostgreSQL 14 and later, on Linux): PostgreSQL
+/// there (`client_connection_check_interval`, PostgreSQL 14 and later, where the system tells
+/// of a closed socket: Linux; from 15 also macOS, illumos and the BSDs): PostgreSQL
 /// reads a client's socket only between statements, so a migration whose process died
 /// during a long statement (killed, out of memory, a deployment's timeout) would hold the
 /// service's tables until the statement ended, an index build on a large table for as long
 /// as it takes. With it the server ends the statement and its transaction once it finds the
-/// client gone. Left as it is on a server without it (older, or on a platform that cannot
-/// tell, which refuses any value but 0).
+/// client gone. Left as it is on a server without it (older), or one that refuses the value
+/// (a platform that cannot tell, which takes 0 only; a service that fixes the setting).
 pub const CLIENT_CONNECTION_CHECK_INTERVAL: &str = "1s";
 
 /// The values in a transaction of the settings [`Ddl::begin`] sets for it, to put back once
@@ -266,20 +267,35 @@ impl<'a, 'm> Ddl<'a, 'm> {
             // would each end with 57014 while the migration waited; the rest of it is theirs.
             // The session's own when an earlier migration in the same transaction of the
             // caller's lifted it (`SET LOCAL` outlives the savepoint it ran in).
-            manager
-                .get_connection()
+            let db = manager.get_connection();
+            db.execute_unprepared(&format!(
+                "SELECT set_config('lock_timeout', CASE WHEN s > 0 AND s / 4 < {LOCK_MS} \
+                 THEN greatest(s / 4, 1) || 'ms' ELSE '{LOCK_TIMEOUT}' END, true) \
+                 FROM (SELECT coalesce(nullif(setting::bigint, 0), reset_val::bigint) \
+                 AS s FROM pg_settings WHERE name = 'statement_timeout') AS t; \
+                 SET LOCAL idle_in_transaction_session_timeout = \
+                 '{IDLE_IN_TRANSACTION_TIMEOUT}'; SET LOCAL statement_timeout = 0"
+            ))
+            .await?;
+            // Before the wait for the advisory lock, which the check covers too. In a
+            // savepoint, undone when the server refuses the value (a platform that cannot
+            // tell, a service that fixes the setting): the migration goes on without it.
+            let checked = db
                 .execute_unprepared(&format!(
-                    "SELECT set_config('lock_timeout', CASE WHEN s > 0 AND s / 4 < {LOCK_MS} \
-                     THEN greatest(s / 4, 1) || 'ms' ELSE '{LOCK_TIMEOUT}' END, true) \
-                     FROM (SELECT coalesce(nullif(setting::bigint, 0), reset_val::bigint) \
-                     AS s FROM pg_settings WHERE name = 'statement_timeout') AS t; \
-                     SET LOCAL idle_in_transaction_session_timeout = \
-                     '{IDLE_IN_TRANSACTION_TIMEOUT}'; SET LOCAL statement_timeout = 0; \
-                     DO $$ BEGIN PERFORM set_config('client_connection_check_interval', \
-                     '{CLIENT_CONNECTION_CHECK_INTERVAL}', true); EXCEPTION WHEN \
-                     undefined_object OR invalid_parameter_value THEN NULL; END $$; \
-                     SELECT pg_advisory_xact_lock({IN_TRANSACTION})"
+                    "SAVEPOINT client_check; SELECT set_config(name, \
+                     '{CLIENT_CONNECTION_CHECK_INTERVAL}', true) FROM pg_settings \
+                     WHERE name = 'client_connection_check_interval'; \
+                     RELEASE SAVEPOINT client_check"
                 ))
+                .await;
+            if let Err(e) = checked {
+                tracing::debug!(error = %e, "the server keeps its client_connection_check_interval");
+                db.execute_unprepared(
+                    "ROLLBACK TO SAVEPOINT client_check; RELEASE SAVEPOINT client_check",
+                )
+                .await?;
+            }
+            db.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({IN_TRANSACTION})"))
                 .await?;
         }
         Ok(Self { manager, flavor })
