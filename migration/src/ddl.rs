@@ -132,6 +132,10 @@ pub const LOCK_RETRY_PAUSES: [Duration; 4] = [
 /// PostgreSQL's `lock_not_available`: a statement gave up on a lock after `lock_timeout`.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
+/// PostgreSQL's `no_active_sql_transaction`: a statement that needs a transaction block ran
+/// outside one.
+const NO_ACTIVE_SQL_TRANSACTION: &str = "25P01";
+
 /// PostgreSQL's `deadlock_detected`: the transaction was rolled back to end a lock cycle.
 const DEADLOCK_DETECTED: &str = "40P01";
 
@@ -279,7 +283,9 @@ impl<'a, 'm> Ddl<'a, 'm> {
             .await?;
             // Before the wait for the advisory lock, which the check covers too. In a
             // savepoint, undone when the server refuses the value (a platform that cannot
-            // tell, a service that fixes the setting): the migration goes on without it.
+            // tell, a service that fixes the setting): the migration goes on without it. A
+            // migration run outside a transaction (`use_transaction` false: `CREATE INDEX
+            // CONCURRENTLY`, say) has no savepoint, and no `SET LOCAL` either (`25P01`).
             let checked = db
                 .execute_unprepared(&format!(
                     "SAVEPOINT client_check; SELECT set_config(name, \
@@ -288,7 +294,9 @@ impl<'a, 'm> Ddl<'a, 'm> {
                      RELEASE SAVEPOINT client_check"
                 ))
                 .await;
-            if let Err(e) = checked {
+            if let Err(e) = checked
+                && sqlstate(&e).as_deref() != Some(NO_ACTIVE_SQL_TRANSACTION)
+            {
                 tracing::debug!(error = %e, "the server keeps its client_connection_check_interval");
                 db.execute_unprepared(
                     "ROLLBACK TO SAVEPOINT client_check; RELEASE SAVEPOINT client_check",
