@@ -136,7 +136,6 @@ fn is_valid(conn: &mut PgClient) -> BoxFuture<'_, Result<()>> {
                     checked = client.batch_execute("") => checked.map_err(Error::Database)?,
                     () = wire.held_back() => return Err(held_back()),
                 }
-                wire.caught_up();
                 wire.status() != b'I'
             }
             None => client.batch_execute(OUTSIDE_TRANSACTION).await.is_err(),

@@ -48,12 +48,12 @@ pub(crate) enum Session {
 /// Where a `COPY ... FROM STDIN` is. tokio-postgres writes `Bind`, `Execute` and `Sync`
 /// together, then the rows, then `CopyDone` (or `CopyFail`) and a second `Sync`. The server
 /// ignores a `Sync` it reads in copy-in mode, entered as it sends `CopyInResponse` (`G`), and
-/// the second `Sync`'s `ReadyForQuery` answers both. A copy that failed may have failed
-/// before the server read the first `Sync` (a check before the rows, such as a view with no
-/// `INSTEAD OF` trigger), which then has a `ReadyForQuery` of its own: a failed copy is
-/// counted as answering one `Sync` only, so that the session never reads as idle with a
-/// request unanswered (at worst, one the server ignored has its next checkout checked: see
-/// [`Wire::caught_up`]).
+/// the second `Sync`'s `ReadyForQuery` answers both. A copy the server refused before it
+/// read the first `Sync` (at `Execute`, such as a table that is not there, or before the
+/// rows, such as a view with no `INSTEAD OF` trigger) has a `ReadyForQuery` for each
+/// `Sync`, back to back; tokio-postgres takes the first as the copy's and hands the second to
+/// the next request, every later reply to the request after its own (its issue #789), so
+/// the stream is cut there (see [`Tracked`]). One that failed on a row has one for both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum CopyIn {
@@ -64,6 +64,13 @@ enum CopyIn {
     /// Its `CommandComplete` came: the server read `CopyDone`, after the first `Sync`, which
     /// it ignored.
     Done,
+    /// Its `ErrorResponse` came while the server read the rows: whether it had read the first
+    /// `Sync` shows after the next `ReadyForQuery`.
+    Failed,
+    /// Failed, then a `ReadyForQuery` came. Another right after it answers the second `Sync`;
+    /// any other message begins the next request's answer, so the server had ignored the
+    /// first `Sync`, counted answered then.
+    FailedAnswered,
 }
 
 /// What one session's wire has shown, shared by its connection task and its pool.
@@ -76,6 +83,9 @@ pub(crate) struct Wire {
     answered: AtomicU64,
     /// Where a `COPY ... FROM STDIN` is, as a [`CopyIn`].
     copy: AtomicU8,
+    /// The last message the backend sent, those it may send at any time aside, was a
+    /// `ReadyForQuery`.
+    ready: AtomicBool,
     /// The status byte of the last `ReadyForQuery`.
     status: AtomicU8,
     /// Bytes were written and not yet flushed.
@@ -121,6 +131,7 @@ impl Wire {
             counter.store(0, SeqCst);
         }
         self.copy.store(CopyIn::None as u8, SeqCst);
+        self.ready.store(false, SeqCst);
         self.status.store(0, SeqCst);
         self.stale.store(false, SeqCst);
         self.rolled_back.store(false, SeqCst);
@@ -166,13 +177,6 @@ impl Wire {
         unpacked(self.ended_by.load(SeqCst))
     }
 
-    /// Notes that the server answered a request written after every other so far (the
-    /// pool's check): each of them was answered, the `Sync` a failed copy may have left
-    /// counted unanswered (see [`CopyIn`]) as well, so that the next checkout needs no check.
-    pub(crate) fn caught_up(&self) {
-        self.answered.store(self.sent.load(SeqCst), SeqCst);
-    }
-
     /// Notes a message the frontend wrote, of type `kind` (0 for the startup message).
     fn wrote(&self, kind: u8) {
         if matches!(kind, 0 | b'Q' | b'S') {
@@ -181,17 +185,43 @@ impl Wire {
     }
 
     /// Notes a message the backend sent, of type `kind`, with `body` (its first bytes).
-    fn read(&self, kind: u8, body: &[u8]) {
+    /// Returns `false` for a `ReadyForQuery` right after another: the second `Sync` of a copy
+    /// refused before its rows (see [`CopyIn`]), which tokio-postgres would hand to the next
+    /// request; the session is out of step, and not counted further.
+    fn read(&self, kind: u8, body: &[u8]) -> bool {
+        // `NoticeResponse`, `NotificationResponse` and `ParameterStatus` may come at any time,
+        // and answer no request.
+        if matches!(kind, b'N' | b'A' | b'S') {
+            return true;
+        }
+        if self.ready.swap(kind == b'Z', SeqCst) && kind == b'Z' {
+            return false;
+        }
         // The end of a copy in progress, if one is: its `CommandComplete` or its error.
         let copy_ends = |then: CopyIn| {
             let rows = CopyIn::Rows as u8;
             let _ = self.copy.compare_exchange(rows, then as u8, SeqCst, SeqCst);
         };
+        if kind != b'Z' {
+            let answered = CopyIn::FailedAnswered as u8;
+            let none = CopyIn::None as u8;
+            if self
+                .copy
+                .compare_exchange(answered, none, SeqCst, SeqCst)
+                .is_ok()
+            {
+                // The first `Sync` of the copy that failed on a row, ignored.
+                self.answered.fetch_add(1, SeqCst);
+            }
+        }
         match kind {
             b'Z' => {
                 self.status
                     .store(body.first().copied().unwrap_or(0), SeqCst);
                 let copy = self.copy.swap(CopyIn::None as u8, SeqCst);
+                if copy == CopyIn::Failed as u8 {
+                    self.copy.store(CopyIn::FailedAnswered as u8, SeqCst);
+                }
                 let ignored = u64::from(copy == CopyIn::Done as u8);
                 self.answered.fetch_add(1 + ignored, SeqCst);
             }
@@ -201,11 +231,12 @@ impl Wire {
                 self.rolled_back.store(body == b"ROLLBACK\0", SeqCst);
             }
             b'E' => {
-                copy_ends(CopyIn::None);
+                copy_ends(CopyIn::Failed);
                 self.note_error(body);
             }
             _ => {}
         }
+        true
     }
 
     /// Notes an `ErrorResponse` (its body): its SQLSTATE, whether it ended the session, and
@@ -318,9 +349,21 @@ const KEEP: usize = 1024;
 
 impl Framing {
     /// Feeds `bytes`, calling `end(kind, body)` at the end of each message (`kind` 0 for the
-    /// startup message); the body is kept for the kinds `keep` names.
-    fn feed(&mut self, mut bytes: &[u8], keep: fn(u8) -> bool, mut end: impl FnMut(u8, &[u8])) {
+    /// startup message); the body is kept for the kinds `keep` names. Stops at a message
+    /// `end` returns `false` for, and returns where in `bytes` it began (0 when it began in
+    /// an earlier call).
+    fn feed(
+        &mut self,
+        mut bytes: &[u8],
+        keep: fn(u8) -> bool,
+        mut end: impl FnMut(u8, &[u8]) -> bool,
+    ) -> Option<usize> {
+        let whole = bytes.len();
+        let mut began = 0;
         while !bytes.is_empty() {
+            if self.have == 0 {
+                began = whole - bytes.len();
+            }
             let start = usize::from(self.untyped);
             if self.have < 5 {
                 let take = (5 - self.have).min(bytes.len());
@@ -328,7 +371,7 @@ impl Framing {
                 self.have += take;
                 bytes = &bytes[take..];
                 if self.have < 5 {
-                    return;
+                    return None;
                 }
                 let length = if self.untyped {
                     // No type byte: the four bytes of the length, then the body's first.
@@ -351,11 +394,15 @@ impl Framing {
                 bytes = &bytes[take..];
             }
             if self.left == 0 {
-                end(self.kind(), &self.body);
+                let go_on = end(self.kind(), &self.body);
                 self.have = 0;
                 self.untyped = false;
+                if !go_on {
+                    return Some(began);
+                }
             }
         }
+        None
     }
 
     fn kind(&self) -> u8 {
@@ -363,12 +410,17 @@ impl Framing {
     }
 }
 
-/// A stream whose messages are counted into a [`Wire`]: the plain side of a TLS stream.
+/// A stream whose messages are counted into a [`Wire`]: the plain side of a TLS stream. Cut
+/// at a `ReadyForQuery` that answers no request tokio-postgres waits for (see [`CopyIn`]):
+/// what came before it is read, then an error (`InvalidData`) ends the connection, so that
+/// the requests in line fail instead of each getting the reply to the one before.
 pub(crate) struct Tracked<S> {
     inner: S,
     wire: Arc<Wire>,
     read: Framing,
     written: Framing,
+    /// Cut: every read fails.
+    out_of_step: bool,
 }
 
 impl<S> Tracked<S> {
@@ -382,6 +434,7 @@ impl<S> Tracked<S> {
                 untyped: true,
                 ..Framing::default()
             },
+            out_of_step: false,
         }
     }
 }
@@ -417,16 +470,37 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        let out_of_step = || {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the server answered a COPY's two Syncs apart (it refused the copy before its \
+                 rows): the connection is closed before a request gets the reply to another",
+            )
+        };
+        if this.out_of_step {
+            return Poll::Ready(Err(out_of_step()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         this.wire.drained.store(polled.is_pending(), SeqCst);
         if let Poll::Ready(Ok(())) = polled {
             let wire = &this.wire;
-            this.read.feed(
+            let cut = this.read.feed(
                 &buf.filled()[before..],
                 |kind| matches!(kind, b'Z' | b'E' | b'C'),
                 |kind, body| wire.read(kind, body),
             );
+            if let Some(at) = cut {
+                tracing::warn!(
+                    "a COPY refused before its rows left a reply no request waits for; \
+                     closing the connection"
+                );
+                this.out_of_step = true;
+                buf.set_filled(before + at);
+                if at == 0 {
+                    return Poll::Ready(Err(out_of_step()));
+                }
+            }
         }
         polled
     }
@@ -443,8 +517,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         let polled = Pin::new(&mut this.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = polled {
             let wire = &this.wire;
-            this.written
-                .feed(&data[..n], |_| false, |kind, _| wire.wrote(kind));
+            this.written.feed(
+                &data[..n],
+                |_| false,
+                |kind, _| {
+                    wire.wrote(kind);
+                    true
+                },
+            );
         }
         polled
     }
@@ -610,7 +690,10 @@ mod tests {
                 framing.feed(
                     part,
                     |k| matches!(k, b'Z' | b'E'),
-                    |kind, body| seen.push((kind, body.to_vec())),
+                    |kind, body| {
+                        seen.push((kind, body.to_vec()));
+                        true
+                    },
                 );
             }
             let kinds: Vec<u8> = seen.iter().map(|(k, _)| *k).collect();
@@ -656,15 +739,23 @@ mod tests {
             };
             let mut kinds = Vec::new();
             for part in [&stream[..split], &stream[split..]] {
-                framing.feed(part, |_| false, |kind, _| kinds.push(kind));
+                framing.feed(
+                    part,
+                    |_| false,
+                    |kind, _| {
+                        kinds.push(kind);
+                        true
+                    },
+                );
             }
             assert_eq!(kinds, [0, b'p', b'Q', b'P', b'S'], "split at {split}");
         }
     }
 
-    /// A copy's two `Sync`s are answered by one `ReadyForQuery` when it succeeds; when it
-    /// fails, they may be answered by two (failed before the server read the first one),
-    /// and the session never reads as idle while the second is still to come.
+    /// A copy's two `Sync`s are answered by one `ReadyForQuery` when it succeeds or fails on
+    /// a row, and the session never reads as idle while one is unanswered; when the server
+    /// refused the copy before it read the first `Sync`, a second `ReadyForQuery` comes right
+    /// after the first, which the wire takes for what it is: out of step.
     #[test]
     fn a_copy_is_counted_answered_only_when_it_is() {
         let idle = |wire: &Wire| wire.answered_idle();
@@ -673,9 +764,9 @@ mod tests {
             for kind in [0, b'B', b'E', b'S'] {
                 wire.wrote(kind);
             }
-            wire.read(b'Z', b"I");
-            wire.read(b'2', b"");
-            wire.read(b'G', b"");
+            assert!(wire.read(b'Z', b"I"));
+            assert!(wire.read(b'2', b""));
+            assert!(wire.read(b'G', b""));
         };
         let error = b"SERROR\0VERROR\0C55000\0Mcannot copy to view\0\0";
 
@@ -688,45 +779,89 @@ mod tests {
         assert!(!idle(&wire));
         wire.read(b'C', b"COPY 1\0");
         assert!(!idle(&wire));
-        wire.read(b'Z', b"I");
+        assert!(wire.read(b'Z', b"I"));
         assert!(
             idle(&wire),
             "a copy that succeeded leaves a request unanswered"
         );
 
-        // Failed before the rows: the first Sync has its own answer, the second is to come.
-        let wire = Wire::default();
-        copy(&wire);
-        wire.read(b'E', error);
-        wire.read(b'Z', b"I");
-        for kind in [b'c', b'S'] {
-            wire.wrote(kind);
-        }
-        assert!(!idle(&wire), "idle with the second Sync unanswered");
-        wire.read(b'Z', b"I");
-        assert!(idle(&wire));
-
-        // Failed on a row: the first Sync was ignored, but the wire cannot tell this failure
-        // from the one above, so it stays counted unanswered (the safe way: the next checkout
-        // checks), until the answer to a check, written after it, tells it was answered.
+        // Failed on a row: one ReadyForQuery for both Syncs, which shows once the next
+        // request's answer begins.
         let wire = Wire::default();
         copy(&wire);
         for kind in [b'd', b'c', b'S'] {
             wire.wrote(kind);
         }
         wire.read(b'E', error);
-        wire.read(b'Z', b"I");
-        assert!(
-            !idle(&wire),
-            "a failed copy counted as answering both Syncs"
-        );
+        assert!(wire.read(b'Z', b"I"));
+        assert!(!idle(&wire), "idle before the first Sync is known ignored");
         wire.wrote(b'Q');
-        wire.read(b'Z', b"I");
+        // A notice may come between, and tells nothing.
+        assert!(wire.read(b'N', b""));
+        assert!(wire.read(b'I', b""));
+        assert!(wire.read(b'Z', b"I"));
         assert!(
-            !idle(&wire),
-            "a failed copy counted as answering both Syncs"
+            idle(&wire),
+            "a request left unanswered after a copy failed on a row"
         );
-        wire.caught_up();
-        assert!(idle(&wire), "still a request unanswered after a check");
+
+        // Refused before the rows, or at Execute: the first Sync has its own answer, the
+        // second follows it, with nothing between, and answers no request of the client's.
+        for refused in [&b"GE"[..], b"E"] {
+            let wire = Wire::default();
+            for kind in [0, b'B', b'E', b'S'] {
+                wire.wrote(kind);
+            }
+            wire.read(b'Z', b"I");
+            wire.read(b'2', b"");
+            for kind in refused {
+                wire.read(*kind, error);
+            }
+            assert!(wire.read(b'Z', b"I"));
+            for kind in [b'c', b'S'] {
+                wire.wrote(kind);
+            }
+            assert!(!idle(&wire), "idle with the second Sync unanswered");
+            assert!(wire.read(b'S', b""));
+            assert!(
+                !wire.read(b'Z', b"I"),
+                "the second Sync's answer taken as a request's"
+            );
+        }
+    }
+
+    /// A stream cut at a `ReadyForQuery` that answers no request: the reader gets what came
+    /// before it, then an error, never that `ReadyForQuery` nor what follows.
+    #[tokio::test]
+    async fn a_stream_out_of_step_is_cut_before_the_reply_no_request_waits_for() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let error = b"SERROR\0VERROR\0C42P01\0Mrelation does not exist\0\0";
+        let mut first = message(b'2', b"");
+        first.extend(message(b'E', error));
+        first.extend(message(b'Z', b"I"));
+        let mut second = message(b'Z', b"I");
+        second.extend(message(b'2', b""));
+        let whole = first.len() + second.len();
+        // Whole, and split inside the second ReadyForQuery: the reader gets the first reply,
+        // and the two bytes of the second that came before it was whole, at most.
+        for (split, readable) in [(whole, first.len()), (first.len() + 2, first.len() + 2)] {
+            let mut stream = first.clone();
+            stream.extend(&second);
+            let (mut server, client) = tokio::io::duplex(1024);
+            let mut tracked = Tracked::new(client, Arc::new(Wire::default()));
+            server.write_all(&stream[..split]).await.unwrap();
+            let mut seen = vec![0; 1024];
+            let n = tracked.read(&mut seen).await.unwrap();
+            assert_eq!(&seen[..n], &stream[..readable], "split at {split}");
+            server.write_all(&stream[split..]).await.unwrap();
+            let mut rest = Vec::new();
+            let e = tracked.read_to_end(&mut rest).await.unwrap_err();
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData,
+                "split at {split}"
+            );
+            assert!(rest.is_empty(), "read past the cut: {rest:?}");
+        }
     }
 }

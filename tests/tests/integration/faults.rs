@@ -1784,6 +1784,84 @@ async fn goes_out_unchecked(
     Err(seen)
 }
 
+/// A copy the server refuses before it reads the rows, here into a table that is not there
+/// (refused at `Execute`) and into a view (refused after `CopyInResponse`): tokio-postgres
+/// writes a `Sync` with the copy's `Execute` and another after the rows, and the server, out
+/// of copy-in mode when it reads the first, answers each with a `ReadyForQuery` of its own.
+/// tokio-postgres hands the second to the next request in line, and every reply after it to
+/// the request after its own: the second of three queries sent after the copy got the rows
+/// of the first. The pool's connection is closed instead: the requests in line fail, none
+/// gets another's rows, and the next checkout gets a sound connection.
+#[tokio::test]
+async fn a_copy_refused_before_its_rows_hands_no_request_another_ones_reply() {
+    let name = "copy_refused";
+    let (_pg, connector, admin) = setup(name).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE VIEW acks_view AS SELECT id FROM acks; ALTER VIEW acks_view OWNER TO {name}"
+        ))
+        .await
+        .unwrap();
+    let raw = connector.postgres_pool().await.unwrap();
+    for (what, copy) in [
+        ("a table that is not there", "COPY missing (id) FROM STDIN"),
+        ("a view", "COPY acks_view (id) FROM STDIN"),
+    ] {
+        let client = raw.get().await.unwrap();
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let echo = client.prepare("SELECT $1::int").await.unwrap();
+        // A utility statement is parsed, not analysed: the table is looked up at `Execute`.
+        let copy = client.prepare(copy).await.unwrap();
+        let copied = async {
+            let sink = client.copy_in::<_, bytes::Bytes>(&copy).await?;
+            futures_util::pin_mut!(sink);
+            sink.finish().await
+        };
+        assert!(copied.await.is_err(), "{what}: the copy went through");
+        let answers = futures_util::future::join_all((1..=3).map(|i| {
+            let (client, echo) = (&client, &echo);
+            async move {
+                client
+                    .query_one(echo, &[&i])
+                    .await
+                    .map(|row| row.get::<_, i32>(0))
+            }
+        }))
+        .await;
+        for (i, answer) in (1..=3).zip(&answers) {
+            if let Ok(got) = answer {
+                assert_eq!(
+                    *got, i,
+                    "{what}: a request got another's reply: {answers:?}"
+                );
+            }
+        }
+        drop(client);
+        let client = raw.get().await.unwrap();
+        let next: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap_or_else(|e| panic!("{what}: the next checkout: {e}"))
+            .get(0);
+        assert_ne!(
+            next, pid,
+            "{what}: the connection out of step was handed out again"
+        );
+        for i in 1..=3 {
+            let got: i32 = client
+                .query_one("SELECT $1::int", &[&i])
+                .await
+                .unwrap_or_else(|e| panic!("{what}: the next checkout: {e}"))
+                .get(0);
+            assert_eq!(got, i, "{what}: the next checkout got another's reply");
+        }
+    }
+}
+
 /// The statement [`goes_out_unchecked`] looks for.
 const LAST: &str = "SELECT pg_backend_pid()";
 
