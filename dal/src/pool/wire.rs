@@ -69,7 +69,10 @@ enum CopyIn {
     Failed,
     /// Failed, then a `ReadyForQuery` came. Another right after it answers the second `Sync`;
     /// any other message begins the next request's answer, so the server had ignored the
-    /// first `Sync`, counted answered then.
+    /// first `Sync`, counted answered then: when the client ended the rows with `CopyDone`
+    /// or `CopyFail`, as `copy_in` does. A `COPY ... FROM STDIN` sent as a simple query has
+    /// no such `Sync`: tokio-postgres sends no rows, and the server fails the copy on the
+    /// next request's first message.
     FailedAnswered,
 }
 
@@ -86,6 +89,9 @@ pub(crate) struct Wire {
     /// The last message the backend sent, those it may send at any time aside, was a
     /// `ReadyForQuery`.
     ready: AtomicBool,
+    /// The frontend ended a copy's rows (`CopyDone` or `CopyFail`) since the last
+    /// `CopyInResponse`.
+    rows_ended: AtomicBool,
     /// The status byte of the last `ReadyForQuery`.
     status: AtomicU8,
     /// Bytes were written and not yet flushed.
@@ -132,6 +138,7 @@ impl Wire {
         }
         self.copy.store(CopyIn::None as u8, SeqCst);
         self.ready.store(false, SeqCst);
+        self.rows_ended.store(false, SeqCst);
         self.status.store(0, SeqCst);
         self.stale.store(false, SeqCst);
         self.rolled_back.store(false, SeqCst);
@@ -179,8 +186,12 @@ impl Wire {
 
     /// Notes a message the frontend wrote, of type `kind` (0 for the startup message).
     fn wrote(&self, kind: u8) {
-        if matches!(kind, 0 | b'Q' | b'S') {
-            self.sent.fetch_add(1, SeqCst);
+        match kind {
+            0 | b'Q' | b'S' => {
+                self.sent.fetch_add(1, SeqCst);
+            }
+            b'c' | b'f' => self.rows_ended.store(true, SeqCst),
+            _ => {}
         }
     }
 
@@ -209,6 +220,7 @@ impl Wire {
                 .copy
                 .compare_exchange(answered, none, SeqCst, SeqCst)
                 .is_ok()
+                && self.rows_ended.load(SeqCst)
             {
                 // The first `Sync` of the copy that failed on a row, ignored.
                 self.answered.fetch_add(1, SeqCst);
@@ -225,7 +237,10 @@ impl Wire {
                 let ignored = u64::from(copy == CopyIn::Done as u8);
                 self.answered.fetch_add(1 + ignored, SeqCst);
             }
-            b'G' => self.copy.store(CopyIn::Rows as u8, SeqCst),
+            b'G' => {
+                self.rows_ended.store(false, SeqCst);
+                self.copy.store(CopyIn::Rows as u8, SeqCst);
+            }
             b'C' => {
                 copy_ends(CopyIn::Done);
                 self.rolled_back.store(body == b"ROLLBACK\0", SeqCst);
@@ -803,6 +818,30 @@ mod tests {
         assert!(
             idle(&wire),
             "a request left unanswered after a copy failed on a row"
+        );
+
+        // Sent as a simple query: no rows, and the next request's first message fails the
+        // copy; the server answers the query, then that request.
+        let wire = Wire::default();
+        wire.wrote(0);
+        wire.read(b'Z', b"I");
+        wire.wrote(b'Q');
+        wire.read(b'G', b"");
+        for kind in [b'P', b'B', b'E', b'S'] {
+            wire.wrote(kind);
+        }
+        for _ in 0..2 {
+            assert!(wire.read(b'E', error));
+            assert!(wire.read(b'Z', b"I"));
+        }
+        assert!(
+            idle(&wire),
+            "a simple query's copy counted as answering a Sync it never had"
+        );
+        wire.wrote(b'Q');
+        assert!(
+            !idle(&wire),
+            "idle with a request in flight after a simple query's copy"
         );
 
         // Refused before the rows, or at Execute: the first Sync has its own answer, the

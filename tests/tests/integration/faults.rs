@@ -1790,8 +1790,9 @@ async fn goes_out_unchecked(
 /// of copy-in mode when it reads the first, answers each with a `ReadyForQuery` of its own.
 /// tokio-postgres hands the second to the next request in line, and every reply after it to
 /// the request after its own: the second of three queries sent after the copy got the rows
-/// of the first. The pool's connection is closed instead: the requests in line fail, none
-/// gets another's rows, and the next checkout gets a sound connection.
+/// of the first. The pool's connection is closed instead: the requests in line fail (the
+/// server may have run them, as after any lost connection), none gets another's rows, and
+/// the next checkout gets a sound connection.
 #[tokio::test]
 async fn a_copy_refused_before_its_rows_hands_no_request_another_ones_reply() {
     let name = "copy_refused";
@@ -1816,22 +1817,28 @@ async fn a_copy_refused_before_its_rows_hands_no_request_another_ones_reply() {
         let echo = client.prepare("SELECT $1::int").await.unwrap();
         // A utility statement is parsed, not analysed: the table is looked up at `Execute`.
         let copy = client.prepare(copy).await.unwrap();
-        let copied = async {
-            let sink = client.copy_in::<_, bytes::Bytes>(&copy).await?;
-            futures_util::pin_mut!(sink);
-            sink.finish().await
+        // Three queries in line behind the copy, before it ends (the one refused at
+        // `Execute` ends at once).
+        let answers = {
+            let queries = futures_util::future::join_all((1..=3).map(|i| {
+                let (client, echo) = (&client, &echo);
+                async move {
+                    client
+                        .query_one(echo, &[&i])
+                        .await
+                        .map(|row| row.get::<_, i32>(0))
+                }
+            }));
+            futures_util::pin_mut!(queries);
+            let copied = async {
+                let sink = client.copy_in::<_, bytes::Bytes>(&copy).await?;
+                futures_util::pin_mut!(sink);
+                assert!(futures_util::FutureExt::now_or_never(queries.as_mut()).is_none());
+                sink.finish().await
+            };
+            assert!(copied.await.is_err(), "{what}: the copy went through");
+            queries.await
         };
-        assert!(copied.await.is_err(), "{what}: the copy went through");
-        let answers = futures_util::future::join_all((1..=3).map(|i| {
-            let (client, echo) = (&client, &echo);
-            async move {
-                client
-                    .query_one(echo, &[&i])
-                    .await
-                    .map(|row| row.get::<_, i32>(0))
-            }
-        }))
-        .await;
         for (i, answer) in (1..=3).zip(&answers) {
             if let Ok(got) = answer {
                 assert_eq!(
@@ -1840,6 +1847,11 @@ async fn a_copy_refused_before_its_rows_hands_no_request_another_ones_reply() {
                 );
             }
         }
+        assert!(
+            answers.iter().all(Result::is_err),
+            "{what}: a request in line behind the unasked answer was answered: {answers:?}"
+        );
+        assert!(client.is_closed(), "{what}: the connection stayed open");
         drop(client);
         let client = raw.get().await.unwrap();
         let next: i32 = client
