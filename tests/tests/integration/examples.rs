@@ -854,6 +854,30 @@ async fn customers_migrated(pg: &LocalPostgres, database: &str) -> String {
     )
 }
 
+/// A write of the service's to `customers`, through `admin`; how long it waited behind the
+/// migration (`which`: stopped, killed), which it prints. Fails after a minute.
+async fn service_write(admin: &tokio_postgres::Client, which: &str) -> Duration {
+    let started = Instant::now();
+    let written = tokio::time::timeout(
+        Duration::from_secs(60),
+        admin.execute(
+            "INSERT INTO customers (id, email, name) \
+             VALUES (gen_random_uuid(), 'after@example.com', 'after')",
+            &[],
+        ),
+    )
+    .await;
+    let waited = started.elapsed();
+    println!(
+        "a write waited {} ms behind the {which} migration",
+        waited.as_millis()
+    );
+    written
+        .unwrap_or_else(|_| panic!("the write waited a minute behind the {which} migration"))
+        .unwrap();
+    waited
+}
+
 /// A migration whose client stops midway (a frozen container, a debugger, a network cut
 /// without a reset) while its transaction holds locks on the service's tables: the server
 /// ends that transaction after a bound, so the service's writes wait seconds, not until the
@@ -907,25 +931,8 @@ async fn a_migration_whose_client_stops_midway_holds_the_service_up_for_seconds_
         kill(pid, Signal::SIGCONT).unwrap();
     }
     // The service writes to `customers` while the client stays stopped.
-    let started = Instant::now();
-    let written = tokio::time::timeout(
-        Duration::from_secs(60),
-        admin.execute(
-            "INSERT INTO customers (id, email, name) \
-             VALUES (gen_random_uuid(), 'after@example.com', 'after')",
-            &[],
-        ),
-    )
-    .await;
-    let waited = started.elapsed();
+    let waited = service_write(&admin, "stopped").await;
     kill(pid, Signal::SIGCONT).unwrap();
-    println!(
-        "a write waited {} ms behind the stopped migration",
-        waited.as_millis()
-    );
-    written
-        .expect("the write waited a minute behind the stopped migration")
-        .unwrap();
     // The server ends the stopped migration's transaction after its idle timeout (10 s).
     assert!(
         waited < Duration::from_secs(20),
@@ -974,23 +981,7 @@ async fn a_migration_killed_during_a_long_statement_holds_the_service_up_for_sec
     )
     .unwrap();
     run.wait(Duration::from_secs(60)).await;
-    let started = Instant::now();
-    let written = tokio::time::timeout(
-        Duration::from_secs(60),
-        admin.execute(
-            "INSERT INTO customers (id, email, name) \
-             VALUES (gen_random_uuid(), 'after@example.com', 'after')",
-            &[],
-        ),
-    )
-    .await;
-    println!(
-        "a write waited {} ms behind the killed migration",
-        started.elapsed().as_millis()
-    );
-    written
-        .expect("the write waited a minute behind the killed migration's statement")
-        .unwrap();
+    service_write(&admin, "killed").await;
 }
 
 /// Two programs started at the same moment on a new embedded default (a service and its
