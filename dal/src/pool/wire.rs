@@ -22,7 +22,10 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::future::BoxFuture;
@@ -190,7 +193,7 @@ impl Wire {
             0 | b'Q' | b'S' => {
                 self.sent.fetch_add(1, SeqCst);
             }
-            b'c' | b'f' => self.rows_ended.store(true, SeqCst),
+            b'c' | b'f' => self.rows_ended.store(true, Relaxed),
             _ => {}
         }
     }
@@ -205,41 +208,47 @@ impl Wire {
         if matches!(kind, b'N' | b'A' | b'S') {
             return true;
         }
-        if self.ready.swap(kind == b'Z', SeqCst) && kind == b'Z' {
+        // `ready`, `copy` and `rows_ended` are the connection task's alone (its reads and
+        // writes), so it reads them back as it wrote them, at the cost of plain loads.
+        let ready = kind == b'Z';
+        if self.ready.load(Relaxed) != ready {
+            self.ready.store(ready, Relaxed);
+        } else if ready {
             return false;
         }
-        // The end of a copy in progress, if one is: its `CommandComplete` or its error.
-        let copy_ends = |then: CopyIn| {
-            let rows = CopyIn::Rows as u8;
-            let _ = self.copy.compare_exchange(rows, then as u8, SeqCst, SeqCst);
-        };
-        if kind != b'Z' {
-            let answered = CopyIn::FailedAnswered as u8;
-            let none = CopyIn::None as u8;
-            if self
-                .copy
-                .compare_exchange(answered, none, SeqCst, SeqCst)
-                .is_ok()
-                && self.rows_ended.load(SeqCst)
-            {
+        let copy = self.copy.load(Relaxed);
+        if !ready && copy == CopyIn::FailedAnswered as u8 {
+            self.copy.store(CopyIn::None as u8, Relaxed);
+            if self.rows_ended.load(Relaxed) {
                 // The first `Sync` of the copy that failed on a row, ignored.
                 self.answered.fetch_add(1, SeqCst);
             }
         }
+        // The end of a copy in progress, if one is: its `CommandComplete` or its error.
+        let copy_ends = |then: CopyIn| {
+            if copy == CopyIn::Rows as u8 {
+                self.copy.store(then as u8, Relaxed);
+            }
+        };
         match kind {
             b'Z' => {
                 self.status
                     .store(body.first().copied().unwrap_or(0), SeqCst);
-                let copy = self.copy.swap(CopyIn::None as u8, SeqCst);
-                if copy == CopyIn::Failed as u8 {
-                    self.copy.store(CopyIn::FailedAnswered as u8, SeqCst);
+                if copy != CopyIn::None as u8 {
+                    let failed = copy == CopyIn::Failed as u8;
+                    let next = if failed {
+                        CopyIn::FailedAnswered
+                    } else {
+                        CopyIn::None
+                    };
+                    self.copy.store(next as u8, Relaxed);
                 }
                 let ignored = u64::from(copy == CopyIn::Done as u8);
                 self.answered.fetch_add(1 + ignored, SeqCst);
             }
             b'G' => {
-                self.rows_ended.store(false, SeqCst);
-                self.copy.store(CopyIn::Rows as u8, SeqCst);
+                self.rows_ended.store(false, Relaxed);
+                self.copy.store(CopyIn::Rows as u8, Relaxed);
             }
             b'C' => {
                 copy_ends(CopyIn::Done);
