@@ -1882,7 +1882,8 @@ const LAST: &str = "SELECT pg_backend_pid()";
 /// `Execute`, which the server reads in copy-in mode and ignores: the pool counted it as a
 /// request never answered, for the rest of the connection's life, and checked the connection
 /// before every later checkout. After a copy that failed on a row, whose ignored `Sync` the
-/// wire cannot count as answered, the first checkout checks, and none after it. The server's record of each session's last statement
+/// wire counts as answered only once the next reply begins, the first checkout checks, and
+/// none after it. The server's record of each session's last statement
 /// (`pg_stat_activity.query`) tells whether a checkout ran the check.
 #[tokio::test]
 async fn a_connection_that_copied_rows_in_goes_out_again_with_no_round_trip() {
@@ -1910,9 +1911,9 @@ async fn a_connection_that_copied_rows_in_goes_out_again_with_no_round_trip() {
     if let Err(seen) = goes_out_unchecked(&raw, &admin, pid).await {
         panic!("every checkout after the copy ran a statement first: {seen:?}");
     }
-    // A copy that fails on a row (a key already there): the server ignored one `Sync`, or
-    // answered it, which the wire cannot tell; the next checkout checks, and the check's
-    // answer tells that every request before it was answered.
+    // A copy that fails on a row (a key already there): one `ReadyForQuery` answers both
+    // `Sync`s, which the wire knows only when the next reply begins with something else; the
+    // next checkout checks, and the check's reply tells it.
     let client = raw.get().await.unwrap();
     let sink = client.copy_in::<_, bytes::Bytes>(&copy).await.unwrap();
     futures_util::pin_mut!(sink);
